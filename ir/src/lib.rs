@@ -1,0 +1,383 @@
+//! kiln's tensor IR: a dataflow graph of tensor operations for decoder-only transformers.
+//!
+//! A [`Graph`] is plain data: a list of [`Weight`]s (named, stored in a [`QuantFormat`]) and a
+//! list of [`Node`]s in execution order.
+//! Every node defines exactly one value, whose [`ValueId`] is the node's index, so values are in
+//! SSA form and an operand always refers to an earlier node.
+//!
+//! # Semantics
+//!
+//! A graph evaluates one *batch* of `seq` consecutive tokens of one sequence.
+//! `seq` is the symbolic dimension [`Dim::Seq`]; it is bound when the graph runs
+//! (1 while decoding, up to the compiled batch size while prefilling).
+//! The batch starts at position `pos` of the sequence, also bound at run time.
+//! Rows of every `[seq, n]` tensor are tokens; row `t` is the token at position `pos + t`.
+//!
+//! State that outlives one evaluation is the KV cache: [`Op::Attention`] with layer index `l`
+//! stores its keys and values at positions `pos..pos + seq` of cache layer `l`, then attends
+//! causally over positions `0..=pos + t` for the query row `t`.
+//!
+//! Weights are read-only and row-major: a weight of shape `[rows, cols]` stores `rows` rows of
+//! `cols` contiguous values (GGUF's `dims` reversed).
+//!
+//! Activations in [`DType::Q16`] are blocks of 32 values quantized to int16 with one f32 scale
+//! per block (see [`quant`] and `interp::quantize_q16`); they feed integer matmul kernels.
+//!
+//! The textual form ([`write`], [`parse`]) prints and parses back every graph exactly.
+//! The verifier ([`verify`]) states the typing rules and runs between passes.
+
+pub mod interp;
+pub mod parse;
+pub mod quant;
+pub mod verify;
+pub mod write;
+
+use std::fmt;
+
+pub use quant::QuantFormat;
+
+/// Index of a node and of the value it defines. Displays as `v7`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub u32);
+
+/// Index of a weight in [`Graph::weights`]. Displays as `w3`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WeightId(pub u32);
+
+impl ValueId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl WeightId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for ValueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+impl fmt::Display for WeightId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "w{}", self.0)
+    }
+}
+
+/// Element type of a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    I32,
+    /// Blocks of 32 values stored as int16 with an f32 scale (activation quantization).
+    Q16,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::I32 => "i32",
+            DType::Q16 => "q16",
+        }
+    }
+}
+
+/// One dimension of a value's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dim {
+    /// The number of tokens in the batch, bound at run time.
+    Seq,
+    Fixed(u32),
+}
+
+/// Type of a value: element type and shape.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorType {
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+}
+
+impl TensorType {
+    /// `dtype[seq]`.
+    pub fn seq(dtype: DType) -> Self {
+        TensorType { dtype, shape: vec![Dim::Seq] }
+    }
+
+    /// `dtype[seq, n]`, the type of almost every activation.
+    pub fn rows(dtype: DType, n: u32) -> Self {
+        TensorType { dtype, shape: vec![Dim::Seq, Dim::Fixed(n)] }
+    }
+
+    /// The row width `n` of a `[seq, n]` type.
+    pub fn row_len(&self) -> Option<u32> {
+        match self.shape.as_slice() {
+            [Dim::Seq, Dim::Fixed(n)] => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+/// A named, read-only tensor of the model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Weight {
+    /// The tensor's name in the model file (`blk.3.ffn_up.weight`); kept for dumps and symbols.
+    pub name: String,
+    pub format: QuantFormat,
+    /// Logical shape, row-major: `[rows, cols]` for matrices, `[n]` for vectors.
+    pub shape: Vec<u32>,
+}
+
+impl Weight {
+    pub fn n_values(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// Elementwise operation fused onto the output of a matmul (applied per output element).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Epilogue {
+    None,
+    /// `out = silu(x @ w^T)`.
+    Silu,
+    /// `out = (x @ w^T) + other`.
+    Add(ValueId),
+    /// `out = (x @ w^T) * other`.
+    Mul(ValueId),
+}
+
+/// An operation. Each variant documents its typing rules, which [`verify`] checks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Graph input number `index`.
+    ///
+    /// Typing rules: the node's type is `i32[seq]` or `f32[seq, n]`; input indices are `0..n`
+    /// without gaps or repeats.
+    Input { index: u32 },
+    /// Row lookup: `out[t] = dequantize(table[ids[t]])`.
+    ///
+    /// Typing rules: `ids: i32[seq]`, `table: [vocab, n]`; result `f32[seq, n]`.
+    /// Ids outside `0..vocab` give a zero row.
+    Embed { ids: ValueId, table: WeightId },
+    /// `out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight`, quantized to q16 when `quantize`.
+    ///
+    /// Typing rules: `x: f32[seq, n]`, `weight: [n]`; result `f32[seq, n]`, or `q16[seq, n]` with
+    /// `quantize` (then `n` is a multiple of 32).
+    RmsNorm { x: ValueId, weight: WeightId, eps: f32, quantize: bool },
+    /// Quantizes each row in blocks of 32 to int16 with a per-block scale.
+    ///
+    /// Typing rules: `x: f32[seq, n]`, `n` a multiple of 32; result `q16[seq, n]`.
+    Quantize { x: ValueId },
+    /// `out[t, r] = epilogue(sum_k x[t, k] * weight[r, k])`.
+    ///
+    /// Typing rules: `x: f32[seq, k]` or `q16[seq, k]`, `weight: [n, k]`; result `f32[seq, n]`;
+    /// an epilogue operand has the result's type.
+    MatMul { x: ValueId, weight: WeightId, epilogue: Epilogue },
+    /// Rotary position embedding on adjacent pairs `(x[2i], x[2i+1])` of every head:
+    /// the pair `i` of the row at position `p` turns by `p * theta^(-2i / head_dim)`.
+    ///
+    /// Typing rules: `x: f32[seq, n]`, `head_dim` even and dividing `n`; result as `x`.
+    Rope { x: ValueId, head_dim: u32, theta: f32 },
+    /// Stores `k`, `v` in KV cache layer `layer`, then computes causal grouped-query attention
+    /// with scale `1/sqrt(head_dim)`; query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
+    ///
+    /// Typing rules: `q: f32[seq, n_heads * head_dim]`, `k, v: f32[seq, n_kv_heads * head_dim]`,
+    /// `n_kv_heads` divides `n_heads`; result as `q`; each layer index is used once and
+    /// layer indices are `0..n` without gaps.
+    Attention { q: ValueId, k: ValueId, v: ValueId, layer: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32 },
+    /// `out = x * sigmoid(x)`. Typing rules: `x: f32[seq, n]`; result as `x`.
+    Silu { x: ValueId },
+    /// `out = a * b`. Typing rules: `a`, `b` and the result have one `f32[seq, n]` type.
+    Mul { a: ValueId, b: ValueId },
+    /// `out = a + b`. Typing rules: `a`, `b` and the result have one `f32[seq, n]` type.
+    Add { a: ValueId, b: ValueId },
+}
+
+impl Op {
+    /// The mnemonic used in the textual form.
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Embed { .. } => "embed",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Quantize { .. } => "quantize",
+            Op::MatMul { .. } => "matmul",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::Silu { .. } => "silu",
+            Op::Mul { .. } => "mul",
+            Op::Add { .. } => "add",
+        }
+    }
+
+    /// Value operands, epilogue operands included, in textual order.
+    pub fn operands(&self) -> Vec<ValueId> {
+        match *self {
+            Op::Input { .. } => vec![],
+            Op::Embed { ids, .. } => vec![ids],
+            Op::RmsNorm { x, .. } | Op::Quantize { x } | Op::Rope { x, .. } | Op::Silu { x } => vec![x],
+            Op::MatMul { x, epilogue, .. } => match epilogue {
+                Epilogue::Add(o) | Epilogue::Mul(o) => vec![x, o],
+                Epilogue::None | Epilogue::Silu => vec![x],
+            },
+            Op::Attention { q, k, v, .. } => vec![q, k, v],
+            Op::Mul { a, b } | Op::Add { a, b } => vec![a, b],
+        }
+    }
+
+    /// Rewrites every value operand through `f`.
+    pub fn map_operands(&mut self, mut f: impl FnMut(ValueId) -> ValueId) {
+        match self {
+            Op::Input { .. } => {}
+            Op::Embed { ids, .. } => *ids = f(*ids),
+            Op::RmsNorm { x, .. } | Op::Quantize { x } | Op::Rope { x, .. } | Op::Silu { x } => *x = f(*x),
+            Op::MatMul { x, epilogue, .. } => {
+                *x = f(*x);
+                match epilogue {
+                    Epilogue::Add(o) | Epilogue::Mul(o) => *o = f(*o),
+                    Epilogue::None | Epilogue::Silu => {}
+                }
+            }
+            Op::Attention { q, k, v, .. } => {
+                *q = f(*q);
+                *k = f(*k);
+                *v = f(*v);
+            }
+            Op::Mul { a, b } | Op::Add { a, b } => {
+                *a = f(*a);
+                *b = f(*b);
+            }
+        }
+    }
+
+    /// The weight the op reads, if any.
+    pub fn weight(&self) -> Option<WeightId> {
+        match *self {
+            Op::Embed { table, .. } => Some(table),
+            Op::RmsNorm { weight, .. } | Op::MatMul { weight, .. } => Some(weight),
+            _ => None,
+        }
+    }
+}
+
+/// One operation and the type of the value it defines.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    pub ty: TensorType,
+}
+
+/// A model (or a test program) as a dataflow graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Graph {
+    /// Name, used in dumps and symbol names.
+    pub name: String,
+    /// Largest number of positions (`pos + seq`) the graph is evaluated with: the KV cache size.
+    pub context: u32,
+    pub weights: Vec<Weight>,
+    /// Nodes in execution order; node `i` defines value `v{i}`.
+    pub nodes: Vec<Node>,
+    /// Values returned by the graph, in output order.
+    pub outputs: Vec<ValueId>,
+}
+
+impl Graph {
+    pub fn new(name: impl Into<String>, context: u32) -> Self {
+        Graph { name: name.into(), context, weights: vec![], nodes: vec![], outputs: vec![] }
+    }
+
+    pub fn add_weight(&mut self, name: impl Into<String>, format: QuantFormat, shape: Vec<u32>) -> WeightId {
+        self.weights.push(Weight { name: name.into(), format, shape });
+        WeightId(self.weights.len() as u32 - 1)
+    }
+
+    /// Appends a node and returns the value it defines.
+    pub fn push(&mut self, op: Op, ty: TensorType) -> ValueId {
+        self.nodes.push(Node { op, ty });
+        ValueId(self.nodes.len() as u32 - 1)
+    }
+
+    pub fn node(&self, v: ValueId) -> &Node {
+        &self.nodes[v.index()]
+    }
+
+    pub fn ty(&self, v: ValueId) -> &TensorType {
+        &self.nodes[v.index()].ty
+    }
+
+    pub fn weight(&self, w: WeightId) -> &Weight {
+        &self.weights[w.index()]
+    }
+
+    /// Number of uses of each value (operands and graph outputs).
+    pub fn use_counts(&self) -> Vec<u32> {
+        let mut counts = vec![0u32; self.nodes.len()];
+        for node in &self.nodes {
+            for v in node.op.operands() {
+                counts[v.index()] += 1;
+            }
+        }
+        for v in &self.outputs {
+            counts[v.index()] += 1;
+        }
+        counts
+    }
+
+    /// Removes nodes whose value is unused (and not an input) and renumbers the rest in order.
+    pub fn remove_dead_nodes(&mut self) {
+        loop {
+            let counts = self.use_counts();
+            let dead: Vec<bool> = self
+                .nodes
+                .iter()
+                .zip(&counts)
+                .map(|(n, &c)| c == 0 && !matches!(n.op, Op::Input { .. }))
+                .collect();
+            if !dead.iter().any(|&d| d) {
+                return;
+            }
+            let mut new_index = vec![u32::MAX; self.nodes.len()];
+            let mut kept = Vec::with_capacity(self.nodes.len());
+            for (i, node) in std::mem::take(&mut self.nodes).into_iter().enumerate() {
+                if !dead[i] {
+                    new_index[i] = kept.len() as u32;
+                    kept.push(node);
+                }
+            }
+            for node in &mut kept {
+                node.op.map_operands(|v| ValueId(new_index[v.index()]));
+            }
+            for v in &mut self.outputs {
+                *v = ValueId(new_index[v.index()]);
+            }
+            self.nodes = kept;
+        }
+    }
+
+    /// Number of KV cache layers: one per attention node.
+    pub fn kv_layers(&self) -> u32 {
+        self.nodes.iter().filter(|n| matches!(n.op, Op::Attention { .. })).count() as u32
+    }
+
+    /// Floats per position in one KV cache layer for keys (and the same again for values).
+    /// All attention nodes of a graph share one KV geometry (the verifier checks it).
+    pub fn kv_width(&self) -> u32 {
+        self.nodes
+            .iter()
+            .find_map(|n| match n.op {
+                Op::Attention { n_kv_heads, head_dim, .. } => Some(n_kv_heads * head_dim),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl fmt::Display for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&write::write_graph(self))
+    }
+}

@@ -54,9 +54,15 @@ impl fmt::Display for TargetError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TargetError::UnknownTriple { triple } => {
-                write!(f, "unknown target '{triple}'; known targets: {}", KNOWN_TARGETS.join(", "))
+                write!(
+                    f,
+                    "unknown target '{triple}'; known targets: {}",
+                    KNOWN_TARGETS.join(", ")
+                )
             }
-            TargetError::Cranelift { message } => write!(f, "cranelift rejected the target settings: {message}"),
+            TargetError::Cranelift { message } => {
+                write!(f, "cranelift rejected the target settings: {message}")
+            }
         }
     }
 }
@@ -87,7 +93,9 @@ pub const KNOWN_TARGETS: &[&str] = &["x86_64-unknown-linux-gnu"];
 pub fn lookup(triple: &str) -> Result<Box<dyn Target>, TargetError> {
     match triple {
         "x86_64-unknown-linux-gnu" | "x86_64" => Ok(Box::new(x86_64::X86_64::v3())),
-        _ => Err(TargetError::UnknownTriple { triple: triple.to_string() }),
+        _ => Err(TargetError::UnknownTriple {
+            triple: triple.to_string(),
+        }),
     }
 }
 
@@ -106,8 +114,14 @@ mod tests {
 
     #[test]
     fn unknown_triples_list_the_known_ones() {
-        let err = lookup("riscv64gc-unknown-linux-gnu").err().unwrap().to_string();
-        assert!(err.contains("riscv64gc") && err.contains("x86_64-unknown-linux-gnu"), "{err}");
+        let err = lookup("riscv64gc-unknown-linux-gnu")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("riscv64gc") && err.contains("x86_64-unknown-linux-gnu"),
+            "{err}"
+        );
     }
 
     #[test]

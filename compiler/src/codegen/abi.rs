@@ -1,0 +1,112 @@
+//! The C ABI between a compiled model library and the runtime: the `kiln_ctx` argument of
+//! every entry point and the `kiln_model_desc` descriptor a library exports as `kiln_model`.
+//!
+//! The runtime mirrors these layouts with `#[repr(C)]` structs; an integration test checks
+//! that both sides agree. Bump [`ABI_VERSION`] on any change.
+
+/// Version stored in `kiln_model_desc.abi_version`.
+pub const ABI_VERSION: u32 = 1;
+/// Most inputs plus outputs a library may have.
+pub const MAX_IO: usize = 8;
+/// The exported descriptor symbol.
+pub const MODEL_SYMBOL: &str = "kiln_model";
+
+/// Byte offsets of the fields of `struct kiln_ctx` (all 8 bytes wide).
+pub mod ctx {
+    pub const ARENA: i32 = 0;
+    pub const WEIGHTS: i32 = 8;
+    pub const KV_CACHE: i32 = 16;
+    pub const IO: i32 = 24;
+    pub const N_TOKENS: i32 = 32;
+    pub const POS: i32 = 40;
+    pub const OUT_START: i32 = 48;
+    pub const PARALLEL_FOR: i32 = 56;
+    pub const POOL: i32 = 64;
+    pub const SIZE: usize = 72;
+}
+
+/// Byte offsets of the fields of `struct kiln_model_desc`.
+pub mod desc {
+    pub const ABI_VERSION: usize = 0;
+    pub const N_INPUTS: usize = 4;
+    pub const N_OUTPUTS: usize = 8;
+    pub const BATCH: usize = 12;
+    pub const CONTEXT: usize = 16;
+    pub const KV_LAYERS: usize = 20;
+    pub const KV_WIDTH: usize = 24;
+    pub const ARENA_BYTES: usize = 32;
+    pub const KV_BYTES: usize = 40;
+    pub const WEIGHTS_BYTES: usize = 48;
+    pub const WEIGHTS_CHECKSUM: usize = 56;
+    pub const WEIGHTS: usize = 64;
+    pub const RUN: usize = 72;
+    pub const IO_DTYPE: usize = 80;
+    pub const IO_WIDTH: usize = 112;
+    pub const SIZE: usize = 144;
+}
+
+/// `io_dtype` codes.
+pub const DTYPE_I32: u32 = 0;
+pub const DTYPE_F32: u32 = 1;
+
+/// The ABI part of the C header, shared by every model header and the runtime's header.
+pub const C_ABI: &str = r#"#ifndef KILN_ABI_H
+#define KILN_ABI_H
+#include <stdint.h>
+
+#define KILN_ABI_VERSION 1
+#define KILN_MAX_IO 8
+#define KILN_DTYPE_I32 0
+#define KILN_DTYPE_F32 1
+
+struct kiln_ctx;
+/* A kernel task: runs its share `ith` of `nth` of one kernel. */
+typedef void (*kiln_task_fn)(const struct kiln_ctx *ctx, int64_t ith, int64_t nth);
+/* Runs task(ctx, ith, nth) for every ith in 0..nth on a thread pool and waits. */
+typedef void (*kiln_parallel_for_fn)(void *pool, kiln_task_fn task, const struct kiln_ctx *ctx);
+
+/* The argument of a model's run function, filled in by the runtime. */
+struct kiln_ctx {
+    uint8_t *arena;            /* activation arena, desc->arena_bytes, 64-byte aligned */
+    const uint8_t *weights;    /* packed weights, desc->weights_bytes */
+    float *kv_cache;           /* desc->kv_bytes, zeroed at start */
+    void *const *io;           /* inputs then outputs, rows of desc->io_width values */
+    int64_t n_tokens;          /* 1..=desc->batch */
+    int64_t pos;               /* position of the first token; pos + n_tokens <= context */
+    int64_t out_start;         /* outputs are computed for rows out_start..n_tokens only */
+    kiln_parallel_for_fn parallel_for;
+    void *pool;
+};
+
+/* What a compiled model library exports (as `kiln_model`). */
+struct kiln_model_desc {
+    uint32_t abi_version;
+    uint32_t n_inputs;
+    uint32_t n_outputs;
+    uint32_t batch;            /* most tokens per run call */
+    uint32_t context;          /* KV cache positions */
+    uint32_t kv_layers;
+    uint32_t kv_width;         /* floats per position per layer, for keys and for values */
+    uint32_t reserved;
+    uint64_t arena_bytes;
+    uint64_t kv_bytes;
+    uint64_t weights_bytes;
+    uint64_t weights_checksum; /* FNV-1a 64 of the packed weights */
+    const uint8_t *weights;    /* embedded weights, or NULL when they ship as weights.bin */
+    void (*run)(const struct kiln_ctx *ctx);
+    uint32_t io_dtype[KILN_MAX_IO];
+    uint32_t io_width[KILN_MAX_IO];
+};
+
+#endif /* KILN_ABI_H */
+"#;
+
+/// FNV-1a 64-bit hash, the weights checksum.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}

@@ -1,0 +1,180 @@
+//! Attention kernels over the KV cache.
+//!
+//! The cache holds, per layer, `context` rows of keys then `context` rows of values, each row
+//! `kv_width` f32 (all KV heads side by side). [`emit_kv_store`] writes the batch's keys and
+//! values at positions `pos..pos + n_tokens`; [`emit_attend`] then computes, for each
+//! (token row, query head) pair, the scores against positions `0..=pos + t` into a stack
+//! buffer, a softmax with the vectorized `exp`, and the weighted sum of values.
+
+use cranelift_codegen::ir::immediates::Ieee32;
+use cranelift_codegen::ir::types::{F32, F32X4, I64};
+use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind};
+
+use super::abi;
+use super::builder::{rw, Kb};
+use crate::passes::plan_memory::Location;
+
+/// Geometry of one attention op.
+pub struct AttentionSpec {
+    pub q: Location,
+    pub k: Location,
+    pub v: Location,
+    pub y: Location,
+    pub layer: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub context: u32,
+    pub skip_rows: bool,
+}
+
+impl AttentionSpec {
+    fn kv_width(&self) -> i64 {
+        (self.n_kv_heads * self.head_dim) as i64
+    }
+
+    /// Byte offset of this layer's keys in the cache; values follow `context` rows later.
+    fn layer_offset(&self) -> i64 {
+        self.layer as i64 * 2 * self.context as i64 * self.kv_width() * 4
+    }
+}
+
+/// Copies the batch's key and value rows into the cache.
+pub fn emit_kv_store(kb: &mut Kb, spec: &AttentionSpec) {
+    let kvw = spec.kv_width();
+    let (k, v) = (kb.location(spec.k), kb.location(spec.v));
+    let cache = kb.ctx_field(abi::ctx::KV_CACHE);
+    let keys = kb.b.ins().iadd_imm_s(cache, spec.layer_offset());
+    let values = kb.b.ins().iadd_imm_s(keys, spec.context as i64 * kvw * 4);
+    let pos = kb.ctx_field(abi::ctx::POS);
+    let n_tokens = kb.ctx_field(abi::ctx::N_TOKENS);
+    let zero = kb.iconst(0);
+    let (t0, t1) = kb.partition(zero, n_tokens);
+    kb.for_range(t0, t1, 1, &[], |kb, t, _| {
+        let p = kb.b.ins().iadd(pos, t);
+        for (src, dst) in [(k, keys), (v, values)] {
+            let s = kb.addr(src, t, 4 * kvw, 0);
+            let d = kb.addr(dst, p, 4 * kvw, 0);
+            for c in 0..kvw / 4 {
+                let x = kb.load(F32X4, s, 16 * c);
+                kb.store(x, d, 16 * c);
+            }
+            if kvw % 4 != 0 {
+                let x = kb.load_partial(s, 16 * (kvw / 4), (kvw % 4) as usize);
+                kb.store_partial(x, d, 16 * (kvw / 4), (kvw % 4) as usize);
+            }
+        }
+        vec![]
+    });
+}
+
+/// Causal grouped-query attention for every (row, head) pair of this thread's share.
+pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
+    let (hd, kvw) = (spec.head_dim as i64, spec.kv_width());
+    assert!(hd % 4 == 0, "head_dim is checked by the codegen driver");
+    let qw = spec.n_heads as i64 * hd;
+    let group = (spec.n_heads / spec.n_kv_heads) as i64;
+    let scores_slot = kb.b.create_sized_stack_slot(StackSlotData::new(
+        StackSlotKind::ExplicitSlot,
+        (spec.context + 4) * 4,
+        4,
+    ));
+    let (q, y) = (kb.location(spec.q), kb.location(spec.y));
+    let cache = kb.ctx_field(abi::ctx::KV_CACHE);
+    let keys = kb.b.ins().iadd_imm_s(cache, spec.layer_offset());
+    let values = kb.b.ins().iadd_imm_s(keys, spec.context as i64 * kvw * 4);
+    let pos = kb.ctx_field(abi::ctx::POS);
+    let n_tokens = kb.ctx_field(abi::ctx::N_TOKENS);
+    let first = if spec.skip_rows {
+        kb.ctx_field(abi::ctx::OUT_START)
+    } else {
+        kb.iconst(0)
+    };
+    let units_start = kb.b.ins().imul_imm_s(first, spec.n_heads as i64);
+    let units_end = kb.b.ins().imul_imm_s(n_tokens, spec.n_heads as i64);
+    let (u0, u1) = kb.partition(units_start, units_end);
+    let scale = kb.splat(1.0 / (hd as f32).sqrt());
+    kb.for_range(u0, u1, 1, &[], |kb, u, _| {
+        let t = kb.b.ins().udiv_imm_s(u, spec.n_heads as i64);
+        let h = kb.b.ins().urem_imm_s(u, spec.n_heads as i64);
+        let kv_head = kb.b.ins().udiv_imm_s(h, group);
+        let n_keys = kb.b.ins().iadd(pos, t);
+        let n_keys = kb.b.ins().iadd_imm_s(n_keys, 1);
+        let q_row = kb.addr(q, t, 4 * qw, 0);
+        let q_head = kb.addr(q_row, h, 4 * hd, 0);
+        let k_head = kb.addr(keys, kv_head, 4 * hd, 0);
+        let v_head = kb.addr(values, kv_head, 4 * hd, 0);
+        let scores = kb.b.ins().stack_addr(I64, scores_slot, 0);
+        let zero = kb.iconst(0);
+
+        // Pass 1: scores[j] = q . k_j / sqrt(head_dim), and their maximum.
+        let neg_inf = kb.splat(f32::NEG_INFINITY);
+        let maxv = kb.for_range(zero, n_keys, 1, &[neg_inf], |kb, j, m| {
+            let k_row = kb.addr(k_head, j, 4 * kvw, 0);
+            let mut acc = kb.splat(0.0);
+            for c in 0..hd / 4 {
+                let qv = kb.load(F32X4, q_head, 16 * c);
+                let kv = kb.load(F32X4, k_row, 16 * c);
+                acc = kb.b.ins().fma(qv, kv, acc);
+            }
+            let s = kb.hsum(acc);
+            let s = kb.b.ins().splat(F32X4, s);
+            let s = kb.b.ins().fmul(s, scale);
+            let lane0 = kb.b.ins().extractlane(s, 0);
+            let at = kb.addr(scores, j, 4, 0);
+            kb.b.ins().store(rw(), lane0, at, 0);
+            vec![kb.b.ins().fmax(m[0], s)]
+        })[0];
+        // Pad the scores to a multiple of four with -inf, which exp turns into 0.
+        let pad = kb.b.ins().f32const(Ieee32::with_float(f32::NEG_INFINITY));
+        let end = kb.addr(scores, n_keys, 4, 0);
+        for i in 0..3 {
+            kb.b.ins().store(rw(), pad, end, 4 * i);
+        }
+
+        // Pass 2: scores[j] = exp(scores[j] - max), and their sum.
+        let n4 = kb.b.ins().iadd_imm_s(n_keys, 3);
+        let n4 = kb.b.ins().ushr_imm_s(n4, 2);
+        let sum0 = kb.splat(0.0);
+        let sumv = kb.for_range(zero, n4, 1, &[sum0], |kb, j4, s| {
+            let at = kb.addr(scores, j4, 16, 0);
+            let x = kb.b.ins().load(F32X4, rw(), at, 0);
+            let x = kb.b.ins().fsub(x, maxv);
+            let e = kb.vexp(x);
+            kb.b.ins().store(rw(), e, at, 0);
+            vec![kb.b.ins().fadd(s[0], e)]
+        })[0];
+        let total = kb.hsum(sumv);
+        let one = kb.b.ins().f32const(Ieee32::with_float(1.0));
+        let inv = kb.b.ins().fdiv(one, total);
+        let inv = kb.b.ins().splat(F32X4, inv);
+
+        // Pass 3: y = sum_j p_j v_j, sixteen floats of the head at a time.
+        let y_row = kb.addr(y, t, 4 * qw, 0);
+        let y_head = kb.addr(y_row, h, 4 * hd, 0);
+        let n_vec = hd / 4;
+        let mut c0 = 0;
+        while c0 < n_vec {
+            let width = (n_vec - c0).min(4) as usize;
+            let init = vec![kb.splat(0.0); width];
+            let acc = kb.for_range(zero, n_keys, 1, &init, |kb, j, acc| {
+                let at = kb.addr(scores, j, 4, 0);
+                let p = kb.b.ins().load(F32, rw(), at, 0);
+                let p = kb.b.ins().splat(F32X4, p);
+                let v_row = kb.addr(v_head, j, 4 * kvw, 0);
+                (0..width)
+                    .map(|i| {
+                        let v = kb.load(F32X4, v_row, 16 * (c0 + i as i64));
+                        kb.b.ins().fma(v, p, acc[i])
+                    })
+                    .collect()
+            });
+            for (i, a) in acc.into_iter().enumerate() {
+                let out = kb.b.ins().fmul(a, inv);
+                kb.store(out, y_head, 16 * (c0 + i as i64));
+            }
+            c0 += width as i64;
+        }
+        vec![]
+    });
+}

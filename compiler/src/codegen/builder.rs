@@ -1,0 +1,356 @@
+//! Helpers for writing kernels with Cranelift's `FunctionBuilder`: access to the `kiln_ctx`
+//! fields, counted loops with loop-carried values, work partitioning across threads, partial
+//! vector loads and stores for row tails, horizontal reductions, and a vectorized `exp`.
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::immediates::Ieee32;
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::{
+    BlockArg, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, Value,
+};
+use cranelift_frontend::FunctionBuilder;
+use targets::Target;
+
+use super::abi;
+use crate::passes::plan_memory::Location;
+
+/// Flags for loads of weights and activations: they never trap, are read-only during the
+/// kernel, and may move; never `aligned` (see the Cranelift facts: blocks are 20 or 72 bytes).
+pub fn ro() -> MemFlagsData {
+    MemFlagsData::new()
+        .with_notrap()
+        .with_readonly()
+        .with_can_move()
+}
+
+/// Flags for stores and for loads of memory the kernel itself writes.
+pub fn rw() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// Little-endian flag for lane-count-changing bitcasts.
+pub fn le() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}
+
+/// A kernel under construction: `fn(ctx, ith, nth)`.
+pub struct Kb<'a> {
+    pub b: FunctionBuilder<'a>,
+    pub ctx: Value,
+    pub ith: Value,
+    pub nth: Value,
+    pub target: &'a dyn Target,
+}
+
+impl<'a> Kb<'a> {
+    pub fn iconst(&mut self, v: i64) -> Value {
+        self.b.ins().iconst(I64, v)
+    }
+
+    pub fn fconst(&mut self, v: f32) -> Value {
+        self.b.ins().f32const(Ieee32::with_float(v))
+    }
+
+    pub fn splat(&mut self, v: f32) -> Value {
+        let s = self.fconst(v);
+        self.b.ins().splat(F32X4, s)
+    }
+
+    /// Loads the 8-byte field at `offset` of the context.
+    pub fn ctx_field(&mut self, offset: i32) -> Value {
+        self.b.ins().load(I64, ro(), self.ctx, offset)
+    }
+
+    /// Address of a value's storage.
+    pub fn location(&mut self, loc: Location) -> Value {
+        match loc {
+            Location::Arena { offset } => {
+                let arena = self.ctx_field(abi::ctx::ARENA);
+                self.b.ins().iadd_imm_s(arena, offset as i64)
+            }
+            Location::Io { slot } => {
+                let io = self.ctx_field(abi::ctx::IO);
+                self.b.ins().load(I64, ro(), io, 8 * slot as i32)
+            }
+        }
+    }
+
+    /// Address `weights + offset`.
+    pub fn weights(&mut self, offset: u64) -> Value {
+        let w = self.ctx_field(abi::ctx::WEIGHTS);
+        self.b.ins().iadd_imm_s(w, offset as i64)
+    }
+
+    /// `base + index * stride + offset`.
+    pub fn addr(&mut self, base: Value, index: Value, stride: i64, offset: i64) -> Value {
+        let scaled = self.b.ins().imul_imm_s(index, stride);
+        let a = self.b.ins().iadd(base, scaled);
+        if offset == 0 {
+            a
+        } else {
+            self.b.ins().iadd_imm_s(a, offset)
+        }
+    }
+
+    pub fn load(&mut self, ty: Type, ptr: Value, offset: i64) -> Value {
+        self.b.ins().load(ty, ro(), ptr, offset as i32)
+    }
+
+    pub fn store(&mut self, v: Value, ptr: Value, offset: i64) {
+        self.b.ins().store(rw(), v, ptr, offset as i32);
+    }
+
+    /// This thread's share `[start, end)` of `start0..end0`, split as evenly as possible.
+    pub fn partition(&mut self, start0: Value, end0: Value) -> (Value, Value) {
+        let total = self.b.ins().isub(end0, start0);
+        let lo = self.b.ins().imul(total, self.ith);
+        let lo = self.b.ins().udiv(lo, self.nth);
+        let ith1 = self.b.ins().iadd_imm_s(self.ith, 1);
+        let hi = self.b.ins().imul(total, ith1);
+        let hi = self.b.ins().udiv(hi, self.nth);
+        (self.b.ins().iadd(start0, lo), self.b.ins().iadd(start0, hi))
+    }
+
+    /// A counted loop `for i in (start..end).step_by(step)` carrying `init` values through
+    /// `body`, which returns their next values. Returns the values after the loop.
+    pub fn for_range(
+        &mut self,
+        start: Value,
+        end: Value,
+        step: i64,
+        init: &[Value],
+        mut body: impl FnMut(&mut Self, Value, &[Value]) -> Vec<Value>,
+    ) -> Vec<Value> {
+        let types: Vec<Type> = init
+            .iter()
+            .map(|&v| self.b.func.dfg.value_type(v))
+            .collect();
+        let header = self.b.create_block();
+        let body_block = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.append_block_param(header, I64);
+        for &t in &types {
+            self.b.append_block_param(header, t);
+            self.b.append_block_param(exit, t);
+        }
+        let mut args = vec![BlockArg::Value(start)];
+        args.extend(init.iter().map(|&v| BlockArg::Value(v)));
+        self.b.ins().jump(header, &args);
+
+        self.b.switch_to_block(header);
+        let params = self.b.block_params(header).to_vec();
+        let (i, carried) = (params[0], params[1..].to_vec());
+        let go_on = self.b.ins().icmp(IntCC::SignedLessThan, i, end);
+        let exit_args: Vec<BlockArg> = carried.iter().map(|&v| BlockArg::Value(v)).collect();
+        self.b.ins().brif(go_on, body_block, &[], exit, &exit_args);
+
+        self.b.switch_to_block(body_block);
+        self.b.seal_block(body_block);
+        let next = body(self, i, &carried);
+        assert_eq!(
+            next.len(),
+            carried.len(),
+            "loop body must return every carried value"
+        );
+        let i_next = self.b.ins().iadd_imm_s(i, step);
+        let mut args = vec![BlockArg::Value(i_next)];
+        args.extend(next.iter().map(|&v| BlockArg::Value(v)));
+        self.b.ins().jump(header, &args);
+        self.b.seal_block(header);
+
+        self.b.switch_to_block(exit);
+        self.b.seal_block(exit);
+        self.b.block_params(exit).to_vec()
+    }
+
+    /// Runs `then` when `cond` is nonzero, `otherwise` when it is zero.
+    pub fn if_else(
+        &mut self,
+        cond: Value,
+        then: impl FnOnce(&mut Self),
+        otherwise: impl FnOnce(&mut Self),
+    ) {
+        let (t, e, join) = (
+            self.b.create_block(),
+            self.b.create_block(),
+            self.b.create_block(),
+        );
+        self.b.ins().brif(cond, t, &[], e, &[]);
+        for (block, f) in [
+            (t, Box::new(then) as Box<dyn FnOnce(&mut Self)>),
+            (e, Box::new(otherwise)),
+        ] {
+            self.b.switch_to_block(block);
+            self.b.seal_block(block);
+            f(self);
+            self.b.ins().jump(join, &[]);
+        }
+        self.b.switch_to_block(join);
+        self.b.seal_block(join);
+    }
+
+    /// Loads `count` (< 4) floats into the low lanes of a vector, zeros elsewhere.
+    pub fn load_partial(&mut self, ptr: Value, offset: i64, count: usize) -> Value {
+        let mut v = self.splat(0.0);
+        for lane in 0..count {
+            let x = self.load(F32, ptr, offset + 4 * lane as i64);
+            v = self.b.ins().insertlane(v, x, lane as u8);
+        }
+        v
+    }
+
+    /// Stores the low `count` (< 4) lanes of a vector.
+    pub fn store_partial(&mut self, v: Value, ptr: Value, offset: i64, count: usize) {
+        for lane in 0..count {
+            let x = self.b.ins().extractlane(v, lane as u8);
+            self.store(x, ptr, offset + 4 * lane as i64);
+        }
+    }
+
+    /// Sum of the four lanes of an `f32x4`.
+    pub fn hsum(&mut self, v: Value) -> Value {
+        let l: Vec<Value> = (0..4).map(|i| self.b.ins().extractlane(v, i)).collect();
+        let a = self.b.ins().fadd(l[0], l[1]);
+        let b = self.b.ins().fadd(l[2], l[3]);
+        self.b.ins().fadd(a, b)
+    }
+
+    /// Largest of the four lanes of an `f32x4`.
+    pub fn hmax(&mut self, v: Value) -> Value {
+        let l: Vec<Value> = (0..4).map(|i| self.b.ins().extractlane(v, i)).collect();
+        let a = self.b.ins().fmax(l[0], l[1]);
+        let b = self.b.ins().fmax(l[2], l[3]);
+        self.b.ins().fmax(a, b)
+    }
+
+    /// Sum of the four lanes of an `i32x4`.
+    pub fn hsum_i32(&mut self, v: Value) -> Value {
+        let p = self.b.ins().iadd_pairwise(v, v);
+        let p = self.b.ins().iadd_pairwise(p, p);
+        self.b.ins().extractlane(p, 0)
+    }
+
+    /// `[sum(a), sum(b), sum(c), sum(d)]` for four `f32x4`.
+    pub fn hsum4(&mut self, a: Value, b: Value, c: Value, d: Value) -> Value {
+        let ab = self.pair_sums(a, b);
+        let cd = self.pair_sums(c, d);
+        let even = self.shuffle_f32(ab, cd, [0, 2, 4, 6]);
+        let odd = self.shuffle_f32(ab, cd, [1, 3, 5, 7]);
+        self.b.ins().fadd(even, odd)
+    }
+
+    /// `[x0+x2, x1+x3, y0+y2, y1+y3]`.
+    fn pair_sums(&mut self, x: Value, y: Value) -> Value {
+        let lo = self.shuffle_f32(x, y, [0, 1, 4, 5]);
+        let hi = self.shuffle_f32(x, y, [2, 3, 6, 7]);
+        self.b.ins().fadd(lo, hi)
+    }
+
+    /// Shuffles the f32 lanes of `a` (0..4) and `b` (4..8).
+    pub fn shuffle_f32(&mut self, a: Value, b: Value, lanes: [u8; 4]) -> Value {
+        let bytes: Vec<u8> = lanes
+            .iter()
+            .flat_map(|&l| (0..4).map(move |k| l * 4 + k))
+            .collect();
+        let mask = self.b.func.dfg.immediates.push(ConstantData::from(bytes));
+        let a8 = self.b.ins().bitcast(I8X16, le(), a);
+        let b8 = self.b.ins().bitcast(I8X16, le(), b);
+        let r = self.b.ins().shuffle(a8, b8, mask);
+        self.b.ins().bitcast(F32X4, le(), r)
+    }
+
+    /// `i32x4` lanes `a[2i]*b[2i] + a[2i+1]*b[2i+1]` of two `i16x8`, as the target emits it.
+    pub fn dot_i16(&mut self, a: Value, b: Value) -> Value {
+        self.target.dot_i16x8(&mut self.b, a, b)
+    }
+
+    /// `exp(x)` on four lanes, Cephes-style: `x = n ln2 + r`, a degree-7 polynomial for
+    /// `exp(r)` on |r| <= ln2/2, and `2^n` built in the exponent bits. Relative error ~2e-7;
+    /// inputs below -87.3 give 0, above 88.3 are clamped.
+    pub fn vexp(&mut self, x: Value) -> Value {
+        let lo = self.splat(-87.3);
+        let hi = self.splat(88.3);
+        let xc = self.b.ins().fmax(x, lo);
+        let xc = self.b.ins().fmin(xc, hi);
+        let log2e = self.splat(std::f32::consts::LOG2_E);
+        let n = self.b.ins().fmul(xc, log2e);
+        let n = self.b.ins().nearest(n);
+        let c1 = self.splat(-0.693359375);
+        let c2 = self.splat(2.12194440e-4);
+        let r = self.b.ins().fma(n, c1, xc);
+        let r = self.b.ins().fma(n, c2, r);
+        let mut p = self.splat(1.9875691500e-4);
+        for c in [
+            1.3981999507e-3,
+            8.3334519073e-3,
+            4.1665795894e-2,
+            1.6666665459e-1,
+            5.0000001201e-1,
+        ] {
+            let c = self.splat(c);
+            p = self.b.ins().fma(p, r, c);
+        }
+        let r2 = self.b.ins().fmul(r, r);
+        let one = self.splat(1.0);
+        let r1 = self.b.ins().fadd(r, one);
+        let e = self.b.ins().fma(p, r2, r1);
+        let ni = self.b.ins().fcvt_to_sint_sat(I32X4, n);
+        let bias = self.b.ins().iconst(I32, 127);
+        let bias = self.b.ins().splat(I32X4, bias);
+        let ni = self.b.ins().iadd(ni, bias);
+        let bits = self.b.ins().ishl_imm_s(ni, 23);
+        let pow2 = self.b.ins().bitcast(F32X4, MemFlagsData::new(), bits);
+        let res = self.b.ins().fmul(e, pow2);
+        let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let under = self.b.ins().bitcast(F32X4, MemFlagsData::new(), under);
+        let zero = self.splat(0.0);
+        self.b.ins().bitselect(under, zero, res)
+    }
+
+    /// `x * sigmoid(x)` on four lanes.
+    pub fn vsilu(&mut self, x: Value) -> Value {
+        let neg = self.b.ins().fneg(x);
+        let e = self.vexp(neg);
+        let one = self.splat(1.0);
+        let den = self.b.ins().fadd(e, one);
+        self.b.ins().fdiv(x, den)
+    }
+
+    /// Quantizes 32 floats (eight `f32x4`) to a q16 block at `out`: f32 scale, f32 sum of the
+    /// dequantized values, 32 x i16, with exactly the rounding of `ir::interp::quantize_q16`.
+    pub fn quantize_block(&mut self, vals: &[Value; 8], out: Value) {
+        let mut amax = self.b.ins().fabs(vals[0]);
+        for &v in &vals[1..] {
+            let a = self.b.ins().fabs(v);
+            amax = self.b.ins().fmax(amax, a);
+        }
+        let amax = self.hmax(amax);
+        let qmax = self.fconst(ir::interp::Q16_MAX);
+        let scale = self.b.ins().fdiv(amax, qmax);
+        let inv = self.b.ins().fdiv(qmax, amax);
+        let zero = self.fconst(0.0);
+        let positive = self.b.ins().fcmp(FloatCC::GreaterThan, amax, zero);
+        let inv = self.b.ins().select(positive, inv, zero);
+        let inv = self.b.ins().splat(F32X4, inv);
+        let mut q = [vals[0]; 8];
+        for (qi, &v) in q.iter_mut().zip(vals) {
+            let scaled = self.b.ins().fmul(v, inv);
+            let rounded = self.b.ins().nearest(scaled);
+            *qi = self.b.ins().fcvt_to_sint_sat(I32X4, rounded);
+        }
+        let mut total = q[0];
+        for &qi in &q[1..] {
+            total = self.b.ins().iadd(total, qi);
+        }
+        let total = self.hsum_i32(total);
+        let total = self.b.ins().fcvt_from_sint(F32, total);
+        let sum = self.b.ins().fmul(total, scale);
+        self.store(scale, out, 0);
+        self.store(sum, out, 4);
+        for k in 0..4 {
+            let packed = self.b.ins().snarrow(q[2 * k], q[2 * k + 1]);
+            debug_assert_eq!(self.b.func.dfg.value_type(packed), I16X8);
+            self.store(packed, out, 8 + 16 * k as i64);
+        }
+    }
+}

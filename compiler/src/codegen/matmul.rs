@@ -1,0 +1,258 @@
+//! Matmul kernels: `y[t, r] = epilogue(sum_k x[t, k] * w[r, k])` over the 4-row interleaved
+//! layouts of [`crate::pack`].
+//!
+//! Work is split across threads by groups of four output rows; each thread streams its
+//! share of the weights once per token row (the group's weights stay in L1 across tokens).
+//! Quantized weights take q16 activations: per 32-value block the four rows' integer dot
+//! products come from the target's int16 dot (`pmaddwd` on x86-64), are reduced to one
+//! `i32x4` of four row sums by two pairwise adds, and are scaled in float.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I8X16};
+use cranelift_codegen::ir::{InstBuilder, Value};
+
+use super::builder::{le, Kb};
+use crate::pack::{Layout, PackedWeight, F32_GROUP_CHUNK, Q4_GROUP_BLOCK, Q8_GROUP_BLOCK, ROWS};
+use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
+
+/// The elementwise tail of a matmul, with its operand's location.
+#[derive(Clone, Copy, Debug)]
+pub enum EpilogueAt {
+    None,
+    Silu,
+    Add(Location),
+    Mul(Location),
+}
+
+/// Everything a matmul kernel is specialized on.
+pub struct MatmulSpec {
+    pub x: Location,
+    pub y: Location,
+    pub weight: PackedWeight,
+    pub epilogue: EpilogueAt,
+    /// Compute only rows `out_start..n_tokens`.
+    pub skip_rows: bool,
+}
+
+pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
+    let (rows, cols) = match spec.weight.layout {
+        Layout::F32Rows4 { rows, cols }
+        | Layout::Q4Rows4 { rows, cols }
+        | Layout::Q8Rows4 { rows, cols } => (rows as i64, cols as i64),
+        Layout::F32Vector { .. } => unreachable!("matmul weights are matrices"),
+    };
+    let groups = (rows as usize).div_ceil(ROWS) as i64;
+    let x_row_bytes = match spec.weight.layout {
+        Layout::F32Rows4 { .. } => 4 * cols,
+        _ => cols / 32 * Q16_BLOCK_BYTES as i64,
+    };
+    let stride = spec.weight.layout.group_stride() as i64;
+    let x_base = kb.location(spec.x);
+    let y_base = kb.location(spec.y);
+    let e_base = match spec.epilogue {
+        EpilogueAt::Add(loc) | EpilogueAt::Mul(loc) => Some(kb.location(loc)),
+        _ => None,
+    };
+    let w_base = kb.weights(spec.weight.offset);
+    let n_tokens = kb.ctx_field(super::abi::ctx::N_TOKENS);
+    let t0 = if spec.skip_rows {
+        kb.ctx_field(super::abi::ctx::OUT_START)
+    } else {
+        kb.iconst(0)
+    };
+    let zero = kb.iconst(0);
+    let g_count = kb.iconst(groups);
+    let (g0, g1) = kb.partition(zero, g_count);
+    let mask = {
+        let m = kb.b.ins().iconst(cranelift_codegen::ir::types::I8, 0x0f);
+        kb.b.ins().splat(I8X16, m)
+    };
+    let rem = (rows % ROWS as i64) as usize;
+    kb.for_range(g0, g1, 1, &[], |kb, g, _| {
+        let wg = kb.addr(w_base, g, stride, 0);
+        kb.for_range(t0, n_tokens, 1, &[], |kb, t, _| {
+            let x_row = kb.addr(x_base, t, x_row_bytes, 0);
+            let acc = match spec.weight.layout {
+                Layout::Q4Rows4 { .. } => dot_q4(kb, wg, x_row, cols / 32, mask),
+                Layout::Q8Rows4 { .. } => dot_q8(kb, wg, x_row, cols / 32),
+                Layout::F32Rows4 { .. } => dot_f32(kb, wg, x_row, cols),
+                Layout::F32Vector { .. } => unreachable!(),
+            };
+            // Output rows 4g..4g+4 of token t.
+            let row_off = kb.b.ins().imul_imm_s(t, 4 * rows);
+            let col_off = kb.b.ins().imul_imm_s(g, 4 * ROWS as i64);
+            let off = kb.b.ins().iadd(row_off, col_off);
+            let y = kb.b.ins().iadd(y_base, off);
+            let e = e_base.map(|e| kb.b.ins().iadd(e, off));
+            if rem == 0 {
+                store_with_epilogue(kb, acc, spec.epilogue, e, y, 4);
+            } else {
+                let last = kb.b.ins().icmp_imm_s(IntCC::Equal, g, groups - 1);
+                kb.if_else(
+                    last,
+                    |kb| store_with_epilogue(kb, acc, spec.epilogue, e, y, rem),
+                    |kb| store_with_epilogue(kb, acc, spec.epilogue, e, y, 4),
+                );
+            }
+            vec![]
+        });
+        vec![]
+    });
+}
+
+/// Applies the epilogue to `lanes` outputs and stores them at `y`.
+fn store_with_epilogue(
+    kb: &mut Kb,
+    acc: Value,
+    epilogue: EpilogueAt,
+    e: Option<Value>,
+    y: Value,
+    lanes: usize,
+) {
+    let load = |kb: &mut Kb, p: Value| {
+        if lanes == 4 {
+            kb.load(F32X4, p, 0)
+        } else {
+            kb.load_partial(p, 0, lanes)
+        }
+    };
+    let out = match epilogue {
+        EpilogueAt::None => acc,
+        EpilogueAt::Silu => kb.vsilu(acc),
+        EpilogueAt::Add(_) => {
+            let other = load(kb, e.unwrap());
+            kb.b.ins().fadd(acc, other)
+        }
+        EpilogueAt::Mul(_) => {
+            let other = load(kb, e.unwrap());
+            kb.b.ins().fmul(acc, other)
+        }
+    };
+    if lanes == 4 {
+        kb.store(out, y, 0);
+    } else {
+        kb.store_partial(out, y, 0, lanes);
+    }
+}
+
+/// Loads the q16 block at `xb`: (scale, sum, four i16x8 of elements 0..8, 8..16, 16..24, 24..32).
+fn load_q16(kb: &mut Kb, xb: Value) -> (Value, Value, [Value; 4]) {
+    let scale = kb.load(F32, xb, 0);
+    let sum = kb.load(F32, xb, 4);
+    let a = [0, 1, 2, 3].map(|i| kb.load(I16X8, xb, 8 + 16 * i));
+    (scale, sum, a)
+}
+
+/// `[row0, row1, row2, row3]` from four `i32x4` of partial sums.
+fn reduce4(kb: &mut Kb, p: [Value; 4]) -> Value {
+    let ab = kb.b.ins().iadd_pairwise(p[0], p[1]);
+    let cd = kb.b.ins().iadd_pairwise(p[2], p[3]);
+    kb.b.ins().iadd_pairwise(ab, cd)
+}
+
+/// Four row dot products of a Q4 group with one q16 activation row.
+fn dot_q4(kb: &mut Kb, wg: Value, x_row: Value, n_blocks: i64, mask: Value) -> Value {
+    let zero = kb.iconst(0);
+    let nb = kb.iconst(n_blocks);
+    let acc0 = kb.splat(0.0);
+    kb.for_range(zero, nb, 1, &[acc0], |kb, b, acc| {
+        let xb = kb.addr(x_row, b, Q16_BLOCK_BYTES as i64, 0);
+        let (scale, sum, a) = load_q16(kb, xb);
+        let wb = kb.addr(wg, b, Q4_GROUP_BLOCK as i64, 0);
+        let mut p = [acc[0]; 4];
+        for (r, pr) in p.iter_mut().enumerate() {
+            let w = kb.load(I8X16, wb, 32 + 16 * r as i64);
+            let lo = kb.b.ins().band(w, mask);
+            let hi = kb.b.ins().bitcast(I16X8, le(), w);
+            let hi = kb.b.ins().ushr_imm_s(hi, 4);
+            let hi = kb.b.ins().bitcast(I8X16, le(), hi);
+            let hi = kb.b.ins().band(hi, mask);
+            let q = [
+                kb.b.ins().uwiden_low(lo),
+                kb.b.ins().uwiden_high(lo),
+                kb.b.ins().uwiden_low(hi),
+                kb.b.ins().uwiden_high(hi),
+            ];
+            let mut s = kb.dot_i16(q[0], a[0]);
+            for k in 1..4 {
+                let d = kb.dot_i16(q[k], a[k]);
+                s = kb.b.ins().iadd(s, d);
+            }
+            *pr = s;
+        }
+        let sums = reduce4(kb, p);
+        let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
+        let d = kb.load(F32X4, wb, 0);
+        let m = kb.load(F32X4, wb, 16);
+        let scale = kb.b.ins().splat(F32X4, scale);
+        let ds = kb.b.ins().fmul(d, scale);
+        let acc = kb.b.ins().fma(sums, ds, acc[0]);
+        let sum = kb.b.ins().splat(F32X4, sum);
+        vec![kb.b.ins().fma(m, sum, acc)]
+    })[0]
+}
+
+/// Four row dot products of a Q8 group with one q16 activation row.
+fn dot_q8(kb: &mut Kb, wg: Value, x_row: Value, n_blocks: i64) -> Value {
+    let zero = kb.iconst(0);
+    let nb = kb.iconst(n_blocks);
+    let acc0 = kb.splat(0.0);
+    kb.for_range(zero, nb, 1, &[acc0], |kb, b, acc| {
+        let xb = kb.addr(x_row, b, Q16_BLOCK_BYTES as i64, 0);
+        let (scale, _sum, a) = load_q16(kb, xb);
+        let wb = kb.addr(wg, b, Q8_GROUP_BLOCK as i64, 0);
+        let mut p = [acc[0]; 4];
+        for (r, pr) in p.iter_mut().enumerate() {
+            let w0 = kb.load(I8X16, wb, 16 + 32 * r as i64);
+            let w1 = kb.load(I8X16, wb, 16 + 32 * r as i64 + 16);
+            let q = [
+                kb.b.ins().swiden_low(w0),
+                kb.b.ins().swiden_high(w0),
+                kb.b.ins().swiden_low(w1),
+                kb.b.ins().swiden_high(w1),
+            ];
+            let mut s = kb.dot_i16(q[0], a[0]);
+            for k in 1..4 {
+                let d = kb.dot_i16(q[k], a[k]);
+                s = kb.b.ins().iadd(s, d);
+            }
+            *pr = s;
+        }
+        let sums = reduce4(kb, p);
+        let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
+        let d = kb.load(F32X4, wb, 0);
+        let scale = kb.b.ins().splat(F32X4, scale);
+        let ds = kb.b.ins().fmul(d, scale);
+        vec![kb.b.ins().fma(sums, ds, acc[0])]
+    })[0]
+}
+
+/// Four row dot products of an f32 group with one f32 activation row of `cols` values.
+fn dot_f32(kb: &mut Kb, wg: Value, x_row: Value, cols: i64) -> Value {
+    let zero = kb.iconst(0);
+    let full = kb.iconst(cols / 4);
+    let init = [kb.splat(0.0); 4];
+    let chunk = |kb: &mut Kb, xv: Value, wc: Value, acc: &[Value]| -> Vec<Value> {
+        (0..4)
+            .map(|r| {
+                let w = kb.load(F32X4, wc, 16 * r as i64);
+                kb.b.ins().fma(w, xv, acc[r])
+            })
+            .collect()
+    };
+    let mut acc = kb.for_range(zero, full, 1, &init, |kb, c, acc| {
+        let xv = kb.addr(x_row, c, 16, 0);
+        let xv = kb.load(F32X4, xv, 0);
+        let wc = kb.addr(wg, c, F32_GROUP_CHUNK as i64, 0);
+        chunk(kb, xv, wc, acc)
+    });
+    let tail = (cols % 4) as usize;
+    if tail != 0 {
+        let xv = kb.load_partial(x_row, 16 * (cols / 4), tail);
+        let wc =
+            kb.b.ins()
+                .iadd_imm_s(wg, F32_GROUP_CHUNK as i64 * (cols / 4));
+        acc = chunk(kb, xv, wc, &acc);
+    }
+    kb.hsum4(acc[0], acc[1], acc[2], acc[3])
+}

@@ -1,0 +1,386 @@
+//! Cranelift code generation: turns a verified, planned graph into one ELF object holding a
+//! kernel function per scheduled step, the `run` entry point that calls them in order through
+//! the runtime's `parallel_for`, the optional embedded weights, and the exported descriptor.
+//!
+//! Every kernel is `fn(ctx, ith, nth)` specialized on its shapes, buffer offsets and weight
+//! offsets; only the token count, the position and the output start are read at run time.
+
+pub mod abi;
+mod attention;
+pub mod builder;
+mod matmul;
+mod ops;
+
+use std::fmt;
+
+use cranelift_codegen::ir::types::I64;
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, UserFuncName};
+use cranelift_codegen::isa::CallConv;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_module::{DataDescription, Linkage, Module, ModuleError};
+use cranelift_object::{ObjectBuilder, ObjectModule};
+use ir::verify::GraphInfo;
+use ir::{DType, Epilogue, Graph, Op, ValueId};
+use targets::Target;
+
+use self::builder::Kb;
+use crate::pack::Packed;
+use crate::passes::plan_memory::MemoryPlan;
+
+/// Code generation failures.
+#[derive(Debug)]
+pub enum CodegenError {
+    /// The target cannot be configured (a user error: bad triple or features).
+    Target(targets::TargetError),
+    /// Cranelift rejected generated code: always a bug in kiln's kernel generators.
+    Module(Box<ModuleError>),
+    /// The graph uses something the kernels do not implement, named in the message.
+    Unsupported(String),
+}
+
+impl fmt::Display for CodegenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CodegenError::Target(e) => write!(f, "{e}"),
+            CodegenError::Module(e) => {
+                write!(f, "cranelift rejected generated code (a kiln bug): {e:?}")
+            }
+            CodegenError::Unsupported(m) => write!(f, "unsupported: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for CodegenError {}
+
+impl From<ModuleError> for CodegenError {
+    fn from(e: ModuleError) -> Self {
+        CodegenError::Module(Box::new(e))
+    }
+}
+
+/// Options of code generation.
+#[derive(Clone, Debug)]
+pub struct CodegenOptions {
+    /// Put the packed weights in the object (`.rodata`) instead of a separate file.
+    pub embed_weights: bool,
+}
+
+/// The emitted object and facts about it.
+pub struct Emitted {
+    pub object: Vec<u8>,
+    pub n_kernels: usize,
+}
+
+/// Rows of each value that may be skipped: values whose every use only needs the rows the
+/// caller asks outputs for (`out_start..n_tokens`). Keys and values entering attention are
+/// always computed in full, because the cache keeps them.
+pub fn skippable_rows(graph: &Graph) -> Vec<bool> {
+    let n = graph.nodes.len();
+    let mut users: Vec<Vec<usize>> = vec![vec![]; n];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for v in node.op.operands() {
+            users[v.index()].push(i);
+        }
+    }
+    let mut skip = vec![false; n];
+    for i in (0..n).rev() {
+        if matches!(graph.nodes[i].op, Op::Input { .. }) {
+            continue;
+        }
+        let is_output = graph.outputs.contains(&ValueId(i as u32));
+        let has_uses = is_output || !users[i].is_empty();
+        skip[i] = has_uses
+            && users[i]
+                .iter()
+                .all(|&u| skip[u] && !matches!(graph.nodes[u].op, Op::Attention { .. }));
+    }
+    skip
+}
+
+fn kernel_signature(call_conv: CallConv) -> Signature {
+    let mut sig = Signature::new(call_conv);
+    sig.params.extend([AbiParam::new(I64); 3]);
+    sig
+}
+
+/// Generates the object for `graph`.
+pub fn emit(
+    graph: &Graph,
+    info: &GraphInfo,
+    plan: &MemoryPlan,
+    packed: &Packed,
+    target: &dyn Target,
+    opts: &CodegenOptions,
+) -> Result<Emitted, CodegenError> {
+    let isa = target.isa().map_err(CodegenError::Target)?;
+    let call_conv = isa.default_call_conv();
+    let frontend_config = isa.frontend_config();
+    let builder = ObjectBuilder::new(
+        isa,
+        graph.name.as_bytes().to_vec(),
+        cranelift_module::default_libcall_names(),
+    )?;
+    let mut module = ObjectModule::new(builder);
+    let skip = skippable_rows(graph);
+    let sig = kernel_signature(call_conv);
+    let mut kernels = vec![];
+    let mut ctx = module.make_context();
+    let mut fbc = FunctionBuilderContext::new();
+
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let steps: &[&str] = match node.op {
+            Op::Input { .. } => &[],
+            Op::Attention { .. } => &["kv_store", "attend"],
+            _ => &[node.op.mnemonic()],
+        };
+        for (step, &kind) in steps.iter().enumerate() {
+            let weight = node
+                .op
+                .weight()
+                .map(|w| graph.weight(w).name.replace(['.', '-'], "_"));
+            let name = match weight {
+                Some(w) => format!("kiln_v{i}_{kind}_{w}"),
+                None => format!("kiln_v{i}_{kind}"),
+            };
+            let id = module.declare_function(&name, Linkage::Local, &sig)?;
+            ctx.func.signature = sig.clone();
+            ctx.func.name = UserFuncName::user(0, id.as_u32());
+            {
+                let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+                let entry = b.create_block();
+                b.append_block_params_for_function_params(entry);
+                b.switch_to_block(entry);
+                b.seal_block(entry);
+                let p = b.block_params(entry).to_vec();
+                let mut kb = Kb {
+                    b,
+                    ctx: p[0],
+                    ith: p[1],
+                    nth: p[2],
+                    target,
+                };
+                emit_step(&mut kb, graph, plan, packed, i, step, skip[i])?;
+                kb.b.ins().return_(&[]);
+                kb.b.finalize(frontend_config);
+            }
+            module.define_function(id, &mut ctx)?;
+            module.clear_context(&mut ctx);
+            kernels.push(id);
+        }
+    }
+
+    // run(ctx): parallel_for(pool, kernel, ctx) for every kernel in order.
+    let mut run_sig = Signature::new(call_conv);
+    run_sig.params.push(AbiParam::new(I64));
+    let run_id = module.declare_function("kiln_run", Linkage::Local, &run_sig)?;
+    ctx.func.signature = run_sig;
+    ctx.func.name = UserFuncName::user(0, run_id.as_u32());
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let kctx = b.block_params(entry)[0];
+        let mut pf_sig = Signature::new(call_conv);
+        pf_sig.params.extend([AbiParam::new(I64); 3]);
+        let pf_sig = b.import_signature(pf_sig);
+        let flags = MemFlagsData::new().with_notrap().with_readonly();
+        for &k in &kernels {
+            let fref = module.declare_func_in_func(k, b.func);
+            let addr = b.ins().func_addr(I64, fref);
+            let pf = b.ins().load(I64, flags, kctx, abi::ctx::PARALLEL_FOR);
+            let pool = b.ins().load(I64, flags, kctx, abi::ctx::POOL);
+            b.ins().call_indirect(pf_sig, pf, &[pool, addr, kctx]);
+        }
+        b.ins().return_(&[]);
+        b.finalize(frontend_config);
+    }
+    module.define_function(run_id, &mut ctx)?;
+    module.clear_context(&mut ctx);
+
+    // The weights, then the descriptor pointing at them and at run.
+    let weights_id = if opts.embed_weights {
+        let id = module.declare_data("kiln_weights", Linkage::Local, false, false)?;
+        let mut data = DataDescription::new();
+        data.set_align(64);
+        data.define(packed.blob.clone().into_boxed_slice());
+        module.define_data(id, &data)?;
+        Some(id)
+    } else {
+        None
+    };
+    let mut desc = vec![0u8; abi::desc::SIZE];
+    let mut put32 = |at: usize, v: u32| desc[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    put32(abi::desc::ABI_VERSION, abi::ABI_VERSION);
+    put32(abi::desc::N_INPUTS, info.n_inputs);
+    put32(abi::desc::N_OUTPUTS, graph.outputs.len() as u32);
+    put32(abi::desc::BATCH, plan.batch);
+    put32(abi::desc::CONTEXT, graph.context);
+    put32(abi::desc::KV_LAYERS, info.kv_layers);
+    put32(abi::desc::KV_WIDTH, info.kv_width);
+    let io_values: Vec<ValueId> = input_values(graph)
+        .into_iter()
+        .chain(graph.outputs.iter().copied())
+        .collect();
+    if io_values.len() > abi::MAX_IO {
+        return Err(CodegenError::Unsupported(format!(
+            "{} inputs and outputs (at most {})",
+            io_values.len(),
+            abi::MAX_IO
+        )));
+    }
+    for (slot, v) in io_values.iter().enumerate() {
+        let ty = graph.ty(*v);
+        put32(
+            abi::desc::IO_DTYPE + 4 * slot,
+            if ty.dtype == DType::I32 {
+                abi::DTYPE_I32
+            } else {
+                abi::DTYPE_F32
+            },
+        );
+        put32(abi::desc::IO_WIDTH + 4 * slot, ty.row_len().unwrap_or(1));
+    }
+    let kv_bytes = info.kv_layers as u64 * 2 * graph.context as u64 * info.kv_width as u64 * 4;
+    let mut put64 = |at: usize, v: u64| desc[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    put64(abi::desc::ARENA_BYTES, plan.arena_bytes);
+    put64(abi::desc::KV_BYTES, kv_bytes);
+    put64(abi::desc::WEIGHTS_BYTES, packed.blob.len() as u64);
+    put64(abi::desc::WEIGHTS_CHECKSUM, abi::fnv1a64(&packed.blob));
+    let desc_id = module.declare_data(abi::MODEL_SYMBOL, Linkage::Export, false, false)?;
+    let mut data = DataDescription::new();
+    data.set_align(8);
+    data.define(desc.into_boxed_slice());
+    if let Some(w) = weights_id {
+        let gv = module.declare_data_in_data(w, &mut data);
+        data.write_data_addr(abi::desc::WEIGHTS as u32, gv, 0);
+    }
+    let run_ref = module.declare_func_in_data(run_id, &mut data);
+    data.write_function_addr(abi::desc::RUN as u32, run_ref);
+    module.define_data(desc_id, &data)?;
+
+    let product = module.finish();
+    let object = product
+        .emit()
+        .map_err(|e| CodegenError::Unsupported(format!("object emission failed: {e}")))?;
+    Ok(Emitted {
+        object,
+        n_kernels: kernels.len(),
+    })
+}
+
+/// Input values ordered by input index.
+fn input_values(graph: &Graph) -> Vec<ValueId> {
+    let mut inputs: Vec<(u32, ValueId)> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match n.op {
+            Op::Input { index } => Some((index, ValueId(i as u32))),
+            _ => None,
+        })
+        .collect();
+    inputs.sort_unstable();
+    inputs.into_iter().map(|(_, v)| v).collect()
+}
+
+/// Emits step `step` of node `i` into `kb`.
+fn emit_step(
+    kb: &mut Kb,
+    graph: &Graph,
+    plan: &MemoryPlan,
+    packed: &Packed,
+    i: usize,
+    step: usize,
+    skip: bool,
+) -> Result<(), CodegenError> {
+    let node = &graph.nodes[i];
+    let loc = |v: ValueId| plan.locations[v.index()];
+    let y = plan.locations[i];
+    let n = node.ty.row_len().unwrap_or(0);
+    match node.op {
+        Op::Input { .. } => unreachable!("inputs have no kernel"),
+        Op::Embed { ids, table } => ops::emit_embed(kb, loc(ids), packed.weight(table), y),
+        Op::RmsNorm {
+            x,
+            weight,
+            eps,
+            quantize,
+        } => ops::emit_rms_norm(kb, loc(x), packed.weight(weight), y, n, eps, quantize, skip),
+        Op::Quantize { x } => ops::emit_quantize(kb, loc(x), y, n, skip),
+        Op::MatMul {
+            x,
+            weight,
+            epilogue,
+        } => {
+            let epilogue = match epilogue {
+                Epilogue::None => matmul::EpilogueAt::None,
+                Epilogue::Silu => matmul::EpilogueAt::Silu,
+                Epilogue::Add(o) => matmul::EpilogueAt::Add(loc(o)),
+                Epilogue::Mul(o) => matmul::EpilogueAt::Mul(loc(o)),
+            };
+            matmul::emit(
+                kb,
+                &matmul::MatmulSpec {
+                    x: loc(x),
+                    y,
+                    weight: packed.weight(weight),
+                    epilogue,
+                    skip_rows: skip,
+                },
+            );
+        }
+        Op::Rope { x, head_dim, theta } => {
+            if head_dim % 4 != 0 {
+                return Err(CodegenError::Unsupported(format!(
+                    "rope with head_dim {head_dim} (must be a multiple of 4)"
+                )));
+            }
+            let table = packed.rope_tables[&(head_dim, theta.to_bits())];
+            ops::emit_rope(kb, loc(x), y, n, head_dim, table, skip);
+        }
+        Op::Attention {
+            q,
+            k,
+            v,
+            layer,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } => {
+            if head_dim % 4 != 0 {
+                return Err(CodegenError::Unsupported(format!(
+                    "attention with head_dim {head_dim} (must be a multiple of 4)"
+                )));
+            }
+            let spec = attention::AttentionSpec {
+                q: loc(q),
+                k: loc(k),
+                v: loc(v),
+                y,
+                layer,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                context: graph.context,
+                skip_rows: skip,
+            };
+            if step == 0 {
+                attention::emit_kv_store(kb, &spec);
+            } else {
+                attention::emit_attend(kb, &spec);
+            }
+        }
+        Op::Silu { x } => {
+            ops::emit_elementwise(kb, ops::Elementwise::Silu, loc(x), None, y, n, skip)
+        }
+        Op::Mul { a, b } => {
+            ops::emit_elementwise(kb, ops::Elementwise::Mul, loc(a), Some(loc(b)), y, n, skip)
+        }
+        Op::Add { a, b } => {
+            ops::emit_elementwise(kb, ops::Elementwise::Add, loc(a), Some(loc(b)), y, n, skip)
+        }
+    }
+    Ok(())
+}

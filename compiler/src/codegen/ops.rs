@@ -1,0 +1,341 @@
+//! Row-wise kernels: embedding lookup, RMSNorm (optionally quantizing its output), q16
+//! quantization, rotary embedding, SiLU, mul and add. Each thread takes a share of the token
+//! rows; rows are processed four floats at a time with a partial vector for the tail.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I8, I8X16};
+use cranelift_codegen::ir::{InstBuilder, Value};
+
+use super::abi;
+use super::builder::{le, Kb};
+use crate::pack::{Layout, PackedWeight, F32_GROUP_CHUNK, Q4_GROUP_BLOCK, Q8_GROUP_BLOCK, ROWS};
+use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
+
+/// This thread's token rows: `[start, end)` of `first..n_tokens`.
+fn my_rows(kb: &mut Kb, skip_rows: bool) -> (Value, Value) {
+    let n_tokens = kb.ctx_field(abi::ctx::N_TOKENS);
+    let first = if skip_rows {
+        kb.ctx_field(abi::ctx::OUT_START)
+    } else {
+        kb.iconst(0)
+    };
+    kb.partition(first, n_tokens)
+}
+
+/// Calls `f(kb, byte_offset, lanes)` for each 4-float chunk of an `n`-float row.
+fn for_chunks(kb: &mut Kb, n: i64, mut f: impl FnMut(&mut Kb, Value, usize)) {
+    let zero = kb.iconst(0);
+    let end = kb.iconst(n / 4 * 16);
+    kb.for_range(zero, end, 16, &[], |kb, off, _| {
+        f(kb, off, 4);
+        vec![]
+    });
+    if n % 4 != 0 {
+        let off = kb.iconst(n / 4 * 16);
+        f(kb, off, (n % 4) as usize);
+    }
+}
+
+fn load_n(kb: &mut Kb, ptr: Value, off: Value, lanes: usize) -> Value {
+    let p = kb.b.ins().iadd(ptr, off);
+    if lanes == 4 {
+        kb.load(F32X4, p, 0)
+    } else {
+        kb.load_partial(p, 0, lanes)
+    }
+}
+
+fn store_n(kb: &mut Kb, v: Value, ptr: Value, off: Value, lanes: usize) {
+    let p = kb.b.ins().iadd(ptr, off);
+    if lanes == 4 {
+        kb.store(v, p, 0)
+    } else {
+        kb.store_partial(v, p, 0, lanes)
+    }
+}
+
+/// Elementwise kinds of [`emit_elementwise`].
+#[derive(Clone, Copy, Debug)]
+pub enum Elementwise {
+    Silu,
+    Mul,
+    Add,
+}
+
+/// `y = silu(a)`, `a * b` or `a + b` over `[seq, n]` rows.
+pub fn emit_elementwise(
+    kb: &mut Kb,
+    kind: Elementwise,
+    a: Location,
+    b: Option<Location>,
+    y: Location,
+    n: u32,
+    skip_rows: bool,
+) {
+    let n = n as i64;
+    let (a, b, y) = (kb.location(a), b.map(|b| kb.location(b)), kb.location(y));
+    let (t0, t1) = my_rows(kb, skip_rows);
+    kb.for_range(t0, t1, 1, &[], |kb, t, _| {
+        let row = kb.b.ins().imul_imm_s(t, 4 * n);
+        let (ar, yr) = (kb.b.ins().iadd(a, row), kb.b.ins().iadd(y, row));
+        let br = b.map(|b| kb.b.ins().iadd(b, row));
+        for_chunks(kb, n, |kb, off, lanes| {
+            let x = load_n(kb, ar, off, lanes);
+            let out = match kind {
+                Elementwise::Silu => kb.vsilu(x),
+                Elementwise::Mul | Elementwise::Add => {
+                    let other = load_n(kb, br.unwrap(), off, lanes);
+                    match kind {
+                        Elementwise::Mul => kb.b.ins().fmul(x, other),
+                        _ => kb.b.ins().fadd(x, other),
+                    }
+                }
+            };
+            store_n(kb, out, yr, off, lanes);
+        });
+        vec![]
+    });
+}
+
+/// RMSNorm of `[seq, n]` rows with an f32 weight vector; q16 output when `quantize`.
+pub fn emit_rms_norm(
+    kb: &mut Kb,
+    x: Location,
+    weight: PackedWeight,
+    y: Location,
+    n: u32,
+    eps: f32,
+    quantize: bool,
+    skip_rows: bool,
+) {
+    let n = n as i64;
+    let (x, y, w) = (kb.location(x), kb.location(y), kb.weights(weight.offset));
+    let (t0, t1) = my_rows(kb, skip_rows);
+    kb.for_range(t0, t1, 1, &[], |kb, t, _| {
+        let xr = kb.addr(x, t, 4 * n, 0);
+        let acc0 = kb.splat(0.0);
+        let zero = kb.iconst(0);
+        let end = kb.iconst(n / 4 * 16);
+        let acc = kb.for_range(zero, end, 16, &[acc0], |kb, off, acc| {
+            let v = load_n(kb, xr, off, 4);
+            vec![kb.b.ins().fma(v, v, acc[0])]
+        })[0];
+        let acc = if n % 4 != 0 {
+            let off = kb.iconst(n / 4 * 16);
+            let v = load_n(kb, xr, off, (n % 4) as usize);
+            kb.b.ins().fma(v, v, acc)
+        } else {
+            acc
+        };
+        let sumsq = kb.hsum(acc);
+        let inv_n = kb.fconst(1.0 / n as f32);
+        let mean = kb.b.ins().fmul(sumsq, inv_n);
+        let eps = kb.fconst(eps);
+        let mean = kb.b.ins().fadd(mean, eps);
+        let root = kb.b.ins().sqrt(mean);
+        let one = kb.fconst(1.0);
+        let scale = kb.b.ins().fdiv(one, root);
+        let scale = kb.b.ins().splat(F32X4, scale);
+        if quantize {
+            let yr = kb.addr(y, t, n / 32 * Q16_BLOCK_BYTES as i64, 0);
+            let nb = kb.iconst(n / 32);
+            kb.for_range(zero, nb, 1, &[], |kb, b, _| {
+                let xb = kb.addr(xr, b, 128, 0);
+                let wb = kb.addr(w, b, 128, 0);
+                let vals = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| {
+                    let xv = kb.load(F32X4, xb, 16 * i);
+                    let wv = kb.load(F32X4, wb, 16 * i);
+                    let s = kb.b.ins().fmul(xv, scale);
+                    kb.b.ins().fmul(s, wv)
+                });
+                let out = kb.addr(yr, b, Q16_BLOCK_BYTES as i64, 0);
+                kb.quantize_block(&vals, out);
+                vec![]
+            });
+        } else {
+            let yr = kb.addr(y, t, 4 * n, 0);
+            for_chunks(kb, n, |kb, off, lanes| {
+                let xv = load_n(kb, xr, off, lanes);
+                let wv = load_n(kb, w, off, lanes);
+                let s = kb.b.ins().fmul(xv, scale);
+                let out = kb.b.ins().fmul(s, wv);
+                store_n(kb, out, yr, off, lanes);
+            });
+        }
+        vec![]
+    });
+}
+
+/// Quantizes `[seq, n]` f32 rows to q16.
+pub fn emit_quantize(kb: &mut Kb, x: Location, y: Location, n: u32, skip_rows: bool) {
+    let n = n as i64;
+    let (x, y) = (kb.location(x), kb.location(y));
+    let (t0, t1) = my_rows(kb, skip_rows);
+    kb.for_range(t0, t1, 1, &[], |kb, t, _| {
+        let xr = kb.addr(x, t, 4 * n, 0);
+        let yr = kb.addr(y, t, n / 32 * Q16_BLOCK_BYTES as i64, 0);
+        let zero = kb.iconst(0);
+        let nb = kb.iconst(n / 32);
+        kb.for_range(zero, nb, 1, &[], |kb, b, _| {
+            let xb = kb.addr(xr, b, 128, 0);
+            let vals = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| kb.load(F32X4, xb, 16 * i));
+            let out = kb.addr(yr, b, Q16_BLOCK_BYTES as i64, 0);
+            kb.quantize_block(&vals, out);
+            vec![]
+        });
+        vec![]
+    });
+}
+
+/// Rotary embedding on adjacent pairs, reading the table at `table_offset` of the weights:
+/// per position, `head_dim` cosines (each twice) then `head_dim` signed sines.
+pub fn emit_rope(
+    kb: &mut Kb,
+    x: Location,
+    y: Location,
+    n: u32,
+    head_dim: u32,
+    table_offset: u64,
+    skip_rows: bool,
+) {
+    let (n, hd) = (n as i64, head_dim as i64);
+    assert!(hd % 4 == 0, "head_dim is checked by the codegen driver");
+    let (x, y, table) = (kb.location(x), kb.location(y), kb.weights(table_offset));
+    let pos = kb.ctx_field(abi::ctx::POS);
+    let (t0, t1) = my_rows(kb, skip_rows);
+    kb.for_range(t0, t1, 1, &[], |kb, t, _| {
+        let p = kb.b.ins().iadd(pos, t);
+        let tab = kb.addr(table, p, 8 * hd, 0);
+        let (xr, yr) = (kb.addr(x, t, 4 * n, 0), kb.addr(y, t, 4 * n, 0));
+        let zero = kb.iconst(0);
+        let heads = kb.iconst(n / hd);
+        kb.for_range(zero, heads, 1, &[], |kb, h, _| {
+            let xh = kb.addr(xr, h, 4 * hd, 0);
+            let yh = kb.addr(yr, h, 4 * hd, 0);
+            for c in 0..hd / 4 {
+                let v = kb.load(F32X4, xh, 16 * c);
+                // [a0, b0, a1, b1] -> [b0, a0, b1, a1], against sines [-s0, s0, -s1, s1].
+                let swapped = kb.shuffle_f32(v, v, [1, 0, 3, 2]);
+                let cos = kb.load(F32X4, tab, 16 * c);
+                let sin = kb.load(F32X4, tab, 4 * hd + 16 * c);
+                let rot = kb.b.ins().fmul(swapped, sin);
+                let out = kb.b.ins().fma(v, cos, rot);
+                kb.store(out, yh, 16 * c);
+            }
+            vec![]
+        });
+        vec![]
+    });
+}
+
+/// Embedding lookup from a packed table; ids outside `0..rows` give a zero row.
+pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location) {
+    let (rows, cols) = match table.layout {
+        Layout::F32Rows4 { rows, cols }
+        | Layout::Q4Rows4 { rows, cols }
+        | Layout::Q8Rows4 { rows, cols } => (rows as i64, cols as i64),
+        Layout::F32Vector { .. } => unreachable!("tables are matrices"),
+    };
+    let (ids, y, w) = (kb.location(ids), kb.location(y), kb.weights(table.offset));
+    let stride = table.layout.group_stride() as i64;
+    let (t0, t1) = my_rows(kb, false);
+    let mask = {
+        let m = kb.b.ins().iconst(I8, 0x0f);
+        kb.b.ins().splat(I8X16, m)
+    };
+    kb.for_range(t0, t1, 1, &[], |kb, t, _| {
+        let id_ptr = kb.addr(ids, t, 4, 0);
+        let id = kb.load(I32, id_ptr, 0);
+        let id = kb.b.ins().uextend(cranelift_codegen::ir::types::I64, id);
+        let yr = kb.addr(y, t, 4 * cols, 0);
+        let valid = kb.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, id, rows);
+        kb.if_else(
+            valid,
+            |kb| {
+                let g = kb.b.ins().ushr_imm_s(id, 2);
+                let lane = kb.b.ins().band_imm_s(id, ROWS as i64 - 1);
+                let base = kb.addr(w, g, stride, 0);
+                let zero = kb.iconst(0);
+                match table.layout {
+                    Layout::Q8Rows4 { .. } | Layout::Q4Rows4 { .. } => {
+                        let q8 = matches!(table.layout, Layout::Q8Rows4 { .. });
+                        let nb = kb.iconst(cols / 32);
+                        kb.for_range(zero, nb, 1, &[], |kb, b, _| {
+                            let block = if q8 { Q8_GROUP_BLOCK } else { Q4_GROUP_BLOCK } as i64;
+                            let blk = kb.addr(base, b, block, 0);
+                            let d_ptr = kb.addr(blk, lane, 4, 0);
+                            let d = kb.load(F32, d_ptr, 0);
+                            let d = kb.b.ins().splat(F32X4, d);
+                            let out = kb.addr(yr, b, 128, 0);
+                            // Sixteen-value halves as i8x16, elements 0..16 and 16..32.
+                            let (halves, m) = if q8 {
+                                let qs = kb.addr(blk, lane, 32, 16);
+                                (vec![kb.load(I8X16, qs, 0), kb.load(I8X16, qs, 16)], None)
+                            } else {
+                                let m_ptr = kb.addr(blk, lane, 4, 16);
+                                let m = kb.load(F32, m_ptr, 0);
+                                let qs = kb.addr(blk, lane, 16, 32);
+                                let w = kb.load(I8X16, qs, 0);
+                                let lo = kb.b.ins().band(w, mask);
+                                let hi = kb.b.ins().bitcast(I16X8, le(), w);
+                                let hi = kb.b.ins().ushr_imm_s(hi, 4);
+                                let hi = kb.b.ins().bitcast(I8X16, le(), hi);
+                                let hi = kb.b.ins().band(hi, mask);
+                                (vec![lo, hi], Some(kb.b.ins().splat(F32X4, m)))
+                            };
+                            for (h, half) in halves.into_iter().enumerate() {
+                                let wide = if q8 {
+                                    [kb.b.ins().swiden_low(half), kb.b.ins().swiden_high(half)]
+                                } else {
+                                    [kb.b.ins().uwiden_low(half), kb.b.ins().uwiden_high(half)]
+                                };
+                                for (k, w16) in wide.into_iter().enumerate() {
+                                    let w32 =
+                                        [kb.b.ins().swiden_low(w16), kb.b.ins().swiden_high(w16)];
+                                    for (j, wi) in w32.into_iter().enumerate() {
+                                        let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
+                                        let v = match m {
+                                            Some(m) => kb.b.ins().fma(f, d, m),
+                                            None => kb.b.ins().fmul(f, d),
+                                        };
+                                        kb.store(
+                                            v,
+                                            out,
+                                            64 * h as i64 + 32 * k as i64 + 16 * j as i64,
+                                        );
+                                    }
+                                }
+                            }
+                            vec![]
+                        });
+                    }
+                    Layout::F32Rows4 { .. } => {
+                        let lane_off = kb.b.ins().imul_imm_s(lane, 16);
+                        let src = kb.b.ins().iadd(base, lane_off);
+                        let chunks = kb.iconst(cols / 4);
+                        kb.for_range(zero, chunks, 1, &[], |kb, c, _| {
+                            let s = kb.addr(src, c, F32_GROUP_CHUNK as i64, 0);
+                            let v = kb.load(F32X4, s, 0);
+                            let d = kb.addr(yr, c, 16, 0);
+                            kb.store(v, d, 0);
+                            vec![]
+                        });
+                        if cols % 4 != 0 {
+                            let s =
+                                kb.b.ins()
+                                    .iadd_imm_s(src, F32_GROUP_CHUNK as i64 * (cols / 4));
+                            let v = kb.load(F32X4, s, 0);
+                            kb.store_partial(v, yr, 16 * (cols / 4), (cols % 4) as usize);
+                        }
+                    }
+                    Layout::F32Vector { .. } => unreachable!(),
+                }
+            },
+            |kb| {
+                let z = kb.splat(0.0);
+                for_chunks(kb, cols, |kb, off, lanes| store_n(kb, z, yr, off, lanes));
+            },
+        );
+        vec![]
+    });
+}

@@ -1,0 +1,471 @@
+//! The Llama frontend: GGUF metadata and tensors in, an IR [`Graph`] and its weights out.
+//!
+//! Hyperparameters come from the GGUF metadata (`llama.*` keys), never from constants, and
+//! every tensor's type and shape is checked against them before the graph is built.
+//! After this module, weights are [`WeightId`]s with their raw bytes in [`LoweredModel::weights`];
+//! nothing downstream reads the file format.
+
+use std::fmt;
+
+use ir::{DType, Epilogue, Graph, Op, TensorType, ValueId, WeightId};
+use serde::Serialize;
+
+use crate::gguf::{GgufError, GgufFile};
+
+/// Architectures the frontend lowers.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+
+/// Hyperparameters of a Llama-family model, as read from GGUF metadata.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Hyperparameters {
+    pub architecture: String,
+    pub n_layers: u32,
+    pub d_model: u32,
+    pub d_ff: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub vocab: u32,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    /// The context length the model was trained with.
+    pub train_context: u32,
+    pub tied_embedding: bool,
+}
+
+/// A model lowered to IR: the graph, and the raw bytes of each weight (indexed by [`WeightId`]).
+pub struct LoweredModel {
+    pub graph: Graph,
+    pub weights: Vec<Vec<u8>>,
+    pub hyper: Hyperparameters,
+}
+
+/// Why a GGUF file could not be lowered. Always a problem with the input file or the options.
+#[derive(Debug)]
+pub enum FrontendError {
+    Gguf(GgufError),
+    UnsupportedArchitecture {
+        architecture: String,
+    },
+    BadHyperparameter {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    UnsupportedTensorType {
+        tensor: String,
+        ggml_type: String,
+    },
+    BadTensorShape {
+        tensor: String,
+        expected: Vec<u64>,
+        found: Vec<u64>,
+    },
+    BadContext {
+        requested: u32,
+        reason: String,
+    },
+}
+
+impl fmt::Display for FrontendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrontendError::Gguf(e) => write!(f, "{e}"),
+            FrontendError::UnsupportedArchitecture { architecture } => write!(
+                f,
+                "unsupported architecture '{architecture}' (general.architecture); supported: {}",
+                SUPPORTED_ARCHITECTURES.join(", ")
+            ),
+            FrontendError::BadHyperparameter { key, value, reason } => write!(f, "bad hyperparameter {key} = {value}: {reason}"),
+            FrontendError::UnsupportedTensorType { tensor, ggml_type } => write!(
+                f,
+                "tensor '{tensor}' has type {ggml_type}, which kiln cannot compile yet (supported: f32, f16, q4_0, q4_1, q8_0)"
+            ),
+            FrontendError::BadTensorShape { tensor, expected, found } => write!(
+                f,
+                "tensor '{tensor}' has shape {found:?} but the hyperparameters require {expected:?} (GGUF dims order)"
+            ),
+            FrontendError::BadContext { requested, reason } => write!(f, "context length {requested}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for FrontendError {}
+
+impl From<GgufError> for FrontendError {
+    fn from(e: GgufError) -> Self {
+        FrontendError::Gguf(e)
+    }
+}
+
+/// Largest context length kiln compiles for (positions are i32 in kernels, and the rotary
+/// table grows linearly with it).
+pub const MAX_CONTEXT: u32 = 1 << 17;
+
+fn bad(key: &str, value: impl fmt::Display, reason: &str) -> FrontendError {
+    FrontendError::BadHyperparameter {
+        key: key.to_string(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads and checks the hyperparameters of a Llama-family GGUF.
+pub fn hyperparameters(gguf: &GgufFile) -> Result<Hyperparameters, FrontendError> {
+    let arch = gguf.get_str("general.architecture")?.to_string();
+    if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(FrontendError::UnsupportedArchitecture { architecture: arch });
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let get = |k: &str| gguf.get_u32(&key(k));
+    let n_layers = get("block_count")?;
+    let d_model = get("embedding_length")?;
+    let d_ff = get("feed_forward_length")?;
+    let n_heads = get("attention.head_count")?;
+    let n_kv_heads = match gguf.get(&key("attention.head_count_kv")) {
+        Some(_) => get("attention.head_count_kv")?,
+        None => n_heads,
+    };
+    for (k, v, max) in [
+        ("block_count", n_layers, 1024),
+        ("embedding_length", d_model, 1 << 16),
+        ("feed_forward_length", d_ff, 1 << 18),
+        ("attention.head_count", n_heads, 1024),
+        ("attention.head_count_kv", n_kv_heads, 1024),
+    ] {
+        if v == 0 || v > max {
+            return Err(bad(&key(k), v, &format!("must be in 1..={max}")));
+        }
+    }
+    if d_model % n_heads != 0 {
+        return Err(bad(
+            &key("attention.head_count"),
+            n_heads,
+            "must divide embedding_length",
+        ));
+    }
+    if n_heads % n_kv_heads != 0 {
+        return Err(bad(
+            &key("attention.head_count_kv"),
+            n_kv_heads,
+            "must divide attention.head_count",
+        ));
+    }
+    let head_dim = d_model / n_heads;
+    if head_dim % 4 != 0 {
+        return Err(bad(
+            &key("attention.head_count"),
+            n_heads,
+            "the head dimension must be a multiple of 4",
+        ));
+    }
+    if gguf.get(&key("rope.dimension_count")).is_some() {
+        let rope_dims = get("rope.dimension_count")?;
+        if rope_dims != head_dim {
+            return Err(bad(
+                &key("rope.dimension_count"),
+                rope_dims,
+                "partial rotary embedding is not supported",
+            ));
+        }
+    }
+    if let Some(v) = gguf.get(&key("rope.scaling.type")) {
+        let kind = v.as_str().unwrap_or("?");
+        if kind != "none" {
+            return Err(bad(
+                &key("rope.scaling.type"),
+                kind,
+                "rope scaling is not supported",
+            ));
+        }
+    }
+    let rope_theta = match gguf.get(&key("rope.freq_base")) {
+        Some(_) => gguf.get_f32(&key("rope.freq_base"))?,
+        None => 10000.0,
+    };
+    if !(rope_theta.is_finite() && rope_theta > 1.0) {
+        return Err(bad(
+            &key("rope.freq_base"),
+            rope_theta,
+            "must be finite and > 1",
+        ));
+    }
+    let rms_eps = gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
+    if !(rms_eps.is_finite() && rms_eps >= 0.0 && rms_eps < 1.0) {
+        return Err(bad(
+            &key("attention.layer_norm_rms_epsilon"),
+            rms_eps,
+            "must be in [0, 1)",
+        ));
+    }
+    let train_context = get("context_length")?;
+    let embd = gguf.tensor("token_embd.weight")?;
+    let vocab = match embd.dims[..] {
+        [_, v] if v > 0 && v <= u32::MAX as u64 => v as u32,
+        _ => {
+            return Err(FrontendError::BadTensorShape {
+                tensor: embd.name.clone(),
+                expected: vec![d_model as u64, 0],
+                found: embd.dims.clone(),
+            })
+        }
+    };
+    if let Some(v) = gguf.get(&key("vocab_size")) {
+        let declared = v.as_integer().unwrap_or(-1);
+        if declared != vocab as i128 {
+            return Err(bad(
+                &key("vocab_size"),
+                declared,
+                &format!("token_embd.weight has {vocab} rows"),
+            ));
+        }
+    }
+    let tied_embedding = gguf.tensor("output.weight").is_err();
+    Ok(Hyperparameters {
+        architecture: arch,
+        n_layers,
+        d_model,
+        d_ff,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        vocab,
+        rope_theta,
+        rms_eps,
+        train_context,
+        tied_embedding,
+    })
+}
+
+struct Builder<'a> {
+    gguf: &'a GgufFile,
+    graph: Graph,
+    weights: Vec<Vec<u8>>,
+}
+
+impl Builder<'_> {
+    /// Adds the tensor `name` as a weight after checking its GGUF dims (`dims[0]` contiguous).
+    fn weight(&mut self, name: &str, dims: &[u64]) -> Result<WeightId, FrontendError> {
+        let info = self.gguf.tensor(name)?;
+        if info.dims != dims {
+            return Err(FrontendError::BadTensorShape {
+                tensor: name.into(),
+                expected: dims.to_vec(),
+                found: info.dims.clone(),
+            });
+        }
+        let format =
+            info.ggml_type
+                .quant_format()
+                .ok_or_else(|| FrontendError::UnsupportedTensorType {
+                    tensor: name.into(),
+                    ggml_type: info.ggml_type.name().to_string(),
+                })?;
+        let shape = dims.iter().rev().map(|&d| d as u32).collect();
+        self.weights.push(self.gguf.tensor_data(info).to_vec());
+        Ok(self.graph.add_weight(name, format, shape))
+    }
+
+    fn node(&mut self, op: Op, dtype: DType, n: u32) -> ValueId {
+        self.graph.push(op, TensorType::rows(dtype, n))
+    }
+}
+
+/// Lowers a Llama-family GGUF to IR for a KV cache of `context` positions.
+///
+/// The graph takes token ids (`input 0 : i32[seq]`) and returns the logits of every row
+/// (`f32[seq, vocab]`).
+pub fn lower(gguf: &GgufFile, name: &str, context: u32) -> Result<LoweredModel, FrontendError> {
+    let hp = hyperparameters(gguf)?;
+    if context == 0 || context > MAX_CONTEXT {
+        return Err(FrontendError::BadContext {
+            requested: context,
+            reason: format!("must be in 1..={MAX_CONTEXT}"),
+        });
+    }
+    if context > hp.train_context {
+        return Err(FrontendError::BadContext {
+            requested: context,
+            reason: format!("the model was trained for {} positions", hp.train_context),
+        });
+    }
+    let (d, ff, kv) = (
+        hp.d_model as u64,
+        hp.d_ff as u64,
+        (hp.n_kv_heads * hp.head_dim) as u64,
+    );
+    let mut b = Builder {
+        gguf,
+        graph: Graph::new(name, context),
+        weights: vec![],
+    };
+    let embd = b.weight("token_embd.weight", &[d, hp.vocab as u64])?;
+    let ids = b
+        .graph
+        .push(Op::Input { index: 0 }, TensorType::seq(DType::I32));
+    let mut x = b.node(Op::Embed { ids, table: embd }, DType::F32, hp.d_model);
+    let eps = hp.rms_eps;
+    for l in 0..hp.n_layers {
+        let t = |s: &str| format!("blk.{l}.{s}.weight");
+        let attn_norm = b.weight(&t("attn_norm"), &[d])?;
+        let wq = b.weight(&t("attn_q"), &[d, d])?;
+        let wk = b.weight(&t("attn_k"), &[d, kv])?;
+        let wv = b.weight(&t("attn_v"), &[d, kv])?;
+        let wo = b.weight(&t("attn_output"), &[d, d])?;
+        let ffn_norm = b.weight(&t("ffn_norm"), &[d])?;
+        let gate = b.weight(&t("ffn_gate"), &[d, ff])?;
+        let up = b.weight(&t("ffn_up"), &[d, ff])?;
+        let down = b.weight(&t("ffn_down"), &[ff, d])?;
+
+        // (seq, d_model) -> attention -> (seq, d_model), added to the residual stream.
+        let h = b.node(
+            Op::RmsNorm {
+                x,
+                weight: attn_norm,
+                eps,
+                quantize: false,
+            },
+            DType::F32,
+            hp.d_model,
+        );
+        let q = b.node(
+            Op::MatMul {
+                x: h,
+                weight: wq,
+                epilogue: Epilogue::None,
+            },
+            DType::F32,
+            hp.d_model,
+        );
+        let k = b.node(
+            Op::MatMul {
+                x: h,
+                weight: wk,
+                epilogue: Epilogue::None,
+            },
+            DType::F32,
+            kv as u32,
+        );
+        let v = b.node(
+            Op::MatMul {
+                x: h,
+                weight: wv,
+                epilogue: Epilogue::None,
+            },
+            DType::F32,
+            kv as u32,
+        );
+        let (hd, theta) = (hp.head_dim, hp.rope_theta);
+        let q = b.node(
+            Op::Rope {
+                x: q,
+                head_dim: hd,
+                theta,
+            },
+            DType::F32,
+            hp.d_model,
+        );
+        let k = b.node(
+            Op::Rope {
+                x: k,
+                head_dim: hd,
+                theta,
+            },
+            DType::F32,
+            kv as u32,
+        );
+        let attn = Op::Attention {
+            q,
+            k,
+            v,
+            layer: l,
+            n_heads: hp.n_heads,
+            n_kv_heads: hp.n_kv_heads,
+            head_dim: hd,
+        };
+        let a = b.node(attn, DType::F32, hp.d_model);
+        let o = b.node(
+            Op::MatMul {
+                x: a,
+                weight: wo,
+                epilogue: Epilogue::None,
+            },
+            DType::F32,
+            hp.d_model,
+        );
+        x = b.node(Op::Add { a: x, b: o }, DType::F32, hp.d_model);
+
+        // (seq, d_model) -> SwiGLU MLP (seq, d_ff) -> (seq, d_model), added to the residual.
+        let h = b.node(
+            Op::RmsNorm {
+                x,
+                weight: ffn_norm,
+                eps,
+                quantize: false,
+            },
+            DType::F32,
+            hp.d_model,
+        );
+        let g = b.node(
+            Op::MatMul {
+                x: h,
+                weight: gate,
+                epilogue: Epilogue::None,
+            },
+            DType::F32,
+            hp.d_ff,
+        );
+        let g = b.node(Op::Silu { x: g }, DType::F32, hp.d_ff);
+        let u = b.node(
+            Op::MatMul {
+                x: h,
+                weight: up,
+                epilogue: Epilogue::None,
+            },
+            DType::F32,
+            hp.d_ff,
+        );
+        let m = b.node(Op::Mul { a: g, b: u }, DType::F32, hp.d_ff);
+        let down = b.node(
+            Op::MatMul {
+                x: m,
+                weight: down,
+                epilogue: Epilogue::None,
+            },
+            DType::F32,
+            hp.d_model,
+        );
+        x = b.node(Op::Add { a: x, b: down }, DType::F32, hp.d_model);
+    }
+    let out_norm = b.weight("output_norm.weight", &[d])?;
+    let x = b.node(
+        Op::RmsNorm {
+            x,
+            weight: out_norm,
+            eps,
+            quantize: false,
+        },
+        DType::F32,
+        hp.d_model,
+    );
+    let head = if hp.tied_embedding {
+        embd
+    } else {
+        b.weight("output.weight", &[d, hp.vocab as u64])?
+    };
+    let logits = b.node(
+        Op::MatMul {
+            x,
+            weight: head,
+            epilogue: Epilogue::None,
+        },
+        DType::F32,
+        hp.vocab,
+    );
+    b.graph.outputs.push(logits);
+    Ok(LoweredModel {
+        graph: b.graph,
+        weights: b.weights,
+        hyper: hp,
+    })
+}

@@ -1,0 +1,127 @@
+//! kiln's compiler: reads a model file, lowers it to the tensor IR, runs the pass pipeline,
+//! packs the weights for the target and generates a static model library with Cranelift.
+//!
+//! The entry point is [`bundle::build_model`], which writes a bundle directory; the pieces
+//! ([`compile`] for a graph, [`gguf`], [`frontend`], [`passes`], [`pack`], [`codegen`]) are
+//! public for tests and tools.
+
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod codegen;
+pub mod frontend;
+pub mod gguf;
+pub mod pack;
+pub mod passes;
+pub mod tokenizer_json;
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use ir::Graph;
+use targets::Target;
+
+/// Options of [`compile`].
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    /// Most tokens one call of the compiled `run` may evaluate.
+    pub batch: u32,
+    pub embed_weights: bool,
+    pub pipeline: passes::PipelineOptions,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            batch: 512,
+            embed_weights: true,
+            pipeline: Default::default(),
+        }
+    }
+}
+
+/// A compiled graph: the object file, the packed weights and what the build measured.
+pub struct Compiled {
+    pub object: Vec<u8>,
+    pub weights: Vec<u8>,
+    pub arena_bytes: u64,
+    pub kv_bytes: u64,
+    pub n_kernels: usize,
+    /// The graph after the pipeline, in textual form.
+    pub final_ir: String,
+    pub timings: Vec<(String, Duration)>,
+}
+
+/// Why compiling a graph failed.
+#[derive(Debug)]
+pub enum CompileError {
+    /// The graph broke an IR invariant: a bug in the frontend or in a pass.
+    Verifier(ir::verify::VerifierErrors),
+    Codegen(codegen::CodegenError),
+    BadOption(String),
+}
+
+impl fmt::Display for CompileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CompileError::Verifier(e) => write!(f, "invalid IR (a kiln bug):\n{e}"),
+            CompileError::Codegen(e) => write!(f, "{e}"),
+            CompileError::BadOption(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for CompileError {}
+
+/// Compiles `graph` (with raw weights `weights`, indexed by weight id) for `target`.
+pub fn compile(
+    mut graph: Graph,
+    weights: &[Vec<u8>],
+    target: &dyn Target,
+    opts: &CompileOptions,
+) -> Result<Compiled, CompileError> {
+    if opts.batch == 0 || opts.batch > 65536 {
+        return Err(CompileError::BadOption(format!(
+            "batch {} must be in 1..=65536",
+            opts.batch
+        )));
+    }
+    let mut timings = vec![];
+    let (info, report) =
+        passes::run_pipeline(&mut graph, target, &opts.pipeline).map_err(CompileError::Verifier)?;
+    timings.extend(
+        report
+            .pass_times
+            .into_iter()
+            .map(|(n, d)| (format!("pass {n}"), d)),
+    );
+    let start = Instant::now();
+    let plan = passes::plan_memory::plan(&graph, &info, opts.batch);
+    timings.push(("plan memory".into(), start.elapsed()));
+    let start = Instant::now();
+    let packed = pack::pack(&graph, weights);
+    timings.push(("pack weights".into(), start.elapsed()));
+    let start = Instant::now();
+    let emitted = codegen::emit(
+        &graph,
+        &info,
+        &plan,
+        &packed,
+        target,
+        &codegen::CodegenOptions {
+            embed_weights: opts.embed_weights,
+        },
+    )
+    .map_err(CompileError::Codegen)?;
+    timings.push(("codegen".into(), start.elapsed()));
+    let kv_bytes = info.kv_layers as u64 * 2 * graph.context as u64 * info.kv_width as u64 * 4;
+    Ok(Compiled {
+        object: emitted.object,
+        weights: packed.blob,
+        arena_bytes: plan.arena_bytes,
+        kv_bytes,
+        n_kernels: emitted.n_kernels,
+        final_ir: graph.to_string(),
+        timings,
+    })
+}

@@ -1,0 +1,91 @@
+/* kiln runtime C API: chat sessions on a compiled kiln model library.
+ *
+ * Link order: your objects, the model's libkiln_model.a, then libruntime.a, then
+ * -lpthread -ldl -lm. Every function reports failure by its return value; the message of
+ * the last failure on the calling thread is kiln_last_error().
+ */
+#ifndef KILN_H
+#define KILN_H
+
+#ifndef KILN_ABI_H
+#define KILN_ABI_H
+#include <stdint.h>
+
+#define KILN_ABI_VERSION 1
+#define KILN_MAX_IO 8
+#define KILN_DTYPE_I32 0
+#define KILN_DTYPE_F32 1
+
+struct kiln_ctx;
+/* A kernel task: runs its share `ith` of `nth` of one kernel. */
+typedef void (*kiln_task_fn)(const struct kiln_ctx *ctx, int64_t ith, int64_t nth);
+/* Runs task(ctx, ith, nth) for every ith in 0..nth on a thread pool and waits. */
+typedef void (*kiln_parallel_for_fn)(void *pool, kiln_task_fn task, const struct kiln_ctx *ctx);
+
+/* The argument of a model's run function, filled in by the runtime. */
+struct kiln_ctx {
+    uint8_t *arena;            /* activation arena, desc->arena_bytes, 64-byte aligned */
+    const uint8_t *weights;    /* packed weights, desc->weights_bytes */
+    float *kv_cache;           /* desc->kv_bytes, zeroed at start */
+    void *const *io;           /* inputs then outputs, rows of desc->io_width values */
+    int64_t n_tokens;          /* 1..=desc->batch */
+    int64_t pos;               /* position of the first token; pos + n_tokens <= context */
+    int64_t out_start;         /* outputs are computed for rows out_start..n_tokens only */
+    kiln_parallel_for_fn parallel_for;
+    void *pool;
+};
+
+/* What a compiled model library exports (as `kiln_model`). */
+struct kiln_model_desc {
+    uint32_t abi_version;
+    uint32_t n_inputs;
+    uint32_t n_outputs;
+    uint32_t batch;            /* most tokens per run call */
+    uint32_t context;          /* KV cache positions */
+    uint32_t kv_layers;
+    uint32_t kv_width;         /* floats per position per layer, for keys and for values */
+    uint32_t reserved;
+    uint64_t arena_bytes;
+    uint64_t kv_bytes;
+    uint64_t weights_bytes;
+    uint64_t weights_checksum; /* FNV-1a 64 of the packed weights */
+    const uint8_t *weights;    /* embedded weights, or NULL when they ship as weights.bin */
+    void (*run)(const struct kiln_ctx *ctx);
+    uint32_t io_dtype[KILN_MAX_IO];
+    uint32_t io_width[KILN_MAX_IO];
+};
+
+#endif /* KILN_ABI_H */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kiln_session kiln_session;
+
+/* Called with each piece of generated text (NUL-terminated UTF-8). */
+typedef void (*kiln_text_fn)(const char *piece, void *user);
+
+/* The message of the last failed call on this thread (never NULL). */
+const char *kiln_last_error(void);
+
+/* Opens a chat session on a linked model (&kiln_model) and its bundle directory (for
+ * manifest.json, tokenizer.json and weights.bin). n_threads <= 0 picks 2. NULL on failure. */
+kiln_session *kiln_session_new(const struct kiln_model_desc *model, const char *bundle_dir, int n_threads);
+
+/* Frees a session; NULL is ignored. */
+void kiln_session_free(kiln_session *session);
+
+/* Forgets the conversation. */
+void kiln_session_reset(kiln_session *session);
+
+/* One chat turn: appends user_message, streams the reply to on_text (may be NULL).
+ * temperature 0 decodes greedily. Returns the number of generated tokens, or -1. */
+int kiln_session_chat(kiln_session *session, const char *user_message, int max_tokens,
+                      float temperature, uint64_t seed, kiln_text_fn on_text, void *user);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KILN_H */

@@ -1,0 +1,407 @@
+//! A language-model session: a compiled library whose graph maps token ids (`i32[seq]`) to
+//! logits (`f32[seq, vocab]`), with its bundle's manifest, tokenizer and chat template.
+//!
+//! The session keeps the tokens held by the KV cache; a new chat turn re-renders the whole
+//! conversation with the model's template and evaluates only what differs from the cache.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::chat_template::{ChatTemplate, Message};
+use crate::program::{Input, ModelDesc, Program, ProgramError, DTYPE_F32, DTYPE_I32};
+use crate::sampling::{Sampler, SamplerConfig};
+use crate::tokenizer::Tokenizer;
+
+/// The parts of a bundle's `manifest.json` the runtime reads.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Manifest {
+    pub model: ManifestModel,
+    pub tokenizer: ManifestTokenizer,
+    pub files: ManifestFiles,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ManifestModel {
+    pub name: String,
+    pub vocab: u32,
+    pub context: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ManifestTokenizer {
+    pub bos_token: String,
+    pub eos_token: String,
+    pub add_bos: bool,
+    pub bos_id: u32,
+    /// Token ids that end a reply.
+    pub stop_ids: Vec<u32>,
+    pub chat_template: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ManifestFiles {
+    pub tokenizer: String,
+    /// `weights.bin` when the weights are not embedded in the library.
+    pub weights: Option<String>,
+}
+
+/// Errors of a session; their messages are meant for the user.
+#[derive(Debug)]
+pub enum SessionError {
+    Bundle(String),
+    Program(ProgramError),
+    Tokenizer(String),
+    Template(String),
+    TokenOutOfRange { id: u32, vocab: u32 },
+    ContextFull { needed: usize, context: usize },
+    EmptyPrompt,
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionError::Bundle(m) => write!(f, "bundle: {m}"),
+            SessionError::Program(e) => write!(f, "{e}"),
+            SessionError::Tokenizer(m) => write!(f, "tokenizer: {m}"),
+            SessionError::Template(m) => write!(f, "chat template: {m}"),
+            SessionError::TokenOutOfRange { id, vocab } => {
+                write!(f, "token id {id} is out of range (vocabulary of {vocab})")
+            }
+            SessionError::ContextFull { needed, context } => {
+                write!(f, "the prompt needs {needed} positions but the model was compiled for a context of {context}")
+            }
+            SessionError::EmptyPrompt => write!(f, "the prompt is empty"),
+        }
+    }
+}
+
+impl std::error::Error for SessionError {}
+
+impl From<ProgramError> for SessionError {
+    fn from(e: ProgramError) -> Self {
+        SessionError::Program(e)
+    }
+}
+
+/// Timings of one generation.
+#[derive(Clone, Debug, Default)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually evaluated (the rest were already in the cache).
+    pub evaluated_prompt_tokens: usize,
+    pub prefill_time: Duration,
+    pub generated_tokens: usize,
+    pub decode_time: Duration,
+    pub stopped_by: StopReason,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StopReason {
+    #[default]
+    StopToken,
+    MaxTokens,
+    ContextFull,
+}
+
+/// A language-model session.
+pub struct Session {
+    program: Program,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    manifest: Manifest,
+    /// Tokens whose keys and values are in the cache, in order.
+    cached: Vec<u32>,
+    messages: Vec<Message>,
+}
+
+fn read_manifest(dir: &Path) -> Result<Manifest, SessionError> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| SessionError::Bundle(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| SessionError::Bundle(format!("{}: {e}", path.display())))
+}
+
+impl Session {
+    /// Opens a session on a library linked into this program and its bundle directory.
+    pub fn open(
+        desc: &'static ModelDesc,
+        bundle: &Path,
+        n_threads: usize,
+    ) -> Result<Self, SessionError> {
+        let manifest = read_manifest(bundle)?;
+        let weights = manifest.files.weights.as_ref().map(|w| bundle.join(w));
+        let program = Program::new(desc, weights.as_deref(), n_threads)?;
+        Self::from_program(program, bundle, manifest)
+    }
+
+    /// Opens a session on a library built as a shared object (`cc -shared`).
+    pub fn open_shared(
+        library: &Path,
+        bundle: &Path,
+        n_threads: usize,
+    ) -> Result<Self, SessionError> {
+        let manifest = read_manifest(bundle)?;
+        let weights = manifest.files.weights.as_ref().map(|w| bundle.join(w));
+        let program = Program::load_shared(library, weights.as_deref(), n_threads)?;
+        Self::from_program(program, bundle, manifest)
+    }
+
+    fn from_program(
+        program: Program,
+        bundle: &Path,
+        manifest: Manifest,
+    ) -> Result<Self, SessionError> {
+        let d = program.desc();
+        let lm_shaped = d.n_inputs == 1
+            && d.n_outputs == 1
+            && d.io_dtype[0] == DTYPE_I32
+            && d.io_dtype[1] == DTYPE_F32
+            && d.io_width[1] == manifest.model.vocab;
+        if !lm_shaped || d.context != manifest.model.context {
+            return Err(SessionError::Bundle(
+                "the library does not match manifest.json (tokens in, logits out, same context)"
+                    .into(),
+            ));
+        }
+        let tok_path: PathBuf = bundle.join(&manifest.files.tokenizer);
+        let tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        let template = match &manifest.tokenizer.chat_template {
+            Some(src) => Some(
+                ChatTemplate::new(
+                    src,
+                    &manifest.tokenizer.bos_token,
+                    &manifest.tokenizer.eos_token,
+                )
+                .map_err(|e| SessionError::Template(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Session {
+            program,
+            tokenizer,
+            template,
+            manifest,
+            cached: vec![],
+            messages: vec![],
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.manifest.model.vocab as usize
+    }
+
+    pub fn context(&self) -> usize {
+        self.manifest.model.context as usize
+    }
+
+    /// Forgets the conversation and clears the cache.
+    pub fn reset(&mut self) {
+        self.program.reset();
+        self.cached.clear();
+        self.messages.clear();
+    }
+
+    /// Tokens currently held by the KV cache.
+    pub fn cached_tokens(&self) -> &[u32] {
+        &self.cached
+    }
+
+    /// Evaluates `tokens` after the cached ones and returns logits: of every token when
+    /// `all_logits` (`[n, vocab]`), else of the last one (`[vocab]`).
+    pub fn eval(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, SessionError> {
+        if tokens.is_empty() {
+            return Err(SessionError::EmptyPrompt);
+        }
+        let vocab = self.vocab();
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(SessionError::TokenOutOfRange {
+                id,
+                vocab: vocab as u32,
+            });
+        }
+        let needed = self.cached.len() + tokens.len();
+        if needed > self.context() {
+            return Err(SessionError::ContextFull {
+                needed,
+                context: self.context(),
+            });
+        }
+        let batch = self.program.desc().batch as usize;
+        let mut out = Vec::with_capacity(if all_logits {
+            tokens.len() * vocab
+        } else {
+            vocab
+        });
+        let mut chunk_logits = vec![0.0f32; batch * vocab];
+        for chunk in tokens.chunks(batch) {
+            let n = chunk.len();
+            let is_last = chunk.as_ptr_range().end == tokens.as_ptr_range().end;
+            let out_start = if all_logits {
+                0
+            } else if is_last {
+                n - 1
+            } else {
+                n
+            };
+            let ids: Vec<i32> = chunk.iter().map(|&t| t as i32).collect();
+            let logits = &mut chunk_logits[..n * vocab];
+            self.program.run(
+                &[Input::I32(&ids)],
+                &mut [logits],
+                n,
+                self.cached.len(),
+                out_start,
+            )?;
+            self.cached.extend_from_slice(chunk);
+            out.extend_from_slice(&chunk_logits[out_start * vocab..n * vocab]);
+        }
+        Ok(out)
+    }
+
+    /// Drops cached tokens after the first `keep`.
+    fn truncate_cache(&mut self, keep: usize) {
+        self.cached.truncate(keep);
+    }
+
+    /// Tokenizes `text`, parsing special tokens such as `<|im_start|>`.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, SessionError> {
+        let mut ids = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        if self.manifest.tokenizer.add_bos && ids.first() != Some(&self.manifest.tokenizer.bos_id) {
+            ids.insert(0, self.manifest.tokenizer.bos_id);
+        }
+        Ok(ids)
+    }
+
+    /// Renders `messages` with the model's chat template, ending with the assistant's turn.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String, SessionError> {
+        match &self.template {
+            Some(t) => t
+                .render(messages, true)
+                .map_err(|e| SessionError::Template(e.to_string())),
+            None => Ok(messages
+                .iter()
+                .map(|m| format!("{}: {}\n", m.role, m.content))
+                .collect::<String>()
+                + "assistant: "),
+        }
+    }
+
+    /// Continues from `prompt` (token ids), reusing the longest cached prefix, sampling up
+    /// to `max_tokens` tokens and passing each decoded piece of text to `on_text`.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &SamplerConfig,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<(Vec<u32>, GenerationStats), SessionError> {
+        if prompt.is_empty() {
+            return Err(SessionError::EmptyPrompt);
+        }
+        if prompt.len() > self.context() {
+            return Err(SessionError::ContextFull {
+                needed: prompt.len(),
+                context: self.context(),
+            });
+        }
+        let mut sampler =
+            Sampler::new(sampler.clone()).map_err(|e| SessionError::Bundle(e.to_string()))?;
+        // Reuse the cached prefix, but always evaluate at least the last prompt token.
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
+        self.truncate_cache(common);
+        let mut stats = GenerationStats {
+            prompt_tokens: prompt.len(),
+            evaluated_prompt_tokens: prompt.len() - common,
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let mut logits = self.eval(&prompt[common..], false)?;
+        stats.prefill_time = start.elapsed();
+        let mut history: Vec<u32> = prompt.to_vec();
+        let mut generated = vec![];
+        let mut decoder = self.tokenizer.stream_decoder(true);
+        let start = Instant::now();
+        loop {
+            if generated.len() >= max_tokens {
+                stats.stopped_by = StopReason::MaxTokens;
+                break;
+            }
+            let next = sampler.sample(&logits, &history);
+            if self.manifest.tokenizer.stop_ids.contains(&next) {
+                stats.stopped_by = StopReason::StopToken;
+                break;
+            }
+            generated.push(next);
+            history.push(next);
+            let piece = decoder
+                .push(next)
+                .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+            if !piece.is_empty() {
+                on_text(&piece);
+            }
+            if self.cached.len() >= self.context() {
+                stats.stopped_by = StopReason::ContextFull;
+                break;
+            }
+            logits = self.eval(&[next], false)?;
+        }
+        let rest = decoder
+            .finish()
+            .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        stats.decode_time = start.elapsed();
+        stats.generated_tokens = generated.len();
+        Ok((generated, stats))
+    }
+
+    /// One chat turn: adds `user` to the conversation, generates the assistant's reply with
+    /// the model's template, streams it to `on_text`, and returns it.
+    pub fn chat(
+        &mut self,
+        user: &str,
+        max_tokens: usize,
+        sampler: &SamplerConfig,
+        on_text: impl FnMut(&str),
+    ) -> Result<(String, GenerationStats), SessionError> {
+        let mut messages = self.messages.clone();
+        messages.push(Message::user(user));
+        let prompt = self.render_chat(&messages)?;
+        let ids = self.tokenize(&prompt)?;
+        let (reply_ids, stats) = self.generate(&ids, max_tokens, sampler, on_text)?;
+        let reply = self
+            .tokenizer
+            .decode_with(&reply_ids, true)
+            .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        messages.push(Message::assistant(reply.clone()));
+        self.messages = messages;
+        Ok((reply, stats))
+    }
+}

@@ -1,0 +1,232 @@
+//! Helpers shared by the integration tests: random weights, compiling a graph into a shared
+//! object the runtime can load, and comparing outputs with a stated tolerance.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use compiler::{compile, CompileOptions, Compiled};
+use ir::quant::quantize_row;
+use ir::{Graph, QuantFormat};
+
+/// A small deterministic PRNG (SplitMix64), so tests need no extra crates and are repeatable.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+/// Random bytes for every weight of `graph`, quantized to its format from values in
+/// `[-scale, scale)` (norm weights around 1).
+pub fn random_weights(graph: &Graph, rng: &mut Rng, scale: f32) -> Vec<Vec<u8>> {
+    graph
+        .weights
+        .iter()
+        .map(|w| {
+            let cols = *w.shape.last().unwrap() as usize;
+            let rows = (w.n_values() as usize) / cols;
+            let mut bytes = vec![];
+            for _ in 0..rows {
+                let values: Vec<f32> = if w.shape.len() == 1 {
+                    (0..cols).map(|_| 1.0 + 0.5 * rng.uniform()).collect()
+                } else {
+                    rng.vec(cols, scale)
+                };
+                bytes.extend(quantize_row(w.format, &values));
+            }
+            bytes
+        })
+        .collect()
+}
+
+/// A scratch directory under the target dir, unique per test name.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/kiln-tests")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Links an object file into a shared object with the system C compiler.
+pub fn link_shared(object: &Path, out: &Path) {
+    let status = Command::new("cc")
+        .arg("-shared")
+        .arg("-o")
+        .arg(out)
+        .arg(object)
+        .status()
+        .expect("run cc");
+    assert!(
+        status.success(),
+        "cc -shared failed for {}",
+        object.display()
+    );
+}
+
+/// Compiles `graph` for the host target and links it into `dir/model.so`.
+pub fn compile_to_shared(
+    graph: &Graph,
+    weights: &[Vec<u8>],
+    opts: &CompileOptions,
+    dir: &Path,
+) -> (Compiled, PathBuf) {
+    let target = targets::lookup(targets::host_triple().expect("a supported host")).unwrap();
+    let compiled = compile(graph.clone(), weights, target.as_ref(), opts)
+        .unwrap_or_else(|e| panic!("compile failed: {e}"));
+    let obj = dir.join("model.o");
+    std::fs::write(&obj, &compiled.object).unwrap();
+    let so = dir.join("model.so");
+    link_shared(&obj, &so);
+    if !opts.embed_weights {
+        std::fs::write(dir.join("weights.bin"), &compiled.weights).unwrap();
+    }
+    (compiled, so)
+}
+
+/// Largest absolute difference, and the largest magnitude of the reference.
+pub fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(
+            0.0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        );
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    (diff, scale)
+}
+
+/// Index of the largest value (first on ties).
+pub fn argmax(xs: &[f32]) -> usize {
+    xs.iter()
+        .enumerate()
+        .fold(0, |best, (i, &x)| if x > xs[best] { i } else { best })
+}
+
+/// Shape of a synthetic Llama model.
+#[derive(Clone, Debug)]
+pub struct TinyLlama {
+    pub n_layers: u32,
+    pub d_model: u32,
+    pub d_ff: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub vocab: u32,
+    pub context: u32,
+    /// Format of the matrices (norms are f32, the embedding is Q8_0 and tied when `tied`).
+    pub format: QuantFormat,
+    pub tied: bool,
+}
+
+fn ggml_type(f: QuantFormat) -> compiler::gguf::GgmlType {
+    use compiler::gguf::GgmlType;
+    match f {
+        QuantFormat::F32 => GgmlType::F32,
+        QuantFormat::F16 => GgmlType::F16,
+        QuantFormat::Q4_0 => GgmlType::Q4_0,
+        QuantFormat::Q4_1 => GgmlType::Q4_1,
+        QuantFormat::Q8_0 => GgmlType::Q8_0,
+    }
+}
+
+/// A complete GGUF file of a random Llama model (no tokenizer metadata).
+pub fn tiny_llama_gguf(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
+    use compiler::gguf::{GgufWriter, MetaValue};
+    let mut w = GgufWriter::new();
+    w.add_meta("general.architecture", MetaValue::String("llama".into()));
+    for (k, v) in [
+        ("block_count", cfg.n_layers),
+        ("embedding_length", cfg.d_model),
+        ("feed_forward_length", cfg.d_ff),
+        ("attention.head_count", cfg.n_heads),
+        ("attention.head_count_kv", cfg.n_kv_heads),
+        ("context_length", cfg.context),
+        ("rope.dimension_count", cfg.d_model / cfg.n_heads),
+    ] {
+        w.add_meta(&format!("llama.{k}"), MetaValue::U32(v));
+    }
+    w.add_meta("llama.rope.freq_base", MetaValue::F32(10000.0));
+    w.add_meta(
+        "llama.attention.layer_norm_rms_epsilon",
+        MetaValue::F32(1e-5),
+    );
+    let (d, ff) = (cfg.d_model as u64, cfg.d_ff as u64);
+    let kv = (cfg.n_kv_heads * (cfg.d_model / cfg.n_heads)) as u64;
+    let mut add =
+        |w: &mut GgufWriter, name: &str, dims: &[u64], format: QuantFormat, scale: f32| {
+            let (cols, rows) = (dims[0] as usize, dims.get(1).copied().unwrap_or(1) as usize);
+            let mut bytes = vec![];
+            for _ in 0..rows {
+                let values: Vec<f32> = if dims.len() == 1 {
+                    (0..cols).map(|_| 1.0 + 0.3 * rng.uniform()).collect()
+                } else {
+                    rng.vec(cols, scale)
+                };
+                bytes.extend(quantize_row(format, &values));
+            }
+            w.add_tensor(name, dims, ggml_type(format), &bytes);
+        };
+    add(
+        &mut w,
+        "token_embd.weight",
+        &[d, cfg.vocab as u64],
+        QuantFormat::Q8_0,
+        1.0,
+    );
+    let s = 1.0 / (d as f32).sqrt() * 1.7;
+    for l in 0..cfg.n_layers {
+        let t = |n: &str| format!("blk.{l}.{n}.weight");
+        add(&mut w, &t("attn_norm"), &[d], QuantFormat::F32, 0.0);
+        add(&mut w, &t("attn_q"), &[d, d], cfg.format, s);
+        add(&mut w, &t("attn_k"), &[d, kv], cfg.format, s);
+        add(&mut w, &t("attn_v"), &[d, kv], cfg.format, s);
+        add(&mut w, &t("attn_output"), &[d, d], cfg.format, s);
+        add(&mut w, &t("ffn_norm"), &[d], QuantFormat::F32, 0.0);
+        add(&mut w, &t("ffn_gate"), &[d, ff], cfg.format, s);
+        add(&mut w, &t("ffn_up"), &[d, ff], cfg.format, s);
+        add(
+            &mut w,
+            &t("ffn_down"),
+            &[ff, d],
+            cfg.format,
+            1.0 / (ff as f32).sqrt() * 1.7,
+        );
+    }
+    add(&mut w, "output_norm.weight", &[d], QuantFormat::F32, 0.0);
+    if !cfg.tied {
+        add(
+            &mut w,
+            "output.weight",
+            &[d, cfg.vocab as u64],
+            cfg.format,
+            s,
+        );
+    }
+    w.finish()
+}

@@ -1,1 +1,362 @@
-fn main() {}
+//! `cargo xtask`: build a model bundle, chat with it, run it, benchmark it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use compiler::bundle::{build_model, BuildOptions, Stage};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "kiln: compile LLMs ahead of time")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightsMode {
+    /// In the library's read-only data.
+    Embedded,
+    /// In the bundle's weights.bin, read at session start.
+    File,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compiles a GGUF model into a bundle (default: fetch SmolLM2-135M-Instruct Q4_1, host target).
+    BuildModel {
+        /// The GGUF file; default: the cached SmolLM2-135M-Instruct Q4_1 (fetched on first use).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        target: Option<String>,
+        /// Output bundle directory (default: bundles/<target>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// KV cache positions.
+        #[arg(long, default_value_t = 2048)]
+        context: u32,
+        /// Most tokens per call (prefill chunk).
+        #[arg(long, default_value_t = 512)]
+        batch: u32,
+        #[arg(long, value_enum, default_value_t = WeightsMode::Embedded)]
+        weights: WeightsMode,
+        /// Print the IR after a pass (or `all`).
+        #[arg(long)]
+        dump_after: Vec<String>,
+    },
+    /// Downloads (once) and prints the path of the default model.
+    FetchModel,
+    /// Builds examples/chat against a bundle and chats (one PROMPT, or interactive).
+    Chat {
+        #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
+        bundle: PathBuf,
+        prompt: Option<String>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Extra arguments for the chat app (e.g. `-- --temperature 0 --stats`).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
+    /// Evaluates `--tokens` (optionally `--dump-logits OUT.npy`) or completes `--prompt`.
+    Run {
+        #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
+        bundle: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long)]
+        tokens: Option<String>,
+        #[arg(long)]
+        dump_logits: Option<PathBuf>,
+        #[arg(long)]
+        prompt: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+    },
+    /// Prefill (128, 512) and decode (128) tokens/s with 1 and 2 threads, next to llama.cpp.
+    Bench {
+        #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
+        bundle: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value = "128,512")]
+        prefill: String,
+        #[arg(long, default_value_t = 128)]
+        decode: usize,
+        /// The GGUF to run llama.cpp on (llama-cpp-python); default: the bundle's source model
+        /// when it is the default model. `none` skips llama.cpp.
+        #[arg(long)]
+        llama_cpp: Option<String>,
+    },
+    /// Builds examples/c-chat (C, against the runtime's static library) and asks it PROMPT.
+    CChat {
+        #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
+        bundle: PathBuf,
+        prompt: String,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::BuildModel {
+            model,
+            target,
+            out,
+            context,
+            batch,
+            weights,
+            dump_after,
+        } => {
+            let target = match target {
+                Some(t) => t,
+                None => targets::host_triple()
+                    .context("no kiln target for this host; pass --target")?
+                    .to_string(),
+            };
+            targets::lookup(&target)?;
+            let model = match model {
+                Some(m) => m,
+                None => xtask::fetch_default_model(true)?,
+            };
+            let out = out.unwrap_or_else(|| PathBuf::from("bundles").join(&target));
+            let opts = BuildOptions {
+                model,
+                target: target.clone(),
+                out,
+                context,
+                batch,
+                embed_weights: matches!(weights, WeightsMode::Embedded),
+                dump_after,
+            };
+            let bar = ProgressBar::new(Stage::ALL.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap(),
+            );
+            bar.enable_steady_tick(Duration::from_millis(100));
+            let start = Instant::now();
+            let report = build_model(&opts, &mut |stage| {
+                bar.set_position(Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0) as u64);
+                bar.set_message(stage.name());
+            });
+            bar.finish_and_clear();
+            let report = report?;
+            println!(
+                "built {} for {target} in {:.2} s",
+                report.out.display(),
+                start.elapsed().as_secs_f64()
+            );
+            for (name, d) in &report.stage_times {
+                println!("  {name:<28} {:>8.1} ms", d.as_secs_f64() * 1e3);
+            }
+            println!("  kernels                      {:>8}", report.n_kernels);
+            println!(
+                "  library (.a)                 {:>10}",
+                mib(report.library_bytes)
+            );
+            println!(
+                "  weights (packed)             {:>10}",
+                mib(report.weights_bytes)
+            );
+            println!(
+                "  KV cache at context {:<6}   {:>10}",
+                report.context,
+                mib(report.kv_bytes)
+            );
+            println!(
+                "  activation arena             {:>10}",
+                mib(report.arena_bytes)
+            );
+            println!(
+                "  peak memory at context       {:>10} (weights + KV + arena + logits)",
+                mib(report.peak_memory_bytes())
+            );
+        }
+        Cmd::FetchModel => println!("{}", xtask::fetch_default_model(true)?.display()),
+        Cmd::Chat {
+            bundle,
+            prompt,
+            threads,
+            rest,
+        } => {
+            let app = xtask::build_chat_app(&bundle, None)?;
+            let mut cmd = Command::new(app);
+            cmd.arg("--bundle")
+                .arg(&bundle)
+                .arg("--threads")
+                .arg(threads.to_string())
+                .arg("chat");
+            cmd.args(prompt).args(rest);
+            exit_with(cmd.status()?.code())
+        }
+        Cmd::Run {
+            bundle,
+            threads,
+            tokens,
+            dump_logits,
+            prompt,
+            max_tokens,
+            temperature,
+        } => {
+            let app = xtask::build_chat_app(&bundle, None)?;
+            let mut cmd = Command::new(app);
+            cmd.arg("--bundle")
+                .arg(&bundle)
+                .arg("--threads")
+                .arg(threads.to_string())
+                .arg("run");
+            if let Some(t) = tokens {
+                cmd.arg("--tokens").arg(t);
+            }
+            if let Some(p) = dump_logits {
+                cmd.arg("--dump-logits").arg(p);
+            }
+            if let Some(p) = prompt {
+                cmd.arg("--prompt").arg(p);
+            }
+            cmd.arg("--max-tokens")
+                .arg(max_tokens.to_string())
+                .arg("--temperature")
+                .arg(temperature.to_string());
+            exit_with(cmd.status()?.code())
+        }
+        Cmd::Bench {
+            bundle,
+            threads,
+            runs,
+            prefill,
+            decode,
+            llama_cpp,
+        } => bench(&bundle, &threads, runs, &prefill, decode, llama_cpp)?,
+        Cmd::CChat { bundle, prompt } => {
+            let app = xtask::build_c_chat(&bundle, None)?;
+            exit_with(Command::new(app).arg(&bundle).arg(prompt).status()?.code())
+        }
+    }
+    Ok(())
+}
+
+fn exit_with(code: Option<i32>) -> ! {
+    std::process::exit(code.unwrap_or(1))
+}
+
+fn bench(
+    bundle: &PathBuf,
+    threads: &[usize],
+    runs: usize,
+    prefill: &str,
+    decode: usize,
+    llama_cpp: Option<String>,
+) -> Result<()> {
+    let app = xtask::build_chat_app(bundle, None)?;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json"))?)?;
+    let gguf = match llama_cpp.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None if manifest["source"]["sha256"] == xtask::DEFAULT_MODEL_SHA256 => {
+            Some(xtask::fetch_default_model(false)?)
+        }
+        None => None,
+    };
+    let mut rows: Vec<serde_json::Value> = vec![];
+    for &t in threads {
+        let out = Command::new(&app)
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--threads")
+            .arg(t.to_string())
+            .args([
+                "bench",
+                "--json",
+                "--runs",
+                &runs.to_string(),
+                "--prefill",
+                prefill,
+                "--decode",
+                &decode.to_string(),
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "kiln bench failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        rows.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok()),
+        );
+        if let Some(g) = &gguf {
+            let script = xtask::root().join("xtask/peer/llama_cpp_bench.py");
+            let out = Command::new("python3")
+                .arg(script)
+                .arg(g)
+                .args([
+                    t.to_string(),
+                    prefill.to_string(),
+                    decode.to_string(),
+                    runs.to_string(),
+                ])
+                .output()?;
+            if out.status.success() {
+                rows.extend(
+                    String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter_map(|l| serde_json::from_str(l).ok()),
+                );
+            } else {
+                eprintln!(
+                    "llama.cpp bench skipped: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                );
+            }
+        }
+    }
+    println!(
+        "{:<8} {:>7} {:>14} {:>14} {:>9}",
+        "test", "threads", "kiln tok/s", "llama.cpp", "ratio"
+    );
+    for row in rows.iter().filter(|r| r["engine"] == "kiln") {
+        let peer = rows.iter().find(|p| {
+            p["engine"] == "llama.cpp" && p["test"] == row["test"] && p["threads"] == row["threads"]
+        });
+        let k = row["median_tok_s"].as_f64().unwrap_or(0.0);
+        let (p, ratio) = match peer.and_then(|p| p["median_tok_s"].as_f64()) {
+            Some(p) => (format!("{p:.1}"), format!("{:.2}x", k / p)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<8} {:>7} {:>14.1} {:>14} {:>9}",
+            row["test"].as_str().unwrap_or("?"),
+            row["threads"],
+            k,
+            p,
+            ratio
+        );
+    }
+    println!("(medians of {runs} runs; same machine, same thread count, one run of this command)");
+    Ok(())
+}

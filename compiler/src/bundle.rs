@@ -32,13 +32,16 @@ pub struct BuildOptions {
     pub model: PathBuf,
     pub target: String,
     pub out: PathBuf,
-    /// KV cache positions.
-    pub context: u32,
+    /// KV cache positions; default: the training context, at most 2048.
+    pub context: Option<u32>,
     /// Most tokens per call of the compiled entry point (prefill chunk).
     pub batch: u32,
     pub embed_weights: bool,
     pub dump_after: Vec<String>,
 }
+
+/// Context length when none is given (or less, when the model was trained for less).
+pub const DEFAULT_CONTEXT: u32 = 2048;
 
 /// A build stage, reported to the progress callback when it starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +197,14 @@ pub fn build_model(
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into()),
     };
-    let lowered = frontend::lower(&gguf, &name, opts.context).map_err(BuildError::Frontend)?;
+    let context = match opts.context {
+        Some(c) => c,
+        None => frontend::hyperparameters(&gguf)
+            .map_err(BuildError::Frontend)?
+            .train_context
+            .min(DEFAULT_CONTEXT),
+    };
+    let lowered = frontend::lower(&gguf, &name, context).map_err(BuildError::Frontend)?;
     stage_times.push((Stage::Lower.name().to_string(), t.elapsed()));
 
     let t = Instant::now();
@@ -251,7 +261,7 @@ pub fn build_model(
         "model": {
             "name": name,
             "vocab": hp.vocab,
-            "context": opts.context,
+            "context": context,
             "hyperparameters": hp,
         },
         "source": {
@@ -260,7 +270,7 @@ pub fn build_model(
         },
         "target": target.summary(),
         "compile_options": {
-            "context": opts.context,
+            "context": context,
             "batch": opts.batch,
             "embed_weights": opts.embed_weights,
             "activations": "q16 blocks of 32 for quantized matmuls, f32 elsewhere",
@@ -306,7 +316,7 @@ pub fn build_model(
         }
         let mut files: Vec<(PathBuf, &[u8])> = vec![];
         let manifest_text = serde_json::to_string_pretty(&manifest).expect("json") + "\n";
-        let header_text = header(&name, &hp, opts.context, opts.batch);
+        let header_text = header(&name, &hp, context, opts.batch);
         files.push((tmp.join("lib/libkiln_model.a"), &library));
         files.push((tmp.join("include/kiln_model.h"), header_text.as_bytes()));
         files.push((tmp.join("tokenizer.json"), tokenizer.as_bytes()));
@@ -337,6 +347,6 @@ pub fn build_model(
         kv_bytes: compiled.kv_bytes,
         logits_bytes: opts.batch as u64 * hp.vocab as u64 * 4,
         n_kernels: compiled.n_kernels,
-        context: opts.context,
+        context: context,
     })
 }

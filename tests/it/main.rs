@@ -1,2 +1,5 @@
+mod c_chat;
 mod kernels;
+mod model;
 mod reference;
+mod tokenizer;

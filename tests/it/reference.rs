@@ -30,7 +30,7 @@ const LOGIT_TOLERANCE: f32 = 5e-4;
 /// the bound leaves a 10x margin. The eps 1e-6 mistake above gives 8.6e-4, wrong rope 2e-1.
 const HIDDEN_RELATIVE_TOLERANCE: f32 = 2e-5;
 
-fn model_path() -> PathBuf {
+pub(crate) fn model_path() -> PathBuf {
     PathBuf::from(std::env::var_os("KILN_MODEL").expect(
         "KILN_MODEL is not set: point it at the test model's GGUF file \
          (SmolLM2-135M-Instruct.Q4_1.gguf); CI always sets it",
@@ -38,7 +38,7 @@ fn model_path() -> PathBuf {
 }
 
 /// The model, loaded once for all tests of this module.
-fn model() -> &'static ReferenceModel {
+pub(crate) fn model() -> &'static ReferenceModel {
     static MODEL: OnceLock<ReferenceModel> = OnceLock::new();
     MODEL.get_or_init(|| {
         let path = model_path();

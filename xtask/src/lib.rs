@@ -178,3 +178,34 @@ pub fn build_c_chat(bundle: &Path, target_dir: Option<&Path>) -> Result<PathBuf>
     }
     Ok(out)
 }
+
+/// The llama-cpp-python version the tokenizer test and `bench` compare against.
+pub const LLAMA_CPP_PYTHON: &str = "llama-cpp-python==0.3.36";
+
+/// Installs llama-cpp-python (it compiles llama.cpp, a few minutes) unless it is importable.
+pub fn ensure_llama_cpp_python() -> Result<()> {
+    let have = Command::new("python3")
+        .args(["-c", "import llama_cpp"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    eprintln!("installing {LLAMA_CPP_PYTHON} (compiles llama.cpp; a few minutes)");
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            LLAMA_CPP_PYTHON,
+        ])
+        .status()
+        .context("cannot run python3 -m pip")?;
+    if !status.success() {
+        bail!("pip install {LLAMA_CPP_PYTHON} failed");
+    }
+    Ok(())
+}

@@ -36,9 +36,9 @@ enum Cmd {
         /// Output bundle directory (default: bundles/<target>).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// KV cache positions.
-        #[arg(long, default_value_t = 2048)]
-        context: u32,
+        /// KV cache positions (default: the model's training context, at most 2048).
+        #[arg(long)]
+        context: Option<u32>,
         /// Most tokens per call (prefill chunk).
         #[arg(long, default_value_t = 512)]
         batch: u32,
@@ -94,6 +94,16 @@ enum Cmd {
         /// when it is the default model. `none` skips llama.cpp.
         #[arg(long)]
         llama_cpp: Option<String>,
+    },
+    /// Runs the whole test suite: fetches the model, installs the llama.cpp peer if missing,
+    /// then `cargo test --release --workspace` with KILN_MODEL set.
+    Test {
+        /// Directory of Hugging Face reference activations (KILN_HF_REFERENCE).
+        #[arg(long)]
+        hf_reference: Option<PathBuf>,
+        /// Extra arguments for cargo test.
+        #[arg(last = true)]
+        rest: Vec<String>,
     },
     /// Builds examples/c-chat (C, against the runtime's static library) and asks it PROMPT.
     CChat {
@@ -246,6 +256,25 @@ fn real_main() -> Result<()> {
             decode,
             llama_cpp,
         } => bench(&bundle, &threads, runs, &prefill, decode, llama_cpp)?,
+        Cmd::Test { hf_reference, rest } => {
+            let model = xtask::fetch_default_model(true)?;
+            xtask::ensure_llama_cpp_python()?;
+            let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            cmd.args(["test", "--release", "--workspace"])
+                .args(rest)
+                .env("KILN_MODEL", &model)
+                .current_dir(xtask::root());
+            if let Some(dir) =
+                hf_reference.or_else(|| std::env::var_os("KILN_HF_REFERENCE").map(PathBuf::from))
+            {
+                cmd.env(
+                    "KILN_HF_REFERENCE",
+                    dir.canonicalize()
+                        .with_context(|| format!("no directory {}", dir.display()))?,
+                );
+            }
+            exit_with(cmd.status()?.code())
+        }
         Cmd::CChat { bundle, prompt } => {
             let app = xtask::build_c_chat(&bundle, None)?;
             exit_with(Command::new(app).arg(&bundle).arg(prompt).status()?.code())

@@ -1,0 +1,195 @@
+//! The `xtask` command line on bad input: every case must exit non-zero with a clear message
+//! on stderr, never a panic, and must leave no bundle behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use compiler::gguf::{GgmlType, GgufWriter, MetaValue};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/kiln-tests/cli")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `xtask build-model --model FILE --out DIR/bundle EXTRA...` and returns stderr,
+/// asserting a clean failure.
+fn build_fails(name: &str, gguf: &[u8], extra: &[&str]) -> String {
+    let dir = scratch(name);
+    let model = dir.join("model.gguf");
+    std::fs::write(&model, gguf).unwrap();
+    let out = dir.join("bundle");
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("build-model")
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{name}: expected exit code 1, stderr: {stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{name}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{name} panicked: {stderr}");
+    assert!(
+        !out.exists(),
+        "{name}: a failed build left {}",
+        out.display()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "model.gguf")
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "{name}: a failed build left {leftovers:?}"
+    );
+    stderr
+}
+
+fn llama_meta(w: &mut GgufWriter, arch: &str) {
+    llama_meta_d(w, arch, 64);
+}
+
+fn llama_meta_d(w: &mut GgufWriter, arch: &str, d: u32) {
+    w.add_meta("general.architecture", MetaValue::String(arch.into()));
+    for (k, v) in [
+        ("block_count", 1u32),
+        ("embedding_length", d),
+        ("feed_forward_length", 96),
+        ("attention.head_count", 4),
+        ("attention.head_count_kv", 2),
+        ("context_length", 128),
+    ] {
+        w.add_meta(&format!("{arch}.{k}"), MetaValue::U32(v));
+    }
+    w.add_meta(
+        &format!("{arch}.attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(1e-5),
+    );
+}
+
+fn small_valid_header() -> Vec<u8> {
+    let mut w = GgufWriter::new();
+    llama_meta(&mut w, "llama");
+    w.add_tensor(
+        "token_embd.weight",
+        &[64, 10],
+        GgmlType::F32,
+        &vec![0u8; 64 * 10 * 4],
+    );
+    w.finish()
+}
+
+#[test]
+fn truncated_gguf() {
+    let bytes = small_valid_header();
+    let e = build_fails("truncated", &bytes[..bytes.len() / 3], &[]);
+    assert!(
+        e.contains("outside the file") || e.contains("truncated"),
+        "{e}"
+    );
+    let e = build_fails("truncated_header", &bytes[..100], &[]);
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn random_bytes() {
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let e = build_fails("random", &bytes, &[]);
+    assert!(e.contains("magic"), "{e}");
+}
+
+#[test]
+fn another_architecture() {
+    let mut w = GgufWriter::new();
+    llama_meta(&mut w, "mamba");
+    let e = build_fails("arch", &w.finish(), &[]);
+    assert!(
+        e.contains("unsupported architecture 'mamba'") && e.contains("llama"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let e = build_fails("missing", &small_valid_header(), &[]);
+    assert!(e.contains("blk.0.attn_norm.weight"), "{e}");
+}
+
+#[test]
+fn unsupported_and_unknown_tensor_types() {
+    let mut w = GgufWriter::new();
+    llama_meta_d(&mut w, "llama", 256);
+    w.add_tensor(
+        "token_embd.weight",
+        &[256, 10],
+        GgmlType::Q4_K,
+        &vec![0u8; 144 * 10],
+    );
+    let e = build_fails("q4k", &w.finish(), &[]);
+    assert!(e.contains("token_embd.weight") && e.contains("q4_K"), "{e}");
+
+    // Patch the type id of the only tensor to an id no ggml version defines.
+    let mut bytes = small_valid_header();
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let type_at = at + 4 + 2 * 8;
+    assert_eq!(bytes[type_at..type_at + 4], 0u32.to_le_bytes());
+    bytes[type_at..type_at + 4].copy_from_slice(&77u32.to_le_bytes());
+    let e = build_fails("unknown_type", &bytes, &[]);
+    assert!(e.contains("token_embd.weight") && e.contains("77"), "{e}");
+}
+
+#[test]
+fn shape_contradicting_hyperparameters() {
+    let mut w = GgufWriter::new();
+    llama_meta(&mut w, "llama");
+    w.add_tensor(
+        "token_embd.weight",
+        &[64, 10],
+        GgmlType::F32,
+        &vec![0u8; 64 * 10 * 4],
+    );
+    w.add_tensor("blk.0.attn_norm.weight", &[32], GgmlType::F32, &[0u8; 128]);
+    let e = build_fails("shape", &w.finish(), &[]);
+    assert!(
+        e.contains("blk.0.attn_norm.weight") && e.contains("[64]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_flags() {
+    let e = build_fails(
+        "target",
+        &small_valid_header(),
+        &["--target", "riscv64gc-unknown-linux-gnu"],
+    );
+    assert!(
+        e.contains("unknown target") && e.contains("x86_64-unknown-linux-gnu"),
+        "{e}"
+    );
+    let e = build_fails("context", &small_valid_header(), &["--context", "0"]);
+    assert!(e.contains("context"), "{e}");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["build-model", "--context", "-5"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap rejects a negative context"
+    );
+}

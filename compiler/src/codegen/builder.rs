@@ -56,9 +56,15 @@ impl<'a> Kb<'a> {
         self.b.ins().splat(F32X4, s)
     }
 
-    /// Loads the 8-byte field at `offset` of the context.
+    /// Loads the 8-byte field at `offset` of the context. Not `can_move`: the load stays at
+    /// the kernel's entry, so that addresses derived from it are hoisted out of loops.
     pub fn ctx_field(&mut self, offset: i32) -> Value {
-        self.b.ins().load(I64, ro(), self.ctx, offset)
+        self.b.ins().load(
+            I64,
+            MemFlagsData::new().with_notrap().with_readonly(),
+            self.ctx,
+            offset,
+        )
     }
 
     /// Address of a value's storage.

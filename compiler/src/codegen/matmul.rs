@@ -32,6 +32,15 @@ pub struct MatmulSpec {
     pub epilogue: EpilogueAt,
     /// Compute only rows `out_start..n_tokens`.
     pub skip_rows: bool,
+    /// Token rows per block: a block of activation rows stays in cache while every weight
+    /// group of this thread streams past it once.
+    pub token_block: i64,
+}
+
+/// Token rows per block for activation rows of `x_row_bytes`: a quarter of the L2 cache,
+/// between 4 and 64 rows.
+pub fn token_block(l2_bytes: u32, x_row_bytes: i64) -> i64 {
+    (l2_bytes as i64 / 4 / x_row_bytes.max(1)).clamp(4, 64)
 }
 
 pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
@@ -68,32 +77,38 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
         kb.b.ins().splat(I8X16, m)
     };
     let rem = (rows % ROWS as i64) as usize;
-    kb.for_range(g0, g1, 1, &[], |kb, g, _| {
-        let wg = kb.addr(w_base, g, stride, 0);
-        kb.for_range(t0, n_tokens, 1, &[], |kb, t, _| {
-            let x_row = kb.addr(x_base, t, x_row_bytes, 0);
-            let acc = match spec.weight.layout {
-                Layout::Q4Rows4 { .. } => dot_q4(kb, wg, x_row, cols / 32, mask),
-                Layout::Q8Rows4 { .. } => dot_q8(kb, wg, x_row, cols / 32),
-                Layout::F32Rows4 { .. } => dot_f32(kb, wg, x_row, cols),
-                Layout::F32Vector { .. } => unreachable!(),
-            };
-            // Output rows 4g..4g+4 of token t.
-            let row_off = kb.b.ins().imul_imm_s(t, 4 * rows);
-            let col_off = kb.b.ins().imul_imm_s(g, 4 * ROWS as i64);
-            let off = kb.b.ins().iadd(row_off, col_off);
-            let y = kb.b.ins().iadd(y_base, off);
-            let e = e_base.map(|e| kb.b.ins().iadd(e, off));
-            if rem == 0 {
-                store_with_epilogue(kb, acc, spec.epilogue, e, y, 4);
-            } else {
-                let last = kb.b.ins().icmp_imm_s(IntCC::Equal, g, groups - 1);
-                kb.if_else(
-                    last,
-                    |kb| store_with_epilogue(kb, acc, spec.epilogue, e, y, rem),
-                    |kb| store_with_epilogue(kb, acc, spec.epilogue, e, y, 4),
-                );
-            }
+    kb.for_range(t0, n_tokens, spec.token_block, &[], |kb, tb0, _| {
+        let tb1 = kb.b.ins().iadd_imm_s(tb0, spec.token_block);
+        let is_less = kb.b.ins().icmp(IntCC::SignedLessThan, tb1, n_tokens);
+        let tb1 = kb.b.ins().select(is_less, tb1, n_tokens);
+        kb.for_range(g0, g1, 1, &[], |kb, g, _| {
+            let wg = kb.addr(w_base, g, stride, 0);
+            kb.for_range(tb0, tb1, 1, &[], |kb, t, _| {
+                let x_row = kb.addr(x_base, t, x_row_bytes, 0);
+                let acc = match spec.weight.layout {
+                    Layout::Q4Rows4 { .. } => dot_q4(kb, wg, x_row, cols / 32, mask),
+                    Layout::Q8Rows4 { .. } => dot_q8(kb, wg, x_row, cols / 32),
+                    Layout::F32Rows4 { .. } => dot_f32(kb, wg, x_row, cols),
+                    Layout::F32Vector { .. } => unreachable!(),
+                };
+                // Output rows 4g..4g+4 of token t.
+                let row_off = kb.b.ins().imul_imm_s(t, 4 * rows);
+                let col_off = kb.b.ins().imul_imm_s(g, 4 * ROWS as i64);
+                let off = kb.b.ins().iadd(row_off, col_off);
+                let y = kb.b.ins().iadd(y_base, off);
+                let e = e_base.map(|e| kb.b.ins().iadd(e, off));
+                if rem == 0 {
+                    store_with_epilogue(kb, acc, spec.epilogue, e, y, 4);
+                } else {
+                    let last = kb.b.ins().icmp_imm_s(IntCC::Equal, g, groups - 1);
+                    kb.if_else(
+                        last,
+                        |kb| store_with_epilogue(kb, acc, spec.epilogue, e, y, rem),
+                        |kb| store_with_epilogue(kb, acc, spec.epilogue, e, y, 4),
+                    );
+                }
+                vec![]
+            });
             vec![]
         });
         vec![]
@@ -155,10 +170,11 @@ fn dot_q4(kb: &mut Kb, wg: Value, x_row: Value, n_blocks: i64, mask: Value) -> V
     let zero = kb.iconst(0);
     let nb = kb.iconst(n_blocks);
     let acc0 = kb.splat(0.0);
-    kb.for_range(zero, nb, 1, &[acc0], |kb, b, acc| {
-        let xb = kb.addr(x_row, b, Q16_BLOCK_BYTES as i64, 0);
+    // The block pointers are carried through the loop so that they stay in registers.
+    kb.for_range(zero, nb, 1, &[acc0, x_row, wg], |kb, _, carried| {
+        let (xb, wb) = (carried[1], carried[2]);
+        let acc = &carried[..1];
         let (scale, sum, a) = load_q16(kb, xb);
-        let wb = kb.addr(wg, b, Q4_GROUP_BLOCK as i64, 0);
         let mut p = [acc[0]; 4];
         for (r, pr) in p.iter_mut().enumerate() {
             let w = kb.load(I8X16, wb, 32 + 16 * r as i64);
@@ -188,7 +204,10 @@ fn dot_q4(kb: &mut Kb, wg: Value, x_row: Value, n_blocks: i64, mask: Value) -> V
         let ds = kb.b.ins().fmul(d, scale);
         let acc = kb.b.ins().fma(sums, ds, acc[0]);
         let sum = kb.b.ins().splat(F32X4, sum);
-        vec![kb.b.ins().fma(m, sum, acc)]
+        let acc = kb.b.ins().fma(m, sum, acc);
+        let xb = kb.b.ins().iadd_imm_s(xb, Q16_BLOCK_BYTES as i64);
+        let wb = kb.b.ins().iadd_imm_s(wb, Q4_GROUP_BLOCK as i64);
+        vec![acc, xb, wb]
     })[0]
 }
 
@@ -197,10 +216,10 @@ fn dot_q8(kb: &mut Kb, wg: Value, x_row: Value, n_blocks: i64) -> Value {
     let zero = kb.iconst(0);
     let nb = kb.iconst(n_blocks);
     let acc0 = kb.splat(0.0);
-    kb.for_range(zero, nb, 1, &[acc0], |kb, b, acc| {
-        let xb = kb.addr(x_row, b, Q16_BLOCK_BYTES as i64, 0);
+    kb.for_range(zero, nb, 1, &[acc0, x_row, wg], |kb, _, carried| {
+        let (xb, wb) = (carried[1], carried[2]);
+        let acc = &carried[..1];
         let (scale, _sum, a) = load_q16(kb, xb);
-        let wb = kb.addr(wg, b, Q8_GROUP_BLOCK as i64, 0);
         let mut p = [acc[0]; 4];
         for (r, pr) in p.iter_mut().enumerate() {
             let w0 = kb.load(I8X16, wb, 16 + 32 * r as i64);
@@ -223,7 +242,10 @@ fn dot_q8(kb: &mut Kb, wg: Value, x_row: Value, n_blocks: i64) -> Value {
         let d = kb.load(F32X4, wb, 0);
         let scale = kb.b.ins().splat(F32X4, scale);
         let ds = kb.b.ins().fmul(d, scale);
-        vec![kb.b.ins().fma(sums, ds, acc[0])]
+        let acc = kb.b.ins().fma(sums, ds, acc[0]);
+        let xb = kb.b.ins().iadd_imm_s(xb, Q16_BLOCK_BYTES as i64);
+        let wb = kb.b.ins().iadd_imm_s(wb, Q8_GROUP_BLOCK as i64);
+        vec![acc, xb, wb]
     })[0]
 }
 

@@ -320,16 +320,17 @@ fn emit_step(
                 Epilogue::Add(o) => matmul::EpilogueAt::Add(loc(o)),
                 Epilogue::Mul(o) => matmul::EpilogueAt::Mul(loc(o)),
             };
-            matmul::emit(
-                kb,
-                &matmul::MatmulSpec {
-                    x: loc(x),
-                    y,
-                    weight: packed.weight(weight),
-                    epilogue,
-                    skip_rows: skip,
-                },
-            );
+            let x_row_bytes = crate::passes::plan_memory::row_bytes(graph.ty(x)) as i64;
+            let token_block = matmul::token_block(kb.target.summary().cache.l2, x_row_bytes);
+            let spec = matmul::MatmulSpec {
+                x: loc(x),
+                y,
+                weight: packed.weight(weight),
+                epilogue,
+                skip_rows: skip,
+                token_block,
+            };
+            matmul::emit(kb, &spec);
         }
         Op::Rope { x, head_dim, theta } => {
             if head_dim % 4 != 0 {

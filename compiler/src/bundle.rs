@@ -31,6 +31,8 @@ use crate::{compile, CompileError, CompileOptions};
 pub struct BuildOptions {
     pub model: PathBuf,
     pub target: String,
+    /// Device profile (see `targets::lookup_device`); `None` for the target's default.
+    pub device: Option<String>,
     pub out: PathBuf,
     /// KV cache positions; default: the training context, at most 2048.
     pub context: Option<u32>,
@@ -54,13 +56,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 5] = [
-        Stage::ReadModel,
-        Stage::Lower,
-        Stage::Compile,
-        Stage::Tokenizer,
-        Stage::Write,
-    ];
+    pub const ALL: [Stage; 5] = [Stage::ReadModel, Stage::Lower, Stage::Compile, Stage::Tokenizer, Stage::Write];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -103,10 +99,7 @@ pub enum BuildError {
     Compile(CompileError),
     Tokenizer(TokenizerError),
     Target(targets::TargetError),
-    Io {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    Io { path: PathBuf, error: std::io::Error },
 }
 
 impl fmt::Display for BuildError {
@@ -125,25 +118,15 @@ impl fmt::Display for BuildError {
 impl std::error::Error for BuildError {}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
-    move |error| BuildError::Io {
-        path: path.to_path_buf(),
-        error,
-    }
+    move |error| BuildError::Io { path: path.to_path_buf(), error }
 }
 
 /// Wraps an ELF object in a deterministic `ar` archive.
 pub fn archive(object: &[u8], member: &str) -> Vec<u8> {
-    use ar_archive_writer::{
-        write_archive_to_stream, ArchiveKind, NewArchiveMember, DEFAULT_OBJECT_READER,
-    };
-    let members = [NewArchiveMember::new(
-        object,
-        &DEFAULT_OBJECT_READER,
-        member.to_string(),
-    )];
+    use ar_archive_writer::{write_archive_to_stream, ArchiveKind, NewArchiveMember, DEFAULT_OBJECT_READER};
+    let members = [NewArchiveMember::new(object, &DEFAULT_OBJECT_READER, member.to_string())];
     let mut out = Cursor::new(Vec::new());
-    write_archive_to_stream(&mut out, &members, ArchiveKind::Gnu, false, None)
-        .expect("writing to memory cannot fail");
+    write_archive_to_stream(&mut out, &members, ArchiveKind::Gnu, false, None).expect("writing to memory cannot fail");
     out.into_inner()
 }
 
@@ -174,11 +157,8 @@ fn stop_ids(gguf: &GgufFile, tokens: &[&str]) -> Vec<u32> {
 }
 
 /// Builds a bundle; `progress` is told when each stage starts.
-pub fn build_model(
-    opts: &BuildOptions,
-    progress: &mut dyn FnMut(Stage),
-) -> Result<BuildReport, BuildError> {
-    let target = targets::lookup(&opts.target).map_err(BuildError::Target)?;
+pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Result<BuildReport, BuildError> {
+    let target = targets::lookup_device(&opts.target, opts.device.as_deref()).map_err(BuildError::Target)?;
     let mut stage_times = vec![];
     let t = Instant::now();
     progress(Stage::ReadModel);
@@ -191,18 +171,11 @@ pub fn build_model(
     progress(Stage::Lower);
     let name = match gguf.get_str("general.name") {
         Ok(n) => n.to_string(),
-        Err(_) => opts
-            .model
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into()),
+        Err(_) => opts.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
     };
     let context = match opts.context {
         Some(c) => c,
-        None => frontend::hyperparameters(&gguf)
-            .map_err(BuildError::Frontend)?
-            .train_context
-            .min(DEFAULT_CONTEXT),
+        None => frontend::hyperparameters(&gguf).map_err(BuildError::Frontend)?.train_context.min(DEFAULT_CONTEXT),
     };
     let lowered = frontend::lower(&gguf, &name, context).map_err(BuildError::Frontend)?;
     stage_times.push((Stage::Lower.name().to_string(), t.elapsed()));
@@ -213,12 +186,9 @@ pub fn build_model(
     let copts = CompileOptions {
         batch: opts.batch,
         embed_weights: opts.embed_weights,
-        pipeline: crate::passes::PipelineOptions {
-            dump_after: opts.dump_after.clone(),
-        },
+        pipeline: crate::passes::PipelineOptions { dump_after: opts.dump_after.clone() },
     };
-    let compiled = compile(lowered.graph, &lowered.weights, target.as_ref(), &copts)
-        .map_err(BuildError::Compile)?;
+    let compiled = compile(lowered.graph, &lowered.weights, target.as_ref(), &copts).map_err(BuildError::Compile)?;
     stage_times.push((Stage::Compile.name().to_string(), t.elapsed()));
     for (n, d) in &compiled.timings {
         stage_times.push((format!("  {n}"), *d));
@@ -227,9 +197,7 @@ pub fn build_model(
     let t = Instant::now();
     progress(Stage::Tokenizer);
     let tokenizer = tokenizer_json::tokenizer_json(&gguf).map_err(BuildError::Tokenizer)?;
-    let tokens = gguf
-        .get_str_array("tokenizer.ggml.tokens")
-        .map_err(BuildError::Gguf)?;
+    let tokens = gguf.get_str_array("tokenizer.ggml.tokens").map_err(BuildError::Gguf)?;
     let token_at = |key: &str| -> Result<(u32, String), BuildError> {
         let id = gguf.get_u32(key).map_err(BuildError::Gguf)?;
         let tok = tokens.get(id as usize).ok_or_else(|| {
@@ -243,13 +211,8 @@ pub fn build_model(
     };
     let (bos_id, bos_token) = token_at("tokenizer.ggml.bos_token_id")?;
     let (eos_id, eos_token) = token_at("tokenizer.ggml.eos_token_id")?;
-    let add_bos = gguf
-        .get_bool("tokenizer.ggml.add_bos_token")
-        .unwrap_or(false);
-    let chat_template = gguf
-        .get_str("tokenizer.chat_template")
-        .ok()
-        .map(str::to_string);
+    let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
+    let chat_template = gguf.get_str("tokenizer.chat_template").ok().map(str::to_string);
     let stops = stop_ids(&gguf, &tokens);
     stage_times.push((Stage::Tokenizer.name().to_string(), t.elapsed()));
 
@@ -298,15 +261,9 @@ pub fn build_model(
         },
     });
     let out = &opts.out;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let file_name = out
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "bundle".into());
+    let file_name = out.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "bundle".into());
     let tmp = parent.join(format!(".{file_name}.kiln-tmp"));
     let write_all = || -> Result<(), BuildError> {
         let _ = std::fs::remove_dir_all(&tmp);

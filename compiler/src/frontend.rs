@@ -44,27 +44,11 @@ pub struct LoweredModel {
 #[derive(Debug)]
 pub enum FrontendError {
     Gguf(GgufError),
-    UnsupportedArchitecture {
-        architecture: String,
-    },
-    BadHyperparameter {
-        key: String,
-        value: String,
-        reason: String,
-    },
-    UnsupportedTensorType {
-        tensor: String,
-        ggml_type: String,
-    },
-    BadTensorShape {
-        tensor: String,
-        expected: Vec<u64>,
-        found: Vec<u64>,
-    },
-    BadContext {
-        requested: u32,
-        reason: String,
-    },
+    UnsupportedArchitecture { architecture: String },
+    BadHyperparameter { key: String, value: String, reason: String },
+    UnsupportedTensorType { tensor: String, ggml_type: String },
+    BadTensorShape { tensor: String, expected: Vec<u64>, found: Vec<u64> },
+    BadContext { requested: u32, reason: String },
 }
 
 impl fmt::Display for FrontendError {
@@ -103,11 +87,7 @@ impl From<GgufError> for FrontendError {
 pub const MAX_CONTEXT: u32 = 1 << 17;
 
 fn bad(key: &str, value: impl fmt::Display, reason: &str) -> FrontendError {
-    FrontendError::BadHyperparameter {
-        key: key.to_string(),
-        value: value.to_string(),
-        reason: reason.to_string(),
-    }
+    FrontendError::BadHyperparameter { key: key.to_string(), value: value.to_string(), reason: reason.to_string() }
 }
 
 /// Reads and checks the hyperparameters of a Llama-family GGUF.
@@ -138,45 +118,25 @@ pub fn hyperparameters(gguf: &GgufFile) -> Result<Hyperparameters, FrontendError
         }
     }
     if d_model % n_heads != 0 {
-        return Err(bad(
-            &key("attention.head_count"),
-            n_heads,
-            "must divide embedding_length",
-        ));
+        return Err(bad(&key("attention.head_count"), n_heads, "must divide embedding_length"));
     }
     if n_heads % n_kv_heads != 0 {
-        return Err(bad(
-            &key("attention.head_count_kv"),
-            n_kv_heads,
-            "must divide attention.head_count",
-        ));
+        return Err(bad(&key("attention.head_count_kv"), n_kv_heads, "must divide attention.head_count"));
     }
     let head_dim = d_model / n_heads;
     if head_dim % 4 != 0 {
-        return Err(bad(
-            &key("attention.head_count"),
-            n_heads,
-            "the head dimension must be a multiple of 4",
-        ));
+        return Err(bad(&key("attention.head_count"), n_heads, "the head dimension must be a multiple of 4"));
     }
     if gguf.get(&key("rope.dimension_count")).is_some() {
         let rope_dims = get("rope.dimension_count")?;
         if rope_dims != head_dim {
-            return Err(bad(
-                &key("rope.dimension_count"),
-                rope_dims,
-                "partial rotary embedding is not supported",
-            ));
+            return Err(bad(&key("rope.dimension_count"), rope_dims, "partial rotary embedding is not supported"));
         }
     }
     if let Some(v) = gguf.get(&key("rope.scaling.type")) {
         let kind = v.as_str().unwrap_or("?");
         if kind != "none" {
-            return Err(bad(
-                &key("rope.scaling.type"),
-                kind,
-                "rope scaling is not supported",
-            ));
+            return Err(bad(&key("rope.scaling.type"), kind, "rope scaling is not supported"));
         }
     }
     let rope_theta = match gguf.get(&key("rope.freq_base")) {
@@ -184,19 +144,11 @@ pub fn hyperparameters(gguf: &GgufFile) -> Result<Hyperparameters, FrontendError
         None => 10000.0,
     };
     if !(rope_theta.is_finite() && rope_theta > 1.0) {
-        return Err(bad(
-            &key("rope.freq_base"),
-            rope_theta,
-            "must be finite and > 1",
-        ));
+        return Err(bad(&key("rope.freq_base"), rope_theta, "must be finite and > 1"));
     }
     let rms_eps = gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
     if !(rms_eps.is_finite() && rms_eps >= 0.0 && rms_eps < 1.0) {
-        return Err(bad(
-            &key("attention.layer_norm_rms_epsilon"),
-            rms_eps,
-            "must be in [0, 1)",
-        ));
+        return Err(bad(&key("attention.layer_norm_rms_epsilon"), rms_eps, "must be in [0, 1)"));
     }
     let train_context = get("context_length")?;
     let embd = gguf.tensor("token_embd.weight")?;
@@ -213,11 +165,7 @@ pub fn hyperparameters(gguf: &GgufFile) -> Result<Hyperparameters, FrontendError
     if let Some(v) = gguf.get(&key("vocab_size")) {
         let declared = v.as_integer().unwrap_or(-1);
         if declared != vocab as i128 {
-            return Err(bad(
-                &key("vocab_size"),
-                declared,
-                &format!("token_embd.weight has {vocab} rows"),
-            ));
+            return Err(bad(&key("vocab_size"), declared, &format!("token_embd.weight has {vocab} rows")));
         }
     }
     let tied_embedding = gguf.tensor("output.weight").is_err();
@@ -254,13 +202,10 @@ impl Builder<'_> {
                 found: info.dims.clone(),
             });
         }
-        let format =
-            info.ggml_type
-                .quant_format()
-                .ok_or_else(|| FrontendError::UnsupportedTensorType {
-                    tensor: name.into(),
-                    ggml_type: info.ggml_type.name().to_string(),
-                })?;
+        let format = info.ggml_type.quant_format().ok_or_else(|| FrontendError::UnsupportedTensorType {
+            tensor: name.into(),
+            ggml_type: info.ggml_type.name().to_string(),
+        })?;
         let shape = dims.iter().rev().map(|&d| d as u32).collect();
         self.weights.push(self.gguf.tensor_data(info).to_vec());
         Ok(self.graph.add_weight(name, format, shape))
@@ -278,10 +223,7 @@ impl Builder<'_> {
 pub fn lower(gguf: &GgufFile, name: &str, context: u32) -> Result<LoweredModel, FrontendError> {
     let hp = hyperparameters(gguf)?;
     if context == 0 || context > MAX_CONTEXT {
-        return Err(FrontendError::BadContext {
-            requested: context,
-            reason: format!("must be in 1..={MAX_CONTEXT}"),
-        });
+        return Err(FrontendError::BadContext { requested: context, reason: format!("must be in 1..={MAX_CONTEXT}") });
     }
     if context > hp.train_context {
         return Err(FrontendError::BadContext {
@@ -289,20 +231,10 @@ pub fn lower(gguf: &GgufFile, name: &str, context: u32) -> Result<LoweredModel, 
             reason: format!("the model was trained for {} positions", hp.train_context),
         });
     }
-    let (d, ff, kv) = (
-        hp.d_model as u64,
-        hp.d_ff as u64,
-        (hp.n_kv_heads * hp.head_dim) as u64,
-    );
-    let mut b = Builder {
-        gguf,
-        graph: Graph::new(name, context),
-        weights: vec![],
-    };
+    let (d, ff, kv) = (hp.d_model as u64, hp.d_ff as u64, (hp.n_kv_heads * hp.head_dim) as u64);
+    let mut b = Builder { gguf, graph: Graph::new(name, context), weights: vec![] };
     let embd = b.weight("token_embd.weight", &[d, hp.vocab as u64])?;
-    let ids = b
-        .graph
-        .push(Op::Input { index: 0 }, TensorType::seq(DType::I32));
+    let ids = b.graph.push(Op::Input { index: 0 }, TensorType::seq(DType::I32));
     let mut x = b.node(Op::Embed { ids, table: embd }, DType::F32, hp.d_model);
     let eps = hp.rms_eps;
     for l in 0..hp.n_layers {
@@ -318,154 +250,31 @@ pub fn lower(gguf: &GgufFile, name: &str, context: u32) -> Result<LoweredModel, 
         let down = b.weight(&t("ffn_down"), &[ff, d])?;
 
         // (seq, d_model) -> attention -> (seq, d_model), added to the residual stream.
-        let h = b.node(
-            Op::RmsNorm {
-                x,
-                weight: attn_norm,
-                eps,
-                quantize: false,
-            },
-            DType::F32,
-            hp.d_model,
-        );
-        let q = b.node(
-            Op::MatMul {
-                x: h,
-                weight: wq,
-                epilogue: Epilogue::None,
-            },
-            DType::F32,
-            hp.d_model,
-        );
-        let k = b.node(
-            Op::MatMul {
-                x: h,
-                weight: wk,
-                epilogue: Epilogue::None,
-            },
-            DType::F32,
-            kv as u32,
-        );
-        let v = b.node(
-            Op::MatMul {
-                x: h,
-                weight: wv,
-                epilogue: Epilogue::None,
-            },
-            DType::F32,
-            kv as u32,
-        );
+        let h = b.node(Op::RmsNorm { x, weight: attn_norm, eps, quantize: false }, DType::F32, hp.d_model);
+        let q = b.node(Op::MatMul { x: h, weight: wq, epilogue: Epilogue::None }, DType::F32, hp.d_model);
+        let k = b.node(Op::MatMul { x: h, weight: wk, epilogue: Epilogue::None }, DType::F32, kv as u32);
+        let v = b.node(Op::MatMul { x: h, weight: wv, epilogue: Epilogue::None }, DType::F32, kv as u32);
         let (hd, theta) = (hp.head_dim, hp.rope_theta);
-        let q = b.node(
-            Op::Rope {
-                x: q,
-                head_dim: hd,
-                theta,
-            },
-            DType::F32,
-            hp.d_model,
-        );
-        let k = b.node(
-            Op::Rope {
-                x: k,
-                head_dim: hd,
-                theta,
-            },
-            DType::F32,
-            kv as u32,
-        );
-        let attn = Op::Attention {
-            q,
-            k,
-            v,
-            layer: l,
-            n_heads: hp.n_heads,
-            n_kv_heads: hp.n_kv_heads,
-            head_dim: hd,
-        };
+        let q = b.node(Op::Rope { x: q, head_dim: hd, theta }, DType::F32, hp.d_model);
+        let k = b.node(Op::Rope { x: k, head_dim: hd, theta }, DType::F32, kv as u32);
+        let attn = Op::Attention { q, k, v, layer: l, n_heads: hp.n_heads, n_kv_heads: hp.n_kv_heads, head_dim: hd };
         let a = b.node(attn, DType::F32, hp.d_model);
-        let o = b.node(
-            Op::MatMul {
-                x: a,
-                weight: wo,
-                epilogue: Epilogue::None,
-            },
-            DType::F32,
-            hp.d_model,
-        );
+        let o = b.node(Op::MatMul { x: a, weight: wo, epilogue: Epilogue::None }, DType::F32, hp.d_model);
         x = b.node(Op::Add { a: x, b: o }, DType::F32, hp.d_model);
 
         // (seq, d_model) -> SwiGLU MLP (seq, d_ff) -> (seq, d_model), added to the residual.
-        let h = b.node(
-            Op::RmsNorm {
-                x,
-                weight: ffn_norm,
-                eps,
-                quantize: false,
-            },
-            DType::F32,
-            hp.d_model,
-        );
-        let g = b.node(
-            Op::MatMul {
-                x: h,
-                weight: gate,
-                epilogue: Epilogue::None,
-            },
-            DType::F32,
-            hp.d_ff,
-        );
+        let h = b.node(Op::RmsNorm { x, weight: ffn_norm, eps, quantize: false }, DType::F32, hp.d_model);
+        let g = b.node(Op::MatMul { x: h, weight: gate, epilogue: Epilogue::None }, DType::F32, hp.d_ff);
         let g = b.node(Op::Silu { x: g }, DType::F32, hp.d_ff);
-        let u = b.node(
-            Op::MatMul {
-                x: h,
-                weight: up,
-                epilogue: Epilogue::None,
-            },
-            DType::F32,
-            hp.d_ff,
-        );
+        let u = b.node(Op::MatMul { x: h, weight: up, epilogue: Epilogue::None }, DType::F32, hp.d_ff);
         let m = b.node(Op::Mul { a: g, b: u }, DType::F32, hp.d_ff);
-        let down = b.node(
-            Op::MatMul {
-                x: m,
-                weight: down,
-                epilogue: Epilogue::None,
-            },
-            DType::F32,
-            hp.d_model,
-        );
+        let down = b.node(Op::MatMul { x: m, weight: down, epilogue: Epilogue::None }, DType::F32, hp.d_model);
         x = b.node(Op::Add { a: x, b: down }, DType::F32, hp.d_model);
     }
     let out_norm = b.weight("output_norm.weight", &[d])?;
-    let x = b.node(
-        Op::RmsNorm {
-            x,
-            weight: out_norm,
-            eps,
-            quantize: false,
-        },
-        DType::F32,
-        hp.d_model,
-    );
-    let head = if hp.tied_embedding {
-        embd
-    } else {
-        b.weight("output.weight", &[d, hp.vocab as u64])?
-    };
-    let logits = b.node(
-        Op::MatMul {
-            x,
-            weight: head,
-            epilogue: Epilogue::None,
-        },
-        DType::F32,
-        hp.vocab,
-    );
+    let x = b.node(Op::RmsNorm { x, weight: out_norm, eps, quantize: false }, DType::F32, hp.d_model);
+    let head = if hp.tied_embedding { embd } else { b.weight("output.weight", &[d, hp.vocab as u64])? };
+    let logits = b.node(Op::MatMul { x, weight: head, epilogue: Epilogue::None }, DType::F32, hp.vocab);
     b.graph.outputs.push(logits);
-    Ok(LoweredModel {
-        graph: b.graph,
-        weights: b.weights,
-        hyper: hp,
-    })
+    Ok(LoweredModel { graph: b.graph, weights: b.weights, hyper: hp })
 }

@@ -337,10 +337,7 @@ impl MetaValue {
 #[derive(Debug)]
 pub enum GgufError {
     /// The file could not be read.
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// The file does not start with `GGUF`.
     BadMagic { found: Vec<u8> },
     /// A GGUF version other than 2 or 3 (version 1 used 32-bit counts and is not supported).
@@ -348,20 +345,11 @@ pub enum GgufError {
     /// The file ends (or a declared length or count runs past its end) while reading `what`.
     Truncated { what: String, offset: u64 },
     /// A count exceeds a fixed sanity limit (not the file size: that is [`GgufError::Truncated`]).
-    TooLarge {
-        what: String,
-        value: u64,
-        limit: u64,
-        offset: u64,
-    },
+    TooLarge { what: String, value: u64, limit: u64, offset: u64 },
     /// A string is not valid UTF-8.
     InvalidUtf8 { what: String, offset: u64 },
     /// A metadata value (or array element) type id outside 0..=12.
-    UnknownValueType {
-        key: String,
-        type_id: u32,
-        offset: u64,
-    },
+    UnknownValueType { key: String, type_id: u32, offset: u64 },
     /// Metadata arrays nested deeper than [`MAX_ARRAY_DEPTH`].
     ArrayTooDeep { key: String, offset: u64 },
     /// A bool stored as a byte other than 0 or 1.
@@ -373,51 +361,25 @@ pub enum GgufError {
     /// `general.alignment` is not a nonzero power of two (or not an integer).
     BadAlignment { value: String },
     /// A tensor has zero or more than [`MAX_DIMS`] dimensions, or a zero dimension.
-    InvalidDims {
-        tensor: String,
-        reason: String,
-        offset: u64,
-    },
+    InvalidDims { tensor: String, reason: String, offset: u64 },
     /// The product of a tensor's dimensions (or its byte size) overflows 64 bits.
     DimsOverflow { tensor: String, offset: u64 },
     /// A tensor type id that is not a known ggml type.
     UnknownTensorType { tensor: String, type_id: u32 },
     /// A tensor's row length is not a whole number of blocks of its type.
-    NotBlockMultiple {
-        tensor: String,
-        ggml_type: GgmlType,
-        dim0: u64,
-        block_values: usize,
-    },
+    NotBlockMultiple { tensor: String, ggml_type: GgmlType, dim0: u64, block_values: usize },
     /// A tensor's offset is not a multiple of the file's alignment.
-    MisalignedTensor {
-        tensor: String,
-        offset: u64,
-        alignment: u64,
-    },
+    MisalignedTensor { tensor: String, offset: u64, alignment: u64 },
     /// A tensor's data runs past the end of the file.
-    TensorOutOfBounds {
-        tensor: String,
-        start: u64,
-        end: u64,
-        file_len: u64,
-    },
+    TensorOutOfBounds { tensor: String, start: u64, end: u64, file_len: u64 },
     /// Two tensors' data ranges overlap.
     OverlappingTensors { first: String, second: String },
     /// A metadata key looked up by the caller is absent.
     MissingKey { key: String },
     /// A metadata key has a different type than the caller asked for.
-    WrongKeyType {
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongKeyType { key: String, expected: &'static str, found: String },
     /// A metadata integer does not fit the type the caller asked for.
-    OutOfRange {
-        key: String,
-        expected: &'static str,
-        value: String,
-    },
+    OutOfRange { key: String, expected: &'static str, value: String },
     /// A tensor looked up by the caller is absent.
     MissingTensor { name: String },
 }
@@ -442,35 +404,30 @@ impl fmt::Display for GgufError {
             Self::InvalidUtf8 { what, offset } => {
                 write!(f, "{what} at byte {offset} is not valid utf-8")
             }
-            Self::UnknownValueType { key, type_id, offset } => write!(
-                f,
-                "metadata key {key:?} has unknown value type {type_id} at byte {offset}"
-            ),
-            Self::ArrayTooDeep { key, offset } => write!(
-                f,
-                "metadata key {key:?} nests arrays deeper than {MAX_ARRAY_DEPTH} levels at byte {offset}"
-            ),
-            Self::InvalidBool { key, byte, offset } => write!(
-                f,
-                "metadata key {key:?} has bool byte {byte} (not 0 or 1) at byte {offset}"
-            ),
+            Self::UnknownValueType { key, type_id, offset } => {
+                write!(f, "metadata key {key:?} has unknown value type {type_id} at byte {offset}")
+            }
+            Self::ArrayTooDeep { key, offset } => {
+                write!(f, "metadata key {key:?} nests arrays deeper than {MAX_ARRAY_DEPTH} levels at byte {offset}")
+            }
+            Self::InvalidBool { key, byte, offset } => {
+                write!(f, "metadata key {key:?} has bool byte {byte} (not 0 or 1) at byte {offset}")
+            }
             Self::DuplicateKey { key, offset } => {
                 write!(f, "duplicate metadata key {key:?} at byte {offset}")
             }
             Self::DuplicateTensor { tensor, offset } => {
                 write!(f, "duplicate tensor name {tensor:?} at byte {offset}")
             }
-            Self::BadAlignment { value } => write!(
-                f,
-                "general.alignment must be a nonzero power of two, found {value}"
-            ),
+            Self::BadAlignment { value } => {
+                write!(f, "general.alignment must be a nonzero power of two, found {value}")
+            }
             Self::InvalidDims { tensor, reason, offset } => {
                 write!(f, "tensor {tensor:?} at byte {offset}: {reason}")
             }
-            Self::DimsOverflow { tensor, offset } => write!(
-                f,
-                "tensor {tensor:?} at byte {offset}: size of its dimensions overflows 64 bits"
-            ),
+            Self::DimsOverflow { tensor, offset } => {
+                write!(f, "tensor {tensor:?} at byte {offset}: size of its dimensions overflows 64 bits")
+            }
             Self::UnknownTensorType { tensor, type_id } => {
                 write!(f, "tensor {tensor:?} has unknown ggml type id {type_id}")
             }
@@ -478,14 +435,12 @@ impl fmt::Display for GgufError {
                 f,
                 "tensor {tensor:?}: row length {dim0} is not a multiple of the {ggml_type} block size {block_values}"
             ),
-            Self::MisalignedTensor { tensor, offset, alignment } => write!(
-                f,
-                "tensor {tensor:?}: data offset {offset} is not a multiple of the alignment {alignment}"
-            ),
-            Self::TensorOutOfBounds { tensor, start, end, file_len } => write!(
-                f,
-                "tensor {tensor:?}: data bytes {start}..{end} lie outside the file ({file_len} bytes)"
-            ),
+            Self::MisalignedTensor { tensor, offset, alignment } => {
+                write!(f, "tensor {tensor:?}: data offset {offset} is not a multiple of the alignment {alignment}")
+            }
+            Self::TensorOutOfBounds { tensor, start, end, file_len } => {
+                write!(f, "tensor {tensor:?}: data bytes {start}..{end} lie outside the file ({file_len} bytes)")
+            }
             Self::OverlappingTensors { first, second } => {
                 write!(f, "tensors {first:?} and {second:?} have overlapping data")
             }
@@ -577,26 +532,16 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize, what: impl FnOnce() -> String) -> Result<&'a [u8], GgufError> {
-        match self
-            .pos
-            .checked_add(n)
-            .and_then(|end| self.buf.get(self.pos..end))
-        {
+        match self.pos.checked_add(n).and_then(|end| self.buf.get(self.pos..end)) {
             Some(slice) => {
                 self.pos += n;
                 Ok(slice)
             }
-            None => Err(GgufError::Truncated {
-                what: what(),
-                offset: self.offset(),
-            }),
+            None => Err(GgufError::Truncated { what: what(), offset: self.offset() }),
         }
     }
 
-    fn array<const N: usize>(
-        &mut self,
-        what: impl FnOnce() -> String,
-    ) -> Result<[u8; N], GgufError> {
+    fn array<const N: usize>(&mut self, what: impl FnOnce() -> String) -> Result<[u8; N], GgufError> {
         let slice = self.take(N, what)?;
         let mut out = [0u8; N];
         out.copy_from_slice(slice);
@@ -618,33 +563,20 @@ impl<'a> Reader<'a> {
         let start = self.offset();
         if len > self.remaining() as u64 {
             return Err(GgufError::Truncated {
-                what: format!(
-                    "{} ({len} bytes declared, {} left)",
-                    what(),
-                    self.remaining()
-                ),
+                what: format!("{} ({len} bytes declared, {} left)", what(), self.remaining()),
                 offset: start,
             });
         }
         let bytes = self.take(len as usize, what)?;
         match std::str::from_utf8(bytes) {
             Ok(s) => Ok(s.to_owned()),
-            Err(_) => Err(GgufError::InvalidUtf8 {
-                what: what(),
-                offset: start,
-            }),
+            Err(_) => Err(GgufError::InvalidUtf8 { what: what(), offset: start }),
         }
     }
 
     /// One metadata value of type `ty` belonging to `key`, at array nesting `depth`.
     /// `budget` is the number of array elements still allowed in this file.
-    fn value(
-        &mut self,
-        ty: u32,
-        key: &str,
-        depth: usize,
-        budget: &mut u64,
-    ) -> Result<MetaValue, GgufError> {
+    fn value(&mut self, ty: u32, key: &str, depth: usize, budget: &mut u64) -> Result<MetaValue, GgufError> {
         use value_type::*;
         let what = || format!("value of metadata key {key:?}");
         Ok(match ty {
@@ -663,23 +595,14 @@ impl<'a> Reader<'a> {
                 match self.array::<1>(what)?[0] {
                     0 => MetaValue::Bool(false),
                     1 => MetaValue::Bool(true),
-                    byte => {
-                        return Err(GgufError::InvalidBool {
-                            key: key.to_owned(),
-                            byte,
-                            offset: at,
-                        })
-                    }
+                    byte => return Err(GgufError::InvalidBool { key: key.to_owned(), byte, offset: at }),
                 }
             }
             STRING => MetaValue::String(self.string(&what)?),
             ARRAY => {
                 let at = self.offset();
                 if depth + 1 > MAX_ARRAY_DEPTH {
-                    return Err(GgufError::ArrayTooDeep {
-                        key: key.to_owned(),
-                        offset: at,
-                    });
+                    return Err(GgufError::ArrayTooDeep { key: key.to_owned(), offset: at });
                 }
                 let elem_ty = self.u32(|| format!("array element type of metadata key {key:?}"))?;
                 let min = min_value_bytes(elem_ty).ok_or_else(|| GgufError::UnknownValueType {
@@ -734,26 +657,18 @@ fn align_up(x: u64, alignment: u64) -> Option<u64> {
 impl GgufFile {
     /// Reads and parses the file at `path`.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let bytes = std::fs::read(path).map_err(|source| GgufError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| GgufError::Io { path: path.to_owned(), source })?;
         Self::parse(bytes)
     }
 
     /// Parses a whole GGUF file held in memory.
     pub fn parse(bytes: Vec<u8>) -> Result<Self, GgufError> {
         let file_len = bytes.len() as u64;
-        let mut r = Reader {
-            buf: &bytes,
-            pos: 0,
-        };
+        let mut r = Reader { buf: &bytes, pos: 0 };
 
         let magic: [u8; 4] = r.array(|| "magic".to_owned())?;
         if magic != GGUF_MAGIC {
-            return Err(GgufError::BadMagic {
-                found: magic.to_vec(),
-            });
+            return Err(GgufError::BadMagic { found: magic.to_vec() });
         }
         let version = r.u32(|| "version".to_owned())?;
         if version != 2 && version != 3 {
@@ -768,9 +683,7 @@ impl GgufFile {
             .and_then(|(a, b)| a.checked_add(b));
         if needed.is_none_or(|n| n > left) {
             return Err(GgufError::Truncated {
-                what: format!(
-                    "{kv_count} metadata entries and {tensor_count} tensor infos ({left} bytes left)"
-                ),
+                what: format!("{kv_count} metadata entries and {tensor_count} tensor infos ({left} bytes left)"),
                 offset: r.offset(),
             });
         }
@@ -783,19 +696,12 @@ impl GgufFile {
             let key_at = r.offset();
             let key = r.string(&|| format!("key of metadata entry {i}"))?;
             if meta_index.contains_key(&key) {
-                return Err(GgufError::DuplicateKey {
-                    key,
-                    offset: key_at,
-                });
+                return Err(GgufError::DuplicateKey { key, offset: key_at });
             }
             let ty_at = r.offset();
             let ty = r.u32(|| format!("value type of metadata key {key:?}"))?;
             if min_value_bytes(ty).is_none() {
-                return Err(GgufError::UnknownValueType {
-                    key,
-                    type_id: ty,
-                    offset: ty_at,
-                });
+                return Err(GgufError::UnknownValueType { key, type_id: ty, offset: ty_at });
             }
             let value = r.value(ty, &key, 0, &mut budget)?;
             meta_index.insert(key.clone(), metadata.len());
@@ -805,14 +711,8 @@ impl GgufFile {
         let alignment = match meta_index.get("general.alignment").map(|&i| &metadata[i].1) {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_integer() {
-                Some(a) if a > 0 && a <= u64::MAX as i128 && (a as u64).is_power_of_two() => {
-                    a as u64
-                }
-                _ => {
-                    return Err(GgufError::BadAlignment {
-                        value: format!("{v:?}"),
-                    })
-                }
+                Some(a) if a > 0 && a <= u64::MAX as i128 && (a as u64).is_power_of_two() => a as u64,
+                _ => return Err(GgufError::BadAlignment { value: format!("{v:?}") }),
             },
         };
 
@@ -823,10 +723,7 @@ impl GgufFile {
             let at = r.offset();
             let name = r.string(&|| format!("name of tensor info {i}"))?;
             if tensor_index.contains_key(&name) {
-                return Err(GgufError::DuplicateTensor {
-                    tensor: name,
-                    offset: at,
-                });
+                return Err(GgufError::DuplicateTensor { tensor: name, offset: at });
             }
             let n_dims = r.u32(|| format!("dimension count of tensor {name:?}"))?;
             if n_dims == 0 || n_dims as usize > MAX_DIMS {
@@ -849,64 +746,36 @@ impl GgufFile {
                 dims.push(d);
             }
             let type_id = r.u32(|| format!("type of tensor {name:?}"))?;
-            let ggml_type =
-                GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnknownTensorType {
-                    tensor: name.clone(),
-                    type_id,
-                })?;
+            let ggml_type = GgmlType::from_id(type_id)
+                .ok_or_else(|| GgufError::UnknownTensorType { tensor: name.clone(), type_id })?;
             let offset = r.u64(|| format!("data offset of tensor {name:?}"))?;
 
             let n_elements = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let Some(n_elements) = n_elements else {
-                return Err(GgufError::DimsOverflow {
-                    tensor: name,
-                    offset: at,
-                });
+                return Err(GgufError::DimsOverflow { tensor: name, offset: at });
             };
             let block_values = ggml_type.block_values();
             if !dims[0].is_multiple_of(block_values as u64) {
-                return Err(GgufError::NotBlockMultiple {
-                    tensor: name,
-                    ggml_type,
-                    dim0: dims[0],
-                    block_values,
-                });
+                return Err(GgufError::NotBlockMultiple { tensor: name, ggml_type, dim0: dims[0], block_values });
             }
             let Some(n_bytes) = ggml_type.bytes_for(n_elements) else {
-                return Err(GgufError::DimsOverflow {
-                    tensor: name,
-                    offset: at,
-                });
+                return Err(GgufError::DimsOverflow { tensor: name, offset: at });
             };
             tensor_index.insert(name.clone(), tensors.len());
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-                n_bytes,
-            });
+            tensors.push(TensorInfo { name, dims, ggml_type, offset, n_bytes });
         }
 
         // Data section and tensor ranges.
         let infos_end = r.offset();
         let data_start = if tensors.is_empty() {
-            align_up(infos_end, alignment)
-                .unwrap_or(u64::MAX)
-                .min(file_len)
+            align_up(infos_end, alignment).unwrap_or(u64::MAX).min(file_len)
         } else {
-            align_up(infos_end, alignment).ok_or_else(|| GgufError::Truncated {
-                what: "data section".to_owned(),
-                offset: infos_end,
-            })?
+            align_up(infos_end, alignment)
+                .ok_or_else(|| GgufError::Truncated { what: "data section".to_owned(), offset: infos_end })?
         };
         for t in &tensors {
             if !t.offset.is_multiple_of(alignment) {
-                return Err(GgufError::MisalignedTensor {
-                    tensor: t.name.clone(),
-                    offset: t.offset,
-                    alignment,
-                });
+                return Err(GgufError::MisalignedTensor { tensor: t.name.clone(), offset: t.offset, alignment });
             }
             let start = data_start.checked_add(t.offset);
             let end = start.and_then(|s| s.checked_add(t.n_bytes));
@@ -928,23 +797,11 @@ impl GgufFile {
             let (a, b) = (&tensors[pair[0]], &tensors[pair[1]]);
             // Cannot overflow: both ranges were checked to lie inside the file.
             if a.offset + a.n_bytes > b.offset {
-                return Err(GgufError::OverlappingTensors {
-                    first: a.name.clone(),
-                    second: b.name.clone(),
-                });
+                return Err(GgufError::OverlappingTensors { first: a.name.clone(), second: b.name.clone() });
             }
         }
 
-        Ok(GgufFile {
-            version,
-            alignment,
-            tensors,
-            metadata,
-            meta_index,
-            tensor_index,
-            bytes,
-            data_start,
-        })
+        Ok(GgufFile { version, alignment, tensors, metadata, meta_index, tensor_index, bytes, data_start })
     }
 
     /// All metadata entries, in file order.
@@ -958,32 +815,23 @@ impl GgufFile {
     }
 
     fn require(&self, key: &str) -> Result<&MetaValue, GgufError> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey {
-            key: key.to_owned(),
-        })
+        self.get(key).ok_or_else(|| GgufError::MissingKey { key: key.to_owned() })
     }
 
     fn wrong_type(key: &str, expected: &'static str, found: &MetaValue) -> GgufError {
-        GgufError::WrongKeyType {
-            key: key.to_owned(),
-            expected,
-            found: describe_type(found),
-        }
+        GgufError::WrongKeyType { key: key.to_owned(), expected, found: describe_type(found) }
     }
 
     /// A string value.
     pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
         let v = self.require(key)?;
-        v.as_str()
-            .ok_or_else(|| Self::wrong_type(key, "a string", v))
+        v.as_str().ok_or_else(|| Self::wrong_type(key, "a string", v))
     }
 
     /// An integer value of any integer type, if it fits in `u32`.
     pub fn get_u32(&self, key: &str) -> Result<u32, GgufError> {
         let v = self.require(key)?;
-        let i = v
-            .as_integer()
-            .ok_or_else(|| Self::wrong_type(key, "an integer", v))?;
+        let i = v.as_integer().ok_or_else(|| Self::wrong_type(key, "an integer", v))?;
         u32::try_from(i).map_err(|_| GgufError::OutOfRange {
             key: key.to_owned(),
             expected: "u32",
@@ -994,9 +842,7 @@ impl GgufFile {
     /// An integer value of any integer type, if it fits in `u64`.
     pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
         let v = self.require(key)?;
-        let i = v
-            .as_integer()
-            .ok_or_else(|| Self::wrong_type(key, "an integer", v))?;
+        let i = v.as_integer().ok_or_else(|| Self::wrong_type(key, "an integer", v))?;
         u64::try_from(i).map_err(|_| GgufError::OutOfRange {
             key: key.to_owned(),
             expected: "u64",
@@ -1024,30 +870,18 @@ impl GgufFile {
     /// An array of strings.
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
         let v = self.require(key)?;
-        let items = v
-            .as_array()
-            .ok_or_else(|| Self::wrong_type(key, "an array of strings", v))?;
-        items
-            .iter()
-            .map(|item| {
-                item.as_str()
-                    .ok_or_else(|| Self::wrong_type(key, "an array of strings", v))
-            })
-            .collect()
+        let items = v.as_array().ok_or_else(|| Self::wrong_type(key, "an array of strings", v))?;
+        items.iter().map(|item| item.as_str().ok_or_else(|| Self::wrong_type(key, "an array of strings", v))).collect()
     }
 
     /// An array of integers that all fit in `i32` (any integer element type).
     pub fn get_i32_array(&self, key: &str) -> Result<Vec<i32>, GgufError> {
         let v = self.require(key)?;
-        let items = v
-            .as_array()
-            .ok_or_else(|| Self::wrong_type(key, "an array of integers", v))?;
+        let items = v.as_array().ok_or_else(|| Self::wrong_type(key, "an array of integers", v))?;
         items
             .iter()
             .map(|item| {
-                let i = item
-                    .as_integer()
-                    .ok_or_else(|| Self::wrong_type(key, "an array of integers", v))?;
+                let i = item.as_integer().ok_or_else(|| Self::wrong_type(key, "an array of integers", v))?;
                 i32::try_from(i).map_err(|_| GgufError::OutOfRange {
                     key: key.to_owned(),
                     expected: "i32",
@@ -1062,9 +896,7 @@ impl GgufFile {
         self.tensor_index
             .get(name)
             .map(|&i| &self.tensors[i])
-            .ok_or_else(|| GgufError::MissingTensor {
-                name: name.to_owned(),
-            })
+            .ok_or_else(|| GgufError::MissingTensor { name: name.to_owned() })
     }
 
     /// The raw bytes of a tensor of this file. Ranges were validated at parse time; an info
@@ -1128,10 +960,7 @@ impl GgufWriter {
         fn check(v: &MetaValue) {
             if let MetaValue::Array(items) = v {
                 if let Some(first) = items.first() {
-                    assert!(
-                        items.iter().all(|i| i.type_id() == first.type_id()),
-                        "gguf arrays must be homogeneous"
-                    );
+                    assert!(items.iter().all(|i| i.type_id() == first.type_id()), "gguf arrays must be homogeneous");
                 }
                 items.iter().for_each(check);
             }
@@ -1142,24 +971,13 @@ impl GgufWriter {
     }
 
     /// Appends a tensor with its raw data.
-    pub fn add_tensor(
-        &mut self,
-        name: &str,
-        dims: &[u64],
-        ggml_type: GgmlType,
-        bytes: &[u8],
-    ) -> &mut Self {
-        self.tensors
-            .push((name.to_owned(), dims.to_vec(), ggml_type, bytes.to_vec()));
+    pub fn add_tensor(&mut self, name: &str, dims: &[u64], ggml_type: GgmlType, bytes: &[u8]) -> &mut Self {
+        self.tensors.push((name.to_owned(), dims.to_vec(), ggml_type, bytes.to_vec()));
         self
     }
 
     fn alignment(&self) -> u64 {
-        let set = self
-            .metadata
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "general.alignment");
+        let set = self.metadata.iter().rev().find(|(k, _)| k == "general.alignment");
         match set.and_then(|(_, v)| v.as_integer()) {
             Some(a) if a > 0 && a <= u32::MAX as i128 && (a as u64).is_power_of_two() => a as u64,
             _ => DEFAULT_ALIGNMENT,
@@ -1268,18 +1086,8 @@ mod tests {
             .add_meta("test.small_u64", MetaValue::U64(77))
             .add_meta("test.i64", MetaValue::I64(-1))
             .add_meta("test.f64", MetaValue::F64(100000.0))
-            .add_meta(
-                "test.tokens",
-                MetaValue::Array(vec![s("a"), s("é"), s("<|im_start|>")]),
-            )
-            .add_meta(
-                "test.types",
-                MetaValue::Array(vec![
-                    MetaValue::I32(1),
-                    MetaValue::I32(3),
-                    MetaValue::I32(4),
-                ]),
-            )
+            .add_meta("test.tokens", MetaValue::Array(vec![s("a"), s("é"), s("<|im_start|>")]))
+            .add_meta("test.types", MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(3), MetaValue::I32(4)]))
             .add_meta(
                 "test.nested",
                 MetaValue::Array(vec![
@@ -1378,10 +1186,7 @@ mod tests {
         assert_eq!(f.file_len(), bytes.len() as u64);
 
         let w = sample_writer();
-        let got: Vec<(String, MetaValue)> = f
-            .metadata()
-            .map(|(k, v)| (k.to_owned(), v.clone()))
-            .collect();
+        let got: Vec<(String, MetaValue)> = f.metadata().map(|(k, v)| (k.to_owned(), v.clone())).collect();
         assert_eq!(got, w.metadata);
 
         assert_eq!(f.tensors.len(), 3);
@@ -1406,10 +1211,7 @@ mod tests {
         assert_eq!(f.get_f32("test.f32").unwrap(), 1e-5);
         assert_eq!(f.get_f32("test.f64").unwrap(), 100000.0);
         assert!(f.get_bool("test.bool").unwrap());
-        assert_eq!(
-            f.get_str_array("test.tokens").unwrap(),
-            ["a", "é", "<|im_start|>"]
-        );
+        assert_eq!(f.get_str_array("test.tokens").unwrap(), ["a", "é", "<|im_start|>"]);
         assert_eq!(f.get_i32_array("test.types").unwrap(), [1, 3, 4]);
         assert_eq!(f.get_i32_array("test.empty").unwrap(), Vec::<i32>::new());
         assert_eq!(f.get("test.i8"), Some(&MetaValue::I8(-5)));
@@ -1417,38 +1219,17 @@ mod tests {
 
         // Lookup errors name the key.
         let e = f.get_str("nope").unwrap_err();
-        assert!(
-            matches!(&e, GgufError::MissingKey { key } if key == "nope"),
-            "{e}"
-        );
+        assert!(matches!(&e, GgufError::MissingKey { key } if key == "nope"), "{e}");
         assert!(e.to_string().contains("nope"));
         let e = f.get_u32("general.architecture").unwrap_err();
         assert!(matches!(&e, GgufError::WrongKeyType { key, .. } if key == "general.architecture"));
         assert!(e.to_string().contains("general.architecture"), "{e}");
-        assert!(matches!(
-            f.get_u32("test.i32"),
-            Err(GgufError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            f.get_u32("test.u64"),
-            Err(GgufError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            f.get_f32("test.u8"),
-            Err(GgufError::WrongKeyType { .. })
-        ));
-        assert!(matches!(
-            f.get_bool("test.u8"),
-            Err(GgufError::WrongKeyType { .. })
-        ));
-        assert!(matches!(
-            f.get_str_array("test.types"),
-            Err(GgufError::WrongKeyType { .. })
-        ));
-        assert!(matches!(
-            f.get_i32_array("test.tokens"),
-            Err(GgufError::WrongKeyType { .. })
-        ));
+        assert!(matches!(f.get_u32("test.i32"), Err(GgufError::OutOfRange { .. })));
+        assert!(matches!(f.get_u32("test.u64"), Err(GgufError::OutOfRange { .. })));
+        assert!(matches!(f.get_f32("test.u8"), Err(GgufError::WrongKeyType { .. })));
+        assert!(matches!(f.get_bool("test.u8"), Err(GgufError::WrongKeyType { .. })));
+        assert!(matches!(f.get_str_array("test.types"), Err(GgufError::WrongKeyType { .. })));
+        assert!(matches!(f.get_i32_array("test.tokens"), Err(GgufError::WrongKeyType { .. })));
         let e = f.tensor("missing.weight").unwrap_err();
         assert!(matches!(&e, GgufError::MissingTensor { name } if name == "missing.weight"));
 
@@ -1492,20 +1273,12 @@ mod tests {
         let bytes = sample_bytes();
         let f = GgufFile::parse(bytes.clone()).unwrap();
         let data_start = f.data_start() as usize;
-        let data_end = f
-            .tensors
-            .iter()
-            .map(|t| t.offset + t.n_bytes)
-            .max()
-            .unwrap() as usize;
+        let data_end = f.tensors.iter().map(|t| t.offset + t.n_bytes).max().unwrap() as usize;
         let data_end = data_start + data_end;
         assert!(data_end < bytes.len(), "the writer pads the file end");
         // Cutting the trailing padding after the last tensor leaves a valid file.
         for n in data_end..bytes.len() {
-            assert!(
-                GgufFile::parse(bytes[..n].to_vec()).is_ok(),
-                "prefix of {n} bytes"
-            );
+            assert!(GgufFile::parse(bytes[..n].to_vec()).is_ok(), "prefix of {n} bytes");
         }
         for n in 0..data_end {
             match GgufFile::parse(bytes[..n].to_vec()) {
@@ -1579,10 +1352,7 @@ mod tests {
         assert!(matches!(err(b"GG".to_vec()), GgufError::Truncated { .. }));
 
         let e = err(Raw::new(1, 0, 0).0);
-        assert!(
-            matches!(e, GgufError::UnsupportedVersion { version: 1 }),
-            "{e}"
-        );
+        assert!(matches!(e, GgufError::UnsupportedVersion { version: 1 }), "{e}");
         let e = err(Raw::new(3 << 24, 0, 0).0);
         assert!(matches!(e, GgufError::UnsupportedVersion { .. }), "{e}");
     }
@@ -1591,89 +1361,34 @@ mod tests {
     fn huge_string_length() {
         let e = err(Raw::new(3, 0, 1).u64(u64::MAX).bytes(&[b'k'; 64]).0);
         assert!(matches!(e, GgufError::Truncated { offset: 32, .. }), "{e}");
-        let e = err(Raw::new(3, 0, 1)
-            .str("k")
-            .u32(8)
-            .u64(1 << 62)
-            .bytes(&[0; 64])
-            .0);
-        assert!(
-            matches!(&e, GgufError::Truncated { what, .. } if what.contains("\"k\"")),
-            "{e}"
-        );
+        let e = err(Raw::new(3, 0, 1).str("k").u32(8).u64(1 << 62).bytes(&[0; 64]).0);
+        assert!(matches!(&e, GgufError::Truncated { what, .. } if what.contains("\"k\"")), "{e}");
         let e = err(Raw::new(3, 1, 0).u64(u64::MAX - 3).bytes(&[0; 64]).0);
-        assert!(
-            matches!(&e, GgufError::Truncated { what, .. } if what.contains("tensor")),
-            "{e}"
-        );
+        assert!(matches!(&e, GgufError::Truncated { what, .. } if what.contains("tensor")), "{e}");
     }
 
     #[test]
     fn huge_counts() {
         // Array count far beyond the file.
-        let e = err(Raw::new(3, 0, 1)
-            .str("tokenizer.ggml.tokens")
-            .u32(9)
-            .u32(8)
-            .u64(u64::MAX)
-            .0);
-        assert!(
-            matches!(&e, GgufError::Truncated { what, .. } if what.contains("tokenizer.ggml.tokens")),
-            "{e}"
-        );
-        let e = err(Raw::new(3, 0, 1)
-            .str("a")
-            .u32(9)
-            .u32(4)
-            .u64(1 << 60)
-            .bytes(&[0; 100])
-            .0);
+        let e = err(Raw::new(3, 0, 1).str("tokenizer.ggml.tokens").u32(9).u32(8).u64(u64::MAX).0);
+        assert!(matches!(&e, GgufError::Truncated { what, .. } if what.contains("tokenizer.ggml.tokens")), "{e}");
+        let e = err(Raw::new(3, 0, 1).str("a").u32(9).u32(4).u64(1 << 60).bytes(&[0; 100]).0);
         assert!(matches!(e, GgufError::Truncated { .. }), "{e}");
         // Entry counts beyond the file.
-        assert!(matches!(
-            err(Raw::new(3, 0, u64::MAX).0),
-            GgufError::Truncated { .. }
-        ));
-        assert!(matches!(
-            err(Raw::new(3, u64::MAX, 0).0),
-            GgufError::Truncated { .. }
-        ));
-        assert!(matches!(
-            err(Raw::new(3, 1 << 40, 1 << 40).0),
-            GgufError::Truncated { .. }
-        ));
+        assert!(matches!(err(Raw::new(3, 0, u64::MAX).0), GgufError::Truncated { .. }));
+        assert!(matches!(err(Raw::new(3, u64::MAX, 0).0), GgufError::Truncated { .. }));
+        assert!(matches!(err(Raw::new(3, 1 << 40, 1 << 40).0), GgufError::Truncated { .. }));
     }
 
     #[test]
     fn metadata_value_budget() {
         // An array of 10 u32 values against budgets of 9 and 10.
-        let bytes = [
-            4u32.to_le_bytes().as_slice(),
-            &10u64.to_le_bytes(),
-            &[0; 40],
-        ]
-        .concat();
-        let mut r = Reader {
-            buf: &bytes,
-            pos: 0,
-        };
+        let bytes = [4u32.to_le_bytes().as_slice(), &10u64.to_le_bytes(), &[0; 40]].concat();
+        let mut r = Reader { buf: &bytes, pos: 0 };
         let mut budget = 9;
         let e = r.value(value_type::ARRAY, "k", 0, &mut budget).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                GgufError::TooLarge {
-                    value: 10,
-                    limit: 9,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        let mut r = Reader {
-            buf: &bytes,
-            pos: 0,
-        };
+        assert!(matches!(e, GgufError::TooLarge { value: 10, limit: 9, .. }), "{e}");
+        let mut r = Reader { buf: &bytes, pos: 0 };
         let mut budget = 10;
         assert!(r.value(value_type::ARRAY, "k", 0, &mut budget).is_ok());
         assert_eq!(budget, 0);
@@ -1682,19 +1397,10 @@ mod tests {
     #[test]
     fn unknown_value_type() {
         let e = err(Raw::new(3, 0, 1).str("my.key").u32(13).bytes(&[0; 16]).0);
-        assert!(
-            matches!(&e, GgufError::UnknownValueType { key, type_id: 13, offset: 38 } if key == "my.key"),
-            "{e}"
-        );
+        assert!(matches!(&e, GgufError::UnknownValueType { key, type_id: 13, offset: 38 } if key == "my.key"), "{e}");
         assert!(e.to_string().contains("my.key"));
         // Unknown array element type.
-        let e = err(Raw::new(3, 0, 1)
-            .str("arr")
-            .u32(9)
-            .u32(99)
-            .u64(1)
-            .bytes(&[0; 16])
-            .0);
+        let e = err(Raw::new(3, 0, 1).str("arr").u32(9).u32(99).u64(1).bytes(&[0; 16]).0);
         assert!(matches!(&e, GgufError::UnknownValueType { key, type_id: 99, .. } if key == "arr"));
     }
 
@@ -1705,10 +1411,7 @@ mod tests {
             raw = raw.u32(9).u64(1);
         }
         let e = err(raw.bytes(&[0; 64]).0);
-        assert!(
-            matches!(&e, GgufError::ArrayTooDeep { key, .. } if key == "deep"),
-            "{e}"
-        );
+        assert!(matches!(&e, GgufError::ArrayTooDeep { key, .. } if key == "deep"), "{e}");
         // Depth MAX_ARRAY_DEPTH itself is accepted.
         let mut v = MetaValue::U8(7);
         for _ in 0..MAX_ARRAY_DEPTH {
@@ -1721,21 +1424,10 @@ mod tests {
 
     #[test]
     fn invalid_utf8_and_bool() {
-        let e = err(Raw::new(3, 0, 1)
-            .str("k")
-            .u32(8)
-            .u64(2)
-            .bytes(&[0xc3, 0x28])
-            .0);
-        assert!(
-            matches!(&e, GgufError::InvalidUtf8 { what, .. } if what.contains("\"k\"")),
-            "{e}"
-        );
+        let e = err(Raw::new(3, 0, 1).str("k").u32(8).u64(2).bytes(&[0xc3, 0x28]).0);
+        assert!(matches!(&e, GgufError::InvalidUtf8 { what, .. } if what.contains("\"k\"")), "{e}");
         let e = err(Raw::new(3, 0, 1).u64(1).bytes(&[0xff]).u32(0).bytes(&[0]).0);
-        assert!(
-            matches!(e, GgufError::InvalidUtf8 { offset: 32, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, GgufError::InvalidUtf8 { offset: 32, .. }), "{e}");
         let e = err(Raw::new(3, 0, 1).str("b").u32(7).bytes(&[2]).0);
         assert!(matches!(e, GgufError::InvalidBool { byte: 2, .. }), "{e}");
     }
@@ -1743,36 +1435,19 @@ mod tests {
     #[test]
     fn duplicates_are_rejected() {
         let mut w = GgufWriter::new();
-        w.add_meta("a", MetaValue::U8(1))
-            .add_meta("a", MetaValue::U8(2));
+        w.add_meta("a", MetaValue::U8(1)).add_meta("a", MetaValue::U8(2));
         let e = err(w.finish());
-        assert!(
-            matches!(&e, GgufError::DuplicateKey { key, .. } if key == "a"),
-            "{e}"
-        );
+        assert!(matches!(&e, GgufError::DuplicateKey { key, .. } if key == "a"), "{e}");
 
         let mut w = GgufWriter::new();
-        w.add_tensor("t", &[1], GgmlType::F32, &[0; 4]).add_tensor(
-            "t",
-            &[1],
-            GgmlType::F32,
-            &[0; 4],
-        );
+        w.add_tensor("t", &[1], GgmlType::F32, &[0; 4]).add_tensor("t", &[1], GgmlType::F32, &[0; 4]);
         let e = err(w.finish());
-        assert!(
-            matches!(&e, GgufError::DuplicateTensor { tensor, .. } if tensor == "t"),
-            "{e}"
-        );
+        assert!(matches!(&e, GgufError::DuplicateTensor { tensor, .. } if tensor == "t"), "{e}");
     }
 
     #[test]
     fn bad_alignment() {
-        for bad in [
-            MetaValue::U32(0),
-            MetaValue::U32(3),
-            MetaValue::I32(-32),
-            s("32"),
-        ] {
+        for bad in [MetaValue::U32(0), MetaValue::U32(3), MetaValue::I32(-32), s("32")] {
             let mut w = GgufWriter::new();
             w.add_meta("general.alignment", bad);
             let e = err(w.finish());
@@ -1784,40 +1459,23 @@ mod tests {
     #[test]
     fn unknown_tensor_type() {
         let e = err(Raw::new(3, 1, 0).tensor("w", &[32], 4, 0).data(64));
-        assert!(
-            matches!(&e, GgufError::UnknownTensorType { tensor, type_id: 4 } if tensor == "w"),
-            "{e}"
-        );
+        assert!(matches!(&e, GgufError::UnknownTensorType { tensor, type_id: 4 } if tensor == "w"), "{e}");
         let e = err(Raw::new(3, 1, 0).tensor("w", &[32], 9999, 0).data(64));
-        assert!(
-            matches!(e, GgufError::UnknownTensorType { type_id: 9999, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, GgufError::UnknownTensorType { type_id: 9999, .. }), "{e}");
     }
 
     #[test]
     fn bad_dims() {
-        let e = err(Raw::new(3, 1, 0)
-            .tensor("w", &[1 << 33, 1 << 33], 0, 0)
-            .data(64));
-        assert!(
-            matches!(&e, GgufError::DimsOverflow { tensor, .. } if tensor == "w"),
-            "{e}"
-        );
+        let e = err(Raw::new(3, 1, 0).tensor("w", &[1 << 33, 1 << 33], 0, 0).data(64));
+        assert!(matches!(&e, GgufError::DimsOverflow { tensor, .. } if tensor == "w"), "{e}");
         // Elements fit, bytes overflow.
-        let e = err(Raw::new(3, 1, 0)
-            .tensor("w", &[1 << 31, 1 << 31], 0, 0)
-            .data(64));
+        let e = err(Raw::new(3, 1, 0).tensor("w", &[1 << 31, 1 << 31], 0, 0).data(64));
         assert!(matches!(e, GgufError::DimsOverflow { .. }), "{e}");
-        let e = err(Raw::new(3, 1, 0)
-            .tensor("w", &[u64::MAX, 2, 2, 2], 0, 0)
-            .data(64));
+        let e = err(Raw::new(3, 1, 0).tensor("w", &[u64::MAX, 2, 2, 2], 0, 0).data(64));
         assert!(matches!(e, GgufError::DimsOverflow { .. }), "{e}");
         let e = err(Raw::new(3, 1, 0).tensor("w", &[4, 0], 0, 0).data(64));
         assert!(matches!(e, GgufError::InvalidDims { .. }), "{e}");
-        let e = err(Raw::new(3, 1, 0)
-            .tensor("w", &[1, 1, 1, 1, 1], 0, 0)
-            .data(64));
+        let e = err(Raw::new(3, 1, 0).tensor("w", &[1, 1, 1, 1, 1], 0, 0).data(64));
         assert!(matches!(e, GgufError::InvalidDims { .. }), "{e}");
         let e = err(Raw::new(3, 1, 0).tensor("w", &[], 0, 0).data(64));
         assert!(matches!(e, GgufError::InvalidDims { .. }), "{e}");
@@ -1825,40 +1483,22 @@ mod tests {
         assert!(matches!(e, GgufError::InvalidDims { .. }), "{e}");
         // Q4_0 rows must be whole blocks of 32.
         let e = err(Raw::new(3, 1, 0).tensor("w", &[48, 2], 2, 0).data(64));
-        assert!(
-            matches!(
-                e,
-                GgufError::NotBlockMultiple {
-                    dim0: 48,
-                    block_values: 32,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(matches!(e, GgufError::NotBlockMultiple { dim0: 48, block_values: 32, .. }), "{e}");
     }
 
     #[test]
     fn misaligned_offset() {
         let e = err(Raw::new(3, 1, 0).tensor("w", &[2], 0, 4).data(64));
-        assert!(
-            matches!(&e, GgufError::MisalignedTensor { tensor, offset: 4, alignment: 32 } if tensor == "w"),
-            "{e}"
-        );
+        assert!(matches!(&e, GgufError::MisalignedTensor { tensor, offset: 4, alignment: 32 } if tensor == "w"), "{e}");
     }
 
     #[test]
     fn out_of_bounds_tensor() {
         let e = err(Raw::new(3, 1, 0).tensor("w", &[1024], 0, 0).data(64));
-        assert!(
-            matches!(&e, GgufError::TensorOutOfBounds { tensor, .. } if tensor == "w"),
-            "{e}"
-        );
+        assert!(matches!(&e, GgufError::TensorOutOfBounds { tensor, .. } if tensor == "w"), "{e}");
         let e = err(Raw::new(3, 1, 0).tensor("w", &[1], 0, 1 << 63).data(64));
         assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "{e}");
-        let e = err(Raw::new(3, 1, 0)
-            .tensor("w", &[1], 0, u64::MAX - 31)
-            .data(64));
+        let e = err(Raw::new(3, 1, 0).tensor("w", &[1], 0, u64::MAX - 31).data(64));
         assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "{e}");
         // Exactly fitting data is fine.
         assert!(GgufFile::parse(Raw::new(3, 1, 0).tensor("w", &[16], 0, 0).data(64)).is_ok());
@@ -1866,18 +1506,11 @@ mod tests {
 
     #[test]
     fn overlapping_tensors() {
-        let raw = Raw::new(3, 2, 0)
-            .tensor("a", &[16], 0, 0)
-            .tensor("b", &[8], 0, 32);
+        let raw = Raw::new(3, 2, 0).tensor("a", &[16], 0, 0).tensor("b", &[8], 0, 32);
         let e = err(raw.data(128));
         assert!(matches!(e, GgufError::OverlappingTensors { .. }), "{e}");
-        let raw = Raw::new(3, 2, 0)
-            .tensor("a", &[8], 0, 0)
-            .tensor("b", &[8], 0, 0);
-        assert!(matches!(
-            err(raw.data(128)),
-            GgufError::OverlappingTensors { .. }
-        ));
+        let raw = Raw::new(3, 2, 0).tensor("a", &[8], 0, 0).tensor("b", &[8], 0, 0);
+        assert!(matches!(err(raw.data(128)), GgufError::OverlappingTensors { .. }));
     }
 
     #[test]
@@ -1893,11 +1526,8 @@ mod tests {
 
     #[test]
     fn error_messages_are_lowercase() {
-        let errors = [
-            err(Raw::new(1, 0, 0).0),
-            err(b"GG".to_vec()),
-            err(Raw::new(3, 1, 0).tensor("w", &[32], 4, 0).data(64)),
-        ];
+        let errors =
+            [err(Raw::new(1, 0, 0).0), err(b"GG".to_vec()), err(Raw::new(3, 1, 0).tensor("w", &[32], 4, 0).data(64))];
         for e in errors {
             let msg = e.to_string();
             assert!(msg.starts_with(|c: char| !c.is_uppercase()), "{msg}");
@@ -1920,36 +1550,20 @@ mod tests {
         assert_eq!(emb.dims, [576, 49152]);
         assert_eq!(f.tensor_data(emb).len(), 49152 * 576 / 32 * 34);
         let count = |t: GgmlType| f.tensors.iter().filter(|i| i.ggml_type == t).count();
-        assert_eq!(
-            (
-                count(GgmlType::Q4_1),
-                count(GgmlType::F32),
-                count(GgmlType::Q8_0)
-            ),
-            (210, 61, 1)
-        );
+        assert_eq!((count(GgmlType::Q4_1), count(GgmlType::F32), count(GgmlType::Q8_0)), (210, 61, 1));
         assert_eq!(f.get_str("tokenizer.ggml.model").unwrap(), "gpt2");
-        assert_eq!(
-            f.get_str_array("tokenizer.ggml.tokens").unwrap().len(),
-            49152
-        );
+        assert_eq!(f.get_str_array("tokenizer.ggml.tokens").unwrap().len(), 49152);
         // The 17 special tokens (<|endoftext|>, <|im_start|>, <|im_end|>, <repo_name>, ...)
         // are CONTROL (3); every other token is NORMAL (1).
         let types = f.get_i32_array("tokenizer.ggml.token_type").unwrap();
         assert!(types[..17].iter().all(|&t| t == 3));
         assert!(types[17..].iter().all(|&t| t == 1));
-        assert_eq!(
-            f.get_str_array("tokenizer.ggml.merges").unwrap().len(),
-            48900
-        );
+        assert_eq!(f.get_str_array("tokenizer.ggml.merges").unwrap().len(), 48900);
         assert_eq!(f.get_str("tokenizer.ggml.pre").unwrap(), "smollm");
         assert_eq!(f.get_u32("tokenizer.ggml.bos_token_id").unwrap(), 1);
         assert_eq!(f.get_u32("tokenizer.ggml.eos_token_id").unwrap(), 2);
         assert!(!f.get_bool("tokenizer.ggml.add_bos_token").unwrap());
-        assert!(f
-            .get_str("tokenizer.chat_template")
-            .unwrap()
-            .contains("<|im_start|>"));
+        assert!(f.get_str("tokenizer.chat_template").unwrap().contains("<|im_start|>"));
         assert_eq!(f.get_f32("llama.rope.freq_base").unwrap(), 100000.0);
         assert_eq!(f.get_u32("llama.embedding_length").unwrap(), 576);
         assert_eq!(f.alignment, 32);

@@ -32,11 +32,7 @@ pub struct CompileOptions {
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions {
-            batch: 512,
-            embed_weights: true,
-            pipeline: Default::default(),
-        }
+        CompileOptions { batch: 512, embed_weights: true, pipeline: Default::default() }
     }
 }
 
@@ -81,20 +77,11 @@ pub fn compile(
     opts: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
     if opts.batch == 0 || opts.batch > 65536 {
-        return Err(CompileError::BadOption(format!(
-            "batch {} must be in 1..=65536",
-            opts.batch
-        )));
+        return Err(CompileError::BadOption(format!("batch {} must be in 1..=65536", opts.batch)));
     }
     let mut timings = vec![];
-    let (info, report) =
-        passes::run_pipeline(&mut graph, target, &opts.pipeline).map_err(CompileError::Verifier)?;
-    timings.extend(
-        report
-            .pass_times
-            .into_iter()
-            .map(|(n, d)| (format!("pass {n}"), d)),
-    );
+    let (info, report) = passes::run_pipeline(&mut graph, target, &opts.pipeline).map_err(CompileError::Verifier)?;
+    timings.extend(report.pass_times.into_iter().map(|(n, d)| (format!("pass {n}"), d)));
     let start = Instant::now();
     let plan = passes::plan_memory::plan(&graph, &info, opts.batch);
     timings.push(("plan memory".into(), start.elapsed()));
@@ -108,9 +95,7 @@ pub fn compile(
         &plan,
         &packed,
         target,
-        &codegen::CodegenOptions {
-            embed_weights: opts.embed_weights,
-        },
+        &codegen::CodegenOptions { embed_weights: opts.embed_weights },
     )
     .map_err(CompileError::Codegen)?;
     timings.push(("codegen".into(), start.elapsed()));

@@ -73,18 +73,9 @@ fn pad_to(blob: &mut Vec<u8>, align: usize) {
 fn layout_for(format: QuantFormat, shape: &[u32]) -> Layout {
     match (format, shape) {
         (_, [n]) => Layout::F32Vector { n: *n },
-        (QuantFormat::F32 | QuantFormat::F16, [rows, cols]) => Layout::F32Rows4 {
-            rows: *rows,
-            cols: *cols,
-        },
-        (QuantFormat::Q4_0 | QuantFormat::Q4_1, [rows, cols]) => Layout::Q4Rows4 {
-            rows: *rows,
-            cols: *cols,
-        },
-        (QuantFormat::Q8_0, [rows, cols]) => Layout::Q8Rows4 {
-            rows: *rows,
-            cols: *cols,
-        },
+        (QuantFormat::F32 | QuantFormat::F16, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
+        (QuantFormat::Q4_0 | QuantFormat::Q4_1, [rows, cols]) => Layout::Q4Rows4 { rows: *rows, cols: *cols },
+        (QuantFormat::Q8_0, [rows, cols]) => Layout::Q8Rows4 { rows: *rows, cols: *cols },
         _ => unreachable!("the verifier allows 1-D and 2-D weights only"),
     }
 }
@@ -100,9 +91,9 @@ fn push_f32(blob: &mut Vec<u8>, v: f32) {
 /// Packs one matrix into `blob` (rows beyond `rows` in the last group are zero).
 fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u8]) {
     let (rows, cols) = match layout {
-        Layout::F32Rows4 { rows, cols }
-        | Layout::Q4Rows4 { rows, cols }
-        | Layout::Q8Rows4 { rows, cols } => (rows as usize, cols as usize),
+        Layout::F32Rows4 { rows, cols } | Layout::Q4Rows4 { rows, cols } | Layout::Q8Rows4 { rows, cols } => {
+            (rows as usize, cols as usize)
+        }
         Layout::F32Vector { .. } => unreachable!(),
     };
     let row_bytes = format.row_bytes(cols).expect("verified");
@@ -124,9 +115,7 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     .collect();
                 for chunk in 0..cols.div_ceil(4) {
                     for v in &values {
-                        v[chunk * 4..chunk * 4 + 4]
-                            .iter()
-                            .for_each(|&x| push_f32(blob, x));
+                        v[chunk * 4..chunk * 4 + 4].iter().for_each(|&x| push_f32(blob, x));
                     }
                 }
             }
@@ -191,41 +180,27 @@ pub fn pack(graph: &Graph, raw: &[Vec<u8>]) -> Packed {
     }
     let mut rope_tables = BTreeMap::new();
     for node in &graph.nodes {
-        if let Op::Rope {
-            head_dim, theta, ..
-        } = node.op
-        {
-            rope_tables
-                .entry((head_dim, theta.to_bits()))
-                .or_insert_with(|| {
-                    let offset = blob.len() as u64;
-                    let hd = head_dim as usize;
-                    for p in 0..graph.context as usize {
-                        let angles: Vec<(f64, f64)> = (0..hd / 2)
-                            .map(|i| {
-                                (p as f64 * (theta as f64).powf(-2.0 * i as f64 / hd as f64))
-                                    .sin_cos()
-                            })
-                            .collect();
-                        angles
-                            .iter()
-                            .for_each(|&(_, c)| (0..2).for_each(|_| push_f32(&mut blob, c as f32)));
-                        angles.iter().for_each(|&(s, _)| {
-                            push_f32(&mut blob, -s as f32);
-                            push_f32(&mut blob, s as f32);
-                        });
-                    }
-                    pad_to(&mut blob, ALIGN);
-                    offset
-                });
+        if let Op::Rope { head_dim, theta, .. } = node.op {
+            rope_tables.entry((head_dim, theta.to_bits())).or_insert_with(|| {
+                let offset = blob.len() as u64;
+                let hd = head_dim as usize;
+                for p in 0..graph.context as usize {
+                    let angles: Vec<(f64, f64)> = (0..hd / 2)
+                        .map(|i| (p as f64 * (theta as f64).powf(-2.0 * i as f64 / hd as f64)).sin_cos())
+                        .collect();
+                    angles.iter().for_each(|&(_, c)| (0..2).for_each(|_| push_f32(&mut blob, c as f32)));
+                    angles.iter().for_each(|&(s, _)| {
+                        push_f32(&mut blob, -s as f32);
+                        push_f32(&mut blob, s as f32);
+                    });
+                }
+                pad_to(&mut blob, ALIGN);
+                offset
+            });
         }
     }
     pad_to(&mut blob, ALIGN);
-    Packed {
-        blob,
-        weights,
-        rope_tables,
-    }
+    Packed { blob, weights, rope_tables }
 }
 
 impl Packed {

@@ -46,15 +46,8 @@ pub mod token_type {
 const DIGIT_SPLIT_REGEX: &str = r"\p{N}";
 
 /// Pre-tokenizer families llama.cpp handles as "split off each `\p{N}`, then GPT-2 regex".
-const DIGIT_SPLIT_FAMILIES: [&str; 7] = [
-    "smollm",
-    "starcoder",
-    "refact",
-    "command-r",
-    "codeshell",
-    "exaone",
-    "minerva-7b",
-];
+const DIGIT_SPLIT_FAMILIES: [&str; 7] =
+    ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"];
 /// Pre-tokenizer families llama.cpp handles with the plain GPT-2 regex.
 const GPT2_FAMILIES: [&str; 4] = ["gpt2", "mpt", "olmo", "jais"];
 
@@ -72,27 +65,18 @@ pub enum TokenizerError {
     /// `tokenizer.ggml.token_type` does not have one entry per token.
     LengthMismatch { tokens: usize, token_types: usize },
     /// Two ids share one token string (a JSON vocabulary cannot represent that).
-    DuplicateToken {
-        token: String,
-        first: u32,
-        second: u32,
-    },
+    DuplicateToken { token: String, first: u32, second: u32 },
     /// A merge is not `"left right"` with both halves and their concatenation in the vocabulary.
-    BadMerge {
-        rank: usize,
-        merge: String,
-        reason: String,
-    },
+    BadMerge { rank: usize, merge: String, reason: String },
 }
 
 impl fmt::Display for TokenizerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Gguf(e) => write!(f, "cannot read the tokenizer: {e}"),
-            Self::UnsupportedTokenizer { model } => write!(
-                f,
-                "unsupported tokenizer.ggml.model {model:?} (kiln supports only \"gpt2\" byte-level bpe)"
-            ),
+            Self::UnsupportedTokenizer { model } => {
+                write!(f, "unsupported tokenizer.ggml.model {model:?} (kiln supports only \"gpt2\" byte-level bpe)")
+            }
             Self::UnsupportedPreTokenizer { pre } => write!(
                 f,
                 "unsupported tokenizer.ggml.pre {pre:?} (supported: {}, {})",
@@ -100,10 +84,9 @@ impl fmt::Display for TokenizerError {
                 GPT2_FAMILIES.join(", ")
             ),
             Self::EmptyVocab => write!(f, "tokenizer.ggml.tokens is empty"),
-            Self::LengthMismatch { tokens, token_types } => write!(
-                f,
-                "tokenizer.ggml.token_type has {token_types} entries for {tokens} tokens"
-            ),
+            Self::LengthMismatch { tokens, token_types } => {
+                write!(f, "tokenizer.ggml.token_type has {token_types} entries for {tokens} tokens")
+            }
             Self::DuplicateToken { token, first, second } => {
                 write!(f, "token {token:?} appears twice in the vocabulary (ids {first} and {second})")
             }
@@ -148,25 +131,20 @@ fn json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-const BYTE_LEVEL: &str =
-    r#"{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true}"#;
+const BYTE_LEVEL: &str = r#"{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true}"#;
 
 /// Builds the `tokenizer.json` text for the tokenizer stored in `gguf`.
 pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
     let model = gguf.get_str("tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(TokenizerError::UnsupportedTokenizer {
-            model: model.to_owned(),
-        });
+        return Err(TokenizerError::UnsupportedTokenizer { model: model.to_owned() });
     }
     let pre = match gguf.get("tokenizer.ggml.pre") {
         None => "default",
         Some(_) => gguf.get_str("tokenizer.ggml.pre")?,
     };
     let pre_tokenizer = if DIGIT_SPLIT_FAMILIES.contains(&pre) {
-        let mut p = String::from(
-            r#"{"type":"Sequence","pretokenizers":[{"type":"Split","pattern":{"Regex":"#,
-        );
+        let mut p = String::from(r#"{"type":"Sequence","pretokenizers":[{"type":"Split","pattern":{"Regex":"#);
         json_str(&mut p, DIGIT_SPLIT_REGEX);
         p.push_str(r#"},"behavior":"Isolated","invert":false},"#);
         p.push_str(BYTE_LEVEL);
@@ -175,9 +153,7 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
     } else if GPT2_FAMILIES.contains(&pre) {
         BYTE_LEVEL.to_owned()
     } else {
-        return Err(TokenizerError::UnsupportedPreTokenizer {
-            pre: pre.to_owned(),
-        });
+        return Err(TokenizerError::UnsupportedPreTokenizer { pre: pre.to_owned() });
     };
 
     let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
@@ -189,10 +165,7 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
         Some(_) => gguf.get_i32_array("tokenizer.ggml.token_type")?,
     };
     if types.len() != tokens.len() {
-        return Err(TokenizerError::LengthMismatch {
-            tokens: tokens.len(),
-            token_types: types.len(),
-        });
+        return Err(TokenizerError::LengthMismatch { tokens: tokens.len(), token_types: types.len() });
     }
     let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
 
@@ -200,20 +173,12 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
     for (id, &tok) in tokens.iter().enumerate() {
         let id = id as u32;
         if let Some(first) = vocab.insert(tok, id) {
-            return Err(TokenizerError::DuplicateToken {
-                token: tok.to_owned(),
-                first,
-                second: id,
-            });
+            return Err(TokenizerError::DuplicateToken { token: tok.to_owned(), first, second: id });
         }
     }
     let mut joined = String::new();
     for (rank, &merge) in merges.iter().enumerate() {
-        let bad = |reason: String| TokenizerError::BadMerge {
-            rank,
-            merge: merge.to_owned(),
-            reason,
-        };
+        let bad = |reason: String| TokenizerError::BadMerge { rank, merge: merge.to_owned(), reason };
         let mut parts = merge.split(' ');
         let (Some(left), Some(right), None) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad("expected two tokens separated by one space".to_owned()));
@@ -230,9 +195,7 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
 
     // Assemble the JSON, one vocabulary entry / merge per line.
     let mut out = String::with_capacity(tokens.len() * 24 + merges.len() * 16 + 4096);
-    out.push_str(
-        "{\n\"version\":\"1.0\",\n\"truncation\":null,\n\"padding\":null,\n\"added_tokens\":[",
-    );
+    out.push_str("{\n\"version\":\"1.0\",\n\"truncation\":null,\n\"padding\":null,\n\"added_tokens\":[");
     let mut first = true;
     for (id, (&tok, &ty)) in tokens.iter().zip(&types).enumerate() {
         if ty != token_type::CONTROL && ty != token_type::USER_DEFINED {
@@ -253,7 +216,9 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
     out.push_str(
         ",\n\"post_processor\":{\"type\":\"ByteLevel\",\"add_prefix_space\":false,\"trim_offsets\":false,\"use_regex\":true}",
     );
-    out.push_str(",\n\"decoder\":{\"type\":\"ByteLevel\",\"add_prefix_space\":true,\"trim_offsets\":true,\"use_regex\":true}");
+    out.push_str(
+        ",\n\"decoder\":{\"type\":\"ByteLevel\",\"add_prefix_space\":true,\"trim_offsets\":true,\"use_regex\":true}",
+    );
     out.push_str(
         ",\n\"model\":{\"type\":\"BPE\",\"dropout\":null,\"unk_token\":null,\"continuing_subword_prefix\":null,\
          \"end_of_word_suffix\":null,\"fuse_unk\":false,\"byte_fallback\":false,\"ignore_merges\":false,\n\"vocab\":{",
@@ -281,49 +246,36 @@ mod tests {
     use tokenizers::Tokenizer;
 
     fn strs(v: &[&str]) -> MetaValue {
-        MetaValue::Array(
-            v.iter()
-                .map(|s| MetaValue::String((*s).to_owned()))
-                .collect(),
-        )
+        MetaValue::Array(v.iter().map(|s| MetaValue::String((*s).to_owned())).collect())
     }
 
     /// A tiny byte-level vocabulary: the 256 byte symbols, a few merges, three specials.
     fn tiny(model: &str, pre: Option<&str>) -> GgufWriter {
-        let mut tokens: Vec<String> = vec![
-            "<|endoftext|>".into(),
-            "<|im_start|>".into(),
-            "<|im_end|>".into(),
-        ];
+        let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
         let mut types = vec![3, 3, 3];
         // GPT-2's byte-to-unicode table.
         let mut extra = 0;
         let mut symbols = Vec::new();
         for b in 0..256u32 {
-            let c = if (b'!' as u32..=b'~' as u32).contains(&b)
-                || (0xa1..=0xac).contains(&b)
-                || (0xae..=0xff).contains(&b)
-            {
-                char::from_u32(b).unwrap()
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra).unwrap()
-            };
+            let c =
+                if (b'!' as u32..=b'~' as u32).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+                {
+                    char::from_u32(b).unwrap()
+                } else {
+                    extra += 1;
+                    char::from_u32(255 + extra).unwrap()
+                };
             symbols.push(c.to_string());
         }
         tokens.extend(symbols.iter().cloned());
         types.extend(std::iter::repeat_n(1, 256));
-        for t in [
-            "he", "ll", "hell", "hello", "Ġw", "Ġwor", "Ġworld", "or", "ld", "\\\"",
-        ] {
+        for t in ["he", "ll", "hell", "hello", "Ġw", "Ġwor", "Ġworld", "or", "ld", "\\\""] {
             tokens.push(t.into());
             types.push(1);
         }
         tokens.push("<user>".into());
         types.push(4);
-        let merges = [
-            "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "\\ \"",
-        ];
+        let merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "\\ \""];
         let mut w = GgufWriter::new();
         w.add_meta("tokenizer.ggml.model", MetaValue::String(model.into()));
         if let Some(pre) = pre {
@@ -331,10 +283,7 @@ mod tests {
         }
         let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
         w.add_meta("tokenizer.ggml.tokens", strs(&token_refs));
-        w.add_meta(
-            "tokenizer.ggml.token_type",
-            MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
-        );
+        w.add_meta("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()));
         w.add_meta("tokenizer.ggml.merges", strs(&merges));
         w
     }
@@ -353,10 +302,7 @@ mod tests {
         let tok = Tokenizer::from_str(&json).unwrap();
         let id = |s: &str| tok.token_to_id(s).unwrap();
         assert_eq!(ids(&tok, "hello world"), [id("hello"), id("Ġworld")]);
-        assert_eq!(
-            ids(&tok, "<|im_start|>hello<|im_end|>"),
-            [1, id("hello"), 2]
-        );
+        assert_eq!(ids(&tok, "<|im_start|>hello<|im_end|>"), [1, id("hello"), 2]);
         assert_eq!(ids(&tok, "x\\\""), [id("x"), id("\\\"")]);
         // Digits are split one by one.
         assert_eq!(ids(&tok, "12"), [id("1"), id("2")]);
@@ -365,12 +311,7 @@ mod tests {
         assert_eq!(ids(&tok, "a<user>b"), [id("a"), id("<user>"), id("b")]);
         let enc = tok.encode("<|im_end|><user>", false).unwrap();
         assert_eq!(tok.decode(enc.get_ids(), true).unwrap(), "<user>");
-        for text in [
-            "hello world",
-            "tab\there\nnew  line",
-            "héllo wörld 🎉 12.5",
-            "",
-        ] {
+        for text in ["hello world", "tab\there\nnew  line", "héllo wörld 🎉 12.5", ""] {
             let enc = tok.encode(text, false).unwrap();
             assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
         }
@@ -397,10 +338,7 @@ mod tests {
         let e = build(&tiny("gpt2", None)).unwrap_err();
         assert!(matches!(&e, TokenizerError::UnsupportedPreTokenizer { pre } if pre == "default"));
         let e = build(&GgufWriter::new()).unwrap_err();
-        assert!(
-            matches!(e, TokenizerError::Gguf(GgufError::MissingKey { .. })),
-            "{e}"
-        );
+        assert!(matches!(e, TokenizerError::Gguf(GgufError::MissingKey { .. })), "{e}");
     }
 
     #[test]
@@ -421,10 +359,7 @@ mod tests {
         assert!(bad_merge("a b").is_ok());
         for merge in ["ab", "a  b", "a b c", "b a", "a c", " a"] {
             let e = bad_merge(merge).unwrap_err();
-            assert!(
-                matches!(e, TokenizerError::BadMerge { rank: 0, .. }),
-                "{merge:?}: {e}"
-            );
+            assert!(matches!(e, TokenizerError::BadMerge { rank: 0, .. }), "{merge:?}: {e}");
         }
 
         let mut w = GgufWriter::new();
@@ -433,38 +368,16 @@ mod tests {
             .add_meta("tokenizer.ggml.tokens", strs(&["a", "b", "a"]))
             .add_meta("tokenizer.ggml.merges", strs(&[]));
         let e = build(&w).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                TokenizerError::DuplicateToken {
-                    first: 0,
-                    second: 2,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(matches!(e, TokenizerError::DuplicateToken { first: 0, second: 2, .. }), "{e}");
 
         let mut w = GgufWriter::new();
         w.add_meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
             .add_meta("tokenizer.ggml.pre", MetaValue::String("smollm".into()))
             .add_meta("tokenizer.ggml.tokens", strs(&["a", "b"]))
-            .add_meta(
-                "tokenizer.ggml.token_type",
-                MetaValue::Array(vec![MetaValue::I32(1)]),
-            )
+            .add_meta("tokenizer.ggml.token_type", MetaValue::Array(vec![MetaValue::I32(1)]))
             .add_meta("tokenizer.ggml.merges", strs(&[]));
         let e = build(&w).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                TokenizerError::LengthMismatch {
-                    tokens: 2,
-                    token_types: 1
-                }
-            ),
-            "{e}"
-        );
+        assert!(matches!(e, TokenizerError::LengthMismatch { tokens: 2, token_types: 1 }), "{e}");
     }
 
     #[test]
@@ -484,11 +397,7 @@ mod tests {
         };
         let gguf = GgufFile::open(Path::new(&path)).unwrap();
         let json = tokenizer_json(&gguf).unwrap();
-        assert_eq!(
-            tokenizer_json(&gguf).unwrap(),
-            json,
-            "output must be deterministic"
-        );
+        assert_eq!(tokenizer_json(&gguf).unwrap(), json, "output must be deterministic");
         let tok = Tokenizer::from_str(&json).unwrap();
         assert_eq!(tok.get_vocab_size(true), 49152);
 
@@ -498,15 +407,9 @@ mod tests {
             ids(&tok, "numbers 1234567 and 3.14159"),
             [28707, 216, 33, 34, 35, 36, 37, 38, 39, 284, 216, 35, 30, 33, 36, 33, 37, 41]
         );
-        assert_eq!(
-            ids(&tok, "<|im_start|>user\nhi<|im_end|>"),
-            [1, 4093, 198, 6004, 2]
-        );
+        assert_eq!(ids(&tok, "<|im_start|>user\nhi<|im_end|>"), [1, 4093, 198, 6004, 2]);
         // Control tokens are special: skipped when decoding with skip_special_tokens.
-        assert_eq!(
-            tok.decode(&[1, 4093, 198, 6004, 2], true).unwrap(),
-            "user\nhi"
-        );
+        assert_eq!(tok.decode(&[1, 4093, 198, 6004, 2], true).unwrap(), "user\nhi");
         let added = tok.get_added_tokens_decoder();
         assert_eq!(added.len(), 17);
         assert!(added.values().all(|t| t.special));

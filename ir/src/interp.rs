@@ -19,11 +19,7 @@ pub fn quantize_q16(row: &[f32]) -> Vec<f32> {
         let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let scale = amax / Q16_MAX;
         let inv = if amax > 0.0 { Q16_MAX / amax } else { 0.0 };
-        out.extend(
-            block
-                .iter()
-                .map(|&x| (x * inv).round_ties_even().clamp(-Q16_MAX, Q16_MAX) * scale),
-        );
+        out.extend(block.iter().map(|&x| (x * inv).round_ties_even().clamp(-Q16_MAX, Q16_MAX) * scale));
     }
     out
 }
@@ -56,10 +52,7 @@ impl KvCache {
     pub fn new(graph: &Graph) -> Self {
         let size = graph.context as usize * graph.kv_width() as usize;
         let layers = graph.kv_layers() as usize;
-        KvCache {
-            keys: vec![vec![0.0; size]; layers],
-            values: vec![vec![0.0; size]; layers],
-        }
+        KvCache { keys: vec![vec![0.0; size]; layers], values: vec![vec![0.0; size]; layers] }
     }
 }
 
@@ -74,10 +67,7 @@ pub fn run(
     seq: usize,
     pos: usize,
 ) -> Vec<Vec<f32>> {
-    assert!(
-        pos + seq <= graph.context as usize,
-        "pos + seq exceeds the context"
-    );
+    assert!(pos + seq <= graph.context as usize, "pos + seq exceeds the context");
     let dequant = |w: crate::WeightId| -> (Vec<f32>, usize, usize) {
         let weight = graph.weight(w);
         let (rows, cols) = match weight.shape[..] {
@@ -85,11 +75,7 @@ pub fn run(
             [r, c] => (r as usize, c as usize),
             _ => unreachable!("verified"),
         };
-        (
-            dequantize(weight.format, weights[w.index()], rows, cols),
-            rows,
-            cols,
-        )
+        (dequantize(weight.format, weights[w.index()], rows, cols), rows, cols)
     };
     let mut values: Vec<Tensor> = Vec::with_capacity(graph.nodes.len());
     for node in &graph.nodes {
@@ -98,9 +84,7 @@ pub fn run(
         let out = match node.op {
             Op::Input { index } => inputs[index as usize].clone(),
             Op::Embed { ids, table } => {
-                let Tensor::I32(ids) = &values[ids.index()] else {
-                    panic!("ids must be i32")
-                };
+                let Tensor::I32(ids) = &values[ids.index()] else { panic!("ids must be i32") };
                 let (table, rows, cols) = dequant(table);
                 let mut out = vec![0.0; seq * cols];
                 for (t, &id) in ids.iter().enumerate() {
@@ -111,47 +95,28 @@ pub fn run(
                 }
                 Tensor::F32(out)
             }
-            Op::RmsNorm {
-                x,
-                weight,
-                eps,
-                quantize,
-            } => {
+            Op::RmsNorm { x, weight, eps, quantize } => {
                 let (w, _, _) = dequant(weight);
                 let mut out = Vec::with_capacity(seq * n);
                 for row in f(x).chunks(n) {
                     let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
                     let scale = 1.0 / (ms + eps as f64).sqrt();
-                    let normed: Vec<f32> = row
-                        .iter()
-                        .zip(&w)
-                        .map(|(&v, &g)| (v as f64 * scale * g as f64) as f32)
-                        .collect();
-                    out.extend(if quantize {
-                        quantize_q16(&normed)
-                    } else {
-                        normed
-                    });
+                    let normed: Vec<f32> =
+                        row.iter().zip(&w).map(|(&v, &g)| (v as f64 * scale * g as f64) as f32).collect();
+                    out.extend(if quantize { quantize_q16(&normed) } else { normed });
                 }
                 Tensor::F32(out)
             }
             Op::Quantize { x } => Tensor::F32(f(x).chunks(n).flat_map(quantize_q16).collect()),
-            Op::MatMul {
-                x,
-                weight,
-                epilogue,
-            } => {
+            Op::MatMul { x, weight, epilogue } => {
                 let (w, rows, cols) = dequant(weight);
                 let xs = f(x);
                 let mut out = vec![0.0f32; seq * rows];
                 for t in 0..seq {
                     let xrow = &xs[t * cols..(t + 1) * cols];
                     for r in 0..rows {
-                        let dot: f64 = xrow
-                            .iter()
-                            .zip(&w[r * cols..(r + 1) * cols])
-                            .map(|(&a, &b)| a as f64 * b as f64)
-                            .sum();
+                        let dot: f64 =
+                            xrow.iter().zip(&w[r * cols..(r + 1) * cols]).map(|(&a, &b)| a as f64 * b as f64).sum();
                         let i = t * rows + r;
                         out[i] = match epilogue {
                             Epilogue::None => dot as f32,
@@ -180,20 +145,9 @@ pub fn run(
                 }
                 Tensor::F32(out)
             }
-            Op::Attention {
-                q,
-                k,
-                v,
-                layer,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-            } => {
+            Op::Attention { q, k, v, layer, n_heads, n_kv_heads, head_dim } => {
                 let (hd, kvw) = (head_dim as usize, (n_kv_heads * head_dim) as usize);
-                let (keys, vals) = (
-                    &mut cache.keys[layer as usize],
-                    &mut cache.values[layer as usize],
-                );
+                let (keys, vals) = (&mut cache.keys[layer as usize], &mut cache.values[layer as usize]);
                 keys[pos * kvw..(pos + seq) * kvw].copy_from_slice(f(k));
                 vals[pos * kvw..(pos + seq) * kvw].copy_from_slice(f(v));
                 let qs = f(q);
@@ -207,44 +161,31 @@ pub fn run(
                         let scores: Vec<f64> = (0..=pos + t)
                             .map(|j| {
                                 let kj = &keys[j * kvw + kv_off..j * kvw + kv_off + hd];
-                                qh.iter()
-                                    .zip(kj)
-                                    .map(|(&a, &b)| a as f64 * b as f64)
-                                    .sum::<f64>()
-                                    * scale
+                                qh.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale
                             })
                             .collect();
                         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                         let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                         let total: f64 = exps.iter().sum();
                         for d in 0..hd {
-                            let acc: f64 = exps
-                                .iter()
-                                .enumerate()
-                                .map(|(j, e)| e * vals[j * kvw + kv_off + d] as f64)
-                                .sum();
+                            let acc: f64 =
+                                exps.iter().enumerate().map(|(j, e)| e * vals[j * kvw + kv_off + d] as f64).sum();
                             out[t * n + h * hd + d] = (acc / total) as f32;
                         }
                     }
                 }
                 Tensor::F32(out)
             }
-            Op::Silu { x } => Tensor::F32(
-                f(x).iter()
-                    .map(|&v| (v as f64 / (1.0 + (-v as f64).exp())) as f32)
-                    .collect(),
-            ),
+            Op::Silu { x } => {
+                Tensor::F32(f(x).iter().map(|&v| (v as f64 / (1.0 + (-v as f64).exp())) as f32).collect())
+            }
             Op::Mul { a, b } => Tensor::F32(f(a).iter().zip(f(b)).map(|(x, y)| x * y).collect()),
             Op::Add { a, b } => Tensor::F32(f(a).iter().zip(f(b)).map(|(x, y)| x + y).collect()),
         };
         debug_assert!(node.ty.dtype != DType::I32 || matches!(out, Tensor::I32(_)));
         values.push(out);
     }
-    graph
-        .outputs
-        .iter()
-        .map(|v| values[v.index()].f32().to_vec())
-        .collect()
+    graph.outputs.iter().map(|v| values[v.index()].f32().to_vec()).collect()
 }
 
 #[cfg(test)]

@@ -105,18 +105,12 @@ pub struct TensorType {
 impl TensorType {
     /// `dtype[seq]`.
     pub fn seq(dtype: DType) -> Self {
-        TensorType {
-            dtype,
-            shape: vec![Dim::Seq],
-        }
+        TensorType { dtype, shape: vec![Dim::Seq] }
     }
 
     /// `dtype[seq, n]`, the type of almost every activation.
     pub fn rows(dtype: DType, n: u32) -> Self {
-        TensorType {
-            dtype,
-            shape: vec![Dim::Seq, Dim::Fixed(n)],
-        }
+        TensorType { dtype, shape: vec![Dim::Seq, Dim::Fixed(n)] }
     }
 
     /// The row width `n` of a `[seq, n]` type.
@@ -173,12 +167,7 @@ pub enum Op {
     ///
     /// Typing rules: `x: f32[seq, n]`, `weight: [n]`; result `f32[seq, n]`, or `q16[seq, n]` with
     /// `quantize` (then `n` is a multiple of 32).
-    RmsNorm {
-        x: ValueId,
-        weight: WeightId,
-        eps: f32,
-        quantize: bool,
-    },
+    RmsNorm { x: ValueId, weight: WeightId, eps: f32, quantize: bool },
     /// Quantizes each row in blocks of 32 to int16 with a per-block scale.
     ///
     /// Typing rules: `x: f32[seq, n]`, `n` a multiple of 32; result `q16[seq, n]`.
@@ -187,35 +176,19 @@ pub enum Op {
     ///
     /// Typing rules: `x: f32[seq, k]` or `q16[seq, k]`, `weight: [n, k]`; result `f32[seq, n]`;
     /// an epilogue operand has the result's type.
-    MatMul {
-        x: ValueId,
-        weight: WeightId,
-        epilogue: Epilogue,
-    },
+    MatMul { x: ValueId, weight: WeightId, epilogue: Epilogue },
     /// Rotary position embedding on adjacent pairs `(x[2i], x[2i+1])` of every head:
     /// the pair `i` of the row at position `p` turns by `p * theta^(-2i / head_dim)`.
     ///
     /// Typing rules: `x: f32[seq, n]`, `head_dim` even and dividing `n`; result as `x`.
-    Rope {
-        x: ValueId,
-        head_dim: u32,
-        theta: f32,
-    },
+    Rope { x: ValueId, head_dim: u32, theta: f32 },
     /// Stores `k`, `v` in KV cache layer `layer`, then computes causal grouped-query attention
     /// with scale `1/sqrt(head_dim)`; query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
     ///
     /// Typing rules: `q: f32[seq, n_heads * head_dim]`, `k, v: f32[seq, n_kv_heads * head_dim]`,
     /// `n_kv_heads` divides `n_heads`; result as `q`; each layer index is used once and
     /// layer indices are `0..n` without gaps.
-    Attention {
-        q: ValueId,
-        k: ValueId,
-        v: ValueId,
-        layer: u32,
-        n_heads: u32,
-        n_kv_heads: u32,
-        head_dim: u32,
-    },
+    Attention { q: ValueId, k: ValueId, v: ValueId, layer: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32 },
     /// `out = x * sigmoid(x)`. Typing rules: `x: f32[seq, n]`; result as `x`.
     Silu { x: ValueId },
     /// `out = a * b`. Typing rules: `a`, `b` and the result have one `f32[seq, n]` type.
@@ -263,9 +236,7 @@ impl Op {
         match self {
             Op::Input { .. } => {}
             Op::Embed { ids, .. } => *ids = f(*ids),
-            Op::RmsNorm { x, .. } | Op::Quantize { x } | Op::Rope { x, .. } | Op::Silu { x } => {
-                *x = f(*x)
-            }
+            Op::RmsNorm { x, .. } | Op::Quantize { x } | Op::Rope { x, .. } | Op::Silu { x } => *x = f(*x),
             Op::MatMul { x, epilogue, .. } => {
                 *x = f(*x);
                 match epilogue {
@@ -318,26 +289,11 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>, context: u32) -> Self {
-        Graph {
-            name: name.into(),
-            context,
-            weights: vec![],
-            nodes: vec![],
-            outputs: vec![],
-        }
+        Graph { name: name.into(), context, weights: vec![], nodes: vec![], outputs: vec![] }
     }
 
-    pub fn add_weight(
-        &mut self,
-        name: impl Into<String>,
-        format: QuantFormat,
-        shape: Vec<u32>,
-    ) -> WeightId {
-        self.weights.push(Weight {
-            name: name.into(),
-            format,
-            shape,
-        });
+    pub fn add_weight(&mut self, name: impl Into<String>, format: QuantFormat, shape: Vec<u32>) -> WeightId {
+        self.weights.push(Weight { name: name.into(), format, shape });
         WeightId(self.weights.len() as u32 - 1)
     }
 
@@ -377,12 +333,8 @@ impl Graph {
     pub fn remove_dead_nodes(&mut self) {
         loop {
             let counts = self.use_counts();
-            let dead: Vec<bool> = self
-                .nodes
-                .iter()
-                .zip(&counts)
-                .map(|(n, &c)| c == 0 && !matches!(n.op, Op::Input { .. }))
-                .collect();
+            let dead: Vec<bool> =
+                self.nodes.iter().zip(&counts).map(|(n, &c)| c == 0 && !matches!(n.op, Op::Input { .. })).collect();
             if !dead.iter().any(|&d| d) {
                 return;
             }
@@ -430,10 +382,7 @@ impl Graph {
 
     /// Number of KV cache layers: one per attention node.
     pub fn kv_layers(&self) -> u32 {
-        self.nodes
-            .iter()
-            .filter(|n| matches!(n.op, Op::Attention { .. }))
-            .count() as u32
+        self.nodes.iter().filter(|n| matches!(n.op, Op::Attention { .. })).count() as u32
     }
 
     /// Floats per position in one KV cache layer for keys (and the same again for values).
@@ -442,11 +391,7 @@ impl Graph {
         self.nodes
             .iter()
             .find_map(|n| match n.op {
-                Op::Attention {
-                    n_kv_heads,
-                    head_dim,
-                    ..
-                } => Some(n_kv_heads * head_dim),
+                Op::Attention { n_kv_heads, head_dim, .. } => Some(n_kv_heads * head_dim),
                 _ => None,
             })
             .unwrap_or(0)

@@ -6,9 +6,7 @@
 
 use std::fmt;
 
-use crate::{
-    DType, Dim, Epilogue, Graph, Node, Op, QuantFormat, TensorType, ValueId, Weight, WeightId,
-};
+use crate::{DType, Dim, Epilogue, Graph, Node, Op, QuantFormat, TensorType, ValueId, Weight, WeightId};
 
 /// A syntax error, with the 1-based line it was found on.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,11 +79,7 @@ struct Cursor {
 
 impl Cursor {
     fn next(&mut self) -> Result<Tok, String> {
-        let t = self
-            .toks
-            .get(self.at)
-            .cloned()
-            .ok_or_else(|| "unexpected end of line".to_string())?;
+        let t = self.toks.get(self.at).cloned().ok_or_else(|| "unexpected end of line".to_string())?;
         self.at += 1;
         Ok(t)
     }
@@ -121,14 +115,11 @@ impl Cursor {
     }
     fn number<T: std::str::FromStr>(&mut self) -> Result<T, String> {
         let w = self.word()?;
-        w.parse()
-            .map_err(|_| format!("expected a number, found '{w}'"))
+        w.parse().map_err(|_| format!("expected a number, found '{w}'"))
     }
     fn id(&mut self, prefix: char) -> Result<u32, String> {
         let w = self.word()?;
-        w.strip_prefix(prefix)
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| format!("expected {prefix}N, found '{w}'"))
+        w.strip_prefix(prefix).and_then(|n| n.parse().ok()).ok_or_else(|| format!("expected {prefix}N, found '{w}'"))
     }
     fn value(&mut self) -> Result<ValueId, String> {
         self.id('v').map(ValueId)
@@ -181,10 +172,7 @@ fn parse_op(c: &mut Cursor) -> Result<Op, String> {
         "embed" => {
             let ids = c.value()?;
             c.comma()?;
-            Op::Embed {
-                ids,
-                table: c.weight()?,
-            }
+            Op::Embed { ids, table: c.weight()? }
         }
         "rms_norm" => {
             let x = c.value()?;
@@ -195,12 +183,7 @@ fn parse_op(c: &mut Cursor) -> Result<Op, String> {
             if quantize {
                 c.word()?;
             }
-            Op::RmsNorm {
-                x,
-                weight,
-                eps,
-                quantize,
-            }
+            Op::RmsNorm { x, weight, eps, quantize }
         }
         "quantize" => Op::Quantize { x: c.value()? },
         "silu" => Op::Silu { x: c.value()? },
@@ -219,19 +202,11 @@ fn parse_op(c: &mut Cursor) -> Result<Op, String> {
             } else {
                 Epilogue::None
             };
-            Op::MatMul {
-                x,
-                weight,
-                epilogue,
-            }
+            Op::MatMul { x, weight, epilogue }
         }
         "rope" => {
             let x = c.value()?;
-            Op::Rope {
-                x,
-                head_dim: c.attr("head_dim")?,
-                theta: c.attr("theta")?,
-            }
+            Op::Rope { x, head_dim: c.attr("head_dim")?, theta: c.attr("theta")? }
         }
         "attention" => {
             let q = c.value()?;
@@ -274,9 +249,7 @@ fn parse_line(graph: &mut Option<Graph>, c: &mut Cursor) -> Result<(), String> {
         *graph = Some(Graph::new(name, context));
         return c.end();
     }
-    let g = graph
-        .as_mut()
-        .ok_or("the text must start with a 'graph' line")?;
+    let g = graph.as_mut().ok_or("the text must start with a 'graph' line")?;
     if first == "output" {
         c.at = 0;
         c.word()?;
@@ -294,8 +267,7 @@ fn parse_line(graph: &mut Option<Graph>, c: &mut Cursor) -> Result<(), String> {
             return Err("expected 'weight'".into());
         }
         let fmt_name = c.word()?;
-        let format = QuantFormat::from_name(&fmt_name)
-            .ok_or_else(|| format!("unknown weight format '{fmt_name}'"))?;
+        let format = QuantFormat::from_name(&fmt_name).ok_or_else(|| format!("unknown weight format '{fmt_name}'"))?;
         c.punct('[')?;
         let mut shape = Vec::new();
         while !c.is_punct(']') {
@@ -306,11 +278,7 @@ fn parse_line(graph: &mut Option<Graph>, c: &mut Cursor) -> Result<(), String> {
         }
         c.punct(']')?;
         let name = c.string()?;
-        g.weights.push(Weight {
-            name,
-            format,
-            shape,
-        });
+        g.weights.push(Weight { name, format, shape });
         return c.end();
     }
     let id = c.value()?;
@@ -330,20 +298,14 @@ fn parse_line(graph: &mut Option<Graph>, c: &mut Cursor) -> Result<(), String> {
 pub fn parse_graph(text: &str) -> Result<Graph, ParseError> {
     let mut graph = None;
     for (i, line) in text.lines().enumerate() {
-        let err = |message| ParseError {
-            line: i + 1,
-            message,
-        };
+        let err = |message| ParseError { line: i + 1, message };
         let toks = lex(line).map_err(err)?;
         if toks.is_empty() {
             continue;
         }
         parse_line(&mut graph, &mut Cursor { toks, at: 0 }).map_err(err)?;
     }
-    graph.ok_or(ParseError {
-        line: 1,
-        message: "empty text: expected a 'graph' line".into(),
-    })
+    graph.ok_or(ParseError { line: 1, message: "empty text: expected a 'graph' line".into() })
 }
 
 #[cfg(test)]

@@ -77,11 +77,7 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 /// Panics if `bytes` does not hold exactly one row of `out.len()` values; callers check
 /// shapes first (the GGUF reader and the verifier do).
 pub fn dequantize_row(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
-    assert_eq!(
-        Some(bytes.len()),
-        format.row_bytes(out.len()),
-        "row size mismatch"
-    );
+    assert_eq!(Some(bytes.len()), format.row_bytes(out.len()), "row size mismatch");
     match format {
         QuantFormat::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -121,9 +117,7 @@ pub fn dequantize_row(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
 
 /// Dequantizes a whole `[rows, cols]` matrix (row-major) into f32.
 pub fn dequantize(format: QuantFormat, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
-    let row_bytes = format
-        .row_bytes(cols)
-        .expect("cols must be a whole number of blocks");
+    let row_bytes = format.row_bytes(cols).expect("cols must be a whole number of blocks");
     assert_eq!(bytes.len(), rows * row_bytes, "matrix size mismatch");
     let mut out = vec![0.0f32; rows * cols];
     for (r, o) in out.chunks_exact_mut(cols).enumerate() {
@@ -137,19 +131,12 @@ pub fn dequantize(format: QuantFormat, bytes: &[u8], rows: usize, cols: usize) -
 pub fn quantize_row(format: QuantFormat, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(format.row_bytes(values.len()).expect("whole blocks"));
     match format {
-        QuantFormat::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        QuantFormat::F16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        QuantFormat::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        QuantFormat::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
         QuantFormat::Q4_0 => {
             for b in values.chunks_exact(BLOCK_SIZE) {
                 // The value of largest magnitude maps to -8, as in ggml's quantize_row_q4_0_ref.
-                let max = b
-                    .iter()
-                    .copied()
-                    .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+                let max = b.iter().copied().fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
                 let d = max / -8.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -196,9 +183,7 @@ mod tests {
 
     #[test]
     fn quantize_then_dequantize_is_close() {
-        let values: Vec<f32> = (0..64)
-            .map(|i| ((i * 37 % 29) as f32 - 14.0) * 0.1)
-            .collect();
+        let values: Vec<f32> = (0..64).map(|i| ((i * 37 % 29) as f32 - 14.0) * 0.1).collect();
         for format in QuantFormat::ALL {
             let bytes = quantize_row(format, &values);
             assert_eq!(Some(bytes.len()), format.row_bytes(values.len()));

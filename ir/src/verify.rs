@@ -66,14 +66,8 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn report(&mut self, at: Option<ValueId>, message: String) {
-        let context = at
-            .map(|v| write_node(v, self.graph.node(v)))
-            .unwrap_or_default();
-        self.errors.push(VerifierError {
-            location: at,
-            context,
-            message,
-        });
+        let context = at.map(|v| write_node(v, self.graph.node(v))).unwrap_or_default();
+        self.errors.push(VerifierError { location: at, context, message });
     }
 }
 
@@ -83,10 +77,7 @@ fn rows(dtype: DType, n: u32) -> TensorType {
 
 /// Checks the invariants listed in the module docs.
 pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifierErrors> {
-    let mut ck = Checker {
-        graph,
-        errors: vec![],
-    };
+    let mut ck = Checker { graph, errors: vec![] };
     if graph.context == 0 {
         ck.report(None, "context must be nonzero".into());
     }
@@ -96,25 +87,11 @@ pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifierErrors> {
     for (i, w) in graph.weights.iter().enumerate() {
         let ok_rank = matches!(w.shape.len(), 1 | 2) && w.shape.iter().all(|&d| d > 0);
         if !ok_rank {
+            ck.report(None, format!("w{i} \"{}\": shape {:?} must be 1-D or 2-D and nonzero", w.name, w.shape));
+        } else if w.format.row_bytes(*w.shape.last().unwrap() as usize).is_none() {
             ck.report(
                 None,
-                format!(
-                    "w{i} \"{}\": shape {:?} must be 1-D or 2-D and nonzero",
-                    w.name, w.shape
-                ),
-            );
-        } else if w
-            .format
-            .row_bytes(*w.shape.last().unwrap() as usize)
-            .is_none()
-        {
-            ck.report(
-                None,
-                format!(
-                    "w{i} \"{}\": row length is not a whole number of {} blocks",
-                    w.name,
-                    w.format.name()
-                ),
+                format!("w{i} \"{}\": row length is not a whole number of {} blocks", w.name, w.format.name()),
             );
         }
     }
@@ -126,10 +103,7 @@ pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifierErrors> {
         let mut operands_ok = true;
         for v in node.op.operands() {
             if v.index() >= i {
-                ck.report(
-                    Some(id),
-                    format!("operand {v} is not defined before its use"),
-                );
+                ck.report(Some(id), format!("operand {v} is not defined before its use"));
                 operands_ok = false;
             }
         }
@@ -147,35 +121,23 @@ pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifierErrors> {
         }
         match node.op {
             Op::Input { index } => inputs.push(index),
-            Op::Attention {
-                layer,
-                n_kv_heads,
-                head_dim,
-                ..
-            } => {
+            Op::Attention { layer, n_kv_heads, head_dim, .. } => {
                 layers.push(layer);
                 match kv_geometry {
                     None => kv_geometry = Some((n_kv_heads, head_dim)),
-                    Some(g) if g != (n_kv_heads, head_dim) => ck.report(
-                        Some(id),
-                        format!("KV geometry differs from the first attention's {g:?}"),
-                    ),
+                    Some(g) if g != (n_kv_heads, head_dim) => {
+                        ck.report(Some(id), format!("KV geometry differs from the first attention's {g:?}"))
+                    }
                     Some(_) => {}
                 }
             }
             _ => {}
         }
     }
-    for (what, mut ids) in [
-        ("input indices", inputs.clone()),
-        ("attention layers", layers.clone()),
-    ] {
+    for (what, mut ids) in [("input indices", inputs.clone()), ("attention layers", layers.clone())] {
         ids.sort_unstable();
         if ids.iter().enumerate().any(|(i, &x)| i as u32 != x) {
-            ck.report(
-                None,
-                format!("{what} {ids:?} must be 0..n without gaps or repeats"),
-            );
+            ck.report(None, format!("{what} {ids:?} must be 0..n without gaps or repeats"));
         }
     }
     for &v in &graph.outputs {
@@ -212,10 +174,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType) -> Result<(), String> {
         if *ty == want {
             Ok(())
         } else {
-            Err(format!(
-                "result type should be {}",
-                crate::write::write_type(&want)
-            ))
+            Err(format!("result type should be {}", crate::write::write_type(&want)))
         }
     };
     let row_f32 = |v: ValueId, what: &str| -> Result<u32, String> {
@@ -226,8 +185,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType) -> Result<(), String> {
     };
     match *op {
         Op::Input { .. } => {
-            let ok = *ty == TensorType::seq(DType::I32)
-                || (ty.dtype == DType::F32 && ty.row_len().is_some());
+            let ok = *ty == TensorType::seq(DType::I32) || (ty.dtype == DType::F32 && ty.row_len().is_some());
             if ok {
                 Ok(())
             } else {
@@ -243,12 +201,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType) -> Result<(), String> {
                 _ => Err(format!("table {table} must be 2-D")),
             }
         }
-        Op::RmsNorm {
-            x,
-            weight,
-            eps,
-            quantize,
-        } => {
+        Op::RmsNorm { x, weight, eps, quantize } => {
             let n = row_f32(x, "x")?;
             if graph.weight(weight).shape != [n] {
                 return Err(format!("weight {weight} must have shape [{n}]"));
@@ -268,11 +221,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType) -> Result<(), String> {
             }
             expect(rows(DType::Q16, n))
         }
-        Op::MatMul {
-            x,
-            weight,
-            epilogue,
-        } => {
+        Op::MatMul { x, weight, epilogue } => {
             let xt = graph.ty(x);
             let k = match (xt.dtype, xt.row_len()) {
                 (DType::F32 | DType::Q16, Some(k)) => k,
@@ -281,12 +230,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType) -> Result<(), String> {
             let w = graph.weight(weight);
             let n = match w.shape[..] {
                 [n, wk] if wk == k => n,
-                _ => {
-                    return Err(format!(
-                        "weight {weight} {:?} must have shape [n, {k}]",
-                        w.shape
-                    ))
-                }
+                _ => return Err(format!("weight {weight} {:?} must have shape [n, {k}]", w.shape)),
             };
             if xt.dtype == DType::Q16 && matches!(w.format, QuantFormat::F32 | QuantFormat::F16) {
                 return Err("q16 activations need a block-quantized weight".into());
@@ -308,15 +252,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType) -> Result<(), String> {
             }
             expect(rows(DType::F32, n))
         }
-        Op::Attention {
-            q,
-            k,
-            v,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            ..
-        } => {
+        Op::Attention { q, k, v, n_heads, n_kv_heads, head_dim, .. } => {
             if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 || n_heads % n_kv_heads != 0 {
                 return Err("n_kv_heads must divide n_heads, all nonzero".into());
             }
@@ -325,10 +261,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType) -> Result<(), String> {
             }
             for (name, kv) in [("k", k), ("v", v)] {
                 if row_f32(kv, name)? != n_kv_heads * head_dim {
-                    return Err(format!(
-                        "{name} must be f32[seq, {}]",
-                        n_kv_heads * head_dim
-                    ));
+                    return Err(format!("{name} must be f32[seq, {}]", n_kv_heads * head_dim));
                 }
             }
             expect(rows(DType::F32, n_heads * head_dim))
@@ -369,10 +302,7 @@ mod tests {
     fn reports_type_errors_with_the_node() {
         let text = "graph \"t\" context=8\nw0 = weight q4_1[8, 64] \"a\"\nv0 = input 0 : f32[seq, 32]\nv1 = matmul v0, w0 : f32[seq, 8]\noutput v1\n";
         let e = errors(text);
-        assert!(
-            e.contains("v1 = matmul v0, w0") && e.contains("[n, 32]"),
-            "{e}"
-        );
+        assert!(e.contains("v1 = matmul v0, w0") && e.contains("[n, 32]"), "{e}");
     }
 
     #[test]

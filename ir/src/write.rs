@@ -46,23 +46,11 @@ pub fn write_op(op: &Op) -> String {
     match *op {
         Op::Input { index } => format!("{m} {index}"),
         Op::Embed { ids, table } => format!("{m} {ids}, {table}"),
-        Op::RmsNorm {
-            x,
-            weight,
-            eps,
-            quantize,
-        } => {
-            format!(
-                "{m} {x}, {weight} eps={eps}{}",
-                if quantize { " quantize" } else { "" }
-            )
+        Op::RmsNorm { x, weight, eps, quantize } => {
+            format!("{m} {x}, {weight} eps={eps}{}", if quantize { " quantize" } else { "" })
         }
         Op::Quantize { x } | Op::Silu { x } => format!("{m} {x}"),
-        Op::MatMul {
-            x,
-            weight,
-            epilogue,
-        } => {
+        Op::MatMul { x, weight, epilogue } => {
             let epi = match epilogue {
                 Epilogue::None => String::new(),
                 Epilogue::Silu => " +silu".to_string(),
@@ -72,15 +60,7 @@ pub fn write_op(op: &Op) -> String {
             format!("{m} {x}, {weight}{epi}")
         }
         Op::Rope { x, head_dim, theta } => format!("{m} {x} head_dim={head_dim} theta={theta}"),
-        Op::Attention {
-            q,
-            k,
-            v,
-            layer,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        } => {
+        Op::Attention { q, k, v, layer, n_heads, n_kv_heads, head_dim } => {
             format!("{m} {q}, {k}, {v} layer={layer} heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim}")
         }
         Op::Mul { a, b } | Op::Add { a, b } => format!("{m} {a}, {b}"),
@@ -94,23 +74,10 @@ pub fn write_node(id: ValueId, node: &Node) -> String {
 
 pub fn write_graph(graph: &Graph) -> String {
     let mut out = String::new();
-    writeln!(
-        out,
-        "graph {} context={}",
-        quote(&graph.name),
-        graph.context
-    )
-    .unwrap();
+    writeln!(out, "graph {} context={}", quote(&graph.name), graph.context).unwrap();
     for (i, w) in graph.weights.iter().enumerate() {
         let shape: Vec<String> = w.shape.iter().map(|d| d.to_string()).collect();
-        writeln!(
-            out,
-            "w{i} = weight {}[{}] {}",
-            w.format.name(),
-            shape.join(", "),
-            quote(&w.name)
-        )
-        .unwrap();
+        writeln!(out, "w{i} = weight {}[{}] {}", w.format.name(), shape.join(", "), quote(&w.name)).unwrap();
     }
     for (i, node) in graph.nodes.iter().enumerate() {
         writeln!(out, "{}", write_node(ValueId(i as u32), node)).unwrap();

@@ -44,9 +44,7 @@ unsafe fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str, String> {
         return Err(format!("{what} is NULL"));
     }
     // SAFETY: the caller passes a valid C string.
-    unsafe { CStr::from_ptr(s) }
-        .to_str()
-        .map_err(|_| format!("{what} is not valid UTF-8"))
+    unsafe { CStr::from_ptr(s) }.to_str().map_err(|_| format!("{what} is not valid UTF-8"))
 }
 
 /// The message of the last failed call on this thread (never NULL).
@@ -74,11 +72,7 @@ pub unsafe extern "C" fn kiln_session_new(
         }
         // SAFETY: the caller passes a valid C string or NULL.
         let dir = unsafe { str_arg(bundle_dir, "bundle_dir") }?;
-        let threads = if n_threads <= 0 {
-            2
-        } else {
-            n_threads as usize
-        };
+        let threads = if n_threads <= 0 { 2 } else { n_threads as usize };
         // SAFETY: the caller passes the address of a linked library's descriptor, which lives
         // as long as the program.
         let desc: &'static ModelDesc = unsafe { &*model };
@@ -142,11 +136,7 @@ pub unsafe extern "C" fn kiln_session_chat(
         if max_tokens < 0 {
             return Err(format!("max_tokens {max_tokens} is negative"));
         }
-        let cfg = SamplerConfig {
-            temperature,
-            seed,
-            ..SamplerConfig::default()
-        };
+        let cfg = SamplerConfig { temperature, seed, ..SamplerConfig::default() };
         let (_, stats) = s
             .chat(msg, max_tokens as usize, &cfg, |piece| {
                 if let (Some(cb), Ok(c)) = (on_text, CString::new(piece)) {

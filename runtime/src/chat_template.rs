@@ -33,10 +33,7 @@ pub struct Message {
 impl Message {
     /// A message with any role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message { role: role.into(), content: content.into() }
     }
 
     /// A `system` message.
@@ -109,29 +106,16 @@ impl ChatTemplate {
     /// strings the template sees under those names.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
-        env.set_syntax(
-            minijinja::syntax::SyntaxConfig::builder()
-                .trim_blocks(true)
-                .lstrip_blocks(true)
-                .build()?,
-        );
+        env.set_syntax(minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build()?);
         env.add_function("raise_exception", raise_exception);
         env.set_unknown_method_callback(python_methods);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())?;
-        Ok(ChatTemplate {
-            env,
-            bos_token: bos_token.to_owned(),
-            eos_token: eos_token.to_owned(),
-        })
+        Ok(ChatTemplate { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
     }
 
     /// Renders the conversation; with `add_generation_prompt` the template appends the header
     /// that starts the assistant's reply.
-    pub fn render(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<String, TemplateError> {
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TemplateError> {
         let template = self.env.get_template(TEMPLATE_NAME)?;
         let ctx = context! {
             messages => Value::from(Serde(messages)),
@@ -149,12 +133,7 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
 }
 
 /// A few Python `str` and `dict` methods that chat templates commonly call.
-fn python_methods(
-    state: &mut State,
-    value: &Value,
-    method: &str,
-    args: &[Value],
-) -> Result<Value, Error> {
+fn python_methods(state: &mut State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
     use minijinja::value::from_args;
 
     if let Some(s) = value.as_str() {
@@ -195,9 +174,7 @@ fn python_methods(
             "split" => {
                 let (sep,): (Option<&str>,) = from_args(args)?;
                 let parts: Vec<Value> = match sep {
-                    Some("") => {
-                        return Err(Error::new(ErrorKind::InvalidOperation, "empty separator"))
-                    }
+                    Some("") => return Err(Error::new(ErrorKind::InvalidOperation, "empty separator")),
                     Some(sep) => s.split(sep).map(Value::from).collect(),
                     None => s.split_whitespace().map(Value::from).collect(),
                 };
@@ -219,20 +196,13 @@ fn python_methods(
             }
             "values" => {
                 let () = from_args(args)?;
-                let values = value
-                    .try_iter()?
-                    .map(|k| value.get_item(&k))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let values = value.try_iter()?.map(|k| value.get_item(&k)).collect::<Result<Vec<_>, _>>()?;
                 Ok(Value::from(values))
             }
             "get" => {
                 let (key, default): (Value, Option<Value>) = from_args(args)?;
                 let v = value.get_item(&key)?;
-                Ok(if v.is_undefined() {
-                    default.unwrap_or(Value::from(()))
-                } else {
-                    v
-                })
+                Ok(if v.is_undefined() { default.unwrap_or(Value::from(())) } else { v })
             }
             _ => Err(Error::from(ErrorKind::UnknownMethod)),
         };
@@ -270,9 +240,7 @@ mod tests {
 
     #[test]
     fn single_user_message_with_generation_prompt() {
-        let out = smollm()
-            .render(&[Message::user("What is the capital of France?")], true)
-            .unwrap();
+        let out = smollm().render(&[Message::user("What is the capital of France?")], true).unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -282,12 +250,8 @@ mod tests {
     #[test]
     fn multi_turn_conversation() {
         let t = smollm();
-        let conv = [
-            Message::system("Be terse."),
-            Message::user("Hi"),
-            Message::assistant("Hello!"),
-            Message::user("2+2?"),
-        ];
+        let conv =
+            [Message::system("Be terse."), Message::user("Hi"), Message::assistant("Hello!"), Message::user("2+2?")];
         assert_eq!(
             t.render(&conv, false).unwrap(),
             "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
@@ -305,9 +269,7 @@ mod tests {
         // before one. bos/eos come from the constructor.
         let src = "{{ bos_token }}\n{% for m in messages %}\n    {% if m.role == 'user' %}\nU:{{ m.content }}\n    {% endif %}\n{% endfor %}\n{{ eos_token }}";
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
-        let out = t
-            .render(&[Message::user("a"), Message::assistant("b")], false)
-            .unwrap();
+        let out = t.render(&[Message::user("a"), Message::assistant("b")], false).unwrap();
         assert_eq!(out, "<s>\nU:a\n</s>");
     }
 
@@ -333,11 +295,7 @@ mod tests {
         .unwrap();
         assert_eq!(t.render(&[Message::user("x")], false).unwrap(), "ok");
         let err = t.render(&[Message::assistant("x")], false).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("Conversation must start with user"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("Conversation must start with user"), "{err}");
         // Runtime errors: unknown filter, unknown method, bad operation.
         for src in [
             "{{ messages|tojson }}",
@@ -345,8 +303,7 @@ mod tests {
             "{{ 1 + 'a' }}",
             "{{ strftime_now('%d') }}",
         ] {
-            let res =
-                ChatTemplate::new(src, "", "").and_then(|t| t.render(&[Message::user("x")], true));
+            let res = ChatTemplate::new(src, "", "").and_then(|t| t.render(&[Message::user("x")], true));
             assert!(res.is_err(), "{src} rendered: {res:?}");
         }
     }

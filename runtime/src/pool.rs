@@ -83,9 +83,7 @@ pub struct ThreadPool {
 
 impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ThreadPool")
-            .field("n_threads", &self.n_threads())
-            .finish_non_exhaustive()
+        f.debug_struct("ThreadPool").field("n_threads", &self.n_threads()).finish_non_exhaustive()
     }
 }
 
@@ -119,11 +117,7 @@ impl ThreadPool {
                     .expect("ThreadPool::new: failed to spawn a worker thread")
             })
             .collect();
-        ThreadPool {
-            shared,
-            workers,
-            run_lock: Mutex::new(()),
-        }
+        ThreadPool { shared, workers, run_lock: Mutex::new(()) }
     }
 
     /// Number of threads taking part in each run (workers + the caller).
@@ -156,8 +150,7 @@ impl ThreadPool {
         let sh = &*self.shared;
         let task: Task<'_> = f;
         sh.pending.store(nth - 1, Ordering::Relaxed);
-        sh.task
-            .store(&task as *const Task<'_> as *mut c_void, Ordering::Relaxed);
+        sh.task.store(&task as *const Task<'_> as *mut c_void, Ordering::Relaxed);
         // Publishes `task` and `pending` (SeqCst also orders it before the `sleepers` load).
         sh.generation.fetch_add(1, Ordering::SeqCst);
         if sh.sleepers.load(Ordering::SeqCst) > 0 {
@@ -175,9 +168,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while sh.pending.load(Ordering::Acquire) != 0 {
             spins = spins.saturating_add(1);
-            if (sh.oversubscribed || spins > CALLER_PURE_SPINS)
-                && spins.is_multiple_of(SPINS_PER_CHECK)
-            {
+            if (sh.oversubscribed || spins > CALLER_PURE_SPINS) && spins.is_multiple_of(SPINS_PER_CHECK) {
                 thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -366,10 +357,7 @@ mod tests {
                     unsafe { *(ptr as *mut u32).add(i) = round * 10_000 + i as u32 };
                 }
             });
-            assert!(out
-                .iter()
-                .enumerate()
-                .all(|(i, &v)| v == round * 10_000 + i as u32));
+            assert!(out.iter().enumerate().all(|(i, &v)| v == round * 10_000 + i as u32));
         }
     }
 
@@ -408,9 +396,7 @@ mod tests {
     unsafe extern "C" fn ffi_task(ctx: *const c_void, ith: i64, nth: i64) {
         // SAFETY: the tests pass a pointer to a live `Vec<u64>` that nobody mutates.
         let data = unsafe { &*(ctx as *const Vec<u64>) };
-        let s: u64 = data[partition(data.len(), ith as usize, nth as usize)]
-            .iter()
-            .sum();
+        let s: u64 = data[partition(data.len(), ith as usize, nth as usize)].iter().sum();
         FFI_SUM.fetch_add(s, Ordering::Relaxed);
     }
 

@@ -98,9 +98,7 @@ impl AlignedBuf {
         // SAFETY: the layout has a nonzero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
-            return Err(ProgramError::BadArgument(format!(
-                "out of memory allocating {bytes} bytes"
-            )));
+            return Err(ProgramError::BadArgument(format!("out of memory allocating {bytes} bytes")));
         }
         Ok(AlignedBuf { ptr, layout })
     }
@@ -166,20 +164,12 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 impl Program {
     /// Prepares a library linked into this executable. `weights_file` is needed when the
     /// library was built without embedded weights (`weights.bin` of the bundle).
-    pub fn new(
-        desc: &'static ModelDesc,
-        weights_file: Option<&Path>,
-        n_threads: usize,
-    ) -> Result<Self, ProgramError> {
+    pub fn new(desc: &'static ModelDesc, weights_file: Option<&Path>, n_threads: usize) -> Result<Self, ProgramError> {
         Self::with_lib(desc, None, weights_file, n_threads)
     }
 
     /// Opens a shared object built from a model library (`cc -shared`) and prepares it.
-    pub fn load_shared(
-        path: &Path,
-        weights_file: Option<&Path>,
-        n_threads: usize,
-    ) -> Result<Self, ProgramError> {
+    pub fn load_shared(path: &Path, weights_file: Option<&Path>, n_threads: usize) -> Result<Self, ProgramError> {
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| ProgramError::Load(format!("{} contains a NUL byte", path.display())))?;
         // SAFETY: c_path is a valid C string; dlopen runs the object's initializers, and kiln
@@ -201,10 +191,7 @@ impl Program {
         // SAFETY: the symbol name is a valid C string and the handle is open.
         let sym = unsafe { libc::dlsym(lib.0, c"kiln_model".as_ptr()) };
         if sym.is_null() {
-            return Err(ProgramError::Load(format!(
-                "{} has no kiln_model symbol",
-                path.display()
-            )));
+            return Err(ProgramError::Load(format!("{} has no kiln_model symbol", path.display())));
         }
         // SAFETY: kiln_model is a `struct kiln_model_desc` (checked by its abi_version below),
         // which stays mapped while `lib` lives; the Program owns `lib`, so the 'static borrow
@@ -220,20 +207,14 @@ impl Program {
         n_threads: usize,
     ) -> Result<Self, ProgramError> {
         if desc.abi_version != ABI_VERSION {
-            return Err(ProgramError::AbiMismatch {
-                found: desc.abi_version,
-            });
+            return Err(ProgramError::AbiMismatch { found: desc.abi_version });
         }
         if n_threads == 0 || n_threads > 256 {
-            return Err(ProgramError::BadArgument(format!(
-                "thread count {n_threads} must be in 1..=256"
-            )));
+            return Err(ProgramError::BadArgument(format!("thread count {n_threads} must be in 1..=256")));
         }
         let external_weights = if desc.weights.is_null() {
             let path = weights_file.ok_or_else(|| {
-                ProgramError::Weights(
-                    "the library was built without embedded weights; pass its weights.bin".into(),
-                )
+                ProgramError::Weights("the library was built without embedded weights; pass its weights.bin".into())
             })?;
             Some(read_weights(path, desc)?)
         } else {
@@ -280,26 +261,16 @@ impl Program {
         let d = self.desc;
         let bad = |m: String| Err(ProgramError::BadArgument(m));
         if n_tokens == 0 || n_tokens > d.batch as usize {
-            return bad(format!(
-                "{n_tokens} tokens in one call; the library takes 1..={}",
-                d.batch
-            ));
+            return bad(format!("{n_tokens} tokens in one call; the library takes 1..={}", d.batch));
         }
         if pos + n_tokens > d.context as usize {
-            return bad(format!(
-                "positions {pos}..{} exceed the context of {}",
-                pos + n_tokens,
-                d.context
-            ));
+            return bad(format!("positions {pos}..{} exceed the context of {}", pos + n_tokens, d.context));
         }
         if out_start > n_tokens {
             return bad(format!("out_start {out_start} > n_tokens {n_tokens}"));
         }
         if inputs.len() != d.n_inputs as usize || outputs.len() != d.n_outputs as usize {
-            return bad(format!(
-                "the library takes {} inputs and {} outputs",
-                d.n_inputs, d.n_outputs
-            ));
+            return bad(format!("the library takes {} inputs and {} outputs", d.n_inputs, d.n_outputs));
         }
         let mut io: Vec<*mut c_void> = Vec::with_capacity(inputs.len() + outputs.len());
         for (slot, input) in inputs.iter().enumerate() {
@@ -309,10 +280,7 @@ impl Program {
                 Input::F32(x) => (x.as_ptr() as *mut c_void, x.len(), DTYPE_F32),
             };
             if dtype != d.io_dtype[slot] || len != n_tokens * width {
-                return bad(format!(
-                    "input {slot} must be {n_tokens} x {width} values of dtype {}",
-                    d.io_dtype[slot]
-                ));
+                return bad(format!("input {slot} must be {n_tokens} x {width} values of dtype {}", d.io_dtype[slot]));
             }
             io.push(ptr);
         }
@@ -353,16 +321,10 @@ fn read_weights(path: &Path, desc: &ModelDesc) -> Result<AlignedBuf, ProgramErro
     let err = |m: String| ProgramError::Weights(format!("{}: {m}", path.display()));
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     if bytes.len() as u64 != desc.weights_bytes {
-        return Err(err(format!(
-            "{} bytes, the library expects {}",
-            bytes.len(),
-            desc.weights_bytes
-        )));
+        return Err(err(format!("{} bytes, the library expects {}", bytes.len(), desc.weights_bytes)));
     }
     if fnv1a64(&bytes) != desc.weights_checksum {
-        return Err(err(
-            "checksum mismatch: these weights belong to another build".into(),
-        ));
+        return Err(err("checksum mismatch: these weights belong to another build".into()));
     }
     let mut buf = AlignedBuf::zeroed(bytes.len())?;
     buf.as_mut_slice()[..bytes.len()].copy_from_slice(&bytes);

@@ -75,11 +75,7 @@ impl SamplerConfig {
     /// Checks every parameter's range.
     pub fn validate(&self) -> Result<(), SamplerError> {
         let bad = |field: &'static str, value: f32, expected: &'static str| {
-            Err(SamplerError::InvalidParameter {
-                field,
-                value: value.to_string(),
-                expected,
-            })
+            Err(SamplerError::InvalidParameter { field, value: value.to_string(), expected })
         };
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return bad("temperature", self.temperature, "a finite value >= 0");
@@ -114,11 +110,9 @@ pub enum SamplerError {
 impl fmt::Display for SamplerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SamplerError::InvalidParameter {
-                field,
-                value,
-                expected,
-            } => write!(f, "invalid sampler {field} = {value}: expected {expected}"),
+            SamplerError::InvalidParameter { field, value, expected } => {
+                write!(f, "invalid sampler {field} = {value}: expected {expected}")
+            }
         }
     }
 }
@@ -141,14 +135,7 @@ impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Result<Self, SamplerError> {
         cfg.validate()?;
         let rng = Xoshiro256StarStar::seed_from_u64(cfg.seed);
-        Ok(Sampler {
-            cfg,
-            rng,
-            logits: Vec::new(),
-            candidates: Vec::new(),
-            probs: Vec::new(),
-            recent: Vec::new(),
-        })
+        Ok(Sampler { cfg, rng, logits: Vec::new(), candidates: Vec::new(), probs: Vec::new(), recent: Vec::new() })
     }
 
     /// The configuration this sampler was built with.
@@ -170,18 +157,9 @@ impl Sampler {
     /// If `logits` is empty or has more than `u32::MAX` entries.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         assert!(!logits.is_empty(), "Sampler::sample: empty logits");
-        assert!(
-            logits.len() <= u32::MAX as usize,
-            "Sampler::sample: vocabulary too large"
-        );
+        assert!(logits.len() <= u32::MAX as usize, "Sampler::sample: vocabulary too large");
 
-        let logits = penalized(
-            &self.cfg,
-            &mut self.logits,
-            &mut self.recent,
-            logits,
-            history,
-        );
+        let logits = penalized(&self.cfg, &mut self.logits, &mut self.recent, logits, history);
 
         if self.cfg.temperature == 0.0 {
             return argmax(logits);
@@ -210,11 +188,7 @@ impl Sampler {
         let inv_t = 1.0 / f64::from(self.cfg.temperature);
         let probs = &mut self.probs;
         probs.clear();
-        probs.extend(
-            cands
-                .iter()
-                .map(|&(l, _)| ((f64::from(l) - f64::from(max)) * inv_t).exp()),
-        );
+        probs.extend(cands.iter().map(|&(l, _)| ((f64::from(l) - f64::from(max)) * inv_t).exp()));
         // An infinite logit makes the difference NaN for itself; treat it as certain.
         for p in probs.iter_mut() {
             if p.is_nan() {
@@ -240,11 +214,7 @@ impl Sampler {
         // min-p: relative to the best candidate, whose weight is 1.
         if self.cfg.min_p > 0.0 {
             let threshold = f64::from(self.cfg.min_p) * probs[0];
-            keep = probs[..keep]
-                .iter()
-                .position(|&p| p < threshold)
-                .unwrap_or(keep)
-                .max(1);
+            keep = probs[..keep].iter().position(|&p| p < threshold).unwrap_or(keep).max(1);
         }
 
         let kept = &probs[..keep];
@@ -329,9 +299,7 @@ impl Xoshiro256StarStar {
             z ^ (z >> 31)
         };
         // SplitMix64 output is never all-zero over four consecutive values.
-        Xoshiro256StarStar {
-            s: [next(), next(), next(), next()],
-        }
+        Xoshiro256StarStar { s: [next(), next(), next(), next()] }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -363,19 +331,14 @@ mod tests {
 
     fn softmax(logits: &[f32], t: f32) -> Vec<f64> {
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let e: Vec<f64> = logits
-            .iter()
-            .map(|&l| ((f64::from(l) - f64::from(max)) / f64::from(t)).exp())
-            .collect();
+        let e: Vec<f64> = logits.iter().map(|&l| ((f64::from(l) - f64::from(max)) / f64::from(t)).exp()).collect();
         let s: f64 = e.iter().sum();
         e.into_iter().map(|x| x / s).collect()
     }
 
     fn pseudo_logits(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = Xoshiro256StarStar::seed_from_u64(seed);
-        (0..n)
-            .map(|_| (rng.next_f64() * 20.0 - 10.0) as f32)
-            .collect()
+        (0..n).map(|_| (rng.next_f64() * 20.0 - 10.0) as f32).collect()
     }
 
     #[test]
@@ -408,23 +371,14 @@ mod tests {
         // NaN never wins.
         assert_eq!(s.sample(&[f32::NAN, 0.5, 0.25], &[]), 1);
         let logits = pseudo_logits(1000, 3);
-        let expected = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as u32;
+        let expected = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
         assert_eq!(s.sample(&logits, &[]), expected);
     }
 
     #[test]
     fn top_k_one_equals_greedy() {
         let mut greedy = sampler(SamplerConfig::greedy());
-        let mut k1 = sampler(SamplerConfig {
-            top_k: 1,
-            temperature: 1.5,
-            ..SamplerConfig::default()
-        });
+        let mut k1 = sampler(SamplerConfig { top_k: 1, temperature: 1.5, ..SamplerConfig::default() });
         for seed in 0..50 {
             let logits = pseudo_logits(500, seed);
             assert_eq!(k1.sample(&logits, &[]), greedy.sample(&logits, &[]));
@@ -434,23 +388,14 @@ mod tests {
     #[test]
     fn same_seed_same_sequence() {
         let logits = pseudo_logits(64, 11);
-        let cfg = SamplerConfig {
-            temperature: 5.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 1234,
-            ..SamplerConfig::default()
-        };
+        let cfg = SamplerConfig { temperature: 5.0, top_k: 0, top_p: 1.0, seed: 1234, ..SamplerConfig::default() };
         let run = |cfg: &SamplerConfig| {
             let mut s = sampler(cfg.clone());
             (0..200).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         let a = run(&cfg);
         assert_eq!(a, run(&cfg));
-        let b = run(&SamplerConfig {
-            seed: 4321,
-            ..cfg.clone()
-        });
+        let b = run(&SamplerConfig { seed: 4321, ..cfg.clone() });
         assert_ne!(a, b, "different seeds should give different sequences");
         // Reseeding restarts the sequence.
         let mut s = sampler(cfg.clone());
@@ -477,13 +422,8 @@ mod tests {
     fn frequencies_match_softmax() {
         let logits = [1.0f32, 2.0, 0.5, 0.0, -1.0];
         for &t in &[1.0f32, 0.5, 2.0] {
-            let mut s = sampler(SamplerConfig {
-                temperature: t,
-                top_k: 0,
-                top_p: 1.0,
-                seed: 99,
-                ..SamplerConfig::default()
-            });
+            let mut s =
+                sampler(SamplerConfig { temperature: t, top_k: 0, top_p: 1.0, seed: 99, ..SamplerConfig::default() });
             let n = 100_000;
             let mut counts = [0u64; 5];
             for _ in 0..n {
@@ -500,12 +440,7 @@ mod tests {
     fn top_k_and_top_p_restrict_support() {
         let logits = [3.0f32, 2.0, 1.0, 0.0, -1.0];
         // top_k = 2: only ids 0 and 1, in softmax proportion.
-        let mut s = sampler(SamplerConfig {
-            temperature: 1.0,
-            top_k: 2,
-            top_p: 1.0,
-            ..SamplerConfig::default()
-        });
+        let mut s = sampler(SamplerConfig { temperature: 1.0, top_k: 2, top_p: 1.0, ..SamplerConfig::default() });
         let mut counts = [0u64; 5];
         for _ in 0..50_000 {
             counts[s.sample(&logits, &[]) as usize] += 1;
@@ -516,12 +451,7 @@ mod tests {
 
         // Probabilities: [0.636, 0.234, 0.086, 0.032, 0.012].
         // top_p = 0.8 keeps {0, 1} (cumulative 0.87 >= 0.8).
-        let mut s = sampler(SamplerConfig {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 0.8,
-            ..SamplerConfig::default()
-        });
+        let mut s = sampler(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.8, ..SamplerConfig::default() });
         let mut counts = [0u64; 5];
         for _ in 0..50_000 {
             counts[s.sample(&logits, &[]) as usize] += 1;
@@ -530,24 +460,14 @@ mod tests {
         assert!(counts[0] > 0 && counts[1] > 0);
 
         // A tiny top_p keeps exactly the best token.
-        let mut s = sampler(SamplerConfig {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1e-6,
-            ..SamplerConfig::default()
-        });
+        let mut s = sampler(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1e-6, ..SamplerConfig::default() });
         for _ in 0..1000 {
             assert_eq!(s.sample(&logits, &[]), 0);
         }
 
         // min_p = 0.3: threshold 0.3 * 0.636 keeps {0, 1} only.
-        let mut s = sampler(SamplerConfig {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.3,
-            ..SamplerConfig::default()
-        });
+        let mut s =
+            sampler(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.3, ..SamplerConfig::default() });
         let mut counts = [0u64; 5];
         for _ in 0..20_000 {
             counts[s.sample(&logits, &[]) as usize] += 1;
@@ -562,10 +482,7 @@ mod tests {
         let mut plain = sampler(SamplerConfig::greedy());
         assert_eq!(plain.sample(&logits, &[0, 0, 0]), 0);
 
-        let mut pen = sampler(SamplerConfig {
-            repeat_penalty: 2.0,
-            ..SamplerConfig::greedy()
-        });
+        let mut pen = sampler(SamplerConfig { repeat_penalty: 2.0, ..SamplerConfig::greedy() });
         // 2.0 / 2 = 1.0 < 1.5: id 1 wins. Repeats count once.
         assert_eq!(pen.sample(&logits, &[0, 0, 0]), 1);
         // Negative logits are multiplied: -0.6 * 2 = -1.2 falls below -1.0.
@@ -573,19 +490,11 @@ mod tests {
         assert_eq!(pen.sample(&neg, &[]), 0);
         assert_eq!(pen.sample(&neg, &[0]), 1);
         // Only the last repeat_last_n tokens count; out-of-vocabulary ids are ignored.
-        let mut windowed = sampler(SamplerConfig {
-            repeat_penalty: 2.0,
-            repeat_last_n: 2,
-            ..SamplerConfig::greedy()
-        });
+        let mut windowed = sampler(SamplerConfig { repeat_penalty: 2.0, repeat_last_n: 2, ..SamplerConfig::greedy() });
         assert_eq!(windowed.sample(&logits, &[0, 3, 1000]), 0);
         assert_eq!(windowed.sample(&logits, &[3, 0, 1000]), 1);
         // The penalty also applies on the sampling path: with top_k = 1 the winner is 1.
-        let mut k1 = sampler(SamplerConfig {
-            repeat_penalty: 2.0,
-            top_k: 1,
-            ..SamplerConfig::default()
-        });
+        let mut k1 = sampler(SamplerConfig { repeat_penalty: 2.0, top_k: 1, ..SamplerConfig::default() });
         assert_eq!(k1.sample(&logits, &[0]), 1);
         // The caller's logits are not modified.
         assert_eq!(logits, [2.0f32, 1.5, -1.0, -0.5]);
@@ -594,10 +503,7 @@ mod tests {
     #[test]
     fn degenerate_logits() {
         let mut s = sampler(SamplerConfig::default());
-        assert_eq!(
-            s.sample(&[f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY], &[]),
-            1
-        );
+        assert_eq!(s.sample(&[f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY], &[]), 1);
         assert_eq!(s.sample(&[f32::NAN, f32::NAN], &[]), 0);
         assert_eq!(s.sample(&[f32::NEG_INFINITY; 4], &[]), 0);
         assert_eq!(s.sample(&[0.0, f32::INFINITY, 1.0], &[]), 1);
@@ -607,46 +513,16 @@ mod tests {
     #[test]
     fn invalid_configs_rejected() {
         let bad = [
-            SamplerConfig {
-                temperature: -0.1,
-                ..SamplerConfig::default()
-            },
-            SamplerConfig {
-                temperature: f32::NAN,
-                ..SamplerConfig::default()
-            },
-            SamplerConfig {
-                temperature: f32::INFINITY,
-                ..SamplerConfig::default()
-            },
-            SamplerConfig {
-                top_p: 0.0,
-                ..SamplerConfig::default()
-            },
-            SamplerConfig {
-                top_p: 1.01,
-                ..SamplerConfig::default()
-            },
-            SamplerConfig {
-                top_p: f32::NAN,
-                ..SamplerConfig::default()
-            },
-            SamplerConfig {
-                min_p: -0.5,
-                ..SamplerConfig::default()
-            },
-            SamplerConfig {
-                min_p: 1.5,
-                ..SamplerConfig::default()
-            },
-            SamplerConfig {
-                repeat_penalty: 0.0,
-                ..SamplerConfig::default()
-            },
-            SamplerConfig {
-                repeat_penalty: f32::NAN,
-                ..SamplerConfig::default()
-            },
+            SamplerConfig { temperature: -0.1, ..SamplerConfig::default() },
+            SamplerConfig { temperature: f32::NAN, ..SamplerConfig::default() },
+            SamplerConfig { temperature: f32::INFINITY, ..SamplerConfig::default() },
+            SamplerConfig { top_p: 0.0, ..SamplerConfig::default() },
+            SamplerConfig { top_p: 1.01, ..SamplerConfig::default() },
+            SamplerConfig { top_p: f32::NAN, ..SamplerConfig::default() },
+            SamplerConfig { min_p: -0.5, ..SamplerConfig::default() },
+            SamplerConfig { min_p: 1.5, ..SamplerConfig::default() },
+            SamplerConfig { repeat_penalty: 0.0, ..SamplerConfig::default() },
+            SamplerConfig { repeat_penalty: f32::NAN, ..SamplerConfig::default() },
         ];
         for cfg in bad {
             let err = Sampler::new(cfg.clone()).expect_err(&format!("{cfg:?} accepted"));
@@ -656,14 +532,7 @@ mod tests {
         assert!(Sampler::new(SamplerConfig::greedy()).is_ok());
         let d = SamplerConfig::default();
         assert_eq!(
-            (
-                d.temperature,
-                d.top_k,
-                d.top_p,
-                d.repeat_penalty,
-                d.repeat_last_n,
-                d.seed
-            ),
+            (d.temperature, d.top_k, d.top_p, d.repeat_penalty, d.repeat_last_n, d.seed),
             (0.8, 40, 0.95, 1.0, 64, 0xC0FFEE)
         );
     }

@@ -119,19 +119,13 @@ pub struct Session {
 
 fn read_manifest(dir: &Path) -> Result<Manifest, SessionError> {
     let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| SessionError::Bundle(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| SessionError::Bundle(format!("{}: {e}", path.display())))
+    let text = std::fs::read_to_string(&path).map_err(|e| SessionError::Bundle(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| SessionError::Bundle(format!("{}: {e}", path.display())))
 }
 
 impl Session {
     /// Opens a session on a library linked into this program and its bundle directory.
-    pub fn open(
-        desc: &'static ModelDesc,
-        bundle: &Path,
-        n_threads: usize,
-    ) -> Result<Self, SessionError> {
+    pub fn open(desc: &'static ModelDesc, bundle: &Path, n_threads: usize) -> Result<Self, SessionError> {
         let manifest = read_manifest(bundle)?;
         let weights = manifest.files.weights.as_ref().map(|w| bundle.join(w));
         let program = Program::new(desc, weights.as_deref(), n_threads)?;
@@ -139,22 +133,14 @@ impl Session {
     }
 
     /// Opens a session on a library built as a shared object (`cc -shared`).
-    pub fn open_shared(
-        library: &Path,
-        bundle: &Path,
-        n_threads: usize,
-    ) -> Result<Self, SessionError> {
+    pub fn open_shared(library: &Path, bundle: &Path, n_threads: usize) -> Result<Self, SessionError> {
         let manifest = read_manifest(bundle)?;
         let weights = manifest.files.weights.as_ref().map(|w| bundle.join(w));
         let program = Program::load_shared(library, weights.as_deref(), n_threads)?;
         Self::from_program(program, bundle, manifest)
     }
 
-    fn from_program(
-        program: Program,
-        bundle: &Path,
-        manifest: Manifest,
-    ) -> Result<Self, SessionError> {
+    fn from_program(program: Program, bundle: &Path, manifest: Manifest) -> Result<Self, SessionError> {
         let d = program.desc();
         let lm_shaped = d.n_inputs == 1
             && d.n_outputs == 1
@@ -163,32 +149,19 @@ impl Session {
             && d.io_width[1] == manifest.model.vocab;
         if !lm_shaped || d.context != manifest.model.context {
             return Err(SessionError::Bundle(
-                "the library does not match manifest.json (tokens in, logits out, same context)"
-                    .into(),
+                "the library does not match manifest.json (tokens in, logits out, same context)".into(),
             ));
         }
         let tok_path: PathBuf = bundle.join(&manifest.files.tokenizer);
-        let tokenizer =
-            Tokenizer::from_file(&tok_path).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
         let template = match &manifest.tokenizer.chat_template {
             Some(src) => Some(
-                ChatTemplate::new(
-                    src,
-                    &manifest.tokenizer.bos_token,
-                    &manifest.tokenizer.eos_token,
-                )
-                .map_err(|e| SessionError::Template(e.to_string()))?,
+                ChatTemplate::new(src, &manifest.tokenizer.bos_token, &manifest.tokenizer.eos_token)
+                    .map_err(|e| SessionError::Template(e.to_string()))?,
             ),
             None => None,
         };
-        Ok(Session {
-            program,
-            tokenizer,
-            template,
-            manifest,
-            cached: vec![],
-            messages: vec![],
-        })
+        Ok(Session { program, tokenizer, template, manifest, cached: vec![], messages: vec![] })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -231,24 +204,14 @@ impl Session {
         }
         let vocab = self.vocab();
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
-            return Err(SessionError::TokenOutOfRange {
-                id,
-                vocab: vocab as u32,
-            });
+            return Err(SessionError::TokenOutOfRange { id, vocab: vocab as u32 });
         }
         let needed = self.cached.len() + tokens.len();
         if needed > self.context() {
-            return Err(SessionError::ContextFull {
-                needed,
-                context: self.context(),
-            });
+            return Err(SessionError::ContextFull { needed, context: self.context() });
         }
         let batch = self.program.desc().batch as usize;
-        let mut out = Vec::with_capacity(if all_logits {
-            tokens.len() * vocab
-        } else {
-            vocab
-        });
+        let mut out = Vec::with_capacity(if all_logits { tokens.len() * vocab } else { vocab });
         let mut chunk_logits = vec![0.0f32; batch * vocab];
         for chunk in tokens.chunks(batch) {
             let n = chunk.len();
@@ -262,13 +225,7 @@ impl Session {
             };
             let ids: Vec<i32> = chunk.iter().map(|&t| t as i32).collect();
             let logits = &mut chunk_logits[..n * vocab];
-            self.program.run(
-                &[Input::I32(&ids)],
-                &mut [logits],
-                n,
-                self.cached.len(),
-                out_start,
-            )?;
+            self.program.run(&[Input::I32(&ids)], &mut [logits], n, self.cached.len(), out_start)?;
             self.cached.extend_from_slice(chunk);
             out.extend_from_slice(&chunk_logits[out_start * vocab..n * vocab]);
         }
@@ -282,10 +239,7 @@ impl Session {
 
     /// Tokenizes `text`, parsing special tokens such as `<|im_start|>`.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, SessionError> {
-        let mut ids = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        let mut ids = self.tokenizer.encode(text, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
         if self.manifest.tokenizer.add_bos && ids.first() != Some(&self.manifest.tokenizer.bos_id) {
             ids.insert(0, self.manifest.tokenizer.bos_id);
         }
@@ -295,14 +249,10 @@ impl Session {
     /// Renders `messages` with the model's chat template, ending with the assistant's turn.
     pub fn render_chat(&self, messages: &[Message]) -> Result<String, SessionError> {
         match &self.template {
-            Some(t) => t
-                .render(messages, true)
-                .map_err(|e| SessionError::Template(e.to_string())),
-            None => Ok(messages
-                .iter()
-                .map(|m| format!("{}: {}\n", m.role, m.content))
-                .collect::<String>()
-                + "assistant: "),
+            Some(t) => t.render(messages, true).map_err(|e| SessionError::Template(e.to_string())),
+            None => {
+                Ok(messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect::<String>() + "assistant: ")
+            }
         }
     }
 
@@ -319,21 +269,11 @@ impl Session {
             return Err(SessionError::EmptyPrompt);
         }
         if prompt.len() > self.context() {
-            return Err(SessionError::ContextFull {
-                needed: prompt.len(),
-                context: self.context(),
-            });
+            return Err(SessionError::ContextFull { needed: prompt.len(), context: self.context() });
         }
-        let mut sampler =
-            Sampler::new(sampler.clone()).map_err(|e| SessionError::Bundle(e.to_string()))?;
+        let mut sampler = Sampler::new(sampler.clone()).map_err(|e| SessionError::Bundle(e.to_string()))?;
         // Reuse the cached prefix, but always evaluate at least the last prompt token.
-        let common = self
-            .cached
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len() - 1);
+        let common = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
         self.truncate_cache(common);
         let mut stats = GenerationStats {
             prompt_tokens: prompt.len(),
@@ -359,9 +299,7 @@ impl Session {
             }
             generated.push(next);
             history.push(next);
-            let piece = decoder
-                .push(next)
-                .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+            let piece = decoder.push(next).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
             if !piece.is_empty() {
                 on_text(&piece);
             }
@@ -371,9 +309,7 @@ impl Session {
             }
             logits = self.eval(&[next], false)?;
         }
-        let rest = decoder
-            .finish()
-            .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        let rest = decoder.finish().map_err(|e| SessionError::Tokenizer(e.to_string()))?;
         if !rest.is_empty() {
             on_text(&rest);
         }
@@ -396,10 +332,7 @@ impl Session {
         let prompt = self.render_chat(&messages)?;
         let ids = self.tokenize(&prompt)?;
         let (reply_ids, stats) = self.generate(&ids, max_tokens, sampler, on_text)?;
-        let reply = self
-            .tokenizer
-            .decode_with(&reply_ids, true)
-            .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        let reply = self.tokenizer.decode_with(&reply_ids, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
         messages.push(Message::assistant(reply.clone()));
         self.messages = messages;
         Ok((reply, stats))

@@ -24,17 +24,11 @@ pub struct TokenizerError {
 
 impl TokenizerError {
     fn new(context: &str, source: tokenizers::Error) -> Self {
-        TokenizerError {
-            message: format!("{context}: {source}"),
-            source: Some(source),
-        }
+        TokenizerError { message: format!("{context}: {source}"), source: Some(source) }
     }
 
     fn msg(message: String) -> Self {
-        TokenizerError {
-            message,
-            source: None,
-        }
+        TokenizerError { message, source: None }
     }
 }
 
@@ -46,9 +40,7 @@ impl fmt::Display for TokenizerError {
 
 impl std::error::Error for TokenizerError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
-            .map(|e| &**e as &(dyn std::error::Error + 'static))
+        self.source.as_ref().map(|e| &**e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -70,9 +62,7 @@ pub struct Tokenizer {
 
 impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.vocab_size())
-            .finish_non_exhaustive()
+        f.debug_struct("Tokenizer").field("vocab_size", &self.vocab_size()).finish_non_exhaustive()
     }
 }
 
@@ -82,15 +72,12 @@ impl Tokenizer {
         let path = path.as_ref();
         let json = std::fs::read_to_string(path)
             .map_err(|e| TokenizerError::msg(format!("reading {}: {e}", path.display())))?;
-        Self::from_json_str(&json)
-            .map_err(|e| TokenizerError::msg(format!("{}: {}", path.display(), e.message)))
+        Self::from_json_str(&json).map_err(|e| TokenizerError::msg(format!("{}: {}", path.display(), e.message)))
     }
 
     /// Parses the contents of a `tokenizer.json`.
     pub fn from_json_str(json: &str) -> Result<Self> {
-        let tok: tokenizers::Tokenizer = json
-            .parse()
-            .map_err(|e| TokenizerError::new("parsing tokenizer.json", e))?;
+        let tok: tokenizers::Tokenizer = json.parse().map_err(|e| TokenizerError::new("parsing tokenizer.json", e))?;
         Ok(Self::from_tokenizer(tok))
     }
 
@@ -100,12 +87,7 @@ impl Tokenizer {
         tok.with_padding(None);
         // Removing truncation cannot fail (only setting invalid parameters can).
         let _ = tok.with_truncation(None);
-        Tokenizer {
-            inner: Arc::new(Inner {
-                parse: tok,
-                literal: OnceLock::new(),
-            }),
-        }
+        Tokenizer { inner: Arc::new(Inner { parse: tok, literal: OnceLock::new() }) }
     }
 
     /// The underlying `tokenizers` tokenizer (special tokens parsed).
@@ -125,14 +107,8 @@ impl Tokenizer {
     /// `<|im_start|>`) become their ids; without it they are tokenized as ordinary text.
     /// Never adds BOS/EOS.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let tok = if parse_special {
-            &self.inner.parse
-        } else {
-            self.literal()
-        };
-        let enc = tok
-            .encode(text, false)
-            .map_err(|e| TokenizerError::new("encode", e))?;
+        let tok = if parse_special { &self.inner.parse } else { self.literal() };
+        let enc = tok.encode(text, false).map_err(|e| TokenizerError::new("encode", e))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -143,10 +119,7 @@ impl Tokenizer {
 
     /// Decodes `ids` to text, leaving special tokens out if `skip_special`.
     pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .parse
-            .decode(ids, skip_special)
-            .map_err(|e| TokenizerError::new("decode", e))
+        self.inner.parse.decode(ids, skip_special).map_err(|e| TokenizerError::new("decode", e))
     }
 
     /// Number of tokens, added tokens included.
@@ -167,9 +140,7 @@ impl Tokenizer {
     /// Whether `id` is a special (added, `special: true`) token such as `<|im_end|>`.
     pub fn is_special(&self, id: u32) -> bool {
         let t = &self.inner.parse;
-        t.get_added_vocabulary()
-            .simple_id_to_token(id)
-            .is_some_and(|s| t.get_added_vocabulary().is_special_token(&s))
+        t.get_added_vocabulary().simple_id_to_token(id).is_some_and(|s| t.get_added_vocabulary().is_special_token(&s))
     }
 
     /// A stream decoder sharing this tokenizer.
@@ -196,13 +167,7 @@ pub struct StreamDecoder {
 impl StreamDecoder {
     /// A decoder for `tokenizer`; `skip_special` leaves special tokens out of the text.
     pub fn new(tokenizer: Tokenizer, skip_special: bool) -> Self {
-        StreamDecoder {
-            tokenizer,
-            skip_special,
-            ids: Vec::new(),
-            read: 0,
-            prefix: String::new(),
-        }
+        StreamDecoder { tokenizer, skip_special, ids: Vec::new(), read: 0, prefix: String::new() }
     }
 
     /// Adds one id; returns the text it completes (possibly empty, e.g. while a multi-byte
@@ -225,11 +190,7 @@ impl StreamDecoder {
     /// decoder for a new stream.
     pub fn finish(&mut self) -> Result<String> {
         let text = self.tokenizer.decode_with(&self.ids, self.skip_special)?;
-        let piece = if text.len() > self.prefix.len() {
-            self.new_text(text)?
-        } else {
-            String::new()
-        };
+        let piece = if text.len() > self.prefix.len() { self.new_text(text)? } else { String::new() };
         self.reset();
         Ok(piece)
     }
@@ -265,10 +226,7 @@ mod tests {
 
     /// GPT-2's byte → printable char table used by byte-level BPE.
     fn bytes_to_unicode() -> Vec<char> {
-        let mut bs: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
-            .chain(0xA1..=0xAC)
-            .chain(0xAE..=0xFF)
-            .collect();
+        let mut bs: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
         let mut cs = bs.clone();
         let mut n = 0;
         for b in 0..256 {
@@ -307,11 +265,8 @@ mod tests {
                 }
             }
         }
-        let vocab_map: serde_json::Map<String, serde_json::Value> = vocab
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
-            .collect();
+        let vocab_map: serde_json::Map<String, serde_json::Value> =
+            vocab.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::Value::from(i))).collect();
         let added: Vec<serde_json::Value> = specials
             .iter()
             .enumerate()
@@ -374,13 +329,7 @@ mod tests {
     fn encode_and_decode() {
         let t = tiny();
         let hw = t.encode("hello world", true).unwrap();
-        assert_eq!(
-            hw,
-            vec![
-                t.token_to_id("hello").unwrap(),
-                t.token_to_id("Ġworld").unwrap()
-            ]
-        );
+        assert_eq!(hw, vec![t.token_to_id("hello").unwrap(), t.token_to_id("Ġworld").unwrap()]);
         assert_eq!(t.decode(&hw).unwrap(), "hello world");
 
         // é (C3 A9) is split into two byte tokens.
@@ -408,10 +357,7 @@ mod tests {
 
     #[test]
     fn from_file_and_errors() {
-        let path = std::env::temp_dir().join(format!(
-            "kiln-runtime-tokenizer-test-{}.json",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("kiln-runtime-tokenizer-test-{}.json", std::process::id()));
         std::fs::write(&path, tiny_json()).unwrap();
         let t = Tokenizer::from_file(&path);
         std::fs::remove_file(&path).unwrap();
@@ -497,11 +443,7 @@ mod tests {
             let ids: Vec<u32> = (0..len).map(|_| (next() % n) as u32).collect();
             for skip in [false, true] {
                 let (pieces, rest) = stream(&t, &ids, skip);
-                assert_eq!(
-                    pieces.concat() + &rest,
-                    t.decode_with(&ids, skip).unwrap(),
-                    "ids {ids:?}"
-                );
+                assert_eq!(pieces.concat() + &rest, t.decode_with(&ids, skip).unwrap(), "ids {ids:?}");
             }
         }
     }

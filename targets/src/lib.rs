@@ -14,6 +14,7 @@ use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_frontend::FunctionBuilder;
 use serde::Serialize;
 
+pub mod aarch64;
 pub mod x86_64;
 
 /// Cache sizes of one core, in bytes, used for blocking decisions.
@@ -47,6 +48,7 @@ pub struct MatmulSchedule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetError {
     UnknownTriple { triple: String },
+    UnknownDevice { device: String, triple: String, known: Vec<String> },
     Cranelift { message: String },
 }
 
@@ -54,11 +56,10 @@ impl fmt::Display for TargetError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TargetError::UnknownTriple { triple } => {
-                write!(
-                    f,
-                    "unknown target '{triple}'; known targets: {}",
-                    KNOWN_TARGETS.join(", ")
-                )
+                write!(f, "unknown target '{triple}'; known targets: {}", KNOWN_TARGETS.join(", "))
+            }
+            TargetError::UnknownDevice { device, triple, known } => {
+                write!(f, "unknown device '{device}' for {triple}; known devices: {}", known.join(", "))
             }
             TargetError::Cranelift { message } => {
                 write!(f, "cranelift rejected the target settings: {message}")
@@ -87,15 +88,27 @@ pub trait Target: Send + Sync {
 }
 
 /// Triples [`lookup`] knows.
-pub const KNOWN_TARGETS: &[&str] = &["x86_64-unknown-linux-gnu"];
+pub const KNOWN_TARGETS: &[&str] = &["x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu", "aarch64-linux-android"];
 
-/// The target for `triple`.
+/// The target for `triple` with its default device.
 pub fn lookup(triple: &str) -> Result<Box<dyn Target>, TargetError> {
+    lookup_device(triple, None)
+}
+
+/// The target for `triple` on `device` (a profile name; see [`aarch64::DEVICES`]).
+pub fn lookup_device(triple: &str, device: Option<&str>) -> Result<Box<dyn Target>, TargetError> {
     match triple {
-        "x86_64-unknown-linux-gnu" | "x86_64" => Ok(Box::new(x86_64::X86_64::v3())),
-        _ => Err(TargetError::UnknownTriple {
-            triple: triple.to_string(),
-        }),
+        "x86_64-unknown-linux-gnu" => match device {
+            None | Some("x86-64-v3") => Ok(Box::new(x86_64::X86_64::v3())),
+            Some(d) => Err(TargetError::UnknownDevice {
+                device: d.into(),
+                triple: triple.into(),
+                known: vec!["x86-64-v3".into()],
+            }),
+        },
+        "aarch64-unknown-linux-gnu" => Ok(Box::new(aarch64::Aarch64::new("aarch64-unknown-linux-gnu", device)?)),
+        "aarch64-linux-android" => Ok(Box::new(aarch64::Aarch64::new("aarch64-linux-android", device)?)),
+        _ => Err(TargetError::UnknownTriple { triple: triple.to_string() }),
     }
 }
 
@@ -103,6 +116,8 @@ pub fn lookup(triple: &str) -> Result<Box<dyn Target>, TargetError> {
 pub fn host_triple() -> Option<&'static str> {
     if cfg!(target_arch = "x86_64") && cfg!(target_os = "linux") {
         Some("x86_64-unknown-linux-gnu")
+    } else if cfg!(target_arch = "aarch64") && cfg!(target_os = "linux") {
+        Some("aarch64-unknown-linux-gnu")
     } else {
         None
     }
@@ -114,14 +129,8 @@ mod tests {
 
     #[test]
     fn unknown_triples_list_the_known_ones() {
-        let err = lookup("riscv64gc-unknown-linux-gnu")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("riscv64gc") && err.contains("x86_64-unknown-linux-gnu"),
-            "{err}"
-        );
+        let err = lookup("riscv64gc-unknown-linux-gnu").err().unwrap().to_string();
+        assert!(err.contains("riscv64gc") && err.contains("x86_64-unknown-linux-gnu"), "{err}");
     }
 
     #[test]
@@ -129,7 +138,18 @@ mod tests {
         for triple in KNOWN_TARGETS {
             let target = lookup(triple).unwrap();
             let isa = target.isa().unwrap();
-            assert_eq!(isa.triple().to_string(), *triple);
+            assert_eq!(isa.triple().architecture.to_string(), triple.split('-').next().unwrap());
         }
+        for device in aarch64::DEVICES {
+            let target = lookup_device("aarch64-linux-android", Some(device.name)).unwrap();
+            target.isa().unwrap();
+            assert_eq!(target.summary().isa_features.contains(&"dotprod".to_string()), device.dotprod);
+        }
+    }
+
+    #[test]
+    fn unknown_devices_list_the_known_ones() {
+        let err = lookup_device("aarch64-linux-android", Some("pixel-99")).err().unwrap().to_string();
+        assert!(err.contains("pixel-99") && err.contains("snapdragon-865") && err.contains("raspberry-pi-5"), "{err}");
     }
 }

@@ -35,10 +35,7 @@ const V3_FEATURES: &[&str] = &[
 impl X86_64 {
     /// x86-64-v3: AVX2 and FMA.
     pub fn v3() -> Self {
-        X86_64 {
-            cpu: "x86-64-v3",
-            features: V3_FEATURES,
-        }
+        X86_64 { cpu: "x86-64-v3", features: V3_FEATURES }
     }
 }
 
@@ -46,11 +43,7 @@ impl X86_64 {
 /// code (the library may be linked into PIE executables and shared objects), verifier on.
 pub fn shared_flags() -> settings::Flags {
     let mut b = settings::builder();
-    for (k, v) in [
-        ("opt_level", "speed"),
-        ("is_pic", "true"),
-        ("enable_verifier", "true"),
-    ] {
+    for (k, v) in [("opt_level", "speed"), ("is_pic", "true"), ("enable_verifier", "true")] {
         b.set(k, v).expect("valid cranelift setting");
     }
     settings::Flags::new(b)
@@ -62,9 +55,7 @@ impl Target for X86_64 {
     }
 
     fn isa(&self) -> Result<OwnedTargetIsa, TargetError> {
-        let err = |e: &dyn std::fmt::Display| TargetError::Cranelift {
-            message: e.to_string(),
-        };
+        let err = |e: &dyn std::fmt::Display| TargetError::Cranelift { message: e.to_string() };
         let mut b = isa::lookup_by_name(self.triple()).map_err(|e| err(&e))?;
         for f in self.features {
             b.enable(f).map_err(|e| err(&e))?;
@@ -76,18 +67,10 @@ impl Target for X86_64 {
         TargetSummary {
             triple: self.triple().to_string(),
             cpu: self.cpu.to_string(),
-            isa_features: self
-                .features
-                .iter()
-                .map(|f| f.trim_start_matches("has_").to_string())
-                .collect(),
+            isa_features: self.features.iter().map(|f| f.trim_start_matches("has_").to_string()).collect(),
             vector_bits: self.vector_bits(),
             default_threads: 2,
-            cache: CacheInfo {
-                l1d: 32 << 10,
-                l2: 512 << 10,
-                l3: 16 << 20,
-            },
+            cache: CacheInfo { l1d: 32 << 10, l2: 512 << 10, l3: 16 << 20 },
         }
     }
 

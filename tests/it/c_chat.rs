@@ -26,6 +26,7 @@ fn app() -> &'static (PathBuf, PathBuf) {
         let opts = BuildOptions {
             model: model_path(),
             target: "x86_64-unknown-linux-gnu".into(),
+            device: None,
             out: bundle.clone(),
             context: Some(512),
             batch: 64,
@@ -33,10 +34,7 @@ fn app() -> &'static (PathBuf, PathBuf) {
             dump_after: vec![],
         };
         build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
-        assert!(
-            bundle.join("weights.bin").exists(),
-            "a bundle built without embedded weights has weights.bin"
-        );
+        assert!(bundle.join("weights.bin").exists(), "a bundle built without embedded weights has weights.bin");
         // A target dir of its own: the outer `cargo test` holds the main one's lock.
         let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kiln-tests/apps");
         let exe = xtask::build_c_chat(&bundle, Some(&target))
@@ -80,10 +78,7 @@ fn c_program_chats_through_the_c_abi() {
     let out = run(exe, bundle, PROMPT);
     assert!(out.status.success(), "c-chat failed: {}", out.status);
     let reply = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        reply.contains("Paris"),
-        "reply does not name Paris: {reply:?}"
-    );
+    assert!(reply.contains("Paris"), "reply does not name Paris: {reply:?}");
 }
 
 #[test]
@@ -93,15 +88,9 @@ fn c_program_reports_missing_weights() {
     copy_tree(bundle, &broken, "weights.bin");
     assert!(!broken.join("weights.bin").exists());
     let out = run(exe, &broken, PROMPT);
-    assert!(
-        !out.status.success(),
-        "c-chat succeeded without weights.bin"
-    );
+    assert!(!out.status.success(), "c-chat succeeded without weights.bin");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("weights"),
-        "stderr does not mention the weights: {stderr:?}"
-    );
+    assert!(stderr.contains("weights"), "stderr does not mention the weights: {stderr:?}");
     assert!(
         out.stdout.is_empty(),
         "c-chat printed a reply without weights: {:?}",

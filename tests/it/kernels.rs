@@ -20,10 +20,7 @@ fn run_both(name: &str, text: &str, seqs: &[usize], seed: u64) {
     let mut rng = Rng::new(seed);
     let weights = random_weights(&graph, &mut rng, 1.0);
     let dir = scratch_dir(name);
-    let opts = CompileOptions {
-        batch: 8,
-        ..Default::default()
-    };
+    let opts = CompileOptions { batch: 8, ..Default::default() };
     let (compiled, so) = compile_to_shared(&graph, &weights, &opts, &dir);
     let final_graph: Graph = parse_graph(&compiled.final_ir).unwrap();
     for threads in [1, 2, 3] {
@@ -35,9 +32,7 @@ fn run_both(name: &str, text: &str, seqs: &[usize], seed: u64) {
             let x = rng.vec(seq * width, 2.0);
             let out_width = graph.ty(graph.outputs[0]).row_len().unwrap() as usize;
             let mut got = vec![0.0f32; seq * out_width];
-            program
-                .run(&[Input::F32(&x)], &mut [&mut got], seq, pos, 0)
-                .unwrap();
+            program.run(&[Input::F32(&x)], &mut [&mut got], seq, pos, 0).unwrap();
             let want = interp::run(
                 &final_graph,
                 &weights.iter().map(|w| w.as_slice()).collect::<Vec<_>>(),
@@ -57,7 +52,10 @@ fn run_both(name: &str, text: &str, seqs: &[usize], seed: u64) {
 }
 
 fn matmul_graph(format: QuantFormat, rows: u32, cols: u32, epilogue: &str) -> String {
-    let mut text = format!("graph \"mm\" context=64\nw0 = weight {}[{rows}, {cols}] \"w\"\nv0 = input 0 : f32[seq, {cols}]\n", format.name());
+    let mut text = format!(
+        "graph \"mm\" context=64\nw0 = weight {}[{rows}, {cols}] \"w\"\nv0 = input 0 : f32[seq, {cols}]\n",
+        format.name()
+    );
     match epilogue {
         "add" | "mul" => {
             text += &format!("w1 = weight {}[{rows}, {cols}] \"w2\"\n", format.name());
@@ -124,8 +122,7 @@ fn quantized_norm_feeds_a_matmul() {
 #[test]
 fn attention_kernels_match_the_interpreter_across_calls() {
     // q: 4 heads of 16, k/v: 2 heads; prefill 5 rows, then decode rows one at a time.
-    let text =
-        "graph \"attn\" context=64\nv0 = input 0 : f32[seq, 64]\nw0 = weight f32[32, 64] \"k\"\n";
+    let text = "graph \"attn\" context=64\nv0 = input 0 : f32[seq, 64]\nw0 = weight f32[32, 64] \"k\"\n";
     let _ = text;
     let text = r#"graph "attn" context=64
 w0 = weight f32[32, 64] "k"

@@ -1,3 +1,4 @@
+mod aarch64;
 mod c_chat;
 mod kernels;
 mod model;

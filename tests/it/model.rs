@@ -48,6 +48,7 @@ fn build(model: &Path, out: &Path, embed_weights: bool) {
     let opts = BuildOptions {
         model: model.to_path_buf(),
         target: "x86_64-unknown-linux-gnu".into(),
+        device: None,
         out: out.to_path_buf(),
         context: Some(512),
         batch: 16,
@@ -69,29 +70,31 @@ fn session() -> std::sync::MutexGuard<'static, Session> {
     guard
 }
 
+/// For other targets' tests: the chat-formatted ids of `user`, the x86-64 logits of every
+/// position, and the greedy reply.
+pub(crate) fn session_ids(user: &str) -> (Vec<u32>, Vec<f32>, String) {
+    let mut s = session();
+    let text = s.render_chat(&[runtime::chat_template::Message::user(user)]).unwrap();
+    let ids = s.tokenize(&text).unwrap();
+    let logits = s.eval(&ids, true).unwrap();
+    s.reset();
+    let (reply, _) = s.chat(user, 48, &SamplerConfig::greedy(), |_| {}).unwrap();
+    (ids, logits, reply)
+}
+
 fn prompts(s: &Session) -> Vec<(String, Vec<u32>)> {
-    let chat = s
-        .render_chat(&[runtime::chat_template::Message::user(
-            "What is the capital of France?",
-        )])
-        .unwrap();
+    let chat = s.render_chat(&[runtime::chat_template::Message::user("What is the capital of France?")]).unwrap();
     let texts = [
         chat,
-        "fn main() {\n    let xs: Vec<u32> = (0..10).map(|i| i * i).collect();\n    println!(\"{:?}\", xs);\n}\n".to_string(),
+        "fn main() {\n    let xs: Vec<u32> = (0..10).map(|i| i * i).collect();\n    println!(\"{:?}\", xs);\n}\n"
+            .to_string(),
         "The history of the Roman Empire spans more than a thousand years, from the founding of the city \
          in 753 BC to the fall of Constantinople in 1453. Its institutions, laws and languages shaped Europe."
             .to_string(),
     ];
-    let mut out: Vec<(String, Vec<u32>)> = texts
-        .iter()
-        .map(|t| (t.chars().take(30).collect(), s.tokenize(t).unwrap()))
-        .collect();
-    out.push((
-        "brief14 ids".into(),
-        vec![
-            1, 504, 3458, 282, 4649, 314, 253, 5344, 30, 378, 3458, 282, 4649, 314,
-        ],
-    ));
+    let mut out: Vec<(String, Vec<u32>)> =
+        texts.iter().map(|t| (t.chars().take(30).collect(), s.tokenize(t).unwrap())).collect();
+    out.push(("brief14 ids".into(), vec![1, 504, 3458, 282, 4649, 314, 253, 5344, 30, 378, 3458, 282, 4649, 314]));
     out
 }
 
@@ -123,16 +126,10 @@ fn compiled_logits_match_the_reference_executor() {
             ids.len() - mismatches.len(),
             ids.len()
         );
-        assert!(
-            mismatches.is_empty(),
-            "{name:?}: top-1 differs at (pos, kiln, reference, margin) {mismatches:?}"
-        );
+        assert!(mismatches.is_empty(), "{name:?}: top-1 differs at (pos, kiln, reference, margin) {mismatches:?}");
         worst = worst.max(diff);
     }
-    assert!(
-        worst <= LOGIT_TOLERANCE,
-        "largest logit difference {worst} exceeds {LOGIT_TOLERANCE}"
-    );
+    assert!(worst <= LOGIT_TOLERANCE, "largest logit difference {worst} exceeds {LOGIT_TOLERANCE}");
 }
 
 #[test]
@@ -161,22 +158,10 @@ fn decoding_token_by_token_matches_one_prefill() {
 fn greedy_answer_names_paris() {
     let mut s = session();
     let mut streamed = String::new();
-    let (reply, stats) = s
-        .chat(
-            "What is the capital of France?",
-            48,
-            &SamplerConfig::greedy(),
-            |p| streamed.push_str(p),
-        )
-        .unwrap();
-    eprintln!(
-        "reply: {reply:?} ({} prompt tokens, {} generated)",
-        stats.prompt_tokens, stats.generated_tokens
-    );
-    assert_eq!(
-        stats.prompt_tokens, 37,
-        "the template with its default system message is 37 tokens"
-    );
+    let (reply, stats) =
+        s.chat("What is the capital of France?", 48, &SamplerConfig::greedy(), |p| streamed.push_str(p)).unwrap();
+    eprintln!("reply: {reply:?} ({} prompt tokens, {} generated)", stats.prompt_tokens, stats.generated_tokens);
+    assert_eq!(stats.prompt_tokens, 37, "the template with its default system message is 37 tokens");
     assert!(reply.contains("Paris"), "{reply:?}");
     assert_eq!(streamed.trim(), reply.trim());
 }
@@ -186,19 +171,11 @@ fn bad_requests_give_clear_errors() {
     let mut s = session();
     let vocab = s.vocab() as u32;
     let e = s.eval(&[1, vocab], true).unwrap_err();
-    assert!(
-        matches!(e, SessionError::TokenOutOfRange { id, .. } if id == vocab),
-        "{e}"
-    );
+    assert!(matches!(e, SessionError::TokenOutOfRange { id, .. } if id == vocab), "{e}");
     assert!(e.to_string().contains("out of range"));
     let long = "word ".repeat(600);
-    let e = s
-        .chat(&long, 8, &SamplerConfig::greedy(), |_| {})
-        .unwrap_err();
-    assert!(
-        matches!(e, SessionError::ContextFull { context: 512, .. }),
-        "{e}"
-    );
+    let e = s.chat(&long, 8, &SamplerConfig::greedy(), |_| {}).unwrap_err();
+    assert!(matches!(e, SessionError::ContextFull { context: 512, .. }), "{e}");
     assert!(e.to_string().contains("context of 512"), "{e}");
     assert!(matches!(s.eval(&[], true), Err(SessionError::EmptyPrompt)));
     // The session still works afterwards.
@@ -211,18 +188,10 @@ fn bundles_are_byte_identical_across_builds() {
     let (a, b) = (dir.join("a"), dir.join("b"));
     build(&model_path(), &a, false);
     build(&model_path(), &b, false);
-    for file in [
-        "lib/libkiln_model.a",
-        "include/kiln_model.h",
-        "tokenizer.json",
-        "manifest.json",
-        "model.kir",
-        "weights.bin",
-    ] {
-        let (x, y) = (
-            std::fs::read(a.join(file)).unwrap(),
-            std::fs::read(b.join(file)).unwrap(),
-        );
+    for file in
+        ["lib/libkiln_model.a", "include/kiln_model.h", "tokenizer.json", "manifest.json", "model.kir", "weights.bin"]
+    {
+        let (x, y) = (std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
         assert!(x == y, "{file} differs between two builds");
     }
 }

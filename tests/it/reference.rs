@@ -43,8 +43,7 @@ pub(crate) fn model() -> &'static ReferenceModel {
     MODEL.get_or_init(|| {
         let path = model_path();
         let start = Instant::now();
-        let model = ReferenceModel::load(&path)
-            .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
+        let model = ReferenceModel::load(&path).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
         eprintln!("reference model loaded in {:.2?}", start.elapsed());
         model
     })
@@ -52,25 +51,17 @@ pub(crate) fn model() -> &'static ReferenceModel {
 
 fn read_npy(path: &Path) -> (Vec<u64>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let npy = npyz::NpyFile::new(&bytes[..])
-        .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
     let shape = npy.shape().to_vec();
-    let data = npy
-        .into_vec::<f32>()
-        .unwrap_or_else(|e| panic!("reading float32 data of {}: {e}", path.display()));
+    let data = npy.into_vec::<f32>().unwrap_or_else(|e| panic!("reading float32 data of {}: {e}", path.display()));
     (shape, data)
 }
 
 fn read_ids(path: &Path) -> Vec<u32> {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.trim()
         .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .unwrap_or_else(|e| panic!("bad token id {s:?} in {}: {e}", path.display()))
-        })
+        .map(|s| s.trim().parse().unwrap_or_else(|e| panic!("bad token id {s:?} in {}: {e}", path.display())))
         .collect()
 }
 
@@ -100,11 +91,7 @@ fn reference_matches_transformers() {
     let (vocab, d) = (model.vocab(), model.d_model());
     let layers = model.config().n_layers + 1;
     assert_eq!(logit_shape, [n as u64, vocab as u64], "HF logits shape");
-    assert_eq!(
-        hidden_shape,
-        [layers as u64, n as u64, d as u64],
-        "HF hidden states shape"
-    );
+    assert_eq!(hidden_shape, [layers as u64, n as u64, d as u64], "HF hidden states shape");
 
     let start = Instant::now();
     let out = model.forward(&ids).expect("forward");
@@ -120,12 +107,7 @@ fn reference_matches_transformers() {
     // largest value. The second is the sharper check: some layers carry a "massive activation"
     // of ~25000 at position 0 that would hide errors of other positions in the first measure.
     let mut worst_layer = (0, 0.0f32);
-    for (i, (ours, theirs)) in out
-        .hidden
-        .iter()
-        .zip(hf_hidden.chunks_exact(n * d))
-        .enumerate()
-    {
+    for (i, (ours, theirs)) in out.hidden.iter().zip(hf_hidden.chunks_exact(n * d)).enumerate() {
         let scale = max_abs(theirs);
         let diff = max_abs_diff(ours, theirs);
         let row_rel = ours
@@ -144,22 +126,13 @@ fn reference_matches_transformers() {
     }
 
     let logit_diff = max_abs_diff(&out.logits, &hf_logits);
-    eprintln!(
-        "logits: max|diff| {logit_diff:.3e}  max|hf| {:.4}",
-        max_abs(&hf_logits)
-    );
+    eprintln!("logits: max|diff| {logit_diff:.3e}  max|hf| {:.4}", max_abs(&hf_logits));
     for pos in 0..n {
         let hf_row = &hf_logits[pos * vocab..(pos + 1) * vocab];
         let best = argmax(hf_row);
-        let runner_up = hf_row
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != best)
-            .fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
-        eprintln!(
-            "position {pos:2}: top-1 {best:5} (HF margin over the runner-up {:.4})",
-            hf_row[best] - runner_up
-        );
+        let runner_up =
+            hf_row.iter().enumerate().filter(|&(i, _)| i != best).fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
+        eprintln!("position {pos:2}: top-1 {best:5} (HF margin over the runner-up {:.4})", hf_row[best] - runner_up);
         assert_eq!(
             out.argmax_at(pos) as usize,
             argmax(hf_row),
@@ -182,21 +155,11 @@ fn reference_matches_transformers() {
 fn reference_rejects_out_of_range_token() {
     let model = model();
     let vocab = model.vocab() as u32;
-    let err = model
-        .forward(&[1, vocab, 2])
-        .expect_err("a token id equal to the vocabulary size must be rejected");
-    assert!(
-        err.to_string().contains("out of range"),
-        "unexpected error: {err:#}"
-    );
+    let err = model.forward(&[1, vocab, 2]).expect_err("a token id equal to the vocabulary size must be rejected");
+    assert!(err.to_string().contains("out of range"), "unexpected error: {err:#}");
     assert!(model.forward(&[u32::MAX]).is_err());
-    assert!(
-        model.forward(&[]).is_err(),
-        "an empty sequence must be rejected"
-    );
+    assert!(model.forward(&[]).is_err(), "an empty sequence must be rejected");
     // The largest valid id still works.
-    let out = model
-        .forward(&[vocab - 1])
-        .expect("the last vocabulary entry is valid");
+    let out = model.forward(&[vocab - 1]).expect("the last vocabulary entry is valid");
     assert_eq!(out.logits.len(), vocab as usize);
 }

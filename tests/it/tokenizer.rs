@@ -148,12 +148,10 @@ const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
 const DIGITS: &[u8] = b"0123456789";
 const PUNCT: &[u8] = b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
 const MULTIBYTE: &[char] = &[
-    'é', 'ü', 'ß', 'ñ', 'Ω', 'ж', 'ش', 'क', '中', '文', 'の', '한', '😀', '🍕', '👍', '\u{200d}',
-    '\u{301}', '\u{a0}', '\u{3000}', '٣', '²', '½', 'Ⅻ', '’', '€', '𝕏', '🇫', '🇷',
+    'é', 'ü', 'ß', 'ñ', 'Ω', 'ж', 'ش', 'क', '中', '文', 'の', '한', '😀', '🍕', '👍', '\u{200d}', '\u{301}', '\u{a0}',
+    '\u{3000}', '٣', '²', '½', 'Ⅻ', '’', '€', '𝕏', '🇫', '🇷',
 ];
-const FRAGMENTS: &[&str] = &[
-    "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "\r\n", "    ", "the", " the", "ing",
-];
+const FRAGMENTS: &[&str] = &["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "\r\n", "    ", "the", " the", "ing"];
 /// Special-token fragments, used rarely: strings holding one are not checked for round trips.
 const SPECIAL_FRAGMENTS: &[&str] = &["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start"];
 
@@ -197,13 +195,8 @@ fn llama_cpp_tokenize(model: &Path, strings: &[String]) -> Vec<Vec<u32>> {
     // Write from another thread so a child that fills its stdout pipe cannot deadlock us.
     let mut stdin = child.stdin.take().unwrap();
     let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child
-        .wait_with_output()
-        .expect("waiting for llama_tokenize.py");
-    writer
-        .join()
-        .unwrap()
-        .expect("writing the strings to llama_tokenize.py");
+    let out = child.wait_with_output().expect("waiting for llama_tokenize.py");
+    writer.join().unwrap().expect("writing the strings to llama_tokenize.py");
     assert!(
         out.status.success(),
         "llama_tokenize.py failed ({}); is llama-cpp-python installed (pip install \
@@ -212,18 +205,9 @@ fn llama_cpp_tokenize(model: &Path, strings: &[String]) -> Vec<Vec<u32>> {
         String::from_utf8_lossy(&out.stderr)
     );
     let ids: Vec<Vec<u32>> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "llama_tokenize.py printed no JSON list of id lists ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
+        panic!("llama_tokenize.py printed no JSON list of id lists ({e}): {}", String::from_utf8_lossy(&out.stdout))
     });
-    assert_eq!(
-        ids.len(),
-        strings.len(),
-        "llama_tokenize.py answered {} of {} strings",
-        ids.len(),
-        strings.len()
-    );
+    assert_eq!(ids.len(), strings.len(), "llama_tokenize.py answered {} of {} strings", ids.len(), strings.len());
     ids
 }
 
@@ -239,26 +223,16 @@ fn tokenizer_matches_llama_cpp() {
     let mut rng = Rng::new(0x70c3_2024);
     strings.extend((0..2000).map(|_| random_string(&mut rng)));
 
-    let kiln: Vec<Vec<u32>> = strings
-        .iter()
-        .map(|s| {
-            tok.encode(s, true)
-                .unwrap_or_else(|e| panic!("kiln encoding {s:?}: {e}"))
-        })
-        .collect();
+    let kiln: Vec<Vec<u32>> =
+        strings.iter().map(|s| tok.encode(s, true).unwrap_or_else(|e| panic!("kiln encoding {s:?}: {e}"))).collect();
     let kiln_time = start.elapsed();
     let peer_start = Instant::now();
     let llama = llama_cpp_tokenize(&path, &strings);
     let peer_time = peer_start.elapsed();
 
-    let mismatches: Vec<usize> = (0..strings.len())
-        .filter(|&i| kiln[i] != llama[i])
-        .collect();
+    let mismatches: Vec<usize> = (0..strings.len()).filter(|&i| kiln[i] != llama[i]).collect();
     for &i in mismatches.iter().take(8) {
-        eprintln!(
-            "MISMATCH {:?}\n  kiln:      {:?}\n  llama.cpp: {:?}",
-            strings[i], kiln[i], llama[i]
-        );
+        eprintln!("MISMATCH {:?}\n  kiln:      {:?}\n  llama.cpp: {:?}", strings[i], kiln[i], llama[i]);
     }
 
     // Round trip: decoding reproduces the text exactly (strings with special tokens aside).
@@ -270,9 +244,7 @@ fn tokenizer_matches_llama_cpp() {
             continue;
         }
         round_trips += 1;
-        let back = tok
-            .decode(ids)
-            .unwrap_or_else(|e| panic!("decoding {ids:?}: {e}"));
+        let back = tok.decode(ids).unwrap_or_else(|e| panic!("decoding {ids:?}: {e}"));
         if &back != s {
             bad_round_trips.push((s.clone(), back));
         }

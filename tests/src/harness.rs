@@ -63,9 +63,7 @@ pub fn random_weights(graph: &Graph, rng: &mut Rng, scale: f32) -> Vec<Vec<u8>> 
 
 /// A scratch directory under the target dir, unique per test name.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/kiln-tests")
-        .join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kiln-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -73,30 +71,15 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 
 /// Links an object file into a shared object with the system C compiler.
 pub fn link_shared(object: &Path, out: &Path) {
-    let status = Command::new("cc")
-        .arg("-shared")
-        .arg("-o")
-        .arg(out)
-        .arg(object)
-        .status()
-        .expect("run cc");
-    assert!(
-        status.success(),
-        "cc -shared failed for {}",
-        object.display()
-    );
+    let status = Command::new("cc").arg("-shared").arg("-o").arg(out).arg(object).status().expect("run cc");
+    assert!(status.success(), "cc -shared failed for {}", object.display());
 }
 
 /// Compiles `graph` for the host target and links it into `dir/model.so`.
-pub fn compile_to_shared(
-    graph: &Graph,
-    weights: &[Vec<u8>],
-    opts: &CompileOptions,
-    dir: &Path,
-) -> (Compiled, PathBuf) {
+pub fn compile_to_shared(graph: &Graph, weights: &[Vec<u8>], opts: &CompileOptions, dir: &Path) -> (Compiled, PathBuf) {
     let target = targets::lookup(targets::host_triple().expect("a supported host")).unwrap();
-    let compiled = compile(graph.clone(), weights, target.as_ref(), opts)
-        .unwrap_or_else(|e| panic!("compile failed: {e}"));
+    let compiled =
+        compile(graph.clone(), weights, target.as_ref(), opts).unwrap_or_else(|e| panic!("compile failed: {e}"));
     let obj = dir.join("model.o");
     std::fs::write(&obj, &compiled.object).unwrap();
     let so = dir.join("model.so");
@@ -110,23 +93,20 @@ pub fn compile_to_shared(
 /// Largest absolute difference, and the largest magnitude of the reference.
 pub fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
     assert_eq!(got.len(), want.len(), "length mismatch");
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(
-            0.0f32,
-            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-        );
+    let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     (diff, scale)
 }
 
 /// Index of the largest value (first on ties).
 pub fn argmax(xs: &[f32]) -> usize {
-    xs.iter()
-        .enumerate()
-        .fold(0, |best, (i, &x)| if x > xs[best] { i } else { best })
+    xs.iter().enumerate().fold(0, |best, (i, &x)| if x > xs[best] { i } else { best })
 }
 
 /// Shape of a synthetic Llama model.
@@ -172,33 +152,23 @@ pub fn tiny_llama_gguf(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
         w.add_meta(&format!("llama.{k}"), MetaValue::U32(v));
     }
     w.add_meta("llama.rope.freq_base", MetaValue::F32(10000.0));
-    w.add_meta(
-        "llama.attention.layer_norm_rms_epsilon",
-        MetaValue::F32(1e-5),
-    );
+    w.add_meta("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5));
     let (d, ff) = (cfg.d_model as u64, cfg.d_ff as u64);
     let kv = (cfg.n_kv_heads * (cfg.d_model / cfg.n_heads)) as u64;
-    let mut add =
-        |w: &mut GgufWriter, name: &str, dims: &[u64], format: QuantFormat, scale: f32| {
-            let (cols, rows) = (dims[0] as usize, dims.get(1).copied().unwrap_or(1) as usize);
-            let mut bytes = vec![];
-            for _ in 0..rows {
-                let values: Vec<f32> = if dims.len() == 1 {
-                    (0..cols).map(|_| 1.0 + 0.3 * rng.uniform()).collect()
-                } else {
-                    rng.vec(cols, scale)
-                };
-                bytes.extend(quantize_row(format, &values));
-            }
-            w.add_tensor(name, dims, ggml_type(format), &bytes);
-        };
-    add(
-        &mut w,
-        "token_embd.weight",
-        &[d, cfg.vocab as u64],
-        QuantFormat::Q8_0,
-        1.0,
-    );
+    let mut add = |w: &mut GgufWriter, name: &str, dims: &[u64], format: QuantFormat, scale: f32| {
+        let (cols, rows) = (dims[0] as usize, dims.get(1).copied().unwrap_or(1) as usize);
+        let mut bytes = vec![];
+        for _ in 0..rows {
+            let values: Vec<f32> = if dims.len() == 1 {
+                (0..cols).map(|_| 1.0 + 0.3 * rng.uniform()).collect()
+            } else {
+                rng.vec(cols, scale)
+            };
+            bytes.extend(quantize_row(format, &values));
+        }
+        w.add_tensor(name, dims, ggml_type(format), &bytes);
+    };
+    add(&mut w, "token_embd.weight", &[d, cfg.vocab as u64], QuantFormat::Q8_0, 1.0);
     let s = 1.0 / (d as f32).sqrt() * 1.7;
     for l in 0..cfg.n_layers {
         let t = |n: &str| format!("blk.{l}.{n}.weight");
@@ -210,23 +180,11 @@ pub fn tiny_llama_gguf(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
         add(&mut w, &t("ffn_norm"), &[d], QuantFormat::F32, 0.0);
         add(&mut w, &t("ffn_gate"), &[d, ff], cfg.format, s);
         add(&mut w, &t("ffn_up"), &[d, ff], cfg.format, s);
-        add(
-            &mut w,
-            &t("ffn_down"),
-            &[ff, d],
-            cfg.format,
-            1.0 / (ff as f32).sqrt() * 1.7,
-        );
+        add(&mut w, &t("ffn_down"), &[ff, d], cfg.format, 1.0 / (ff as f32).sqrt() * 1.7);
     }
     add(&mut w, "output_norm.weight", &[d], QuantFormat::F32, 0.0);
     if !cfg.tied {
-        add(
-            &mut w,
-            "output.weight",
-            &[d, cfg.vocab as u64],
-            cfg.format,
-            s,
-        );
+        add(&mut w, "output.weight", &[d, cfg.vocab as u64], cfg.format, s);
     }
     w.finish()
 }

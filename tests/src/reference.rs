@@ -106,41 +106,25 @@ pub fn argmax(values: &[f32]) -> usize {
 }
 
 fn metadata_u32(file: &GgufFile, key: &str) -> anyhow::Result<usize> {
-    let v = file
-        .get_u32(key)
-        .map_err(|e| anyhow!("GGUF metadata {key}: {e}"))?;
+    let v = file.get_u32(key).map_err(|e| anyhow!("GGUF metadata {key}: {e}"))?;
     Ok(v as usize)
 }
 
 fn metadata_f32(file: &GgufFile, key: &str) -> anyhow::Result<f32> {
-    file.get_f32(key)
-        .map_err(|e| anyhow!("GGUF metadata {key}: {e}"))
+    file.get_f32(key).map_err(|e| anyhow!("GGUF metadata {key}: {e}"))
 }
 
 fn tensor_info<'a>(file: &'a GgufFile, name: &str) -> anyhow::Result<&'a TensorInfo> {
-    file.tensor(name)
-        .map_err(|e| anyhow!("GGUF tensor {name}: {e}"))
+    file.tensor(name).map_err(|e| anyhow!("GGUF tensor {name}: {e}"))
 }
 
 /// Dequantizes a GGUF tensor of logical shape `[rows, cols]` (`dims = [cols, rows]`, or
 /// `[cols]` with `rows == 1`) to row-major f32.
-fn dequantize_tensor(
-    file: &GgufFile,
-    name: &str,
-    rows: usize,
-    cols: usize,
-) -> anyhow::Result<Vec<f32>> {
+fn dequantize_tensor(file: &GgufFile, name: &str, rows: usize, cols: usize) -> anyhow::Result<Vec<f32>> {
     let info = tensor_info(file, name)?;
-    let expected: Vec<u64> = if rows == 1 && info.dims.len() == 1 {
-        vec![cols as u64]
-    } else {
-        vec![cols as u64, rows as u64]
-    };
-    ensure!(
-        info.dims == expected,
-        "tensor {name} has dims {:?}, expected {expected:?}",
-        info.dims
-    );
+    let expected: Vec<u64> =
+        if rows == 1 && info.dims.len() == 1 { vec![cols as u64] } else { vec![cols as u64, rows as u64] };
+    ensure!(info.dims == expected, "tensor {name} has dims {:?}, expected {expected:?}", info.dims);
     let format = info
         .ggml_type
         .quant_format()
@@ -172,16 +156,12 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 impl ReferenceModel {
     /// Loads a Llama-architecture GGUF file, dequantizing every weight to f32.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let file = GgufFile::open(path)
-            .map_err(|e| anyhow!("opening GGUF file {}: {e}", path.display()))?;
+        let file = GgufFile::open(path).map_err(|e| anyhow!("opening GGUF file {}: {e}", path.display()))?;
         let arch = file
             .get_str("general.architecture")
             .map_err(|e| anyhow!("GGUF metadata general.architecture: {e}"))?
             .to_string();
-        ensure!(
-            arch == "llama",
-            "the reference executor implements the llama architecture, not {arch:?}"
-        );
+        ensure!(arch == "llama", "the reference executor implements the llama architecture, not {arch:?}");
         let key = |k: &str| format!("{arch}.{k}");
         let n_layers = metadata_u32(&file, &key("block_count"))?;
         let d_model = metadata_u32(&file, &key("embedding_length"))?;
@@ -190,18 +170,9 @@ impl ReferenceModel {
         let n_kv_heads = metadata_u32(&file, &key("attention.head_count_kv"))?;
         let rope_theta = metadata_f32(&file, &key("rope.freq_base"))?;
         let rms_eps = metadata_f32(&file, &key("attention.layer_norm_rms_epsilon"))?;
-        ensure!(
-            n_layers > 0 && d_model > 0 && d_ff > 0 && n_heads > 0 && n_kv_heads > 0,
-            "zero-sized hyperparameter"
-        );
-        ensure!(
-            d_model % n_heads == 0,
-            "embedding_length {d_model} is not a multiple of head_count {n_heads}"
-        );
-        ensure!(
-            n_heads % n_kv_heads == 0,
-            "head_count {n_heads} is not a multiple of head_count_kv {n_kv_heads}"
-        );
+        ensure!(n_layers > 0 && d_model > 0 && d_ff > 0 && n_heads > 0 && n_kv_heads > 0, "zero-sized hyperparameter");
+        ensure!(d_model % n_heads == 0, "embedding_length {d_model} is not a multiple of head_count {n_heads}");
+        ensure!(n_heads % n_kv_heads == 0, "head_count {n_heads} is not a multiple of head_count_kv {n_kv_heads}");
         let head_dim = d_model / n_heads;
         ensure!(head_dim % 2 == 0, "odd head dimension {head_dim}");
         if let Ok(rope_dims) = file.get_u32(&key("rope.dimension_count")) {
@@ -245,11 +216,7 @@ impl ReferenceModel {
             Ok(matrix(transpose(&w, out, inp), inp, out))
         };
         let norm = |name: &str| -> anyhow::Result<Tensor<2>> {
-            Ok(matrix(
-                dequantize_tensor(&file, name, 1, d_model)?,
-                1,
-                d_model,
-            ))
+            Ok(matrix(dequantize_tensor(&file, name, 1, d_model)?, 1, d_model))
         };
 
         let embd_data = dequantize_tensor(&file, "token_embd.weight", vocab, d_model)?;
@@ -276,14 +243,7 @@ impl ReferenceModel {
             });
         }
         let output_norm = norm("output_norm.weight")?;
-        Ok(Self {
-            config,
-            device,
-            embedding,
-            blocks,
-            output_norm,
-            output,
-        })
+        Ok(Self { config, device, embedding, blocks, output_norm, output })
     }
 
     pub fn config(&self) -> &ReferenceConfig {
@@ -338,13 +298,7 @@ impl ReferenceModel {
 
     /// Causal grouped-query self-attention of the normalized input `x: [n, d]`; returns the
     /// attention output after the output projection, `[n, d]`.
-    fn attention(
-        &self,
-        block: &Block,
-        x: Tensor<2>,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-    ) -> Tensor<2> {
+    fn attention(&self, block: &Block, x: Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<2> {
         let c = &self.config;
         let n = x.dims()[0];
         let (h, kv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
@@ -387,32 +341,21 @@ impl ReferenceModel {
             bail!("forward needs at least one token");
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            bail!(
-                "token id {bad} is out of range (vocabulary size {})",
-                c.vocab
-            );
+            bail!("token id {bad} is out of range (vocabulary size {})", c.vocab);
         }
         let n = tokens.len();
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let ids: Tensor<1, Int> = Tensor::from_data(TensorData::new(ids, [n]), &self.device);
         let (cos, sin) = self.rope_tables(n);
         let read = |t: &Tensor<2>| -> anyhow::Result<Vec<f32>> {
-            t.clone()
-                .into_data()
-                .try_to_vec::<f32>()
-                .map_err(|e| anyhow!("reading a tensor back: {e:?}"))
+            t.clone().into_data().try_to_vec::<f32>().map_err(|e| anyhow!("reading a tensor back: {e:?}"))
         };
 
         let mut h = self.embedding.clone().select(0, ids); // [n, d]
         let mut hidden = Vec::with_capacity(c.n_layers + 1);
         hidden.push(read(&h)?);
         for (i, block) in self.blocks.iter().enumerate() {
-            let attn = self.attention(
-                block,
-                self.rms_norm(h.clone(), &block.attn_norm),
-                &cos,
-                &sin,
-            );
+            let attn = self.attention(block, self.rms_norm(h.clone(), &block.attn_norm), &cos, &sin);
             h = h.add(attn);
             let mlp = self.mlp(block, self.rms_norm(h.clone(), &block.ffn_norm));
             h = h.add(mlp);
@@ -424,11 +367,6 @@ impl ReferenceModel {
         hidden.push(read(&normed)?);
         let logits = read(&normed.matmul(self.output.clone()))?;
         debug_assert_eq!(logits.len(), n * c.vocab);
-        Ok(ReferenceOutput {
-            logits,
-            hidden,
-            vocab: c.vocab,
-            d_model: c.d_model,
-        })
+        Ok(ReferenceOutput { logits, hidden, vocab: c.vocab, d_model: c.d_model })
     }
 }

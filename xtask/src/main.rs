@@ -33,6 +33,9 @@ enum Cmd {
         model: Option<PathBuf>,
         #[arg(long)]
         target: Option<String>,
+        /// Device profile for the target (aarch64: snapdragon-865, raspberry-pi-5, generic-armv8.0).
+        #[arg(long)]
+        device: Option<String>,
         /// Output bundle directory (default: bundles/<target>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -127,22 +130,12 @@ fn mib(bytes: u64) -> String {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::BuildModel {
-            model,
-            target,
-            out,
-            context,
-            batch,
-            weights,
-            dump_after,
-        } => {
+        Cmd::BuildModel { model, target, device, out, context, batch, weights, dump_after } => {
             let target = match target {
                 Some(t) => t,
-                None => targets::host_triple()
-                    .context("no kiln target for this host; pass --target")?
-                    .to_string(),
+                None => targets::host_triple().context("no kiln target for this host; pass --target")?.to_string(),
             };
-            targets::lookup(&target)?;
+            targets::lookup_device(&target, device.as_deref())?;
             let model = match model {
                 Some(m) => m,
                 None => xtask::fetch_default_model(true)?,
@@ -151,6 +144,7 @@ fn real_main() -> Result<()> {
             let opts = BuildOptions {
                 model,
                 target: target.clone(),
+                device,
                 out,
                 context,
                 batch,
@@ -158,9 +152,7 @@ fn real_main() -> Result<()> {
                 dump_after,
             };
             let bar = ProgressBar::new(Stage::ALL.len() as u64);
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap(),
-            );
+            bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());
             bar.enable_steady_tick(Duration::from_millis(100));
             let start = Instant::now();
             let report = build_model(&opts, &mut |stage| {
@@ -169,70 +161,32 @@ fn real_main() -> Result<()> {
             });
             bar.finish_and_clear();
             let report = report?;
-            println!(
-                "built {} for {target} in {:.2} s",
-                report.out.display(),
-                start.elapsed().as_secs_f64()
-            );
+            println!("built {} for {target} in {:.2} s", report.out.display(), start.elapsed().as_secs_f64());
             for (name, d) in &report.stage_times {
                 println!("  {name:<28} {:>8.1} ms", d.as_secs_f64() * 1e3);
             }
             println!("  kernels                      {:>8}", report.n_kernels);
-            println!(
-                "  library (.a)                 {:>10}",
-                mib(report.library_bytes)
-            );
-            println!(
-                "  weights (packed)             {:>10}",
-                mib(report.weights_bytes)
-            );
-            println!(
-                "  KV cache at context {:<6}   {:>10}",
-                report.context,
-                mib(report.kv_bytes)
-            );
-            println!(
-                "  activation arena             {:>10}",
-                mib(report.arena_bytes)
-            );
+            println!("  library (.a)                 {:>10}", mib(report.library_bytes));
+            println!("  weights (packed)             {:>10}", mib(report.weights_bytes));
+            println!("  KV cache at context {:<6}   {:>10}", report.context, mib(report.kv_bytes));
+            println!("  activation arena             {:>10}", mib(report.arena_bytes));
             println!(
                 "  peak memory at context       {:>10} (weights + KV + arena + logits)",
                 mib(report.peak_memory_bytes())
             );
         }
         Cmd::FetchModel => println!("{}", xtask::fetch_default_model(true)?.display()),
-        Cmd::Chat {
-            bundle,
-            prompt,
-            threads,
-            rest,
-        } => {
+        Cmd::Chat { bundle, prompt, threads, rest } => {
             let app = xtask::build_chat_app(&bundle, None)?;
-            let mut cmd = Command::new(app);
-            cmd.arg("--bundle")
-                .arg(&bundle)
-                .arg("--threads")
-                .arg(threads.to_string())
-                .arg("chat");
+            let mut cmd = app_command(&app);
+            cmd.arg("--bundle").arg(&bundle).arg("--threads").arg(threads.to_string()).arg("chat");
             cmd.args(prompt).args(rest);
             exit_with(cmd.status()?.code())
         }
-        Cmd::Run {
-            bundle,
-            threads,
-            tokens,
-            dump_logits,
-            prompt,
-            max_tokens,
-            temperature,
-        } => {
+        Cmd::Run { bundle, threads, tokens, dump_logits, prompt, max_tokens, temperature } => {
             let app = xtask::build_chat_app(&bundle, None)?;
-            let mut cmd = Command::new(app);
-            cmd.arg("--bundle")
-                .arg(&bundle)
-                .arg("--threads")
-                .arg(threads.to_string())
-                .arg("run");
+            let mut cmd = app_command(&app);
+            cmd.arg("--bundle").arg(&bundle).arg("--threads").arg(threads.to_string()).arg("run");
             if let Some(t) = tokens {
                 cmd.arg("--tokens").arg(t);
             }
@@ -242,20 +196,12 @@ fn real_main() -> Result<()> {
             if let Some(p) = prompt {
                 cmd.arg("--prompt").arg(p);
             }
-            cmd.arg("--max-tokens")
-                .arg(max_tokens.to_string())
-                .arg("--temperature")
-                .arg(temperature.to_string());
+            cmd.arg("--max-tokens").arg(max_tokens.to_string()).arg("--temperature").arg(temperature.to_string());
             exit_with(cmd.status()?.code())
         }
-        Cmd::Bench {
-            bundle,
-            threads,
-            runs,
-            prefill,
-            decode,
-            llama_cpp,
-        } => bench(&bundle, &threads, runs, &prefill, decode, llama_cpp)?,
+        Cmd::Bench { bundle, threads, runs, prefill, decode, llama_cpp } => {
+            bench(&bundle, &threads, runs, &prefill, decode, llama_cpp)?
+        }
         Cmd::Test { hf_reference, rest } => {
             let model = xtask::fetch_default_model(true)?;
             xtask::ensure_llama_cpp_python()?;
@@ -264,13 +210,10 @@ fn real_main() -> Result<()> {
                 .args(rest)
                 .env("KILN_MODEL", &model)
                 .current_dir(xtask::root());
-            if let Some(dir) =
-                hf_reference.or_else(|| std::env::var_os("KILN_HF_REFERENCE").map(PathBuf::from))
-            {
+            if let Some(dir) = hf_reference.or_else(|| std::env::var_os("KILN_HF_REFERENCE").map(PathBuf::from)) {
                 cmd.env(
                     "KILN_HF_REFERENCE",
-                    dir.canonicalize()
-                        .with_context(|| format!("no directory {}", dir.display()))?,
+                    dir.canonicalize().with_context(|| format!("no directory {}", dir.display()))?,
                 );
             }
             exit_with(cmd.status()?.code())
@@ -281,6 +224,14 @@ fn real_main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The app's command, saying so when it runs under emulation.
+fn app_command(app: &xtask::App) -> Command {
+    if let Some((qemu, _)) = &app.emulator {
+        eprintln!("(running the aarch64 build under {qemu}: emulated, not representative of speed)");
+    }
+    app.command()
 }
 
 fn exit_with(code: Option<i32>) -> ! {
@@ -296,19 +247,17 @@ fn bench(
     llama_cpp: Option<String>,
 ) -> Result<()> {
     let app = xtask::build_chat_app(bundle, None)?;
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json"))?)?;
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json"))?)?;
     let gguf = match llama_cpp.as_deref() {
         Some("none") => None,
         Some(p) => Some(PathBuf::from(p)),
-        None if manifest["source"]["sha256"] == xtask::DEFAULT_MODEL_SHA256 => {
-            Some(xtask::fetch_default_model(false)?)
-        }
+        None if manifest["source"]["sha256"] == xtask::DEFAULT_MODEL_SHA256 => Some(xtask::fetch_default_model(false)?),
         None => None,
     };
     let mut rows: Vec<serde_json::Value> = vec![];
     for &t in threads {
-        let out = Command::new(&app)
+        let out = app
+            .command()
             .arg("--bundle")
             .arg(bundle)
             .arg("--threads")
@@ -325,66 +274,37 @@ fn bench(
             ])
             .output()?;
         if !out.status.success() {
-            bail!(
-                "kiln bench failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("kiln bench failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        rows.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok()),
-        );
+        rows.extend(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()));
         if let Some(g) = &gguf {
             let script = xtask::root().join("xtask/peer/llama_cpp_bench.py");
             let out = Command::new("python3")
                 .arg(script)
                 .arg(g)
-                .args([
-                    t.to_string(),
-                    prefill.to_string(),
-                    decode.to_string(),
-                    runs.to_string(),
-                ])
+                .args([t.to_string(), prefill.to_string(), decode.to_string(), runs.to_string()])
                 .output()?;
             if out.status.success() {
-                rows.extend(
-                    String::from_utf8_lossy(&out.stdout)
-                        .lines()
-                        .filter_map(|l| serde_json::from_str(l).ok()),
-                );
+                rows.extend(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()));
             } else {
                 eprintln!(
                     "llama.cpp bench skipped: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                        .lines()
-                        .last()
-                        .unwrap_or("")
+                    String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
                 );
             }
         }
     }
-    println!(
-        "{:<8} {:>7} {:>14} {:>14} {:>9}",
-        "test", "threads", "kiln tok/s", "llama.cpp", "ratio"
-    );
+    println!("{:<8} {:>7} {:>14} {:>14} {:>9}", "test", "threads", "kiln tok/s", "llama.cpp", "ratio");
     for row in rows.iter().filter(|r| r["engine"] == "kiln") {
-        let peer = rows.iter().find(|p| {
-            p["engine"] == "llama.cpp" && p["test"] == row["test"] && p["threads"] == row["threads"]
-        });
+        let peer = rows
+            .iter()
+            .find(|p| p["engine"] == "llama.cpp" && p["test"] == row["test"] && p["threads"] == row["threads"]);
         let k = row["median_tok_s"].as_f64().unwrap_or(0.0);
         let (p, ratio) = match peer.and_then(|p| p["median_tok_s"].as_f64()) {
             Some(p) => (format!("{p:.1}"), format!("{:.2}x", k / p)),
             None => ("-".into(), "-".into()),
         };
-        println!(
-            "{:<8} {:>7} {:>14.1} {:>14} {:>9}",
-            row["test"].as_str().unwrap_or("?"),
-            row["threads"],
-            k,
-            p,
-            ratio
-        );
+        println!("{:<8} {:>7} {:>14.1} {:>14} {:>9}", row["test"].as_str().unwrap_or("?"), row["threads"], k, p, ratio);
     }
     println!("(medians of {runs} runs; same machine, same thread count, one run of this command)");
     Ok(())

@@ -7,9 +7,7 @@ use std::process::Command;
 use compiler::gguf::{GgmlType, GgufWriter, MetaValue};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/kiln-tests/cli")
-        .join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kiln-tests/cli").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -32,27 +30,13 @@ fn build_fails(name: &str, gguf: &[u8], extra: &[&str]) -> String {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "{name}: expected exit code 1, stderr: {stderr}"
-    );
+    assert_eq!(output.status.code(), Some(1), "{name}: expected exit code 1, stderr: {stderr}");
     assert!(stderr.starts_with("error: "), "{name}: {stderr}");
     assert!(!stderr.contains("panicked"), "{name} panicked: {stderr}");
-    assert!(
-        !out.exists(),
-        "{name}: a failed build left {}",
-        out.display()
-    );
-    let leftovers: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name() != "model.gguf")
-        .collect();
-    assert!(
-        leftovers.is_empty(),
-        "{name}: a failed build left {leftovers:?}"
-    );
+    assert!(!out.exists(), "{name}: a failed build left {}", out.display());
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "model.gguf").collect();
+    assert!(leftovers.is_empty(), "{name}: a failed build left {leftovers:?}");
     stderr
 }
 
@@ -72,21 +56,13 @@ fn llama_meta_d(w: &mut GgufWriter, arch: &str, d: u32) {
     ] {
         w.add_meta(&format!("{arch}.{k}"), MetaValue::U32(v));
     }
-    w.add_meta(
-        &format!("{arch}.attention.layer_norm_rms_epsilon"),
-        MetaValue::F32(1e-5),
-    );
+    w.add_meta(&format!("{arch}.attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));
 }
 
 fn small_valid_header() -> Vec<u8> {
     let mut w = GgufWriter::new();
     llama_meta(&mut w, "llama");
-    w.add_tensor(
-        "token_embd.weight",
-        &[64, 10],
-        GgmlType::F32,
-        &vec![0u8; 64 * 10 * 4],
-    );
+    w.add_tensor("token_embd.weight", &[64, 10], GgmlType::F32, &vec![0u8; 64 * 10 * 4]);
     w.finish()
 }
 
@@ -94,19 +70,14 @@ fn small_valid_header() -> Vec<u8> {
 fn truncated_gguf() {
     let bytes = small_valid_header();
     let e = build_fails("truncated", &bytes[..bytes.len() / 3], &[]);
-    assert!(
-        e.contains("outside the file") || e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("outside the file") || e.contains("truncated"), "{e}");
     let e = build_fails("truncated_header", &bytes[..100], &[]);
     assert!(e.contains("truncated"), "{e}");
 }
 
 #[test]
 fn random_bytes() {
-    let bytes: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let e = build_fails("random", &bytes, &[]);
     assert!(e.contains("magic"), "{e}");
 }
@@ -116,10 +87,7 @@ fn another_architecture() {
     let mut w = GgufWriter::new();
     llama_meta(&mut w, "mamba");
     let e = build_fails("arch", &w.finish(), &[]);
-    assert!(
-        e.contains("unsupported architecture 'mamba'") && e.contains("llama"),
-        "{e}"
-    );
+    assert!(e.contains("unsupported architecture 'mamba'") && e.contains("llama"), "{e}");
 }
 
 #[test]
@@ -132,12 +100,7 @@ fn missing_tensor() {
 fn unsupported_and_unknown_tensor_types() {
     let mut w = GgufWriter::new();
     llama_meta_d(&mut w, "llama", 256);
-    w.add_tensor(
-        "token_embd.weight",
-        &[256, 10],
-        GgmlType::Q4_K,
-        &vec![0u8; 144 * 10],
-    );
+    w.add_tensor("token_embd.weight", &[256, 10], GgmlType::Q4_K, &vec![0u8; 144 * 10]);
     let e = build_fails("q4k", &w.finish(), &[]);
     assert!(e.contains("token_embd.weight") && e.contains("q4_K"), "{e}");
 
@@ -156,40 +119,31 @@ fn unsupported_and_unknown_tensor_types() {
 fn shape_contradicting_hyperparameters() {
     let mut w = GgufWriter::new();
     llama_meta(&mut w, "llama");
-    w.add_tensor(
-        "token_embd.weight",
-        &[64, 10],
-        GgmlType::F32,
-        &vec![0u8; 64 * 10 * 4],
-    );
+    w.add_tensor("token_embd.weight", &[64, 10], GgmlType::F32, &vec![0u8; 64 * 10 * 4]);
     w.add_tensor("blk.0.attn_norm.weight", &[32], GgmlType::F32, &[0u8; 128]);
     let e = build_fails("shape", &w.finish(), &[]);
-    assert!(
-        e.contains("blk.0.attn_norm.weight") && e.contains("[64]"),
-        "{e}"
-    );
+    assert!(e.contains("blk.0.attn_norm.weight") && e.contains("[64]"), "{e}");
 }
 
 #[test]
 fn bad_flags() {
-    let e = build_fails(
-        "target",
-        &small_valid_header(),
-        &["--target", "riscv64gc-unknown-linux-gnu"],
-    );
-    assert!(
-        e.contains("unknown target") && e.contains("x86_64-unknown-linux-gnu"),
-        "{e}"
-    );
+    let e = build_fails("target", &small_valid_header(), &["--target", "riscv64gc-unknown-linux-gnu"]);
+    assert!(e.contains("unknown target") && e.contains("x86_64-unknown-linux-gnu"), "{e}");
     let e = build_fails("context", &small_valid_header(), &["--context", "0"]);
     assert!(e.contains("context"), "{e}");
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["build-model", "--context", "-5"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "clap rejects a negative context"
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["build-model", "--context", "-5"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap rejects a negative context");
+}
+
+#[test]
+fn unknown_device_lists_the_known_ones() {
+    let e =
+        build_fails("device", &small_valid_header(), &["--target", "aarch64-linux-android", "--device", "pixel-99"]);
+    assert!(
+        e.contains("pixel-99")
+            && e.contains("snapdragon-865")
+            && e.contains("raspberry-pi-5")
+            && e.contains("generic-armv8.0"),
+        "{e}"
     );
 }

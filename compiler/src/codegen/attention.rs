@@ -74,22 +74,15 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
     assert!(hd % 4 == 0, "head_dim is checked by the codegen driver");
     let qw = spec.n_heads as i64 * hd;
     let group = (spec.n_heads / spec.n_kv_heads) as i64;
-    let scores_slot = kb.b.create_sized_stack_slot(StackSlotData::new(
-        StackSlotKind::ExplicitSlot,
-        (spec.context + 4) * 4,
-        4,
-    ));
+    let scores_slot =
+        kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (spec.context + 4) * 4, 4));
     let (q, y) = (kb.location(spec.q), kb.location(spec.y));
     let cache = kb.ctx_field(abi::ctx::KV_CACHE);
     let keys = kb.b.ins().iadd_imm_s(cache, spec.layer_offset());
     let values = kb.b.ins().iadd_imm_s(keys, spec.context as i64 * kvw * 4);
     let pos = kb.ctx_field(abi::ctx::POS);
     let n_tokens = kb.ctx_field(abi::ctx::N_TOKENS);
-    let first = if spec.skip_rows {
-        kb.ctx_field(abi::ctx::OUT_START)
-    } else {
-        kb.iconst(0)
-    };
+    let first = if spec.skip_rows { kb.ctx_field(abi::ctx::OUT_START) } else { kb.iconst(0) };
     let units_start = kb.b.ins().imul_imm_s(first, spec.n_heads as i64);
     let units_end = kb.b.ins().imul_imm_s(n_tokens, spec.n_heads as i64);
     let (u0, u1) = kb.partition(units_start, units_end);

@@ -5,9 +5,7 @@
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::immediates::Ieee32;
 use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I8X16};
-use cranelift_codegen::ir::{
-    BlockArg, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, Value,
-};
+use cranelift_codegen::ir::{BlockArg, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
 use targets::Target;
 
@@ -17,10 +15,7 @@ use crate::passes::plan_memory::Location;
 /// Flags for loads of weights and activations: they never trap, are read-only during the
 /// kernel, and may move; never `aligned` (see the Cranelift facts: blocks are 20 or 72 bytes).
 pub fn ro() -> MemFlagsData {
-    MemFlagsData::new()
-        .with_notrap()
-        .with_readonly()
-        .with_can_move()
+    MemFlagsData::new().with_notrap().with_readonly().with_can_move()
 }
 
 /// Flags for stores and for loads of memory the kernel itself writes.
@@ -59,12 +54,7 @@ impl<'a> Kb<'a> {
     /// Loads the 8-byte field at `offset` of the context. Not `can_move`: the load stays at
     /// the kernel's entry, so that addresses derived from it are hoisted out of loops.
     pub fn ctx_field(&mut self, offset: i32) -> Value {
-        self.b.ins().load(
-            I64,
-            MemFlagsData::new().with_notrap().with_readonly(),
-            self.ctx,
-            offset,
-        )
+        self.b.ins().load(I64, MemFlagsData::new().with_notrap().with_readonly(), self.ctx, offset)
     }
 
     /// Address of a value's storage.
@@ -127,10 +117,7 @@ impl<'a> Kb<'a> {
         init: &[Value],
         mut body: impl FnMut(&mut Self, Value, &[Value]) -> Vec<Value>,
     ) -> Vec<Value> {
-        let types: Vec<Type> = init
-            .iter()
-            .map(|&v| self.b.func.dfg.value_type(v))
-            .collect();
+        let types: Vec<Type> = init.iter().map(|&v| self.b.func.dfg.value_type(v)).collect();
         let header = self.b.create_block();
         let body_block = self.b.create_block();
         let exit = self.b.create_block();
@@ -153,11 +140,7 @@ impl<'a> Kb<'a> {
         self.b.switch_to_block(body_block);
         self.b.seal_block(body_block);
         let next = body(self, i, &carried);
-        assert_eq!(
-            next.len(),
-            carried.len(),
-            "loop body must return every carried value"
-        );
+        assert_eq!(next.len(), carried.len(), "loop body must return every carried value");
         let i_next = self.b.ins().iadd_imm_s(i, step);
         let mut args = vec![BlockArg::Value(i_next)];
         args.extend(next.iter().map(|&v| BlockArg::Value(v)));
@@ -170,22 +153,10 @@ impl<'a> Kb<'a> {
     }
 
     /// Runs `then` when `cond` is nonzero, `otherwise` when it is zero.
-    pub fn if_else(
-        &mut self,
-        cond: Value,
-        then: impl FnOnce(&mut Self),
-        otherwise: impl FnOnce(&mut Self),
-    ) {
-        let (t, e, join) = (
-            self.b.create_block(),
-            self.b.create_block(),
-            self.b.create_block(),
-        );
+    pub fn if_else(&mut self, cond: Value, then: impl FnOnce(&mut Self), otherwise: impl FnOnce(&mut Self)) {
+        let (t, e, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.ins().brif(cond, t, &[], e, &[]);
-        for (block, f) in [
-            (t, Box::new(then) as Box<dyn FnOnce(&mut Self)>),
-            (e, Box::new(otherwise)),
-        ] {
+        for (block, f) in [(t, Box::new(then) as Box<dyn FnOnce(&mut Self)>), (e, Box::new(otherwise))] {
             self.b.switch_to_block(block);
             self.b.seal_block(block);
             f(self);
@@ -254,10 +225,7 @@ impl<'a> Kb<'a> {
 
     /// Shuffles the f32 lanes of `a` (0..4) and `b` (4..8).
     pub fn shuffle_f32(&mut self, a: Value, b: Value, lanes: [u8; 4]) -> Value {
-        let bytes: Vec<u8> = lanes
-            .iter()
-            .flat_map(|&l| (0..4).map(move |k| l * 4 + k))
-            .collect();
+        let bytes: Vec<u8> = lanes.iter().flat_map(|&l| (0..4).map(move |k| l * 4 + k)).collect();
         let mask = self.b.func.dfg.immediates.push(ConstantData::from(bytes));
         let a8 = self.b.ins().bitcast(I8X16, le(), a);
         let b8 = self.b.ins().bitcast(I8X16, le(), b);
@@ -286,13 +254,7 @@ impl<'a> Kb<'a> {
         let r = self.b.ins().fma(n, c1, xc);
         let r = self.b.ins().fma(n, c2, r);
         let mut p = self.splat(1.9875691500e-4);
-        for c in [
-            1.3981999507e-3,
-            8.3334519073e-3,
-            4.1665795894e-2,
-            1.6666665459e-1,
-            5.0000001201e-1,
-        ] {
+        for c in [1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1] {
             let c = self.splat(c);
             p = self.b.ins().fma(p, r, c);
         }

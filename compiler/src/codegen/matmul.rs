@@ -45,9 +45,9 @@ pub fn token_block(l2_bytes: u32, x_row_bytes: i64) -> i64 {
 
 pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
     let (rows, cols) = match spec.weight.layout {
-        Layout::F32Rows4 { rows, cols }
-        | Layout::Q4Rows4 { rows, cols }
-        | Layout::Q8Rows4 { rows, cols } => (rows as i64, cols as i64),
+        Layout::F32Rows4 { rows, cols } | Layout::Q4Rows4 { rows, cols } | Layout::Q8Rows4 { rows, cols } => {
+            (rows as i64, cols as i64)
+        }
         Layout::F32Vector { .. } => unreachable!("matmul weights are matrices"),
     };
     let groups = (rows as usize).div_ceil(ROWS) as i64;
@@ -64,11 +64,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
     };
     let w_base = kb.weights(spec.weight.offset);
     let n_tokens = kb.ctx_field(super::abi::ctx::N_TOKENS);
-    let t0 = if spec.skip_rows {
-        kb.ctx_field(super::abi::ctx::OUT_START)
-    } else {
-        kb.iconst(0)
-    };
+    let t0 = if spec.skip_rows { kb.ctx_field(super::abi::ctx::OUT_START) } else { kb.iconst(0) };
     let zero = kb.iconst(0);
     let g_count = kb.iconst(groups);
     let (g0, g1) = kb.partition(zero, g_count);
@@ -116,14 +112,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
 }
 
 /// Applies the epilogue to `lanes` outputs and stores them at `y`.
-fn store_with_epilogue(
-    kb: &mut Kb,
-    acc: Value,
-    epilogue: EpilogueAt,
-    e: Option<Value>,
-    y: Value,
-    lanes: usize,
-) {
+fn store_with_epilogue(kb: &mut Kb, acc: Value, epilogue: EpilogueAt, e: Option<Value>, y: Value, lanes: usize) {
     let load = |kb: &mut Kb, p: Value| {
         if lanes == 4 {
             kb.load(F32X4, p, 0)
@@ -271,9 +260,7 @@ fn dot_f32(kb: &mut Kb, wg: Value, x_row: Value, cols: i64) -> Value {
     let tail = (cols % 4) as usize;
     if tail != 0 {
         let xv = kb.load_partial(x_row, 16 * (cols / 4), tail);
-        let wc =
-            kb.b.ins()
-                .iadd_imm_s(wg, F32_GROUP_CHUNK as i64 * (cols / 4));
+        let wc = kb.b.ins().iadd_imm_s(wg, F32_GROUP_CHUNK as i64 * (cols / 4));
         acc = chunk(kb, xv, wc, &acc);
     }
     kb.hsum4(acc[0], acc[1], acc[2], acc[3])

@@ -89,10 +89,7 @@ pub fn skippable_rows(graph: &Graph) -> Vec<bool> {
         }
         let is_output = graph.outputs.contains(&ValueId(i as u32));
         let has_uses = is_output || !users[i].is_empty();
-        skip[i] = has_uses
-            && users[i]
-                .iter()
-                .all(|&u| skip[u] && !matches!(graph.nodes[u].op, Op::Attention { .. }));
+        skip[i] = has_uses && users[i].iter().all(|&u| skip[u] && !matches!(graph.nodes[u].op, Op::Attention { .. }));
     }
     skip
 }
@@ -115,11 +112,7 @@ pub fn emit(
     let isa = target.isa().map_err(CodegenError::Target)?;
     let call_conv = isa.default_call_conv();
     let frontend_config = isa.frontend_config();
-    let builder = ObjectBuilder::new(
-        isa,
-        graph.name.as_bytes().to_vec(),
-        cranelift_module::default_libcall_names(),
-    )?;
+    let builder = ObjectBuilder::new(isa, graph.name.as_bytes().to_vec(), cranelift_module::default_libcall_names())?;
     let mut module = ObjectModule::new(builder);
     let skip = skippable_rows(graph);
     let sig = kernel_signature(call_conv);
@@ -134,10 +127,7 @@ pub fn emit(
             _ => &[node.op.mnemonic()],
         };
         for (step, &kind) in steps.iter().enumerate() {
-            let weight = node
-                .op
-                .weight()
-                .map(|w| graph.weight(w).name.replace(['.', '-'], "_"));
+            let weight = node.op.weight().map(|w| graph.weight(w).name.replace(['.', '-'], "_"));
             let name = match weight {
                 Some(w) => format!("kiln_v{i}_{kind}_{w}"),
                 None => format!("kiln_v{i}_{kind}"),
@@ -152,13 +142,7 @@ pub fn emit(
                 b.switch_to_block(entry);
                 b.seal_block(entry);
                 let p = b.block_params(entry).to_vec();
-                let mut kb = Kb {
-                    b,
-                    ctx: p[0],
-                    ith: p[1],
-                    nth: p[2],
-                    target,
-                };
+                let mut kb = Kb { b, ctx: p[0], ith: p[1], nth: p[2], target };
                 emit_step(&mut kb, graph, plan, packed, i, step, skip[i])?;
                 kb.b.ins().return_(&[]);
                 kb.b.finalize(frontend_config);
@@ -219,10 +203,7 @@ pub fn emit(
     put32(abi::desc::CONTEXT, graph.context);
     put32(abi::desc::KV_LAYERS, info.kv_layers);
     put32(abi::desc::KV_WIDTH, info.kv_width);
-    let io_values: Vec<ValueId> = input_values(graph)
-        .into_iter()
-        .chain(graph.outputs.iter().copied())
-        .collect();
+    let io_values: Vec<ValueId> = input_values(graph).into_iter().chain(graph.outputs.iter().copied()).collect();
     if io_values.len() > abi::MAX_IO {
         return Err(CodegenError::Unsupported(format!(
             "{} inputs and outputs (at most {})",
@@ -232,14 +213,7 @@ pub fn emit(
     }
     for (slot, v) in io_values.iter().enumerate() {
         let ty = graph.ty(*v);
-        put32(
-            abi::desc::IO_DTYPE + 4 * slot,
-            if ty.dtype == DType::I32 {
-                abi::DTYPE_I32
-            } else {
-                abi::DTYPE_F32
-            },
-        );
+        put32(abi::desc::IO_DTYPE + 4 * slot, if ty.dtype == DType::I32 { abi::DTYPE_I32 } else { abi::DTYPE_F32 });
         put32(abi::desc::IO_WIDTH + 4 * slot, ty.row_len().unwrap_or(1));
     }
     let kv_bytes = info.kv_layers as u64 * 2 * graph.context as u64 * info.kv_width as u64 * 4;
@@ -261,13 +235,8 @@ pub fn emit(
     module.define_data(desc_id, &data)?;
 
     let product = module.finish();
-    let object = product
-        .emit()
-        .map_err(|e| CodegenError::Unsupported(format!("object emission failed: {e}")))?;
-    Ok(Emitted {
-        object,
-        n_kernels: kernels.len(),
-    })
+    let object = product.emit().map_err(|e| CodegenError::Unsupported(format!("object emission failed: {e}")))?;
+    Ok(Emitted { object, n_kernels: kernels.len() })
 }
 
 /// Input values ordered by input index.
@@ -302,18 +271,11 @@ fn emit_step(
     match node.op {
         Op::Input { .. } => unreachable!("inputs have no kernel"),
         Op::Embed { ids, table } => ops::emit_embed(kb, loc(ids), packed.weight(table), y),
-        Op::RmsNorm {
-            x,
-            weight,
-            eps,
-            quantize,
-        } => ops::emit_rms_norm(kb, loc(x), packed.weight(weight), y, n, eps, quantize, skip),
+        Op::RmsNorm { x, weight, eps, quantize } => {
+            ops::emit_rms_norm(kb, loc(x), packed.weight(weight), y, n, eps, quantize, skip)
+        }
         Op::Quantize { x } => ops::emit_quantize(kb, loc(x), y, n, skip),
-        Op::MatMul {
-            x,
-            weight,
-            epilogue,
-        } => {
+        Op::MatMul { x, weight, epilogue } => {
             let epilogue = match epilogue {
                 Epilogue::None => matmul::EpilogueAt::None,
                 Epilogue::Silu => matmul::EpilogueAt::Silu,
@@ -341,15 +303,7 @@ fn emit_step(
             let table = packed.rope_tables[&(head_dim, theta.to_bits())];
             ops::emit_rope(kb, loc(x), y, n, head_dim, table, skip);
         }
-        Op::Attention {
-            q,
-            k,
-            v,
-            layer,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        } => {
+        Op::Attention { q, k, v, layer, n_heads, n_kv_heads, head_dim } => {
             if head_dim % 4 != 0 {
                 return Err(CodegenError::Unsupported(format!(
                     "attention with head_dim {head_dim} (must be a multiple of 4)"
@@ -373,15 +327,9 @@ fn emit_step(
                 attention::emit_attend(kb, &spec);
             }
         }
-        Op::Silu { x } => {
-            ops::emit_elementwise(kb, ops::Elementwise::Silu, loc(x), None, y, n, skip)
-        }
-        Op::Mul { a, b } => {
-            ops::emit_elementwise(kb, ops::Elementwise::Mul, loc(a), Some(loc(b)), y, n, skip)
-        }
-        Op::Add { a, b } => {
-            ops::emit_elementwise(kb, ops::Elementwise::Add, loc(a), Some(loc(b)), y, n, skip)
-        }
+        Op::Silu { x } => ops::emit_elementwise(kb, ops::Elementwise::Silu, loc(x), None, y, n, skip),
+        Op::Mul { a, b } => ops::emit_elementwise(kb, ops::Elementwise::Mul, loc(a), Some(loc(b)), y, n, skip),
+        Op::Add { a, b } => ops::emit_elementwise(kb, ops::Elementwise::Add, loc(a), Some(loc(b)), y, n, skip),
     }
     Ok(())
 }

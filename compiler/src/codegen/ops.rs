@@ -14,11 +14,7 @@ use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 /// This thread's token rows: `[start, end)` of `first..n_tokens`.
 fn my_rows(kb: &mut Kb, skip_rows: bool) -> (Value, Value) {
     let n_tokens = kb.ctx_field(abi::ctx::N_TOKENS);
-    let first = if skip_rows {
-        kb.ctx_field(abi::ctx::OUT_START)
-    } else {
-        kb.iconst(0)
-    };
+    let first = if skip_rows { kb.ctx_field(abi::ctx::OUT_START) } else { kb.iconst(0) };
     kb.partition(first, n_tokens)
 }
 
@@ -189,15 +185,7 @@ pub fn emit_quantize(kb: &mut Kb, x: Location, y: Location, n: u32, skip_rows: b
 
 /// Rotary embedding on adjacent pairs, reading the table at `table_offset` of the weights:
 /// per position, `head_dim` cosines (each twice) then `head_dim` signed sines.
-pub fn emit_rope(
-    kb: &mut Kb,
-    x: Location,
-    y: Location,
-    n: u32,
-    head_dim: u32,
-    table_offset: u64,
-    skip_rows: bool,
-) {
+pub fn emit_rope(kb: &mut Kb, x: Location, y: Location, n: u32, head_dim: u32, table_offset: u64, skip_rows: bool) {
     let (n, hd) = (n as i64, head_dim as i64);
     assert!(hd % 4 == 0, "head_dim is checked by the codegen driver");
     let (x, y, table) = (kb.location(x), kb.location(y), kb.weights(table_offset));
@@ -231,9 +219,9 @@ pub fn emit_rope(
 /// Embedding lookup from a packed table; ids outside `0..rows` give a zero row.
 pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location) {
     let (rows, cols) = match table.layout {
-        Layout::F32Rows4 { rows, cols }
-        | Layout::Q4Rows4 { rows, cols }
-        | Layout::Q8Rows4 { rows, cols } => (rows as i64, cols as i64),
+        Layout::F32Rows4 { rows, cols } | Layout::Q4Rows4 { rows, cols } | Layout::Q8Rows4 { rows, cols } => {
+            (rows as i64, cols as i64)
+        }
         Layout::F32Vector { .. } => unreachable!("tables are matrices"),
     };
     let (ids, y, w) = (kb.location(ids), kb.location(y), kb.weights(table.offset));
@@ -290,19 +278,14 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location) 
                                     [kb.b.ins().uwiden_low(half), kb.b.ins().uwiden_high(half)]
                                 };
                                 for (k, w16) in wide.into_iter().enumerate() {
-                                    let w32 =
-                                        [kb.b.ins().swiden_low(w16), kb.b.ins().swiden_high(w16)];
+                                    let w32 = [kb.b.ins().swiden_low(w16), kb.b.ins().swiden_high(w16)];
                                     for (j, wi) in w32.into_iter().enumerate() {
                                         let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
                                         let v = match m {
                                             Some(m) => kb.b.ins().fma(f, d, m),
                                             None => kb.b.ins().fmul(f, d),
                                         };
-                                        kb.store(
-                                            v,
-                                            out,
-                                            64 * h as i64 + 32 * k as i64 + 16 * j as i64,
-                                        );
+                                        kb.store(v, out, 64 * h as i64 + 32 * k as i64 + 16 * j as i64);
                                     }
                                 }
                             }
@@ -321,9 +304,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location) 
                             vec![]
                         });
                         if cols % 4 != 0 {
-                            let s =
-                                kb.b.ins()
-                                    .iadd_imm_s(src, F32_GROUP_CHUNK as i64 * (cols / 4));
+                            let s = kb.b.ins().iadd_imm_s(src, F32_GROUP_CHUNK as i64 * (cols / 4));
                             let v = kb.load(F32X4, s, 0);
                             kb.store_partial(v, yr, 16 * (cols / 4), (cols % 4) as usize);
                         }

@@ -13,14 +13,7 @@ use ir::{DType, Epilogue, Graph, Op, TensorType, ValueId};
 use targets::Target;
 
 fn single_use_plain_matmul(graph: &Graph, counts: &[u32], v: ValueId) -> bool {
-    counts[v.index()] == 1
-        && matches!(
-            graph.node(v).op,
-            Op::MatMul {
-                epilogue: Epilogue::None,
-                ..
-            }
-        )
+    counts[v.index()] == 1 && matches!(graph.node(v).op, Op::MatMul { epilogue: Epilogue::None, .. })
 }
 
 pub fn run(graph: &mut Graph, _target: &dyn Target) {
@@ -28,9 +21,7 @@ pub fn run(graph: &mut Graph, _target: &dyn Target) {
         let counts = graph.use_counts();
         let this = ValueId(i as u32);
         let fused: Option<(ValueId, Epilogue)> = match graph.nodes[i].op {
-            Op::Silu { x } if single_use_plain_matmul(graph, &counts, x) => {
-                Some((x, Epilogue::Silu))
-            }
+            Op::Silu { x } if single_use_plain_matmul(graph, &counts, x) => Some((x, Epilogue::Silu)),
             Op::Mul { a, b } | Op::Add { a, b } => {
                 let make = |other| match graph.nodes[i].op {
                     Op::Mul { .. } => Epilogue::Mul(other),
@@ -45,11 +36,7 @@ pub fn run(graph: &mut Graph, _target: &dyn Target) {
                 }
             }
             Op::Quantize { x } if counts[x.index()] == 1 => {
-                if let Op::RmsNorm {
-                    quantize: quantize @ false,
-                    ..
-                } = &mut graph.nodes[x.index()].op
-                {
+                if let Op::RmsNorm { quantize: quantize @ false, .. } = &mut graph.nodes[x.index()].op {
                     *quantize = true;
                     graph.nodes[x.index()].ty.dtype = DType::Q16;
                     graph.replace_uses(this, x);
@@ -62,10 +49,7 @@ pub fn run(graph: &mut Graph, _target: &dyn Target) {
             if let Op::MatMul { epilogue: e, .. } = &mut graph.nodes[producer.index()].op {
                 *e = epilogue;
             }
-            debug_assert_eq!(
-                graph.ty(producer),
-                &TensorType::rows(DType::F32, graph.ty(this).row_len().unwrap())
-            );
+            debug_assert_eq!(graph.ty(producer), &TensorType::rows(DType::F32, graph.ty(this).row_len().unwrap()));
             graph.replace_uses(this, producer);
         }
     }

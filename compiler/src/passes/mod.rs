@@ -19,14 +19,8 @@ pub struct Pass {
 
 /// Every rewrite pass, in pipeline order.
 pub const PASSES: &[Pass] = &[
-    Pass {
-        name: "quantize_activations",
-        run: quantize_activations::run,
-    },
-    Pass {
-        name: "fuse_elementwise",
-        run: fuse_elementwise::run,
-    },
+    Pass { name: "quantize_activations", run: quantize_activations::run },
+    Pass { name: "fuse_elementwise", run: fuse_elementwise::run },
 ];
 
 /// Options of the pipeline.
@@ -59,11 +53,84 @@ pub fn run_pipeline(
             eprintln!("; after {}\n{graph}", pass.name);
         }
         verify(graph).map_err(|mut e| {
-            e.0.iter_mut()
-                .for_each(|err| err.message = format!("after pass {}: {}", pass.name, err.message));
+            e.0.iter_mut().for_each(|err| err.message = format!("after pass {}: {}", pass.name, err.message));
             e
         })?;
     }
     let info = verify(graph)?;
     Ok((info, report))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use ir::interp::{self, KvCache, Tensor};
+    use ir::parse::parse_graph;
+    use ir::quant::quantize_row;
+    use ir::verify::assert_valid;
+    use ir::{DType, Graph, Op};
+
+    use super::PASSES;
+
+    /// Pseudo-random values in [-1, 1) from a fixed seed.
+    fn values(seed: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (*seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn evaluate(graph: &Graph, weights: &[Vec<u8>], inputs: &[Tensor], seq: usize) -> Vec<Vec<f32>> {
+        let w: Vec<&[u8]> = weights.iter().map(|w| w.as_slice()).collect();
+        interp::run(graph, &w, inputs, &mut KvCache::new(graph), seq, 0)
+    }
+
+    /// Runs pass `name` on `input` and checks the printed result against `expected`, then
+    /// checks that the graphs before and after evaluate to the same outputs (up to the
+    /// rounding of q16 activations, 2e-4 of the output scale) on random weights and inputs.
+    pub(crate) fn check_pass(name: &str, input: &str, expected: &str) {
+        let before = parse_graph(input).unwrap();
+        assert_valid(&before);
+        let pass = PASSES.iter().find(|p| p.name == name).expect("a registered pass");
+        let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
+        let mut after = before.clone();
+        (pass.run)(&mut after, target.as_ref());
+        assert_valid(&after);
+        assert_eq!(after.to_string(), expected, "{name} produced a different graph");
+
+        let mut seed = 42;
+        let weights: Vec<Vec<u8>> = before
+            .weights
+            .iter()
+            .map(|w| {
+                let cols = *w.shape.last().unwrap() as usize;
+                let rows = w.n_values() as usize / cols;
+                (0..rows).flat_map(|_| quantize_row(w.format, &values(&mut seed, cols))).collect()
+            })
+            .collect();
+        let seq = 3;
+        let mut inputs: Vec<(u32, Tensor)> = before
+            .nodes
+            .iter()
+            .filter_map(|n| match n.op {
+                Op::Input { index } => Some((
+                    index,
+                    match n.ty.dtype {
+                        DType::I32 => Tensor::I32((0..seq as i32).collect()),
+                        _ => Tensor::F32(values(&mut seed, seq * n.ty.row_len().unwrap() as usize)),
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        inputs.sort_by_key(|(i, _)| *i);
+        let inputs: Vec<Tensor> = inputs.into_iter().map(|(_, t)| t).collect();
+        let (want, got) = (evaluate(&before, &weights, &inputs, seq), evaluate(&after, &weights, &inputs, seq));
+        for (w, g) in want.iter().zip(&got) {
+            let scale = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = w.iter().zip(g).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 2e-4 * scale, "{name} changed the result by {diff} (scale {scale})");
+        }
+    }
 }

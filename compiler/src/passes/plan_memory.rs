@@ -54,9 +54,7 @@ pub fn plan(graph: &Graph, info: &GraphInfo, batch: u32) -> MemoryPlan {
     }
     for (k, v) in graph.outputs.iter().enumerate() {
         if !is_io[v.index()] {
-            locations[v.index()] = Location::Io {
-                slot: info.n_inputs + k as u32,
-            };
+            locations[v.index()] = Location::Io { slot: info.n_inputs + k as u32 };
             is_io[v.index()] = true;
         }
     }
@@ -115,11 +113,7 @@ pub fn plan(graph: &Graph, info: &GraphInfo, batch: u32) -> MemoryPlan {
         locations[i] = Location::Arena { offset };
         live.push((i, offset, size));
     }
-    MemoryPlan {
-        locations,
-        arena_bytes: end.max(ALIGN),
-        batch,
-    }
+    MemoryPlan { locations, arena_bytes: end.max(ALIGN), batch }
 }
 
 #[cfg(test)]

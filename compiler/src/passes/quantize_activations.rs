@@ -19,10 +19,7 @@ pub fn run(graph: &mut Graph, _target: &dyn Target) {
             i += 1;
             continue;
         };
-        let is_quantized = !matches!(
-            graph.weight(weight).format,
-            QuantFormat::F32 | QuantFormat::F16
-        );
+        let is_quantized = !matches!(graph.weight(weight).format, QuantFormat::F32 | QuantFormat::F16);
         if !is_quantized || graph.ty(x).dtype != DType::F32 {
             i += 1;
             continue;
@@ -33,13 +30,7 @@ pub fn run(graph: &mut Graph, _target: &dyn Target) {
                 let n = graph.ty(x).row_len().expect("verified matmul input");
                 // Insert just before this matmul; it and everything after shift by one.
                 let at = ValueId(i as u32);
-                graph.insert(
-                    at,
-                    Node {
-                        op: Op::Quantize { x },
-                        ty: TensorType::rows(DType::Q16, n),
-                    },
-                );
+                graph.insert(at, Node { op: Op::Quantize { x }, ty: TensorType::rows(DType::Q16, n) });
                 for q in quantized.values_mut() {
                     if *q >= at {
                         q.0 += 1;

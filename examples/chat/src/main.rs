@@ -29,9 +29,7 @@ fn linked_model() -> Result<&'static ModelDesc> {
         Ok(unsafe { &*std::ptr::addr_of!(kiln_model) })
     }
     #[cfg(not(kiln_model))]
-    bail!(
-        "this chat binary was built without a model; build it with `cargo xtask chat --bundle DIR`"
-    )
+    bail!("this chat binary was built without a model; build it with `cargo xtask chat --bundle DIR`")
 }
 
 #[derive(Parser)]
@@ -58,7 +56,8 @@ struct SamplingArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0.95)]
     top_p: f32,
-    #[arg(long, default_value_t = 1.1)]
+    /// 1 disables the repetition penalty (llama.cpp's default).
+    #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
     #[arg(long, default_value_t = 0xC0FFEE)]
     seed: u64,
@@ -130,11 +129,7 @@ fn open(cli: &Cli) -> Result<Session> {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match &cli.command {
-        Command::Chat {
-            prompt,
-            sampling,
-            stats,
-        } => {
+        Command::Chat { prompt, sampling, stats } => {
             let mut session = open(&cli)?;
             let cfg = sampling.config();
             let turn = |session: &mut Session, text: &str| -> Result<()> {
@@ -181,12 +176,7 @@ fn real_main() -> Result<()> {
                 }
             }
         }
-        Command::Run {
-            tokens,
-            dump_logits,
-            prompt,
-            sampling,
-        } => {
+        Command::Run { tokens, dump_logits, prompt, sampling } => {
             let mut session = open(&cli)?;
             match (tokens, prompt) {
                 (Some(ids), None) => {
@@ -195,10 +185,7 @@ fn real_main() -> Result<()> {
                     if let Some(path) = dump_logits {
                         write_npy(path, &logits, ids.len(), vocab)?;
                     }
-                    let top: Vec<String> = logits
-                        .chunks(vocab)
-                        .map(|row| argmax(row).to_string())
-                        .collect();
+                    let top: Vec<String> = logits.chunks(vocab).map(|row| argmax(row).to_string()).collect();
                     println!("top-1 per position: {}", top.join(","));
                 }
                 (None, Some(text)) => {
@@ -213,20 +200,13 @@ fn real_main() -> Result<()> {
                 _ => bail!("give exactly one of --tokens and --prompt"),
             }
         }
-        Command::Bench {
-            prefill,
-            decode,
-            runs,
-            json,
-        } => bench(&cli, prefill, *decode, *runs, *json)?,
+        Command::Bench { prefill, decode, runs, json } => bench(&cli, prefill, *decode, *runs, *json)?,
     }
     Ok(())
 }
 
 fn argmax(xs: &[f32]) -> usize {
-    xs.iter()
-        .enumerate()
-        .fold(0, |best, (i, &x)| if x > xs[best] { i } else { best })
+    xs.iter().enumerate().fold(0, |best, (i, &x)| if x > xs[best] { i } else { best })
 }
 
 /// Writes a float32 C-order .npy file of shape [rows, cols].
@@ -280,11 +260,7 @@ fn bench(cli: &Cli, prefill: &[usize], decode: usize, runs: usize, json: bool) -
                 rates.len()
             );
         } else {
-            println!(
-                "kiln  {what:<12} threads={} {med:>9.1} tok/s (median of {} runs)",
-                cli.threads,
-                rates.len()
-            );
+            println!("kiln  {what:<12} threads={} {med:>9.1} tok/s (median of {} runs)", cli.threads, rates.len());
         }
     };
     for &n in prefill {

@@ -10,7 +10,7 @@
 //! `smull` + `smull2` + `addp` on every AArch64 core. `sdot` (dotprod) multiplies int8 only,
 //! so it would need int8 activations, whose rounding costs the accuracy kiln keeps.
 
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::Value;
 use cranelift_codegen::isa::{self, OwnedTargetIsa};
 use cranelift_codegen::settings::Configurable;
 use cranelift_frontend::FunctionBuilder;
@@ -135,15 +135,7 @@ impl Target for Aarch64 {
     }
 
     fn dot_i16x8(&self, builder: &mut FunctionBuilder, a: Value, b: Value) -> Value {
-        // Lowers to smull + smull2 + addp.
-        let lo = {
-            let (a, b) = (builder.ins().swiden_low(a), builder.ins().swiden_low(b));
-            builder.ins().imul(a, b)
-        };
-        let hi = {
-            let (a, b) = (builder.ins().swiden_high(a), builder.ins().swiden_high(b));
-            builder.ins().imul(a, b)
-        };
-        builder.ins().iadd_pairwise(lo, hi)
+        // Cranelift matches this tree to `smull + smull2 + addp`.
+        crate::widening_dot_i16x8(builder, a, b)
     }
 }

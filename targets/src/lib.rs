@@ -87,6 +87,21 @@ pub trait Target: Send + Sync {
     fn dot_i16x8(&self, builder: &mut FunctionBuilder, a: Value, b: Value) -> Value;
 }
 
+/// `iadd_pairwise(imul(swiden_low a, swiden_low b), imul(swiden_high a, swiden_high b))`: the
+/// exact tree Cranelift's backends pattern-match to their int16 dot-product instructions.
+pub fn widening_dot_i16x8(builder: &mut FunctionBuilder, a: Value, b: Value) -> Value {
+    use cranelift_codegen::ir::InstBuilder;
+    let lo = {
+        let (a, b) = (builder.ins().swiden_low(a), builder.ins().swiden_low(b));
+        builder.ins().imul(a, b)
+    };
+    let hi = {
+        let (a, b) = (builder.ins().swiden_high(a), builder.ins().swiden_high(b));
+        builder.ins().imul(a, b)
+    };
+    builder.ins().iadd_pairwise(lo, hi)
+}
+
 /// Triples [`lookup`] knows.
 pub const KNOWN_TARGETS: &[&str] = &["x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu", "aarch64-linux-android"];
 

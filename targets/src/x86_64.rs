@@ -5,7 +5,7 @@
 //! `x86-64-v3` preset does not set `has_avx`, so the features are listed one by one.
 //! The int16 dot product lowers to `vpmaddwd`.
 
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::Value;
 use cranelift_codegen::isa::{self, OwnedTargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::FunctionBuilder;
@@ -79,15 +79,7 @@ impl Target for X86_64 {
     }
 
     fn dot_i16x8(&self, builder: &mut FunctionBuilder, a: Value, b: Value) -> Value {
-        // Cranelift matches this exact tree to `vpmaddwd`.
-        let lo = {
-            let (a, b) = (builder.ins().swiden_low(a), builder.ins().swiden_low(b));
-            builder.ins().imul(a, b)
-        };
-        let hi = {
-            let (a, b) = (builder.ins().swiden_high(a), builder.ins().swiden_high(b));
-            builder.ins().imul(a, b)
-        };
-        builder.ins().iadd_pairwise(lo, hi)
+        // Cranelift matches this tree to `vpmaddwd`.
+        crate::widening_dot_i16x8(builder, a, b)
     }
 }

@@ -1,4 +1,5 @@
 mod aarch64;
+mod abi;
 mod c_chat;
 mod kernels;
 mod model;

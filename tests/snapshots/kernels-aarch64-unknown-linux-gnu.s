@@ -179,293 +179,609 @@ Disassembly of section .text:
 	udf	#49439
 
 <kiln_v2_matmul_q4>:
-	ldr	x15, [x0]
-	ldr	x12, [x0, #8]
-	ldr	x11, [x0, #32]
+	stp	x29, x30, [sp, #-16]!
+	mov	x29, sp
+	stp	x19, x20, [sp, #-16]!
+	stp	d10, d11, [sp, #-16]!
+	stp	d8, d9, [sp, #-16]!
+	ldr	x20, [x0]
+	ldr	x19, [x0, #8]
+	ldr	x15, [x0, #32]
 	lsl	x0, x1, #4
-	cbz	x2, <kiln_v2_matmul_q4+0x34c>
-	udiv	x10, x0, x2
+	cbz	x2, <kiln_v2_matmul_q4+0x814>
+	udiv	x3, x0, x2
 	add	x0, x1, #0x1
 	lsl	x0, x0, #4
-	cbz	x2, <kiln_v2_matmul_q4+0x350>
-	udiv	x3, x0, x2
+	cbz	x2, <kiln_v2_matmul_q4+0x818>
+	udiv	x4, x0, x2
 	mov	x14, #0x0                   	// #0
-	cmp	x14, x11
-	b.lt	<kiln_v2_matmul_q4+0x38>  // b.tstop
+	cmp	x14, x15
+	b.lt	<kiln_v2_matmul_q4+0x5c>  // b.tstop
+	ldp	d8, d9, [sp], #16
+	ldp	d10, d11, [sp], #16
+	ldp	x19, x20, [sp], #16
+	ldp	x29, x30, [sp], #16
 	ret
-	mov	x4, x10
-	cmp	x4, x3
-	b.lt	<kiln_v2_matmul_q4+0x4c>  // b.tstop
+	mov	x5, x3
+	cmp	x5, x4
+	b.lt	<kiln_v2_matmul_q4+0x70>  // b.tstop
 	add	x14, x14, #0x40
-	b	<kiln_v2_matmul_q4+0x2c>
-	add	x0, x14, #0x40
-	cmp	x0, x11
-	csel	x5, x0, x11, lt	// lt = tstop
-	mov	x6, x14
-	cmp	x6, x5
-	b.lt	<kiln_v2_matmul_q4+0x6c>  // b.tstop
-	add	x4, x4, #0x1
-	b	<kiln_v2_matmul_q4+0x3c>
-	mov	x7, #0x0                   	// #0
-	movi	v30.16b, #0x0
-	mov	x0, #0x90                  	// #144
-	madd	x8, x6, x0, x15
-	add	x0, x12, #0x100
-	mov	x1, #0xc0                  	// #192
-	madd	x9, x4, x1, x0
-	mov	v0.16b, v30.16b
-	cmp	x7, #0x2
-	b.lt	<kiln_v2_matmul_q4+0x18c>  // b.tstop
-	fneg	v2.4s, v0.4s
+	b	<kiln_v2_matmul_q4+0x40>
+	add	x6, x14, #0x40
+	cmp	x6, x15
+	csel	x6, x6, x15, lt	// lt = tstop
+	sub	x7, x6, x14
+	and	x7, x7, #0x1
+	sub	x7, x6, x7
+	mov	x8, x14
+	cmp	x8, x7
+	b.lt	<kiln_v2_matmul_q4+0x384>  // b.tstop
+	cmp	x7, x6
+	b.lt	<kiln_v2_matmul_q4+0xa4>  // b.tstop
+	add	x5, x5, #0x1
+	b	<kiln_v2_matmul_q4+0x60>
+	mov	x8, #0x0                   	// #0
+	movi	v16.16b, #0x0
+	mov	x12, #0x90                  	// #144
+	madd	x9, x7, x12, x20
+	add	x12, x19, #0x100
+	mov	x13, #0xc0                  	// #192
+	madd	x10, x5, x13, x12
+	mov	v2.16b, v16.16b
+	cmp	x8, #0x2
+	b.lt	<kiln_v2_matmul_q4+0x1c4>  // b.tstop
+	fneg	v17.4s, v2.4s
 	mov	w0, #0x999a                	// #39322
 	movk	w0, #0xc2ae, lsl #16
-	dup	v4.4s, w0
-	fcmgt	v1.4s, v4.4s, v2.4s
+	dup	v19.4s, w0
+	fcmgt	v29.4s, v19.4s, v17.4s
 	mov	w0, #0x6967                	// #26983
 	movk	w0, #0x3950, lsl #16
-	dup	v3.4s, w0
-	fmax	v2.4s, v2.4s, v4.4s
+	dup	v18.4s, w0
+	fmax	v17.4s, v17.4s, v19.4s
 	mov	w0, #0x999a                	// #39322
 	movk	w0, #0x42b0, lsl #16
-	dup	v4.4s, w0
-	fmin	v20.4s, v2.4s, v4.4s
+	dup	v19.4s, w0
+	fmin	v3.4s, v17.4s, v19.4s
 	mov	w0, #0xaa3b                	// #43579
 	movk	w0, #0x3fb8, lsl #16
-	dup	v2.4s, w0
-	fmul	v2.4s, v20.4s, v2.4s
-	frintn	v2.4s, v2.4s
+	dup	v17.4s, w0
+	fmul	v17.4s, v3.4s, v17.4s
+	frintn	v17.4s, v17.4s
 	mov	w0, #0x8083                	// #32899
 	movk	w0, #0x395e, lsl #16
-	dup	v4.4s, w0
+	dup	v19.4s, w0
 	mov	w0, #0x8000                	// #32768
 	movk	w0, #0xbf31, lsl #16
-	dup	v5.4s, w0
-	fmla	v20.4s, v2.4s, v5.4s
-	fmla	v20.4s, v2.4s, v4.4s
+	dup	v20.4s, w0
+	fmla	v3.4s, v17.4s, v20.4s
+	fmla	v3.4s, v17.4s, v19.4s
 	mov	w0, #0x43ce                	// #17358
 	movk	w0, #0x3ab7, lsl #16
-	dup	v4.4s, w0
-	fmla	v4.4s, v3.4s, v20.4s
+	dup	v19.4s, w0
+	fmla	v19.4s, v18.4s, v3.4s
 	mov	w0, #0x8908                	// #35080
 	movk	w0, #0x3c08, lsl #16
-	dup	v3.4s, w0
-	fmla	v3.4s, v4.4s, v20.4s
+	dup	v18.4s, w0
+	fmla	v18.4s, v19.4s, v3.4s
 	mov	w0, #0xa9c1                	// #43457
 	movk	w0, #0x3d2a, lsl #16
-	dup	v4.4s, w0
-	fmla	v4.4s, v3.4s, v20.4s
+	dup	v19.4s, w0
+	fmla	v19.4s, v18.4s, v3.4s
 	mov	w0, #0xaaaa                	// #43690
 	movk	w0, #0x3e2a, lsl #16
-	dup	v3.4s, w0
-	fmla	v3.4s, v4.4s, v20.4s
-	movi	v4.4s, #0x3f, lsl #24
-	fmla	v4.4s, v3.4s, v20.4s
-	fmul	v6.4s, v20.4s, v20.4s
-	fmov	v3.4s, #1.000000000000000000e+00
-	fadd	v5.4s, v20.4s, v3.4s
-	fmla	v5.4s, v4.4s, v6.4s
-	fcvtzs	v2.4s, v2.4s
-	movi	v4.4s, #0x7f
-	add	v2.4s, v2.4s, v4.4s
-	shl	v2.4s, v2.4s, #23
-	fmul	v2.4s, v5.4s, v2.4s
-	bsl	v1.16b, v30.16b, v2.16b
-	fadd	v1.4s, v1.4s, v3.4s
-	fdiv	v0.4s, v0.4s, v1.4s
-	add	x1, x15, #0x480
-	lsl	x0, x6, #8
-	add	x0, x0, x4, lsl #4
-	str	q0, [x1, x0]
-	add	x6, x6, #0x1
-	b	<kiln_v2_matmul_q4+0x5c>
+	dup	v18.4s, w0
+	fmla	v18.4s, v19.4s, v3.4s
+	movi	v19.4s, #0x3f, lsl #24
+	fmla	v19.4s, v18.4s, v3.4s
+	fmul	v21.4s, v3.4s, v3.4s
+	fmov	v18.4s, #1.000000000000000000e+00
+	fadd	v20.4s, v3.4s, v18.4s
+	fmla	v20.4s, v19.4s, v21.4s
+	fcvtzs	v17.4s, v17.4s
+	movi	v19.4s, #0x7f
+	add	v17.4s, v17.4s, v19.4s
+	shl	v17.4s, v17.4s, #23
+	fmul	v17.4s, v20.4s, v17.4s
+	bsl	v29.16b, v16.16b, v17.16b
+	fadd	v16.4s, v29.4s, v18.4s
+	fdiv	v16.4s, v2.4s, v16.4s
+	add	x1, x20, #0x480
+	lsl	x0, x7, #8
+	add	x0, x0, x5, lsl #4
+	str	q16, [x1, x0]
 	add	x7, x7, #0x1
-	ldr	q1, [x9, #16]
-	ldr	s2, [x8, #4]
-	ldr	q6, [x9, #32]
-	movi	v3.16b, #0xf
-	and	v5.16b, v6.16b, v3.16b
-	uxtl	v7.8h, v5.8b
-	ldur	q4, [x8, #8]
-	smull	v16.4s, v7.4h, v4.4h
-	smull2	v7.4s, v7.8h, v4.8h
-	addp	v7.4s, v16.4s, v7.4s
-	uxtl2	v16.8h, v5.16b
-	ldur	q5, [x8, #24]
-	smull	v17.4s, v16.4h, v5.4h
-	smull2	v16.4s, v16.8h, v5.8h
-	addp	v16.4s, v17.4s, v16.4s
-	add	v7.4s, v7.4s, v16.4s
-	ushr	v6.8h, v6.8h, #4
-	and	v16.16b, v6.16b, v3.16b
-	uxtl	v17.8h, v16.8b
-	ldur	q6, [x8, #40]
-	smull	v18.4s, v17.4h, v6.4h
-	smull2	v17.4s, v17.8h, v6.8h
-	addp	v17.4s, v18.4s, v17.4s
-	add	v17.4s, v7.4s, v17.4s
-	uxtl2	v16.8h, v16.16b
-	ldur	q7, [x8, #56]
-	smull	v18.4s, v16.4h, v7.4h
-	smull2	v16.4s, v16.8h, v7.8h
-	addp	v16.4s, v18.4s, v16.4s
-	add	v16.4s, v17.4s, v16.4s
-	ldr	q17, [x9, #48]
-	and	v18.16b, v17.16b, v3.16b
-	uxtl	v19.8h, v18.8b
-	smull	v20.4s, v19.4h, v4.4h
-	smull2	v19.4s, v19.8h, v4.8h
-	addp	v19.4s, v20.4s, v19.4s
-	uxtl2	v18.8h, v18.16b
-	smull	v20.4s, v18.4h, v5.4h
-	smull2	v18.4s, v18.8h, v5.8h
-	addp	v18.4s, v20.4s, v18.4s
-	add	v18.4s, v19.4s, v18.4s
-	ushr	v17.8h, v17.8h, #4
-	and	v17.16b, v17.16b, v3.16b
-	uxtl	v19.8h, v17.8b
-	smull	v20.4s, v19.4h, v6.4h
-	smull2	v19.4s, v19.8h, v6.8h
-	addp	v19.4s, v20.4s, v19.4s
-	add	v18.4s, v18.4s, v19.4s
-	uxtl2	v17.8h, v17.16b
-	smull	v19.4s, v17.4h, v7.4h
-	smull2	v17.4s, v17.8h, v7.8h
-	addp	v17.4s, v19.4s, v17.4s
-	add	v17.4s, v18.4s, v17.4s
-	addp	v16.4s, v16.4s, v17.4s
-	ldr	q17, [x9, #64]
-	and	v18.16b, v17.16b, v3.16b
-	uxtl	v19.8h, v18.8b
-	smull	v20.4s, v19.4h, v4.4h
-	smull2	v19.4s, v19.8h, v4.8h
-	addp	v19.4s, v20.4s, v19.4s
-	uxtl2	v18.8h, v18.16b
-	smull	v20.4s, v18.4h, v5.4h
-	smull2	v18.4s, v18.8h, v5.8h
-	addp	v18.4s, v20.4s, v18.4s
-	add	v18.4s, v19.4s, v18.4s
-	ushr	v17.8h, v17.8h, #4
-	and	v17.16b, v17.16b, v3.16b
-	uxtl	v19.8h, v17.8b
-	smull	v20.4s, v19.4h, v6.4h
-	smull2	v19.4s, v19.8h, v6.8h
-	addp	v19.4s, v20.4s, v19.4s
-	add	v18.4s, v18.4s, v19.4s
-	uxtl2	v17.8h, v17.16b
-	smull	v19.4s, v17.4h, v7.4h
-	smull2	v17.4s, v17.8h, v7.8h
-	addp	v17.4s, v19.4s, v17.4s
-	add	v17.4s, v18.4s, v17.4s
-	ldr	q18, [x9, #80]
-	and	v19.16b, v18.16b, v3.16b
-	uxtl	v20.8h, v19.8b
-	smull	v21.4s, v20.4h, v4.4h
-	smull2	v4.4s, v20.8h, v4.8h
-	addp	v4.4s, v21.4s, v4.4s
+	b	<kiln_v2_matmul_q4+0x94>
+	add	x8, x8, #0x1
+	ldr	q17, [x10, #16]
+	ldr	s18, [x9, #4]
+	ldr	q22, [x10, #32]
+	movi	v19.16b, #0xf
+	and	v21.16b, v22.16b, v19.16b
+	uxtl	v23.8h, v21.8b
+	ldur	q20, [x9, #8]
+	smull	v24.4s, v23.4h, v20.4h
+	smull2	v23.4s, v23.8h, v20.8h
+	addp	v23.4s, v24.4s, v23.4s
+	uxtl2	v24.8h, v21.16b
+	ldur	q21, [x9, #24]
+	smull	v25.4s, v24.4h, v21.4h
+	smull2	v24.4s, v24.8h, v21.8h
+	addp	v24.4s, v25.4s, v24.4s
+	add	v23.4s, v23.4s, v24.4s
+	ushr	v22.8h, v22.8h, #4
+	and	v24.16b, v22.16b, v19.16b
+	uxtl	v25.8h, v24.8b
+	ldur	q22, [x9, #40]
+	smull	v26.4s, v25.4h, v22.4h
+	smull2	v25.4s, v25.8h, v22.8h
+	addp	v25.4s, v26.4s, v25.4s
+	add	v25.4s, v23.4s, v25.4s
+	uxtl2	v24.8h, v24.16b
+	ldur	q23, [x9, #56]
+	smull	v26.4s, v24.4h, v23.4h
+	smull2	v24.4s, v24.8h, v23.8h
+	addp	v24.4s, v26.4s, v24.4s
+	add	v24.4s, v25.4s, v24.4s
+	ldr	q25, [x10, #48]
+	and	v26.16b, v25.16b, v19.16b
+	uxtl	v27.8h, v26.8b
+	smull	v28.4s, v27.4h, v20.4h
+	smull2	v27.4s, v27.8h, v20.8h
+	addp	v27.4s, v28.4s, v27.4s
+	uxtl2	v26.8h, v26.16b
+	smull	v28.4s, v26.4h, v21.4h
+	smull2	v26.4s, v26.8h, v21.8h
+	addp	v26.4s, v28.4s, v26.4s
+	add	v26.4s, v27.4s, v26.4s
+	ushr	v25.8h, v25.8h, #4
+	and	v25.16b, v25.16b, v19.16b
+	uxtl	v27.8h, v25.8b
+	smull	v28.4s, v27.4h, v22.4h
+	smull2	v27.4s, v27.8h, v22.8h
+	addp	v27.4s, v28.4s, v27.4s
+	add	v26.4s, v26.4s, v27.4s
+	uxtl2	v25.8h, v25.16b
+	smull	v27.4s, v25.4h, v23.4h
+	smull2	v25.4s, v25.8h, v23.8h
+	addp	v25.4s, v27.4s, v25.4s
+	add	v25.4s, v26.4s, v25.4s
+	addp	v24.4s, v24.4s, v25.4s
+	ldr	q25, [x10, #64]
+	and	v26.16b, v25.16b, v19.16b
+	uxtl	v27.8h, v26.8b
+	smull	v28.4s, v27.4h, v20.4h
+	smull2	v27.4s, v27.8h, v20.8h
+	addp	v27.4s, v28.4s, v27.4s
+	uxtl2	v26.8h, v26.16b
+	smull	v28.4s, v26.4h, v21.4h
+	smull2	v26.4s, v26.8h, v21.8h
+	addp	v26.4s, v28.4s, v26.4s
+	add	v26.4s, v27.4s, v26.4s
+	ushr	v25.8h, v25.8h, #4
+	and	v25.16b, v25.16b, v19.16b
+	uxtl	v27.8h, v25.8b
+	smull	v28.4s, v27.4h, v22.4h
+	smull2	v27.4s, v27.8h, v22.8h
+	addp	v27.4s, v28.4s, v27.4s
+	add	v26.4s, v26.4s, v27.4s
+	uxtl2	v25.8h, v25.16b
+	smull	v27.4s, v25.4h, v23.4h
+	smull2	v25.4s, v25.8h, v23.8h
+	addp	v25.4s, v27.4s, v25.4s
+	add	v25.4s, v26.4s, v25.4s
+	ldr	q26, [x10, #80]
+	and	v27.16b, v26.16b, v19.16b
+	uxtl	v28.8h, v27.8b
+	smull	v29.4s, v28.4h, v20.4h
+	smull2	v20.4s, v28.8h, v20.8h
+	addp	v20.4s, v29.4s, v20.4s
+	uxtl2	v27.8h, v27.16b
+	smull	v28.4s, v27.4h, v21.4h
+	smull2	v21.4s, v27.8h, v21.8h
+	addp	v21.4s, v28.4s, v21.4s
+	add	v20.4s, v20.4s, v21.4s
+	ushr	v21.8h, v26.8h, #4
+	and	v19.16b, v21.16b, v19.16b
+	uxtl	v21.8h, v19.8b
+	smull	v26.4s, v21.4h, v22.4h
+	smull2	v21.4s, v21.8h, v22.8h
+	addp	v21.4s, v26.4s, v21.4s
+	add	v20.4s, v20.4s, v21.4s
 	uxtl2	v19.8h, v19.16b
-	smull	v20.4s, v19.4h, v5.4h
-	smull2	v5.4s, v19.8h, v5.8h
-	addp	v5.4s, v20.4s, v5.4s
-	add	v4.4s, v4.4s, v5.4s
-	ushr	v5.8h, v18.8h, #4
-	and	v3.16b, v5.16b, v3.16b
-	uxtl	v5.8h, v3.8b
-	smull	v18.4s, v5.4h, v6.4h
-	smull2	v5.4s, v5.8h, v6.8h
-	addp	v5.4s, v18.4s, v5.4s
-	add	v4.4s, v4.4s, v5.4s
-	uxtl2	v3.8h, v3.16b
-	smull	v5.4s, v3.4h, v7.4h
-	smull2	v3.4s, v3.8h, v7.8h
-	addp	v3.4s, v5.4s, v3.4s
-	add	v3.4s, v4.4s, v3.4s
-	addp	v3.4s, v17.4s, v3.4s
-	addp	v3.4s, v16.4s, v3.4s
-	scvtf	v3.4s, v3.4s
-	ldr	q4, [x9]
-	ld1r	{v5.4s}, [x8]
-	fmul	v4.4s, v4.4s, v5.4s
-	fmla	v0.4s, v3.4s, v4.4s
-	fmla	v0.4s, v1.4s, v2.s[0]
-	add	x8, x8, #0x48
-	add	x9, x9, #0x60
+	smull	v21.4s, v19.4h, v23.4h
+	smull2	v19.4s, v19.8h, v23.8h
+	addp	v19.4s, v21.4s, v19.4s
+	add	v19.4s, v20.4s, v19.4s
+	addp	v19.4s, v25.4s, v19.4s
+	addp	v19.4s, v24.4s, v19.4s
+	scvtf	v19.4s, v19.4s
+	ldr	q20, [x10]
+	ld1r	{v21.4s}, [x9]
+	fmul	v20.4s, v20.4s, v21.4s
+	fmla	v2.4s, v19.4s, v20.4s
+	fmla	v2.4s, v17.4s, v18.s[0]
+	add	x9, x9, #0x48
+	add	x10, x10, #0x60
+	b	<kiln_v2_matmul_q4+0xc4>
+	mov	x10, #0x0                   	// #0
+	movi	v18.16b, #0x0
+	mov	x1, #0x90                  	// #144
+	madd	x11, x8, x1, x20
+	add	x9, x8, #0x1
+	madd	x12, x9, x1, x20
+	add	x0, x19, #0x100
+	mov	x1, #0xc0                  	// #192
+	madd	x13, x5, x1, x0
+	mov	v0.16b, v18.16b
+	mov	v1.16b, v18.16b
+	cmp	x10, #0x2
+	b.lt	<kiln_v2_matmul_q4+0x52c>  // b.tstop
+	fneg	v21.4s, v1.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0xc2ae, lsl #16
+	dup	v24.4s, w0
+	fcmgt	v2.4s, v24.4s, v21.4s
+	mov	w0, #0x6967                	// #26983
+	movk	w0, #0x3950, lsl #16
+	dup	v23.4s, w0
+	fmax	v21.4s, v21.4s, v24.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0x42b0, lsl #16
+	dup	v25.4s, w0
+	fmin	v16.4s, v21.4s, v25.4s
+	mov	w0, #0xaa3b                	// #43579
+	movk	w0, #0x3fb8, lsl #16
+	dup	v26.4s, w0
+	fmul	v21.4s, v16.4s, v26.4s
+	frintn	v22.4s, v21.4s
+	mov	w0, #0x8083                	// #32899
+	movk	w0, #0x395e, lsl #16
+	dup	v27.4s, w0
+	mov	w0, #0x8000                	// #32768
+	movk	w0, #0xbf31, lsl #16
+	dup	v28.4s, w0
+	fmla	v16.4s, v22.4s, v28.4s
+	fmla	v16.4s, v22.4s, v27.4s
+	mov	w0, #0x43ce                	// #17358
+	movk	w0, #0x3ab7, lsl #16
+	dup	v3.4s, w0
+	mov	v21.16b, v3.16b
+	fmla	v21.4s, v23.4s, v16.4s
+	mov	w0, #0x8908                	// #35080
+	movk	w0, #0x3c08, lsl #16
+	dup	v4.4s, w0
+	mov	v29.16b, v4.16b
+	fmla	v29.4s, v21.4s, v16.4s
+	mov	w0, #0xa9c1                	// #43457
+	movk	w0, #0x3d2a, lsl #16
+	dup	v5.4s, w0
+	mov	v21.16b, v5.16b
+	fmla	v21.4s, v29.4s, v16.4s
+	mov	w0, #0xaaaa                	// #43690
+	movk	w0, #0x3e2a, lsl #16
+	dup	v7.4s, w0
+	mov	v30.16b, v7.16b
+	fmla	v30.4s, v21.4s, v16.4s
+	movi	v6.4s, #0x3f, lsl #24
+	mov	v29.16b, v6.16b
+	fmla	v29.4s, v30.4s, v16.4s
+	fmul	v30.4s, v16.4s, v16.4s
+	fmov	v21.4s, #1.000000000000000000e+00
+	fadd	v20.4s, v16.4s, v21.4s
+	fmla	v20.4s, v29.4s, v30.4s
+	fcvtzs	v29.4s, v22.4s
+	movi	v22.4s, #0x7f
+	add	v29.4s, v29.4s, v22.4s
+	shl	v29.4s, v29.4s, #23
+	fmul	v29.4s, v20.4s, v29.4s
+	bsl	v2.16b, v18.16b, v29.16b
+	fadd	v29.4s, v2.4s, v21.4s
+	fdiv	v29.4s, v1.4s, v29.4s
+	add	x10, x20, #0x480
+	lsl	x0, x8, #8
+	add	x0, x0, x5, lsl #4
+	str	q29, [x10, x0]
+	fneg	v29.4s, v0.4s
+	fcmgt	v16.4s, v24.4s, v29.4s
+	fmax	v24.4s, v29.4s, v24.4s
+	fmin	v19.4s, v24.4s, v25.4s
+	fmul	v24.4s, v19.4s, v26.4s
+	frintn	v24.4s, v24.4s
+	fmla	v19.4s, v24.4s, v28.4s
+	fmla	v19.4s, v24.4s, v27.4s
+	fmla	v3.4s, v23.4s, v19.4s
+	fmla	v4.4s, v3.4s, v19.4s
+	fmla	v5.4s, v4.4s, v19.4s
+	fmla	v7.4s, v5.4s, v19.4s
+	fmla	v6.4s, v7.4s, v19.4s
+	fmul	v25.4s, v19.4s, v19.4s
+	fadd	v23.4s, v19.4s, v21.4s
+	fmla	v23.4s, v6.4s, v25.4s
+	fcvtzs	v24.4s, v24.4s
+	add	v22.4s, v24.4s, v22.4s
+	shl	v22.4s, v22.4s, #23
+	fmul	v22.4s, v23.4s, v22.4s
+	bsl	v16.16b, v18.16b, v22.16b
+	fadd	v22.4s, v16.4s, v21.4s
+	fdiv	v22.4s, v0.4s, v22.4s
+	lsl	x0, x9, #8
+	add	x0, x0, x5, lsl #4
+	str	q22, [x10, x0]
+	add	x8, x8, #0x2
 	b	<kiln_v2_matmul_q4+0x8c>
+	add	x10, x10, #0x1
+	ldr	q24, [x13, #16]
+	ldr	s25, [x11, #4]
+	ldr	q28, [x13, #32]
+	movi	v6.16b, #0xf
+	and	v27.16b, v28.16b, v6.16b
+	uxtl	v26.8h, v27.8b
+	ldur	q19, [x11, #8]
+	smull	v29.4s, v26.4h, v19.4h
+	smull2	v30.4s, v26.8h, v19.8h
+	addp	v29.4s, v29.4s, v30.4s
+	uxtl2	v27.8h, v27.16b
+	ldur	q20, [x11, #24]
+	smull	v30.4s, v27.4h, v20.4h
+	smull2	v31.4s, v27.8h, v20.8h
+	addp	v30.4s, v30.4s, v31.4s
+	add	v29.4s, v29.4s, v30.4s
+	ushr	v28.8h, v28.8h, #4
+	and	v30.16b, v28.16b, v6.16b
+	uxtl	v28.8h, v30.8b
+	ldur	q21, [x11, #40]
+	smull	v31.4s, v28.4h, v21.4h
+	smull2	v2.4s, v28.8h, v21.8h
+	addp	v31.4s, v31.4s, v2.4s
+	add	v31.4s, v29.4s, v31.4s
+	uxtl2	v29.8h, v30.16b
+	ldur	q22, [x11, #56]
+	smull	v30.4s, v29.4h, v22.4h
+	smull2	v2.4s, v29.8h, v22.8h
+	addp	v30.4s, v30.4s, v2.4s
+	add	v4.4s, v31.4s, v30.4s
+	ldr	q2, [x13, #48]
+	and	v31.16b, v2.16b, v6.16b
+	uxtl	v30.8h, v31.8b
+	smull	v3.4s, v30.4h, v19.4h
+	smull2	v5.4s, v30.8h, v19.8h
+	addp	v3.4s, v3.4s, v5.4s
+	uxtl2	v31.8h, v31.16b
+	smull	v5.4s, v31.4h, v20.4h
+	smull2	v7.4s, v31.8h, v20.8h
+	addp	v5.4s, v5.4s, v7.4s
+	add	v3.4s, v3.4s, v5.4s
+	ushr	v2.8h, v2.8h, #4
+	and	v5.16b, v2.16b, v6.16b
+	uxtl	v2.8h, v5.8b
+	smull	v7.4s, v2.4h, v21.4h
+	smull2	v16.4s, v2.8h, v21.8h
+	addp	v7.4s, v7.4s, v16.4s
+	add	v7.4s, v3.4s, v7.4s
+	uxtl2	v3.8h, v5.16b
+	smull	v5.4s, v3.4h, v22.4h
+	smull2	v16.4s, v3.8h, v22.8h
+	addp	v5.4s, v5.4s, v16.4s
+	add	v5.4s, v7.4s, v5.4s
+	addp	v23.4s, v4.4s, v5.4s
+	ldr	q7, [x13, #64]
+	and	v5.16b, v7.16b, v6.16b
+	uxtl	v4.8h, v5.8b
+	smull	v16.4s, v4.4h, v19.4h
+	smull2	v17.4s, v4.8h, v19.8h
+	addp	v16.4s, v16.4s, v17.4s
+	uxtl2	v5.8h, v5.16b
+	smull	v17.4s, v5.4h, v20.4h
+	smull2	v8.4s, v5.8h, v20.8h
+	addp	v17.4s, v17.4s, v8.4s
+	add	v16.4s, v16.4s, v17.4s
+	ushr	v7.8h, v7.8h, #4
+	and	v17.16b, v7.16b, v6.16b
+	uxtl	v7.8h, v17.8b
+	smull	v8.4s, v7.4h, v21.4h
+	smull2	v9.4s, v7.8h, v21.8h
+	addp	v8.4s, v8.4s, v9.4s
+	add	v8.4s, v16.4s, v8.4s
+	uxtl2	v16.8h, v17.16b
+	smull	v17.4s, v16.4h, v22.4h
+	smull2	v9.4s, v16.8h, v22.8h
+	addp	v17.4s, v17.4s, v9.4s
+	add	v8.4s, v8.4s, v17.4s
+	ldr	q9, [x13, #80]
+	and	v10.16b, v9.16b, v6.16b
+	uxtl	v17.8h, v10.8b
+	smull	v11.4s, v17.4h, v19.4h
+	smull2	v19.4s, v17.8h, v19.8h
+	addp	v11.4s, v11.4s, v19.4s
+	uxtl2	v19.8h, v10.16b
+	smull	v10.4s, v19.4h, v20.4h
+	smull2	v20.4s, v19.8h, v20.8h
+	addp	v20.4s, v10.4s, v20.4s
+	add	v20.4s, v11.4s, v20.4s
+	ushr	v9.8h, v9.8h, #4
+	and	v9.16b, v9.16b, v6.16b
+	uxtl	v6.8h, v9.8b
+	smull	v10.4s, v6.4h, v21.4h
+	smull2	v21.4s, v6.8h, v21.8h
+	addp	v21.4s, v10.4s, v21.4s
+	add	v21.4s, v20.4s, v21.4s
+	uxtl2	v20.8h, v9.16b
+	smull	v9.4s, v20.4h, v22.4h
+	smull2	v22.4s, v20.8h, v22.8h
+	addp	v22.4s, v9.4s, v22.4s
+	add	v21.4s, v21.4s, v22.4s
+	addp	v21.4s, v8.4s, v21.4s
+	addp	v21.4s, v23.4s, v21.4s
+	scvtf	v22.4s, v21.4s
+	ldr	q21, [x13]
+	ld1r	{v23.4s}, [x11]
+	fmul	v23.4s, v21.4s, v23.4s
+	fmla	v1.4s, v22.4s, v23.4s
+	fmla	v1.4s, v24.4s, v25.s[0]
+	ldr	s25, [x12, #4]
+	ldur	q22, [x12, #8]
+	smull	v23.4s, v26.4h, v22.4h
+	smull2	v26.4s, v26.8h, v22.8h
+	addp	v23.4s, v23.4s, v26.4s
+	ldur	q26, [x12, #24]
+	smull	v8.4s, v27.4h, v26.4h
+	smull2	v27.4s, v27.8h, v26.8h
+	addp	v27.4s, v8.4s, v27.4s
+	add	v23.4s, v23.4s, v27.4s
+	ldur	q27, [x12, #40]
+	smull	v8.4s, v28.4h, v27.4h
+	smull2	v28.4s, v28.8h, v27.8h
+	addp	v28.4s, v8.4s, v28.4s
+	add	v23.4s, v23.4s, v28.4s
+	ldur	q28, [x12, #56]
+	smull	v8.4s, v29.4h, v28.4h
+	smull2	v29.4s, v29.8h, v28.8h
+	addp	v29.4s, v8.4s, v29.4s
+	add	v29.4s, v23.4s, v29.4s
+	smull	v23.4s, v30.4h, v22.4h
+	smull2	v30.4s, v30.8h, v22.8h
+	addp	v30.4s, v23.4s, v30.4s
+	smull	v23.4s, v31.4h, v26.4h
+	smull2	v31.4s, v31.8h, v26.8h
+	addp	v31.4s, v23.4s, v31.4s
+	add	v30.4s, v30.4s, v31.4s
+	smull	v31.4s, v2.4h, v27.4h
+	smull2	v2.4s, v2.8h, v27.8h
+	addp	v31.4s, v31.4s, v2.4s
+	add	v30.4s, v30.4s, v31.4s
+	smull	v31.4s, v3.4h, v28.4h
+	smull2	v2.4s, v3.8h, v28.8h
+	addp	v31.4s, v31.4s, v2.4s
+	add	v30.4s, v30.4s, v31.4s
+	addp	v29.4s, v29.4s, v30.4s
+	smull	v30.4s, v4.4h, v22.4h
+	smull2	v31.4s, v4.8h, v22.8h
+	addp	v30.4s, v30.4s, v31.4s
+	smull	v31.4s, v5.4h, v26.4h
+	smull2	v2.4s, v5.8h, v26.8h
+	addp	v31.4s, v31.4s, v2.4s
+	add	v30.4s, v30.4s, v31.4s
+	smull	v31.4s, v7.4h, v27.4h
+	smull2	v2.4s, v7.8h, v27.8h
+	addp	v31.4s, v31.4s, v2.4s
+	add	v30.4s, v30.4s, v31.4s
+	smull	v31.4s, v16.4h, v28.4h
+	smull2	v2.4s, v16.8h, v28.8h
+	addp	v31.4s, v31.4s, v2.4s
+	add	v30.4s, v30.4s, v31.4s
+	smull	v31.4s, v17.4h, v22.4h
+	smull2	v2.4s, v17.8h, v22.8h
+	addp	v31.4s, v31.4s, v2.4s
+	smull	v2.4s, v19.4h, v26.4h
+	smull2	v26.4s, v19.8h, v26.8h
+	addp	v26.4s, v2.4s, v26.4s
+	add	v26.4s, v31.4s, v26.4s
+	smull	v31.4s, v6.4h, v27.4h
+	smull2	v27.4s, v6.8h, v27.8h
+	addp	v27.4s, v31.4s, v27.4s
+	add	v26.4s, v26.4s, v27.4s
+	smull	v27.4s, v20.4h, v28.4h
+	smull2	v28.4s, v20.8h, v28.8h
+	addp	v27.4s, v27.4s, v28.4s
+	add	v26.4s, v26.4s, v27.4s
+	addp	v26.4s, v30.4s, v26.4s
+	addp	v26.4s, v29.4s, v26.4s
+	scvtf	v26.4s, v26.4s
+	ld1r	{v27.4s}, [x12]
+	fmul	v27.4s, v21.4s, v27.4s
+	fmla	v0.4s, v26.4s, v27.4s
+	fmla	v0.4s, v24.4s, v25.s[0]
+	add	x11, x11, #0x48
+	add	x12, x12, #0x48
+	add	x13, x13, #0x60
+	b	<kiln_v2_matmul_q4+0x3b0>
 	udf	#49439
 	udf	#49439
 
 <kiln_v3_matmul_q8>:
-	ldr	x13, [x0]
-	ldr	x14, [x0, #8]
+	stp	x29, x30, [sp, #-16]!
+	mov	x29, sp
+	stp	x19, x20, [sp, #-16]!
+	ldr	x20, [x0]
+	ldr	x19, [x0, #8]
 	ldr	x15, [x0, #32]
 	lsl	x0, x1, #4
-	cbz	x2, <kiln_v3_matmul_q8+0x244>
-	udiv	x0, x0, x2
-	add	x1, x1, #0x1
-	lsl	x1, x1, #4
-	cbz	x2, <kiln_v3_matmul_q8+0x248>
-	udiv	x1, x1, x2
-	mov	x2, #0x0                   	// #0
-	cmp	x2, x15
-	b.lt	<kiln_v3_matmul_q8+0x38>  // b.tstop
-	ret
-	mov	x3, x0
-	cmp	x3, x1
+	cbz	x2, <kiln_v3_matmul_q8+0x584>
+	udiv	x3, x0, x2
+	add	x0, x1, #0x1
+	lsl	x0, x0, #4
+	cbz	x2, <kiln_v3_matmul_q8+0x588>
+	udiv	x4, x0, x2
+	mov	x14, #0x0                   	// #0
+	cmp	x14, x15
 	b.lt	<kiln_v3_matmul_q8+0x4c>  // b.tstop
-	add	x2, x2, #0x40
-	b	<kiln_v3_matmul_q8+0x2c>
-	add	x4, x2, #0x40
-	cmp	x4, x15
-	csel	x4, x4, x15, lt	// lt = tstop
-	mov	x5, x2
+	ldp	x19, x20, [sp], #16
+	ldp	x29, x30, [sp], #16
+	ret
+	mov	x5, x3
 	cmp	x5, x4
-	b.lt	<kiln_v3_matmul_q8+0x6c>  // b.tstop
-	add	x3, x3, #0x1
-	b	<kiln_v3_matmul_q8+0x3c>
-	mov	x6, #0x0                   	// #0
-	movi	v0.16b, #0x0
-	mov	x7, #0x90                  	// #144
-	madd	x7, x5, x7, x13
-	add	x8, x14, #0xd00
-	mov	x9, #0x120                 	// #288
-	madd	x8, x3, x9, x8
-	cmp	x6, #0x2
-	b.lt	<kiln_v3_matmul_q8+0xb4>  // b.tstop
-	add	x7, x13, #0x480
-	lsl	x6, x5, #8
-	add	x6, x6, x3, lsl #4
-	ldr	q31, [x7, x6]
-	fmul	v31.4s, v0.4s, v31.4s
-	add	x7, x13, #0xc80
-	str	q31, [x7, x6]
+	b.lt	<kiln_v3_matmul_q8+0x60>  // b.tstop
+	add	x14, x14, #0x40
+	b	<kiln_v3_matmul_q8+0x38>
+	add	x0, x14, #0x40
+	cmp	x0, x15
+	csel	x6, x0, x15, lt	// lt = tstop
+	sub	x0, x6, x14
+	and	x0, x0, #0x1
+	sub	x7, x6, x0
+	mov	x8, x14
+	cmp	x8, x7
+	b.lt	<kiln_v3_matmul_q8+0x26c>  // b.tstop
+	cmp	x7, x6
+	b.lt	<kiln_v3_matmul_q8+0x94>  // b.tstop
 	add	x5, x5, #0x1
-	b	<kiln_v3_matmul_q8+0x5c>
-	add	x6, x6, #0x1
-	ldr	q2, [x8, #16]
+	b	<kiln_v3_matmul_q8+0x50>
+	mov	x8, #0x0                   	// #0
+	movi	v0.16b, #0x0
+	mov	x0, #0x90                  	// #144
+	madd	x9, x7, x0, x20
+	add	x0, x19, #0xd00
+	mov	x1, #0x120                 	// #288
+	madd	x10, x5, x1, x0
+	cmp	x8, #0x2
+	b.lt	<kiln_v3_matmul_q8+0xdc>  // b.tstop
+	add	x2, x20, #0x480
+	lsl	x0, x7, #8
+	add	x1, x0, x5, lsl #4
+	ldr	q1, [x2, x1]
+	fmul	v0.4s, v0.4s, v1.4s
+	add	x0, x20, #0xc80
+	str	q0, [x0, x1]
+	add	x7, x7, #0x1
+	b	<kiln_v3_matmul_q8+0x84>
+	add	x8, x8, #0x1
+	ldr	q2, [x10, #16]
 	sxtl	v3.8h, v2.8b
-	ldur	q1, [x7, #8]
+	ldur	q1, [x9, #8]
 	smull	v4.4s, v3.4h, v1.4h
 	smull2	v3.4s, v3.8h, v1.8h
 	addp	v3.4s, v4.4s, v3.4s
 	sxtl2	v4.8h, v2.16b
-	ldur	q2, [x7, #24]
+	ldur	q2, [x9, #24]
 	smull	v5.4s, v4.4h, v2.4h
 	smull2	v4.4s, v4.8h, v2.8h
 	addp	v4.4s, v5.4s, v4.4s
 	add	v4.4s, v3.4s, v4.4s
-	ldr	q5, [x8, #32]
+	ldr	q5, [x10, #32]
 	sxtl	v6.8h, v5.8b
-	ldur	q3, [x7, #40]
+	ldur	q3, [x9, #40]
 	smull	v7.4s, v6.4h, v3.4h
 	smull2	v6.4s, v6.8h, v3.8h
 	addp	v6.4s, v7.4s, v6.4s
 	add	v6.4s, v4.4s, v6.4s
 	sxtl2	v5.8h, v5.16b
-	ldur	q4, [x7, #56]
+	ldur	q4, [x9, #56]
 	smull	v7.4s, v5.4h, v4.4h
 	smull2	v5.4s, v5.8h, v4.8h
 	addp	v5.4s, v7.4s, v5.4s
 	add	v5.4s, v6.4s, v5.4s
-	ldr	q6, [x8, #48]
+	ldr	q6, [x10, #48]
 	sxtl	v7.8h, v6.8b
 	smull	v16.4s, v7.4h, v1.4h
 	smull2	v7.4s, v7.8h, v1.8h
@@ -475,7 +791,7 @@ Disassembly of section .text:
 	smull2	v6.4s, v6.8h, v2.8h
 	addp	v6.4s, v16.4s, v6.4s
 	add	v6.4s, v7.4s, v6.4s
-	ldr	q7, [x8, #64]
+	ldr	q7, [x10, #64]
 	sxtl	v16.8h, v7.8b
 	smull	v17.4s, v16.4h, v3.4h
 	smull2	v16.4s, v16.8h, v3.8h
@@ -487,7 +803,7 @@ Disassembly of section .text:
 	addp	v7.4s, v16.4s, v7.4s
 	add	v6.4s, v6.4s, v7.4s
 	addp	v5.4s, v5.4s, v6.4s
-	ldr	q6, [x8, #80]
+	ldr	q6, [x10, #80]
 	sxtl	v7.8h, v6.8b
 	smull	v16.4s, v7.4h, v1.4h
 	smull2	v7.4s, v7.8h, v1.8h
@@ -497,7 +813,7 @@ Disassembly of section .text:
 	smull2	v6.4s, v6.8h, v2.8h
 	addp	v6.4s, v16.4s, v6.4s
 	add	v6.4s, v7.4s, v6.4s
-	ldr	q7, [x8, #96]
+	ldr	q7, [x10, #96]
 	sxtl	v16.8h, v7.8b
 	smull	v17.4s, v16.4h, v3.4h
 	smull2	v16.4s, v16.8h, v3.8h
@@ -508,7 +824,7 @@ Disassembly of section .text:
 	smull2	v7.4s, v7.8h, v4.8h
 	addp	v7.4s, v16.4s, v7.4s
 	add	v6.4s, v6.4s, v7.4s
-	ldr	q7, [x8, #112]
+	ldr	q7, [x10, #112]
 	sxtl	v16.8h, v7.8b
 	smull	v17.4s, v16.4h, v1.4h
 	smull2	v1.4s, v16.8h, v1.8h
@@ -518,7 +834,7 @@ Disassembly of section .text:
 	smull2	v2.4s, v7.8h, v2.8h
 	addp	v2.4s, v16.4s, v2.4s
 	add	v1.4s, v1.4s, v2.4s
-	ldr	q2, [x8, #128]
+	ldr	q2, [x10, #128]
 	sxtl	v7.8h, v2.8b
 	smull	v16.4s, v7.4h, v3.4h
 	smull2	v3.4s, v7.8h, v3.8h
@@ -532,13 +848,211 @@ Disassembly of section .text:
 	addp	v1.4s, v6.4s, v1.4s
 	addp	v1.4s, v5.4s, v1.4s
 	scvtf	v1.4s, v1.4s
-	ldr	q2, [x8]
-	ld1r	{v3.4s}, [x7]
+	ldr	q2, [x10]
+	ld1r	{v3.4s}, [x9]
 	fmul	v2.4s, v2.4s, v3.4s
 	fmla	v0.4s, v1.4s, v2.4s
-	add	x7, x7, #0x48
-	add	x8, x8, #0x90
-	b	<kiln_v3_matmul_q8+0x88>
+	add	x9, x9, #0x48
+	add	x10, x10, #0x90
+	b	<kiln_v3_matmul_q8+0xb0>
+	mov	x10, #0x0                   	// #0
+	movi	v0.16b, #0x0
+	mov	x1, #0x90                  	// #144
+	madd	x11, x8, x1, x20
+	add	x9, x8, #0x1
+	madd	x12, x9, x1, x20
+	add	x0, x19, #0xd00
+	mov	x1, #0x120                 	// #288
+	madd	x13, x5, x1, x0
+	mov	v1.16b, v0.16b
+	cmp	x10, #0x2
+	b.lt	<kiln_v3_matmul_q8+0x2d4>  // b.tstop
+	add	x2, x20, #0x480
+	lsl	x0, x8, #8
+	add	x10, x0, x5, lsl #4
+	ldr	q2, [x2, x10]
+	fmul	v0.4s, v0.4s, v2.4s
+	add	x1, x20, #0xc80
+	str	q0, [x1, x10]
+	lsl	x0, x9, #8
+	add	x9, x0, x5, lsl #4
+	ldr	q0, [x2, x9]
+	fmul	v0.4s, v1.4s, v0.4s
+	str	q0, [x1, x9]
+	add	x8, x8, #0x2
+	b	<kiln_v3_matmul_q8+0x7c>
+	add	x10, x10, #0x1
+	ldr	q3, [x13, #16]
+	sxtl	v2.8h, v3.8b
+	ldur	q23, [x11, #8]
+	smull	v4.4s, v2.4h, v23.4h
+	smull2	v5.4s, v2.8h, v23.8h
+	addp	v4.4s, v4.4s, v5.4s
+	sxtl2	v3.8h, v3.16b
+	ldur	q24, [x11, #24]
+	smull	v5.4s, v3.4h, v24.4h
+	smull2	v6.4s, v3.8h, v24.8h
+	addp	v5.4s, v5.4s, v6.4s
+	add	v5.4s, v4.4s, v5.4s
+	ldr	q6, [x13, #32]
+	sxtl	v4.8h, v6.8b
+	ldur	q25, [x11, #40]
+	smull	v7.4s, v4.4h, v25.4h
+	smull2	v16.4s, v4.8h, v25.8h
+	addp	v7.4s, v7.4s, v16.4s
+	add	v7.4s, v5.4s, v7.4s
+	sxtl2	v5.8h, v6.16b
+	ldur	q26, [x11, #56]
+	smull	v6.4s, v5.4h, v26.4h
+	smull2	v16.4s, v5.8h, v26.8h
+	addp	v6.4s, v6.4s, v16.4s
+	add	v18.4s, v7.4s, v6.4s
+	ldr	q7, [x13, #48]
+	sxtl	v6.8h, v7.8b
+	smull	v16.4s, v6.4h, v23.4h
+	smull2	v17.4s, v6.8h, v23.8h
+	addp	v16.4s, v16.4s, v17.4s
+	sxtl2	v7.8h, v7.16b
+	smull	v17.4s, v7.4h, v24.4h
+	smull2	v19.4s, v7.8h, v24.8h
+	addp	v17.4s, v17.4s, v19.4s
+	add	v17.4s, v16.4s, v17.4s
+	ldr	q19, [x13, #64]
+	sxtl	v16.8h, v19.8b
+	smull	v20.4s, v16.4h, v25.4h
+	smull2	v21.4s, v16.8h, v25.8h
+	addp	v20.4s, v20.4s, v21.4s
+	add	v20.4s, v17.4s, v20.4s
+	sxtl2	v17.8h, v19.16b
+	smull	v19.4s, v17.4h, v26.4h
+	smull2	v21.4s, v17.8h, v26.8h
+	addp	v19.4s, v19.4s, v21.4s
+	add	v19.4s, v20.4s, v19.4s
+	addp	v27.4s, v18.4s, v19.4s
+	ldr	q19, [x13, #80]
+	sxtl	v18.8h, v19.8b
+	smull	v20.4s, v18.4h, v23.4h
+	smull2	v21.4s, v18.8h, v23.8h
+	addp	v20.4s, v20.4s, v21.4s
+	sxtl2	v19.8h, v19.16b
+	smull	v21.4s, v19.4h, v24.4h
+	smull2	v22.4s, v19.8h, v24.8h
+	addp	v21.4s, v21.4s, v22.4s
+	add	v21.4s, v20.4s, v21.4s
+	ldr	q22, [x13, #96]
+	sxtl	v20.8h, v22.8b
+	smull	v28.4s, v20.4h, v25.4h
+	smull2	v29.4s, v20.8h, v25.8h
+	addp	v28.4s, v28.4s, v29.4s
+	add	v28.4s, v21.4s, v28.4s
+	sxtl2	v21.8h, v22.16b
+	smull	v22.4s, v21.4h, v26.4h
+	smull2	v29.4s, v21.8h, v26.8h
+	addp	v22.4s, v22.4s, v29.4s
+	add	v28.4s, v28.4s, v22.4s
+	ldr	q29, [x13, #112]
+	sxtl	v22.8h, v29.8b
+	smull	v30.4s, v22.4h, v23.4h
+	smull2	v23.4s, v22.8h, v23.8h
+	addp	v30.4s, v30.4s, v23.4s
+	sxtl2	v23.8h, v29.16b
+	smull	v29.4s, v23.4h, v24.4h
+	smull2	v24.4s, v23.8h, v24.8h
+	addp	v24.4s, v29.4s, v24.4s
+	add	v29.4s, v30.4s, v24.4s
+	ldr	q30, [x13, #128]
+	sxtl	v24.8h, v30.8b
+	smull	v31.4s, v24.4h, v25.4h
+	smull2	v25.4s, v24.8h, v25.8h
+	addp	v25.4s, v31.4s, v25.4s
+	add	v29.4s, v29.4s, v25.4s
+	sxtl2	v25.8h, v30.16b
+	smull	v30.4s, v25.4h, v26.4h
+	smull2	v26.4s, v25.8h, v26.8h
+	addp	v26.4s, v30.4s, v26.4s
+	add	v26.4s, v29.4s, v26.4s
+	addp	v26.4s, v28.4s, v26.4s
+	addp	v26.4s, v27.4s, v26.4s
+	scvtf	v27.4s, v26.4s
+	ldr	q26, [x13]
+	ld1r	{v28.4s}, [x11]
+	fmul	v28.4s, v26.4s, v28.4s
+	fmla	v0.4s, v27.4s, v28.4s
+	ldur	q27, [x12, #8]
+	smull	v28.4s, v2.4h, v27.4h
+	smull2	v2.4s, v2.8h, v27.8h
+	addp	v28.4s, v28.4s, v2.4s
+	ldur	q2, [x12, #24]
+	smull	v29.4s, v3.4h, v2.4h
+	smull2	v3.4s, v3.8h, v2.8h
+	addp	v3.4s, v29.4s, v3.4s
+	add	v28.4s, v28.4s, v3.4s
+	ldur	q3, [x12, #40]
+	smull	v29.4s, v4.4h, v3.4h
+	smull2	v4.4s, v4.8h, v3.8h
+	addp	v4.4s, v29.4s, v4.4s
+	add	v28.4s, v28.4s, v4.4s
+	ldur	q4, [x12, #56]
+	smull	v29.4s, v5.4h, v4.4h
+	smull2	v5.4s, v5.8h, v4.8h
+	addp	v5.4s, v29.4s, v5.4s
+	add	v5.4s, v28.4s, v5.4s
+	smull	v28.4s, v6.4h, v27.4h
+	smull2	v6.4s, v6.8h, v27.8h
+	addp	v6.4s, v28.4s, v6.4s
+	smull	v28.4s, v7.4h, v2.4h
+	smull2	v7.4s, v7.8h, v2.8h
+	addp	v7.4s, v28.4s, v7.4s
+	add	v6.4s, v6.4s, v7.4s
+	smull	v7.4s, v16.4h, v3.4h
+	smull2	v16.4s, v16.8h, v3.8h
+	addp	v7.4s, v7.4s, v16.4s
+	add	v6.4s, v6.4s, v7.4s
+	smull	v7.4s, v17.4h, v4.4h
+	smull2	v16.4s, v17.8h, v4.8h
+	addp	v7.4s, v7.4s, v16.4s
+	add	v6.4s, v6.4s, v7.4s
+	addp	v5.4s, v5.4s, v6.4s
+	smull	v6.4s, v18.4h, v27.4h
+	smull2	v7.4s, v18.8h, v27.8h
+	addp	v6.4s, v6.4s, v7.4s
+	smull	v7.4s, v19.4h, v2.4h
+	smull2	v16.4s, v19.8h, v2.8h
+	addp	v7.4s, v7.4s, v16.4s
+	add	v6.4s, v6.4s, v7.4s
+	smull	v7.4s, v20.4h, v3.4h
+	smull2	v16.4s, v20.8h, v3.8h
+	addp	v7.4s, v7.4s, v16.4s
+	add	v6.4s, v6.4s, v7.4s
+	smull	v7.4s, v21.4h, v4.4h
+	smull2	v16.4s, v21.8h, v4.8h
+	addp	v7.4s, v7.4s, v16.4s
+	add	v6.4s, v6.4s, v7.4s
+	smull	v7.4s, v22.4h, v27.4h
+	smull2	v16.4s, v22.8h, v27.8h
+	addp	v7.4s, v7.4s, v16.4s
+	smull	v16.4s, v23.4h, v2.4h
+	smull2	v2.4s, v23.8h, v2.8h
+	addp	v2.4s, v16.4s, v2.4s
+	add	v2.4s, v7.4s, v2.4s
+	smull	v7.4s, v24.4h, v3.4h
+	smull2	v3.4s, v24.8h, v3.8h
+	addp	v3.4s, v7.4s, v3.4s
+	add	v2.4s, v2.4s, v3.4s
+	smull	v3.4s, v25.4h, v4.4h
+	smull2	v4.4s, v25.8h, v4.8h
+	addp	v3.4s, v3.4s, v4.4s
+	add	v2.4s, v2.4s, v3.4s
+	addp	v2.4s, v6.4s, v2.4s
+	addp	v2.4s, v5.4s, v2.4s
+	scvtf	v2.4s, v2.4s
+	ld1r	{v3.4s}, [x12]
+	fmul	v3.4s, v26.4s, v3.4s
+	fmla	v1.4s, v2.4s, v3.4s
+	add	x11, x11, #0x48
+	add	x12, x12, #0x48
+	add	x13, x13, #0x90
+	b	<kiln_v3_matmul_q8+0x294>
 	udf	#49439
 	udf	#49439
 
@@ -684,193 +1198,270 @@ Disassembly of section .text:
 <kiln_v5_attend>:
 	stp	x29, x30, [sp, #-16]!
 	mov	x29, sp
-	str	x19, [sp, #-16]!
+	stp	x19, x20, [sp, #-16]!
 	sub	sp, sp, #0x110
 	mov	x6, x1
+	mov	x8, x2
 	ldr	x19, [x0]
 	ldr	x1, [x0, #24]
-	ldr	x11, [x0, #16]
+	ldr	x2, [x0, #16]
 	ldr	x3, [x0, #40]
 	ldr	x4, [x0, #32]
 	ldr	x5, [x0, #48]
 	sub	x0, x4, x5
-	lsl	x0, x0, #2
-	mul	x4, x0, x6
-	cbz	x2, <kiln_v5_attend+0x2f4>
-	udiv	x4, x4, x2
-	add	x6, x6, #0x1
-	mul	x0, x0, x6
-	cbz	x2, <kiln_v5_attend+0x2f8>
-	udiv	x0, x0, x2
-	add	x4, x4, x5, lsl #2
+	lsl	x4, x0, #2
+	mov	x7, x6
+	mul	x6, x4, x7
+	mov	x0, x8
+	cbz	x0, <kiln_v5_attend+0x428>
+	udiv	x6, x6, x0
+	add	x7, x7, #0x1
+	mul	x4, x4, x7
+	cbz	x0, <kiln_v5_attend+0x42c>
+	udiv	x0, x4, x0
+	add	x4, x6, x5, lsl #2
 	add	x5, x0, x5, lsl #2
 	cmp	x4, x5
-	b.lt	<kiln_v5_attend+0x70>  // b.tstop
+	b.lt	<kiln_v5_attend+0x7c>  // b.tstop
 	add	sp, sp, #0x110
-	ldr	x19, [sp], #16
+	ldp	x19, x20, [sp], #16
 	ldp	x29, x30, [sp], #16
 	ret
-	mov	x8, #0x0                   	// #0
-	mvni	v29.4s, #0x7f, msl #16
-	lsr	x6, x4, #2
-	add	x10, x3, x6
-	add	x7, x10, #0x1
-	cmp	x8, x7
-	b.lt	<kiln_v5_attend+0x26c>  // b.tstop
-	mov	w0, #0xff800000            	// #-8388608
-	fmov	s0, w0
-	mov	x8, sp
-	add	x0, x8, x7, lsl #2
-	str	s0, [x8, x7, lsl #2]
-	str	s0, [x0, #4]
-	str	s0, [x0, #8]
 	mov	x9, #0x0                   	// #0
-	movi	v0.16b, #0x0
-	add	x0, x10, #0x4
-	lsr	x10, x0, #2
-	mov	v1.16b, v0.16b
+	mvni	v0.4s, #0x7f, msl #16
+	lsr	x6, x4, #2
+	add	x8, x3, x6
+	add	x7, x8, #0x1
+	lsr	x10, x7, #2
 	cmp	x9, x10
-	b.lt	<kiln_v5_attend+0x180>  // b.tstop
-	mov	x2, #0x0                   	// #0
-	mov	v2.16b, v0.16b
-	mov	v3.16b, v0.16b
-	mov	v4.16b, v0.16b
-	cmp	x2, x7
-	b.lt	<kiln_v5_attend+0x13c>  // b.tstop
-	fmov	s5, #1.000000000000000000e+00
-	mov	s6, v1.s[1]
-	fadd	s6, s1, s6
-	mov	s7, v1.s[2]
-	mov	s1, v1.s[3]
-	fadd	s1, s7, s1
-	fadd	s1, s6, s1
-	fdiv	s1, s5, s1
-	dup	v1.4s, v1.s[0]
-	fmul	v0.4s, v0.4s, v1.4s
-	ldr	x0, [x1, #8]
-	add	x0, x0, x6, lsl #8
-	and	x2, x4, #0x3
-	lsl	x6, x2, #6
-	add	x2, x0, x2, lsl #6
-	str	q0, [x0, x6]
-	fmul	v4.4s, v4.4s, v1.4s
-	str	q4, [x2, #16]
-	fmul	v3.4s, v3.4s, v1.4s
-	str	q3, [x2, #32]
-	fmul	v3.4s, v2.4s, v1.4s
-	str	q3, [x2, #48]
-	add	x4, x4, #0x1
-	b	<kiln_v5_attend+0x58>
-	ldr	s5, [x8, x2, lsl #2]
-	add	x9, x2, #0x1
-	add	x10, x11, #0x4, lsl #12
-	and	x12, x4, #0x3
-	add	x12, x10, x12, lsl #6
-	lsl	x13, x2, #8
-	add	x10, x12, x2, lsl #8
-	ldr	q6, [x12, x13]
-	fmla	v0.4s, v6.4s, v5.s[0]
-	ldr	q6, [x10, #16]
-	fmla	v4.4s, v6.4s, v5.s[0]
-	ldr	q6, [x10, #32]
-	fmla	v3.4s, v6.4s, v5.s[0]
-	ldr	q6, [x10, #48]
-	fmla	v2.4s, v6.4s, v5.s[0]
-	mov	x2, x9
-	b	<kiln_v5_attend+0xd4>
-	ldr	q6, [x8, x9, lsl #4]
-	fsub	v6.4s, v6.4s, v29.4s
-	mov	w12, #0x999a                	// #39322
-	movk	w12, #0xc2ae, lsl #16
-	dup	v17.4s, w12
-	fcmgt	v20.4s, v17.4s, v6.4s
-	mov	w12, #0x6967                	// #26983
-	movk	w12, #0x3950, lsl #16
-	dup	v16.4s, w12
-	fmax	v6.4s, v6.4s, v17.4s
-	mov	w12, #0x999a                	// #39322
-	movk	w12, #0x42b0, lsl #16
-	dup	v17.4s, w12
-	fmin	v2.4s, v6.4s, v17.4s
-	mov	w12, #0xaa3b                	// #43579
-	movk	w12, #0x3fb8, lsl #16
-	dup	v17.4s, w12
-	fmul	v6.4s, v2.4s, v17.4s
-	frintn	v6.4s, v6.4s
-	mov	w12, #0x8083                	// #32899
-	movk	w12, #0x395e, lsl #16
-	dup	v17.4s, w12
-	mov	w12, #0x8000                	// #32768
-	movk	w12, #0xbf31, lsl #16
-	dup	v18.4s, w12
-	fmla	v2.4s, v6.4s, v18.4s
-	fmla	v2.4s, v6.4s, v17.4s
-	mov	w12, #0x43ce                	// #17358
-	movk	w12, #0x3ab7, lsl #16
-	dup	v5.4s, w12
-	fmla	v5.4s, v16.4s, v2.4s
-	mov	w12, #0x8908                	// #35080
-	movk	w12, #0x3c08, lsl #16
-	dup	v7.4s, w12
-	fmla	v7.4s, v5.4s, v2.4s
-	mov	w12, #0xa9c1                	// #43457
-	movk	w12, #0x3d2a, lsl #16
-	dup	v5.4s, w12
-	fmla	v5.4s, v7.4s, v2.4s
-	mov	w12, #0xaaaa                	// #43690
-	movk	w12, #0x3e2a, lsl #16
-	dup	v7.4s, w12
-	fmla	v7.4s, v5.4s, v2.4s
-	movi	v5.4s, #0x3f, lsl #24
-	fmla	v5.4s, v7.4s, v2.4s
-	fmul	v16.4s, v2.4s, v2.4s
-	fmov	v7.4s, #1.000000000000000000e+00
-	fadd	v7.4s, v2.4s, v7.4s
-	fmla	v7.4s, v5.4s, v16.4s
-	fcvtzs	v6.4s, v6.4s
-	movi	v16.4s, #0x7f
-	add	v6.4s, v6.4s, v16.4s
-	shl	v6.4s, v6.4s, #23
-	fmul	v6.4s, v7.4s, v6.4s
-	bsl	v20.16b, v0.16b, v6.16b
-	str	q20, [x8, x9, lsl #4]
-	add	x9, x9, #0x1
-	fadd	v1.4s, v1.4s, v20.4s
-	b	<kiln_v5_attend+0xbc>
-	add	x9, x19, x6, lsl #8
-	and	x13, x4, #0x3
-	lsl	x12, x13, #6
-	add	x14, x9, x13, lsl #6
-	ldr	q16, [x14, #48]
-	add	x13, x11, x13, lsl #6
-	lsl	x15, x8, #8
-	add	x0, x13, x8, lsl #8
-	ldr	q17, [x0, #48]
-	ldr	q18, [x14, #32]
-	ldr	q19, [x0, #32]
-	ldr	q20, [x14, #16]
-	ldr	q21, [x0, #16]
-	ldr	q22, [x9, x12]
-	ldr	q23, [x13, x15]
-	movi	v4.16b, #0x0
-	fmla	v4.4s, v22.4s, v23.4s
-	fmla	v4.4s, v20.4s, v21.4s
-	fmla	v4.4s, v18.4s, v19.4s
-	fmla	v4.4s, v16.4s, v17.4s
-	mov	s16, v4.s[1]
-	fadd	s16, s4, s16
-	mov	s17, v4.s[2]
-	mov	s18, v4.s[3]
-	fadd	s17, s17, s18
-	fadd	s16, s16, s17
-	dup	v16.4s, v16.s[0]
-	fmov	v17.4s, #2.500000000000000000e-01
-	fmul	v16.4s, v16.4s, v17.4s
+	b.lt	<kiln_v5_attend+0x32c>  // b.tstop
+	and	x9, x7, #0xfffffffffffffffc
+	cmp	x9, x7
+	b.lt	<kiln_v5_attend+0x2a4>  // b.tstop
+	mov	w0, #0xff800000            	// #-8388608
+	fmov	s2, w0
 	mov	x9, sp
-	str	s16, [x9, x8, lsl #2]
-	add	x8, x8, #0x1
-	fmax	v29.4s, v29.4s, v16.4s
-	b	<kiln_v5_attend+0x84>
+	add	x10, x9, x7, lsl #2
+	str	s2, [x9, x7, lsl #2]
+	str	s2, [x10, #4]
+	str	s2, [x10, #8]
+	mov	x10, #0x0                   	// #0
+	movi	v1.16b, #0x0
+	add	x8, x8, #0x4
+	lsr	x8, x8, #2
+	mov	v2.16b, v1.16b
+	cmp	x10, x8
+	b.lt	<kiln_v5_attend+0x19c>  // b.tstop
+	mov	x8, #0x0                   	// #0
+	mov	v7.16b, v1.16b
+	mov	v16.16b, v1.16b
+	mov	v17.16b, v1.16b
+	cmp	x8, x7
+	b.lt	<kiln_v5_attend+0x158>  // b.tstop
+	fmov	s18, #1.000000000000000000e+00
+	mov	s19, v2.s[1]
+	fadd	s19, s2, s19
+	mov	s20, v2.s[2]
+	mov	s21, v2.s[3]
+	fadd	s20, s20, s21
+	fadd	s19, s19, s20
+	fdiv	s18, s18, s19
+	dup	v18.4s, v18.s[0]
+	fmul	v19.4s, v1.4s, v18.4s
+	ldr	x10, [x1, #8]
+	add	x11, x10, x6, lsl #8
+	and	x10, x4, #0x3
+	lsl	x12, x10, #6
+	add	x10, x11, x10, lsl #6
+	str	q19, [x11, x12]
+	fmul	v19.4s, v7.4s, v18.4s
+	str	q19, [x10, #16]
+	fmul	v17.4s, v17.4s, v18.4s
+	str	q17, [x10, #32]
+	fmul	v16.4s, v16.4s, v18.4s
+	str	q16, [x10, #48]
+	add	x4, x4, #0x1
+	b	<kiln_v5_attend+0x64>
+	ldr	s18, [x9, x8, lsl #2]
+	add	x15, x8, #0x1
+	add	x0, x2, #0x4, lsl #12
+	and	x10, x4, #0x3
+	add	x0, x0, x10, lsl #6
+	lsl	x10, x8, #8
+	add	x8, x0, x8, lsl #8
+	ldr	q19, [x0, x10]
+	fmla	v1.4s, v19.4s, v18.s[0]
+	ldr	q19, [x8, #16]
+	fmla	v7.4s, v19.4s, v18.s[0]
+	ldr	q19, [x8, #32]
+	fmla	v17.4s, v19.4s, v18.s[0]
+	ldr	q19, [x8, #48]
+	fmla	v16.4s, v19.4s, v18.s[0]
+	mov	x8, x15
+	b	<kiln_v5_attend+0xf0>
+	ldr	q16, [x9, x10, lsl #4]
+	mov	s17, v0.s[1]
+	fmax	s17, s0, s17
+	mov	s18, v0.s[2]
+	mov	s19, v0.s[3]
+	fmax	s18, s18, s19
+	fmax	s17, s17, s18
+	dup	v17.4s, v17.s[0]
+	fsub	v16.4s, v16.4s, v17.4s
+	mov	w15, #0x999a                	// #39322
+	movk	w15, #0xc2ae, lsl #16
+	dup	v19.4s, w15
+	fcmgt	v30.4s, v19.4s, v16.4s
+	mov	w15, #0x6967                	// #26983
+	movk	w15, #0x3950, lsl #16
+	dup	v18.4s, w15
+	fmax	v16.4s, v16.4s, v19.4s
+	mov	w15, #0x999a                	// #39322
+	movk	w15, #0x42b0, lsl #16
+	dup	v19.4s, w15
+	fmin	v3.4s, v16.4s, v19.4s
+	mov	w15, #0xaa3b                	// #43579
+	movk	w15, #0x3fb8, lsl #16
+	dup	v19.4s, w15
+	fmul	v16.4s, v3.4s, v19.4s
+	frintn	v16.4s, v16.4s
+	mov	w15, #0x8083                	// #32899
+	movk	w15, #0x395e, lsl #16
+	dup	v19.4s, w15
+	mov	w15, #0x8000                	// #32768
+	movk	w15, #0xbf31, lsl #16
+	dup	v20.4s, w15
+	fmla	v3.4s, v16.4s, v20.4s
+	fmla	v3.4s, v16.4s, v19.4s
+	mov	w15, #0x43ce                	// #17358
+	movk	w15, #0x3ab7, lsl #16
+	dup	v17.4s, w15
+	fmla	v17.4s, v18.4s, v3.4s
+	mov	w15, #0x8908                	// #35080
+	movk	w15, #0x3c08, lsl #16
+	dup	v18.4s, w15
+	fmla	v18.4s, v17.4s, v3.4s
+	mov	w15, #0xa9c1                	// #43457
+	movk	w15, #0x3d2a, lsl #16
+	dup	v17.4s, w15
+	fmla	v17.4s, v18.4s, v3.4s
+	mov	w15, #0xaaaa                	// #43690
+	movk	w15, #0x3e2a, lsl #16
+	dup	v18.4s, w15
+	fmla	v18.4s, v17.4s, v3.4s
+	movi	v17.4s, #0x3f, lsl #24
+	fmla	v17.4s, v18.4s, v3.4s
+	fmul	v19.4s, v3.4s, v3.4s
+	fmov	v18.4s, #1.000000000000000000e+00
+	fadd	v18.4s, v3.4s, v18.4s
+	fmla	v18.4s, v17.4s, v19.4s
+	fcvtzs	v16.4s, v16.4s
+	movi	v17.4s, #0x7f
+	add	v16.4s, v16.4s, v17.4s
+	shl	v16.4s, v16.4s, #23
+	fmul	v16.4s, v18.4s, v16.4s
+	bsl	v30.16b, v1.16b, v16.16b
+	str	q30, [x9, x10, lsl #4]
+	add	x10, x10, #0x1
+	fadd	v2.4s, v2.4s, v30.4s
+	b	<kiln_v5_attend+0xd8>
+	add	x10, x19, x6, lsl #8
+	and	x0, x4, #0x3
+	lsl	x11, x0, #6
+	add	x13, x10, x0, lsl #6
+	ldr	q18, [x13, #48]
+	add	x12, x2, x0, lsl #6
+	lsl	x14, x9, #8
+	add	x0, x12, x9, lsl #8
+	ldr	q19, [x0, #48]
+	ldr	q20, [x13, #32]
+	ldr	q21, [x0, #32]
+	ldr	q22, [x13, #16]
+	ldr	q23, [x0, #16]
+	ldr	q24, [x10, x11]
+	ldr	q25, [x12, x14]
+	movi	v16.16b, #0x0
+	fmla	v16.4s, v24.4s, v25.4s
+	fmla	v16.4s, v22.4s, v23.4s
+	fmla	v16.4s, v20.4s, v21.4s
+	fmla	v16.4s, v18.4s, v19.4s
+	mov	s18, v16.s[1]
+	fadd	s18, s16, s18
+	mov	s19, v16.s[2]
+	mov	s20, v16.s[3]
+	fadd	s19, s19, s20
+	fadd	s18, s18, s19
+	dup	v18.4s, v18.s[0]
+	fmov	v19.4s, #2.500000000000000000e-01
+	fmul	v18.4s, v18.4s, v19.4s
+	mov	x0, sp
+	str	s18, [x0, x9, lsl #2]
+	add	x9, x9, #0x1
+	fmax	v0.4s, v0.4s, v18.4s
+	b	<kiln_v5_attend+0xa0>
+	add	x12, x19, x6, lsl #8
+	and	x0, x4, #0x3
+	lsl	x13, x0, #6
+	add	x15, x12, x0, lsl #6
+	ldr	q20, [x15, #48]
+	add	x14, x2, x0, lsl #6
+	lsl	x20, x9, #10
+	add	x11, x14, x9, lsl #10
+	ldr	q24, [x11, #48]
+	ldr	q21, [x15, #32]
+	ldr	q25, [x11, #32]
+	ldr	q22, [x15, #16]
+	ldr	q26, [x11, #16]
+	ldr	q23, [x12, x13]
+	ldr	q27, [x14, x20]
+	movi	v1.16b, #0x0
+	mov	v17.16b, v1.16b
+	fmla	v17.4s, v23.4s, v27.4s
+	fmla	v17.4s, v22.4s, v26.4s
+	fmla	v17.4s, v21.4s, v25.4s
+	fmla	v17.4s, v20.4s, v24.4s
+	ldr	q24, [x11, #304]
+	ldr	q25, [x11, #288]
+	ldr	q26, [x11, #272]
+	ldr	q27, [x11, #256]
+	mov	v18.16b, v1.16b
+	fmla	v18.4s, v23.4s, v27.4s
+	fmla	v18.4s, v22.4s, v26.4s
+	fmla	v18.4s, v21.4s, v25.4s
+	fmla	v18.4s, v20.4s, v24.4s
+	uzp1	v24.2d, v17.2d, v18.2d
+	uzp2	v25.2d, v17.2d, v18.2d
+	fadd	v24.4s, v24.4s, v25.4s
+	ldr	q25, [x11, #560]
+	ldr	q26, [x11, #544]
+	ldr	q27, [x11, #528]
+	ldr	q28, [x11, #512]
+	mov	v17.16b, v1.16b
+	fmla	v17.4s, v23.4s, v28.4s
+	fmla	v17.4s, v22.4s, v27.4s
+	fmla	v17.4s, v21.4s, v26.4s
+	fmla	v17.4s, v20.4s, v25.4s
+	ldr	q25, [x11, #816]
+	ldr	q26, [x11, #800]
+	ldr	q27, [x11, #784]
+	ldr	q28, [x11, #768]
+	fmla	v1.4s, v23.4s, v28.4s
+	fmla	v1.4s, v22.4s, v27.4s
+	fmla	v1.4s, v21.4s, v26.4s
+	fmla	v1.4s, v20.4s, v25.4s
+	uzp1	v20.2d, v17.2d, v1.2d
+	uzp2	v21.2d, v17.2d, v1.2d
+	fadd	v20.4s, v20.4s, v21.4s
+	uzp1	v21.4s, v24.4s, v20.4s
+	uzp2	v20.4s, v24.4s, v20.4s
+	fadd	v20.4s, v21.4s, v20.4s
+	fmov	v21.4s, #2.500000000000000000e-01
+	fmul	v20.4s, v20.4s, v21.4s
+	mov	x0, sp
+	str	q20, [x0, x9, lsl #4]
+	add	x9, x9, #0x1
+	fmax	v0.4s, v0.4s, v20.4s
+	b	<kiln_v5_attend+0x94>
 	udf	#49439
 	udf	#49439
 

@@ -331,138 +331,156 @@ Disassembly of section .text:
 <kiln_v2_matmul_q4>:
 	push   %rbp
 	mov    %rsp,%rbp
-	sub    $0x20,%rsp
-	mov    %rbx,(%rsp)
-	mov    %r12,0x8(%rsp)
-	mov    %r13,0x10(%rsp)
-	mov    %rdx,%rcx
-	mov    (%rdi),%r9
-	mov    0x8(%rdi),%r10
-	mov    0x20(%rdi),%r11
+	sub    $0x130,%rsp
+	mov    %rbx,0x100(%rsp)
+	mov    %r12,0x108(%rsp)
+	mov    %r13,0x110(%rsp)
+	mov    %r14,0x118(%rsp)
+	mov    %r15,0x120(%rsp)
+	mov    %rdx,%r9
+	mov    (%rdi),%rcx
+	mov    0x8(%rdi),%rax
+	mov    %rax,%r13
+	mov    0x20(%rdi),%rax
+	mov    %rax,%r8
 	mov    %rsi,%rax
 	shl    $0x4,%rax
 	xor    %rdx,%rdx
-	div    %rcx
-	mov    %rax,%r13
+	mov    %r9,%rdi
+	div    %rdi
+	mov    %rax,0xf0(%rsp)
 	lea    0x1(%rsi),%rax
 	shl    $0x4,%rax
 	xor    %rdx,%rdx
-	div    %rcx
-	xor    %rcx,%rcx
-	cmp    %r11,%rcx
-	jl     <kiln_v2_matmul_q4+0x65>
-	mov    (%rsp),%rbx
-	mov    0x8(%rsp),%r12
-	mov    0x10(%rsp),%r13
-	add    $0x20,%rsp
+	div    %rdi
+	mov    %rax,%rdx
+	xor    %rsi,%rsi
+	mov    %r8,%rax
+	cmp    %rax,%rsi
+	jl     <kiln_v2_matmul_q4+0xb3>
+	mov    0x100(%rsp),%rbx
+	mov    0x108(%rsp),%r12
+	mov    0x110(%rsp),%r13
+	mov    0x118(%rsp),%r14
+	mov    0x120(%rsp),%r15
+	add    $0x130,%rsp
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	mov    %r13,%rdx
-	cmp    %rax,%rdx
-	jl     <kiln_v2_matmul_q4+0x7d>
-	add    $0x40,%rcx
-	jmp    <kiln_v2_matmul_q4+0x45>
-	lea    0x40(%rcx),%rsi
-	cmp    %rsi,%r11
-	cmovl  %r11,%rsi
-	mov    %rcx,%rdi
-	cmp    %rsi,%rdi
-	jl     <kiln_v2_matmul_q4+0xa0>
-	add    $0x1,%rdx
-	jmp    <kiln_v2_matmul_q4+0x68>
-	xor    %r8,%r8
-	vxorps %xmm0,%xmm0,%xmm0
-	imul   $0x90,%rdi,%rbx
-	add    %r9,%rbx
-	imul   $0xc0,%rdx,%r12
-	lea    0x100(%r10,%r12,1),%r12
-	movdqa %xmm0,%xmm1
-	cmp    $0x2,%r8
-	jl     <kiln_v2_matmul_q4+0x22b>
-	vpcmpeqd %xmm2,%xmm2,%xmm2
-	vpslld $0x1f,%xmm2,%xmm2
-	vxorps %xmm2,%xmm1,%xmm4
-	vmovups 0x30d(%rip),%xmm5        # <kiln_v2_matmul_q4+0x3f0>
-	vcmpltps %xmm5,%xmm4,%xmm2
-	vmovups 0x310(%rip),%xmm3        # <kiln_v2_matmul_q4+0x400>
-	vmaxps %xmm5,%xmm4,%xmm6
-	vmaxps %xmm4,%xmm5,%xmm4
-	vxorps %xmm4,%xmm6,%xmm4
-	vorps  %xmm4,%xmm6,%xmm5
-	vsubps %xmm4,%xmm5,%xmm4
-	vcmpunordps %xmm5,%xmm5,%xmm5
-	vpsrld $0xa,%xmm5,%xmm5
-	vandnps %xmm4,%xmm5,%xmm4
-	vmovups 0x2f6(%rip),%xmm5        # <kiln_v2_matmul_q4+0x410>
-	vminps %xmm5,%xmm4,%xmm6
-	vminps %xmm4,%xmm5,%xmm5
-	vorps  %xmm5,%xmm6,%xmm4
-	vcmpunordps %xmm5,%xmm4,%xmm5
-	vorps  %xmm5,%xmm4,%xmm4
-	vpsrld $0xa,%xmm5,%xmm5
-	vandnps %xmm4,%xmm5,%xmm5
-	vmovups 0x2e0(%rip),%xmm4        # <kiln_v2_matmul_q4+0x420>
-	vmulps %xmm4,%xmm5,%xmm4
-	vroundps $0x0,%xmm4,%xmm4
-	vmovups 0x2de(%rip),%xmm7        # <kiln_v2_matmul_q4+0x430>
-	vmovups 0x2e6(%rip),%xmm6        # <kiln_v2_matmul_q4+0x440>
-	movdqa %xmm4,%xmm8
-	vfmadd213ps %xmm5,%xmm6,%xmm8
-	movdqa %xmm4,%xmm6
-	vfmadd213ps %xmm8,%xmm7,%xmm6
-	vmovups 0x2db(%rip),%xmm5        # <kiln_v2_matmul_q4+0x450>
-	vfmadd213ps %xmm5,%xmm6,%xmm3
-	vmovups 0x2de(%rip),%xmm5        # <kiln_v2_matmul_q4+0x460>
-	vfmadd213ps %xmm5,%xmm6,%xmm3
-	vmovups 0x2e1(%rip),%xmm5        # <kiln_v2_matmul_q4+0x470>
-	vfmadd213ps %xmm5,%xmm6,%xmm3
-	vmovups 0x2e4(%rip),%xmm5        # <kiln_v2_matmul_q4+0x480>
-	vfmadd213ps %xmm5,%xmm6,%xmm3
-	vmovups 0x2e7(%rip),%xmm5        # <kiln_v2_matmul_q4+0x490>
-	vfmadd213ps %xmm5,%xmm6,%xmm3
-	vmulps %xmm6,%xmm6,%xmm7
-	vmovups 0x2e6(%rip),%xmm5        # <kiln_v2_matmul_q4+0x4a0>
-	vaddps %xmm5,%xmm6,%xmm6
-	vfmadd213ps %xmm6,%xmm7,%xmm3
-	vcmpeqps %xmm4,%xmm4,%xmm6
-	vandps %xmm6,%xmm4,%xmm4
-	vpxor  %xmm4,%xmm6,%xmm6
-	vcvttps2dq %xmm4,%xmm4
-	vpand  %xmm6,%xmm4,%xmm6
-	vpsrad $0x1f,%xmm6,%xmm6
-	vpxor  %xmm4,%xmm6,%xmm4
-	vmovdqu 0x2c7(%rip),%xmm6        # <kiln_v2_matmul_q4+0x4b0>
-	vpaddd %xmm6,%xmm4,%xmm4
-	vpslld $0x17,%xmm4,%xmm4
-	vmulps %xmm4,%xmm3,%xmm3
-	vpblendvb %xmm2,%xmm0,%xmm3,%xmm0
-	vaddps %xmm5,%xmm0,%xmm0
-	vdivps %xmm0,%xmm1,%xmm0
-	mov    %rdi,%r8
-	shl    $0x8,%r8
-	mov    %rdx,%rbx
-	shl    $0x4,%rbx
-	add    %rbx,%r8
-	vmovups %xmm0,0x480(%r9,%r8,1)
-	add    $0x1,%rdi
-	jmp    <kiln_v2_matmul_q4+0x8b>
+	mov    0xf0(%rsp),%r8
+	cmp    %rdx,%r8
+	jl     <kiln_v2_matmul_q4+0xd0>
+	add    $0x40,%rsi
+	jmp    <kiln_v2_matmul_q4+0x76>
+	lea    0x40(%rsi),%r9
+	cmp    %r9,%rax
+	cmovl  %rax,%r9
+	mov    %r9,%r11
+	sub    %rsi,%r11
+	and    $0x1,%r11
+	mov    %r9,%r10
+	sub    %r11,%r10
+	mov    %rsi,%r11
+	cmp    %r10,%r11
+	jl     <kiln_v2_matmul_q4+0x457>
+	cmp    %r9,%r10
+	jl     <kiln_v2_matmul_q4+0x10c>
 	add    $0x1,%r8
-	vmovups 0x10(%r12),%xmm2
-	vbroadcastss 0x4(%rbx),%xmm3
+	jmp    <kiln_v2_matmul_q4+0xbb>
+	xor    %r11,%r11
+	vxorps %xmm0,%xmm0,%xmm0
+	imul   $0x90,%r10,%rdi
+	lea    (%rcx,%rdi,1),%rbx
+	imul   $0xc0,%r8,%r12
+	mov    %r13,%rdi
+	lea    0x100(%rdi,%r12,1),%r12
+	movdqa %xmm0,%xmm6
+	cmp    $0x2,%r11
+	jl     <kiln_v2_matmul_q4+0x29e>
+	vpcmpeqd %xmm1,%xmm1,%xmm1
+	vpslld $0x1f,%xmm1,%xmm1
+	vxorps %xmm1,%xmm6,%xmm3
+	vmovups 0x93d(%rip),%xmm4        # <kiln_v2_matmul_q4+0xa90>
+	vcmpltps %xmm4,%xmm3,%xmm1
+	vmovups 0x940(%rip),%xmm2        # <kiln_v2_matmul_q4+0xaa0>
+	vmaxps %xmm4,%xmm3,%xmm5
+	vmaxps %xmm3,%xmm4,%xmm3
+	vxorps %xmm3,%xmm5,%xmm3
+	vorps  %xmm3,%xmm5,%xmm4
+	vsubps %xmm3,%xmm4,%xmm3
+	vcmpunordps %xmm4,%xmm4,%xmm4
+	vpsrld $0xa,%xmm4,%xmm4
+	vandnps %xmm3,%xmm4,%xmm3
+	vmovups 0x926(%rip),%xmm4        # <kiln_v2_matmul_q4+0xab0>
+	vminps %xmm4,%xmm3,%xmm5
+	vminps %xmm3,%xmm4,%xmm4
+	vorps  %xmm4,%xmm5,%xmm3
+	vcmpunordps %xmm4,%xmm3,%xmm4
+	vorps  %xmm4,%xmm3,%xmm3
+	vpsrld $0xa,%xmm4,%xmm4
+	vandnps %xmm3,%xmm4,%xmm4
+	vmovups 0x910(%rip),%xmm3        # <kiln_v2_matmul_q4+0xac0>
+	vmulps %xmm3,%xmm4,%xmm3
+	vroundps $0x0,%xmm3,%xmm3
+	vmovups 0x90e(%rip),%xmm7        # <kiln_v2_matmul_q4+0xad0>
+	vmovups 0x916(%rip),%xmm5        # <kiln_v2_matmul_q4+0xae0>
+	movdqa %xmm3,%xmm8
+	vfmadd213ps %xmm4,%xmm5,%xmm8
+	movdqa %xmm3,%xmm5
+	vfmadd213ps %xmm8,%xmm7,%xmm5
+	vmovups 0x90b(%rip),%xmm4        # <kiln_v2_matmul_q4+0xaf0>
+	vfmadd213ps %xmm4,%xmm5,%xmm2
+	vmovups 0x90e(%rip),%xmm4        # <kiln_v2_matmul_q4+0xb00>
+	vfmadd213ps %xmm4,%xmm5,%xmm2
+	vmovups 0x911(%rip),%xmm4        # <kiln_v2_matmul_q4+0xb10>
+	vfmadd213ps %xmm4,%xmm5,%xmm2
+	vmovups 0x914(%rip),%xmm4        # <kiln_v2_matmul_q4+0xb20>
+	vfmadd213ps %xmm4,%xmm5,%xmm2
+	vmovups 0x917(%rip),%xmm4        # <kiln_v2_matmul_q4+0xb30>
+	vfmadd213ps %xmm4,%xmm5,%xmm2
+	vmulps %xmm5,%xmm5,%xmm7
+	vmovups 0x916(%rip),%xmm4        # <kiln_v2_matmul_q4+0xb40>
+	vaddps %xmm4,%xmm5,%xmm5
+	vfmadd213ps %xmm5,%xmm7,%xmm2
+	vcmpeqps %xmm3,%xmm3,%xmm5
+	vandps %xmm5,%xmm3,%xmm3
+	vpxor  %xmm3,%xmm5,%xmm5
+	vcvttps2dq %xmm3,%xmm3
+	vpand  %xmm5,%xmm3,%xmm5
+	vpsrad $0x1f,%xmm5,%xmm5
+	vpxor  %xmm3,%xmm5,%xmm3
+	vmovdqu 0x8f7(%rip),%xmm5        # <kiln_v2_matmul_q4+0xb50>
+	vpaddd %xmm5,%xmm3,%xmm3
+	vpslld $0x17,%xmm3,%xmm3
+	vmulps %xmm3,%xmm2,%xmm2
+	vpblendvb %xmm1,%xmm0,%xmm2,%xmm0
+	vaddps %xmm4,%xmm0,%xmm0
+	vdivps %xmm0,%xmm6,%xmm0
+	mov    %r10,%r11
+	shl    $0x8,%r11
+	mov    %r8,%rbx
+	shl    $0x4,%rbx
+	add    %rbx,%r11
+	vmovups %xmm0,0x480(%rcx,%r11,1)
+	add    $0x1,%r10
+	mov    %rdi,%r13
+	jmp    <kiln_v2_matmul_q4+0xf7>
+	add    $0x1,%r11
+	vmovups 0x10(%r12),%xmm1
+	vbroadcastss 0x4(%rbx),%xmm2
 	vmovdqu 0x20(%r12),%xmm7
-	vmovdqu 0x272(%rip),%xmm4        # <kiln_v2_matmul_q4+0x4c0>
-	vpand  %xmm4,%xmm7,%xmm6
-	vpmovzxbw %xmm6,%xmm8
-	vmovdqu 0x8(%rbx),%xmm5
-	vpmaddwd %xmm5,%xmm8,%xmm8
+	vmovdqu 0x89f(%rip),%xmm3        # <kiln_v2_matmul_q4+0xb60>
+	vpand  %xmm3,%xmm7,%xmm5
+	vpmovzxbw %xmm5,%xmm8
+	vmovdqu 0x8(%rbx),%xmm4
+	vpmaddwd %xmm4,%xmm8,%xmm8
 	vpxor  %xmm9,%xmm9,%xmm9
-	vpunpckhbw %xmm9,%xmm6,%xmm9
-	vmovdqu 0x18(%rbx),%xmm6
-	vpmaddwd %xmm6,%xmm9,%xmm9
+	vpunpckhbw %xmm9,%xmm5,%xmm9
+	vmovdqu 0x18(%rbx),%xmm5
+	vpmaddwd %xmm5,%xmm9,%xmm9
 	vpaddd %xmm9,%xmm8,%xmm9
 	vpsrlw $0x4,%xmm7,%xmm7
-	vpand  %xmm4,%xmm7,%xmm8
+	vpand  %xmm3,%xmm7,%xmm8
 	vpmovzxbw %xmm8,%xmm10
 	vmovdqu 0x28(%rbx),%xmm7
 	vpmaddwd %xmm7,%xmm10,%xmm10
@@ -473,15 +491,15 @@ Disassembly of section .text:
 	vpmaddwd %xmm8,%xmm10,%xmm10
 	vpaddd %xmm10,%xmm9,%xmm9
 	vmovdqu 0x30(%r12),%xmm10
-	vpand  %xmm4,%xmm10,%xmm11
+	vpand  %xmm3,%xmm10,%xmm11
 	vpmovzxbw %xmm11,%xmm12
-	vpmaddwd %xmm5,%xmm12,%xmm12
+	vpmaddwd %xmm4,%xmm12,%xmm12
 	vpxor  %xmm13,%xmm13,%xmm13
 	vpunpckhbw %xmm13,%xmm11,%xmm11
-	vpmaddwd %xmm6,%xmm11,%xmm11
+	vpmaddwd %xmm5,%xmm11,%xmm11
 	vpaddd %xmm11,%xmm12,%xmm11
 	vpsrlw $0x4,%xmm10,%xmm10
-	vpand  %xmm4,%xmm10,%xmm10
+	vpand  %xmm3,%xmm10,%xmm10
 	vpmovzxbw %xmm10,%xmm12
 	vpmaddwd %xmm7,%xmm12,%xmm12
 	vpaddd %xmm12,%xmm11,%xmm11
@@ -491,15 +509,15 @@ Disassembly of section .text:
 	vpaddd %xmm10,%xmm11,%xmm10
 	vphaddd %xmm10,%xmm9,%xmm9
 	vmovdqu 0x40(%r12),%xmm10
-	vpand  %xmm4,%xmm10,%xmm11
+	vpand  %xmm3,%xmm10,%xmm11
 	vpmovzxbw %xmm11,%xmm12
-	vpmaddwd %xmm5,%xmm12,%xmm12
+	vpmaddwd %xmm4,%xmm12,%xmm12
 	vpxor  %xmm13,%xmm13,%xmm13
 	vpunpckhbw %xmm13,%xmm11,%xmm11
-	vpmaddwd %xmm6,%xmm11,%xmm11
+	vpmaddwd %xmm5,%xmm11,%xmm11
 	vpaddd %xmm11,%xmm12,%xmm11
 	vpsrlw $0x4,%xmm10,%xmm10
-	vpand  %xmm4,%xmm10,%xmm10
+	vpand  %xmm3,%xmm10,%xmm10
 	vpmovzxbw %xmm10,%xmm12
 	vpmaddwd %xmm7,%xmm12,%xmm12
 	vpaddd %xmm12,%xmm11,%xmm11
@@ -508,35 +526,338 @@ Disassembly of section .text:
 	vpmaddwd %xmm8,%xmm10,%xmm10
 	vpaddd %xmm10,%xmm11,%xmm10
 	vmovdqu 0x50(%r12),%xmm11
-	vpand  %xmm4,%xmm11,%xmm12
+	vpand  %xmm3,%xmm11,%xmm12
 	vpmovzxbw %xmm12,%xmm13
-	vpmaddwd %xmm5,%xmm13,%xmm5
+	vpmaddwd %xmm4,%xmm13,%xmm4
 	vpxor  %xmm13,%xmm13,%xmm13
 	vpunpckhbw %xmm13,%xmm12,%xmm12
-	vpmaddwd %xmm6,%xmm12,%xmm6
-	vpaddd %xmm6,%xmm5,%xmm5
-	vpsrlw $0x4,%xmm11,%xmm6
-	vpand  %xmm4,%xmm6,%xmm4
-	vpmovzxbw %xmm4,%xmm6
-	vpmaddwd %xmm7,%xmm6,%xmm6
-	vpaddd %xmm6,%xmm5,%xmm5
-	vpxor  %xmm6,%xmm6,%xmm6
-	vpunpckhbw %xmm6,%xmm4,%xmm4
-	vpmaddwd %xmm8,%xmm4,%xmm4
-	vpaddd %xmm4,%xmm5,%xmm4
-	vphaddd %xmm4,%xmm10,%xmm4
-	vphaddd %xmm4,%xmm9,%xmm4
-	vcvtdq2ps %xmm4,%xmm4
-	vmovups (%r12),%xmm5
-	vbroadcastss (%rbx),%xmm6
-	vmulps %xmm6,%xmm5,%xmm5
-	vfmadd213ps %xmm1,%xmm5,%xmm4
-	vfmadd213ps %xmm4,%xmm3,%xmm2
+	vpmaddwd %xmm5,%xmm12,%xmm5
+	vpaddd %xmm5,%xmm4,%xmm4
+	vpsrlw $0x4,%xmm11,%xmm5
+	vpand  %xmm3,%xmm5,%xmm3
+	vpmovzxbw %xmm3,%xmm5
+	vpmaddwd %xmm7,%xmm5,%xmm5
+	vpaddd %xmm5,%xmm4,%xmm4
+	vpxor  %xmm5,%xmm5,%xmm5
+	vpunpckhbw %xmm5,%xmm3,%xmm3
+	vpmaddwd %xmm8,%xmm3,%xmm3
+	vpaddd %xmm3,%xmm4,%xmm3
+	vphaddd %xmm3,%xmm10,%xmm3
+	vphaddd %xmm3,%xmm9,%xmm3
+	vcvtdq2ps %xmm3,%xmm3
+	vmovups (%r12),%xmm4
+	vbroadcastss (%rbx),%xmm5
+	vmulps %xmm5,%xmm4,%xmm4
+	vfmadd213ps %xmm6,%xmm4,%xmm3
+	vfmadd213ps %xmm3,%xmm2,%xmm1
 	add    $0x48,%rbx
 	add    $0x60,%r12
-	movdqa %xmm2,%xmm1
-	jmp    <kiln_v2_matmul_q4+0xc4>
+	movdqa %xmm1,%xmm6
+	jmp    <kiln_v2_matmul_q4+0x134>
+	mov    %r13,%rdi
+	xor    %r12,%r12
+	vxorps %xmm0,%xmm0,%xmm0
+	movdqu %xmm0,0xe0(%rsp)
+	imul   $0x90,%r11,%rbx
+	lea    (%rcx,%rbx,1),%r13
+	lea    0x1(%r11),%rbx
+	imul   $0x90,%rbx,%r14
+	add    %rcx,%r14
+	imul   $0xc0,%r8,%r15
+	lea    0x100(%rdi,%r15,1),%r15
+	movdqu %xmm0,(%rsp)
+	movdqu %xmm0,0x10(%rsp)
+	cmp    $0x2,%r12
+	jl     <kiln_v2_matmul_q4+0x728>
+	vpcmpeqd %xmm0,%xmm0,%xmm0
+	vpslld $0x1f,%xmm0,%xmm0
+	movdqu (%rsp),%xmm8
+	vxorps %xmm0,%xmm8,%xmm0
+	vmovups 0x5ce(%rip),%xmm4        # <kiln_v2_matmul_q4+0xa90>
+	vcmpltps %xmm4,%xmm0,%xmm1
+	movdqu %xmm1,0xd0(%rsp)
+	vmovups 0x5c8(%rip),%xmm3        # <kiln_v2_matmul_q4+0xaa0>
+	vmaxps %xmm4,%xmm0,%xmm1
+	vmaxps %xmm0,%xmm4,%xmm0
+	vxorps %xmm0,%xmm1,%xmm0
+	vorps  %xmm0,%xmm1,%xmm1
+	vsubps %xmm0,%xmm1,%xmm0
+	vcmpunordps %xmm1,%xmm1,%xmm1
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm0,%xmm1,%xmm0
+	vmovups 0x5ae(%rip),%xmm6        # <kiln_v2_matmul_q4+0xab0>
+	vminps %xmm6,%xmm0,%xmm2
+	vminps %xmm0,%xmm6,%xmm1
+	vorps  %xmm1,%xmm2,%xmm0
+	vcmpunordps %xmm1,%xmm0,%xmm1
+	vorps  %xmm1,%xmm0,%xmm0
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm0,%xmm1,%xmm5
+	vmovups 0x598(%rip),%xmm1        # <kiln_v2_matmul_q4+0xac0>
+	vmulps %xmm1,%xmm5,%xmm0
+	vroundps $0x0,%xmm0,%xmm2
+	vmovups 0x596(%rip),%xmm0        # <kiln_v2_matmul_q4+0xad0>
+	vmovups 0x59e(%rip),%xmm9        # <kiln_v2_matmul_q4+0xae0>
+	movdqa %xmm2,%xmm8
+	vfmadd213ps %xmm5,%xmm9,%xmm8
+	movdqa %xmm2,%xmm7
+	vfmadd213ps %xmm8,%xmm0,%xmm7
+	vmovups 0x593(%rip),%xmm10        # <kiln_v2_matmul_q4+0xaf0>
+	movdqa %xmm3,%xmm8
+	vfmadd213ps %xmm10,%xmm7,%xmm8
+	vmovups 0x591(%rip),%xmm11        # <kiln_v2_matmul_q4+0xb00>
+	vfmadd213ps %xmm11,%xmm7,%xmm8
+	vmovups 0x594(%rip),%xmm12        # <kiln_v2_matmul_q4+0xb10>
+	vfmadd213ps %xmm12,%xmm7,%xmm8
+	vmovups 0x597(%rip),%xmm13        # <kiln_v2_matmul_q4+0xb20>
+	vfmadd213ps %xmm13,%xmm7,%xmm8
+	vmovups 0x59a(%rip),%xmm14        # <kiln_v2_matmul_q4+0xb30>
+	vfmadd213ps %xmm14,%xmm7,%xmm8
+	vmulps %xmm7,%xmm7,%xmm15
+	vmovups 0x599(%rip),%xmm5        # <kiln_v2_matmul_q4+0xb40>
+	vaddps %xmm5,%xmm7,%xmm7
+	vfmadd213ps %xmm7,%xmm15,%xmm8
+	vcmpeqps %xmm2,%xmm2,%xmm7
+	vandps %xmm7,%xmm2,%xmm2
+	vpxor  %xmm2,%xmm7,%xmm7
+	vcvttps2dq %xmm2,%xmm2
+	vpand  %xmm7,%xmm2,%xmm7
+	vpsrad $0x1f,%xmm7,%xmm7
+	vpxor  %xmm2,%xmm7,%xmm7
+	vmovdqu 0x57a(%rip),%xmm2        # <kiln_v2_matmul_q4+0xb50>
+	vpaddd %xmm2,%xmm7,%xmm7
+	vpslld $0x17,%xmm7,%xmm7
+	vmulps %xmm7,%xmm8,%xmm7
+	movdqu 0xe0(%rsp),%xmm8
+	movdqu 0xd0(%rsp),%xmm15
+	vpblendvb %xmm15,%xmm8,%xmm7,%xmm7
+	vaddps %xmm5,%xmm7,%xmm7
+	movdqu (%rsp),%xmm15
+	vdivps %xmm7,%xmm15,%xmm8
+	mov    %r11,%r13
+	shl    $0x8,%r13
+	mov    %r8,%r12
+	shl    $0x4,%r12
+	add    %r12,%r13
+	vmovups %xmm8,0x480(%rcx,%r13,1)
+	vpcmpeqd %xmm7,%xmm7,%xmm7
+	vpslld $0x1f,%xmm7,%xmm7
+	movdqu 0x10(%rsp),%xmm8
+	vxorps %xmm7,%xmm8,%xmm7
+	vcmpltps %xmm4,%xmm7,%xmm15
+	vmaxps %xmm4,%xmm7,%xmm8
+	vmaxps %xmm7,%xmm4,%xmm4
+	vxorps %xmm4,%xmm8,%xmm4
+	vorps  %xmm4,%xmm8,%xmm7
+	vsubps %xmm4,%xmm7,%xmm4
+	vcmpunordps %xmm7,%xmm7,%xmm7
+	vpsrld $0xa,%xmm7,%xmm7
+	vandnps %xmm4,%xmm7,%xmm4
+	vminps %xmm6,%xmm4,%xmm7
+	vminps %xmm4,%xmm6,%xmm6
+	vorps  %xmm6,%xmm7,%xmm4
+	vcmpunordps %xmm6,%xmm4,%xmm6
+	vorps  %xmm6,%xmm4,%xmm4
+	vpsrld $0xa,%xmm6,%xmm6
+	vandnps %xmm4,%xmm6,%xmm4
+	vmulps %xmm1,%xmm4,%xmm1
+	vroundps $0x0,%xmm1,%xmm1
+	movdqa %xmm1,%xmm6
+	vfmadd213ps %xmm4,%xmm9,%xmm6
+	movdqa %xmm1,%xmm4
+	vfmadd213ps %xmm6,%xmm0,%xmm4
+	vfmadd213ps %xmm10,%xmm4,%xmm3
+	vfmadd213ps %xmm11,%xmm4,%xmm3
+	vfmadd213ps %xmm12,%xmm4,%xmm3
+	vfmadd213ps %xmm13,%xmm4,%xmm3
+	vfmadd213ps %xmm14,%xmm4,%xmm3
+	vmulps %xmm4,%xmm4,%xmm0
+	vaddps %xmm5,%xmm4,%xmm4
+	vfmadd213ps %xmm4,%xmm0,%xmm3
+	vcmpeqps %xmm1,%xmm1,%xmm4
+	vandps %xmm4,%xmm1,%xmm0
+	vpxor  %xmm0,%xmm4,%xmm1
+	vcvttps2dq %xmm0,%xmm0
+	vpand  %xmm1,%xmm0,%xmm1
+	vpsrad $0x1f,%xmm1,%xmm1
+	vpxor  %xmm0,%xmm1,%xmm0
+	vpaddd %xmm2,%xmm0,%xmm0
+	vpslld $0x17,%xmm0,%xmm0
+	vmulps %xmm0,%xmm3,%xmm0
+	movdqu 0xe0(%rsp),%xmm1
+	vpblendvb %xmm15,%xmm1,%xmm0,%xmm0
+	vaddps %xmm5,%xmm0,%xmm0
+	movdqu 0x10(%rsp),%xmm1
+	vdivps %xmm0,%xmm1,%xmm0
+	shl    $0x8,%rbx
+	add    %r12,%rbx
+	vmovups %xmm0,0x480(%rcx,%rbx,1)
+	add    $0x2,%r11
+	mov    %rdi,%r13
+	jmp    <kiln_v2_matmul_q4+0xee>
+	add    $0x1,%r12
+	vmovups 0x10(%r15),%xmm5
+	movdqu %xmm5,0x20(%rsp)
+	vbroadcastss 0x4(%r13),%xmm0
+	movdqu %xmm0,0xd0(%rsp)
+	vmovdqu 0x20(%r15),%xmm0
+	vmovdqu 0x408(%rip),%xmm11        # <kiln_v2_matmul_q4+0xb60>
+	vpand  %xmm11,%xmm0,%xmm1
+	vpmovzxbw %xmm1,%xmm6
+	vmovdqu 0x8(%r13),%xmm15
+	vpmaddwd %xmm15,%xmm6,%xmm2
+	movdqu %xmm6,0xc0(%rsp)
+	vpxor  %xmm3,%xmm3,%xmm3
+	vpunpckhbw %xmm3,%xmm1,%xmm7
+	vmovdqu 0x18(%r13),%xmm4
+	vpmaddwd %xmm4,%xmm7,%xmm1
+	movdqu %xmm7,0xb0(%rsp)
+	vpaddd %xmm1,%xmm2,%xmm2
+	vpsrlw $0x4,%xmm0,%xmm0
+	vpand  %xmm11,%xmm0,%xmm0
+	vpmovzxbw %xmm0,%xmm1
+	movdqu %xmm1,0xa0(%rsp)
+	vmovdqu 0x28(%r13),%xmm1
+	movdqu 0xa0(%rsp),%xmm3
+	vpmaddwd %xmm1,%xmm3,%xmm5
+	vpaddd %xmm5,%xmm2,%xmm2
+	vpxor  %xmm3,%xmm3,%xmm3
+	vpunpckhbw %xmm3,%xmm0,%xmm9
+	vmovdqu 0x38(%r13),%xmm3
+	vpmaddwd %xmm3,%xmm9,%xmm0
+	movdqu %xmm9,0x90(%rsp)
+	vpaddd %xmm0,%xmm2,%xmm0
+	vmovdqu 0x30(%r15),%xmm2
+	vpand  %xmm11,%xmm2,%xmm5
+	vpmovzxbw %xmm5,%xmm10
+	vpmaddwd %xmm15,%xmm10,%xmm6
+	movdqu %xmm10,0x80(%rsp)
+	vpxor  %xmm7,%xmm7,%xmm7
+	vpunpckhbw %xmm7,%xmm5,%xmm12
+	vpmaddwd %xmm4,%xmm12,%xmm5
+	movdqu %xmm12,0x70(%rsp)
+	vpaddd %xmm5,%xmm6,%xmm5
+	vpsrlw $0x4,%xmm2,%xmm2
+	vpand  %xmm11,%xmm2,%xmm2
+	vpmovzxbw %xmm2,%xmm13
+	vpmaddwd %xmm1,%xmm13,%xmm6
+	movdqu %xmm13,0x60(%rsp)
+	vpaddd %xmm6,%xmm5,%xmm5
+	vpxor  %xmm6,%xmm6,%xmm6
+	vpunpckhbw %xmm6,%xmm2,%xmm14
+	vpmaddwd %xmm3,%xmm14,%xmm2
+	movdqu %xmm14,0x50(%rsp)
+	vpaddd %xmm2,%xmm5,%xmm2
+	vphaddd %xmm2,%xmm0,%xmm8
+	vmovdqu 0x40(%r15),%xmm2
+	vpand  %xmm11,%xmm2,%xmm0
+	vpmovzxbw %xmm0,%xmm5
+	movdqa %xmm5,%xmm6
+	vpmaddwd %xmm15,%xmm6,%xmm5
+	movdqu %xmm6,0x40(%rsp)
+	vpxor  %xmm6,%xmm6,%xmm6
+	vpunpckhbw %xmm6,%xmm0,%xmm0
+	vpmaddwd %xmm4,%xmm0,%xmm6
+	movdqu %xmm0,0x30(%rsp)
+	vpaddd %xmm6,%xmm5,%xmm6
+	vpsrlw $0x4,%xmm2,%xmm2
+	vpand  %xmm11,%xmm2,%xmm2
+	vpmovzxbw %xmm2,%xmm5
+	vpmaddwd %xmm1,%xmm5,%xmm7
+	vpaddd %xmm7,%xmm6,%xmm7
+	vpxor  %xmm6,%xmm6,%xmm6
+	vpunpckhbw %xmm6,%xmm2,%xmm6
+	vpmaddwd %xmm3,%xmm6,%xmm2
+	vpaddd %xmm2,%xmm7,%xmm9
+	vmovdqu 0x50(%r15),%xmm10
+	vpand  %xmm11,%xmm10,%xmm2
+	vpmovzxbw %xmm2,%xmm7
+	vpmaddwd %xmm15,%xmm7,%xmm12
+	vpxor  %xmm13,%xmm13,%xmm13
+	vpunpckhbw %xmm13,%xmm2,%xmm2
+	vpmaddwd %xmm4,%xmm2,%xmm4
+	vpaddd %xmm4,%xmm12,%xmm12
+	vpsrlw $0x4,%xmm10,%xmm4
+	vpand  %xmm11,%xmm4,%xmm10
+	vpmovzxbw %xmm10,%xmm4
+	vpmaddwd %xmm1,%xmm4,%xmm1
+	vpaddd %xmm1,%xmm12,%xmm1
+	vpxor  %xmm11,%xmm11,%xmm11
+	vpunpckhbw %xmm11,%xmm10,%xmm11
+	vpmaddwd %xmm3,%xmm11,%xmm3
+	vpaddd %xmm3,%xmm1,%xmm1
+	vphaddd %xmm1,%xmm9,%xmm1
+	vphaddd %xmm1,%xmm8,%xmm1
+	vcvtdq2ps %xmm1,%xmm8
+	vmovups (%r15),%xmm3
+	vbroadcastss 0x0(%r13),%xmm1
+	vmulps %xmm1,%xmm3,%xmm1
+	movdqu (%rsp),%xmm15
+	vfmadd213ps %xmm15,%xmm1,%xmm8
+	movdqu 0x20(%rsp),%xmm1
+	movdqu 0xd0(%rsp),%xmm9
+	movdqa %xmm1,%xmm15
+	vfmadd213ps %xmm8,%xmm9,%xmm15
+	movdqu %xmm15,(%rsp)
+	vbroadcastss 0x4(%r14),%xmm15
+	vmovdqu 0x8(%r14),%xmm8
+	movdqu 0xc0(%rsp),%xmm0
+	vpmaddwd %xmm8,%xmm0,%xmm10
+	vmovdqu 0x18(%r14),%xmm9
+	movdqu 0xb0(%rsp),%xmm0
+	vpmaddwd %xmm9,%xmm0,%xmm12
+	vpaddd %xmm12,%xmm10,%xmm12
+	vmovdqu 0x28(%r14),%xmm10
+	movdqu 0xa0(%rsp),%xmm0
+	vpmaddwd %xmm10,%xmm0,%xmm13
+	vpaddd %xmm13,%xmm12,%xmm13
+	vmovdqu 0x38(%r14),%xmm12
+	movdqu 0x90(%rsp),%xmm0
+	vpmaddwd %xmm12,%xmm0,%xmm14
+	vpaddd %xmm14,%xmm13,%xmm13
+	movdqu 0x80(%rsp),%xmm0
+	vpmaddwd %xmm8,%xmm0,%xmm14
+	movdqu 0x70(%rsp),%xmm0
+	vpmaddwd %xmm9,%xmm0,%xmm0
+	vpaddd %xmm0,%xmm14,%xmm14
+	movdqu 0x60(%rsp),%xmm0
+	vpmaddwd %xmm10,%xmm0,%xmm0
+	vpaddd %xmm0,%xmm14,%xmm14
+	movdqu 0x50(%rsp),%xmm0
+	vpmaddwd %xmm12,%xmm0,%xmm0
+	vpaddd %xmm0,%xmm14,%xmm0
+	vphaddd %xmm0,%xmm13,%xmm13
+	movdqu 0x40(%rsp),%xmm0
+	vpmaddwd %xmm8,%xmm0,%xmm14
+	movdqu 0x30(%rsp),%xmm0
+	vpmaddwd %xmm9,%xmm0,%xmm0
+	vpaddd %xmm0,%xmm14,%xmm0
+	vpmaddwd %xmm10,%xmm5,%xmm5
+	vpaddd %xmm5,%xmm0,%xmm0
+	vpmaddwd %xmm12,%xmm6,%xmm5
+	vpaddd %xmm5,%xmm0,%xmm0
+	vpmaddwd %xmm8,%xmm7,%xmm5
+	vpmaddwd %xmm9,%xmm2,%xmm2
+	vpaddd %xmm2,%xmm5,%xmm2
+	vpmaddwd %xmm10,%xmm4,%xmm4
+	vpaddd %xmm4,%xmm2,%xmm2
+	vpmaddwd %xmm12,%xmm11,%xmm4
+	vpaddd %xmm4,%xmm2,%xmm2
+	vphaddd %xmm2,%xmm0,%xmm0
+	vphaddd %xmm0,%xmm13,%xmm0
+	vcvtdq2ps %xmm0,%xmm0
+	vbroadcastss (%r14),%xmm2
+	vmulps %xmm2,%xmm3,%xmm2
+	movdqu 0x10(%rsp),%xmm8
+	vfmadd213ps %xmm8,%xmm2,%xmm0
+	vfmadd213ps %xmm0,%xmm15,%xmm1
+	add    $0x48,%r13
+	add    $0x48,%r14
+	add    $0x60,%r15
+	movdqu %xmm1,0x10(%rsp)
+	jmp    <kiln_v2_matmul_q4+0x49d>
 	...
+	add    %al,(%rax)
 	(bad)
 	cltd
 	scas   %es:(%rdi),%al
@@ -589,7 +910,7 @@ Disassembly of section .text:
 	mov    %ecx,(%rax)
 	cmp    $0xc1,%al
 	test   $0xa9c13d2a,%eax
-	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a9dfd>
+	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a97fd>
 	shrl   $0x2a,-0x5555c2d6(%rcx)
 	ds stos %al,%es:(%rdi)
 	stos   %al,%es:(%rdi)
@@ -617,9 +938,9 @@ Disassembly of section .text:
 	add    %al,(%rax)
 	add    %bh,0x0(%rdi)
 	add    %al,(%rax)
-	jg     <kiln_v2_matmul_q4+0x4ba>
+	jg     <kiln_v2_matmul_q4+0xb5a>
 	add    %al,(%rax)
-	jg     <kiln_v2_matmul_q4+0x4be>
+	jg     <kiln_v2_matmul_q4+0xb5e>
 	add    %al,(%rax)
 	(bad)
 	(bad)
@@ -641,71 +962,82 @@ Disassembly of section .text:
 <kiln_v3_matmul_q8>:
 	push   %rbp
 	mov    %rsp,%rbp
-	sub    $0x30,%rsp
-	mov    %rbx,(%rsp)
-	mov    %r12,0x8(%rsp)
-	mov    %r13,0x10(%rsp)
-	mov    %r14,0x18(%rsp)
-	mov    %r15,0x20(%rsp)
-	mov    %rdx,%r8
-	mov    (%rdi),%r14
-	mov    0x8(%rdi),%rcx
-	mov    0x20(%rdi),%r13
+	sub    $0xe0,%rsp
+	mov    %rbx,0xb0(%rsp)
+	mov    %r12,0xb8(%rsp)
+	mov    %r13,0xc0(%rsp)
+	mov    %r14,0xc8(%rsp)
+	mov    %r15,0xd0(%rsp)
+	mov    %rdx,%r9
+	mov    (%rdi),%rcx
+	mov    0x8(%rdi),%rax
+	mov    %rax,%r13
+	mov    0x20(%rdi),%rax
+	mov    %rax,%r8
 	mov    %rsi,%rax
 	shl    $0x4,%rax
 	xor    %rdx,%rdx
-	mov    %r8,%rdi
+	mov    %r9,%rdi
 	div    %rdi
-	mov    %rax,%r15
+	mov    %rax,0xa0(%rsp)
 	lea    0x1(%rsi),%rax
 	shl    $0x4,%rax
 	xor    %rdx,%rdx
 	div    %rdi
+	mov    %rax,%rdx
 	xor    %rsi,%rsi
-	cmp    %r13,%rsi
-	jl     <kiln_v3_matmul_q8+0x7c>
-	mov    (%rsp),%rbx
-	mov    0x8(%rsp),%r12
-	mov    0x10(%rsp),%r13
-	mov    0x18(%rsp),%r14
-	mov    0x20(%rsp),%r15
-	add    $0x30,%rsp
+	mov    %r8,%rax
+	cmp    %rax,%rsi
+	jl     <kiln_v3_matmul_q8+0xb3>
+	mov    0xb0(%rsp),%rbx
+	mov    0xb8(%rsp),%r12
+	mov    0xc0(%rsp),%r13
+	mov    0xc8(%rsp),%r14
+	mov    0xd0(%rsp),%r15
+	add    $0xe0,%rsp
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	mov    %rax,%rdi
-	mov    %r15,%r8
-	cmp    %rdi,%r8
-	jl     <kiln_v3_matmul_q8+0x9a>
+	mov    0xa0(%rsp),%r8
+	cmp    %rdx,%r8
+	jl     <kiln_v3_matmul_q8+0xd0>
 	add    $0x40,%rsi
-	mov    %rdi,%rax
-	jmp    <kiln_v3_matmul_q8+0x52>
+	jmp    <kiln_v3_matmul_q8+0x76>
 	lea    0x40(%rsi),%r9
-	cmp    %r9,%r13
-	cmovl  %r13,%r9
-	mov    %rsi,%r10
+	cmp    %r9,%rax
+	cmovl  %rax,%r9
+	mov    %r9,%r11
+	sub    %rsi,%r11
+	and    $0x1,%r11
+	mov    %r9,%r10
+	sub    %r11,%r10
+	mov    %rsi,%r11
+	cmp    %r10,%r11
+	jl     <kiln_v3_matmul_q8+0x2f6>
 	cmp    %r9,%r10
-	jl     <kiln_v3_matmul_q8+0xbd>
+	jl     <kiln_v3_matmul_q8+0x10c>
 	add    $0x1,%r8
-	jmp    <kiln_v3_matmul_q8+0x82>
+	jmp    <kiln_v3_matmul_q8+0xbb>
 	xor    %r11,%r11
-	vxorps %xmm6,%xmm6,%xmm0
-	imul   $0x90,%r10,%rax
-	lea    (%r14,%rax,1),%rbx
-	imul   $0x120,%r8,%rax
-	lea    0xd00(%rcx,%rax,1),%r12
+	vxorps %xmm0,%xmm0,%xmm0
+	imul   $0x90,%r10,%rdi
+	lea    (%rcx,%rdi,1),%rbx
+	imul   $0x120,%r8,%r12
+	mov    %r13,%rdi
+	lea    0xd00(%rdi,%r12,1),%r12
 	cmp    $0x2,%r11
-	jl     <kiln_v3_matmul_q8+0x11c>
-	lea    0x480(%r14),%r11
-	mov    %r10,%rax
-	shl    $0x8,%rax
-	mov    %r8,%rdx
-	shl    $0x4,%rdx
-	add    %rdx,%rax
-	vmulps (%r11,%rax,1),%xmm0,%xmm0
-	vmovups %xmm0,0xc80(%r14,%rax,1)
+	jl     <kiln_v3_matmul_q8+0x170>
+	lea    0x480(%rcx),%r11
+	mov    %r10,%rbx
+	shl    $0x8,%rbx
+	mov    %r8,%r12
+	shl    $0x4,%r12
+	add    %r12,%rbx
+	vmulps (%r11,%rbx,1),%xmm0,%xmm0
+	vmovups %xmm0,0xc80(%rcx,%rbx,1)
 	add    $0x1,%r10
-	jmp    <kiln_v3_matmul_q8+0xa8>
+	mov    %rdi,%r13
+	jmp    <kiln_v3_matmul_q8+0xf7>
 	add    $0x1,%r11
 	vmovdqu 0x10(%r12),%xmm2
 	vpmovsxbw %xmm2,%xmm3
@@ -734,9 +1066,9 @@ Disassembly of section .text:
 	vpmaddwd %xmm2,%xmm7,%xmm7
 	vpaddd %xmm7,%xmm6,%xmm6
 	vmovdqu 0x40(%r12),%xmm7
-	vpmovsxbw %xmm7,%xmm12
-	vpmaddwd %xmm3,%xmm12,%xmm12
-	vpaddd %xmm12,%xmm6,%xmm6
+	vpmovsxbw %xmm7,%xmm8
+	vpmaddwd %xmm3,%xmm8,%xmm8
+	vpaddd %xmm8,%xmm6,%xmm6
 	vpalignr $0x8,%xmm7,%xmm7,%xmm7
 	vpmovsxbw %xmm7,%xmm7
 	vpmaddwd %xmm4,%xmm7,%xmm7
@@ -750,16 +1082,16 @@ Disassembly of section .text:
 	vpmaddwd %xmm2,%xmm7,%xmm7
 	vpaddd %xmm7,%xmm6,%xmm6
 	vmovdqu 0x60(%r12),%xmm7
-	vpmovsxbw %xmm7,%xmm12
-	vpmaddwd %xmm3,%xmm12,%xmm12
-	vpaddd %xmm12,%xmm6,%xmm6
+	vpmovsxbw %xmm7,%xmm8
+	vpmaddwd %xmm3,%xmm8,%xmm8
+	vpaddd %xmm8,%xmm6,%xmm6
 	vpalignr $0x8,%xmm7,%xmm7,%xmm7
 	vpmovsxbw %xmm7,%xmm7
 	vpmaddwd %xmm4,%xmm7,%xmm7
 	vpaddd %xmm7,%xmm6,%xmm6
 	vmovdqu 0x70(%r12),%xmm7
-	vpmovsxbw %xmm7,%xmm12
-	vpmaddwd %xmm1,%xmm12,%xmm1
+	vpmovsxbw %xmm7,%xmm8
+	vpmaddwd %xmm1,%xmm8,%xmm1
 	vpalignr $0x8,%xmm7,%xmm7,%xmm7
 	vpmovsxbw %xmm7,%xmm7
 	vpmaddwd %xmm2,%xmm7,%xmm2
@@ -782,7 +1114,173 @@ Disassembly of section .text:
 	add    $0x48,%rbx
 	add    $0x90,%r12
 	movdqa %xmm1,%xmm0
-	jmp    <kiln_v3_matmul_q8+0xde>
+	jmp    <kiln_v3_matmul_q8+0x130>
+	mov    %r13,%rdi
+	xor    %r13,%r13
+	vxorps %xmm0,%xmm0,%xmm1
+	imul   $0x90,%r11,%rbx
+	lea    (%rcx,%rbx,1),%r12
+	lea    0x1(%r11),%rbx
+	imul   $0x90,%rbx,%r14
+	add    %rcx,%r14
+	imul   $0x120,%r8,%r15
+	lea    0xd00(%rdi,%r15,1),%r15
+	movdqa %xmm1,%xmm2
+	cmp    $0x2,%r13
+	jl     <kiln_v3_matmul_q8+0x383>
+	lea    0x480(%rcx),%r12
+	mov    %r11,%r14
+	shl    $0x8,%r14
+	mov    %r8,%r13
+	shl    $0x4,%r13
+	add    %r13,%r14
+	vmulps (%r12,%r14,1),%xmm1,%xmm0
+	vmovups %xmm0,0xc80(%rcx,%r14,1)
+	shl    $0x8,%rbx
+	add    %r13,%rbx
+	vmulps (%r12,%rbx,1),%xmm2,%xmm0
+	vmovups %xmm0,0xc80(%rcx,%rbx,1)
+	add    $0x2,%r11
+	mov    %rdi,%r13
+	jmp    <kiln_v3_matmul_q8+0xee>
+	movdqu %xmm2,(%rsp)
+	add    $0x1,%r13
+	vmovdqu 0x10(%r15),%xmm2
+	vpmovsxbw %xmm2,%xmm3
+	vmovdqu 0x8(%r12),%xmm13
+	vpmaddwd %xmm13,%xmm3,%xmm0
+	movdqu %xmm3,0x90(%rsp)
+	vpalignr $0x8,%xmm2,%xmm2,%xmm2
+	vpmovsxbw %xmm2,%xmm4
+	vmovdqu 0x18(%r12),%xmm14
+	vpmaddwd %xmm14,%xmm4,%xmm2
+	movdqu %xmm4,0x80(%rsp)
+	vpaddd %xmm2,%xmm0,%xmm2
+	vmovdqu 0x20(%r15),%xmm3
+	vpmovsxbw %xmm3,%xmm5
+	vmovdqu 0x28(%r12),%xmm0
+	vpmaddwd %xmm0,%xmm5,%xmm4
+	movdqu %xmm5,0x70(%rsp)
+	vpaddd %xmm4,%xmm2,%xmm4
+	vpalignr $0x8,%xmm3,%xmm3,%xmm2
+	vpmovsxbw %xmm2,%xmm6
+	vmovdqu 0x38(%r12),%xmm2
+	vpmaddwd %xmm2,%xmm6,%xmm3
+	movdqu %xmm6,0x60(%rsp)
+	vpaddd %xmm3,%xmm4,%xmm3
+	vmovdqu 0x30(%r15),%xmm5
+	vpmovsxbw %xmm5,%xmm7
+	vpmaddwd %xmm13,%xmm7,%xmm4
+	movdqu %xmm7,0x50(%rsp)
+	vpalignr $0x8,%xmm5,%xmm5,%xmm5
+	vpmovsxbw %xmm5,%xmm8
+	vpmaddwd %xmm14,%xmm8,%xmm5
+	movdqu %xmm8,0x40(%rsp)
+	vpaddd %xmm5,%xmm4,%xmm4
+	vmovdqu 0x40(%r15),%xmm5
+	vpmovsxbw %xmm5,%xmm9
+	vpmaddwd %xmm0,%xmm9,%xmm6
+	movdqu %xmm9,0x30(%rsp)
+	vpaddd %xmm6,%xmm4,%xmm4
+	vpalignr $0x8,%xmm5,%xmm5,%xmm5
+	vpmovsxbw %xmm5,%xmm10
+	vpmaddwd %xmm2,%xmm10,%xmm5
+	movdqu %xmm10,0x20(%rsp)
+	vpaddd %xmm5,%xmm4,%xmm4
+	vphaddd %xmm4,%xmm3,%xmm5
+	vmovdqu 0x50(%r15),%xmm4
+	vpmovsxbw %xmm4,%xmm11
+	vpmaddwd %xmm13,%xmm11,%xmm3
+	movdqu %xmm11,0x10(%rsp)
+	vpalignr $0x8,%xmm4,%xmm4,%xmm4
+	vpmovsxbw %xmm4,%xmm11
+	vpmaddwd %xmm14,%xmm11,%xmm4
+	vpaddd %xmm4,%xmm3,%xmm3
+	vmovdqu 0x60(%r15),%xmm4
+	vpmovsxbw %xmm4,%xmm12
+	vpmaddwd %xmm0,%xmm12,%xmm6
+	vpaddd %xmm6,%xmm3,%xmm3
+	vpalignr $0x8,%xmm4,%xmm4,%xmm4
+	vpmovsxbw %xmm4,%xmm15
+	vpmaddwd %xmm2,%xmm15,%xmm4
+	vpaddd %xmm4,%xmm3,%xmm6
+	vmovdqu 0x70(%r15),%xmm7
+	vpmovsxbw %xmm7,%xmm3
+	vpmaddwd %xmm13,%xmm3,%xmm4
+	vpalignr $0x8,%xmm7,%xmm7,%xmm7
+	vpmovsxbw %xmm7,%xmm13
+	vpmaddwd %xmm14,%xmm13,%xmm7
+	vpaddd %xmm7,%xmm4,%xmm4
+	vmovdqu 0x80(%r15),%xmm7
+	vpmovsxbw %xmm7,%xmm14
+	vpmaddwd %xmm0,%xmm14,%xmm0
+	vpaddd %xmm0,%xmm4,%xmm0
+	vpalignr $0x8,%xmm7,%xmm7,%xmm4
+	vpmovsxbw %xmm4,%xmm4
+	vpmaddwd %xmm2,%xmm4,%xmm2
+	vpaddd %xmm2,%xmm0,%xmm0
+	vphaddd %xmm0,%xmm6,%xmm0
+	vphaddd %xmm0,%xmm5,%xmm0
+	vcvtdq2ps %xmm0,%xmm0
+	vmovups (%r15),%xmm2
+	vbroadcastss (%r12),%xmm5
+	vmulps %xmm5,%xmm2,%xmm5
+	vfmadd213ps %xmm1,%xmm5,%xmm0
+	vmovdqu 0x8(%r14),%xmm1
+	movdqu 0x90(%rsp),%xmm7
+	vpmaddwd %xmm1,%xmm7,%xmm6
+	vmovdqu 0x18(%r14),%xmm5
+	movdqu 0x80(%rsp),%xmm7
+	vpmaddwd %xmm5,%xmm7,%xmm7
+	vpaddd %xmm7,%xmm6,%xmm7
+	vmovdqu 0x28(%r14),%xmm6
+	movdqu 0x70(%rsp),%xmm8
+	vpmaddwd %xmm6,%xmm8,%xmm8
+	vpaddd %xmm8,%xmm7,%xmm8
+	vmovdqu 0x38(%r14),%xmm7
+	movdqu 0x60(%rsp),%xmm9
+	vpmaddwd %xmm7,%xmm9,%xmm9
+	vpaddd %xmm9,%xmm8,%xmm8
+	movdqu 0x50(%rsp),%xmm9
+	vpmaddwd %xmm1,%xmm9,%xmm9
+	movdqu 0x40(%rsp),%xmm10
+	vpmaddwd %xmm5,%xmm10,%xmm10
+	vpaddd %xmm10,%xmm9,%xmm9
+	movdqu 0x30(%rsp),%xmm10
+	vpmaddwd %xmm6,%xmm10,%xmm10
+	vpaddd %xmm10,%xmm9,%xmm9
+	movdqu 0x20(%rsp),%xmm10
+	vpmaddwd %xmm7,%xmm10,%xmm10
+	vpaddd %xmm10,%xmm9,%xmm9
+	vphaddd %xmm9,%xmm8,%xmm8
+	movdqu 0x10(%rsp),%xmm9
+	vpmaddwd %xmm1,%xmm9,%xmm9
+	vpmaddwd %xmm5,%xmm11,%xmm10
+	vpaddd %xmm10,%xmm9,%xmm9
+	vpmaddwd %xmm6,%xmm12,%xmm10
+	vpaddd %xmm10,%xmm9,%xmm9
+	vpmaddwd %xmm7,%xmm15,%xmm10
+	vpaddd %xmm10,%xmm9,%xmm9
+	vpmaddwd %xmm1,%xmm3,%xmm1
+	vpmaddwd %xmm5,%xmm13,%xmm3
+	vpaddd %xmm3,%xmm1,%xmm1
+	vpmaddwd %xmm6,%xmm14,%xmm3
+	vpaddd %xmm3,%xmm1,%xmm1
+	vpmaddwd %xmm7,%xmm4,%xmm3
+	vpaddd %xmm3,%xmm1,%xmm1
+	vphaddd %xmm1,%xmm9,%xmm1
+	vphaddd %xmm1,%xmm8,%xmm1
+	vcvtdq2ps %xmm1,%xmm1
+	vbroadcastss (%r14),%xmm3
+	vmulps %xmm3,%xmm2,%xmm2
+	movdqu (%rsp),%xmm3
+	vfmadd213ps %xmm3,%xmm2,%xmm1
+	add    $0x48,%r12
+	add    $0x48,%r14
+	add    $0x90,%r15
+	movdqa %xmm1,%xmm2
+	movdqa %xmm0,%xmm1
+	jmp    <kiln_v3_matmul_q8+0x32c>
 
 <kiln_v4_rope>:
 	push   %rbp
@@ -948,129 +1446,163 @@ Disassembly of section .text:
 <kiln_v5_attend>:
 	push   %rbp
 	mov    %rsp,%rbp
-	sub    $0x150,%rsp
-	mov    %rbx,0x120(%rsp)
-	mov    %r12,0x128(%rsp)
-	mov    %r13,0x130(%rsp)
-	mov    %r14,0x138(%rsp)
-	mov    %r15,0x140(%rsp)
-	mov    %rdx,%r9
-	mov    (%rdi),%r15
-	mov    %r15,0x110(%rsp)
-	mov    0x18(%rdi),%rcx
-	mov    0x10(%rdi),%r13
-	mov    0x28(%rdi),%r15
+	sub    $0x140,%rsp
+	mov    %rbx,0x110(%rsp)
+	mov    %r12,0x118(%rsp)
+	mov    %r13,0x120(%rsp)
+	mov    %r14,0x128(%rsp)
+	mov    %r15,0x130(%rsp)
+	mov    %rsi,%rcx
+	mov    %rdx,%r8
+	mov    (%rdi),%r9
+	mov    0x18(%rdi),%r10
+	mov    0x10(%rdi),%r11
+	mov    0x28(%rdi),%r14
 	mov    0x20(%rdi),%rax
-	mov    0x30(%rdi),%r8
-	sub    %r8,%rax
+	mov    0x30(%rdi),%rsi
+	sub    %rsi,%rax
 	shl    $0x2,%rax
 	mov    %rax,%rdi
-	imul   %rsi,%rdi
-	mov    %rax,%r10
+	imul   %rcx,%rdi
+	mov    %rax,%rbx
 	xor    %rdx,%rdx
 	mov    %rdi,%rax
-	mov    %r9,%r11
-	div    %r11
-	mov    %rax,%rdi
-	lea    0x1(%rsi),%rdx
-	mov    %r10,%rax
-	imul   %rdx,%rax
+	mov    %r8,%rdi
+	div    %rdi
+	mov    %rax,%r12
+	lea    0x1(%rcx),%r8
+	mov    %rbx,%rax
+	imul   %r8,%rax
 	xor    %rdx,%rdx
-	div    %r11
-	mov    %rdi,%rdx
-	lea    (%rdx,%r8,4),%rdi
-	lea    (%rax,%r8,4),%r8
-	cmp    %r8,%rdi
-	jl     <kiln_v5_attend+0xce>
-	mov    0x120(%rsp),%rbx
-	mov    0x128(%rsp),%r12
-	mov    0x130(%rsp),%r13
-	mov    0x138(%rsp),%r14
-	mov    0x140(%rsp),%r15
-	add    $0x150,%rsp
+	div    %rdi
+	mov    %r12,%rcx
+	lea    (%rcx,%rsi,4),%rcx
+	lea    (%rax,%rsi,4),%rdi
+	cmp    %rdi,%rcx
+	jl     <kiln_v5_attend+0xc9>
+	mov    0x110(%rsp),%rbx
+	mov    0x118(%rsp),%r12
+	mov    0x120(%rsp),%r13
+	mov    0x128(%rsp),%r14
+	mov    0x130(%rsp),%r15
+	add    $0x140,%rsp
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	xor    %r11,%r11
-	vmovups 0x377(%rip),%xmm0        # <kiln_v5_attend+0x450>
-	mov    %rdi,%r9
-	shr    $0x2,%r9
-	lea    0x1(%r15,%r9,1),%r10
-	cmp    %r10,%r11
-	jl     <kiln_v5_attend+0x36e>
+	xor    %r8,%r8
+	vmovups 0x5cc(%rip),%xmm0        # <kiln_v5_attend+0x6a0>
+	mov    %rcx,%rdx
+	shr    $0x2,%rdx
+	lea    0x1(%r14,%rdx,1),%rsi
+	mov    %rsi,%r12
+	shr    $0x2,%r12
+	cmp    %r12,%r8
+	jl     <kiln_v5_attend+0x4cc>
+	mov    %rsi,%r8
+	and    $0xfffffffffffffffc,%r8
+	cmp    %rsi,%r8
+	jl     <kiln_v5_attend+0x3fd>
 	mov    $0xff800000,%eax
 	vmovd  %eax,%xmm1
-	lea    (%rsp),%r11
-	vmovss %xmm1,(%r11,%r10,4)
-	vmovss %xmm1,0x4(%r11,%r10,4)
-	vmovss %xmm1,0x8(%r11,%r10,4)
+	lea    (%rsp),%r8
+	vmovss %xmm1,(%r8,%rsi,4)
+	vmovss %xmm1,0x4(%r8,%rsi,4)
+	vmovss %xmm1,0x8(%r8,%rsi,4)
 	xor    %rbx,%rbx
 	vxorps %xmm1,%xmm1,%xmm1
-	lea    0x4(%r15,%r9,1),%r12
+	lea    0x4(%r14,%rdx,1),%r12
 	shr    $0x2,%r12
 	movdqa %xmm1,%xmm2
 	cmp    %r12,%rbx
-	jl     <kiln_v5_attend+0x225>
-	xor    %rdx,%rdx
+	jl     <kiln_v5_attend+0x231>
+	xor    %rbx,%rbx
+	movdqa %xmm1,%xmm0
 	movdqa %xmm1,%xmm3
 	movdqa %xmm1,%xmm4
-	movdqa %xmm1,%xmm5
-	cmp    %r10,%rdx
-	jl     <kiln_v5_attend+0x1c0>
-	mov    $0x3f800000,%r10d
-	vmovd  %r10d,%xmm0
+	cmp    %rsi,%rbx
+	jl     <kiln_v5_attend+0x1cc>
+	mov    $0x3f800000,%eax
+	vmovd  %eax,%xmm5
 	vpshufd $0x1,%xmm2,%xmm6
 	vaddss %xmm6,%xmm2,%xmm6
 	vpshufd $0x2,%xmm2,%xmm7
 	vpshufd $0x3,%xmm2,%xmm2
 	vaddss %xmm2,%xmm7,%xmm2
 	vaddss %xmm2,%xmm6,%xmm2
-	vdivss %xmm2,%xmm0,%xmm0
-	vbroadcastss %xmm0,%xmm0
-	vmulps %xmm0,%xmm1,%xmm1
-	mov    0x8(%rcx),%r10
-	shl    $0x8,%r9
-	add    %r10,%r9
-	mov    %rdi,%r10
-	and    $0x3,%r10
-	shl    $0x6,%r10
-	vmovups %xmm1,(%r9,%r10,1)
-	vmulps %xmm0,%xmm3,%xmm1
-	vmovups %xmm1,0x10(%r9,%r10,1)
-	vmulps %xmm0,%xmm4,%xmm1
-	vmovups %xmm1,0x20(%r9,%r10,1)
-	vmulps %xmm0,%xmm5,%xmm0
-	vmovups %xmm0,0x30(%r9,%r10,1)
-	add    $0x1,%rdi
-	jmp    <kiln_v5_attend+0x91>
-	vmovss (%r11,%rdx,4),%xmm0
-	lea    0x1(%rdx),%rax
-	mov    %rdi,%rsi
-	and    $0x3,%rsi
-	shl    $0x6,%rsi
-	lea    0x4000(%r13,%rsi,1),%rsi
+	vdivss %xmm2,%xmm5,%xmm2
+	vbroadcastss %xmm2,%xmm2
+	vmulps %xmm2,%xmm1,%xmm1
+	mov    0x8(%r10),%rax
 	shl    $0x8,%rdx
-	vbroadcastss %xmm0,%xmm0
-	movdqa %xmm0,%xmm6
-	vfmadd132ps (%rsi,%rdx,1),%xmm1,%xmm6
-	movdqa %xmm0,%xmm1
-	vfmadd132ps 0x10(%rsi,%rdx,1),%xmm3,%xmm1
-	movdqa %xmm0,%xmm3
-	vfmadd132ps 0x20(%rsi,%rdx,1),%xmm4,%xmm3
-	vfmadd132ps 0x30(%rsi,%rdx,1),%xmm5,%xmm0
-	mov    %rax,%rdx
-	movdqa %xmm0,%xmm5
-	movdqa %xmm3,%xmm4
-	movdqa %xmm1,%xmm3
+	add    %rdx,%rax
+	mov    %rcx,%rdx
+	and    $0x3,%rdx
+	shl    $0x6,%rdx
+	vmovups %xmm1,(%rax,%rdx,1)
+	vmulps %xmm2,%xmm4,%xmm1
+	vmovups %xmm1,0x10(%rax,%rdx,1)
+	vmulps %xmm2,%xmm3,%xmm1
+	vmovups %xmm1,0x20(%rax,%rdx,1)
+	vmulps %xmm2,%xmm0,%xmm0
+	vmovups %xmm0,0x30(%rax,%rdx,1)
+	add    $0x1,%rcx
+	jmp    <kiln_v5_attend+0x8c>
+	vmovss (%r8,%rbx,4),%xmm5
+	lea    0x1(%rbx),%rax
+	mov    %rcx,%r12
+	and    $0x3,%r12
+	shl    $0x6,%r12
+	lea    0x4000(%r11,%r12,1),%r12
+	shl    $0x8,%rbx
+	vbroadcastss %xmm5,%xmm5
+	movdqa %xmm5,%xmm6
+	vfmadd132ps (%r12,%rbx,1),%xmm1,%xmm6
+	movdqa %xmm5,%xmm1
+	vfmadd132ps 0x10(%r12,%rbx,1),%xmm4,%xmm1
+	movdqa %xmm5,%xmm4
+	vfmadd132ps 0x20(%r12,%rbx,1),%xmm3,%xmm4
+	vfmadd132ps 0x30(%r12,%rbx,1),%xmm0,%xmm5
+	mov    %rax,%rbx
+	movdqa %xmm4,%xmm3
+	movdqa %xmm1,%xmm4
 	movdqa %xmm6,%xmm1
-	jmp    <kiln_v5_attend+0x13b>
-	mov    %rbx,%r14
-	shl    $0x4,%r14
-	vmovups (%r11,%r14,1),%xmm3
-	vsubps %xmm0,%xmm3,%xmm5
-	vmovups 0x222(%rip),%xmm6        # <kiln_v5_attend+0x460>
+	movdqa %xmm5,%xmm0
+	jmp    <kiln_v5_attend+0x14d>
+	mov    %rbx,%r13
+	shl    $0x4,%r13
+	vmovups (%r8,%r13,1),%xmm3
+	vpshufd $0x1,%xmm0,%xmm4
+	ucomiss %xmm0,%xmm4
+	jne    <kiln_v5_attend+0x264>
+	jp     <kiln_v5_attend+0x25a>
+	andps  %xmm0,%xmm4
+	jmp    <kiln_v5_attend+0x268>
+	addss  %xmm0,%xmm4
+	jp     <kiln_v5_attend+0x268>
+	maxss  %xmm0,%xmm4
+	vpshufd $0x2,%xmm0,%xmm5
+	vpshufd $0x3,%xmm0,%xmm6
+	ucomiss %xmm5,%xmm6
+	jne    <kiln_v5_attend+0x293>
+	jp     <kiln_v5_attend+0x289>
+	andps  %xmm5,%xmm6
+	jmp    <kiln_v5_attend+0x297>
+	addss  %xmm5,%xmm6
+	jp     <kiln_v5_attend+0x297>
+	maxss  %xmm5,%xmm6
+	ucomiss %xmm4,%xmm6
+	jne    <kiln_v5_attend+0x2b8>
+	jp     <kiln_v5_attend+0x2ae>
+	andps  %xmm4,%xmm6
+	jmp    <kiln_v5_attend+0x2bc>
+	addss  %xmm4,%xmm6
+	jp     <kiln_v5_attend+0x2bc>
+	maxss  %xmm4,%xmm6
+	vbroadcastss %xmm6,%xmm4
+	vsubps %xmm4,%xmm3,%xmm5
+	vmovups 0x3e3(%rip),%xmm6        # <kiln_v5_attend+0x6b0>
 	vcmpltps %xmm6,%xmm5,%xmm3
-	vmovups 0x225(%rip),%xmm4        # <kiln_v5_attend+0x470>
+	vmovups 0x3e6(%rip),%xmm4        # <kiln_v5_attend+0x6c0>
 	vmaxps %xmm6,%xmm5,%xmm7
 	vmaxps %xmm5,%xmm6,%xmm5
 	vxorps %xmm5,%xmm7,%xmm5
@@ -1079,7 +1611,7 @@ Disassembly of section .text:
 	vcmpunordps %xmm6,%xmm6,%xmm6
 	vpsrld $0xa,%xmm6,%xmm6
 	vandnps %xmm5,%xmm6,%xmm5
-	vmovups 0x20b(%rip),%xmm6        # <kiln_v5_attend+0x480>
+	vmovups 0x3cc(%rip),%xmm6        # <kiln_v5_attend+0x6d0>
 	vminps %xmm6,%xmm5,%xmm7
 	vminps %xmm5,%xmm6,%xmm6
 	vorps  %xmm6,%xmm7,%xmm5
@@ -1087,28 +1619,28 @@ Disassembly of section .text:
 	vorps  %xmm6,%xmm5,%xmm5
 	vpsrld $0xa,%xmm6,%xmm6
 	vandnps %xmm5,%xmm6,%xmm6
-	vmovups 0x1f5(%rip),%xmm5        # <kiln_v5_attend+0x490>
+	vmovups 0x3b6(%rip),%xmm5        # <kiln_v5_attend+0x6e0>
 	vmulps %xmm5,%xmm6,%xmm5
 	vroundps $0x0,%xmm5,%xmm5
-	vmovups 0x1f3(%rip),%xmm7        # <kiln_v5_attend+0x4a0>
-	vmovups 0x1fb(%rip),%xmm14        # <kiln_v5_attend+0x4b0>
-	movdqa %xmm5,%xmm15
-	vfmadd213ps %xmm6,%xmm14,%xmm15
+	vmovups 0x3b4(%rip),%xmm7        # <kiln_v5_attend+0x6f0>
+	vmovups 0x3bc(%rip),%xmm8        # <kiln_v5_attend+0x700>
+	movdqa %xmm5,%xmm9
+	vfmadd213ps %xmm6,%xmm8,%xmm9
 	movdqa %xmm5,%xmm6
-	vfmadd213ps %xmm15,%xmm7,%xmm6
-	vmovups 0x1f0(%rip),%xmm7        # <kiln_v5_attend+0x4c0>
+	vfmadd213ps %xmm9,%xmm7,%xmm6
+	vmovups 0x3b1(%rip),%xmm7        # <kiln_v5_attend+0x710>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x1f3(%rip),%xmm7        # <kiln_v5_attend+0x4d0>
+	vmovups 0x3b4(%rip),%xmm7        # <kiln_v5_attend+0x720>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x1f6(%rip),%xmm7        # <kiln_v5_attend+0x4e0>
+	vmovups 0x3b7(%rip),%xmm7        # <kiln_v5_attend+0x730>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x1f9(%rip),%xmm7        # <kiln_v5_attend+0x4f0>
+	vmovups 0x3ba(%rip),%xmm7        # <kiln_v5_attend+0x740>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x1fc(%rip),%xmm7        # <kiln_v5_attend+0x500>
+	vmovups 0x3bd(%rip),%xmm7        # <kiln_v5_attend+0x750>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
 	vmulps %xmm6,%xmm6,%xmm7
-	vmovups 0x1fb(%rip),%xmm14        # <kiln_v5_attend+0x510>
-	vaddps %xmm14,%xmm6,%xmm6
+	vmovups 0x3bc(%rip),%xmm8        # <kiln_v5_attend+0x760>
+	vaddps %xmm8,%xmm6,%xmm6
 	vfmadd213ps %xmm6,%xmm7,%xmm4
 	vcmpeqps %xmm5,%xmm5,%xmm6
 	vandps %xmm6,%xmm5,%xmm5
@@ -1117,38 +1649,37 @@ Disassembly of section .text:
 	vpand  %xmm6,%xmm5,%xmm6
 	vpsrad $0x1f,%xmm6,%xmm6
 	vpxor  %xmm5,%xmm6,%xmm5
-	vmovdqu 0x1db(%rip),%xmm6        # <kiln_v5_attend+0x520>
+	vmovdqu 0x39c(%rip),%xmm6        # <kiln_v5_attend+0x770>
 	vpaddd %xmm6,%xmm5,%xmm5
 	vpslld $0x17,%xmm5,%xmm5
 	vmulps %xmm5,%xmm4,%xmm4
 	vpblendvb %xmm3,%xmm1,%xmm4,%xmm3
-	vmovups %xmm3,(%r11,%r14,1)
+	vmovups %xmm3,(%r8,%r13,1)
 	add    $0x1,%rbx
 	vaddps %xmm3,%xmm2,%xmm2
-	jmp    <kiln_v5_attend+0x123>
-	mov    %r9,%rdx
-	shl    $0x8,%rdx
-	mov    0x110(%rsp),%rax
-	add    %rax,%rdx
-	mov    %rdi,%rsi
-	and    $0x3,%rsi
-	shl    $0x6,%rsi
-	vmovups 0x30(%rdx,%rsi,1),%xmm1
-	lea    0x0(%r13,%rsi,1),%rbx
-	mov    %r11,%r12
-	shl    $0x8,%r12
-	vmovups 0x30(%rbx,%r12,1),%xmm2
-	vmovups 0x20(%rdx,%rsi,1),%xmm6
-	vmovups 0x20(%rbx,%r12,1),%xmm3
-	vmovups 0x10(%rdx,%rsi,1),%xmm4
-	vmovups 0x10(%rbx,%r12,1),%xmm5
-	vmovups (%rdx,%rsi,1),%xmm7
-	vmovups (%rbx,%r12,1),%xmm8
-	vxorps %xmm15,%xmm15,%xmm9
+	jmp    <kiln_v5_attend+0x135>
+	mov    %rdx,%rax
+	shl    $0x8,%rax
+	add    %r9,%rax
+	mov    %rcx,%rbx
+	and    $0x3,%rbx
+	shl    $0x6,%rbx
+	vmovups 0x30(%rax,%rbx,1),%xmm1
+	lea    (%r11,%rbx,1),%r12
+	mov    %r8,%r13
+	shl    $0x8,%r13
+	vmovups 0x30(%r12,%r13,1),%xmm2
+	vmovups 0x20(%rax,%rbx,1),%xmm3
+	vmovups 0x20(%r12,%r13,1),%xmm4
+	vmovups 0x10(%rax,%rbx,1),%xmm5
+	vmovups 0x10(%r12,%r13,1),%xmm6
+	vmovups (%rax,%rbx,1),%xmm7
+	vmovups (%r12,%r13,1),%xmm8
+	vxorps %xmm9,%xmm9,%xmm9
 	vfmadd213ps %xmm9,%xmm8,%xmm7
-	vfmadd213ps %xmm7,%xmm5,%xmm4
-	vfmadd213ps %xmm4,%xmm3,%xmm6
-	vfmadd213ps %xmm6,%xmm2,%xmm1
+	vfmadd213ps %xmm7,%xmm6,%xmm5
+	vfmadd213ps %xmm5,%xmm4,%xmm3
+	vfmadd213ps %xmm3,%xmm2,%xmm1
 	vpshufd $0x1,%xmm1,%xmm2
 	vaddss %xmm2,%xmm1,%xmm2
 	vpshufd $0x2,%xmm1,%xmm3
@@ -1156,11 +1687,11 @@ Disassembly of section .text:
 	vaddss %xmm1,%xmm3,%xmm1
 	vaddss %xmm1,%xmm2,%xmm1
 	vbroadcastss %xmm1,%xmm1
-	vmovups 0x126(%rip),%xmm2        # <kiln_v5_attend+0x530>
+	vmovups 0x2f0(%rip),%xmm2        # <kiln_v5_attend+0x780>
 	vmulps %xmm2,%xmm1,%xmm1
-	lea    (%rsp),%rdx
-	vmovss %xmm1,(%rdx,%r11,4)
-	add    $0x1,%r11
+	lea    (%rsp),%rax
+	vmovss %xmm1,(%rax,%r8,4)
+	add    $0x1,%r8
 	vmaxps %xmm1,%xmm0,%xmm2
 	vmaxps %xmm0,%xmm1,%xmm0
 	vxorps %xmm0,%xmm2,%xmm0
@@ -1169,7 +1700,90 @@ Disassembly of section .text:
 	vcmpunordps %xmm1,%xmm1,%xmm1
 	vpsrld $0xa,%xmm1,%xmm1
 	vandnps %xmm0,%xmm1,%xmm0
-	jmp    <kiln_v5_attend+0xe5>
+	jmp    <kiln_v5_attend+0xf7>
+	mov    %rdx,%rax
+	shl    $0x8,%rax
+	add    %r9,%rax
+	mov    %rcx,%r15
+	and    $0x3,%r15
+	shl    $0x6,%r15
+	vmovups 0x30(%rax,%r15,1),%xmm1
+	lea    (%r11,%r15,1),%rbx
+	mov    %r8,%r13
+	shl    $0xa,%r13
+	vmovups 0x30(%rbx,%r13,1),%xmm6
+	vmovups 0x20(%rax,%r15,1),%xmm2
+	vmovups 0x20(%rbx,%r13,1),%xmm7
+	vmovups 0x10(%rax,%r15,1),%xmm3
+	vmovups 0x10(%rbx,%r13,1),%xmm8
+	vmovups (%rax,%r15,1),%xmm5
+	vmovups (%rbx,%r13,1),%xmm9
+	vxorps %xmm4,%xmm4,%xmm4
+	movdqa %xmm5,%xmm10
+	vfmadd213ps %xmm4,%xmm9,%xmm10
+	movdqa %xmm3,%xmm9
+	vfmadd213ps %xmm10,%xmm8,%xmm9
+	movdqa %xmm2,%xmm8
+	vfmadd213ps %xmm9,%xmm7,%xmm8
+	movdqa %xmm1,%xmm7
+	vfmadd213ps %xmm8,%xmm6,%xmm7
+	vmovups 0x130(%rbx,%r13,1),%xmm6
+	vmovups 0x120(%rbx,%r13,1),%xmm8
+	vmovups 0x110(%rbx,%r13,1),%xmm9
+	vmovups 0x100(%rbx,%r13,1),%xmm10
+	movdqa %xmm5,%xmm11
+	vfmadd213ps %xmm4,%xmm10,%xmm11
+	movdqa %xmm3,%xmm10
+	vfmadd213ps %xmm11,%xmm9,%xmm10
+	movdqa %xmm2,%xmm9
+	vfmadd213ps %xmm10,%xmm8,%xmm9
+	movdqa %xmm1,%xmm8
+	vfmadd213ps %xmm9,%xmm6,%xmm8
+	vpunpcklqdq %xmm8,%xmm7,%xmm6
+	vpunpckhqdq %xmm8,%xmm7,%xmm7
+	vaddps %xmm7,%xmm6,%xmm6
+	vmovups 0x230(%rbx,%r13,1),%xmm8
+	vmovups 0x220(%rbx,%r13,1),%xmm7
+	vmovups 0x210(%rbx,%r13,1),%xmm9
+	vmovups 0x200(%rbx,%r13,1),%xmm10
+	movdqa %xmm5,%xmm11
+	vfmadd213ps %xmm4,%xmm10,%xmm11
+	movdqa %xmm3,%xmm10
+	vfmadd213ps %xmm11,%xmm9,%xmm10
+	movdqa %xmm2,%xmm9
+	vfmadd213ps %xmm10,%xmm7,%xmm9
+	movdqa %xmm1,%xmm7
+	vfmadd213ps %xmm9,%xmm8,%xmm7
+	vmovups 0x330(%rbx,%r13,1),%xmm8
+	vmovups 0x320(%rbx,%r13,1),%xmm9
+	vmovups 0x310(%rbx,%r13,1),%xmm10
+	vmovups 0x300(%rbx,%r13,1),%xmm11
+	vfmadd213ps %xmm4,%xmm11,%xmm5
+	vfmadd213ps %xmm5,%xmm10,%xmm3
+	vfmadd213ps %xmm3,%xmm9,%xmm2
+	vfmadd213ps %xmm2,%xmm8,%xmm1
+	vpunpcklqdq %xmm1,%xmm7,%xmm2
+	vpunpckhqdq %xmm1,%xmm7,%xmm1
+	vaddps %xmm1,%xmm2,%xmm1
+	vshufps $0x88,%xmm1,%xmm6,%xmm2
+	vshufps $0xdd,%xmm1,%xmm6,%xmm1
+	vaddps %xmm1,%xmm2,%xmm1
+	vmovups 0x128(%rip),%xmm2        # <kiln_v5_attend+0x780>
+	vmulps %xmm2,%xmm1,%xmm1
+	lea    (%rsp),%rax
+	mov    %r8,%rbx
+	shl    $0x4,%rbx
+	vmovups %xmm1,(%rax,%rbx,1)
+	add    $0x1,%r8
+	vmaxps %xmm1,%xmm0,%xmm2
+	vmaxps %xmm0,%xmm1,%xmm0
+	vxorps %xmm0,%xmm2,%xmm0
+	vorps  %xmm0,%xmm2,%xmm1
+	vsubps %xmm0,%xmm1,%xmm0
+	vcmpunordps %xmm1,%xmm1,%xmm1
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm0,%xmm1,%xmm0
+	jmp    <kiln_v5_attend+0xe7>
 	...
 	cmp    $0x0,%bh
 	add    %al,-0x7fffff01(%rax)
@@ -1252,9 +1866,9 @@ Disassembly of section .text:
 	add    %al,(%rax)
 	add    %bh,0x0(%rdi)
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0x52a>
+	jg     <kiln_v5_attend+0x77a>
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0x52e>
+	jg     <kiln_v5_attend+0x77e>
 	add    %al,(%rax)
 	add    %al,(%rax)
 	cmpb   $0x0,(%rsi)

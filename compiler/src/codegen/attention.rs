@@ -100,9 +100,29 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
         let scores = kb.b.ins().stack_addr(I64, scores_slot, 0);
         let zero = kb.iconst(0);
 
-        // Pass 1: scores[j] = q . k_j / sqrt(head_dim), and their maximum.
+        // Pass 1: scores[j] = q . k_j / sqrt(head_dim), and their maximum. Four keys at a
+        // time: four independent accumulators hide the FMA latency, and each q chunk is
+        // loaded once for the four keys.
         let neg_inf = kb.splat(f32::NEG_INFINITY);
-        let maxv = kb.for_range(zero, n_keys, 1, &[neg_inf], |kb, j, m| {
+        let n_blocks = kb.b.ins().ushr_imm_s(n_keys, 2);
+        let maxv = kb.for_range(zero, n_blocks, 1, &[neg_inf], |kb, j4, m| {
+            let k_row = kb.addr(k_head, j4, 4 * 4 * kvw, 0);
+            let mut acc = [kb.splat(0.0); 4];
+            for c in 0..hd / 4 {
+                let qv = kb.load(F32X4, q_head, 16 * c);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let kv = kb.load(F32X4, k_row, 4 * kvw * i as i64 + 16 * c);
+                    *a = kb.b.ins().fma(qv, kv, *a);
+                }
+            }
+            let s = kb.hsum4(acc[0], acc[1], acc[2], acc[3]);
+            let s = kb.b.ins().fmul(s, scale);
+            let at = kb.addr(scores, j4, 16, 0);
+            kb.b.ins().store(rw(), s, at, 0);
+            vec![kb.b.ins().fmax(m[0], s)]
+        })[0];
+        let tail_start = kb.b.ins().ishl_imm_s(n_blocks, 2);
+        let maxv = kb.for_range(tail_start, n_keys, 1, &[maxv], |kb, j, m| {
             let k_row = kb.addr(k_head, j, 4 * kvw, 0);
             let mut acc = kb.splat(0.0);
             for c in 0..hd / 4 {
@@ -118,6 +138,8 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
             kb.b.ins().store(rw(), lane0, at, 0);
             vec![kb.b.ins().fmax(m[0], s)]
         })[0];
+        let max = kb.hmax(maxv);
+        let maxv = kb.b.ins().splat(F32X4, max);
         // Pad the scores to a multiple of four with -inf, which exp turns into 0.
         let pad = kb.b.ins().f32const(Ieee32::with_float(f32::NEG_INFINITY));
         let end = kb.addr(scores, n_keys, 4, 0);

@@ -79,36 +79,75 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
         let tb1 = kb.b.ins().select(is_less, tb1, n_tokens);
         kb.for_range(g0, g1, 1, &[], |kb, g, _| {
             let wg = kb.addr(w_base, g, stride, 0);
-            kb.for_range(tb0, tb1, 1, &[], |kb, t, _| {
-                let x_row = kb.addr(x_base, t, x_row_bytes, 0);
-                let acc = match spec.weight.layout {
-                    Layout::Q4Rows4 { .. } => dot_q4(kb, wg, x_row, cols / 32, mask),
-                    Layout::Q8Rows4 { .. } => dot_q8(kb, wg, x_row, cols / 32),
-                    Layout::F32Rows4 { .. } => dot_f32(kb, wg, x_row, cols),
-                    Layout::F32Vector { .. } => unreachable!(),
-                };
-                // Output rows 4g..4g+4 of token t.
-                let row_off = kb.b.ins().imul_imm_s(t, 4 * rows);
-                let col_off = kb.b.ins().imul_imm_s(g, 4 * ROWS as i64);
-                let off = kb.b.ins().iadd(row_off, col_off);
-                let y = kb.b.ins().iadd(y_base, off);
-                let e = e_base.map(|e| kb.b.ins().iadd(e, off));
-                if rem == 0 {
-                    store_with_epilogue(kb, acc, spec.epilogue, e, y, 4);
-                } else {
-                    let last = kb.b.ins().icmp_imm_s(IntCC::Equal, g, groups - 1);
-                    kb.if_else(
-                        last,
-                        |kb| store_with_epilogue(kb, acc, spec.epilogue, e, y, rem),
-                        |kb| store_with_epilogue(kb, acc, spec.epilogue, e, y, 4),
-                    );
+            let out = Out { y_base, e_base, rows, groups, rem, epilogue: spec.epilogue };
+            match spec.weight.layout {
+                Layout::F32Rows4 { .. } => {
+                    kb.for_range(tb0, tb1, 1, &[], |kb, t, _| {
+                        let x_row = kb.addr(x_base, t, x_row_bytes, 0);
+                        let acc = dot_f32(kb, wg, x_row, cols);
+                        out.store(kb, g, t, acc);
+                        vec![]
+                    });
                 }
-                vec![]
-            });
+                layout => {
+                    // Two token rows per pass over the weights, so that each unpacked weight
+                    // block serves both; an odd last row goes alone.
+                    let len = kb.b.ins().isub(tb1, tb0);
+                    let odd = kb.b.ins().band_imm_s(len, 1);
+                    let pair_end = kb.b.ins().isub(tb1, odd);
+                    kb.for_range(tb0, pair_end, 2, &[], |kb, t, _| {
+                        let t1 = kb.b.ins().iadd_imm_s(t, 1);
+                        let x0 = kb.addr(x_base, t, x_row_bytes, 0);
+                        let x1 = kb.addr(x_base, t1, x_row_bytes, 0);
+                        let acc = dot_quantized(kb, layout, wg, &[x0, x1], cols / 32, mask);
+                        out.store(kb, g, t, acc[0]);
+                        out.store(kb, g, t1, acc[1]);
+                        vec![]
+                    });
+                    kb.for_range(pair_end, tb1, 1, &[], |kb, t, _| {
+                        let x_row = kb.addr(x_base, t, x_row_bytes, 0);
+                        let acc = dot_quantized(kb, layout, wg, &[x_row], cols / 32, mask);
+                        out.store(kb, g, t, acc[0]);
+                        vec![]
+                    });
+                }
+            }
             vec![]
         });
         vec![]
     });
+}
+
+/// Where a matmul's four-output pieces go.
+struct Out {
+    y_base: Value,
+    e_base: Option<Value>,
+    rows: i64,
+    groups: i64,
+    rem: usize,
+    epilogue: EpilogueAt,
+}
+
+impl Out {
+    /// Applies the epilogue to outputs `4g..4g+4` of token row `t` and stores them.
+    fn store(&self, kb: &mut Kb, g: Value, t: Value, acc: Value) {
+        let row_off = kb.b.ins().imul_imm_s(t, 4 * self.rows);
+        let col_off = kb.b.ins().imul_imm_s(g, 4 * ROWS as i64);
+        let off = kb.b.ins().iadd(row_off, col_off);
+        let y = kb.b.ins().iadd(self.y_base, off);
+        let e = self.e_base.map(|e| kb.b.ins().iadd(e, off));
+        if self.rem == 0 {
+            store_with_epilogue(kb, acc, self.epilogue, e, y, 4);
+        } else {
+            let last = kb.b.ins().icmp_imm_s(IntCC::Equal, g, self.groups - 1);
+            let (epilogue, rem) = (self.epilogue, self.rem);
+            kb.if_else(
+                last,
+                |kb| store_with_epilogue(kb, acc, epilogue, e, y, rem),
+                |kb| store_with_epilogue(kb, acc, epilogue, e, y, 4),
+            );
+        }
+    }
 }
 
 /// Applies the epilogue to `lanes` outputs and stores them at `y`.
@@ -154,88 +193,78 @@ fn reduce4(kb: &mut Kb, p: [Value; 4]) -> Value {
     kb.b.ins().iadd_pairwise(ab, cd)
 }
 
-/// Four row dot products of a Q4 group with one q16 activation row.
-fn dot_q4(kb: &mut Kb, wg: Value, x_row: Value, n_blocks: i64, mask: Value) -> Value {
+/// Four row dot products of a Q4 or Q8 group with each of the q16 activation rows `x_rows`
+/// (one or two), as one `f32x4` per row.
+fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blocks: i64, mask: Value) -> Vec<Value> {
+    let q4 = matches!(layout, Layout::Q4Rows4 { .. });
+    let group_block = if q4 { Q4_GROUP_BLOCK } else { Q8_GROUP_BLOCK } as i64;
+    let n = x_rows.len();
     let zero = kb.iconst(0);
     let nb = kb.iconst(n_blocks);
-    let acc0 = kb.splat(0.0);
-    // The block pointers are carried through the loop so that they stay in registers.
-    kb.for_range(zero, nb, 1, &[acc0, x_row, wg], |kb, _, carried| {
-        let (xb, wb) = (carried[1], carried[2]);
-        let acc = &carried[..1];
-        let (scale, sum, a) = load_q16(kb, xb);
-        let mut p = [acc[0]; 4];
-        for (r, pr) in p.iter_mut().enumerate() {
-            let w = kb.load(I8X16, wb, 32 + 16 * r as i64);
-            let lo = kb.b.ins().band(w, mask);
-            let hi = kb.b.ins().bitcast(I16X8, le(), w);
-            let hi = kb.b.ins().ushr_imm_s(hi, 4);
-            let hi = kb.b.ins().bitcast(I8X16, le(), hi);
-            let hi = kb.b.ins().band(hi, mask);
-            let q = [
-                kb.b.ins().uwiden_low(lo),
-                kb.b.ins().uwiden_high(lo),
-                kb.b.ins().uwiden_low(hi),
-                kb.b.ins().uwiden_high(hi),
-            ];
-            let mut s = kb.dot_i16(q[0], a[0]);
-            for k in 1..4 {
-                let d = kb.dot_i16(q[k], a[k]);
-                s = kb.b.ins().iadd(s, d);
+    // Carried: one accumulator per token row, the activation block pointers, the weight pointer.
+    let mut init: Vec<Value> = (0..n).map(|_| kb.splat(0.0)).collect();
+    init.extend_from_slice(x_rows);
+    init.push(wg);
+    let out = kb.for_range(zero, nb, 1, &init, |kb, _, carried| {
+        let (accs, xbs, wb) = (&carried[..n], &carried[n..2 * n], carried[2 * n]);
+        let acts: Vec<(Value, Value, [Value; 4])> = xbs.iter().map(|&xb| load_q16(kb, xb)).collect();
+        // p[token][row]: i32x4 partial sums.
+        let mut p = vec![[accs[0]; 4]; n];
+        for r in 0..4 {
+            let q = if q4 {
+                let w = kb.load(I8X16, wb, 32 + 16 * r as i64);
+                let lo = kb.b.ins().band(w, mask);
+                let hi = kb.b.ins().bitcast(I16X8, le(), w);
+                let hi = kb.b.ins().ushr_imm_s(hi, 4);
+                let hi = kb.b.ins().bitcast(I8X16, le(), hi);
+                let hi = kb.b.ins().band(hi, mask);
+                [
+                    kb.b.ins().uwiden_low(lo),
+                    kb.b.ins().uwiden_high(lo),
+                    kb.b.ins().uwiden_low(hi),
+                    kb.b.ins().uwiden_high(hi),
+                ]
+            } else {
+                let w0 = kb.load(I8X16, wb, 16 + 32 * r as i64);
+                let w1 = kb.load(I8X16, wb, 16 + 32 * r as i64 + 16);
+                [
+                    kb.b.ins().swiden_low(w0),
+                    kb.b.ins().swiden_high(w0),
+                    kb.b.ins().swiden_low(w1),
+                    kb.b.ins().swiden_high(w1),
+                ]
+            };
+            for (tok, (_, _, a)) in acts.iter().enumerate() {
+                let mut s = kb.dot_i16(q[0], a[0]);
+                for k in 1..4 {
+                    let d = kb.dot_i16(q[k], a[k]);
+                    s = kb.b.ins().iadd(s, d);
+                }
+                p[tok][r] = s;
             }
-            *pr = s;
         }
-        let sums = reduce4(kb, p);
-        let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
         let d = kb.load(F32X4, wb, 0);
-        let m = kb.load(F32X4, wb, 16);
-        let scale = kb.b.ins().splat(F32X4, scale);
-        let ds = kb.b.ins().fmul(d, scale);
-        let acc = kb.b.ins().fma(sums, ds, acc[0]);
-        let sum = kb.b.ins().splat(F32X4, sum);
-        let acc = kb.b.ins().fma(m, sum, acc);
-        let xb = kb.b.ins().iadd_imm_s(xb, Q16_BLOCK_BYTES as i64);
-        let wb = kb.b.ins().iadd_imm_s(wb, Q4_GROUP_BLOCK as i64);
-        vec![acc, xb, wb]
-    })[0]
-}
-
-/// Four row dot products of a Q8 group with one q16 activation row.
-fn dot_q8(kb: &mut Kb, wg: Value, x_row: Value, n_blocks: i64) -> Value {
-    let zero = kb.iconst(0);
-    let nb = kb.iconst(n_blocks);
-    let acc0 = kb.splat(0.0);
-    kb.for_range(zero, nb, 1, &[acc0, x_row, wg], |kb, _, carried| {
-        let (xb, wb) = (carried[1], carried[2]);
-        let acc = &carried[..1];
-        let (scale, _sum, a) = load_q16(kb, xb);
-        let mut p = [acc[0]; 4];
-        for (r, pr) in p.iter_mut().enumerate() {
-            let w0 = kb.load(I8X16, wb, 16 + 32 * r as i64);
-            let w1 = kb.load(I8X16, wb, 16 + 32 * r as i64 + 16);
-            let q = [
-                kb.b.ins().swiden_low(w0),
-                kb.b.ins().swiden_high(w0),
-                kb.b.ins().swiden_low(w1),
-                kb.b.ins().swiden_high(w1),
-            ];
-            let mut s = kb.dot_i16(q[0], a[0]);
-            for k in 1..4 {
-                let d = kb.dot_i16(q[k], a[k]);
-                s = kb.b.ins().iadd(s, d);
+        let m = if q4 { Some(kb.load(F32X4, wb, 16)) } else { None };
+        let mut next = Vec::with_capacity(2 * n + 1);
+        for (tok, &(scale, sum, _)) in acts.iter().enumerate() {
+            let sums = reduce4(kb, p[tok]);
+            let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
+            let scale = kb.b.ins().splat(F32X4, scale);
+            let ds = kb.b.ins().fmul(d, scale);
+            let mut acc = kb.b.ins().fma(sums, ds, accs[tok]);
+            if let Some(m) = m {
+                let sum = kb.b.ins().splat(F32X4, sum);
+                acc = kb.b.ins().fma(m, sum, acc);
             }
-            *pr = s;
+            next.push(acc);
         }
-        let sums = reduce4(kb, p);
-        let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
-        let d = kb.load(F32X4, wb, 0);
-        let scale = kb.b.ins().splat(F32X4, scale);
-        let ds = kb.b.ins().fmul(d, scale);
-        let acc = kb.b.ins().fma(sums, ds, acc[0]);
-        let xb = kb.b.ins().iadd_imm_s(xb, Q16_BLOCK_BYTES as i64);
-        let wb = kb.b.ins().iadd_imm_s(wb, Q8_GROUP_BLOCK as i64);
-        vec![acc, xb, wb]
-    })[0]
+        for &xb in xbs {
+            next.push(kb.b.ins().iadd_imm_s(xb, Q16_BLOCK_BYTES as i64));
+        }
+        next.push(kb.b.ins().iadd_imm_s(wb, group_block));
+        next
+    });
+    out[..n].to_vec()
 }
 
 /// Four row dot products of an f32 group with one f32 activation row of `cols` values.

@@ -1198,270 +1198,277 @@ Disassembly of section .text:
 <kiln_v5_attend>:
 	stp	x29, x30, [sp, #-16]!
 	mov	x29, sp
-	stp	x19, x20, [sp, #-16]!
+	str	x27, [sp, #-16]!
+	stp	x25, x26, [sp, #-16]!
+	stp	x19, x23, [sp, #-16]!
 	sub	sp, sp, #0x110
-	mov	x6, x1
-	mov	x8, x2
+	mov	x7, x1
 	ldr	x19, [x0]
 	ldr	x1, [x0, #24]
-	ldr	x2, [x0, #16]
-	ldr	x3, [x0, #40]
-	ldr	x4, [x0, #32]
-	ldr	x5, [x0, #48]
-	sub	x0, x4, x5
-	lsl	x4, x0, #2
-	mov	x7, x6
-	mul	x6, x4, x7
-	mov	x0, x8
-	cbz	x0, <kiln_v5_attend+0x428>
-	udiv	x6, x6, x0
-	add	x7, x7, #0x1
-	mul	x4, x4, x7
-	cbz	x0, <kiln_v5_attend+0x42c>
-	udiv	x0, x4, x0
-	add	x4, x6, x5, lsl #2
-	add	x5, x0, x5, lsl #2
-	cmp	x4, x5
-	b.lt	<kiln_v5_attend+0x7c>  // b.tstop
+	ldr	x3, [x0, #16]
+	ldr	x4, [x0, #40]
+	ldr	x5, [x0, #32]
+	ldr	x0, [x0, #48]
+	lsl	x6, x5, #2
+	mov	x5, x7
+	add	x5, x5, x0, lsl #2
+	sub	x0, x6, x5
+	add	x0, x0, x2
+	sub	x0, x0, #0x1
+	cbz	x2, <kiln_v5_attend+0x444>
+	cmn	x2, #0x1
+	ccmp	x0, #0x1, #0x0, eq	// eq = none
+	b.vs	<kiln_v5_attend+0x448>
+	sdiv	x6, x0, x2
+	mov	x7, #0x0                   	// #0
+	cmp	x7, x6
+	b.lt	<kiln_v5_attend+0x84>  // b.tstop
 	add	sp, sp, #0x110
-	ldp	x19, x20, [sp], #16
+	ldp	x19, x23, [sp], #16
+	ldp	x25, x26, [sp], #16
+	ldr	x27, [sp], #16
 	ldp	x29, x30, [sp], #16
 	ret
-	mov	x9, #0x0                   	// #0
+	mov	x11, #0x0                   	// #0
 	mvni	v0.4s, #0x7f, msl #16
-	lsr	x6, x4, #2
-	add	x8, x3, x6
-	add	x7, x8, #0x1
-	lsr	x10, x7, #2
-	cmp	x9, x10
-	b.lt	<kiln_v5_attend+0x32c>  // b.tstop
-	and	x9, x7, #0xfffffffffffffffc
-	cmp	x9, x7
-	b.lt	<kiln_v5_attend+0x2a4>  // b.tstop
-	mov	w0, #0xff800000            	// #-8388608
-	fmov	s2, w0
-	mov	x9, sp
-	add	x10, x9, x7, lsl #2
-	str	s2, [x9, x7, lsl #2]
-	str	s2, [x10, #4]
-	str	s2, [x10, #8]
-	mov	x10, #0x0                   	// #0
-	movi	v1.16b, #0x0
-	add	x8, x8, #0x4
-	lsr	x8, x8, #2
-	mov	v2.16b, v1.16b
-	cmp	x10, x8
-	b.lt	<kiln_v5_attend+0x19c>  // b.tstop
-	mov	x8, #0x0                   	// #0
-	mov	v7.16b, v1.16b
-	mov	v16.16b, v1.16b
-	mov	v17.16b, v1.16b
-	cmp	x8, x7
-	b.lt	<kiln_v5_attend+0x158>  // b.tstop
-	fmov	s18, #1.000000000000000000e+00
-	mov	s19, v2.s[1]
-	fadd	s19, s2, s19
-	mov	s20, v2.s[2]
-	mov	s21, v2.s[3]
+	madd	x8, x7, x2, x5
+	lsr	x9, x8, #2
+	add	x10, x4, x9
+	add	x0, x10, #0x1
+	lsr	x12, x0, #2
+	cmp	x11, x12
+	b.lt	<kiln_v5_attend+0x348>  // b.tstop
+	add	x11, x10, #0x1
+	and	x11, x11, #0xfffffffffffffffc
+	add	x12, x10, #0x1
+	cmp	x11, x12
+	b.lt	<kiln_v5_attend+0x2c0>  // b.tstop
+	mov	w11, #0xff800000            	// #-8388608
+	fmov	s7, w11
+	mov	x11, sp
+	add	x13, x10, #0x1
+	add	x12, x11, x13, lsl #2
+	str	s7, [x11, x13, lsl #2]
+	str	s7, [x12, #4]
+	str	s7, [x12, #8]
+	mov	x12, #0x0                   	// #0
+	movi	v2.16b, #0x0
+	add	x13, x10, #0x4
+	lsr	x13, x13, #2
+	mov	v1.16b, v2.16b
+	cmp	x12, x13
+	b.lt	<kiln_v5_attend+0x1b8>  // b.tstop
+	mov	x13, #0x0                   	// #0
+	mov	v16.16b, v2.16b
+	mov	v17.16b, v2.16b
+	mov	v18.16b, v2.16b
+	add	x14, x10, #0x1
+	cmp	x13, x14
+	b.lt	<kiln_v5_attend+0x174>  // b.tstop
+	fmov	s19, #1.000000000000000000e+00
+	mov	s20, v1.s[1]
+	fadd	s20, s1, s20
+	mov	s21, v1.s[2]
+	mov	s22, v1.s[3]
+	fadd	s21, s21, s22
 	fadd	s20, s20, s21
-	fadd	s19, s19, s20
-	fdiv	s18, s18, s19
-	dup	v18.4s, v18.s[0]
-	fmul	v19.4s, v1.4s, v18.4s
-	ldr	x10, [x1, #8]
-	add	x11, x10, x6, lsl #8
-	and	x10, x4, #0x3
-	lsl	x12, x10, #6
-	add	x10, x11, x10, lsl #6
-	str	q19, [x11, x12]
-	fmul	v19.4s, v7.4s, v18.4s
-	str	q19, [x10, #16]
-	fmul	v17.4s, v17.4s, v18.4s
-	str	q17, [x10, #32]
-	fmul	v16.4s, v16.4s, v18.4s
-	str	q16, [x10, #48]
-	add	x4, x4, #0x1
-	b	<kiln_v5_attend+0x64>
-	ldr	s18, [x9, x8, lsl #2]
-	add	x15, x8, #0x1
-	add	x0, x2, #0x4, lsl #12
-	and	x10, x4, #0x3
-	add	x0, x0, x10, lsl #6
-	lsl	x10, x8, #8
-	add	x8, x0, x8, lsl #8
-	ldr	q19, [x0, x10]
-	fmla	v1.4s, v19.4s, v18.s[0]
-	ldr	q19, [x8, #16]
-	fmla	v7.4s, v19.4s, v18.s[0]
-	ldr	q19, [x8, #32]
-	fmla	v17.4s, v19.4s, v18.s[0]
-	ldr	q19, [x8, #48]
-	fmla	v16.4s, v19.4s, v18.s[0]
-	mov	x8, x15
-	b	<kiln_v5_attend+0xf0>
-	ldr	q16, [x9, x10, lsl #4]
-	mov	s17, v0.s[1]
-	fmax	s17, s0, s17
-	mov	s18, v0.s[2]
-	mov	s19, v0.s[3]
-	fmax	s18, s18, s19
-	fmax	s17, s17, s18
-	dup	v17.4s, v17.s[0]
-	fsub	v16.4s, v16.4s, v17.4s
-	mov	w15, #0x999a                	// #39322
-	movk	w15, #0xc2ae, lsl #16
-	dup	v19.4s, w15
-	fcmgt	v30.4s, v19.4s, v16.4s
-	mov	w15, #0x6967                	// #26983
-	movk	w15, #0x3950, lsl #16
-	dup	v18.4s, w15
-	fmax	v16.4s, v16.4s, v19.4s
-	mov	w15, #0x999a                	// #39322
-	movk	w15, #0x42b0, lsl #16
-	dup	v19.4s, w15
-	fmin	v3.4s, v16.4s, v19.4s
-	mov	w15, #0xaa3b                	// #43579
-	movk	w15, #0x3fb8, lsl #16
-	dup	v19.4s, w15
-	fmul	v16.4s, v3.4s, v19.4s
-	frintn	v16.4s, v16.4s
-	mov	w15, #0x8083                	// #32899
-	movk	w15, #0x395e, lsl #16
-	dup	v19.4s, w15
-	mov	w15, #0x8000                	// #32768
-	movk	w15, #0xbf31, lsl #16
-	dup	v20.4s, w15
-	fmla	v3.4s, v16.4s, v20.4s
-	fmla	v3.4s, v16.4s, v19.4s
-	mov	w15, #0x43ce                	// #17358
-	movk	w15, #0x3ab7, lsl #16
-	dup	v17.4s, w15
-	fmla	v17.4s, v18.4s, v3.4s
-	mov	w15, #0x8908                	// #35080
-	movk	w15, #0x3c08, lsl #16
-	dup	v18.4s, w15
-	fmla	v18.4s, v17.4s, v3.4s
-	mov	w15, #0xa9c1                	// #43457
-	movk	w15, #0x3d2a, lsl #16
-	dup	v17.4s, w15
-	fmla	v17.4s, v18.4s, v3.4s
-	mov	w15, #0xaaaa                	// #43690
-	movk	w15, #0x3e2a, lsl #16
-	dup	v18.4s, w15
-	fmla	v18.4s, v17.4s, v3.4s
-	movi	v17.4s, #0x3f, lsl #24
-	fmla	v17.4s, v18.4s, v3.4s
-	fmul	v19.4s, v3.4s, v3.4s
-	fmov	v18.4s, #1.000000000000000000e+00
-	fadd	v18.4s, v3.4s, v18.4s
-	fmla	v18.4s, v17.4s, v19.4s
-	fcvtzs	v16.4s, v16.4s
-	movi	v17.4s, #0x7f
-	add	v16.4s, v16.4s, v17.4s
-	shl	v16.4s, v16.4s, #23
-	fmul	v16.4s, v18.4s, v16.4s
-	bsl	v30.16b, v1.16b, v16.16b
-	str	q30, [x9, x10, lsl #4]
-	add	x10, x10, #0x1
-	fadd	v2.4s, v2.4s, v30.4s
-	b	<kiln_v5_attend+0xd8>
-	add	x10, x19, x6, lsl #8
-	and	x0, x4, #0x3
-	lsl	x11, x0, #6
-	add	x13, x10, x0, lsl #6
-	ldr	q18, [x13, #48]
-	add	x12, x2, x0, lsl #6
-	lsl	x14, x9, #8
-	add	x0, x12, x9, lsl #8
-	ldr	q19, [x0, #48]
-	ldr	q20, [x13, #32]
-	ldr	q21, [x0, #32]
-	ldr	q22, [x13, #16]
-	ldr	q23, [x0, #16]
-	ldr	q24, [x10, x11]
-	ldr	q25, [x12, x14]
-	movi	v16.16b, #0x0
-	fmla	v16.4s, v24.4s, v25.4s
-	fmla	v16.4s, v22.4s, v23.4s
-	fmla	v16.4s, v20.4s, v21.4s
-	fmla	v16.4s, v18.4s, v19.4s
-	mov	s18, v16.s[1]
-	fadd	s18, s16, s18
-	mov	s19, v16.s[2]
-	mov	s20, v16.s[3]
-	fadd	s19, s19, s20
-	fadd	s18, s18, s19
-	dup	v18.4s, v18.s[0]
-	fmov	v19.4s, #2.500000000000000000e-01
+	fdiv	s19, s19, s20
+	dup	v19.4s, v19.s[0]
+	fmul	v20.4s, v2.4s, v19.4s
+	ldr	x15, [x1, #8]
+	add	x0, x15, x9, lsl #8
+	and	x15, x8, #0x3
+	lsl	x8, x15, #6
+	add	x15, x0, x15, lsl #6
+	str	q20, [x0, x8]
 	fmul	v18.4s, v18.4s, v19.4s
-	mov	x0, sp
-	str	s18, [x0, x9, lsl #2]
-	add	x9, x9, #0x1
-	fmax	v0.4s, v0.4s, v18.4s
-	b	<kiln_v5_attend+0xa0>
-	add	x12, x19, x6, lsl #8
-	and	x0, x4, #0x3
+	str	q18, [x15, #16]
+	fmul	v17.4s, v17.4s, v19.4s
+	str	q17, [x15, #32]
+	fmul	v18.4s, v16.4s, v19.4s
+	str	q18, [x15, #48]
+	add	x7, x7, #0x1
+	b	<kiln_v5_attend+0x64>
+	ldr	s20, [x11, x13, lsl #2]
+	add	x12, x13, #0x1
+	add	x0, x3, #0x4, lsl #12
+	and	x14, x8, #0x3
+	add	x0, x0, x14, lsl #6
+	lsl	x14, x13, #8
+	add	x13, x0, x13, lsl #8
+	ldr	q21, [x0, x14]
+	fmla	v2.4s, v21.4s, v20.s[0]
+	ldr	q21, [x13, #16]
+	fmla	v18.4s, v21.4s, v20.s[0]
+	ldr	q21, [x13, #32]
+	fmla	v17.4s, v21.4s, v20.s[0]
+	ldr	q21, [x13, #48]
+	fmla	v16.4s, v21.4s, v20.s[0]
+	mov	x13, x12
+	b	<kiln_v5_attend+0x108>
+	ldr	q21, [x11, x12, lsl #4]
+	mov	s22, v0.s[1]
+	fmax	s22, s0, s22
+	mov	s23, v0.s[2]
+	mov	s24, v0.s[3]
+	fmax	s23, s23, s24
+	fmax	s22, s22, s23
+	dup	v22.4s, v22.s[0]
+	fsub	v21.4s, v21.4s, v22.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0xc2ae, lsl #16
+	dup	v24.4s, w0
+	fcmgt	v3.4s, v24.4s, v21.4s
+	mov	w0, #0x6967                	// #26983
+	movk	w0, #0x3950, lsl #16
+	dup	v23.4s, w0
+	fmax	v21.4s, v21.4s, v24.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0x42b0, lsl #16
+	dup	v24.4s, w0
+	fmin	v16.4s, v21.4s, v24.4s
+	mov	w0, #0xaa3b                	// #43579
+	movk	w0, #0x3fb8, lsl #16
+	dup	v24.4s, w0
+	fmul	v21.4s, v16.4s, v24.4s
+	frintn	v21.4s, v21.4s
+	mov	w0, #0x8083                	// #32899
+	movk	w0, #0x395e, lsl #16
+	dup	v24.4s, w0
+	mov	w0, #0x8000                	// #32768
+	movk	w0, #0xbf31, lsl #16
+	dup	v25.4s, w0
+	fmla	v16.4s, v21.4s, v25.4s
+	fmla	v16.4s, v21.4s, v24.4s
+	mov	w0, #0x43ce                	// #17358
+	movk	w0, #0x3ab7, lsl #16
+	dup	v20.4s, w0
+	fmla	v20.4s, v23.4s, v16.4s
+	mov	w0, #0x8908                	// #35080
+	movk	w0, #0x3c08, lsl #16
+	dup	v22.4s, w0
+	fmla	v22.4s, v20.4s, v16.4s
+	mov	w0, #0xa9c1                	// #43457
+	movk	w0, #0x3d2a, lsl #16
+	dup	v20.4s, w0
+	fmla	v20.4s, v22.4s, v16.4s
+	mov	w0, #0xaaaa                	// #43690
+	movk	w0, #0x3e2a, lsl #16
+	dup	v22.4s, w0
+	fmla	v22.4s, v20.4s, v16.4s
+	movi	v20.4s, #0x3f, lsl #24
+	fmla	v20.4s, v22.4s, v16.4s
+	fmul	v23.4s, v16.4s, v16.4s
+	fmov	v22.4s, #1.000000000000000000e+00
+	fadd	v22.4s, v16.4s, v22.4s
+	fmla	v22.4s, v20.4s, v23.4s
+	fcvtzs	v21.4s, v21.4s
+	movi	v23.4s, #0x7f
+	add	v21.4s, v21.4s, v23.4s
+	shl	v21.4s, v21.4s, #23
+	fmul	v21.4s, v22.4s, v21.4s
+	bsl	v3.16b, v2.16b, v21.16b
+	str	q3, [x11, x12, lsl #4]
+	add	x12, x12, #0x1
+	fadd	v1.4s, v1.4s, v3.4s
+	b	<kiln_v5_attend+0xf0>
+	add	x12, x19, x9, lsl #8
+	and	x0, x8, #0x3
 	lsl	x13, x0, #6
 	add	x15, x12, x0, lsl #6
-	ldr	q20, [x15, #48]
-	add	x14, x2, x0, lsl #6
-	lsl	x20, x9, #10
-	add	x11, x14, x9, lsl #10
-	ldr	q24, [x11, #48]
-	ldr	q21, [x15, #32]
-	ldr	q25, [x11, #32]
-	ldr	q22, [x15, #16]
-	ldr	q26, [x11, #16]
-	ldr	q23, [x12, x13]
-	ldr	q27, [x14, x20]
-	movi	v1.16b, #0x0
-	mov	v17.16b, v1.16b
-	fmla	v17.4s, v23.4s, v27.4s
-	fmla	v17.4s, v22.4s, v26.4s
-	fmla	v17.4s, v21.4s, v25.4s
-	fmla	v17.4s, v20.4s, v24.4s
-	ldr	q24, [x11, #304]
-	ldr	q25, [x11, #288]
-	ldr	q26, [x11, #272]
-	ldr	q27, [x11, #256]
-	mov	v18.16b, v1.16b
-	fmla	v18.4s, v23.4s, v27.4s
-	fmla	v18.4s, v22.4s, v26.4s
-	fmla	v18.4s, v21.4s, v25.4s
-	fmla	v18.4s, v20.4s, v24.4s
-	uzp1	v24.2d, v17.2d, v18.2d
-	uzp2	v25.2d, v17.2d, v18.2d
-	fadd	v24.4s, v24.4s, v25.4s
-	ldr	q25, [x11, #560]
-	ldr	q26, [x11, #544]
-	ldr	q27, [x11, #528]
-	ldr	q28, [x11, #512]
-	mov	v17.16b, v1.16b
-	fmla	v17.4s, v23.4s, v28.4s
-	fmla	v17.4s, v22.4s, v27.4s
-	fmla	v17.4s, v21.4s, v26.4s
-	fmla	v17.4s, v20.4s, v25.4s
-	ldr	q25, [x11, #816]
-	ldr	q26, [x11, #800]
-	ldr	q27, [x11, #784]
-	ldr	q28, [x11, #768]
-	fmla	v1.4s, v23.4s, v28.4s
-	fmla	v1.4s, v22.4s, v27.4s
-	fmla	v1.4s, v21.4s, v26.4s
-	fmla	v1.4s, v20.4s, v25.4s
-	uzp1	v20.2d, v17.2d, v1.2d
-	uzp2	v21.2d, v17.2d, v1.2d
-	fadd	v20.4s, v20.4s, v21.4s
-	uzp1	v21.4s, v24.4s, v20.4s
-	uzp2	v20.4s, v24.4s, v20.4s
-	fadd	v20.4s, v21.4s, v20.4s
-	fmov	v21.4s, #2.500000000000000000e-01
-	fmul	v20.4s, v20.4s, v21.4s
+	ldr	q23, [x15, #48]
+	add	x14, x3, x0, lsl #6
+	lsl	x23, x11, #8
+	add	x0, x14, x11, lsl #8
+	ldr	q24, [x0, #48]
+	ldr	q25, [x15, #32]
+	ldr	q26, [x0, #32]
+	ldr	q27, [x15, #16]
+	ldr	q28, [x0, #16]
+	ldr	q29, [x12, x13]
+	ldr	q30, [x14, x23]
+	movi	v19.16b, #0x0
+	fmla	v19.4s, v29.4s, v30.4s
+	fmla	v19.4s, v27.4s, v28.4s
+	fmla	v19.4s, v25.4s, v26.4s
+	fmla	v19.4s, v23.4s, v24.4s
+	mov	s23, v19.s[1]
+	fadd	s23, s19, s23
+	mov	s24, v19.s[2]
+	mov	s25, v19.s[3]
+	fadd	s24, s24, s25
+	fadd	s23, s23, s24
+	dup	v23.4s, v23.s[0]
+	fmov	v24.4s, #2.500000000000000000e-01
+	fmul	v23.4s, v23.4s, v24.4s
 	mov	x0, sp
-	str	q20, [x0, x9, lsl #4]
-	add	x9, x9, #0x1
-	fmax	v0.4s, v0.4s, v20.4s
-	b	<kiln_v5_attend+0x94>
+	str	s23, [x0, x11, lsl #2]
+	add	x11, x11, #0x1
+	fmax	v0.4s, v0.4s, v23.4s
+	b	<kiln_v5_attend+0xb0>
+	add	x14, x19, x9, lsl #8
+	and	x0, x8, #0x3
+	lsl	x15, x0, #6
+	add	x26, x14, x0, lsl #6
+	ldr	q25, [x26, #48]
+	add	x25, x3, x0, lsl #6
+	lsl	x27, x11, #10
+	add	x13, x25, x11, lsl #10
+	ldr	q29, [x13, #48]
+	ldr	q26, [x26, #32]
+	ldr	q30, [x13, #32]
+	ldr	q27, [x26, #16]
+	ldr	q31, [x13, #16]
+	ldr	q28, [x14, x15]
+	ldr	q2, [x25, x27]
+	movi	v1.16b, #0x0
+	mov	v22.16b, v1.16b
+	fmla	v22.4s, v28.4s, v2.4s
+	fmla	v22.4s, v27.4s, v31.4s
+	fmla	v22.4s, v26.4s, v30.4s
+	fmla	v22.4s, v25.4s, v29.4s
+	ldr	q29, [x13, #304]
+	ldr	q30, [x13, #288]
+	ldr	q31, [x13, #272]
+	ldr	q2, [x13, #256]
+	mov	v23.16b, v1.16b
+	fmla	v23.4s, v28.4s, v2.4s
+	fmla	v23.4s, v27.4s, v31.4s
+	fmla	v23.4s, v26.4s, v30.4s
+	fmla	v23.4s, v25.4s, v29.4s
+	uzp1	v29.2d, v22.2d, v23.2d
+	uzp2	v30.2d, v22.2d, v23.2d
+	fadd	v29.4s, v29.4s, v30.4s
+	ldr	q30, [x13, #560]
+	ldr	q31, [x13, #544]
+	ldr	q2, [x13, #528]
+	ldr	q3, [x13, #512]
+	mov	v22.16b, v1.16b
+	fmla	v22.4s, v28.4s, v3.4s
+	fmla	v22.4s, v27.4s, v2.4s
+	fmla	v22.4s, v26.4s, v31.4s
+	fmla	v22.4s, v25.4s, v30.4s
+	ldr	q30, [x13, #816]
+	ldr	q31, [x13, #800]
+	ldr	q2, [x13, #784]
+	ldr	q3, [x13, #768]
+	fmla	v1.4s, v28.4s, v3.4s
+	fmla	v1.4s, v27.4s, v2.4s
+	fmla	v1.4s, v26.4s, v31.4s
+	fmla	v1.4s, v25.4s, v30.4s
+	uzp1	v25.2d, v22.2d, v1.2d
+	uzp2	v26.2d, v22.2d, v1.2d
+	fadd	v25.4s, v25.4s, v26.4s
+	uzp1	v26.4s, v29.4s, v25.4s
+	uzp2	v25.4s, v29.4s, v25.4s
+	fadd	v25.4s, v26.4s, v25.4s
+	fmov	v26.4s, #2.500000000000000000e-01
+	fmul	v25.4s, v25.4s, v26.4s
+	mov	x0, sp
+	str	q25, [x0, x11, lsl #4]
+	add	x11, x11, #0x1
+	fmax	v0.4s, v0.4s, v25.4s
+	b	<kiln_v5_attend+0xa0>
 	udf	#49439
 	udf	#49439
 

@@ -910,7 +910,7 @@ Disassembly of section .text:
 	mov    %ecx,(%rax)
 	cmp    $0xc1,%al
 	test   $0xa9c13d2a,%eax
-	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a97fd>
+	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a978d>
 	shrl   $0x2a,-0x5555c2d6(%rcx)
 	ds stos %al,%es:(%rdi)
 	stos   %al,%es:(%rdi)
@@ -1446,163 +1446,169 @@ Disassembly of section .text:
 <kiln_v5_attend>:
 	push   %rbp
 	mov    %rsp,%rbp
-	sub    $0x140,%rsp
-	mov    %rbx,0x110(%rsp)
-	mov    %r12,0x118(%rsp)
-	mov    %r13,0x120(%rsp)
-	mov    %r14,0x128(%rsp)
-	mov    %r15,0x130(%rsp)
-	mov    %rsi,%rcx
-	mov    %rdx,%r8
-	mov    (%rdi),%r9
+	sub    $0x160,%rsp
+	mov    %rbx,0x130(%rsp)
+	mov    %r12,0x138(%rsp)
+	mov    %r13,0x140(%rsp)
+	mov    %r14,0x148(%rsp)
+	mov    %r15,0x150(%rsp)
+	mov    (%rdi),%r11
+	mov    %r11,0x128(%rsp)
 	mov    0x18(%rdi),%r10
 	mov    0x10(%rdi),%r11
-	mov    0x28(%rdi),%r14
-	mov    0x20(%rdi),%rax
-	mov    0x30(%rdi),%rsi
-	sub    %rsi,%rax
-	shl    $0x2,%rax
-	mov    %rax,%rdi
-	imul   %rcx,%rdi
-	mov    %rax,%rbx
-	xor    %rdx,%rdx
-	mov    %rdi,%rax
-	mov    %r8,%rdi
-	div    %rdi
-	mov    %rax,%r12
-	lea    0x1(%rcx),%r8
-	mov    %rbx,%rax
-	imul   %r8,%rax
-	xor    %rdx,%rdx
-	div    %rdi
-	mov    %r12,%rcx
-	lea    (%rcx,%rsi,4),%rcx
-	lea    (%rax,%rsi,4),%rdi
-	cmp    %rdi,%rcx
-	jl     <kiln_v5_attend+0xc9>
-	mov    0x110(%rsp),%rbx
-	mov    0x118(%rsp),%r12
-	mov    0x120(%rsp),%r13
-	mov    0x128(%rsp),%r14
-	mov    0x130(%rsp),%r15
-	add    $0x140,%rsp
+	mov    0x28(%rdi),%r9
+	mov    0x20(%rdi),%r8
+	mov    0x30(%rdi),%rcx
+	shl    $0x2,%r8
+	lea    (%rsi,%rcx,4),%rcx
+	sub    %rcx,%r8
+	mov    %rcx,0x120(%rsp)
+	lea    -0x1(%r8,%rdx,1),%rcx
+	mov    %rcx,%rax
+	mov    %rcx,%rsi
+	mov    %rdx,0x110(%rsp)
+	cqto
+	mov    0x110(%rsp),%rcx
+	test   %rcx,%rcx
+	je     <kiln_v5_attend+0x6ff>
+	mov    %rsi,%rax
+	idiv   %rcx
+	mov    %rax,0x118(%rsp)
+	xor    %rsi,%rsi
+	mov    0x118(%rsp),%rcx
+	cmp    %rcx,%rsi
+	mov    %rcx,0x118(%rsp)
+	jl     <kiln_v5_attend+0xe9>
+	mov    0x130(%rsp),%rbx
+	mov    0x138(%rsp),%r12
+	mov    0x140(%rsp),%r13
+	mov    0x148(%rsp),%r14
+	mov    0x150(%rsp),%r15
+	add    $0x160,%rsp
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	xor    %r8,%r8
-	vmovups 0x5cc(%rip),%xmm0        # <kiln_v5_attend+0x6a0>
-	mov    %rcx,%rdx
-	shr    $0x2,%rdx
-	lea    0x1(%r14,%rdx,1),%rsi
-	mov    %rsi,%r12
-	shr    $0x2,%r12
-	cmp    %r12,%r8
-	jl     <kiln_v5_attend+0x4cc>
-	mov    %rsi,%r8
-	and    $0xfffffffffffffffc,%r8
-	cmp    %rsi,%r8
-	jl     <kiln_v5_attend+0x3fd>
+	xor    %r12,%r12
+	vmovups 0x61c(%rip),%xmm0        # <kiln_v5_attend+0x710>
+	mov    0x110(%rsp),%rcx
+	mov    %rsi,%rax
+	imul   %rcx,%rax
+	mov    0x120(%rsp),%rdx
+	lea    (%rax,%rdx,1),%r8
+	mov    %r8,%rbx
+	shr    $0x2,%rbx
+	lea    0x1(%r9,%rbx,1),%r13
+	shr    $0x2,%r13
+	cmp    %r13,%r12
+	jl     <kiln_v5_attend+0x52c>
+	lea    0x1(%r9,%rbx,1),%r12
+	and    $0xfffffffffffffffc,%r12
+	lea    0x1(%r9,%rbx,1),%rax
+	cmp    %rax,%r12
+	jl     <kiln_v5_attend+0x44f>
 	mov    $0xff800000,%eax
 	vmovd  %eax,%xmm1
-	lea    (%rsp),%r8
-	vmovss %xmm1,(%r8,%rsi,4)
-	vmovss %xmm1,0x4(%r8,%rsi,4)
-	vmovss %xmm1,0x8(%r8,%rsi,4)
-	xor    %rbx,%rbx
-	vxorps %xmm1,%xmm1,%xmm1
-	lea    0x4(%r14,%rdx,1),%r12
-	shr    $0x2,%r12
-	movdqa %xmm1,%xmm2
-	cmp    %r12,%rbx
-	jl     <kiln_v5_attend+0x231>
-	xor    %rbx,%rbx
-	movdqa %xmm1,%xmm0
-	movdqa %xmm1,%xmm3
-	movdqa %xmm1,%xmm4
-	cmp    %rsi,%rbx
-	jl     <kiln_v5_attend+0x1cc>
+	lea    (%rsp),%r12
+	lea    0x1(%r9,%rbx,1),%rcx
+	vmovss %xmm1,(%r12,%rcx,4)
+	vmovss %xmm1,0x4(%r12,%rcx,4)
+	vmovss %xmm1,0x8(%r12,%rcx,4)
+	xor    %r13,%r13
+	vxorps %xmm1,%xmm1,%xmm3
+	lea    0x4(%r9,%rbx,1),%r14
+	shr    $0x2,%r14
+	movdqa %xmm3,%xmm1
+	cmp    %r14,%r13
+	jl     <kiln_v5_attend+0x283>
+	xor    %r13,%r13
+	movdqa %xmm3,%xmm0
+	movdqa %xmm3,%xmm2
+	movdqa %xmm3,%xmm4
+	lea    0x1(%r9,%rbx,1),%rax
+	cmp    %rax,%r13
+	jl     <kiln_v5_attend+0x21e>
 	mov    $0x3f800000,%eax
 	vmovd  %eax,%xmm5
-	vpshufd $0x1,%xmm2,%xmm6
-	vaddss %xmm6,%xmm2,%xmm6
-	vpshufd $0x2,%xmm2,%xmm7
-	vpshufd $0x3,%xmm2,%xmm2
-	vaddss %xmm2,%xmm7,%xmm2
-	vaddss %xmm2,%xmm6,%xmm2
-	vdivss %xmm2,%xmm5,%xmm2
-	vbroadcastss %xmm2,%xmm2
-	vmulps %xmm2,%xmm1,%xmm1
-	mov    0x8(%r10),%rax
-	shl    $0x8,%rdx
-	add    %rdx,%rax
-	mov    %rcx,%rdx
-	and    $0x3,%rdx
-	shl    $0x6,%rdx
-	vmovups %xmm1,(%rax,%rdx,1)
-	vmulps %xmm2,%xmm4,%xmm1
-	vmovups %xmm1,0x10(%rax,%rdx,1)
-	vmulps %xmm2,%xmm3,%xmm1
-	vmovups %xmm1,0x20(%rax,%rdx,1)
-	vmulps %xmm2,%xmm0,%xmm0
-	vmovups %xmm0,0x30(%rax,%rdx,1)
-	add    $0x1,%rcx
-	jmp    <kiln_v5_attend+0x8c>
-	vmovss (%r8,%rbx,4),%xmm5
-	lea    0x1(%rbx),%rax
-	mov    %rcx,%r12
-	and    $0x3,%r12
-	shl    $0x6,%r12
-	lea    0x4000(%r11,%r12,1),%r12
+	vpshufd $0x1,%xmm1,%xmm6
+	vaddss %xmm6,%xmm1,%xmm6
+	vpshufd $0x2,%xmm1,%xmm7
+	vpshufd $0x3,%xmm1,%xmm1
+	vaddss %xmm1,%xmm7,%xmm1
+	vaddss %xmm1,%xmm6,%xmm1
+	vdivss %xmm1,%xmm5,%xmm1
+	vbroadcastss %xmm1,%xmm1
+	vmulps %xmm1,%xmm3,%xmm3
+	mov    0x8(%r10),%rcx
 	shl    $0x8,%rbx
+	add    %rbx,%rcx
+	and    $0x3,%r8
+	shl    $0x6,%r8
+	vmovups %xmm3,(%rcx,%r8,1)
+	vmulps %xmm1,%xmm4,%xmm3
+	vmovups %xmm3,0x10(%rcx,%r8,1)
+	vmulps %xmm1,%xmm2,%xmm2
+	vmovups %xmm2,0x20(%rcx,%r8,1)
+	vmulps %xmm1,%xmm0,%xmm0
+	vmovups %xmm0,0x30(%rcx,%r8,1)
+	add    $0x1,%rsi
+	mov    0x118(%rsp),%rcx
+	jmp    <kiln_v5_attend+0xa4>
+	vmovss (%r12,%r13,4),%xmm5
+	lea    0x1(%r13),%r14
+	mov    %r8,%rcx
+	and    $0x3,%rcx
+	shl    $0x6,%rcx
+	lea    0x4000(%r11,%rcx,1),%rcx
+	shl    $0x8,%r13
 	vbroadcastss %xmm5,%xmm5
 	movdqa %xmm5,%xmm6
-	vfmadd132ps (%r12,%rbx,1),%xmm1,%xmm6
-	movdqa %xmm5,%xmm1
-	vfmadd132ps 0x10(%r12,%rbx,1),%xmm4,%xmm1
+	vfmadd132ps (%rcx,%r13,1),%xmm3,%xmm6
+	movdqa %xmm5,%xmm3
+	vfmadd132ps 0x10(%rcx,%r13,1),%xmm4,%xmm3
 	movdqa %xmm5,%xmm4
-	vfmadd132ps 0x20(%r12,%rbx,1),%xmm3,%xmm4
-	vfmadd132ps 0x30(%r12,%rbx,1),%xmm0,%xmm5
-	mov    %rax,%rbx
-	movdqa %xmm4,%xmm3
-	movdqa %xmm1,%xmm4
-	movdqa %xmm6,%xmm1
+	vfmadd132ps 0x20(%rcx,%r13,1),%xmm2,%xmm4
+	vfmadd132ps 0x30(%rcx,%r13,1),%xmm0,%xmm5
+	mov    %r14,%r13
+	movdqa %xmm4,%xmm2
+	movdqa %xmm3,%xmm4
+	movdqa %xmm6,%xmm3
 	movdqa %xmm5,%xmm0
-	jmp    <kiln_v5_attend+0x14d>
-	mov    %rbx,%r13
-	shl    $0x4,%r13
-	vmovups (%r8,%r13,1),%xmm3
+	jmp    <kiln_v5_attend+0x191>
+	mov    %r13,%r15
+	shl    $0x4,%r15
+	vmovups (%r12,%r15,1),%xmm2
 	vpshufd $0x1,%xmm0,%xmm4
 	ucomiss %xmm0,%xmm4
-	jne    <kiln_v5_attend+0x264>
-	jp     <kiln_v5_attend+0x25a>
+	jne    <kiln_v5_attend+0x2b6>
+	jp     <kiln_v5_attend+0x2ac>
 	andps  %xmm0,%xmm4
-	jmp    <kiln_v5_attend+0x268>
+	jmp    <kiln_v5_attend+0x2ba>
 	addss  %xmm0,%xmm4
-	jp     <kiln_v5_attend+0x268>
+	jp     <kiln_v5_attend+0x2ba>
 	maxss  %xmm0,%xmm4
 	vpshufd $0x2,%xmm0,%xmm5
 	vpshufd $0x3,%xmm0,%xmm6
 	ucomiss %xmm5,%xmm6
-	jne    <kiln_v5_attend+0x293>
-	jp     <kiln_v5_attend+0x289>
+	jne    <kiln_v5_attend+0x2e5>
+	jp     <kiln_v5_attend+0x2db>
 	andps  %xmm5,%xmm6
-	jmp    <kiln_v5_attend+0x297>
+	jmp    <kiln_v5_attend+0x2e9>
 	addss  %xmm5,%xmm6
-	jp     <kiln_v5_attend+0x297>
+	jp     <kiln_v5_attend+0x2e9>
 	maxss  %xmm5,%xmm6
 	ucomiss %xmm4,%xmm6
-	jne    <kiln_v5_attend+0x2b8>
-	jp     <kiln_v5_attend+0x2ae>
+	jne    <kiln_v5_attend+0x30a>
+	jp     <kiln_v5_attend+0x300>
 	andps  %xmm4,%xmm6
-	jmp    <kiln_v5_attend+0x2bc>
+	jmp    <kiln_v5_attend+0x30e>
 	addss  %xmm4,%xmm6
-	jp     <kiln_v5_attend+0x2bc>
+	jp     <kiln_v5_attend+0x30e>
 	maxss  %xmm4,%xmm6
 	vbroadcastss %xmm6,%xmm4
-	vsubps %xmm4,%xmm3,%xmm5
-	vmovups 0x3e3(%rip),%xmm6        # <kiln_v5_attend+0x6b0>
-	vcmpltps %xmm6,%xmm5,%xmm3
-	vmovups 0x3e6(%rip),%xmm4        # <kiln_v5_attend+0x6c0>
+	vsubps %xmm4,%xmm2,%xmm5
+	vmovups 0x401(%rip),%xmm6        # <kiln_v5_attend+0x720>
+	vcmpltps %xmm6,%xmm5,%xmm2
+	vmovups 0x404(%rip),%xmm4        # <kiln_v5_attend+0x730>
 	vmaxps %xmm6,%xmm5,%xmm7
 	vmaxps %xmm5,%xmm6,%xmm5
 	vxorps %xmm5,%xmm7,%xmm5
@@ -1611,7 +1617,7 @@ Disassembly of section .text:
 	vcmpunordps %xmm6,%xmm6,%xmm6
 	vpsrld $0xa,%xmm6,%xmm6
 	vandnps %xmm5,%xmm6,%xmm5
-	vmovups 0x3cc(%rip),%xmm6        # <kiln_v5_attend+0x6d0>
+	vmovups 0x3ea(%rip),%xmm6        # <kiln_v5_attend+0x740>
 	vminps %xmm6,%xmm5,%xmm7
 	vminps %xmm5,%xmm6,%xmm6
 	vorps  %xmm6,%xmm7,%xmm5
@@ -1619,27 +1625,27 @@ Disassembly of section .text:
 	vorps  %xmm6,%xmm5,%xmm5
 	vpsrld $0xa,%xmm6,%xmm6
 	vandnps %xmm5,%xmm6,%xmm6
-	vmovups 0x3b6(%rip),%xmm5        # <kiln_v5_attend+0x6e0>
+	vmovups 0x3d4(%rip),%xmm5        # <kiln_v5_attend+0x750>
 	vmulps %xmm5,%xmm6,%xmm5
 	vroundps $0x0,%xmm5,%xmm5
-	vmovups 0x3b4(%rip),%xmm7        # <kiln_v5_attend+0x6f0>
-	vmovups 0x3bc(%rip),%xmm8        # <kiln_v5_attend+0x700>
+	vmovups 0x3d2(%rip),%xmm7        # <kiln_v5_attend+0x760>
+	vmovups 0x3da(%rip),%xmm8        # <kiln_v5_attend+0x770>
 	movdqa %xmm5,%xmm9
 	vfmadd213ps %xmm6,%xmm8,%xmm9
 	movdqa %xmm5,%xmm6
 	vfmadd213ps %xmm9,%xmm7,%xmm6
-	vmovups 0x3b1(%rip),%xmm7        # <kiln_v5_attend+0x710>
+	vmovups 0x3cf(%rip),%xmm7        # <kiln_v5_attend+0x780>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x3b4(%rip),%xmm7        # <kiln_v5_attend+0x720>
+	vmovups 0x3d2(%rip),%xmm7        # <kiln_v5_attend+0x790>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x3b7(%rip),%xmm7        # <kiln_v5_attend+0x730>
+	vmovups 0x3d5(%rip),%xmm7        # <kiln_v5_attend+0x7a0>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x3ba(%rip),%xmm7        # <kiln_v5_attend+0x740>
+	vmovups 0x3d8(%rip),%xmm7        # <kiln_v5_attend+0x7b0>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x3bd(%rip),%xmm7        # <kiln_v5_attend+0x750>
+	vmovups 0x3db(%rip),%xmm7        # <kiln_v5_attend+0x7c0>
 	vfmadd213ps %xmm7,%xmm6,%xmm4
 	vmulps %xmm6,%xmm6,%xmm7
-	vmovups 0x3bc(%rip),%xmm8        # <kiln_v5_attend+0x760>
+	vmovups 0x3da(%rip),%xmm8        # <kiln_v5_attend+0x7d0>
 	vaddps %xmm8,%xmm6,%xmm6
 	vfmadd213ps %xmm6,%xmm7,%xmm4
 	vcmpeqps %xmm5,%xmm5,%xmm6
@@ -1649,32 +1655,33 @@ Disassembly of section .text:
 	vpand  %xmm6,%xmm5,%xmm6
 	vpsrad $0x1f,%xmm6,%xmm6
 	vpxor  %xmm5,%xmm6,%xmm5
-	vmovdqu 0x39c(%rip),%xmm6        # <kiln_v5_attend+0x770>
+	vmovdqu 0x3ba(%rip),%xmm6        # <kiln_v5_attend+0x7e0>
 	vpaddd %xmm6,%xmm5,%xmm5
 	vpslld $0x17,%xmm5,%xmm5
 	vmulps %xmm5,%xmm4,%xmm4
-	vpblendvb %xmm3,%xmm1,%xmm4,%xmm3
-	vmovups %xmm3,(%r8,%r13,1)
-	add    $0x1,%rbx
-	vaddps %xmm3,%xmm2,%xmm2
-	jmp    <kiln_v5_attend+0x135>
-	mov    %rdx,%rax
-	shl    $0x8,%rax
-	add    %r9,%rax
-	mov    %rcx,%rbx
-	and    $0x3,%rbx
-	shl    $0x6,%rbx
-	vmovups 0x30(%rax,%rbx,1),%xmm1
-	lea    (%r11,%rbx,1),%r12
-	mov    %r8,%r13
-	shl    $0x8,%r13
-	vmovups 0x30(%r12,%r13,1),%xmm2
-	vmovups 0x20(%rax,%rbx,1),%xmm3
-	vmovups 0x20(%r12,%r13,1),%xmm4
-	vmovups 0x10(%rax,%rbx,1),%xmm5
-	vmovups 0x10(%r12,%r13,1),%xmm6
-	vmovups (%rax,%rbx,1),%xmm7
-	vmovups (%r12,%r13,1),%xmm8
+	vpblendvb %xmm2,%xmm3,%xmm4,%xmm2
+	vmovups %xmm2,(%r12,%r15,1)
+	add    $0x1,%r13
+	vaddps %xmm2,%xmm1,%xmm1
+	jmp    <kiln_v5_attend+0x179>
+	mov    %rbx,%rcx
+	shl    $0x8,%rcx
+	mov    0x128(%rsp),%rax
+	lea    (%rax,%rcx,1),%r13
+	mov    %r8,%rdi
+	and    $0x3,%rdi
+	shl    $0x6,%rdi
+	vmovups 0x30(%r13,%rdi,1),%xmm1
+	lea    (%r11,%rdi,1),%rcx
+	mov    %r12,%r14
+	shl    $0x8,%r14
+	vmovups 0x30(%rcx,%r14,1),%xmm2
+	vmovups 0x20(%r13,%rdi,1),%xmm3
+	vmovups 0x20(%rcx,%r14,1),%xmm4
+	vmovups 0x10(%r13,%rdi,1),%xmm5
+	vmovups 0x10(%rcx,%r14,1),%xmm6
+	vmovups 0x0(%r13,%rdi,1),%xmm7
+	vmovups (%rcx,%r14,1),%xmm8
 	vxorps %xmm9,%xmm9,%xmm9
 	vfmadd213ps %xmm9,%xmm8,%xmm7
 	vfmadd213ps %xmm7,%xmm6,%xmm5
@@ -1687,11 +1694,11 @@ Disassembly of section .text:
 	vaddss %xmm1,%xmm3,%xmm1
 	vaddss %xmm1,%xmm2,%xmm1
 	vbroadcastss %xmm1,%xmm1
-	vmovups 0x2f0(%rip),%xmm2        # <kiln_v5_attend+0x780>
+	vmovups 0x300(%rip),%xmm2        # <kiln_v5_attend+0x7f0>
 	vmulps %xmm2,%xmm1,%xmm1
-	lea    (%rsp),%rax
-	vmovss %xmm1,(%rax,%r8,4)
-	add    $0x1,%r8
+	lea    (%rsp),%rcx
+	vmovss %xmm1,(%rcx,%r12,4)
+	add    $0x1,%r12
 	vmaxps %xmm1,%xmm0,%xmm2
 	vmaxps %xmm0,%xmm1,%xmm0
 	vxorps %xmm0,%xmm2,%xmm0
@@ -1700,40 +1707,41 @@ Disassembly of section .text:
 	vcmpunordps %xmm1,%xmm1,%xmm1
 	vpsrld $0xa,%xmm1,%xmm1
 	vandnps %xmm0,%xmm1,%xmm0
-	jmp    <kiln_v5_attend+0xf7>
-	mov    %rdx,%rax
-	shl    $0x8,%rax
-	add    %r9,%rax
-	mov    %rcx,%r15
-	and    $0x3,%r15
-	shl    $0x6,%r15
-	vmovups 0x30(%rax,%r15,1),%xmm1
-	lea    (%r11,%r15,1),%rbx
-	mov    %r8,%r13
-	shl    $0xa,%r13
-	vmovups 0x30(%rbx,%r13,1),%xmm6
-	vmovups 0x20(%rax,%r15,1),%xmm2
-	vmovups 0x20(%rbx,%r13,1),%xmm7
-	vmovups 0x10(%rax,%r15,1),%xmm3
-	vmovups 0x10(%rbx,%r13,1),%xmm8
-	vmovups (%rax,%r15,1),%xmm5
-	vmovups (%rbx,%r13,1),%xmm9
+	jmp    <kiln_v5_attend+0x131>
+	mov    0x128(%rsp),%rax
+	mov    %rbx,%rcx
+	shl    $0x8,%rcx
+	lea    (%rax,%rcx,1),%rdi
+	mov    %r8,%rcx
+	and    $0x3,%rcx
+	shl    $0x6,%rcx
+	vmovups 0x30(%rdi,%rcx,1),%xmm1
+	lea    (%r11,%rcx,1),%r14
+	mov    %r12,%r15
+	shl    $0xa,%r15
+	vmovups 0x30(%r14,%r15,1),%xmm6
+	vmovups 0x20(%rdi,%rcx,1),%xmm2
+	vmovups 0x20(%r14,%r15,1),%xmm7
+	vmovups 0x10(%rdi,%rcx,1),%xmm5
+	vmovups 0x10(%r14,%r15,1),%xmm8
+	vmovups (%rdi,%rcx,1),%xmm3
+	vmovups (%r14,%r15,1),%xmm9
 	vxorps %xmm4,%xmm4,%xmm4
-	movdqa %xmm5,%xmm10
+	movdqa %xmm3,%xmm10
 	vfmadd213ps %xmm4,%xmm9,%xmm10
-	movdqa %xmm3,%xmm9
+	movdqa %xmm5,%xmm9
 	vfmadd213ps %xmm10,%xmm8,%xmm9
 	movdqa %xmm2,%xmm8
 	vfmadd213ps %xmm9,%xmm7,%xmm8
 	movdqa %xmm1,%xmm7
 	vfmadd213ps %xmm8,%xmm6,%xmm7
-	vmovups 0x130(%rbx,%r13,1),%xmm6
-	vmovups 0x120(%rbx,%r13,1),%xmm8
-	vmovups 0x110(%rbx,%r13,1),%xmm9
-	vmovups 0x100(%rbx,%r13,1),%xmm10
-	movdqa %xmm5,%xmm11
+	vmovups 0x130(%r14,%r15,1),%xmm6
+	vmovups 0x120(%r14,%r15,1),%xmm8
+	vmovups 0x110(%r14,%r15,1),%xmm9
+	vmovups 0x100(%r14,%r15,1),%xmm10
+	movdqa %xmm3,%xmm11
 	vfmadd213ps %xmm4,%xmm10,%xmm11
-	movdqa %xmm3,%xmm10
+	movdqa %xmm5,%xmm10
 	vfmadd213ps %xmm11,%xmm9,%xmm10
 	movdqa %xmm2,%xmm9
 	vfmadd213ps %xmm10,%xmm8,%xmm9
@@ -1742,25 +1750,25 @@ Disassembly of section .text:
 	vpunpcklqdq %xmm8,%xmm7,%xmm6
 	vpunpckhqdq %xmm8,%xmm7,%xmm7
 	vaddps %xmm7,%xmm6,%xmm6
-	vmovups 0x230(%rbx,%r13,1),%xmm8
-	vmovups 0x220(%rbx,%r13,1),%xmm7
-	vmovups 0x210(%rbx,%r13,1),%xmm9
-	vmovups 0x200(%rbx,%r13,1),%xmm10
-	movdqa %xmm5,%xmm11
+	vmovups 0x230(%r14,%r15,1),%xmm8
+	vmovups 0x220(%r14,%r15,1),%xmm7
+	vmovups 0x210(%r14,%r15,1),%xmm9
+	vmovups 0x200(%r14,%r15,1),%xmm10
+	movdqa %xmm3,%xmm11
 	vfmadd213ps %xmm4,%xmm10,%xmm11
-	movdqa %xmm3,%xmm10
+	movdqa %xmm5,%xmm10
 	vfmadd213ps %xmm11,%xmm9,%xmm10
 	movdqa %xmm2,%xmm9
 	vfmadd213ps %xmm10,%xmm7,%xmm9
 	movdqa %xmm1,%xmm7
 	vfmadd213ps %xmm9,%xmm8,%xmm7
-	vmovups 0x330(%rbx,%r13,1),%xmm8
-	vmovups 0x320(%rbx,%r13,1),%xmm9
-	vmovups 0x310(%rbx,%r13,1),%xmm10
-	vmovups 0x300(%rbx,%r13,1),%xmm11
-	vfmadd213ps %xmm4,%xmm11,%xmm5
-	vfmadd213ps %xmm5,%xmm10,%xmm3
-	vfmadd213ps %xmm3,%xmm9,%xmm2
+	vmovups 0x330(%r14,%r15,1),%xmm8
+	vmovups 0x320(%r14,%r15,1),%xmm9
+	vmovups 0x310(%r14,%r15,1),%xmm10
+	vmovups 0x300(%r14,%r15,1),%xmm11
+	vfmadd213ps %xmm4,%xmm11,%xmm3
+	vfmadd213ps %xmm3,%xmm10,%xmm5
+	vfmadd213ps %xmm5,%xmm9,%xmm2
 	vfmadd213ps %xmm2,%xmm8,%xmm1
 	vpunpcklqdq %xmm1,%xmm7,%xmm2
 	vpunpckhqdq %xmm1,%xmm7,%xmm1
@@ -1768,13 +1776,13 @@ Disassembly of section .text:
 	vshufps $0x88,%xmm1,%xmm6,%xmm2
 	vshufps $0xdd,%xmm1,%xmm6,%xmm1
 	vaddps %xmm1,%xmm2,%xmm1
-	vmovups 0x128(%rip),%xmm2        # <kiln_v5_attend+0x780>
+	vmovups 0x133(%rip),%xmm2        # <kiln_v5_attend+0x7f0>
 	vmulps %xmm2,%xmm1,%xmm1
-	lea    (%rsp),%rax
-	mov    %r8,%rbx
-	shl    $0x4,%rbx
-	vmovups %xmm1,(%rax,%rbx,1)
-	add    $0x1,%r8
+	lea    (%rsp),%rcx
+	mov    %r12,%rdx
+	shl    $0x4,%rdx
+	vmovups %xmm1,(%rcx,%rdx,1)
+	add    $0x1,%r12
 	vmaxps %xmm1,%xmm0,%xmm2
 	vmaxps %xmm0,%xmm1,%xmm0
 	vxorps %xmm0,%xmm2,%xmm0
@@ -1783,13 +1791,14 @@ Disassembly of section .text:
 	vcmpunordps %xmm1,%xmm1,%xmm1
 	vpsrld $0xa,%xmm1,%xmm1
 	vandnps %xmm0,%xmm1,%xmm0
-	jmp    <kiln_v5_attend+0xe7>
+	jmp    <kiln_v5_attend+0x11f>
+	ud2
 	...
-	cmp    $0x0,%bh
 	add    %al,-0x7fffff01(%rax)
 	incl   (%rax)
-	add    %al,-0x51666501(%rax)
-	ret    $0x999a
+	add    %al,-0x7fffff01(%rax)
+	lcall  *-0x653d5167(%rdx)
+	cltd
 	scas   %es:(%rdi),%al
 	ret    $0x999a
 	scas   %es:(%rdi),%al
@@ -1866,9 +1875,9 @@ Disassembly of section .text:
 	add    %al,(%rax)
 	add    %bh,0x0(%rdi)
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0x77a>
+	jg     <kiln_v5_attend+0x7ea>
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0x77e>
+	jg     <kiln_v5_attend+0x7ee>
 	add    %al,(%rax)
 	add    %al,(%rax)
 	cmpb   $0x0,(%rsi)

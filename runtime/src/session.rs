@@ -115,6 +115,8 @@ pub struct Session {
     /// Tokens whose keys and values are in the cache, in order.
     cached: Vec<u32>,
     messages: Vec<Message>,
+    /// Output buffer of the library: logits of one chunk.
+    logits: Vec<f32>,
 }
 
 fn read_manifest(dir: &Path) -> Result<Manifest, SessionError> {
@@ -161,7 +163,7 @@ impl Session {
             ),
             None => None,
         };
-        Ok(Session { program, tokenizer, template, manifest, cached: vec![], messages: vec![] })
+        Ok(Session { program, tokenizer, template, manifest, cached: vec![], messages: vec![], logits: vec![] })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -212,7 +214,6 @@ impl Session {
         }
         let batch = self.program.desc().batch as usize;
         let mut out = Vec::with_capacity(if all_logits { tokens.len() * vocab } else { vocab });
-        let mut chunk_logits = vec![0.0f32; batch * vocab];
         for chunk in tokens.chunks(batch) {
             let n = chunk.len();
             let is_last = chunk.as_ptr_range().end == tokens.as_ptr_range().end;
@@ -224,10 +225,15 @@ impl Session {
                 n
             };
             let ids: Vec<i32> = chunk.iter().map(|&t| t as i32).collect();
-            let logits = &mut chunk_logits[..n * vocab];
+            // The library writes rows out_start..n of a buffer of n rows; reuse one buffer so
+            // that decoding a token does not allocate a fresh one.
+            if self.logits.len() < n * vocab {
+                self.logits.resize(n * vocab, 0.0);
+            }
+            let logits = &mut self.logits[..n * vocab];
             self.program.run(&[Input::I32(&ids)], &mut [logits], n, self.cached.len(), out_start)?;
             self.cached.extend_from_slice(chunk);
-            out.extend_from_slice(&chunk_logits[out_start * vocab..n * vocab]);
+            out.extend_from_slice(&self.logits[out_start * vocab..n * vocab]);
         }
         Ok(out)
     }

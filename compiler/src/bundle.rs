@@ -10,7 +10,8 @@
 //!   weights.bin              packed weights, only when they are not embedded
 //! ```
 //! The bundle is written to a temporary directory beside `DIR` and renamed into place, so a
-//! failed build leaves no half bundle. The same inputs give byte-identical files.
+//! failed build leaves no half bundle; `DIR` is replaced only when it is empty or a previous
+//! kiln bundle (see [`crate::outdir`]). The same inputs give byte-identical files.
 
 use std::fmt;
 use std::io::Cursor;
@@ -23,6 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::codegen::abi;
 use crate::frontend::{self, FrontendError};
 use crate::gguf::{GgufError, GgufFile};
+use crate::outdir::{self, OutDirError};
 use crate::tokenizer_json::{self, TokenizerError};
 use crate::{compile, CompileError, CompileOptions};
 
@@ -40,6 +42,10 @@ pub struct BuildOptions {
     pub batch: u32,
     pub embed_weights: bool,
     pub dump_after: Vec<String>,
+    /// The C compiler driver that links `lib/libkiln_model.so` from the static library for
+    /// runners that open bundles without relinking (`cc`, `aarch64-linux-gnu-gcc`); `None` for
+    /// targets that cannot run here (Android) or when not wanted.
+    pub shared_linker: Option<String>,
 }
 
 /// Context length when none is given (or less, when the model was trained for less).
@@ -99,6 +105,7 @@ pub enum BuildError {
     Compile(CompileError),
     Tokenizer(TokenizerError),
     Target(targets::TargetError),
+    OutDir(OutDirError),
     Io { path: PathBuf, error: std::io::Error },
 }
 
@@ -110,12 +117,47 @@ impl fmt::Display for BuildError {
             BuildError::Compile(e) => write!(f, "{e}"),
             BuildError::Tokenizer(e) => write!(f, "{e}"),
             BuildError::Target(e) => write!(f, "{e}"),
+            BuildError::OutDir(e) => write!(f, "{e}"),
             BuildError::Io { path, error } => write!(f, "{}: {error}", path.display()),
         }
     }
 }
 
 impl std::error::Error for BuildError {}
+
+impl From<OutDirError> for BuildError {
+    fn from(e: OutDirError) -> Self {
+        BuildError::OutDir(e)
+    }
+}
+
+/// Links `dir/lib/libkiln_model.a` into `dir/lib/libkiln_model.so` with the C compiler `cc`.
+fn link_shared(cc: &str, dir: &Path) -> Result<(), BuildError> {
+    let lib = dir.join("lib");
+    let so = lib.join("libkiln_model.so");
+    let output = std::process::Command::new(cc)
+        .arg("-shared")
+        .arg("-o")
+        .arg(&so)
+        .arg("-Wl,--whole-archive")
+        .arg(lib.join("libkiln_model.a"))
+        .arg("-Wl,--no-whole-archive")
+        .output()
+        .map_err(|error| BuildError::Io {
+            path: PathBuf::from(cc),
+            error: std::io::Error::new(error.kind(), format!("cannot run the linker {cc}: {error}")),
+        })?;
+    if !output.status.success() {
+        return Err(BuildError::Io {
+            path: so,
+            error: std::io::Error::other(format!(
+                "{cc} -shared failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+        });
+    }
+    Ok(())
+}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
     move |error| BuildError::Io { path: path.to_path_buf(), error }
@@ -159,6 +201,8 @@ fn stop_ids(gguf: &GgufFile, tokens: &[&str]) -> Vec<u32> {
 /// Builds a bundle; `progress` is told when each stage starts.
 pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Result<BuildReport, BuildError> {
     let target = targets::lookup_device(&opts.target, opts.device.as_deref()).map_err(BuildError::Target)?;
+    // Refuse an output directory kiln may not replace before doing any work.
+    outdir::check_replaceable(&opts.out).map_err(BuildError::OutDir)?;
     let mut stage_times = vec![];
     let t = Instant::now();
     progress(Stage::ReadModel);
@@ -253,6 +297,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             "tokenizer": "tokenizer.json",
             "ir": "model.kir",
             "weights": if opts.embed_weights { None } else { Some("weights.bin") },
+            "shared_library": opts.shared_linker.as_ref().map(|_| "lib/libkiln_model.so"),
         },
         "memory": {
             "weights_bytes": compiled.weights.len(),
@@ -261,39 +306,21 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
         },
     });
     let out = &opts.out;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let file_name = out.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "bundle".into());
-    let tmp = parent.join(format!(".{file_name}.kiln-tmp"));
-    let write_all = || -> Result<(), BuildError> {
-        let _ = std::fs::remove_dir_all(&tmp);
-        for sub in ["lib", "include"] {
-            let d = tmp.join(sub);
-            std::fs::create_dir_all(&d).map_err(io_err(&d))?;
-        }
-        let mut files: Vec<(PathBuf, &[u8])> = vec![];
-        let manifest_text = serde_json::to_string_pretty(&manifest).expect("json") + "\n";
-        let header_text = header(&name, &hp, context, opts.batch);
-        files.push((tmp.join("lib/libkiln_model.a"), &library));
-        files.push((tmp.join("include/kiln_model.h"), header_text.as_bytes()));
-        files.push((tmp.join("tokenizer.json"), tokenizer.as_bytes()));
-        files.push((tmp.join("manifest.json"), manifest_text.as_bytes()));
-        files.push((tmp.join("model.kir"), compiled.final_ir.as_bytes()));
-        if !opts.embed_weights {
-            files.push((tmp.join("weights.bin"), &compiled.weights));
-        }
-        for (path, data) in files {
-            std::fs::write(&path, data).map_err(io_err(&path))?;
-        }
-        if out.exists() {
-            std::fs::remove_dir_all(out).map_err(io_err(out))?;
-        }
-        std::fs::rename(&tmp, out).map_err(io_err(out))
-    };
-    if let Err(e) = write_all() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+    let mut files: Vec<(&str, &[u8])> = vec![];
+    let manifest_text = serde_json::to_string_pretty(&manifest).expect("json") + "\n";
+    let header_text = header(&name, &hp, context, opts.batch);
+    files.push(("lib/libkiln_model.a", &library));
+    files.push(("include/kiln_model.h", header_text.as_bytes()));
+    files.push(("tokenizer.json", tokenizer.as_bytes()));
+    files.push(("manifest.json", manifest_text.as_bytes()));
+    files.push(("model.kir", compiled.final_ir.as_bytes()));
+    if !opts.embed_weights {
+        files.push(("weights.bin", &compiled.weights));
     }
+    outdir::write_bundle_dir(out, &files, |dir| match &opts.shared_linker {
+        Some(cc) => link_shared(cc, dir),
+        None => Ok(()),
+    })?;
     stage_times.push((Stage::Write.name().to_string(), t.elapsed()));
     Ok(BuildReport {
         out: out.clone(),

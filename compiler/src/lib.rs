@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod codegen;
 pub mod frontend;
 pub mod gguf;
+pub mod outdir;
 pub mod pack;
 pub mod passes;
 pub mod tokenizer_json;

@@ -114,6 +114,8 @@ pub struct Session {
     manifest: Manifest,
     /// Tokens whose keys and values are in the cache, in order.
     cached: Vec<u32>,
+    /// The system turn that opens every conversation, if any (see [`Session::set_system`]).
+    system: Option<String>,
     messages: Vec<Message>,
     /// Output buffer of the library: logits of one chunk.
     logits: Vec<f32>,
@@ -163,7 +165,16 @@ impl Session {
             ),
             None => None,
         };
-        Ok(Session { program, tokenizer, template, manifest, cached: vec![], messages: vec![], logits: vec![] })
+        Ok(Session {
+            program,
+            tokenizer,
+            template,
+            manifest,
+            cached: vec![],
+            system: None,
+            messages: vec![],
+            logits: vec![],
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -186,11 +197,19 @@ impl Session {
         self.manifest.model.context as usize
     }
 
-    /// Forgets the conversation and clears the cache.
+    /// Forgets the conversation and clears the cache (the system turn stays).
     pub fn reset(&mut self) {
         self.program.reset();
         self.cached.clear();
-        self.messages.clear();
+        self.messages = self.system.iter().map(|s| Message::system(s.clone())).collect();
+    }
+
+    /// Sets the system turn that opens the conversation and starts a new conversation.
+    /// `Some("")` gives an empty system turn, which keeps templates that add a default system
+    /// prompt when there is none (SmolLM2's, for one) from adding it; `None` lets them.
+    pub fn set_system(&mut self, system: Option<String>) {
+        self.system = system;
+        self.reset();
     }
 
     /// Tokens currently held by the KV cache.

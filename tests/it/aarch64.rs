@@ -155,6 +155,7 @@ fn aarch64_model_matches_x86_64_and_the_reference_under_qemu() {
         batch: 16,
         embed_weights: true,
         dump_after: vec![],
+        shared_linker: Some("aarch64-linux-gnu-gcc".into()),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let app = xtask::build_chat_app(&bundle, Some(&apps_dir())).unwrap_or_else(|e| panic!("{e:#}"));
@@ -164,11 +165,12 @@ fn aarch64_model_matches_x86_64_and_the_reference_under_qemu() {
     let (ids, x86_logits, x86_reply) = (x86.0, x86.1, x86.2);
     let ids_arg: Vec<String> = ids.iter().map(|t| t.to_string()).collect();
     let npy = dir.join("logits.npy");
+    // The app with the library linked in evaluates the tokens ...
     let out = app
         .command()
-        .arg("--bundle")
+        .args(["run", "--bundle"])
         .arg(&bundle)
-        .args(["run", "--tokens", &ids_arg.join(","), "--dump-logits"])
+        .args(["--tokens", &ids_arg.join(","), "--dump-logits"])
         .arg(&npy)
         .output()
         .unwrap();
@@ -187,11 +189,13 @@ fn aarch64_model_matches_x86_64_and_the_reference_under_qemu() {
     assert!(diff_ref <= 0.05, "aarch64 logits differ from the reference by {diff_ref}");
     assert!(diff_x86 <= 0.01, "aarch64 logits differ from x86-64 by {diff_x86}");
 
-    let out = app
+    // ... and the runner, which opens the bundle's shared library, answers the question.
+    let runner = xtask::build_runner(TRIPLE, &apps_dir()).unwrap_or_else(|e| panic!("{e:#}"));
+    let out = runner
         .command()
-        .arg("--bundle")
+        .args(["run", "--bundle"])
         .arg(&bundle)
-        .args(["run", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "48"])
+        .args(["--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "48"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -280,6 +284,7 @@ fn android_bundle_holds_aarch64_code_and_the_runtime_builds_for_android() {
         batch: 64,
         embed_weights: false,
         dump_after: vec![],
+        shared_linker: None,
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let archive = std::fs::read(bundle.join("lib/libkiln_model.a")).unwrap();

@@ -32,6 +32,7 @@ fn app() -> &'static (PathBuf, PathBuf) {
             batch: 64,
             embed_weights: false,
             dump_after: vec![],
+            shared_linker: None,
         };
         build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
         assert!(bundle.join("weights.bin").exists(), "a bundle built without embedded weights has weights.bin");

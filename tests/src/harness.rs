@@ -62,6 +62,25 @@ pub fn random_weights(graph: &Graph, rng: &mut Rng, scale: f32) -> Vec<Vec<u8>> 
 }
 
 /// A scratch directory under the target dir, unique per test name.
+/// Records that a test could not run for want of optional data. `cargo xtask test` sets
+/// `KILN_NOT_RUN` to a file, collects these records and prints them in its summary; without
+/// it (a plain `cargo test`) a test that cannot run fails instead of passing silently.
+pub fn not_run(test: &str, reason: &str) {
+    match std::env::var_os("KILN_NOT_RUN") {
+        Some(path) => {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("cannot record a test not run in {}: {e}", Path::new(&path).display()));
+            writeln!(f, "{test}\t{}", reason.replace(['\n', '\t'], " ")).expect("write KILN_NOT_RUN record");
+            eprintln!("NOT RUN: {test}: {reason}");
+        }
+        None => panic!("{test} could not run: {reason} (`cargo xtask test` counts such tests as not run)"),
+    }
+}
+
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kiln-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);

@@ -141,8 +141,45 @@ fn runnable(triple: &str) -> Result<(&'static str, Option<(String, String)>)> {
     }
 }
 
+/// The C compiler that links a bundle's shared library for `triple`, when programs for it can
+/// run here: `cc` for the host, `aarch64-linux-gnu-gcc` for aarch64 Linux when it is installed
+/// (the bundle then runs under qemu-user); `None` otherwise.
+pub fn default_shared_linker(triple: &str) -> Option<String> {
+    if Some(triple) == targets::host_triple() {
+        return Some("cc".into());
+    }
+    if triple == "aarch64-unknown-linux-gnu" {
+        let found = Command::new("aarch64-linux-gnu-gcc").arg("--version").output().is_ok_and(|o| o.status.success());
+        if found {
+            return Some("aarch64-linux-gnu-gcc".into());
+        }
+        eprintln!("note: aarch64-linux-gnu-gcc is not installed; the bundle gets no shared library for the runner");
+    }
+    None
+}
+
+/// How to run the runner on `bundle`: `None` when the bundle is for the host (run the runner
+/// in this process), else the runner built for its target with the emulator to run it under.
+pub fn runner_for(bundle: &Path) -> Result<Option<App>> {
+    let triple = bundle_triple(bundle)?;
+    let (runnable_triple, emulator) = runnable(&triple)?;
+    if emulator.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(build_runner(runnable_triple, &root().join("target"))?))
+}
+
+/// Builds the runner (`examples/chat` without a linked model, which opens any bundle's shared
+/// library) for `triple`.
+pub fn build_runner(triple: &str, target_dir: &Path) -> Result<App> {
+    let (triple, emulator) = runnable(triple)?;
+    cargo_build(triple, &["--package", "chat", "--bin", "chat"], target_dir, &[("KILN_BUNDLE", None)])
+        .context("building the runner (examples/chat)")?;
+    Ok(App { binary: release_dir(target_dir, triple).join("chat"), emulator })
+}
+
 /// `cargo build --release` for `triple`, with the cross linker when it is not the host.
-fn cargo_build(triple: &str, args: &[&str], target_dir: &Path, env: &[(&str, &Path)]) -> Result<()> {
+fn cargo_build(triple: &str, args: &[&str], target_dir: &Path, env: &[(&str, Option<&Path>)]) -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["build", "--release", "--quiet"]).args(args).arg("--target-dir").arg(target_dir).current_dir(root());
     if Some(triple) != targets::host_triple() {
@@ -152,7 +189,10 @@ fn cargo_build(triple: &str, args: &[&str], target_dir: &Path, env: &[(&str, &Pa
         }
     }
     for (k, v) in env {
-        cmd.env(k, v);
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
     }
     let status = cmd.status().context("cannot run cargo")?;
     if !status.success() {
@@ -169,7 +209,8 @@ fn release_dir(target_dir: &Path, triple: &str) -> PathBuf {
     }
 }
 
-/// Builds `examples/chat` linked against `bundle`'s library, for the bundle's target.
+/// Builds `examples/chat` linked against `bundle`'s static library, for the bundle's target:
+/// the example of an app with a model linked in (the runner of [`build_runner`] needs no relink).
 /// `target_dir` separates builds made from inside tests from the user's.
 pub fn build_chat_app(bundle: &Path, target_dir: Option<&Path>) -> Result<App> {
     let bundle = bundle.canonicalize().with_context(|| format!("no bundle at {}", bundle.display()))?;
@@ -178,7 +219,7 @@ pub fn build_chat_app(bundle: &Path, target_dir: Option<&Path>) -> Result<App> {
     }
     let (triple, emulator) = runnable(&bundle_triple(&bundle)?)?;
     let target_dir = target_dir.map(Path::to_path_buf).unwrap_or_else(|| root().join("target"));
-    cargo_build(triple, &["--package", "chat"], &target_dir, &[("KILN_BUNDLE", &bundle)])
+    cargo_build(triple, &["--package", "chat"], &target_dir, &[("KILN_BUNDLE", Some(&bundle))])
         .with_context(|| format!("building examples/chat against {}", bundle.display()))?;
     Ok(App { binary: release_dir(&target_dir, triple).join("chat"), emulator })
 }

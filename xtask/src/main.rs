@@ -31,6 +31,7 @@ enum Cmd {
         /// The GGUF file; default: the cached SmolLM2-135M-Instruct Q4_1 (fetched on first use).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Target triple (default: the host's).
         #[arg(long)]
         target: Option<String>,
         /// Device profile for the target (aarch64: snapdragon-865, raspberry-pi-5, generic-armv8.0).
@@ -45,52 +46,41 @@ enum Cmd {
         /// Most tokens per call (prefill chunk).
         #[arg(long, default_value_t = 512)]
         batch: u32,
+        /// Where the packed weights go.
         #[arg(long, value_enum, default_value_t = WeightsMode::Embedded)]
         weights: WeightsMode,
         /// Print the IR after a pass (or `all`).
         #[arg(long)]
         dump_after: Vec<String>,
+        /// C compiler that links lib/libkiln_model.so, which `chat`, `run` and `bench` open
+        /// (default: `cc` for the host, `aarch64-linux-gnu-gcc` for aarch64 Linux when installed,
+        /// none for Android); `none` skips it.
+        #[arg(long)]
+        shared_linker: Option<String>,
     },
     /// Downloads (once) and prints the path of the default model.
     FetchModel,
-    /// Builds examples/chat against a bundle and chats (one PROMPT, or interactive).
-    Chat {
-        #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
-        bundle: PathBuf,
-        prompt: Option<String>,
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        /// Extra arguments for the chat app (e.g. `-- --temperature 0 --stats`).
-        #[arg(last = true)]
-        rest: Vec<String>,
-    },
-    /// Evaluates `--tokens` (optionally `--dump-logits OUT.npy`) or completes `--prompt`.
-    Run {
-        #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
-        bundle: PathBuf,
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        #[arg(long)]
-        tokens: Option<String>,
-        #[arg(long)]
-        dump_logits: Option<PathBuf>,
-        #[arg(long)]
-        prompt: Option<String>,
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-    },
+    /// Chats with a bundle: answers PROMPT, or starts an interactive chat.
+    Chat(chat::ChatArgs),
+    /// Evaluates token ids (--tokens, --tokens-file; --dump-logits) or answers one message (--prompt).
+    Run(chat::RunArgs),
+    /// Text to token ids, or ids back to text, with a bundle's tokenizer.
+    Tokenize(chat::TokenizeArgs),
     /// Prefill (128, 512) and decode (128) tokens/s with 1 and 2 threads, next to llama.cpp.
     Bench {
+        /// The bundle directory.
         #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
         bundle: PathBuf,
+        /// Thread counts to measure, each for kiln and llama.cpp.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
+        /// Measured runs per test (medians are reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Prompt lengths for prefill.
         #[arg(long, default_value = "128,512")]
         prefill: String,
+        /// Tokens to decode one at a time.
         #[arg(long, default_value_t = 128)]
         decode: usize,
         /// The GGUF to run llama.cpp on (llama-cpp-python); default: the bundle's source model
@@ -110,8 +100,10 @@ enum Cmd {
     },
     /// Builds examples/c-chat (C, against the runtime's static library) and asks it PROMPT.
     CChat {
+        /// The bundle directory (its lib/libkiln_model.a is linked in).
         #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
         bundle: PathBuf,
+        /// The message to answer.
         prompt: String,
     },
 }
@@ -130,7 +122,7 @@ fn mib(bytes: u64) -> String {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::BuildModel { model, target, device, out, context, batch, weights, dump_after } => {
+        Cmd::BuildModel { model, target, device, out, context, batch, weights, dump_after, shared_linker } => {
             let target = match target {
                 Some(t) => t,
                 None => targets::host_triple().context("no kiln target for this host; pass --target")?.to_string(),
@@ -150,6 +142,11 @@ fn real_main() -> Result<()> {
                 batch,
                 embed_weights: matches!(weights, WeightsMode::Embedded),
                 dump_after,
+                shared_linker: match shared_linker.as_deref() {
+                    Some("none") => None,
+                    Some(cc) => Some(cc.to_string()),
+                    None => xtask::default_shared_linker(&target),
+                },
             };
             let bar = ProgressBar::new(Stage::ALL.len() as u64);
             bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());
@@ -176,39 +173,28 @@ fn real_main() -> Result<()> {
             );
         }
         Cmd::FetchModel => println!("{}", xtask::fetch_default_model(true)?.display()),
-        Cmd::Chat { bundle, prompt, threads, rest } => {
-            let app = xtask::build_chat_app(&bundle, None)?;
-            let mut cmd = app_command(&app);
-            cmd.arg("--bundle").arg(&bundle).arg("--threads").arg(threads.to_string()).arg("chat");
-            cmd.args(prompt).args(rest);
-            exit_with(cmd.status()?.code())
+        Cmd::Chat(ref a) => run_bundle(&a.bundle.bundle, chat::Command::Chat(a.clone()))?,
+        Cmd::Run(ref a) => {
+            if let Some(p) = &a.dump_logits {
+                chat::check_output_file(p, a.force)?; // before anything is built or run
+            }
+            run_bundle(&a.bundle.bundle, chat::Command::Run(a.clone()))?
         }
-        Cmd::Run { bundle, threads, tokens, dump_logits, prompt, max_tokens, temperature } => {
-            let app = xtask::build_chat_app(&bundle, None)?;
-            let mut cmd = app_command(&app);
-            cmd.arg("--bundle").arg(&bundle).arg("--threads").arg(threads.to_string()).arg("run");
-            if let Some(t) = tokens {
-                cmd.arg("--tokens").arg(t);
-            }
-            if let Some(p) = dump_logits {
-                cmd.arg("--dump-logits").arg(p);
-            }
-            if let Some(p) = prompt {
-                cmd.arg("--prompt").arg(p);
-            }
-            cmd.arg("--max-tokens").arg(max_tokens.to_string()).arg("--temperature").arg(temperature.to_string());
-            exit_with(cmd.status()?.code())
-        }
+        Cmd::Tokenize(a) => chat::run(&chat::Command::Tokenize(a))?,
         Cmd::Bench { bundle, threads, runs, prefill, decode, llama_cpp } => {
             bench(&bundle, &threads, runs, &prefill, decode, llama_cpp)?
         }
         Cmd::Test { hf_reference, rest } => {
             let model = xtask::fetch_default_model(true)?;
             xtask::ensure_llama_cpp_python()?;
+            let not_run = xtask::root().join("target/kiln-tests/not-run.tsv");
+            std::fs::create_dir_all(not_run.parent().unwrap())?;
+            std::fs::write(&not_run, "")?;
             let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
             cmd.args(["test", "--release", "--workspace"])
                 .args(rest)
                 .env("KILN_MODEL", &model)
+                .env("KILN_NOT_RUN", &not_run)
                 .current_dir(xtask::root());
             if let Some(dir) = hf_reference.or_else(|| std::env::var_os("KILN_HF_REFERENCE").map(PathBuf::from)) {
                 cmd.env(
@@ -216,7 +202,24 @@ fn real_main() -> Result<()> {
                     dir.canonicalize().with_context(|| format!("no directory {}", dir.display()))?,
                 );
             }
-            exit_with(cmd.status()?.code())
+            let status = cmd.status()?;
+            let records = std::fs::read_to_string(&not_run).unwrap_or_default();
+            let lines: Vec<&str> = records.lines().filter(|l| !l.is_empty()).collect();
+            eprintln!();
+            if lines.is_empty() {
+                eprintln!("kiln test summary: every test ran ({})", if status.success() { "passed" } else { "FAILED" });
+            } else {
+                eprintln!(
+                    "kiln test summary: {} test(s) NOT RUN (they neither passed nor failed); {}:",
+                    lines.len(),
+                    if status.success() { "all others passed" } else { "others FAILED" }
+                );
+                for l in lines {
+                    let (test, reason) = l.split_once('\t').unwrap_or((l, ""));
+                    eprintln!("  not run: {test}: {reason}");
+                }
+            }
+            exit_with(status.code())
         }
         Cmd::CChat { bundle, prompt } => {
             let app = xtask::build_c_chat(&bundle, None)?;
@@ -226,12 +229,19 @@ fn real_main() -> Result<()> {
     Ok(())
 }
 
-/// The app's command, saying so when it runs under emulation.
-fn app_command(app: &xtask::App) -> Command {
-    if let Some((qemu, _)) = &app.emulator {
-        eprintln!("(running the aarch64 build under {qemu}: emulated, not representative of speed)");
+/// Runs a runner command on `bundle`: in this process for bundles of the host, else with the
+/// runner built for the bundle's target under emulation, given this command's own arguments.
+fn run_bundle(bundle: &std::path::Path, command: chat::Command) -> Result<()> {
+    match xtask::runner_for(bundle)? {
+        None => chat::run(&command),
+        Some(app) => {
+            if let Some((qemu, _)) = &app.emulator {
+                eprintln!("(running the aarch64 build under {qemu}: emulated, not representative of speed)");
+            }
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            exit_with(app.command().args(args).status()?.code())
+        }
     }
-    app.command()
 }
 
 fn exit_with(code: Option<i32>) -> ! {
@@ -246,7 +256,7 @@ fn bench(
     decode: usize,
     llama_cpp: Option<String>,
 ) -> Result<()> {
-    let app = xtask::build_chat_app(bundle, None)?;
+    let runner = xtask::runner_for(bundle)?;
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json"))?)?;
     let gguf = match llama_cpp.as_deref() {
         Some("none") => None,
@@ -254,29 +264,33 @@ fn bench(
         None if manifest["source"]["sha256"] == xtask::DEFAULT_MODEL_SHA256 => Some(xtask::fetch_default_model(false)?),
         None => None,
     };
+    let prefill_lens = chat::parse_ids(prefill)?.into_iter().map(|n| n as usize).collect::<Vec<_>>();
     let mut rows: Vec<serde_json::Value> = vec![];
     for &t in threads {
-        let out = app
-            .command()
-            .arg("--bundle")
-            .arg(bundle)
-            .arg("--threads")
-            .arg(t.to_string())
-            .args([
-                "bench",
-                "--json",
-                "--runs",
-                &runs.to_string(),
-                "--prefill",
-                prefill,
-                "--decode",
-                &decode.to_string(),
-            ])
-            .output()?;
-        if !out.status.success() {
-            bail!("kiln bench failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        rows.extend(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()));
+        let args = chat::BenchArgs {
+            bundle: chat::BundleArgs { bundle: bundle.clone(), threads: t },
+            prefill: prefill_lens.clone(),
+            decode,
+            runs,
+            json: true,
+        };
+        let lines: Vec<String> = match &runner {
+            None => chat::bench(&args)?.iter().map(chat::BenchRow::json).collect(),
+            Some(app) => {
+                let out = app
+                    .command()
+                    .args(["bench", "--json", "--bundle"])
+                    .arg(bundle)
+                    .args(["--threads", &t.to_string(), "--runs", &runs.to_string(), "--prefill", prefill])
+                    .args(["--decode", &decode.to_string()])
+                    .output()?;
+                if !out.status.success() {
+                    bail!("kiln bench failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+            }
+        };
+        rows.extend(lines.iter().filter_map(|l| serde_json::from_str(l).ok()));
         if let Some(g) = &gguf {
             let script = xtask::root().join("xtask/peer/llama_cpp_bench.py");
             let out = Command::new("python3")

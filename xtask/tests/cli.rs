@@ -147,3 +147,81 @@ fn unknown_device_lists_the_known_ones() {
         "{e}"
     );
 }
+
+/// `--out` naming a directory that holds anything but a previous kiln bundle is refused before
+/// any work, and nothing in it is touched.
+#[test]
+fn out_directory_of_the_user_is_never_replaced() {
+    let dir = scratch("user_out");
+    let model = dir.join("model.gguf");
+    std::fs::write(&model, small_valid_header()).unwrap();
+    let project = dir.join("project");
+    std::fs::create_dir_all(project.join("src")).unwrap();
+    std::fs::write(project.join("Cargo.toml"), b"[package]\n").unwrap();
+    std::fs::write(project.join("src/main.rs"), b"fn main() {}\n").unwrap();
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, b"my notes").unwrap();
+    for out in [&project, &file] {
+        let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["build-model", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("refusing to write the bundle to"), "{stderr}");
+    }
+    assert_eq!(std::fs::read(project.join("Cargo.toml")).unwrap(), b"[package]\n");
+    assert_eq!(std::fs::read(project.join("src/main.rs")).unwrap(), b"fn main() {}\n");
+    assert_eq!(std::fs::read_dir(&project).unwrap().count(), 2);
+    assert_eq!(std::fs::read(&file).unwrap(), b"my notes");
+    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["model.gguf", "notes.txt", "project"], "nothing added beside them");
+}
+
+/// Every option of the user commands is described in `--help`.
+#[test]
+fn help_describes_every_option() {
+    for cmd in ["build-model", "chat", "run", "tokenize", "bench", "c-chat", "test"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args([cmd, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{cmd} --help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim_start();
+            if !t.starts_with("--") || t.starts_with("--help") {
+                continue;
+            }
+            // clap puts the description after the flag on the same line, or on the next lines.
+            let flag = t.split_whitespace().next().unwrap();
+            let same_line = t.split("  ").skip(1).any(|s| !s.trim().is_empty());
+            let next_line = lines.get(i + 1).is_some_and(|n| n.starts_with("          ") && !n.trim().is_empty());
+            assert!(same_line || next_line, "`xtask {cmd} --help`: {flag} has no description:\n{text}");
+        }
+    }
+}
+
+/// The runner refuses flags it would ignore and checks output paths before running the model.
+#[test]
+fn runner_refuses_ignored_flags_and_bad_outputs_before_work() {
+    let dir = scratch("runner_flags");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).arg("run").args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, e) = run(&["--prompt", "hi", "--dump-logits", "x.npy"]);
+    assert_eq!(code, Some(2), "{e}");
+    assert!(e.contains("--dump-logits") && e.contains("cannot be used with"), "{e}");
+    // An existing output file is refused before the bundle is even opened.
+    let npy = dir.join("existing.npy");
+    std::fs::write(&npy, b"keep").unwrap();
+    let (code, e) = run(&["--bundle", "/nonexistent", "--tokens", "1,2", "--dump-logits", npy.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("exists; pass --force"), "{e}");
+    assert_eq!(std::fs::read(&npy).unwrap(), b"keep");
+    let (code, e) = run(&["--bundle", "/nonexistent", "--tokens", "1,x"]);
+    assert_eq!(code, Some(2), "{e}");
+}

@@ -768,22 +768,27 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, GgufError> {
         let io = |source| GgufError::Io { path: path.to_owned(), source };
         let kind = |ft: std::fs::FileType| -> Option<&'static str> {
-            use std::os::unix::fs::FileTypeExt;
-            Some(if ft.is_file() {
+            if ft.is_file() {
                 return None;
-            } else if ft.is_dir() {
-                "directory"
-            } else if ft.is_fifo() {
-                "fifo (named pipe)"
-            } else if ft.is_char_device() {
-                "character device"
-            } else if ft.is_block_device() {
-                "block device"
-            } else if ft.is_socket() {
-                "socket"
-            } else {
-                "special file"
-            })
+            }
+            if ft.is_dir() {
+                return Some("directory");
+            }
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::FileTypeExt;
+                for (is, name) in [
+                    (ft.is_fifo(), "fifo (named pipe)"),
+                    (ft.is_char_device(), "character device"),
+                    (ft.is_block_device(), "block device"),
+                    (ft.is_socket(), "socket"),
+                ] {
+                    if is {
+                        return Some(name);
+                    }
+                }
+            }
+            Some("special file")
         };
         let not_a_file = |kind| GgufError::NotAFile { path: path.to_owned(), kind };
         if let Some(k) = kind(std::fs::metadata(path).map_err(io)?.file_type()) {

@@ -2,15 +2,15 @@
 //!
 //! Hyperparameters come from the GGUF metadata (`llama.*` keys), never from constants, and
 //! every tensor's type and shape is checked against them before the graph is built.
-//! After this module, weights are [`WeightId`]s with their raw bytes in [`LoweredModel::weights`];
-//! nothing downstream reads the file format.
+//! After this module, weights are [`WeightId`]s with their raw bytes in [`LoweredModel::weights`]
+//! (slices of the file's bytes, not copies); nothing downstream reads the file format.
 
 use std::fmt;
 
 use ir::{DType, Epilogue, Graph, Op, TensorType, ValueId, WeightId};
 use serde::Serialize;
 
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::{clip, describe_value, GgufError, GgufFile};
 
 /// Architectures the frontend lowers.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
@@ -33,10 +33,11 @@ pub struct Hyperparameters {
     pub tied_embedding: bool,
 }
 
-/// A model lowered to IR: the graph, and the raw bytes of each weight (indexed by [`WeightId`]).
-pub struct LoweredModel {
+/// A model lowered to IR: the graph, and the raw bytes of each weight (indexed by [`WeightId`]),
+/// borrowed from the GGUF file.
+pub struct LoweredModel<'a> {
     pub graph: Graph,
-    pub weights: Vec<Vec<u8>>,
+    pub weights: Vec<&'a [u8]>,
     pub hyper: Hyperparameters,
 }
 
@@ -44,11 +45,41 @@ pub struct LoweredModel {
 #[derive(Debug)]
 pub enum FrontendError {
     Gguf(GgufError),
-    UnsupportedArchitecture { architecture: String },
-    BadHyperparameter { key: String, value: String, reason: String },
-    UnsupportedTensorType { tensor: String, ggml_type: String },
-    BadTensorShape { tensor: String, expected: Vec<u64>, found: Vec<u64> },
-    BadContext { requested: u32, reason: String },
+    UnsupportedArchitecture {
+        architecture: String,
+    },
+    BadHyperparameter {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    UnsupportedTensorType {
+        tensor: String,
+        ggml_type: String,
+    },
+    BadTensorShape {
+        tensor: String,
+        expected: Vec<u64>,
+        found: Vec<u64>,
+    },
+    BadContext {
+        requested: u32,
+        reason: String,
+    },
+    /// No context length was given and the file's `llama.context_length` is 0.
+    NoContextLength {
+        key: String,
+    },
+    /// The embedding (or output) matrix has a different number of rows than the tokenizer has tokens.
+    VocabMismatch {
+        tensor: String,
+        rows: u64,
+        tokens: usize,
+    },
+    /// `general.name` cannot name a model library.
+    BadModelName {
+        reason: String,
+    },
 }
 
 impl fmt::Display for FrontendError {
@@ -70,6 +101,17 @@ impl fmt::Display for FrontendError {
                 "tensor '{tensor}' has shape {found:?} but the hyperparameters require {expected:?} (GGUF dims order)"
             ),
             FrontendError::BadContext { requested, reason } => write!(f, "context length {requested}: {reason}"),
+            FrontendError::NoContextLength { key } => write!(
+                f,
+                "the model file's {key} is 0, so there is no default context length; pass --context N \
+                 (1..={MAX_CONTEXT})"
+            ),
+            FrontendError::VocabMismatch { tensor, rows, tokens } => write!(
+                f,
+                "tensor '{tensor}' has {rows} rows but the tokenizer (tokenizer.ggml.tokens) has {tokens} tokens; \
+                 they must be equal"
+            ),
+            FrontendError::BadModelName { reason } => write!(f, "bad model name (general.name): {reason}"),
         }
     }
 }
@@ -94,7 +136,7 @@ fn bad(key: &str, value: impl fmt::Display, reason: &str) -> FrontendError {
 pub fn hyperparameters(gguf: &GgufFile) -> Result<Hyperparameters, FrontendError> {
     let arch = gguf.get_str("general.architecture")?.to_string();
     if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-        return Err(FrontendError::UnsupportedArchitecture { architecture: arch });
+        return Err(FrontendError::UnsupportedArchitecture { architecture: clip(&arch).escape_debug().to_string() });
     }
     let key = |k: &str| format!("{arch}.{k}");
     let get = |k: &str| gguf.get_u32(&key(k));
@@ -134,9 +176,8 @@ pub fn hyperparameters(gguf: &GgufFile) -> Result<Hyperparameters, FrontendError
         }
     }
     if let Some(v) = gguf.get(&key("rope.scaling.type")) {
-        let kind = v.as_str().unwrap_or("?");
-        if kind != "none" {
-            return Err(bad(&key("rope.scaling.type"), kind, "rope scaling is not supported"));
+        if v.as_str() != Some("none") {
+            return Err(bad(&key("rope.scaling.type"), describe_value(v), "rope scaling is not supported"));
         }
     }
     let rope_theta = match gguf.get(&key("rope.freq_base")) {
@@ -163,9 +204,18 @@ pub fn hyperparameters(gguf: &GgufFile) -> Result<Hyperparameters, FrontendError
         }
     };
     if let Some(v) = gguf.get(&key("vocab_size")) {
-        let declared = v.as_integer().unwrap_or(-1);
-        if declared != vocab as i128 {
-            return Err(bad(&key("vocab_size"), declared, &format!("token_embd.weight has {vocab} rows")));
+        if v.as_integer() != Some(vocab as i128) {
+            return Err(bad(&key("vocab_size"), describe_value(v), &format!("token_embd.weight has {vocab} rows")));
+        }
+    }
+    // llama.cpp sizes the embedding from the tokenizer and refuses any other row count.
+    if let Some(tokens) = gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+        let output = gguf.tensor("output.weight").ok();
+        for t in std::iter::once(embd).chain(output) {
+            let rows = t.dims.get(1).copied().unwrap_or(1);
+            if rows != tokens.len() as u64 {
+                return Err(FrontendError::VocabMismatch { tensor: t.name.clone(), rows, tokens: tokens.len() });
+            }
         }
     }
     let tied_embedding = gguf.tensor("output.weight").is_err();
@@ -185,16 +235,70 @@ pub fn hyperparameters(gguf: &GgufFile) -> Result<Hyperparameters, FrontendError
     })
 }
 
+/// The context length to compile for: `requested`, or the training context capped at
+/// `default_cap` (an error when the file's training context is 0).
+pub fn choose_context(hp: &Hyperparameters, requested: Option<u32>, default_cap: u32) -> Result<u32, FrontendError> {
+    match requested {
+        Some(c) => Ok(c),
+        None if hp.train_context == 0 => {
+            Err(FrontendError::NoContextLength { key: format!("{}.context_length", hp.architecture) })
+        }
+        None => Ok(hp.train_context.min(default_cap)),
+    }
+}
+
+/// Longest model name accepted from `general.name`, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// The model's name: `general.name` when present, else `fallback` (the file name).
+///
+/// The name goes into the object file, the C header's comment and the manifest, so
+/// `general.name` is refused when it holds a control character (NUL, newline, ...) or is
+/// longer than [`MAX_NAME_BYTES`]; the fallback is cleaned instead (control characters become
+/// `_`, and it is cut to [`MAX_NAME_BYTES`]).
+pub fn model_name(gguf: &GgufFile, fallback: &str) -> Result<String, FrontendError> {
+    let name = match gguf.get("general.name") {
+        None => return Ok(clean_name(fallback)),
+        Some(_) => gguf.get_str("general.name")?,
+    };
+    if let Some((at, c)) = name.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(FrontendError::BadModelName {
+            reason: format!("{:?} holds the control character {c:?} at byte {at}", clip(name)),
+        });
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(FrontendError::BadModelName {
+            reason: format!("{:?} is longer than {MAX_NAME_BYTES} bytes", clip(name)),
+        });
+    }
+    Ok(name.to_owned())
+}
+
+fn clean_name(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if out.len() + c.len_utf8() > MAX_NAME_BYTES {
+            break;
+        }
+        out.push(if c.is_control() { '_' } else { c });
+    }
+    if out.is_empty() {
+        out.push_str("model");
+    }
+    out
+}
+
 struct Builder<'a> {
     gguf: &'a GgufFile,
     graph: Graph,
-    weights: Vec<Vec<u8>>,
+    weights: Vec<&'a [u8]>,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
     /// Adds the tensor `name` as a weight after checking its GGUF dims (`dims[0]` contiguous).
     fn weight(&mut self, name: &str, dims: &[u64]) -> Result<WeightId, FrontendError> {
-        let info = self.gguf.tensor(name)?;
+        let gguf: &'a GgufFile = self.gguf;
+        let info = gguf.tensor(name)?;
         if info.dims != dims {
             return Err(FrontendError::BadTensorShape {
                 tensor: name.into(),
@@ -207,7 +311,7 @@ impl Builder<'_> {
             ggml_type: info.ggml_type.name().to_string(),
         })?;
         let shape = dims.iter().rev().map(|&d| d as u32).collect();
-        self.weights.push(self.gguf.tensor_data(info).to_vec());
+        self.weights.push(gguf.tensor_data(info));
         Ok(self.graph.add_weight(name, format, shape))
     }
 
@@ -220,12 +324,13 @@ impl Builder<'_> {
 ///
 /// The graph takes token ids (`input 0 : i32[seq]`) and returns the logits of every row
 /// (`f32[seq, vocab]`).
-pub fn lower(gguf: &GgufFile, name: &str, context: u32) -> Result<LoweredModel, FrontendError> {
+pub fn lower<'a>(gguf: &'a GgufFile, name: &str, context: u32) -> Result<LoweredModel<'a>, FrontendError> {
     let hp = hyperparameters(gguf)?;
     if context == 0 || context > MAX_CONTEXT {
         return Err(FrontendError::BadContext { requested: context, reason: format!("must be in 1..={MAX_CONTEXT}") });
     }
-    if context > hp.train_context {
+    // A training context of 0 means the file does not say; the caller chose `context`.
+    if hp.train_context != 0 && context > hp.train_context {
         return Err(FrontendError::BadContext {
             requested: context,
             reason: format!("the model was trained for {} positions", hp.train_context),

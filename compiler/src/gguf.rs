@@ -16,8 +16,15 @@
 //! - duplicate keys and tensor names, unknown value or tensor types, bad UTF-8 and invalid
 //!   `general.alignment` values are errors that name the key or tensor and the byte offset.
 //!
-//! The file is read into memory whole (no `mmap`, no `unsafe`): the models kiln targets are
-//! small, and owning the bytes keeps the reader entirely safe code.
+//! - absurd counts (tensors, metadata entries, array values) are refused as too large before
+//!   they are compared with the file size, and nothing is reserved from a count beyond a small
+//!   bound: lists grow as their elements are actually read;
+//! - keys, names and string values from the file are clipped in error messages ([`clip`]).
+//!
+//! The file is read into memory whole, once (no `mmap`, no `unsafe`): the models kiln targets
+//! are small, and owning the bytes keeps the reader entirely safe code. [`GgufFile::open`]
+//! reads regular files only (a FIFO or `/dev/zero` would block or never end), and tensors are
+//! handed out as slices of those bytes, never copied.
 //!
 //! [`GgufWriter`] produces valid GGUF v3 files in memory; it exists for tests (round trips,
 //! synthetic models) and makes no attempt to validate what it is given.
@@ -40,6 +47,52 @@ pub const MAX_ARRAY_DEPTH: usize = 4;
 /// becomes a [`MetaValue`] in memory (32 bytes), so this bounds the parser's memory use
 /// independently of the file size; real vocabularies need a few hundred thousand.
 pub const MAX_META_VALUES: u64 = 1 << 24;
+/// Most metadata entries accepted in one file (real models have a few dozen).
+pub const MAX_META_ENTRIES: u64 = 1 << 20;
+/// Most tensors accepted in one file (real models have hundreds to a few thousand).
+pub const MAX_TENSORS: u64 = 1 << 20;
+/// Most elements reserved up front for a list whose length comes from the file; longer lists
+/// grow as their elements are actually read, so memory follows the bytes that exist.
+const PREALLOC_LIMIT: u64 = 4096;
+/// Longest key, name or string value echoed whole into an error message.
+pub const MESSAGE_STRING_LIMIT: usize = 64;
+
+/// `s` for an error message: whole when short, else its first [`MESSAGE_STRING_LIMIT`] bytes
+/// (cut at a character boundary) and its length, so a huge key or value from a file cannot
+/// flood a message.
+pub fn clip(s: &str) -> String {
+    if s.len() <= MESSAGE_STRING_LIMIT {
+        return s.to_owned();
+    }
+    let mut end = MESSAGE_STRING_LIMIT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &s[..end], s.len())
+}
+
+/// A metadata value for an error message, with its type: `7 (u32)`, `"linear" (string)`,
+/// `an array of 3 string`. Strings are clipped (see [`clip`]).
+pub fn describe_value(v: &MetaValue) -> String {
+    match v {
+        MetaValue::String(s) => format!("{:?} (string)", clip(s)),
+        MetaValue::Array(items) => match items.first() {
+            None => "an empty array".to_owned(),
+            Some(first) => format!("an array of {} {}", items.len(), first.type_name()),
+        },
+        MetaValue::U8(x) => format!("{x} (u8)"),
+        MetaValue::I8(x) => format!("{x} (i8)"),
+        MetaValue::U16(x) => format!("{x} (u16)"),
+        MetaValue::I16(x) => format!("{x} (i16)"),
+        MetaValue::U32(x) => format!("{x} (u32)"),
+        MetaValue::I32(x) => format!("{x} (i32)"),
+        MetaValue::U64(x) => format!("{x} (u64)"),
+        MetaValue::I64(x) => format!("{x} (i64)"),
+        MetaValue::F32(x) => format!("{x} (f32)"),
+        MetaValue::F64(x) => format!("{x} (f64)"),
+        MetaValue::Bool(x) => format!("{x} (bool)"),
+    }
+}
 
 /// Smallest possible encoding of one metadata entry: empty key (8-byte length), value type
 /// (4 bytes), one-byte value.
@@ -338,6 +391,8 @@ impl MetaValue {
 pub enum GgufError {
     /// The file could not be read.
     Io { path: PathBuf, source: std::io::Error },
+    /// The path names a directory, device, FIFO or socket, not a regular file.
+    NotAFile { path: PathBuf, kind: &'static str },
     /// The file does not start with `GGUF`.
     BadMagic { found: Vec<u8> },
     /// A GGUF version other than 2 or 3 (version 1 used 32-bit counts and is not supported).
@@ -346,6 +401,10 @@ pub enum GgufError {
     Truncated { what: String, offset: u64 },
     /// A count exceeds a fixed sanity limit (not the file size: that is [`GgufError::Truncated`]).
     TooLarge { what: String, value: u64, limit: u64, offset: u64 },
+    /// The metadata arrays hold more than [`MAX_META_VALUES`] values in total. `key` is the key
+    /// holding the most (`holds` values); `next` is the key (and its declared count) whose array
+    /// went over the limit, when that is another key.
+    TooManyMetaValues { key: String, holds: u64, limit: u64, offset: u64, next: Option<(String, u64)> },
     /// A string is not valid UTF-8.
     InvalidUtf8 { what: String, offset: u64 },
     /// A metadata value (or array element) type id outside 0..=12.
@@ -388,6 +447,9 @@ impl fmt::Display for GgufError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Io { path, source } => write!(f, "cannot read gguf file {}: {source}", path.display()),
+            Self::NotAFile { path, kind } => {
+                write!(f, "cannot read gguf file {}: it is a {kind}, not a regular file", path.display())
+            }
             Self::BadMagic { found } => {
                 write!(f, "not a gguf file: magic is {found:02x?}, expected \"GGUF\"")
             }
@@ -401,6 +463,18 @@ impl fmt::Display for GgufError {
             Self::TooLarge { what, value, limit, offset } => {
                 write!(f, "{what} at byte {offset} is too large: {value} (limit {limit})")
             }
+            Self::TooManyMetaValues { key, holds, limit, offset, next } => match next {
+                None => write!(
+                    f,
+                    "metadata key {key:?} holds {holds} array values (array at byte {offset}), more than the limit of \
+                     {limit} per file"
+                ),
+                Some((next, declared)) => write!(
+                    f,
+                    "metadata key {key:?} holds {holds} array values, using up the limit of {limit} per file \
+                     (metadata key {next:?} at byte {offset} declares {declared} more)"
+                ),
+            },
             Self::InvalidUtf8 { what, offset } => {
                 write!(f, "{what} at byte {offset} is not valid utf-8")
             }
@@ -516,6 +590,46 @@ impl fmt::Debug for GgufFile {
     }
 }
 
+/// The metadata array values still allowed in a file ([`MAX_META_VALUES`]), and who used them.
+struct MetaBudget {
+    limit: u64,
+    left: u64,
+    /// Values held by the key being read (all its arrays, nested ones included).
+    current: u64,
+    /// The key holding the most values so far, and how many.
+    largest: Option<(String, u64)>,
+}
+
+impl MetaBudget {
+    fn new(limit: u64) -> Self {
+        MetaBudget { limit, left: limit, current: 0, largest: None }
+    }
+
+    /// Takes `count` values for an array of `key` (clipped) declared at `offset`. When they do
+    /// not fit, the error blames the key holding the most values: this one, or an earlier one.
+    fn take(&mut self, key: &str, count: u64, offset: u64) -> Result<(), GgufError> {
+        if count <= self.left {
+            self.left -= count;
+            self.current += count;
+            return Ok(());
+        }
+        let mine = self.current.saturating_add(count);
+        let (key, holds, next) = match &self.largest {
+            Some((big, held)) if *held > mine => (big.clone(), *held, Some((key.to_owned(), count))),
+            _ => (key.to_owned(), mine, None),
+        };
+        Err(GgufError::TooManyMetaValues { key, holds, limit: self.limit, offset, next })
+    }
+
+    /// Ends the entry of `key`.
+    fn finish_key(&mut self, key: &str) {
+        if self.current > self.largest.as_ref().map_or(0, |l| l.1) {
+            self.largest = Some((key.to_owned(), self.current));
+        }
+        self.current = 0;
+    }
+}
+
 /// A cursor over untrusted bytes; every read is bounds-checked.
 struct Reader<'a> {
     buf: &'a [u8],
@@ -574,9 +688,9 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// One metadata value of type `ty` belonging to `key`, at array nesting `depth`.
-    /// `budget` is the number of array elements still allowed in this file.
-    fn value(&mut self, ty: u32, key: &str, depth: usize, budget: &mut u64) -> Result<MetaValue, GgufError> {
+    /// One metadata value of type `ty` belonging to `key` (clipped for messages), at array
+    /// nesting `depth`. `budget` counts the array elements still allowed in this file.
+    fn value(&mut self, ty: u32, key: &str, depth: usize, budget: &mut MetaBudget) -> Result<MetaValue, GgufError> {
         use value_type::*;
         let what = || format!("value of metadata key {key:?}");
         Ok(match ty {
@@ -612,6 +726,8 @@ impl<'a> Reader<'a> {
                 })?;
                 let count_at = self.offset();
                 let count = self.u64(|| format!("array length of metadata key {key:?}"))?;
+                // An absurd count is reported as such, before comparing it with the file size.
+                budget.take(key, count, count_at)?;
                 let left = self.remaining() as u64;
                 if count > left / min {
                     return Err(GgufError::Truncated {
@@ -621,18 +737,9 @@ impl<'a> Reader<'a> {
                         offset: self.offset(),
                     });
                 }
-                if count > *budget {
-                    return Err(GgufError::TooLarge {
-                        what: format!("array length of metadata key {key:?}"),
-                        value: count,
-                        limit: *budget,
-                        offset: count_at,
-                    });
-                }
-                *budget -= count;
-                // `count` is at most the remaining byte count, so this allocation is bounded
-                // by the file size (and by MAX_META_VALUES).
-                let mut items = Vec::with_capacity(count as usize);
+                // `count` is at most the remaining byte count and within MAX_META_VALUES; the
+                // vector still grows with the elements actually read.
+                let mut items = Vec::with_capacity(count.min(PREALLOC_LIMIT) as usize);
                 for _ in 0..count {
                     items.push(self.value(elem_ty, key, depth + 1, budget)?);
                 }
@@ -655,14 +762,57 @@ fn align_up(x: u64, alignment: u64) -> Option<u64> {
 }
 
 impl GgufFile {
-    /// Reads and parses the file at `path`.
+    /// Reads and parses the file at `path`, which must be a regular file: a directory, a
+    /// device such as `/dev/zero` or a FIFO is refused before it is opened (reading it could
+    /// block or never end). The file is read once, whole; tensors are slices of it.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let bytes = std::fs::read(path).map_err(|source| GgufError::Io { path: path.to_owned(), source })?;
+        let io = |source| GgufError::Io { path: path.to_owned(), source };
+        let kind = |ft: std::fs::FileType| -> Option<&'static str> {
+            if ft.is_file() {
+                return None;
+            }
+            if ft.is_dir() {
+                return Some("directory");
+            }
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::FileTypeExt;
+                for (is, name) in [
+                    (ft.is_fifo(), "fifo (named pipe)"),
+                    (ft.is_char_device(), "character device"),
+                    (ft.is_block_device(), "block device"),
+                    (ft.is_socket(), "socket"),
+                ] {
+                    if is {
+                        return Some(name);
+                    }
+                }
+            }
+            Some("special file")
+        };
+        let not_a_file = |kind| GgufError::NotAFile { path: path.to_owned(), kind };
+        if let Some(k) = kind(std::fs::metadata(path).map_err(io)?.file_type()) {
+            return Err(not_a_file(k));
+        }
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        // The path may have been replaced since it was checked; check what was opened.
+        let meta = file.metadata().map_err(io)?;
+        if let Some(k) = kind(meta.file_type()) {
+            return Err(not_a_file(k));
+        }
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(meta.len() as usize).map_err(|e| io(std::io::Error::other(e)))?;
+        std::io::Read::read_to_end(&mut file, &mut bytes).map_err(io)?;
         Self::parse(bytes)
     }
 
     /// Parses a whole GGUF file held in memory.
     pub fn parse(bytes: Vec<u8>) -> Result<Self, GgufError> {
+        Self::parse_with_limit(bytes, MAX_META_VALUES)
+    }
+
+    /// [`GgufFile::parse`] with `meta_values` in place of [`MAX_META_VALUES`] (for tests).
+    fn parse_with_limit(bytes: Vec<u8>, meta_values: u64) -> Result<Self, GgufError> {
         let file_len = bytes.len() as u64;
         let mut r = Reader { buf: &bytes, pos: 0 };
 
@@ -674,8 +824,18 @@ impl GgufFile {
         if version != 2 && version != 3 {
             return Err(GgufError::UnsupportedVersion { version });
         }
+        let counts_at = r.offset();
         let tensor_count = r.u64(|| "tensor count".to_owned())?;
         let kv_count = r.u64(|| "metadata entry count".to_owned())?;
+        // Absurd counts are reported as such, not as a truncated file.
+        for (what, value, limit, offset) in [
+            ("tensor count", tensor_count, MAX_TENSORS, counts_at),
+            ("metadata entry count", kv_count, MAX_META_ENTRIES, counts_at + 8),
+        ] {
+            if value > limit {
+                return Err(GgufError::TooLarge { what: what.to_owned(), value, limit, offset });
+            }
+        }
         let left = r.remaining() as u64;
         let needed = kv_count
             .checked_mul(MIN_KV_BYTES)
@@ -689,21 +849,23 @@ impl GgufFile {
         }
 
         // Metadata.
-        let mut metadata = Vec::with_capacity(kv_count as usize);
-        let mut meta_index = HashMap::with_capacity(kv_count as usize);
-        let mut budget = MAX_META_VALUES;
+        let mut metadata = Vec::with_capacity(kv_count.min(PREALLOC_LIMIT) as usize);
+        let mut meta_index = HashMap::with_capacity(kv_count.min(PREALLOC_LIMIT) as usize);
+        let mut budget = MetaBudget::new(meta_values);
         for i in 0..kv_count {
             let key_at = r.offset();
             let key = r.string(&|| format!("key of metadata entry {i}"))?;
+            let label = clip(&key);
             if meta_index.contains_key(&key) {
-                return Err(GgufError::DuplicateKey { key, offset: key_at });
+                return Err(GgufError::DuplicateKey { key: label, offset: key_at });
             }
             let ty_at = r.offset();
-            let ty = r.u32(|| format!("value type of metadata key {key:?}"))?;
+            let ty = r.u32(|| format!("value type of metadata key {label:?}"))?;
             if min_value_bytes(ty).is_none() {
-                return Err(GgufError::UnknownValueType { key, type_id: ty, offset: ty_at });
+                return Err(GgufError::UnknownValueType { key: label, type_id: ty, offset: ty_at });
             }
-            let value = r.value(ty, &key, 0, &mut budget)?;
+            let value = r.value(ty, &label, 0, &mut budget)?;
+            budget.finish_key(&label);
             meta_index.insert(key.clone(), metadata.len());
             metadata.push((key, value));
         }
@@ -712,17 +874,19 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_integer() {
                 Some(a) if a > 0 && a <= u64::MAX as i128 && (a as u64).is_power_of_two() => a as u64,
-                _ => return Err(GgufError::BadAlignment { value: format!("{v:?}") }),
+                _ => return Err(GgufError::BadAlignment { value: describe_value(v) }),
             },
         };
 
         // Tensor infos.
-        let mut tensors: Vec<TensorInfo> = Vec::with_capacity(tensor_count as usize);
-        let mut tensor_index = HashMap::with_capacity(tensor_count as usize);
+        let mut tensors: Vec<TensorInfo> = Vec::with_capacity(tensor_count.min(PREALLOC_LIMIT) as usize);
+        let mut tensor_index = HashMap::with_capacity(tensor_count.min(PREALLOC_LIMIT) as usize);
         for i in 0..tensor_count {
             let at = r.offset();
-            let name = r.string(&|| format!("name of tensor info {i}"))?;
-            if tensor_index.contains_key(&name) {
+            let full_name = r.string(&|| format!("name of tensor info {i}"))?;
+            // `name` is what messages show; the full name is kept in the info.
+            let name = clip(&full_name);
+            if tensor_index.contains_key(&full_name) {
                 return Err(GgufError::DuplicateTensor { tensor: name, offset: at });
             }
             let n_dims = r.u32(|| format!("dimension count of tensor {name:?}"))?;
@@ -761,8 +925,8 @@ impl GgufFile {
             let Some(n_bytes) = ggml_type.bytes_for(n_elements) else {
                 return Err(GgufError::DimsOverflow { tensor: name, offset: at });
             };
-            tensor_index.insert(name.clone(), tensors.len());
-            tensors.push(TensorInfo { name, dims, ggml_type, offset, n_bytes });
+            tensor_index.insert(full_name.clone(), tensors.len());
+            tensors.push(TensorInfo { name: full_name, dims, ggml_type, offset, n_bytes });
         }
 
         // Data section and tensor ranges.
@@ -775,7 +939,7 @@ impl GgufFile {
         };
         for t in &tensors {
             if !t.offset.is_multiple_of(alignment) {
-                return Err(GgufError::MisalignedTensor { tensor: t.name.clone(), offset: t.offset, alignment });
+                return Err(GgufError::MisalignedTensor { tensor: clip(&t.name), offset: t.offset, alignment });
             }
             let start = data_start.checked_add(t.offset);
             let end = start.and_then(|s| s.checked_add(t.n_bytes));
@@ -783,7 +947,7 @@ impl GgufFile {
                 (Some(_), Some(end)) if end <= file_len => {}
                 _ => {
                     return Err(GgufError::TensorOutOfBounds {
-                        tensor: t.name.clone(),
+                        tensor: clip(&t.name),
                         start: start.unwrap_or(u64::MAX),
                         end: end.unwrap_or(u64::MAX),
                         file_len,
@@ -797,7 +961,7 @@ impl GgufFile {
             let (a, b) = (&tensors[pair[0]], &tensors[pair[1]]);
             // Cannot overflow: both ranges were checked to lie inside the file.
             if a.offset + a.n_bytes > b.offset {
-                return Err(GgufError::OverlappingTensors { first: a.name.clone(), second: b.name.clone() });
+                return Err(GgufError::OverlappingTensors { first: clip(&a.name), second: clip(&b.name) });
             }
         }
 
@@ -819,7 +983,7 @@ impl GgufFile {
     }
 
     fn wrong_type(key: &str, expected: &'static str, found: &MetaValue) -> GgufError {
-        GgufError::WrongKeyType { key: key.to_owned(), expected, found: describe_type(found) }
+        GgufError::WrongKeyType { key: key.to_owned(), expected, found: describe_value(found) }
     }
 
     /// A string value.
@@ -918,16 +1082,10 @@ impl GgufFile {
     pub fn file_len(&self) -> u64 {
         self.bytes.len() as u64
     }
-}
 
-/// "u32", "array of string", "empty array".
-fn describe_type(v: &MetaValue) -> String {
-    match v {
-        MetaValue::Array(items) => match items.first() {
-            None => "an empty array".to_owned(),
-            Some(first) => format!("an array of {}", first.type_name()),
-        },
-        other => other.type_name().to_owned(),
+    /// The whole file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
@@ -1369,15 +1527,34 @@ mod tests {
 
     #[test]
     fn huge_counts() {
-        // Array count far beyond the file.
+        // An absurd array count is reported as too many values, not as a truncated file.
         let e = err(Raw::new(3, 0, 1).str("tokenizer.ggml.tokens").u32(9).u32(8).u64(u64::MAX).0);
-        assert!(matches!(&e, GgufError::Truncated { what, .. } if what.contains("tokenizer.ggml.tokens")), "{e}");
+        assert!(
+            matches!(&e, GgufError::TooManyMetaValues { key, holds: u64::MAX, next: None, .. } if key == "tokenizer.ggml.tokens"),
+            "{e}"
+        );
         let e = err(Raw::new(3, 0, 1).str("a").u32(9).u32(4).u64(1 << 60).bytes(&[0; 100]).0);
+        assert!(matches!(e, GgufError::TooManyMetaValues { holds: 0x1000_0000_0000_0000, .. }), "{e}");
+        assert!(e.to_string().contains("1152921504606846976") && e.to_string().contains("\"a\""), "{e}");
+        // A plausible array count beyond the file is a truncation.
+        let e = err(Raw::new(3, 0, 1).str("a").u32(9).u32(4).u64(1000).bytes(&[0; 100]).0);
         assert!(matches!(e, GgufError::Truncated { .. }), "{e}");
-        // Entry counts beyond the file.
-        assert!(matches!(err(Raw::new(3, 0, u64::MAX).0), GgufError::Truncated { .. }));
-        assert!(matches!(err(Raw::new(3, u64::MAX, 0).0), GgufError::Truncated { .. }));
-        assert!(matches!(err(Raw::new(3, 1 << 40, 1 << 40).0), GgufError::Truncated { .. }));
+        // Absurd entry counts are too large, with the count in the message.
+        for (raw, what) in [
+            (Raw::new(3, 0, u64::MAX), "metadata entry count"),
+            (Raw::new(3, u64::MAX, 0), "tensor count"),
+            (Raw::new(3, 1 << 60, 0), "tensor count"),
+            (Raw::new(3, 0, 1 << 60), "metadata entry count"),
+        ] {
+            let e = err(raw.0);
+            assert!(matches!(&e, GgufError::TooLarge { what: w, .. } if w == what), "{e}");
+            assert!(!e.to_string().contains("truncated"), "{e}");
+        }
+        let e = err(Raw::new(3, 1 << 60, 0).0);
+        assert!(e.to_string().contains("1152921504606846976"), "{e}");
+        // Plausible counts beyond the file are a truncation.
+        assert!(matches!(err(Raw::new(3, 1000, 0).0), GgufError::Truncated { .. }));
+        assert!(matches!(err(Raw::new(3, 0, 1000).0), GgufError::Truncated { .. }));
     }
 
     #[test]
@@ -1385,13 +1562,117 @@ mod tests {
         // An array of 10 u32 values against budgets of 9 and 10.
         let bytes = [4u32.to_le_bytes().as_slice(), &10u64.to_le_bytes(), &[0; 40]].concat();
         let mut r = Reader { buf: &bytes, pos: 0 };
-        let mut budget = 9;
+        let mut budget = MetaBudget::new(9);
         let e = r.value(value_type::ARRAY, "k", 0, &mut budget).unwrap_err();
-        assert!(matches!(e, GgufError::TooLarge { value: 10, limit: 9, .. }), "{e}");
+        assert!(matches!(e, GgufError::TooManyMetaValues { holds: 10, limit: 9, next: None, .. }), "{e}");
         let mut r = Reader { buf: &bytes, pos: 0 };
-        let mut budget = 10;
+        let mut budget = MetaBudget::new(10);
         assert!(r.value(value_type::ARRAY, "k", 0, &mut budget).is_ok());
-        assert_eq!(budget, 0);
+        assert_eq!(budget.left, 0);
+    }
+
+    #[test]
+    fn exhausted_value_budget_blames_the_key_that_used_it() {
+        let mut w = GgufWriter::new();
+        w.add_meta("big.array", MetaValue::Array(vec![MetaValue::U8(0); 100]));
+        w.add_meta("small.array", MetaValue::Array(vec![MetaValue::U8(0); 5]));
+        let e = GgufFile::parse_with_limit(w.finish(), 100).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(&e, GgufError::TooManyMetaValues { key, holds: 100, limit: 100, next: Some((next, 5)), .. }
+                if key == "big.array" && next == "small.array"),
+            "{msg}"
+        );
+        assert!(msg.contains("\"big.array\" holds 100 array values") && msg.contains("limit of 100"), "{msg}");
+        // A key that alone goes over the limit is blamed itself, with its total.
+        let mut w = GgufWriter::new();
+        w.add_meta("small.array", MetaValue::Array(vec![MetaValue::U8(0); 5]));
+        w.add_meta(
+            "nested",
+            MetaValue::Array(vec![
+                MetaValue::Array(vec![MetaValue::U8(0); 60]),
+                MetaValue::Array(vec![MetaValue::U8(0); 60]),
+            ]),
+        );
+        let e = GgufFile::parse_with_limit(w.finish(), 100).unwrap_err();
+        assert!(
+            matches!(&e, GgufError::TooManyMetaValues { key, holds: 122, next: None, .. } if key == "nested"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn huge_keys_and_names_are_clipped_in_messages() {
+        let long = "k".repeat(1 << 20);
+        let cases = [
+            // Duplicate key, unknown value type, truncated value, invalid bool.
+            {
+                let mut w = GgufWriter::new();
+                w.add_meta(&long, MetaValue::U8(1)).add_meta(&long, MetaValue::U8(2));
+                w.finish()
+            },
+            Raw::new(3, 0, 1).str(&long).u32(13).bytes(&[0; 16]).0,
+            Raw::new(3, 0, 1).str(&long).u32(4).0,
+            Raw::new(3, 0, 1).str(&long).u32(7).bytes(&[9]).0,
+            Raw::new(3, 0, 1).str(&long).u32(9).u32(4).u64(1000).bytes(&[0; 16]).0,
+            // Tensor names: unknown type, out of bounds, duplicate.
+            Raw::new(3, 1, 0).tensor(&long, &[32], 4, 0).data(64),
+            Raw::new(3, 1, 0).tensor(&long, &[1024], 0, 0).data(64),
+            Raw::new(3, 2, 0).tensor(&long, &[8], 0, 0).tensor(&long, &[8], 0, 32).data(64),
+        ];
+        for bytes in cases {
+            let msg = err(bytes).to_string();
+            assert!(msg.len() < 400, "{} bytes: {}", msg.len(), &msg[..400]);
+            assert!(msg.contains("(1048576 bytes)"), "{msg}");
+        }
+        // A long string value in a lookup error.
+        let mut w = GgufWriter::new();
+        w.add_meta("general.alignment", s(&long));
+        let msg = err(w.finish()).to_string();
+        assert!(msg.len() < 400 && msg.contains("(1048576 bytes)") && msg.contains("string"), "{msg}");
+        assert_eq!(clip("short"), "short");
+        assert_eq!(clip(&"é".repeat(40)), format!("{}... (80 bytes)", "é".repeat(32)));
+    }
+
+    #[test]
+    fn wrong_typed_values_are_reported_with_value_and_type() {
+        let mut w = GgufWriter::new();
+        w.add_meta("a.string", s("abc")).add_meta("a.u32", MetaValue::U32(7)).add_meta("a.i32", MetaValue::I32(-3));
+        let f = GgufFile::parse(w.finish()).unwrap();
+        let msg = f.get_u32("a.string").unwrap_err().to_string();
+        assert!(msg.contains("\"a.string\"") && msg.contains("\"abc\" (string)"), "{msg}");
+        let msg = f.get_str("a.u32").unwrap_err().to_string();
+        assert!(msg.contains("7 (u32)"), "{msg}");
+        let msg = f.get_u32("a.i32").unwrap_err().to_string();
+        assert!(msg.contains("-3"), "{msg}");
+        assert_eq!(describe_value(&MetaValue::Array(vec![s("x"), s("y")])), "an array of 2 string");
+    }
+
+    #[test]
+    fn special_files_are_refused_before_reading() {
+        let start = std::time::Instant::now();
+        let dir = std::env::temp_dir().join(format!("kiln-gguf-special-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.gguf");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo");
+        assert!(status.success());
+        for (path, kind) in
+            [(Path::new("/dev/zero"), "character device"), (fifo.as_path(), "fifo"), (dir.as_path(), "directory")]
+        {
+            let e = GgufFile::open(path).unwrap_err();
+            assert!(matches!(e, GgufError::NotAFile { .. }), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains(kind) && msg.contains("not a regular file"), "{msg}");
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        // A regular file still opens.
+        let file = std::env::temp_dir().join(format!("kiln-gguf-regular-{}.gguf", std::process::id()));
+        std::fs::write(&file, sample_bytes()).unwrap();
+        assert_eq!(GgufFile::open(&file).unwrap().tensors.len(), 3);
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

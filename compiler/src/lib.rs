@@ -70,15 +70,42 @@ impl fmt::Display for CompileError {
 
 impl std::error::Error for CompileError {}
 
-/// Compiles `graph` (with raw weights `weights`, indexed by weight id) for `target`.
-pub fn compile(
-    mut graph: Graph,
-    weights: &[Vec<u8>],
+/// Compiles `graph` (with raw weights `weights`, indexed by weight id: owned buffers or slices
+/// of a model file) for `target`: [`prepare`] then [`finish`].
+pub fn compile<W: AsRef<[u8]>>(
+    graph: Graph,
+    weights: &[W],
     target: &dyn Target,
     opts: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
+    let prepared = prepare(graph, weights, target, opts)?;
+    finish(prepared, target, opts)
+}
+
+/// A graph after the pass pipeline, planned, with its weights packed: the raw weights are no
+/// longer needed (a caller can free the model file before code generation).
+pub struct Prepared {
+    graph: Graph,
+    info: ir::verify::GraphInfo,
+    plan: passes::plan_memory::MemoryPlan,
+    packed: pack::Packed,
+    timings: Vec<(String, Duration)>,
+}
+
+/// The first half of [`compile`]: checks the options, runs the pass pipeline, plans memory and
+/// packs the weights.
+pub fn prepare<W: AsRef<[u8]>>(
+    mut graph: Graph,
+    weights: &[W],
+    target: &dyn Target,
+    opts: &CompileOptions,
+) -> Result<Prepared, CompileError> {
     if opts.batch == 0 || opts.batch > 65536 {
         return Err(CompileError::BadOption(format!("batch {} must be in 1..=65536", opts.batch)));
+    }
+    // The name becomes the object file's name (an ELF string table entry, NUL-terminated).
+    if graph.name.contains('\0') {
+        return Err(CompileError::BadOption(format!("graph name {:?} holds a NUL byte", gguf::clip(&graph.name))));
     }
     let mut timings = vec![];
     let (info, report) = passes::run_pipeline(&mut graph, target, &opts.pipeline).map_err(CompileError::Verifier)?;
@@ -89,6 +116,13 @@ pub fn compile(
     let start = Instant::now();
     let packed = pack::pack(&graph, weights);
     timings.push(("pack weights".into(), start.elapsed()));
+    Ok(Prepared { graph, info, plan, packed, timings })
+}
+
+/// The second half of [`compile`]: code generation. `opts` must be the options given to
+/// [`prepare`].
+pub fn finish(prepared: Prepared, target: &dyn Target, opts: &CompileOptions) -> Result<Compiled, CompileError> {
+    let Prepared { graph, info, plan, packed, mut timings } = prepared;
     let start = Instant::now();
     let emitted = codegen::emit(
         &graph,
@@ -110,4 +144,22 @@ pub fn compile(
         final_ir: graph.to_string(),
         timings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nul_in_the_graph_name_is_an_error_not_a_panic() {
+        let mut graph = ir::parse::parse_graph(
+            "graph \"t\" context=8\nv0 = input 0 : f32[seq, 32]\nv1 = silu v0 : f32[seq, 32]\noutput v1\n",
+        )
+        .unwrap();
+        graph.name = "a\0b".into();
+        let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
+        let weights: &[Vec<u8>] = &[];
+        let e = compile(graph, weights, target.as_ref(), &CompileOptions::default()).err().expect("an error");
+        assert!(matches!(&e, CompileError::BadOption(m) if m.contains("NUL")), "{e}");
+    }
 }

@@ -161,7 +161,7 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
 
 /// Packs every weight of `graph` (raw bytes in `raw`, indexed by weight id) and the constant
 /// tables its ops need, in weight-id order so that the blob is deterministic.
-pub fn pack(graph: &Graph, raw: &[Vec<u8>]) -> Packed {
+pub fn pack<W: AsRef<[u8]>>(graph: &Graph, raw: &[W]) -> Packed {
     let mut blob = Vec::new();
     let mut weights = Vec::with_capacity(graph.weights.len());
     for (i, w) in graph.weights.iter().enumerate() {
@@ -169,11 +169,11 @@ pub fn pack(graph: &Graph, raw: &[Vec<u8>]) -> Packed {
         let offset = blob.len() as u64;
         match layout {
             Layout::F32Vector { n } => {
-                for v in dequantize(w.format, &raw[i], 1, n as usize) {
+                for v in dequantize(w.format, raw[i].as_ref(), 1, n as usize) {
                     push_f32(&mut blob, v);
                 }
             }
-            _ => pack_matrix(&mut blob, w.format, layout, &raw[i]),
+            _ => pack_matrix(&mut blob, w.format, layout, raw[i].as_ref()),
         }
         pad_to(&mut blob, ALIGN);
         weights.push(PackedWeight { offset, layout });

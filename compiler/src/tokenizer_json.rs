@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fmt::Write as _;
 
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::{clip, GgufError, GgufFile};
 
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
 pub mod token_type {
@@ -137,7 +137,7 @@ const BYTE_LEVEL: &str = r#"{"type":"ByteLevel","add_prefix_space":false,"trim_o
 pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
     let model = gguf.get_str("tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(TokenizerError::UnsupportedTokenizer { model: model.to_owned() });
+        return Err(TokenizerError::UnsupportedTokenizer { model: clip(model) });
     }
     let pre = match gguf.get("tokenizer.ggml.pre") {
         None => "default",
@@ -153,7 +153,7 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
     } else if GPT2_FAMILIES.contains(&pre) {
         BYTE_LEVEL.to_owned()
     } else {
-        return Err(TokenizerError::UnsupportedPreTokenizer { pre: pre.to_owned() });
+        return Err(TokenizerError::UnsupportedPreTokenizer { pre: clip(pre) });
     };
 
     let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
@@ -173,12 +173,12 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
     for (id, &tok) in tokens.iter().enumerate() {
         let id = id as u32;
         if let Some(first) = vocab.insert(tok, id) {
-            return Err(TokenizerError::DuplicateToken { token: tok.to_owned(), first, second: id });
+            return Err(TokenizerError::DuplicateToken { token: clip(tok), first, second: id });
         }
     }
     let mut joined = String::new();
     for (rank, &merge) in merges.iter().enumerate() {
-        let bad = |reason: String| TokenizerError::BadMerge { rank, merge: merge.to_owned(), reason };
+        let bad = |reason: String| TokenizerError::BadMerge { rank, merge: clip(merge), reason };
         let mut parts = merge.split(' ');
         let (Some(left), Some(right), None) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad("expected two tokens separated by one space".to_owned()));
@@ -188,7 +188,7 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
         joined.push_str(right);
         for part in [left, right, joined.as_str()] {
             if part.is_empty() || !vocab.contains_key(part) {
-                return Err(bad(format!("{part:?} is not in the vocabulary")));
+                return Err(bad(format!("{:?} is not in the vocabulary", clip(part))));
             }
         }
     }
@@ -424,5 +424,28 @@ mod tests {
             let enc = tok.encode(text, false).unwrap();
             assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text, "{text:?}");
         }
+    }
+
+    #[test]
+    fn huge_strings_are_clipped_in_messages() {
+        let long = "x".repeat(1 << 20);
+        for (model, pre) in [(long.as_str(), None), ("gpt2", Some(long.as_str()))] {
+            let msg = build(&tiny(model, pre)).unwrap_err().to_string();
+            assert!(msg.len() < 300 && msg.contains("(1048576 bytes)"), "{}", &msg[..msg.len().min(300)]);
+        }
+        let mut w = GgufWriter::new();
+        w.add_meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()));
+        w.add_meta("tokenizer.ggml.pre", MetaValue::String("gpt2".into()));
+        w.add_meta("tokenizer.ggml.tokens", strs(&[long.as_str(), "y"]));
+        w.add_meta("tokenizer.ggml.merges", strs(&[format!("{long}z y").as_str()]));
+        let msg = build(&w).unwrap_err().to_string();
+        assert!(msg.len() < 400 && msg.contains("(1048577 bytes)"), "{}", &msg[..msg.len().min(400)]);
+        let mut w = GgufWriter::new();
+        w.add_meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()));
+        w.add_meta("tokenizer.ggml.pre", MetaValue::String("gpt2".into()));
+        w.add_meta("tokenizer.ggml.tokens", strs(&[long.as_str(), long.as_str()]));
+        w.add_meta("tokenizer.ggml.merges", strs(&[]));
+        let msg = build(&w).unwrap_err().to_string();
+        assert!(msg.len() < 300 && msg.contains("(1048576 bytes)"), "{}", &msg[..msg.len().min(300)]);
     }
 }

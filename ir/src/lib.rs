@@ -332,45 +332,70 @@ impl Graph {
     }
 
     /// Removes nodes whose value is unused (and not an input) and renumbers the rest in order.
+    ///
+    /// One backward sweep finds every node an output (or a kept node) depends on, so the cost
+    /// is linear in the graph size however long the chains of dead nodes are.
     pub fn remove_dead_nodes(&mut self) {
-        loop {
-            let counts = self.use_counts();
-            let dead: Vec<bool> =
-                self.nodes.iter().zip(&counts).map(|(n, &c)| c == 0 && !matches!(n.op, Op::Input { .. })).collect();
-            if !dead.iter().any(|&d| d) {
-                return;
+        let mut live = vec![false; self.nodes.len()];
+        for v in &self.outputs {
+            live[v.index()] = true;
+        }
+        for i in (0..self.nodes.len()).rev() {
+            if matches!(self.nodes[i].op, Op::Input { .. }) {
+                live[i] = true;
             }
-            let mut new_index = vec![u32::MAX; self.nodes.len()];
-            let mut kept = Vec::with_capacity(self.nodes.len());
-            for (i, node) in std::mem::take(&mut self.nodes).into_iter().enumerate() {
-                if !dead[i] {
-                    new_index[i] = kept.len() as u32;
-                    kept.push(node);
+            if live[i] {
+                for v in self.nodes[i].op.operands() {
+                    live[v.index()] = true;
                 }
             }
-            for node in &mut kept {
-                node.op.map_operands(|v| ValueId(new_index[v.index()]));
-            }
-            for v in &mut self.outputs {
-                *v = ValueId(new_index[v.index()]);
-            }
-            self.nodes = kept;
         }
+        if live.iter().all(|&l| l) {
+            return;
+        }
+        let mut new_index = vec![u32::MAX; self.nodes.len()];
+        let mut kept = Vec::with_capacity(self.nodes.len());
+        for (i, node) in std::mem::take(&mut self.nodes).into_iter().enumerate() {
+            if live[i] {
+                new_index[i] = kept.len() as u32;
+                kept.push(node);
+            }
+        }
+        for node in &mut kept {
+            node.op.map_operands(|v| ValueId(new_index[v.index()]));
+        }
+        for v in &mut self.outputs {
+            *v = ValueId(new_index[v.index()]);
+        }
+        self.nodes = kept;
     }
 
     /// Makes every use of `old` (operands and outputs) a use of `new`.
+    ///
+    /// This scans the whole graph: a pass that replaces many values should collect them in a
+    /// substitution map and apply it with [`Graph::substitute`] in one sweep instead.
     pub fn replace_uses(&mut self, old: ValueId, new: ValueId) {
+        let mut map: Vec<ValueId> = (0..self.nodes.len() as u32).map(ValueId).collect();
+        map[old.index()] = new;
+        self.substitute(&map);
+    }
+
+    /// Rewrites every operand and output `v` to `map[v]`, in one sweep over the graph.
+    /// `map` has one entry per node (the identity for values that stay).
+    pub fn substitute(&mut self, map: &[ValueId]) {
+        assert_eq!(map.len(), self.nodes.len(), "one substitution entry per node");
         for node in &mut self.nodes {
-            node.op.map_operands(|v| if v == old { new } else { v });
+            node.op.map_operands(|v| map[v.index()]);
         }
         for v in &mut self.outputs {
-            if *v == old {
-                *v = new;
-            }
+            *v = map[v.index()];
         }
     }
 
     /// Inserts `node` so that it becomes value `at`, renumbering the values from `at` on.
+    ///
+    /// This renumbers the whole graph: a pass that inserts many nodes should build the new
+    /// node list in one sweep instead (as `quantize_activations` does).
     pub fn insert(&mut self, at: ValueId, node: Node) {
         let shift = |v: ValueId| if v.0 >= at.0 { ValueId(v.0 + 1) } else { v };
         for n in &mut self.nodes {
@@ -403,5 +428,49 @@ impl Graph {
 impl fmt::Display for Graph {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&write::write_graph(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remove_dead_nodes_drops_whole_dead_chains_in_one_sweep() {
+        let mut g = Graph::new("t", 8);
+        let x = g.push(Op::Input { index: 0 }, TensorType::rows(DType::F32, 4));
+        // A long dead chain hanging off the input, then a live node.
+        let mut v = x;
+        for _ in 0..100_000 {
+            v = g.push(Op::Silu { x: v }, TensorType::rows(DType::F32, 4));
+        }
+        let live = g.push(Op::Add { a: x, b: x }, TensorType::rows(DType::F32, 4));
+        let _unused_input = g.push(Op::Input { index: 1 }, TensorType::rows(DType::F32, 4));
+        g.outputs.push(live);
+        g.remove_dead_nodes();
+        assert_eq!(g.nodes.len(), 3);
+        assert_eq!(g.nodes[1].op, Op::Add { a: ValueId(0), b: ValueId(0) });
+        assert_eq!(g.outputs, [ValueId(1)]);
+        assert!(matches!(g.nodes[2].op, Op::Input { index: 1 }));
+    }
+
+    #[test]
+    fn substitute_and_replace_uses() {
+        let mut g = Graph::new("t", 8);
+        let x = g.push(Op::Input { index: 0 }, TensorType::rows(DType::F32, 4));
+        let a = g.push(Op::Silu { x }, TensorType::rows(DType::F32, 4));
+        let b = g.push(Op::Silu { x: a }, TensorType::rows(DType::F32, 4));
+        let c = g.push(Op::Add { a, b }, TensorType::rows(DType::F32, 4));
+        g.outputs.push(c);
+        g.outputs.push(a);
+        g.replace_uses(a, x);
+        assert_eq!(g.nodes[2].op, Op::Silu { x });
+        assert_eq!(g.nodes[3].op, Op::Add { a: x, b });
+        assert_eq!(g.outputs, [c, x]);
+        assert_eq!(g.use_counts(), [4, 0, 1, 1]);
+        let mut map: Vec<ValueId> = (0..4).map(ValueId).collect();
+        map[3] = b;
+        g.substitute(&map);
+        assert_eq!(g.outputs, [b, x]);
     }
 }

@@ -5,3 +5,4 @@ mod kernels;
 mod model;
 mod reference;
 mod tokenizer;
+mod untrusted;

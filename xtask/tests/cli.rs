@@ -225,3 +225,58 @@ fn runner_refuses_ignored_flags_and_bad_outputs_before_work() {
     let (code, e) = run(&["--bundle", "/nonexistent", "--tokens", "1,x"]);
     assert_eq!(code, Some(2), "{e}");
 }
+
+/// Runs `xtask build-model --model PATH` and returns stderr, asserting a clean, quick failure.
+fn build_path_fails(name: &str, model: &Path) -> String {
+    let dir = scratch(name);
+    let out = dir.join("bundle");
+    let start = std::time::Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("build-model")
+        .arg("--model")
+        .arg(model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{name}: expected exit code 1, stderr: {stderr}");
+    assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{name}: {stderr}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(10), "{name} took {:?}", start.elapsed());
+    assert!(!out.exists(), "{name}: a failed build left {}", out.display());
+    stderr
+}
+
+#[test]
+fn model_that_is_not_a_regular_file() {
+    let e = build_path_fails("dev_zero", Path::new("/dev/zero"));
+    assert!(e.contains("/dev/zero") && e.contains("character device") && e.contains("not a regular file"), "{e}");
+    let dir = scratch("fifo_model");
+    let fifo = dir.join("model.gguf");
+    assert!(Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo").success());
+    let e = build_path_fails("fifo", &fifo);
+    assert!(e.contains("fifo") && e.contains("not a regular file"), "{e}");
+    let e = build_path_fails("directory", &dir);
+    assert!(e.contains("directory") && e.contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn zero_context_length_in_the_file() {
+    let mut w = GgufWriter::new();
+    w.add_meta("general.architecture", MetaValue::String("llama".into()));
+    for (k, v) in [
+        ("block_count", 1u32),
+        ("embedding_length", 64),
+        ("feed_forward_length", 96),
+        ("attention.head_count", 4),
+        ("attention.head_count_kv", 2),
+        ("context_length", 0),
+    ] {
+        w.add_meta(&format!("llama.{k}"), MetaValue::U32(v));
+    }
+    w.add_meta("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5));
+    w.add_tensor("token_embd.weight", &[64, 10], GgmlType::F32, &vec![0u8; 64 * 10 * 4]);
+    let e = build_fails("context_0_file", &w.finish(), &[]);
+    assert!(e.contains("llama.context_length is 0") && e.contains("--context"), "{e}");
+    assert!(!e.contains("must be in 1..="), "{e}");
+}

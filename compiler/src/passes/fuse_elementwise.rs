@@ -16,9 +16,15 @@ fn single_use_plain_matmul(graph: &Graph, counts: &[u32], v: ValueId) -> bool {
     counts[v.index()] == 1 && matches!(graph.node(v).op, Op::MatMul { epilogue: Epilogue::None, .. })
 }
 
+/// One sweep in node order. Use counts are computed once and kept up to date as ops fuse;
+/// a fused value's later uses are redirected through a substitution map as each node is
+/// reached (a value is only ever replaced by an earlier one, so one level suffices), and the
+/// dead nodes go in one final sweep: the pass is linear in the graph size.
 pub fn run(graph: &mut Graph, _target: &dyn Target) {
+    let mut counts = graph.use_counts();
+    let mut subst: Vec<ValueId> = (0..graph.nodes.len() as u32).map(ValueId).collect();
     for i in 0..graph.nodes.len() {
-        let counts = graph.use_counts();
+        graph.nodes[i].op.map_operands(|v| subst[v.index()]);
         let this = ValueId(i as u32);
         let fused: Option<(ValueId, Epilogue)> = match graph.nodes[i].op {
             Op::Silu { x } if single_use_plain_matmul(graph, &counts, x) => Some((x, Epilogue::Silu)),
@@ -39,19 +45,30 @@ pub fn run(graph: &mut Graph, _target: &dyn Target) {
                 if let Op::RmsNorm { quantize: quantize @ false, .. } = &mut graph.nodes[x.index()].op {
                     *quantize = true;
                     graph.nodes[x.index()].ty.dtype = DType::Q16;
-                    graph.replace_uses(this, x);
+                    // The quantize node stays (dead) until the end and keeps its use of x.
+                    counts[x.index()] += counts[i];
+                    counts[i] = 0;
+                    subst[i] = x;
                 }
                 None
             }
             _ => None,
         };
         if let Some((producer, epilogue)) = fused {
+            if let Epilogue::Add(other) | Epilogue::Mul(other) = epilogue {
+                counts[other.index()] += 1;
+            }
             if let Op::MatMul { epilogue: e, .. } = &mut graph.nodes[producer.index()].op {
                 *e = epilogue;
             }
             debug_assert_eq!(graph.ty(producer), &TensorType::rows(DType::F32, graph.ty(this).row_len().unwrap()));
-            graph.replace_uses(this, producer);
+            counts[producer.index()] += counts[i];
+            counts[i] = 0;
+            subst[i] = producer;
         }
+    }
+    for v in &mut graph.outputs {
+        *v = subst[v.index()];
     }
     graph.remove_dead_nodes();
 }

@@ -6,45 +6,45 @@
 //! int16 rounding error is 256 times smaller, which keeps logits within float32 noise of the
 //! exact result, and the int16 dot product costs one `pmaddwd`/`smull`+`smlal2` per 8 values.
 
-use std::collections::BTreeMap;
-
 use ir::{DType, Graph, Node, Op, QuantFormat, TensorType, ValueId};
 use targets::Target;
 
+/// Builds the new node list in one sweep (values renumbered as nodes are inserted), so the
+/// pass is linear in the graph size.
 pub fn run(graph: &mut Graph, _target: &dyn Target) {
-    let mut quantized: BTreeMap<ValueId, ValueId> = BTreeMap::new();
-    let mut i = 0;
-    while i < graph.nodes.len() {
-        let Op::MatMul { x, weight, .. } = graph.nodes[i].op else {
-            i += 1;
-            continue;
-        };
-        let is_quantized = !matches!(graph.weight(weight).format, QuantFormat::F32 | QuantFormat::F16);
-        if !is_quantized || graph.ty(x).dtype != DType::F32 {
-            i += 1;
-            continue;
-        }
-        let q = match quantized.get(&x) {
-            Some(&q) => q,
-            None => {
-                let n = graph.ty(x).row_len().expect("verified matmul input");
-                // Insert just before this matmul; it and everything after shift by one.
-                let at = ValueId(i as u32);
-                graph.insert(at, Node { op: Op::Quantize { x }, ty: TensorType::rows(DType::Q16, n) });
-                for q in quantized.values_mut() {
-                    if *q >= at {
-                        q.0 += 1;
+    let old_nodes = std::mem::take(&mut graph.nodes);
+    let mut nodes: Vec<Node> = Vec::with_capacity(old_nodes.len() + old_nodes.len() / 4);
+    // New id of every old value, and the quantized copy (if any) of every new value.
+    let mut renumber: Vec<ValueId> = Vec::with_capacity(old_nodes.len());
+    let mut quantized: Vec<Option<ValueId>> = Vec::with_capacity(nodes.capacity());
+    for mut node in old_nodes {
+        node.op.map_operands(|v| renumber[v.index()]);
+        if let Op::MatMul { x, weight, .. } = node.op {
+            let is_quantized = !matches!(graph.weight(weight).format, QuantFormat::F32 | QuantFormat::F16);
+            if is_quantized && nodes[x.index()].ty.dtype == DType::F32 {
+                let q = match quantized[x.index()] {
+                    Some(q) => q,
+                    None => {
+                        let n = nodes[x.index()].ty.row_len().expect("verified matmul input");
+                        let q = ValueId(nodes.len() as u32);
+                        nodes.push(Node { op: Op::Quantize { x }, ty: TensorType::rows(DType::Q16, n) });
+                        quantized.push(None);
+                        quantized[x.index()] = Some(q);
+                        q
                     }
+                };
+                if let Op::MatMul { x, .. } = &mut node.op {
+                    *x = q;
                 }
-                quantized.insert(x, at);
-                i += 1;
-                at
             }
-        };
-        if let Op::MatMul { x, .. } = &mut graph.nodes[i].op {
-            *x = q;
         }
-        i += 1;
+        renumber.push(ValueId(nodes.len() as u32));
+        nodes.push(node);
+        quantized.push(None);
+    }
+    graph.nodes = nodes;
+    for v in &mut graph.outputs {
+        *v = renumber[v.index()];
     }
 }
 

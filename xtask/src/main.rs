@@ -205,6 +205,7 @@ fn real_main() -> Result<()> {
         Cmd::Test { hf_reference, rest } => {
             let model = xtask::fetch_default_model(true)?;
             xtask::ensure_llama_cpp_python()?;
+            xtask::ensure_gguf_py()?;
             let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
             cmd.args(["test", "--release", "--workspace"])
                 .args(rest)

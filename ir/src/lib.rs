@@ -177,7 +177,9 @@ pub enum Op {
     /// `out[t, r] = epilogue(sum_k x[t, k] * weight[r, k])`.
     ///
     /// Typing rules: `x: f32[seq, k]` or `q16[seq, k]`, `weight: [n, k]`; result `f32[seq, n]`;
-    /// an epilogue operand has the result's type.
+    /// an epilogue operand has the result's type. A block-quantized weight takes `q16`
+    /// activations and a float weight `f32` ones (before `quantize_activations`, see
+    /// [`verify::verify_unlowered`], any weight takes `f32`).
     MatMul { x: ValueId, weight: WeightId, epilogue: Epilogue },
     /// Rotary position embedding on adjacent pairs `(x[2i], x[2i+1])` of every head:
     /// the pair `i` of the row at position `p` turns by `p * theta^(-2i / head_dim)`.

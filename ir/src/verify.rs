@@ -7,9 +7,16 @@
 //! - Input indices are `0..n` without gaps or repeats.
 //! - Attention layer indices are `0..n` without gaps or repeats, with one KV geometry.
 //! - Graph outputs are `f32` values.
+//! - A matmul with a block-quantized weight (Q4_0, Q4_1, Q8_0) takes q16 activations: its
+//!   kernel reads the activations as int16 blocks, so an f32 operand would be misread.
 //!
 //! A successful run returns a [`GraphInfo`]: analyses the compiler relies on, which only a
 //! verified graph can have. Codegen takes `&GraphInfo` as proof that the graph was verified.
+//!
+//! A frontend's graph is not lowered yet: its matmuls take f32 activations whatever the
+//! weight's format, and the `quantize_activations` pass inserts the `quantize` ops.
+//! [`verify_unlowered`] checks such a graph (every invariant but the last); it returns no
+//! [`GraphInfo`], so nothing it accepted can reach codegen.
 
 use std::fmt;
 
@@ -75,8 +82,25 @@ fn rows(dtype: DType, n: u32) -> TensorType {
     TensorType::rows(dtype, n)
 }
 
-/// Checks the invariants listed in the module docs.
+/// Checks every invariant listed in the module docs: the graph is ready for codegen.
 pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifierErrors> {
+    check(graph, Stage::Lowered)
+}
+
+/// Checks a graph before the `quantize_activations` pass: every invariant of [`verify`]
+/// except that a matmul may take f32 activations with a block-quantized weight.
+pub fn verify_unlowered(graph: &Graph) -> Result<(), VerifierErrors> {
+    check(graph, Stage::Unlowered).map(|_| ())
+}
+
+/// Whether matmuls with block-quantized weights must already take q16 activations.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Unlowered,
+    Lowered,
+}
+
+fn check(graph: &Graph, stage: Stage) -> Result<GraphInfo, VerifierErrors> {
     let mut ck = Checker { graph, errors: vec![] };
     if graph.context == 0 {
         ck.report(None, "context must be nonzero".into());
@@ -116,7 +140,7 @@ pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifierErrors> {
         if !operands_ok {
             continue;
         }
-        if let Err(message) = check_types(graph, &node.op, &node.ty) {
+        if let Err(message) = check_types(graph, &node.op, &node.ty, stage) {
             ck.report(Some(id), message);
         }
         match node.op {
@@ -169,7 +193,7 @@ pub fn verify(graph: &Graph) -> Result<GraphInfo, VerifierErrors> {
 }
 
 /// Checks one node against its op's typing rules.
-fn check_types(graph: &Graph, op: &Op, ty: &TensorType) -> Result<(), String> {
+fn check_types(graph: &Graph, op: &Op, ty: &TensorType, stage: Stage) -> Result<(), String> {
     let expect = |want: TensorType| {
         if *ty == want {
             Ok(())
@@ -232,8 +256,16 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType) -> Result<(), String> {
                 [n, wk] if wk == k => n,
                 _ => return Err(format!("weight {weight} {:?} must have shape [n, {k}]", w.shape)),
             };
-            if xt.dtype == DType::Q16 && matches!(w.format, QuantFormat::F32 | QuantFormat::F16) {
+            let block_quantized = !matches!(w.format, QuantFormat::F32 | QuantFormat::F16);
+            if xt.dtype == DType::Q16 && !block_quantized {
                 return Err("q16 activations need a block-quantized weight".into());
+            }
+            if xt.dtype == DType::F32 && block_quantized && stage == Stage::Lowered {
+                return Err(format!(
+                    "x {x} is f32 but weight {weight} is {}: block-quantized weights need q16 activations \
+                     (run the quantize_activations pass, or quantize {x} first)",
+                    w.format.name()
+                ));
             }
             if let Epilogue::Add(o) | Epilogue::Mul(o) = epilogue {
                 if *graph.ty(o) != rows(DType::F32, n) {
@@ -313,6 +345,44 @@ mod tests {
         assert!(errors(text).contains("must be f32"));
         let text = "graph \"t\" context=8\nv0 = input 1 : f32[seq, 4]\noutput v0\n";
         assert!(errors(text).contains("input indices"));
+    }
+
+    #[test]
+    fn refuses_f32_activations_with_a_quantized_weight_until_lowered() {
+        for format in ["q4_0", "q4_1", "q8_0"] {
+            let text = format!(
+                "graph \"t\" context=8\nw0 = weight {format}[8, 32] \"a\"\nv0 = input 0 : f32[seq, 32]\nv1 = matmul v0, w0 : f32[seq, 8]\noutput v1\n"
+            );
+            let graph = parse_graph(&text).unwrap();
+            let e = verify(&graph).unwrap_err().to_string();
+            assert!(
+                e.contains("v1 = matmul v0, w0")
+                    && e.contains(&format!("weight w0 is {format}"))
+                    && e.contains("need q16 activations")
+                    && e.contains("quantize_activations"),
+                "{e}"
+            );
+            // Before the pass this is the frontend's normal form.
+            verify_unlowered(&graph).unwrap();
+            // Quantized first, the matmul is accepted.
+            let lowered = text.replace(
+                "v1 = matmul v0, w0 : f32[seq, 8]\noutput v1",
+                "v1 = quantize v0 : q16[seq, 32]\nv2 = matmul v1, w0 : f32[seq, 8]\noutput v2",
+            );
+            verify(&parse_graph(&lowered).unwrap()).unwrap();
+        }
+        // Float weights take f32 activations at every stage, and refuse q16 ones.
+        let text = "graph \"t\" context=8\nw0 = weight f16[8, 32] \"a\"\nv0 = input 0 : f32[seq, 32]\nv1 = matmul v0, w0 : f32[seq, 8]\noutput v1\n";
+        verify(&parse_graph(text).unwrap()).unwrap();
+        let q16 = text.replace(
+            "v1 = matmul v0, w0 : f32[seq, 8]\noutput v1",
+            "v1 = quantize v0 : q16[seq, 32]\nv2 = matmul v1, w0 : f32[seq, 8]\noutput v2",
+        );
+        assert!(errors(&q16).contains("need a block-quantized weight"));
+        // The unlowered check still reports every other broken rule.
+        let bad = "graph \"t\" context=8\nw0 = weight q4_0[8, 64] \"a\"\nv0 = input 0 : f32[seq, 32]\nv1 = matmul v0, w0 : f32[seq, 8]\noutput v1\n";
+        let e = verify_unlowered(&parse_graph(bad).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("[n, 32]"), "{e}");
     }
 
     #[test]

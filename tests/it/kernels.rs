@@ -137,3 +137,84 @@ output v5
 "#;
     run_both("attention", text, &[5, 1, 1, 8, 3], 11);
 }
+
+/// Compiles `text` (input 0: `i32[seq]` token ids) and compares every call's output with the
+/// interpreter bit for bit, for 1-3 threads; ids include the first and last rows and ids out
+/// of range (negative, `rows`, `i32::MAX`, `i32::MIN`), which give zero rows.
+fn run_embed_both(name: &str, text: &str, rows: u32, seqs: &[usize], seed: u64) {
+    let graph = parse_graph(text).unwrap();
+    let mut rng = Rng::new(seed);
+    let weights = random_weights(&graph, &mut rng, 1.0);
+    let dir = scratch_dir(name);
+    let opts = CompileOptions { batch: 8, ..Default::default() };
+    let (compiled, so) = compile_to_shared(&graph, &weights, &opts, &dir);
+    let final_graph: Graph = parse_graph(&compiled.final_ir).unwrap();
+    let w: Vec<&[u8]> = weights.iter().map(|w| w.as_slice()).collect();
+    let out_width = graph.ty(graph.outputs[0]).row_len().unwrap() as usize;
+    let edge = [rows as i32 - 1, 0, -1, rows as i32, i32::MAX, i32::MIN, rows as i32 + 3];
+    for threads in [1, 2, 3] {
+        let mut program = Program::load_shared(&so, None, threads).unwrap();
+        let mut cache = KvCache::new(&final_graph);
+        let mut pos = 0;
+        for (call, &seq) in seqs.iter().enumerate() {
+            let ids: Vec<i32> = (0..seq)
+                .map(|t| {
+                    if call == 0 && t < edge.len() {
+                        edge[t]
+                    } else if rng.below(6) == 0 {
+                        edge[rng.below(edge.len() as u64) as usize]
+                    } else {
+                        rng.below(rows as u64) as i32
+                    }
+                })
+                .collect();
+            let mut got = vec![f32::NAN; seq * out_width];
+            program.run(&[Input::I32(&ids)], &mut [&mut got], seq, pos, 0).unwrap();
+            let want = interp::run(&final_graph, &w, &[Tensor::I32(ids.clone())], &mut cache, seq, pos);
+            // Exact equality (`==`: +0 equals -0, see the test's comment).
+            let bad: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[0][i]).collect();
+            assert!(
+                bad.is_empty(),
+                "{name}: seq {seq} threads {threads} ids {ids:?}: {} values differ, first at {}: kernel {} vs \
+                 interpreter {}",
+                bad.len(),
+                bad[0],
+                got[bad[0]],
+                want[0][bad[0]]
+            );
+            pos += seq;
+        }
+    }
+}
+
+#[test]
+fn embed_kernels_match_the_interpreter_exactly() {
+    // Every table format (packed as f32 rows for F32/F16, Q4 groups for Q4_0/Q4_1, Q8 groups
+    // for Q8_0), row counts that leave a partial 4-row group, and f32 rows that are not a
+    // multiple of 4 columns. The lookup is exact: dequantized products of an f16 scale and a
+    // 4- or 8-bit integer fit in f32, so kernel and interpreter agree exactly, up to the sign
+    // of zero: Q4_0 is packed as Q4_1 with m = -8 d, so a zero weight (q = 8) with a negative
+    // scale comes out as +0, where the interpreter (like ggml) gives (8 - 8) * d = -0.
+    let mut seed = 100;
+    for format in QuantFormat::ALL {
+        let col_options: &[u32] = match format {
+            QuantFormat::F32 | QuantFormat::F16 => &[5, 36, 67],
+            _ => &[32, 96, 160],
+        };
+        for &cols in col_options {
+            for rows in [1u32, 6, 13] {
+                let f = format.name();
+                let text = format!(
+                    "graph \"embed\" context=64\nw0 = weight {f}[{rows}, {cols}] \"table\"\nv0 = input 0 : i32[seq]\nv1 = embed v0, w0 : f32[seq, {cols}]\noutput v1\n"
+                );
+                run_embed_both(&format!("embed_{f}_{rows}x{cols}"), &text, rows, &[5, 1, 8, 3], seed);
+                // The embedding feeding another kernel through the arena.
+                let text = format!(
+                    "graph \"embed_add\" context=64\nw0 = weight {f}[{rows}, {cols}] \"table\"\nv0 = input 0 : i32[seq]\nv1 = embed v0, w0 : f32[seq, {cols}]\nv2 = add v1, v1 : f32[seq, {cols}]\noutput v2\n"
+                );
+                run_embed_both(&format!("embed_add_{f}_{rows}x{cols}"), &text, rows, &[3, 8], seed + 1);
+                seed += 2;
+            }
+        }
+    }
+}

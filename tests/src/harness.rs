@@ -207,3 +207,32 @@ pub fn tiny_llama_gguf(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
     }
     w.finish()
 }
+
+/// The Python interpreter of the peer scripts: `KILN_PYTHON`, or `python3`.
+pub fn python() -> String {
+    std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// A script of `tests/peer/`.
+pub fn peer_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("peer").join(name)
+}
+
+/// Runs `tests/peer/gguf_quants.py` with `args` and panics, with its stderr and how to install
+/// what it needs, unless it succeeds: a missing interpreter or package fails the test.
+pub fn run_gguf_py(args: &[&std::ffi::OsStr]) {
+    let (python, script) = (python(), peer_script("gguf_quants.py"));
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e} (set KILN_PYTHON to a Python 3)", script.display()));
+    assert!(
+        out.status.success(),
+        "gguf_quants.py {args:?} failed ({}); is the gguf package installed (`{python} -m pip install {}`, \
+         which `cargo xtask test` does)? stderr:\n{}",
+        out.status,
+        xtask::GGUF_PY,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -279,6 +279,28 @@ pub fn build_c_chat(bundle: &Path, target_dir: Option<&Path>) -> Result<PathBuf>
     Ok(out)
 }
 
+/// The gguf-py version (llama.cpp's GGUF library) the `dequant` tests compare kiln's formats with.
+pub const GGUF_PY: &str = "gguf==0.19.0";
+
+/// Installs [`GGUF_PY`] unless that version is importable.
+pub fn ensure_gguf_py() -> Result<()> {
+    let version = GGUF_PY.trim_start_matches("gguf==");
+    let check = format!("import gguf, importlib.metadata as m; assert m.version('gguf') == '{version}'");
+    let have = Command::new("python3").args(["-c", &check]).output().map(|o| o.status.success()).unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    eprintln!("installing {GGUF_PY}");
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", GGUF_PY])
+        .status()
+        .context("cannot run python3 -m pip")?;
+    if !status.success() {
+        bail!("pip install {GGUF_PY} failed");
+    }
+    Ok(())
+}
+
 /// The llama-cpp-python version the tokenizer test and `bench` compare against.
 pub const LLAMA_CPP_PYTHON: &str = "llama-cpp-python==0.3.36";
 

@@ -187,6 +187,7 @@ fn real_main() -> Result<()> {
         Cmd::Test { hf_reference, rest } => {
             let model = xtask::fetch_default_model(true)?;
             xtask::ensure_llama_cpp_python()?;
+            xtask::ensure_gguf_py()?;
             let not_run = xtask::root().join("target/kiln-tests/not-run.tsv");
             std::fs::create_dir_all(not_run.parent().unwrap())?;
             std::fs::write(&not_run, "")?;

@@ -7,7 +7,7 @@ pub mod quantize_activations;
 
 use std::time::{Duration, Instant};
 
-use ir::verify::{verify, GraphInfo, VerifierErrors};
+use ir::verify::{verify, verify_unlowered, GraphInfo, VerifierErrors};
 use ir::Graph;
 use targets::Target;
 
@@ -36,15 +36,16 @@ pub struct PipelineReport {
     pub pass_times: Vec<(&'static str, Duration)>,
 }
 
-/// Runs every pass in order, verifying the graph before the first pass and after each one.
-/// A verifier failure after a pass is a bug in that pass.
+/// Runs every pass in order, verifying the graph before the first pass (as an unlowered graph:
+/// f32 activations may meet quantized weights, `quantize_activations` lowers them) and fully
+/// after each one. A verifier failure after a pass is a bug in that pass.
 pub fn run_pipeline(
     graph: &mut Graph,
     target: &dyn Target,
     opts: &PipelineOptions,
 ) -> Result<(GraphInfo, PipelineReport), VerifierErrors> {
     let mut report = PipelineReport::default();
-    verify(graph)?;
+    verify_unlowered(graph)?;
     for pass in PASSES {
         let start = Instant::now();
         (pass.run)(graph, target);
@@ -66,7 +67,7 @@ pub(crate) mod tests {
     use ir::interp::{self, KvCache, Tensor};
     use ir::parse::parse_graph;
     use ir::quant::quantize_row;
-    use ir::verify::assert_valid;
+    use ir::verify::{assert_valid, verify_unlowered};
     use ir::{DType, Graph, Op};
 
     use super::PASSES;
@@ -91,7 +92,7 @@ pub(crate) mod tests {
     /// rounding of q16 activations, 2e-4 of the output scale) on random weights and inputs.
     pub(crate) fn check_pass(name: &str, input: &str, expected: &str) {
         let before = parse_graph(input).unwrap();
-        assert_valid(&before);
+        verify_unlowered(&before).unwrap_or_else(|e| panic!("invalid input graph:\n{e}"));
         let pass = PASSES.iter().find(|p| p.name == name).expect("a registered pass");
         let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
         let mut after = before.clone();

@@ -108,6 +108,17 @@ enum Cmd {
         #[arg(last = true)]
         rest: Vec<String>,
     },
+    /// Builds the fuzz targets (tests/fuzz; needs cargo-fuzz) and runs each for SECONDS.
+    Fuzz {
+        /// One target (gguf_build, chat_template, tokenizer); default: all.
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Extra libFuzzer flags (e.g. -runs=1000000).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
     /// Builds examples/c-chat (C, against the runtime's static library) and asks it PROMPT.
     CChat {
         #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
@@ -216,7 +227,19 @@ fn real_main() -> Result<()> {
                     dir.canonicalize().with_context(|| format!("no directory {}", dir.display()))?,
                 );
             }
-            exit_with(cmd.status()?.code())
+            let status = cmd.status()?;
+            if !status.success() {
+                exit_with(status.code());
+            }
+            // The fuzz smoke run: each target for 20 s; a crash or a missing cargo-fuzz fails the test.
+            xtask::fuzz(&xtask::FUZZ_TARGETS, 20, Some(&model), &[])?;
+        }
+        Cmd::Fuzz { target, seconds, rest } => {
+            let targets: Vec<&str> = match &target {
+                Some(t) => vec![t.as_str()],
+                None => xtask::FUZZ_TARGETS.to_vec(),
+            };
+            xtask::fuzz(&targets, seconds, None, &rest)?
         }
         Cmd::CChat { bundle, prompt } => {
             let app = xtask::build_c_chat(&bundle, None)?;

@@ -10,6 +10,12 @@
 //! `lstrip`, `rstrip` (each with optional characters), `startswith`, `endswith`, `upper`,
 //! `lower`, `replace`, `split`; on maps `items`, `keys`, `values` and `get`.
 //!
+//! Templates are untrusted input (a GGUF file carries its own), so rendering is bounded:
+//! a step budget (minijinja's fuel: about one unit per instruction and per 64 bytes of data
+//! the template creates) that grows with the size of the conversation, a recursion limit, and
+//! a cap on the rendered text. A template that exceeds one fails with an error that says
+//! which ([`TemplateLimit`]), quickly and without exhausting memory.
+//!
 //! Not provided (the workspace builds minijinja without its `json` and `loop_controls`
 //! features, and without minijinja-contrib): the `tojson` filter, `{% break %}` /
 //! `{% continue %}`, and `strftime_now`. Templates using them fail with an error, never a
@@ -52,10 +58,23 @@ impl Message {
     }
 }
 
-/// A template that failed to compile or render (including `raise_exception` calls).
+/// Which bound a template exceeded while rendering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemplateLimit {
+    /// The step budget (instructions plus data created), of this many steps.
+    Steps(u64),
+    /// Macro calls, loops and conditionals nested deeper than the recursion limit.
+    Recursion,
+    /// The rendered text would exceed this many bytes.
+    Output(usize),
+}
+
+/// A template that failed to compile or render (including `raise_exception` calls and
+/// templates that exceed a bound, see [`TemplateError::limit`]).
 #[derive(Debug)]
 pub struct TemplateError {
     inner: Error,
+    limit: Option<TemplateLimit>,
 }
 
 impl TemplateError {
@@ -63,11 +82,31 @@ impl TemplateError {
     pub fn inner(&self) -> &Error {
         &self.inner
     }
+
+    /// The bound the template exceeded, when that is why it failed.
+    pub fn limit(&self) -> Option<TemplateLimit> {
+        self.limit
+    }
 }
 
 impl fmt::Display for TemplateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "chat template: {}", self.inner)
+        match self.limit {
+            Some(TemplateLimit::Steps(n)) => write!(
+                f,
+                "chat template exceeded its step budget of {n} (a runaway loop or data growth in the template?): {}",
+                self.inner
+            ),
+            Some(TemplateLimit::Recursion) => write!(
+                f,
+                "chat template exceeded the recursion limit of {RECURSION_LIMIT} (runaway macro recursion?): {}",
+                self.inner
+            ),
+            Some(TemplateLimit::Output(n)) => {
+                write!(f, "chat template output exceeded {n} bytes (runaway output in the template?)")
+            }
+            None => write!(f, "chat template: {}", self.inner),
+        }
     }
 }
 
@@ -79,11 +118,56 @@ impl std::error::Error for TemplateError {
 
 impl From<Error> for TemplateError {
     fn from(inner: Error) -> Self {
-        TemplateError { inner }
+        let limit = match inner.kind() {
+            // The budget is filled in by `render`, which knows it.
+            ErrorKind::OutOfFuel => Some(TemplateLimit::Steps(0)),
+            ErrorKind::InvalidOperation if inner.detail().is_some_and(|d| d == "recursion limit exceeded") => {
+                Some(TemplateLimit::Recursion)
+            }
+            _ => None,
+        };
+        TemplateError { inner, limit }
     }
 }
 
 const TEMPLATE_NAME: &str = "chat_template";
+
+/// Steps every render may take, whatever the conversation (real templates take a few hundred
+/// per message); 2M steps take well under a second and bound the data the template creates to
+/// about 128 MB.
+pub const BASE_STEPS: u64 = 2_000_000;
+/// Extra steps per message and per byte of the conversation, so long chats still render.
+const STEPS_PER_MESSAGE: u64 = 2_000;
+const STEPS_PER_INPUT_BYTE: u64 = 1;
+/// Nesting of macro calls (about 10 each), loops and conditionals (1 each); real templates
+/// stay far below it, and it keeps the engine's recursion well inside a 2 MiB thread stack.
+pub const RECURSION_LIMIT: usize = 200;
+/// The rendered prompt may hold this many bytes plus `OUTPUT_PER_INPUT_BYTE` per byte of the
+/// conversation.
+pub const BASE_OUTPUT_BYTES: usize = 4 << 20;
+const OUTPUT_PER_INPUT_BYTE: usize = 4;
+
+/// Collects the rendered text and refuses to grow past `limit` bytes.
+struct BoundedOutput {
+    buf: Vec<u8>,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(data.len()) > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("chat template output limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// A compiled chat template with its special-token strings.
 pub struct ChatTemplate {
@@ -109,21 +193,54 @@ impl ChatTemplate {
         env.set_syntax(minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build()?);
         env.add_function("raise_exception", raise_exception);
         env.set_unknown_method_callback(python_methods);
+        env.set_recursion_limit(RECURSION_LIMIT);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
     }
 
     /// Renders the conversation; with `add_generation_prompt` the template appends the header
     /// that starts the assistant's reply.
+    ///
+    /// Rendering is bounded (see the module documentation): a template that loops, recurses or
+    /// grows data beyond the budget for this conversation fails with a [`TemplateLimit`].
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TemplateError> {
-        let template = self.env.get_template(TEMPLATE_NAME)?;
+        let input_bytes = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .fold(self.bos_token.len() + self.eos_token.len(), usize::saturating_add);
+        let steps = BASE_STEPS
+            .saturating_add(STEPS_PER_MESSAGE.saturating_mul(messages.len() as u64))
+            .saturating_add(STEPS_PER_INPUT_BYTE.saturating_mul(input_bytes as u64));
+        let max_output = BASE_OUTPUT_BYTES.saturating_add(OUTPUT_PER_INPUT_BYTE.saturating_mul(input_bytes));
+        // The budget depends on the conversation; the environment's clone shares its compiled
+        // template and functions (reference-counted).
+        let mut env = self.env.clone();
+        env.set_fuel(Some(steps));
+        let template = env.get_template(TEMPLATE_NAME)?;
         let ctx = context! {
             messages => Value::from(Serde(messages)),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        Ok(template.render(ctx)?)
+        let mut out = BoundedOutput { buf: Vec::new(), limit: max_output, exceeded: false };
+        let result = template.render_captured_to(ctx, &mut out);
+        match result {
+            Ok(_) => {}
+            Err(_) if out.exceeded => {
+                let inner = Error::new(ErrorKind::WriteFailure, "output limit");
+                return Err(TemplateError { inner, limit: Some(TemplateLimit::Output(max_output)) });
+            }
+            Err(e) => {
+                let mut err = TemplateError::from(e);
+                if let Some(TemplateLimit::Steps(n)) = &mut err.limit {
+                    *n = steps;
+                }
+                return Err(err);
+            }
+        }
+        // minijinja writes whole `str` fragments, so this never fails; it is checked anyway.
+        String::from_utf8(out.buf).map_err(|_| Error::new(ErrorKind::WriteFailure, "rendered text is not UTF-8").into())
     }
 }
 
@@ -137,6 +254,9 @@ fn python_methods(state: &mut State, value: &Value, method: &str, args: &[Value]
     use minijinja::value::from_args;
 
     if let Some(s) = value.as_str() {
+        // Every method walks the string: charge for it (the engine charges only for the
+        // returned value, after it exists).
+        state.consume_fuel(s.len() as u64 / 64 + 1)?;
         return match method {
             "strip" | "lstrip" | "rstrip" => {
                 let (chars,): (Option<&str>,) = from_args(args)?;
@@ -169,6 +289,11 @@ fn python_methods(state: &mut State, value: &Value, method: &str, args: &[Value]
             }
             "replace" => {
                 let (old, new): (&str, &str) = from_args(args)?;
+                // The result can be far larger than the string (`'x'.replace('', long)`):
+                // charge for its size before building it.
+                let count = if old.is_empty() { s.chars().count() + 1 } else { s.matches(old).count() };
+                let out_len = (s.len() as u64).saturating_add((count as u64).saturating_mul(new.len() as u64));
+                state.consume_fuel(out_len / 64)?;
                 Ok(Value::from(s.replace(old, new)))
             }
             "split" => {
@@ -185,6 +310,7 @@ fn python_methods(state: &mut State, value: &Value, method: &str, args: &[Value]
     }
 
     if value.kind() == ValueKind::Map {
+        state.consume_fuel(value.len().unwrap_or(0) as u64 + 1)?;
         return match method {
             "items" => {
                 let () = from_args(args)?;
@@ -305,6 +431,94 @@ mod tests {
         ] {
             let res = ChatTemplate::new(src, "", "").and_then(|t| t.render(&[Message::user("x")], true));
             assert!(res.is_err(), "{src} rendered: {res:?}");
+        }
+    }
+
+    /// Renders on another thread and fails the test when that takes longer than `secs` (the
+    /// unbounded renderer spins forever on these templates; the thread is left behind).
+    fn render_within(src: &str, messages: Vec<Message>, secs: u64) -> Result<String, TemplateError> {
+        let src = src.to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let start = std::time::Instant::now();
+        std::thread::spawn(move || {
+            let res = ChatTemplate::new(&src, "<s>", "</s>").and_then(|t| t.render(&messages, true));
+            let _ = tx.send(res);
+        });
+        let res = rx
+            .recv_timeout(std::time::Duration::from_secs(secs))
+            .unwrap_or_else(|_| panic!("rendering took more than {secs} s"));
+        assert!(start.elapsed().as_secs() < secs, "rendering took {:?}", start.elapsed());
+        res
+    }
+
+    #[test]
+    fn hostile_templates_fail_fast_with_a_clear_error() {
+        let steps = Some(TemplateLimit::Steps(BASE_STEPS + STEPS_PER_MESSAGE + 1 + 4 + 3 + 4));
+        let cases: &[(&str, &str, Option<TemplateLimit>)] = &[
+            // A billion steps: minijinja's range refuses more than 100k items.
+            ("billion-loop", "{% for i in range(1000000000) %}x{% endfor %}", None),
+            // Ten billion steps in nested loops.
+            (
+                "nested-loops",
+                "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+                steps,
+            ),
+            // 2^100 bytes by string doubling (through a namespace: a plain `set` in a loop body is
+            // local to the iteration).
+            ("doubling", "{% set ns = namespace(s='x') %}{% for i in range(100) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}", steps),
+            // A gigabyte by repetition, never output.
+            ("repeat", "{% set s = 'x' * 1000000000 %}{{ s|length }}", steps),
+            // Ten gigabytes through a Python method (charged before it is built).
+            ("replace", "{{ ('y' * 100000).replace('', 'x' * 100000)|length }}", steps),
+            // 4^12 macro calls, 12 deep.
+            (
+                "exponential-macro",
+                "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(12) }}",
+                steps,
+            ),
+            // Unbounded recursion.
+            ("deep-recursion", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", Some(TemplateLimit::Recursion)),
+            // 10 MB of output from little work.
+            (
+                "output",
+                "{% set s = 'x' * 100000 %}{% for i in range(100) %}{{ s }}{% endfor %}",
+                Some(TemplateLimit::Output(BASE_OUTPUT_BYTES + OUTPUT_PER_INPUT_BYTE * (1 + 4 + 3 + 4))),
+            ),
+        ];
+        for (name, src, limit) in cases {
+            let err = render_within(src, vec![Message::user("x")], 5).expect_err(name);
+            assert_eq!(err.limit(), *limit, "{name}: {err}");
+            let msg = err.to_string();
+            match limit {
+                Some(TemplateLimit::Steps(_)) => assert!(msg.contains("exceeded its step budget"), "{name}: {msg}"),
+                Some(TemplateLimit::Recursion) => assert!(msg.contains("recursion limit"), "{name}: {msg}"),
+                Some(TemplateLimit::Output(_)) => assert!(msg.contains("output exceeded"), "{name}: {msg}"),
+                None => assert!(msg.starts_with("chat template: "), "{name}: {msg}"),
+            }
+        }
+    }
+
+    /// The Llama 3 Instruct template (Meta-Llama-3-8B-Instruct `tokenizer_config.json`).
+    const LLAMA3_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+    #[test]
+    fn real_templates_render_within_the_bounds() {
+        let t = ChatTemplate::new(LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>").unwrap();
+        let out = t.render(&[Message::system("Be terse. "), Message::user(" Hi")], true).unwrap();
+        assert_eq!(
+            out,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe terse.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        // A long conversation (5 MB, more than the fixed part of the output and step budgets)
+        // renders: the budgets grow with the input.
+        let conv: Vec<Message> = (0..5000)
+            .map(|i| if i % 2 == 0 { Message::user("u".repeat(1000)) } else { Message::assistant("a".repeat(1000)) })
+            .collect();
+        for t in [smollm(), t] {
+            let start = std::time::Instant::now();
+            let out = t.render(&conv, true).unwrap();
+            assert!(out.len() > BASE_OUTPUT_BYTES && out.len() > 5_000_000, "{}", out.len());
+            assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
         }
     }
 }

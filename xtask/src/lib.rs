@@ -321,3 +321,79 @@ pub fn ensure_llama_cpp_python() -> Result<()> {
     }
     Ok(())
 }
+
+/// The fuzz targets of `tests/fuzz` (what each checks: `tests/fuzz/src/lib.rs`).
+pub const FUZZ_TARGETS: [&str; 3] = ["gguf_build", "chat_template", "tokenizer"];
+
+/// The cargo-fuzz version the fuzz runs are made with (`.ci/run` installs it).
+pub const CARGO_FUZZ: &str = "cargo-fuzz 0.13.2";
+
+/// Builds the fuzz targets with cargo-fuzz (libFuzzer on the stable toolchain: no sanitizer,
+/// debug assertions and overflow checks on) and runs each of `targets` for `seconds`, starting
+/// from its committed seeds and kept crash inputs and growing a corpus in
+/// `target/fuzz/corpus/<target>`. `KILN_MODEL` (the real model's vocabulary for the tokenizer
+/// target) is set from `model` when given. `libfuzzer_args` go to every run.
+///
+/// Fails when cargo-fuzz is missing or cannot build the targets, and when a target crashes,
+/// hangs (10 s per input) or goes past 2 GB (the input is left in
+/// `target/fuzz/artifacts/<target>/`).
+pub fn fuzz(targets: &[&str], seconds: u64, model: Option<&Path>, libfuzzer_args: &[String]) -> Result<()> {
+    let root = root();
+    let fuzz_dir = root.join("tests/fuzz");
+    for t in targets {
+        if !FUZZ_TARGETS.contains(t) {
+            bail!("unknown fuzz target {t:?} (known: {})", FUZZ_TARGETS.join(", "));
+        }
+    }
+    let version = cargo().args(["fuzz", "--version"]).output().ok().filter(|o| o.status.success());
+    let Some(version) = version else {
+        bail!("cargo-fuzz is not installed, so the fuzz targets cannot run: `cargo install cargo-fuzz --version 0.13.2 --locked`")
+    };
+    eprintln!("fuzzing with {}", String::from_utf8_lossy(&version.stdout).trim());
+    let common = |cmd: &mut Command| {
+        cmd.arg("--fuzz-dir").arg(&fuzz_dir).args(["--sanitizer", "none", "--debug-assertions"]).current_dir(&root);
+    };
+    for t in targets {
+        let mut build = cargo();
+        build.args(["fuzz", "build"]);
+        common(&mut build);
+        if !build.arg(t).status().context("cannot run cargo fuzz")?.success() {
+            bail!("cargo fuzz build {t} failed (the fuzz targets in {} must build)", fuzz_dir.display());
+        }
+    }
+    for t in targets {
+        let corpus = root.join("target/fuzz/corpus").join(t);
+        let artifacts = root.join("target/fuzz/artifacts").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        std::fs::create_dir_all(&artifacts)?;
+        let mut run = cargo();
+        run.args(["fuzz", "run"]);
+        common(&mut run);
+        run.arg(t).arg(&corpus).arg(fuzz_dir.join("seeds").join(t));
+        let crashes = fuzz_dir.join("crashes").join(t);
+        if crashes.is_dir() {
+            run.arg(&crashes);
+        }
+        run.arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"])
+            .arg(format!("-artifact_prefix={}/", artifacts.display()));
+        let dict = fuzz_dir.join(format!("{t}.dict"));
+        if dict.exists() {
+            run.arg(format!("-dict={}", dict.display()));
+        }
+        run.args(libfuzzer_args);
+        if let Some(m) = model {
+            run.env("KILN_MODEL", m);
+        }
+        eprintln!("fuzzing {t} for {seconds} s");
+        if !run.status().context("cannot run cargo fuzz")?.success() {
+            bail!(
+                "fuzz target {t} failed (crash, hang or out of memory); the input is in {}; replay it with \
+                 `cargo run --release -p kiln-fuzz --bin {t} -- FILE`",
+                artifacts.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -98,6 +98,17 @@ enum Cmd {
         #[arg(last = true)]
         rest: Vec<String>,
     },
+    /// Builds the fuzz targets (tests/fuzz; needs cargo-fuzz) and runs each for SECONDS.
+    Fuzz {
+        /// One target (gguf_build, chat_template, tokenizer); default: all.
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Extra libFuzzer flags (e.g. -runs=1000000).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
     /// Builds examples/c-chat (C, against the runtime's static library) and asks it PROMPT.
     CChat {
         /// The bundle directory (its lib/libkiln_model.a is linked in).
@@ -204,6 +215,9 @@ fn real_main() -> Result<()> {
                 );
             }
             let status = cmd.status()?;
+            // The fuzz smoke run: each target for 20 s; a crash or a missing cargo-fuzz fails the test.
+            let fuzz =
+                if status.success() { Some(xtask::fuzz(&xtask::FUZZ_TARGETS, 20, Some(&model), &[])) } else { None };
             let records = std::fs::read_to_string(&not_run).unwrap_or_default();
             let lines: Vec<&str> = records.lines().filter(|l| !l.is_empty()).collect();
             eprintln!();
@@ -220,7 +234,22 @@ fn real_main() -> Result<()> {
                     eprintln!("  not run: {test}: {reason}");
                 }
             }
-            exit_with(status.code())
+            match &fuzz {
+                None => eprintln!("fuzz smoke run: not started (the tests failed)"),
+                Some(Ok(())) => eprintln!("fuzz smoke run: {} targets, no crash", xtask::FUZZ_TARGETS.len()),
+                Some(Err(e)) => eprintln!("fuzz smoke run: FAILED: {e:#}"),
+            }
+            if !status.success() {
+                exit_with(status.code());
+            }
+            fuzz.expect("ran")?;
+        }
+        Cmd::Fuzz { target, seconds, rest } => {
+            let targets: Vec<&str> = match &target {
+                Some(t) => vec![t.as_str()],
+                None => xtask::FUZZ_TARGETS.to_vec(),
+            };
+            xtask::fuzz(&targets, seconds, None, &rest)?
         }
         Cmd::CChat { bundle, prompt } => {
             let app = xtask::build_c_chat(&bundle, None)?;

@@ -188,6 +188,35 @@ pub fn header(name: &str, hp: &frontend::Hyperparameters, context: u32, batch: u
     )
 }
 
+/// The build fingerprint: SHA-256 of a canonical text naming everything that decides the
+/// bundle (the model file's SHA-256, target, device and its resolved summary, context, batch,
+/// weights mode, compiler and ABI versions). It is stored in the library's descriptor and in
+/// `manifest.json`, and the runtime refuses a library whose fingerprint is not its bundle's.
+pub fn fingerprint(
+    model_sha256: &str,
+    opts: &BuildOptions,
+    target: &impl serde::Serialize,
+    context: u32,
+) -> [u8; abi::FINGERPRINT_BYTES] {
+    let text = format!(
+        "kiln build fingerprint\ncompiler {}\nabi {}\nmodel sha256 {model_sha256}\ntarget {}\ndevice {}\n\
+         target summary {}\ncontext {context}\nbatch {}\nweights {}\n",
+        env!("CARGO_PKG_VERSION"),
+        abi::ABI_VERSION,
+        opts.target,
+        opts.device.as_deref().unwrap_or("(default)"),
+        serde_json::to_string(target).expect("json"),
+        opts.batch,
+        if opts.embed_weights { "embedded" } else { "file" },
+    );
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Token ids that end a reply: the EOS token, the EOT token, and the usual end-of-turn markers.
 fn stop_ids(gguf: &GgufFile, tokens: &[&str]) -> Vec<u32> {
     let mut ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
@@ -253,10 +282,12 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let t = Instant::now();
     progress(Stage::Compile);
     let hp = lowered.hyper.clone();
+    let build_id = fingerprint(&sha256, opts, &target.summary(), context);
     let copts = CompileOptions {
         batch: opts.batch,
         embed_weights: opts.embed_weights,
         pipeline: crate::passes::PipelineOptions { dump_after: opts.dump_after.clone() },
+        fingerprint: build_id,
     };
     let prepared =
         crate::prepare(lowered.graph, &lowered.weights, target.as_ref(), &copts).map_err(BuildError::Compile)?;
@@ -274,6 +305,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let library = archive(&compiled.object, "kiln_model.o");
     let manifest = json!({
         "kiln_abi_version": abi::ABI_VERSION,
+        "fingerprint": hex(&build_id),
         "model": {
             "name": name,
             "vocab": hp.vocab,

@@ -29,11 +29,19 @@ pub struct CompileOptions {
     pub batch: u32,
     pub embed_weights: bool,
     pub pipeline: passes::PipelineOptions,
+    /// Build fingerprint stored in the library's descriptor (`bundle::fingerprint`); all
+    /// zeros for graphs compiled outside `build_model`.
+    pub fingerprint: [u8; codegen::abi::FINGERPRINT_BYTES],
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { batch: 512, embed_weights: true, pipeline: Default::default() }
+        CompileOptions {
+            batch: 512,
+            embed_weights: true,
+            pipeline: Default::default(),
+            fingerprint: [0; codegen::abi::FINGERPRINT_BYTES],
+        }
     }
 }
 
@@ -130,7 +138,7 @@ pub fn finish(prepared: Prepared, target: &dyn Target, opts: &CompileOptions) ->
         &plan,
         &packed,
         target,
-        &codegen::CodegenOptions { embed_weights: opts.embed_weights },
+        &codegen::CodegenOptions { embed_weights: opts.embed_weights, fingerprint: opts.fingerprint },
     )
     .map_err(CompileError::Codegen)?;
     timings.push(("codegen".into(), start.elapsed()));

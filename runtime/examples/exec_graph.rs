@@ -31,7 +31,8 @@ fn run() -> Result<(), String> {
     let input = read_f32(&args[2])?;
     let seqs: Vec<usize> =
         args[4].split(',').map(|s| s.parse().map_err(|_| format!("bad SEQ '{s}'"))).collect::<Result<_, _>>()?;
-    let (in_w, out_w) = (program.desc().io_width[0] as usize, program.desc().io_width[1] as usize);
+    let d = program.desc();
+    let (in_w, out_w) = (d.io_width(0).ok_or("no input")?, d.io_width(1).ok_or("no output")?);
     let (mut pos, mut at) = (0, 0);
     let mut output = Vec::new();
     for seq in seqs {

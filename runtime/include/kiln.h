@@ -11,8 +11,9 @@
 #define KILN_ABI_H
 #include <stdint.h>
 
-#define KILN_ABI_VERSION 1
+#define KILN_ABI_VERSION 2
 #define KILN_MAX_IO 8
+#define KILN_FINGERPRINT_BYTES 32
 #define KILN_DTYPE_I32 0
 #define KILN_DTYPE_F32 1
 
@@ -48,11 +49,13 @@ struct kiln_model_desc {
     uint64_t arena_bytes;
     uint64_t kv_bytes;
     uint64_t weights_bytes;
-    uint64_t weights_checksum; /* FNV-1a 64 of the packed weights */
+    uint64_t weights_checksum; /* of the packed weights: 8-lane FNV-1a 64 (see the runtime) */
     const uint8_t *weights;    /* embedded weights, or NULL when they ship as weights.bin */
     void (*run)(const struct kiln_ctx *ctx);
     uint32_t io_dtype[KILN_MAX_IO];
     uint32_t io_width[KILN_MAX_IO];
+    /* SHA-256 of the build's inputs and options, also in the bundle's manifest.json */
+    uint8_t fingerprint[KILN_FINGERPRINT_BYTES];
 };
 
 #endif /* KILN_ABI_H */
@@ -61,6 +64,16 @@ struct kiln_model_desc {
 extern "C" {
 #endif
 
+/* Threads and callbacks:
+ * - A session serves one call at a time: use it from one thread at a time. Different
+ *   sessions may be used on different threads at once.
+ * - on_text runs on the calling thread, inside kiln_session_chat, while the session is in
+ *   use. It must not call into the same session: kiln_session_chat, kiln_session_reset and
+ *   kiln_session_free on it fail with -1 (see kiln_last_error) and change nothing. The same
+ *   happens to a call that overlaps a running call from another thread; still, do not
+ *   share a session between threads without your own lock, and never free a session that
+ *   another thread may be using (that call could start after the memory is gone).
+ * - kiln_last_error() is per thread. */
 typedef struct kiln_session kiln_session;
 
 /* Called with each piece of generated text (NUL-terminated UTF-8). */
@@ -70,17 +83,21 @@ typedef void (*kiln_text_fn)(const char *piece, void *user);
 const char *kiln_last_error(void);
 
 /* Opens a chat session on a linked model (&kiln_model) and its bundle directory (for
- * manifest.json, tokenizer.json and weights.bin). n_threads <= 0 picks 2. NULL on failure. */
+ * manifest.json, tokenizer.json and weights.bin). The library must come from the same
+ * build as the bundle (their fingerprints are compared). n_threads <= 0 picks 2.
+ * NULL on failure. */
 kiln_session *kiln_session_new(const struct kiln_model_desc *model, const char *bundle_dir, int n_threads);
 
-/* Frees a session; NULL is ignored. */
-void kiln_session_free(kiln_session *session);
+/* Frees a session; NULL is ignored. Returns 0, or -1 (and frees nothing) when the session
+ * is in use, e.g. when called from its own on_text. */
+int kiln_session_free(kiln_session *session);
 
-/* Forgets the conversation. */
-void kiln_session_reset(kiln_session *session);
+/* Forgets the conversation. Returns 0, or -1 for a NULL or busy session. */
+int kiln_session_reset(kiln_session *session);
 
 /* One chat turn: appends user_message, streams the reply to on_text (may be NULL).
- * temperature 0 decodes greedily. Returns the number of generated tokens, or -1. */
+ * temperature 0 decodes greedily. Returns the number of generated tokens, or -1 (also
+ * when the session is busy, e.g. called from its own on_text). */
 int kiln_session_chat(kiln_session *session, const char *user_message, int max_tokens,
                       float temperature, uint64_t seed, kiln_text_fn on_text, void *user);
 

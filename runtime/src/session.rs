@@ -18,6 +18,10 @@ use crate::tokenizer::Tokenizer;
 /// The parts of a bundle's `manifest.json` the runtime reads.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Manifest {
+    /// The build fingerprint (hex SHA-256 of the build's inputs and options), also stored in
+    /// the library's descriptor; absent in bundles of older kiln versions.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
     pub model: ManifestModel,
     pub tokenizer: ManifestTokenizer,
     pub files: ManifestFiles,
@@ -52,11 +56,19 @@ pub struct ManifestFiles {
 #[derive(Debug)]
 pub enum SessionError {
     Bundle(String),
+    /// The library and the bundle come from different builds.
+    Mismatch(String),
     Program(ProgramError),
     Tokenizer(String),
     Template(String),
-    TokenOutOfRange { id: u32, vocab: u32 },
-    ContextFull { needed: usize, context: usize },
+    TokenOutOfRange {
+        id: u32,
+        vocab: u32,
+    },
+    ContextFull {
+        needed: usize,
+        context: usize,
+    },
     EmptyPrompt,
 }
 
@@ -64,6 +76,7 @@ impl fmt::Display for SessionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SessionError::Bundle(m) => write!(f, "bundle: {m}"),
+            SessionError::Mismatch(m) => write!(f, "{m}"),
             SessionError::Program(e) => write!(f, "{e}"),
             SessionError::Tokenizer(m) => write!(f, "tokenizer: {m}"),
             SessionError::Template(m) => write!(f, "chat template: {m}"),
@@ -127,31 +140,66 @@ fn read_manifest(dir: &Path) -> Result<Manifest, SessionError> {
     serde_json::from_str(&text).map_err(|e| SessionError::Bundle(format!("{}: {e}", path.display())))
 }
 
+/// Refuses a library whose build fingerprint differs from the bundle's: it was compiled from
+/// another model or with other options, so the bundle's tokenizer and weights are not its own.
+fn check_fingerprint(desc: &ModelDesc, manifest: &Manifest, bundle: &Path) -> Result<(), SessionError> {
+    let library = desc.fingerprint_hex();
+    let path = bundle.join("manifest.json");
+    let Some(expected) = &manifest.fingerprint else {
+        return Err(SessionError::Bundle(format!(
+            "{} has no build fingerprint (written by an older kiln); rebuild the bundle",
+            path.display()
+        )));
+    };
+    if *expected != library {
+        let unfingerprinted = desc.fingerprint().iter().all(|&b| b == 0);
+        let lib =
+            if unfingerprinted { format!("{library} (no fingerprint: not built by build_model)") } else { library };
+        return Err(SessionError::Mismatch(format!(
+            "the model library does not belong to this bundle: the library is build {lib}, but {} (model {:?}) \
+             describes build {expected}; use the library built together with this bundle",
+            path.display(),
+            manifest.model.name
+        )));
+    }
+    Ok(())
+}
+
 impl Session {
     /// Opens a session on a library linked into this program and its bundle directory.
+    ///
+    /// Safe for the reason [`Program::new`] is: only `unsafe` code can produce a
+    /// `&'static ModelDesc`. The library must come from the same build as the bundle: its
+    /// fingerprint must equal the manifest's (checked first), then the shapes must agree.
     pub fn open(desc: &'static ModelDesc, bundle: &Path, n_threads: usize) -> Result<Self, SessionError> {
         let manifest = read_manifest(bundle)?;
+        check_fingerprint(desc, &manifest, bundle)?;
         let weights = manifest.files.weights.as_ref().map(|w| bundle.join(w));
         let program = Program::new(desc, weights.as_deref(), n_threads)?;
         Self::from_program(program, bundle, manifest)
     }
 
-    /// Opens a session on a library built as a shared object (`cc -shared`).
+    /// Opens a session on a library built as a shared object (`cc -shared`). Loading it runs
+    /// code from it (see [`Program::load_shared`]); its descriptor, including the build
+    /// fingerprint against `bundle`'s manifest, is checked before its `run` is called.
     pub fn open_shared(library: &Path, bundle: &Path, n_threads: usize) -> Result<Self, SessionError> {
         let manifest = read_manifest(bundle)?;
         let weights = manifest.files.weights.as_ref().map(|w| bundle.join(w));
-        let program = Program::load_shared(library, weights.as_deref(), n_threads)?;
+        let check =
+            |d: &ModelDesc| check_fingerprint(d, &manifest, bundle).map_err(|e| ProgramError::Mismatch(e.to_string()));
+        let program = Program::load_shared_checked(library, weights.as_deref(), n_threads, &check)?;
         Self::from_program(program, bundle, manifest)
     }
 
     fn from_program(program: Program, bundle: &Path, manifest: Manifest) -> Result<Self, SessionError> {
         let d = program.desc();
-        let lm_shaped = d.n_inputs == 1
-            && d.n_outputs == 1
-            && d.io_dtype[0] == DTYPE_I32
-            && d.io_dtype[1] == DTYPE_F32
-            && d.io_width[1] == manifest.model.vocab;
-        if !lm_shaped || d.context != manifest.model.context {
+        let lm_shaped = d.n_inputs() == 1
+            && d.n_outputs() == 1
+            && d.io_dtype(0) == Some(DTYPE_I32)
+            && d.io_width(0) == Some(1)
+            && d.io_dtype(1) == Some(DTYPE_F32)
+            && d.io_width(1) == Some(manifest.model.vocab as usize);
+        if !lm_shaped || d.context() != manifest.model.context as usize {
             return Err(SessionError::Bundle(
                 "the library does not match manifest.json (tokens in, logits out, same context)".into(),
             ));
@@ -231,7 +279,7 @@ impl Session {
         if needed > self.context() {
             return Err(SessionError::ContextFull { needed, context: self.context() });
         }
-        let batch = self.program.desc().batch as usize;
+        let batch = self.program.desc().batch();
         let mut out = Vec::with_capacity(if all_logits { tokens.len() * vocab } else { vocab });
         for chunk in tokens.chunks(batch) {
             let n = chunk.len();

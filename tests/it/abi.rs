@@ -1,16 +1,29 @@
 //! The compiler and the runtime agree on the C ABI of model libraries: the runtime's structs
-//! have the compiler's field offsets, and the runtime's C header carries the same ABI text
-//! as every generated model header.
+//! have the compiler's field offsets, both compute the same weights checksum, and the
+//! runtime's C header carries the same ABI text as every generated model header.
+//!
+//! And the runtime does not trust what it need not: a library is refused with a bundle of
+//! another build (fingerprints), a descriptor that is inconsistent or whose weights do not
+//! match their checksum is refused before its code runs, and positions that would overflow
+//! are refused instead of wrapping.
 
+use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
+use compiler::bundle::{build_model, BuildOptions};
 use compiler::codegen::abi;
-use runtime::program::{KilnCtx, ModelDesc};
+use ir::QuantFormat;
+use runtime::program::{Input, KilnCtx, ModelDesc, Program, ProgramError};
+use runtime::session::Session;
+use tests::harness::{scratch_dir, tiny_llama_gguf_with_tokenizer, Rng, TinyLlama};
 
 #[test]
 fn runtime_structs_have_the_compiler_layout() {
     assert_eq!(runtime::program::ABI_VERSION, abi::ABI_VERSION);
     assert_eq!(runtime::program::MAX_IO, abi::MAX_IO);
+    assert_eq!(runtime::program::FINGERPRINT_BYTES, abi::FINGERPRINT_BYTES);
     let ctx = [
         (offset_of!(KilnCtx, arena), abi::ctx::ARENA),
         (offset_of!(KilnCtx, weights), abi::ctx::WEIGHTS),
@@ -26,32 +39,242 @@ fn runtime_structs_have_the_compiler_layout() {
         assert_eq!(runtime, compiler as usize);
     }
     assert_eq!(size_of::<KilnCtx>(), abi::ctx::SIZE);
-    let desc = [
-        (offset_of!(ModelDesc, abi_version), abi::desc::ABI_VERSION),
-        (offset_of!(ModelDesc, n_inputs), abi::desc::N_INPUTS),
-        (offset_of!(ModelDesc, n_outputs), abi::desc::N_OUTPUTS),
-        (offset_of!(ModelDesc, batch), abi::desc::BATCH),
-        (offset_of!(ModelDesc, context), abi::desc::CONTEXT),
-        (offset_of!(ModelDesc, kv_layers), abi::desc::KV_LAYERS),
-        (offset_of!(ModelDesc, kv_width), abi::desc::KV_WIDTH),
-        (offset_of!(ModelDesc, arena_bytes), abi::desc::ARENA_BYTES),
-        (offset_of!(ModelDesc, kv_bytes), abi::desc::KV_BYTES),
-        (offset_of!(ModelDesc, weights_bytes), abi::desc::WEIGHTS_BYTES),
-        (offset_of!(ModelDesc, weights_checksum), abi::desc::WEIGHTS_CHECKSUM),
-        (offset_of!(ModelDesc, weights), abi::desc::WEIGHTS),
-        (offset_of!(ModelDesc, run), abi::desc::RUN),
-        (offset_of!(ModelDesc, io_dtype), abi::desc::IO_DTYPE),
-        (offset_of!(ModelDesc, io_width), abi::desc::IO_WIDTH),
-    ];
-    for (runtime, compiler) in desc {
-        assert_eq!(runtime, compiler);
+    let want: BTreeMap<&str, usize> = [
+        ("abi_version", abi::desc::ABI_VERSION),
+        ("n_inputs", abi::desc::N_INPUTS),
+        ("n_outputs", abi::desc::N_OUTPUTS),
+        ("batch", abi::desc::BATCH),
+        ("context", abi::desc::CONTEXT),
+        ("kv_layers", abi::desc::KV_LAYERS),
+        ("kv_width", abi::desc::KV_WIDTH),
+        ("arena_bytes", abi::desc::ARENA_BYTES),
+        ("kv_bytes", abi::desc::KV_BYTES),
+        ("weights_bytes", abi::desc::WEIGHTS_BYTES),
+        ("weights_checksum", abi::desc::WEIGHTS_CHECKSUM),
+        ("weights", abi::desc::WEIGHTS),
+        ("run", abi::desc::RUN),
+        ("io_dtype", abi::desc::IO_DTYPE),
+        ("io_width", abi::desc::IO_WIDTH),
+        ("fingerprint", abi::desc::FINGERPRINT),
+    ]
+    .into_iter()
+    .collect();
+    let (fields, size) = ModelDesc::layout();
+    let got: BTreeMap<&str, usize> = fields.into_iter().collect();
+    assert_eq!(got, want);
+    assert_eq!(size, abi::desc::SIZE);
+}
+
+#[test]
+fn compiler_and_runtime_compute_the_same_weights_checksum() {
+    let mut rng = Rng::new(5);
+    // Lengths around the 8-byte words and 64-byte chunks of the lanes.
+    for len in [0usize, 1, 7, 8, 9, 63, 64, 65, 127, 128, 129, 200, 1000, 4096 + 17] {
+        let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let c = abi::weights_checksum(&bytes);
+        assert_eq!(runtime::program::weights_checksum(&bytes), c, "length {len}");
+        if len > 0 {
+            // Any changed byte, in a lane or in the tail, changes the checksum.
+            for at in [0, len / 2, len - 1] {
+                let mut flipped = bytes.clone();
+                flipped[at] ^= 0x10;
+                assert_ne!(abi::weights_checksum(&flipped), c, "length {len}, byte {at}");
+            }
+        }
     }
-    assert_eq!(size_of::<ModelDesc>(), abi::desc::SIZE);
-    assert_eq!(runtime::program::fnv1a64(b"kiln"), abi::fnv1a64(b"kiln"));
+    // The length counts: zeros of different lengths differ.
+    assert_ne!(abi::weights_checksum(&[0; 64]), abi::weights_checksum(&[0; 128]));
+    assert_ne!(abi::weights_checksum(&[]), abi::weights_checksum(&[0]));
 }
 
 #[test]
 fn runtime_header_carries_the_generated_abi_text() {
     let header = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/include/kiln.h")).unwrap();
     assert!(header.contains(abi::C_ABI), "runtime/include/kiln.h must contain compiler::codegen::abi::C_ABI verbatim");
+}
+
+/// A tiny Llama shape (two layers, grouped-query attention, 40 tokens).
+pub(crate) fn tiny_cfg(context: u32) -> TinyLlama {
+    TinyLlama {
+        n_layers: 2,
+        d_model: 64,
+        d_ff: 96,
+        n_heads: 4,
+        n_kv_heads: 2,
+        vocab: 40,
+        context,
+        format: QuantFormat::Q8_0,
+        tied: true,
+    }
+}
+
+/// Writes `dir/{model}.gguf` (a random tiny model from `seed`), builds it into `dir/{out}`
+/// and links its library into `dir/{out}.so`. Returns (bundle, shared object).
+pub(crate) fn tiny_bundle(
+    dir: &Path,
+    model: &str,
+    seed: u64,
+    out: &str,
+    embed_weights: bool,
+    context: u32,
+) -> (PathBuf, PathBuf) {
+    let gguf = dir.join(format!("{model}.gguf"));
+    std::fs::write(&gguf, tiny_llama_gguf_with_tokenizer(&tiny_cfg(context), &mut Rng::new(seed))).unwrap();
+    let bundle = dir.join(out);
+    let opts = BuildOptions {
+        model: gguf,
+        target: targets::host_triple().expect("a supported host").to_string(),
+        device: None,
+        out: bundle.clone(),
+        context: Some(context),
+        batch: 4,
+        embed_weights,
+        dump_after: vec![],
+        shared_linker: None,
+    };
+    build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
+    let so = dir.join(format!("{out}.so"));
+    let status = Command::new("cc")
+        .arg("-shared")
+        .arg("-o")
+        .arg(&so)
+        .arg("-Wl,--whole-archive")
+        .arg(bundle.join("lib/libkiln_model.a"))
+        .arg("-Wl,--no-whole-archive")
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "cc -shared failed");
+    (bundle, so)
+}
+
+fn manifest_fingerprint(bundle: &Path) -> String {
+    let text = std::fs::read_to_string(bundle.join("manifest.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let fp = json["fingerprint"].as_str().expect("manifest.json has a fingerprint").to_string();
+    assert_eq!(fp.len(), 64, "a SHA-256 in hex: {fp}");
+    fp
+}
+
+fn open_error(library: &Path, bundle: &Path) -> String {
+    match Session::open_shared(library, bundle, 1) {
+        Ok(_) => panic!("{} opened with the bundle {}", library.display(), bundle.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_library_is_refused_with_the_bundle_of_another_build() {
+    let dir = scratch_dir("fingerprint");
+    // Two models of identical shapes, different weights.
+    let (bundle_a, so_a) = tiny_bundle(&dir, "model-a", 1, "a", true, 64);
+    let (bundle_b, so_b) = tiny_bundle(&dir, "model-b", 2, "b", true, 64);
+    let (fa, fb) = (manifest_fingerprint(&bundle_a), manifest_fingerprint(&bundle_b));
+    assert_ne!(fa, fb);
+    for (so, bundle) in [(&so_a, &bundle_a), (&so_b, &bundle_b)] {
+        let mut s = Session::open_shared(so, bundle, 1).unwrap_or_else(|e| panic!("own bundle refused: {e}"));
+        assert_eq!(s.eval(&[0, 2, 3], false).unwrap().len(), 40);
+    }
+    let e = open_error(&so_a, &bundle_b);
+    assert!(e.contains(&fa) && e.contains(&fb), "the message names both fingerprints: {e}");
+    assert!(e.contains("model-b"), "the message names the bundle's model: {e}");
+
+    // The same model built with `--weights file`: a different build, refused by fingerprint,
+    // not with advice about a weights.bin no flag passes.
+    let (bundle_f, so_f) = tiny_bundle(&dir, "model-a", 1, "a-file", false, 64);
+    let ff = manifest_fingerprint(&bundle_f);
+    assert_ne!(ff, fa);
+    let e = open_error(&so_f, &bundle_a);
+    assert!(e.contains(&ff) && e.contains(&fa), "{e}");
+    assert!(!e.contains("pass its weights.bin"), "{e}");
+    let e = open_error(&so_a, &bundle_f);
+    assert!(e.contains(&ff) && e.contains(&fa), "{e}");
+    Session::open_shared(&so_f, &bundle_f, 1).unwrap_or_else(|e| panic!("own bundle refused: {e}"));
+
+    // Same inputs, same fingerprint and library.
+    let (bundle_a2, _) = tiny_bundle(&dir, "model-a", 1, "a2", true, 64);
+    assert_eq!(manifest_fingerprint(&bundle_a2), fa);
+    let lib = |b: &Path| std::fs::read(b.join("lib/libkiln_model.a")).unwrap();
+    assert!(lib(&bundle_a2) == lib(&bundle_a), "two builds of the same inputs differ");
+}
+
+#[test]
+fn positions_that_would_overflow_are_refused() {
+    let dir = scratch_dir("position-overflow");
+    let (_, so) = tiny_bundle(&dir, "model", 3, "bundle", true, 64);
+    let mut p = Program::load_shared(&so, None, 1).unwrap();
+    let vocab = p.desc().io_width(1).unwrap();
+    let mut out = vec![0.0f32; 2 * vocab];
+    // pos + n_tokens wraps to 0 in unchecked arithmetic.
+    for pos in [usize::MAX - 1, usize::MAX, 63, 1 << 40] {
+        let e = p.run(&[Input::I32(&[2, 3])], &mut [&mut out], 2, pos, 0).unwrap_err();
+        assert!(matches!(e, ProgramError::BadArgument(_)), "{e:?}");
+        assert!(e.to_string().contains("exceed the context of 64"), "{e}");
+    }
+    // The program is intact and runs at the last positions of its context.
+    p.run(&[Input::I32(&[2, 3])], &mut [&mut out], 2, 62, 0).unwrap();
+    assert!(out.iter().all(|v| v.is_finite()));
+}
+
+/// A shared object exporting a hand-made `kiln_model` (a no-op `run`, 100 bytes of weights).
+fn c_library(dir: &Path, name: &str, abi_version: u32, kv_bytes: u64, checksum: u64) -> PathBuf {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(
+        &src,
+        r#"#include "kiln.h"
+static void run(const struct kiln_ctx *ctx) { (void)ctx; }
+static const uint8_t weights[100] = { 1, 2, 3, 4, 5 };
+const struct kiln_model_desc kiln_model = {
+    ABI, 1, 1, 4, 16, 2, 8, 0,
+    4096, KV_BYTES, sizeof weights, CHECKSUM, weights, run,
+    { KILN_DTYPE_F32, KILN_DTYPE_F32 }, { 8, 8 }, { 0 }
+};
+"#,
+    )
+    .unwrap();
+    let so = dir.join(format!("{name}.so"));
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-std=c11", "-Wall", "-Werror"])
+        .arg("-I")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/include"))
+        .arg(format!("-DABI={abi_version}"))
+        .arg(format!("-DKV_BYTES={kv_bytes}ULL"))
+        .arg(format!("-DCHECKSUM={checksum}ULL"))
+        .arg("-o")
+        .arg(&so)
+        .arg(&src)
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "cc failed on {}", src.display());
+    so
+}
+
+#[test]
+fn inconsistent_descriptors_and_corrupt_weights_are_refused_before_running() {
+    let dir = scratch_dir("bad-descriptors");
+    let mut weights = [0u8; 100];
+    weights[..5].copy_from_slice(&[1, 2, 3, 4, 5]);
+    let checksum = runtime::program::weights_checksum(&weights);
+    let kv = 2 * 2 * 16 * 8 * 4; // layers x (keys, values) x context x kv_width x f32
+    let good = c_library(&dir, "good", abi::ABI_VERSION, kv, checksum);
+    let mut p = Program::load_shared(&good, None, 1).unwrap_or_else(|e| panic!("a consistent library: {e}"));
+    let mut y = vec![0.0f32; 8];
+    p.run(&[Input::F32(&[1.0; 8])], &mut [&mut y], 1, 0, 0).unwrap();
+
+    let err = |so: &Path| match Program::load_shared(so, None, 1) {
+        Ok(_) => panic!("{} was accepted", so.display()),
+        Err(e) => e,
+    };
+    let e = err(&c_library(&dir, "bad-checksum", abi::ABI_VERSION, kv, checksum ^ 1));
+    assert!(matches!(&e, ProgramError::Weights(m) if m.contains("checksum")), "{e:?}");
+    let e = err(&c_library(&dir, "bad-kv", abi::ABI_VERSION, kv / 2, checksum));
+    assert!(matches!(&e, ProgramError::BadDescriptor(m) if m.contains("kv_bytes")), "{e:?}");
+    let e = err(&c_library(&dir, "old-abi", 1, kv, checksum));
+    assert!(matches!(e, ProgramError::AbiMismatch { found: 1 }), "{e:?}");
+    // A weights file for a library that embeds its weights is refused, not ignored.
+    std::fs::write(dir.join("weights.bin"), weights).unwrap();
+    let e = match Program::load_shared(&good, Some(&dir.join("weights.bin")), 1) {
+        Ok(_) => panic!("a weights file was silently ignored"),
+        Err(e) => e,
+    };
+    assert!(e.to_string().contains("embeds its weights"), "{e}");
 }

@@ -98,3 +98,98 @@ fn c_program_reports_missing_weights() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A C program whose `on_text` calls back into its own session: chat, reset and free must
+/// each fail with -1 and a message (they would alias the running call's session), and the
+/// session must still work afterwards.
+const REENTRANT_C: &str = r#"#include <stdio.h>
+#include "kiln.h"
+#include "kiln_model.h"
+
+struct state {
+    kiln_session *session;
+    int calls, chat_rc, reset_rc, free_rc;
+    char chat_err[512], reset_err[512], free_err[512];
+};
+
+static void on_text(const char *piece, void *user) {
+    struct state *st = user;
+    (void)piece;
+    if (st->calls++ > 0) {
+        return;
+    }
+    st->chat_rc = kiln_session_chat(st->session, "Again?", 4, 0.0f, 0, NULL, NULL);
+    snprintf(st->chat_err, sizeof st->chat_err, "%s", kiln_last_error());
+    st->reset_rc = kiln_session_reset(st->session);
+    snprintf(st->reset_err, sizeof st->reset_err, "%s", kiln_last_error());
+    st->free_rc = kiln_session_free(st->session);
+    snprintf(st->free_err, sizeof st->free_err, "%s", kiln_last_error());
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        return 2;
+    }
+    kiln_session *session = kiln_session_new(&kiln_model, argv[1], 1);
+    if (session == NULL) {
+        fprintf(stderr, "kiln_session_new: %s\n", kiln_last_error());
+        return 1;
+    }
+    struct state st = { session, 0, 1, 1, 1, "", "", "" };
+    int outer = kiln_session_chat(session, "What is the capital of France?", 8, 0.0f, 0, on_text, &st);
+    printf("outer %d\ncalls %d\n", outer, st.calls);
+    printf("chat %d %s\nreset %d %s\nfree %d %s\n", st.chat_rc, st.chat_err, st.reset_rc, st.reset_err,
+           st.free_rc, st.free_err);
+    printf("after %d\n", kiln_session_chat(session, "And of Italy?", 4, 0.0f, 0, NULL, NULL));
+    printf("reset_after %d\n", kiln_session_reset(session));
+    printf("final_free %d\n", kiln_session_free(session));
+    return 0;
+}
+"#;
+
+#[test]
+fn callbacks_that_call_back_into_their_session_are_refused() {
+    let (bundle, _) = app();
+    let dir = scratch_dir("c-reentrant");
+    let src = dir.join("reentrant.c");
+    std::fs::write(&src, REENTRANT_C).unwrap();
+    let exe = dir.join("reentrant");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new("cc")
+        .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(root.join("runtime/include"))
+        .arg("-I")
+        .arg(bundle.join("include"))
+        .arg(&src)
+        .arg(bundle.join("lib/libkiln_model.a"))
+        .arg(root.join("target/kiln-tests/apps/release/libruntime.a"))
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&exe)
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "compiling the re-entrance program failed");
+    let out = Command::new(&exe).arg(bundle).output().expect("run the re-entrance program");
+    eprintln!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the re-entrance program failed: {}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = |key: &str| -> String {
+        let prefix = format!("{key} ");
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {key:?} line in {stdout:?}"))
+            .to_string()
+    };
+    let number = |key: &str| -> i64 { line(key).split(' ').next().unwrap().parse().unwrap() };
+    assert!(number("outer") > 0, "the outer call generated nothing: {stdout}");
+    assert!(number("calls") >= 1, "on_text was never called: {stdout}");
+    for key in ["chat", "reset", "free"] {
+        let l = line(key);
+        assert!(l.starts_with("-1 "), "{key} from inside on_text was not refused: {l:?}");
+        assert!(l.contains("busy") && l.contains("on_text"), "{key}: unclear message {l:?}");
+    }
+    assert!(number("after") > 0, "the session does not work after the refused calls: {stdout}");
+    assert_eq!(number("reset_after"), 0);
+    assert_eq!(number("final_free"), 0);
+}

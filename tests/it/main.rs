@@ -1,5 +1,6 @@
 mod aarch64;
 mod abi;
+mod attention;
 mod c_chat;
 mod dequant;
 mod kernels;

@@ -910,7 +910,7 @@ Disassembly of section .text:
 	mov    %ecx,(%rax)
 	cmp    $0xc1,%al
 	test   $0xa9c13d2a,%eax
-	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a978d>
+	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a945d>
 	shrl   $0x2a,-0x5555c2d6(%rcx)
 	ds stos %al,%es:(%rdi)
 	stos   %al,%es:(%rdi)
@@ -1446,359 +1446,500 @@ Disassembly of section .text:
 <kiln_v5_attend>:
 	push   %rbp
 	mov    %rsp,%rbp
-	sub    $0x160,%rsp
-	mov    %rbx,0x130(%rsp)
-	mov    %r12,0x138(%rsp)
-	mov    %r13,0x140(%rsp)
-	mov    %r14,0x148(%rsp)
-	mov    %r15,0x150(%rsp)
-	mov    (%rdi),%r11
-	mov    %r11,0x128(%rsp)
-	mov    0x18(%rdi),%r10
-	mov    0x10(%rdi),%r11
-	mov    0x28(%rdi),%r9
-	mov    0x20(%rdi),%r8
-	mov    0x30(%rdi),%rcx
-	shl    $0x2,%r8
-	lea    (%rsi,%rcx,4),%rcx
-	sub    %rcx,%r8
-	mov    %rcx,0x120(%rsp)
-	lea    -0x1(%r8,%rdx,1),%rcx
-	mov    %rcx,%rax
-	mov    %rcx,%rsi
+	sub    $0x180,%rsp
+	mov    %rbx,0x150(%rsp)
+	mov    %r12,0x158(%rsp)
+	mov    %r13,0x160(%rsp)
+	mov    %r14,0x168(%rsp)
+	mov    %r15,0x170(%rsp)
 	mov    %rdx,0x110(%rsp)
+	mov    (%rdi),%r9
+	mov    %r9,0x140(%rsp)
+	mov    0x18(%rdi),%r8
+	mov    %r8,0x138(%rsp)
+	mov    0x10(%rdi),%r13
+	mov    0x28(%rdi),%rdx
+	mov    %rdx,0x130(%rsp)
+	mov    0x20(%rdi),%rcx
+	mov    0x30(%rdi),%rax
+	shl    $0x2,%rcx
+	lea    (%rsi,%rax,4),%rdi
+	sub    %rdi,%rcx
+	mov    0x110(%rsp),%rdx
+	mov    %rdi,0x128(%rsp)
+	lea    -0x1(%rcx,%rdx,1),%rax
 	cqto
-	mov    0x110(%rsp),%rcx
-	test   %rcx,%rcx
-	je     <kiln_v5_attend+0x6ff>
-	mov    %rsi,%rax
-	idiv   %rcx
-	mov    %rax,0x118(%rsp)
-	xor    %rsi,%rsi
-	mov    0x118(%rsp),%rcx
-	cmp    %rcx,%rsi
-	mov    %rcx,0x118(%rsp)
-	jl     <kiln_v5_attend+0xe9>
-	mov    0x130(%rsp),%rbx
-	mov    0x138(%rsp),%r12
-	mov    0x140(%rsp),%r13
-	mov    0x148(%rsp),%r14
-	mov    0x150(%rsp),%r15
-	add    $0x160,%rsp
+	mov    0x110(%rsp),%rsi
+	mov    0x110(%rsp),%rdi
+	test   %rdi,%rsi
+	je     <kiln_v5_attend+0xa39>
+	mov    0x110(%rsp),%r9
+	idiv   %r9
+	mov    %rax,0x120(%rsp)
+	xor    %r9,%r9
+	mov    0x120(%rsp),%rcx
+	cmp    %rcx,%r9
+	mov    %rcx,0x120(%rsp)
+	jl     <kiln_v5_attend+0x108>
+	mov    0x150(%rsp),%rbx
+	mov    0x158(%rsp),%r12
+	mov    0x160(%rsp),%r13
+	mov    0x168(%rsp),%r14
+	mov    0x170(%rsp),%r15
+	add    $0x180,%rsp
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	xor    %r12,%r12
-	vmovups 0x61c(%rip),%xmm0        # <kiln_v5_attend+0x710>
-	mov    0x110(%rsp),%rcx
-	mov    %rsi,%rax
-	imul   %rcx,%rax
-	mov    0x120(%rsp),%rdx
-	lea    (%rax,%rdx,1),%r8
-	mov    %r8,%rbx
-	shr    $0x2,%rbx
-	lea    0x1(%r9,%rbx,1),%r13
-	shr    $0x2,%r13
-	cmp    %r13,%r12
-	jl     <kiln_v5_attend+0x52c>
-	lea    0x1(%r9,%rbx,1),%r12
-	and    $0xfffffffffffffffc,%r12
-	lea    0x1(%r9,%rbx,1),%rax
-	cmp    %rax,%r12
-	jl     <kiln_v5_attend+0x44f>
-	mov    $0xff800000,%eax
-	vmovd  %eax,%xmm1
-	lea    (%rsp),%r12
-	lea    0x1(%r9,%rbx,1),%rcx
-	vmovss %xmm1,(%r12,%rcx,4)
-	vmovss %xmm1,0x4(%r12,%rcx,4)
-	vmovss %xmm1,0x8(%r12,%rcx,4)
-	xor    %r13,%r13
-	vxorps %xmm1,%xmm1,%xmm3
-	lea    0x4(%r9,%rbx,1),%r14
-	shr    $0x2,%r14
-	movdqa %xmm3,%xmm1
-	cmp    %r14,%r13
-	jl     <kiln_v5_attend+0x283>
-	xor    %r13,%r13
-	movdqa %xmm3,%xmm0
-	movdqa %xmm3,%xmm2
-	movdqa %xmm3,%xmm4
-	lea    0x1(%r9,%rbx,1),%rax
-	cmp    %rax,%r13
-	jl     <kiln_v5_attend+0x21e>
-	mov    $0x3f800000,%eax
-	vmovd  %eax,%xmm5
-	vpshufd $0x1,%xmm1,%xmm6
-	vaddss %xmm6,%xmm1,%xmm6
-	vpshufd $0x2,%xmm1,%xmm7
-	vpshufd $0x3,%xmm1,%xmm1
-	vaddss %xmm1,%xmm7,%xmm1
-	vaddss %xmm1,%xmm6,%xmm1
-	vdivss %xmm1,%xmm5,%xmm1
-	vbroadcastss %xmm1,%xmm1
-	vmulps %xmm1,%xmm3,%xmm3
-	mov    0x8(%r10),%rcx
-	shl    $0x8,%rbx
-	add    %rbx,%rcx
-	and    $0x3,%r8
-	shl    $0x6,%r8
-	vmovups %xmm3,(%rcx,%r8,1)
-	vmulps %xmm1,%xmm4,%xmm3
-	vmovups %xmm3,0x10(%rcx,%r8,1)
-	vmulps %xmm1,%xmm2,%xmm2
-	vmovups %xmm2,0x20(%rcx,%r8,1)
-	vmulps %xmm1,%xmm0,%xmm0
-	vmovups %xmm0,0x30(%rcx,%r8,1)
-	add    $0x1,%rsi
+	vxorps %xmm0,%xmm0,%xmm0
+	mov    0x138(%rsp),%r8
+	mov    0x8(%r8),%rcx
+	mov    0x110(%rsp),%r12
+	mov    %r9,%rax
+	imul   %r12,%rax
+	mov    0x128(%rsp),%rdi
+	lea    (%rax,%rdi,1),%r11
+	mov    %r11,%rax
+	shr    $0x2,%rax
+	mov    %rax,%rdx
+	shl    $0x8,%rax
+	mov    %rdx,0x118(%rsp)
+	lea    (%rcx,%rax,1),%rbx
+	and    $0x3,%r11
+	shl    $0x6,%r11
+	vmovups %xmm0,(%rbx,%r11,1)
+	vmovups %xmm0,0x10(%rbx,%r11,1)
+	vmovups %xmm0,0x20(%rbx,%r11,1)
+	vmovups %xmm0,0x30(%rbx,%r11,1)
+	xor    %r14,%r14
+	vmovups 0x8c5(%rip),%xmm1        # <kiln_v5_attend+0xa40>
 	mov    0x118(%rsp),%rcx
-	jmp    <kiln_v5_attend+0xa4>
-	vmovss (%r12,%r13,4),%xmm5
-	lea    0x1(%r13),%r14
-	mov    %r8,%rcx
-	and    $0x3,%rcx
-	shl    $0x6,%rcx
-	lea    0x4000(%r11,%rcx,1),%rcx
-	shl    $0x8,%r13
+	mov    0x130(%rsp),%rdx
+	lea    0x40(%rdx,%rcx,1),%r15
+	shr    $0x6,%r15
+	movdqa %xmm1,%xmm3
+	movdqa %xmm0,%xmm4
+	cmp    %r15,%r14
+	jl     <kiln_v5_attend+0x1fb>
+	vmovups 0x8a3(%rip),%xmm0        # <kiln_v5_attend+0xa50>
+	vdivps %xmm4,%xmm0,%xmm0
+	vmulps (%rbx,%r11,1),%xmm0,%xmm1
+	vmovups %xmm1,(%rbx,%r11,1)
+	vmulps 0x10(%rbx,%r11,1),%xmm0,%xmm1
+	vmovups %xmm1,0x10(%rbx,%r11,1)
+	vmulps 0x20(%rbx,%r11,1),%xmm0,%xmm1
+	vmovups %xmm1,0x20(%rbx,%r11,1)
+	vmulps 0x30(%rbx,%r11,1),%xmm0,%xmm0
+	vmovups %xmm0,0x30(%rbx,%r11,1)
+	add    $0x1,%r9
+	mov    0x120(%rsp),%rcx
+	jmp    <kiln_v5_attend+0xc3>
+	xor    %rcx,%rcx
+	mov    0x118(%rsp),%rdx
+	mov    0x130(%rsp),%rsi
+	lea    0x1(%rsi,%rdx,1),%r10
+	mov    %r14,%rdx
+	shl    $0x6,%rdx
+	sub    %rdx,%r10
+	mov    $0x40,%edx
+	cmp    %r10,%rdx
+	cmovl  %rdx,%r10
+	mov    %r10,%rdx
+	shr    $0x2,%rdx
+	movdqa %xmm1,%xmm2
+	cmp    %rdx,%rcx
+	jl     <kiln_v5_attend+0x869>
+	mov    %r10,%rcx
+	and    $0xfffffffffffffffc,%rcx
+	cmp    %r10,%rcx
+	jl     <kiln_v5_attend+0x79d>
+	mov    $0xff800000,%ecx
+	vmovd  %ecx,%xmm5
+	lea    (%rsp),%rcx
+	vmovss %xmm5,(%rcx,%r10,4)
+	vmovss %xmm5,0x4(%rcx,%r10,4)
+	vmovss %xmm5,0x8(%rcx,%r10,4)
+	xor    %r8,%r8
+	lea    0x3(%r10),%rdi
+	shr    $0x2,%rdi
+	movdqa %xmm0,%xmm5
+	cmp    %rdi,%r8
+	jl     <kiln_v5_attend+0x586>
+	xor    %rdx,%rdx
+	movdqa %xmm0,%xmm6
+	movdqa %xmm0,%xmm7
+	movdqa %xmm0,%xmm8
+	movdqa %xmm0,%xmm9
+	cmp    %r10,%rdx
+	jl     <kiln_v5_attend+0x51c>
+	vpshufd $0x1,%xmm2,%xmm10
+	ucomiss %xmm2,%xmm10
+	jne    <kiln_v5_attend+0x2cd>
+	jp     <kiln_v5_attend+0x2c2>
+	andps  %xmm2,%xmm10
+	jmp    <kiln_v5_attend+0x2d2>
+	addss  %xmm2,%xmm10
+	jp     <kiln_v5_attend+0x2d2>
+	maxss  %xmm2,%xmm10
+	vpshufd $0x2,%xmm2,%xmm11
+	vpshufd $0x3,%xmm2,%xmm2
+	ucomiss %xmm11,%xmm2
+	jne    <kiln_v5_attend+0x300>
+	jp     <kiln_v5_attend+0x2f5>
+	andps  %xmm11,%xmm2
+	jmp    <kiln_v5_attend+0x305>
+	addss  %xmm11,%xmm2
+	jp     <kiln_v5_attend+0x305>
+	maxss  %xmm11,%xmm2
+	ucomiss %xmm10,%xmm2
+	jne    <kiln_v5_attend+0x329>
+	jp     <kiln_v5_attend+0x31e>
+	andps  %xmm10,%xmm2
+	jmp    <kiln_v5_attend+0x32e>
+	addss  %xmm10,%xmm2
+	jp     <kiln_v5_attend+0x32e>
+	maxss  %xmm10,%xmm2
+	vbroadcastss %xmm2,%xmm10
+	vmaxps %xmm10,%xmm3,%xmm2
+	vmaxps %xmm3,%xmm10,%xmm10
+	vxorps %xmm10,%xmm2,%xmm11
+	vorps  %xmm11,%xmm2,%xmm10
+	vsubps %xmm11,%xmm10,%xmm2
+	vcmpunordps %xmm10,%xmm10,%xmm10
+	vpsrld $0xa,%xmm10,%xmm10
+	vandnps %xmm2,%xmm10,%xmm2
+	vsubps %xmm2,%xmm3,%xmm11
+	vmovups 0x6f9(%rip),%xmm12        # <kiln_v5_attend+0xa60>
+	vcmpltps %xmm12,%xmm11,%xmm3
+	vmovups 0x6fb(%rip),%xmm10        # <kiln_v5_attend+0xa70>
+	vmaxps %xmm12,%xmm11,%xmm13
+	vmaxps %xmm11,%xmm12,%xmm11
+	vxorps %xmm11,%xmm13,%xmm11
+	vorps  %xmm11,%xmm13,%xmm12
+	vsubps %xmm11,%xmm12,%xmm11
+	vcmpunordps %xmm12,%xmm12,%xmm12
+	vpsrld $0xa,%xmm12,%xmm12
+	vandnps %xmm11,%xmm12,%xmm11
+	vmovups 0x6d9(%rip),%xmm12        # <kiln_v5_attend+0xa80>
+	vminps %xmm12,%xmm11,%xmm13
+	vminps %xmm11,%xmm12,%xmm12
+	vorps  %xmm12,%xmm13,%xmm11
+	vcmpunordps %xmm12,%xmm11,%xmm12
+	vorps  %xmm12,%xmm11,%xmm11
+	vpsrld $0xa,%xmm12,%xmm12
+	vandnps %xmm11,%xmm12,%xmm12
+	vmovups 0x6bc(%rip),%xmm11        # <kiln_v5_attend+0xa90>
+	vmulps %xmm11,%xmm12,%xmm11
+	vroundps $0x0,%xmm11,%xmm11
+	vmovups 0x6b9(%rip),%xmm13        # <kiln_v5_attend+0xaa0>
+	vmovups 0x6c1(%rip),%xmm14        # <kiln_v5_attend+0xab0>
+	movdqa %xmm11,%xmm15
+	vfmadd213ps %xmm12,%xmm14,%xmm15
+	movdqa %xmm11,%xmm12
+	vfmadd213ps %xmm15,%xmm13,%xmm12
+	vmovups 0x6b5(%rip),%xmm13        # <kiln_v5_attend+0xac0>
+	vfmadd213ps %xmm13,%xmm12,%xmm10
+	vmovups 0x6b8(%rip),%xmm13        # <kiln_v5_attend+0xad0>
+	vfmadd213ps %xmm13,%xmm12,%xmm10
+	vmovups 0x6bb(%rip),%xmm13        # <kiln_v5_attend+0xae0>
+	vfmadd213ps %xmm13,%xmm12,%xmm10
+	vmovups 0x6be(%rip),%xmm13        # <kiln_v5_attend+0xaf0>
+	vfmadd213ps %xmm13,%xmm12,%xmm10
+	vmovups 0x6c1(%rip),%xmm13        # <kiln_v5_attend+0xb00>
+	vfmadd213ps %xmm13,%xmm12,%xmm10
+	vmulps %xmm12,%xmm12,%xmm13
+	vmovups 0x5ff(%rip),%xmm14        # <kiln_v5_attend+0xa50>
+	vaddps %xmm14,%xmm12,%xmm12
+	vfmadd213ps %xmm12,%xmm13,%xmm10
+	vcmpeqps %xmm11,%xmm11,%xmm12
+	vandps %xmm12,%xmm11,%xmm11
+	vpxor  %xmm11,%xmm12,%xmm12
+	vcvttps2dq %xmm11,%xmm11
+	vpand  %xmm12,%xmm11,%xmm12
+	vpsrad $0x1f,%xmm12,%xmm12
+	vpxor  %xmm11,%xmm12,%xmm11
+	vmovdqu 0x688(%rip),%xmm12        # <kiln_v5_attend+0xb10>
+	vpaddd %xmm12,%xmm11,%xmm11
+	vpslld $0x17,%xmm11,%xmm11
+	vmulps %xmm11,%xmm10,%xmm10
+	vpblendvb %xmm3,%xmm0,%xmm10,%xmm3
+	movdqa %xmm3,%xmm10
+	vfmadd132ps (%rbx,%r11,1),%xmm9,%xmm10
+	vmovups %xmm10,(%rbx,%r11,1)
+	movdqa %xmm3,%xmm9
+	vfmadd132ps 0x10(%rbx,%r11,1),%xmm8,%xmm9
+	vmovups %xmm9,0x10(%rbx,%r11,1)
+	movdqa %xmm3,%xmm8
+	vfmadd132ps 0x20(%rbx,%r11,1),%xmm7,%xmm8
+	vmovups %xmm8,0x20(%rbx,%r11,1)
+	movdqa %xmm3,%xmm7
+	vfmadd132ps 0x30(%rbx,%r11,1),%xmm6,%xmm7
+	vmovups %xmm7,0x30(%rbx,%r11,1)
+	add    $0x1,%r14
+	vpshufd $0x1,%xmm5,%xmm6
+	vaddss %xmm6,%xmm5,%xmm6
+	vpshufd $0x2,%xmm5,%xmm7
+	vpshufd $0x3,%xmm5,%xmm5
+	vaddss %xmm5,%xmm7,%xmm5
+	vaddss %xmm5,%xmm6,%xmm5
 	vbroadcastss %xmm5,%xmm5
-	movdqa %xmm5,%xmm6
-	vfmadd132ps (%rcx,%r13,1),%xmm3,%xmm6
-	movdqa %xmm5,%xmm3
-	vfmadd132ps 0x10(%rcx,%r13,1),%xmm4,%xmm3
-	movdqa %xmm5,%xmm4
-	vfmadd132ps 0x20(%rcx,%r13,1),%xmm2,%xmm4
-	vfmadd132ps 0x30(%rcx,%r13,1),%xmm0,%xmm5
-	mov    %r14,%r13
-	movdqa %xmm4,%xmm2
-	movdqa %xmm3,%xmm4
-	movdqa %xmm6,%xmm3
-	movdqa %xmm5,%xmm0
-	jmp    <kiln_v5_attend+0x191>
-	mov    %r13,%r15
-	shl    $0x4,%r15
-	vmovups (%r12,%r15,1),%xmm2
-	vpshufd $0x1,%xmm0,%xmm4
-	ucomiss %xmm0,%xmm4
-	jne    <kiln_v5_attend+0x2b6>
-	jp     <kiln_v5_attend+0x2ac>
-	andps  %xmm0,%xmm4
-	jmp    <kiln_v5_attend+0x2ba>
-	addss  %xmm0,%xmm4
-	jp     <kiln_v5_attend+0x2ba>
-	maxss  %xmm0,%xmm4
-	vpshufd $0x2,%xmm0,%xmm5
-	vpshufd $0x3,%xmm0,%xmm6
-	ucomiss %xmm5,%xmm6
-	jne    <kiln_v5_attend+0x2e5>
-	jp     <kiln_v5_attend+0x2db>
-	andps  %xmm5,%xmm6
-	jmp    <kiln_v5_attend+0x2e9>
-	addss  %xmm5,%xmm6
-	jp     <kiln_v5_attend+0x2e9>
-	maxss  %xmm5,%xmm6
-	ucomiss %xmm4,%xmm6
-	jne    <kiln_v5_attend+0x30a>
-	jp     <kiln_v5_attend+0x300>
-	andps  %xmm4,%xmm6
-	jmp    <kiln_v5_attend+0x30e>
-	addss  %xmm4,%xmm6
-	jp     <kiln_v5_attend+0x30e>
-	maxss  %xmm4,%xmm6
-	vbroadcastss %xmm6,%xmm4
-	vsubps %xmm4,%xmm2,%xmm5
-	vmovups 0x401(%rip),%xmm6        # <kiln_v5_attend+0x720>
-	vcmpltps %xmm6,%xmm5,%xmm2
-	vmovups 0x404(%rip),%xmm4        # <kiln_v5_attend+0x730>
-	vmaxps %xmm6,%xmm5,%xmm7
-	vmaxps %xmm5,%xmm6,%xmm5
-	vxorps %xmm5,%xmm7,%xmm5
-	vorps  %xmm5,%xmm7,%xmm6
-	vsubps %xmm5,%xmm6,%xmm5
-	vcmpunordps %xmm6,%xmm6,%xmm6
-	vpsrld $0xa,%xmm6,%xmm6
-	vandnps %xmm5,%xmm6,%xmm5
-	vmovups 0x3ea(%rip),%xmm6        # <kiln_v5_attend+0x740>
-	vminps %xmm6,%xmm5,%xmm7
-	vminps %xmm5,%xmm6,%xmm6
-	vorps  %xmm6,%xmm7,%xmm5
-	vcmpunordps %xmm6,%xmm5,%xmm6
-	vorps  %xmm6,%xmm5,%xmm5
-	vpsrld $0xa,%xmm6,%xmm6
-	vandnps %xmm5,%xmm6,%xmm6
-	vmovups 0x3d4(%rip),%xmm5        # <kiln_v5_attend+0x750>
-	vmulps %xmm5,%xmm6,%xmm5
-	vroundps $0x0,%xmm5,%xmm5
-	vmovups 0x3d2(%rip),%xmm7        # <kiln_v5_attend+0x760>
-	vmovups 0x3da(%rip),%xmm8        # <kiln_v5_attend+0x770>
-	movdqa %xmm5,%xmm9
-	vfmadd213ps %xmm6,%xmm8,%xmm9
-	movdqa %xmm5,%xmm6
-	vfmadd213ps %xmm9,%xmm7,%xmm6
-	vmovups 0x3cf(%rip),%xmm7        # <kiln_v5_attend+0x780>
-	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x3d2(%rip),%xmm7        # <kiln_v5_attend+0x790>
-	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x3d5(%rip),%xmm7        # <kiln_v5_attend+0x7a0>
-	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x3d8(%rip),%xmm7        # <kiln_v5_attend+0x7b0>
-	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmovups 0x3db(%rip),%xmm7        # <kiln_v5_attend+0x7c0>
-	vfmadd213ps %xmm7,%xmm6,%xmm4
-	vmulps %xmm6,%xmm6,%xmm7
-	vmovups 0x3da(%rip),%xmm8        # <kiln_v5_attend+0x7d0>
-	vaddps %xmm8,%xmm6,%xmm6
-	vfmadd213ps %xmm6,%xmm7,%xmm4
-	vcmpeqps %xmm5,%xmm5,%xmm6
-	vandps %xmm6,%xmm5,%xmm5
-	vpxor  %xmm5,%xmm6,%xmm6
-	vcvttps2dq %xmm5,%xmm5
-	vpand  %xmm6,%xmm5,%xmm6
-	vpsrad $0x1f,%xmm6,%xmm6
-	vpxor  %xmm5,%xmm6,%xmm5
-	vmovdqu 0x3ba(%rip),%xmm6        # <kiln_v5_attend+0x7e0>
-	vpaddd %xmm6,%xmm5,%xmm5
-	vpslld $0x17,%xmm5,%xmm5
-	vmulps %xmm5,%xmm4,%xmm4
-	vpblendvb %xmm2,%xmm3,%xmm4,%xmm2
-	vmovups %xmm2,(%r12,%r15,1)
-	add    $0x1,%r13
-	vaddps %xmm2,%xmm1,%xmm1
-	jmp    <kiln_v5_attend+0x179>
-	mov    %rbx,%rcx
-	shl    $0x8,%rcx
-	mov    0x128(%rsp),%rax
-	lea    (%rax,%rcx,1),%r13
-	mov    %r8,%rdi
-	and    $0x3,%rdi
-	shl    $0x6,%rdi
-	vmovups 0x30(%r13,%rdi,1),%xmm1
-	lea    (%r11,%rdi,1),%rcx
-	mov    %r12,%r14
-	shl    $0x8,%r14
-	vmovups 0x30(%rcx,%r14,1),%xmm2
-	vmovups 0x20(%r13,%rdi,1),%xmm3
-	vmovups 0x20(%rcx,%r14,1),%xmm4
-	vmovups 0x10(%r13,%rdi,1),%xmm5
-	vmovups 0x10(%rcx,%r14,1),%xmm6
-	vmovups 0x0(%r13,%rdi,1),%xmm7
-	vmovups (%rcx,%r14,1),%xmm8
-	vxorps %xmm9,%xmm9,%xmm9
+	vfmadd213ps %xmm5,%xmm3,%xmm4
+	movdqa %xmm2,%xmm3
+	jmp    <kiln_v5_attend+0x19c>
+	vmovss (%rcx,%rdx,4),%xmm10
+	lea    0x1(%rdx),%rdi
+	lea    0x4000(%r13,%r11,1),%rsi
+	mov    %r14,%r8
+	shl    $0xe,%r8
+	add    %r8,%rsi
+	shl    $0x8,%rdx
+	vbroadcastss %xmm10,%xmm10
+	movdqa %xmm10,%xmm11
+	vfmadd132ps (%rsi,%rdx,1),%xmm9,%xmm11
+	movdqa %xmm10,%xmm9
+	vfmadd132ps 0x10(%rsi,%rdx,1),%xmm8,%xmm9
+	movdqa %xmm10,%xmm8
+	vfmadd132ps 0x20(%rsi,%rdx,1),%xmm7,%xmm8
+	vfmadd132ps 0x30(%rsi,%rdx,1),%xmm6,%xmm10
+	mov    %rdi,%rdx
+	movdqa %xmm8,%xmm7
+	movdqa %xmm9,%xmm8
+	movdqa %xmm11,%xmm9
+	movdqa %xmm10,%xmm6
+	jmp    <kiln_v5_attend+0x29b>
+	mov    %r8,%rdx
+	shl    $0x4,%rdx
+	vmovups (%rcx,%rdx,1),%xmm6
+	vpshufd $0x1,%xmm2,%xmm7
+	ucomiss %xmm2,%xmm7
+	jne    <kiln_v5_attend+0x5b8>
+	jp     <kiln_v5_attend+0x5ae>
+	andps  %xmm2,%xmm7
+	jmp    <kiln_v5_attend+0x5bc>
+	addss  %xmm2,%xmm7
+	jp     <kiln_v5_attend+0x5bc>
+	maxss  %xmm2,%xmm7
+	vpshufd $0x2,%xmm2,%xmm8
+	vpshufd $0x3,%xmm2,%xmm9
+	ucomiss %xmm8,%xmm9
+	jne    <kiln_v5_attend+0x5ea>
+	jp     <kiln_v5_attend+0x5df>
+	andps  %xmm8,%xmm9
+	jmp    <kiln_v5_attend+0x5ef>
+	addss  %xmm8,%xmm9
+	jp     <kiln_v5_attend+0x5ef>
+	maxss  %xmm8,%xmm9
+	ucomiss %xmm7,%xmm9
+	jne    <kiln_v5_attend+0x613>
+	jp     <kiln_v5_attend+0x608>
+	andps  %xmm7,%xmm9
+	jmp    <kiln_v5_attend+0x618>
+	addss  %xmm7,%xmm9
+	jp     <kiln_v5_attend+0x618>
+	maxss  %xmm7,%xmm9
+	vbroadcastss %xmm9,%xmm8
+	vmaxps %xmm8,%xmm3,%xmm7
+	vmaxps %xmm3,%xmm8,%xmm8
+	vxorps %xmm8,%xmm7,%xmm9
+	vorps  %xmm9,%xmm7,%xmm8
+	vsubps %xmm9,%xmm8,%xmm7
+	vcmpunordps %xmm8,%xmm8,%xmm9
+	vpsrld $0xa,%xmm9,%xmm11
+	vandnps %xmm7,%xmm11,%xmm7
+	vsubps %xmm7,%xmm6,%xmm8
+	vmovups 0x40f(%rip),%xmm9        # <kiln_v5_attend+0xa60>
+	vcmpltps %xmm9,%xmm8,%xmm6
+	vmovups 0x411(%rip),%xmm7        # <kiln_v5_attend+0xa70>
+	vmaxps %xmm9,%xmm8,%xmm10
+	vmaxps %xmm8,%xmm9,%xmm8
+	vxorps %xmm8,%xmm10,%xmm8
+	vorps  %xmm8,%xmm10,%xmm9
+	vsubps %xmm8,%xmm9,%xmm8
+	vcmpunordps %xmm9,%xmm9,%xmm9
+	vpsrld $0xa,%xmm9,%xmm11
+	vandnps %xmm8,%xmm11,%xmm13
+	vmovups 0x3ef(%rip),%xmm8        # <kiln_v5_attend+0xa80>
+	vminps %xmm8,%xmm13,%xmm10
+	vminps %xmm13,%xmm8,%xmm9
+	vorps  %xmm9,%xmm10,%xmm8
+	vcmpunordps %xmm9,%xmm8,%xmm9
+	vorps  %xmm9,%xmm8,%xmm8
+	vpsrld $0xa,%xmm9,%xmm10
+	vandnps %xmm8,%xmm10,%xmm12
+	vmovups 0x3d2(%rip),%xmm8        # <kiln_v5_attend+0xa90>
+	vmulps %xmm8,%xmm12,%xmm8
+	vroundps $0x0,%xmm8,%xmm8
+	vmovups 0x3cf(%rip),%xmm10        # <kiln_v5_attend+0xaa0>
+	vmovups 0x3d7(%rip),%xmm9        # <kiln_v5_attend+0xab0>
+	movdqa %xmm8,%xmm11
+	vfmadd213ps %xmm12,%xmm9,%xmm11
+	movdqa %xmm8,%xmm9
+	vfmadd213ps %xmm11,%xmm10,%xmm9
+	vmovups 0x3cb(%rip),%xmm10        # <kiln_v5_attend+0xac0>
+	vfmadd213ps %xmm10,%xmm9,%xmm7
+	vmovups 0x3ce(%rip),%xmm10        # <kiln_v5_attend+0xad0>
+	vfmadd213ps %xmm10,%xmm9,%xmm7
+	vmovups 0x3d1(%rip),%xmm10        # <kiln_v5_attend+0xae0>
+	vfmadd213ps %xmm10,%xmm9,%xmm7
+	vmovups 0x3d4(%rip),%xmm10        # <kiln_v5_attend+0xaf0>
+	vfmadd213ps %xmm10,%xmm9,%xmm7
+	vmovups 0x3d7(%rip),%xmm10        # <kiln_v5_attend+0xb00>
+	vfmadd213ps %xmm10,%xmm9,%xmm7
+	vmulps %xmm9,%xmm9,%xmm10
+	vmovups 0x315(%rip),%xmm11        # <kiln_v5_attend+0xa50>
+	vaddps %xmm11,%xmm9,%xmm9
+	vfmadd213ps %xmm9,%xmm10,%xmm7
+	vcmpeqps %xmm8,%xmm8,%xmm9
+	vandps %xmm9,%xmm8,%xmm8
+	vpxor  %xmm8,%xmm9,%xmm9
+	vcvttps2dq %xmm8,%xmm8
+	vpand  %xmm9,%xmm8,%xmm9
+	vpsrad $0x1f,%xmm9,%xmm10
+	vpxor  %xmm8,%xmm10,%xmm12
+	vmovdqu 0x39e(%rip),%xmm8        # <kiln_v5_attend+0xb10>
+	vpaddd %xmm8,%xmm12,%xmm8
+	vpslld $0x17,%xmm8,%xmm8
+	vmulps %xmm8,%xmm7,%xmm7
+	vpblendvb %xmm6,%xmm0,%xmm7,%xmm6
+	vmovups %xmm6,(%rcx,%rdx,1)
+	add    $0x1,%r8
+	vaddps %xmm6,%xmm5,%xmm5
+	jmp    <kiln_v5_attend+0x27d>
+	mov    0x140(%rsp),%rsi
+	lea    (%rsi,%rax,1),%r8
+	vmovups 0x30(%r8,%r11,1),%xmm5
+	lea    0x0(%r13,%r11,1),%rdx
+	mov    %r14,%rdi
+	shl    $0xe,%rdi
+	add    %rdi,%rdx
+	mov    %rcx,%rdi
+	shl    $0x8,%rdi
+	vmovups 0x30(%rdx,%rdi,1),%xmm6
+	vmovups 0x20(%r8,%r11,1),%xmm7
+	vmovups 0x20(%rdx,%rdi,1),%xmm8
+	vmovups 0x10(%r8,%r11,1),%xmm9
+	vmovups 0x10(%rdx,%rdi,1),%xmm10
+	vmovups (%r8,%r11,1),%xmm11
+	vmovups (%rdx,%rdi,1),%xmm12
+	vfmadd213ps %xmm0,%xmm12,%xmm11
+	vfmadd213ps %xmm11,%xmm10,%xmm9
 	vfmadd213ps %xmm9,%xmm8,%xmm7
 	vfmadd213ps %xmm7,%xmm6,%xmm5
-	vfmadd213ps %xmm5,%xmm4,%xmm3
-	vfmadd213ps %xmm3,%xmm2,%xmm1
-	vpshufd $0x1,%xmm1,%xmm2
-	vaddss %xmm2,%xmm1,%xmm2
-	vpshufd $0x2,%xmm1,%xmm3
-	vpshufd $0x3,%xmm1,%xmm1
-	vaddss %xmm1,%xmm3,%xmm1
-	vaddss %xmm1,%xmm2,%xmm1
-	vbroadcastss %xmm1,%xmm1
-	vmovups 0x300(%rip),%xmm2        # <kiln_v5_attend+0x7f0>
-	vmulps %xmm2,%xmm1,%xmm1
-	lea    (%rsp),%rcx
-	vmovss %xmm1,(%rcx,%r12,4)
-	add    $0x1,%r12
-	vmaxps %xmm1,%xmm0,%xmm2
-	vmaxps %xmm0,%xmm1,%xmm0
-	vxorps %xmm0,%xmm2,%xmm0
-	vorps  %xmm0,%xmm2,%xmm1
-	vsubps %xmm0,%xmm1,%xmm0
-	vcmpunordps %xmm1,%xmm1,%xmm1
-	vpsrld $0xa,%xmm1,%xmm1
-	vandnps %xmm0,%xmm1,%xmm0
-	jmp    <kiln_v5_attend+0x131>
-	mov    0x128(%rsp),%rax
-	mov    %rbx,%rcx
-	shl    $0x8,%rcx
-	lea    (%rax,%rcx,1),%rdi
-	mov    %r8,%rcx
-	and    $0x3,%rcx
-	shl    $0x6,%rcx
-	vmovups 0x30(%rdi,%rcx,1),%xmm1
-	lea    (%r11,%rcx,1),%r14
-	mov    %r12,%r15
-	shl    $0xa,%r15
-	vmovups 0x30(%r14,%r15,1),%xmm6
-	vmovups 0x20(%rdi,%rcx,1),%xmm2
-	vmovups 0x20(%r14,%r15,1),%xmm7
-	vmovups 0x10(%rdi,%rcx,1),%xmm5
-	vmovups 0x10(%r14,%r15,1),%xmm8
-	vmovups (%rdi,%rcx,1),%xmm3
-	vmovups (%r14,%r15,1),%xmm9
-	vxorps %xmm4,%xmm4,%xmm4
-	movdqa %xmm3,%xmm10
-	vfmadd213ps %xmm4,%xmm9,%xmm10
-	movdqa %xmm5,%xmm9
-	vfmadd213ps %xmm10,%xmm8,%xmm9
-	movdqa %xmm2,%xmm8
-	vfmadd213ps %xmm9,%xmm7,%xmm8
-	movdqa %xmm1,%xmm7
-	vfmadd213ps %xmm8,%xmm6,%xmm7
-	vmovups 0x130(%r14,%r15,1),%xmm6
-	vmovups 0x120(%r14,%r15,1),%xmm8
-	vmovups 0x110(%r14,%r15,1),%xmm9
-	vmovups 0x100(%r14,%r15,1),%xmm10
-	movdqa %xmm3,%xmm11
-	vfmadd213ps %xmm4,%xmm10,%xmm11
-	movdqa %xmm5,%xmm10
-	vfmadd213ps %xmm11,%xmm9,%xmm10
-	movdqa %xmm2,%xmm9
-	vfmadd213ps %xmm10,%xmm8,%xmm9
-	movdqa %xmm1,%xmm8
-	vfmadd213ps %xmm9,%xmm6,%xmm8
-	vpunpcklqdq %xmm8,%xmm7,%xmm6
-	vpunpckhqdq %xmm8,%xmm7,%xmm7
-	vaddps %xmm7,%xmm6,%xmm6
-	vmovups 0x230(%r14,%r15,1),%xmm8
-	vmovups 0x220(%r14,%r15,1),%xmm7
-	vmovups 0x210(%r14,%r15,1),%xmm9
-	vmovups 0x200(%r14,%r15,1),%xmm10
-	movdqa %xmm3,%xmm11
-	vfmadd213ps %xmm4,%xmm10,%xmm11
-	movdqa %xmm5,%xmm10
-	vfmadd213ps %xmm11,%xmm9,%xmm10
-	movdqa %xmm2,%xmm9
-	vfmadd213ps %xmm10,%xmm7,%xmm9
-	movdqa %xmm1,%xmm7
-	vfmadd213ps %xmm9,%xmm8,%xmm7
-	vmovups 0x330(%r14,%r15,1),%xmm8
-	vmovups 0x320(%r14,%r15,1),%xmm9
-	vmovups 0x310(%r14,%r15,1),%xmm10
-	vmovups 0x300(%r14,%r15,1),%xmm11
-	vfmadd213ps %xmm4,%xmm11,%xmm3
-	vfmadd213ps %xmm3,%xmm10,%xmm5
-	vfmadd213ps %xmm5,%xmm9,%xmm2
-	vfmadd213ps %xmm2,%xmm8,%xmm1
-	vpunpcklqdq %xmm1,%xmm7,%xmm2
-	vpunpckhqdq %xmm1,%xmm7,%xmm1
-	vaddps %xmm1,%xmm2,%xmm1
-	vshufps $0x88,%xmm1,%xmm6,%xmm2
-	vshufps $0xdd,%xmm1,%xmm6,%xmm1
-	vaddps %xmm1,%xmm2,%xmm1
-	vmovups 0x133(%rip),%xmm2        # <kiln_v5_attend+0x7f0>
-	vmulps %xmm2,%xmm1,%xmm1
-	lea    (%rsp),%rcx
-	mov    %r12,%rdx
-	shl    $0x4,%rdx
-	vmovups %xmm1,(%rcx,%rdx,1)
-	add    $0x1,%r12
-	vmaxps %xmm1,%xmm0,%xmm2
-	vmaxps %xmm0,%xmm1,%xmm0
-	vxorps %xmm0,%xmm2,%xmm0
-	vorps  %xmm0,%xmm2,%xmm1
-	vsubps %xmm0,%xmm1,%xmm0
-	vcmpunordps %xmm1,%xmm1,%xmm1
-	vpsrld $0xa,%xmm1,%xmm1
-	vandnps %xmm0,%xmm1,%xmm0
-	jmp    <kiln_v5_attend+0x11f>
+	vpshufd $0x1,%xmm5,%xmm6
+	vaddss %xmm6,%xmm5,%xmm6
+	vpshufd $0x2,%xmm5,%xmm7
+	vpshufd $0x3,%xmm5,%xmm5
+	vaddss %xmm5,%xmm7,%xmm5
+	vaddss %xmm5,%xmm6,%xmm5
+	vbroadcastss %xmm5,%xmm5
+	vmovups 0x2f3(%rip),%xmm6        # <kiln_v5_attend+0xb20>
+	vmulps %xmm6,%xmm5,%xmm5
+	lea    (%rsp),%r8
+	vmovss %xmm5,(%r8,%rcx,4)
+	add    $0x1,%rcx
+	vmaxps %xmm5,%xmm2,%xmm6
+	vmaxps %xmm2,%xmm5,%xmm5
+	vxorps %xmm5,%xmm6,%xmm7
+	vorps  %xmm7,%xmm6,%xmm5
+	vsubps %xmm7,%xmm5,%xmm2
+	vcmpunordps %xmm5,%xmm5,%xmm5
+	vpsrld $0xa,%xmm5,%xmm5
+	vandnps %xmm2,%xmm5,%xmm2
+	jmp    <kiln_v5_attend+0x244>
+	mov    0x140(%rsp),%rsi
+	lea    (%rsi,%rax,1),%r12
+	vmovups 0x30(%r12,%r11,1),%xmm5
+	lea    0x0(%r13,%r11,1),%rdi
+	mov    %r14,%r8
+	shl    $0xe,%r8
+	add    %r8,%rdi
+	mov    %rcx,%r8
+	shl    $0xa,%r8
+	vmovups 0x30(%rdi,%r8,1),%xmm10
+	vmovups 0x20(%r12,%r11,1),%xmm6
+	vmovups 0x20(%rdi,%r8,1),%xmm11
+	vmovups 0x10(%r12,%r11,1),%xmm7
+	vmovups 0x10(%rdi,%r8,1),%xmm12
+	vmovups (%r12,%r11,1),%xmm8
+	vmovups (%rdi,%r8,1),%xmm13
+	movdqa %xmm8,%xmm14
+	vfmadd213ps %xmm0,%xmm13,%xmm14
+	movdqa %xmm7,%xmm13
+	vfmadd213ps %xmm14,%xmm12,%xmm13
+	movdqa %xmm6,%xmm12
+	vfmadd213ps %xmm13,%xmm11,%xmm12
+	movdqa %xmm5,%xmm11
+	vfmadd213ps %xmm12,%xmm10,%xmm11
+	vmovups 0x130(%rdi,%r8,1),%xmm10
+	vmovups 0x120(%rdi,%r8,1),%xmm12
+	vmovups 0x110(%rdi,%r8,1),%xmm13
+	vmovups 0x100(%rdi,%r8,1),%xmm14
+	movdqa %xmm8,%xmm15
+	vfmadd213ps %xmm0,%xmm14,%xmm15
+	movdqa %xmm7,%xmm14
+	vfmadd213ps %xmm15,%xmm13,%xmm14
+	movdqa %xmm6,%xmm13
+	vfmadd213ps %xmm14,%xmm12,%xmm13
+	movdqa %xmm5,%xmm12
+	vfmadd213ps %xmm13,%xmm10,%xmm12
+	vpunpcklqdq %xmm12,%xmm11,%xmm10
+	vpunpckhqdq %xmm12,%xmm11,%xmm11
+	vaddps %xmm11,%xmm10,%xmm10
+	vmovups 0x230(%rdi,%r8,1),%xmm12
+	vmovups 0x220(%rdi,%r8,1),%xmm11
+	vmovups 0x210(%rdi,%r8,1),%xmm13
+	vmovups 0x200(%rdi,%r8,1),%xmm14
+	movdqa %xmm8,%xmm15
+	vfmadd213ps %xmm0,%xmm14,%xmm15
+	movdqa %xmm7,%xmm14
+	vfmadd213ps %xmm15,%xmm13,%xmm14
+	movdqa %xmm6,%xmm13
+	vfmadd213ps %xmm14,%xmm11,%xmm13
+	movdqa %xmm5,%xmm11
+	vfmadd213ps %xmm13,%xmm12,%xmm11
+	vmovups 0x330(%rdi,%r8,1),%xmm12
+	vmovups 0x320(%rdi,%r8,1),%xmm13
+	vmovups 0x310(%rdi,%r8,1),%xmm14
+	vmovups 0x300(%rdi,%r8,1),%xmm15
+	vfmadd213ps %xmm0,%xmm15,%xmm8
+	vfmadd213ps %xmm8,%xmm14,%xmm7
+	vfmadd213ps %xmm7,%xmm13,%xmm6
+	vfmadd213ps %xmm6,%xmm12,%xmm5
+	vpunpcklqdq %xmm5,%xmm11,%xmm6
+	vpunpckhqdq %xmm5,%xmm11,%xmm5
+	vaddps %xmm5,%xmm6,%xmm5
+	vshufps $0x88,%xmm5,%xmm10,%xmm6
+	vshufps $0xdd,%xmm5,%xmm10,%xmm5
+	vaddps %xmm5,%xmm6,%xmm5
+	vmovups 0x12a(%rip),%xmm6        # <kiln_v5_attend+0xb20>
+	vmulps %xmm6,%xmm5,%xmm5
+	lea    (%rsp),%rdi
+	mov    %rcx,%r8
+	shl    $0x4,%r8
+	vmovups %xmm5,(%rdi,%r8,1)
+	add    $0x1,%rcx
+	vmaxps %xmm5,%xmm2,%xmm6
+	vmaxps %xmm2,%xmm5,%xmm7
+	vxorps %xmm7,%xmm6,%xmm2
+	vorps  %xmm2,%xmm6,%xmm5
+	vsubps %xmm2,%xmm5,%xmm2
+	vcmpunordps %xmm5,%xmm5,%xmm5
+	vpsrld $0xa,%xmm5,%xmm5
+	vandnps %xmm2,%xmm5,%xmm2
+	jmp    <kiln_v5_attend+0x234>
 	ud2
-	...
+	add    %al,(%rax)
+	add    %al,(%rax)
+	add    %al,(%rax)
 	add    %al,-0x7fffff01(%rax)
 	incl   (%rax)
 	add    %al,-0x7fffff01(%rax)
-	lcall  *-0x653d5167(%rdx)
-	cltd
+	incl   (%rax)
+	add    %al,-0x7fffffc1(%rax)
+	(bad)
+	add    %al,(%rax)
+	cmpb   $0x0,(%rdi)
+	add    %al,-0x516665c1(%rax)
+	ret    $0x999a
 	scas   %es:(%rdi),%al
 	ret    $0x999a
 	scas   %es:(%rdi),%al
@@ -1847,7 +1988,7 @@ Disassembly of section .text:
 	mov    %ecx,(%rax)
 	cmp    $0xc1,%al
 	test   $0xa9c13d2a,%eax
-	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2aa96d>
+	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2aa97d>
 	shrl   $0x2a,-0x5555c2d6(%rcx)
 	ds stos %al,%es:(%rdi)
 	stos   %al,%es:(%rdi)
@@ -1866,18 +2007,13 @@ Disassembly of section .text:
 	add    %bh,(%rdi)
 	add    %al,(%rax)
 	add    %bh,(%rdi)
+	jg     <kiln_v5_attend+0xb12>
 	add    %al,(%rax)
-	cmpb   $0x0,(%rdi)
-	add    %al,-0x7fffffc1(%rax)
-	(bad)
+	jg     <kiln_v5_attend+0xb16>
 	add    %al,(%rax)
-	cmpb   $0x7f,(%rdi)
+	jg     <kiln_v5_attend+0xb1a>
 	add    %al,(%rax)
-	add    %bh,0x0(%rdi)
-	add    %al,(%rax)
-	jg     <kiln_v5_attend+0x7ea>
-	add    %al,(%rax)
-	jg     <kiln_v5_attend+0x7ee>
+	jg     <kiln_v5_attend+0xb1e>
 	add    %al,(%rax)
 	add    %al,(%rax)
 	cmpb   $0x0,(%rsi)

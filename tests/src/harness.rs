@@ -156,6 +156,32 @@ fn ggml_type(f: QuantFormat) -> compiler::gguf::GgmlType {
 
 /// A complete GGUF file of a random Llama model (no tokenizer metadata).
 pub fn tiny_llama_gguf(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
+    tiny_llama_writer(cfg, rng).finish()
+}
+
+/// A random Llama model with a small byte-level BPE tokenizer (`<s>`, `</s>`, then single
+/// letters and filler tokens up to `cfg.vocab`), complete enough for `build_model` and a
+/// session. Needs `cfg.vocab >= 8`.
+pub fn tiny_llama_gguf_with_tokenizer(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
+    use compiler::gguf::MetaValue;
+    assert!(cfg.vocab >= 8, "the tiny tokenizer needs 8 tokens");
+    let mut w = tiny_llama_writer(cfg, rng);
+    let mut tokens: Vec<String> = vec!["<s>".into(), "</s>".into(), "a".into(), "b".into(), "ab".into()];
+    tokens.extend(('c'..='z').map(String::from).take(cfg.vocab as usize - tokens.len()));
+    let filler = cfg.vocab as usize - tokens.len();
+    tokens.extend((0..filler).map(|i| format!("t{i}")));
+    let types: Vec<MetaValue> = (0..tokens.len()).map(|i| MetaValue::I32(if i < 2 { 3 } else { 1 })).collect();
+    w.add_meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()));
+    w.add_meta("tokenizer.ggml.pre", MetaValue::String("gpt2".into()));
+    w.add_meta("tokenizer.ggml.tokens", MetaValue::Array(tokens.into_iter().map(MetaValue::String).collect()));
+    w.add_meta("tokenizer.ggml.token_type", MetaValue::Array(types));
+    w.add_meta("tokenizer.ggml.merges", MetaValue::Array(vec![MetaValue::String("a b".into())]));
+    w.add_meta("tokenizer.ggml.bos_token_id", MetaValue::U32(0));
+    w.add_meta("tokenizer.ggml.eos_token_id", MetaValue::U32(1));
+    w.finish()
+}
+
+fn tiny_llama_writer(cfg: &TinyLlama, rng: &mut Rng) -> compiler::gguf::GgufWriter {
     use compiler::gguf::{GgufWriter, MetaValue};
     let mut w = GgufWriter::new();
     w.add_meta("general.architecture", MetaValue::String("llama".into()));
@@ -205,7 +231,7 @@ pub fn tiny_llama_gguf(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
     if !cfg.tied {
         add(&mut w, "output.weight", &[d, cfg.vocab as u64], cfg.format, s);
     }
-    w.finish()
+    w
 }
 
 /// The Python interpreter of the peer scripts: `KILN_PYTHON`, or `python3`.

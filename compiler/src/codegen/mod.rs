@@ -63,6 +63,8 @@ impl From<ModuleError> for CodegenError {
 pub struct CodegenOptions {
     /// Put the packed weights in the object (`.rodata`) instead of a separate file.
     pub embed_weights: bool,
+    /// The build fingerprint written into the descriptor.
+    pub fingerprint: [u8; abi::FINGERPRINT_BYTES],
 }
 
 /// The emitted object and facts about it.
@@ -92,6 +94,11 @@ pub fn skippable_rows(graph: &Graph) -> Vec<bool> {
         skip[i] = has_uses && users[i].iter().all(|&u| skip[u] && !matches!(graph.nodes[u].op, Op::Attention { .. }));
     }
     skip
+}
+
+/// Keys per tile of the attention kernel (its stack buffer holds one tile of scores).
+pub fn attention_key_tile() -> u32 {
+    attention::KEY_TILE
 }
 
 fn kernel_signature(call_conv: CallConv) -> Signature {
@@ -221,7 +228,8 @@ pub fn emit(
     put64(abi::desc::ARENA_BYTES, plan.arena_bytes);
     put64(abi::desc::KV_BYTES, kv_bytes);
     put64(abi::desc::WEIGHTS_BYTES, packed.blob.len() as u64);
-    put64(abi::desc::WEIGHTS_CHECKSUM, abi::fnv1a64(&packed.blob));
+    put64(abi::desc::WEIGHTS_CHECKSUM, abi::weights_checksum(&packed.blob));
+    desc[abi::desc::FINGERPRINT..abi::desc::FINGERPRINT + abi::FINGERPRINT_BYTES].copy_from_slice(&opts.fingerprint);
     let desc_id = module.declare_data(abi::MODEL_SYMBOL, Linkage::Export, false, false)?;
     let mut data = DataDescription::new();
     data.set_align(8);

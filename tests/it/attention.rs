@@ -1,0 +1,100 @@
+//! Attention over long contexts: keys are processed in tiles of `KEY_TILE` with an online
+//! softmax, so results across several tiles must still match the interpreter, and the stack
+//! a kernel needs must not grow with the context (a C host thread may have a small stack).
+//!
+//! Tolerance as in `kernels.rs`: 1e-4 of the largest output magnitude (f32 sums in another
+//! order than the interpreter's f64; the online softmax adds one rescaling per tile).
+
+use std::process::Command;
+
+use compiler::CompileOptions;
+use ir::interp::{self, KvCache, Tensor};
+use ir::parse::parse_graph;
+use ir::Graph;
+use runtime::program::{Input, Program};
+use tests::harness::{compile_to_shared, max_diff, random_weights, scratch_dir, Rng};
+
+const REL_TOL: f32 = 1e-4;
+
+/// q: 4 heads of 16, k/v: 2 heads, straight from the input (rope on q and k).
+fn attention_graph(context: u32) -> String {
+    format!(
+        r#"graph "attn" context={context}
+w0 = weight f32[32, 64] "k"
+w1 = weight f32[32, 64] "v"
+v0 = input 0 : f32[seq, 64]
+v1 = matmul v0, w0 : f32[seq, 32]
+v2 = matmul v0, w1 : f32[seq, 32]
+v3 = rope v0 head_dim=16 theta=10000 : f32[seq, 64]
+v4 = rope v1 head_dim=16 theta=10000 : f32[seq, 32]
+v5 = attention v3, v4, v2 layer=0 heads=4 kv_heads=2 head_dim=16 : f32[seq, 64]
+output v5
+"#
+    )
+}
+
+/// Runs calls of `seqs` rows starting at `start` on the compiled graph and the interpreter
+/// (whose cache, like the runtime's, starts zeroed) and compares every output.
+fn compare(name: &str, context: u32, batch: u32, start: usize, seqs: &[usize], threads: &[usize]) {
+    let text = attention_graph(context);
+    let graph = parse_graph(&text).unwrap();
+    let mut rng = Rng::new(17);
+    let weights = random_weights(&graph, &mut rng, 1.0);
+    let dir = scratch_dir(name);
+    let (compiled, so) = compile_to_shared(&graph, &weights, &CompileOptions { batch, ..Default::default() }, &dir);
+    let final_graph: Graph = parse_graph(&compiled.final_ir).unwrap();
+    let weight_refs: Vec<&[u8]> = weights.iter().map(|w| w.as_slice()).collect();
+    for &n_threads in threads {
+        let mut program = Program::load_shared(&so, None, n_threads).unwrap();
+        let mut cache = KvCache::new(&final_graph);
+        let mut pos = start;
+        for &seq in seqs {
+            let x = rng.vec(seq * 64, 2.0);
+            let mut got = vec![0.0f32; seq * 64];
+            program.run(&[Input::F32(&x)], &mut [&mut got], seq, pos, 0).unwrap();
+            let want = interp::run(&final_graph, &weight_refs, &[Tensor::F32(x)], &mut cache, seq, pos);
+            let (diff, scale) = max_diff(&got, &want[0]);
+            assert!(
+                diff <= REL_TOL * scale.max(1.0),
+                "{name}: {seq} rows at {pos}, {n_threads} threads: max diff {diff} (scale {scale})"
+            );
+            pos += seq;
+        }
+    }
+}
+
+#[test]
+fn attention_across_several_key_tiles_matches_the_interpreter() {
+    let tile = compiler::codegen::attention_key_tile() as usize;
+    // Rows whose keys end inside the first tile, exactly at tile boundaries, and two tiles on.
+    let seqs = [tile - 3, 2, 1, 1, 64, tile - 64 - 1, 3, 5];
+    assert!(seqs.iter().sum::<usize>() > 2 * tile);
+    compare("attention-tiles", 3 * tile as u32, tile as u32, 0, &seqs, &[1, 2]);
+}
+
+/// The work of `attention_runs_on_a_thread_with_a_small_stack`, run by it in a child process
+/// (a stack overflow kills the whole process, so the parent must survive to report it).
+#[test]
+#[ignore = "run in a child process by attention_runs_on_a_thread_with_a_small_stack"]
+fn small_stack_child() {
+    // Context 65536: the old kernel kept 65540 scores (256 KiB) on the stack.
+    let context = 65536;
+    std::thread::Builder::new()
+        .stack_size(128 * 1024)
+        .spawn(move || compare("attention-small-stack", context, 4, context as usize - 6, &[3, 1, 2], &[1]))
+        .unwrap()
+        .join()
+        .expect("attention on a 128 KiB stack failed");
+}
+
+#[test]
+fn attention_runs_on_a_thread_with_a_small_stack() {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .args(["--ignored", "--exact", "attention::small_stack_child", "--nocapture", "--test-threads=1"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the child failed ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("1 passed"), "the child did not run the test:\n{stdout}");
+}

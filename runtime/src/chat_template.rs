@@ -135,7 +135,12 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// Steps every render may take, whatever the conversation (real templates take a few hundred
 /// per message); 2M steps take well under a second and bound the data the template creates to
 /// about 128 MB.
+#[cfg(not(fuzzing))]
 pub const BASE_STEPS: u64 = 2_000_000;
+/// Under the fuzzer a smaller budget: the same checks, but hostile inputs that spend the whole
+/// budget cost milliseconds, not most of a second, per execution.
+#[cfg(fuzzing)]
+pub const BASE_STEPS: u64 = 50_000;
 /// Extra steps per message and per byte of the conversation, so long chats still render.
 const STEPS_PER_MESSAGE: u64 = 2_000;
 const STEPS_PER_INPUT_BYTE: u64 = 1;

@@ -13,7 +13,7 @@ use compiler::bundle::{build_model, BuildOptions};
 use compiler::{compile, CompileOptions};
 use ir::interp::{self, KvCache, Tensor};
 use ir::parse::parse_graph;
-use ir::{Graph, QuantFormat};
+use ir::{DType, Graph, QuantFormat};
 use tests::harness::{argmax, max_diff, random_weights, scratch_dir, Rng};
 
 use crate::reference::{model, model_path};
@@ -35,6 +35,8 @@ fn f32_bytes(xs: &[f32]) -> Vec<u8> {
 
 /// Compiles `text` for aarch64 on `device`, runs it under qemu for calls of `seqs` rows and
 /// compares every call's output with the interpreter. Returns the largest relative error.
+/// A graph whose input is `i32[seq]` (token ids, for `embed`) gets ids in range and out of
+/// range (negative, past the table, `i32::MAX`/`MIN`) and must match exactly.
 fn check_graph(name: &str, text: &str, seqs: &[usize], seed: u64, device: &str) -> f32 {
     let graph = parse_graph(text).unwrap();
     let mut rng = Rng::new(seed);
@@ -49,15 +51,59 @@ fn check_graph(name: &str, text: &str, seqs: &[usize], seed: u64, device: &str) 
     assert!(status.success(), "linking the aarch64 object failed");
 
     let final_graph: Graph = parse_graph(&compiled.final_ir).unwrap();
-    let width = graph.nodes[0].ty.row_len().unwrap() as usize;
     let total: usize = seqs.iter().sum();
-    let input = rng.vec(total * width, 2.0);
-    std::fs::write(dir.join("in.f32"), f32_bytes(&input)).unwrap();
+    let ids_input = graph.nodes[0].ty.dtype == DType::I32;
+    let (width, inputs): (usize, Vec<Tensor>) = if ids_input {
+        let rows = graph.weights[0].shape[0] as i32;
+        let edge = [rows - 1, 0, -1, rows, i32::MAX, i32::MIN, rows + 3];
+        let ids: Vec<i32> =
+            (0..total)
+                .map(|t| {
+                    if t < edge.len() || rng.below(6) == 0 {
+                        edge[t % edge.len()]
+                    } else {
+                        rng.below(rows as u64) as i32
+                    }
+                })
+                .collect();
+        let mut at = 0;
+        (
+            1,
+            seqs.iter()
+                .map(|&s| {
+                    at += s;
+                    Tensor::I32(ids[at - s..at].to_vec())
+                })
+                .collect(),
+        )
+    } else {
+        let width = graph.nodes[0].ty.row_len().unwrap() as usize;
+        let x = rng.vec(total * width, 2.0);
+        let mut at = 0;
+        (
+            width,
+            seqs.iter()
+                .map(|&s| {
+                    at += s * width;
+                    Tensor::F32(x[at - s * width..at].to_vec())
+                })
+                .collect(),
+        )
+    };
+    let bytes: Vec<u8> = inputs
+        .iter()
+        .flat_map(|t| match t {
+            Tensor::I32(v) => v.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>(),
+            Tensor::F32(v) => f32_bytes(v),
+        })
+        .collect();
+    assert_eq!(bytes.len(), total * width * 4);
+    std::fs::write(dir.join("in.bin"), bytes).unwrap();
     let seq_arg: Vec<String> = seqs.iter().map(|s| s.to_string()).collect();
     let out = exec_graph()
         .command()
         .arg(&so)
-        .arg(dir.join("in.f32"))
+        .arg(dir.join("in.bin"))
         .arg(dir.join("out.f32"))
         .arg(seq_arg.join(","))
         .output()
@@ -71,18 +117,24 @@ fn check_graph(name: &str, text: &str, seqs: &[usize], seed: u64, device: &str) 
 
     let w: Vec<&[u8]> = weights.iter().map(|w| w.as_slice()).collect();
     let mut cache = KvCache::new(&final_graph);
-    let (mut pos, mut at, mut out_at) = (0, 0, 0);
+    let (mut pos, mut out_at) = (0, 0);
     let out_w = graph.ty(graph.outputs[0]).row_len().unwrap() as usize;
+    assert_eq!(got.len(), total * out_w, "{name}: output length");
     let mut worst = 0.0f32;
-    for &seq in seqs {
-        let x = input[at..at + seq * width].to_vec();
-        let want = interp::run(&final_graph, &w, &[Tensor::F32(x)], &mut cache, seq, pos);
-        let (diff, scale) = max_diff(&got[out_at..out_at + seq * out_w], &want[0]);
-        let rel = diff / scale.max(1.0);
-        assert!(rel <= 1e-4, "{name} on {device}: seq {seq}: max diff {diff} (scale {scale})");
-        worst = worst.max(rel);
+    for (&seq, input) in seqs.iter().zip(inputs) {
+        let want = interp::run(&final_graph, &w, &[input], &mut cache, seq, pos);
+        let got = &got[out_at..out_at + seq * out_w];
+        if ids_input {
+            // Exact (`==`: +0 equals -0; see kernels.rs, embed_kernels_match_the_interpreter_exactly).
+            let bad = (0..got.len()).filter(|&i| got[i] != want[0][i]).count();
+            assert_eq!(bad, 0, "{name} on {device}: seq {seq}: {bad} values differ from the interpreter");
+        } else {
+            let (diff, scale) = max_diff(got, &want[0]);
+            let rel = diff / scale.max(1.0);
+            assert!(rel <= 1e-4, "{name} on {device}: seq {seq}: max diff {diff} (scale {scale})");
+            worst = worst.max(rel);
+        }
         pos += seq;
-        at += seq * width;
         out_at += seq * out_w;
     }
     worst
@@ -110,6 +162,17 @@ fn aarch64_kernels_match_the_interpreter_under_qemu() {
                     i as u64 + rows as u64,
                     device,
                 ));
+            }
+        }
+        // The embedding in every table layout (f32 rows, Q4 and Q8 groups), partial 4-row groups.
+        for (i, format) in QuantFormat::ALL.into_iter().enumerate() {
+            let f = format.name();
+            let cols = if matches!(format, QuantFormat::F32 | QuantFormat::F16) { 67 } else { 96 };
+            for rows in [6u32, 13] {
+                let text = format!(
+                    "graph \"embed\" context=64\nw0 = weight {f}[{rows}, {cols}] \"table\"\nv0 = input 0 : i32[seq]\nv1 = embed v0, w0 : f32[seq, {cols}]\nv2 = add v1, v1 : f32[seq, {cols}]\noutput v2\n"
+                );
+                check_graph(&format!("embed_{f}_{rows}"), &text, &[8, 1, 4], 50 + i as u64 + rows as u64, device);
             }
         }
         let block = r#"graph "block" context=64

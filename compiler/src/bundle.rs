@@ -294,7 +294,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     // The weights are packed: free the model file before code generation copies them again.
     drop(lowered.weights);
     drop(gguf);
-    let compiled = crate::finish(prepared, target.as_ref(), &copts).map_err(BuildError::Compile)?;
+    let mut compiled = crate::finish(prepared, target.as_ref(), &copts).map_err(BuildError::Compile)?;
     stage_times.push((Stage::Compile.name().to_string(), t.elapsed()));
     for (n, d) in &compiled.timings {
         stage_times.push((format!("  {n}"), *d));
@@ -302,7 +302,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
 
     let t = Instant::now();
     progress(Stage::Write);
-    let library = archive(&compiled.object, "kiln_model.o");
+    let library = archive(&std::mem::take(&mut compiled.object), "kiln_model.o");
     let manifest = json!({
         "kiln_abi_version": abi::ABI_VERSION,
         "fingerprint": hex(&build_id),
@@ -341,7 +341,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             "shared_library": opts.shared_linker.as_ref().map(|_| "lib/libkiln_model.so"),
         },
         "memory": {
-            "weights_bytes": compiled.weights.len(),
+            "weights_bytes": compiled.weights_bytes,
             "arena_bytes": compiled.arena_bytes,
             "kv_bytes": compiled.kv_bytes,
         },
@@ -367,7 +367,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
         out: out.clone(),
         stage_times,
         library_bytes: library.len() as u64,
-        weights_bytes: compiled.weights.len() as u64,
+        weights_bytes: compiled.weights_bytes,
         arena_bytes: compiled.arena_bytes,
         kv_bytes: compiled.kv_bytes,
         logits_bytes: opts.batch as u64 * hp.vocab as u64 * 4,

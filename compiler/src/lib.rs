@@ -48,7 +48,10 @@ impl Default for CompileOptions {
 /// A compiled graph: the object file, the packed weights and what the build measured.
 pub struct Compiled {
     pub object: Vec<u8>,
+    /// The packed weights for a `weights.bin`; empty when they are embedded in `object`.
     pub weights: Vec<u8>,
+    /// Size of the packed weights, embedded or not.
+    pub weights_bytes: u64,
     pub arena_bytes: u64,
     pub kv_bytes: u64,
     pub n_kernels: usize,
@@ -130,13 +133,14 @@ pub fn prepare<W: AsRef<[u8]>>(
 /// The second half of [`compile`]: code generation. `opts` must be the options given to
 /// [`prepare`].
 pub fn finish(prepared: Prepared, target: &dyn Target, opts: &CompileOptions) -> Result<Compiled, CompileError> {
-    let Prepared { graph, info, plan, packed, mut timings } = prepared;
+    let Prepared { graph, info, plan, mut packed, mut timings } = prepared;
+    let weights_bytes = packed.blob.len() as u64;
     let start = Instant::now();
     let emitted = codegen::emit(
         &graph,
         &info,
         &plan,
-        &packed,
+        &mut packed,
         target,
         &codegen::CodegenOptions { embed_weights: opts.embed_weights, fingerprint: opts.fingerprint },
     )
@@ -146,6 +150,7 @@ pub fn finish(prepared: Prepared, target: &dyn Target, opts: &CompileOptions) ->
     Ok(Compiled {
         object: emitted.object,
         weights: packed.blob,
+        weights_bytes,
         arena_bytes: plan.arena_bytes,
         kv_bytes,
         n_kernels: emitted.n_kernels,

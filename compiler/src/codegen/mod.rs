@@ -107,12 +107,13 @@ fn kernel_signature(call_conv: CallConv) -> Signature {
     sig
 }
 
-/// Generates the object for `graph`.
+/// Generates the object for `graph`. With `embed_weights`, the weights blob moves into the
+/// object (`packed.blob` is left empty), so the build holds one copy of the weights, not two.
 pub fn emit(
     graph: &Graph,
     info: &GraphInfo,
     plan: &MemoryPlan,
-    packed: &Packed,
+    packed: &mut Packed,
     target: &dyn Target,
     opts: &CodegenOptions,
 ) -> Result<Emitted, CodegenError> {
@@ -191,12 +192,14 @@ pub fn emit(
     module.clear_context(&mut ctx);
 
     // The weights, then the descriptor pointing at them and at run.
+    let (weights_bytes, weights_checksum) = (packed.blob.len() as u64, abi::weights_checksum(&packed.blob));
     let weights_id = if opts.embed_weights {
         let id = module.declare_data("kiln_weights", Linkage::Local, false, false)?;
         let mut data = DataDescription::new();
         data.set_align(64);
-        data.define(packed.blob.clone().into_boxed_slice());
+        data.define(std::mem::take(&mut packed.blob).into_boxed_slice());
         module.define_data(id, &data)?;
+        drop(data);
         Some(id)
     } else {
         None
@@ -227,8 +230,8 @@ pub fn emit(
     let mut put64 = |at: usize, v: u64| desc[at..at + 8].copy_from_slice(&v.to_le_bytes());
     put64(abi::desc::ARENA_BYTES, plan.arena_bytes);
     put64(abi::desc::KV_BYTES, kv_bytes);
-    put64(abi::desc::WEIGHTS_BYTES, packed.blob.len() as u64);
-    put64(abi::desc::WEIGHTS_CHECKSUM, abi::weights_checksum(&packed.blob));
+    put64(abi::desc::WEIGHTS_BYTES, weights_bytes);
+    put64(abi::desc::WEIGHTS_CHECKSUM, weights_checksum);
     desc[abi::desc::FINGERPRINT..abi::desc::FINGERPRINT + abi::FINGERPRINT_BYTES].copy_from_slice(&opts.fingerprint);
     let desc_id = module.declare_data(abi::MODEL_SYMBOL, Linkage::Export, false, false)?;
     let mut data = DataDescription::new();

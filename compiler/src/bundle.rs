@@ -289,8 +289,8 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
         pipeline: crate::passes::PipelineOptions { dump_after: opts.dump_after.clone() },
         fingerprint: build_id,
     };
-    let prepared =
-        crate::prepare(lowered.graph, &lowered.weights, target.as_ref(), &copts).map_err(BuildError::Compile)?;
+    let model = crate::model::Model::borrowed(lowered.graph, &lowered.weights);
+    let prepared = crate::prepare(model, target.as_ref(), &copts).map_err(BuildError::Compile)?;
     // The weights are packed: free the model file before code generation copies them again.
     drop(lowered.weights);
     drop(gguf);

@@ -230,14 +230,7 @@ impl GgmlType {
 
     /// The kiln weight format for this type, or `None` when kiln cannot compile it.
     pub fn quant_format(self) -> Option<QuantFormat> {
-        match self {
-            Self::F32 => Some(QuantFormat::F32),
-            Self::F16 => Some(QuantFormat::F16),
-            Self::Q4_0 => Some(QuantFormat::Q4_0),
-            Self::Q4_1 => Some(QuantFormat::Q4_1),
-            Self::Q8_0 => Some(QuantFormat::Q8_0),
-            _ => None,
-        }
+        QuantFormat::from_ggml_type(self.id())
     }
 
     /// Bytes taken by `n_values` values, or `None` on overflow or when `n_values` is not a
@@ -1223,6 +1216,20 @@ fn write_value(out: &mut Vec<u8>, v: &MetaValue) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kiln_format_has_the_geometry_of_its_ggml_type() {
+        for format in QuantFormat::ALL {
+            let t = GgmlType::from_id(format.ggml_type()).expect("a known ggml type");
+            assert_eq!(t.quant_format(), Some(format));
+            assert_eq!(
+                (t.block_values(), t.block_bytes()),
+                (format.block_values(), format.block_bytes()),
+                "{format:?}"
+            );
+            assert!(t.name().eq_ignore_ascii_case(format.name()), "{format:?}");
+        }
+    }
 
     fn s(v: &str) -> MetaValue {
         MetaValue::String(v.to_owned())

@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod codegen;
 pub mod frontend;
 pub mod gguf;
+pub mod model;
 pub mod outdir;
 pub mod pack;
 pub mod passes;
@@ -89,7 +90,7 @@ pub fn compile<W: AsRef<[u8]>>(
     target: &dyn Target,
     opts: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
-    let prepared = prepare(graph, weights, target, opts)?;
+    let prepared = prepare(model::Model::borrowed(graph, weights), target, opts)?;
     finish(prepared, target, opts)
 }
 
@@ -103,11 +104,10 @@ pub struct Prepared {
     timings: Vec<(String, Duration)>,
 }
 
-/// The first half of [`compile`]: checks the options, runs the pass pipeline, plans memory and
-/// packs the weights.
-pub fn prepare<W: AsRef<[u8]>>(
-    mut graph: Graph,
-    weights: &[W],
+/// The first half of [`compile`]: checks the options, runs the pass pipeline on `model`, plans
+/// memory and packs the weights.
+pub fn prepare(
+    mut model: model::Model<'_>,
     target: &dyn Target,
     opts: &CompileOptions,
 ) -> Result<Prepared, CompileError> {
@@ -115,19 +115,25 @@ pub fn prepare<W: AsRef<[u8]>>(
         return Err(CompileError::BadOption(format!("batch {} must be in 1..=65536", opts.batch)));
     }
     // The name becomes the object file's name (an ELF string table entry, NUL-terminated).
-    if graph.name.contains('\0') {
-        return Err(CompileError::BadOption(format!("graph name {:?} holds a NUL byte", gguf::clip(&graph.name))));
+    if model.graph.name.contains('\0') {
+        return Err(CompileError::BadOption(format!(
+            "graph name {:?} holds a NUL byte",
+            gguf::clip(&model.graph.name)
+        )));
     }
     let mut timings = vec![];
-    let (info, report) = passes::run_pipeline(&mut graph, target, &opts.pipeline).map_err(CompileError::Verifier)?;
+    let (info, report) = passes::run_pipeline(&mut model, target, &opts.pipeline).map_err(|e| match e {
+        passes::PassError::Verifier(e) => CompileError::Verifier(e),
+        e => CompileError::BadOption(e.to_string()),
+    })?;
     timings.extend(report.pass_times.into_iter().map(|(n, d)| (format!("pass {n}"), d)));
     let start = Instant::now();
-    let plan = passes::plan_memory::plan(&graph, &info, opts.batch);
+    let plan = passes::plan_memory::plan(&model.graph, &info, opts.batch);
     timings.push(("plan memory".into(), start.elapsed()));
     let start = Instant::now();
-    let packed = pack::pack(&graph, weights);
+    let packed = pack::pack(&model);
     timings.push(("pack weights".into(), start.elapsed()));
-    Ok(Prepared { graph, info, plan, packed, timings })
+    Ok(Prepared { graph: model.graph, info, plan, packed, timings })
 }
 
 /// The second half of [`compile`]: code generation. `opts` must be the options given to

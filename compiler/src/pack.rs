@@ -5,13 +5,16 @@
 //! let Cranelift's 128-bit GEMV beat ggml's AVX2 kernel: one pass over the activation block
 //! serves four output rows, and the weight stream is read once, in order). Float16 scales are
 //! widened to float32 here, at compile time, because Cranelift cannot convert f16.
-//! Q4_0 is stored as Q4_1 with `m = -8 d`, so one kernel serves both.
+//! Which layout a weight gets follows its format's kernel form (`ir::quant::KernelForm`): the
+//! format's own file turns its blocks into the 32-value Q4 or Q8 blocks packed here, so this
+//! file names no format.
 
 use std::collections::BTreeMap;
 
-use half::f16;
-use ir::quant::{dequantize, dequantize_row, BLOCK_SIZE};
-use ir::{Graph, Op, QuantFormat, WeightId};
+use ir::quant::{dequantize, dequantize_row, q4_blocks, q8_blocks, KernelForm, BLOCK_SIZE};
+use ir::{Op, QuantFormat, WeightId};
+
+use crate::model::Model;
 
 /// Rows per interleaved group.
 pub const ROWS: usize = 4;
@@ -32,9 +35,9 @@ pub enum Layout {
     F32Vector { n: u32 },
     /// F32/F16 matrix as f32, groups of 4 rows, 4-column chunks (columns padded with zeros).
     F32Rows4 { rows: u32, cols: u32 },
-    /// Q4_0/Q4_1 matrix, groups of 4 rows interleaved per 32-value block.
+    /// Matrix of a format whose kernel form is Q4, groups of 4 rows interleaved per 32-value block.
     Q4Rows4 { rows: u32, cols: u32 },
-    /// Q8_0 matrix, groups of 4 rows interleaved per 32-value block.
+    /// Matrix of a format whose kernel form is Q8, groups of 4 rows interleaved per 32-value block.
     Q8Rows4 { rows: u32, cols: u32 },
 }
 
@@ -71,17 +74,13 @@ fn pad_to(blob: &mut Vec<u8>, align: usize) {
 }
 
 fn layout_for(format: QuantFormat, shape: &[u32]) -> Layout {
-    match (format, shape) {
+    match (format.spec().kernel, shape) {
         (_, [n]) => Layout::F32Vector { n: *n },
-        (QuantFormat::F32 | QuantFormat::F16, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
-        (QuantFormat::Q4_0 | QuantFormat::Q4_1, [rows, cols]) => Layout::Q4Rows4 { rows: *rows, cols: *cols },
-        (QuantFormat::Q8_0, [rows, cols]) => Layout::Q8Rows4 { rows: *rows, cols: *cols },
+        (KernelForm::F32, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
+        (KernelForm::Q4(_), [rows, cols]) => Layout::Q4Rows4 { rows: *rows, cols: *cols },
+        (KernelForm::Q8(_), [rows, cols]) => Layout::Q8Rows4 { rows: *rows, cols: *cols },
         _ => unreachable!("the verifier allows 1-D and 2-D weights only"),
     }
-}
-
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
 fn push_f32(blob: &mut Vec<u8>, v: f32) {
@@ -120,20 +119,15 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                 }
             }
             Layout::Q4Rows4 { .. } => {
-                let bb = format.block_bytes();
+                let blocks: Vec<Vec<_>> = group
+                    .iter()
+                    .map(|r| r.map(|r| q4_blocks(format, r).expect("Q4 form")).unwrap_or_default())
+                    .collect();
                 for b in 0..n_blocks {
                     let (mut ds, mut ms, mut qs) = ([0f32; 4], [0f32; 4], [[0u8; 16]; 4]);
-                    for (i, r) in group.iter().enumerate() {
-                        if let Some(bytes) = r {
-                            let blk = &bytes[b * bb..(b + 1) * bb];
-                            ds[i] = f16_at(blk, 0);
-                            if format == QuantFormat::Q4_1 {
-                                ms[i] = f16_at(blk, 2);
-                                qs[i].copy_from_slice(&blk[4..20]);
-                            } else {
-                                ms[i] = -8.0 * ds[i];
-                                qs[i].copy_from_slice(&blk[2..18]);
-                            }
+                    for (i, r) in blocks.iter().enumerate() {
+                        if let Some(blk) = r.get(b) {
+                            (ds[i], ms[i], qs[i]) = (blk.d, blk.m, blk.qs);
                         }
                     }
                     ds.iter().chain(&ms).for_each(|&x| push_f32(blob, x));
@@ -141,17 +135,19 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                 }
             }
             Layout::Q8Rows4 { .. } => {
+                let blocks: Vec<Vec<_>> = group
+                    .iter()
+                    .map(|r| r.map(|r| q8_blocks(format, r).expect("Q8 form")).unwrap_or_default())
+                    .collect();
                 for b in 0..n_blocks {
-                    let (mut ds, mut qs) = ([0f32; 4], [[0u8; 32]; 4]);
-                    for (i, r) in group.iter().enumerate() {
-                        if let Some(bytes) = r {
-                            let blk = &bytes[b * 34..(b + 1) * 34];
-                            ds[i] = f16_at(blk, 0);
-                            qs[i].copy_from_slice(&blk[2..34]);
+                    let (mut ds, mut qs) = ([0f32; 4], [[0i8; 32]; 4]);
+                    for (i, r) in blocks.iter().enumerate() {
+                        if let Some(blk) = r.get(b) {
+                            (ds[i], qs[i]) = (blk.d, blk.qs);
                         }
                     }
                     ds.iter().for_each(|&x| push_f32(blob, x));
-                    qs.iter().for_each(|q| blob.extend_from_slice(q));
+                    qs.iter().for_each(|q| blob.extend(q.iter().map(|&v| v as u8)));
                 }
             }
             Layout::F32Vector { .. } => unreachable!(),
@@ -159,9 +155,11 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
     }
 }
 
-/// Packs every weight of `graph` (raw bytes in `raw`, indexed by weight id) and the constant
-/// tables its ops need, in weight-id order so that the blob is deterministic.
-pub fn pack<W: AsRef<[u8]>>(graph: &Graph, raw: &[W]) -> Packed {
+/// Packs every weight of `model` and the constant tables its ops need, in weight-id order so
+/// that the blob is deterministic.
+pub fn pack(model: &Model<'_>) -> Packed {
+    let graph = &model.graph;
+    let raw: Vec<&[u8]> = model.weights().collect();
     let mut blob = Vec::new();
     let mut weights = Vec::with_capacity(graph.weights.len());
     for (i, w) in graph.weights.iter().enumerate() {
@@ -169,11 +167,11 @@ pub fn pack<W: AsRef<[u8]>>(graph: &Graph, raw: &[W]) -> Packed {
         let offset = blob.len() as u64;
         match layout {
             Layout::F32Vector { n } => {
-                for v in dequantize(w.format, raw[i].as_ref(), 1, n as usize) {
+                for v in dequantize(w.format, raw[i], 1, n as usize) {
                     push_f32(&mut blob, v);
                 }
             }
-            _ => pack_matrix(&mut blob, w.format, layout, raw[i].as_ref()),
+            _ => pack_matrix(&mut blob, w.format, layout, raw[i]),
         }
         pad_to(&mut blob, ALIGN);
         weights.push(PackedWeight { offset, layout });

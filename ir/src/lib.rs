@@ -268,6 +268,15 @@ impl Op {
             _ => None,
         }
     }
+
+    /// Applies `f` to the weight the op reads, if any (for passes that renumber weights).
+    pub fn for_each_weight_mut(&mut self, f: impl FnOnce(&mut WeightId)) {
+        match self {
+            Op::Embed { table, .. } => f(table),
+            Op::RmsNorm { weight, .. } | Op::MatMul { weight, .. } => f(weight),
+            _ => {}
+        }
+    }
 }
 
 /// One operation and the type of the value it defines.

@@ -21,7 +21,7 @@
 use std::fmt;
 
 use crate::write::write_node;
-use crate::{DType, Dim, Epilogue, Graph, Op, QuantFormat, TensorType, ValueId};
+use crate::{DType, Dim, Epilogue, Graph, Op, TensorType, ValueId};
 
 /// One broken invariant, located at a node when there is one.
 #[derive(Debug, Clone, PartialEq)]
@@ -256,7 +256,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType, stage: Stage) -> Result<
                 [n, wk] if wk == k => n,
                 _ => return Err(format!("weight {weight} {:?} must have shape [n, {k}]", w.shape)),
             };
-            let block_quantized = !matches!(w.format, QuantFormat::F32 | QuantFormat::F16);
+            let block_quantized = w.format.is_block_quantized();
             if xt.dtype == DType::Q16 && !block_quantized {
                 return Err("q16 activations need a block-quantized weight".into());
             }

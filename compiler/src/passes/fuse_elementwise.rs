@@ -9,8 +9,9 @@
 //! A producer is fused only when the elementwise op is its single use, and an epilogue operand
 //! only when it is defined before the producer (so the graph stays in SSA order).
 
+use super::{PassContext, PassError};
+use crate::model::Model;
 use ir::{DType, Epilogue, Graph, Op, TensorType, ValueId};
-use targets::Target;
 
 fn single_use_plain_matmul(graph: &Graph, counts: &[u32], v: ValueId) -> bool {
     counts[v.index()] == 1 && matches!(graph.node(v).op, Op::MatMul { epilogue: Epilogue::None, .. })
@@ -20,7 +21,12 @@ fn single_use_plain_matmul(graph: &Graph, counts: &[u32], v: ValueId) -> bool {
 /// a fused value's later uses are redirected through a substitution map as each node is
 /// reached (a value is only ever replaced by an earlier one, so one level suffices), and the
 /// dead nodes go in one final sweep: the pass is linear in the graph size.
-pub fn run(graph: &mut Graph, _target: &dyn Target) {
+pub fn run(model: &mut Model<'_>, _cx: &PassContext) -> Result<(), PassError> {
+    rewrite(&mut model.graph);
+    Ok(())
+}
+
+fn rewrite(graph: &mut Graph) {
     let mut counts = graph.use_counts();
     let mut subst: Vec<ValueId> = (0..graph.nodes.len() as u32).map(ValueId).collect();
     for i in 0..graph.nodes.len() {

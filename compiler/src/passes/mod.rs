@@ -1,34 +1,72 @@
 //! The pass pipeline: every pass is registered once in [`PASSES`] so that it is timed and can
 //! be dumped (`--dump-after=<pass>`), and [`run_pipeline`] is the one place that orders them.
+//!
+//! A pass transforms a [`Model`] (the graph and its weights together) and reads its options
+//! from the [`PassContext`]; a pass whose options do not fit the model (a layer that does not
+//! exist, an adapter of another shape) returns a [`PassError`]. A panic or a verifier failure
+//! after a pass is a bug in that pass.
 
+pub mod drop_unused_weights;
 pub mod fuse_elementwise;
 pub mod plan_memory;
 pub mod quantize_activations;
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use ir::verify::{verify, verify_unlowered, GraphInfo, VerifierErrors};
-use ir::Graph;
 use targets::Target;
 
-/// A graph-to-graph rewrite.
+use crate::model::Model;
+
+/// A rewrite of a model (graph and weights).
 pub struct Pass {
     pub name: &'static str,
-    pub run: fn(&mut Graph, &dyn Target),
+    pub run: fn(&mut Model<'_>, &PassContext) -> Result<(), PassError>,
+    /// This pass lowers the graph (gives quantized matmuls q16 activations): the passes before
+    /// it see, and leave, graphs that only `verify_unlowered` accepts.
+    pub lowers: bool,
+}
+
+/// What every pass may read: the target and the pipeline's options.
+pub struct PassContext<'a> {
+    pub target: &'a dyn Target,
+    pub options: &'a PipelineOptions,
 }
 
 /// Every rewrite pass, in pipeline order.
 pub const PASSES: &[Pass] = &[
-    Pass { name: "quantize_activations", run: quantize_activations::run },
-    Pass { name: "fuse_elementwise", run: fuse_elementwise::run },
+    Pass { name: "drop_unused_weights", run: drop_unused_weights::run, lowers: false },
+    Pass { name: "quantize_activations", run: quantize_activations::run, lowers: true },
+    Pass { name: "fuse_elementwise", run: fuse_elementwise::run, lowers: false },
 ];
 
-/// Options of the pipeline.
+/// Options of the pipeline, read by the passes they concern.
 #[derive(Clone, Debug, Default)]
 pub struct PipelineOptions {
     /// Print the graph after each named pass (or `all`) to stderr.
     pub dump_after: Vec<String>,
 }
+
+/// Why the pipeline stopped.
+#[derive(Debug)]
+pub enum PassError {
+    /// The options do not fit the model: a user's mistake, told in `message`.
+    BadOption { pass: &'static str, message: String },
+    /// The model broke an IR invariant (before the first pass: the frontend's bug).
+    Verifier(VerifierErrors),
+}
+
+impl fmt::Display for PassError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PassError::BadOption { pass, message } => write!(f, "{pass}: {message}"),
+            PassError::Verifier(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for PassError {}
 
 /// What the pipeline did: per-pass wall time, for the build report.
 #[derive(Clone, Debug, Default)]
@@ -38,27 +76,41 @@ pub struct PipelineReport {
 
 /// Runs every pass in order, verifying the graph before the first pass (as an unlowered graph:
 /// f32 activations may meet quantized weights, `quantize_activations` lowers them) and fully
-/// after each one. A verifier failure after a pass is a bug in that pass.
+/// after each one, and checking after each that every weight's bytes fit its format and shape.
 pub fn run_pipeline(
-    graph: &mut Graph,
+    model: &mut Model<'_>,
     target: &dyn Target,
     opts: &PipelineOptions,
-) -> Result<(GraphInfo, PipelineReport), VerifierErrors> {
+) -> Result<(GraphInfo, PipelineReport), PassError> {
     let mut report = PipelineReport::default();
-    verify_unlowered(graph)?;
+    verify_unlowered(&model.graph).map_err(PassError::Verifier)?;
+    if let Err(e) = model.check_weights() {
+        panic!("the model's weights do not fit its graph: {e}");
+    }
+    let cx = PassContext { target, options: opts };
+    let mut lowered = false;
     for pass in PASSES {
         let start = Instant::now();
-        (pass.run)(graph, target);
+        (pass.run)(model, &cx)?;
         report.pass_times.push((pass.name, start.elapsed()));
         if opts.dump_after.iter().any(|p| p == pass.name || p == "all") {
-            eprintln!("; after {}\n{graph}", pass.name);
+            eprintln!("; after {}\n{}", pass.name, model.graph);
         }
-        verify(graph).map_err(|mut e| {
+        let after = |mut e: VerifierErrors| {
             e.0.iter_mut().for_each(|err| err.message = format!("after pass {}: {}", pass.name, err.message));
-            e
-        })?;
+            PassError::Verifier(e)
+        };
+        lowered |= pass.lowers;
+        if lowered {
+            verify(&model.graph).map_err(after)?;
+        } else {
+            verify_unlowered(&model.graph).map_err(after)?;
+        }
+        if let Err(e) = model.check_weights() {
+            panic!("bug in pass {}: {e}", pass.name);
+        }
     }
-    let info = verify(graph)?;
+    let info = verify(&model.graph).map_err(PassError::Verifier)?;
     Ok((info, report))
 }
 
@@ -70,7 +122,8 @@ pub(crate) mod tests {
     use ir::verify::{assert_valid, verify_unlowered};
     use ir::{DType, Graph, Op};
 
-    use super::PASSES;
+    use super::{PassContext, PASSES};
+    use crate::model::Model;
 
     /// Pseudo-random values in [-1, 1) from a fixed seed.
     fn values(seed: &mut u64, n: usize) -> Vec<f32> {
@@ -95,11 +148,6 @@ pub(crate) mod tests {
         verify_unlowered(&before).unwrap_or_else(|e| panic!("invalid input graph:\n{e}"));
         let pass = PASSES.iter().find(|p| p.name == name).expect("a registered pass");
         let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
-        let mut after = before.clone();
-        (pass.run)(&mut after, target.as_ref());
-        assert_valid(&after);
-        assert_eq!(after.to_string(), expected, "{name} produced a different graph");
-
         let mut seed = 42;
         let weights: Vec<Vec<u8>> = before
             .weights
@@ -110,6 +158,20 @@ pub(crate) mod tests {
                 (0..rows).flat_map(|_| quantize_row(w.format, &values(&mut seed, cols))).collect()
             })
             .collect();
+        let mut model = Model::borrowed(before.clone(), &weights);
+        let cx = PassContext { target: target.as_ref(), options: &Default::default() };
+        (pass.run)(&mut model, &cx).unwrap_or_else(|e| panic!("{name} failed: {e}"));
+        model.check_weights().unwrap();
+        let after = model.graph.clone();
+        let after_weights: Vec<Vec<u8>> = model.weights().map(|w| w.to_vec()).collect();
+        // Passes before the lowering pass see unlowered graphs.
+        let lowered_at = PASSES.iter().position(|p| p.lowers).unwrap();
+        if PASSES.iter().position(|p| p.name == name).unwrap() < lowered_at {
+            verify_unlowered(&after).unwrap_or_else(|e| panic!("{name} left an invalid graph:\n{e}"));
+        } else {
+            assert_valid(&after);
+        }
+        assert_eq!(after.to_string(), expected, "{name} produced a different graph");
         let seq = 3;
         let mut inputs: Vec<(u32, Tensor)> = before
             .nodes
@@ -127,7 +189,7 @@ pub(crate) mod tests {
             .collect();
         inputs.sort_by_key(|(i, _)| *i);
         let inputs: Vec<Tensor> = inputs.into_iter().map(|(_, t)| t).collect();
-        let (want, got) = (evaluate(&before, &weights, &inputs, seq), evaluate(&after, &weights, &inputs, seq));
+        let (want, got) = (evaluate(&before, &weights, &inputs, seq), evaluate(&after, &after_weights, &inputs, seq));
         for (w, g) in want.iter().zip(&got) {
             let scale = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
             let diff = w.iter().zip(g).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));

@@ -6,12 +6,18 @@
 //! int16 rounding error is 256 times smaller, which keeps logits within float32 noise of the
 //! exact result, and the int16 dot product costs one `pmaddwd`/`smull`+`smlal2` per 8 values.
 
-use ir::{DType, Graph, Node, Op, QuantFormat, TensorType, ValueId};
-use targets::Target;
+use super::{PassContext, PassError};
+use crate::model::Model;
+use ir::{DType, Graph, Node, Op, TensorType, ValueId};
 
 /// Builds the new node list in one sweep (values renumbered as nodes are inserted), so the
 /// pass is linear in the graph size.
-pub fn run(graph: &mut Graph, _target: &dyn Target) {
+pub fn run(model: &mut Model<'_>, _cx: &PassContext) -> Result<(), PassError> {
+    rewrite(&mut model.graph);
+    Ok(())
+}
+
+fn rewrite(graph: &mut Graph) {
     let old_nodes = std::mem::take(&mut graph.nodes);
     let mut nodes: Vec<Node> = Vec::with_capacity(old_nodes.len() + old_nodes.len() / 4);
     // New id of every old value, and the quantized copy (if any) of every new value.
@@ -20,7 +26,7 @@ pub fn run(graph: &mut Graph, _target: &dyn Target) {
     for mut node in old_nodes {
         node.op.map_operands(|v| renumber[v.index()]);
         if let Op::MatMul { x, weight, .. } = node.op {
-            let is_quantized = !matches!(graph.weight(weight).format, QuantFormat::F32 | QuantFormat::F16);
+            let is_quantized = graph.weight(weight).format.is_block_quantized();
             if is_quantized && nodes[x.index()].ty.dtype == DType::F32 {
                 let q = match quantized[x.index()] {
                     Some(q) => q,

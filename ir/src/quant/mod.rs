@@ -1,0 +1,346 @@
+//! Weight storage formats: one file per format says everything about it (block geometry, ggml
+//! type id, scalar dequantization, quantization, the kernel form its blocks take in the
+//! compiled library, and the round-trip error bound of its quantizer); this module is the one
+//! table ([`QuantFormat::spec`]) and the generic row functions built on it.
+//!
+//! The block layouts follow ggml (`ggml-common.h`); the scalar routines are the reference that
+//! every generated kernel is tested against, and they are checked bit for bit against gguf-py's
+//! (`tests/it/dequant.rs`). They favour clarity over speed.
+//!
+//! Adding a format: a file here with its `SPEC`, a variant and a line in `spec`; if its blocks
+//! fit an existing [`KernelForm`] no kernel changes, otherwise a new form and its kernels in
+//! `compiler/src/codegen`.
+
+use half::f16;
+
+mod f16_format;
+mod f32_format;
+mod q4_0;
+mod q4_1;
+mod q8_0;
+
+/// Values in one block of the kernels' blocked forms ([`Q4Block`], [`Q8Block`]) and of the
+/// q16 activations they multiply; formats with larger blocks split them into these.
+pub const BLOCK_SIZE: usize = 32;
+
+/// How a weight tensor is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QuantFormat {
+    /// IEEE float32, 4 bytes per value.
+    F32,
+    /// IEEE float16, 2 bytes per value.
+    F16,
+    /// 18-byte blocks: f16 scale `d`, 16 bytes of nibbles; `x = d * (q - 8)`.
+    Q4_0,
+    /// 20-byte blocks: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles; `x = d * q + m`.
+    Q4_1,
+    /// 34-byte blocks: f16 scale `d`, 32 signed bytes; `x = d * q`.
+    Q8_0,
+}
+
+/// One 32-value block as the Q4 kernels read it: `x[j] = d * q[j] + m`, `q` in `0..16`, byte
+/// `j` of `qs` holding `q[j]` in its low nibble and `q[j + 16]` in its high nibble.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Q4Block {
+    pub d: f32,
+    pub m: f32,
+    pub qs: [u8; 16],
+}
+
+/// One 32-value block as the Q8 kernels read it: `x[j] = d * q[j]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Q8Block {
+    pub d: f32,
+    pub qs: [i8; 32],
+}
+
+/// The form a format's blocks take for the kernels, each form one family of packed layout and
+/// kernels in the compiler. The conversion is exact: the kernel form's values are the
+/// format's dequantized values bit for bit (f16 scales widen to f32 exactly).
+#[derive(Clone, Copy, Debug)]
+pub enum KernelForm {
+    /// Dequantized to f32 at compile time; f32 activations.
+    F32,
+    /// Appends the [`Q4Block`]s of one format block; q16 activations.
+    Q4(fn(block: &[u8], out: &mut Vec<Q4Block>)),
+    /// Appends the [`Q8Block`]s of one format block; q16 activations.
+    Q8(fn(block: &[u8], out: &mut Vec<Q8Block>)),
+}
+
+/// Everything about one weight format.
+#[derive(Clone, Copy, Debug)]
+pub struct FormatSpec {
+    /// The lowercase name used in the textual IR and on the command line (`q4_1`).
+    pub name: &'static str,
+    /// The ggml type id stored in GGUF files.
+    pub ggml_type: u32,
+    /// Values per block (1 for the float formats).
+    pub block_values: usize,
+    /// Bytes per block.
+    pub block_bytes: usize,
+    /// Dequantizes one block (`block_bytes` bytes) into `block_values` values.
+    pub dequantize_block: fn(block: &[u8], out: &mut [f32]),
+    /// Quantizes one block of `block_values` values, appending `block_bytes` bytes, the way
+    /// ggml's reference quantizer does.
+    pub quantize_block: fn(values: &[f32], out: &mut Vec<u8>),
+    /// How the kernels read it.
+    pub kernel: KernelForm,
+    /// The largest `|x - dequantize(quantize(x))|` the quantizer allows for value `x` of block
+    /// `block` (tested on every format that states one).
+    pub error_bound: Option<fn(x: f32, block: &[f32]) -> f64>,
+}
+
+impl QuantFormat {
+    pub const ALL: [QuantFormat; 5] = [Self::F32, Self::F16, Self::Q4_0, Self::Q4_1, Self::Q8_0];
+
+    /// The format's description: the one place that maps a format to its facts.
+    pub fn spec(self) -> &'static FormatSpec {
+        match self {
+            Self::F32 => &f32_format::SPEC,
+            Self::F16 => &f16_format::SPEC,
+            Self::Q4_0 => &q4_0::SPEC,
+            Self::Q4_1 => &q4_1::SPEC,
+            Self::Q8_0 => &q8_0::SPEC,
+        }
+    }
+
+    /// Values per block (1 for the float formats).
+    pub fn block_values(self) -> usize {
+        self.spec().block_values
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        self.spec().block_bytes
+    }
+
+    /// Bytes needed for a row of `n` values, or `None` when `n` is not a whole number of blocks.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        (n % self.block_values() == 0).then(|| n / self.block_values() * self.block_bytes())
+    }
+
+    /// The lowercase name used in the textual IR (`q4_1`).
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The ggml type id of the format in GGUF files.
+    pub fn ggml_type(self) -> u32 {
+        self.spec().ggml_type
+    }
+
+    /// The format stored under ggml type id `id`, if kiln has it.
+    pub fn from_ggml_type(id: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.ggml_type() == id)
+    }
+
+    /// Whether the kernels multiply it with q16 activations in 32-value blocks (every format
+    /// but the float ones): its row length must then be a whole number of 32-value blocks.
+    pub fn is_block_quantized(self) -> bool {
+        !matches!(self.spec().kernel, KernelForm::F32)
+    }
+
+    /// Bits per weight of the stored format.
+    pub fn bits_per_weight(self) -> f64 {
+        self.block_bytes() as f64 * 8.0 / self.block_values() as f64
+    }
+}
+
+pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// Dequantizes one row stored in `format` into `out` (whose length is the row length).
+///
+/// Panics if `bytes` does not hold exactly one row of `out.len()` values; callers check
+/// shapes first (the GGUF reader and the verifier do).
+pub fn dequantize_row(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(Some(bytes.len()), format.row_bytes(out.len()), "row size mismatch");
+    let spec = format.spec();
+    for (block, o) in bytes.chunks_exact(spec.block_bytes).zip(out.chunks_exact_mut(spec.block_values)) {
+        (spec.dequantize_block)(block, o);
+    }
+}
+
+/// Dequantizes a whole `[rows, cols]` matrix (row-major) into f32.
+pub fn dequantize(format: QuantFormat, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let row_bytes = format.row_bytes(cols).expect("cols must be a whole number of blocks");
+    assert_eq!(bytes.len(), rows * row_bytes, "matrix size mismatch");
+    let mut out = vec![0.0f32; rows * cols];
+    for (r, o) in out.chunks_exact_mut(cols).enumerate() {
+        dequantize_row(format, &bytes[r * row_bytes..(r + 1) * row_bytes], o);
+    }
+    out
+}
+
+/// Quantizes one row of f32 values into `format` the way ggml's reference quantizers do;
+/// `values.len()` must be a whole number of blocks.
+pub fn quantize_row(format: QuantFormat, values: &[f32]) -> Vec<u8> {
+    let spec = format.spec();
+    let mut out = Vec::with_capacity(format.row_bytes(values.len()).expect("whole blocks"));
+    for block in values.chunks_exact(spec.block_values) {
+        (spec.quantize_block)(block, &mut out);
+    }
+    out
+}
+
+/// The [`Q4Block`]s of one row of a format whose kernel form is Q4 (`None` otherwise).
+pub fn q4_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q4Block>> {
+    let KernelForm::Q4(f) = format.spec().kernel else { return None };
+    let mut out = Vec::with_capacity(bytes.len() / format.block_bytes() * format.block_values() / BLOCK_SIZE);
+    bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
+    Some(out)
+}
+
+/// The [`Q8Block`]s of one row of a format whose kernel form is Q8 (`None` otherwise).
+pub fn q8_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q8Block>> {
+    let KernelForm::Q8(f) = format.spec().kernel else { return None };
+    let mut out = Vec::with_capacity(bytes.len() / format.block_bytes() * format.block_values() / BLOCK_SIZE);
+    bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test rows: random blocks at several magnitudes (down to f16-subnormal scales), plus
+    /// blocks that are constant, zero, one outlier, dominated by a negative value, or hold
+    /// the value opposite to the largest magnitude (which Q4_0 clamps).
+    fn test_rows() -> Vec<Vec<f32>> {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let mut rows = vec![];
+        for scale in [1.0f32, 0.1, 37.0, 1e-3, 1e-6, 3e-8, 2000.0] {
+            for _ in 0..8 {
+                rows.push((0..64).map(|_| uniform() * scale).collect::<Vec<f32>>());
+            }
+        }
+        let mut special = vec![0.0f32; 32];
+        special.extend([0.75f32; 32]);
+        special.extend((0..32).map(|i| if i == 5 { 100.0 } else { 0.01 * i as f32 }));
+        special.extend((0..32).map(|i| if i == 9 { -3.0 } else { 0.1 * (i as f32 - 16.0) }));
+        special.extend((0..32).map(|i| match i {
+            0 => -2.0,
+            1 => 2.0,
+            _ => (i as f32 - 16.0) * 0.11,
+        }));
+        special.extend((0..32).map(|i| i as f32 * 0.5 - 8.0));
+        rows.push(special);
+        rows
+    }
+
+    #[test]
+    fn quantize_then_dequantize_is_within_each_formats_bound() {
+        for format in QuantFormat::ALL.into_iter().filter(|f| f.spec().error_bound.is_some()) {
+            let (mut worst, mut checked) = (0.0f64, 0);
+            for values in test_rows() {
+                let bytes = quantize_row(format, &values);
+                assert_eq!(Some(bytes.len()), format.row_bytes(values.len()));
+                let mut back = vec![0.0; values.len()];
+                dequantize_row(format, &bytes, &mut back);
+                let bv = format.block_values().max(BLOCK_SIZE);
+                for (b, (vals, outs)) in values.chunks(bv).zip(back.chunks(bv)).enumerate() {
+                    for (&x, &y) in vals.iter().zip(outs) {
+                        let err = (x as f64 - y as f64).abs();
+                        let tol = (format.spec().error_bound.expect("a stated bound"))(x, vals);
+                        assert!(
+                            err <= tol,
+                            "{format:?} block {b}: {x} came back as {y}: error {err:e} > bound {tol:e}"
+                        );
+                        if tol > 0.0 {
+                            worst = worst.max(err / tol);
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+            // The bounds are not vacuous: some value comes close to its bound.
+            assert!(format == QuantFormat::F32 || worst > 0.5, "{format:?}: largest error only {worst} of the bound");
+            assert!(checked > 3000);
+        }
+    }
+
+    #[test]
+    fn kernel_forms_hold_the_dequantized_values_exactly() {
+        for format in QuantFormat::ALL {
+            for values in test_rows() {
+                let bytes = quantize_row(format, &values);
+                let mut want = vec![0.0; values.len()];
+                dequantize_row(format, &bytes, &mut want);
+                let got: Vec<f32> = match format.spec().kernel {
+                    KernelForm::F32 => continue,
+                    KernelForm::Q4(_) => q4_blocks(format, &bytes)
+                        .unwrap()
+                        .iter()
+                        .flat_map(|b| {
+                            let q = |j: usize| if j < 16 { b.qs[j] & 15 } else { b.qs[j - 16] >> 4 };
+                            (0..32).map(move |j| b.d * q(j) as f32 + b.m)
+                        })
+                        .collect(),
+                    KernelForm::Q8(_) => {
+                        q8_blocks(format, &bytes).unwrap().iter().flat_map(|b| b.qs.map(|q| b.d * q as f32)).collect()
+                    }
+                };
+                assert_eq!(got.len(), want.len());
+                // Equal values (Q4_0 as d q + m may turn -0 into +0, as the kernels do).
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(g == w, "{format:?} value {j}: kernel form {g} vs dequantized {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn geometry_is_consistent() {
+        for format in QuantFormat::ALL {
+            let spec = format.spec();
+            assert_eq!(QuantFormat::from_name(spec.name), Some(format));
+            assert_eq!(QuantFormat::from_ggml_type(spec.ggml_type), Some(format));
+            assert!(spec.block_values == 1 || spec.block_values % BLOCK_SIZE == 0, "{format:?}");
+            let row = quantize_row(format, &[0.5; 256]);
+            assert_eq!(Some(row.len()), format.row_bytes(256), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn nibble_order_matches_ggml() {
+        // Byte j holds element j in its low nibble and element j + 16 in its high nibble.
+        let mut block = vec![0u8; 20];
+        block[0..2].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
+        block[2..4].copy_from_slice(&f16::from_f32(0.0).to_le_bytes());
+        block[4] = 0x3a;
+        let mut out = [0.0f32; 32];
+        dequantize_row(QuantFormat::Q4_1, &block, &mut out);
+        assert_eq!(out[0], 10.0);
+        assert_eq!(out[16], 3.0);
+    }
+
+    #[test]
+    fn q4_0_dequantizes_as_ggml_does_at_the_edges() {
+        // ggml computes (q - 8) * d: +-inf except q = 8 (0 * inf = NaN). q * d - 8 * d would be
+        // NaN everywhere.
+        let mut block = vec![0u8; 18];
+        block[0..2].copy_from_slice(&f16::INFINITY.to_le_bytes());
+        block[2] = 0x09; // element 0: q = 9, element 16: q = 0
+        block[3] = 0x88; // elements 1 and 17: q = 8
+        let mut out = [0.0f32; 32];
+        dequantize_row(QuantFormat::Q4_0, &block, &mut out);
+        assert_eq!((out[0], out[16]), (f32::INFINITY, f32::NEG_INFINITY));
+        assert!(out[1].is_nan() && out[17].is_nan());
+        // With a negative scale, q = 8 is -0 (0 * d), not +0 (8 d - 8 d).
+        block[0..2].copy_from_slice(&f16::from_f32(-0.5).to_le_bytes());
+        dequantize_row(QuantFormat::Q4_0, &block, &mut out);
+        assert_eq!((out[0], out[16]), (-0.5, 4.0));
+        assert_eq!((out[1].to_bits(), out[17].to_bits()), ((-0.0f32).to_bits(), (-0.0f32).to_bits()));
+    }
+}

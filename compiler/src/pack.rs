@@ -79,6 +79,7 @@ fn layout_for(format: QuantFormat, shape: &[u32]) -> Layout {
         (KernelForm::F32, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
         (KernelForm::Q4(_), [rows, cols]) => Layout::Q4Rows4 { rows: *rows, cols: *cols },
         (KernelForm::Q8(_), [rows, cols]) => Layout::Q8Rows4 { rows: *rows, cols: *cols },
+        (KernelForm::Q8S16(_), [_, _]) => todo!("Q8S16 layout"),
         _ => unreachable!("the verifier allows 1-D and 2-D weights only"),
     }
 }

@@ -54,6 +54,16 @@ pub struct Q8Block {
     pub qs: [i8; 32],
 }
 
+/// One 32-value block as the general 8-bit kernels read it: `x[j] = d[j / 16] * q[j] +
+/// m[j / 16]`, a scale and an offset per 16 values. Every ggml block format converts to it
+/// exactly (K-quants with 16-value sub-blocks included), at 12 bits per weight once packed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Q8S16Block {
+    pub d: [f32; 2],
+    pub m: [f32; 2],
+    pub qs: [i8; 32],
+}
+
 /// The form a format's blocks take for the kernels, each form one family of packed layout and
 /// kernels in the compiler. The conversion is exact: the kernel form's values are the
 /// format's dequantized values bit for bit (f16 scales widen to f32 exactly).
@@ -65,6 +75,8 @@ pub enum KernelForm {
     Q4(fn(block: &[u8], out: &mut Vec<Q4Block>)),
     /// Appends the [`Q8Block`]s of one format block; q16 activations.
     Q8(fn(block: &[u8], out: &mut Vec<Q8Block>)),
+    /// Appends the [`Q8S16Block`]s of one format block; q16 activations.
+    Q8S16(fn(block: &[u8], out: &mut Vec<Q8S16Block>)),
 }
 
 /// Everything about one weight format.
@@ -191,6 +203,14 @@ pub fn quantize_row(format: QuantFormat, values: &[f32]) -> Vec<u8> {
 /// The [`Q4Block`]s of one row of a format whose kernel form is Q4 (`None` otherwise).
 pub fn q4_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q4Block>> {
     let KernelForm::Q4(f) = format.spec().kernel else { return None };
+    let mut out = Vec::with_capacity(bytes.len() / format.block_bytes() * format.block_values() / BLOCK_SIZE);
+    bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
+    Some(out)
+}
+
+/// The [`Q8S16Block`]s of one row of a format whose kernel form is Q8S16 (`None` otherwise).
+pub fn q8s16_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q8S16Block>> {
+    let KernelForm::Q8S16(f) = format.spec().kernel else { return None };
     let mut out = Vec::with_capacity(bytes.len() / format.block_bytes() * format.block_values() / BLOCK_SIZE);
     bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
     Some(out)

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use ir::quant::{dequantize, dequantize_row, q4_blocks, q8_blocks, KernelForm, BLOCK_SIZE};
+use ir::quant::{dequantize, dequantize_row, q4_blocks, q8_blocks, q8s16_blocks, KernelForm, BLOCK_SIZE};
 use ir::{Op, QuantFormat, WeightId};
 
 use crate::model::Model;
@@ -22,6 +22,11 @@ pub const ROWS: usize = 4;
 pub const Q4_GROUP_BLOCK: usize = 16 + 16 + 4 * 16;
 /// Bytes of one block of a Q8 group: `d[4] f32, qs[4][32] i8`.
 pub const Q8_GROUP_BLOCK: usize = 16 + 4 * 32;
+/// Bytes of one block of a Q8S16 group: `d[2][4] f32` (per 16-value half, per row), then
+/// `m[2][4] f32` only when the matrix has offsets, then `qs[4][32] i8`.
+pub const fn q8s16_group_block(mins: bool) -> usize {
+    32 + if mins { 32 } else { 0 } + 4 * 32
+}
 /// Bytes of one 4-column chunk of an f32 group: `x[4 rows][4 cols] f32`.
 pub const F32_GROUP_CHUNK: usize = 4 * 16;
 
@@ -39,6 +44,9 @@ pub enum Layout {
     Q4Rows4 { rows: u32, cols: u32 },
     /// Matrix of a format whose kernel form is Q8, groups of 4 rows interleaved per 32-value block.
     Q8Rows4 { rows: u32, cols: u32 },
+    /// Matrix of a format whose kernel form is Q8S16, groups of 4 rows interleaved per 32-value
+    /// block; `mins` when some block has a nonzero offset (else the offsets are not stored).
+    Q8S16Rows4 { rows: u32, cols: u32, mins: bool },
 }
 
 impl Layout {
@@ -49,6 +57,18 @@ impl Layout {
             Layout::F32Rows4 { cols, .. } => (cols as u64).div_ceil(4) * F32_GROUP_CHUNK as u64,
             Layout::Q4Rows4 { cols, .. } => cols as u64 / 32 * Q4_GROUP_BLOCK as u64,
             Layout::Q8Rows4 { cols, .. } => cols as u64 / 32 * Q8_GROUP_BLOCK as u64,
+            Layout::Q8S16Rows4 { cols, mins, .. } => cols as u64 / 32 * q8s16_group_block(mins) as u64,
+        }
+    }
+
+    /// `(rows, cols)` of a matrix layout.
+    pub fn matrix(self) -> Option<(u32, u32)> {
+        match self {
+            Layout::F32Vector { .. } => None,
+            Layout::F32Rows4 { rows, cols }
+            | Layout::Q4Rows4 { rows, cols }
+            | Layout::Q8Rows4 { rows, cols }
+            | Layout::Q8S16Rows4 { rows, cols, .. } => Some((rows, cols)),
         }
     }
 }
@@ -73,13 +93,16 @@ fn pad_to(blob: &mut Vec<u8>, align: usize) {
     blob.resize(blob.len().div_ceil(align) * align, 0);
 }
 
-fn layout_for(format: QuantFormat, shape: &[u32]) -> Layout {
+fn layout_for(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Layout {
     match (format.spec().kernel, shape) {
         (_, [n]) => Layout::F32Vector { n: *n },
         (KernelForm::F32, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
         (KernelForm::Q4(_), [rows, cols]) => Layout::Q4Rows4 { rows: *rows, cols: *cols },
         (KernelForm::Q8(_), [rows, cols]) => Layout::Q8Rows4 { rows: *rows, cols: *cols },
-        (KernelForm::Q8S16(_), [_, _]) => todo!("Q8S16 layout"),
+        (KernelForm::Q8S16(_), [rows, cols]) => {
+            let mins = q8s16_blocks(format, raw).expect("Q8S16 form").iter().any(|b| b.m != [0.0; 2]);
+            Layout::Q8S16Rows4 { rows: *rows, cols: *cols, mins }
+        }
         _ => unreachable!("the verifier allows 1-D and 2-D weights only"),
     }
 }
@@ -90,12 +113,7 @@ fn push_f32(blob: &mut Vec<u8>, v: f32) {
 
 /// Packs one matrix into `blob` (rows beyond `rows` in the last group are zero).
 fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u8]) {
-    let (rows, cols) = match layout {
-        Layout::F32Rows4 { rows, cols } | Layout::Q4Rows4 { rows, cols } | Layout::Q8Rows4 { rows, cols } => {
-            (rows as usize, cols as usize)
-        }
-        Layout::F32Vector { .. } => unreachable!(),
-    };
+    let (rows, cols) = layout.matrix().map(|(r, c)| (r as usize, c as usize)).expect("a matrix");
     let row_bytes = format.row_bytes(cols).expect("verified");
     let row = |r: usize| (r < rows).then(|| &raw[r * row_bytes..(r + 1) * row_bytes]);
     let n_blocks = cols / BLOCK_SIZE;
@@ -151,6 +169,26 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     qs.iter().for_each(|q| blob.extend(q.iter().map(|&v| v as u8)));
                 }
             }
+            Layout::Q8S16Rows4 { mins, .. } => {
+                let blocks: Vec<Vec<_>> = group
+                    .iter()
+                    .map(|r| r.map(|r| q8s16_blocks(format, r).expect("Q8S16 form")).unwrap_or_default())
+                    .collect();
+                for b in 0..n_blocks {
+                    let (mut ds, mut ms, mut qs) = ([[0f32; 4]; 2], [[0f32; 4]; 2], [[0i8; 32]; 4]);
+                    for (i, r) in blocks.iter().enumerate() {
+                        if let Some(blk) = r.get(b) {
+                            (ds[0][i], ds[1][i], ms[0][i], ms[1][i], qs[i]) =
+                                (blk.d[0], blk.d[1], blk.m[0], blk.m[1], blk.qs);
+                        }
+                    }
+                    ds.iter().flatten().for_each(|&x| push_f32(blob, x));
+                    if mins {
+                        ms.iter().flatten().for_each(|&x| push_f32(blob, x));
+                    }
+                    qs.iter().for_each(|q| blob.extend(q.iter().map(|&v| v as u8)));
+                }
+            }
             Layout::F32Vector { .. } => unreachable!(),
         }
     }
@@ -164,7 +202,7 @@ pub fn pack(model: &Model<'_>) -> Packed {
     let mut blob = Vec::new();
     let mut weights = Vec::with_capacity(graph.weights.len());
     for (i, w) in graph.weights.iter().enumerate() {
-        let layout = layout_for(w.format, &w.shape);
+        let layout = layout_for(w.format, &w.shape, raw[i]);
         let offset = blob.len() as u64;
         match layout {
             Layout::F32Vector { n } => {

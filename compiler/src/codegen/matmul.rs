@@ -12,7 +12,7 @@ use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Value};
 
 use super::builder::{le, Kb};
-use crate::pack::{Layout, PackedWeight, F32_GROUP_CHUNK, Q4_GROUP_BLOCK, Q8_GROUP_BLOCK, ROWS};
+use crate::pack::{q8s16_group_block, Layout, PackedWeight, F32_GROUP_CHUNK, Q4_GROUP_BLOCK, Q8_GROUP_BLOCK, ROWS};
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
 /// The elementwise tail of a matmul, with its operand's location.
@@ -44,12 +44,8 @@ pub fn token_block(l2_bytes: u32, x_row_bytes: i64) -> i64 {
 }
 
 pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
-    let (rows, cols) = match spec.weight.layout {
-        Layout::F32Rows4 { rows, cols } | Layout::Q4Rows4 { rows, cols } | Layout::Q8Rows4 { rows, cols } => {
-            (rows as i64, cols as i64)
-        }
-        Layout::F32Vector { .. } => unreachable!("matmul weights are matrices"),
-    };
+    let (rows, cols) =
+        spec.weight.layout.matrix().map(|(r, c)| (r as i64, c as i64)).expect("matmul weights are matrices");
     let groups = (rows as usize).div_ceil(ROWS) as i64;
     let x_row_bytes = match spec.weight.layout {
         Layout::F32Rows4 { .. } => 4 * cols,
@@ -193,9 +189,12 @@ fn reduce4(kb: &mut Kb, p: [Value; 4]) -> Value {
     kb.b.ins().iadd_pairwise(ab, cd)
 }
 
-/// Four row dot products of a Q4 or Q8 group with each of the q16 activation rows `x_rows`
-/// (one or two), as one `f32x4` per row.
+/// Four row dot products of a Q4, Q8 or Q8S16 group with each of the q16 activation rows
+/// `x_rows` (one or two), as one `f32x4` per row.
 fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blocks: i64, mask: Value) -> Vec<Value> {
+    if let Layout::Q8S16Rows4 { mins, .. } = layout {
+        return dot_q8s16(kb, mins, wg, x_rows, n_blocks);
+    }
     let q4 = matches!(layout, Layout::Q4Rows4 { .. });
     let group_block = if q4 { Q4_GROUP_BLOCK } else { Q8_GROUP_BLOCK } as i64;
     let n = x_rows.len();
@@ -255,6 +254,78 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
             if let Some(m) = m {
                 let sum = kb.b.ins().splat(F32X4, sum);
                 acc = kb.b.ins().fma(m, sum, acc);
+            }
+            next.push(acc);
+        }
+        for &xb in xbs {
+            next.push(kb.b.ins().iadd_imm_s(xb, Q16_BLOCK_BYTES as i64));
+        }
+        next.push(kb.b.ins().iadd_imm_s(wb, group_block));
+        next
+    });
+    out[..n].to_vec()
+}
+
+/// [`dot_quantized`] for a Q8S16 group: per 32-value block, the integer dot products of each
+/// 16-value half are scaled by that half's `d` (and, with `mins`, its offset `m` times the
+/// half's activation sum, counted from the q16 integers).
+fn dot_q8s16(kb: &mut Kb, mins: bool, wg: Value, x_rows: &[Value], n_blocks: i64) -> Vec<Value> {
+    let group_block = q8s16_group_block(mins) as i64;
+    let qs_at = if mins { 64 } else { 32 };
+    let n = x_rows.len();
+    let zero = kb.iconst(0);
+    let nb = kb.iconst(n_blocks);
+    let ones = {
+        let one = kb.b.ins().iconst(cranelift_codegen::ir::types::I16, 1);
+        kb.b.ins().splat(I16X8, one)
+    };
+    let mut init: Vec<Value> = (0..n).map(|_| kb.splat(0.0)).collect();
+    init.extend_from_slice(x_rows);
+    init.push(wg);
+    let out = kb.for_range(zero, nb, 1, &init, |kb, _, carried| {
+        let (accs, xbs, wb) = (&carried[..n], &carried[n..2 * n], carried[2 * n]);
+        let acts: Vec<(Value, Value, [Value; 4])> = xbs.iter().map(|&xb| load_q16(kb, xb)).collect();
+        // p[half][token][row]: i32x4 partial sums.
+        let mut p = vec![vec![[accs[0]; 4]; n]; 2];
+        for r in 0..4 {
+            let w0 = kb.load(I8X16, wb, qs_at + 32 * r as i64);
+            let w1 = kb.load(I8X16, wb, qs_at + 32 * r as i64 + 16);
+            let q = [
+                kb.b.ins().swiden_low(w0),
+                kb.b.ins().swiden_high(w0),
+                kb.b.ins().swiden_low(w1),
+                kb.b.ins().swiden_high(w1),
+            ];
+            for (tok, (_, _, a)) in acts.iter().enumerate() {
+                for h in 0..2 {
+                    let s0 = kb.dot_i16(q[2 * h], a[2 * h]);
+                    let s1 = kb.dot_i16(q[2 * h + 1], a[2 * h + 1]);
+                    p[h][tok][r] = kb.b.ins().iadd(s0, s1);
+                }
+            }
+        }
+        let d = [kb.load(F32X4, wb, 0), kb.load(F32X4, wb, 16)];
+        let m = if mins { Some([kb.load(F32X4, wb, 32), kb.load(F32X4, wb, 48)]) } else { None };
+        let mut next = Vec::with_capacity(2 * n + 1);
+        for (tok, &(scale, _, a)) in acts.iter().enumerate() {
+            let scale = kb.b.ins().splat(F32X4, scale);
+            let mut acc = accs[tok];
+            for h in 0..2 {
+                let sums = reduce4(kb, p[h][tok]);
+                let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
+                let ds = kb.b.ins().fmul(d[h], scale);
+                acc = kb.b.ins().fma(sums, ds, acc);
+                if let Some(m) = m {
+                    // The half's activation sum in every lane: sum(a) * scale.
+                    let s0 = kb.dot_i16(a[2 * h], ones);
+                    let s1 = kb.dot_i16(a[2 * h + 1], ones);
+                    let s = kb.b.ins().iadd(s0, s1);
+                    let s = kb.b.ins().iadd_pairwise(s, s);
+                    let s = kb.b.ins().iadd_pairwise(s, s);
+                    let s = kb.b.ins().fcvt_from_sint(F32X4, s);
+                    let s = kb.b.ins().fmul(s, scale);
+                    acc = kb.b.ins().fma(m[h], s, acc);
+                }
             }
             next.push(acc);
         }

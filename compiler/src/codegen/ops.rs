@@ -8,7 +8,7 @@ use cranelift_codegen::ir::{InstBuilder, Value};
 
 use super::abi;
 use super::builder::{le, Kb};
-use crate::pack::{Layout, PackedWeight, F32_GROUP_CHUNK, Q4_GROUP_BLOCK, Q8_GROUP_BLOCK, ROWS};
+use crate::pack::{q8s16_group_block, Layout, PackedWeight, F32_GROUP_CHUNK, Q4_GROUP_BLOCK, Q8_GROUP_BLOCK, ROWS};
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
 /// This thread's token rows: `[start, end)` of `first..n_tokens`.
@@ -218,12 +218,7 @@ pub fn emit_rope(kb: &mut Kb, x: Location, y: Location, n: u32, head_dim: u32, t
 
 /// Embedding lookup from a packed table; ids outside `0..rows` give a zero row.
 pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location) {
-    let (rows, cols) = match table.layout {
-        Layout::F32Rows4 { rows, cols } | Layout::Q4Rows4 { rows, cols } | Layout::Q8Rows4 { rows, cols } => {
-            (rows as i64, cols as i64)
-        }
-        Layout::F32Vector { .. } => unreachable!("tables are matrices"),
-    };
+    let (rows, cols) = table.layout.matrix().map(|(r, c)| (r as i64, c as i64)).expect("tables are matrices");
     let (ids, y, w) = (kb.location(ids), kb.location(y), kb.weights(table.offset));
     let stride = table.layout.group_stride() as i64;
     let (t0, t1) = my_rows(kb, false);
@@ -286,6 +281,45 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location) 
                                             None => kb.b.ins().fmul(f, d),
                                         };
                                         kb.store(v, out, 64 * h as i64 + 32 * k as i64 + 16 * j as i64);
+                                    }
+                                }
+                            }
+                            vec![]
+                        });
+                    }
+                    Layout::Q8S16Rows4 { mins, .. } => {
+                        let nb = kb.iconst(cols / 32);
+                        let block = q8s16_group_block(mins) as i64;
+                        let qs_at = if mins { 64 } else { 32 };
+                        kb.for_range(zero, nb, 1, &[], |kb, b, _| {
+                            let blk = kb.addr(base, b, block, 0);
+                            let out = kb.addr(yr, b, 128, 0);
+                            let qs = kb.addr(blk, lane, 32, qs_at);
+                            for h in 0..2i64 {
+                                let d_ptr = kb.addr(blk, lane, 4, 16 * h);
+                                let d = kb.load(F32, d_ptr, 0);
+                                let d = kb.b.ins().splat(F32X4, d);
+                                let m = if mins {
+                                    let m_ptr = kb.addr(blk, lane, 4, 32 + 16 * h);
+                                    let m = kb.load(F32, m_ptr, 0);
+                                    Some(kb.b.ins().splat(F32X4, m))
+                                } else {
+                                    None
+                                };
+                                let half = kb.load(I8X16, qs, 16 * h);
+                                let wide = [kb.b.ins().swiden_low(half), kb.b.ins().swiden_high(half)];
+                                for (k, w16) in wide.into_iter().enumerate() {
+                                    let w32 = [kb.b.ins().swiden_low(w16), kb.b.ins().swiden_high(w16)];
+                                    for (j, wi) in w32.into_iter().enumerate() {
+                                        // d * q, then + m: rounded as the dequantizers
+                                        // round it (d * q need not be exact in f32 here).
+                                        let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
+                                        let v = kb.b.ins().fmul(f, d);
+                                        let v = match m {
+                                            Some(m) => kb.b.ins().fadd(v, m),
+                                            None => v,
+                                        };
+                                        kb.store(v, out, 64 * h + 32 * k as i64 + 16 * j as i64);
                                     }
                                 }
                             }

@@ -286,7 +286,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let copts = CompileOptions {
         batch: opts.batch,
         embed_weights: opts.embed_weights,
-        pipeline: crate::passes::PipelineOptions { dump_after: opts.dump_after.clone() },
+        pipeline: crate::passes::PipelineOptions { dump_after: opts.dump_after.clone(), ..Default::default() },
         fingerprint: build_id,
     };
     let model = crate::model::Model::borrowed(lowered.graph, &lowered.weights);

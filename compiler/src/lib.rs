@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod codegen;
 pub mod frontend;
 pub mod gguf;
+pub mod lora;
 pub mod model;
 pub mod outdir;
 pub mod pack;

@@ -8,6 +8,7 @@
 
 pub mod drop_unused_weights;
 pub mod fuse_elementwise;
+pub mod merge_lora;
 pub mod plan_memory;
 pub mod quantize_activations;
 
@@ -36,6 +37,7 @@ pub struct PassContext<'a> {
 
 /// Every rewrite pass, in pipeline order.
 pub const PASSES: &[Pass] = &[
+    Pass { name: "merge_lora", run: merge_lora::run, lowers: false },
     Pass { name: "drop_unused_weights", run: drop_unused_weights::run, lowers: false },
     Pass { name: "quantize_activations", run: quantize_activations::run, lowers: true },
     Pass { name: "fuse_elementwise", run: fuse_elementwise::run, lowers: false },
@@ -46,6 +48,8 @@ pub const PASSES: &[Pass] = &[
 pub struct PipelineOptions {
     /// Print the graph after each named pass (or `all`) to stderr.
     pub dump_after: Vec<String>,
+    /// LoRA adapters to merge into the weights (`merge_lora`), in order.
+    pub lora: Vec<std::sync::Arc<crate::lora::Adapter>>,
 }
 
 /// Why the pipeline stopped.

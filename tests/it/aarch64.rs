@@ -14,7 +14,7 @@ use compiler::{compile, CompileOptions};
 use ir::interp::{self, KvCache, Tensor};
 use ir::parse::parse_graph;
 use ir::{DType, Graph, QuantFormat};
-use tests::harness::{argmax, max_diff, random_weights, scratch_dir, Rng};
+use tests::harness::{argmax, formats_with_kernels, max_diff, random_weights, scratch_dir, Rng};
 
 use crate::reference::{model, model_path};
 
@@ -140,12 +140,23 @@ fn check_graph(name: &str, text: &str, seqs: &[usize], seed: u64, device: &str) 
     worst
 }
 
+/// One row length per format: odd for the float formats, 3 blocks for the 32-value block
+/// formats, one super-block for the K-quants.
+fn aarch64_cols(format: QuantFormat) -> u32 {
+    match format.block_values() {
+        1 => 67,
+        256 => 256,
+        _ => 96,
+    }
+}
+
 #[test]
 fn aarch64_kernels_match_the_interpreter_under_qemu() {
     let mut worst = 0.0f32;
     for device in ["generic-armv8.0", "snapdragon-865"] {
-        for (i, format) in QuantFormat::ALL.into_iter().enumerate() {
-            let cols = if matches!(format, QuantFormat::F32 | QuantFormat::F16) { 67 } else { 96 };
+        // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
+        for (i, format) in formats_with_kernels().enumerate() {
+            let cols = aarch64_cols(format);
             for (rows, epilogue) in [(13u32, "silu"), (64, "add"), (7, "none")] {
                 let f = format.name();
                 let text = match epilogue {
@@ -165,9 +176,9 @@ fn aarch64_kernels_match_the_interpreter_under_qemu() {
             }
         }
         // The embedding in every table layout (f32 rows, Q4 and Q8 groups), partial 4-row groups.
-        for (i, format) in QuantFormat::ALL.into_iter().enumerate() {
+        for (i, format) in formats_with_kernels().enumerate() {
             let f = format.name();
-            let cols = if matches!(format, QuantFormat::F32 | QuantFormat::F16) { 67 } else { 96 };
+            let cols = aarch64_cols(format);
             for rows in [6u32, 13] {
                 let text = format!(
                     "graph \"embed\" context=64\nw0 = weight {f}[{rows}, {cols}] \"table\"\nv0 = input 0 : i32[seq]\nv1 = embed v0, w0 : f32[seq, {cols}]\nv2 = add v1, v1 : f32[seq, {cols}]\noutput v2\n"

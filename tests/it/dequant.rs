@@ -91,7 +91,7 @@ fn test_blocks(format: QuantFormat, rng: &mut Rng) -> Vec<u8> {
     let mut out = vec![];
     match format {
         // Every f16 bit pattern once.
-        QuantFormat::F16 => (0..=u16::MAX).for_each(|h| out.extend(f16_bytes(h))),
+        QuantFormat::F16 | QuantFormat::BF16 => (0..=u16::MAX).for_each(|h| out.extend(f16_bytes(h))),
         QuantFormat::F32 => {
             let specials = [
                 0.0f32,
@@ -126,12 +126,15 @@ fn test_blocks(format: QuantFormat, rng: &mut Rng) -> Vec<u8> {
                 out.extend((0..32).map(|_| rng.next_u64() as u8));
             }
         }
-        QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
-            // Every f16 pattern as the scale, every nibble value in both halves of a byte;
-            // Q4_1 minimums from the special patterns and random ones.
+        QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1 => {
+            // Every f16 pattern as the scale, every nibble value in both halves of a byte,
+            // high bits (Q5) from a multiplicative hash; minimums (Q4_1, Q5_1) from the special
+            // patterns and random ones.
+            let has_min = matches!(format, QuantFormat::Q4_1 | QuantFormat::Q5_1);
+            let has_qh = matches!(format, QuantFormat::Q5_0 | QuantFormat::Q5_1);
             for i in 0..=u16::MAX as usize {
                 out.extend(f16_bytes(i as u16));
-                if format == QuantFormat::Q4_1 {
+                if has_min {
                     let m = if i % 3 == 0 {
                         SPECIAL_F16[(i / 3) % SPECIAL_F16.len()]
                     } else {
@@ -140,14 +143,47 @@ fn test_blocks(format: QuantFormat, rng: &mut Rng) -> Vec<u8> {
                     };
                     out.extend(f16_bytes(m));
                 }
+                if has_qh {
+                    out.extend((i as u32).wrapping_mul(0x9e37_79b9).to_le_bytes());
+                }
                 out.extend((0..16).map(|j| (((i + j) % 16) | (((i + 5 * j + 3) % 16) << 4)) as u8));
             }
             for _ in 0..2000 {
                 out.extend(f16_of(rng.uniform() * 0.1));
-                if format == QuantFormat::Q4_1 {
+                if has_min {
                     out.extend(f16_of(rng.uniform() * -0.8));
                 }
+                if has_qh {
+                    out.extend((rng.next_u64() as u32).to_le_bytes());
+                }
                 out.extend((0..16).map(|_| rng.next_u64() as u8));
+            }
+        }
+        QuantFormat::Q2_K | QuantFormat::Q3_K | QuantFormat::Q4_K | QuantFormat::Q5_K | QuantFormat::Q6_K => {
+            // Random bytes (every scale and value byte shows up many times), with every f16
+            // pattern as the super-block scale `d` and, where there is one, `dmin` from the
+            // special patterns and random ones; then blocks with realistic scales.
+            let (d_at, dmin_at) = match format {
+                QuantFormat::Q2_K => (80, Some(82)),
+                QuantFormat::Q3_K => (108, None),
+                QuantFormat::Q6_K => (208, None),
+                _ => (0, Some(2)),
+            };
+            let bb = format.block_bytes();
+            for i in 0..=u16::MAX as usize + 2000 {
+                let mut block: Vec<u8> = (0..bb).map(|_| rng.next_u64() as u8).collect();
+                let realistic = i > u16::MAX as usize;
+                let d = if realistic { f16_of(rng.uniform() * 0.01) } else { f16_bytes(i as u16).to_vec() };
+                block[d_at..d_at + 2].copy_from_slice(&d);
+                if let Some(at) = dmin_at {
+                    let dmin = if !realistic && i % 3 == 0 {
+                        f16_bytes(SPECIAL_F16[(i / 3) % SPECIAL_F16.len()]).to_vec()
+                    } else {
+                        f16_of(rng.uniform() * 0.02)
+                    };
+                    block[at..at + 2].copy_from_slice(&dmin);
+                }
+                out.extend(block);
             }
         }
     }
@@ -218,14 +254,16 @@ fn quantizer_rows(rng: &mut Rng) -> Vec<f32> {
 
 #[test]
 fn quantize_row_matches_gguf_py() {
-    // gguf-py 0.19 quantizes F32, F16, Q4_0, Q4_1 and Q8_0 (Q8_0 documented as bit-exact with
-    // ggml-quants.c's reference quantizer; Q4_0/Q4_1 follow quantize_row_q4_*_ref).
+    // gguf-py 0.19 quantizes F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (Q8_0 documented
+    // as bit-exact with ggml-quants.c's reference quantizer; the others follow
+    // quantize_row_*_ref and ggml_compute_fp32_to_bf16). It has no K-quant quantizer: those
+    // are compared with ggml's own by round-trip error below.
     let dir = scratch_dir("dequant/quantize");
     let mut rng = Rng::new(0x7175_616e);
     let values = quantizer_rows(&mut rng);
     let input = dir.join("values.f32");
     std::fs::write(&input, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-    for format in QuantFormat::ALL {
+    for format in QuantFormat::ALL.into_iter().filter(|f| !K_QUANTS.contains(f)) {
         let out = dir.join(format!("{}.bin", format.name()));
         run_gguf_py(&[OsStr::new("quantize"), OsStr::new(format.name()), input.as_os_str(), out.as_os_str()]);
         let peer = std::fs::read(&out).unwrap();
@@ -335,5 +373,137 @@ fn real_model_tensors_dequantize_like_gguf_py() {
     eprintln!("every tensor of {} equals gguf-py's bit for bit: {per_format:?} (tensors, values)", path.display());
     for f in ["q4_1", "q8_0", "f32"] {
         assert!(per_format.contains_key(f), "the real model has no {f} tensor: {per_format:?}");
+    }
+}
+
+/// The K-quant formats: gguf-py cannot quantize them, ggml's reference quantizers can.
+const K_QUANTS: [QuantFormat; 5] =
+    [QuantFormat::Q2_K, QuantFormat::Q3_K, QuantFormat::Q4_K, QuantFormat::Q5_K, QuantFormat::Q6_K];
+
+/// Runs `tests/peer/ggml_quants.py quantize` (ggml's `quantize_row_*_ref` through the
+/// libggml-base of llama-cpp-python) on `input`, returning the blocks; fails when it cannot.
+fn ggml_quantize(format: QuantFormat, input: &Path, out: &Path) -> Vec<u8> {
+    let (python, script) = (python(), peer_script("ggml_quants.py"));
+    let res = Command::new(&python)
+        .arg(&script)
+        .args([OsStr::new("quantize"), OsStr::new(format.name()), input.as_os_str(), out.as_os_str()])
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e} (set KILN_PYTHON to a Python 3)", script.display()));
+    assert!(
+        res.status.success(),
+        "ggml_quants.py quantize {} failed ({}); is llama-cpp-python installed (`{python} -m pip install {}`, which \
+         `cargo xtask test` does)? stderr:\n{}",
+        format.name(),
+        res.status,
+        xtask::LLAMA_CPP_PYTHON,
+        String::from_utf8_lossy(&res.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+/// Sum of squared differences, in f64.
+fn squared_error(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum()
+}
+
+/// kiln's K-quant quantizers against ggml's reference ones (`quantize_row_*_ref`, what
+/// llama-quantize does without an importance matrix) on the real model's weights: every 2-D
+/// tensor is dequantized to f32 (from the Q4_1 file, by kiln), quantized by both, and
+/// dequantized again by kiln; kiln's root-mean-square error must be no larger than ggml's, on
+/// every tensor and overall. SmolLM2's rows (576, 1536 values) are not whole super-blocks, so
+/// each tensor is quantized as one flat row (every tensor holds a whole number of 256-value
+/// super-blocks). ggml's bytes, dequantized by kiln, must also equal gguf-py's dequantization
+/// bit for bit: real-model K-quant blocks for the dequantizer test.
+///
+/// By default a sample (every 16th matrix and the first 1024 rows of the embedding) keeps it
+/// fast; `KILN_QUANT_ALL_TENSORS=1` takes every 2-D tensor in full (the figures in the commit
+/// log come from that).
+#[test]
+fn k_quant_quantizers_lose_no_more_than_ggmls_on_the_real_model() {
+    let path = model_path();
+    let gguf = GgufFile::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let all = std::env::var_os("KILN_QUANT_ALL_TENSORS").is_some();
+    let matrices: Vec<_> = gguf.tensors.iter().filter(|t| t.dims.len() == 2).collect();
+    // (name, f32 values), grouped into batches of at most 16 M values (one peer call each).
+    let mut batches: Vec<Vec<(String, Vec<f32>)>> = vec![vec![]];
+    for (i, info) in matrices.iter().enumerate() {
+        let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
+        let format = info.ggml_type.quant_format().expect("a kiln format");
+        let keep_rows = if all {
+            rows
+        } else if info.name == "token_embd.weight" {
+            rows.min(1024)
+        } else if i % 16 == 0 {
+            rows
+        } else {
+            continue;
+        };
+        let raw = &gguf.tensor_data(info)[..keep_rows * format.row_bytes(cols).unwrap()];
+        let values = dequantize(format, raw, keep_rows, cols);
+        assert_eq!(values.len() % 256, 0, "{}: not whole super-blocks", info.name);
+        let batch_len: usize = batches.last().unwrap().iter().map(|(_, v)| v.len()).sum();
+        if batch_len > 0 && batch_len + values.len() > 16 << 20 {
+            batches.push(vec![]);
+        }
+        batches.last_mut().unwrap().push((info.name.clone(), values));
+    }
+    let dir = scratch_dir("dequant/k_quants");
+    let n_tensors: usize = batches.iter().map(|b| b.len()).sum();
+    let n_values: usize = batches.iter().flatten().map(|(_, v)| v.len()).sum();
+    eprintln!("{n_tensors} tensors, {n_values} values");
+    for format in K_QUANTS {
+        let (mut kiln_sq, mut ggml_sq, mut same_blocks, mut blocks) = (0.0f64, 0.0f64, 0usize, 0usize);
+        let mut worse = vec![];
+        for (b, batch) in batches.iter().enumerate() {
+            let values: Vec<f32> = batch.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+            let input = dir.join(format!("batch{b}.f32"));
+            std::fs::write(&input, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+            let ggml_file = dir.join(format!("batch{b}.{}", format.name()));
+            let ggml = ggml_quantize(format, &input, &ggml_file);
+            let kiln = quantize_row(format, &values);
+            assert_eq!(kiln.len(), ggml.len(), "{}: byte counts differ", format.name());
+            let bb = format.block_bytes();
+            blocks += kiln.len() / bb;
+            same_blocks += kiln.chunks_exact(bb).zip(ggml.chunks_exact(bb)).filter(|(a, b)| a == b).count();
+            let kiln_back = dequantize(format, &kiln, 1, values.len());
+            let ggml_back = dequantize(format, &ggml, 1, values.len());
+            // kiln's dequantization of ggml's blocks equals gguf-py's.
+            let npy = dir.join(format!("batch{b}.{}.npy", format.name()));
+            run_gguf_py(&[OsStr::new("dequantize"), OsStr::new(format.name()), ggml_file.as_os_str(), npy.as_os_str()]);
+            compare(&format!("{} of ggml's blocks", format.name()), &ggml_back, &read_npy_f32(&npy), 256, &ggml, bb);
+            let mut at = 0;
+            for (name, v) in batch {
+                let range = at..at + v.len();
+                let (k, g) = (squared_error(v, &kiln_back[range.clone()]), squared_error(v, &ggml_back[range]));
+                if k > g {
+                    worse.push(format!(
+                        "{name}: rmse {:.6e} vs ggml {:.6e}",
+                        (k / v.len() as f64).sqrt(),
+                        (g / v.len() as f64).sqrt()
+                    ));
+                }
+                kiln_sq += k;
+                ggml_sq += g;
+                at += v.len();
+            }
+        }
+        let (kiln_rmse, ggml_rmse) = ((kiln_sq / n_values as f64).sqrt(), (ggml_sq / n_values as f64).sqrt());
+        eprintln!(
+            "{}: rmse kiln {kiln_rmse:.6e}, ggml {ggml_rmse:.6e} (ratio {:.6}); {same_blocks} of {blocks} blocks \
+             byte-identical to ggml's",
+            format.name(),
+            kiln_rmse / ggml_rmse
+        );
+        assert!(
+            worse.is_empty(),
+            "{}: kiln's quantizer loses more than ggml's on {} tensors: {worse:#?}",
+            format.name(),
+            worse.len()
+        );
+        assert!(
+            kiln_rmse <= ggml_rmse && kiln_rmse > 0.0,
+            "{}: rmse kiln {kiln_rmse} vs ggml {ggml_rmse}",
+            format.name()
+        );
     }
 }

@@ -11,7 +11,9 @@ use ir::interp::{self, KvCache, Tensor};
 use ir::parse::parse_graph;
 use ir::{Graph, QuantFormat};
 use runtime::program::{Input, Program};
-use tests::harness::{compile_to_shared, max_diff, random_weights, scratch_dir, Rng};
+use tests::harness::{
+    compile_to_shared, formats_with_kernels, kernel_test_cols, max_diff, random_weights, scratch_dir, Rng,
+};
 
 const REL_TOL: f32 = 1e-4;
 
@@ -74,12 +76,9 @@ fn matmul_graph(format: QuantFormat, rows: u32, cols: u32, epilogue: &str) -> St
 #[test]
 fn matmul_kernels_match_the_interpreter() {
     let mut seed = 1;
-    for format in QuantFormat::ALL {
-        let col_options: &[u32] = match format {
-            QuantFormat::F32 | QuantFormat::F16 => &[5, 36, 67],
-            _ => &[32, 96, 160],
-        };
-        for &cols in col_options {
+    // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
+    for format in formats_with_kernels() {
+        for &cols in kernel_test_cols(format) {
             for rows in [1, 4, 7, 13, 64] {
                 for epilogue in ["none", "silu", "add", "mul"] {
                     let text = matmul_graph(format, rows, cols, epilogue);
@@ -189,19 +188,16 @@ fn run_embed_both(name: &str, text: &str, rows: u32, seqs: &[usize], seed: u64) 
 
 #[test]
 fn embed_kernels_match_the_interpreter_exactly() {
-    // Every table format (packed as f32 rows for F32/F16, Q4 groups for Q4_0/Q4_1, Q8 groups
-    // for Q8_0), row counts that leave a partial 4-row group, and f32 rows that are not a
+    // Every table format with kernels (packed as f32 rows for F32/F16/BF16, Q4 groups for
+    // Q4_0/Q4_1/Q4_K, Q8 groups for Q8_0), row counts that leave a partial 4-row group, and f32 rows that are not a
     // multiple of 4 columns. The lookup is exact: dequantized products of an f16 scale and a
     // 4- or 8-bit integer fit in f32, so kernel and interpreter agree exactly, up to the sign
     // of zero: Q4_0 is packed as Q4_1 with m = -8 d, so a zero weight (q = 8) with a negative
     // scale comes out as +0, where the interpreter (like ggml) gives (8 - 8) * d = -0.
     let mut seed = 100;
-    for format in QuantFormat::ALL {
-        let col_options: &[u32] = match format {
-            QuantFormat::F32 | QuantFormat::F16 => &[5, 36, 67],
-            _ => &[32, 96, 160],
-        };
-        for &cols in col_options {
+    // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
+    for format in formats_with_kernels() {
+        for &cols in kernel_test_cols(format) {
             for rows in [1u32, 6, 13] {
                 let f = format.name();
                 let text = format!(

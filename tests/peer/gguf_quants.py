@@ -5,11 +5,13 @@ kiln's `dequant` tests compare `ir::quant` and `compiler::gguf` with this script
 only the `gguf` package (PyPI, the GGUF library of the llama.cpp project) and numpy:
 
   gguf_quants.py dequantize TYPE BLOCKS.bin OUT.npy
-      BLOCKS.bin holds whole blocks of TYPE (f32, f16, q4_0, q4_1, q8_0), back to back;
+      BLOCKS.bin holds whole blocks of TYPE (f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0,
+      q2_k, q3_k, q4_k, q5_k, q6_k), back to back;
       OUT.npy receives their float32 dequantization (`gguf.quants.dequantize`), 1-D.
   gguf_quants.py quantize TYPE VALUES.f32 OUT.bin
       VALUES.f32 holds little-endian float32 values (whole blocks); OUT.bin receives
-      `gguf.quants.quantize` of them as raw blocks.
+      `gguf.quants.quantize` of them as raw blocks (gguf-py 0.19 quantizes the float
+      formats and q4_0 ... q8_0, not the K-quants).
   gguf_quants.py model MODEL.gguf
       Reads MODEL.gguf with gguf-py's own `GGUFReader` and streams every tensor's
       dequantization to stdout: for each tensor a header line
@@ -26,7 +28,21 @@ import sys
 def qtype(name):
     from gguf import GGMLQuantizationType as T
 
-    types = {"f32": T.F32, "f16": T.F16, "q4_0": T.Q4_0, "q4_1": T.Q4_1, "q8_0": T.Q8_0}
+    types = {
+        "f32": T.F32,
+        "f16": T.F16,
+        "bf16": T.BF16,
+        "q4_0": T.Q4_0,
+        "q4_1": T.Q4_1,
+        "q5_0": T.Q5_0,
+        "q5_1": T.Q5_1,
+        "q8_0": T.Q8_0,
+        "q2_k": T.Q2_K,
+        "q3_k": T.Q3_K,
+        "q4_k": T.Q4_K,
+        "q5_k": T.Q5_K,
+        "q6_k": T.Q6_K,
+    }
     if name not in types:
         raise SystemExit(f"unknown type {name!r}; expected one of {sorted(types)}")
     return types[name]

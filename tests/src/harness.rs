@@ -151,6 +151,31 @@ fn ggml_type(f: QuantFormat) -> compiler::gguf::GgmlType {
         QuantFormat::Q4_0 => GgmlType::Q4_0,
         QuantFormat::Q4_1 => GgmlType::Q4_1,
         QuantFormat::Q8_0 => GgmlType::Q8_0,
+        QuantFormat::BF16 => GgmlType::BF16,
+        QuantFormat::Q5_0 => GgmlType::Q5_0,
+        QuantFormat::Q5_1 => GgmlType::Q5_1,
+        QuantFormat::Q2_K => GgmlType::Q2_K,
+        QuantFormat::Q3_K => GgmlType::Q3_K,
+        QuantFormat::Q4_K => GgmlType::Q4_K,
+        QuantFormat::Q5_K => GgmlType::Q5_K,
+        QuantFormat::Q6_K => GgmlType::Q6_K,
+    }
+}
+
+/// The formats whose kernels the compiler has: every format but those of kernel form Q8S16,
+/// whose packed layout and kernels land separately (until then `pack` stops at a `todo!`).
+/// The kernel tests iterate these; `tests/it/dequant.rs` and `ir`'s tests cover every format.
+pub fn formats_with_kernels() -> impl Iterator<Item = QuantFormat> {
+    QuantFormat::ALL.into_iter().filter(|f| !matches!(f.spec().kernel, ir::quant::KernelForm::Q8S16(_)))
+}
+
+/// Row lengths that suit `format` in kernel tests: odd ones for the float formats, whole
+/// 32-value blocks for the block formats, whole 256-value super-blocks for the K-quants.
+pub fn kernel_test_cols(format: QuantFormat) -> &'static [u32] {
+    match format.block_values() {
+        1 => &[5, 36, 67],
+        256 => &[256, 512],
+        _ => &[32, 96, 160],
     }
 }
 

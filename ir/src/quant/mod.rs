@@ -13,17 +13,27 @@
 
 use half::f16;
 
+mod bf16;
 mod f16_format;
 mod f32_format;
+mod k_common;
+mod q2_k;
+mod q3_k;
 mod q4_0;
 mod q4_1;
+mod q4_k;
+mod q5_0;
+mod q5_1;
+mod q5_k;
+mod q6_k;
 mod q8_0;
 
 /// Values in one block of the kernels' blocked forms ([`Q4Block`], [`Q8Block`]) and of the
 /// q16 activations they multiply; formats with larger blocks split them into these.
 pub const BLOCK_SIZE: usize = 32;
 
-/// How a weight tensor is stored.
+/// How a weight tensor is stored. Variants carry ggml's type names (`Q4_K`).
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QuantFormat {
     /// IEEE float32, 4 bytes per value.
@@ -36,6 +46,22 @@ pub enum QuantFormat {
     Q4_1,
     /// 34-byte blocks: f16 scale `d`, 32 signed bytes; `x = d * q`.
     Q8_0,
+    /// bfloat16 (the upper half of an f32), 2 bytes per value.
+    BF16,
+    /// 22-byte blocks: f16 scale `d`, 5-bit values; `x = d * (q - 16)`.
+    Q5_0,
+    /// 24-byte blocks: f16 scale `d`, f16 minimum `m`, 5-bit values; `x = d * q + m`.
+    Q5_1,
+    /// 84-byte super-blocks of 256: 2-bit values, a 4-bit scale and minimum per 16 values.
+    Q2_K,
+    /// 110-byte super-blocks of 256: 3-bit values, a 6-bit signed scale per 16 values.
+    Q3_K,
+    /// 144-byte super-blocks of 256: 4-bit values, a 6-bit scale and minimum per 32 values.
+    Q4_K,
+    /// 176-byte super-blocks of 256: 5-bit values, a 6-bit scale and minimum per 32 values.
+    Q5_K,
+    /// 210-byte super-blocks of 256: 6-bit values, an 8-bit signed scale per 16 values.
+    Q6_K,
 }
 
 /// One 32-value block as the Q4 kernels read it: `x[j] = d * q[j] + m`, `q` in `0..16`, byte
@@ -103,7 +129,21 @@ pub struct FormatSpec {
 }
 
 impl QuantFormat {
-    pub const ALL: [QuantFormat; 5] = [Self::F32, Self::F16, Self::Q4_0, Self::Q4_1, Self::Q8_0];
+    pub const ALL: [QuantFormat; 13] = [
+        Self::F32,
+        Self::F16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q8_0,
+        Self::BF16,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q2_K,
+        Self::Q3_K,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
+    ];
 
     /// The format's description: the one place that maps a format to its facts.
     pub fn spec(self) -> &'static FormatSpec {
@@ -113,6 +153,14 @@ impl QuantFormat {
             Self::Q4_0 => &q4_0::SPEC,
             Self::Q4_1 => &q4_1::SPEC,
             Self::Q8_0 => &q8_0::SPEC,
+            Self::BF16 => &bf16::SPEC,
+            Self::Q5_0 => &q5_0::SPEC,
+            Self::Q5_1 => &q5_1::SPEC,
+            Self::Q2_K => &q2_k::SPEC,
+            Self::Q3_K => &q3_k::SPEC,
+            Self::Q4_K => &q4_k::SPEC,
+            Self::Q5_K => &q5_k::SPEC,
+            Self::Q6_K => &q6_k::SPEC,
         }
     }
 
@@ -151,7 +199,8 @@ impl QuantFormat {
     }
 
     /// Whether the kernels multiply it with q16 activations in 32-value blocks (every format
-    /// but the float ones): its row length must then be a whole number of 32-value blocks.
+    /// but the float ones): its row length must then be a whole number of 32-value blocks
+    /// (and of the format's own blocks: 256 values for the K-quants).
     pub fn is_block_quantized(self) -> bool {
         !matches!(self.spec().kernel, KernelForm::F32)
     }
@@ -228,9 +277,10 @@ pub fn q8_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q8Block>> {
 mod tests {
     use super::*;
 
-    /// Test rows: random blocks at several magnitudes (down to f16-subnormal scales), plus
-    /// blocks that are constant, zero, one outlier, dominated by a negative value, or hold
-    /// the value opposite to the largest magnitude (which Q4_0 clamps).
+    /// Test rows of 256 values (one K-quant super-block): random at several magnitudes (down
+    /// to f16-subnormal scales), plus blocks that are constant, zero, one outlier, dominated by
+    /// a negative value, hold the value opposite to the largest magnitude (which Q4_0 clamps),
+    /// alternate tiny and large negative values, or are all negative.
     fn test_rows() -> Vec<Vec<f32>> {
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut uniform = move || {
@@ -242,7 +292,7 @@ mod tests {
         let mut rows = vec![];
         for scale in [1.0f32, 0.1, 37.0, 1e-3, 1e-6, 3e-8, 2000.0] {
             for _ in 0..8 {
-                rows.push((0..64).map(|_| uniform() * scale).collect::<Vec<f32>>());
+                rows.push((0..256).map(|_| uniform() * scale).collect::<Vec<f32>>());
             }
         }
         let mut special = vec![0.0f32; 32];
@@ -255,6 +305,8 @@ mod tests {
             _ => (i as f32 - 16.0) * 0.11,
         }));
         special.extend((0..32).map(|i| i as f32 * 0.5 - 8.0));
+        special.extend((0..32).map(|i| if i % 2 == 0 { 1e-3 } else { -40.0 }));
+        special.extend((0..32).map(|i| -1.0 - 0.01 * i as f32));
         rows.push(special);
         rows
     }
@@ -310,9 +362,15 @@ mod tests {
                     KernelForm::Q8(_) => {
                         q8_blocks(format, &bytes).unwrap().iter().flat_map(|b| b.qs.map(|q| b.d * q as f32)).collect()
                     }
+                    KernelForm::Q8S16(_) => q8s16_blocks(format, &bytes)
+                        .unwrap()
+                        .iter()
+                        .flat_map(|b| (0..32).map(move |j| b.d[j / 16] * b.qs[j] as f32 + b.m[j / 16]))
+                        .collect(),
                 };
                 assert_eq!(got.len(), want.len());
-                // Equal values (Q4_0 as d q + m may turn -0 into +0, as the kernels do).
+                // Equal values (Q4_0 as d q + m, and the Q8S16 forms with m = 0, may turn -0
+                // into +0, as the kernels do).
                 for (j, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(g == w, "{format:?} value {j}: kernel form {g} vs dequantized {w}");
                 }

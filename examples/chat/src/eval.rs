@@ -33,7 +33,8 @@ use crate::{check_output_file, open_session, BundleArgs};
 
 /// The evaluation text shipped with kiln (written for kiln, CC0; see `examples/data/README.md`).
 pub fn default_text() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/eval.txt")
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("examples/chat has a parent");
+    examples.join("data/eval.txt")
 }
 
 /// `eval`: perplexity on a text, and KL divergence from a reference.

@@ -361,7 +361,7 @@ impl EvalReport {
         let bos = if self.add_bos { "BOS first in every chunk" } else { "no BOS (the model adds none)" };
         s += &format!("model {:?}, bundle {}\n", self.model, self.bundle.display());
         s += &format!(
-            "text {}: {} tokens, {}; {} chunks of {} tokens ({} tokens left over), each from an empty cache\n\n",
+            "text {}: {} tokens, {}; {} chunks of {} tokens ({} tokens not evaluated), each from an empty cache\n\n",
             self.text.display(),
             self.text_tokens,
             bos,

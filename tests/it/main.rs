@@ -3,6 +3,7 @@ mod abi;
 mod attention;
 mod c_chat;
 mod dequant;
+mod eval;
 mod kernels;
 mod model;
 mod reference;

@@ -1,4 +1,4 @@
-//! `cargo xtask`: build a model bundle, chat with it, run it, benchmark it.
+//! `cargo xtask`: build a model bundle, chat with it, run it, benchmark it, evaluate it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -88,6 +88,9 @@ enum Cmd {
         #[arg(long)]
         llama_cpp: Option<String>,
     },
+    /// Perplexity of a bundle on a text (llama.cpp's rule and all-but-first), and KL divergence
+    /// from a reference bundle or GGUF (--reference), like llama.cpp's llama-perplexity.
+    Eval(chat::eval::EvalArgs),
     /// Runs the whole test suite: fetches the model, installs the llama.cpp peer if missing,
     /// then `cargo test --release --workspace` with KILN_MODEL set.
     Test {
@@ -192,6 +195,7 @@ fn real_main() -> Result<()> {
             run_bundle(&a.bundle.bundle, chat::Command::Run(a.clone()))?
         }
         Cmd::Tokenize(a) => chat::run(&chat::Command::Tokenize(a))?,
+        Cmd::Eval(a) => xtask::eval(a)?,
         Cmd::Bench { bundle, threads, runs, prefill, decode, llama_cpp } => {
             bench(&bundle, &threads, runs, &prefill, decode, llama_cpp)?
         }

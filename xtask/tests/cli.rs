@@ -185,7 +185,7 @@ fn out_directory_of_the_user_is_never_replaced() {
 /// Every option of the user commands is described in `--help`.
 #[test]
 fn help_describes_every_option() {
-    for cmd in ["build-model", "chat", "run", "tokenize", "bench", "c-chat", "test"] {
+    for cmd in ["build-model", "chat", "run", "tokenize", "bench", "eval", "c-chat", "test"] {
         let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success(), "{cmd} --help");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -279,4 +279,38 @@ fn zero_context_length_in_the_file() {
     let e = build_fails("context_0_file", &w.finish(), &[]);
     assert!(e.contains("llama.context_length is 0") && e.contains("--context"), "{e}");
     assert!(!e.contains("must be in 1..="), "{e}");
+}
+
+/// `eval` checks its text file and its --json file before the bundle is even opened, and
+/// writes nothing when it fails.
+#[test]
+fn eval_refuses_bad_input_before_work() {
+    let dir = scratch("eval_flags");
+    let eval = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).arg("eval").args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (out.status.code(), stderr)
+    };
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "some text").unwrap();
+    let json = dir.join("figures.json");
+    std::fs::write(&json, b"keep").unwrap();
+    let (code, e) =
+        eval(&["--bundle", "/nonexistent", "--text", text.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("exists; pass --force"), "{e}");
+    assert_eq!(std::fs::read(&json).unwrap(), b"keep");
+    let missing = dir.join("missing.txt");
+    let (code, e) = eval(&["--bundle", "/nonexistent", "--text", missing.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("no text file") && e.contains("missing.txt"), "{e}");
+    let (code, e) = eval(&["--bundle", "/nonexistent", "--text", text.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("not a kiln bundle"), "{e}");
+    let (code, e) = eval(&["--force"]);
+    assert_eq!(code, Some(2), "--force needs --json: {e}");
+    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["figures.json", "text.txt"], "nothing written");
 }

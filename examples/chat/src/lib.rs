@@ -1,11 +1,11 @@
-//! The kiln runner: chat with, run, tokenize with and benchmark any kiln bundle.
+//! The kiln runner: chat with, run, tokenize with, benchmark and evaluate any kiln bundle.
 //!
 //! Built plainly (`cargo build -p chat`), the runner links no model: it opens the shared
 //! library `lib/libkiln_model.so` that `build-model` writes into bundles for targets that can
 //! run here, so one binary serves every bundle at once and nothing is relinked per bundle.
 //! Built with `KILN_BUNDLE=DIR` (see `build.rs`), it is instead the example of an app that
 //! links a bundle's static library `lib/libkiln_model.a` into itself, and opens only that
-//! bundle. `cargo xtask chat|run|tokenize|bench` run this code in-process for host bundles
+//! bundle. `cargo xtask chat|run|tokenize|bench|eval` run this code in-process for host bundles
 //! and as an aarch64 binary under qemu-user for aarch64 Linux bundles.
 
 use std::io::{BufRead, Write};
@@ -16,6 +16,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use runtime::sampling::SamplerConfig;
 use runtime::session::Session;
+
+pub mod eval;
 
 #[cfg(kiln_model)]
 extern "C" {
@@ -222,10 +224,13 @@ pub enum Command {
     Tokenize(TokenizeArgs),
     /// Prefill and decode tokens/s, medians over runs.
     Bench(BenchArgs),
+    /// Perplexity on a text (llama.cpp's rule and all-but-first), and KL divergence from a
+    /// reference bundle (--reference).
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "chat", about = "kiln runner: chat with, run and benchmark a kiln bundle")]
+#[command(name = "chat", about = "kiln runner: chat with, run, benchmark and evaluate a kiln bundle")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -237,6 +242,7 @@ pub fn run(command: &Command) -> Result<()> {
         Command::Chat(a) => chat(a),
         Command::Run(a) => run_tokens_or_prompt(a),
         Command::Tokenize(a) => tokenize(a),
+        Command::Eval(a) => eval::run_eval(a).map(drop),
         Command::Bench(a) => {
             for row in bench(a)? {
                 if a.json {

@@ -1,4 +1,4 @@
-//! The kiln runner binary (see the library's documentation): `chat`, `run`, `tokenize`, `bench`.
+//! The kiln runner binary (see the library's documentation): `chat`, `run`, `tokenize`, `bench`, `eval`.
 
 use clap::Parser;
 

@@ -1,0 +1,292 @@
+//! `eval` (perplexity and KL divergence, `examples/chat/src/eval.rs`): its figures equal an
+//! independent computation from the logits of direct `Session` calls, a bundle against itself
+//! gives KL 0, bad input is refused with a clear error before anything is written, and the real
+//! model's perplexity on the shipped text is sane.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use chat::eval::{evaluate, run_eval, EvalArgs};
+use chat::BundleArgs;
+use compiler::bundle::{build_model, BuildOptions};
+use runtime::session::Session;
+use tests::harness::{scratch_dir, tiny_llama_gguf_with_tokenizer, Rng};
+
+/// Context of the tiny bundles; batch 4, so a chunk is fed in several prefill batches.
+const CONTEXT: u32 = 64;
+
+fn build(model: &Path, out: &Path, context: u32, batch: u32) {
+    let opts = BuildOptions {
+        model: model.to_path_buf(),
+        target: targets::host_triple().expect("a supported host").to_string(),
+        device: None,
+        out: out.to_path_buf(),
+        context: Some(context),
+        batch,
+        embed_weights: true,
+        dump_after: vec![],
+        shared_linker: Some("cc".into()),
+    };
+    build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
+}
+
+/// Two tiny random models (seeds 1 and 2) built into bundles, and a text of 400 random letters.
+/// Returns (dir, bundle of seed 1, bundle of seed 2, text file).
+fn tiny() -> &'static (PathBuf, PathBuf, PathBuf, PathBuf) {
+    static TINY: OnceLock<(PathBuf, PathBuf, PathBuf, PathBuf)> = OnceLock::new();
+    TINY.get_or_init(|| {
+        let dir = scratch_dir("eval");
+        let mut bundles = vec![];
+        for seed in [1u64, 2] {
+            let gguf = dir.join(format!("tiny{seed}.gguf"));
+            let bytes = tiny_llama_gguf_with_tokenizer(&crate::abi::tiny_cfg(CONTEXT), &mut Rng::new(seed));
+            std::fs::write(&gguf, bytes).unwrap();
+            let out = dir.join(format!("bundle{seed}"));
+            build(&gguf, &out, CONTEXT, 4);
+            bundles.push(out);
+        }
+        let mut rng = Rng::new(7);
+        let text: String = (0..400).map(|_| (b'a' + rng.below(26) as u8) as char).collect();
+        let text_file = dir.join("text.txt");
+        std::fs::write(&text_file, text).unwrap();
+        (dir, bundles[0].clone(), bundles[1].clone(), text_file)
+    })
+}
+
+fn args(bundle: &Path, text: &Path, ctx: usize) -> EvalArgs {
+    EvalArgs {
+        bundle: BundleArgs { bundle: bundle.to_path_buf(), threads: 1 },
+        text: Some(text.to_path_buf()),
+        ctx,
+        chunks: None,
+        reference: None,
+        json: None,
+        force: false,
+    }
+}
+
+fn open(bundle: &Path) -> Session {
+    Session::open_shared(&bundle.join(chat::SHARED_LIBRARY), bundle, 1).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The negative log-likelihood of `target` under `row`, written apart from eval.rs's:
+/// `ln(sum_j exp(x_j - x_target))`.
+fn nll(row: &[f32], target: u32) -> f64 {
+    let x_t = f64::from(row[target as usize]);
+    row.iter().map(|&x| (f64::from(x) - x_t).exp()).sum::<f64>().ln()
+}
+
+/// The log-probabilities of `row`, written apart from eval.rs's.
+fn log_probs(row: &[f32]) -> Vec<f64> {
+    let total: f64 = row.iter().map(|&x| f64::from(x).exp()).sum();
+    row.iter().map(|&x| f64::from(x) - total.ln()).collect()
+}
+
+fn assert_close(what: &str, got: f64, want: f64) {
+    let rel = ((got - want) / want).abs();
+    assert!(rel <= 1e-9, "{what}: eval gives {got}, the direct computation {want} (relative {rel:e})");
+}
+
+/// Per chunk, the logits of every position from one direct `Session::eval` call.
+fn chunk_logits(session: &mut Session, tokens: &[u32], ctx: usize) -> Vec<Vec<f32>> {
+    (0..tokens.len() / ctx)
+        .map(|c| {
+            session.reset();
+            session.eval(&tokens[c * ctx..(c + 1) * ctx], true).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn perplexity_of_both_rules_and_kl_equal_a_direct_computation() {
+    let (_, bundle, other, text) = tiny();
+    for ctx in [32usize, 20, 7] {
+        let mut a = args(bundle, text, ctx);
+        a.reference = Some(other.clone());
+        let report = evaluate(&a).unwrap_or_else(|e| panic!("{e:#}"));
+
+        let mut session = open(bundle);
+        assert!(!session.manifest().tokenizer.add_bos, "the tiny model adds no BOS");
+        let tokens = session.tokenizer().encode(&std::fs::read_to_string(text).unwrap(), false).unwrap();
+        assert!(tokens.len() > 3 * ctx, "the text spans several chunks");
+        assert_eq!(report.text_tokens, tokens.len());
+        assert_eq!(report.chunks, tokens.len() / ctx);
+        let vocab = session.vocab();
+        let logits = chunk_logits(&mut session, &tokens, ctx);
+        let ref_logits = chunk_logits(&mut open(other), &tokens, ctx);
+
+        let (mut llama, mut all, mut ref_llama, mut kls) = (vec![], vec![], vec![], vec![]);
+        let mut agree = 0usize;
+        for (c, (chunk, ref_chunk)) in logits.iter().zip(&ref_logits).enumerate() {
+            for pos in 0..ctx - 1 {
+                let target = tokens[c * ctx + pos + 1];
+                let row = &chunk[pos * vocab..(pos + 1) * vocab];
+                all.push(nll(row, target));
+                if pos >= ctx / 2 {
+                    llama.push(nll(row, target));
+                    let ref_row = &ref_chunk[pos * vocab..(pos + 1) * vocab];
+                    ref_llama.push(nll(ref_row, target));
+                    let (p, q) = (log_probs(ref_row), log_probs(row));
+                    kls.push(p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>());
+                    agree += usize::from(tests::harness::argmax(ref_row) == tests::harness::argmax(row));
+                }
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let ppl_err = |v: &[f64]| {
+            let m = mean(v);
+            let sample_var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len() - 1) as f64;
+            (sample_var / v.len() as f64).sqrt() * m.exp()
+        };
+        assert_eq!(report.llama_cpp.scored, report.chunks * (ctx - 1 - ctx / 2), "ctx {ctx}");
+        assert_eq!(report.all_but_first.scored, report.chunks * (ctx - 1), "ctx {ctx}");
+        assert_close("llama.cpp rule perplexity", report.llama_cpp.perplexity, mean(&llama).exp());
+        assert_close("all-but-first perplexity", report.all_but_first.perplexity, mean(&all).exp());
+        assert!((report.llama_cpp.perplexity_err - ppl_err(&llama)).abs() <= 1e-6 * ppl_err(&llama));
+        assert!((report.all_but_first.perplexity_err - ppl_err(&all)).abs() <= 1e-6 * ppl_err(&all));
+        let kl = report.kl.expect("a reference was given");
+        assert_eq!(kl.positions, llama.len());
+        assert_close("reference perplexity", kl.reference.perplexity, mean(&ref_llama).exp());
+        assert_close("KL mean", kl.mean, mean(&kls));
+        let max = kls.iter().cloned().fold(f64::MIN, f64::max);
+        assert_close("KL max", kl.max, max);
+        assert!(kl.mean > 0.0 && kl.median <= kl.p99 && kl.p99 <= kl.max, "{kl:?}");
+        assert_eq!(kl.top1_agreement, agree as f64 / llama.len() as f64);
+    }
+}
+
+#[test]
+fn a_bundle_against_itself_has_kl_zero_and_full_agreement() {
+    let (_, bundle, _, text) = tiny();
+    let mut a = args(bundle, text, 32);
+    a.reference = Some(bundle.clone());
+    let report = evaluate(&a).unwrap_or_else(|e| panic!("{e:#}"));
+    let kl = report.kl.expect("a reference was given");
+    assert_eq!((kl.mean, kl.median, kl.p99, kl.max), (0.0, 0.0, 0.0, 0.0), "{kl:?}");
+    assert_eq!(kl.top1_agreement, 1.0);
+    assert_eq!(kl.reference, report.llama_cpp);
+}
+
+/// `cargo xtask eval --reference GGUF`: the GGUF is compiled into a temporary bundle, which is
+/// removed afterwards; the same model as the bundle gives KL 0.
+#[test]
+fn a_gguf_reference_is_compiled_for_the_occasion() {
+    let (dir, bundle, _, text) = tiny();
+    let json = dir.join("xtask-eval.json");
+    let _ = std::fs::remove_file(&json);
+    let mut a = args(bundle, text, 32);
+    a.reference = Some(dir.join("tiny1.gguf"));
+    a.json = Some(json.clone());
+    xtask::eval(a).unwrap_or_else(|e| panic!("{e:#}"));
+    let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(figures["kl_divergence"]["max"], 0.0, "{figures}");
+    assert_eq!(figures["kl_divergence"]["top1_agreement"], 1.0, "{figures}");
+    let temporaries = xtask::root().join("target/kiln-eval");
+    let ours = format!("reference-{}-", std::process::id());
+    let left: Vec<_> = std::fs::read_dir(&temporaries)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&ours))
+        .collect();
+    assert!(left.is_empty(), "temporary reference bundles left: {left:?}");
+}
+
+#[test]
+fn json_holds_the_printed_figures_and_existing_files_are_kept() {
+    let (dir, bundle, _, text) = tiny();
+    let json = dir.join("figures.json");
+    let _ = std::fs::remove_file(&json);
+    let mut a = args(bundle, text, 32);
+    a.json = Some(json.clone());
+    let report = run_eval(&a).unwrap_or_else(|e| panic!("{e:#}"));
+    let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(figures["perplexity"][0]["rule"], "llama.cpp");
+    assert_eq!(figures["perplexity"][0]["perplexity"].as_f64(), Some(report.llama_cpp.perplexity));
+    assert_eq!(figures["perplexity"][1]["rule"], "all-but-first");
+    assert_eq!(figures["perplexity"][1]["perplexity"].as_f64(), Some(report.all_but_first.perplexity));
+    assert!(figures["kl_divergence"].is_null());
+
+    std::fs::write(&json, b"the user's file").unwrap();
+    let e = format!("{:#}", run_eval(&a).unwrap_err());
+    assert!(e.contains("exists; pass --force"), "{e}");
+    assert_eq!(std::fs::read(&json).unwrap(), b"the user's file");
+    a.force = true;
+    run_eval(&a).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_ne!(std::fs::read(&json).unwrap(), b"the user's file", "--force replaces it");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error() {
+    let (dir, bundle, _, text) = tiny();
+    let json = dir.join("never-written.json");
+    let _ = std::fs::remove_file(&json);
+    let fails = |a: EvalArgs| -> String {
+        let mut a = a;
+        a.json = Some(json.clone());
+        let e = format!("{:#}", run_eval(&a).unwrap_err());
+        assert!(!json.exists(), "a failed eval wrote {}: {e}", json.display());
+        e
+    };
+    let e = fails(args(bundle, text, CONTEXT as usize + 1));
+    assert!(e.contains("--ctx 65 is larger than the context 64"), "{e}");
+
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "abcdefghij").unwrap();
+    let e = fails(args(bundle, &short, 32));
+    assert!(e.contains("has 9 tokens, fewer than one chunk of --ctx 32"), "{e}"); // "ab" is one token
+
+    let e = fails(args(bundle, &dir.join("no-such-text.txt"), 32));
+    assert!(e.contains("no text file") && e.contains("no-such-text.txt"), "{e}");
+
+    let e = fails(args(bundle, text, 2));
+    assert!(e.contains("--ctx must be at least 4"), "{e}");
+
+    let mut a = args(bundle, text, 32);
+    a.reference = Some(dir.join("tiny2.gguf"));
+    let e = fails(a);
+    assert!(e.contains("is a file") && e.contains("cargo xtask eval"), "{e}");
+
+    let mut a = args(bundle, text, 32);
+    a.reference = Some(dir.join("no-such-bundle"));
+    let e = fails(a);
+    assert!(e.contains("reference") && e.contains("not a kiln bundle"), "{e}");
+
+    let not_utf8 = dir.join("latin1.txt");
+    std::fs::write(&not_utf8, b"caf\xe9 ".repeat(50)).unwrap();
+    let e = fails(args(bundle, &not_utf8, 32));
+    assert!(e.contains("cannot read") && e.contains("latin1.txt"), "{e}");
+}
+
+/// The real model on the shipped text at ctx 128 (8 chunks): an integration check that the
+/// figures are finite and in a sane range, not a quality bar.
+#[test]
+fn real_model_perplexity_on_the_shipped_text_is_sane() {
+    let Some(model) = std::env::var_os("KILN_MODEL").map(PathBuf::from) else {
+        tests::harness::not_run(
+            "eval::real_model_perplexity_on_the_shipped_text_is_sane",
+            "KILN_MODEL is not set (the SmolLM2-135M-Instruct GGUF)",
+        );
+        return;
+    };
+    let dir = scratch_dir("eval-smollm");
+    let bundle = dir.join("bundle");
+    build(&model, &bundle, 128, 128);
+    let mut a = args(&bundle, &chat::eval::default_text(), 128);
+    a.text = None;
+    a.chunks = Some(8);
+    a.bundle.threads = 2;
+    let report = evaluate(&a).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(report.chunks, 8);
+    assert!(report.text_tokens > 4000, "the shipped text has {} tokens", report.text_tokens);
+    for score in [&report.llama_cpp, &report.all_but_first] {
+        assert!(
+            score.perplexity.is_finite() && (2.0..100.0).contains(&score.perplexity),
+            "{}: perplexity {}",
+            score.rule,
+            score.perplexity
+        );
+        assert!(score.perplexity_err > 0.0 && score.perplexity_err < score.perplexity / 4.0, "{score:?}");
+    }
+    // The second halves of the chunks have more context, so they are predicted better.
+    assert!(report.llama_cpp.perplexity < report.all_but_first.perplexity, "{report:?}");
+}

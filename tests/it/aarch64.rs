@@ -14,7 +14,7 @@ use compiler::{compile, CompileOptions};
 use ir::interp::{self, KvCache, Tensor};
 use ir::parse::parse_graph;
 use ir::{DType, Graph, QuantFormat};
-use tests::harness::{argmax, formats_with_kernels, max_diff, random_weights, scratch_dir, Rng};
+use tests::harness::{argmax, max_diff, random_weights, scratch_dir, Rng};
 
 use crate::reference::{model, model_path};
 
@@ -155,7 +155,7 @@ fn aarch64_kernels_match_the_interpreter_under_qemu() {
     let mut worst = 0.0f32;
     for device in ["generic-armv8.0", "snapdragon-865"] {
         // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
-        for (i, format) in formats_with_kernels().enumerate() {
+        for (i, format) in QuantFormat::ALL.into_iter().enumerate() {
             let cols = aarch64_cols(format);
             for (rows, epilogue) in [(13u32, "silu"), (64, "add"), (7, "none")] {
                 let f = format.name();
@@ -176,7 +176,7 @@ fn aarch64_kernels_match_the_interpreter_under_qemu() {
             }
         }
         // The embedding in every table layout (f32 rows, Q4 and Q8 groups), partial 4-row groups.
-        for (i, format) in formats_with_kernels().enumerate() {
+        for (i, format) in QuantFormat::ALL.into_iter().enumerate() {
             let f = format.name();
             let cols = aarch64_cols(format);
             for rows in [6u32, 13] {

@@ -11,9 +11,7 @@ use ir::interp::{self, KvCache, Tensor};
 use ir::parse::parse_graph;
 use ir::{Graph, QuantFormat};
 use runtime::program::{Input, Program};
-use tests::harness::{
-    compile_to_shared, formats_with_kernels, kernel_test_cols, max_diff, random_weights, scratch_dir, Rng,
-};
+use tests::harness::{compile_to_shared, kernel_test_cols, max_diff, random_weights, scratch_dir, Rng};
 
 const REL_TOL: f32 = 1e-4;
 
@@ -77,7 +75,7 @@ fn matmul_graph(format: QuantFormat, rows: u32, cols: u32, epilogue: &str) -> St
 fn matmul_kernels_match_the_interpreter() {
     let mut seed = 1;
     // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
-    for format in formats_with_kernels() {
+    for format in QuantFormat::ALL {
         for &cols in kernel_test_cols(format) {
             for rows in [1, 4, 7, 13, 64] {
                 for epilogue in ["none", "silu", "add", "mul"] {
@@ -196,7 +194,7 @@ fn embed_kernels_match_the_interpreter_exactly() {
     // scale comes out as +0, where the interpreter (like ggml) gives (8 - 8) * d = -0.
     let mut seed = 100;
     // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
-    for format in formats_with_kernels() {
+    for format in QuantFormat::ALL {
         for &cols in kernel_test_cols(format) {
             for rows in [1u32, 6, 13] {
                 let f = format.name();

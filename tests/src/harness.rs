@@ -162,13 +162,6 @@ fn ggml_type(f: QuantFormat) -> compiler::gguf::GgmlType {
     }
 }
 
-/// The formats whose kernels the compiler has: every format but those of kernel form Q8S16,
-/// whose packed layout and kernels land separately (until then `pack` stops at a `todo!`).
-/// The kernel tests iterate these; `tests/it/dequant.rs` and `ir`'s tests cover every format.
-pub fn formats_with_kernels() -> impl Iterator<Item = QuantFormat> {
-    QuantFormat::ALL.into_iter().filter(|f| !matches!(f.spec().kernel, ir::quant::KernelForm::Q8S16(_)))
-}
-
 /// Row lengths that suit `format` in kernel tests: odd ones for the float formats, whole
 /// 32-value blocks for the block formats, whole 256-value super-blocks for the K-quants.
 pub fn kernel_test_cols(format: QuantFormat) -> &'static [u32] {

@@ -100,9 +100,9 @@ fn missing_tensor() {
 fn unsupported_and_unknown_tensor_types() {
     let mut w = GgufWriter::new();
     llama_meta_d(&mut w, "llama", 256);
-    w.add_tensor("token_embd.weight", &[256, 10], GgmlType::Q4_K, &vec![0u8; 144 * 10]);
-    let e = build_fails("q4k", &w.finish(), &[]);
-    assert!(e.contains("token_embd.weight") && e.contains("q4_K"), "{e}");
+    w.add_tensor("token_embd.weight", &[256, 10], GgmlType::IQ4_XS, &vec![0u8; 136 * 10]);
+    let e = build_fails("iq4xs", &w.finish(), &[]);
+    assert!(e.contains("token_embd.weight") && e.contains("iq4_xs"), "{e}");
 
     // Patch the type id of the only tensor to an id no ggml version defines.
     let mut bytes = small_valid_header();

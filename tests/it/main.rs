@@ -5,6 +5,7 @@ mod c_chat;
 mod dequant;
 mod kernels;
 mod model;
+mod optimize;
 mod reference;
 mod tokenizer;
 mod untrusted;

@@ -196,7 +196,7 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         (Some("5"), None, "", "block 5 does not exist: the model has 5 blocks (0..=4)"),
     ];
     for (prune, quant, tensors, needle) in cases {
-        let e = optimize(&opts(&source, &out, prune, quant, tensors)).err().expect("an error").to_string();
+        let e = optimize(&opts(&source, &out, prune, quant, tensors)).expect_err("an error").to_string();
         assert!(e.contains(needle), "{prune:?} {quant:?} {tensors:?}: {e}");
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, vec!["tiny.gguf"], "nothing written");
@@ -205,7 +205,7 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
     assert!(e.contains("not supported"), "{e}");
     // An existing --out is refused unless --force, and left as it was.
     std::fs::write(&out, b"the user's file").unwrap();
-    let e = optimize(&opts(&source, &out, Some("last:1"), None, "")).err().expect("refused").to_string();
+    let e = optimize(&opts(&source, &out, Some("last:1"), None, "")).expect_err("refused").to_string();
     assert!(e.contains("exists; pass --force to replace it"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), b"the user's file");
     let mut forced = opts(&source, &out, Some("last:1"), None, "");

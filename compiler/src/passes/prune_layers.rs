@@ -352,7 +352,10 @@ mod tests {
             .collect()
     }
 
-    fn prune(g: &Graph, w: &[Vec<u8>], spec: &str) -> Result<(Graph, Vec<Vec<u8>>, Vec<String>), PassError> {
+    /// The graph, weights and report lines after the pass.
+    type Pruned = (Graph, Vec<Vec<u8>>, Vec<String>);
+
+    fn prune(g: &Graph, w: &[Vec<u8>], spec: &str) -> Result<Pruned, PassError> {
         let mut model = Model::borrowed(g.clone(), w);
         let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
         let options = PipelineOptions { prune: Some(spec.parse().unwrap()), ..Default::default() };

@@ -303,7 +303,7 @@ pub fn file_type_of(format: &str) -> Option<u32> {
 /// that still does not divide it (rows not a multiple of 32), f16. kiln also gives f16 to
 /// a 32-value format on such rows, where llama.cpp refuses.
 pub fn fallback(format: QuantFormat, cols: usize) -> Option<&'static str> {
-    if cols % format.block_values() == 0 {
+    if cols.is_multiple_of(format.block_values()) {
         return None;
     }
     let first = match format.name() {
@@ -314,8 +314,8 @@ pub fn fallback(format: QuantFormat, cols: usize) -> Option<&'static str> {
         _ => "f16",
     };
     let fits = match resolve(first) {
-        Ok(f) => cols % f.block_values() == 0,
-        Err(_) => cols % 32 == 0,
+        Ok(f) => cols.is_multiple_of(f.block_values()),
+        Err(_) => cols.is_multiple_of(32),
     };
     Some(if fits { first } else { "f16" })
 }
@@ -519,7 +519,10 @@ mod tests {
             .collect()
     }
 
-    fn requantize(quant: &str, tensors: &str) -> Result<(Vec<(String, QuantFormat, Vec<u8>)>, Vec<String>), PassError> {
+    /// Each weight's name, format and bytes after the pass, and the pass's report lines.
+    type Requantized = (Vec<(String, QuantFormat, Vec<u8>)>, Vec<String>);
+
+    fn requantize(quant: &str, tensors: &str) -> Result<Requantized, PassError> {
         let g = parse_graph(GRAPH).unwrap();
         let w = model_weights(&g);
         let mut model = Model::borrowed(g, &w);

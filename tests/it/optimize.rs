@@ -143,6 +143,44 @@ fn a_pruned_gguf_compiles_and_matches_the_reference_on_it() {
     }
 }
 
+/// Tensors the frontend does not read are copied (renamed with their block, or dropped with
+/// it), and the source's `general.alignment` is kept: every tensor starts at a multiple of it.
+#[test]
+fn other_tensors_and_the_alignment_are_kept() {
+    use compiler::gguf::{GgmlType, GgufWriter, MetaValue};
+    let dir = scratch_dir("optimize_extra_tensors");
+    let tiny = GgufFile::parse(tiny_llama_gguf_with_tokenizer(&tiny_cfg(), &mut Rng::new(14))).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in tiny.metadata() {
+        w.add_meta(k, v.clone());
+    }
+    w.add_meta("general.alignment", MetaValue::U32(64));
+    let extra: Vec<u8> = (0..40u8).collect();
+    w.add_tensor("rope_freqs.weight", &[10], GgmlType::F32, &extra);
+    for t in &tiny.tensors {
+        w.add_tensor(&t.name, &t.dims, t.ggml_type, tiny.tensor_data(t));
+    }
+    w.add_tensor("blk.4.extra.weight", &[10], GgmlType::F32, &extra);
+    let pruned_extra: Vec<u8> = extra.iter().rev().copied().collect();
+    w.add_tensor("blk.3.extra.weight", &[10], GgmlType::F32, &pruned_extra);
+    let source = dir.join("extra.gguf");
+    std::fs::write(&source, w.finish()).unwrap();
+    let out = dir.join("out.gguf");
+    optimize(&opts(&source, &out, Some("3"), Some("q8_0"), "")).unwrap_or_else(|e| panic!("{e}"));
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(f.alignment, 64);
+    assert!(f.tensors.iter().all(|t| (f.data_start() + t.offset) % 64 == 0), "aligned to 64");
+    let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names[0], "rope_freqs.weight", "the source's order");
+    assert_eq!(names.last(), Some(&"blk.3.extra.weight"), "blk.4 became blk.3, blk.3 is pruned");
+    assert_eq!(names.iter().filter(|n| n.contains("extra")).count(), 1);
+    for name in ["rope_freqs.weight", "blk.3.extra.weight"] {
+        assert_eq!(f.tensor_data(f.tensor(name).unwrap()), &extra[..], "{name} copied");
+    }
+    assert_eq!(f.tensor("blk.3.ffn_up.weight").unwrap().ggml_type, GgmlType::Q8_0);
+    assert_eq!(f.get_u32("llama.block_count").unwrap(), 4);
+}
+
 #[test]
 fn requantized_tensors_are_quantize_row_of_the_dequantized_source() {
     let dir = scratch_dir("optimize_requant_tiny");

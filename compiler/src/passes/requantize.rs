@@ -5,7 +5,8 @@
 //! For each 2-D weight, in order: the first `--quant-tensor` pattern that matches its name
 //! (a substring, or a glob with `*` and `?` matched against the whole name); else the
 //! `--quant` format, or the rule of a llama.cpp mixture ([`MIXTURES`]: `q4_k_m`, ...); else it
-//! stays. A format whose block does not divide the row length falls back as llama.cpp's
+//! stays. Names are those after `prune_layers` (the names a GGUF written by `optimize` holds),
+//! and layer-wise mixture rules count the layers left. A format whose block does not divide the row length falls back as llama.cpp's
 //! `tensor_type_fallback` does ([`fallback`]). A weight already in its chosen format is not
 //! touched. Formats are resolved by name ([`QuantFormat::from_name`]) when the pass runs, so
 //! a format added to `ir::quant` is usable here at once.

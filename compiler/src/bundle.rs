@@ -46,6 +46,10 @@ pub struct BuildOptions {
     /// runners that open bundles without relinking (`cc`, `aarch64-linux-gnu-gcc`); `None` for
     /// targets that cannot run here (Android) or when not wanted.
     pub shared_linker: Option<String>,
+    /// `--prune-layers`: transformer blocks to remove.
+    pub prune: Option<crate::passes::prune_layers::PruneSpec>,
+    /// `--quant`, `--quant-tensor`: weight formats to requantize to.
+    pub quant: crate::passes::requantize::QuantOptions,
 }
 
 /// Context length when none is given (or less, when the model was trained for less).
@@ -88,6 +92,10 @@ pub struct BuildReport {
     pub logits_bytes: u64,
     pub n_kernels: usize,
     pub context: u32,
+    /// Layers of the compiled model (after pruning).
+    pub layers: u32,
+    /// What the model passes changed (pruning, requantization), before and after.
+    pub notes: Vec<String>,
 }
 
 impl BuildReport {
@@ -200,7 +208,7 @@ pub fn fingerprint(
 ) -> [u8; abi::FINGERPRINT_BYTES] {
     let text = format!(
         "kiln build fingerprint\ncompiler {}\nabi {}\nmodel sha256 {model_sha256}\ntarget {}\ndevice {}\n\
-         target summary {}\ncontext {context}\nbatch {}\nweights {}\n",
+         target summary {}\ncontext {context}\nbatch {}\nweights {}\nprune {}\nquant {:?}\n",
         env!("CARGO_PKG_VERSION"),
         abi::ABI_VERSION,
         opts.target,
@@ -208,6 +216,8 @@ pub fn fingerprint(
         serde_json::to_string(target).expect("json"),
         opts.batch,
         if opts.embed_weights { "embedded" } else { "file" },
+        opts.prune.as_ref().map_or("none".to_string(), |p| p.to_string()),
+        opts.quant,
     );
     Sha256::digest(text.as_bytes()).into()
 }
@@ -281,12 +291,17 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
 
     let t = Instant::now();
     progress(Stage::Compile);
-    let hp = lowered.hyper.clone();
+    let mut hp = lowered.hyper.clone();
     let build_id = fingerprint(&sha256, opts, &target.summary(), context);
     let copts = CompileOptions {
         batch: opts.batch,
         embed_weights: opts.embed_weights,
-        pipeline: crate::passes::PipelineOptions { dump_after: opts.dump_after.clone(), ..Default::default() },
+        pipeline: crate::passes::PipelineOptions {
+            dump_after: opts.dump_after.clone(),
+            prune: opts.prune.clone(),
+            quant: opts.quant.clone(),
+            ..Default::default()
+        },
         fingerprint: build_id,
     };
     let model = crate::model::Model::borrowed(lowered.graph, &lowered.weights);
@@ -295,6 +310,8 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     drop(lowered.weights);
     drop(gguf);
     let mut compiled = crate::finish(prepared, target.as_ref(), &copts).map_err(BuildError::Compile)?;
+    // Pruning changes the layer count the manifest and the header state.
+    hp.n_layers = compiled.kv_layers;
     stage_times.push((Stage::Compile.name().to_string(), t.elapsed()));
     for (n, d) in &compiled.timings {
         stage_times.push((format!("  {n}"), *d));
@@ -322,6 +339,9 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             "batch": opts.batch,
             "embed_weights": opts.embed_weights,
             "activations": "q16 blocks of 32 for quantized matmuls, f32 elsewhere",
+            "prune_layers": opts.prune.as_ref().map(|p| p.to_string()),
+            "quant": opts.quant.default,
+            "quant_tensor": opts.quant.tensors.iter().map(|r| format!("{}={}", r.pattern, r.format)).collect::<Vec<_>>(),
         },
         "tokenizer": {
             "bos_id": bos_id,
@@ -372,7 +392,9 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
         kv_bytes: compiled.kv_bytes,
         logits_bytes: opts.batch as u64 * hp.vocab as u64 * 4,
         n_kernels: compiled.n_kernels,
-        context: context,
+        context,
+        layers: hp.n_layers,
+        notes: std::mem::take(&mut compiled.notes),
     })
 }
 

@@ -26,8 +26,9 @@
 //! reads regular files only (a FIFO or `/dev/zero` would block or never end), and tensors are
 //! handed out as slices of those bytes, never copied.
 //!
-//! [`GgufWriter`] produces valid GGUF v3 files in memory; it exists for tests (round trips,
-//! synthetic models) and makes no attempt to validate what it is given.
+//! [`GgufWriter`] produces valid GGUF v3 files (to memory or any `Write`); it is the one writer:
+//! `cargo xtask optimize` writes models with it, the tests synthetic ones. It writes what it
+//! is given: its callers check shapes against data lengths.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -1086,7 +1087,8 @@ impl GgufFile {
 // Writing
 // ---------------------------------------------------------------------------------------------
 
-/// Builds a GGUF v3 file in memory (for tests and synthetic models).
+/// Builds a GGUF v3 file: the one writer, used by `cargo xtask optimize` (through
+/// [`crate::optimize`]) and by the tests' synthetic models.
 ///
 /// Tensor data is laid out in insertion order, each tensor aligned to the file's alignment
 /// (32, or `general.alignment` when it is set to a valid `u32`/`u64` power of two). The writer
@@ -1137,40 +1139,53 @@ impl GgufWriter {
 
     /// The finished file.
     pub fn finish(&self) -> Vec<u8> {
-        let alignment = self.alignment();
         let mut out = Vec::new();
-        out.extend_from_slice(&GGUF_MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        self.write_to(&mut out).expect("writing to memory cannot fail");
+        out
+    }
+
+    /// Writes the file to `out`: the header (magic, version 3, counts, metadata, tensor
+    /// infos), padding to the alignment, then each tensor's data at its aligned offset, and
+    /// padding at the end.
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let alignment = self.alignment();
+        let mut header = Vec::new();
+        header.extend_from_slice(&GGUF_MAGIC);
+        header.extend_from_slice(&3u32.to_le_bytes());
+        header.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        header.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
         for (key, value) in &self.metadata {
-            write_string(&mut out, key);
-            out.extend_from_slice(&value.type_id().to_le_bytes());
-            write_value(&mut out, value);
+            write_string(&mut header, key);
+            header.extend_from_slice(&value.type_id().to_le_bytes());
+            write_value(&mut header, value);
         }
         let mut offset = 0u64;
         let mut offsets = Vec::with_capacity(self.tensors.len());
         for (name, dims, ty, bytes) in &self.tensors {
-            write_string(&mut out, name);
-            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            write_string(&mut header, name);
+            header.extend_from_slice(&(dims.len() as u32).to_le_bytes());
             for d in dims {
-                out.extend_from_slice(&d.to_le_bytes());
+                header.extend_from_slice(&d.to_le_bytes());
             }
-            out.extend_from_slice(&ty.id().to_le_bytes());
-            out.extend_from_slice(&offset.to_le_bytes());
+            header.extend_from_slice(&ty.id().to_le_bytes());
+            header.extend_from_slice(&offset.to_le_bytes());
             offsets.push(offset);
             offset = align_up(offset + bytes.len() as u64, alignment).unwrap_or(u64::MAX);
         }
-        if !self.tensors.is_empty() {
-            pad_to(&mut out, alignment);
-            let data_start = out.len();
-            for ((_, _, _, bytes), off) in self.tensors.iter().zip(offsets) {
-                out.resize(data_start + off as usize, 0);
-                out.extend_from_slice(bytes);
-            }
-            pad_to(&mut out, alignment);
+        if self.tensors.is_empty() {
+            return out.write_all(&header);
         }
-        out
+        pad_to(&mut header, alignment);
+        out.write_all(&header)?;
+        let mut written = 0u64;
+        let zeros = vec![0u8; alignment as usize];
+        for ((_, _, _, bytes), off) in self.tensors.iter().zip(offsets) {
+            out.write_all(&zeros[..(off - written) as usize])?;
+            out.write_all(bytes)?;
+            written = off + bytes.len() as u64;
+        }
+        let end = align_up(header.len() as u64 + written, alignment).unwrap_or(u64::MAX);
+        out.write_all(&zeros[..(end - header.len() as u64 - written) as usize])
     }
 }
 

@@ -13,6 +13,7 @@ pub mod frontend;
 pub mod gguf;
 pub mod lora;
 pub mod model;
+pub mod optimize;
 pub mod outdir;
 pub mod pack;
 pub mod passes;
@@ -60,6 +61,10 @@ pub struct Compiled {
     /// The graph after the pipeline, in textual form.
     pub final_ir: String,
     pub timings: Vec<(String, Duration)>,
+    /// Layers (KV cache layers) of the compiled model, after pruning.
+    pub kv_layers: u32,
+    /// What the passes changed (pruning, requantization), for the build report.
+    pub notes: Vec<String>,
 }
 
 /// Why compiling a graph failed.
@@ -103,6 +108,7 @@ pub struct Prepared {
     plan: passes::plan_memory::MemoryPlan,
     packed: pack::Packed,
     timings: Vec<(String, Duration)>,
+    notes: Vec<String>,
 }
 
 /// The first half of [`compile`]: checks the options, runs the pass pipeline on `model`, plans
@@ -128,19 +134,20 @@ pub fn prepare(
         e => CompileError::BadOption(e.to_string()),
     })?;
     timings.extend(report.pass_times.into_iter().map(|(n, d)| (format!("pass {n}"), d)));
+    let notes = report.notes;
     let start = Instant::now();
     let plan = passes::plan_memory::plan(&model.graph, &info, opts.batch);
     timings.push(("plan memory".into(), start.elapsed()));
     let start = Instant::now();
     let packed = pack::pack(&model);
     timings.push(("pack weights".into(), start.elapsed()));
-    Ok(Prepared { graph: model.graph, info, plan, packed, timings })
+    Ok(Prepared { graph: model.graph, info, plan, packed, timings, notes })
 }
 
 /// The second half of [`compile`]: code generation. `opts` must be the options given to
 /// [`prepare`].
 pub fn finish(prepared: Prepared, target: &dyn Target, opts: &CompileOptions) -> Result<Compiled, CompileError> {
-    let Prepared { graph, info, plan, mut packed, mut timings } = prepared;
+    let Prepared { graph, info, plan, mut packed, mut timings, notes } = prepared;
     let weights_bytes = packed.blob.len() as u64;
     let start = Instant::now();
     let emitted = codegen::emit(
@@ -163,6 +170,8 @@ pub fn finish(prepared: Prepared, target: &dyn Target, opts: &CompileOptions) ->
         n_kernels: emitted.n_kernels,
         final_ir: graph.to_string(),
         timings,
+        kv_layers: info.kv_layers,
+        notes,
     })
 }
 

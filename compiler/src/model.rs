@@ -4,8 +4,42 @@
 //! slices of the model file until a pass replaces them.
 
 use std::borrow::Cow;
+use std::fmt;
 
-use ir::{Graph, QuantFormat, WeightId};
+use ir::{Graph, Op, QuantFormat, WeightId};
+
+/// The size of a model, for the build report: what pruning and requantization change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelStats {
+    /// Transformer layers (attention nodes, one KV cache layer each).
+    pub layers: u32,
+    /// Values in the weights the graph reads (a tied embedding counts once).
+    pub parameters: u64,
+    /// Stored bytes of those weights, in their formats (before packing).
+    pub weight_bytes: u64,
+}
+
+impl ModelStats {
+    pub fn bits_per_weight(&self) -> f64 {
+        if self.parameters == 0 {
+            return 0.0;
+        }
+        self.weight_bytes as f64 * 8.0 / self.parameters as f64
+    }
+}
+
+impl fmt::Display for ModelStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} layers, {:.2}M parameters, {:.2} MiB of weights, {:.3} bits/weight",
+            self.layers,
+            self.parameters as f64 / 1e6,
+            self.weight_bytes as f64 / (1 << 20) as f64,
+            self.bits_per_weight()
+        )
+    }
+}
 
 /// A graph and its weights (indexed by [`WeightId`], stored in each weight's format).
 #[derive(Clone, Debug)]
@@ -60,6 +94,28 @@ impl<'a> Model<'a> {
         self.graph.weights.retain(|_| (keep[i], i += 1).0);
         let mut i = 0;
         self.weights.retain(|_| (keep[i], i += 1).0);
+    }
+
+    /// Layers, parameters and weight bytes of the weights some node reads.
+    pub fn stats(&self) -> ModelStats {
+        let mut used = vec![false; self.graph.weights.len()];
+        for node in &self.graph.nodes {
+            if let Some(w) = node.op.weight() {
+                used[w.index()] = true;
+            }
+        }
+        let (mut parameters, mut weight_bytes) = (0, 0);
+        for (i, w) in self.graph.weights.iter().enumerate().filter(|(i, _)| used[*i]) {
+            parameters += w.n_values();
+            weight_bytes += self.weights[i].len() as u64;
+        }
+        let layers = self.graph.nodes.iter().filter(|n| matches!(n.op, Op::Attention { .. })).count() as u32;
+        ModelStats { layers, parameters, weight_bytes }
+    }
+
+    /// Renames weight `w`.
+    pub fn rename_weight(&mut self, w: WeightId, name: String) {
+        self.graph.weights[w.index()].name = name;
     }
 
     /// Checks that there is one byte string per weight, of the size its format and shape need.

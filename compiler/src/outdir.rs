@@ -33,6 +33,11 @@ pub enum OutDirError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// An output file exists and `--force` was not given (or it is a directory).
+    FileExists {
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for OutDirError {
@@ -45,6 +50,7 @@ impl std::fmt::Display for OutDirError {
                 path.display()
             ),
             OutDirError::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            OutDirError::FileExists { path, reason } => write!(f, "cannot write {}: {reason}", path.display()),
         }
     }
 }
@@ -236,6 +242,65 @@ pub fn write_bundle_dir<E: From<OutDirError>>(
         let _ = std::fs::remove_dir_all(&tmp); // created by this call: kiln's own
     }
     Ok(result?)
+}
+
+/// Checks that the output file `path` may be written before any work: its directory exists,
+/// and it is missing, or (with `force`) an existing file, never a directory. The rule of the
+/// runner's output files.
+pub fn check_output_file(path: &Path, force: bool) -> Result<(), OutDirError> {
+    let refuse = |reason: String| Err(OutDirError::FileExists { path: path.to_path_buf(), reason });
+    let parent = parent_of(path);
+    if !parent.is_dir() {
+        return refuse(format!("no directory {}", parent.display()));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => refuse("it is a directory".into()),
+        Ok(_) if !force => refuse("it exists; pass --force to replace it".into()),
+        _ => Ok(()),
+    }
+}
+
+/// Writes the file `path` through `write` into a fresh temporary file beside it, then renames
+/// it into place (after [`check_output_file`] once more), so that a failure leaves nothing and
+/// a reader never sees half a file.
+pub fn write_file_atomically(
+    path: &Path,
+    force: bool,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), OutDirError> {
+    check_output_file(path, force)?;
+    let parent = parent_of(path);
+    let stem = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let mut created = None;
+    for i in 0..1000u32 {
+        let p = parent.join(format!(".{stem}.kiln-tmp-{}-{i}", std::process::id()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+            Ok(f) => {
+                created = Some((p, f));
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(OutDirError::Io { path: p, error: e }),
+        }
+    }
+    let Some((tmp, file)) = created else {
+        return Err(OutDirError::Io {
+            path: parent.to_path_buf(),
+            error: std::io::Error::other("no free temporary file name"),
+        });
+    };
+    let result = (|| -> Result<(), OutDirError> {
+        let mut out = std::io::BufWriter::new(file);
+        write(&mut out).map_err(io(&tmp))?;
+        let file = out.into_inner().map_err(|e| OutDirError::Io { path: tmp.clone(), error: e.into_error() })?;
+        file.sync_all().map_err(io(&tmp))?;
+        check_output_file(path, force)?;
+        std::fs::rename(&tmp, path).map_err(io(path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp); // created by this call: kiln's own
+    }
+    result
 }
 
 #[cfg(test)]

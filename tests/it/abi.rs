@@ -131,6 +131,8 @@ pub(crate) fn tiny_bundle(
         embed_weights,
         dump_after: vec![],
         shared_linker: None,
+        prune: None,
+        quant: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let so = dir.join(format!("{out}.so"));

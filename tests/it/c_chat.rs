@@ -33,6 +33,8 @@ fn app() -> &'static (PathBuf, PathBuf) {
             embed_weights: false,
             dump_after: vec![],
             shared_linker: None,
+            prune: None,
+            quant: Default::default(),
         };
         build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
         assert!(bundle.join("weights.bin").exists(), "a bundle built without embedded weights has weights.bin");

@@ -6,6 +6,7 @@ mod dequant;
 mod eval;
 mod kernels;
 mod model;
+mod optimize;
 mod reference;
 mod tokenizer;
 mod untrusted;

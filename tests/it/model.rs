@@ -45,6 +45,8 @@ fn build(model: &Path, out: &Path, embed_weights: bool) {
         embed_weights,
         dump_after: vec![],
         shared_linker: Some("cc".into()),
+        prune: None,
+        quant: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
 }

@@ -84,6 +84,8 @@ fn options(model: &Path, out: &Path, context: Option<u32>) -> BuildOptions {
         embed_weights: true,
         dump_after: vec![],
         shared_linker: None,
+        prune: None,
+        quant: Default::default(),
     }
 }
 

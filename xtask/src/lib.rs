@@ -303,6 +303,8 @@ pub fn eval(mut a: chat::eval::EvalArgs) -> Result<()> {
             embed_weights: true,
             dump_after: vec![],
             shared_linker: default_shared_linker(&triple),
+            prune: None,
+            quant: Default::default(),
         };
         compiler::bundle::build_model(&opts, &mut |_| {})
             .with_context(|| format!("cannot compile the reference {}", reference.display()))?;

@@ -57,6 +57,38 @@ enum Cmd {
         /// none for Android); `none` skips it.
         #[arg(long)]
         shared_linker: Option<String>,
+        /// Requantize every matrix to FORMAT (q8_0, q4_0, ...) or a llama.cpp mixture (q4_k_m, ...).
+        #[arg(long)]
+        quant: Option<String>,
+        /// Per-tensor formats, PATTERN=FORMAT[,PATTERN=FORMAT...]; PATTERN is a substring of
+        /// tensor names or a glob (`blk.*.attn_v.weight=q8_0`); the first match wins.
+        #[arg(long)]
+        quant_tensor: Vec<String>,
+        /// Remove transformer blocks: indices (20,21,22) or last:N (the N before the final block).
+        #[arg(long)]
+        prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
+    },
+    /// Writes a smaller GGUF: requantized (--quant, --quant-tensor) and/or pruned (--prune-layers).
+    Optimize {
+        /// The GGUF file; default: the cached SmolLM2-135M-Instruct Q4_1 (fetched on first use).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The GGUF file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace --out when it exists.
+        #[arg(long)]
+        force: bool,
+        /// Requantize every matrix to FORMAT (q8_0, q4_0, ...) or a llama.cpp mixture (q4_k_m, ...).
+        #[arg(long)]
+        quant: Option<String>,
+        /// Per-tensor formats, PATTERN=FORMAT[,PATTERN=FORMAT...]; PATTERN is a substring of
+        /// tensor names or a glob (`blk.*.attn_v.weight=q8_0`); the first match wins.
+        #[arg(long)]
+        quant_tensor: Vec<String>,
+        /// Remove transformer blocks: indices (20,21,22) or last:N (the N before the final block).
+        #[arg(long)]
+        prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
     },
     /// Downloads (once) and prints the path of the default model.
     FetchModel,
@@ -136,7 +168,21 @@ fn mib(bytes: u64) -> String {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::BuildModel { model, target, device, out, context, batch, weights, dump_after, shared_linker } => {
+        Cmd::BuildModel {
+            model,
+            target,
+            device,
+            out,
+            context,
+            batch,
+            weights,
+            dump_after,
+            shared_linker,
+            quant,
+            quant_tensor,
+            prune_layers,
+        } => {
+            let quant = quant_options(quant, &quant_tensor)?;
             let target = match target {
                 Some(t) => t,
                 None => targets::host_triple().context("no kiln target for this host; pass --target")?.to_string(),
@@ -161,6 +207,8 @@ fn real_main() -> Result<()> {
                     Some(cc) => Some(cc.to_string()),
                     None => xtask::default_shared_linker(&target),
                 },
+                prune: prune_layers,
+                quant,
             };
             let bar = ProgressBar::new(Stage::ALL.len() as u64);
             bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());
@@ -184,6 +232,32 @@ fn real_main() -> Result<()> {
             println!(
                 "  peak memory at context       {:>10} (weights + KV + arena + logits)",
                 mib(report.peak_memory_bytes())
+            );
+            println!("  layers                       {:>8}", report.layers);
+            for note in &report.notes {
+                println!("  {note}");
+            }
+        }
+        Cmd::Optimize { model, out, force, quant, quant_tensor, prune_layers } => {
+            let quant = quant_options(quant, &quant_tensor)?;
+            let model = match model {
+                Some(m) => m,
+                None => xtask::fetch_default_model(true)?,
+            };
+            let start = Instant::now();
+            let opts = compiler::optimize::OptimizeOptions { model, out, force, prune: prune_layers, quant };
+            let report = compiler::optimize::optimize(&opts)?;
+            println!("wrote {} in {:.2} s", opts.out.display(), start.elapsed().as_secs_f64());
+            for note in &report.notes {
+                println!("  {note}");
+            }
+            println!("  before: {}", report.before);
+            println!("  after:  {}", report.after);
+            println!(
+                "  file: {} -> {} ({:.1}%)",
+                mib(report.source_file_bytes),
+                mib(report.out_file_bytes),
+                100.0 * report.out_file_bytes as f64 / report.source_file_bytes.max(1) as f64
             );
         }
         Cmd::FetchModel => println!("{}", xtask::fetch_default_model(true)?.display()),
@@ -261,6 +335,15 @@ fn real_main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The requantization options of `--quant` and `--quant-tensor` (each a comma-separated list).
+fn quant_options(quant: Option<String>, tensors: &[String]) -> Result<compiler::passes::requantize::QuantOptions> {
+    let mut rules = vec![];
+    for t in tensors {
+        rules.extend(compiler::passes::requantize::TensorRule::parse_list(t).map_err(anyhow::Error::msg)?);
+    }
+    Ok(compiler::passes::requantize::QuantOptions { default: quant, tensors: rules })
 }
 
 /// Runs a runner command on `bundle`: in this process for bundles of the host, else with the

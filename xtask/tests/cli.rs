@@ -185,7 +185,7 @@ fn out_directory_of_the_user_is_never_replaced() {
 /// Every option of the user commands is described in `--help`.
 #[test]
 fn help_describes_every_option() {
-    for cmd in ["build-model", "chat", "run", "tokenize", "bench", "eval", "c-chat", "test"] {
+    for cmd in ["build-model", "optimize", "chat", "run", "tokenize", "bench", "eval", "c-chat", "test"] {
         let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success(), "{cmd} --help");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -313,4 +313,41 @@ fn eval_refuses_bad_input_before_work() {
     let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
     assert_eq!(names, ["figures.json", "text.txt"], "nothing written");
+}
+
+/// `optimize` and the optimization flags of `build-model`: bad values are refused before any
+/// work, an existing output file is never replaced without --force, and nothing is written.
+#[test]
+fn optimize_refuses_bad_options_and_existing_outputs() {
+    let dir = scratch("optimize");
+    let model = dir.join("model.gguf");
+    std::fs::write(&model, small_valid_header()).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        (out.status.code(), stderr)
+    };
+    let m = model.to_str().unwrap();
+    let out = dir.join("small.gguf");
+    let o = out.to_str().unwrap();
+    for (args, code, needle) in [
+        (vec!["optimize", "--model", m, "--out", o, "--prune-layers", "last:x"], 2, "bad block count"),
+        (vec!["optimize", "--model", m, "--out", o, "--prune-layers", "3,3"], 2, "listed twice"),
+        (vec!["build-model", "--model", m, "--prune-layers", "a"], 2, "bad block index"),
+        (vec!["optimize", "--model", m, "--out", o, "--quant-tensor", "ffn_down"], 1, "expected PATTERN=FORMAT"),
+        (vec!["optimize", "--model", m, "--out", o], 1, "nothing to do"),
+        (vec!["optimize", "--model", m, "--out", "/nonexistent/x.gguf", "--quant", "q8_0"], 1, "no directory"),
+    ] {
+        let (c, e) = run(&args);
+        assert_eq!(c, Some(code), "{args:?}: {e}");
+        assert!(e.contains(needle), "{args:?}: {e}");
+    }
+    std::fs::write(&out, b"keep").unwrap();
+    let (c, e) = run(&["optimize", "--model", m, "--out", o, "--quant", "q8_0"]);
+    assert_eq!(c, Some(1), "{e}");
+    assert!(e.contains("exists; pass --force to replace it"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(files.len(), 2, "nothing else written: {files:?}");
 }

@@ -10,8 +10,11 @@ pub mod drop_unused_weights;
 pub mod fuse_elementwise;
 pub mod merge_lora;
 pub mod plan_memory;
+pub mod prune_layers;
 pub mod quantize_activations;
+pub mod requantize;
 
+use std::cell::RefCell;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -29,16 +32,38 @@ pub struct Pass {
     pub lowers: bool,
 }
 
-/// What every pass may read: the target and the pipeline's options.
+/// What every pass may read (the target and the pipeline's options) and where it tells the
+/// build report what it changed ([`PassContext::note`]).
 pub struct PassContext<'a> {
     pub target: &'a dyn Target,
     pub options: &'a PipelineOptions,
+    notes: RefCell<Vec<String>>,
 }
 
-/// Every rewrite pass, in pipeline order.
+impl<'a> PassContext<'a> {
+    pub fn new(target: &'a dyn Target, options: &'a PipelineOptions) -> Self {
+        PassContext { target, options, notes: RefCell::new(vec![]) }
+    }
+
+    /// Adds a line to the build report (`pass: text`).
+    pub fn note(&self, pass: &str, text: impl fmt::Display) {
+        self.notes.borrow_mut().push(format!("{pass}: {text}"));
+    }
+
+    /// The report lines so far.
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.borrow().clone()
+    }
+}
+
+/// Every rewrite pass, in pipeline order. The model passes (pruning, requantization, dropping
+/// unused weights) come before the lowering pass: `cargo xtask optimize` runs only those and
+/// writes the model as a GGUF.
 pub const PASSES: &[Pass] = &[
     Pass { name: "merge_lora", run: merge_lora::run, lowers: false },
+    Pass { name: "prune_layers", run: prune_layers::run, lowers: false },
     Pass { name: "drop_unused_weights", run: drop_unused_weights::run, lowers: false },
+    Pass { name: "requantize", run: requantize::run, lowers: false },
     Pass { name: "quantize_activations", run: quantize_activations::run, lowers: true },
     Pass { name: "fuse_elementwise", run: fuse_elementwise::run, lowers: false },
 ];
@@ -50,6 +75,10 @@ pub struct PipelineOptions {
     pub dump_after: Vec<String>,
     /// LoRA adapters to merge into the weights (`merge_lora`), in order.
     pub lora: Vec<std::sync::Arc<crate::lora::Adapter>>,
+    /// `--prune-layers`: the transformer blocks `prune_layers` removes.
+    pub prune: Option<prune_layers::PruneSpec>,
+    /// `--quant`, `--quant-tensor`: the formats `requantize` gives the weights.
+    pub quant: requantize::QuantOptions,
 }
 
 /// Why the pipeline stopped.
@@ -72,10 +101,12 @@ impl fmt::Display for PassError {
 
 impl std::error::Error for PassError {}
 
-/// What the pipeline did: per-pass wall time, for the build report.
+/// What the pipeline did, for the build report: per-pass wall time and what the passes said
+/// they changed.
 #[derive(Clone, Debug, Default)]
 pub struct PipelineReport {
     pub pass_times: Vec<(&'static str, Duration)>,
+    pub notes: Vec<String>,
 }
 
 /// Runs every pass in order, verifying the graph before the first pass (as an unlowered graph:
@@ -86,14 +117,36 @@ pub fn run_pipeline(
     target: &dyn Target,
     opts: &PipelineOptions,
 ) -> Result<(GraphInfo, PipelineReport), PassError> {
+    let report = run_passes(model, target, opts, PASSES)?;
+    let info = verify(&model.graph).map_err(PassError::Verifier)?;
+    Ok((info, report))
+}
+
+/// Runs the passes before the lowering pass (pruning, dropping unused weights,
+/// requantization): the model stays one a GGUF can hold (`cargo xtask optimize`).
+pub fn run_model_passes(
+    model: &mut Model<'_>,
+    target: &dyn Target,
+    opts: &PipelineOptions,
+) -> Result<PipelineReport, PassError> {
+    let lowering = PASSES.iter().position(|p| p.lowers).unwrap_or(PASSES.len());
+    run_passes(model, target, opts, &PASSES[..lowering])
+}
+
+fn run_passes(
+    model: &mut Model<'_>,
+    target: &dyn Target,
+    opts: &PipelineOptions,
+    passes: &[Pass],
+) -> Result<PipelineReport, PassError> {
     let mut report = PipelineReport::default();
     verify_unlowered(&model.graph).map_err(PassError::Verifier)?;
     if let Err(e) = model.check_weights() {
         panic!("the model's weights do not fit its graph: {e}");
     }
-    let cx = PassContext { target, options: opts };
+    let cx = PassContext::new(target, opts);
     let mut lowered = false;
-    for pass in PASSES {
+    for pass in passes {
         let start = Instant::now();
         (pass.run)(model, &cx)?;
         report.pass_times.push((pass.name, start.elapsed()));
@@ -114,8 +167,8 @@ pub fn run_pipeline(
             panic!("bug in pass {}: {e}", pass.name);
         }
     }
-    let info = verify(&model.graph).map_err(PassError::Verifier)?;
-    Ok((info, report))
+    report.notes = cx.notes();
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -163,7 +216,8 @@ pub(crate) mod tests {
             })
             .collect();
         let mut model = Model::borrowed(before.clone(), &weights);
-        let cx = PassContext { target: target.as_ref(), options: &Default::default() };
+        let options = Default::default();
+        let cx = PassContext::new(target.as_ref(), &options);
         (pass.run)(&mut model, &cx).unwrap_or_else(|e| panic!("{name} failed: {e}"));
         model.check_weights().unwrap();
         let after = model.graph.clone();

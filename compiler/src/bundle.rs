@@ -50,6 +50,8 @@ pub struct BuildOptions {
     pub prune: Option<crate::passes::prune_layers::PruneSpec>,
     /// `--quant`, `--quant-tensor`: weight formats to requantize to.
     pub quant: crate::passes::requantize::QuantOptions,
+    /// `--lora`: LoRA adapters (PEFT directories or GGUF adapters) merged into the weights.
+    pub lora: Vec<PathBuf>,
 }
 
 /// Context length when none is given (or less, when the model was trained for less).
@@ -115,6 +117,7 @@ pub enum BuildError {
     Target(targets::TargetError),
     OutDir(OutDirError),
     Io { path: PathBuf, error: std::io::Error },
+    Lora(crate::lora::LoraError),
 }
 
 impl fmt::Display for BuildError {
@@ -127,6 +130,7 @@ impl fmt::Display for BuildError {
             BuildError::Target(e) => write!(f, "{e}"),
             BuildError::OutDir(e) => write!(f, "{e}"),
             BuildError::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            BuildError::Lora(e) => write!(f, "{e}"),
         }
     }
 }
@@ -205,8 +209,9 @@ pub fn fingerprint(
     opts: &BuildOptions,
     target: &impl serde::Serialize,
     context: u32,
+    adapter_sha256: &[&str],
 ) -> [u8; abi::FINGERPRINT_BYTES] {
-    let text = format!(
+    let mut text = format!(
         "kiln build fingerprint\ncompiler {}\nabi {}\nmodel sha256 {model_sha256}\ntarget {}\ndevice {}\n\
          target summary {}\ncontext {context}\nbatch {}\nweights {}\nprune {}\nquant {:?}\n",
         env!("CARGO_PKG_VERSION"),
@@ -219,7 +224,22 @@ pub fn fingerprint(
         opts.prune.as_ref().map_or("none".to_string(), |p| p.to_string()),
         opts.quant,
     );
+    for digest in adapter_sha256 {
+        text.push_str(&format!("lora sha256 {digest}\n"));
+    }
     Sha256::digest(text.as_bytes()).into()
+}
+
+/// Reads the LoRA adapters to merge (PEFT directories or GGUF adapters).
+pub fn read_adapters(
+    paths: &[PathBuf],
+    hp: &frontend::Hyperparameters,
+) -> Result<Vec<std::sync::Arc<crate::lora::Adapter>>, BuildError> {
+    let base = crate::lora::BaseShape { n_heads: hp.n_heads as usize, n_kv_heads: hp.n_kv_heads as usize };
+    paths
+        .iter()
+        .map(|p| crate::lora::read_adapter(p, base).map(std::sync::Arc::new).map_err(BuildError::Lora))
+        .collect()
 }
 
 /// Lowercase hex of `bytes`.
@@ -263,6 +283,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let hp = frontend::hyperparameters(&gguf).map_err(BuildError::Frontend)?;
     let context = frontend::choose_context(&hp, opts.context, DEFAULT_CONTEXT).map_err(BuildError::Frontend)?;
     let lowered = frontend::lower(&gguf, &name, context).map_err(BuildError::Frontend)?;
+    let adapters = read_adapters(&opts.lora, &hp)?;
     stage_times.push((Stage::Lower.name().to_string(), t.elapsed()));
 
     // The tokenizer comes before code generation so that the model file can be freed first.
@@ -292,7 +313,8 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let t = Instant::now();
     progress(Stage::Compile);
     let mut hp = lowered.hyper.clone();
-    let build_id = fingerprint(&sha256, opts, &target.summary(), context);
+    let adapter_digests: Vec<&str> = adapters.iter().map(|a| a.sha256.as_str()).collect();
+    let build_id = fingerprint(&sha256, opts, &target.summary(), context, &adapter_digests);
     let copts = CompileOptions {
         batch: opts.batch,
         embed_weights: opts.embed_weights,
@@ -300,6 +322,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             dump_after: opts.dump_after.clone(),
             prune: opts.prune.clone(),
             quant: opts.quant.clone(),
+            lora: adapters.clone(),
             ..Default::default()
         },
         fingerprint: build_id,
@@ -342,6 +365,11 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             "prune_layers": opts.prune.as_ref().map(|p| p.to_string()),
             "quant": opts.quant.default,
             "quant_tensor": opts.quant.tensors.iter().map(|r| format!("{}={}", r.pattern, r.format)).collect::<Vec<_>>(),
+            "lora": adapters.iter().map(|a| json!({
+                "adapter": a.path.file_name().map(|f| f.to_string_lossy().into_owned()),
+                "sha256": a.sha256,
+                "tensors": a.updates.len(),
+            })).collect::<Vec<_>>(),
         },
         "tokenizer": {
             "bos_id": bos_id,

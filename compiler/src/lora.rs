@@ -12,6 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use sha2::{Digest, Sha256};
 
 use crate::gguf::{GgmlType, GgufFile};
 
@@ -32,6 +33,8 @@ pub struct LoraUpdate {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Adapter {
     pub path: PathBuf,
+    /// SHA-256 of the adapter's files (config then tensors), for the build fingerprint.
+    pub sha256: String,
     pub updates: BTreeMap<String, LoraUpdate>,
 }
 
@@ -199,7 +202,10 @@ fn read_peft(dir: &Path, base: BaseShape) -> Result<Adapter, LoraError> {
         };
         updates.insert(name, LoraUpdate { a, b, rank: rank as usize, rows: br, cols: ac, scale });
     }
-    Ok(Adapter { path: dir.to_owned(), updates })
+    let mut digest = Sha256::new();
+    digest.update(&config_text);
+    digest.update(&bytes);
+    Ok(Adapter { path: dir.to_owned(), sha256: format!("{:x}", digest.finalize()), updates })
 }
 
 /// Rows of a `[rows, cols]` matrix from Hugging Face's rotary order (per head: the first
@@ -294,7 +300,7 @@ fn read_gguf(path: &Path) -> Result<Adapter, LoraError> {
     if updates.is_empty() {
         return Err(err(path, "holds no LoRA tensors"));
     }
-    Ok(Adapter { path: path.to_owned(), updates })
+    Ok(Adapter { path: path.to_owned(), sha256: format!("{:x}", Sha256::digest(gguf.bytes())), updates })
 }
 
 /// Writers of adapter files, for tests (kiln's own and the integration tests).

@@ -32,6 +32,8 @@ pub struct OptimizeOptions {
     pub force: bool,
     pub prune: Option<PruneSpec>,
     pub quant: QuantOptions,
+    /// LoRA adapters merged into the weights (as llama.cpp's `export-lora` does).
+    pub lora: Vec<PathBuf>,
 }
 
 /// What `optimize` did.
@@ -51,8 +53,8 @@ fn bad_option(message: String) -> BuildError {
 
 /// Optimizes `opts.model` into `opts.out`; nothing is written when anything fails.
 pub fn optimize(opts: &OptimizeOptions) -> Result<OptimizeReport, BuildError> {
-    if opts.prune.is_none() && opts.quant.is_empty() {
-        return Err(bad_option("nothing to do: give --quant, --quant-tensor or --prune-layers".into()));
+    if opts.prune.is_none() && opts.quant.is_empty() && opts.lora.is_empty() {
+        return Err(bad_option("nothing to do: give --quant, --quant-tensor, --prune-layers or --lora".into()));
     }
     // Refuse an output kiln may not write before any work.
     outdir::check_output_file(&opts.out, opts.force)?;
@@ -62,9 +64,11 @@ pub fn optimize(opts: &OptimizeOptions) -> Result<OptimizeReport, BuildError> {
     // The context only sizes a KV cache, which a GGUF does not hold: any valid one will do.
     let lowered = frontend::lower(&gguf, &name, 1).map_err(BuildError::Frontend)?;
     let hp = lowered.hyper.clone();
+    let adapters = crate::bundle::read_adapters(&opts.lora, &hp)?;
     let mut model = Model::borrowed(lowered.graph, &lowered.weights);
     let before = model.stats();
-    let pipeline = PipelineOptions { prune: opts.prune.clone(), quant: opts.quant.clone(), ..Default::default() };
+    let pipeline =
+        PipelineOptions { prune: opts.prune.clone(), quant: opts.quant.clone(), lora: adapters, ..Default::default() };
     // The model passes read nothing of the target; any will do.
     let target = targets::lookup("x86_64-unknown-linux-gnu").map_err(BuildError::Target)?;
     let report = run_model_passes(&mut model, target.as_ref(), &pipeline).map_err(|e| match e {

@@ -232,6 +232,7 @@ fn aarch64_model_matches_x86_64_and_the_reference_under_qemu() {
         shared_linker: Some("aarch64-linux-gnu-gcc".into()),
         prune: None,
         quant: Default::default(),
+        lora: vec![],
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let app = xtask::build_chat_app(&bundle, Some(&apps_dir())).unwrap_or_else(|e| panic!("{e:#}"));
@@ -363,6 +364,7 @@ fn android_bundle_holds_aarch64_code_and_the_runtime_builds_for_android() {
         shared_linker: None,
         prune: None,
         quant: Default::default(),
+        lora: vec![],
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let archive = std::fs::read(bundle.join("lib/libkiln_model.a")).unwrap();

@@ -133,6 +133,7 @@ pub(crate) fn tiny_bundle(
         shared_linker: None,
         prune: None,
         quant: Default::default(),
+        lora: vec![],
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let so = dir.join(format!("{out}.so"));

@@ -35,6 +35,7 @@ fn app() -> &'static (PathBuf, PathBuf) {
             shared_linker: None,
             prune: None,
             quant: Default::default(),
+            lora: vec![],
         };
         build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
         assert!(bundle.join("weights.bin").exists(), "a bundle built without embedded weights has weights.bin");

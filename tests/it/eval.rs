@@ -26,6 +26,9 @@ fn build(model: &Path, out: &Path, context: u32, batch: u32) {
         embed_weights: true,
         dump_after: vec![],
         shared_linker: Some("cc".into()),
+        prune: None,
+        quant: Default::default(),
+        lora: vec![],
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
 }

@@ -5,6 +5,7 @@ mod c_chat;
 mod dequant;
 mod eval;
 mod kernels;
+mod lora;
 mod model;
 mod optimize;
 mod reference;

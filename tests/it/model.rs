@@ -47,6 +47,7 @@ fn build(model: &Path, out: &Path, embed_weights: bool) {
         shared_linker: Some("cc".into()),
         prune: None,
         quant: Default::default(),
+        lora: vec![],
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
 }

@@ -48,6 +48,7 @@ fn opts(model: &Path, out: &Path, prune: Option<&str>, quant: Option<&str>, tens
             default: quant.map(str::to_owned),
             tensors: if tensors.is_empty() { vec![] } else { TensorRule::parse_list(tensors).unwrap() },
         },
+        lora: vec![],
     }
 }
 
@@ -64,6 +65,7 @@ fn build(model: &Path, out: &Path, prune: Option<&str>, context: u32) -> (PathBu
         shared_linker: Some("cc".into()),
         prune: prune.map(|p| p.parse().unwrap()),
         quant: Default::default(),
+        lora: vec![],
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let so = out.join("lib/libkiln_model.so");

@@ -86,6 +86,7 @@ fn options(model: &Path, out: &Path, context: Option<u32>) -> BuildOptions {
         shared_linker: None,
         prune: None,
         quant: Default::default(),
+        lora: vec![],
     }
 }
 

@@ -305,6 +305,7 @@ pub fn eval(mut a: chat::eval::EvalArgs) -> Result<()> {
             shared_linker: default_shared_linker(&triple),
             prune: None,
             quant: Default::default(),
+            lora: vec![],
         };
         compiler::bundle::build_model(&opts, &mut |_| {})
             .with_context(|| format!("cannot compile the reference {}", reference.display()))?;

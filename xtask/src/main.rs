@@ -67,8 +67,14 @@ enum Cmd {
         /// Remove transformer blocks: indices (20,21,22) or last:N (the N before the final block).
         #[arg(long)]
         prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
+        /// Merge a LoRA adapter into the weights before any other change: a PEFT directory
+        /// (adapter_config.json + adapter_model.safetensors) or a llama.cpp GGUF adapter;
+        /// repeat for several.
+        #[arg(long)]
+        lora: Vec<PathBuf>,
     },
-    /// Writes a smaller GGUF: requantized (--quant, --quant-tensor) and/or pruned (--prune-layers).
+    /// Writes an optimized GGUF: LoRA merged (--lora), requantized (--quant, --quant-tensor),
+    /// pruned (--prune-layers).
     Optimize {
         /// The GGUF file; default: the cached SmolLM2-135M-Instruct Q4_1 (fetched on first use).
         #[arg(long)]
@@ -89,6 +95,11 @@ enum Cmd {
         /// Remove transformer blocks: indices (20,21,22) or last:N (the N before the final block).
         #[arg(long)]
         prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
+        /// Merge a LoRA adapter into the weights before any other change: a PEFT directory
+        /// (adapter_config.json + adapter_model.safetensors) or a llama.cpp GGUF adapter;
+        /// repeat for several.
+        #[arg(long)]
+        lora: Vec<PathBuf>,
     },
     /// Downloads (once) and prints the path of the default model.
     FetchModel,
@@ -181,6 +192,7 @@ fn real_main() -> Result<()> {
             quant,
             quant_tensor,
             prune_layers,
+            lora,
         } => {
             let quant = quant_options(quant, &quant_tensor)?;
             let target = match target {
@@ -209,6 +221,7 @@ fn real_main() -> Result<()> {
                 },
                 prune: prune_layers,
                 quant,
+                lora,
             };
             let bar = ProgressBar::new(Stage::ALL.len() as u64);
             bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());
@@ -238,14 +251,14 @@ fn real_main() -> Result<()> {
                 println!("  {note}");
             }
         }
-        Cmd::Optimize { model, out, force, quant, quant_tensor, prune_layers } => {
+        Cmd::Optimize { model, out, force, quant, quant_tensor, prune_layers, lora } => {
             let quant = quant_options(quant, &quant_tensor)?;
             let model = match model {
                 Some(m) => m,
                 None => xtask::fetch_default_model(true)?,
             };
             let start = Instant::now();
-            let opts = compiler::optimize::OptimizeOptions { model, out, force, prune: prune_layers, quant };
+            let opts = compiler::optimize::OptimizeOptions { model, out, force, prune: prune_layers, quant, lora };
             let report = compiler::optimize::optimize(&opts)?;
             println!("wrote {} in {:.2} s", opts.out.display(), start.elapsed().as_secs_f64());
             for note in &report.notes {

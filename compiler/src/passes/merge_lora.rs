@@ -42,6 +42,15 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
                 values.chunks_exact(cols as usize).flat_map(|row| quantize_row(w.format, row)).collect();
             model.set_weight(id, w.format, bytes);
         }
+        let lossy =
+            if adapter.updates.keys().any(|n| {
+                model.graph.weights.iter().find(|w| &w.name == n).is_some_and(|w| w.format.is_block_quantized())
+            }) {
+                "; block-quantized weights were requantized to their format after the merge (lossy)"
+            } else {
+                ""
+            };
+        cx.note(NAME, format!("{}: {} tensors updated{lossy}", adapter.path.display(), adapter.updates.len()));
     }
     Ok(())
 }
@@ -89,11 +98,12 @@ mod tests {
         let mut model = Model::borrowed(graph, weights);
         let adapter = Adapter {
             path: "adapter".into(),
+            sha256: String::new(),
             updates: updates.into_iter().map(|(n, u)| (n.to_owned(), u)).collect::<BTreeMap<_, _>>(),
         };
         let options = PipelineOptions { lora: vec![Arc::new(adapter)], ..Default::default() };
         let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
-        run(&mut model, &PassContext { target: target.as_ref(), options: &options })?;
+        run(&mut model, &PassContext::new(target.as_ref(), &options))?;
         model.check_weights().unwrap();
         Ok(model.weights().map(|w| w.to_vec()).collect())
     }

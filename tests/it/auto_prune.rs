@@ -83,15 +83,16 @@ fn distances_equal_the_reference_and_auto_picks_their_argmin() {
         assert!(diff <= 2e-3 * scale.max(1.0), "x_{l} differs by {diff} (scale {scale})");
     }
 
-    // Angular distances are scale-free and these states agree to ~1e-4 of their scale, so
-    // the means agree to well under 1e-3 (measured: below 1e-4); 1e-3 is a tenth of the
-    // smallest gap that matters here (the distances lie 0.05 to 0.5 apart, see below).
+    // The states differ only by the rounding of q16 activations (a few 1e-5 of their scale),
+    // which moves a token's angle by about as much, and a mean over 101 tokens by less:
+    // measured at most 6e-7 on this model. 1e-4 leaves room for other hosts and thread counts
+    // and is still far below the gaps between the distances that decide the choice.
     for n in 1..cfg.n_layers {
         let got = probe.distances(&tokens, n).unwrap();
         let want = reference_distances(&reference, &tokens, cfg.context as usize, n as usize);
         assert_eq!(got.len(), want.len());
         for (l, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() <= 1e-3, "auto:{n} start {l}: kiln {g}, reference {w}");
+            assert!((g - w).abs() <= 1e-4, "auto:{n} start {l}: kiln {g}, reference {w}");
             assert!(*w > 0.01 && *w < 0.99, "auto:{n} start {l}: a degenerate distance {w}");
         }
         let chosen = choose_run(&got, n, cfg.n_layers).unwrap();

@@ -17,6 +17,7 @@ pub mod optimize;
 pub mod outdir;
 pub mod pack;
 pub mod passes;
+pub mod probe;
 pub mod tokenizer_json;
 
 use std::fmt;

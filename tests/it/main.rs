@@ -1,6 +1,7 @@
 mod aarch64;
 mod abi;
 mod attention;
+mod auto_prune;
 mod c_chat;
 mod dequant;
 mod eval;

@@ -73,6 +73,10 @@ pub struct ReferenceOutput {
     /// residual stream after block `i - 1`, and the last entry the output of the final
     /// RMSNorm (not the raw residual after the last block).
     pub hidden: Vec<Vec<f32>>,
+    /// `n_layers + 1` entries, each `[n, d_model]` row-major: the residual stream entering
+    /// each block (`[0]` the token embedding) and, last, the stream after the final block,
+    /// before the final RMSNorm (`x_0 ..= x_L` of `compiler::probe`).
+    pub residual: Vec<Vec<f32>>,
     pub vocab: usize,
     pub d_model: usize,
 }
@@ -354,19 +358,21 @@ impl ReferenceModel {
         let mut h = self.embedding.clone().select(0, ids); // [n, d]
         let mut hidden = Vec::with_capacity(c.n_layers + 1);
         hidden.push(read(&h)?);
+        let mut residual = vec![hidden[0].clone()];
         for (i, block) in self.blocks.iter().enumerate() {
             let attn = self.attention(block, self.rms_norm(h.clone(), &block.attn_norm), &cos, &sin);
             h = h.add(attn);
             let mlp = self.mlp(block, self.rms_norm(h.clone(), &block.ffn_norm));
             h = h.add(mlp);
+            residual.push(read(&h)?);
             if i + 1 < c.n_layers {
-                hidden.push(read(&h)?);
+                hidden.push(residual[i + 1].clone());
             }
         }
         let normed = self.rms_norm(h, &self.output_norm);
         hidden.push(read(&normed)?);
         let logits = read(&normed.matmul(self.output.clone()))?;
         debug_assert_eq!(logits.len(), n * c.vocab);
-        Ok(ReferenceOutput { logits, hidden, vocab: c.vocab, d_model: c.d_model })
+        Ok(ReferenceOutput { logits, hidden, residual, vocab: c.vocab, d_model: c.d_model })
     }
 }

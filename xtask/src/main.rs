@@ -64,9 +64,17 @@ enum Cmd {
         /// tensor names or a glob (`blk.*.attn_v.weight=q8_0`); the first match wins.
         #[arg(long)]
         quant_tensor: Vec<String>,
-        /// Remove transformer blocks: indices (20,21,22) or last:N (the N before the final block).
+        /// Remove transformer blocks: indices (20,21,22), last:N (the N before the final block),
+        /// or auto:N (the N contiguous blocks, final block kept, that change the residual
+        /// stream least on the calibration text; Gromov et al. 2024).
         #[arg(long)]
         prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
+        /// Calibration text for auto:N (default: examples/data/calib.txt).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Most calibration tokens auto:N uses (default: 1024).
+        #[arg(long)]
+        calib_tokens: Option<usize>,
         /// Merge a LoRA adapter into the weights before any other change: a PEFT directory
         /// (adapter_config.json + adapter_model.safetensors) or a llama.cpp GGUF adapter;
         /// repeat for several.
@@ -92,9 +100,17 @@ enum Cmd {
         /// tensor names or a glob (`blk.*.attn_v.weight=q8_0`); the first match wins.
         #[arg(long)]
         quant_tensor: Vec<String>,
-        /// Remove transformer blocks: indices (20,21,22) or last:N (the N before the final block).
+        /// Remove transformer blocks: indices (20,21,22), last:N (the N before the final block),
+        /// or auto:N (the N contiguous blocks, final block kept, that change the residual
+        /// stream least on the calibration text; Gromov et al. 2024).
         #[arg(long)]
         prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
+        /// Calibration text for auto:N (default: examples/data/calib.txt).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Most calibration tokens auto:N uses (default: 1024).
+        #[arg(long)]
+        calib_tokens: Option<usize>,
         /// Merge a LoRA adapter into the weights before any other change: a PEFT directory
         /// (adapter_config.json + adapter_model.safetensors) or a llama.cpp GGUF adapter;
         /// repeat for several.
@@ -172,6 +188,12 @@ fn main() {
     }
 }
 
+fn print_lines(lines: &[String]) {
+    for line in lines {
+        println!("{line}");
+    }
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
@@ -192,6 +214,8 @@ fn real_main() -> Result<()> {
             quant,
             quant_tensor,
             prune_layers,
+            calib,
+            calib_tokens,
             lora,
         } => {
             let quant = quant_options(quant, &quant_tensor)?;
@@ -205,6 +229,11 @@ fn real_main() -> Result<()> {
                 None => xtask::fetch_default_model(true)?,
             };
             let out = out.unwrap_or_else(|| PathBuf::from("bundles").join(&target));
+            // Refuse an output kiln may not write before calibrating.
+            compiler::outdir::check_replaceable(&out)?;
+            let calib = xtask::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
+            let (prune_layers, prune_notes) = xtask::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
+            print_lines(&prune_notes);
             let opts = BuildOptions {
                 model,
                 target: target.clone(),
@@ -251,13 +280,18 @@ fn real_main() -> Result<()> {
                 println!("  {note}");
             }
         }
-        Cmd::Optimize { model, out, force, quant, quant_tensor, prune_layers, lora } => {
+        Cmd::Optimize { model, out, force, quant, quant_tensor, prune_layers, calib, calib_tokens, lora } => {
             let quant = quant_options(quant, &quant_tensor)?;
             let model = match model {
                 Some(m) => m,
                 None => xtask::fetch_default_model(true)?,
             };
             let start = Instant::now();
+            // Refuse an output kiln may not write before calibrating.
+            compiler::outdir::check_output_file(&out, force)?;
+            let calib = xtask::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
+            let (prune_layers, prune_notes) = xtask::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
+            print_lines(&prune_notes);
             let opts = compiler::optimize::OptimizeOptions { model, out, force, prune: prune_layers, quant, lora };
             let report = compiler::optimize::optimize(&opts)?;
             println!("wrote {} in {:.2} s", opts.out.display(), start.elapsed().as_secs_f64());

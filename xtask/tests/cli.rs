@@ -318,6 +318,17 @@ fn eval_refuses_bad_input_before_work() {
 /// `optimize` and the optimization flags of `build-model`: bad values are refused before any
 /// work, an existing output file is never replaced without --force, and nothing is written.
 #[test]
+fn build_model_refuses_bad_auto_pruning_before_work() {
+    let e = build_fails("auto-too-many", &small_valid_header(), &["--prune-layers", "auto:1"]);
+    assert!(e.contains("auto:1 needs at least 2 blocks (the final block is kept), and the model has 1"), "{e}");
+    let e =
+        build_fails("auto-no-calib", &small_valid_header(), &["--prune-layers", "auto:1", "--calib", "/nonexistent"]);
+    assert!(e.contains("cannot read the calibration text"), "{e}");
+    let e = build_fails("calib-without-auto", &small_valid_header(), &["--calib", "/nonexistent"]);
+    assert!(e.contains("--calib and --calib-tokens only apply to --prune-layers auto:N"), "{e}");
+}
+
+#[test]
 fn optimize_refuses_bad_options_and_existing_outputs() {
     let dir = scratch("optimize");
     let model = dir.join("model.gguf");
@@ -337,6 +348,14 @@ fn optimize_refuses_bad_options_and_existing_outputs() {
         (vec!["build-model", "--model", m, "--prune-layers", "a"], 2, "bad block index"),
         (vec!["optimize", "--model", m, "--out", o, "--quant-tensor", "ffn_down"], 1, "expected PATTERN=FORMAT"),
         (vec!["optimize", "--model", m, "--out", o], 1, "nothing to do"),
+        (vec!["optimize", "--model", m, "--out", o, "--prune-layers", "auto:0"], 2, "auto:0 prunes nothing"),
+        (vec!["optimize", "--model", m, "--out", o, "--prune-layers", "auto:1"], 1, "auto:1 needs at least 2 blocks"),
+        (
+            vec!["optimize", "--model", m, "--out", o, "--prune-layers", "auto:1", "--calib", "/nonexistent/c.txt"],
+            1,
+            "cannot read the calibration text /nonexistent/c.txt",
+        ),
+        (vec!["optimize", "--model", m, "--out", o, "--prune-layers", "0", "--calib-tokens", "64"], 1, "only apply to"),
         (vec!["optimize", "--model", m, "--out", "/nonexistent/x.gguf", "--quant", "q8_0"], 1, "no directory"),
     ] {
         let (c, e) = run(&args);

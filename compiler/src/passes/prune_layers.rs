@@ -1,5 +1,7 @@
 //! Removes whole transformer blocks (`--prune-layers 20,21,22` or `--prune-layers last:N`,
-//! the last N blocks before the final one, which Gromov et al. keep): the residual stream
+//! the last N blocks before the final one, which Gromov et al. keep; `auto:N` is chosen by
+//! calibration in xtask, see `compiler::probe`, and reaches this pass as a block list): the
+//! residual stream
 //! passes through a removed block unchanged, its nodes and weights go, and the remaining
 //! blocks are renumbered densely (attention `layer=` indices, so the KV cache shrinks, and
 //! weight names, so `blk.N.` stays contiguous in a GGUF written from the model).
@@ -27,14 +29,26 @@ pub enum PruneSpec {
     Blocks(Vec<u32>),
     /// The last N blocks before the final block.
     Last(u32),
+    /// The N contiguous blocks (never the final one) whose removal changes the residual stream
+    /// least on calibration text (Gromov et al. 2024). It needs running the model, so the
+    /// caller (`cargo xtask build-model|optimize`) resolves it to [`PruneSpec::Blocks`] first;
+    /// the pass refuses it.
+    Auto(u32),
 }
 
 impl FromStr for PruneSpec {
     type Err = String;
 
-    /// `20,21,22` or `last:N`.
+    /// `20,21,22`, `last:N` or `auto:N`.
     fn from_str(text: &str) -> Result<Self, String> {
         let text = text.trim();
+        if let Some(n) = text.strip_prefix("auto:") {
+            return match n.trim().parse::<u32>() {
+                Ok(0) => Err("auto:0 prunes nothing; give N >= 1".into()),
+                Ok(n) => Ok(PruneSpec::Auto(n)),
+                Err(_) => Err(format!("bad block count {n:?} in {text:?}: expected auto:N with N a whole number")),
+            };
+        }
         if let Some(n) = text.strip_prefix("last:") {
             return match n.trim().parse::<u32>() {
                 Ok(0) => Err("last:0 prunes nothing; give N >= 1".into()),
@@ -61,6 +75,7 @@ impl fmt::Display for PruneSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PruneSpec::Last(n) => write!(f, "last:{n}"),
+            PruneSpec::Auto(n) => write!(f, "auto:{n}"),
             PruneSpec::Blocks(b) => {
                 write!(f, "{}", b.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
             }
@@ -82,6 +97,12 @@ impl PruneSpec {
                 }
                 (n_layers - 1 - n..n_layers - 1).collect()
             }
+            PruneSpec::Auto(n) => {
+                return Err(format!(
+                    "auto:{n} is chosen by running the model on calibration text, which the compiler does not do: \
+                     use `cargo xtask build-model` or `cargo xtask optimize`, which resolve it to a block list"
+                ))
+            }
             PruneSpec::Blocks(b) => b.clone(),
         };
         blocks.sort_unstable();
@@ -95,6 +116,21 @@ impl PruneSpec {
             return Err(format!("pruning {} of {n_layers} blocks leaves no model", blocks.len()));
         }
         Ok(blocks)
+    }
+
+    /// Checks `auto:n` against a model of `n_layers` blocks: a run of `n` blocks that leaves
+    /// the final block must fit.
+    pub fn check_auto(n: u32, n_layers: u32) -> Result<(), String> {
+        if n == 0 {
+            return Err("auto:0 prunes nothing; give N >= 1".into());
+        }
+        if n >= n_layers {
+            return Err(format!(
+                "auto:{n} needs at least {} blocks (the final block is kept), and the model has {n_layers}",
+                n.saturating_add(1)
+            ));
+        }
+        Ok(())
     }
 
     /// For each of `n_layers` source blocks, its index after removing `removed` (`None` for a
@@ -132,13 +168,13 @@ pub fn renamed(name: &str, map: &[Option<u32>]) -> Option<String> {
 
 /// One transformer block as found in the graph.
 #[derive(Clone, Debug)]
-struct Block {
+pub(crate) struct Block {
     /// First node of the block.
-    start: usize,
+    pub(crate) start: usize,
     /// The residual stream entering the block.
-    input: ValueId,
+    pub(crate) input: ValueId,
     /// The residual stream leaving it: the block's last node.
-    output: ValueId,
+    pub(crate) output: ValueId,
 }
 
 fn structure_error(message: String) -> PassError {
@@ -150,7 +186,7 @@ fn structure_error(message: String) -> PassError {
 
 /// Finds the blocks `blk.0` ... `blk.{n-1}` and checks that each is a self-contained residual
 /// block (see the module doc).
-fn find_blocks(model: &Model<'_>) -> Result<Vec<Block>, PassError> {
+pub(crate) fn find_blocks(model: &Model<'_>) -> Result<Vec<Block>, PassError> {
     let graph = &model.graph;
     let block_of_node = |i: usize| graph.nodes[i].op.weight().and_then(|w| block_of(&graph.weight(w).name));
     // The first and last node reading each block's weights.
@@ -445,6 +481,7 @@ mod tests {
             ("3", "block 3 does not exist: the model has 3 blocks (0..=2)"),
             ("0,1,2", "pruning 3 of 3 blocks leaves no model"),
             ("last:3", "last:3 needs at least 4 blocks"),
+            ("auto:1", "auto:1 is chosen by running the model on calibration text"),
         ] {
             let e = prune(&g, &w, spec).err().unwrap_or_else(|| panic!("{spec} was accepted")).to_string();
             assert!(e.starts_with("prune_layers: ") && e.contains(needle), "{spec}: {e}");
@@ -452,6 +489,8 @@ mod tests {
         for (text, needle) in [
             ("1,1", "listed twice"),
             ("last:0", "prunes nothing"),
+            ("auto:0", "auto:0 prunes nothing"),
+            ("auto:x", "bad block count"),
             ("last:x", "bad block count"),
             ("1,,2", "bad block index"),
             ("-1", "bad block index"),

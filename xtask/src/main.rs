@@ -24,6 +24,34 @@ enum WeightsMode {
     File,
 }
 
+/// The model passes' options, shared by `build-model` and `optimize`.
+#[derive(clap::Args)]
+struct ModelPassArgs {
+    /// Requantize every matrix to FORMAT (q8_0, q4_0, ...) or a llama.cpp mixture (q4_k_m, ...).
+    #[arg(long)]
+    quant: Option<String>,
+    /// Per-tensor formats, PATTERN=FORMAT[,PATTERN=FORMAT...]; PATTERN is a substring of
+    /// tensor names or a glob (`blk.*.attn_v.weight=q8_0`); the first match wins.
+    #[arg(long)]
+    quant_tensor: Vec<String>,
+    /// Remove transformer blocks: indices (20,21,22), last:N (the N before the final block),
+    /// or auto:N (the N contiguous blocks, final block kept, that change the residual
+    /// stream least on the calibration text; Gromov et al. 2024).
+    #[arg(long)]
+    prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
+    /// Calibration text for auto:N (default: examples/data/calib.txt).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Most calibration tokens auto:N uses (default: 1024).
+    #[arg(long)]
+    calib_tokens: Option<usize>,
+    /// Merge a LoRA adapter into the weights before any other change: a PEFT directory
+    /// (adapter_config.json + adapter_model.safetensors) or a llama.cpp GGUF adapter;
+    /// repeat for several.
+    #[arg(long)]
+    lora: Vec<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Compiles a GGUF model into a bundle (default: fetch SmolLM2-135M-Instruct Q4_1, host target).
@@ -57,29 +85,8 @@ enum Cmd {
         /// none for Android); `none` skips it.
         #[arg(long)]
         shared_linker: Option<String>,
-        /// Requantize every matrix to FORMAT (q8_0, q4_0, ...) or a llama.cpp mixture (q4_k_m, ...).
-        #[arg(long)]
-        quant: Option<String>,
-        /// Per-tensor formats, PATTERN=FORMAT[,PATTERN=FORMAT...]; PATTERN is a substring of
-        /// tensor names or a glob (`blk.*.attn_v.weight=q8_0`); the first match wins.
-        #[arg(long)]
-        quant_tensor: Vec<String>,
-        /// Remove transformer blocks: indices (20,21,22), last:N (the N before the final block),
-        /// or auto:N (the N contiguous blocks, final block kept, that change the residual
-        /// stream least on the calibration text; Gromov et al. 2024).
-        #[arg(long)]
-        prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
-        /// Calibration text for auto:N (default: examples/data/calib.txt).
-        #[arg(long)]
-        calib: Option<PathBuf>,
-        /// Most calibration tokens auto:N uses (default: 1024).
-        #[arg(long)]
-        calib_tokens: Option<usize>,
-        /// Merge a LoRA adapter into the weights before any other change: a PEFT directory
-        /// (adapter_config.json + adapter_model.safetensors) or a llama.cpp GGUF adapter;
-        /// repeat for several.
-        #[arg(long)]
-        lora: Vec<PathBuf>,
+        #[command(flatten)]
+        model_passes: ModelPassArgs,
     },
     /// Writes an optimized GGUF: LoRA merged (--lora), requantized (--quant, --quant-tensor),
     /// pruned (--prune-layers).
@@ -93,29 +100,8 @@ enum Cmd {
         /// Replace --out when it exists.
         #[arg(long)]
         force: bool,
-        /// Requantize every matrix to FORMAT (q8_0, q4_0, ...) or a llama.cpp mixture (q4_k_m, ...).
-        #[arg(long)]
-        quant: Option<String>,
-        /// Per-tensor formats, PATTERN=FORMAT[,PATTERN=FORMAT...]; PATTERN is a substring of
-        /// tensor names or a glob (`blk.*.attn_v.weight=q8_0`); the first match wins.
-        #[arg(long)]
-        quant_tensor: Vec<String>,
-        /// Remove transformer blocks: indices (20,21,22), last:N (the N before the final block),
-        /// or auto:N (the N contiguous blocks, final block kept, that change the residual
-        /// stream least on the calibration text; Gromov et al. 2024).
-        #[arg(long)]
-        prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
-        /// Calibration text for auto:N (default: examples/data/calib.txt).
-        #[arg(long)]
-        calib: Option<PathBuf>,
-        /// Most calibration tokens auto:N uses (default: 1024).
-        #[arg(long)]
-        calib_tokens: Option<usize>,
-        /// Merge a LoRA adapter into the weights before any other change: a PEFT directory
-        /// (adapter_config.json + adapter_model.safetensors) or a llama.cpp GGUF adapter;
-        /// repeat for several.
-        #[arg(long)]
-        lora: Vec<PathBuf>,
+        #[command(flatten)]
+        model_passes: ModelPassArgs,
     },
     /// Downloads (once) and prints the path of the default model.
     FetchModel,
@@ -211,12 +197,7 @@ fn real_main() -> Result<()> {
             weights,
             dump_after,
             shared_linker,
-            quant,
-            quant_tensor,
-            prune_layers,
-            calib,
-            calib_tokens,
-            lora,
+            model_passes: ModelPassArgs { quant, quant_tensor, prune_layers, calib, calib_tokens, lora },
         } => {
             let quant = quant_options(quant, &quant_tensor)?;
             let target = match target {
@@ -280,7 +261,12 @@ fn real_main() -> Result<()> {
                 println!("  {note}");
             }
         }
-        Cmd::Optimize { model, out, force, quant, quant_tensor, prune_layers, calib, calib_tokens, lora } => {
+        Cmd::Optimize {
+            model,
+            out,
+            force,
+            model_passes: ModelPassArgs { quant, quant_tensor, prune_layers, calib, calib_tokens, lora },
+        } => {
             let quant = quant_options(quant, &quant_tensor)?;
             let model = match model {
                 Some(m) => m,

@@ -12,14 +12,22 @@
 //!
 //! Templates are untrusted input (a GGUF file carries its own), so rendering is bounded:
 //! a step budget (minijinja's fuel: about one unit per instruction and per 64 bytes of data
-//! the template creates) that grows with the size of the conversation, a recursion limit, and
-//! a cap on the rendered text. A template that exceeds one fails with an error that says
-//! which ([`TemplateLimit`]), quickly and without exhausting memory.
+//! the template creates) that grows with the size of the conversation up to [`MAX_STEPS`], a
+//! recursion limit, and a cap on the rendered text. A template that exceeds one fails with an
+//! error that says which ([`TemplateLimit`]), quickly and without exhausting memory.
+//!
+//! The engine walks nested data recursively (printing, comparing, dropping a list of lists),
+//! and a template can nest data one level per step (`{% set ns.x = [ns.x] %}` in a loop), so
+//! the stack a render needs grows with its step budget. Each render therefore runs on a
+//! thread of its own whose stack is sized from the budget ([`STACK_PER_STEP`] per step,
+//! measured with margin on the deepest walks), never on the caller's thread, whose stack may
+//! be a C host's small one.
 //!
 //! Not provided (the workspace builds minijinja without its `json` and `loop_controls`
 //! features, and without minijinja-contrib): the `tojson` filter, `{% break %}` /
-//! `{% continue %}`, and `strftime_now`. Templates using them fail with an error, never a
-//! panic.
+//! `{% continue %}`, and `strftime_now`; nor the `pprint` filter and `debug()` function, whose
+//! time grows faster than their fuel charge on nested data. Templates using them fail with an
+//! error, never a panic.
 
 use std::fmt;
 
@@ -133,17 +141,32 @@ impl From<Error> for TemplateError {
 const TEMPLATE_NAME: &str = "chat_template";
 
 /// Steps every render may take, whatever the conversation (real templates take a few hundred
-/// per message); 2M steps take well under a second and bound the data the template creates to
-/// about 128 MB.
+/// per message, and 20 to 50 for ChatML-like ones); 100k steps take a few milliseconds.
 #[cfg(not(fuzzing))]
-pub const BASE_STEPS: u64 = 2_000_000;
+pub const BASE_STEPS: u64 = 100_000;
 /// Under the fuzzer a smaller budget: the same checks, but hostile inputs that spend the whole
-/// budget cost milliseconds, not most of a second, per execution.
+/// budget cost milliseconds per execution.
 #[cfg(fuzzing)]
 pub const BASE_STEPS: u64 = 50_000;
-/// Extra steps per message and per byte of the conversation, so long chats still render.
-const STEPS_PER_MESSAGE: u64 = 2_000;
-const STEPS_PER_INPUT_BYTE: u64 = 1;
+/// Extra steps per message and per 16 bytes of the conversation, so long chats still render.
+const STEPS_PER_MESSAGE: u64 = 300;
+const INPUT_BYTES_PER_STEP: u64 = 16;
+/// No render takes more steps than this, however long the conversation (about 1,300 messages;
+/// far more than any context holds). It bounds the data a template creates (about 32 MB) and
+/// the stack a render can need (see [`STACK_PER_STEP`]).
+pub const MAX_STEPS: u64 = 500_000;
+/// Stack bytes the render thread gets per step of its budget, plus [`BASE_STACK`]. A template
+/// nests data at best one level per step (nested list literals in a loop: 1.1 steps per level);
+/// minijinja's deepest walk, printing nested maps, takes about 440 bytes of stack per level in
+/// a release build (measured: 8 MiB overflow between 18k and 20k levels), so 512 bytes per step
+/// leaves a margin, and a debug build (larger frames) gets four times as much.
+#[cfg(not(debug_assertions))]
+pub const STACK_PER_STEP: usize = 512;
+#[cfg(debug_assertions)]
+pub const STACK_PER_STEP: usize = 2048;
+/// The render thread's stack beyond what the budget asks for (the engine's own recursion:
+/// macro calls up to [`RECURSION_LIMIT`]).
+pub const BASE_STACK: usize = 8 << 20;
 /// Nesting of macro calls (about 10 each), loops and conditionals (1 each); real templates
 /// stay far below it, and it keeps the engine's recursion well inside a 2 MiB thread stack.
 pub const RECURSION_LIMIT: usize = 200;
@@ -199,6 +222,10 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.set_unknown_method_callback(python_methods);
         env.set_recursion_limit(RECURSION_LIMIT);
+        // `pprint` and `debug()` print nested data in time that grows faster than their fuel charge (a 400-level
+        // list takes a quarter of a second, 2,000 levels minutes); chat templates do not use them.
+        // (`debug()` is not built: the workspace leaves out minijinja's `debug` feature.)
+        env.remove_filter("pprint");
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
     }
@@ -215,8 +242,35 @@ impl ChatTemplate {
             .fold(self.bos_token.len() + self.eos_token.len(), usize::saturating_add);
         let steps = BASE_STEPS
             .saturating_add(STEPS_PER_MESSAGE.saturating_mul(messages.len() as u64))
-            .saturating_add(STEPS_PER_INPUT_BYTE.saturating_mul(input_bytes as u64));
+            .saturating_add(input_bytes as u64 / INPUT_BYTES_PER_STEP)
+            .min(MAX_STEPS);
         let max_output = BASE_OUTPUT_BYTES.saturating_add(OUTPUT_PER_INPUT_BYTE.saturating_mul(input_bytes));
+        let stack = BASE_STACK.saturating_add(STACK_PER_STEP.saturating_mul(steps as usize));
+        // Everything the template creates is made, walked and dropped on this thread.
+        std::thread::scope(|scope| {
+            let thread = std::thread::Builder::new()
+                .name("kiln-chat-template".into())
+                .stack_size(stack)
+                .spawn_scoped(scope, || self.render_here(messages, add_generation_prompt, steps, max_output))
+                .map_err(|e| TemplateError {
+                    inner: Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("cannot start the thread that renders the chat template ({stack} bytes of stack): {e}"),
+                    ),
+                    limit: None,
+                })?;
+            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// [`ChatTemplate::render`] on the calling thread, with its budgets.
+    fn render_here(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        steps: u64,
+        max_output: usize,
+    ) -> Result<String, TemplateError> {
         // The budget depends on the conversation; the environment's clone shares its compiled
         // template and functions (reference-counted).
         let mut env = self.env.clone();
@@ -458,7 +512,7 @@ mod tests {
 
     #[test]
     fn hostile_templates_fail_fast_with_a_clear_error() {
-        let steps = Some(TemplateLimit::Steps(BASE_STEPS + STEPS_PER_MESSAGE + 1 + 4 + 3 + 4));
+        let steps = Some(TemplateLimit::Steps(BASE_STEPS + STEPS_PER_MESSAGE + (1 + 4 + 3 + 4) / INPUT_BYTES_PER_STEP));
         let cases: &[(&str, &str, Option<TemplateLimit>)] = &[
             // A billion steps: minijinja's range refuses more than 100k items.
             ("billion-loop", "{% for i in range(1000000000) %}x{% endfor %}", None),
@@ -503,6 +557,56 @@ mod tests {
         }
     }
 
+    /// A template may nest data one level per step or two (`{% set ns.x = [ns.x] %}` in a loop)
+    /// and then make the engine walk it recursively (print it, compare it, drop it): with the
+    /// largest budget ([`MAX_STEPS`], from a long conversation), built to just under and just
+    /// over the budget, every walk ends in text or a step-budget error, never a stack overflow
+    /// (which aborts this test process). The fuzzer found the printing case.
+    #[test]
+    fn deeply_nested_data_never_overflows_the_stack() {
+        // Steps per loop iteration and levels per iteration of each way of nesting, measured.
+        let builders: &[(&str, &str, f64, u64)] = &[
+            ("list", "[ns.x]", 8.5, 1),
+            ("map", "{'a': ns.x}", 10.0, 1),
+            ("literal", "[[[[[[[[[[ns.x]]]]]]]]]]", 17.0, 10),
+            ("batch", "[ns.x]|batch(1)|list", 12.0, 2),
+        ];
+        let walks = [
+            "{{ ns.x }}",
+            "{{ ns.x|string|length }}",
+            "{{ (ns.x ~ '')|length }}",
+            "{{ [ns.x, ns.y]|sort|length }}",
+            "{{ ns.x == ns.y }}",
+            "{{ [ns.x, ns.y]|unique|length }}",
+            "{{ ns.x in [ns.y] }}",
+            "dropped",
+        ];
+        // A conversation long enough for the largest budget.
+        let conv: Vec<Message> = (0..(MAX_STEPS / STEPS_PER_MESSAGE) as usize).map(|_| Message::user("x")).collect();
+        let mut deepest = 0;
+        for (name, nest, steps_per_iter, levels) in builders {
+            for fraction in [0.45, 0.55] {
+                // Two structures (`ns.x`, `ns.y`) of the same depth, built separately, so that
+                // comparing them walks both.
+                let iters = (MAX_STEPS as f64 * fraction / steps_per_iter) as u64;
+                let build = format!(
+                    "{{% set ns = namespace(x=[], y=[]) %}}{{% for i in range({iters}) %}}{{% set ns.x = {nest} %}}{{% endfor %}}\
+                     {{% for i in range({iters}) %}}{{% set ns.y = {} %}}{{% endfor %}}",
+                    nest.replace("ns.x", "ns.y")
+                );
+                for walk in walks {
+                    let src = format!("{build}{walk}");
+                    match render_within(&src, conv.clone(), 60) {
+                        Ok(_) => deepest = deepest.max(iters * levels),
+                        Err(e) => assert_eq!(e.limit(), Some(TemplateLimit::Steps(MAX_STEPS)), "{name} {walk}: {e}"),
+                    }
+                }
+            }
+        }
+        // The walks did reach deep data (not all stopped early by the budget).
+        assert!(deepest > 20_000, "deepest walked structure: {deepest} levels");
+    }
+
     /// The Llama 3 Instruct template (Meta-Llama-3-8B-Instruct `tokenizer_config.json`).
     const LLAMA3_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
 
@@ -514,15 +618,15 @@ mod tests {
             out,
             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe terse.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         );
-        // A long conversation (5 MB, more than the fixed part of the output and step budgets)
-        // renders: the budgets grow with the input.
-        let conv: Vec<Message> = (0..5000)
-            .map(|i| if i % 2 == 0 { Message::user("u".repeat(1000)) } else { Message::assistant("a".repeat(1000)) })
+        // A long conversation (1,000 messages, 4.5 MB: more than the fixed part of the output
+        // budget) renders: the budgets grow with the input.
+        let conv: Vec<Message> = (0..1000)
+            .map(|i| if i % 2 == 0 { Message::user("u".repeat(4500)) } else { Message::assistant("a".repeat(4500)) })
             .collect();
         for t in [smollm(), t] {
             let start = std::time::Instant::now();
             let out = t.render(&conv, true).unwrap();
-            assert!(out.len() > BASE_OUTPUT_BYTES && out.len() > 5_000_000, "{}", out.len());
+            assert!(out.len() > BASE_OUTPUT_BYTES && out.len() > 4_500_000, "{}", out.len());
             assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
         }
     }

@@ -11,7 +11,7 @@
 #define KILN_ABI_H
 #include <stdint.h>
 
-#define KILN_ABI_VERSION 2
+#define KILN_ABI_VERSION 3
 #define KILN_MAX_IO 8
 #define KILN_FINGERPRINT_BYTES 32
 #define KILN_DTYPE_I32 0
@@ -31,7 +31,8 @@ struct kiln_ctx {
     void *const *io;           /* inputs then outputs, rows of desc->io_width values */
     int64_t n_tokens;          /* 1..=desc->batch */
     int64_t pos;               /* position of the first token; pos + n_tokens <= context */
-    int64_t out_start;         /* outputs are computed for rows out_start..n_tokens only */
+    int64_t out_start;         /* outputs are computed for rows out_start..n_tokens only, and each
+                                  output buffer holds just those n_tokens - out_start rows */
     kiln_parallel_for_fn parallel_for;
     void *pool;
 };

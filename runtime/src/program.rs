@@ -14,7 +14,7 @@ use std::path::Path;
 use crate::pool::{kiln_parallel_for, ThreadPool};
 
 /// The ABI version this runtime speaks.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// Most inputs plus outputs of a library.
 pub const MAX_IO: usize = 8;
 /// Bytes of a build fingerprint (SHA-256 of the build's inputs and options).
@@ -471,8 +471,9 @@ impl Program {
         self.kv.as_mut_slice().fill(0);
     }
 
-    /// Runs the library on `n_tokens` rows at position `pos`, writing rows
-    /// `out_start..n_tokens` of every output (`outputs[k]` holds `n_tokens` rows).
+    /// Runs the library on `n_tokens` rows at position `pos`, computing only rows
+    /// `out_start..n_tokens` of every output: `outputs[k]` holds those `n_tokens - out_start`
+    /// rows (at `out_start = n_tokens - 1`, generation's case, one row of logits).
     pub fn run(
         &mut self,
         inputs: &[Input],
@@ -508,10 +509,11 @@ impl Program {
             }
             io.push(ptr);
         }
+        let out_rows = n_tokens - out_start;
         for (k, out) in outputs.iter_mut().enumerate() {
             let width = d.io_width[inputs.len() + k] as usize;
-            if Some(out.len()) != n_tokens.checked_mul(width) {
-                return bad(format!("output {k} must hold {n_tokens} x {width} floats"));
+            if Some(out.len()) != out_rows.checked_mul(width) {
+                return bad(format!("output {k} must hold {out_rows} x {width} floats (rows {out_start}..{n_tokens})"));
             }
             io.push(out.as_mut_ptr() as *mut c_void);
         }

@@ -292,15 +292,17 @@ impl Session {
                 n
             };
             let ids: Vec<i32> = chunk.iter().map(|&t| t as i32).collect();
-            // The library writes rows out_start..n of a buffer of n rows; reuse one buffer so
-            // that decoding a token does not allocate a fresh one.
-            if self.logits.len() < n * vocab {
-                self.logits.resize(n * vocab, 0.0);
+            // The library computes and writes only rows out_start..n (one row while generating,
+            // none for a chunk of the prompt before the last); reuse one buffer so that
+            // decoding a token does not allocate a fresh one.
+            let rows = (n - out_start) * vocab;
+            if self.logits.len() < rows {
+                self.logits.resize(rows, 0.0);
             }
-            let logits = &mut self.logits[..n * vocab];
+            let logits = &mut self.logits[..rows];
             self.program.run(&[Input::I32(&ids)], &mut [logits], n, self.cached.len(), out_start)?;
             self.cached.extend_from_slice(chunk);
-            out.extend_from_slice(&self.logits[out_start * vocab..n * vocab]);
+            out.extend_from_slice(&self.logits[..rows]);
         }
         Ok(out)
     }

@@ -218,6 +218,34 @@ fn positions_that_would_overflow_are_refused() {
     assert!(out.iter().all(|v| v.is_finite()));
 }
 
+/// Outputs hold only the rows asked for: with `out_start = k` the library writes rows `k..n`
+/// into a buffer of `n - k` rows (checked with guard rows on both sides that must stay
+/// untouched), equal to those rows of a full run; a buffer of the wrong size is refused.
+#[test]
+fn outputs_hold_only_the_rows_asked_for() {
+    let dir = scratch_dir("out-rows");
+    let (_, so) = tiny_bundle(&dir, "model", 2, "bundle", true, 64);
+    let mut p = Program::load_shared(&so, None, 1).unwrap();
+    let vocab = p.desc().io_width(1).unwrap();
+    let ids = [2, 3, 1, 4];
+    let n = ids.len();
+    let mut full = vec![0.0f32; n * vocab];
+    p.run(&[Input::I32(&ids)], &mut [&mut full], n, 0, 0).unwrap();
+    for out_start in [1, 2, n - 1, n] {
+        let rows = n - out_start;
+        let mut buf = vec![f32::NAN; (rows + 2) * vocab];
+        p.reset();
+        p.run(&[Input::I32(&ids)], &mut [&mut buf[vocab..(rows + 1) * vocab]], n, 0, out_start).unwrap();
+        assert!(buf[..vocab].iter().chain(&buf[(rows + 1) * vocab..]).all(|v| v.is_nan()), "a guard row was written");
+        assert_eq!(&buf[vocab..(rows + 1) * vocab], &full[out_start * vocab..], "out_start {out_start}");
+        // A buffer of all n rows (the old convention) is refused, not half-filled.
+        if rows < n {
+            let e = p.run(&[Input::I32(&ids)], &mut [&mut full.clone()], n, 0, out_start).unwrap_err();
+            assert!(e.to_string().contains(&format!("must hold {rows} x {vocab} floats")), "{e}");
+        }
+    }
+}
+
 /// A shared object exporting a hand-made `kiln_model` (a no-op `run`, 100 bytes of weights).
 fn c_library(dir: &Path, name: &str, abi_version: u32, kv_bytes: u64, checksum: u64) -> PathBuf {
     let src = dir.join(format!("{name}.c"));

@@ -98,3 +98,43 @@ fn attention_runs_on_a_thread_with_a_small_stack() {
     assert!(out.status.success(), "the child failed ({}):\n{stdout}\n{stderr}", out.status);
     assert!(stdout.contains("1 passed"), "the child did not run the test:\n{stdout}");
 }
+
+/// Outputs hold only rows `out_start..n_tokens`. Here output 0 is the attention result (its
+/// kernel starts at out_start), output 1 a key projection that attention also needs in every
+/// row (kept in the arena and copied out), output 2 the same value again and output 3 the
+/// input itself (both copied): every output equals those rows of the interpreter's, and the
+/// guard rows around each buffer stay untouched.
+#[test]
+fn outputs_needed_in_every_row_are_copied_out() {
+    let text = attention_graph(16).replace("output v5\n", "output v5\noutput v1\noutput v1\noutput v0\n");
+    let graph = parse_graph(&text).unwrap();
+    let mut rng = Rng::new(23);
+    let weights = random_weights(&graph, &mut rng, 1.0);
+    let dir = scratch_dir("attn-out-rows");
+    let (compiled, so) = compile_to_shared(&graph, &weights, &CompileOptions { batch: 8, ..Default::default() }, &dir);
+    let final_graph: Graph = parse_graph(&compiled.final_ir).unwrap();
+    let weight_refs: Vec<&[u8]> = weights.iter().map(|w| w.as_slice()).collect();
+    let widths = [64usize, 32, 32, 64];
+    for out_start in [0, 1, 4, 5, 6] {
+        let seq = 6;
+        let rows = seq - out_start;
+        let x = rng.vec(seq * 64, 2.0);
+        let mut bufs: Vec<Vec<f32>> = widths.iter().map(|w| vec![f32::NAN; (rows + 2) * w]).collect();
+        let mut program = Program::load_shared(&so, None, 2).unwrap();
+        {
+            let mut outs: Vec<&mut [f32]> =
+                bufs.iter_mut().zip(widths).map(|(b, w)| &mut b[w..(rows + 1) * w]).collect();
+            program.run(&[Input::F32(&x)], &mut outs, seq, 0, out_start).unwrap();
+        }
+        let want = interp::run(&final_graph, &weight_refs, &[Tensor::F32(x)], &mut KvCache::new(&final_graph), seq, 0);
+        for (k, (buf, w)) in bufs.iter().zip(widths).enumerate() {
+            let guards = buf[..w].iter().chain(&buf[(rows + 1) * w..]);
+            assert!(
+                guards.into_iter().all(|v| v.is_nan()),
+                "output {k}, out_start {out_start}: a guard row was written"
+            );
+            let (diff, scale) = max_diff(&buf[w..(rows + 1) * w], &want[k][out_start * w..]);
+            assert!(diff <= REL_TOL * scale.max(1.0), "output {k}, out_start {out_start}: max diff {diff}");
+        }
+    }
+}

@@ -1198,87 +1198,90 @@ Disassembly of section .text:
 <kiln_v5_attend>:
 	stp	x29, x30, [sp, #-16]!
 	mov	x29, sp
+	str	x27, [sp, #-16]!
 	stp	x25, x26, [sp, #-16]!
 	stp	x23, x24, [sp, #-16]!
 	stp	x21, x22, [sp, #-16]!
 	stp	x19, x20, [sp, #-16]!
 	sub	sp, sp, #0x110
-	ldr	x9, [x0]
-	ldr	x10, [x0, #24]
-	ldr	x11, [x0, #16]
-	ldr	x12, [x0, #40]
-	ldr	x13, [x0, #32]
-	ldr	x14, [x0, #48]
-	lsl	x15, x13, #2
-	add	x13, x1, x14, lsl #2
-	sub	x14, x15, x13
-	add	x14, x14, x2
-	sub	x14, x14, #0x1
-	cbz	x2, <kiln_v5_attend+0x5c0>
+	ldr	x10, [x0]
+	ldr	x11, [x0, #24]
+	ldr	x12, [x0, #48]
+	ldr	x13, [x0, #16]
+	ldr	x14, [x0, #40]
+	ldr	x15, [x0, #32]
+	lsl	x0, x15, #2
+	add	x15, x1, x12, lsl #2
+	sub	x0, x0, x15
+	add	x0, x0, x2
+	sub	x0, x0, #0x1
+	cbz	x2, <kiln_v5_attend+0x5cc>
 	cmn	x2, #0x1
-	ccmp	x14, #0x1, #0x0, eq	// eq = none
-	b.vs	<kiln_v5_attend+0x5c4>
-	sdiv	x14, x14, x2
-	mov	x0, #0x0                   	// #0
-	cmp	x0, x14
-	b.lt	<kiln_v5_attend+0x84>  // b.tstop
+	ccmp	x0, #0x1, #0x0, eq	// eq = none
+	b.vs	<kiln_v5_attend+0x5d0>
+	sdiv	x0, x0, x2
+	mov	x1, #0x0                   	// #0
+	cmp	x1, x0
+	b.lt	<kiln_v5_attend+0x8c>  // b.tstop
 	add	sp, sp, #0x110
 	ldp	x19, x20, [sp], #16
 	ldp	x21, x22, [sp], #16
 	ldp	x23, x24, [sp], #16
 	ldp	x25, x26, [sp], #16
+	ldr	x27, [sp], #16
 	ldp	x29, x30, [sp], #16
 	ret
-	movi	v17.16b, #0x0
-	ldr	x1, [x10, #8]
-	madd	x4, x0, x2, x13
-	lsr	x5, x4, #2
-	add	x3, x1, x5, lsl #8
-	and	x6, x4, #0x3
-	lsl	x4, x6, #6
-	add	x1, x3, x6, lsl #6
-	str	q17, [x3, x4]
-	str	q17, [x1, #16]
-	str	q17, [x1, #32]
-	str	q17, [x1, #48]
-	mov	x7, #0x0                   	// #0
-	mvni	v21.4s, #0x7f, msl #16
-	add	x8, x12, x5
-	add	x15, x8, #0x40
-	lsr	x15, x15, #6
-	mov	v2.16b, v21.16b
-	mov	v3.16b, v17.16b
-	cmp	x7, x15
-	b.lt	<kiln_v5_attend+0x118>  // b.tstop
-	ldr	q25, [x3, x4]
-	fmov	v24.4s, #1.000000000000000000e+00
-	fdiv	v24.4s, v24.4s, v3.4s
-	fmul	v25.4s, v25.4s, v24.4s
-	str	q25, [x3, x4]
-	ldr	q25, [x1, #16]
-	fmul	v25.4s, v25.4s, v24.4s
-	str	q25, [x1, #16]
-	ldr	q26, [x1, #32]
-	fmul	v26.4s, v26.4s, v24.4s
-	str	q26, [x1, #32]
-	ldr	q27, [x1, #48]
-	fmul	v27.4s, v27.4s, v24.4s
-	str	q27, [x1, #48]
-	add	x0, x0, #0x1
-	b	<kiln_v5_attend+0x60>
+	movi	v18.16b, #0x0
+	ldr	x3, [x11, #8]
+	sub	x3, x3, x12, lsl #8
+	madd	x5, x1, x2, x15
+	lsr	x6, x5, #2
+	add	x4, x3, x6, lsl #8
+	and	x7, x5, #0x3
+	lsl	x5, x7, #6
+	add	x3, x4, x7, lsl #6
+	str	q18, [x4, x5]
+	str	q18, [x3, #16]
+	str	q18, [x3, #32]
+	str	q18, [x3, #48]
+	mov	x8, #0x0                   	// #0
+	mvni	v22.4s, #0x7f, msl #16
+	add	x9, x14, x6
+	add	x22, x9, #0x40
+	lsr	x22, x22, #6
+	mov	v3.16b, v22.16b
+	mov	v4.16b, v18.16b
+	cmp	x8, x22
+	b.lt	<kiln_v5_attend+0x124>  // b.tstop
+	ldr	q26, [x4, x5]
+	fmov	v25.4s, #1.000000000000000000e+00
+	fdiv	v25.4s, v25.4s, v4.4s
+	fmul	v26.4s, v26.4s, v25.4s
+	str	q26, [x4, x5]
+	ldr	q26, [x3, #16]
+	fmul	v26.4s, v26.4s, v25.4s
+	str	q26, [x3, #16]
+	ldr	q27, [x3, #32]
+	fmul	v27.4s, v27.4s, v25.4s
+	str	q27, [x3, #32]
+	ldr	q28, [x3, #48]
+	fmul	v28.4s, v28.4s, v25.4s
+	str	q28, [x3, #48]
+	add	x1, x1, #0x1
+	b	<kiln_v5_attend+0x64>
 	mov	x20, #0x0                   	// #0
-	add	x19, x8, #0x1
-	sub	x19, x19, x7, lsl #6
+	add	x19, x9, #0x1
+	sub	x19, x19, x8, lsl #6
 	mov	x21, #0x40                  	// #64
 	cmp	x19, x21
 	csel	x19, x19, x21, lt	// lt = tstop
 	lsr	x21, x19, #2
-	mov	v16.16b, v21.16b
+	mov	v16.16b, v22.16b
 	cmp	x20, x21
-	b.lt	<kiln_v5_attend+0x4c8>  // b.tstop
+	b.lt	<kiln_v5_attend+0x4d4>  // b.tstop
 	and	x20, x19, #0xfffffffffffffffc
 	cmp	x20, x19
-	b.lt	<kiln_v5_attend+0x444>  // b.tstop
+	b.lt	<kiln_v5_attend+0x450>  // b.tstop
 	mov	w20, #0xff800000            	// #-8388608
 	fmov	s0, w20
 	mov	x20, sp
@@ -1287,19 +1290,19 @@ Disassembly of section .text:
 	str	s0, [x21, #4]
 	str	s0, [x21, #8]
 	mov	x21, #0x0                   	// #0
-	add	x22, x19, #0x3
-	lsr	x22, x22, #2
-	mov	v0.16b, v17.16b
-	cmp	x21, x22
-	b.lt	<kiln_v5_attend+0x338>  // b.tstop
-	mov	x22, #0x0                   	// #0
-	mov	v1.16b, v17.16b
-	mov	v4.16b, v17.16b
-	mov	v5.16b, v17.16b
-	mov	v6.16b, v17.16b
-	cmp	x22, x19
-	b.lt	<kiln_v5_attend+0x2f4>  // b.tstop
-	ldr	q18, [x3, x4]
+	add	x23, x19, #0x3
+	lsr	x23, x23, #2
+	mov	v0.16b, v18.16b
+	cmp	x21, x23
+	b.lt	<kiln_v5_attend+0x344>  // b.tstop
+	mov	x23, #0x0                   	// #0
+	mov	v1.16b, v18.16b
+	mov	v2.16b, v18.16b
+	mov	v5.16b, v18.16b
+	mov	v6.16b, v18.16b
+	cmp	x23, x19
+	b.lt	<kiln_v5_attend+0x300>  // b.tstop
+	ldr	q17, [x4, x5]
 	mov	s7, v16.s[1]
 	fmax	s7, s16, s7
 	mov	s19, v16.s[2]
@@ -1307,12 +1310,12 @@ Disassembly of section .text:
 	fmax	s16, s19, s16
 	fmax	s7, s7, s16
 	dup	v7.4s, v7.s[0]
-	fmax	v7.4s, v2.4s, v7.4s
-	fsub	v16.4s, v2.4s, v7.4s
+	fmax	v7.4s, v3.4s, v7.4s
+	fsub	v16.4s, v3.4s, v7.4s
 	mov	w19, #0x999a                	// #39322
 	movk	w19, #0xc2ae, lsl #16
 	dup	v19.4s, w19
-	fcmgt	v2.4s, v19.4s, v16.4s
+	fcmgt	v3.4s, v19.4s, v16.4s
 	mov	w19, #0x6967                	// #26983
 	movk	w19, #0x3950, lsl #16
 	dup	v20.4s, w19
@@ -1328,171 +1331,171 @@ Disassembly of section .text:
 	frintn	v19.4s, v19.4s
 	mov	w19, #0x8083                	// #32899
 	movk	w19, #0x395e, lsl #16
-	dup	v22.4s, w19
+	dup	v21.4s, w19
 	mov	w19, #0x8000                	// #32768
 	movk	w19, #0xbf31, lsl #16
 	dup	v23.4s, w19
 	fmla	v16.4s, v19.4s, v23.4s
-	fmla	v16.4s, v19.4s, v22.4s
+	fmla	v16.4s, v19.4s, v21.4s
 	mov	w19, #0x43ce                	// #17358
 	movk	w19, #0x3ab7, lsl #16
-	dup	v22.4s, w19
-	fmla	v22.4s, v20.4s, v16.4s
+	dup	v21.4s, w19
+	fmla	v21.4s, v20.4s, v16.4s
 	mov	w19, #0x8908                	// #35080
 	movk	w19, #0x3c08, lsl #16
 	dup	v20.4s, w19
-	fmla	v20.4s, v22.4s, v16.4s
+	fmla	v20.4s, v21.4s, v16.4s
 	mov	w19, #0xa9c1                	// #43457
 	movk	w19, #0x3d2a, lsl #16
-	dup	v22.4s, w19
-	fmla	v22.4s, v20.4s, v16.4s
+	dup	v21.4s, w19
+	fmla	v21.4s, v20.4s, v16.4s
 	mov	w19, #0xaaaa                	// #43690
 	movk	w19, #0x3e2a, lsl #16
 	dup	v23.4s, w19
-	fmla	v23.4s, v22.4s, v16.4s
+	fmla	v23.4s, v21.4s, v16.4s
 	movi	v20.4s, #0x3f, lsl #24
 	fmla	v20.4s, v23.4s, v16.4s
-	fmul	v22.4s, v16.4s, v16.4s
+	fmul	v21.4s, v16.4s, v16.4s
 	fmov	v23.4s, #1.000000000000000000e+00
 	fadd	v16.4s, v16.4s, v23.4s
-	fmla	v16.4s, v20.4s, v22.4s
+	fmla	v16.4s, v20.4s, v21.4s
 	fcvtzs	v19.4s, v19.4s
 	movi	v20.4s, #0x7f
 	add	v19.4s, v19.4s, v20.4s
 	shl	v19.4s, v19.4s, #23
 	fmul	v16.4s, v16.4s, v19.4s
-	bsl	v2.16b, v17.16b, v16.16b
-	fmla	v6.4s, v18.4s, v2.4s
-	str	q6, [x3, x4]
-	ldr	q6, [x1, #16]
-	fmla	v5.4s, v6.4s, v2.4s
-	str	q5, [x1, #16]
-	ldr	q5, [x1, #32]
-	fmla	v4.4s, v5.4s, v2.4s
-	str	q4, [x1, #32]
-	ldr	q4, [x1, #48]
-	fmla	v1.4s, v4.4s, v2.4s
-	str	q1, [x1, #48]
-	add	x7, x7, #0x1
+	bsl	v3.16b, v18.16b, v16.16b
+	fmla	v6.4s, v17.4s, v3.4s
+	str	q6, [x4, x5]
+	ldr	q6, [x3, #16]
+	fmla	v5.4s, v6.4s, v3.4s
+	str	q5, [x3, #16]
+	ldr	q5, [x3, #32]
+	fmla	v2.4s, v5.4s, v3.4s
+	str	q2, [x3, #32]
+	ldr	q2, [x3, #48]
+	fmla	v1.4s, v2.4s, v3.4s
+	str	q1, [x3, #48]
+	add	x8, x8, #0x1
 	mov	s1, v0.s[1]
 	fadd	s1, s0, s1
-	mov	s4, v0.s[2]
+	mov	s2, v0.s[2]
 	mov	s0, v0.s[3]
-	fadd	s0, s4, s0
+	fadd	s0, s2, s0
 	fadd	s0, s1, s0
 	dup	v0.4s, v0.s[0]
-	fmla	v0.4s, v3.4s, v2.4s
-	mov	v2.16b, v7.16b
-	mov	v3.16b, v0.16b
-	b	<kiln_v5_attend+0xd0>
-	ldr	s7, [x20, x22, lsl #2]
-	add	x21, x22, #0x1
-	add	x23, x11, #0x4, lsl #12
-	add	x23, x23, x6, lsl #6
-	add	x23, x23, x7, lsl #14
-	lsl	x24, x22, #8
-	add	x22, x23, x22, lsl #8
-	ldr	q18, [x23, x24]
-	fmla	v6.4s, v18.4s, v7.s[0]
-	ldr	q18, [x22, #16]
-	fmla	v5.4s, v18.4s, v7.s[0]
-	ldr	q18, [x22, #32]
-	fmla	v4.4s, v18.4s, v7.s[0]
-	ldr	q18, [x22, #48]
-	fmla	v1.4s, v18.4s, v7.s[0]
-	mov	x22, x21
-	b	<kiln_v5_attend+0x194>
+	fmla	v0.4s, v4.4s, v3.4s
+	mov	v3.16b, v7.16b
+	mov	v4.16b, v0.16b
+	b	<kiln_v5_attend+0xdc>
+	ldr	s7, [x20, x23, lsl #2]
+	add	x21, x23, #0x1
+	add	x24, x13, #0x4, lsl #12
+	add	x24, x24, x7, lsl #6
+	add	x24, x24, x8, lsl #14
+	lsl	x25, x23, #8
+	add	x23, x24, x23, lsl #8
+	ldr	q17, [x24, x25]
+	fmla	v6.4s, v17.4s, v7.s[0]
+	ldr	q17, [x23, #16]
+	fmla	v5.4s, v17.4s, v7.s[0]
+	ldr	q17, [x23, #32]
+	fmla	v2.4s, v17.4s, v7.s[0]
+	ldr	q17, [x23, #48]
+	fmla	v1.4s, v17.4s, v7.s[0]
+	mov	x23, x21
+	b	<kiln_v5_attend+0x1a0>
 	ldr	q1, [x20, x21, lsl #4]
-	mov	s4, v16.s[1]
-	fmax	s4, s16, s4
+	mov	s2, v16.s[1]
+	fmax	s2, s16, s2
 	mov	s5, v16.s[2]
 	mov	s6, v16.s[3]
 	fmax	s5, s5, s6
-	fmax	s4, s4, s5
-	dup	v4.4s, v4.s[0]
-	fmax	v4.4s, v2.4s, v4.4s
-	fsub	v1.4s, v1.4s, v4.4s
-	mov	w23, #0x999a                	// #39322
-	movk	w23, #0xc2ae, lsl #16
-	dup	v5.4s, w23
-	fcmgt	v4.4s, v5.4s, v1.4s
-	mov	w23, #0x6967                	// #26983
-	movk	w23, #0x3950, lsl #16
-	dup	v6.4s, w23
-	fmax	v1.4s, v1.4s, v5.4s
-	mov	w23, #0x999a                	// #39322
-	movk	w23, #0x42b0, lsl #16
-	dup	v5.4s, w23
-	fmin	v1.4s, v1.4s, v5.4s
-	mov	w23, #0xaa3b                	// #43579
-	movk	w23, #0x3fb8, lsl #16
-	dup	v5.4s, w23
-	fmul	v5.4s, v1.4s, v5.4s
-	frintn	v5.4s, v5.4s
-	mov	w23, #0x8083                	// #32899
-	movk	w23, #0x395e, lsl #16
-	dup	v7.4s, w23
-	mov	w23, #0x8000                	// #32768
-	movk	w23, #0xbf31, lsl #16
-	dup	v18.4s, w23
-	fmla	v1.4s, v5.4s, v18.4s
-	fmla	v1.4s, v5.4s, v7.4s
-	mov	w23, #0x43ce                	// #17358
-	movk	w23, #0x3ab7, lsl #16
-	dup	v7.4s, w23
+	fmax	s2, s2, s5
+	dup	v2.4s, v2.s[0]
+	fmax	v2.4s, v3.4s, v2.4s
+	fsub	v1.4s, v1.4s, v2.4s
+	mov	w24, #0x999a                	// #39322
+	movk	w24, #0xc2ae, lsl #16
+	dup	v2.4s, w24
+	fcmgt	v5.4s, v2.4s, v1.4s
+	mov	w24, #0x6967                	// #26983
+	movk	w24, #0x3950, lsl #16
+	dup	v6.4s, w24
+	fmax	v1.4s, v1.4s, v2.4s
+	mov	w24, #0x999a                	// #39322
+	movk	w24, #0x42b0, lsl #16
+	dup	v2.4s, w24
+	fmin	v1.4s, v1.4s, v2.4s
+	mov	w24, #0xaa3b                	// #43579
+	movk	w24, #0x3fb8, lsl #16
+	dup	v2.4s, w24
+	fmul	v2.4s, v1.4s, v2.4s
+	frintn	v2.4s, v2.4s
+	mov	w24, #0x8083                	// #32899
+	movk	w24, #0x395e, lsl #16
+	dup	v7.4s, w24
+	mov	w24, #0x8000                	// #32768
+	movk	w24, #0xbf31, lsl #16
+	dup	v17.4s, w24
+	fmla	v1.4s, v2.4s, v17.4s
+	fmla	v1.4s, v2.4s, v7.4s
+	mov	w24, #0x43ce                	// #17358
+	movk	w24, #0x3ab7, lsl #16
+	dup	v7.4s, w24
 	fmla	v7.4s, v6.4s, v1.4s
-	mov	w23, #0x8908                	// #35080
-	movk	w23, #0x3c08, lsl #16
-	dup	v6.4s, w23
+	mov	w24, #0x8908                	// #35080
+	movk	w24, #0x3c08, lsl #16
+	dup	v6.4s, w24
 	fmla	v6.4s, v7.4s, v1.4s
-	mov	w23, #0xa9c1                	// #43457
-	movk	w23, #0x3d2a, lsl #16
-	dup	v7.4s, w23
+	mov	w24, #0xa9c1                	// #43457
+	movk	w24, #0x3d2a, lsl #16
+	dup	v7.4s, w24
 	fmla	v7.4s, v6.4s, v1.4s
-	mov	w23, #0xaaaa                	// #43690
-	movk	w23, #0x3e2a, lsl #16
-	dup	v18.4s, w23
-	fmla	v18.4s, v7.4s, v1.4s
+	mov	w24, #0xaaaa                	// #43690
+	movk	w24, #0x3e2a, lsl #16
+	dup	v17.4s, w24
+	fmla	v17.4s, v7.4s, v1.4s
 	movi	v6.4s, #0x3f, lsl #24
-	fmla	v6.4s, v18.4s, v1.4s
+	fmla	v6.4s, v17.4s, v1.4s
 	fmul	v7.4s, v1.4s, v1.4s
-	fmov	v18.4s, #1.000000000000000000e+00
-	fadd	v1.4s, v1.4s, v18.4s
+	fmov	v17.4s, #1.000000000000000000e+00
+	fadd	v1.4s, v1.4s, v17.4s
 	fmla	v1.4s, v6.4s, v7.4s
-	fcvtzs	v5.4s, v5.4s
+	fcvtzs	v2.4s, v2.4s
 	movi	v6.4s, #0x7f
-	add	v5.4s, v5.4s, v6.4s
-	shl	v5.4s, v5.4s, #23
-	fmul	v1.4s, v1.4s, v5.4s
-	bsl	v4.16b, v17.16b, v1.16b
-	str	q4, [x20, x21, lsl #4]
+	add	v2.4s, v2.4s, v6.4s
+	shl	v2.4s, v2.4s, #23
+	fmul	v1.4s, v1.4s, v2.4s
+	bsl	v5.16b, v18.16b, v1.16b
+	str	q5, [x20, x21, lsl #4]
 	add	x21, x21, #0x1
-	fadd	v0.4s, v0.4s, v4.4s
-	b	<kiln_v5_attend+0x178>
-	add	x21, x9, x5, lsl #8
-	add	x22, x21, x6, lsl #6
-	ldr	q0, [x22, #48]
-	add	x23, x11, x6, lsl #6
-	add	x23, x23, x7, lsl #14
-	lsl	x24, x20, #8
-	add	x25, x23, x20, lsl #8
-	ldr	q1, [x25, #48]
-	ldr	q4, [x22, #32]
-	ldr	q5, [x25, #32]
-	ldr	q7, [x22, #16]
-	ldr	q18, [x25, #16]
-	ldr	q19, [x21, x4]
-	ldr	q20, [x23, x24]
-	mov	v6.16b, v17.16b
+	fadd	v0.4s, v0.4s, v5.4s
+	b	<kiln_v5_attend+0x184>
+	add	x21, x10, x6, lsl #8
+	add	x23, x21, x7, lsl #6
+	ldr	q0, [x23, #48]
+	add	x24, x13, x7, lsl #6
+	add	x24, x24, x8, lsl #14
+	lsl	x25, x20, #8
+	add	x26, x24, x20, lsl #8
+	ldr	q1, [x26, #48]
+	ldr	q2, [x23, #32]
+	ldr	q5, [x26, #32]
+	ldr	q7, [x23, #16]
+	ldr	q17, [x26, #16]
+	ldr	q19, [x21, x5]
+	ldr	q20, [x24, x25]
+	mov	v6.16b, v18.16b
 	fmla	v6.4s, v19.4s, v20.4s
-	fmla	v6.4s, v7.4s, v18.4s
-	fmla	v6.4s, v4.4s, v5.4s
+	fmla	v6.4s, v7.4s, v17.4s
+	fmla	v6.4s, v2.4s, v5.4s
 	fmla	v6.4s, v0.4s, v1.4s
 	mov	s0, v6.s[1]
 	fadd	s0, s6, s0
 	mov	s1, v6.s[2]
-	mov	s4, v6.s[3]
-	fadd	s1, s1, s4
+	mov	s2, v6.s[3]
+	fadd	s1, s1, s2
 	fadd	s0, s0, s1
 	dup	v0.4s, v0.s[0]
 	fmov	v1.4s, #2.500000000000000000e-01
@@ -1501,56 +1504,56 @@ Disassembly of section .text:
 	str	s0, [x21, x20, lsl #2]
 	add	x20, x20, #0x1
 	fmax	v16.4s, v16.4s, v0.4s
-	b	<kiln_v5_attend+0x144>
-	add	x23, x9, x5, lsl #8
-	add	x24, x23, x6, lsl #6
-	ldr	q0, [x24, #48]
-	add	x22, x11, x6, lsl #6
-	add	x25, x22, x7, lsl #14
-	lsl	x26, x20, #10
-	add	x22, x25, x20, lsl #10
-	ldr	q7, [x22, #48]
-	ldr	q1, [x24, #32]
-	ldr	q18, [x22, #32]
-	ldr	q4, [x24, #16]
-	ldr	q19, [x22, #16]
-	ldr	q5, [x23, x4]
-	ldr	q20, [x25, x26]
-	mov	v6.16b, v17.16b
+	b	<kiln_v5_attend+0x150>
+	add	x24, x10, x6, lsl #8
+	add	x25, x24, x7, lsl #6
+	ldr	q0, [x25, #48]
+	add	x23, x13, x7, lsl #6
+	add	x26, x23, x8, lsl #14
+	lsl	x27, x20, #10
+	add	x23, x26, x20, lsl #10
+	ldr	q7, [x23, #48]
+	ldr	q1, [x25, #32]
+	ldr	q17, [x23, #32]
+	ldr	q2, [x25, #16]
+	ldr	q19, [x23, #16]
+	ldr	q5, [x24, x5]
+	ldr	q20, [x26, x27]
+	mov	v6.16b, v18.16b
 	fmla	v6.4s, v5.4s, v20.4s
-	fmla	v6.4s, v4.4s, v19.4s
-	fmla	v6.4s, v1.4s, v18.4s
+	fmla	v6.4s, v2.4s, v19.4s
+	fmla	v6.4s, v1.4s, v17.4s
 	fmla	v6.4s, v0.4s, v7.4s
-	ldr	q7, [x22, #304]
-	ldr	q18, [x22, #288]
-	ldr	q20, [x22, #272]
-	ldr	q22, [x22, #256]
-	mov	v19.16b, v17.16b
-	fmla	v19.4s, v5.4s, v22.4s
-	fmla	v19.4s, v4.4s, v20.4s
-	fmla	v19.4s, v1.4s, v18.4s
+	ldr	q7, [x23, #304]
+	ldr	q17, [x23, #288]
+	ldr	q20, [x23, #272]
+	ldr	q21, [x23, #256]
+	mov	v19.16b, v18.16b
+	fmla	v19.4s, v5.4s, v21.4s
+	fmla	v19.4s, v2.4s, v20.4s
+	fmla	v19.4s, v1.4s, v17.4s
 	fmla	v19.4s, v0.4s, v7.4s
 	uzp1	v7.2d, v6.2d, v19.2d
 	uzp2	v6.2d, v6.2d, v19.2d
 	fadd	v6.4s, v7.4s, v6.4s
-	ldr	q18, [x22, #560]
-	ldr	q19, [x22, #544]
-	ldr	q20, [x22, #528]
-	ldr	q22, [x22, #512]
-	mov	v7.16b, v17.16b
-	fmla	v7.4s, v5.4s, v22.4s
-	fmla	v7.4s, v4.4s, v20.4s
+	ldr	q17, [x23, #560]
+	ldr	q19, [x23, #544]
+	ldr	q20, [x23, #528]
+	ldr	q21, [x23, #512]
+	mov	v7.16b, v18.16b
+	fmla	v7.4s, v5.4s, v21.4s
+	fmla	v7.4s, v2.4s, v20.4s
 	fmla	v7.4s, v1.4s, v19.4s
-	fmla	v7.4s, v0.4s, v18.4s
-	ldr	q18, [x22, #816]
-	ldr	q19, [x22, #800]
-	ldr	q22, [x22, #784]
-	ldr	q23, [x22, #768]
-	mov	v20.16b, v17.16b
+	fmla	v7.4s, v0.4s, v17.4s
+	ldr	q17, [x23, #816]
+	ldr	q19, [x23, #800]
+	ldr	q21, [x23, #784]
+	ldr	q23, [x23, #768]
+	mov	v20.16b, v18.16b
 	fmla	v20.4s, v5.4s, v23.4s
-	fmla	v20.4s, v4.4s, v22.4s
+	fmla	v20.4s, v2.4s, v21.4s
 	fmla	v20.4s, v1.4s, v19.4s
-	fmla	v20.4s, v0.4s, v18.4s
+	fmla	v20.4s, v0.4s, v17.4s
 	uzp1	v0.2d, v7.2d, v20.2d
 	uzp2	v1.2d, v7.2d, v20.2d
 	fadd	v0.4s, v0.4s, v1.4s
@@ -1559,11 +1562,11 @@ Disassembly of section .text:
 	fadd	v0.4s, v1.4s, v0.4s
 	fmov	v1.4s, #2.500000000000000000e-01
 	fmul	v0.4s, v0.4s, v1.4s
-	mov	x22, sp
-	str	q0, [x22, x20, lsl #4]
+	mov	x23, sp
+	str	q0, [x23, x20, lsl #4]
 	add	x20, x20, #0x1
 	fmax	v16.4s, v16.4s, v0.4s
-	b	<kiln_v5_attend+0x138>
+	b	<kiln_v5_attend+0x144>
 	udf	#49439
 	udf	#49439
 

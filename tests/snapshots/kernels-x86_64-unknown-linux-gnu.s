@@ -910,7 +910,7 @@ Disassembly of section .text:
 	mov    %ecx,(%rax)
 	cmp    $0xc1,%al
 	test   $0xa9c13d2a,%eax
-	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a945d>
+	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a944d>
 	shrl   $0x2a,-0x5555c2d6(%rcx)
 	ds stos %al,%es:(%rdi)
 	stos   %al,%es:(%rdi)
@@ -1453,34 +1453,35 @@ Disassembly of section .text:
 	mov    %r14,0x168(%rsp)
 	mov    %r15,0x170(%rsp)
 	mov    %rdx,0x110(%rsp)
-	mov    (%rdi),%r9
-	mov    %r9,0x140(%rsp)
-	mov    0x18(%rdi),%r8
-	mov    %r8,0x138(%rsp)
-	mov    0x10(%rdi),%r13
+	mov    (%rdi),%r10
+	mov    %r10,0x148(%rsp)
+	mov    0x18(%rdi),%rax
+	mov    %rax,0x140(%rsp)
+	mov    0x30(%rdi),%r9
+	mov    0x10(%rdi),%r14
 	mov    0x28(%rdi),%rdx
 	mov    %rdx,0x130(%rsp)
 	mov    0x20(%rdi),%rcx
-	mov    0x30(%rdi),%rax
 	shl    $0x2,%rcx
-	lea    (%rsi,%rax,4),%rdi
-	sub    %rdi,%rcx
+	lea    (%rsi,%r9,4),%r8
+	mov    %r9,0x138(%rsp)
+	sub    %r8,%rcx
 	mov    0x110(%rsp),%rdx
-	mov    %rdi,0x128(%rsp)
+	mov    %r8,0x128(%rsp)
 	lea    -0x1(%rcx,%rdx,1),%rax
 	cqto
-	mov    0x110(%rsp),%rsi
-	mov    0x110(%rsp),%rdi
-	test   %rdi,%rsi
-	je     <kiln_v5_attend+0xa39>
-	mov    0x110(%rsp),%r9
-	idiv   %r9
+	mov    0x110(%rsp),%r10
+	mov    0x110(%rsp),%r11
+	test   %r10,%r11
+	je     <kiln_v5_attend+0xa4e>
+	mov    0x110(%rsp),%rcx
+	idiv   %rcx
 	mov    %rax,0x120(%rsp)
-	xor    %r9,%r9
+	xor    %r10,%r10
 	mov    0x120(%rsp),%rcx
-	cmp    %rcx,%r9
+	cmp    %rcx,%r10
 	mov    %rcx,0x120(%rsp)
-	jl     <kiln_v5_attend+0x108>
+	jl     <kiln_v5_attend+0x110>
 	mov    0x150(%rsp),%rbx
 	mov    0x158(%rsp),%r12
 	mov    0x160(%rsp),%r13
@@ -1491,126 +1492,130 @@ Disassembly of section .text:
 	pop    %rbp
 	ret
 	vxorps %xmm0,%xmm0,%xmm0
-	mov    0x138(%rsp),%r8
-	mov    0x8(%r8),%rcx
-	mov    0x110(%rsp),%r12
+	mov    0x140(%rsp),%rsi
+	mov    0x8(%rsi),%rcx
+	mov    0x138(%rsp),%r9
 	mov    %r9,%rax
-	imul   %r12,%rax
-	mov    0x128(%rsp),%rdi
-	lea    (%rax,%rdi,1),%r11
-	mov    %r11,%rax
+	shl    $0x8,%rax
+	sub    %rax,%rcx
+	mov    0x110(%rsp),%r13
+	mov    %r10,%rax
+	imul   %r13,%rax
+	mov    0x128(%rsp),%r8
+	lea    (%rax,%r8,1),%rbx
+	mov    %rbx,%rax
 	shr    $0x2,%rax
 	mov    %rax,%rdx
 	shl    $0x8,%rax
 	mov    %rdx,0x118(%rsp)
-	lea    (%rcx,%rax,1),%rbx
-	and    $0x3,%r11
-	shl    $0x6,%r11
-	vmovups %xmm0,(%rbx,%r11,1)
-	vmovups %xmm0,0x10(%rbx,%r11,1)
-	vmovups %xmm0,0x20(%rbx,%r11,1)
-	vmovups %xmm0,0x30(%rbx,%r11,1)
-	xor    %r14,%r14
-	vmovups 0x8c5(%rip),%xmm1        # <kiln_v5_attend+0xa40>
+	lea    (%rcx,%rax,1),%r12
+	and    $0x3,%rbx
+	shl    $0x6,%rbx
+	vmovups %xmm0,(%r12,%rbx,1)
+	vmovups %xmm0,0x10(%r12,%rbx,1)
+	vmovups %xmm0,0x20(%r12,%rbx,1)
+	vmovups %xmm0,0x30(%r12,%rbx,1)
+	xor    %r15,%r15
+	vmovups 0x8bb(%rip),%xmm1        # <kiln_v5_attend+0xa50>
 	mov    0x118(%rsp),%rcx
 	mov    0x130(%rsp),%rdx
-	lea    0x40(%rdx,%rcx,1),%r15
-	shr    $0x6,%r15
-	movdqa %xmm1,%xmm3
-	movdqa %xmm0,%xmm4
-	cmp    %r15,%r14
-	jl     <kiln_v5_attend+0x1fb>
-	vmovups 0x8a3(%rip),%xmm0        # <kiln_v5_attend+0xa50>
-	vdivps %xmm4,%xmm0,%xmm0
-	vmulps (%rbx,%r11,1),%xmm0,%xmm1
-	vmovups %xmm1,(%rbx,%r11,1)
-	vmulps 0x10(%rbx,%r11,1),%xmm0,%xmm1
-	vmovups %xmm1,0x10(%rbx,%r11,1)
-	vmulps 0x20(%rbx,%r11,1),%xmm0,%xmm1
-	vmovups %xmm1,0x20(%rbx,%r11,1)
-	vmulps 0x30(%rbx,%r11,1),%xmm0,%xmm0
-	vmovups %xmm0,0x30(%rbx,%r11,1)
-	add    $0x1,%r9
+	lea    0x40(%rdx,%rcx,1),%r11
+	shr    $0x6,%r11
+	movdqa %xmm1,%xmm5
+	movdqa %xmm0,%xmm6
+	cmp    %r11,%r15
+	jl     <kiln_v5_attend+0x215>
+	vmovups 0x899(%rip),%xmm0        # <kiln_v5_attend+0xa60>
+	vdivps %xmm6,%xmm0,%xmm0
+	vmulps (%r12,%rbx,1),%xmm0,%xmm1
+	vmovups %xmm1,(%r12,%rbx,1)
+	vmulps 0x10(%r12,%rbx,1),%xmm0,%xmm1
+	vmovups %xmm1,0x10(%r12,%rbx,1)
+	vmulps 0x20(%r12,%rbx,1),%xmm0,%xmm1
+	vmovups %xmm1,0x20(%r12,%rbx,1)
+	vmulps 0x30(%r12,%rbx,1),%xmm0,%xmm0
+	vmovups %xmm0,0x30(%r12,%rbx,1)
+	add    $0x1,%r10
 	mov    0x120(%rsp),%rcx
-	jmp    <kiln_v5_attend+0xc3>
-	xor    %rcx,%rcx
-	mov    0x118(%rsp),%rdx
-	mov    0x130(%rsp),%rsi
-	lea    0x1(%rsi,%rdx,1),%r10
-	mov    %r14,%rdx
+	jmp    <kiln_v5_attend+0xcb>
+	xor    %rsi,%rsi
+	mov    0x118(%rsp),%rcx
+	mov    0x130(%rsp),%rdx
+	lea    0x1(%rdx,%rcx,1),%rcx
+	mov    %r15,%rdx
 	shl    $0x6,%rdx
-	sub    %rdx,%r10
+	sub    %rdx,%rcx
 	mov    $0x40,%edx
-	cmp    %r10,%rdx
-	cmovl  %rdx,%r10
-	mov    %r10,%rdx
+	cmp    %rcx,%rdx
+	cmovl  %rdx,%rcx
+	mov    %rcx,%rdx
 	shr    $0x2,%rdx
 	movdqa %xmm1,%xmm2
-	cmp    %rdx,%rcx
-	jl     <kiln_v5_attend+0x869>
-	mov    %r10,%rcx
-	and    $0xfffffffffffffffc,%rcx
-	cmp    %r10,%rcx
-	jl     <kiln_v5_attend+0x79d>
-	mov    $0xff800000,%ecx
-	vmovd  %ecx,%xmm5
-	lea    (%rsp),%rcx
-	vmovss %xmm5,(%rcx,%r10,4)
-	vmovss %xmm5,0x4(%rcx,%r10,4)
-	vmovss %xmm5,0x8(%rcx,%r10,4)
-	xor    %r8,%r8
-	lea    0x3(%r10),%rdi
-	shr    $0x2,%rdi
-	movdqa %xmm0,%xmm5
-	cmp    %rdi,%r8
-	jl     <kiln_v5_attend+0x586>
+	cmp    %rdx,%rsi
+	jl     <kiln_v5_attend+0x87e>
+	mov    %rcx,%rdx
+	and    $0xfffffffffffffffc,%rdx
+	cmp    %rcx,%rdx
+	jl     <kiln_v5_attend+0x7b4>
+	mov    $0xff800000,%edx
+	vmovd  %edx,%xmm3
+	lea    (%rsp),%rsi
+	vmovss %xmm3,(%rsi,%rcx,4)
+	vmovss %xmm3,0x4(%rsi,%rcx,4)
+	vmovss %xmm3,0x8(%rsi,%rcx,4)
+	xor    %r9,%r9
+	lea    0x3(%rcx),%r8
+	shr    $0x2,%r8
+	movdqa %xmm0,%xmm3
+	cmp    %r8,%r9
+	jl     <kiln_v5_attend+0x59d>
 	xor    %rdx,%rdx
-	movdqa %xmm0,%xmm6
+	movdqa %xmm0,%xmm4
 	movdqa %xmm0,%xmm7
 	movdqa %xmm0,%xmm8
 	movdqa %xmm0,%xmm9
-	cmp    %r10,%rdx
-	jl     <kiln_v5_attend+0x51c>
+	cmp    %rcx,%rdx
+	jl     <kiln_v5_attend+0x533>
 	vpshufd $0x1,%xmm2,%xmm10
 	ucomiss %xmm2,%xmm10
-	jne    <kiln_v5_attend+0x2cd>
-	jp     <kiln_v5_attend+0x2c2>
+	jne    <kiln_v5_attend+0x2e4>
+	jp     <kiln_v5_attend+0x2d9>
 	andps  %xmm2,%xmm10
-	jmp    <kiln_v5_attend+0x2d2>
+	jmp    <kiln_v5_attend+0x2e9>
 	addss  %xmm2,%xmm10
-	jp     <kiln_v5_attend+0x2d2>
+	jp     <kiln_v5_attend+0x2e9>
 	maxss  %xmm2,%xmm10
 	vpshufd $0x2,%xmm2,%xmm11
 	vpshufd $0x3,%xmm2,%xmm2
 	ucomiss %xmm11,%xmm2
-	jne    <kiln_v5_attend+0x300>
-	jp     <kiln_v5_attend+0x2f5>
+	jne    <kiln_v5_attend+0x317>
+	jp     <kiln_v5_attend+0x30c>
 	andps  %xmm11,%xmm2
-	jmp    <kiln_v5_attend+0x305>
+	jmp    <kiln_v5_attend+0x31c>
 	addss  %xmm11,%xmm2
-	jp     <kiln_v5_attend+0x305>
+	jp     <kiln_v5_attend+0x31c>
 	maxss  %xmm11,%xmm2
 	ucomiss %xmm10,%xmm2
-	jne    <kiln_v5_attend+0x329>
-	jp     <kiln_v5_attend+0x31e>
+	jne    <kiln_v5_attend+0x340>
+	jp     <kiln_v5_attend+0x335>
 	andps  %xmm10,%xmm2
-	jmp    <kiln_v5_attend+0x32e>
+	jmp    <kiln_v5_attend+0x345>
 	addss  %xmm10,%xmm2
-	jp     <kiln_v5_attend+0x32e>
+	jp     <kiln_v5_attend+0x345>
 	maxss  %xmm10,%xmm2
 	vbroadcastss %xmm2,%xmm10
-	vmaxps %xmm10,%xmm3,%xmm2
-	vmaxps %xmm3,%xmm10,%xmm10
+	vmaxps %xmm10,%xmm5,%xmm2
+	vmaxps %xmm5,%xmm10,%xmm10
 	vxorps %xmm10,%xmm2,%xmm11
 	vorps  %xmm11,%xmm2,%xmm10
 	vsubps %xmm11,%xmm10,%xmm2
 	vcmpunordps %xmm10,%xmm10,%xmm10
 	vpsrld $0xa,%xmm10,%xmm10
 	vandnps %xmm2,%xmm10,%xmm2
-	vsubps %xmm2,%xmm3,%xmm11
-	vmovups 0x6f9(%rip),%xmm12        # <kiln_v5_attend+0xa60>
-	vcmpltps %xmm12,%xmm11,%xmm3
-	vmovups 0x6fb(%rip),%xmm10        # <kiln_v5_attend+0xa70>
+	vsubps %xmm2,%xmm5,%xmm11
+	vmovups 0x6f2(%rip),%xmm12        # <kiln_v5_attend+0xa70>
+	vcmpltps %xmm12,%xmm11,%xmm5
+	vmovups 0x6f4(%rip),%xmm10        # <kiln_v5_attend+0xa80>
 	vmaxps %xmm12,%xmm11,%xmm13
 	vmaxps %xmm11,%xmm12,%xmm11
 	vxorps %xmm11,%xmm13,%xmm11
@@ -1619,7 +1624,7 @@ Disassembly of section .text:
 	vcmpunordps %xmm12,%xmm12,%xmm12
 	vpsrld $0xa,%xmm12,%xmm12
 	vandnps %xmm11,%xmm12,%xmm11
-	vmovups 0x6d9(%rip),%xmm12        # <kiln_v5_attend+0xa80>
+	vmovups 0x6d2(%rip),%xmm12        # <kiln_v5_attend+0xa90>
 	vminps %xmm12,%xmm11,%xmm13
 	vminps %xmm11,%xmm12,%xmm12
 	vorps  %xmm12,%xmm13,%xmm11
@@ -1627,27 +1632,27 @@ Disassembly of section .text:
 	vorps  %xmm12,%xmm11,%xmm11
 	vpsrld $0xa,%xmm12,%xmm12
 	vandnps %xmm11,%xmm12,%xmm12
-	vmovups 0x6bc(%rip),%xmm11        # <kiln_v5_attend+0xa90>
+	vmovups 0x6b5(%rip),%xmm11        # <kiln_v5_attend+0xaa0>
 	vmulps %xmm11,%xmm12,%xmm11
 	vroundps $0x0,%xmm11,%xmm11
-	vmovups 0x6b9(%rip),%xmm13        # <kiln_v5_attend+0xaa0>
-	vmovups 0x6c1(%rip),%xmm14        # <kiln_v5_attend+0xab0>
+	vmovups 0x6b2(%rip),%xmm13        # <kiln_v5_attend+0xab0>
+	vmovups 0x6ba(%rip),%xmm14        # <kiln_v5_attend+0xac0>
 	movdqa %xmm11,%xmm15
 	vfmadd213ps %xmm12,%xmm14,%xmm15
 	movdqa %xmm11,%xmm12
 	vfmadd213ps %xmm15,%xmm13,%xmm12
-	vmovups 0x6b5(%rip),%xmm13        # <kiln_v5_attend+0xac0>
+	vmovups 0x6ae(%rip),%xmm13        # <kiln_v5_attend+0xad0>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x6b8(%rip),%xmm13        # <kiln_v5_attend+0xad0>
+	vmovups 0x6b1(%rip),%xmm13        # <kiln_v5_attend+0xae0>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x6bb(%rip),%xmm13        # <kiln_v5_attend+0xae0>
+	vmovups 0x6b4(%rip),%xmm13        # <kiln_v5_attend+0xaf0>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x6be(%rip),%xmm13        # <kiln_v5_attend+0xaf0>
+	vmovups 0x6b7(%rip),%xmm13        # <kiln_v5_attend+0xb00>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x6c1(%rip),%xmm13        # <kiln_v5_attend+0xb00>
+	vmovups 0x6ba(%rip),%xmm13        # <kiln_v5_attend+0xb10>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
 	vmulps %xmm12,%xmm12,%xmm13
-	vmovups 0x5ff(%rip),%xmm14        # <kiln_v5_attend+0xa50>
+	vmovups 0x5f8(%rip),%xmm14        # <kiln_v5_attend+0xa60>
 	vaddps %xmm14,%xmm12,%xmm12
 	vfmadd213ps %xmm12,%xmm13,%xmm10
 	vcmpeqps %xmm11,%xmm11,%xmm12
@@ -1657,288 +1662,289 @@ Disassembly of section .text:
 	vpand  %xmm12,%xmm11,%xmm12
 	vpsrad $0x1f,%xmm12,%xmm12
 	vpxor  %xmm11,%xmm12,%xmm11
-	vmovdqu 0x688(%rip),%xmm12        # <kiln_v5_attend+0xb10>
+	vmovdqu 0x681(%rip),%xmm12        # <kiln_v5_attend+0xb20>
 	vpaddd %xmm12,%xmm11,%xmm11
 	vpslld $0x17,%xmm11,%xmm11
 	vmulps %xmm11,%xmm10,%xmm10
-	vpblendvb %xmm3,%xmm0,%xmm10,%xmm3
-	movdqa %xmm3,%xmm10
-	vfmadd132ps (%rbx,%r11,1),%xmm9,%xmm10
-	vmovups %xmm10,(%rbx,%r11,1)
-	movdqa %xmm3,%xmm9
-	vfmadd132ps 0x10(%rbx,%r11,1),%xmm8,%xmm9
-	vmovups %xmm9,0x10(%rbx,%r11,1)
-	movdqa %xmm3,%xmm8
-	vfmadd132ps 0x20(%rbx,%r11,1),%xmm7,%xmm8
-	vmovups %xmm8,0x20(%rbx,%r11,1)
-	movdqa %xmm3,%xmm7
-	vfmadd132ps 0x30(%rbx,%r11,1),%xmm6,%xmm7
-	vmovups %xmm7,0x30(%rbx,%r11,1)
-	add    $0x1,%r14
-	vpshufd $0x1,%xmm5,%xmm6
-	vaddss %xmm6,%xmm5,%xmm6
-	vpshufd $0x2,%xmm5,%xmm7
-	vpshufd $0x3,%xmm5,%xmm5
-	vaddss %xmm5,%xmm7,%xmm5
-	vaddss %xmm5,%xmm6,%xmm5
-	vbroadcastss %xmm5,%xmm5
-	vfmadd213ps %xmm5,%xmm3,%xmm4
-	movdqa %xmm2,%xmm3
-	jmp    <kiln_v5_attend+0x19c>
-	vmovss (%rcx,%rdx,4),%xmm10
-	lea    0x1(%rdx),%rdi
-	lea    0x4000(%r13,%r11,1),%rsi
-	mov    %r14,%r8
-	shl    $0xe,%r8
-	add    %r8,%rsi
+	vpblendvb %xmm5,%xmm0,%xmm10,%xmm5
+	movdqa %xmm5,%xmm10
+	vfmadd132ps (%r12,%rbx,1),%xmm9,%xmm10
+	vmovups %xmm10,(%r12,%rbx,1)
+	movdqa %xmm5,%xmm9
+	vfmadd132ps 0x10(%r12,%rbx,1),%xmm8,%xmm9
+	vmovups %xmm9,0x10(%r12,%rbx,1)
+	movdqa %xmm5,%xmm8
+	vfmadd132ps 0x20(%r12,%rbx,1),%xmm7,%xmm8
+	vmovups %xmm8,0x20(%r12,%rbx,1)
+	movdqa %xmm5,%xmm7
+	vfmadd132ps 0x30(%r12,%rbx,1),%xmm4,%xmm7
+	vmovups %xmm7,0x30(%r12,%rbx,1)
+	add    $0x1,%r15
+	vpshufd $0x1,%xmm3,%xmm7
+	vaddss %xmm7,%xmm3,%xmm7
+	vpshufd $0x2,%xmm3,%xmm4
+	vpshufd $0x3,%xmm3,%xmm3
+	vaddss %xmm3,%xmm4,%xmm3
+	vaddss %xmm3,%xmm7,%xmm7
+	vbroadcastss %xmm7,%xmm7
+	vfmadd213ps %xmm7,%xmm5,%xmm6
+	movdqa %xmm2,%xmm5
+	jmp    <kiln_v5_attend+0x1b6>
+	vmovss (%rsi,%rdx,4),%xmm10
+	lea    0x1(%rdx),%r8
+	lea    0x4000(%r14,%rbx,1),%rdi
+	mov    %r15,%r9
+	shl    $0xe,%r9
+	add    %rdi,%r9
 	shl    $0x8,%rdx
 	vbroadcastss %xmm10,%xmm10
 	movdqa %xmm10,%xmm11
-	vfmadd132ps (%rsi,%rdx,1),%xmm9,%xmm11
+	vfmadd132ps (%r9,%rdx,1),%xmm9,%xmm11
 	movdqa %xmm10,%xmm9
-	vfmadd132ps 0x10(%rsi,%rdx,1),%xmm8,%xmm9
+	vfmadd132ps 0x10(%r9,%rdx,1),%xmm8,%xmm9
 	movdqa %xmm10,%xmm8
-	vfmadd132ps 0x20(%rsi,%rdx,1),%xmm7,%xmm8
-	vfmadd132ps 0x30(%rsi,%rdx,1),%xmm6,%xmm10
-	mov    %rdi,%rdx
+	vfmadd132ps 0x20(%r9,%rdx,1),%xmm7,%xmm8
+	vfmadd132ps 0x30(%r9,%rdx,1),%xmm4,%xmm10
+	mov    %r8,%rdx
 	movdqa %xmm8,%xmm7
 	movdqa %xmm9,%xmm8
 	movdqa %xmm11,%xmm9
-	movdqa %xmm10,%xmm6
-	jmp    <kiln_v5_attend+0x29b>
-	mov    %r8,%rdx
+	movdqa %xmm10,%xmm4
+	jmp    <kiln_v5_attend+0x2b2>
+	mov    %r9,%rdx
 	shl    $0x4,%rdx
-	vmovups (%rcx,%rdx,1),%xmm6
+	vmovups (%rsi,%rdx,1),%xmm4
 	vpshufd $0x1,%xmm2,%xmm7
 	ucomiss %xmm2,%xmm7
-	jne    <kiln_v5_attend+0x5b8>
-	jp     <kiln_v5_attend+0x5ae>
+	jne    <kiln_v5_attend+0x5cf>
+	jp     <kiln_v5_attend+0x5c5>
 	andps  %xmm2,%xmm7
-	jmp    <kiln_v5_attend+0x5bc>
+	jmp    <kiln_v5_attend+0x5d3>
 	addss  %xmm2,%xmm7
-	jp     <kiln_v5_attend+0x5bc>
+	jp     <kiln_v5_attend+0x5d3>
 	maxss  %xmm2,%xmm7
 	vpshufd $0x2,%xmm2,%xmm8
 	vpshufd $0x3,%xmm2,%xmm9
 	ucomiss %xmm8,%xmm9
-	jne    <kiln_v5_attend+0x5ea>
-	jp     <kiln_v5_attend+0x5df>
+	jne    <kiln_v5_attend+0x601>
+	jp     <kiln_v5_attend+0x5f6>
 	andps  %xmm8,%xmm9
-	jmp    <kiln_v5_attend+0x5ef>
+	jmp    <kiln_v5_attend+0x606>
 	addss  %xmm8,%xmm9
-	jp     <kiln_v5_attend+0x5ef>
+	jp     <kiln_v5_attend+0x606>
 	maxss  %xmm8,%xmm9
 	ucomiss %xmm7,%xmm9
-	jne    <kiln_v5_attend+0x613>
-	jp     <kiln_v5_attend+0x608>
+	jne    <kiln_v5_attend+0x62a>
+	jp     <kiln_v5_attend+0x61f>
 	andps  %xmm7,%xmm9
-	jmp    <kiln_v5_attend+0x618>
+	jmp    <kiln_v5_attend+0x62f>
 	addss  %xmm7,%xmm9
-	jp     <kiln_v5_attend+0x618>
+	jp     <kiln_v5_attend+0x62f>
 	maxss  %xmm7,%xmm9
 	vbroadcastss %xmm9,%xmm8
-	vmaxps %xmm8,%xmm3,%xmm7
-	vmaxps %xmm3,%xmm8,%xmm8
+	vmaxps %xmm8,%xmm5,%xmm7
+	vmaxps %xmm5,%xmm8,%xmm8
 	vxorps %xmm8,%xmm7,%xmm9
 	vorps  %xmm9,%xmm7,%xmm8
 	vsubps %xmm9,%xmm8,%xmm7
-	vcmpunordps %xmm8,%xmm8,%xmm9
-	vpsrld $0xa,%xmm9,%xmm11
-	vandnps %xmm7,%xmm11,%xmm7
-	vsubps %xmm7,%xmm6,%xmm8
-	vmovups 0x40f(%rip),%xmm9        # <kiln_v5_attend+0xa60>
-	vcmpltps %xmm9,%xmm8,%xmm6
-	vmovups 0x411(%rip),%xmm7        # <kiln_v5_attend+0xa70>
+	vcmpunordps %xmm8,%xmm8,%xmm11
+	vpsrld $0xa,%xmm11,%xmm13
+	vandnps %xmm7,%xmm13,%xmm7
+	vsubps %xmm7,%xmm4,%xmm8
+	vmovups 0x408(%rip),%xmm9        # <kiln_v5_attend+0xa70>
+	vcmpltps %xmm9,%xmm8,%xmm4
+	vmovups 0x40a(%rip),%xmm7        # <kiln_v5_attend+0xa80>
 	vmaxps %xmm9,%xmm8,%xmm10
 	vmaxps %xmm8,%xmm9,%xmm8
-	vxorps %xmm8,%xmm10,%xmm8
-	vorps  %xmm8,%xmm10,%xmm9
-	vsubps %xmm8,%xmm9,%xmm8
-	vcmpunordps %xmm9,%xmm9,%xmm9
-	vpsrld $0xa,%xmm9,%xmm11
-	vandnps %xmm8,%xmm11,%xmm13
-	vmovups 0x3ef(%rip),%xmm8        # <kiln_v5_attend+0xa80>
-	vminps %xmm8,%xmm13,%xmm10
-	vminps %xmm13,%xmm8,%xmm9
+	vxorps %xmm8,%xmm10,%xmm9
 	vorps  %xmm9,%xmm10,%xmm8
-	vcmpunordps %xmm9,%xmm8,%xmm9
-	vorps  %xmm9,%xmm8,%xmm8
-	vpsrld $0xa,%xmm9,%xmm10
-	vandnps %xmm8,%xmm10,%xmm12
-	vmovups 0x3d2(%rip),%xmm8        # <kiln_v5_attend+0xa90>
-	vmulps %xmm8,%xmm12,%xmm8
+	vsubps %xmm9,%xmm8,%xmm9
+	vcmpunordps %xmm8,%xmm8,%xmm11
+	vpsrld $0xa,%xmm11,%xmm13
+	vandnps %xmm9,%xmm13,%xmm15
+	vmovups 0x3e8(%rip),%xmm8        # <kiln_v5_attend+0xa90>
+	vminps %xmm8,%xmm15,%xmm9
+	vminps %xmm15,%xmm8,%xmm8
+	vorps  %xmm8,%xmm9,%xmm9
+	vcmpunordps %xmm8,%xmm9,%xmm8
+	vorps  %xmm8,%xmm9,%xmm10
+	vpsrld $0xa,%xmm8,%xmm12
+	vandnps %xmm10,%xmm12,%xmm14
+	vmovups 0x3cb(%rip),%xmm8        # <kiln_v5_attend+0xaa0>
+	vmulps %xmm8,%xmm14,%xmm8
 	vroundps $0x0,%xmm8,%xmm8
-	vmovups 0x3cf(%rip),%xmm10        # <kiln_v5_attend+0xaa0>
-	vmovups 0x3d7(%rip),%xmm9        # <kiln_v5_attend+0xab0>
+	vmovups 0x3c8(%rip),%xmm10        # <kiln_v5_attend+0xab0>
+	vmovups 0x3d0(%rip),%xmm9        # <kiln_v5_attend+0xac0>
 	movdqa %xmm8,%xmm11
-	vfmadd213ps %xmm12,%xmm9,%xmm11
+	vfmadd213ps %xmm14,%xmm9,%xmm11
 	movdqa %xmm8,%xmm9
 	vfmadd213ps %xmm11,%xmm10,%xmm9
-	vmovups 0x3cb(%rip),%xmm10        # <kiln_v5_attend+0xac0>
+	vmovups 0x3c4(%rip),%xmm10        # <kiln_v5_attend+0xad0>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x3ce(%rip),%xmm10        # <kiln_v5_attend+0xad0>
+	vmovups 0x3c7(%rip),%xmm10        # <kiln_v5_attend+0xae0>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x3d1(%rip),%xmm10        # <kiln_v5_attend+0xae0>
+	vmovups 0x3ca(%rip),%xmm10        # <kiln_v5_attend+0xaf0>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x3d4(%rip),%xmm10        # <kiln_v5_attend+0xaf0>
+	vmovups 0x3cd(%rip),%xmm10        # <kiln_v5_attend+0xb00>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x3d7(%rip),%xmm10        # <kiln_v5_attend+0xb00>
+	vmovups 0x3d0(%rip),%xmm10        # <kiln_v5_attend+0xb10>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
 	vmulps %xmm9,%xmm9,%xmm10
-	vmovups 0x315(%rip),%xmm11        # <kiln_v5_attend+0xa50>
+	vmovups 0x30e(%rip),%xmm11        # <kiln_v5_attend+0xa60>
 	vaddps %xmm11,%xmm9,%xmm9
 	vfmadd213ps %xmm9,%xmm10,%xmm7
 	vcmpeqps %xmm8,%xmm8,%xmm9
 	vandps %xmm9,%xmm8,%xmm8
 	vpxor  %xmm8,%xmm9,%xmm9
 	vcvttps2dq %xmm8,%xmm8
-	vpand  %xmm9,%xmm8,%xmm9
-	vpsrad $0x1f,%xmm9,%xmm10
-	vpxor  %xmm8,%xmm10,%xmm12
-	vmovdqu 0x39e(%rip),%xmm8        # <kiln_v5_attend+0xb10>
-	vpaddd %xmm8,%xmm12,%xmm8
+	vpand  %xmm9,%xmm8,%xmm10
+	vpsrad $0x1f,%xmm10,%xmm12
+	vpxor  %xmm8,%xmm12,%xmm14
+	vmovdqu 0x397(%rip),%xmm8        # <kiln_v5_attend+0xb20>
+	vpaddd %xmm8,%xmm14,%xmm8
 	vpslld $0x17,%xmm8,%xmm8
 	vmulps %xmm8,%xmm7,%xmm7
-	vpblendvb %xmm6,%xmm0,%xmm7,%xmm6
-	vmovups %xmm6,(%rcx,%rdx,1)
-	add    $0x1,%r8
-	vaddps %xmm6,%xmm5,%xmm5
-	jmp    <kiln_v5_attend+0x27d>
-	mov    0x140(%rsp),%rsi
-	lea    (%rsi,%rax,1),%r8
-	vmovups 0x30(%r8,%r11,1),%xmm5
-	lea    0x0(%r13,%r11,1),%rdx
-	mov    %r14,%rdi
-	shl    $0xe,%rdi
-	add    %rdi,%rdx
-	mov    %rcx,%rdi
-	shl    $0x8,%rdi
-	vmovups 0x30(%rdx,%rdi,1),%xmm6
-	vmovups 0x20(%r8,%r11,1),%xmm7
-	vmovups 0x20(%rdx,%rdi,1),%xmm8
-	vmovups 0x10(%r8,%r11,1),%xmm9
-	vmovups 0x10(%rdx,%rdi,1),%xmm10
-	vmovups (%r8,%r11,1),%xmm11
-	vmovups (%rdx,%rdi,1),%xmm12
-	vfmadd213ps %xmm0,%xmm12,%xmm11
-	vfmadd213ps %xmm11,%xmm10,%xmm9
-	vfmadd213ps %xmm9,%xmm8,%xmm7
-	vfmadd213ps %xmm7,%xmm6,%xmm5
-	vpshufd $0x1,%xmm5,%xmm6
-	vaddss %xmm6,%xmm5,%xmm6
-	vpshufd $0x2,%xmm5,%xmm7
-	vpshufd $0x3,%xmm5,%xmm5
-	vaddss %xmm5,%xmm7,%xmm5
-	vaddss %xmm5,%xmm6,%xmm5
-	vbroadcastss %xmm5,%xmm5
-	vmovups 0x2f3(%rip),%xmm6        # <kiln_v5_attend+0xb20>
-	vmulps %xmm6,%xmm5,%xmm5
+	vpblendvb %xmm4,%xmm0,%xmm7,%xmm4
+	vmovups %xmm4,(%rsi,%rdx,1)
+	add    $0x1,%r9
+	vaddps %xmm4,%xmm3,%xmm3
+	jmp    <kiln_v5_attend+0x294>
+	mov    0x148(%rsp),%rdi
+	lea    (%rdi,%rax,1),%rsi
+	vmovups 0x30(%rsi,%rbx,1),%xmm3
+	lea    (%r14,%rbx,1),%r8
+	mov    %r15,%r9
+	shl    $0xe,%r9
+	add    %r9,%r8
+	mov    %rdx,%r9
+	shl    $0x8,%r9
+	vmovups 0x30(%r8,%r9,1),%xmm4
+	vmovups 0x20(%rsi,%rbx,1),%xmm7
+	vmovups 0x20(%r8,%r9,1),%xmm10
+	vmovups 0x10(%rsi,%rbx,1),%xmm8
+	vmovups 0x10(%r8,%r9,1),%xmm11
+	vmovups (%rsi,%rbx,1),%xmm9
+	vmovups (%r8,%r9,1),%xmm12
+	vfmadd213ps %xmm0,%xmm12,%xmm9
+	vfmadd213ps %xmm9,%xmm11,%xmm8
+	vfmadd213ps %xmm8,%xmm10,%xmm7
+	vfmadd213ps %xmm7,%xmm4,%xmm3
+	vpshufd $0x1,%xmm3,%xmm4
+	vaddss %xmm4,%xmm3,%xmm4
+	vpshufd $0x2,%xmm3,%xmm7
+	vpshufd $0x3,%xmm3,%xmm3
+	vaddss %xmm3,%xmm7,%xmm3
+	vaddss %xmm3,%xmm4,%xmm3
+	vbroadcastss %xmm3,%xmm3
+	vmovups 0x2ed(%rip),%xmm4        # <kiln_v5_attend+0xb30>
+	vmulps %xmm4,%xmm3,%xmm3
+	lea    (%rsp),%rsi
+	vmovss %xmm3,(%rsi,%rdx,4)
+	add    $0x1,%rdx
+	vmaxps %xmm3,%xmm2,%xmm4
+	vmaxps %xmm2,%xmm3,%xmm7
+	vxorps %xmm7,%xmm4,%xmm2
+	vorps  %xmm2,%xmm4,%xmm3
+	vsubps %xmm2,%xmm3,%xmm2
+	vcmpunordps %xmm3,%xmm3,%xmm3
+	vpsrld $0xa,%xmm3,%xmm3
+	vandnps %xmm2,%xmm3,%xmm2
+	jmp    <kiln_v5_attend+0x25e>
+	mov    0x148(%rsp),%rdi
+	lea    (%rdi,%rax,1),%r13
+	vmovups 0x30(%r13,%rbx,1),%xmm3
+	lea    (%r14,%rbx,1),%r8
+	mov    %r15,%r9
+	shl    $0xe,%r9
+	add    %r9,%r8
+	mov    %rsi,%r9
+	shl    $0xa,%r9
+	vmovups 0x30(%r8,%r9,1),%xmm12
+	vmovups 0x20(%r13,%rbx,1),%xmm4
+	vmovups 0x20(%r8,%r9,1),%xmm13
+	vmovups 0x10(%r13,%rbx,1),%xmm7
+	vmovups 0x10(%r8,%r9,1),%xmm14
+	vmovups 0x0(%r13,%rbx,1),%xmm8
+	vmovups (%r8,%r9,1),%xmm15
+	movdqa %xmm8,%xmm9
+	vfmadd213ps %xmm0,%xmm15,%xmm9
+	movdqa %xmm7,%xmm15
+	vfmadd213ps %xmm9,%xmm14,%xmm15
+	movdqa %xmm4,%xmm14
+	vfmadd213ps %xmm15,%xmm13,%xmm14
+	movdqa %xmm3,%xmm13
+	vfmadd213ps %xmm14,%xmm12,%xmm13
+	vmovups 0x130(%r8,%r9,1),%xmm12
+	vmovups 0x120(%r8,%r9,1),%xmm14
+	vmovups 0x110(%r8,%r9,1),%xmm15
+	vmovups 0x100(%r8,%r9,1),%xmm9
+	movdqa %xmm8,%xmm10
+	vfmadd213ps %xmm0,%xmm9,%xmm10
+	movdqa %xmm7,%xmm9
+	vfmadd213ps %xmm10,%xmm15,%xmm9
+	movdqa %xmm4,%xmm15
+	vfmadd213ps %xmm9,%xmm14,%xmm15
+	movdqa %xmm3,%xmm14
+	vfmadd213ps %xmm15,%xmm12,%xmm14
+	vpunpcklqdq %xmm14,%xmm13,%xmm12
+	vpunpckhqdq %xmm14,%xmm13,%xmm13
+	vaddps %xmm13,%xmm12,%xmm12
+	vmovups 0x230(%r8,%r9,1),%xmm14
+	vmovups 0x220(%r8,%r9,1),%xmm13
+	vmovups 0x210(%r8,%r9,1),%xmm15
+	vmovups 0x200(%r8,%r9,1),%xmm9
+	movdqa %xmm8,%xmm10
+	vfmadd213ps %xmm0,%xmm9,%xmm10
+	movdqa %xmm7,%xmm9
+	vfmadd213ps %xmm10,%xmm15,%xmm9
+	movdqa %xmm4,%xmm15
+	vfmadd213ps %xmm9,%xmm13,%xmm15
+	movdqa %xmm3,%xmm13
+	vfmadd213ps %xmm15,%xmm14,%xmm13
+	vmovups 0x330(%r8,%r9,1),%xmm14
+	vmovups 0x320(%r8,%r9,1),%xmm15
+	vmovups 0x310(%r8,%r9,1),%xmm9
+	vmovups 0x300(%r8,%r9,1),%xmm10
+	vfmadd213ps %xmm0,%xmm10,%xmm8
+	vfmadd213ps %xmm8,%xmm9,%xmm7
+	vfmadd213ps %xmm7,%xmm15,%xmm4
+	vfmadd213ps %xmm4,%xmm14,%xmm3
+	vpunpcklqdq %xmm3,%xmm13,%xmm4
+	vpunpckhqdq %xmm3,%xmm13,%xmm3
+	vaddps %xmm3,%xmm4,%xmm3
+	vshufps $0x88,%xmm3,%xmm12,%xmm4
+	vshufps $0xdd,%xmm3,%xmm12,%xmm3
+	vaddps %xmm3,%xmm4,%xmm3
+	vmovups 0x125(%rip),%xmm4        # <kiln_v5_attend+0xb30>
+	vmulps %xmm4,%xmm3,%xmm3
 	lea    (%rsp),%r8
-	vmovss %xmm5,(%r8,%rcx,4)
-	add    $0x1,%rcx
-	vmaxps %xmm5,%xmm2,%xmm6
-	vmaxps %xmm2,%xmm5,%xmm5
-	vxorps %xmm5,%xmm6,%xmm7
-	vorps  %xmm7,%xmm6,%xmm5
-	vsubps %xmm7,%xmm5,%xmm2
-	vcmpunordps %xmm5,%xmm5,%xmm5
-	vpsrld $0xa,%xmm5,%xmm5
-	vandnps %xmm2,%xmm5,%xmm2
-	jmp    <kiln_v5_attend+0x244>
-	mov    0x140(%rsp),%rsi
-	lea    (%rsi,%rax,1),%r12
-	vmovups 0x30(%r12,%r11,1),%xmm5
-	lea    0x0(%r13,%r11,1),%rdi
-	mov    %r14,%r8
-	shl    $0xe,%r8
-	add    %r8,%rdi
-	mov    %rcx,%r8
-	shl    $0xa,%r8
-	vmovups 0x30(%rdi,%r8,1),%xmm10
-	vmovups 0x20(%r12,%r11,1),%xmm6
-	vmovups 0x20(%rdi,%r8,1),%xmm11
-	vmovups 0x10(%r12,%r11,1),%xmm7
-	vmovups 0x10(%rdi,%r8,1),%xmm12
-	vmovups (%r12,%r11,1),%xmm8
-	vmovups (%rdi,%r8,1),%xmm13
-	movdqa %xmm8,%xmm14
-	vfmadd213ps %xmm0,%xmm13,%xmm14
-	movdqa %xmm7,%xmm13
-	vfmadd213ps %xmm14,%xmm12,%xmm13
-	movdqa %xmm6,%xmm12
-	vfmadd213ps %xmm13,%xmm11,%xmm12
-	movdqa %xmm5,%xmm11
-	vfmadd213ps %xmm12,%xmm10,%xmm11
-	vmovups 0x130(%rdi,%r8,1),%xmm10
-	vmovups 0x120(%rdi,%r8,1),%xmm12
-	vmovups 0x110(%rdi,%r8,1),%xmm13
-	vmovups 0x100(%rdi,%r8,1),%xmm14
-	movdqa %xmm8,%xmm15
-	vfmadd213ps %xmm0,%xmm14,%xmm15
-	movdqa %xmm7,%xmm14
-	vfmadd213ps %xmm15,%xmm13,%xmm14
-	movdqa %xmm6,%xmm13
-	vfmadd213ps %xmm14,%xmm12,%xmm13
-	movdqa %xmm5,%xmm12
-	vfmadd213ps %xmm13,%xmm10,%xmm12
-	vpunpcklqdq %xmm12,%xmm11,%xmm10
-	vpunpckhqdq %xmm12,%xmm11,%xmm11
-	vaddps %xmm11,%xmm10,%xmm10
-	vmovups 0x230(%rdi,%r8,1),%xmm12
-	vmovups 0x220(%rdi,%r8,1),%xmm11
-	vmovups 0x210(%rdi,%r8,1),%xmm13
-	vmovups 0x200(%rdi,%r8,1),%xmm14
-	movdqa %xmm8,%xmm15
-	vfmadd213ps %xmm0,%xmm14,%xmm15
-	movdqa %xmm7,%xmm14
-	vfmadd213ps %xmm15,%xmm13,%xmm14
-	movdqa %xmm6,%xmm13
-	vfmadd213ps %xmm14,%xmm11,%xmm13
-	movdqa %xmm5,%xmm11
-	vfmadd213ps %xmm13,%xmm12,%xmm11
-	vmovups 0x330(%rdi,%r8,1),%xmm12
-	vmovups 0x320(%rdi,%r8,1),%xmm13
-	vmovups 0x310(%rdi,%r8,1),%xmm14
-	vmovups 0x300(%rdi,%r8,1),%xmm15
-	vfmadd213ps %xmm0,%xmm15,%xmm8
-	vfmadd213ps %xmm8,%xmm14,%xmm7
-	vfmadd213ps %xmm7,%xmm13,%xmm6
-	vfmadd213ps %xmm6,%xmm12,%xmm5
-	vpunpcklqdq %xmm5,%xmm11,%xmm6
-	vpunpckhqdq %xmm5,%xmm11,%xmm5
-	vaddps %xmm5,%xmm6,%xmm5
-	vshufps $0x88,%xmm5,%xmm10,%xmm6
-	vshufps $0xdd,%xmm5,%xmm10,%xmm5
-	vaddps %xmm5,%xmm6,%xmm5
-	vmovups 0x12a(%rip),%xmm6        # <kiln_v5_attend+0xb20>
-	vmulps %xmm6,%xmm5,%xmm5
-	lea    (%rsp),%rdi
-	mov    %rcx,%r8
-	shl    $0x4,%r8
-	vmovups %xmm5,(%rdi,%r8,1)
-	add    $0x1,%rcx
-	vmaxps %xmm5,%xmm2,%xmm6
-	vmaxps %xmm2,%xmm5,%xmm7
-	vxorps %xmm7,%xmm6,%xmm2
-	vorps  %xmm2,%xmm6,%xmm5
-	vsubps %xmm2,%xmm5,%xmm2
-	vcmpunordps %xmm5,%xmm5,%xmm5
-	vpsrld $0xa,%xmm5,%xmm5
-	vandnps %xmm2,%xmm5,%xmm2
-	jmp    <kiln_v5_attend+0x234>
+	mov    %rsi,%r9
+	shl    $0x4,%r9
+	vmovups %xmm3,(%r8,%r9,1)
+	add    $0x1,%rsi
+	vmaxps %xmm3,%xmm2,%xmm7
+	vmaxps %xmm2,%xmm3,%xmm2
+	vxorps %xmm2,%xmm7,%xmm2
+	vorps  %xmm2,%xmm7,%xmm3
+	vsubps %xmm2,%xmm3,%xmm2
+	vcmpunordps %xmm3,%xmm3,%xmm3
+	vpsrld $0xa,%xmm3,%xmm3
+	vandnps %xmm2,%xmm3,%xmm2
+	jmp    <kiln_v5_attend+0x24e>
 	ud2
 	add    %al,(%rax)
-	add    %al,(%rax)
-	add    %al,(%rax)
+	cmp    $0x0,%bh
 	add    %al,-0x7fffff01(%rax)
 	incl   (%rax)
 	add    %al,-0x7fffff01(%rax)
-	incl   (%rax)
-	add    %al,-0x7fffffc1(%rax)
 	(bad)
 	add    %al,(%rax)
 	cmpb   $0x0,(%rdi)
-	add    %al,-0x516665c1(%rax)
+	add    %al,-0x7fffffc1(%rax)
+	(bad)
+	(bad)
+	cltd
+	scas   %es:(%rdi),%al
 	ret    $0x999a
 	scas   %es:(%rdi),%al
 	ret    $0x999a
@@ -2007,13 +2013,13 @@ Disassembly of section .text:
 	add    %bh,(%rdi)
 	add    %al,(%rax)
 	add    %bh,(%rdi)
-	jg     <kiln_v5_attend+0xb12>
+	jg     <kiln_v5_attend+0xb22>
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0xb16>
+	jg     <kiln_v5_attend+0xb26>
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0xb1a>
+	jg     <kiln_v5_attend+0xb2a>
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0xb1e>
+	jg     <kiln_v5_attend+0xb2e>
 	add    %al,(%rax)
 	add    %al,(%rax)
 	cmpb   $0x0,(%rsi)

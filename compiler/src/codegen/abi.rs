@@ -5,7 +5,7 @@
 //! that both sides agree. Bump [`ABI_VERSION`] on any change.
 
 /// Version stored in `kiln_model_desc.abi_version`.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// Most inputs plus outputs a library may have.
 pub const MAX_IO: usize = 8;
 /// Bytes of the build fingerprint in the descriptor.
@@ -57,7 +57,7 @@ pub const C_ABI: &str = r#"#ifndef KILN_ABI_H
 #define KILN_ABI_H
 #include <stdint.h>
 
-#define KILN_ABI_VERSION 2
+#define KILN_ABI_VERSION 3
 #define KILN_MAX_IO 8
 #define KILN_FINGERPRINT_BYTES 32
 #define KILN_DTYPE_I32 0
@@ -77,7 +77,8 @@ struct kiln_ctx {
     void *const *io;           /* inputs then outputs, rows of desc->io_width values */
     int64_t n_tokens;          /* 1..=desc->batch */
     int64_t pos;               /* position of the first token; pos + n_tokens <= context */
-    int64_t out_start;         /* outputs are computed for rows out_start..n_tokens only */
+    int64_t out_start;         /* outputs are computed for rows out_start..n_tokens only, and each
+                                  output buffer holds just those n_tokens - out_start rows */
     kiln_parallel_for_fn parallel_for;
     void *pool;
 };

@@ -68,6 +68,15 @@ impl<'a> Kb<'a> {
                 let io = self.ctx_field(abi::ctx::IO);
                 self.b.ins().load(I64, ro(), io, 8 * slot as i32)
             }
+            // The caller's buffer starts at row out_start: address rows from a base that many
+            // rows earlier (never dereferenced below out_start, see `Location::Output`).
+            Location::Output { slot, row_bytes } => {
+                let io = self.ctx_field(abi::ctx::IO);
+                let buf = self.b.ins().load(I64, ro(), io, 8 * slot as i32);
+                let out_start = self.ctx_field(abi::ctx::OUT_START);
+                let skipped = self.b.ins().imul_imm_s(out_start, row_bytes as i64);
+                self.b.ins().isub(buf, skipped)
+            }
         }
     }
 

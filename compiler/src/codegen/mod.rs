@@ -13,6 +13,7 @@ mod ops;
 
 use std::fmt;
 
+use crate::passes::plan_memory::{skippable_rows, Location};
 use cranelift_codegen::ir::types::I64;
 use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, UserFuncName};
 use cranelift_codegen::isa::CallConv;
@@ -73,29 +74,6 @@ pub struct Emitted {
     pub n_kernels: usize,
 }
 
-/// Rows of each value that may be skipped: values whose every use only needs the rows the
-/// caller asks outputs for (`out_start..n_tokens`). Keys and values entering attention are
-/// always computed in full, because the cache keeps them.
-pub fn skippable_rows(graph: &Graph) -> Vec<bool> {
-    let n = graph.nodes.len();
-    let mut users: Vec<Vec<usize>> = vec![vec![]; n];
-    for (i, node) in graph.nodes.iter().enumerate() {
-        for v in node.op.operands() {
-            users[v.index()].push(i);
-        }
-    }
-    let mut skip = vec![false; n];
-    for i in (0..n).rev() {
-        if matches!(graph.nodes[i].op, Op::Input { .. }) {
-            continue;
-        }
-        let is_output = graph.outputs.contains(&ValueId(i as u32));
-        let has_uses = is_output || !users[i].is_empty();
-        skip[i] = has_uses && users[i].iter().all(|&u| skip[u] && !matches!(graph.nodes[u].op, Op::Attention { .. }));
-    }
-    skip
-}
-
 /// Keys per tile of the attention kernel (its stack buffer holds one tile of scores).
 pub fn attention_key_tile() -> u32 {
     attention::KEY_TILE
@@ -123,6 +101,17 @@ pub fn emit(
     let builder = ObjectBuilder::new(isa, graph.name.as_bytes().to_vec(), cranelift_module::default_libcall_names())?;
     let mut module = ObjectModule::new(builder);
     let skip = skippable_rows(graph);
+    // An output buffer holds only rows out_start..n_tokens (`Location::Output`), so every
+    // kernel that writes one must start at out_start; the plan keeps outputs needed in every
+    // row in the arena and copies them out (`MemoryPlan::output_copies`).
+    for (k, v) in graph.outputs.iter().enumerate() {
+        if matches!(plan.locations[v.index()], Location::Output { .. }) && !skip[v.index()] {
+            return Err(CodegenError::Unsupported(format!(
+                "output {k} (v{}) is needed in every row but planned into the caller's buffer (a planner bug)",
+                v.index()
+            )));
+        }
+    }
     let sig = kernel_signature(call_conv);
     let mut kernels = vec![];
     let mut ctx = module.make_context();
@@ -159,6 +148,31 @@ pub fn emit(
             module.clear_context(&mut ctx);
             kernels.push(id);
         }
+    }
+    // Outputs that later kernels needed in every row: their rows out_start..n_tokens, out.
+    for copy in &plan.output_copies {
+        let Location::Output { slot, .. } = copy.to else { unreachable!("copies go to outputs") };
+        let name = format!("kiln_v{}_copy_out{}", copy.value, slot as usize - input_values(graph).len());
+        let id = module.declare_function(&name, Linkage::Local, &sig)?;
+        ctx.func.signature = sig.clone();
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            b.seal_block(entry);
+            let p = b.block_params(entry).to_vec();
+            let mut kb = Kb { b, ctx: p[0], ith: p[1], nth: p[2], target };
+            let from = plan.locations[copy.value];
+            let n = graph.nodes[copy.value].ty.row_len().unwrap_or(0);
+            ops::emit_elementwise(&mut kb, ops::Elementwise::Copy, from, None, copy.to, n, true);
+            kb.b.ins().return_(&[]);
+            kb.b.finalize(frontend_config);
+        }
+        module.define_function(id, &mut ctx)?;
+        module.clear_context(&mut ctx);
+        kernels.push(id);
     }
 
     // run(ctx): parallel_for(pool, kernel, ctx) for every kernel in order.
@@ -281,7 +295,7 @@ fn emit_step(
     let n = node.ty.row_len().unwrap_or(0);
     match node.op {
         Op::Input { .. } => unreachable!("inputs have no kernel"),
-        Op::Embed { ids, table } => ops::emit_embed(kb, loc(ids), packed.weight(table), y),
+        Op::Embed { ids, table } => ops::emit_embed(kb, loc(ids), packed.weight(table), y, skip),
         Op::RmsNorm { x, weight, eps, quantize } => {
             ops::emit_rms_norm(kb, loc(x), packed.weight(weight), y, n, eps, quantize, skip)
         }

@@ -56,9 +56,11 @@ pub enum Elementwise {
     Silu,
     Mul,
     Add,
+    /// `y = a` (an output copied out of the arena).
+    Copy,
 }
 
-/// `y = silu(a)`, `a * b` or `a + b` over `[seq, n]` rows.
+/// `y = silu(a)`, `a * b`, `a + b` or `a` over `[seq, n]` rows.
 pub fn emit_elementwise(
     kb: &mut Kb,
     kind: Elementwise,
@@ -79,6 +81,7 @@ pub fn emit_elementwise(
             let x = load_n(kb, ar, off, lanes);
             let out = match kind {
                 Elementwise::Silu => kb.vsilu(x),
+                Elementwise::Copy => x,
                 Elementwise::Mul | Elementwise::Add => {
                     let other = load_n(kb, br.unwrap(), off, lanes);
                     match kind {
@@ -217,11 +220,11 @@ pub fn emit_rope(kb: &mut Kb, x: Location, y: Location, n: u32, head_dim: u32, t
 }
 
 /// Embedding lookup from a packed table; ids outside `0..rows` give a zero row.
-pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location) {
+pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, skip_rows: bool) {
     let (rows, cols) = table.layout.matrix().map(|(r, c)| (r as i64, c as i64)).expect("tables are matrices");
     let (ids, y, w) = (kb.location(ids), kb.location(y), kb.weights(table.offset));
     let stride = table.layout.group_stride() as i64;
-    let (t0, t1) = my_rows(kb, false);
+    let (t0, t1) = my_rows(kb, skip_rows);
     let mask = {
         let m = kb.b.ins().iconst(I8, 0x0f);
         kb.b.ins().splat(I8X16, m)

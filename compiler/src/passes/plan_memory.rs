@@ -7,7 +7,7 @@
 //! need not be in-place safe. Graph inputs and outputs live in caller memory (`io` slots).
 
 use ir::verify::GraphInfo;
-use ir::{DType, Graph, Op, TensorType};
+use ir::{DType, Graph, Op, TensorType, ValueId};
 
 /// Bytes of one q16 block: f32 scale, f32 sum of the quantized values times the scale, 32 x i16.
 pub const Q16_BLOCK_BYTES: u64 = 72;
@@ -17,14 +17,29 @@ pub const Q16_BLOCK_BYTES: u64 = 72;
 pub enum Location {
     /// At this byte offset of the activation arena.
     Arena { offset: u64 },
-    /// In caller memory: `io[slot]` (inputs first, then outputs).
+    /// An input, in caller memory: `io[slot]`, holding all `n_tokens` rows.
     Io { slot: u32 },
+    /// An output, in caller memory: `io[slot]` (after the inputs), holding only the rows the
+    /// caller asks for, `out_start..n_tokens`, of `row_bytes` each; row `t` is at
+    /// `io[slot] + (t - out_start) * row_bytes`. Every kernel that writes it starts at
+    /// `out_start` (codegen checks that outputs are skippable).
+    Output { slot: u32, row_bytes: u64 },
+}
+
+/// An output that later kernels need in every row: it lives in the arena, and a last kernel
+/// copies its rows `out_start..n_tokens` to the caller's buffer `to` (a `Location::Output`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutputCopy {
+    pub value: usize,
+    pub to: Location,
 }
 
 /// The result of planning: a location per value and the arena size.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemoryPlan {
     pub locations: Vec<Location>,
+    /// Outputs computed in the arena and copied out at the end, in output order.
+    pub output_copies: Vec<OutputCopy>,
     pub arena_bytes: u64,
     /// Rows every arena value has room for: the most tokens one call may evaluate.
     pub batch: u32,
@@ -41,6 +56,29 @@ pub fn row_bytes(ty: &TensorType) -> u64 {
 
 const ALIGN: u64 = 64;
 
+/// Rows of each value that may be skipped: values whose every use only needs the rows the
+/// caller asks outputs for (`out_start..n_tokens`). Keys and values entering attention are
+/// always computed in full, because the cache keeps them.
+pub fn skippable_rows(graph: &Graph) -> Vec<bool> {
+    let n = graph.nodes.len();
+    let mut users: Vec<Vec<usize>> = vec![vec![]; n];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for v in node.op.operands() {
+            users[v.index()].push(i);
+        }
+    }
+    let mut skip = vec![false; n];
+    for i in (0..n).rev() {
+        if matches!(graph.nodes[i].op, Op::Input { .. }) {
+            continue;
+        }
+        let is_output = graph.outputs.contains(&ValueId(i as u32));
+        let has_uses = is_output || !users[i].is_empty();
+        skip[i] = has_uses && users[i].iter().all(|&u| skip[u] && !matches!(graph.nodes[u].op, Op::Attention { .. }));
+    }
+    skip
+}
+
 /// Plans `graph` for batches of up to `batch` tokens.
 pub fn plan(graph: &Graph, info: &GraphInfo, batch: u32) -> MemoryPlan {
     let n = graph.nodes.len();
@@ -52,10 +90,18 @@ pub fn plan(graph: &Graph, info: &GraphInfo, batch: u32) -> MemoryPlan {
             is_io[i] = true;
         }
     }
+    let skip = skippable_rows(graph);
+    let mut output_copies = vec![];
     for (k, v) in graph.outputs.iter().enumerate() {
-        if !is_io[v.index()] {
-            locations[v.index()] = Location::Io { slot: info.n_inputs + k as u32 };
+        let row_bytes = row_bytes(&graph.nodes[v.index()].ty);
+        let to = Location::Output { slot: info.n_inputs + k as u32, row_bytes };
+        if !is_io[v.index()] && skip[v.index()] {
+            locations[v.index()] = to;
             is_io[v.index()] = true;
+        } else {
+            // Needed in every row, an input, or an earlier output too: computed where it is
+            // and copied out.
+            output_copies.push(OutputCopy { value: v.index(), to });
         }
     }
     // Free list of (offset, size), sorted by offset; `end` is the arena high-water mark.
@@ -113,7 +159,7 @@ pub fn plan(graph: &Graph, info: &GraphInfo, batch: u32) -> MemoryPlan {
         locations[i] = Location::Arena { offset };
         live.push((i, offset, size));
     }
-    MemoryPlan { locations, arena_bytes: end.max(ALIGN), batch }
+    MemoryPlan { locations, output_copies, arena_bytes: end.max(ALIGN), batch }
 }
 
 #[cfg(test)]
@@ -139,10 +185,10 @@ output v4
         let plan = plan(&g, &info, 4);
         let off = |i: usize| match plan.locations[i] {
             Location::Arena { offset } => offset,
-            Location::Io { .. } => panic!("v{i} should be in the arena"),
+            Location::Io { .. } | Location::Output { .. } => panic!("v{i} should be in the arena"),
         };
         assert_eq!(plan.locations[0], Location::Io { slot: 0 });
-        assert_eq!(plan.locations[4], Location::Io { slot: 1 });
+        assert_eq!(plan.locations[4], Location::Output { slot: 1, row_bytes: 64 });
         // v1 and v2 overlap in time, v3 can take v1's place.
         assert_ne!(off(1), off(2));
         assert_eq!(off(3), off(1));

@@ -90,7 +90,7 @@ pub struct BuildReport {
     pub weights_bytes: u64,
     pub arena_bytes: u64,
     pub kv_bytes: u64,
-    /// Logits buffer of one full batch, held by the runtime.
+    /// Logits buffer the runtime holds while generating: one row of the vocabulary.
     pub logits_bytes: u64,
     pub n_kernels: usize,
     pub context: u32,
@@ -418,7 +418,8 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
         weights_bytes: compiled.weights_bytes,
         arena_bytes: compiled.arena_bytes,
         kv_bytes: compiled.kv_bytes,
-        logits_bytes: opts.batch as u64 * hp.vocab as u64 * 4,
+        // Generation asks for the last token's logits only: one row (ABI 3).
+        logits_bytes: hp.vocab as u64 * 4,
         n_kernels: compiled.n_kernels,
         context,
         layers: hp.n_layers,

@@ -3,25 +3,44 @@
 //!
 //! Matrices are stored in groups of [`ROWS`] rows interleaved block by block (the layout that
 //! let Cranelift's 128-bit GEMV beat ggml's AVX2 kernel: one pass over the activation block
-//! serves four output rows, and the weight stream is read once, in order). Float16 scales are
-//! widened to float32 here, at compile time, because Cranelift cannot convert f16.
+//! serves four output rows, and the weight stream is read once, in order). Scales stay float16
+//! when every scale of the matrix is exactly a float16 (q4_0, q4_1, q8_0 as GGUF stores them),
+//! so the library holds and decode reads no more bytes than the file; the kernels widen them
+//! with integer operations (Cranelift has no f16 conversion). Scales that are not (q4_k's
+//! products of a super-block scale and a 6-bit sub-scale) are stored as float32. A Q4 matrix
+//! whose every offset is `-8 d` (q4_0) stores no offsets: the kernel derives them.
 //! Which layout a weight gets follows its format's kernel form (`ir::quant::KernelForm`): the
 //! format's own file turns its blocks into the 32-value Q4 or Q8 blocks packed here, so this
 //! file names no format.
 
 use std::collections::BTreeMap;
 
-use ir::quant::{dequantize, dequantize_row, q4_blocks, q8_blocks, q8s16_blocks, KernelForm, BLOCK_SIZE};
+use ir::quant::{
+    dequantize, dequantize_row, q4_blocks, q8_blocks, q8s16_blocks, KernelForm, Q4Block, Q8Block, Q8S16Block,
+    BLOCK_SIZE,
+};
 use ir::{Op, QuantFormat, WeightId};
 
 use crate::model::Model;
 
 /// Rows per interleaved group.
 pub const ROWS: usize = 4;
-/// Bytes of one block of a Q4 group: `d[4] f32, m[4] f32, qs[4][16]`.
-pub const Q4_GROUP_BLOCK: usize = 16 + 16 + 4 * 16;
-/// Bytes of one block of a Q8 group: `d[4] f32, qs[4][32] i8`.
-pub const Q8_GROUP_BLOCK: usize = 16 + 4 * 32;
+/// Bytes of the 4 scales (or offsets) of one group block: f16 or f32 each.
+pub const fn scales_bytes(half: bool) -> usize {
+    if half {
+        8
+    } else {
+        16
+    }
+}
+/// Bytes of one block of a Q4 group: `d[4]`, `m[4]` only when `mins`, then `qs[4][16]`.
+pub const fn q4_group_block(half: bool, mins: bool) -> usize {
+    scales_bytes(half) * if mins { 2 } else { 1 } + 4 * 16
+}
+/// Bytes of one block of a Q8 group: `d[4]`, then `qs[4][32] i8`.
+pub const fn q8_group_block(half: bool) -> usize {
+    scales_bytes(half) + 4 * 32
+}
 /// Bytes of one block of a Q8S16 group: `d[2][4] f32` (per 16-value half, per row), then
 /// `m[2][4] f32` only when the matrix has offsets, then `qs[4][32] i8`.
 pub const fn q8s16_group_block(mins: bool) -> usize {
@@ -40,10 +59,12 @@ pub enum Layout {
     F32Vector { n: u32 },
     /// F32/F16 matrix as f32, groups of 4 rows, 4-column chunks (columns padded with zeros).
     F32Rows4 { rows: u32, cols: u32 },
-    /// Matrix of a format whose kernel form is Q4, groups of 4 rows interleaved per 32-value block.
-    Q4Rows4 { rows: u32, cols: u32 },
-    /// Matrix of a format whose kernel form is Q8, groups of 4 rows interleaved per 32-value block.
-    Q8Rows4 { rows: u32, cols: u32 },
+    /// Matrix of a format whose kernel form is Q4, groups of 4 rows interleaved per 32-value
+    /// block; scales as f16 when `half`; offsets stored only when `mins` (else `m = -8 d`).
+    Q4Rows4 { rows: u32, cols: u32, half: bool, mins: bool },
+    /// Matrix of a format whose kernel form is Q8, groups of 4 rows interleaved per 32-value
+    /// block; scales as f16 when `half`.
+    Q8Rows4 { rows: u32, cols: u32, half: bool },
     /// Matrix of a format whose kernel form is Q8S16, groups of 4 rows interleaved per 32-value
     /// block; `mins` when some block has a nonzero offset (else the offsets are not stored).
     Q8S16Rows4 { rows: u32, cols: u32, mins: bool },
@@ -55,8 +76,8 @@ impl Layout {
         match self {
             Layout::F32Vector { .. } => 0,
             Layout::F32Rows4 { cols, .. } => (cols as u64).div_ceil(4) * F32_GROUP_CHUNK as u64,
-            Layout::Q4Rows4 { cols, .. } => cols as u64 / 32 * Q4_GROUP_BLOCK as u64,
-            Layout::Q8Rows4 { cols, .. } => cols as u64 / 32 * Q8_GROUP_BLOCK as u64,
+            Layout::Q4Rows4 { cols, half, mins, .. } => cols as u64 / 32 * q4_group_block(half, mins) as u64,
+            Layout::Q8Rows4 { cols, half, .. } => cols as u64 / 32 * q8_group_block(half) as u64,
             Layout::Q8S16Rows4 { cols, mins, .. } => cols as u64 / 32 * q8s16_group_block(mins) as u64,
         }
     }
@@ -66,8 +87,8 @@ impl Layout {
         match self {
             Layout::F32Vector { .. } => None,
             Layout::F32Rows4 { rows, cols }
-            | Layout::Q4Rows4 { rows, cols }
-            | Layout::Q8Rows4 { rows, cols }
+            | Layout::Q4Rows4 { rows, cols, .. }
+            | Layout::Q8Rows4 { rows, cols, .. }
             | Layout::Q8S16Rows4 { rows, cols, .. } => Some((rows, cols)),
         }
     }
@@ -93,26 +114,82 @@ fn pad_to(blob: &mut Vec<u8>, align: usize) {
     blob.resize(blob.len().div_ceil(align) * align, 0);
 }
 
-fn layout_for(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Layout {
+/// A matrix's blocks in its kernel form, decoded once for choosing the layout and packing.
+enum Blocks {
+    None,
+    Q4(Vec<Q4Block>),
+    Q8(Vec<Q8Block>),
+    Q8S16(Vec<Q8S16Block>),
+}
+
+fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     match (format.spec().kernel, shape) {
-        (_, [n]) => Layout::F32Vector { n: *n },
-        (KernelForm::F32, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
-        (KernelForm::Q4(_), [rows, cols]) => Layout::Q4Rows4 { rows: *rows, cols: *cols },
-        (KernelForm::Q8(_), [rows, cols]) => Layout::Q8Rows4 { rows: *rows, cols: *cols },
-        (KernelForm::Q8S16(_), [rows, cols]) => {
-            let mins = q8s16_blocks(format, raw).expect("Q8S16 form").iter().any(|b| b.m != [0.0; 2]);
-            Layout::Q8S16Rows4 { rows: *rows, cols: *cols, mins }
+        (KernelForm::Q4(_), [_, _]) => Blocks::Q4(q4_blocks(format, raw).expect("Q4 form")),
+        (KernelForm::Q8(_), [_, _]) => Blocks::Q8(q8_blocks(format, raw).expect("Q8 form")),
+        (KernelForm::Q8S16(_), [_, _]) => Blocks::Q8S16(q8s16_blocks(format, raw).expect("Q8S16 form")),
+        _ => Blocks::None,
+    }
+}
+
+fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks) -> Layout {
+    match (format.spec().kernel, shape, blocks) {
+        (_, [n], _) => Layout::F32Vector { n: *n },
+        (KernelForm::F32, [rows, cols], _) => Layout::F32Rows4 { rows: *rows, cols: *cols },
+        (KernelForm::Q4(_), [rows, cols], Blocks::Q4(blocks)) => {
+            let half = blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m));
+            let mins = blocks.iter().any(|b| b.m != -8.0 * b.d);
+            Layout::Q4Rows4 { rows: *rows, cols: *cols, half, mins }
+        }
+        (KernelForm::Q8(_), [rows, cols], Blocks::Q8(blocks)) => {
+            Layout::Q8Rows4 { rows: *rows, cols: *cols, half: blocks.iter().all(|b| is_f16(b.d)) }
+        }
+        (KernelForm::Q8S16(_), [rows, cols], Blocks::Q8S16(blocks)) => {
+            Layout::Q8S16Rows4 { rows: *rows, cols: *cols, mins: blocks.iter().any(|b| b.m != [0.0; 2]) }
         }
         _ => unreachable!("the verifier allows 1-D and 2-D weights only"),
     }
+}
+
+/// The blocks of the 4 rows of group `g` (empty past the last row).
+fn group_blocks<T>(all: &[T], g: usize, rows: usize, n_blocks: usize) -> Vec<&[T]> {
+    (0..ROWS)
+        .map(|i| g * ROWS + i)
+        .map(|r| if r < rows { &all[r * n_blocks..(r + 1) * n_blocks] } else { &[] })
+        .collect()
 }
 
 fn push_f32(blob: &mut Vec<u8>, v: f32) {
     blob.extend_from_slice(&v.to_le_bytes());
 }
 
+/// Whether `v` is exactly a finite float16 (so storing it as one loses nothing), from its bits
+/// (a conversion per scale would double the packing time).
+fn is_f16(v: f32) -> bool {
+    let bits = v.to_bits();
+    let exp = ((bits >> 23) & 0xff) as i32 - 127;
+    let mantissa = bits & 0x7f_ffff;
+    match exp {
+        -127 => mantissa == 0, // zeros; f32 subnormals are far below f16's range
+        -14..=15 => mantissa & 0x1fff == 0,
+        // f16 subnormals: multiples of 2^-24.
+        -24..=-15 => mantissa & ((1 << (13 - 14 - exp)) - 1) == 0,
+        _ => false, // too small, too large, infinite or NaN
+    }
+}
+
+/// Appends 4 scales as f16 (exact: the layout is chosen only when they are) or f32.
+fn push_scales(blob: &mut Vec<u8>, v: &[f32; 4], half: bool) {
+    for &x in v {
+        if half {
+            blob.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
+        } else {
+            push_f32(blob, x);
+        }
+    }
+}
+
 /// Packs one matrix into `blob` (rows beyond `rows` in the last group are zero).
-fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u8]) {
+fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) {
     let (rows, cols) = layout.matrix().map(|(r, c)| (r as usize, c as usize)).expect("a matrix");
     let row_bytes = format.row_bytes(cols).expect("verified");
     let row = |r: usize| (r < rows).then(|| &raw[r * row_bytes..(r + 1) * row_bytes]);
@@ -137,11 +214,9 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     }
                 }
             }
-            Layout::Q4Rows4 { .. } => {
-                let blocks: Vec<Vec<_>> = group
-                    .iter()
-                    .map(|r| r.map(|r| q4_blocks(format, r).expect("Q4 form")).unwrap_or_default())
-                    .collect();
+            Layout::Q4Rows4 { half, mins, .. } => {
+                let Blocks::Q4(all) = decoded else { unreachable!() };
+                let blocks = group_blocks(all, g, rows, n_blocks);
                 for b in 0..n_blocks {
                     let (mut ds, mut ms, mut qs) = ([0f32; 4], [0f32; 4], [[0u8; 16]; 4]);
                     for (i, r) in blocks.iter().enumerate() {
@@ -149,15 +224,16 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                             (ds[i], ms[i], qs[i]) = (blk.d, blk.m, blk.qs);
                         }
                     }
-                    ds.iter().chain(&ms).for_each(|&x| push_f32(blob, x));
+                    push_scales(blob, &ds, half);
+                    if mins {
+                        push_scales(blob, &ms, half);
+                    }
                     qs.iter().for_each(|q| blob.extend_from_slice(q));
                 }
             }
-            Layout::Q8Rows4 { .. } => {
-                let blocks: Vec<Vec<_>> = group
-                    .iter()
-                    .map(|r| r.map(|r| q8_blocks(format, r).expect("Q8 form")).unwrap_or_default())
-                    .collect();
+            Layout::Q8Rows4 { half, .. } => {
+                let Blocks::Q8(all) = decoded else { unreachable!() };
+                let blocks = group_blocks(all, g, rows, n_blocks);
                 for b in 0..n_blocks {
                     let (mut ds, mut qs) = ([0f32; 4], [[0i8; 32]; 4]);
                     for (i, r) in blocks.iter().enumerate() {
@@ -165,15 +241,13 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                             (ds[i], qs[i]) = (blk.d, blk.qs);
                         }
                     }
-                    ds.iter().for_each(|&x| push_f32(blob, x));
+                    push_scales(blob, &ds, half);
                     qs.iter().for_each(|q| blob.extend(q.iter().map(|&v| v as u8)));
                 }
             }
             Layout::Q8S16Rows4 { mins, .. } => {
-                let blocks: Vec<Vec<_>> = group
-                    .iter()
-                    .map(|r| r.map(|r| q8s16_blocks(format, r).expect("Q8S16 form")).unwrap_or_default())
-                    .collect();
+                let Blocks::Q8S16(all) = decoded else { unreachable!() };
+                let blocks = group_blocks(all, g, rows, n_blocks);
                 for b in 0..n_blocks {
                     let (mut ds, mut ms, mut qs) = ([[0f32; 4]; 2], [[0f32; 4]; 2], [[0i8; 32]; 4]);
                     for (i, r) in blocks.iter().enumerate() {
@@ -202,7 +276,8 @@ pub fn pack(model: &Model<'_>) -> Packed {
     let mut blob = Vec::new();
     let mut weights = Vec::with_capacity(graph.weights.len());
     for (i, w) in graph.weights.iter().enumerate() {
-        let layout = layout_for(w.format, &w.shape, raw[i]);
+        let decoded = decode(w.format, &w.shape, raw[i]);
+        let layout = layout_for(w.format, &w.shape, &decoded);
         let offset = blob.len() as u64;
         match layout {
             Layout::F32Vector { n } => {
@@ -210,7 +285,7 @@ pub fn pack(model: &Model<'_>) -> Packed {
                     push_f32(&mut blob, v);
                 }
             }
-            _ => pack_matrix(&mut blob, w.format, layout, raw[i]),
+            _ => pack_matrix(&mut blob, w.format, layout, raw[i], &decoded),
         }
         pad_to(&mut blob, ALIGN);
         weights.push(PackedWeight { offset, layout });
@@ -243,5 +318,57 @@ pub fn pack(model: &Model<'_>) -> Packed {
 impl Packed {
     pub fn weight(&self, w: WeightId) -> PackedWeight {
         self.weights[w.index()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ir::quant::quantize_row;
+
+    fn matrix(format: QuantFormat, rows: usize, cols: usize) -> Vec<u8> {
+        (0..rows)
+            .flat_map(|r| {
+                let values: Vec<f32> = (0..cols).map(|c| ((r * 31 + c * 7) % 23) as f32 / 7.0 - 1.5).collect();
+                quantize_row(format, &values)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn is_f16_agrees_with_a_conversion() {
+        let mut values: Vec<f32> = (0..=u16::MAX).map(|h| half::f16::from_bits(h).to_f32()).collect();
+        values.extend((0..200_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
+        values.extend([f32::MIN_POSITIVE, 1e-30, 65520.0, 65504.0 + 32.0, 2f32.powi(-25), 3.0 * 2f32.powi(-25)]);
+        for v in values {
+            let exact = v.is_finite() && half::f16::from_f32(v).to_f32().to_bits() == v.to_bits();
+            assert_eq!(is_f16(v), exact, "{v:e} ({:#010x})", v.to_bits());
+        }
+    }
+
+    /// Formats whose scales are f16 keep them (the library holds the file's bytes: a 4-row
+    /// group of 32 values is 4 GGUF blocks), q4_0 stores no offsets, and q4_k's products of two
+    /// scales stay f32.
+    #[test]
+    fn layouts_keep_the_formats_bytes() {
+        let (rows, cols) = (8u32, 256u32);
+        for (format, want) in [
+            (QuantFormat::Q4_0, Layout::Q4Rows4 { rows, cols, half: true, mins: false }),
+            (QuantFormat::Q4_1, Layout::Q4Rows4 { rows, cols, half: true, mins: true }),
+            (QuantFormat::Q8_0, Layout::Q8Rows4 { rows, cols, half: true }),
+            (QuantFormat::Q4_K, Layout::Q4Rows4 { rows, cols, half: false, mins: true }),
+        ] {
+            let raw = matrix(format, rows as usize, cols as usize);
+            let layout = layout_for(format, &[rows, cols], &decode(format, &[rows, cols], &raw));
+            assert_eq!(layout, want, "{}", format.name());
+            if format != QuantFormat::Q4_K {
+                assert_eq!(
+                    layout.group_stride(),
+                    4 * format.row_bytes(cols as usize).unwrap() as u64,
+                    "{}",
+                    format.name()
+                );
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@ use compiler::{compile, CompileOptions};
 use ir::interp::{self, KvCache, Tensor};
 use ir::parse::parse_graph;
 use ir::{DType, Graph, QuantFormat};
-use tests::harness::{argmax, max_diff, random_weights, scratch_dir, Rng};
+use tests::harness::{argmax, max_diff, random_weights, scratch_dir, special_f16_scale_matrix, Rng};
 
 use crate::reference::{model, model_path};
 
@@ -41,6 +41,12 @@ fn check_graph(name: &str, text: &str, seqs: &[usize], seed: u64, device: &str) 
     let graph = parse_graph(text).unwrap();
     let mut rng = Rng::new(seed);
     let weights = random_weights(&graph, &mut rng, 1.0);
+    check_graph_with(name, text, weights, seqs, &mut rng, device)
+}
+
+/// [`check_graph`] with the given weights.
+fn check_graph_with(name: &str, text: &str, weights: Vec<Vec<u8>>, seqs: &[usize], rng: &mut Rng, device: &str) -> f32 {
+    let graph = parse_graph(text).unwrap();
     let dir = scratch_dir(&format!("aarch64/{name}_{device}"));
     let target = targets::lookup_device(TRIPLE, Some(device)).unwrap();
     let compiled =
@@ -205,6 +211,21 @@ v10 = add v9, v1 : f32[seq, 64]
 output v10
 "#;
         worst = worst.max(check_graph("block", block, &[5, 1, 1, 8], 3, device));
+        // f16 scales of every kind (subnormals, zeros, the largest finite), widened exactly:
+        // the embedding is compared exactly, the matmul to the usual tolerance.
+        let mut rng = Rng::new(11);
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_1, QuantFormat::Q4_0] {
+            let f = format.name();
+            let table = special_f16_scale_matrix(format, 13, 64, &mut rng);
+            let text = format!(
+                "graph \"embed\" context=64\nw0 = weight {f}[13, 64] \"table\"\nv0 = input 0 : i32[seq]\nv1 = embed v0, w0 : f32[seq, 64]\noutput v1\n"
+            );
+            check_graph_with(&format!("embed_f16_{f}"), &text, vec![table.clone()], &[8, 3], &mut rng, device);
+            let text = format!(
+                "graph \"mm\" context=64\nw0 = weight {f}[13, 64] \"a\"\nv0 = input 0 : f32[seq, 64]\nv1 = matmul v0, w0 : f32[seq, 13]\noutput v1\n"
+            );
+            worst = worst.max(check_graph_with(&format!("mm_f16_{f}"), &text, vec![table], &[1, 5], &mut rng, device));
+        }
     }
     eprintln!("aarch64 kernels: largest error {worst:.2e} of the output scale");
 }

@@ -11,7 +11,9 @@ use ir::interp::{self, KvCache, Tensor};
 use ir::parse::parse_graph;
 use ir::{Graph, QuantFormat};
 use runtime::program::{Input, Program};
-use tests::harness::{compile_to_shared, kernel_test_cols, max_diff, random_weights, scratch_dir, Rng};
+use tests::harness::{
+    compile_to_shared, kernel_test_cols, max_diff, random_weights, scratch_dir, special_f16_scale_matrix, Rng,
+};
 
 const REL_TOL: f32 = 1e-4;
 
@@ -142,6 +144,12 @@ fn run_embed_both(name: &str, text: &str, rows: u32, seqs: &[usize], seed: u64) 
     let graph = parse_graph(text).unwrap();
     let mut rng = Rng::new(seed);
     let weights = random_weights(&graph, &mut rng, 1.0);
+    run_embed_with(name, text, weights, rows, seqs, &mut rng);
+}
+
+/// [`run_embed_both`] with the given weights.
+fn run_embed_with(name: &str, text: &str, weights: Vec<Vec<u8>>, rows: u32, seqs: &[usize], rng: &mut Rng) {
+    let graph = parse_graph(text).unwrap();
     let dir = scratch_dir(name);
     let opts = CompileOptions { batch: 8, ..Default::default() };
     let (compiled, so) = compile_to_shared(&graph, &weights, &opts, &dir);
@@ -190,7 +198,7 @@ fn embed_kernels_match_the_interpreter_exactly() {
     // Q4_0/Q4_1/Q4_K, Q8 groups for Q8_0), row counts that leave a partial 4-row group, and f32 rows that are not a
     // multiple of 4 columns. The lookup is exact: dequantized products of an f16 scale and a
     // 4- or 8-bit integer fit in f32, so kernel and interpreter agree exactly, up to the sign
-    // of zero: Q4_0 is packed as Q4_1 with m = -8 d, so a zero weight (q = 8) with a negative
+    // of zero: Q4_0 runs on the Q4 kernels with m = -8 d, so a zero weight (q = 8) with a negative
     // scale comes out as +0, where the interpreter (like ggml) gives (8 - 8) * d = -0.
     let mut seed = 100;
     // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
@@ -210,5 +218,40 @@ fn embed_kernels_match_the_interpreter_exactly() {
                 seed += 2;
             }
         }
+    }
+}
+
+/// Scales are packed as f16 when every scale of a matrix is one (q4_0, q4_1, q8_0) and widened
+/// by the kernels with integer operations: every kind of f16 (`tests::harness::SPECIAL_F16`) comes out
+/// exactly as the interpreter's dequantization gives it, in the embedding lookup (exact) and
+/// through a matmul. (A wrong subnormal constant fails this test.)
+#[test]
+fn f16_scales_of_every_kind_are_widened_exactly() {
+    let mut rng = Rng::new(7);
+    let (rows, cols) = (13u32, 64u32);
+    for format in [QuantFormat::Q8_0, QuantFormat::Q4_1, QuantFormat::Q4_0] {
+        let table = special_f16_scale_matrix(format, rows, cols, &mut rng);
+        let f = format.name();
+        let text = format!(
+            "graph \"embed\" context=64\nw0 = weight {f}[{rows}, {cols}] \"table\"\nv0 = input 0 : i32[seq]\nv1 = embed v0, w0 : f32[seq, {cols}]\noutput v1\n"
+        );
+        run_embed_with(&format!("embed_f16_scales_{f}"), &text, vec![table.clone()], rows, &[8, 5], &mut rng);
+        // The same matrix in a matmul (f32 sums in another order: the usual tolerance).
+        let text = format!(
+            "graph \"mm\" context=64\nw0 = weight {f}[{rows}, {cols}] \"w\"\nv0 = input 0 : f32[seq, {cols}]\nv1 = matmul v0, w0 : f32[seq, {rows}]\noutput v1\n"
+        );
+        let graph = parse_graph(&text).unwrap();
+        let dir = scratch_dir(&format!("mm_f16_scales_{f}"));
+        let ws = vec![table];
+        let (compiled, so) = compile_to_shared(&graph, &ws, &CompileOptions { batch: 8, ..Default::default() }, &dir);
+        let final_graph: Graph = parse_graph(&compiled.final_ir).unwrap();
+        let mut program = Program::load_shared(&so, None, 2).unwrap();
+        let x = rng.vec(3 * cols as usize, 2.0);
+        let mut got = vec![0.0f32; 3 * rows as usize];
+        program.run(&[Input::F32(&x)], &mut [&mut got], 3, 0, 0).unwrap();
+        let w: Vec<&[u8]> = ws.iter().map(|w| w.as_slice()).collect();
+        let want = interp::run(&final_graph, &w, &[Tensor::F32(x)], &mut KvCache::new(&final_graph), 3, 0);
+        let (diff, scale) = max_diff(&got, &want[0]);
+        assert!(diff <= REL_TOL * scale.max(1.0), "{f}: max diff {diff} (scale {scale})");
     }
 }

@@ -280,3 +280,32 @@ pub fn run_gguf_py(args: &[&std::ffi::OsStr]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// f16 bit patterns of every kind: zeros of both signs, the smallest and largest subnormals,
+/// the smallest normal, ±1, the largest finite values, an ordinary fraction.
+pub const SPECIAL_F16: [u16; 12] =
+    [0x0000, 0x8000, 0x0001, 0x8001, 0x03ff, 0x0400, 0x3c00, 0xbc00, 0x7bff, 0xfbff, 0x3555, 0x0200];
+
+/// A `rows x cols` matrix in `format` (q8_0, q4_1 or q4_0, the formats whose scales are f16)
+/// whose block scales (and q4_1's offsets) cycle through [`SPECIAL_F16`], with random values.
+pub fn special_f16_scale_matrix(format: ir::QuantFormat, rows: u32, cols: u32, rng: &mut Rng) -> Vec<u8> {
+    use ir::QuantFormat;
+    let block_bytes = match format {
+        QuantFormat::Q8_0 => 34,
+        QuantFormat::Q4_1 => 20,
+        QuantFormat::Q4_0 => 18,
+        other => panic!("{} has no plain f16 block scale", other.name()),
+    };
+    let blocks = (rows * cols / 32) as usize;
+    let mut table = Vec::with_capacity(blocks * block_bytes);
+    for b in 0..blocks {
+        table.extend_from_slice(&SPECIAL_F16[b % SPECIAL_F16.len()].to_le_bytes());
+        if format == QuantFormat::Q4_1 {
+            table.extend_from_slice(&SPECIAL_F16[(b * 5 + 3) % SPECIAL_F16.len()].to_le_bytes());
+        }
+        let rest = block_bytes - table.len() % block_bytes;
+        table.extend((0..rest).map(|_| rng.below(256) as u8));
+    }
+    assert_eq!(table.len(), blocks * block_bytes);
+    table
+}

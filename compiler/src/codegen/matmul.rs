@@ -12,7 +12,9 @@ use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Value};
 
 use super::builder::{le, Kb};
-use crate::pack::{q8s16_group_block, Layout, PackedWeight, F32_GROUP_CHUNK, Q4_GROUP_BLOCK, Q8_GROUP_BLOCK, ROWS};
+use crate::pack::{
+    q4_group_block, q8_group_block, q8s16_group_block, scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, ROWS,
+};
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
 /// The elementwise tail of a matmul, with its operand's location.
@@ -195,8 +197,15 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
     if let Layout::Q8S16Rows4 { mins, .. } = layout {
         return dot_q8s16(kb, mins, wg, x_rows, n_blocks);
     }
-    let q4 = matches!(layout, Layout::Q4Rows4 { .. });
-    let group_block = if q4 { Q4_GROUP_BLOCK } else { Q8_GROUP_BLOCK } as i64;
+    // Scales (f16 or f32), offsets when stored, then the values.
+    let (q4, half, mins) = match layout {
+        Layout::Q4Rows4 { half, mins, .. } => (true, half, mins),
+        Layout::Q8Rows4 { half, .. } => (false, half, false),
+        _ => unreachable!("dot_quantized takes Q4 and Q8 groups"),
+    };
+    let group_block = if q4 { q4_group_block(half, mins) } else { q8_group_block(half) } as i64;
+    let sb = scales_bytes(half) as i64;
+    let qs_at = if mins { 2 * sb } else { sb };
     let n = x_rows.len();
     let zero = kb.iconst(0);
     let nb = kb.iconst(n_blocks);
@@ -211,7 +220,7 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
         let mut p = vec![[accs[0]; 4]; n];
         for r in 0..4 {
             let q = if q4 {
-                let w = kb.load(I8X16, wb, 32 + 16 * r as i64);
+                let w = kb.load(I8X16, wb, qs_at + 16 * r as i64);
                 let lo = kb.b.ins().band(w, mask);
                 let hi = kb.b.ins().bitcast(I16X8, le(), w);
                 let hi = kb.b.ins().ushr_imm_s(hi, 4);
@@ -224,8 +233,8 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
                     kb.b.ins().uwiden_high(hi),
                 ]
             } else {
-                let w0 = kb.load(I8X16, wb, 16 + 32 * r as i64);
-                let w1 = kb.load(I8X16, wb, 16 + 32 * r as i64 + 16);
+                let w0 = kb.load(I8X16, wb, qs_at + 32 * r as i64);
+                let w1 = kb.load(I8X16, wb, qs_at + 32 * r as i64 + 16);
                 [
                     kb.b.ins().swiden_low(w0),
                     kb.b.ins().swiden_high(w0),
@@ -242,8 +251,16 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
                 p[tok][r] = s;
             }
         }
-        let d = kb.load(F32X4, wb, 0);
-        let m = if q4 { Some(kb.load(F32X4, wb, 16)) } else { None };
+        let d = kb.load_scales(wb, 0, half);
+        let m = if mins {
+            Some(kb.load_scales(wb, sb, half))
+        } else if q4 {
+            // q4_0: m = -8 d, exactly as the format's dequantization.
+            let k = kb.splat(-8.0);
+            Some(kb.b.ins().fmul(d, k))
+        } else {
+            None
+        };
         let mut next = Vec::with_capacity(2 * n + 1);
         for (tok, &(scale, sum, _)) in acts.iter().enumerate() {
             let sums = reduce4(kb, p[tok]);

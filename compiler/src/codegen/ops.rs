@@ -3,12 +3,14 @@
 //! rows; rows are processed four floats at a time with a partial vector for the tail.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I8, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I16, I16X8, I32, I32X4, I8, I8X16};
 use cranelift_codegen::ir::{InstBuilder, Value};
 
 use super::abi;
 use super::builder::{le, Kb};
-use crate::pack::{q8s16_group_block, Layout, PackedWeight, F32_GROUP_CHUNK, Q4_GROUP_BLOCK, Q8_GROUP_BLOCK, ROWS};
+use crate::pack::{
+    q4_group_block, q8_group_block, q8s16_group_block, scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, ROWS,
+};
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
 /// This thread's token rows: `[start, end)` of `first..n_tokens`.
@@ -244,30 +246,52 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                 let zero = kb.iconst(0);
                 match table.layout {
                     Layout::Q8Rows4 { .. } | Layout::Q4Rows4 { .. } => {
-                        let q8 = matches!(table.layout, Layout::Q8Rows4 { .. });
+                        let (q8, f16, mins) = match table.layout {
+                            Layout::Q4Rows4 { half, mins, .. } => (false, half, mins),
+                            Layout::Q8Rows4 { half, .. } => (true, half, false),
+                            _ => unreachable!(),
+                        };
+                        let block = if q8 { q8_group_block(f16) } else { q4_group_block(f16, mins) } as i64;
+                        let sb = scales_bytes(f16) as i64;
                         let nb = kb.iconst(cols / 32);
                         kb.for_range(zero, nb, 1, &[], |kb, b, _| {
-                            let block = if q8 { Q8_GROUP_BLOCK } else { Q4_GROUP_BLOCK } as i64;
                             let blk = kb.addr(base, b, block, 0);
-                            let d_ptr = kb.addr(blk, lane, 4, 0);
-                            let d = kb.load(F32, d_ptr, 0);
-                            let d = kb.b.ins().splat(F32X4, d);
+                            // This row's scale (or offset) at byte `at` of the block, splatted.
+                            let lane_scale = |kb: &mut Kb, at: i64| {
+                                if f16 {
+                                    let p = kb.addr(blk, lane, 2, at);
+                                    let h = kb.load(I16, p, 0);
+                                    let h = kb.b.ins().uextend(I32, h);
+                                    let h = kb.b.ins().splat(I32X4, h);
+                                    kb.f16_bits_to_f32(h)
+                                } else {
+                                    let p = kb.addr(blk, lane, 4, at);
+                                    let v = kb.load(F32, p, 0);
+                                    kb.b.ins().splat(F32X4, v)
+                                }
+                            };
+                            let d = lane_scale(kb, 0);
                             let out = kb.addr(yr, b, 128, 0);
                             // Sixteen-value halves as i8x16, elements 0..16 and 16..32.
                             let (halves, m) = if q8 {
-                                let qs = kb.addr(blk, lane, 32, 16);
+                                let qs = kb.addr(blk, lane, 32, sb);
                                 (vec![kb.load(I8X16, qs, 0), kb.load(I8X16, qs, 16)], None)
                             } else {
-                                let m_ptr = kb.addr(blk, lane, 4, 16);
-                                let m = kb.load(F32, m_ptr, 0);
-                                let qs = kb.addr(blk, lane, 16, 32);
+                                let m = if mins {
+                                    lane_scale(kb, sb)
+                                } else {
+                                    // q4_0: m = -8 d, exactly as the format's dequantization.
+                                    let k = kb.splat(-8.0);
+                                    kb.b.ins().fmul(d, k)
+                                };
+                                let qs = kb.addr(blk, lane, 16, if mins { 2 * sb } else { sb });
                                 let w = kb.load(I8X16, qs, 0);
                                 let lo = kb.b.ins().band(w, mask);
                                 let hi = kb.b.ins().bitcast(I16X8, le(), w);
                                 let hi = kb.b.ins().ushr_imm_s(hi, 4);
                                 let hi = kb.b.ins().bitcast(I8X16, le(), hi);
                                 let hi = kb.b.ins().band(hi, mask);
-                                (vec![lo, hi], Some(kb.b.ins().splat(F32X4, m)))
+                                (vec![lo, hi], Some(m))
                             };
                             for (h, half) in halves.into_iter().enumerate() {
                                 let wide = if q8 {

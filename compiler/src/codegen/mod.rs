@@ -74,6 +74,12 @@ pub struct Emitted {
     pub n_kernels: usize,
 }
 
+/// One generated kernel: a step of a node, or the copy of output copy `k`.
+enum Kernel {
+    Step { node: usize, step: usize },
+    CopyOut(usize),
+}
+
 /// Keys per tile of the attention kernel (its stack buffer holds one tile of scores).
 pub fn attention_key_tile() -> u32 {
     attention::KEY_TILE
@@ -117,6 +123,9 @@ pub fn emit(
     let mut ctx = module.make_context();
     let mut fbc = FunctionBuilderContext::new();
 
+    // Every kernel in order: a step per node (two for attention), then the copies of outputs
+    // that later kernels needed in every row (their rows out_start..n_tokens, out).
+    let mut work: Vec<(String, Kernel)> = vec![];
     for (i, node) in graph.nodes.iter().enumerate() {
         let steps: &[&str] = match node.op {
             Op::Input { .. } => &[],
@@ -129,30 +138,15 @@ pub fn emit(
                 Some(w) => format!("kiln_v{i}_{kind}_{w}"),
                 None => format!("kiln_v{i}_{kind}"),
             };
-            let id = module.declare_function(&name, Linkage::Local, &sig)?;
-            ctx.func.signature = sig.clone();
-            ctx.func.name = UserFuncName::user(0, id.as_u32());
-            {
-                let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
-                let entry = b.create_block();
-                b.append_block_params_for_function_params(entry);
-                b.switch_to_block(entry);
-                b.seal_block(entry);
-                let p = b.block_params(entry).to_vec();
-                let mut kb = Kb { b, ctx: p[0], ith: p[1], nth: p[2], target };
-                emit_step(&mut kb, graph, plan, packed, i, step, skip[i])?;
-                kb.b.ins().return_(&[]);
-                kb.b.finalize(frontend_config);
-            }
-            module.define_function(id, &mut ctx)?;
-            module.clear_context(&mut ctx);
-            kernels.push(id);
+            work.push((name, Kernel::Step { node: i, step }));
         }
     }
-    // Outputs that later kernels needed in every row: their rows out_start..n_tokens, out.
-    for copy in &plan.output_copies {
+    let n_inputs = input_values(graph).len();
+    for (k, copy) in plan.output_copies.iter().enumerate() {
         let Location::Output { slot, .. } = copy.to else { unreachable!("copies go to outputs") };
-        let name = format!("kiln_v{}_copy_out{}", copy.value, slot as usize - input_values(graph).len());
+        work.push((format!("kiln_v{}_copy_out{}", copy.value, slot as usize - n_inputs), Kernel::CopyOut(k)));
+    }
+    for (name, kernel) in work {
         let id = module.declare_function(&name, Linkage::Local, &sig)?;
         ctx.func.signature = sig.clone();
         ctx.func.name = UserFuncName::user(0, id.as_u32());
@@ -164,9 +158,15 @@ pub fn emit(
             b.seal_block(entry);
             let p = b.block_params(entry).to_vec();
             let mut kb = Kb { b, ctx: p[0], ith: p[1], nth: p[2], target };
-            let from = plan.locations[copy.value];
-            let n = graph.nodes[copy.value].ty.row_len().unwrap_or(0);
-            ops::emit_elementwise(&mut kb, ops::Elementwise::Copy, from, None, copy.to, n, true);
+            match kernel {
+                Kernel::Step { node, step } => emit_step(&mut kb, graph, plan, packed, node, step, skip[node])?,
+                Kernel::CopyOut(k) => {
+                    let copy = plan.output_copies[k];
+                    let n = graph.nodes[copy.value].ty.row_len().unwrap_or(0);
+                    let from = plan.locations[copy.value];
+                    ops::emit_elementwise(&mut kb, ops::Elementwise::Copy, from, None, copy.to, n, true);
+                }
+            }
             kb.b.ins().return_(&[]);
             kb.b.finalize(frontend_config);
         }

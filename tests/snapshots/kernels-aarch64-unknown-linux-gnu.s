@@ -181,609 +181,549 @@ Disassembly of section .text:
 <kiln_v2_matmul_q4>:
 	stp	x29, x30, [sp, #-16]!
 	mov	x29, sp
-	stp	d14, d15, [sp, #-16]!
+	stp	x20, x21, [sp, #-16]!
 	stp	d12, d13, [sp, #-16]!
 	stp	d10, d11, [sp, #-16]!
 	stp	d8, d9, [sp, #-16]!
-	sub	sp, sp, #0x20
-	ldr	x11, [x0]
-	ldr	x12, [x0, #8]
-	ldr	x13, [x0, #32]
-	lsl	x14, x1, #4
-	cbz	x2, <kiln_v2_matmul_q4+0x974>
-	udiv	x14, x14, x2
-	add	x15, x1, #0x1
-	lsl	x15, x15, #4
-	cbz	x2, <kiln_v2_matmul_q4+0x978>
-	udiv	x15, x15, x2
-	mov	x0, #0x0                   	// #0
-	cmp	x0, x13
-	b.lt	<kiln_v2_matmul_q4+0x6c>  // b.tstop
-	add	sp, sp, #0x20
+	ldr	x21, [x0]
+	ldr	x20, [x0, #8]
+	ldr	x15, [x0, #32]
+	lsl	x0, x1, #4
+	cbz	x2, <kiln_v2_matmul_q4+0x884>
+	udiv	x3, x0, x2
+	add	x0, x1, #0x1
+	lsl	x0, x0, #4
+	cbz	x2, <kiln_v2_matmul_q4+0x888>
+	udiv	x4, x0, x2
+	mov	x14, #0x0                   	// #0
+	cmp	x14, x15
+	b.lt	<kiln_v2_matmul_q4+0x64>  // b.tstop
 	ldp	d8, d9, [sp], #16
 	ldp	d10, d11, [sp], #16
 	ldp	d12, d13, [sp], #16
-	ldp	d14, d15, [sp], #16
+	ldp	x20, x21, [sp], #16
 	ldp	x29, x30, [sp], #16
 	ret
-	mov	x1, x14
-	cmp	x1, x15
-	b.lt	<kiln_v2_matmul_q4+0x80>  // b.tstop
-	add	x0, x0, #0x40
-	b	<kiln_v2_matmul_q4+0x48>
-	add	x2, x0, #0x40
-	cmp	x2, x13
-	csel	x2, x2, x13, lt	// lt = tstop
-	sub	x3, x2, x0
-	and	x3, x3, #0x1
-	sub	x3, x2, x3
-	mov	x4, x0
-	cmp	x4, x3
-	b.lt	<kiln_v2_matmul_q4+0x434>  // b.tstop
-	cmp	x3, x2
-	b.lt	<kiln_v2_matmul_q4+0xb4>  // b.tstop
-	add	x1, x1, #0x1
-	b	<kiln_v2_matmul_q4+0x70>
-	mov	x4, #0x0                   	// #0
-	movi	v29.16b, #0x0
-	mov	x5, #0x90                  	// #144
-	madd	x5, x3, x5, x11
-	add	x6, x12, #0x100
-	mov	x7, #0xa0                  	// #160
-	madd	x6, x1, x7, x6
-	mov	v2.16b, v29.16b
-	cmp	x4, #0x2
-	b.lt	<kiln_v2_matmul_q4+0x1d4>  // b.tstop
-	fneg	v1.4s, v2.4s
-	mov	w4, #0x999a                	// #39322
-	movk	w4, #0xc2ae, lsl #16
-	dup	v4.4s, w4
-	fcmgt	v0.4s, v4.4s, v1.4s
-	mov	w4, #0x6967                	// #26983
-	movk	w4, #0x3950, lsl #16
-	dup	v3.4s, w4
-	fmax	v1.4s, v1.4s, v4.4s
-	mov	w4, #0x999a                	// #39322
-	movk	w4, #0x42b0, lsl #16
-	dup	v4.4s, w4
-	fmin	v19.4s, v1.4s, v4.4s
-	mov	w4, #0xaa3b                	// #43579
-	movk	w4, #0x3fb8, lsl #16
-	dup	v1.4s, w4
-	fmul	v1.4s, v19.4s, v1.4s
-	frintn	v1.4s, v1.4s
-	mov	w4, #0x8083                	// #32899
-	movk	w4, #0x395e, lsl #16
-	dup	v4.4s, w4
-	mov	w4, #0x8000                	// #32768
-	movk	w4, #0xbf31, lsl #16
-	dup	v5.4s, w4
-	fmla	v19.4s, v1.4s, v5.4s
-	fmla	v19.4s, v1.4s, v4.4s
-	mov	w4, #0x43ce                	// #17358
-	movk	w4, #0x3ab7, lsl #16
-	dup	v31.4s, w4
-	fmla	v31.4s, v3.4s, v19.4s
-	mov	w4, #0x8908                	// #35080
-	movk	w4, #0x3c08, lsl #16
-	dup	v3.4s, w4
-	fmla	v3.4s, v31.4s, v19.4s
-	mov	w4, #0xa9c1                	// #43457
-	movk	w4, #0x3d2a, lsl #16
-	dup	v31.4s, w4
-	fmla	v31.4s, v3.4s, v19.4s
-	mov	w4, #0xaaaa                	// #43690
-	movk	w4, #0x3e2a, lsl #16
-	dup	v3.4s, w4
-	fmla	v3.4s, v31.4s, v19.4s
-	movi	v31.4s, #0x3f, lsl #24
-	fmla	v31.4s, v3.4s, v19.4s
-	fmul	v5.4s, v19.4s, v19.4s
-	fmov	v3.4s, #1.000000000000000000e+00
-	fadd	v4.4s, v19.4s, v3.4s
-	fmla	v4.4s, v31.4s, v5.4s
-	fcvtzs	v1.4s, v1.4s
+	mov	x5, x3
+	cmp	x5, x4
+	b.lt	<kiln_v2_matmul_q4+0x78>  // b.tstop
+	add	x14, x14, #0x40
+	b	<kiln_v2_matmul_q4+0x44>
+	add	x0, x14, #0x40
+	cmp	x0, x15
+	csel	x6, x0, x15, lt	// lt = tstop
+	sub	x0, x6, x14
+	and	x0, x0, #0x1
+	sub	x7, x6, x0
+	mov	x8, x14
+	cmp	x8, x7
+	b.lt	<kiln_v2_matmul_q4+0x3c0>  // b.tstop
+	cmp	x7, x6
+	b.lt	<kiln_v2_matmul_q4+0xac>  // b.tstop
+	add	x5, x5, #0x1
+	b	<kiln_v2_matmul_q4+0x68>
+	mov	x8, #0x0                   	// #0
+	movi	v0.16b, #0x0
+	mov	x0, #0x90                  	// #144
+	madd	x9, x7, x0, x21
+	add	x0, x20, #0x100
+	mov	x1, #0xa0                  	// #160
+	madd	x10, x5, x1, x0
+	mov	v2.16b, v0.16b
+	cmp	x8, #0x2
+	b.lt	<kiln_v2_matmul_q4+0x1cc>  // b.tstop
+	fneg	v3.4s, v2.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0xc2ae, lsl #16
+	dup	v5.4s, w0
+	fcmgt	v1.4s, v5.4s, v3.4s
+	mov	w0, #0x6967                	// #26983
+	movk	w0, #0x3950, lsl #16
+	dup	v4.4s, w0
+	fmax	v3.4s, v3.4s, v5.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0x42b0, lsl #16
+	dup	v5.4s, w0
+	fmin	v28.4s, v3.4s, v5.4s
+	mov	w0, #0xaa3b                	// #43579
+	movk	w0, #0x3fb8, lsl #16
+	dup	v3.4s, w0
+	fmul	v3.4s, v28.4s, v3.4s
+	frintn	v3.4s, v3.4s
+	mov	w0, #0x8083                	// #32899
+	movk	w0, #0x395e, lsl #16
+	dup	v5.4s, w0
+	mov	w0, #0x8000                	// #32768
+	movk	w0, #0xbf31, lsl #16
+	dup	v6.4s, w0
+	fmla	v28.4s, v3.4s, v6.4s
+	fmla	v28.4s, v3.4s, v5.4s
+	mov	w0, #0x43ce                	// #17358
+	movk	w0, #0x3ab7, lsl #16
+	dup	v5.4s, w0
+	fmla	v5.4s, v4.4s, v28.4s
+	mov	w0, #0x8908                	// #35080
+	movk	w0, #0x3c08, lsl #16
+	dup	v4.4s, w0
+	fmla	v4.4s, v5.4s, v28.4s
+	mov	w0, #0xa9c1                	// #43457
+	movk	w0, #0x3d2a, lsl #16
+	dup	v5.4s, w0
+	fmla	v5.4s, v4.4s, v28.4s
+	mov	w0, #0xaaaa                	// #43690
+	movk	w0, #0x3e2a, lsl #16
+	dup	v4.4s, w0
+	fmla	v4.4s, v5.4s, v28.4s
+	movi	v5.4s, #0x3f, lsl #24
+	fmla	v5.4s, v4.4s, v28.4s
+	fmul	v7.4s, v28.4s, v28.4s
+	fmov	v4.4s, #1.000000000000000000e+00
+	fadd	v6.4s, v28.4s, v4.4s
+	fmla	v6.4s, v5.4s, v7.4s
+	fcvtzs	v3.4s, v3.4s
 	movi	v5.4s, #0x7f
-	add	v1.4s, v1.4s, v5.4s
-	shl	v1.4s, v1.4s, #23
-	fmul	v1.4s, v4.4s, v1.4s
-	bsl	v0.16b, v29.16b, v1.16b
-	fadd	v0.4s, v0.4s, v3.4s
+	add	v3.4s, v3.4s, v5.4s
+	shl	v3.4s, v3.4s, #23
+	fmul	v3.4s, v6.4s, v3.4s
+	bsl	v1.16b, v0.16b, v3.16b
+	fadd	v0.4s, v1.4s, v4.4s
 	fdiv	v0.4s, v2.4s, v0.4s
-	add	x4, x11, #0x480
-	lsl	x5, x3, #8
-	add	x5, x5, x1, lsl #4
-	str	q0, [x4, x5]
-	add	x3, x3, #0x1
-	b	<kiln_v2_matmul_q4+0xa4>
-	add	x4, x4, #0x1
-	ldr	x7, [x6, #8]
-	fmov	d0, x7
-	uxtl	v4.4s, v0.4h
-	movi	v3.4s, #0x7f, msl #8
-	and	v0.16b, v4.16b, v3.16b
-	shl	v5.4s, v0.4s, #13
-	mov	x7, #0xf800000             	// #260046848
-	dup	v0.4s, w7
-	and	v6.16b, v5.16b, v0.16b
-	cmeq	v23.4s, v6.4s, #0
-	movi	v1.4s, #0x38, lsl #24
-	add	v16.4s, v5.4s, v1.4s
-	movi	v5.4s, #0x80, lsl #16
-	add	v17.4s, v16.4s, v5.4s
-	mov	x7, #0x38800000            	// #947912704
-	dup	v7.4s, w7
-	fsub	v17.4s, v17.4s, v7.4s
-	cmeq	v6.4s, v6.4s, v0.4s
-	and	v6.16b, v6.16b, v1.16b
-	add	v6.4s, v16.4s, v6.4s
-	bsl	v23.16b, v17.16b, v6.16b
-	movi	v16.4s, #0x80, lsl #8
-	and	v4.16b, v4.16b, v16.16b
-	shl	v4.4s, v4.4s, #16
-	orr	v4.16b, v23.16b, v4.16b
-	ldr	s6, [x5, #4]
-	ldr	q20, [x6, #16]
-	movi	v17.16b, #0xf
-	and	v19.16b, v20.16b, v17.16b
-	uxtl	v21.8h, v19.8b
-	ldur	q18, [x5, #8]
-	smull	v22.4s, v21.4h, v18.4h
-	smull2	v21.4s, v21.8h, v18.8h
-	addp	v21.4s, v22.4s, v21.4s
-	uxtl2	v22.8h, v19.16b
-	ldur	q19, [x5, #24]
-	smull	v23.4s, v22.4h, v19.4h
-	smull2	v22.4s, v22.8h, v19.8h
+	add	x1, x21, #0x480
+	lsl	x0, x7, #8
+	add	x0, x0, x5, lsl #4
+	str	q0, [x1, x0]
+	add	x7, x7, #0x1
+	b	<kiln_v2_matmul_q4+0x9c>
+	add	x8, x8, #0x1
+	ldr	x0, [x10, #8]
+	fmov	d1, x0
+	sxtl	v1.4s, v1.4h
+	shl	v1.4s, v1.4s, #13
+	mvni	v4.4s, #0x70, lsl #24
+	and	v1.16b, v1.16b, v4.16b
+	mov	x0, #0x77800000            	// #2004877312
+	dup	v5.4s, w0
+	fmul	v1.4s, v1.4s, v5.4s
+	ldr	s3, [x9, #4]
+	ldr	q17, [x10, #16]
+	movi	v6.16b, #0xf
+	and	v16.16b, v17.16b, v6.16b
+	uxtl	v18.8h, v16.8b
+	ldur	q7, [x9, #8]
+	smull	v19.4s, v18.4h, v7.4h
+	smull2	v18.4s, v18.8h, v7.8h
+	addp	v18.4s, v19.4s, v18.4s
+	uxtl2	v19.8h, v16.16b
+	ldur	q16, [x9, #24]
+	smull	v20.4s, v19.4h, v16.4h
+	smull2	v19.4s, v19.8h, v16.8h
+	addp	v19.4s, v20.4s, v19.4s
+	add	v18.4s, v18.4s, v19.4s
+	ushr	v17.8h, v17.8h, #4
+	and	v19.16b, v17.16b, v6.16b
+	uxtl	v20.8h, v19.8b
+	ldur	q17, [x9, #40]
+	smull	v21.4s, v20.4h, v17.4h
+	smull2	v20.4s, v20.8h, v17.8h
+	addp	v20.4s, v21.4s, v20.4s
+	add	v20.4s, v18.4s, v20.4s
+	uxtl2	v19.8h, v19.16b
+	ldur	q18, [x9, #56]
+	smull	v21.4s, v19.4h, v18.4h
+	smull2	v19.4s, v19.8h, v18.8h
+	addp	v19.4s, v21.4s, v19.4s
+	add	v19.4s, v20.4s, v19.4s
+	ldr	q20, [x10, #32]
+	and	v21.16b, v20.16b, v6.16b
+	uxtl	v22.8h, v21.8b
+	smull	v23.4s, v22.4h, v7.4h
+	smull2	v22.4s, v22.8h, v7.8h
+	addp	v22.4s, v23.4s, v22.4s
+	uxtl2	v21.8h, v21.16b
+	smull	v23.4s, v21.4h, v16.4h
+	smull2	v21.4s, v21.8h, v16.8h
+	addp	v21.4s, v23.4s, v21.4s
+	add	v21.4s, v22.4s, v21.4s
+	ushr	v20.8h, v20.8h, #4
+	and	v20.16b, v20.16b, v6.16b
+	uxtl	v22.8h, v20.8b
+	smull	v23.4s, v22.4h, v17.4h
+	smull2	v22.4s, v22.8h, v17.8h
 	addp	v22.4s, v23.4s, v22.4s
 	add	v21.4s, v21.4s, v22.4s
+	uxtl2	v20.8h, v20.16b
+	smull	v22.4s, v20.4h, v18.4h
+	smull2	v20.4s, v20.8h, v18.8h
+	addp	v20.4s, v22.4s, v20.4s
+	add	v20.4s, v21.4s, v20.4s
+	addp	v19.4s, v19.4s, v20.4s
+	ldr	q20, [x10, #48]
+	and	v21.16b, v20.16b, v6.16b
+	uxtl	v22.8h, v21.8b
+	smull	v23.4s, v22.4h, v7.4h
+	smull2	v22.4s, v22.8h, v7.8h
+	addp	v22.4s, v23.4s, v22.4s
+	uxtl2	v21.8h, v21.16b
+	smull	v23.4s, v21.4h, v16.4h
+	smull2	v21.4s, v21.8h, v16.8h
+	addp	v21.4s, v23.4s, v21.4s
+	add	v21.4s, v22.4s, v21.4s
 	ushr	v20.8h, v20.8h, #4
-	and	v22.16b, v20.16b, v17.16b
+	and	v20.16b, v20.16b, v6.16b
+	uxtl	v22.8h, v20.8b
+	smull	v23.4s, v22.4h, v17.4h
+	smull2	v22.4s, v22.8h, v17.8h
+	addp	v22.4s, v23.4s, v22.4s
+	add	v21.4s, v21.4s, v22.4s
+	uxtl2	v20.8h, v20.16b
+	smull	v22.4s, v20.4h, v18.4h
+	smull2	v20.4s, v20.8h, v18.8h
+	addp	v20.4s, v22.4s, v20.4s
+	add	v20.4s, v21.4s, v20.4s
+	ldr	q21, [x10, #64]
+	and	v22.16b, v21.16b, v6.16b
 	uxtl	v23.8h, v22.8b
-	ldur	q20, [x5, #40]
-	smull	v24.4s, v23.4h, v20.4h
-	smull2	v23.4s, v23.8h, v20.8h
-	addp	v23.4s, v24.4s, v23.4s
-	add	v23.4s, v21.4s, v23.4s
+	smull	v24.4s, v23.4h, v7.4h
+	smull2	v7.4s, v23.8h, v7.8h
+	addp	v7.4s, v24.4s, v7.4s
 	uxtl2	v22.8h, v22.16b
-	ldur	q21, [x5, #56]
-	smull	v24.4s, v22.4h, v21.4h
-	smull2	v22.4s, v22.8h, v21.8h
-	addp	v22.4s, v24.4s, v22.4s
-	add	v22.4s, v23.4s, v22.4s
-	ldr	q23, [x6, #32]
-	and	v24.16b, v23.16b, v17.16b
-	uxtl	v25.8h, v24.8b
-	smull	v26.4s, v25.4h, v18.4h
-	smull2	v25.4s, v25.8h, v18.8h
-	addp	v25.4s, v26.4s, v25.4s
-	uxtl2	v24.8h, v24.16b
-	smull	v26.4s, v24.4h, v19.4h
-	smull2	v24.4s, v24.8h, v19.8h
-	addp	v24.4s, v26.4s, v24.4s
-	add	v24.4s, v25.4s, v24.4s
-	ushr	v23.8h, v23.8h, #4
-	and	v23.16b, v23.16b, v17.16b
-	uxtl	v25.8h, v23.8b
-	smull	v26.4s, v25.4h, v20.4h
-	smull2	v25.4s, v25.8h, v20.8h
-	addp	v25.4s, v26.4s, v25.4s
-	add	v24.4s, v24.4s, v25.4s
-	uxtl2	v23.8h, v23.16b
-	smull	v25.4s, v23.4h, v21.4h
-	smull2	v23.4s, v23.8h, v21.8h
-	addp	v23.4s, v25.4s, v23.4s
-	add	v23.4s, v24.4s, v23.4s
-	addp	v22.4s, v22.4s, v23.4s
-	ldr	q23, [x6, #48]
-	and	v24.16b, v23.16b, v17.16b
-	uxtl	v25.8h, v24.8b
-	smull	v26.4s, v25.4h, v18.4h
-	smull2	v25.4s, v25.8h, v18.8h
-	addp	v25.4s, v26.4s, v25.4s
-	uxtl2	v24.8h, v24.16b
-	smull	v26.4s, v24.4h, v19.4h
-	smull2	v24.4s, v24.8h, v19.8h
-	addp	v24.4s, v26.4s, v24.4s
-	add	v24.4s, v25.4s, v24.4s
-	ushr	v23.8h, v23.8h, #4
-	and	v23.16b, v23.16b, v17.16b
-	uxtl	v25.8h, v23.8b
-	smull	v26.4s, v25.4h, v20.4h
-	smull2	v25.4s, v25.8h, v20.8h
-	addp	v25.4s, v26.4s, v25.4s
-	add	v24.4s, v24.4s, v25.4s
-	uxtl2	v23.8h, v23.16b
-	smull	v25.4s, v23.4h, v21.4h
-	smull2	v23.4s, v23.8h, v21.8h
-	addp	v23.4s, v25.4s, v23.4s
-	add	v23.4s, v24.4s, v23.4s
-	ldr	q24, [x6, #64]
-	and	v25.16b, v24.16b, v17.16b
-	uxtl	v26.8h, v25.8b
-	smull	v27.4s, v26.4h, v18.4h
-	smull2	v18.4s, v26.8h, v18.8h
-	addp	v18.4s, v27.4s, v18.4s
-	uxtl2	v25.8h, v25.16b
-	smull	v26.4s, v25.4h, v19.4h
-	smull2	v19.4s, v25.8h, v19.8h
-	addp	v19.4s, v26.4s, v19.4s
-	add	v18.4s, v18.4s, v19.4s
-	ushr	v19.8h, v24.8h, #4
-	and	v17.16b, v19.16b, v17.16b
-	uxtl	v19.8h, v17.8b
-	smull	v24.4s, v19.4h, v20.4h
-	smull2	v19.4s, v19.8h, v20.8h
-	addp	v19.4s, v24.4s, v19.4s
-	add	v18.4s, v18.4s, v19.4s
-	uxtl2	v17.8h, v17.16b
-	smull	v19.4s, v17.4h, v21.4h
-	smull2	v17.4s, v17.8h, v21.8h
-	addp	v17.4s, v19.4s, v17.4s
-	add	v17.4s, v18.4s, v17.4s
-	addp	v17.4s, v23.4s, v17.4s
-	addp	v17.4s, v22.4s, v17.4s
-	scvtf	v17.4s, v17.4s
-	ldr	x7, [x6]
-	fmov	d18, x7
-	uxtl	v18.4s, v18.4h
-	and	v3.16b, v18.16b, v3.16b
-	shl	v19.4s, v3.4s, #13
-	and	v3.16b, v19.16b, v0.16b
-	cmeq	v27.4s, v3.4s, #0
-	add	v19.4s, v19.4s, v1.4s
-	add	v5.4s, v19.4s, v5.4s
-	fsub	v5.4s, v5.4s, v7.4s
-	cmeq	v0.4s, v3.4s, v0.4s
-	and	v0.16b, v0.16b, v1.16b
-	add	v0.4s, v19.4s, v0.4s
-	bsl	v27.16b, v5.16b, v0.16b
-	and	v0.16b, v18.16b, v16.16b
-	shl	v0.4s, v0.4s, #16
-	orr	v0.16b, v27.16b, v0.16b
-	ld1r	{v1.4s}, [x5]
-	fmul	v0.4s, v0.4s, v1.4s
-	fmla	v2.4s, v17.4s, v0.4s
-	fmla	v2.4s, v4.4s, v6.s[0]
-	add	x5, x5, #0x48
-	add	x6, x6, #0x50
-	b	<kiln_v2_matmul_q4+0xd4>
-	mov	x6, #0x0                   	// #0
+	smull	v23.4s, v22.4h, v16.4h
+	smull2	v16.4s, v22.8h, v16.8h
+	addp	v16.4s, v23.4s, v16.4s
+	add	v7.4s, v7.4s, v16.4s
+	ushr	v16.8h, v21.8h, #4
+	and	v6.16b, v16.16b, v6.16b
+	uxtl	v16.8h, v6.8b
+	smull	v21.4s, v16.4h, v17.4h
+	smull2	v16.4s, v16.8h, v17.8h
+	addp	v16.4s, v21.4s, v16.4s
+	add	v7.4s, v7.4s, v16.4s
+	uxtl2	v6.8h, v6.16b
+	smull	v16.4s, v6.4h, v18.4h
+	smull2	v6.4s, v6.8h, v18.8h
+	addp	v6.4s, v16.4s, v6.4s
+	add	v6.4s, v7.4s, v6.4s
+	addp	v6.4s, v20.4s, v6.4s
+	addp	v6.4s, v19.4s, v6.4s
+	scvtf	v6.4s, v6.4s
+	ldr	x0, [x10]
+	fmov	d7, x0
+	sxtl	v7.4s, v7.4h
+	shl	v7.4s, v7.4s, #13
+	and	v4.16b, v7.16b, v4.16b
+	fmul	v4.4s, v4.4s, v5.4s
+	ld1r	{v5.4s}, [x9]
+	fmul	v4.4s, v4.4s, v5.4s
+	fmla	v2.4s, v6.4s, v4.4s
+	fmla	v2.4s, v1.4s, v3.s[0]
+	add	x9, x9, #0x48
+	add	x10, x10, #0x50
+	b	<kiln_v2_matmul_q4+0xcc>
+	mov	x10, #0x0                   	// #0
 	movi	v0.16b, #0x0
-	mov	x8, #0x90                  	// #144
-	madd	x7, x4, x8, x11
-	add	x5, x4, #0x1
-	madd	x8, x5, x8, x11
-	add	x9, x12, #0x100
-	mov	x10, #0xa0                  	// #160
-	madd	x9, x1, x10, x9
-	mov	v29.16b, v0.16b
-	mov	v30.16b, v0.16b
-	cmp	x6, #0x2
-	b.lt	<kiln_v2_matmul_q4+0x5dc>  // b.tstop
-	fneg	v3.4s, v29.4s
-	mov	w6, #0x999a                	// #39322
-	movk	w6, #0xc2ae, lsl #16
-	dup	v2.4s, w6
-	fcmgt	v4.4s, v2.4s, v3.4s
-	mov	w6, #0x6967                	// #26983
-	movk	w6, #0x3950, lsl #16
-	dup	v1.4s, w6
-	fmax	v5.4s, v3.4s, v2.4s
-	mov	w6, #0x999a                	// #39322
-	movk	w6, #0x42b0, lsl #16
-	dup	v3.4s, w6
-	fmin	v25.4s, v5.4s, v3.4s
-	mov	w6, #0xaa3b                	// #43579
-	movk	w6, #0x3fb8, lsl #16
-	dup	v5.4s, w6
-	fmul	v6.4s, v25.4s, v5.4s
-	frintn	v22.4s, v6.4s
-	mov	w6, #0x8083                	// #32899
-	movk	w6, #0x395e, lsl #16
-	dup	v6.4s, w6
-	mov	w6, #0x8000                	// #32768
-	movk	w6, #0xbf31, lsl #16
-	dup	v7.4s, w6
-	fmla	v25.4s, v22.4s, v7.4s
-	fmla	v25.4s, v22.4s, v6.4s
-	mov	w6, #0x43ce                	// #17358
-	movk	w6, #0x3ab7, lsl #16
-	dup	v16.4s, w6
-	mov	v18.16b, v16.16b
-	fmla	v18.4s, v1.4s, v25.4s
-	mov	w6, #0x8908                	// #35080
-	movk	w6, #0x3c08, lsl #16
-	dup	v17.4s, w6
-	mov	v20.16b, v17.16b
-	fmla	v20.4s, v18.4s, v25.4s
-	mov	w6, #0xa9c1                	// #43457
-	movk	w6, #0x3d2a, lsl #16
-	dup	v19.4s, w6
-	mov	v18.16b, v19.16b
-	fmla	v18.4s, v20.4s, v25.4s
-	mov	w6, #0xaaaa                	// #43690
-	movk	w6, #0x3e2a, lsl #16
-	dup	v21.4s, w6
-	mov	v23.16b, v21.16b
-	fmla	v23.4s, v18.4s, v25.4s
-	movi	v20.4s, #0x3f, lsl #24
-	mov	v24.16b, v20.16b
-	fmla	v24.4s, v23.4s, v25.4s
-	fmul	v26.4s, v25.4s, v25.4s
-	fmov	v18.4s, #1.000000000000000000e+00
-	fadd	v23.4s, v25.4s, v18.4s
-	fmla	v23.4s, v24.4s, v26.4s
-	fcvtzs	v24.4s, v22.4s
+	mov	x1, #0x90                  	// #144
+	madd	x11, x8, x1, x21
+	add	x9, x8, #0x1
+	madd	x12, x9, x1, x21
+	add	x0, x20, #0x100
+	mov	x1, #0xa0                  	// #160
+	madd	x13, x5, x1, x0
+	mov	v2.16b, v0.16b
+	mov	v3.16b, v0.16b
+	cmp	x10, #0x2
+	b.lt	<kiln_v2_matmul_q4+0x568>  // b.tstop
+	fneg	v5.4s, v2.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0xc2ae, lsl #16
+	dup	v4.4s, w0
+	fcmgt	v6.4s, v4.4s, v5.4s
+	mov	w0, #0x6967                	// #26983
+	movk	w0, #0x3950, lsl #16
+	dup	v1.4s, w0
+	fmax	v7.4s, v5.4s, v4.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0x42b0, lsl #16
+	dup	v5.4s, w0
+	fmin	v22.4s, v7.4s, v5.4s
+	mov	w0, #0xaa3b                	// #43579
+	movk	w0, #0x3fb8, lsl #16
+	dup	v7.4s, w0
+	fmul	v16.4s, v22.4s, v7.4s
+	frintn	v25.4s, v16.4s
+	mov	w0, #0x8083                	// #32899
+	movk	w0, #0x395e, lsl #16
+	dup	v16.4s, w0
+	mov	w0, #0x8000                	// #32768
+	movk	w0, #0xbf31, lsl #16
+	dup	v17.4s, w0
+	fmla	v22.4s, v25.4s, v17.4s
+	fmla	v22.4s, v25.4s, v16.4s
+	mov	w0, #0x43ce                	// #17358
+	movk	w0, #0x3ab7, lsl #16
+	dup	v18.4s, w0
+	mov	v20.16b, v18.16b
+	fmla	v20.4s, v1.4s, v22.4s
+	mov	w0, #0x8908                	// #35080
+	movk	w0, #0x3c08, lsl #16
+	dup	v19.4s, w0
+	mov	v23.16b, v19.16b
+	fmla	v23.4s, v20.4s, v22.4s
+	mov	w0, #0xa9c1                	// #43457
+	movk	w0, #0x3d2a, lsl #16
+	dup	v21.4s, w0
+	mov	v20.16b, v21.16b
+	fmla	v20.4s, v23.4s, v22.4s
+	mov	w0, #0xaaaa                	// #43690
+	movk	w0, #0x3e2a, lsl #16
+	dup	v24.4s, w0
+	mov	v26.16b, v24.16b
+	fmla	v26.4s, v20.4s, v22.4s
+	movi	v23.4s, #0x3f, lsl #24
+	mov	v27.16b, v23.16b
+	fmla	v27.4s, v26.4s, v22.4s
+	fmul	v28.4s, v22.4s, v22.4s
+	fmov	v20.4s, #1.000000000000000000e+00
+	fadd	v26.4s, v22.4s, v20.4s
+	fmla	v26.4s, v27.4s, v28.4s
+	fcvtzs	v25.4s, v25.4s
 	movi	v22.4s, #0x7f
-	add	v24.4s, v24.4s, v22.4s
-	shl	v24.4s, v24.4s, #23
-	fmul	v23.4s, v23.4s, v24.4s
-	bsl	v4.16b, v0.16b, v23.16b
-	fadd	v4.4s, v4.4s, v18.4s
-	fdiv	v4.4s, v29.4s, v4.4s
-	add	x6, x11, #0x480
-	lsl	x7, x4, #8
-	add	x7, x7, x1, lsl #4
-	str	q4, [x6, x7]
-	fneg	v4.4s, v30.4s
-	fcmgt	v23.4s, v2.4s, v4.4s
-	fmax	v2.4s, v4.4s, v2.4s
-	fmin	v3.4s, v2.4s, v3.4s
-	fmul	v2.4s, v3.4s, v5.4s
+	add	v25.4s, v25.4s, v22.4s
+	shl	v25.4s, v25.4s, #23
+	fmul	v25.4s, v26.4s, v25.4s
+	bsl	v6.16b, v0.16b, v25.16b
+	fadd	v6.4s, v6.4s, v20.4s
+	fdiv	v2.4s, v2.4s, v6.4s
+	add	x10, x21, #0x480
+	lsl	x0, x8, #8
+	add	x0, x0, x5, lsl #4
+	str	q2, [x10, x0]
+	fneg	v2.4s, v3.4s
+	fcmgt	v29.4s, v4.4s, v2.4s
+	fmax	v2.4s, v2.4s, v4.4s
+	fmin	v4.4s, v2.4s, v5.4s
+	fmul	v2.4s, v4.4s, v7.4s
 	frintn	v2.4s, v2.4s
-	fmla	v3.4s, v2.4s, v7.4s
-	fmla	v3.4s, v2.4s, v6.4s
-	fmla	v16.4s, v1.4s, v3.4s
-	fmla	v17.4s, v16.4s, v3.4s
-	fmla	v19.4s, v17.4s, v3.4s
-	fmla	v21.4s, v19.4s, v3.4s
-	fmla	v20.4s, v21.4s, v3.4s
-	fmul	v4.4s, v3.4s, v3.4s
-	fadd	v1.4s, v3.4s, v18.4s
-	fmla	v1.4s, v20.4s, v4.4s
+	fmla	v4.4s, v2.4s, v17.4s
+	fmla	v4.4s, v2.4s, v16.4s
+	fmla	v18.4s, v1.4s, v4.4s
+	fmla	v19.4s, v18.4s, v4.4s
+	fmla	v21.4s, v19.4s, v4.4s
+	fmla	v24.4s, v21.4s, v4.4s
+	fmla	v23.4s, v24.4s, v4.4s
+	fmul	v5.4s, v4.4s, v4.4s
+	fadd	v1.4s, v4.4s, v20.4s
+	fmla	v1.4s, v23.4s, v5.4s
 	fcvtzs	v2.4s, v2.4s
 	add	v2.4s, v2.4s, v22.4s
 	shl	v2.4s, v2.4s, #23
 	fmul	v1.4s, v1.4s, v2.4s
-	bsl	v23.16b, v0.16b, v1.16b
-	fadd	v0.4s, v23.4s, v18.4s
-	fdiv	v0.4s, v30.4s, v0.4s
-	lsl	x5, x5, #8
-	add	x5, x5, x1, lsl #4
-	str	q0, [x6, x5]
-	add	x4, x4, #0x2
-	b	<kiln_v2_matmul_q4+0x9c>
-	add	x6, x6, #0x1
-	ldr	x10, [x9, #8]
-	fmov	d1, x10
-	uxtl	v1.4s, v1.4h
-	movi	v4.4s, #0x7f, msl #8
-	and	v2.16b, v1.16b, v4.16b
-	shl	v5.4s, v2.4s, #13
-	mov	x10, #0xf800000             	// #260046848
-	dup	v2.4s, w10
-	and	v6.16b, v5.16b, v2.16b
-	cmeq	v31.4s, v6.4s, #0
-	movi	v3.4s, #0x38, lsl #24
-	add	v7.4s, v5.4s, v3.4s
-	movi	v5.4s, #0x80, lsl #16
-	add	v17.4s, v7.4s, v5.4s
-	mov	x10, #0x38800000            	// #947912704
-	dup	v16.4s, w10
-	fsub	v17.4s, v17.4s, v16.4s
-	cmeq	v6.4s, v6.4s, v2.4s
-	and	v6.16b, v6.16b, v3.16b
-	add	v6.4s, v7.4s, v6.4s
-	bsl	v31.16b, v17.16b, v6.16b
-	movi	v18.4s, #0x80, lsl #8
-	and	v1.16b, v1.16b, v18.16b
-	shl	v1.4s, v1.4s, #16
-	orr	v1.16b, v31.16b, v1.16b
-	stur	q1, [sp, #16]
-	ldr	s1, [x7, #4]
-	stur	q1, [sp]
-	ldr	q19, [x9, #16]
-	movi	v9.16b, #0xf
-	and	v17.16b, v19.16b, v9.16b
-	uxtl	v7.8h, v17.8b
-	ldur	q8, [x7, #8]
-	smull	v1.4s, v7.4h, v8.4h
-	smull2	v6.4s, v7.8h, v8.8h
-	addp	v20.4s, v1.4s, v6.4s
-	uxtl2	v17.8h, v17.16b
-	ldur	q10, [x7, #24]
-	smull	v1.4s, v17.4h, v10.4h
-	smull2	v6.4s, v17.8h, v10.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v20.4s, v20.4s, v1.4s
-	ushr	v1.8h, v19.8h, #4
-	and	v21.16b, v1.16b, v9.16b
-	uxtl	v19.8h, v21.8b
-	ldur	q11, [x7, #40]
-	smull	v1.4s, v19.4h, v11.4h
-	smull2	v6.4s, v19.8h, v11.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v22.4s, v20.4s, v1.4s
-	uxtl2	v20.8h, v21.16b
-	ldur	q12, [x7, #56]
-	smull	v1.4s, v20.4h, v12.4h
-	smull2	v6.4s, v20.8h, v12.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v25.4s, v22.4s, v1.4s
-	ldr	q23, [x9, #32]
-	and	v22.16b, v23.16b, v9.16b
-	uxtl	v21.8h, v22.8b
-	smull	v1.4s, v21.4h, v8.4h
-	smull2	v6.4s, v21.8h, v8.8h
-	addp	v24.4s, v1.4s, v6.4s
-	uxtl2	v22.8h, v22.16b
-	smull	v1.4s, v22.4h, v10.4h
-	smull2	v6.4s, v22.8h, v10.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v24.4s, v24.4s, v1.4s
-	ushr	v1.8h, v23.8h, #4
-	and	v26.16b, v1.16b, v9.16b
-	uxtl	v23.8h, v26.8b
-	smull	v1.4s, v23.4h, v11.4h
-	smull2	v6.4s, v23.8h, v11.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v27.4s, v24.4s, v1.4s
-	uxtl2	v24.8h, v26.16b
-	smull	v1.4s, v24.4h, v12.4h
-	smull2	v6.4s, v24.8h, v12.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v1.4s, v27.4s, v1.4s
-	addp	v13.4s, v25.4s, v1.4s
-	ldr	q27, [x9, #48]
-	and	v26.16b, v27.16b, v9.16b
-	uxtl	v25.8h, v26.8b
-	smull	v1.4s, v25.4h, v8.4h
-	smull2	v6.4s, v25.8h, v8.8h
-	addp	v28.4s, v1.4s, v6.4s
-	uxtl2	v26.8h, v26.16b
-	smull	v1.4s, v26.4h, v10.4h
-	smull2	v6.4s, v26.8h, v10.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v28.4s, v28.4s, v1.4s
-	ushr	v1.8h, v27.8h, #4
-	and	v31.16b, v1.16b, v9.16b
-	uxtl	v27.8h, v31.8b
-	smull	v1.4s, v27.4h, v11.4h
-	smull2	v6.4s, v27.8h, v11.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v14.4s, v28.4s, v1.4s
-	uxtl2	v28.8h, v31.16b
-	smull	v1.4s, v28.4h, v12.4h
-	smull2	v6.4s, v28.8h, v12.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v14.4s, v14.4s, v1.4s
-	ldr	q15, [x9, #64]
-	and	v1.16b, v15.16b, v9.16b
-	uxtl	v31.8h, v1.8b
-	smull	v6.4s, v31.4h, v8.4h
-	smull2	v8.4s, v31.8h, v8.8h
-	addp	v6.4s, v6.4s, v8.4s
-	uxtl2	v8.8h, v1.16b
-	smull	v1.4s, v8.4h, v10.4h
-	smull2	v10.4s, v8.8h, v10.8h
-	addp	v1.4s, v1.4s, v10.4s
-	add	v10.4s, v6.4s, v1.4s
-	ushr	v1.8h, v15.8h, #4
-	and	v15.16b, v1.16b, v9.16b
-	uxtl	v9.8h, v15.8b
-	smull	v1.4s, v9.4h, v11.4h
-	smull2	v6.4s, v9.8h, v11.8h
-	addp	v1.4s, v1.4s, v6.4s
-	add	v1.4s, v10.4s, v1.4s
-	uxtl2	v10.8h, v15.16b
-	smull	v6.4s, v10.4h, v12.4h
-	smull2	v11.4s, v10.8h, v12.8h
-	addp	v6.4s, v6.4s, v11.4s
-	add	v1.4s, v1.4s, v6.4s
-	addp	v1.4s, v14.4s, v1.4s
-	addp	v1.4s, v13.4s, v1.4s
-	scvtf	v11.4s, v1.4s
-	ldr	x10, [x9]
-	fmov	d1, x10
-	uxtl	v12.4s, v1.4h
-	and	v1.16b, v12.16b, v4.16b
-	shl	v6.4s, v1.4s, #13
-	and	v1.16b, v6.16b, v2.16b
-	cmeq	v4.4s, v1.4s, #0
-	add	v6.4s, v6.4s, v3.4s
-	add	v5.4s, v6.4s, v5.4s
-	fsub	v5.4s, v5.4s, v16.4s
-	cmeq	v1.4s, v1.4s, v2.4s
-	and	v1.16b, v1.16b, v3.16b
-	add	v1.4s, v6.4s, v1.4s
-	bsl	v4.16b, v5.16b, v1.16b
-	and	v1.16b, v12.16b, v18.16b
-	shl	v1.4s, v1.4s, #16
-	orr	v2.16b, v4.16b, v1.16b
-	ld1r	{v1.4s}, [x7]
-	fmul	v1.4s, v2.4s, v1.4s
-	fmla	v29.4s, v11.4s, v1.4s
-	ldur	q16, [sp]
-	ldur	q18, [sp, #16]
-	fmla	v29.4s, v18.4s, v16.s[0]
-	ldr	s3, [x8, #4]
-	ldur	q4, [x8, #8]
-	smull	v1.4s, v7.4h, v4.4h
-	smull2	v5.4s, v7.8h, v4.8h
-	addp	v1.4s, v1.4s, v5.4s
-	ldur	q5, [x8, #24]
-	smull	v6.4s, v17.4h, v5.4h
-	smull2	v7.4s, v17.8h, v5.8h
-	addp	v6.4s, v6.4s, v7.4s
-	add	v1.4s, v1.4s, v6.4s
-	ldur	q6, [x8, #40]
-	smull	v7.4s, v19.4h, v6.4h
-	smull2	v16.4s, v19.8h, v6.8h
+	bsl	v29.16b, v0.16b, v1.16b
+	fadd	v0.4s, v29.4s, v20.4s
+	fdiv	v0.4s, v3.4s, v0.4s
+	lsl	x0, x9, #8
+	add	x0, x0, x5, lsl #4
+	str	q0, [x10, x0]
+	add	x8, x8, #0x2
+	b	<kiln_v2_matmul_q4+0x94>
+	add	x10, x10, #0x1
+	ldr	x0, [x13, #8]
+	fmov	d1, x0
+	sxtl	v1.4s, v1.4h
+	shl	v1.4s, v1.4s, #13
+	mvni	v5.4s, #0x70, lsl #24
+	and	v1.16b, v1.16b, v5.16b
+	mov	x0, #0x77800000            	// #2004877312
+	dup	v16.4s, w0
+	fmul	v1.4s, v1.4s, v16.4s
+	ldr	s4, [x11, #4]
+	ldr	q17, [x13, #16]
+	movi	v27.16b, #0xf
+	and	v7.16b, v17.16b, v27.16b
+	uxtl	v6.8h, v7.8b
+	ldur	q29, [x11, #8]
+	smull	v18.4s, v6.4h, v29.4h
+	smull2	v19.4s, v6.8h, v29.8h
+	addp	v18.4s, v18.4s, v19.4s
+	uxtl2	v7.8h, v7.16b
+	ldur	q30, [x11, #24]
+	smull	v19.4s, v7.4h, v30.4h
+	smull2	v20.4s, v7.8h, v30.8h
+	addp	v19.4s, v19.4s, v20.4s
+	add	v18.4s, v18.4s, v19.4s
+	ushr	v17.8h, v17.8h, #4
+	and	v19.16b, v17.16b, v27.16b
+	uxtl	v17.8h, v19.8b
+	ldur	q31, [x11, #40]
+	smull	v20.4s, v17.4h, v31.4h
+	smull2	v21.4s, v17.8h, v31.8h
+	addp	v20.4s, v20.4s, v21.4s
+	add	v20.4s, v18.4s, v20.4s
+	uxtl2	v18.8h, v19.16b
+	ldur	q8, [x11, #56]
+	smull	v19.4s, v18.4h, v8.4h
+	smull2	v21.4s, v18.8h, v8.8h
+	addp	v19.4s, v19.4s, v21.4s
+	add	v23.4s, v20.4s, v19.4s
+	ldr	q21, [x13, #32]
+	and	v20.16b, v21.16b, v27.16b
+	uxtl	v19.8h, v20.8b
+	smull	v22.4s, v19.4h, v29.4h
+	smull2	v24.4s, v19.8h, v29.8h
+	addp	v22.4s, v22.4s, v24.4s
+	uxtl2	v20.8h, v20.16b
+	smull	v24.4s, v20.4h, v30.4h
+	smull2	v25.4s, v20.8h, v30.8h
+	addp	v24.4s, v24.4s, v25.4s
+	add	v22.4s, v22.4s, v24.4s
+	ushr	v21.8h, v21.8h, #4
+	and	v24.16b, v21.16b, v27.16b
+	uxtl	v21.8h, v24.8b
+	smull	v25.4s, v21.4h, v31.4h
+	smull2	v26.4s, v21.8h, v31.8h
+	addp	v25.4s, v25.4s, v26.4s
+	add	v25.4s, v22.4s, v25.4s
+	uxtl2	v22.8h, v24.16b
+	smull	v24.4s, v22.4h, v8.4h
+	smull2	v26.4s, v22.8h, v8.8h
+	addp	v24.4s, v24.4s, v26.4s
+	add	v24.4s, v25.4s, v24.4s
+	addp	v9.4s, v23.4s, v24.4s
+	ldr	q25, [x13, #48]
+	and	v24.16b, v25.16b, v27.16b
+	uxtl	v23.8h, v24.8b
+	smull	v26.4s, v23.4h, v29.4h
+	smull2	v28.4s, v23.8h, v29.8h
+	addp	v26.4s, v26.4s, v28.4s
+	uxtl2	v24.8h, v24.16b
+	smull	v28.4s, v24.4h, v30.4h
+	smull2	v10.4s, v24.8h, v30.8h
+	addp	v28.4s, v28.4s, v10.4s
+	add	v26.4s, v26.4s, v28.4s
+	ushr	v25.8h, v25.8h, #4
+	and	v28.16b, v25.16b, v27.16b
+	uxtl	v25.8h, v28.8b
+	smull	v10.4s, v25.4h, v31.4h
+	smull2	v11.4s, v25.8h, v31.8h
+	addp	v10.4s, v10.4s, v11.4s
+	add	v10.4s, v26.4s, v10.4s
+	uxtl2	v26.8h, v28.16b
+	smull	v28.4s, v26.4h, v8.4h
+	smull2	v11.4s, v26.8h, v8.8h
+	addp	v28.4s, v28.4s, v11.4s
+	add	v10.4s, v10.4s, v28.4s
+	ldr	q11, [x13, #64]
+	and	v12.16b, v11.16b, v27.16b
+	uxtl	v28.8h, v12.8b
+	smull	v13.4s, v28.4h, v29.4h
+	smull2	v29.4s, v28.8h, v29.8h
+	addp	v13.4s, v13.4s, v29.4s
+	uxtl2	v29.8h, v12.16b
+	smull	v12.4s, v29.4h, v30.4h
+	smull2	v30.4s, v29.8h, v30.8h
+	addp	v30.4s, v12.4s, v30.4s
+	add	v30.4s, v13.4s, v30.4s
+	ushr	v11.8h, v11.8h, #4
+	and	v11.16b, v11.16b, v27.16b
+	uxtl	v27.8h, v11.8b
+	smull	v12.4s, v27.4h, v31.4h
+	smull2	v31.4s, v27.8h, v31.8h
+	addp	v31.4s, v12.4s, v31.4s
+	add	v31.4s, v30.4s, v31.4s
+	uxtl2	v30.8h, v11.16b
+	smull	v11.4s, v30.4h, v8.4h
+	smull2	v8.4s, v30.8h, v8.8h
+	addp	v8.4s, v11.4s, v8.4s
+	add	v31.4s, v31.4s, v8.4s
+	addp	v31.4s, v10.4s, v31.4s
+	addp	v31.4s, v9.4s, v31.4s
+	scvtf	v31.4s, v31.4s
+	ldr	x0, [x13]
+	fmov	d8, x0
+	sxtl	v8.4s, v8.4h
+	shl	v8.4s, v8.4s, #13
+	and	v5.16b, v8.16b, v5.16b
+	fmul	v5.4s, v5.4s, v16.4s
+	ld1r	{v16.4s}, [x11]
+	fmul	v16.4s, v5.4s, v16.4s
+	fmla	v2.4s, v31.4s, v16.4s
+	fmla	v2.4s, v1.4s, v4.s[0]
+	ldr	s4, [x12, #4]
+	ldur	q16, [x12, #8]
+	smull	v31.4s, v6.4h, v16.4h
+	smull2	v6.4s, v6.8h, v16.8h
+	addp	v31.4s, v31.4s, v6.4s
+	ldur	q6, [x12, #24]
+	smull	v8.4s, v7.4h, v6.4h
+	smull2	v7.4s, v7.8h, v6.8h
+	addp	v7.4s, v8.4s, v7.4s
+	add	v31.4s, v31.4s, v7.4s
+	ldur	q7, [x12, #40]
+	smull	v8.4s, v17.4h, v7.4h
+	smull2	v17.4s, v17.8h, v7.8h
+	addp	v17.4s, v8.4s, v17.4s
+	add	v31.4s, v31.4s, v17.4s
+	ldur	q17, [x12, #56]
+	smull	v8.4s, v18.4h, v17.4h
+	smull2	v18.4s, v18.8h, v17.8h
+	addp	v18.4s, v8.4s, v18.4s
+	add	v18.4s, v31.4s, v18.4s
+	smull	v31.4s, v19.4h, v16.4h
+	smull2	v19.4s, v19.8h, v16.8h
+	addp	v19.4s, v31.4s, v19.4s
+	smull	v31.4s, v20.4h, v6.4h
+	smull2	v20.4s, v20.8h, v6.8h
+	addp	v20.4s, v31.4s, v20.4s
+	add	v19.4s, v19.4s, v20.4s
+	smull	v20.4s, v21.4h, v7.4h
+	smull2	v21.4s, v21.8h, v7.8h
+	addp	v20.4s, v20.4s, v21.4s
+	add	v19.4s, v19.4s, v20.4s
+	smull	v20.4s, v22.4h, v17.4h
+	smull2	v21.4s, v22.8h, v17.8h
+	addp	v20.4s, v20.4s, v21.4s
+	add	v19.4s, v19.4s, v20.4s
+	addp	v18.4s, v18.4s, v19.4s
+	smull	v19.4s, v23.4h, v16.4h
+	smull2	v20.4s, v23.8h, v16.8h
+	addp	v19.4s, v19.4s, v20.4s
+	smull	v20.4s, v24.4h, v6.4h
+	smull2	v21.4s, v24.8h, v6.8h
+	addp	v20.4s, v20.4s, v21.4s
+	add	v19.4s, v19.4s, v20.4s
+	smull	v20.4s, v25.4h, v7.4h
+	smull2	v21.4s, v25.8h, v7.8h
+	addp	v20.4s, v20.4s, v21.4s
+	add	v19.4s, v19.4s, v20.4s
+	smull	v20.4s, v26.4h, v17.4h
+	smull2	v21.4s, v26.8h, v17.8h
+	addp	v20.4s, v20.4s, v21.4s
+	add	v19.4s, v19.4s, v20.4s
+	smull	v20.4s, v28.4h, v16.4h
+	smull2	v16.4s, v28.8h, v16.8h
+	addp	v16.4s, v20.4s, v16.4s
+	smull	v20.4s, v29.4h, v6.4h
+	smull2	v6.4s, v29.8h, v6.8h
+	addp	v6.4s, v20.4s, v6.4s
+	add	v6.4s, v16.4s, v6.4s
+	smull	v16.4s, v27.4h, v7.4h
+	smull2	v7.4s, v27.8h, v7.8h
+	addp	v7.4s, v16.4s, v7.4s
+	add	v6.4s, v6.4s, v7.4s
+	smull	v7.4s, v30.4h, v17.4h
+	smull2	v16.4s, v30.8h, v17.8h
 	addp	v7.4s, v7.4s, v16.4s
-	add	v1.4s, v1.4s, v7.4s
-	ldur	q7, [x8, #56]
-	smull	v16.4s, v20.4h, v7.4h
-	smull2	v17.4s, v20.8h, v7.8h
-	addp	v16.4s, v16.4s, v17.4s
-	add	v16.4s, v1.4s, v16.4s
-	smull	v1.4s, v21.4h, v4.4h
-	smull2	v17.4s, v21.8h, v4.8h
-	addp	v1.4s, v1.4s, v17.4s
-	smull	v17.4s, v22.4h, v5.4h
-	smull2	v19.4s, v22.8h, v5.8h
-	addp	v17.4s, v17.4s, v19.4s
-	add	v1.4s, v1.4s, v17.4s
-	smull	v17.4s, v23.4h, v6.4h
-	smull2	v19.4s, v23.8h, v6.8h
-	addp	v17.4s, v17.4s, v19.4s
-	add	v1.4s, v1.4s, v17.4s
-	smull	v17.4s, v24.4h, v7.4h
-	smull2	v19.4s, v24.8h, v7.8h
-	addp	v17.4s, v17.4s, v19.4s
-	add	v1.4s, v1.4s, v17.4s
-	addp	v16.4s, v16.4s, v1.4s
-	smull	v1.4s, v25.4h, v4.4h
-	smull2	v17.4s, v25.8h, v4.8h
-	addp	v1.4s, v1.4s, v17.4s
-	smull	v17.4s, v26.4h, v5.4h
-	smull2	v19.4s, v26.8h, v5.8h
-	addp	v17.4s, v17.4s, v19.4s
-	add	v1.4s, v1.4s, v17.4s
-	smull	v17.4s, v27.4h, v6.4h
-	smull2	v19.4s, v27.8h, v6.8h
-	addp	v17.4s, v17.4s, v19.4s
-	add	v1.4s, v1.4s, v17.4s
-	smull	v17.4s, v28.4h, v7.4h
-	smull2	v19.4s, v28.8h, v7.8h
-	addp	v17.4s, v17.4s, v19.4s
-	add	v17.4s, v1.4s, v17.4s
-	smull	v1.4s, v31.4h, v4.4h
-	smull2	v4.4s, v31.8h, v4.8h
-	addp	v1.4s, v1.4s, v4.4s
-	smull	v4.4s, v8.4h, v5.4h
-	smull2	v5.4s, v8.8h, v5.8h
-	addp	v4.4s, v4.4s, v5.4s
-	add	v1.4s, v1.4s, v4.4s
-	smull	v4.4s, v9.4h, v6.4h
-	smull2	v5.4s, v9.8h, v6.8h
-	addp	v4.4s, v4.4s, v5.4s
-	add	v1.4s, v1.4s, v4.4s
-	smull	v4.4s, v10.4h, v7.4h
-	smull2	v5.4s, v10.8h, v7.8h
-	addp	v4.4s, v4.4s, v5.4s
-	add	v1.4s, v1.4s, v4.4s
-	addp	v1.4s, v17.4s, v1.4s
-	addp	v1.4s, v16.4s, v1.4s
-	scvtf	v1.4s, v1.4s
-	ld1r	{v4.4s}, [x8]
-	fmul	v2.4s, v2.4s, v4.4s
-	fmla	v30.4s, v1.4s, v2.4s
-	fmla	v30.4s, v18.4s, v3.s[0]
-	add	x7, x7, #0x48
-	add	x8, x8, #0x48
-	add	x9, x9, #0x50
-	b	<kiln_v2_matmul_q4+0x460>
+	add	v6.4s, v6.4s, v7.4s
+	addp	v6.4s, v19.4s, v6.4s
+	addp	v6.4s, v18.4s, v6.4s
+	scvtf	v6.4s, v6.4s
+	ld1r	{v7.4s}, [x12]
+	fmul	v5.4s, v5.4s, v7.4s
+	fmla	v3.4s, v6.4s, v5.4s
+	fmla	v3.4s, v1.4s, v4.s[0]
+	add	x11, x11, #0x48
+	add	x12, x12, #0x48
+	add	x13, x13, #0x50
+	b	<kiln_v2_matmul_q4+0x3ec>
 	udf	#49439
 	udf	#49439
 
@@ -791,408 +731,372 @@ Disassembly of section .text:
 	stp	x29, x30, [sp, #-16]!
 	mov	x29, sp
 	stp	x19, x20, [sp, #-16]!
-	str	d10, [sp, #-16]!
-	stp	d8, d9, [sp, #-16]!
-	ldr	x15, [x0]
-	ldr	x20, [x0, #8]
-	ldr	x19, [x0, #32]
+	ldr	x20, [x0]
+	ldr	x19, [x0, #8]
+	ldr	x15, [x0, #32]
 	lsl	x0, x1, #4
-	cbz	x2, <kiln_v3_matmul_q8+0x654>
-	udiv	x12, x0, x2
+	cbz	x2, <kiln_v3_matmul_q8+0x5c4>
+	udiv	x3, x0, x2
 	add	x0, x1, #0x1
 	lsl	x0, x0, #4
-	cbz	x2, <kiln_v3_matmul_q8+0x658>
-	udiv	x3, x0, x2
+	cbz	x2, <kiln_v3_matmul_q8+0x5c8>
+	udiv	x4, x0, x2
 	mov	x14, #0x0                   	// #0
-	cmp	x14, x19
-	b.lt	<kiln_v3_matmul_q8+0x5c>  // b.tstop
-	ldp	d8, d9, [sp], #16
-	ldr	d10, [sp], #16
+	cmp	x14, x15
+	b.lt	<kiln_v3_matmul_q8+0x4c>  // b.tstop
 	ldp	x19, x20, [sp], #16
 	ldp	x29, x30, [sp], #16
 	ret
-	mov	x4, x12
-	cmp	x4, x3
-	b.lt	<kiln_v3_matmul_q8+0x70>  // b.tstop
+	mov	x5, x3
+	cmp	x5, x4
+	b.lt	<kiln_v3_matmul_q8+0x60>  // b.tstop
 	add	x14, x14, #0x40
-	b	<kiln_v3_matmul_q8+0x40>
+	b	<kiln_v3_matmul_q8+0x38>
 	add	x0, x14, #0x40
-	cmp	x0, x19
-	csel	x5, x0, x19, lt	// lt = tstop
-	sub	x0, x5, x14
+	cmp	x0, x15
+	csel	x6, x0, x15, lt	// lt = tstop
+	sub	x0, x6, x14
 	and	x0, x0, #0x1
-	sub	x6, x5, x0
-	mov	x7, x14
+	sub	x7, x6, x0
+	mov	x8, x14
+	cmp	x8, x7
+	b.lt	<kiln_v3_matmul_q8+0x28c>  // b.tstop
 	cmp	x7, x6
-	b.lt	<kiln_v3_matmul_q8+0x2dc>  // b.tstop
-	cmp	x6, x5
-	b.lt	<kiln_v3_matmul_q8+0xa4>  // b.tstop
-	add	x4, x4, #0x1
-	b	<kiln_v3_matmul_q8+0x60>
-	mov	x7, #0x0                   	// #0
+	b.lt	<kiln_v3_matmul_q8+0x94>  // b.tstop
+	add	x5, x5, #0x1
+	b	<kiln_v3_matmul_q8+0x50>
+	mov	x8, #0x0                   	// #0
 	movi	v0.16b, #0x0
-	mov	x0, #0x90                  	// #144
-	madd	x8, x6, x0, x15
-	add	x0, x20, #0xb00
-	mov	x1, #0x110                 	// #272
-	madd	x9, x4, x1, x0
-	cmp	x7, #0x2
-	b.lt	<kiln_v3_matmul_q8+0xec>  // b.tstop
-	add	x2, x15, #0x480
-	lsl	x0, x6, #8
-	add	x1, x0, x4, lsl #4
-	ldr	q1, [x2, x1]
-	fmul	v0.4s, v0.4s, v1.4s
-	add	x0, x15, #0xc80
-	str	q0, [x0, x1]
-	add	x6, x6, #0x1
-	b	<kiln_v3_matmul_q8+0x94>
-	add	x7, x7, #0x1
-	ldur	q2, [x9, #8]
-	sxtl	v3.8h, v2.8b
-	ldur	q1, [x8, #8]
-	smull	v4.4s, v3.4h, v1.4h
-	smull2	v3.4s, v3.8h, v1.8h
-	addp	v3.4s, v4.4s, v3.4s
-	sxtl2	v4.8h, v2.16b
-	ldur	q2, [x8, #24]
-	smull	v5.4s, v4.4h, v2.4h
-	smull2	v4.4s, v4.8h, v2.8h
-	addp	v4.4s, v5.4s, v4.4s
-	add	v4.4s, v3.4s, v4.4s
-	ldur	q5, [x9, #24]
-	sxtl	v6.8h, v5.8b
-	ldur	q3, [x8, #40]
-	smull	v7.4s, v6.4h, v3.4h
-	smull2	v6.4s, v6.8h, v3.8h
-	addp	v6.4s, v7.4s, v6.4s
-	add	v6.4s, v4.4s, v6.4s
-	sxtl2	v5.8h, v5.16b
-	ldur	q4, [x8, #56]
-	smull	v7.4s, v5.4h, v4.4h
-	smull2	v5.4s, v5.8h, v4.8h
-	addp	v5.4s, v7.4s, v5.4s
-	add	v5.4s, v6.4s, v5.4s
-	ldur	q6, [x9, #40]
-	sxtl	v7.8h, v6.8b
-	smull	v16.4s, v7.4h, v1.4h
-	smull2	v7.4s, v7.8h, v1.8h
-	addp	v7.4s, v16.4s, v7.4s
-	sxtl2	v6.8h, v6.16b
-	smull	v16.4s, v6.4h, v2.4h
-	smull2	v6.4s, v6.8h, v2.8h
-	addp	v6.4s, v16.4s, v6.4s
-	add	v6.4s, v7.4s, v6.4s
-	ldur	q7, [x9, #56]
-	sxtl	v16.8h, v7.8b
-	smull	v17.4s, v16.4h, v3.4h
-	smull2	v16.4s, v16.8h, v3.8h
-	addp	v16.4s, v17.4s, v16.4s
-	add	v6.4s, v6.4s, v16.4s
-	sxtl2	v7.8h, v7.16b
-	smull	v16.4s, v7.4h, v4.4h
-	smull2	v7.4s, v7.8h, v4.8h
-	addp	v7.4s, v16.4s, v7.4s
-	add	v6.4s, v6.4s, v7.4s
-	addp	v5.4s, v5.4s, v6.4s
-	ldur	q6, [x9, #72]
-	sxtl	v7.8h, v6.8b
-	smull	v16.4s, v7.4h, v1.4h
-	smull2	v7.4s, v7.8h, v1.8h
-	addp	v7.4s, v16.4s, v7.4s
-	sxtl2	v6.8h, v6.16b
-	smull	v16.4s, v6.4h, v2.4h
-	smull2	v6.4s, v6.8h, v2.8h
-	addp	v6.4s, v16.4s, v6.4s
-	add	v6.4s, v7.4s, v6.4s
-	ldur	q7, [x9, #88]
-	sxtl	v16.8h, v7.8b
-	smull	v17.4s, v16.4h, v3.4h
-	smull2	v16.4s, v16.8h, v3.8h
-	addp	v16.4s, v17.4s, v16.4s
-	add	v6.4s, v6.4s, v16.4s
-	sxtl2	v7.8h, v7.16b
-	smull	v16.4s, v7.4h, v4.4h
-	smull2	v7.4s, v7.8h, v4.8h
-	addp	v7.4s, v16.4s, v7.4s
-	add	v6.4s, v6.4s, v7.4s
-	ldur	q7, [x9, #104]
-	sxtl	v16.8h, v7.8b
-	smull	v17.4s, v16.4h, v1.4h
-	smull2	v1.4s, v16.8h, v1.8h
-	addp	v1.4s, v17.4s, v1.4s
-	sxtl2	v7.8h, v7.16b
-	smull	v16.4s, v7.4h, v2.4h
-	smull2	v2.4s, v7.8h, v2.8h
-	addp	v2.4s, v16.4s, v2.4s
-	add	v1.4s, v1.4s, v2.4s
-	ldur	q2, [x9, #120]
-	sxtl	v7.8h, v2.8b
-	smull	v16.4s, v7.4h, v3.4h
-	smull2	v3.4s, v7.8h, v3.8h
-	addp	v3.4s, v16.4s, v3.4s
-	add	v1.4s, v1.4s, v3.4s
-	sxtl2	v2.8h, v2.16b
-	smull	v3.4s, v2.4h, v4.4h
-	smull2	v2.4s, v2.8h, v4.8h
-	addp	v2.4s, v3.4s, v2.4s
-	add	v1.4s, v1.4s, v2.4s
-	addp	v1.4s, v6.4s, v1.4s
-	addp	v1.4s, v5.4s, v1.4s
-	scvtf	v1.4s, v1.4s
-	ldr	x0, [x9]
-	fmov	d2, x0
-	uxtl	v2.4s, v2.4h
-	movi	v3.4s, #0x7f, msl #8
-	and	v3.16b, v2.16b, v3.16b
-	shl	v6.4s, v3.4s, #13
-	mov	x0, #0xf800000             	// #260046848
-	dup	v3.4s, w0
-	and	v4.16b, v6.16b, v3.16b
-	cmeq	v27.4s, v4.4s, #0
-	movi	v5.4s, #0x38, lsl #24
-	add	v6.4s, v6.4s, v5.4s
-	movi	v7.4s, #0x80, lsl #16
-	add	v7.4s, v6.4s, v7.4s
-	mov	x0, #0x38800000            	// #947912704
-	dup	v16.4s, w0
-	fsub	v7.4s, v7.4s, v16.4s
-	cmeq	v3.4s, v4.4s, v3.4s
-	and	v3.16b, v3.16b, v5.16b
-	add	v3.4s, v6.4s, v3.4s
-	bsl	v27.16b, v7.16b, v3.16b
-	movi	v3.4s, #0x80, lsl #8
-	and	v2.16b, v2.16b, v3.16b
-	shl	v2.4s, v2.4s, #16
-	orr	v2.16b, v27.16b, v2.16b
-	ld1r	{v3.4s}, [x8]
-	fmul	v2.4s, v2.4s, v3.4s
-	fmla	v0.4s, v1.4s, v2.4s
-	add	x8, x8, #0x48
-	add	x9, x9, #0x88
-	b	<kiln_v3_matmul_q8+0xc0>
-	mov	x9, #0x0                   	// #0
-	movi	v2.16b, #0x0
 	mov	x1, #0x90                  	// #144
-	madd	x10, x7, x1, x15
-	add	x8, x7, #0x1
-	madd	x11, x8, x1, x15
-	add	x0, x20, #0xb00
-	mov	x1, #0x110                 	// #272
-	madd	x13, x4, x1, x0
-	mov	v16.16b, v2.16b
-	cmp	x9, #0x2
-	b.lt	<kiln_v3_matmul_q8+0x344>  // b.tstop
-	add	x2, x15, #0x480
-	lsl	x0, x7, #8
-	add	x9, x0, x4, lsl #4
-	ldr	q0, [x2, x9]
-	fmul	v0.4s, v2.4s, v0.4s
-	add	x1, x15, #0xc80
-	str	q0, [x1, x9]
-	lsl	x0, x8, #8
-	add	x8, x0, x4, lsl #4
-	ldr	q0, [x2, x8]
-	fmul	v0.4s, v16.4s, v0.4s
-	str	q0, [x1, x8]
-	add	x7, x7, #0x2
-	b	<kiln_v3_matmul_q8+0x8c>
-	add	x9, x9, #0x1
-	ldur	q1, [x13, #8]
-	sxtl	v0.8h, v1.8b
-	ldur	q23, [x10, #8]
-	smull	v3.4s, v0.4h, v23.4h
-	smull2	v4.4s, v0.8h, v23.8h
-	addp	v3.4s, v3.4s, v4.4s
-	sxtl2	v1.8h, v1.16b
-	ldur	q24, [x10, #24]
-	smull	v4.4s, v1.4h, v24.4h
-	smull2	v5.4s, v1.8h, v24.8h
-	addp	v4.4s, v4.4s, v5.4s
-	add	v4.4s, v3.4s, v4.4s
-	ldur	q5, [x13, #24]
-	sxtl	v3.8h, v5.8b
-	ldur	q25, [x10, #40]
-	smull	v6.4s, v3.4h, v25.4h
-	smull2	v7.4s, v3.8h, v25.8h
-	addp	v6.4s, v6.4s, v7.4s
-	add	v6.4s, v4.4s, v6.4s
-	sxtl2	v4.8h, v5.16b
-	ldur	q26, [x10, #56]
-	smull	v5.4s, v4.4h, v26.4h
-	smull2	v7.4s, v4.8h, v26.8h
-	addp	v5.4s, v5.4s, v7.4s
-	add	v18.4s, v6.4s, v5.4s
-	ldur	q6, [x13, #40]
-	sxtl	v5.8h, v6.8b
-	smull	v7.4s, v5.4h, v23.4h
-	smull2	v17.4s, v5.8h, v23.8h
-	addp	v7.4s, v7.4s, v17.4s
-	sxtl2	v6.8h, v6.16b
-	smull	v17.4s, v6.4h, v24.4h
-	smull2	v19.4s, v6.8h, v24.8h
-	addp	v17.4s, v17.4s, v19.4s
-	add	v17.4s, v7.4s, v17.4s
-	ldur	q19, [x13, #56]
-	sxtl	v7.8h, v19.8b
-	smull	v20.4s, v7.4h, v25.4h
-	smull2	v21.4s, v7.8h, v25.8h
-	addp	v20.4s, v20.4s, v21.4s
-	add	v20.4s, v17.4s, v20.4s
-	sxtl2	v17.8h, v19.16b
-	smull	v19.4s, v17.4h, v26.4h
-	smull2	v21.4s, v17.8h, v26.8h
-	addp	v19.4s, v19.4s, v21.4s
-	add	v19.4s, v20.4s, v19.4s
-	addp	v27.4s, v18.4s, v19.4s
-	ldur	q19, [x13, #72]
-	sxtl	v18.8h, v19.8b
-	smull	v20.4s, v18.4h, v23.4h
-	smull2	v21.4s, v18.8h, v23.8h
-	addp	v20.4s, v20.4s, v21.4s
+	madd	x9, x7, x1, x20
+	add	x1, x19, #0xb00
+	mov	x2, #0x110                 	// #272
+	madd	x10, x5, x2, x1
+	cmp	x8, #0x2
+	b.lt	<kiln_v3_matmul_q8+0xdc>  // b.tstop
+	add	x9, x20, #0x480
+	lsl	x8, x7, #8
+	add	x8, x8, x5, lsl #4
+	ldr	q4, [x9, x8]
+	fmul	v4.4s, v0.4s, v4.4s
+	add	x9, x20, #0xc80
+	str	q4, [x9, x8]
+	add	x7, x7, #0x1
+	b	<kiln_v3_matmul_q8+0x84>
+	add	x8, x8, #0x1
+	ldur	q7, [x10, #8]
+	sxtl	v16.8h, v7.8b
+	ldur	q6, [x9, #8]
+	smull	v17.4s, v16.4h, v6.4h
+	smull2	v16.4s, v16.8h, v6.8h
+	addp	v16.4s, v17.4s, v16.4s
+	sxtl2	v17.8h, v7.16b
+	ldur	q7, [x9, #24]
+	smull	v18.4s, v17.4h, v7.4h
+	smull2	v17.4s, v17.8h, v7.8h
+	addp	v17.4s, v18.4s, v17.4s
+	add	v17.4s, v16.4s, v17.4s
+	ldur	q18, [x10, #24]
+	sxtl	v19.8h, v18.8b
+	ldur	q16, [x9, #40]
+	smull	v20.4s, v19.4h, v16.4h
+	smull2	v19.4s, v19.8h, v16.8h
+	addp	v19.4s, v20.4s, v19.4s
+	add	v19.4s, v17.4s, v19.4s
+	sxtl2	v18.8h, v18.16b
+	ldur	q17, [x9, #56]
+	smull	v20.4s, v18.4h, v17.4h
+	smull2	v18.4s, v18.8h, v17.8h
+	addp	v18.4s, v20.4s, v18.4s
+	add	v18.4s, v19.4s, v18.4s
+	ldur	q19, [x10, #40]
+	sxtl	v20.8h, v19.8b
+	smull	v21.4s, v20.4h, v6.4h
+	smull2	v20.4s, v20.8h, v6.8h
+	addp	v20.4s, v21.4s, v20.4s
 	sxtl2	v19.8h, v19.16b
-	smull	v21.4s, v19.4h, v24.4h
-	smull2	v22.4s, v19.8h, v24.8h
+	smull	v21.4s, v19.4h, v7.4h
+	smull2	v19.4s, v19.8h, v7.8h
+	addp	v19.4s, v21.4s, v19.4s
+	add	v19.4s, v20.4s, v19.4s
+	ldur	q20, [x10, #56]
+	sxtl	v21.8h, v20.8b
+	smull	v22.4s, v21.4h, v16.4h
+	smull2	v21.4s, v21.8h, v16.8h
+	addp	v21.4s, v22.4s, v21.4s
+	add	v19.4s, v19.4s, v21.4s
+	sxtl2	v20.8h, v20.16b
+	smull	v21.4s, v20.4h, v17.4h
+	smull2	v20.4s, v20.8h, v17.8h
+	addp	v20.4s, v21.4s, v20.4s
+	add	v19.4s, v19.4s, v20.4s
+	addp	v18.4s, v18.4s, v19.4s
+	ldur	q19, [x10, #72]
+	sxtl	v20.8h, v19.8b
+	smull	v21.4s, v20.4h, v6.4h
+	smull2	v20.4s, v20.8h, v6.8h
+	addp	v20.4s, v21.4s, v20.4s
+	sxtl2	v19.8h, v19.16b
+	smull	v21.4s, v19.4h, v7.4h
+	smull2	v19.4s, v19.8h, v7.8h
+	addp	v19.4s, v21.4s, v19.4s
+	add	v19.4s, v20.4s, v19.4s
+	ldur	q20, [x10, #88]
+	sxtl	v21.8h, v20.8b
+	smull	v22.4s, v21.4h, v16.4h
+	smull2	v21.4s, v21.8h, v16.8h
+	addp	v21.4s, v22.4s, v21.4s
+	add	v19.4s, v19.4s, v21.4s
+	sxtl2	v20.8h, v20.16b
+	smull	v21.4s, v20.4h, v17.4h
+	smull2	v20.4s, v20.8h, v17.8h
+	addp	v20.4s, v21.4s, v20.4s
+	add	v19.4s, v19.4s, v20.4s
+	ldur	q20, [x10, #104]
+	sxtl	v21.8h, v20.8b
+	smull	v22.4s, v21.4h, v6.4h
+	smull2	v6.4s, v21.8h, v6.8h
+	addp	v6.4s, v22.4s, v6.4s
+	sxtl2	v20.8h, v20.16b
+	smull	v21.4s, v20.4h, v7.4h
+	smull2	v7.4s, v20.8h, v7.8h
+	addp	v7.4s, v21.4s, v7.4s
+	add	v6.4s, v6.4s, v7.4s
+	ldur	q7, [x10, #120]
+	sxtl	v20.8h, v7.8b
+	smull	v21.4s, v20.4h, v16.4h
+	smull2	v16.4s, v20.8h, v16.8h
+	addp	v16.4s, v21.4s, v16.4s
+	add	v6.4s, v6.4s, v16.4s
+	sxtl2	v7.8h, v7.16b
+	smull	v16.4s, v7.4h, v17.4h
+	smull2	v7.4s, v7.8h, v17.8h
+	addp	v7.4s, v16.4s, v7.4s
+	add	v6.4s, v6.4s, v7.4s
+	addp	v6.4s, v19.4s, v6.4s
+	addp	v6.4s, v18.4s, v6.4s
+	scvtf	v6.4s, v6.4s
+	ldr	x11, [x10]
+	fmov	d7, x11
+	sxtl	v7.4s, v7.4h
+	shl	v7.4s, v7.4s, #13
+	mvni	v16.4s, #0x70, lsl #24
+	and	v7.16b, v7.16b, v16.16b
+	mov	x11, #0x77800000            	// #2004877312
+	dup	v16.4s, w11
+	fmul	v7.4s, v7.4s, v16.4s
+	ld1r	{v16.4s}, [x9]
+	fmul	v7.4s, v7.4s, v16.4s
+	fmla	v0.4s, v6.4s, v7.4s
+	add	x9, x9, #0x48
+	add	x10, x10, #0x88
+	b	<kiln_v3_matmul_q8+0xb0>
+	mov	x10, #0x0                   	// #0
+	movi	v0.16b, #0x0
+	mov	x12, #0x90                  	// #144
+	madd	x11, x8, x12, x20
+	add	x9, x8, #0x1
+	madd	x12, x9, x12, x20
+	add	x13, x19, #0xb00
+	mov	x0, #0x110                 	// #272
+	madd	x13, x5, x0, x13
+	mov	v1.16b, v0.16b
+	cmp	x10, #0x2
+	b.lt	<kiln_v3_matmul_q8+0x2f4>  // b.tstop
+	add	x10, x20, #0x480
+	lsl	x11, x8, #8
+	add	x12, x11, x5, lsl #4
+	ldr	q16, [x10, x12]
+	fmul	v16.4s, v0.4s, v16.4s
+	add	x11, x20, #0xc80
+	str	q16, [x11, x12]
+	lsl	x12, x9, #8
+	add	x12, x12, x5, lsl #4
+	ldr	q16, [x10, x12]
+	fmul	v16.4s, v1.4s, v16.4s
+	str	q16, [x11, x12]
+	add	x8, x8, #0x2
+	b	<kiln_v3_matmul_q8+0x7c>
+	add	x10, x10, #0x1
+	ldur	q17, [x13, #8]
+	sxtl	v16.8h, v17.8b
+	ldur	q29, [x11, #8]
+	smull	v18.4s, v16.4h, v29.4h
+	smull2	v19.4s, v16.8h, v29.8h
+	addp	v18.4s, v18.4s, v19.4s
+	sxtl2	v17.8h, v17.16b
+	ldur	q30, [x11, #24]
+	smull	v19.4s, v17.4h, v30.4h
+	smull2	v20.4s, v17.8h, v30.8h
+	addp	v19.4s, v19.4s, v20.4s
+	add	v19.4s, v18.4s, v19.4s
+	ldur	q20, [x13, #24]
+	sxtl	v18.8h, v20.8b
+	ldur	q31, [x11, #40]
+	smull	v21.4s, v18.4h, v31.4h
+	smull2	v22.4s, v18.8h, v31.8h
 	addp	v21.4s, v21.4s, v22.4s
-	add	v21.4s, v20.4s, v21.4s
-	ldur	q22, [x13, #88]
-	sxtl	v20.8h, v22.8b
-	smull	v28.4s, v20.4h, v25.4h
-	smull2	v29.4s, v20.8h, v25.8h
-	addp	v28.4s, v28.4s, v29.4s
-	add	v28.4s, v21.4s, v28.4s
-	sxtl2	v21.8h, v22.16b
-	smull	v22.4s, v21.4h, v26.4h
-	smull2	v29.4s, v21.8h, v26.8h
-	addp	v22.4s, v22.4s, v29.4s
-	add	v28.4s, v28.4s, v22.4s
-	ldur	q29, [x13, #104]
-	sxtl	v22.8h, v29.8b
-	smull	v30.4s, v22.4h, v23.4h
-	smull2	v23.4s, v22.8h, v23.8h
-	addp	v30.4s, v30.4s, v23.4s
-	sxtl2	v23.8h, v29.16b
-	smull	v29.4s, v23.4h, v24.4h
-	smull2	v24.4s, v23.8h, v24.8h
-	addp	v24.4s, v29.4s, v24.4s
-	add	v29.4s, v30.4s, v24.4s
-	ldur	q30, [x13, #120]
-	sxtl	v24.8h, v30.8b
-	smull	v31.4s, v24.4h, v25.4h
-	smull2	v25.4s, v24.8h, v25.8h
-	addp	v25.4s, v31.4s, v25.4s
-	add	v29.4s, v29.4s, v25.4s
-	sxtl2	v25.8h, v30.16b
-	smull	v30.4s, v25.4h, v26.4h
-	smull2	v26.4s, v25.8h, v26.8h
-	addp	v26.4s, v30.4s, v26.4s
-	add	v26.4s, v29.4s, v26.4s
-	addp	v26.4s, v28.4s, v26.4s
-	addp	v26.4s, v27.4s, v26.4s
-	scvtf	v27.4s, v26.4s
-	ldr	x0, [x13]
-	fmov	d26, x0
-	uxtl	v26.4s, v26.4h
-	movi	v28.4s, #0x7f, msl #8
-	and	v28.16b, v26.16b, v28.16b
-	shl	v8.4s, v28.4s, #13
-	mov	x0, #0xf800000             	// #260046848
-	dup	v29.4s, w0
-	and	v30.16b, v8.16b, v29.16b
-	cmeq	v28.4s, v30.4s, #0
-	movi	v31.4s, #0x38, lsl #24
-	add	v8.4s, v8.4s, v31.4s
-	movi	v9.4s, #0x80, lsl #16
-	add	v9.4s, v8.4s, v9.4s
-	mov	x0, #0x38800000            	// #947912704
-	dup	v10.4s, w0
-	fsub	v9.4s, v9.4s, v10.4s
-	cmeq	v29.4s, v30.4s, v29.4s
-	and	v29.16b, v29.16b, v31.16b
-	add	v29.4s, v8.4s, v29.4s
-	bsl	v28.16b, v9.16b, v29.16b
-	movi	v29.4s, #0x80, lsl #8
-	and	v26.16b, v26.16b, v29.16b
-	shl	v26.4s, v26.4s, #16
-	orr	v26.16b, v28.16b, v26.16b
-	ld1r	{v28.4s}, [x10]
-	fmul	v28.4s, v26.4s, v28.4s
-	fmla	v2.4s, v27.4s, v28.4s
-	ldur	q27, [x11, #8]
-	smull	v28.4s, v0.4h, v27.4h
-	smull2	v0.4s, v0.8h, v27.8h
-	addp	v28.4s, v28.4s, v0.4s
-	ldur	q0, [x11, #24]
-	smull	v29.4s, v1.4h, v0.4h
-	smull2	v1.4s, v1.8h, v0.8h
-	addp	v1.4s, v29.4s, v1.4s
-	add	v28.4s, v28.4s, v1.4s
-	ldur	q1, [x11, #40]
-	smull	v29.4s, v3.4h, v1.4h
-	smull2	v3.4s, v3.8h, v1.8h
-	addp	v3.4s, v29.4s, v3.4s
-	add	v28.4s, v28.4s, v3.4s
-	ldur	q3, [x11, #56]
-	smull	v29.4s, v4.4h, v3.4h
-	smull2	v4.4s, v4.8h, v3.8h
-	addp	v4.4s, v29.4s, v4.4s
-	add	v4.4s, v28.4s, v4.4s
-	smull	v28.4s, v5.4h, v27.4h
-	smull2	v5.4s, v5.8h, v27.8h
-	addp	v5.4s, v28.4s, v5.4s
-	smull	v28.4s, v6.4h, v0.4h
-	smull2	v6.4s, v6.8h, v0.8h
-	addp	v6.4s, v28.4s, v6.4s
-	add	v5.4s, v5.4s, v6.4s
-	smull	v6.4s, v7.4h, v1.4h
-	smull2	v7.4s, v7.8h, v1.8h
-	addp	v6.4s, v6.4s, v7.4s
-	add	v5.4s, v5.4s, v6.4s
-	smull	v6.4s, v17.4h, v3.4h
-	smull2	v7.4s, v17.8h, v3.8h
-	addp	v6.4s, v6.4s, v7.4s
-	add	v5.4s, v5.4s, v6.4s
+	add	v21.4s, v19.4s, v21.4s
+	sxtl2	v19.8h, v20.16b
+	ldur	q2, [x11, #56]
+	smull	v20.4s, v19.4h, v2.4h
+	smull2	v22.4s, v19.8h, v2.8h
+	addp	v20.4s, v20.4s, v22.4s
+	add	v24.4s, v21.4s, v20.4s
+	ldur	q21, [x13, #40]
+	sxtl	v20.8h, v21.8b
+	smull	v22.4s, v20.4h, v29.4h
+	smull2	v23.4s, v20.8h, v29.8h
+	addp	v22.4s, v22.4s, v23.4s
+	sxtl2	v21.8h, v21.16b
+	smull	v23.4s, v21.4h, v30.4h
+	smull2	v25.4s, v21.8h, v30.8h
+	addp	v23.4s, v23.4s, v25.4s
+	add	v23.4s, v22.4s, v23.4s
+	ldur	q25, [x13, #56]
+	sxtl	v22.8h, v25.8b
+	smull	v26.4s, v22.4h, v31.4h
+	smull2	v27.4s, v22.8h, v31.8h
+	addp	v26.4s, v26.4s, v27.4s
+	add	v26.4s, v23.4s, v26.4s
+	sxtl2	v23.8h, v25.16b
+	smull	v25.4s, v23.4h, v2.4h
+	smull2	v27.4s, v23.8h, v2.8h
+	addp	v25.4s, v25.4s, v27.4s
+	add	v25.4s, v26.4s, v25.4s
+	addp	v3.4s, v24.4s, v25.4s
+	ldur	q25, [x13, #72]
+	sxtl	v24.8h, v25.8b
+	smull	v26.4s, v24.4h, v29.4h
+	smull2	v27.4s, v24.8h, v29.8h
+	addp	v26.4s, v26.4s, v27.4s
+	sxtl2	v25.8h, v25.16b
+	smull	v27.4s, v25.4h, v30.4h
+	smull2	v28.4s, v25.8h, v30.8h
+	addp	v27.4s, v27.4s, v28.4s
+	add	v27.4s, v26.4s, v27.4s
+	ldur	q28, [x13, #88]
+	sxtl	v26.8h, v28.8b
+	smull	v4.4s, v26.4h, v31.4h
+	smull2	v5.4s, v26.8h, v31.8h
 	addp	v4.4s, v4.4s, v5.4s
-	smull	v5.4s, v18.4h, v27.4h
-	smull2	v6.4s, v18.8h, v27.8h
-	addp	v5.4s, v5.4s, v6.4s
-	smull	v6.4s, v19.4h, v0.4h
-	smull2	v7.4s, v19.8h, v0.8h
-	addp	v6.4s, v6.4s, v7.4s
-	add	v5.4s, v5.4s, v6.4s
-	smull	v6.4s, v20.4h, v1.4h
-	smull2	v7.4s, v20.8h, v1.8h
-	addp	v6.4s, v6.4s, v7.4s
-	add	v5.4s, v5.4s, v6.4s
-	smull	v6.4s, v21.4h, v3.4h
-	smull2	v7.4s, v21.8h, v3.8h
-	addp	v6.4s, v6.4s, v7.4s
-	add	v5.4s, v5.4s, v6.4s
-	smull	v6.4s, v22.4h, v27.4h
-	smull2	v7.4s, v22.8h, v27.8h
-	addp	v6.4s, v6.4s, v7.4s
-	smull	v7.4s, v23.4h, v0.4h
-	smull2	v0.4s, v23.8h, v0.8h
-	addp	v0.4s, v7.4s, v0.4s
-	add	v0.4s, v6.4s, v0.4s
-	smull	v6.4s, v24.4h, v1.4h
-	smull2	v1.4s, v24.8h, v1.8h
-	addp	v1.4s, v6.4s, v1.4s
-	add	v0.4s, v0.4s, v1.4s
-	smull	v1.4s, v25.4h, v3.4h
-	smull2	v3.4s, v25.8h, v3.8h
-	addp	v1.4s, v1.4s, v3.4s
-	add	v0.4s, v0.4s, v1.4s
-	addp	v0.4s, v5.4s, v0.4s
-	addp	v0.4s, v4.4s, v0.4s
-	scvtf	v0.4s, v0.4s
-	ld1r	{v1.4s}, [x11]
-	fmul	v1.4s, v26.4s, v1.4s
-	fmla	v16.4s, v0.4s, v1.4s
-	add	x10, x10, #0x48
+	add	v4.4s, v27.4s, v4.4s
+	sxtl2	v27.8h, v28.16b
+	smull	v28.4s, v27.4h, v2.4h
+	smull2	v5.4s, v27.8h, v2.8h
+	addp	v28.4s, v28.4s, v5.4s
+	add	v4.4s, v4.4s, v28.4s
+	ldur	q5, [x13, #104]
+	sxtl	v28.8h, v5.8b
+	smull	v6.4s, v28.4h, v29.4h
+	smull2	v29.4s, v28.8h, v29.8h
+	addp	v6.4s, v6.4s, v29.4s
+	sxtl2	v29.8h, v5.16b
+	smull	v5.4s, v29.4h, v30.4h
+	smull2	v30.4s, v29.8h, v30.8h
+	addp	v30.4s, v5.4s, v30.4s
+	add	v5.4s, v6.4s, v30.4s
+	ldur	q6, [x13, #120]
+	sxtl	v30.8h, v6.8b
+	smull	v7.4s, v30.4h, v31.4h
+	smull2	v31.4s, v30.8h, v31.8h
+	addp	v31.4s, v7.4s, v31.4s
+	add	v5.4s, v5.4s, v31.4s
+	sxtl2	v31.8h, v6.16b
+	smull	v6.4s, v31.4h, v2.4h
+	smull2	v2.4s, v31.8h, v2.8h
+	addp	v2.4s, v6.4s, v2.4s
+	add	v2.4s, v5.4s, v2.4s
+	addp	v2.4s, v4.4s, v2.4s
+	addp	v2.4s, v3.4s, v2.4s
+	scvtf	v3.4s, v2.4s
+	ldr	x0, [x13]
+	fmov	d2, x0
+	sxtl	v2.4s, v2.4h
+	shl	v2.4s, v2.4s, #13
+	mvni	v4.4s, #0x70, lsl #24
+	and	v2.16b, v2.16b, v4.16b
+	mov	x0, #0x77800000            	// #2004877312
+	dup	v4.4s, w0
+	fmul	v2.4s, v2.4s, v4.4s
+	ld1r	{v4.4s}, [x11]
+	fmul	v4.4s, v2.4s, v4.4s
+	fmla	v0.4s, v3.4s, v4.4s
+	ldur	q3, [x12, #8]
+	smull	v4.4s, v16.4h, v3.4h
+	smull2	v16.4s, v16.8h, v3.8h
+	addp	v4.4s, v4.4s, v16.4s
+	ldur	q16, [x12, #24]
+	smull	v5.4s, v17.4h, v16.4h
+	smull2	v17.4s, v17.8h, v16.8h
+	addp	v17.4s, v5.4s, v17.4s
+	add	v4.4s, v4.4s, v17.4s
+	ldur	q17, [x12, #40]
+	smull	v5.4s, v18.4h, v17.4h
+	smull2	v18.4s, v18.8h, v17.8h
+	addp	v18.4s, v5.4s, v18.4s
+	add	v4.4s, v4.4s, v18.4s
+	ldur	q18, [x12, #56]
+	smull	v5.4s, v19.4h, v18.4h
+	smull2	v19.4s, v19.8h, v18.8h
+	addp	v19.4s, v5.4s, v19.4s
+	add	v19.4s, v4.4s, v19.4s
+	smull	v4.4s, v20.4h, v3.4h
+	smull2	v20.4s, v20.8h, v3.8h
+	addp	v20.4s, v4.4s, v20.4s
+	smull	v4.4s, v21.4h, v16.4h
+	smull2	v21.4s, v21.8h, v16.8h
+	addp	v21.4s, v4.4s, v21.4s
+	add	v20.4s, v20.4s, v21.4s
+	smull	v21.4s, v22.4h, v17.4h
+	smull2	v22.4s, v22.8h, v17.8h
+	addp	v21.4s, v21.4s, v22.4s
+	add	v20.4s, v20.4s, v21.4s
+	smull	v21.4s, v23.4h, v18.4h
+	smull2	v22.4s, v23.8h, v18.8h
+	addp	v21.4s, v21.4s, v22.4s
+	add	v20.4s, v20.4s, v21.4s
+	addp	v19.4s, v19.4s, v20.4s
+	smull	v20.4s, v24.4h, v3.4h
+	smull2	v21.4s, v24.8h, v3.8h
+	addp	v20.4s, v20.4s, v21.4s
+	smull	v21.4s, v25.4h, v16.4h
+	smull2	v22.4s, v25.8h, v16.8h
+	addp	v21.4s, v21.4s, v22.4s
+	add	v20.4s, v20.4s, v21.4s
+	smull	v21.4s, v26.4h, v17.4h
+	smull2	v22.4s, v26.8h, v17.8h
+	addp	v21.4s, v21.4s, v22.4s
+	add	v20.4s, v20.4s, v21.4s
+	smull	v21.4s, v27.4h, v18.4h
+	smull2	v22.4s, v27.8h, v18.8h
+	addp	v21.4s, v21.4s, v22.4s
+	add	v20.4s, v20.4s, v21.4s
+	smull	v21.4s, v28.4h, v3.4h
+	smull2	v22.4s, v28.8h, v3.8h
+	addp	v21.4s, v21.4s, v22.4s
+	smull	v22.4s, v29.4h, v16.4h
+	smull2	v16.4s, v29.8h, v16.8h
+	addp	v16.4s, v22.4s, v16.4s
+	add	v16.4s, v21.4s, v16.4s
+	smull	v21.4s, v30.4h, v17.4h
+	smull2	v17.4s, v30.8h, v17.8h
+	addp	v17.4s, v21.4s, v17.4s
+	add	v16.4s, v16.4s, v17.4s
+	smull	v17.4s, v31.4h, v18.4h
+	smull2	v18.4s, v31.8h, v18.8h
+	addp	v17.4s, v17.4s, v18.4s
+	add	v16.4s, v16.4s, v17.4s
+	addp	v16.4s, v20.4s, v16.4s
+	addp	v16.4s, v19.4s, v16.4s
+	scvtf	v16.4s, v16.4s
+	ld1r	{v17.4s}, [x12]
+	fmul	v17.4s, v2.4s, v17.4s
+	fmla	v1.4s, v16.4s, v17.4s
 	add	x11, x11, #0x48
+	add	x12, x12, #0x48
 	add	x13, x13, #0x88
-	b	<kiln_v3_matmul_q8+0x304>
+	b	<kiln_v3_matmul_q8+0x2b4>
 	udf	#49439
 	udf	#49439
 

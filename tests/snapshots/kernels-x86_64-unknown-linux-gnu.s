@@ -331,634 +331,557 @@ Disassembly of section .text:
 <kiln_v2_matmul_q4>:
 	push   %rbp
 	mov    %rsp,%rbp
-	sub    $0x180,%rsp
-	mov    %rbx,0x150(%rsp)
-	mov    %r12,0x158(%rsp)
-	mov    %r13,0x160(%rsp)
-	mov    %r14,0x168(%rsp)
-	mov    %r15,0x170(%rsp)
+	sub    $0x150,%rsp
+	mov    %rbx,0x120(%rsp)
+	mov    %r12,0x128(%rsp)
+	mov    %r13,0x130(%rsp)
+	mov    %r14,0x138(%rsp)
+	mov    %r15,0x140(%rsp)
 	mov    %rdx,%r8
-	mov    (%rdi),%rcx
-	mov    0x8(%rdi),%rax
-	mov    %rax,%r13
+	mov    (%rdi),%r10
+	mov    0x8(%rdi),%rcx
 	mov    0x20(%rdi),%rax
-	mov    %rax,0x148(%rsp)
+	mov    %rax,0x118(%rsp)
 	mov    %rsi,%rax
 	shl    $0x4,%rax
 	xor    %rdx,%rdx
 	mov    %r8,%rdi
 	div    %rdi
-	mov    %rax,0x140(%rsp)
+	mov    %rax,0x110(%rsp)
 	lea    0x1(%rsi),%rax
 	shl    $0x4,%rax
 	xor    %rdx,%rdx
 	div    %rdi
 	mov    %rax,%rdx
 	xor    %rsi,%rsi
-	mov    0x148(%rsp),%rax
+	mov    0x118(%rsp),%rax
 	cmp    %rax,%rsi
-	mov    %rax,0x148(%rsp)
-	jl     <kiln_v2_matmul_q4+0xc5>
-	mov    0x150(%rsp),%rbx
-	mov    0x158(%rsp),%r12
-	mov    0x160(%rsp),%r13
-	mov    0x168(%rsp),%r14
-	mov    0x170(%rsp),%r15
-	add    $0x180,%rsp
+	mov    %rax,0x118(%rsp)
+	jl     <kiln_v2_matmul_q4+0xc2>
+	mov    0x120(%rsp),%rbx
+	mov    0x128(%rsp),%r12
+	mov    0x130(%rsp),%r13
+	mov    0x138(%rsp),%r14
+	mov    0x140(%rsp),%r15
+	add    $0x150,%rsp
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	mov    0x140(%rsp),%r8
-	cmp    %rdx,%r8
-	jl     <kiln_v2_matmul_q4+0xea>
+	mov    0x110(%rsp),%rdi
+	cmp    %rdx,%rdi
+	jl     <kiln_v2_matmul_q4+0xe7>
 	add    $0x40,%rsi
-	mov    0x148(%rsp),%rax
-	jmp    <kiln_v2_matmul_q4+0x80>
-	lea    0x40(%rsi),%r9
-	mov    0x148(%rsp),%rax
-	cmp    %r9,%rax
-	cmovl  %rax,%r9
-	mov    %r9,%r11
+	mov    0x118(%rsp),%rax
+	jmp    <kiln_v2_matmul_q4+0x7d>
+	lea    0x40(%rsi),%r8
+	mov    0x118(%rsp),%r9
+	cmp    %r8,%r9
+	cmovl  %r9,%r8
+	mov    %r8,%r11
 	sub    %rsi,%r11
 	and    $0x1,%r11
-	mov    %r9,%r10
-	sub    %r11,%r10
+	mov    %r8,%r9
+	sub    %r11,%r9
 	mov    %rsi,%r11
-	cmp    %r10,%r11
-	jl     <kiln_v2_matmul_q4+0x577>
-	cmp    %r9,%r10
-	jl     <kiln_v2_matmul_q4+0x12e>
-	add    $0x1,%r8
-	jmp    <kiln_v2_matmul_q4+0xcd>
+	cmp    %r9,%r11
+	jl     <kiln_v2_matmul_q4+0x4b0>
+	cmp    %r8,%r9
+	jl     <kiln_v2_matmul_q4+0x12b>
+	add    $0x1,%rdi
+	jmp    <kiln_v2_matmul_q4+0xca>
 	xor    %r11,%r11
-	vxorps %xmm0,%xmm0,%xmm5
-	imul   $0x90,%r10,%rdi
-	lea    (%rcx,%rdi,1),%rbx
-	imul   $0xa0,%r8,%r12
-	mov    %r13,%rdi
-	lea    0x100(%rdi,%r12,1),%r12
-	movdqa %xmm5,%xmm6
+	vxorps %xmm1,%xmm1,%xmm3
+	imul   $0x90,%r9,%rbx
+	add    %r10,%rbx
+	imul   $0xa0,%rdi,%r12
+	lea    0x100(%rcx,%r12,1),%r12
+	movdqa %xmm3,%xmm6
 	cmp    $0x2,%r11
-	jl     <kiln_v2_matmul_q4+0x2c0>
-	vpcmpeqd %xmm0,%xmm0,%xmm0
-	vpslld $0x1f,%xmm0,%xmm1
-	vxorps %xmm1,%xmm6,%xmm3
-	vmovups 0xb5b(%rip),%xmm0        # <kiln_v2_matmul_q4+0xcd0>
-	vcmpltps %xmm0,%xmm3,%xmm1
-	vmovups 0xb5e(%rip),%xmm2        # <kiln_v2_matmul_q4+0xce0>
-	vmaxps %xmm0,%xmm3,%xmm4
-	vmaxps %xmm3,%xmm0,%xmm0
-	vxorps %xmm0,%xmm4,%xmm3
-	vorps  %xmm3,%xmm4,%xmm0
-	vsubps %xmm3,%xmm0,%xmm3
-	vcmpunordps %xmm0,%xmm0,%xmm4
-	vpsrld $0xa,%xmm4,%xmm7
-	vandnps %xmm3,%xmm7,%xmm7
-	vmovups 0xb44(%rip),%xmm0        # <kiln_v2_matmul_q4+0xcf0>
-	vminps %xmm0,%xmm7,%xmm3
-	vminps %xmm7,%xmm0,%xmm0
-	vorps  %xmm0,%xmm3,%xmm3
-	vcmpunordps %xmm0,%xmm3,%xmm0
-	vorps  %xmm0,%xmm3,%xmm3
-	vpsrld $0xa,%xmm0,%xmm4
-	vandnps %xmm3,%xmm4,%xmm7
-	vmovups 0xb2e(%rip),%xmm0        # <kiln_v2_matmul_q4+0xd00>
-	vmulps %xmm0,%xmm7,%xmm0
-	vroundps $0x0,%xmm0,%xmm3
-	vmovups 0xb2c(%rip),%xmm0        # <kiln_v2_matmul_q4+0xd10>
-	vmovups 0xb34(%rip),%xmm4        # <kiln_v2_matmul_q4+0xd20>
-	movdqa %xmm3,%xmm8
-	vfmadd213ps %xmm7,%xmm4,%xmm8
-	movdqa %xmm3,%xmm4
-	vfmadd213ps %xmm8,%xmm0,%xmm4
-	vmovups 0xb29(%rip),%xmm0        # <kiln_v2_matmul_q4+0xd30>
-	vfmadd213ps %xmm0,%xmm4,%xmm2
-	vmovups 0xb2c(%rip),%xmm0        # <kiln_v2_matmul_q4+0xd40>
-	vfmadd213ps %xmm0,%xmm4,%xmm2
-	vmovups 0xb2f(%rip),%xmm0        # <kiln_v2_matmul_q4+0xd50>
-	vfmadd213ps %xmm0,%xmm4,%xmm2
-	vmovups 0xb32(%rip),%xmm0        # <kiln_v2_matmul_q4+0xd60>
-	vfmadd213ps %xmm0,%xmm4,%xmm2
-	vmovups 0xb35(%rip),%xmm0        # <kiln_v2_matmul_q4+0xd70>
-	vfmadd213ps %xmm0,%xmm4,%xmm2
-	vmulps %xmm4,%xmm4,%xmm7
-	vmovups 0xb34(%rip),%xmm0        # <kiln_v2_matmul_q4+0xd80>
-	vaddps %xmm0,%xmm4,%xmm4
-	vfmadd213ps %xmm4,%xmm7,%xmm2
-	vcmpeqps %xmm3,%xmm3,%xmm4
-	vandps %xmm4,%xmm3,%xmm3
-	vpxor  %xmm3,%xmm4,%xmm4
-	vcvttps2dq %xmm3,%xmm3
-	vpand  %xmm4,%xmm3,%xmm4
-	vpsrad $0x1f,%xmm4,%xmm4
-	vpxor  %xmm3,%xmm4,%xmm7
-	vmovdqu 0xb15(%rip),%xmm3        # <kiln_v2_matmul_q4+0xd90>
-	vpaddd %xmm3,%xmm7,%xmm3
-	vpslld $0x17,%xmm3,%xmm3
-	vmulps %xmm3,%xmm2,%xmm2
-	vpblendvb %xmm1,%xmm5,%xmm2,%xmm1
-	vaddps %xmm0,%xmm1,%xmm0
-	vdivps %xmm0,%xmm6,%xmm0
-	mov    %r10,%r11
+	jl     <kiln_v2_matmul_q4+0x2b6>
+	vpcmpeqd %xmm2,%xmm2,%xmm4
+	vpslld $0x1f,%xmm4,%xmm7
+	vxorps %xmm7,%xmm6,%xmm1
+	vmovups 0x9c2(%rip),%xmm7        # <kiln_v2_matmul_q4+0xb30>
+	vcmpltps %xmm7,%xmm1,%xmm5
+	vmovups 0x9c5(%rip),%xmm0        # <kiln_v2_matmul_q4+0xb40>
+	vmaxps %xmm7,%xmm1,%xmm2
+	vmaxps %xmm1,%xmm7,%xmm1
+	vxorps %xmm1,%xmm2,%xmm7
+	vorps  %xmm7,%xmm2,%xmm4
+	vsubps %xmm7,%xmm4,%xmm7
+	vcmpunordps %xmm4,%xmm4,%xmm1
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm7,%xmm1,%xmm1
+	vmovups 0x9ab(%rip),%xmm7        # <kiln_v2_matmul_q4+0xb50>
+	vminps %xmm7,%xmm1,%xmm2
+	vminps %xmm1,%xmm7,%xmm1
+	vorps  %xmm1,%xmm2,%xmm4
+	vcmpunordps %xmm1,%xmm4,%xmm1
+	vorps  %xmm1,%xmm4,%xmm7
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm7,%xmm1,%xmm1
+	vmovups 0x995(%rip),%xmm7        # <kiln_v2_matmul_q4+0xb60>
+	vmulps %xmm7,%xmm1,%xmm7
+	vroundps $0x0,%xmm7,%xmm7
+	vmovups 0x993(%rip),%xmm4        # <kiln_v2_matmul_q4+0xb70>
+	vmovups 0x99b(%rip),%xmm2        # <kiln_v2_matmul_q4+0xb80>
+	movdqa %xmm7,%xmm8
+	vfmadd213ps %xmm1,%xmm2,%xmm8
+	movdqa %xmm7,%xmm2
+	vfmadd213ps %xmm8,%xmm4,%xmm2
+	vmovups 0x990(%rip),%xmm1        # <kiln_v2_matmul_q4+0xb90>
+	vfmadd213ps %xmm1,%xmm2,%xmm0
+	vmovups 0x993(%rip),%xmm1        # <kiln_v2_matmul_q4+0xba0>
+	vfmadd213ps %xmm1,%xmm2,%xmm0
+	vmovups 0x996(%rip),%xmm1        # <kiln_v2_matmul_q4+0xbb0>
+	vfmadd213ps %xmm1,%xmm2,%xmm0
+	vmovups 0x999(%rip),%xmm1        # <kiln_v2_matmul_q4+0xbc0>
+	vfmadd213ps %xmm1,%xmm2,%xmm0
+	vmovups 0x99c(%rip),%xmm1        # <kiln_v2_matmul_q4+0xbd0>
+	vfmadd213ps %xmm1,%xmm2,%xmm0
+	vmulps %xmm2,%xmm2,%xmm4
+	vmovups 0x99b(%rip),%xmm1        # <kiln_v2_matmul_q4+0xbe0>
+	vaddps %xmm1,%xmm2,%xmm2
+	vfmadd213ps %xmm2,%xmm4,%xmm0
+	vcmpeqps %xmm7,%xmm7,%xmm4
+	vandps %xmm4,%xmm7,%xmm2
+	vpxor  %xmm2,%xmm4,%xmm4
+	vcvttps2dq %xmm2,%xmm7
+	vpand  %xmm4,%xmm7,%xmm2
+	vpsrad $0x1f,%xmm2,%xmm2
+	vpxor  %xmm7,%xmm2,%xmm2
+	vmovdqu 0x97c(%rip),%xmm7        # <kiln_v2_matmul_q4+0xbf0>
+	vpaddd %xmm7,%xmm2,%xmm7
+	vpslld $0x17,%xmm7,%xmm7
+	vmulps %xmm7,%xmm0,%xmm7
+	vpblendvb %xmm5,%xmm3,%xmm7,%xmm5
+	vaddps %xmm1,%xmm5,%xmm5
+	vdivps %xmm5,%xmm6,%xmm5
+	mov    %r9,%r11
 	shl    $0x8,%r11
-	mov    %r8,%rbx
-	shl    $0x4,%rbx
-	add    %rbx,%r11
-	vmovups %xmm0,0x480(%rcx,%r11,1)
-	add    $0x1,%r10
-	mov    %rdi,%r13
-	jmp    <kiln_v2_matmul_q4+0x119>
-	movdqu %xmm5,0x30(%rsp)
+	mov    %rdi,%r12
+	shl    $0x4,%r12
+	add    %r12,%r11
+	vmovups %xmm5,0x480(%r10,%r11,1)
+	add    $0x1,%r9
+	jmp    <kiln_v2_matmul_q4+0x116>
 	add    $0x1,%r11
-	mov    0x8(%r12),%r13
-	vmovq  %r13,%xmm2
-	vpmovzxwd %xmm2,%xmm7
-	vmovdqu 0xabc(%rip),%xmm5        # <kiln_v2_matmul_q4+0xda0>
-	vpand  %xmm5,%xmm7,%xmm2
-	movdqu %xmm5,0x20(%rsp)
-	vpslld $0xd,%xmm2,%xmm3
-	vmovdqu 0xab5(%rip),%xmm2        # <kiln_v2_matmul_q4+0xdb0>
-	vpand  %xmm2,%xmm3,%xmm0
-	vpxor  %xmm1,%xmm1,%xmm8
-	vpcmpeqd %xmm8,%xmm0,%xmm1
-	movdqu %xmm8,0x10(%rsp)
-	vmovdqu 0xaa9(%rip),%xmm4        # <kiln_v2_matmul_q4+0xdc0>
-	vpaddd %xmm4,%xmm3,%xmm3
-	vmovdqu 0xaad(%rip),%xmm8        # <kiln_v2_matmul_q4+0xdd0>
-	vpaddd %xmm8,%xmm3,%xmm10
-	vmovdqu 0xab0(%rip),%xmm9        # <kiln_v2_matmul_q4+0xde0>
-	vsubps %xmm9,%xmm10,%xmm10
-	vpcmpeqd %xmm2,%xmm0,%xmm0
-	vpand  %xmm4,%xmm0,%xmm0
-	vpaddd %xmm0,%xmm3,%xmm3
-	vpblendvb %xmm1,%xmm10,%xmm3,%xmm3
-	vmovdqu 0xaa1(%rip),%xmm10        # <kiln_v2_matmul_q4+0xdf0>
-	vpand  %xmm10,%xmm7,%xmm7
-	vpslld $0x10,%xmm7,%xmm7
-	vpor   %xmm7,%xmm3,%xmm5
-	movdqu %xmm5,0x130(%rsp)
-	vbroadcastss 0x4(%rbx),%xmm0
-	movdqu %xmm0,(%rsp)
-	vmovdqu 0x10(%r12),%xmm7
-	vmovdqu 0xa80(%rip),%xmm11        # <kiln_v2_matmul_q4+0xe00>
-	vpand  %xmm11,%xmm7,%xmm3
-	vpmovzxbw %xmm3,%xmm0
-	vmovdqu 0x8(%rbx),%xmm12
-	vpmaddwd %xmm12,%xmm0,%xmm0
-	vpxor  %xmm1,%xmm1,%xmm1
-	vpunpckhbw %xmm1,%xmm3,%xmm1
-	vmovdqu 0x18(%rbx),%xmm13
-	vpmaddwd %xmm13,%xmm1,%xmm3
-	vpaddd %xmm3,%xmm0,%xmm0
-	vpsrlw $0x4,%xmm7,%xmm3
-	vpand  %xmm11,%xmm3,%xmm3
-	vpmovzxbw %xmm3,%xmm7
-	vmovdqu 0x28(%rbx),%xmm14
-	vpmaddwd %xmm14,%xmm7,%xmm7
-	vpaddd %xmm7,%xmm0,%xmm7
-	vpxor  %xmm0,%xmm0,%xmm0
-	vpunpckhbw %xmm0,%xmm3,%xmm0
-	vmovdqu 0x38(%rbx),%xmm15
-	vpmaddwd %xmm15,%xmm0,%xmm3
-	vpaddd %xmm3,%xmm7,%xmm7
-	vmovdqu 0x20(%r12),%xmm0
-	vpand  %xmm11,%xmm0,%xmm3
-	vpmovzxbw %xmm3,%xmm1
-	vpmaddwd %xmm12,%xmm1,%xmm1
-	vpxor  %xmm5,%xmm5,%xmm5
-	vpunpckhbw %xmm5,%xmm3,%xmm3
-	vpmaddwd %xmm13,%xmm3,%xmm3
-	vpaddd %xmm3,%xmm1,%xmm1
-	vpsrlw $0x4,%xmm0,%xmm3
-	vpand  %xmm11,%xmm3,%xmm3
-	vpmovzxbw %xmm3,%xmm5
-	vpmaddwd %xmm14,%xmm5,%xmm5
-	vpaddd %xmm5,%xmm1,%xmm0
-	vpxor  %xmm1,%xmm1,%xmm5
-	vpunpckhbw %xmm5,%xmm3,%xmm5
-	vpmaddwd %xmm15,%xmm5,%xmm3
-	vpaddd %xmm3,%xmm0,%xmm3
-	vphaddd %xmm3,%xmm7,%xmm7
-	vmovdqu 0x30(%r12),%xmm0
-	vpand  %xmm11,%xmm0,%xmm3
-	vpmovzxbw %xmm3,%xmm5
-	vpmaddwd %xmm12,%xmm5,%xmm1
-	vpxor  %xmm5,%xmm5,%xmm5
-	vpunpckhbw %xmm5,%xmm3,%xmm5
-	vpmaddwd %xmm13,%xmm5,%xmm3
-	vpaddd %xmm3,%xmm1,%xmm1
-	vpsrlw $0x4,%xmm0,%xmm3
-	vpand  %xmm11,%xmm3,%xmm3
-	vpmovzxbw %xmm3,%xmm5
-	vpmaddwd %xmm14,%xmm5,%xmm5
-	vpaddd %xmm5,%xmm1,%xmm0
-	vpxor  %xmm1,%xmm1,%xmm5
-	vpunpckhbw %xmm5,%xmm3,%xmm5
-	vpmaddwd %xmm15,%xmm5,%xmm3
-	vpaddd %xmm3,%xmm0,%xmm0
-	vmovdqu 0x40(%r12),%xmm3
-	vpand  %xmm11,%xmm3,%xmm1
-	vpmovzxbw %xmm1,%xmm5
-	vpmaddwd %xmm12,%xmm5,%xmm12
-	vpxor  %xmm5,%xmm5,%xmm5
-	vpunpckhbw %xmm5,%xmm1,%xmm5
-	vpmaddwd %xmm13,%xmm5,%xmm5
-	vpaddd %xmm5,%xmm12,%xmm1
-	vpsrlw $0x4,%xmm3,%xmm3
-	vpand  %xmm11,%xmm3,%xmm3
-	vpmovzxbw %xmm3,%xmm5
-	vpmaddwd %xmm14,%xmm5,%xmm5
-	vpaddd %xmm5,%xmm1,%xmm1
-	vpxor  %xmm5,%xmm5,%xmm5
-	vpunpckhbw %xmm5,%xmm3,%xmm5
-	vpmaddwd %xmm15,%xmm5,%xmm3
-	vpaddd %xmm3,%xmm1,%xmm3
-	vphaddd %xmm3,%xmm0,%xmm3
-	vphaddd %xmm3,%xmm7,%xmm3
-	vcvtdq2ps %xmm3,%xmm7
-	mov    (%r12),%r13
-	vmovq  %r13,%xmm3
-	vpmovzxwd %xmm3,%xmm0
-	movdqu 0x20(%rsp),%xmm5
-	vpand  %xmm5,%xmm0,%xmm3
-	vpslld $0xd,%xmm3,%xmm11
-	vpand  %xmm2,%xmm11,%xmm1
-	movdqu 0x10(%rsp),%xmm3
-	vpcmpeqd %xmm3,%xmm1,%xmm3
-	vpaddd %xmm4,%xmm11,%xmm5
-	vpaddd %xmm8,%xmm5,%xmm8
-	vsubps %xmm9,%xmm8,%xmm8
-	vpcmpeqd %xmm2,%xmm1,%xmm2
-	vpand  %xmm4,%xmm2,%xmm2
-	vpaddd %xmm2,%xmm5,%xmm2
-	vpblendvb %xmm3,%xmm8,%xmm2,%xmm2
-	vpand  %xmm10,%xmm0,%xmm3
-	vpslld $0x10,%xmm3,%xmm3
-	vpor   %xmm3,%xmm2,%xmm2
-	vbroadcastss (%rbx),%xmm3
-	vmulps %xmm3,%xmm2,%xmm2
-	vfmadd213ps %xmm6,%xmm2,%xmm7
-	movdqu (%rsp),%xmm0
-	movdqu 0x130(%rsp),%xmm5
-	vfmadd213ps %xmm7,%xmm0,%xmm5
+	vmovsd 0x8(%r12),%xmm7
+	vpmovsxwd %xmm7,%xmm7
+	vpslld $0xd,%xmm7,%xmm7
+	vmovdqu 0x92a(%rip),%xmm1        # <kiln_v2_matmul_q4+0xc00>
+	vpand  %xmm1,%xmm7,%xmm7
+	vmovups 0x92e(%rip),%xmm2        # <kiln_v2_matmul_q4+0xc10>
+	vmulps %xmm2,%xmm7,%xmm0
+	vbroadcastss 0x4(%rbx),%xmm7
+	vmovdqu 0x10(%r12),%xmm9
+	vmovdqu 0x925(%rip),%xmm4        # <kiln_v2_matmul_q4+0xc20>
+	vpand  %xmm4,%xmm9,%xmm8
+	vpmovzxbw %xmm8,%xmm10
+	vmovdqu 0x8(%rbx),%xmm5
+	vpmaddwd %xmm5,%xmm10,%xmm10
+	vpxor  %xmm11,%xmm11,%xmm11
+	vpunpckhbw %xmm11,%xmm8,%xmm11
+	vmovdqu 0x18(%rbx),%xmm8
+	vpmaddwd %xmm8,%xmm11,%xmm11
+	vpaddd %xmm11,%xmm10,%xmm11
+	vpsrlw $0x4,%xmm9,%xmm9
+	vpand  %xmm4,%xmm9,%xmm10
+	vpmovzxbw %xmm10,%xmm12
+	vmovdqu 0x28(%rbx),%xmm9
+	vpmaddwd %xmm9,%xmm12,%xmm12
+	vpaddd %xmm12,%xmm11,%xmm11
+	vpxor  %xmm12,%xmm12,%xmm12
+	vpunpckhbw %xmm12,%xmm10,%xmm12
+	vmovdqu 0x38(%rbx),%xmm10
+	vpmaddwd %xmm10,%xmm12,%xmm12
+	vpaddd %xmm12,%xmm11,%xmm11
+	vmovdqu 0x20(%r12),%xmm12
+	vpand  %xmm4,%xmm12,%xmm13
+	vpmovzxbw %xmm13,%xmm14
+	vpmaddwd %xmm5,%xmm14,%xmm14
+	vpxor  %xmm15,%xmm15,%xmm15
+	vpunpckhbw %xmm15,%xmm13,%xmm13
+	vpmaddwd %xmm8,%xmm13,%xmm13
+	vpaddd %xmm13,%xmm14,%xmm13
+	vpsrlw $0x4,%xmm12,%xmm12
+	vpand  %xmm4,%xmm12,%xmm12
+	vpmovzxbw %xmm12,%xmm14
+	vpmaddwd %xmm9,%xmm14,%xmm14
+	vpaddd %xmm14,%xmm13,%xmm13
+	vpxor  %xmm14,%xmm14,%xmm14
+	vpunpckhbw %xmm14,%xmm12,%xmm12
+	vpmaddwd %xmm10,%xmm12,%xmm12
+	vpaddd %xmm12,%xmm13,%xmm12
+	vphaddd %xmm12,%xmm11,%xmm11
+	vmovdqu 0x30(%r12),%xmm12
+	vpand  %xmm4,%xmm12,%xmm13
+	vpmovzxbw %xmm13,%xmm14
+	vpmaddwd %xmm5,%xmm14,%xmm14
+	vpxor  %xmm15,%xmm15,%xmm15
+	vpunpckhbw %xmm15,%xmm13,%xmm13
+	vpmaddwd %xmm8,%xmm13,%xmm13
+	vpaddd %xmm13,%xmm14,%xmm13
+	vpsrlw $0x4,%xmm12,%xmm12
+	vpand  %xmm4,%xmm12,%xmm12
+	vpmovzxbw %xmm12,%xmm14
+	vpmaddwd %xmm9,%xmm14,%xmm14
+	vpaddd %xmm14,%xmm13,%xmm13
+	vpxor  %xmm14,%xmm14,%xmm14
+	vpunpckhbw %xmm14,%xmm12,%xmm12
+	vpmaddwd %xmm10,%xmm12,%xmm12
+	vpaddd %xmm12,%xmm13,%xmm12
+	vmovdqu 0x40(%r12),%xmm13
+	vpand  %xmm4,%xmm13,%xmm14
+	vpmovzxbw %xmm14,%xmm15
+	vpmaddwd %xmm5,%xmm15,%xmm5
+	vpxor  %xmm15,%xmm15,%xmm15
+	vpunpckhbw %xmm15,%xmm14,%xmm14
+	vpmaddwd %xmm8,%xmm14,%xmm8
+	vpaddd %xmm8,%xmm5,%xmm5
+	vpsrlw $0x4,%xmm13,%xmm8
+	vpand  %xmm4,%xmm8,%xmm4
+	vpmovzxbw %xmm4,%xmm8
+	vpmaddwd %xmm9,%xmm8,%xmm8
+	vpaddd %xmm8,%xmm5,%xmm5
+	vpxor  %xmm8,%xmm8,%xmm8
+	vpunpckhbw %xmm8,%xmm4,%xmm4
+	vpmaddwd %xmm10,%xmm4,%xmm4
+	vpaddd %xmm4,%xmm5,%xmm4
+	vphaddd %xmm4,%xmm12,%xmm4
+	vphaddd %xmm4,%xmm11,%xmm4
+	vcvtdq2ps %xmm4,%xmm4
+	vmovsd (%r12),%xmm5
+	vpmovsxwd %xmm5,%xmm5
+	vpslld $0xd,%xmm5,%xmm5
+	vpand  %xmm1,%xmm5,%xmm1
+	vmulps %xmm2,%xmm1,%xmm1
+	vbroadcastss (%rbx),%xmm2
+	vmulps %xmm2,%xmm1,%xmm1
+	vfmadd213ps %xmm6,%xmm1,%xmm4
+	vfmadd213ps %xmm4,%xmm7,%xmm0
 	add    $0x48,%rbx
 	add    $0x50,%r12
-	movdqa %xmm5,%xmm6
-	movdqu 0x30(%rsp),%xmm5
-	jmp    <kiln_v2_matmul_q4+0x156>
-	mov    %r13,%rdi
+	movdqa %xmm0,%xmm6
+	jmp    <kiln_v2_matmul_q4+0x14f>
 	xor    %r12,%r12
-	vxorps %xmm2,%xmm2,%xmm14
-	movdqu %xmm14,0x130(%rsp)
-	imul   $0x90,%r11,%rbx
-	lea    (%rcx,%rbx,1),%r13
+	vxorps %xmm7,%xmm7,%xmm7
+	movdqu %xmm7,0x100(%rsp)
+	imul   $0x90,%r11,%r13
+	add    %r10,%r13
 	lea    0x1(%r11),%rbx
 	imul   $0x90,%rbx,%r14
-	add    %rcx,%r14
-	imul   $0xa0,%r8,%r15
-	lea    0x100(%rdi,%r15,1),%r15
-	movdqu 0x130(%rsp),%xmm0
+	add    %r10,%r14
+	imul   $0xa0,%rdi,%r15
+	lea    0x100(%rcx,%r15,1),%r15
+	movdqu 0x100(%rsp),%xmm0
+	movdqu %xmm0,(%rsp)
 	movdqu %xmm0,0x10(%rsp)
 	cmp    $0x2,%r12
-	jl     <kiln_v2_matmul_q4+0x853>
-	vpcmpeqd %xmm3,%xmm3,%xmm5
-	vpslld $0x1f,%xmm5,%xmm7
-	vxorps %xmm7,%xmm14,%xmm0
-	movdqu %xmm14,(%rsp)
-	vmovups 0x6e9(%rip),%xmm6        # <kiln_v2_matmul_q4+0xcd0>
-	vcmpltps %xmm6,%xmm0,%xmm1
-	movdqu %xmm1,0x120(%rsp)
-	vmovups 0x6e3(%rip),%xmm2        # <kiln_v2_matmul_q4+0xce0>
-	vmaxps %xmm6,%xmm0,%xmm1
-	vmaxps %xmm0,%xmm6,%xmm3
-	vxorps %xmm3,%xmm1,%xmm3
-	vorps  %xmm3,%xmm1,%xmm5
-	vsubps %xmm3,%xmm5,%xmm7
-	vcmpunordps %xmm5,%xmm5,%xmm0
-	vpsrld $0xa,%xmm0,%xmm0
-	vandnps %xmm7,%xmm0,%xmm0
-	vmovups 0x6c9(%rip),%xmm3        # <kiln_v2_matmul_q4+0xcf0>
-	vminps %xmm3,%xmm0,%xmm1
-	vminps %xmm0,%xmm3,%xmm5
-	vorps  %xmm5,%xmm1,%xmm4
-	vcmpunordps %xmm5,%xmm4,%xmm7
-	vorps  %xmm7,%xmm4,%xmm0
-	vpsrld $0xa,%xmm7,%xmm1
-	vandnps %xmm0,%xmm1,%xmm0
-	vmovups 0x6b3(%rip),%xmm4        # <kiln_v2_matmul_q4+0xd00>
-	vmulps %xmm4,%xmm0,%xmm7
-	vroundps $0x0,%xmm7,%xmm5
-	vmovups 0x6b1(%rip),%xmm1        # <kiln_v2_matmul_q4+0xd10>
-	vmovups 0x6b9(%rip),%xmm8        # <kiln_v2_matmul_q4+0xd20>
-	movdqa %xmm5,%xmm7
-	vfmadd213ps %xmm0,%xmm8,%xmm7
-	movdqa %xmm5,%xmm15
-	vfmadd213ps %xmm7,%xmm1,%xmm15
-	vmovups 0x6ae(%rip),%xmm9        # <kiln_v2_matmul_q4+0xd30>
-	movdqa %xmm2,%xmm7
-	vfmadd213ps %xmm9,%xmm15,%xmm7
-	vmovups 0x6ad(%rip),%xmm10        # <kiln_v2_matmul_q4+0xd40>
-	vfmadd213ps %xmm10,%xmm15,%xmm7
-	vmovups 0x6b0(%rip),%xmm11        # <kiln_v2_matmul_q4+0xd50>
-	vfmadd213ps %xmm11,%xmm15,%xmm7
-	vmovups 0x6b3(%rip),%xmm12        # <kiln_v2_matmul_q4+0xd60>
-	vfmadd213ps %xmm12,%xmm15,%xmm7
-	vmovups 0x6b6(%rip),%xmm13        # <kiln_v2_matmul_q4+0xd70>
-	vfmadd213ps %xmm13,%xmm15,%xmm7
-	vmulps %xmm15,%xmm15,%xmm14
-	vmovups 0x6b4(%rip),%xmm0        # <kiln_v2_matmul_q4+0xd80>
-	vaddps %xmm0,%xmm15,%xmm15
-	vfmadd213ps %xmm15,%xmm14,%xmm7
-	vcmpeqps %xmm5,%xmm5,%xmm14
-	vandps %xmm14,%xmm5,%xmm5
-	vpxor  %xmm5,%xmm14,%xmm14
-	vcvttps2dq %xmm5,%xmm5
-	vpand  %xmm14,%xmm5,%xmm14
-	vpsrad $0x1f,%xmm14,%xmm14
-	vpxor  %xmm5,%xmm14,%xmm14
-	vmovdqu 0x692(%rip),%xmm5        # <kiln_v2_matmul_q4+0xd90>
-	vpaddd %xmm5,%xmm14,%xmm14
-	vpslld $0x17,%xmm14,%xmm14
-	vmulps %xmm14,%xmm7,%xmm7
-	movdqu 0x130(%rsp),%xmm14
-	movdqu 0x120(%rsp),%xmm15
-	vpblendvb %xmm15,%xmm14,%xmm7,%xmm7
-	vaddps %xmm0,%xmm7,%xmm7
-	movdqu (%rsp),%xmm14
-	vdivps %xmm7,%xmm14,%xmm14
+	jl     <kiln_v2_matmul_q4+0x781>
+	vpcmpeqd %xmm0,%xmm0,%xmm0
+	vpslld $0x1f,%xmm0,%xmm0
+	movdqu (%rsp),%xmm5
+	vxorps %xmm0,%xmm5,%xmm1
+	vmovups 0x611(%rip),%xmm0        # <kiln_v2_matmul_q4+0xb30>
+	vcmpltps %xmm0,%xmm1,%xmm7
+	movdqu %xmm7,0xf0(%rsp)
+	vmovups 0x60b(%rip),%xmm3        # <kiln_v2_matmul_q4+0xb40>
+	vmaxps %xmm0,%xmm1,%xmm4
+	vmaxps %xmm1,%xmm0,%xmm6
+	vxorps %xmm6,%xmm4,%xmm1
+	vorps  %xmm1,%xmm4,%xmm2
+	vsubps %xmm1,%xmm2,%xmm1
+	vcmpunordps %xmm2,%xmm2,%xmm2
+	vpsrld $0xa,%xmm2,%xmm2
+	vandnps %xmm1,%xmm2,%xmm2
+	vmovups 0x5f1(%rip),%xmm1        # <kiln_v2_matmul_q4+0xb50>
+	vminps %xmm1,%xmm2,%xmm5
+	vminps %xmm2,%xmm1,%xmm7
+	vorps  %xmm7,%xmm5,%xmm2
+	vcmpunordps %xmm7,%xmm2,%xmm4
+	vorps  %xmm4,%xmm2,%xmm2
+	vpsrld $0xa,%xmm4,%xmm4
+	vandnps %xmm2,%xmm4,%xmm4
+	vmovups 0x5db(%rip),%xmm11        # <kiln_v2_matmul_q4+0xb60>
+	vmulps %xmm11,%xmm4,%xmm2
+	vroundps $0x0,%xmm2,%xmm2
+	vmovups 0x5d8(%rip),%xmm7        # <kiln_v2_matmul_q4+0xb70>
+	vmovups 0x5e0(%rip),%xmm12        # <kiln_v2_matmul_q4+0xb80>
+	movdqa %xmm2,%xmm6
+	vfmadd213ps %xmm4,%xmm12,%xmm6
+	movdqa %xmm2,%xmm5
+	vfmadd213ps %xmm6,%xmm7,%xmm5
+	vmovups 0x5d6(%rip),%xmm13        # <kiln_v2_matmul_q4+0xb90>
+	movdqa %xmm3,%xmm6
+	vfmadd213ps %xmm13,%xmm5,%xmm6
+	vmovups 0x5d5(%rip),%xmm14        # <kiln_v2_matmul_q4+0xba0>
+	vfmadd213ps %xmm14,%xmm5,%xmm6
+	vmovups 0x5d8(%rip),%xmm15        # <kiln_v2_matmul_q4+0xbb0>
+	vfmadd213ps %xmm15,%xmm5,%xmm6
+	vmovups 0x5db(%rip),%xmm8        # <kiln_v2_matmul_q4+0xbc0>
+	vfmadd213ps %xmm8,%xmm5,%xmm6
+	vmovups 0x5de(%rip),%xmm9        # <kiln_v2_matmul_q4+0xbd0>
+	vfmadd213ps %xmm9,%xmm5,%xmm6
+	vmulps %xmm5,%xmm5,%xmm10
+	vmovups 0x5dd(%rip),%xmm4        # <kiln_v2_matmul_q4+0xbe0>
+	vaddps %xmm4,%xmm5,%xmm5
+	vfmadd213ps %xmm5,%xmm10,%xmm6
+	vcmpeqps %xmm2,%xmm2,%xmm5
+	vandps %xmm5,%xmm2,%xmm2
+	vpxor  %xmm2,%xmm5,%xmm5
+	vcvttps2dq %xmm2,%xmm2
+	vpand  %xmm5,%xmm2,%xmm5
+	vpsrad $0x1f,%xmm5,%xmm5
+	vpxor  %xmm2,%xmm5,%xmm5
+	vmovdqu 0x5be(%rip),%xmm2        # <kiln_v2_matmul_q4+0xbf0>
+	vpaddd %xmm2,%xmm5,%xmm5
+	vpslld $0x17,%xmm5,%xmm5
+	vmulps %xmm5,%xmm6,%xmm5
+	movdqu 0x100(%rsp),%xmm6
+	movdqu 0xf0(%rsp),%xmm10
+	vpblendvb %xmm10,%xmm6,%xmm5,%xmm5
+	vaddps %xmm4,%xmm5,%xmm5
+	movdqu (%rsp),%xmm10
+	vdivps %xmm5,%xmm10,%xmm6
 	mov    %r11,%r13
 	shl    $0x8,%r13
-	mov    %r8,%r12
+	mov    %rdi,%r12
 	shl    $0x4,%r12
 	add    %r12,%r13
-	vmovups %xmm14,0x480(%rcx,%r13,1)
-	vpcmpeqd %xmm7,%xmm7,%xmm7
-	vpslld $0x1f,%xmm7,%xmm7
-	movdqu 0x10(%rsp),%xmm14
-	vxorps %xmm7,%xmm14,%xmm7
-	vcmpltps %xmm6,%xmm7,%xmm15
-	vmaxps %xmm6,%xmm7,%xmm14
-	vmaxps %xmm7,%xmm6,%xmm6
-	vxorps %xmm6,%xmm14,%xmm6
-	vorps  %xmm6,%xmm14,%xmm7
-	vsubps %xmm6,%xmm7,%xmm6
-	vcmpunordps %xmm7,%xmm7,%xmm7
-	vpsrld $0xa,%xmm7,%xmm7
-	vandnps %xmm6,%xmm7,%xmm6
-	vminps %xmm3,%xmm6,%xmm7
-	vminps %xmm6,%xmm3,%xmm3
-	vorps  %xmm3,%xmm7,%xmm6
-	vcmpunordps %xmm3,%xmm6,%xmm7
-	vorps  %xmm7,%xmm6,%xmm3
-	vpsrld $0xa,%xmm7,%xmm6
-	vandnps %xmm3,%xmm6,%xmm6
-	vmulps %xmm4,%xmm6,%xmm7
-	vroundps $0x0,%xmm7,%xmm3
-	movdqa %xmm3,%xmm7
-	vfmadd213ps %xmm6,%xmm8,%xmm7
-	movdqa %xmm3,%xmm4
-	vfmadd213ps %xmm7,%xmm1,%xmm4
-	vfmadd213ps %xmm9,%xmm4,%xmm2
-	vfmadd213ps %xmm10,%xmm4,%xmm2
-	vfmadd213ps %xmm11,%xmm4,%xmm2
-	vfmadd213ps %xmm12,%xmm4,%xmm2
-	vfmadd213ps %xmm13,%xmm4,%xmm2
-	vmulps %xmm4,%xmm4,%xmm7
-	vaddps %xmm0,%xmm4,%xmm1
-	vfmadd213ps %xmm1,%xmm7,%xmm2
-	vcmpeqps %xmm3,%xmm3,%xmm1
-	vandps %xmm1,%xmm3,%xmm3
-	vpxor  %xmm3,%xmm1,%xmm6
-	vcvttps2dq %xmm3,%xmm7
-	vpand  %xmm6,%xmm7,%xmm1
+	vmovups %xmm6,0x480(%r10,%r13,1)
+	vpcmpeqd %xmm5,%xmm5,%xmm5
+	vpslld $0x1f,%xmm5,%xmm5
+	movdqu 0x10(%rsp),%xmm6
+	vxorps %xmm5,%xmm6,%xmm5
+	vcmpltps %xmm0,%xmm5,%xmm10
+	vmaxps %xmm0,%xmm5,%xmm6
+	vmaxps %xmm5,%xmm0,%xmm0
+	vxorps %xmm0,%xmm6,%xmm0
+	vorps  %xmm0,%xmm6,%xmm5
+	vsubps %xmm0,%xmm5,%xmm0
+	vcmpunordps %xmm5,%xmm5,%xmm5
+	vpsrld $0xa,%xmm5,%xmm5
+	vandnps %xmm0,%xmm5,%xmm0
+	vminps %xmm1,%xmm0,%xmm6
+	vminps %xmm0,%xmm1,%xmm1
+	vorps  %xmm1,%xmm6,%xmm0
+	vcmpunordps %xmm1,%xmm0,%xmm1
+	vorps  %xmm1,%xmm0,%xmm0
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm0,%xmm1,%xmm1
+	vmulps %xmm11,%xmm1,%xmm0
+	vroundps $0x0,%xmm0,%xmm0
+	movdqa %xmm0,%xmm5
+	vfmadd213ps %xmm1,%xmm12,%xmm5
+	movdqa %xmm0,%xmm1
+	vfmadd213ps %xmm5,%xmm7,%xmm1
+	vfmadd213ps %xmm13,%xmm1,%xmm3
+	vfmadd213ps %xmm14,%xmm1,%xmm3
+	vfmadd213ps %xmm15,%xmm1,%xmm3
+	vfmadd213ps %xmm8,%xmm1,%xmm3
+	vfmadd213ps %xmm9,%xmm1,%xmm3
+	vmulps %xmm1,%xmm1,%xmm5
+	vaddps %xmm4,%xmm1,%xmm1
+	vfmadd213ps %xmm1,%xmm5,%xmm3
+	vcmpeqps %xmm0,%xmm0,%xmm6
+	vandps %xmm6,%xmm0,%xmm0
+	vpxor  %xmm0,%xmm6,%xmm1
+	vcvttps2dq %xmm0,%xmm0
+	vpand  %xmm1,%xmm0,%xmm1
 	vpsrad $0x1f,%xmm1,%xmm1
-	vpxor  %xmm7,%xmm1,%xmm1
-	vpaddd %xmm5,%xmm1,%xmm7
-	vpslld $0x17,%xmm7,%xmm7
-	vmulps %xmm7,%xmm2,%xmm7
-	movdqu 0x130(%rsp),%xmm1
-	vpblendvb %xmm15,%xmm1,%xmm7,%xmm7
-	vaddps %xmm0,%xmm7,%xmm7
-	movdqu 0x10(%rsp),%xmm1
-	vdivps %xmm7,%xmm1,%xmm7
+	vpxor  %xmm0,%xmm1,%xmm0
+	vpaddd %xmm2,%xmm0,%xmm0
+	vpslld $0x17,%xmm0,%xmm0
+	vmulps %xmm0,%xmm3,%xmm0
+	movdqu 0x100(%rsp),%xmm7
+	vpblendvb %xmm10,%xmm7,%xmm0,%xmm0
+	vaddps %xmm4,%xmm0,%xmm0
+	movdqu 0x10(%rsp),%xmm7
+	vdivps %xmm0,%xmm7,%xmm0
 	shl    $0x8,%rbx
 	add    %rbx,%r12
-	vmovups %xmm7,0x480(%rcx,%r12,1)
+	vmovups %xmm0,0x480(%r10,%r12,1)
 	add    $0x2,%r11
-	mov    %rdi,%r13
-	jmp    <kiln_v2_matmul_q4+0x110>
-	movdqu %xmm14,(%rsp)
+	jmp    <kiln_v2_matmul_q4+0x10d>
 	add    $0x1,%r12
 	mov    0x8(%r15),%rax
 	vmovq  %rax,%xmm0
-	vpmovzxwd %xmm0,%xmm0
-	vmovdqu 0x52a(%rip),%xmm7        # <kiln_v2_matmul_q4+0xda0>
-	vpand  %xmm7,%xmm0,%xmm1
-	movdqu %xmm7,0x120(%rsp)
-	vpslld $0xd,%xmm1,%xmm4
-	vmovdqu 0x520(%rip),%xmm3        # <kiln_v2_matmul_q4+0xdb0>
-	vpand  %xmm3,%xmm4,%xmm1
-	vpxor  %xmm2,%xmm2,%xmm10
-	vpcmpeqd %xmm10,%xmm1,%xmm2
-	movdqu %xmm10,0x110(%rsp)
-	vmovdqu 0x511(%rip),%xmm6        # <kiln_v2_matmul_q4+0xdc0>
-	vpaddd %xmm6,%xmm4,%xmm4
-	vmovdqu 0x515(%rip),%xmm11        # <kiln_v2_matmul_q4+0xdd0>
-	vpaddd %xmm11,%xmm4,%xmm5
-	movdqu %xmm11,0x100(%rsp)
-	vmovdqu 0x50e(%rip),%xmm12        # <kiln_v2_matmul_q4+0xde0>
-	vsubps %xmm12,%xmm5,%xmm5
-	movdqu %xmm12,0xf0(%rsp)
-	vpcmpeqd %xmm3,%xmm1,%xmm1
-	vpand  %xmm6,%xmm1,%xmm1
-	vpaddd %xmm1,%xmm4,%xmm1
-	vpblendvb %xmm2,%xmm5,%xmm1,%xmm1
-	vmovdqu 0x4f5(%rip),%xmm14        # <kiln_v2_matmul_q4+0xdf0>
-	vpand  %xmm14,%xmm0,%xmm0
-	movdqu %xmm14,0xe0(%rsp)
-	vpslld $0x10,%xmm0,%xmm0
-	vpor   %xmm0,%xmm1,%xmm5
+	vpmovsxwd %xmm0,%xmm0
+	vpslld $0xd,%xmm0,%xmm0
+	vmovdqu 0x45d(%rip),%xmm6        # <kiln_v2_matmul_q4+0xc00>
+	vpand  %xmm6,%xmm0,%xmm0
+	movdqu %xmm6,0xf0(%rsp)
+	vmovups 0x458(%rip),%xmm8        # <kiln_v2_matmul_q4+0xc10>
+	vmulps %xmm8,%xmm0,%xmm5
 	movdqu %xmm5,0x20(%rsp)
+	movdqu %xmm8,0xe0(%rsp)
 	vbroadcastss 0x4(%r13),%xmm0
 	movdqu %xmm0,0xd0(%rsp)
 	vmovdqu 0x10(%r15),%xmm0
-	vmovdqu 0x4ca(%rip),%xmm11        # <kiln_v2_matmul_q4+0xe00>
-	vpand  %xmm11,%xmm0,%xmm1
-	vpmovzxbw %xmm1,%xmm13
-	movdqu %xmm13,0xc0(%rsp)
-	vmovdqu 0x8(%r13),%xmm14
-	vpmaddwd %xmm14,%xmm13,%xmm2
-	vpxor  %xmm7,%xmm7,%xmm4
-	vpunpckhbw %xmm4,%xmm1,%xmm1
-	movdqu %xmm1,0xb0(%rsp)
-	vmovdqu 0x18(%r13),%xmm1
-	movdqu 0xb0(%rsp),%xmm4
-	vpmaddwd %xmm1,%xmm4,%xmm5
-	vpaddd %xmm5,%xmm2,%xmm2
+	vmovdqu 0x436(%rip),%xmm12        # <kiln_v2_matmul_q4+0xc20>
+	vpand  %xmm12,%xmm0,%xmm1
+	vpmovzxbw %xmm1,%xmm7
+	movdqu %xmm7,0xc0(%rsp)
+	vmovdqu 0x8(%r13),%xmm3
+	vpmaddwd %xmm3,%xmm7,%xmm2
+	vpxor  %xmm4,%xmm4,%xmm4
+	vpunpckhbw %xmm4,%xmm1,%xmm14
+	vmovdqu 0x18(%r13),%xmm5
+	vpmaddwd %xmm5,%xmm14,%xmm1
+	movdqu %xmm14,0xb0(%rsp)
+	vpaddd %xmm1,%xmm2,%xmm1
 	vpsrlw $0x4,%xmm0,%xmm0
-	vpand  %xmm11,%xmm0,%xmm0
-	vpmovzxbw %xmm0,%xmm8
-	vmovdqu 0x28(%r13),%xmm15
-	vpmaddwd %xmm15,%xmm8,%xmm4
-	movdqu %xmm8,0xa0(%rsp)
-	vpaddd %xmm4,%xmm2,%xmm2
-	vpxor  %xmm7,%xmm7,%xmm4
-	vpunpckhbw %xmm4,%xmm0,%xmm9
+	vpand  %xmm12,%xmm0,%xmm0
+	vpmovzxbw %xmm0,%xmm2
+	movdqu %xmm2,0xa0(%rsp)
+	vmovdqu 0x28(%r13),%xmm6
+	vpmaddwd %xmm6,%xmm2,%xmm4
+	vpaddd %xmm4,%xmm1,%xmm1
+	vpxor  %xmm2,%xmm2,%xmm2
+	vpunpckhbw %xmm2,%xmm0,%xmm15
 	vmovdqu 0x38(%r13),%xmm8
-	vpmaddwd %xmm8,%xmm9,%xmm0
-	movdqu %xmm9,0x90(%rsp)
-	vpaddd %xmm0,%xmm2,%xmm0
-	vmovdqu 0x20(%r15),%xmm2
-	vpand  %xmm11,%xmm2,%xmm4
-	vpmovzxbw %xmm4,%xmm7
-	vpmaddwd %xmm14,%xmm7,%xmm5
-	movdqu %xmm7,0x80(%rsp)
+	vpmaddwd %xmm8,%xmm15,%xmm0
+	movdqu %xmm15,0x90(%rsp)
+	vpaddd %xmm0,%xmm1,%xmm0
+	vmovdqu 0x20(%r15),%xmm1
+	vpand  %xmm12,%xmm1,%xmm2
+	vpmovzxbw %xmm2,%xmm10
+	vpmaddwd %xmm3,%xmm10,%xmm4
+	movdqu %xmm10,0x80(%rsp)
 	vpxor  %xmm7,%xmm7,%xmm7
-	vpunpckhbw %xmm7,%xmm4,%xmm4
-	vpmaddwd %xmm1,%xmm4,%xmm7
-	movdqu %xmm4,0x70(%rsp)
-	vpaddd %xmm7,%xmm5,%xmm4
-	vpsrlw $0x4,%xmm2,%xmm2
-	vpand  %xmm11,%xmm2,%xmm2
-	vpmovzxbw %xmm2,%xmm5
-	vpmaddwd %xmm15,%xmm5,%xmm7
-	movdqu %xmm5,0x60(%rsp)
-	vpaddd %xmm7,%xmm4,%xmm4
-	vpxor  %xmm7,%xmm7,%xmm5
-	vpunpckhbw %xmm5,%xmm2,%xmm5
-	vpmaddwd %xmm8,%xmm5,%xmm2
-	movdqu %xmm5,0x50(%rsp)
+	vpunpckhbw %xmm7,%xmm2,%xmm11
+	vpmaddwd %xmm5,%xmm11,%xmm2
+	movdqu %xmm11,0x70(%rsp)
 	vpaddd %xmm2,%xmm4,%xmm2
-	vphaddd %xmm2,%xmm0,%xmm9
-	vmovdqu 0x30(%r15),%xmm0
-	vpand  %xmm11,%xmm0,%xmm2
-	vpmovzxbw %xmm2,%xmm7
-	vpmaddwd %xmm14,%xmm7,%xmm4
-	movdqu %xmm7,0x40(%rsp)
-	vpxor  %xmm7,%xmm7,%xmm5
-	vpunpckhbw %xmm5,%xmm2,%xmm10
-	vpmaddwd %xmm1,%xmm10,%xmm2
-	movdqu %xmm10,0x30(%rsp)
-	vpaddd %xmm2,%xmm4,%xmm2
-	vpsrlw $0x4,%xmm0,%xmm0
-	vpand  %xmm11,%xmm0,%xmm0
-	vpmovzxbw %xmm0,%xmm10
-	vpmaddwd %xmm15,%xmm10,%xmm4
+	vpsrlw $0x4,%xmm1,%xmm1
+	vpand  %xmm12,%xmm1,%xmm1
+	vpmovzxbw %xmm1,%xmm13
+	vpmaddwd %xmm6,%xmm13,%xmm4
+	movdqu %xmm13,0x60(%rsp)
 	vpaddd %xmm4,%xmm2,%xmm2
 	vpxor  %xmm4,%xmm4,%xmm4
-	vpunpckhbw %xmm4,%xmm0,%xmm12
-	vpmaddwd %xmm8,%xmm12,%xmm0
-	vpaddd %xmm0,%xmm2,%xmm0
+	vpunpckhbw %xmm4,%xmm1,%xmm4
+	vpmaddwd %xmm8,%xmm4,%xmm1
+	movdqu %xmm4,0x50(%rsp)
+	vpaddd %xmm1,%xmm2,%xmm1
+	vphaddd %xmm1,%xmm0,%xmm9
+	vmovdqu 0x30(%r15),%xmm1
+	vpand  %xmm12,%xmm1,%xmm0
+	vpmovzxbw %xmm0,%xmm2
+	movdqa %xmm2,%xmm4
+	vpmaddwd %xmm3,%xmm4,%xmm2
+	movdqu %xmm4,0x40(%rsp)
+	vpxor  %xmm4,%xmm4,%xmm4
+	vpunpckhbw %xmm4,%xmm0,%xmm0
+	vpmaddwd %xmm5,%xmm0,%xmm4
+	movdqu %xmm0,0x30(%rsp)
+	vpaddd %xmm4,%xmm2,%xmm7
+	vpsrlw $0x4,%xmm1,%xmm1
+	vpand  %xmm12,%xmm1,%xmm2
+	vpmovzxbw %xmm2,%xmm1
+	vpmaddwd %xmm6,%xmm1,%xmm4
+	vpaddd %xmm4,%xmm7,%xmm14
+	vpxor  %xmm4,%xmm4,%xmm4
+	vpunpckhbw %xmm4,%xmm2,%xmm7
+	vpmaddwd %xmm8,%xmm7,%xmm2
+	vpaddd %xmm2,%xmm14,%xmm15
 	vmovdqu 0x40(%r15),%xmm2
-	vpand  %xmm11,%xmm2,%xmm4
-	vpmovzxbw %xmm4,%xmm13
-	vpmaddwd %xmm14,%xmm13,%xmm5
-	vpxor  %xmm14,%xmm14,%xmm14
-	vpunpckhbw %xmm14,%xmm4,%xmm14
-	vpmaddwd %xmm1,%xmm14,%xmm1
-	vpaddd %xmm1,%xmm5,%xmm4
-	vpsrlw $0x4,%xmm2,%xmm1
-	vpand  %xmm11,%xmm1,%xmm1
-	vpmovzxbw %xmm1,%xmm11
-	vpmaddwd %xmm15,%xmm11,%xmm2
-	vpaddd %xmm2,%xmm4,%xmm2
+	vpand  %xmm12,%xmm2,%xmm10
+	vpmovzxbw %xmm10,%xmm14
+	vpmaddwd %xmm3,%xmm14,%xmm11
+	vpxor  %xmm3,%xmm3,%xmm3
+	vpunpckhbw %xmm3,%xmm10,%xmm3
+	vpmaddwd %xmm5,%xmm3,%xmm4
+	vpaddd %xmm4,%xmm11,%xmm10
+	vpsrlw $0x4,%xmm2,%xmm2
+	vpand  %xmm12,%xmm2,%xmm2
+	vpmovzxbw %xmm2,%xmm5
+	vpmaddwd %xmm6,%xmm5,%xmm4
+	vpaddd %xmm4,%xmm10,%xmm6
 	vpxor  %xmm4,%xmm4,%xmm4
-	vpunpckhbw %xmm4,%xmm1,%xmm1
-	vpmaddwd %xmm8,%xmm1,%xmm4
-	vpaddd %xmm4,%xmm2,%xmm2
-	vphaddd %xmm2,%xmm0,%xmm0
-	vphaddd %xmm0,%xmm9,%xmm0
-	vcvtdq2ps %xmm0,%xmm0
+	vpunpckhbw %xmm4,%xmm2,%xmm2
+	vpmaddwd %xmm8,%xmm2,%xmm4
+	vpaddd %xmm4,%xmm6,%xmm4
+	vphaddd %xmm4,%xmm15,%xmm4
+	vphaddd %xmm4,%xmm9,%xmm4
+	vcvtdq2ps %xmm4,%xmm9
 	mov    (%r15),%rax
-	vmovq  %rax,%xmm2
-	vpmovzxwd %xmm2,%xmm2
-	movdqu 0x120(%rsp),%xmm7
-	vpand  %xmm7,%xmm2,%xmm4
-	vpslld $0xd,%xmm4,%xmm9
-	vpand  %xmm3,%xmm9,%xmm5
-	movdqu 0x110(%rsp),%xmm4
-	vpcmpeqd %xmm4,%xmm5,%xmm4
-	vpaddd %xmm6,%xmm9,%xmm9
-	movdqu 0x100(%rsp),%xmm7
-	vpaddd %xmm7,%xmm9,%xmm15
-	movdqu 0xf0(%rsp),%xmm7
-	vsubps %xmm7,%xmm15,%xmm15
-	vpcmpeqd %xmm3,%xmm5,%xmm3
-	vpand  %xmm6,%xmm3,%xmm3
-	vpaddd %xmm3,%xmm9,%xmm3
-	vpblendvb %xmm4,%xmm15,%xmm3,%xmm3
-	movdqu 0xe0(%rsp),%xmm4
-	vpand  %xmm4,%xmm2,%xmm2
-	vpslld $0x10,%xmm2,%xmm2
-	vpor   %xmm2,%xmm3,%xmm6
-	vbroadcastss 0x0(%r13),%xmm2
-	vmulps %xmm2,%xmm6,%xmm2
-	movdqu (%rsp),%xmm3
-	vfmadd213ps %xmm3,%xmm2,%xmm0
-	movdqu 0x20(%rsp),%xmm3
+	vmovq  %rax,%xmm4
+	vpmovsxwd %xmm4,%xmm4
+	vpslld $0xd,%xmm4,%xmm4
+	movdqu 0xf0(%rsp),%xmm6
+	vpand  %xmm6,%xmm4,%xmm4
+	movdqu 0xe0(%rsp),%xmm8
+	vmulps %xmm8,%xmm4,%xmm8
+	vbroadcastss 0x0(%r13),%xmm4
+	vmulps %xmm4,%xmm8,%xmm6
+	movdqu (%rsp),%xmm10
+	vfmadd213ps %xmm10,%xmm6,%xmm9
 	movdqu 0xd0(%rsp),%xmm4
-	movdqa %xmm3,%xmm2
-	vfmadd213ps %xmm0,%xmm4,%xmm2
-	movdqu %xmm2,(%rsp)
-	vbroadcastss 0x4(%r14),%xmm8
+	movdqu 0x20(%rsp),%xmm6
+	movdqa %xmm6,%xmm10
+	vfmadd213ps %xmm9,%xmm4,%xmm10
+	movdqu %xmm10,(%rsp)
+	vbroadcastss 0x4(%r14),%xmm12
 	vmovdqu 0x8(%r14),%xmm9
 	movdqu 0xc0(%rsp),%xmm0
-	vpmaddwd %xmm9,%xmm0,%xmm2
-	vmovdqu 0x18(%r14),%xmm0
-	movdqu 0xb0(%rsp),%xmm4
-	vpmaddwd %xmm0,%xmm4,%xmm4
-	vpaddd %xmm4,%xmm2,%xmm2
-	vmovdqu 0x28(%r14),%xmm4
-	movdqu 0xa0(%rsp),%xmm5
-	vpmaddwd %xmm4,%xmm5,%xmm5
-	vpaddd %xmm5,%xmm2,%xmm5
-	vmovdqu 0x38(%r14),%xmm2
-	movdqu 0x90(%rsp),%xmm7
-	vpmaddwd %xmm2,%xmm7,%xmm15
-	vpaddd %xmm15,%xmm5,%xmm5
-	movdqu 0x80(%rsp),%xmm7
-	vpmaddwd %xmm9,%xmm7,%xmm15
-	movdqu 0x70(%rsp),%xmm7
-	vpmaddwd %xmm0,%xmm7,%xmm7
-	vpaddd %xmm7,%xmm15,%xmm15
-	movdqu 0x60(%rsp),%xmm7
-	vpmaddwd %xmm4,%xmm7,%xmm7
-	vpaddd %xmm7,%xmm15,%xmm15
-	movdqu 0x50(%rsp),%xmm7
-	vpmaddwd %xmm2,%xmm7,%xmm7
-	vpaddd %xmm7,%xmm15,%xmm7
-	vphaddd %xmm7,%xmm5,%xmm5
-	movdqu 0x40(%rsp),%xmm7
-	vpmaddwd %xmm9,%xmm7,%xmm15
-	movdqu 0x30(%rsp),%xmm7
-	vpmaddwd %xmm0,%xmm7,%xmm7
-	vpaddd %xmm7,%xmm15,%xmm7
-	vpmaddwd %xmm4,%xmm10,%xmm10
-	vpaddd %xmm10,%xmm7,%xmm7
-	vpmaddwd %xmm2,%xmm12,%xmm10
-	vpaddd %xmm10,%xmm7,%xmm7
-	vpmaddwd %xmm9,%xmm13,%xmm9
-	vpmaddwd %xmm0,%xmm14,%xmm0
-	vpaddd %xmm0,%xmm9,%xmm0
-	vpmaddwd %xmm4,%xmm11,%xmm4
-	vpaddd %xmm4,%xmm0,%xmm0
-	vpmaddwd %xmm2,%xmm1,%xmm1
+	vpmaddwd %xmm9,%xmm0,%xmm10
+	vmovdqu 0x18(%r14),%xmm15
+	movdqu 0xb0(%rsp),%xmm0
+	vpmaddwd %xmm15,%xmm0,%xmm4
+	vpaddd %xmm4,%xmm10,%xmm11
+	vmovdqu 0x28(%r14),%xmm10
+	movdqu 0xa0(%rsp),%xmm0
+	vpmaddwd %xmm10,%xmm0,%xmm4
+	vpaddd %xmm4,%xmm11,%xmm13
+	vmovdqu 0x38(%r14),%xmm11
+	movdqu 0x90(%rsp),%xmm0
+	vpmaddwd %xmm11,%xmm0,%xmm4
+	vpaddd %xmm4,%xmm13,%xmm13
+	movdqu 0x80(%rsp),%xmm0
+	vpmaddwd %xmm9,%xmm0,%xmm4
+	movdqu 0x70(%rsp),%xmm0
+	vpmaddwd %xmm15,%xmm0,%xmm0
+	vpaddd %xmm0,%xmm4,%xmm4
+	movdqu 0x60(%rsp),%xmm0
+	vpmaddwd %xmm10,%xmm0,%xmm0
+	vpaddd %xmm0,%xmm4,%xmm4
+	movdqu 0x50(%rsp),%xmm0
+	vpmaddwd %xmm11,%xmm0,%xmm0
+	vpaddd %xmm0,%xmm4,%xmm0
+	vphaddd %xmm0,%xmm13,%xmm13
+	movdqu 0x40(%rsp),%xmm0
+	vpmaddwd %xmm9,%xmm0,%xmm4
+	movdqu 0x30(%rsp),%xmm0
+	vpmaddwd %xmm15,%xmm0,%xmm0
+	vpaddd %xmm0,%xmm4,%xmm0
+	vpmaddwd %xmm10,%xmm1,%xmm1
 	vpaddd %xmm1,%xmm0,%xmm0
-	vphaddd %xmm0,%xmm7,%xmm0
-	vphaddd %xmm0,%xmm5,%xmm0
-	vcvtdq2ps %xmm0,%xmm7
-	vbroadcastss (%r14),%xmm0
-	vmulps %xmm0,%xmm6,%xmm0
-	movdqu 0x10(%rsp),%xmm5
-	vfmadd213ps %xmm5,%xmm0,%xmm7
-	vfmadd213ps %xmm7,%xmm8,%xmm3
+	vpmaddwd %xmm11,%xmm7,%xmm1
+	vpaddd %xmm1,%xmm0,%xmm0
+	vpmaddwd %xmm9,%xmm14,%xmm1
+	vpmaddwd %xmm15,%xmm3,%xmm3
+	vpaddd %xmm3,%xmm1,%xmm1
+	vpmaddwd %xmm10,%xmm5,%xmm3
+	vpaddd %xmm3,%xmm1,%xmm1
+	vpmaddwd %xmm11,%xmm2,%xmm2
+	vpaddd %xmm2,%xmm1,%xmm1
+	vphaddd %xmm1,%xmm0,%xmm0
+	vphaddd %xmm0,%xmm13,%xmm0
+	vcvtdq2ps %xmm0,%xmm0
+	vbroadcastss (%r14),%xmm1
+	vmulps %xmm1,%xmm8,%xmm1
+	movdqu 0x10(%rsp),%xmm2
+	vfmadd213ps %xmm2,%xmm1,%xmm0
+	vfmadd213ps %xmm0,%xmm12,%xmm6
 	add    $0x48,%r13
 	add    $0x48,%r14
 	add    $0x50,%r15
-	movdqu (%rsp),%xmm14
-	movdqu %xmm3,0x10(%rsp)
-	jmp    <kiln_v2_matmul_q4+0x5c2>
-	...
+	movdqu %xmm6,0x10(%rsp)
+	jmp    <kiln_v2_matmul_q4+0x4fb>
+	add    %al,(%rax)
+	add    %al,(%rax)
 	add    %al,(%rax)
 	(bad)
 	cltd
@@ -1012,7 +935,7 @@ Disassembly of section .text:
 	mov    %ecx,(%rax)
 	cmp    $0xc1,%al
 	test   $0xa9c13d2a,%eax
-	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a925d>
+	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a939d>
 	shrl   $0x2a,-0x5555c2d6(%rcx)
 	ds stos %al,%es:(%rdi)
 	stos   %al,%es:(%rdi)
@@ -1040,42 +963,21 @@ Disassembly of section .text:
 	add    %al,(%rax)
 	add    %bh,0x0(%rdi)
 	add    %al,(%rax)
-	jg     <kiln_v2_matmul_q4+0xd9a>
+	jg     <kiln_v2_matmul_q4+0xbfa>
 	add    %al,(%rax)
-	jg     <kiln_v2_matmul_q4+0xd9e>
+	jg     <kiln_v2_matmul_q4+0xbfe>
 	add    %al,(%rax)
 	(bad)
-	jg     <kiln_v2_matmul_q4+0xda3>
-	add    %bh,%bh
-	jg     <kiln_v2_matmul_q4+0xda7>
-	add    %bh,%bh
-	jg     <kiln_v2_matmul_q4+0xdab>
-	add    %bh,%bh
-	jg     <kiln_v2_matmul_q4+0xdaf>
+	(bad)
+	decl   -0x70000001(%rdi)
+	(bad)
+	(bad)
+	decl   -0x70000001(%rdi)
 	add    %al,(%rax)
-	add    %al,-0x7ffffff1(%rax)
-	sldt   (%rax)
-	orb    $0x0,(%rdi)
-	add    %al,0xf(%rax)
-	cmp    %al,(%rax)
-	add    %al,(%rax)
-	cmp    %al,(%rax)
-	add    %al,(%rax)
-	cmp    %al,(%rax)
-	add    %al,(%rax)
-	cmp    %al,(%rax)
-	add    %al,-0x80000000(%rax)
-	add    %al,(%rax)
-	add    %al,-0x80000000(%rax)
-	add    %al,(%rax)
-	add    %al,-0x7fffffc8(%rax)
-	cmp    %al,(%rax)
-	add    %al,-0x7fffffc8(%rax)
-	cmp    %al,(%rax)
-	addb   $0x0,(%rax)
-	add    %al,-0x80000000(%rax)
-	add    %al,(%rax)
-	add    %al,0xf0f0000(%rax)
+	xorb   $0x0,0x0(%rdi)
+	xorb   $0x0,0x0(%rdi)
+	xorb   $0x0,0x0(%rdi)
+	xorb   $0xf,0xf(%rdi)
 	(bad)
 	(bad)
 	(bad)
@@ -1094,84 +996,86 @@ Disassembly of section .text:
 <kiln_v3_matmul_q8>:
 	push   %rbp
 	mov    %rsp,%rbp
-	sub    $0xf0,%rsp
-	mov    %rbx,0xc0(%rsp)
-	mov    %r12,0xc8(%rsp)
-	mov    %r13,0xd0(%rsp)
-	mov    %r14,0xd8(%rsp)
-	mov    %r15,0xe0(%rsp)
-	mov    %rdx,%r9
-	mov    (%rdi),%r8
-	mov    0x8(%rdi),%rcx
-	mov    %rcx,%r13
+	sub    $0xe0,%rsp
+	mov    %rbx,0xb0(%rsp)
+	mov    %r12,0xb8(%rsp)
+	mov    %r13,0xc0(%rsp)
+	mov    %r14,0xc8(%rsp)
+	mov    %r15,0xd0(%rsp)
+	mov    %rdx,%r8
+	mov    (%rdi),%rcx
+	mov    0x8(%rdi),%rax
+	mov    %rax,%r13
 	mov    0x20(%rdi),%rax
-	mov    %rax,0xb8(%rsp)
+	mov    %rax,0xa8(%rsp)
 	mov    %rsi,%rax
 	shl    $0x4,%rax
 	xor    %rdx,%rdx
-	mov    %r9,%rcx
-	div    %rcx
-	mov    %rax,0xb0(%rsp)
+	mov    %r8,%rdi
+	div    %rdi
+	mov    %rax,0xa0(%rsp)
 	lea    0x1(%rsi),%rax
 	shl    $0x4,%rax
 	xor    %rdx,%rdx
-	div    %rcx
-	xor    %rcx,%rcx
-	mov    0xb8(%rsp),%rdx
-	cmp    %rdx,%rcx
-	mov    %rdx,0xb8(%rsp)
+	div    %rdi
+	xor    %rsi,%rsi
+	mov    0xa8(%rsp),%rdi
+	cmp    %rdi,%rsi
+	mov    %rdi,0xa8(%rsp)
 	jl     <kiln_v3_matmul_q8+0xc2>
-	mov    0xc0(%rsp),%rbx
-	mov    0xc8(%rsp),%r12
-	mov    0xd0(%rsp),%r13
-	mov    0xd8(%rsp),%r14
-	mov    0xe0(%rsp),%r15
-	add    $0xf0,%rsp
+	mov    0xb0(%rsp),%rbx
+	mov    0xb8(%rsp),%r12
+	mov    0xc0(%rsp),%r13
+	mov    0xc8(%rsp),%r14
+	mov    0xd0(%rsp),%r15
+	add    $0xe0,%rsp
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	mov    0xb0(%rsp),%rdx
-	cmp    %rax,%rdx
-	jl     <kiln_v3_matmul_q8+0xe7>
-	add    $0x40,%rcx
-	mov    0xb8(%rsp),%rdx
+	mov    %rax,%rdx
+	mov    0xa0(%rsp),%r8
+	cmp    %rdx,%r8
+	jl     <kiln_v3_matmul_q8+0xed>
+	add    $0x40,%rsi
+	mov    %rdx,%rax
+	mov    0xa8(%rsp),%rdi
 	jmp    <kiln_v3_matmul_q8+0x7d>
-	lea    0x40(%rcx),%r10
-	mov    0xb8(%rsp),%rsi
-	cmp    %r10,%rsi
-	cmovl  %rsi,%r10
-	mov    %r10,%r11
-	sub    %rcx,%r11
+	lea    0x40(%rsi),%r9
+	mov    0xa8(%rsp),%rax
+	cmp    %r9,%rax
+	cmovl  %rax,%r9
+	mov    %r9,%r11
+	sub    %rsi,%r11
 	and    $0x1,%r11
-	mov    %r10,%r9
-	sub    %r11,%r9
-	mov    %rcx,%r11
-	cmp    %r9,%r11
-	jl     <kiln_v3_matmul_q8+0x38d>
-	cmp    %r10,%r9
-	jl     <kiln_v3_matmul_q8+0x12b>
-	add    $0x1,%rdx
-	jmp    <kiln_v3_matmul_q8+0xca>
+	mov    %r9,%r10
+	sub    %r11,%r10
+	mov    %rsi,%r11
+	cmp    %r10,%r11
+	jl     <kiln_v3_matmul_q8+0x33a>
+	cmp    %r9,%r10
+	jl     <kiln_v3_matmul_q8+0x131>
+	add    $0x1,%r8
+	jmp    <kiln_v3_matmul_q8+0xcd>
 	xor    %r11,%r11
 	vxorps %xmm0,%xmm0,%xmm0
-	imul   $0x90,%r9,%rdi
-	lea    (%r8,%rdi,1),%rbx
-	imul   $0x110,%rdx,%r12
+	imul   $0x90,%r10,%rdi
+	lea    (%rcx,%rdi,1),%rbx
+	imul   $0x110,%r8,%r12
 	mov    %r13,%rdi
 	lea    0xb00(%rdi,%r12,1),%r12
 	cmp    $0x2,%r11
-	jl     <kiln_v3_matmul_q8+0x190>
-	lea    0x480(%r8),%r11
-	mov    %r9,%rbx
+	jl     <kiln_v3_matmul_q8+0x195>
+	lea    0x480(%rcx),%r11
+	mov    %r10,%rbx
 	shl    $0x8,%rbx
-	mov    %rdx,%r12
+	mov    %r8,%r12
 	shl    $0x4,%r12
 	add    %r12,%rbx
 	vmulps (%r11,%rbx,1),%xmm0,%xmm0
-	vmovups %xmm0,0xc80(%r8,%rbx,1)
-	add    $0x1,%r9
+	vmovups %xmm0,0xc80(%rcx,%rbx,1)
+	add    $0x1,%r10
 	mov    %rdi,%r13
-	jmp    <kiln_v3_matmul_q8+0x116>
+	jmp    <kiln_v3_matmul_q8+0x11c>
 	add    $0x1,%r11
 	vmovdqu 0x8(%r12),%xmm2
 	vpmovsxbw %xmm2,%xmm3
@@ -1241,203 +1145,168 @@ Disassembly of section .text:
 	vphaddd %xmm1,%xmm6,%xmm1
 	vphaddd %xmm1,%xmm5,%xmm1
 	vcvtdq2ps %xmm1,%xmm1
-	mov    (%r12),%r13
-	vmovq  %r13,%xmm2
-	vpmovzxwd %xmm2,%xmm2
-	vmovdqu 0x482(%rip),%xmm3        # <kiln_v3_matmul_q8+0x780>
-	vpand  %xmm3,%xmm2,%xmm3
-	vpslld $0xd,%xmm3,%xmm6
-	vmovdqu 0x481(%rip),%xmm3        # <kiln_v3_matmul_q8+0x790>
-	vpand  %xmm3,%xmm6,%xmm4
-	vpxor  %xmm5,%xmm5,%xmm5
-	vpcmpeqd %xmm5,%xmm4,%xmm5
-	vmovdqu 0x47d(%rip),%xmm7        # <kiln_v3_matmul_q8+0x7a0>
-	vpaddd %xmm7,%xmm6,%xmm6
-	vmovdqu 0x481(%rip),%xmm8        # <kiln_v3_matmul_q8+0x7b0>
-	vpaddd %xmm8,%xmm6,%xmm8
-	vmovdqu 0x484(%rip),%xmm9        # <kiln_v3_matmul_q8+0x7c0>
-	vsubps %xmm9,%xmm8,%xmm8
-	vpcmpeqd %xmm3,%xmm4,%xmm3
-	vpand  %xmm7,%xmm3,%xmm3
-	vpaddd %xmm3,%xmm6,%xmm3
-	vpblendvb %xmm5,%xmm8,%xmm3,%xmm3
-	vmovdqu 0x475(%rip),%xmm4        # <kiln_v3_matmul_q8+0x7d0>
-	vpand  %xmm4,%xmm2,%xmm2
-	vpslld $0x10,%xmm2,%xmm2
-	vpor   %xmm2,%xmm3,%xmm2
+	vmovsd (%r12),%xmm2
+	vpmovsxwd %xmm2,%xmm2
+	vpslld $0xd,%xmm2,%xmm2
+	vmovdqu 0x3bb(%rip),%xmm3        # <kiln_v3_matmul_q8+0x6c0>
+	vpand  %xmm3,%xmm2,%xmm2
+	vmovups 0x3bf(%rip),%xmm3        # <kiln_v3_matmul_q8+0x6d0>
+	vmulps %xmm3,%xmm2,%xmm2
 	vbroadcastss (%rbx),%xmm3
 	vmulps %xmm3,%xmm2,%xmm2
 	vfmadd213ps %xmm0,%xmm2,%xmm1
 	add    $0x48,%rbx
 	add    $0x88,%r12
 	movdqa %xmm1,%xmm0
-	jmp    <kiln_v3_matmul_q8+0x14f>
+	jmp    <kiln_v3_matmul_q8+0x155>
 	mov    %r13,%rdi
-	xor    %rbx,%rbx
+	xor    %r12,%r12
 	vxorps %xmm0,%xmm0,%xmm1
-	imul   $0x90,%r11,%r12
-	add    %r8,%r12
-	lea    0x1(%r11),%r15
-	imul   $0x90,%r15,%r13
-	add    %r8,%r13
-	imul   $0x110,%rdx,%r14
-	lea    0xb00(%rdi,%r14,1),%r14
+	imul   $0x90,%r11,%rbx
+	lea    (%rcx,%rbx,1),%r13
+	lea    0x1(%r11),%rbx
+	imul   $0x90,%rbx,%r14
+	add    %rcx,%r14
+	imul   $0x110,%r8,%r15
+	lea    0xb00(%rdi,%r15,1),%r15
 	movdqa %xmm1,%xmm2
-	cmp    $0x2,%rbx
-	jl     <kiln_v3_matmul_q8+0x41a>
-	lea    0x480(%r8),%rbx
-	mov    %r11,%r13
-	shl    $0x8,%r13
-	mov    %rdx,%r12
-	shl    $0x4,%r12
-	add    %r12,%r13
-	vmulps (%rbx,%r13,1),%xmm1,%xmm0
-	vmovups %xmm0,0xc80(%r8,%r13,1)
-	shl    $0x8,%r15
-	add    %r15,%r12
-	vmulps (%rbx,%r12,1),%xmm2,%xmm0
-	vmovups %xmm0,0xc80(%r8,%r12,1)
+	cmp    $0x2,%r12
+	jl     <kiln_v3_matmul_q8+0x3c7>
+	lea    0x480(%rcx),%r12
+	mov    %r11,%r14
+	shl    $0x8,%r14
+	mov    %r8,%r13
+	shl    $0x4,%r13
+	add    %r13,%r14
+	vmulps (%r12,%r14,1),%xmm1,%xmm0
+	vmovups %xmm0,0xc80(%rcx,%r14,1)
+	shl    $0x8,%rbx
+	add    %r13,%rbx
+	vmulps (%r12,%rbx,1),%xmm2,%xmm0
+	vmovups %xmm0,0xc80(%rcx,%rbx,1)
 	add    $0x2,%r11
 	mov    %rdi,%r13
-	jmp    <kiln_v3_matmul_q8+0x10d>
+	jmp    <kiln_v3_matmul_q8+0x113>
 	movdqu %xmm2,(%rsp)
-	add    $0x1,%rbx
-	vmovdqu 0x8(%r14),%xmm2
+	add    $0x1,%r12
+	vmovdqu 0x8(%r15),%xmm2
 	vpmovsxbw %xmm2,%xmm4
-	vmovdqu 0x8(%r12),%xmm0
+	vmovdqu 0x8(%r13),%xmm0
 	vpmaddwd %xmm0,%xmm4,%xmm3
-	movdqu %xmm4,0xa0(%rsp)
+	movdqu %xmm4,0x90(%rsp)
 	vpalignr $0x8,%xmm2,%xmm2,%xmm2
 	vpmovsxbw %xmm2,%xmm4
-	vmovdqu 0x18(%r12),%xmm2
+	vmovdqu 0x18(%r13),%xmm2
 	vpmaddwd %xmm2,%xmm4,%xmm5
-	movdqu %xmm4,0x90(%rsp)
-	vpaddd %xmm5,%xmm3,%xmm4
-	vmovdqu 0x18(%r14),%xmm5
-	vpmovsxbw %xmm5,%xmm6
-	vmovdqu 0x28(%r12),%xmm3
-	vpmaddwd %xmm3,%xmm6,%xmm7
-	movdqu %xmm6,0x80(%rsp)
-	vpaddd %xmm7,%xmm4,%xmm4
-	vpalignr $0x8,%xmm5,%xmm5,%xmm5
-	vpmovsxbw %xmm5,%xmm6
-	vmovdqu 0x38(%r12),%xmm14
-	vpmaddwd %xmm14,%xmm6,%xmm5
-	movdqu %xmm6,0x70(%rsp)
-	vpaddd %xmm5,%xmm4,%xmm4
-	vmovdqu 0x28(%r14),%xmm6
+	movdqu %xmm4,0x80(%rsp)
+	vpaddd %xmm5,%xmm3,%xmm3
+	vmovdqu 0x18(%r15),%xmm4
+	vpmovsxbw %xmm4,%xmm5
+	vmovdqu 0x28(%r13),%xmm14
+	vpmaddwd %xmm14,%xmm5,%xmm6
+	movdqu %xmm5,0x70(%rsp)
+	vpaddd %xmm6,%xmm3,%xmm3
+	vpalignr $0x8,%xmm4,%xmm4,%xmm4
+	vpmovsxbw %xmm4,%xmm6
+	vmovdqu 0x38(%r13),%xmm4
+	vpmaddwd %xmm4,%xmm6,%xmm5
+	movdqu %xmm6,0x60(%rsp)
+	vpaddd %xmm5,%xmm3,%xmm3
+	vmovdqu 0x28(%r15),%xmm6
 	vpmovsxbw %xmm6,%xmm7
 	vpmaddwd %xmm0,%xmm7,%xmm5
-	movdqu %xmm7,0x60(%rsp)
+	movdqu %xmm7,0x50(%rsp)
 	vpalignr $0x8,%xmm6,%xmm6,%xmm6
 	vpmovsxbw %xmm6,%xmm8
 	vpmaddwd %xmm2,%xmm8,%xmm6
-	movdqu %xmm8,0x50(%rsp)
+	movdqu %xmm8,0x40(%rsp)
 	vpaddd %xmm6,%xmm5,%xmm5
-	vmovdqu 0x38(%r14),%xmm6
+	vmovdqu 0x38(%r15),%xmm6
 	vpmovsxbw %xmm6,%xmm9
-	vpmaddwd %xmm3,%xmm9,%xmm7
-	movdqu %xmm9,0x40(%rsp)
+	vpmaddwd %xmm14,%xmm9,%xmm7
+	movdqu %xmm9,0x30(%rsp)
 	vpaddd %xmm7,%xmm5,%xmm5
 	vpalignr $0x8,%xmm6,%xmm6,%xmm6
 	vpmovsxbw %xmm6,%xmm10
-	vpmaddwd %xmm14,%xmm10,%xmm6
-	movdqu %xmm10,0x30(%rsp)
+	vpmaddwd %xmm4,%xmm10,%xmm6
+	movdqu %xmm10,0x20(%rsp)
 	vpaddd %xmm6,%xmm5,%xmm5
-	vphaddd %xmm5,%xmm4,%xmm4
-	vmovdqu 0x48(%r14),%xmm6
+	vphaddd %xmm5,%xmm3,%xmm5
+	vmovdqu 0x48(%r15),%xmm6
 	vpmovsxbw %xmm6,%xmm11
-	vpmaddwd %xmm0,%xmm11,%xmm5
-	movdqu %xmm11,0x20(%rsp)
+	vpmaddwd %xmm0,%xmm11,%xmm3
+	movdqu %xmm11,0x10(%rsp)
 	vpalignr $0x8,%xmm6,%xmm6,%xmm6
+	vpmovsxbw %xmm6,%xmm11
+	vpmaddwd %xmm2,%xmm11,%xmm6
+	vpaddd %xmm6,%xmm3,%xmm3
+	vmovdqu 0x58(%r15),%xmm6
 	vpmovsxbw %xmm6,%xmm12
-	vpmaddwd %xmm2,%xmm12,%xmm6
-	movdqu %xmm12,0x10(%rsp)
-	vpaddd %xmm6,%xmm5,%xmm5
-	vmovdqu 0x58(%r14),%xmm6
-	vpmovsxbw %xmm6,%xmm12
-	vpmaddwd %xmm3,%xmm12,%xmm7
-	vpaddd %xmm7,%xmm5,%xmm5
+	vpmaddwd %xmm14,%xmm12,%xmm7
+	vpaddd %xmm7,%xmm3,%xmm3
 	vpalignr $0x8,%xmm6,%xmm6,%xmm6
 	vpmovsxbw %xmm6,%xmm13
-	vpmaddwd %xmm14,%xmm13,%xmm6
-	vpaddd %xmm6,%xmm5,%xmm5
-	vmovdqu 0x68(%r14),%xmm7
+	vpmaddwd %xmm4,%xmm13,%xmm6
+	vpaddd %xmm6,%xmm3,%xmm6
+	vmovdqu 0x68(%r15),%xmm7
 	vpmovsxbw %xmm7,%xmm15
-	vpmaddwd %xmm0,%xmm15,%xmm6
+	vpmaddwd %xmm0,%xmm15,%xmm3
 	vpalignr $0x8,%xmm7,%xmm7,%xmm0
 	vpmovsxbw %xmm0,%xmm0
 	vpmaddwd %xmm2,%xmm0,%xmm2
-	vpaddd %xmm2,%xmm6,%xmm6
-	vmovdqu 0x78(%r14),%xmm7
+	vpaddd %xmm2,%xmm3,%xmm3
+	vmovdqu 0x78(%r15),%xmm7
 	vpmovsxbw %xmm7,%xmm2
-	vpmaddwd %xmm3,%xmm2,%xmm3
-	vpaddd %xmm3,%xmm6,%xmm6
+	vpmaddwd %xmm14,%xmm2,%xmm8
+	vpaddd %xmm8,%xmm3,%xmm8
 	vpalignr $0x8,%xmm7,%xmm7,%xmm3
 	vpmovsxbw %xmm3,%xmm3
-	vpmaddwd %xmm14,%xmm3,%xmm7
-	vpaddd %xmm7,%xmm6,%xmm6
-	vphaddd %xmm6,%xmm5,%xmm5
-	vphaddd %xmm5,%xmm4,%xmm4
+	vpmaddwd %xmm4,%xmm3,%xmm4
+	vpaddd %xmm4,%xmm8,%xmm4
+	vphaddd %xmm4,%xmm6,%xmm4
+	vphaddd %xmm4,%xmm5,%xmm4
 	vcvtdq2ps %xmm4,%xmm14
-	mov    (%r14),%rsi
-	vmovq  %rsi,%xmm4
-	vpmovzxwd %xmm4,%xmm4
-	vmovdqu 0x1a8(%rip),%xmm5        # <kiln_v3_matmul_q8+0x780>
-	vpand  %xmm5,%xmm4,%xmm5
-	vpslld $0xd,%xmm5,%xmm8
-	vmovdqu 0x1a7(%rip),%xmm5        # <kiln_v3_matmul_q8+0x790>
-	vpand  %xmm5,%xmm8,%xmm6
-	vpxor  %xmm7,%xmm7,%xmm7
-	vpcmpeqd %xmm7,%xmm6,%xmm7
-	vmovdqu 0x1a3(%rip),%xmm9        # <kiln_v3_matmul_q8+0x7a0>
-	vpaddd %xmm9,%xmm8,%xmm8
-	vmovdqu 0x1a6(%rip),%xmm10        # <kiln_v3_matmul_q8+0x7b0>
-	vpaddd %xmm10,%xmm8,%xmm10
-	vmovdqu 0x1a9(%rip),%xmm11        # <kiln_v3_matmul_q8+0x7c0>
-	vsubps %xmm11,%xmm10,%xmm10
-	vpcmpeqd %xmm5,%xmm6,%xmm5
-	vpand  %xmm9,%xmm5,%xmm5
-	vpaddd %xmm5,%xmm8,%xmm5
-	vpblendvb %xmm7,%xmm10,%xmm5,%xmm5
-	vmovdqu 0x199(%rip),%xmm6        # <kiln_v3_matmul_q8+0x7d0>
-	vpand  %xmm6,%xmm4,%xmm4
-	vpslld $0x10,%xmm4,%xmm4
-	vpor   %xmm4,%xmm5,%xmm4
-	vbroadcastss (%r12),%xmm5
+	mov    (%r15),%rax
+	vmovq  %rax,%xmm4
+	vpmovsxwd %xmm4,%xmm4
+	vpslld $0xd,%xmm4,%xmm4
+	vmovdqu 0x143(%rip),%xmm5        # <kiln_v3_matmul_q8+0x6c0>
+	vpand  %xmm5,%xmm4,%xmm4
+	vmovups 0x147(%rip),%xmm5        # <kiln_v3_matmul_q8+0x6d0>
+	vmulps %xmm5,%xmm4,%xmm4
+	vbroadcastss 0x0(%r13),%xmm5
 	vmulps %xmm5,%xmm4,%xmm5
 	vfmadd213ps %xmm1,%xmm5,%xmm14
-	vmovdqu 0x8(%r13),%xmm1
-	movdqu 0xa0(%rsp),%xmm5
+	vmovdqu 0x8(%r14),%xmm1
+	movdqu 0x90(%rsp),%xmm5
 	vpmaddwd %xmm1,%xmm5,%xmm6
-	vmovdqu 0x18(%r13),%xmm5
-	movdqu 0x90(%rsp),%xmm7
+	vmovdqu 0x18(%r14),%xmm5
+	movdqu 0x80(%rsp),%xmm7
 	vpmaddwd %xmm5,%xmm7,%xmm7
 	vpaddd %xmm7,%xmm6,%xmm7
-	vmovdqu 0x28(%r13),%xmm6
-	movdqu 0x80(%rsp),%xmm8
+	vmovdqu 0x28(%r14),%xmm6
+	movdqu 0x70(%rsp),%xmm8
 	vpmaddwd %xmm6,%xmm8,%xmm8
 	vpaddd %xmm8,%xmm7,%xmm8
-	vmovdqu 0x38(%r13),%xmm7
-	movdqu 0x70(%rsp),%xmm9
+	vmovdqu 0x38(%r14),%xmm7
+	movdqu 0x60(%rsp),%xmm9
 	vpmaddwd %xmm7,%xmm9,%xmm9
 	vpaddd %xmm9,%xmm8,%xmm8
-	movdqu 0x60(%rsp),%xmm9
+	movdqu 0x50(%rsp),%xmm9
 	vpmaddwd %xmm1,%xmm9,%xmm9
-	movdqu 0x50(%rsp),%xmm10
+	movdqu 0x40(%rsp),%xmm10
 	vpmaddwd %xmm5,%xmm10,%xmm10
 	vpaddd %xmm10,%xmm9,%xmm9
-	movdqu 0x40(%rsp),%xmm10
+	movdqu 0x30(%rsp),%xmm10
 	vpmaddwd %xmm6,%xmm10,%xmm10
 	vpaddd %xmm10,%xmm9,%xmm9
-	movdqu 0x30(%rsp),%xmm10
+	movdqu 0x20(%rsp),%xmm10
 	vpmaddwd %xmm7,%xmm10,%xmm10
 	vpaddd %xmm10,%xmm9,%xmm9
 	vphaddd %xmm9,%xmm8,%xmm8
-	movdqu 0x20(%rsp),%xmm11
-	vpmaddwd %xmm1,%xmm11,%xmm9
-	movdqu 0x10(%rsp),%xmm10
-	vpmaddwd %xmm5,%xmm10,%xmm10
+	movdqu 0x10(%rsp),%xmm9
+	vpmaddwd %xmm1,%xmm9,%xmm9
+	vpmaddwd %xmm5,%xmm11,%xmm10
 	vpaddd %xmm10,%xmm9,%xmm9
 	vpmaddwd %xmm6,%xmm12,%xmm10
 	vpaddd %xmm10,%xmm9,%xmm9
@@ -1453,52 +1322,29 @@ Disassembly of section .text:
 	vphaddd %xmm0,%xmm9,%xmm0
 	vphaddd %xmm0,%xmm8,%xmm0
 	vcvtdq2ps %xmm0,%xmm0
-	vbroadcastss 0x0(%r13),%xmm1
+	vbroadcastss (%r14),%xmm1
 	vmulps %xmm1,%xmm4,%xmm1
 	movdqu (%rsp),%xmm2
 	vfmadd213ps %xmm2,%xmm1,%xmm0
-	add    $0x48,%r12
 	add    $0x48,%r13
-	add    $0x88,%r14
+	add    $0x48,%r14
+	add    $0x88,%r15
 	movdqa %xmm14,%xmm1
 	movdqa %xmm0,%xmm2
-	jmp    <kiln_v3_matmul_q8+0x3c2>
-	add    %al,(%rax)
-	add    %al,(%rax)
-	add    %al,(%rax)
+	jmp    <kiln_v3_matmul_q8+0x370>
+	...
 	(bad)
-	jg     <kiln_v3_matmul_q8+0x783>
-	add    %bh,%bh
-	jg     <kiln_v3_matmul_q8+0x787>
-	add    %bh,%bh
-	jg     <kiln_v3_matmul_q8+0x78b>
-	add    %bh,%bh
-	jg     <kiln_v3_matmul_q8+0x78f>
+	(bad)
+	decl   -0x70000001(%rdi)
+	(bad)
+	(bad)
+	decl   -0x70000001(%rdi)
 	add    %al,(%rax)
-	add    %al,-0x7ffffff1(%rax)
-	sldt   (%rax)
-	orb    $0x0,(%rdi)
-	add    %al,0xf(%rax)
-	cmp    %al,(%rax)
-	add    %al,(%rax)
-	cmp    %al,(%rax)
-	add    %al,(%rax)
-	cmp    %al,(%rax)
-	add    %al,(%rax)
-	cmp    %al,(%rax)
-	add    %al,-0x80000000(%rax)
-	add    %al,(%rax)
-	add    %al,-0x80000000(%rax)
-	add    %al,(%rax)
-	add    %al,-0x7fffffc8(%rax)
-	cmp    %al,(%rax)
-	add    %al,-0x7fffffc8(%rax)
-	cmp    %al,(%rax)
-	addb   $0x0,(%rax)
-	add    %al,-0x80000000(%rax)
-	add    %al,(%rax)
-	.byte 0x0
-	addb   $0x0,(%rax)
+	xorb   $0x0,0x0(%rdi)
+	xorb   $0x0,0x0(%rdi)
+	xorb   $0x0,0x0(%rdi)
+	.byte 0x80
+	.byte 0x77
 
 <kiln_v4_rope>:
 	push   %rbp

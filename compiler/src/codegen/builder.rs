@@ -101,8 +101,8 @@ impl<'a> Kb<'a> {
         self.b.ins().load(ty, ro(), ptr, offset as i32)
     }
 
-    /// Four scales at `ptr + offset` as f32x4: four f16 (widened exactly) when `half`, else
-    /// four f32.
+    /// Four scales at `ptr + offset` as f32x4: four finite f16 (widened exactly) when `half`,
+    /// else four f32.
     pub fn load_scales(&mut self, ptr: Value, offset: i64, half: bool) -> Value {
         if !half {
             return self.load(F32X4, ptr, offset);
@@ -110,46 +110,26 @@ impl<'a> Kb<'a> {
         let bits = self.load(I64, ptr, offset);
         let v = self.b.ins().scalar_to_vector(I64X2, bits);
         let v = self.b.ins().bitcast(I16X8, le(), v);
-        let h = self.b.ins().uwiden_low(v);
+        let h = self.b.ins().swiden_low(v);
         self.f16_bits_to_f32(h)
     }
 
-    /// The f32 values of the f16 bit patterns in the low 16 bits of each i32x4 lane, exact for
-    /// every pattern (zeros, subnormals, normals, infinities, NaNs), with integer operations
-    /// and one float subtraction (Cranelift has no f16 conversion).
+    /// The f32 values of finite f16 bit patterns held sign-extended in i32x4 lanes, exact
+    /// (zeros, subnormals, normals) in four operations (Cranelift has no f16 conversion): the
+    /// exponent and mantissa shifted to f32's places, the sign kept, give the value times
+    /// 2^-112 (an f32 subnormal for f16 subnormals), and multiplying by 2^112 is exact. Only
+    /// finite scales are packed as f16 (`pack::is_f16`). Like every f32 operation, it assumes
+    /// subnormals are not flushed to zero (the default on both targets; a host that sets
+    /// denormals-are-zero would read f16-subnormal scales, below 6.1e-5, as zero).
     pub fn f16_bits_to_f32(&mut self, h: Value) -> Value {
-        let c = |kb: &mut Self, v: u32| {
-            let k = kb.b.ins().iconst(I32, v as i64);
-            kb.b.ins().splat(I32X4, k)
-        };
-        let m = c(self, 0x8000);
-        let sign = self.b.ins().band(h, m);
-        let sign = self.b.ins().ishl_imm_s(sign, 16);
-        // Exponent and mantissa moved to f32's places, the exponent rebased from 15 to 127.
-        let m = c(self, 0x7fff);
-        let o = self.b.ins().band(h, m);
-        let o = self.b.ins().ishl_imm_s(o, 13);
-        let m = c(self, 0x0f80_0000);
-        let exp = self.b.ins().band(o, m);
-        let rebase = c(self, 0x3800_0000);
-        let o = self.b.ins().iadd(o, rebase);
-        // Infinity and NaN: the exponent goes to 255.
-        let is_inf = self.b.ins().icmp(IntCC::Equal, exp, m);
-        let extra = self.b.ins().band(is_inf, rebase);
-        let o_inf = self.b.ins().iadd(o, extra);
-        // Zero and subnormals: 2^-14 * (1 + f) - 2^-14 in f32 arithmetic, exact.
-        let zero = c(self, 0);
-        let is_sub = self.b.ins().icmp(IntCC::Equal, exp, zero);
-        let one = c(self, 0x0080_0000);
-        let o_sub = self.b.ins().iadd(o, one);
-        let o_sub = self.b.ins().bitcast(F32X4, le(), o_sub);
-        let magic = c(self, 0x3880_0000);
-        let magic = self.b.ins().bitcast(F32X4, le(), magic);
-        let o_sub = self.b.ins().fsub(o_sub, magic);
-        let o_sub = self.b.ins().bitcast(I32X4, le(), o_sub);
-        let o = self.b.ins().bitselect(is_sub, o_sub, o_inf);
-        let o = self.b.ins().bor(o, sign);
-        self.b.ins().bitcast(F32X4, le(), o)
+        let o = self.b.ins().ishl_imm_s(h, 13);
+        // The sign-extension put copies of the sign in bits 28..=30: keep bit 31 and the rest.
+        let k = self.b.ins().iconst(I32, 0x8fff_ffffu32 as i64);
+        let keep = self.b.ins().splat(I32X4, k);
+        let o = self.b.ins().band(o, keep);
+        let o = self.b.ins().bitcast(F32X4, le(), o);
+        let scale = self.splat(f32::from_bits(0x7780_0000)); // 2^112
+        self.b.ins().fmul(o, scale)
     }
 
     pub fn store(&mut self, v: Value, ptr: Value, offset: i64) {

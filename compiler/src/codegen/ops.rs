@@ -261,7 +261,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                 if f16 {
                                     let p = kb.addr(blk, lane, 2, at);
                                     let h = kb.load(I16, p, 0);
-                                    let h = kb.b.ins().uextend(I32, h);
+                                    let h = kb.b.ins().sextend(I32, h);
                                     let h = kb.b.ins().splat(I32X4, h);
                                     kb.f16_bits_to_f32(h)
                                 } else {

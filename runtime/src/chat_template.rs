@@ -222,8 +222,9 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.set_unknown_method_callback(python_methods);
         env.set_recursion_limit(RECURSION_LIMIT);
-        // `pprint` and `debug()` print nested data in time that grows faster than their fuel charge (a 400-level
-        // list takes a quarter of a second, 2,000 levels minutes); chat templates do not use them.
+        // `pprint` and `debug()` print nested data in time that grows faster than their fuel
+        // charge (a 400-level list: a quarter of a second; 2,000 levels: over 20 seconds); chat
+        // templates do not use them.
         // (`debug()` is not built: the workspace leaves out minijinja's `debug` feature.)
         env.remove_filter("pprint");
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())?;

@@ -37,6 +37,13 @@ pub const fn scales_bytes(half: bool) -> usize {
 pub const fn q4_group_block(half: bool, mins: bool) -> usize {
     scales_bytes(half) * if mins { 2 } else { 1 } + 4 * 16
 }
+/// Rows per group of the Q4 layout the target's micro-kernels read ([`Layout::Q4Rows8`]).
+pub const MICRO_ROWS: usize = 8;
+/// Bytes of one block of a [`Layout::Q4Rows8`] group: `d[8]`, `m[8]` only when `mins`, then
+/// eight 16-byte chunks of nibbles.
+pub const fn q4x8_group_block(half: bool, mins: bool) -> usize {
+    2 * scales_bytes(half) * if mins { 2 } else { 1 } + 8 * 16
+}
 /// Bytes of one block of a Q8 group: `d[4]`, then `qs[4][32] i8`.
 pub const fn q8_group_block(half: bool) -> usize {
     scales_bytes(half) + 4 * 32
@@ -62,6 +69,10 @@ pub enum Layout {
     /// Matrix of a format whose kernel form is Q4, groups of 4 rows interleaved per 32-value
     /// block; scales as f16 when `half`; offsets stored only when `mins` (else `m = -8 d`).
     Q4Rows4 { rows: u32, cols: u32, half: bool, mins: bool },
+    /// Matrix of a format whose kernel form is Q4, for a target's micro-kernels
+    /// (`targets::Q4MicroKernel`): groups of 8 rows per 32-value block, `d[8]`, `m[8]` when
+    /// `mins`, then chunk `u` of 16 bytes holding bytes `2u, 2u+1` of each row's nibbles.
+    Q4Rows8 { rows: u32, cols: u32, half: bool, mins: bool },
     /// Matrix of a format whose kernel form is Q8, groups of 4 rows interleaved per 32-value
     /// block; scales as f16 when `half`.
     Q8Rows4 { rows: u32, cols: u32, half: bool },
@@ -71,14 +82,23 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// Bytes between consecutive 4-row groups of a matrix layout.
+    /// Bytes between consecutive row groups of a matrix layout.
     pub fn group_stride(self) -> u64 {
         match self {
             Layout::F32Vector { .. } => 0,
             Layout::F32Rows4 { cols, .. } => (cols as u64).div_ceil(4) * F32_GROUP_CHUNK as u64,
             Layout::Q4Rows4 { cols, half, mins, .. } => cols as u64 / 32 * q4_group_block(half, mins) as u64,
+            Layout::Q4Rows8 { cols, half, mins, .. } => cols as u64 / 32 * q4x8_group_block(half, mins) as u64,
             Layout::Q8Rows4 { cols, half, .. } => cols as u64 / 32 * q8_group_block(half) as u64,
             Layout::Q8S16Rows4 { cols, mins, .. } => cols as u64 / 32 * q8s16_group_block(mins) as u64,
+        }
+    }
+
+    /// Rows per group of a matrix layout.
+    pub fn group_rows(self) -> usize {
+        match self {
+            Layout::Q4Rows8 { .. } => MICRO_ROWS,
+            _ => ROWS,
         }
     }
 
@@ -88,6 +108,7 @@ impl Layout {
             Layout::F32Vector { .. } => None,
             Layout::F32Rows4 { rows, cols }
             | Layout::Q4Rows4 { rows, cols, .. }
+            | Layout::Q4Rows8 { rows, cols, .. }
             | Layout::Q8Rows4 { rows, cols, .. }
             | Layout::Q8S16Rows4 { rows, cols, .. } => Some((rows, cols)),
         }
@@ -131,14 +152,19 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     }
 }
 
-fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks) -> Layout {
+/// The layout of a weight; `micro`: Q4 matrices take the target's micro-kernel layout.
+fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool) -> Layout {
     match (format.spec().kernel, shape, blocks) {
         (_, [n], _) => Layout::F32Vector { n: *n },
         (KernelForm::F32, [rows, cols], _) => Layout::F32Rows4 { rows: *rows, cols: *cols },
         (KernelForm::Q4(_), [rows, cols], Blocks::Q4(blocks)) => {
             let half = blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m));
             let mins = blocks.iter().any(|b| b.m != -8.0 * b.d);
-            Layout::Q4Rows4 { rows: *rows, cols: *cols, half, mins }
+            if micro {
+                Layout::Q4Rows8 { rows: *rows, cols: *cols, half, mins }
+            } else {
+                Layout::Q4Rows4 { rows: *rows, cols: *cols, half, mins }
+            }
         }
         (KernelForm::Q8(_), [rows, cols], Blocks::Q8(blocks)) => {
             Layout::Q8Rows4 { rows: *rows, cols: *cols, half: blocks.iter().all(|b| is_f16(b.d)) }
@@ -150,10 +176,10 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks) -> Layout {
     }
 }
 
-/// The blocks of the 4 rows of group `g` (empty past the last row).
-fn group_blocks<T>(all: &[T], g: usize, rows: usize, n_blocks: usize) -> Vec<&[T]> {
-    (0..ROWS)
-        .map(|i| g * ROWS + i)
+/// The blocks of the `per_group` rows of group `g` (empty past the last row).
+fn group_blocks<T>(all: &[T], g: usize, per_group: usize, rows: usize, n_blocks: usize) -> Vec<&[T]> {
+    (0..per_group)
+        .map(|i| g * per_group + i)
         .map(|r| if r < rows { &all[r * n_blocks..(r + 1) * n_blocks] } else { &[] })
         .collect()
 }
@@ -177,8 +203,8 @@ fn is_f16(v: f32) -> bool {
     }
 }
 
-/// Appends 4 scales as f16 (exact: the layout is chosen only when they are) or f32.
-fn push_scales(blob: &mut Vec<u8>, v: &[f32; 4], half: bool) {
+/// Appends scales as f16 (exact: the layout is chosen only when they are) or f32.
+fn push_scales(blob: &mut Vec<u8>, v: &[f32], half: bool) {
     for &x in v {
         if half {
             blob.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
@@ -194,12 +220,11 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
     let row_bytes = format.row_bytes(cols).expect("verified");
     let row = |r: usize| (r < rows).then(|| &raw[r * row_bytes..(r + 1) * row_bytes]);
     let n_blocks = cols / BLOCK_SIZE;
-    for g in 0..rows.div_ceil(ROWS) {
-        let group: Vec<Option<&[u8]>> = (0..ROWS).map(|i| row(g * ROWS + i)).collect();
+    for g in 0..rows.div_ceil(layout.group_rows()) {
         match layout {
             Layout::F32Rows4 { .. } => {
-                let values: Vec<Vec<f32>> = group
-                    .iter()
+                let values: Vec<Vec<f32>> = (0..ROWS)
+                    .map(|i| row(g * ROWS + i))
                     .map(|r| {
                         let mut v = vec![0.0f32; cols.div_ceil(4) * 4];
                         if let Some(bytes) = r {
@@ -216,7 +241,7 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
             }
             Layout::Q4Rows4 { half, mins, .. } => {
                 let Blocks::Q4(all) = decoded else { unreachable!() };
-                let blocks = group_blocks(all, g, rows, n_blocks);
+                let blocks = group_blocks(all, g, ROWS, rows, n_blocks);
                 for b in 0..n_blocks {
                     let (mut ds, mut ms, mut qs) = ([0f32; 4], [0f32; 4], [[0u8; 16]; 4]);
                     for (i, r) in blocks.iter().enumerate() {
@@ -231,9 +256,28 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     qs.iter().for_each(|q| blob.extend_from_slice(q));
                 }
             }
+            Layout::Q4Rows8 { half, mins, .. } => {
+                let Blocks::Q4(all) = decoded else { unreachable!() };
+                let blocks = group_blocks(all, g, MICRO_ROWS, rows, n_blocks);
+                for b in 0..n_blocks {
+                    let (mut ds, mut ms, mut qs) = ([0f32; MICRO_ROWS], [0f32; MICRO_ROWS], [[0u8; 16]; MICRO_ROWS]);
+                    for (i, r) in blocks.iter().enumerate() {
+                        if let Some(blk) = r.get(b) {
+                            (ds[i], ms[i], qs[i]) = (blk.d, blk.m, blk.qs);
+                        }
+                    }
+                    push_scales(blob, &ds, half);
+                    if mins {
+                        push_scales(blob, &ms, half);
+                    }
+                    for u in 0..8 {
+                        qs.iter().for_each(|q| blob.extend_from_slice(&q[2 * u..2 * u + 2]));
+                    }
+                }
+            }
             Layout::Q8Rows4 { half, .. } => {
                 let Blocks::Q8(all) = decoded else { unreachable!() };
-                let blocks = group_blocks(all, g, rows, n_blocks);
+                let blocks = group_blocks(all, g, ROWS, rows, n_blocks);
                 for b in 0..n_blocks {
                     let (mut ds, mut qs) = ([0f32; 4], [[0i8; 32]; 4]);
                     for (i, r) in blocks.iter().enumerate() {
@@ -247,7 +291,7 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
             }
             Layout::Q8S16Rows4 { mins, .. } => {
                 let Blocks::Q8S16(all) = decoded else { unreachable!() };
-                let blocks = group_blocks(all, g, rows, n_blocks);
+                let blocks = group_blocks(all, g, ROWS, rows, n_blocks);
                 for b in 0..n_blocks {
                     let (mut ds, mut ms, mut qs) = ([[0f32; 4]; 2], [[0f32; 4]; 2], [[0i8; 32]; 4]);
                     for (i, r) in blocks.iter().enumerate() {
@@ -269,15 +313,27 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
 }
 
 /// Packs every weight of `model` and the constant tables its ops need, in weight-id order so
-/// that the blob is deterministic.
-pub fn pack(model: &Model<'_>) -> Packed {
+/// that the blob is deterministic. With `q4_micro_rows` (the target's schedule), Q4 matrices
+/// that only matmuls read take the micro-kernel layout; embedding tables keep 4-row groups.
+pub fn pack(model: &Model<'_>, q4_micro_rows: Option<u32>) -> Packed {
     let graph = &model.graph;
     let raw: Vec<&[u8]> = model.weights().collect();
+    let mut embedded = vec![false; graph.weights.len()];
+    for node in &graph.nodes {
+        if let Op::Embed { table, .. } = node.op {
+            embedded[table.index()] = true;
+        }
+    }
+    let micro_ok = match q4_micro_rows {
+        None => false,
+        Some(r) if r as usize == MICRO_ROWS => true,
+        Some(r) => unreachable!("no Q4 micro-kernel layout has {r} rows"),
+    };
     let mut blob = Vec::new();
     let mut weights = Vec::with_capacity(graph.weights.len());
     for (i, w) in graph.weights.iter().enumerate() {
         let decoded = decode(w.format, &w.shape, raw[i]);
-        let layout = layout_for(w.format, &w.shape, &decoded);
+        let layout = layout_for(w.format, &w.shape, &decoded, micro_ok && !embedded[i]);
         let offset = blob.len() as u64;
         match layout {
             Layout::F32Vector { n } => {
@@ -359,7 +415,7 @@ mod tests {
             (QuantFormat::Q4_K, Layout::Q4Rows4 { rows, cols, half: false, mins: true }),
         ] {
             let raw = matrix(format, rows as usize, cols as usize);
-            let layout = layout_for(format, &[rows, cols], &decode(format, &[rows, cols], &raw));
+            let layout = layout_for(format, &[rows, cols], &decode(format, &[rows, cols], &raw), false);
             assert_eq!(layout, want, "{}", format.name());
             if format != QuantFormat::Q4_K {
                 assert_eq!(

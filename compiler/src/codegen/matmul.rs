@@ -6,14 +6,21 @@
 //! Quantized weights take q16 activations: per 32-value block the four rows' integer dot
 //! products come from the target's int16 dot (`pmaddwd` on x86-64), are reduced to one
 //! `i32x4` of four row sums by two pairwise adds, and are scaled in float.
+//! Where the target has Q4 micro-kernels (x86-64: 256-bit AVX2, see
+//! `targets::Q4MicroKernel`), Q4 matrices come in groups of 8 rows and the kernel here only
+//! walks groups and tiles of up to 4 token rows, calls the micro-kernel for each tile (one
+//! function per tile height) and applies the epilogue to the 8 × tokens results it leaves on
+//! the stack.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I8X16};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I64, I8X16};
+use cranelift_codegen::ir::{FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value};
+use targets::Q4MicroKernel;
 
 use super::builder::{le, Kb};
 use crate::pack::{
-    q4_group_block, q8_group_block, q8s16_group_block, scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, ROWS,
+    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, scales_bytes, Layout, PackedWeight,
+    F32_GROUP_CHUNK, MICRO_ROWS,
 };
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
@@ -37,6 +44,25 @@ pub struct MatmulSpec {
     /// Token rows per block: a block of activation rows stays in cache while every weight
     /// group of this thread streams past it once.
     pub token_block: i64,
+    /// The target's micro-kernels for 1..=4 token rows, for a [`Layout::Q4Rows8`] weight.
+    pub micro: Option<[FuncRef; MICRO_TOKENS]>,
+}
+
+/// Token rows per micro-kernel call, at most.
+pub const MICRO_TOKENS: usize = 4;
+
+/// The micro-kernel contract for a [`Layout::Q4Rows8`] weight and a tile of `tokens` rows.
+pub fn micro_kernel(layout: Layout, tokens: usize) -> Option<Q4MicroKernel> {
+    let Layout::Q4Rows8 { half, mins, .. } = layout else { return None };
+    let scales = 2 * scales_bytes(half) as u32;
+    Some(Q4MicroKernel {
+        tokens: tokens as u32,
+        half,
+        mins_at: mins.then_some(scales),
+        qs_at: if mins { 2 * scales } else { scales },
+        block_bytes: q4x8_group_block(half, mins) as u32,
+        x_block_bytes: Q16_BLOCK_BYTES as u32,
+    })
 }
 
 /// Token rows per block for activation rows of `x_row_bytes`: a quarter of the L2 cache,
@@ -48,7 +74,8 @@ pub fn token_block(l2_bytes: u32, x_row_bytes: i64) -> i64 {
 pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
     let (rows, cols) =
         spec.weight.layout.matrix().map(|(r, c)| (r as i64, c as i64)).expect("matmul weights are matrices");
-    let groups = (rows as usize).div_ceil(ROWS) as i64;
+    let group_rows = spec.weight.layout.group_rows();
+    let groups = (rows as usize).div_ceil(group_rows) as i64;
     let x_row_bytes = match spec.weight.layout {
         Layout::F32Rows4 { .. } => 4 * cols,
         _ => cols / 32 * Q16_BLOCK_BYTES as i64,
@@ -70,22 +97,55 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
         let m = kb.b.ins().iconst(cranelift_codegen::ir::types::I8, 0x0f);
         kb.b.ins().splat(I8X16, m)
     };
-    let rem = (rows % ROWS as i64) as usize;
+    // The micro-kernels' results: 8 rows x up to 4 tokens of f32.
+    let tile_out = spec.micro.map(|_| {
+        let bytes = (MICRO_ROWS * MICRO_TOKENS * 4) as u32;
+        let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 5));
+        kb.b.ins().stack_addr(I64, slot, 0)
+    });
+    let out = Out { y_base, e_base, rows, groups, group_rows, epilogue: spec.epilogue };
     kb.for_range(t0, n_tokens, spec.token_block, &[], |kb, tb0, _| {
         let tb1 = kb.b.ins().iadd_imm_s(tb0, spec.token_block);
         let is_less = kb.b.ins().icmp(IntCC::SignedLessThan, tb1, n_tokens);
         let tb1 = kb.b.ins().select(is_less, tb1, n_tokens);
         kb.for_range(g0, g1, 1, &[], |kb, g, _| {
             let wg = kb.addr(w_base, g, stride, 0);
-            let out = Out { y_base, e_base, rows, groups, rem, epilogue: spec.epilogue };
             match spec.weight.layout {
                 Layout::F32Rows4 { .. } => {
                     kb.for_range(tb0, tb1, 1, &[], |kb, t, _| {
                         let x_row = kb.addr(x_base, t, x_row_bytes, 0);
                         let acc = dot_f32(kb, wg, x_row, cols);
-                        out.store(kb, g, t, acc);
+                        out.store(kb, g, t, 0, acc);
                         vec![]
                     });
+                }
+                Layout::Q4Rows8 { .. } => {
+                    let (micro, tile_out) = (spec.micro.expect("Q4Rows8 comes with micro-kernels"), tile_out.unwrap());
+                    let tile = Tile { micro, out: tile_out, wg, x_base, x_row_bytes, n_blocks: cols / 32 };
+                    // Tiles of 4 token rows, then one tile of the 1-3 rows left.
+                    let len = kb.b.ins().isub(tb1, tb0);
+                    let left = kb.b.ins().band_imm_s(len, MICRO_TOKENS as i64 - 1);
+                    let full_end = kb.b.ins().isub(tb1, left);
+                    kb.for_range(tb0, full_end, MICRO_TOKENS as i64, &[], |kb, t, _| {
+                        tile.emit(kb, &out, g, t, MICRO_TOKENS);
+                        vec![]
+                    });
+                    let is1 = kb.b.ins().icmp_imm_s(IntCC::Equal, left, 1);
+                    kb.if_else(
+                        is1,
+                        |kb| tile.emit(kb, &out, g, full_end, 1),
+                        |kb| {
+                            let is2 = kb.b.ins().icmp_imm_s(IntCC::Equal, left, 2);
+                            kb.if_else(
+                                is2,
+                                |kb| tile.emit(kb, &out, g, full_end, 2),
+                                |kb| {
+                                    let is3 = kb.b.ins().icmp_imm_s(IntCC::Equal, left, 3);
+                                    kb.if_else(is3, |kb| tile.emit(kb, &out, g, full_end, 3), |_| {});
+                                },
+                            );
+                        },
+                    );
                 }
                 layout => {
                     // Two token rows per pass over the weights, so that each unpacked weight
@@ -98,14 +158,14 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                         let x0 = kb.addr(x_base, t, x_row_bytes, 0);
                         let x1 = kb.addr(x_base, t1, x_row_bytes, 0);
                         let acc = dot_quantized(kb, layout, wg, &[x0, x1], cols / 32, mask);
-                        out.store(kb, g, t, acc[0]);
-                        out.store(kb, g, t1, acc[1]);
+                        out.store(kb, g, t, 0, acc[0]);
+                        out.store(kb, g, t1, 0, acc[1]);
                         vec![]
                     });
                     kb.for_range(pair_end, tb1, 1, &[], |kb, t, _| {
                         let x_row = kb.addr(x_base, t, x_row_bytes, 0);
                         let acc = dot_quantized(kb, layout, wg, &[x_row], cols / 32, mask);
-                        out.store(kb, g, t, acc[0]);
+                        out.store(kb, g, t, 0, acc[0]);
                         vec![]
                     });
                 }
@@ -116,32 +176,70 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
     });
 }
 
+/// One call of a micro-kernel over a weight group and a tile of token rows.
+struct Tile {
+    micro: [FuncRef; MICRO_TOKENS],
+    /// The stack buffer the micro-kernel writes (`[tokens][8] f32`).
+    out: Value,
+    wg: Value,
+    x_base: Value,
+    x_row_bytes: i64,
+    n_blocks: i64,
+}
+
+impl Tile {
+    /// Multiplies group `g` by token rows `t..t + tokens` and stores the results.
+    fn emit(&self, kb: &mut Kb, out: &Out, g: Value, t: Value, tokens: usize) {
+        let x = kb.addr(self.x_base, t, self.x_row_bytes, 0);
+        let stride = kb.iconst(self.x_row_bytes);
+        let nb = kb.iconst(self.n_blocks);
+        kb.b.ins().call(self.micro[tokens - 1], &[self.wg, x, stride, self.out, nb]);
+        for i in 0..tokens {
+            let ti = kb.b.ins().iadd_imm_s(t, i as i64);
+            for part in 0..MICRO_ROWS / 4 {
+                let acc = kb.load(F32X4, self.out, (32 * i + 16 * part) as i64);
+                out.store(kb, g, ti, part, acc);
+            }
+        }
+    }
+}
+
 /// Where a matmul's four-output pieces go.
 struct Out {
     y_base: Value,
     e_base: Option<Value>,
     rows: i64,
     groups: i64,
-    rem: usize,
+    /// Rows per weight group (4, or 8 for the micro-kernel layout).
+    group_rows: usize,
     epilogue: EpilogueAt,
 }
 
 impl Out {
-    /// Applies the epilogue to outputs `4g..4g+4` of token row `t` and stores them.
-    fn store(&self, kb: &mut Kb, g: Value, t: Value, acc: Value) {
+    /// Applies the epilogue to outputs `group_rows * g + 4 * part ..` (four, fewer in the last
+    /// group) of token row `t` and stores them.
+    fn store(&self, kb: &mut Kb, g: Value, t: Value, part: usize, acc: Value) {
         let row_off = kb.b.ins().imul_imm_s(t, 4 * self.rows);
-        let col_off = kb.b.ins().imul_imm_s(g, 4 * ROWS as i64);
+        let col_off = kb.b.ins().imul_imm_s(g, 4 * self.group_rows as i64);
         let off = kb.b.ins().iadd(row_off, col_off);
+        let off = kb.b.ins().iadd_imm_s(off, 16 * part as i64);
         let y = kb.b.ins().iadd(self.y_base, off);
         let e = self.e_base.map(|e| kb.b.ins().iadd(e, off));
-        if self.rem == 0 {
-            store_with_epilogue(kb, acc, self.epilogue, e, y, 4);
+        // Outputs of this part in the last group.
+        let last_rows = self.rows - (self.groups - 1) * self.group_rows as i64;
+        let lanes_last = (last_rows - 4 * part as i64).clamp(0, 4) as usize;
+        let epilogue = self.epilogue;
+        if lanes_last == 4 {
+            store_with_epilogue(kb, acc, epilogue, e, y, 4);
         } else {
             let last = kb.b.ins().icmp_imm_s(IntCC::Equal, g, self.groups - 1);
-            let (epilogue, rem) = (self.epilogue, self.rem);
             kb.if_else(
                 last,
-                |kb| store_with_epilogue(kb, acc, epilogue, e, y, rem),
+                |kb| {
+                    if lanes_last > 0 {
+                        store_with_epilogue(kb, acc, epilogue, e, y, lanes_last)
+                    }
+                },
                 |kb| store_with_epilogue(kb, acc, epilogue, e, y, 4),
             );
         }

@@ -11,21 +11,22 @@ pub mod builder;
 mod matmul;
 mod ops;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::passes::plan_memory::{skippable_rows, Location};
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Signature, UserFuncName};
+use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, UserFuncName};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
-use cranelift_module::{DataDescription, Linkage, Module, ModuleError};
+use cranelift_module::{DataDescription, FuncId, Linkage, Module, ModuleError};
 use cranelift_object::{ObjectBuilder, ObjectModule};
 use ir::verify::GraphInfo;
 use ir::{DType, Epilogue, Graph, Op, ValueId};
 use targets::Target;
 
 use self::builder::Kb;
-use crate::pack::Packed;
+use crate::pack::{Layout, Packed};
 use crate::passes::plan_memory::MemoryPlan;
 
 /// Code generation failures.
@@ -119,6 +120,7 @@ pub fn emit(
         }
     }
     let sig = kernel_signature(call_conv);
+    let micro = define_micro_kernels(&mut module, graph, packed, target, call_conv)?;
     let mut kernels = vec![];
     let mut ctx = module.make_context();
     let mut fbc = FunctionBuilderContext::new();
@@ -150,6 +152,16 @@ pub fn emit(
         let id = module.declare_function(&name, Linkage::Local, &sig)?;
         ctx.func.signature = sig.clone();
         ctx.func.name = UserFuncName::user(0, id.as_u32());
+        // A matmul on the micro-kernel layout calls the target's micro-kernels.
+        let micro_refs = match kernel {
+            Kernel::Step { node, .. } => match graph.nodes[node].op {
+                Op::MatMul { weight, .. } => micro
+                    .get(&micro_key(packed.weight(weight).layout))
+                    .map(|ids| ids.map(|id| module.declare_func_in_func(id, &mut ctx.func))),
+                _ => None,
+            },
+            Kernel::CopyOut(_) => None,
+        };
         {
             let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
             let entry = b.create_block();
@@ -159,7 +171,9 @@ pub fn emit(
             let p = b.block_params(entry).to_vec();
             let mut kb = Kb { b, ctx: p[0], ith: p[1], nth: p[2], target };
             match kernel {
-                Kernel::Step { node, step } => emit_step(&mut kb, graph, plan, packed, node, step, skip[node])?,
+                Kernel::Step { node, step } => {
+                    emit_step(&mut kb, graph, plan, packed, node, step, skip[node], micro_refs)?
+                }
                 Kernel::CopyOut(k) => {
                     let copy = plan.output_copies[k];
                     let n = graph.nodes[copy.value].ty.row_len().unwrap_or(0);
@@ -264,6 +278,54 @@ pub fn emit(
     Ok(Emitted { object, n_kernels: kernels.len() })
 }
 
+/// The key of a matmul weight's micro-kernels: `(half, mins)` of a [`Layout::Q4Rows8`].
+fn micro_key(layout: Layout) -> Option<(bool, bool)> {
+    match layout {
+        Layout::Q4Rows8 { half, mins, .. } => Some((half, mins)),
+        _ => None,
+    }
+}
+
+/// Defines the target's micro-kernels that the model's matmuls need: for each kind of
+/// [`Layout::Q4Rows8`] weight, one function per tile height 1..=4 (machine code from the
+/// target, placed in the object beside Cranelift's functions).
+fn define_micro_kernels(
+    module: &mut ObjectModule,
+    graph: &Graph,
+    packed: &Packed,
+    target: &dyn Target,
+    call_conv: CallConv,
+) -> Result<BTreeMap<Option<(bool, bool)>, [FuncId; matmul::MICRO_TOKENS]>, CodegenError> {
+    let mut sig = Signature::new(call_conv);
+    sig.params.extend([AbiParam::new(I64); 5]);
+    let mut defined = BTreeMap::new();
+    for node in &graph.nodes {
+        let Op::MatMul { weight, .. } = node.op else { continue };
+        let layout = packed.weight(weight).layout;
+        let key = micro_key(layout);
+        if key.is_none() || defined.contains_key(&key) {
+            continue;
+        }
+        let mut ids = Vec::with_capacity(matmul::MICRO_TOKENS);
+        for tokens in 1..=matmul::MICRO_TOKENS {
+            let spec = matmul::micro_kernel(layout, tokens).expect("a micro-kernel layout");
+            let bytes = target.q4_micro_kernel(&spec).ok_or_else(|| {
+                CodegenError::Unsupported(format!("target {} has no Q4 micro-kernels", target.triple()))
+            })?;
+            let name = format!(
+                "kiln_micro_q4x8_{}_{}_t{tokens}",
+                if spec.half { "f16" } else { "f32" },
+                if spec.mins_at.is_some() { "min" } else { "nomin" }
+            );
+            let id = module.declare_function(&name, Linkage::Local, &sig)?;
+            module.define_function_bytes(id, 64, &bytes, &[])?;
+            ids.push(id);
+        }
+        defined.insert(key, ids.try_into().expect("one per tile height"));
+    }
+    Ok(defined)
+}
+
 /// Input values ordered by input index.
 fn input_values(graph: &Graph) -> Vec<ValueId> {
     let mut inputs: Vec<(u32, ValueId)> = graph
@@ -288,6 +350,7 @@ fn emit_step(
     i: usize,
     step: usize,
     skip: bool,
+    micro: Option<[FuncRef; matmul::MICRO_TOKENS]>,
 ) -> Result<(), CodegenError> {
     let node = &graph.nodes[i];
     let loc = |v: ValueId| plan.locations[v.index()];
@@ -316,6 +379,7 @@ fn emit_step(
                 epilogue,
                 skip_rows: skip,
                 token_block,
+                micro,
             };
             matmul::emit(kb, &spec);
         }

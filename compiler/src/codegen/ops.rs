@@ -371,6 +371,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                         }
                     }
                     Layout::F32Vector { .. } => unreachable!(),
+                    Layout::Q4Rows8 { .. } => unreachable!("embedding tables keep 4-row groups (pack)"),
                 }
             },
             |kb| {

@@ -1,0 +1,106 @@
+//! The x86-64 micro-kernels kiln encodes itself (with iced-x86), for the 256-bit AVX2 vectors
+//! that Cranelift 0.135 cannot express.
+//!
+//! The Q4 kernel multiplies a group of 8 weight rows by up to 4 q16 activation rows with one
+//! 256-bit register holding one int32 lane per weight row: each 16-byte chunk of nibbles
+//! widens (`vpmovzxbw`) to 16 int16 values, rows in lane pairs, whose low nibbles (`vpand`)
+//! and high nibbles (`vpsrlw 4`) meet a broadcast pair of activation values in `vpmaddwd`, so
+//! no horizontal reduction is needed: per block and token, the 8 rows' integer sums convert to
+//! f32 and fold into 8 f32 accumulators with the block's scales (`vcvtph2ps` widens f16
+//! scales, exactly). Register use, for `T` tokens: ymm0..T integer sums, ymm8..8+T f32
+//! accumulators, ymm12/13 the unpacked nibbles (then `d` and `m`), ymm14 a broadcast
+//! temporary, ymm15 the nibble mask, ymm7 `-8.0`.
+
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+use crate::Q4MicroKernel;
+
+/// Bytes of a q16 activation block before its values: scale f32, sum f32.
+const X_VALUES_AT: i32 = 8;
+
+/// Assembles the kernel (see [`Q4MicroKernel`] for its contract).
+pub fn q4_kernel(k: &Q4MicroKernel) -> Result<Vec<u8>, IcedError> {
+    assert!((1..=4).contains(&k.tokens), "1 to 4 tokens per call");
+    let tokens = k.tokens as usize;
+    let iacc = [ymm0, ymm1, ymm2, ymm3];
+    let facc = [ymm8, ymm9, ymm10, ymm11];
+    let (lo, hi, tmp, mask, minus8) = (ymm12, ymm13, ymm14, ymm15, ymm7);
+    // Arguments (System V): rdi = w, rsi = x, rdx = x_stride, rcx = out, r8 = n_blocks.
+    // Token t's block is at rsi + t * rdx: t = 3 is r9 + 2 * rdx with r9 = rsi + rdx.
+    let x = |t: usize, disp: i32| -> AsmMemoryOperand {
+        match t {
+            0 => rsi + disp,
+            1 => rsi + rdx + disp,
+            2 => rsi + rdx * 2 + disp,
+            _ => r9 + rdx * 2 + disp,
+        }
+    };
+    let mut a = CodeAssembler::new(64)?;
+    let mut done = a.create_label();
+    let mut top = a.create_label();
+    a.lea(r9, rsi + rdx)?;
+    for &f in &facc[..tokens] {
+        a.vxorps(f, f, f)?;
+    }
+    a.mov(eax, 0x000f_000f)?;
+    a.vmovd(xmm15, eax)?;
+    a.vpbroadcastd(mask, xmm15)?;
+    if k.mins_at.is_none() {
+        a.mov(eax, (-8.0f32).to_bits() as i32)?;
+        a.vmovd(xmm7, eax)?;
+        a.vbroadcastss(minus8, xmm7)?;
+    }
+    a.test(r8, r8)?;
+    a.jle(done)?;
+    a.set_label(&mut top)?;
+    let qs = k.qs_at as i32;
+    for u in 0..8i32 {
+        a.vpmovzxbw(hi, xmmword_ptr(rdi + (qs + 16 * u)))?;
+        a.vpand(lo, hi, mask)?;
+        a.vpsrlw(hi, hi, 4)?;
+        // Low nibbles are values 2u, 2u+1; high nibbles 16+2u, 17+2u.
+        for (nibbles, value) in [(lo, 2 * u), (hi, 16 + 2 * u)] {
+            for t in 0..tokens {
+                a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 2 * value)))?;
+                if u == 0 && value == 0 {
+                    a.vpmaddwd(iacc[t], nibbles, tmp)?;
+                } else {
+                    a.vpmaddwd(tmp, nibbles, tmp)?;
+                    a.vpaddd(iacc[t], iacc[t], tmp)?;
+                }
+            }
+        }
+    }
+    // d (ymm12) and m (ymm13) for the 8 rows.
+    if k.half {
+        a.vcvtph2ps(lo, xmmword_ptr(rdi))?;
+    } else {
+        a.vmovups(lo, ymmword_ptr(rdi))?;
+    }
+    match k.mins_at {
+        Some(at) if k.half => a.vcvtph2ps(hi, xmmword_ptr(rdi + at as i32))?,
+        Some(at) => a.vmovups(hi, ymmword_ptr(rdi + at as i32))?,
+        None => a.vmulps(hi, lo, minus8)?,
+    }
+    for t in 0..tokens {
+        a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
+        a.vmulps(tmp, lo, tmp)?;
+        a.vcvtdq2ps(iacc[t], iacc[t])?;
+        a.vfmadd231ps(facc[t], iacc[t], tmp)?;
+        a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
+        a.vfmadd231ps(facc[t], hi, tmp)?;
+    }
+    a.add(rdi, k.block_bytes as i32)?;
+    a.add(rsi, k.x_block_bytes as i32)?;
+    a.add(r9, k.x_block_bytes as i32)?;
+    a.dec(r8)?;
+    a.jnz(top)?;
+    a.set_label(&mut done)?;
+    for (t, &f) in facc[..tokens].iter().enumerate() {
+        a.vmovups(ymmword_ptr(rcx + 32 * t as i32), f)?;
+    }
+    a.vzeroupper()?;
+    a.ret()?;
+    a.assemble(0)
+}

@@ -140,7 +140,7 @@ pub fn prepare(
     let plan = passes::plan_memory::plan(&model.graph, &info, opts.batch);
     timings.push(("plan memory".into(), start.elapsed()));
     let start = Instant::now();
-    let packed = pack::pack(&model, target.matmul_schedule().q4_micro_rows);
+    let packed = pack::pack(&model, target.matmul_schedule().micro_rows);
     timings.push(("pack weights".into(), start.elapsed()));
     Ok(Prepared { graph: model.graph, info, plan, packed, timings, notes })
 }

@@ -37,12 +37,17 @@ pub const fn scales_bytes(half: bool) -> usize {
 pub const fn q4_group_block(half: bool, mins: bool) -> usize {
     scales_bytes(half) * if mins { 2 } else { 1 } + 4 * 16
 }
-/// Rows per group of the Q4 layout the target's micro-kernels read ([`Layout::Q4Rows8`]).
+/// Rows per group of the layouts the target's micro-kernels read ([`Layout::Q4Rows8`],
+/// [`Layout::Q8Rows8`]).
 pub const MICRO_ROWS: usize = 8;
 /// Bytes of one block of a [`Layout::Q4Rows8`] group: `d[8]`, `m[8]` only when `mins`, then
 /// eight 16-byte chunks of nibbles.
 pub const fn q4x8_group_block(half: bool, mins: bool) -> usize {
     2 * scales_bytes(half) * if mins { 2 } else { 1 } + 8 * 16
+}
+/// Bytes of one block of a [`Layout::Q8Rows8`] group: `d[8]`, then sixteen 16-byte chunks.
+pub const fn q8x8_group_block(half: bool) -> usize {
+    2 * scales_bytes(half) + 8 * 32
 }
 /// Bytes of one block of a Q8 group: `d[4]`, then `qs[4][32] i8`.
 pub const fn q8_group_block(half: bool) -> usize {
@@ -76,6 +81,10 @@ pub enum Layout {
     /// Matrix of a format whose kernel form is Q8, groups of 4 rows interleaved per 32-value
     /// block; scales as f16 when `half`.
     Q8Rows4 { rows: u32, cols: u32, half: bool },
+    /// Matrix of a format whose kernel form is Q8, for a target's micro-kernels: groups of 8
+    /// rows per 32-value block, `d[8]`, then chunk `u` of 16 bytes holding values `2u, 2u+1` of
+    /// each row.
+    Q8Rows8 { rows: u32, cols: u32, half: bool },
     /// Matrix of a format whose kernel form is Q8S16, groups of 4 rows interleaved per 32-value
     /// block; `mins` when some block has a nonzero offset (else the offsets are not stored).
     Q8S16Rows4 { rows: u32, cols: u32, mins: bool },
@@ -90,6 +99,7 @@ impl Layout {
             Layout::Q4Rows4 { cols, half, mins, .. } => cols as u64 / 32 * q4_group_block(half, mins) as u64,
             Layout::Q4Rows8 { cols, half, mins, .. } => cols as u64 / 32 * q4x8_group_block(half, mins) as u64,
             Layout::Q8Rows4 { cols, half, .. } => cols as u64 / 32 * q8_group_block(half) as u64,
+            Layout::Q8Rows8 { cols, half, .. } => cols as u64 / 32 * q8x8_group_block(half) as u64,
             Layout::Q8S16Rows4 { cols, mins, .. } => cols as u64 / 32 * q8s16_group_block(mins) as u64,
         }
     }
@@ -97,7 +107,7 @@ impl Layout {
     /// Rows per group of a matrix layout.
     pub fn group_rows(self) -> usize {
         match self {
-            Layout::Q4Rows8 { .. } => MICRO_ROWS,
+            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } => MICRO_ROWS,
             _ => ROWS,
         }
     }
@@ -110,6 +120,7 @@ impl Layout {
             | Layout::Q4Rows4 { rows, cols, .. }
             | Layout::Q4Rows8 { rows, cols, .. }
             | Layout::Q8Rows4 { rows, cols, .. }
+            | Layout::Q8Rows8 { rows, cols, .. }
             | Layout::Q8S16Rows4 { rows, cols, .. } => Some((rows, cols)),
         }
     }
@@ -152,7 +163,7 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     }
 }
 
-/// The layout of a weight; `micro`: Q4 matrices take the target's micro-kernel layout.
+/// The layout of a weight; `micro`: Q4 and Q8 matrices take the micro-kernels' layouts.
 fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool) -> Layout {
     match (format.spec().kernel, shape, blocks) {
         (_, [n], _) => Layout::F32Vector { n: *n },
@@ -167,7 +178,12 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool) 
             }
         }
         (KernelForm::Q8(_), [rows, cols], Blocks::Q8(blocks)) => {
-            Layout::Q8Rows4 { rows: *rows, cols: *cols, half: blocks.iter().all(|b| is_f16(b.d)) }
+            let half = blocks.iter().all(|b| is_f16(b.d));
+            if micro {
+                Layout::Q8Rows8 { rows: *rows, cols: *cols, half }
+            } else {
+                Layout::Q8Rows4 { rows: *rows, cols: *cols, half }
+            }
         }
         (KernelForm::Q8S16(_), [rows, cols], Blocks::Q8S16(blocks)) => {
             Layout::Q8S16Rows4 { rows: *rows, cols: *cols, mins: blocks.iter().any(|b| b.m != [0.0; 2]) }
@@ -275,6 +291,22 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     }
                 }
             }
+            Layout::Q8Rows8 { half, .. } => {
+                let Blocks::Q8(all) = decoded else { unreachable!() };
+                let blocks = group_blocks(all, g, MICRO_ROWS, rows, n_blocks);
+                for b in 0..n_blocks {
+                    let (mut ds, mut qs) = ([0f32; MICRO_ROWS], [[0i8; 32]; MICRO_ROWS]);
+                    for (i, r) in blocks.iter().enumerate() {
+                        if let Some(blk) = r.get(b) {
+                            (ds[i], qs[i]) = (blk.d, blk.qs);
+                        }
+                    }
+                    push_scales(blob, &ds, half);
+                    for u in 0..16 {
+                        qs.iter().for_each(|q| blob.extend(q[2 * u..2 * u + 2].iter().map(|&v| v as u8)));
+                    }
+                }
+            }
             Layout::Q8Rows4 { half, .. } => {
                 let Blocks::Q8(all) = decoded else { unreachable!() };
                 let blocks = group_blocks(all, g, ROWS, rows, n_blocks);
@@ -313,27 +345,21 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
 }
 
 /// Packs every weight of `model` and the constant tables its ops need, in weight-id order so
-/// that the blob is deterministic. With `q4_micro_rows` (the target's schedule), Q4 matrices
-/// that only matmuls read take the micro-kernel layout; embedding tables keep 4-row groups.
-pub fn pack(model: &Model<'_>, q4_micro_rows: Option<u32>) -> Packed {
+/// that the blob is deterministic. With `micro_rows` (the target's schedule), Q4 and Q8
+/// matrices take the micro-kernels' 8-row layouts.
+pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
     let graph = &model.graph;
     let raw: Vec<&[u8]> = model.weights().collect();
-    let mut embedded = vec![false; graph.weights.len()];
-    for node in &graph.nodes {
-        if let Op::Embed { table, .. } = node.op {
-            embedded[table.index()] = true;
-        }
-    }
-    let micro_ok = match q4_micro_rows {
+    let micro = match micro_rows {
         None => false,
         Some(r) if r as usize == MICRO_ROWS => true,
-        Some(r) => unreachable!("no Q4 micro-kernel layout has {r} rows"),
+        Some(r) => unreachable!("no micro-kernel layout has {r} rows"),
     };
     let mut blob = Vec::new();
     let mut weights = Vec::with_capacity(graph.weights.len());
     for (i, w) in graph.weights.iter().enumerate() {
         let decoded = decode(w.format, &w.shape, raw[i]);
-        let layout = layout_for(w.format, &w.shape, &decoded, micro_ok && !embedded[i]);
+        let layout = layout_for(w.format, &w.shape, &decoded, micro);
         let offset = blob.len() as u64;
         match layout {
             Layout::F32Vector { n } => {
@@ -403,27 +429,37 @@ mod tests {
     }
 
     /// Formats whose scales are f16 keep them (the library holds the file's bytes: a 4-row
-    /// group of 32 values is 4 GGUF blocks), q4_0 stores no offsets, and q4_k's products of two
-    /// scales stay f32.
+    /// group of 32 values is 4 GGUF blocks, an 8-row group of the micro-kernel layouts 8), q4_0
+    /// stores no offsets, and q4_k's products of two scales stay f32.
     #[test]
     fn layouts_keep_the_formats_bytes() {
         let (rows, cols) = (8u32, 256u32);
-        for (format, want) in [
-            (QuantFormat::Q4_0, Layout::Q4Rows4 { rows, cols, half: true, mins: false }),
-            (QuantFormat::Q4_1, Layout::Q4Rows4 { rows, cols, half: true, mins: true }),
-            (QuantFormat::Q8_0, Layout::Q8Rows4 { rows, cols, half: true }),
-            (QuantFormat::Q4_K, Layout::Q4Rows4 { rows, cols, half: false, mins: true }),
-        ] {
-            let raw = matrix(format, rows as usize, cols as usize);
-            let layout = layout_for(format, &[rows, cols], &decode(format, &[rows, cols], &raw), false);
-            assert_eq!(layout, want, "{}", format.name());
-            if format != QuantFormat::Q4_K {
-                assert_eq!(
-                    layout.group_stride(),
-                    4 * format.row_bytes(cols as usize).unwrap() as u64,
-                    "{}",
-                    format.name()
-                );
+        for micro in [false, true] {
+            let q4 = |half, mins| match micro {
+                false => Layout::Q4Rows4 { rows, cols, half, mins },
+                true => Layout::Q4Rows8 { rows, cols, half, mins },
+            };
+            let q8 = match micro {
+                false => Layout::Q8Rows4 { rows, cols, half: true },
+                true => Layout::Q8Rows8 { rows, cols, half: true },
+            };
+            for (format, want) in [
+                (QuantFormat::Q4_0, q4(true, false)),
+                (QuantFormat::Q4_1, q4(true, true)),
+                (QuantFormat::Q8_0, q8),
+                (QuantFormat::Q4_K, q4(false, true)),
+            ] {
+                let raw = matrix(format, rows as usize, cols as usize);
+                let layout = layout_for(format, &[rows, cols], &decode(format, &[rows, cols], &raw), micro);
+                assert_eq!(layout, want, "{}", format.name());
+                if format != QuantFormat::Q4_K {
+                    assert_eq!(
+                        layout.group_stride(),
+                        layout.group_rows() as u64 * format.row_bytes(cols as usize).unwrap() as u64,
+                        "{}",
+                        format.name()
+                    );
+                }
             }
         }
     }

@@ -131,7 +131,7 @@ impl Target for Aarch64 {
     }
 
     fn matmul_schedule(&self) -> MatmulSchedule {
-        MatmulSchedule { row_interleave: 4, q4_micro_rows: None }
+        MatmulSchedule { row_interleave: 4, micro_rows: None }
     }
 
     fn dot_i16x8(&self, builder: &mut FunctionBuilder, a: Value, b: Value) -> Value {

@@ -42,32 +42,44 @@ pub struct MatmulSchedule {
     /// Rows stored interleaved block by block, so that one pass over the activations serves
     /// `row_interleave` outputs and the weight stream is read once, in order.
     pub row_interleave: u32,
-    /// Rows per group of the Q4 matrices that the target multiplies with micro-kernels of its
-    /// own ([`Target::q4_micro_kernel`]), when it has them.
-    pub q4_micro_rows: Option<u32>,
+    /// Rows per group of the Q4 and Q8 matrices that the target multiplies with micro-kernels
+    /// of its own ([`Target::micro_kernel`]), when it has them.
+    pub micro_rows: Option<u32>,
 }
 
-/// One Q4 micro-kernel: machine code kiln encodes itself where Cranelift cannot express the
+/// The weight values a micro-kernel reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MicroValues {
+    /// Unsigned 4-bit values (kernel form Q4), two per byte as GGUF stores them.
+    Nibbles,
+    /// Signed bytes (kernel form Q8).
+    Bytes,
+}
+
+/// One micro-kernel: machine code kiln encodes itself where Cranelift cannot express the
 /// kernel (x86-64's 256-bit vectors), called from Cranelift code with the platform's C calling
 /// convention as `fn(w: *const u8, x: *const u8, x_stride: i64, out: *mut f32, n_blocks: i64)`.
 ///
 /// `w` is a group of 8 weight rows packed per 32-value block: 8 scales `d` (f16 when `half`,
-/// else f32), 8 offsets `m` at `mins_at` when stored (else `m = -8 d`), and at `qs_at` eight
-/// 16-byte chunks, chunk `u` holding bytes `2u, 2u+1` of each row's 16 GGUF nibble bytes (row
-/// `r` at bytes `2r, 2r+1`: low nibbles are values `2u, 2u+1`, high nibbles `16+2u, 17+2u`).
+/// else f32), 8 offsets `m` at `mins_at` when stored, and at `qs_at` 16-byte chunks. For
+/// `Nibbles`, chunk `u` (of 8) holds bytes `2u, 2u+1` of each row's 16 GGUF nibble bytes (row
+/// `r` at bytes `2r, 2r+1`: low nibbles are values `2u, 2u+1`, high nibbles `16+2u, 17+2u`)
+/// and a Q4 block without stored offsets has `m = -8 d`; for `Bytes`, chunk `u` (of 16) holds
+/// values `2u, 2u+1` of each row (row `r` at bytes `2r, 2r+1`) and there is no offset.
 /// `x` is the first of `tokens` q16 activation rows `x_stride` bytes apart (per block: scale
 /// f32, sum f32, 32 int16 values). For every token `t` and row `r` the kernel folds, block by
-/// block from 0.0, `acc = fma(isum, d * scale, acc)` then `acc = fma(m, sum, acc)` (isum the
-/// exact integer dot product of the block), the same f32 operations as the 128-bit Cranelift
-/// kernels, and writes `out[8 t + r]`.
+/// block from 0.0, `acc = fma(isum, d * scale, acc)` then, with an offset,
+/// `acc = fma(m, sum, acc)` (isum the exact integer dot product of the block): the same f32
+/// operations as the 128-bit Cranelift kernels. It writes `out[8 t + r]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Q4MicroKernel {
+pub struct MicroKernel {
     /// Token rows per call, 1..=4.
     pub tokens: u32,
+    pub values: MicroValues,
     pub half: bool,
-    /// Byte offset of the offsets within a block; `None`: `m = -8 d`.
+    /// Byte offset of the offsets within a block, when stored.
     pub mins_at: Option<u32>,
-    /// Byte offset of the nibble chunks within a block.
+    /// Byte offset of the value chunks within a block.
     pub qs_at: u32,
     /// Bytes per block of the weight group.
     pub block_bytes: u32,
@@ -113,8 +125,8 @@ pub trait Target: Send + Sync {
         128
     }
     fn matmul_schedule(&self) -> MatmulSchedule;
-    /// The machine code of a Q4 micro-kernel, on targets whose schedule has `q4_micro_rows`.
-    fn q4_micro_kernel(&self, _kernel: &Q4MicroKernel) -> Option<Vec<u8>> {
+    /// The machine code of a micro-kernel, on targets whose schedule has `micro_rows`.
+    fn micro_kernel(&self, _kernel: &MicroKernel) -> Option<Vec<u8>> {
         None
     }
     /// Emits `i32x4` lanes `a[2i] * b[2i] + a[2i+1] * b[2i+1]` for two `i16x8` values: the

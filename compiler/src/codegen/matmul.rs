@@ -6,8 +6,8 @@
 //! Quantized weights take q16 activations: per 32-value block the four rows' integer dot
 //! products come from the target's int16 dot (`pmaddwd` on x86-64), are reduced to one
 //! `i32x4` of four row sums by two pairwise adds, and are scaled in float.
-//! Where the target has Q4 micro-kernels (x86-64: 256-bit AVX2, see
-//! `targets::Q4MicroKernel`), Q4 matrices come in groups of 8 rows and the kernel here only
+//! Where the target has micro-kernels (x86-64: 256-bit AVX2, see `targets::MicroKernel`),
+//! Q4 and Q8 matrices come in groups of 8 rows and the kernel here only
 //! walks groups and tiles of up to 4 token rows, calls the micro-kernel for each tile (one
 //! function per tile height) and applies the epilogue to the 8 × tokens results it leaves on
 //! the stack.
@@ -15,12 +15,12 @@
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I64, I8X16};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value};
-use targets::Q4MicroKernel;
+use targets::{MicroKernel, MicroValues};
 
 use super::builder::{le, Kb};
 use crate::pack::{
-    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, scales_bytes, Layout, PackedWeight,
-    F32_GROUP_CHUNK, MICRO_ROWS,
+    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, q8x8_group_block, scales_bytes, Layout,
+    PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
 };
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
@@ -44,23 +44,28 @@ pub struct MatmulSpec {
     /// Token rows per block: a block of activation rows stays in cache while every weight
     /// group of this thread streams past it once.
     pub token_block: i64,
-    /// The target's micro-kernels for 1..=4 token rows, for a [`Layout::Q4Rows8`] weight.
+    /// The target's micro-kernels for 1..=4 token rows, for a weight in a micro-kernel layout.
     pub micro: Option<[FuncRef; MICRO_TOKENS]>,
 }
 
 /// Token rows per micro-kernel call, at most.
 pub const MICRO_TOKENS: usize = 4;
 
-/// The micro-kernel contract for a [`Layout::Q4Rows8`] weight and a tile of `tokens` rows.
-pub fn micro_kernel(layout: Layout, tokens: usize) -> Option<Q4MicroKernel> {
-    let Layout::Q4Rows8 { half, mins, .. } = layout else { return None };
+/// The micro-kernel contract for a weight in a micro-kernel layout and a tile of `tokens` rows.
+pub fn micro_kernel(layout: Layout, tokens: usize) -> Option<MicroKernel> {
+    let (values, half, mins, block_bytes) = match layout {
+        Layout::Q4Rows8 { half, mins, .. } => (MicroValues::Nibbles, half, mins, q4x8_group_block(half, mins)),
+        Layout::Q8Rows8 { half, .. } => (MicroValues::Bytes, half, false, q8x8_group_block(half)),
+        _ => return None,
+    };
     let scales = 2 * scales_bytes(half) as u32;
-    Some(Q4MicroKernel {
+    Some(MicroKernel {
         tokens: tokens as u32,
+        values,
         half,
         mins_at: mins.then_some(scales),
         qs_at: if mins { 2 * scales } else { scales },
-        block_bytes: q4x8_group_block(half, mins) as u32,
+        block_bytes: block_bytes as u32,
         x_block_bytes: Q16_BLOCK_BYTES as u32,
     })
 }
@@ -119,8 +124,9 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                         vec![]
                     });
                 }
-                Layout::Q4Rows8 { .. } => {
-                    let (micro, tile_out) = (spec.micro.expect("Q4Rows8 comes with micro-kernels"), tile_out.unwrap());
+                Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } => {
+                    let (micro, tile_out) =
+                        (spec.micro.expect("8-row layouts come with micro-kernels"), tile_out.unwrap());
                     let tile = Tile { micro, out: tile_out, wg, x_base, x_row_bytes, n_blocks: cols / 32 };
                     // Tiles of 4 token rows, then one tile of the 1-3 rows left.
                     let len = kb.b.ins().isub(tb1, tb0);

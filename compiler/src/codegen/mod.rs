@@ -278,24 +278,22 @@ pub fn emit(
     Ok(Emitted { object, n_kernels: kernels.len() })
 }
 
-/// The key of a matmul weight's micro-kernels: `(half, mins)` of a [`Layout::Q4Rows8`].
-fn micro_key(layout: Layout) -> Option<(bool, bool)> {
-    match layout {
-        Layout::Q4Rows8 { half, mins, .. } => Some((half, mins)),
-        _ => None,
-    }
+/// The key of a matmul weight's micro-kernels: the kernel for one token row (the others
+/// differ in `tokens` only), for weights in a micro-kernel layout.
+fn micro_key(layout: Layout) -> Option<targets::MicroKernel> {
+    matmul::micro_kernel(layout, 1)
 }
 
-/// Defines the target's micro-kernels that the model's matmuls need: for each kind of
-/// [`Layout::Q4Rows8`] weight, one function per tile height 1..=4 (machine code from the
-/// target, placed in the object beside Cranelift's functions).
+/// Defines the target's micro-kernels that the model's matmuls need: for each kind of weight
+/// in a micro-kernel layout, one function per tile height 1..=4 (machine code from the target,
+/// placed in the object beside Cranelift's functions).
 fn define_micro_kernels(
     module: &mut ObjectModule,
     graph: &Graph,
     packed: &Packed,
     target: &dyn Target,
     call_conv: CallConv,
-) -> Result<BTreeMap<Option<(bool, bool)>, [FuncId; matmul::MICRO_TOKENS]>, CodegenError> {
+) -> Result<BTreeMap<Option<targets::MicroKernel>, [FuncId; matmul::MICRO_TOKENS]>, CodegenError> {
     let mut sig = Signature::new(call_conv);
     sig.params.extend([AbiParam::new(I64); 5]);
     let mut defined = BTreeMap::new();
@@ -309,11 +307,12 @@ fn define_micro_kernels(
         let mut ids = Vec::with_capacity(matmul::MICRO_TOKENS);
         for tokens in 1..=matmul::MICRO_TOKENS {
             let spec = matmul::micro_kernel(layout, tokens).expect("a micro-kernel layout");
-            let bytes = target.q4_micro_kernel(&spec).ok_or_else(|| {
-                CodegenError::Unsupported(format!("target {} has no Q4 micro-kernels", target.triple()))
-            })?;
+            let bytes = target
+                .micro_kernel(&spec)
+                .ok_or_else(|| CodegenError::Unsupported(format!("target {} has no micro-kernels", target.triple())))?;
             let name = format!(
-                "kiln_micro_q4x8_{}_{}_t{tokens}",
+                "kiln_micro_{}x8_{}_{}_t{tokens}",
+                if spec.values == targets::MicroValues::Nibbles { "q4" } else { "q8" },
                 if spec.half { "f16" } else { "f32" },
                 if spec.mins_at.is_some() { "min" } else { "nomin" }
             );

@@ -3,13 +3,14 @@
 //! rows; rows are processed four floats at a time with a partial vector for the tail.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I16, I16X8, I32, I32X4, I8, I8X16};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::types::{F32, F32X4, I16, I16X8, I32, I32X4, I64, I8, I8X16};
+use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 
 use super::abi;
 use super::builder::{le, Kb};
 use crate::pack::{
-    q4_group_block, q8_group_block, q8s16_group_block, scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, ROWS,
+    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, q8x8_group_block, Layout, PackedWeight,
+    F32_GROUP_CHUNK,
 };
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
@@ -240,19 +241,34 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
         kb.if_else(
             valid,
             |kb| {
-                let g = kb.b.ins().ushr_imm_s(id, 2);
-                let lane = kb.b.ins().band_imm_s(id, ROWS as i64 - 1);
+                let group_rows = table.layout.group_rows() as i64;
+                let g = kb.b.ins().ushr_imm_s(id, group_rows.trailing_zeros() as i64);
+                let lane = kb.b.ins().band_imm_s(id, group_rows - 1);
                 let base = kb.addr(w, g, stride, 0);
                 let zero = kb.iconst(0);
                 match table.layout {
-                    Layout::Q8Rows4 { .. } | Layout::Q4Rows4 { .. } => {
-                        let (q8, f16, mins) = match table.layout {
-                            Layout::Q4Rows4 { half, mins, .. } => (false, half, mins),
-                            Layout::Q8Rows4 { half, .. } => (true, half, false),
+                    Layout::Q8Rows4 { .. }
+                    | Layout::Q4Rows4 { .. }
+                    | Layout::Q8Rows8 { .. }
+                    | Layout::Q4Rows8 { .. } => {
+                        let (q8, f16, mins, block) = match table.layout {
+                            Layout::Q4Rows4 { half, mins, .. } => (false, half, mins, q4_group_block(half, mins)),
+                            Layout::Q8Rows4 { half, .. } => (true, half, false, q8_group_block(half)),
+                            Layout::Q4Rows8 { half, mins, .. } => (false, half, mins, q4x8_group_block(half, mins)),
+                            Layout::Q8Rows8 { half, .. } => (true, half, false, q8x8_group_block(half)),
                             _ => unreachable!(),
                         };
-                        let block = if q8 { q8_group_block(f16) } else { q4_group_block(f16, mins) } as i64;
-                        let sb = scales_bytes(f16) as i64;
+                        let block = block as i64;
+                        // Scales (and offsets) of all the group's rows, f16 or f32 each.
+                        let sb = group_rows * if f16 { 2 } else { 4 };
+                        // The micro-kernel layouts interleave the rows' values two bytes at a
+                        // time (16-byte chunks, row `lane` at bytes `2 lane`): this row's are
+                        // gathered into `row_buf` first, in the 4-row layouts' order.
+                        let row_buf = (group_rows == 8).then(|| {
+                            let slot =
+                                kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 32, 4));
+                            kb.b.ins().stack_addr(I64, slot, 0)
+                        });
                         let nb = kb.iconst(cols / 32);
                         kb.for_range(zero, nb, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, block, 0);
@@ -273,8 +289,20 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             let d = lane_scale(kb, 0);
                             let out = kb.addr(yr, b, 128, 0);
                             // Sixteen-value halves as i8x16, elements 0..16 and 16..32.
+                            let qs_at = if mins { 2 * sb } else { sb };
+                            let row_qs = |kb: &mut Kb, row_bytes: i64| match row_buf {
+                                None => kb.addr(blk, lane, row_bytes, qs_at),
+                                Some(buf) => {
+                                    let src = kb.addr(blk, lane, 2, qs_at);
+                                    for u in 0..row_bytes / 2 {
+                                        let v = kb.load(I16, src, 16 * u);
+                                        kb.store(v, buf, 2 * u);
+                                    }
+                                    buf
+                                }
+                            };
                             let (halves, m) = if q8 {
-                                let qs = kb.addr(blk, lane, 32, sb);
+                                let qs = row_qs(kb, 32);
                                 (vec![kb.load(I8X16, qs, 0), kb.load(I8X16, qs, 16)], None)
                             } else {
                                 let m = if mins {
@@ -284,7 +312,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                     let k = kb.splat(-8.0);
                                     kb.b.ins().fmul(d, k)
                                 };
-                                let qs = kb.addr(blk, lane, 16, if mins { 2 * sb } else { sb });
+                                let qs = row_qs(kb, 16);
                                 let w = kb.load(I8X16, qs, 0);
                                 let lo = kb.b.ins().band(w, mask);
                                 let hi = kb.b.ins().bitcast(I16X8, le(), w);
@@ -371,7 +399,6 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                         }
                     }
                     Layout::F32Vector { .. } => unreachable!(),
-                    Layout::Q4Rows8 { .. } => unreachable!("embedding tables keep 4-row groups (pack)"),
                 }
             },
             |kb| {

@@ -1,26 +1,26 @@
 //! The x86-64 micro-kernels kiln encodes itself (with iced-x86), for the 256-bit AVX2 vectors
 //! that Cranelift 0.135 cannot express.
 //!
-//! The Q4 kernel multiplies a group of 8 weight rows by up to 4 q16 activation rows with one
-//! 256-bit register holding one int32 lane per weight row: each 16-byte chunk of nibbles
-//! widens (`vpmovzxbw`) to 16 int16 values, rows in lane pairs, whose low nibbles (`vpand`)
-//! and high nibbles (`vpsrlw 4`) meet a broadcast pair of activation values in `vpmaddwd`, so
-//! no horizontal reduction is needed: per block and token, the 8 rows' integer sums convert to
+//! A kernel multiplies a group of 8 weight rows by up to 4 q16 activation rows with one
+//! 256-bit register holding one int32 lane per weight row: each 16-byte chunk of values
+//! widens to 16 int16 values, rows in lane pairs (Q8: `vpmovsxbw`; Q4: `vpmovzxbw`, then low
+//! nibbles by `vpand` and high nibbles by `vpsrlw 4`), which meet a broadcast pair of
+//! activation values in `vpmaddwd`, so no horizontal reduction is needed: per block and token, the 8 rows' integer sums convert to
 //! f32 and fold into 8 f32 accumulators with the block's scales (`vcvtph2ps` widens f16
 //! scales, exactly). Register use, for `T` tokens: ymm0..T integer sums, ymm8..8+T f32
 //! accumulators, ymm12/13 the unpacked nibbles (then `d` and `m`), ymm14 a broadcast
-//! temporary, ymm15 the nibble mask, ymm7 `-8.0`.
+//! temporary, ymm15 the nibble mask, ymm7 `-8.0` (q4_0's `m = -8 d`).
 
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
-use crate::Q4MicroKernel;
+use crate::{MicroKernel, MicroValues};
 
 /// Bytes of a q16 activation block before its values: scale f32, sum f32.
 const X_VALUES_AT: i32 = 8;
 
-/// Assembles the kernel (see [`Q4MicroKernel`] for its contract).
-pub fn q4_kernel(k: &Q4MicroKernel) -> Result<Vec<u8>, IcedError> {
+/// Assembles the kernel (see [`MicroKernel`] for its contract).
+pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     assert!((1..=4).contains(&k.tokens), "1 to 4 tokens per call");
     let tokens = k.tokens as usize;
     let iacc = [ymm0, ymm1, ymm2, ymm3];
@@ -46,7 +46,8 @@ pub fn q4_kernel(k: &Q4MicroKernel) -> Result<Vec<u8>, IcedError> {
     a.mov(eax, 0x000f_000f)?;
     a.vmovd(xmm15, eax)?;
     a.vpbroadcastd(mask, xmm15)?;
-    if k.mins_at.is_none() {
+    let minus_8d = k.values == MicroValues::Nibbles && k.mins_at.is_none();
+    if minus_8d {
         a.mov(eax, (-8.0f32).to_bits() as i32)?;
         a.vmovd(xmm7, eax)?;
         a.vbroadcastss(minus8, xmm7)?;
@@ -55,21 +56,34 @@ pub fn q4_kernel(k: &Q4MicroKernel) -> Result<Vec<u8>, IcedError> {
     a.jle(done)?;
     a.set_label(&mut top)?;
     let qs = k.qs_at as i32;
-    for u in 0..8i32 {
-        a.vpmovzxbw(hi, xmmword_ptr(rdi + (qs + 16 * u)))?;
-        a.vpand(lo, hi, mask)?;
-        a.vpsrlw(hi, hi, 4)?;
-        // Low nibbles are values 2u, 2u+1; high nibbles 16+2u, 17+2u.
-        for (nibbles, value) in [(lo, 2 * u), (hi, 16 + 2 * u)] {
+    // Each chunk's int16 values (one or two registers), with the index of their first value.
+    let mut first = true;
+    let chunks = if k.values == MicroValues::Nibbles { 8 } else { 16 };
+    for u in 0..chunks {
+        let pairs = match k.values {
+            MicroValues::Nibbles => {
+                a.vpmovzxbw(hi, xmmword_ptr(rdi + (qs + 16 * u)))?;
+                a.vpand(lo, hi, mask)?;
+                a.vpsrlw(hi, hi, 4)?;
+                // Low nibbles are values 2u, 2u+1; high nibbles 16+2u, 17+2u.
+                vec![(lo, 2 * u), (hi, 16 + 2 * u)]
+            }
+            MicroValues::Bytes => {
+                a.vpmovsxbw(lo, xmmword_ptr(rdi + (qs + 16 * u)))?;
+                vec![(lo, 2 * u)]
+            }
+        };
+        for (values, value) in pairs {
             for t in 0..tokens {
                 a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 2 * value)))?;
-                if u == 0 && value == 0 {
-                    a.vpmaddwd(iacc[t], nibbles, tmp)?;
+                if first {
+                    a.vpmaddwd(iacc[t], values, tmp)?;
                 } else {
-                    a.vpmaddwd(tmp, nibbles, tmp)?;
+                    a.vpmaddwd(tmp, values, tmp)?;
                     a.vpaddd(iacc[t], iacc[t], tmp)?;
                 }
             }
+            first = false;
         }
     }
     // d (ymm12) and m (ymm13) for the 8 rows.
@@ -78,18 +92,21 @@ pub fn q4_kernel(k: &Q4MicroKernel) -> Result<Vec<u8>, IcedError> {
     } else {
         a.vmovups(lo, ymmword_ptr(rdi))?;
     }
-    match k.mins_at {
-        Some(at) if k.half => a.vcvtph2ps(hi, xmmword_ptr(rdi + at as i32))?,
-        Some(at) => a.vmovups(hi, ymmword_ptr(rdi + at as i32))?,
-        None => a.vmulps(hi, lo, minus8)?,
-    }
+    let offsets = match k.mins_at {
+        Some(at) if k.half => a.vcvtph2ps(hi, xmmword_ptr(rdi + at as i32)).map(|_| true)?,
+        Some(at) => a.vmovups(hi, ymmword_ptr(rdi + at as i32)).map(|_| true)?,
+        None if minus_8d => a.vmulps(hi, lo, minus8).map(|_| true)?,
+        None => false,
+    };
     for t in 0..tokens {
         a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
         a.vmulps(tmp, lo, tmp)?;
         a.vcvtdq2ps(iacc[t], iacc[t])?;
         a.vfmadd231ps(facc[t], iacc[t], tmp)?;
-        a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
-        a.vfmadd231ps(facc[t], hi, tmp)?;
+        if offsets {
+            a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
+            a.vfmadd231ps(facc[t], hi, tmp)?;
+        }
     }
     a.add(rdi, k.block_bytes as i32)?;
     a.add(rsi, k.x_block_bytes as i32)?;

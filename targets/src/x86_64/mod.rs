@@ -4,7 +4,7 @@
 //! Cranelift 0.135 emits 128-bit vectors only, VEX-encoded when `has_avx` is set; the
 //! `x86-64-v3` preset does not set `has_avx`, so the features are listed one by one.
 //! The int16 dot product lowers to `vpmaddwd`.
-//! Q4 matmuls run on 256-bit micro-kernels that kiln assembles itself ([`micro`]), over
+//! Q4 and Q8 matmuls run on 256-bit micro-kernels that kiln assembles itself ([`micro`]), over
 //! weights packed in groups of 8 rows.
 
 pub mod micro;
@@ -14,7 +14,7 @@ use cranelift_codegen::isa::{self, OwnedTargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::FunctionBuilder;
 
-use crate::{CacheInfo, MatmulSchedule, Q4MicroKernel, Target, TargetError, TargetSummary};
+use crate::{CacheInfo, MatmulSchedule, MicroKernel, Target, TargetError, TargetSummary};
 
 /// x86-64 with a fixed feature level.
 pub struct X86_64 {
@@ -79,11 +79,11 @@ impl Target for X86_64 {
     }
 
     fn matmul_schedule(&self) -> MatmulSchedule {
-        MatmulSchedule { row_interleave: 4, q4_micro_rows: Some(8) }
+        MatmulSchedule { row_interleave: 4, micro_rows: Some(8) }
     }
 
-    fn q4_micro_kernel(&self, kernel: &Q4MicroKernel) -> Option<Vec<u8>> {
-        Some(micro::q4_kernel(kernel).expect("the Q4 micro-kernel's instructions all encode"))
+    fn micro_kernel(&self, kernel: &MicroKernel) -> Option<Vec<u8>> {
+        Some(micro::kernel(kernel).expect("the micro-kernels' instructions all encode"))
     }
 
     fn dot_i16x8(&self, builder: &mut FunctionBuilder, a: Value, b: Value) -> Value {

@@ -111,7 +111,8 @@ enum Cmd {
     Run(chat::RunArgs),
     /// Text to token ids, or ids back to text, with a bundle's tokenizer.
     Tokenize(chat::TokenizeArgs),
-    /// Prefill (128, 512) and decode (128) tokens/s with 1 and 2 threads, next to llama.cpp.
+    /// Prefill (128, 512) and decode (128) tokens/s with 1 and 2 threads; with `--vs llama.cpp`,
+    /// next to llama.cpp's own llama-bench on the same GGUF (built once into the cache).
     Bench {
         /// The bundle directory.
         #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
@@ -119,19 +120,27 @@ enum Cmd {
         /// Thread counts to measure, each for kiln and llama.cpp.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
-        /// Measured runs per test (medians are reported).
+        /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Prompt lengths for prefill.
-        #[arg(long, default_value = "128,512")]
-        prefill: String,
+        #[arg(long, value_delimiter = ',', default_value = "128,512")]
+        prefill: Vec<usize>,
         /// Tokens to decode one at a time.
         #[arg(long, default_value_t = 128)]
         decode: usize,
-        /// The GGUF to run llama.cpp on (llama-cpp-python); default: the bundle's source model
-        /// when it is the default model. `none` skips llama.cpp.
+        /// Compare with llama.cpp (its llama-bench, built from the pinned llama-cpp-python sdist).
+        #[arg(long, value_parser = ["llama.cpp"])]
+        vs: Option<String>,
+        /// The GGUF llama.cpp runs; default: the bundle's source model when it is the default model.
+        #[arg(long, requires = "vs")]
+        gguf: Option<PathBuf>,
+        /// Also write the results as JSON.
         #[arg(long)]
-        llama_cpp: Option<String>,
+        json: Option<PathBuf>,
+        /// Replace an existing --json file.
+        #[arg(long)]
+        force: bool,
     },
     /// Perplexity of a bundle on a text (llama.cpp's rule and all-but-first), and KL divergence
     /// from a reference bundle or GGUF (--reference), like llama.cpp's llama-perplexity.
@@ -303,8 +312,31 @@ fn real_main() -> Result<()> {
         }
         Cmd::Tokenize(a) => chat::run(&chat::Command::Tokenize(a))?,
         Cmd::Eval(a) => xtask::eval(a)?,
-        Cmd::Bench { bundle, threads, runs, prefill, decode, llama_cpp } => {
-            bench(&bundle, &threads, runs, &prefill, decode, llama_cpp)?
+        Cmd::Bench { bundle, threads, runs, prefill, decode, vs, gguf, json, force } => {
+            let peer_gguf = match (vs, gguf) {
+                (None, _) => None,
+                (Some(_), Some(g)) => Some(g),
+                (Some(_), None) => {
+                    let manifest: serde_json::Value = serde_json::from_str(
+                        &std::fs::read_to_string(bundle.join("manifest.json"))
+                            .with_context(|| format!("{} is not a kiln bundle", bundle.display()))?,
+                    )?;
+                    if manifest["source"]["sha256"] != xtask::DEFAULT_MODEL_SHA256 {
+                        bail!("--vs llama.cpp needs --gguf FILE: the GGUF the bundle was built from");
+                    }
+                    Some(xtask::fetch_default_model(false)?)
+                }
+            };
+            xtask::bench::bench(&xtask::bench::BenchOptions {
+                bundle,
+                threads,
+                runs,
+                prefill,
+                decode,
+                peer_gguf,
+                json,
+                force,
+            })?
         }
         Cmd::Test { hf_reference, rest } => {
             let model = xtask::fetch_default_model(true)?;
@@ -396,80 +428,4 @@ fn run_bundle(bundle: &std::path::Path, command: chat::Command) -> Result<()> {
 
 fn exit_with(code: Option<i32>) -> ! {
     std::process::exit(code.unwrap_or(1))
-}
-
-fn bench(
-    bundle: &PathBuf,
-    threads: &[usize],
-    runs: usize,
-    prefill: &str,
-    decode: usize,
-    llama_cpp: Option<String>,
-) -> Result<()> {
-    let runner = xtask::runner_for(bundle)?;
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json"))?)?;
-    let gguf = match llama_cpp.as_deref() {
-        Some("none") => None,
-        Some(p) => Some(PathBuf::from(p)),
-        None if manifest["source"]["sha256"] == xtask::DEFAULT_MODEL_SHA256 => Some(xtask::fetch_default_model(false)?),
-        None => None,
-    };
-    let prefill_lens = chat::parse_ids(prefill)?.into_iter().map(|n| n as usize).collect::<Vec<_>>();
-    let mut rows: Vec<serde_json::Value> = vec![];
-    for &t in threads {
-        let args = chat::BenchArgs {
-            bundle: chat::BundleArgs { bundle: bundle.clone(), threads: t },
-            prefill: prefill_lens.clone(),
-            decode,
-            runs,
-            json: true,
-        };
-        let lines: Vec<String> = match &runner {
-            None => chat::bench(&args)?.iter().map(chat::BenchRow::json).collect(),
-            Some(app) => {
-                let out = app
-                    .command()
-                    .args(["bench", "--json", "--bundle"])
-                    .arg(bundle)
-                    .args(["--threads", &t.to_string(), "--runs", &runs.to_string(), "--prefill", prefill])
-                    .args(["--decode", &decode.to_string()])
-                    .output()?;
-                if !out.status.success() {
-                    bail!("kiln bench failed: {}", String::from_utf8_lossy(&out.stderr));
-                }
-                String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
-            }
-        };
-        rows.extend(lines.iter().filter_map(|l| serde_json::from_str(l).ok()));
-        if let Some(g) = &gguf {
-            let script = xtask::root().join("xtask/peer/llama_cpp_bench.py");
-            let out = Command::new("python3")
-                .arg(script)
-                .arg(g)
-                .args([t.to_string(), prefill.to_string(), decode.to_string(), runs.to_string()])
-                .output()?;
-            if out.status.success() {
-                rows.extend(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()));
-            } else {
-                eprintln!(
-                    "llama.cpp bench skipped: {}",
-                    String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
-                );
-            }
-        }
-    }
-    println!("{:<8} {:>7} {:>14} {:>14} {:>9}", "test", "threads", "kiln tok/s", "llama.cpp", "ratio");
-    for row in rows.iter().filter(|r| r["engine"] == "kiln") {
-        let peer = rows
-            .iter()
-            .find(|p| p["engine"] == "llama.cpp" && p["test"] == row["test"] && p["threads"] == row["threads"]);
-        let k = row["median_tok_s"].as_f64().unwrap_or(0.0);
-        let (p, ratio) = match peer.and_then(|p| p["median_tok_s"].as_f64()) {
-            Some(p) => (format!("{p:.1}"), format!("{:.2}x", k / p)),
-            None => ("-".into(), "-".into()),
-        };
-        println!("{:<8} {:>7} {:>14.1} {:>14} {:>9}", row["test"].as_str().unwrap_or("?"), row["threads"], k, p, ratio);
-    }
-    println!("(medians of {runs} runs; same machine, same thread count, one run of this command)");
-    Ok(())
 }

@@ -182,6 +182,37 @@ fn out_directory_of_the_user_is_never_replaced() {
     assert_eq!(names, ["model.gguf", "notes.txt", "project"], "nothing added beside them");
 }
 
+/// `bench` refuses what it cannot measure before building or running anything.
+#[test]
+fn bench_refuses_bad_input_before_any_work() {
+    let dir = scratch("bench");
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("manifest.json"), r#"{"target": {"triple": "x86_64-unknown-linux-gnu"}}"#).unwrap();
+    let json = dir.join("mine.json");
+    std::fs::write(&json, "user data").unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--vs", "llama.cpp", "--gguf", "/no/such.gguf"], "no GGUF for llama.cpp at /no/such.gguf"),
+        (&["--json", json.to_str().unwrap()], "pass --force"),
+        (&["--threads", "0"], "--threads must list thread counts of at least 1"),
+        (&["--gguf", "/x.gguf"], "--vs"),
+    ];
+    for (extra, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .arg("bench")
+            .arg("--bundle")
+            .arg(&bundle)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} succeeded");
+        assert!(stderr.contains(want), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&json).unwrap(), "user data", "the user's file is kept");
+}
+
 /// Every option of the user commands is described in `--help`.
 #[test]
 fn help_describes_every_option() {

@@ -96,11 +96,14 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
     let pos = kb.ctx_field(abi::ctx::POS);
     let n_tokens = kb.ctx_field(abi::ctx::N_TOKENS);
     let first = if spec.skip_rows { kb.ctx_field(abi::ctx::OUT_START) } else { kb.iconst(0) };
-    let units_start = kb.b.ins().imul_imm_s(first, spec.n_heads as i64);
-    let units_end = kb.b.ins().imul_imm_s(n_tokens, spec.n_heads as i64);
-    // Causal rows cost more the later they come, so threads take units round-robin
-    // (unit ith, ith + nth, ...) rather than contiguous ranges.
-    let first_unit = kb.b.ins().iadd(units_start, kb.ith);
+    // Units are (KV head, row, query head of its group), KV head first: the units of one KV
+    // head read the same keys and values, which then stay in the core's L2 (a whole layer's
+    // cache does not at long contexts). Causal rows cost more the later they come, so threads
+    // take units round-robin (unit ith, ith + nth, ...) rather than contiguous ranges.
+    let rows = kb.b.ins().isub(n_tokens, first);
+    let per_kv_head = kb.b.ins().imul_imm_s(rows, group);
+    let units_end = kb.b.ins().imul_imm_s(per_kv_head, spec.n_kv_heads as i64);
+    let first_unit = kb.ith;
     let remaining = kb.b.ins().isub(units_end, first_unit);
     let remaining = kb.b.ins().iadd(remaining, kb.nth);
     let remaining = kb.b.ins().iadd_imm_s(remaining, -1);
@@ -111,9 +114,13 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
     kb.for_range(zero, my_count, 1, &[], |kb, k, _| {
         let u = kb.b.ins().imul(k, kb.nth);
         let u = kb.b.ins().iadd(u, first_unit);
-        let t = kb.b.ins().udiv_imm_s(u, spec.n_heads as i64);
-        let h = kb.b.ins().urem_imm_s(u, spec.n_heads as i64);
-        let kv_head = kb.b.ins().udiv_imm_s(h, group);
+        let kv_head = kb.b.ins().udiv(u, per_kv_head);
+        let in_head = kb.b.ins().urem(u, per_kv_head);
+        let t = kb.b.ins().udiv_imm_s(in_head, group);
+        let t = kb.b.ins().iadd(t, first);
+        let g = kb.b.ins().urem_imm_s(in_head, group);
+        let h = kb.b.ins().imul_imm_s(kv_head, group);
+        let h = kb.b.ins().iadd(h, g);
         let n_keys = kb.b.ins().iadd(pos, t);
         let n_keys = kb.b.ins().iadd_imm_s(n_keys, 1);
         let q_row = kb.addr(q, t, 4 * qw, 0);
@@ -144,14 +151,14 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
             let v_tile = kb.addr(v_head, j0, 4 * kvw, 0);
             let zero = kb.iconst(0);
 
-            // Pass 1: scores[j] = q . k_j / sqrt(head_dim), and their maximum. Four keys at
-            // a time: four independent accumulators hide the FMA latency, and each q chunk is
-            // loaded once for the four keys.
+            // Pass 1: scores[j] = q . k_j / sqrt(head_dim), and their maximum. Eight keys at
+            // a time: eight independent accumulators cover the FMA latency at two FMAs per
+            // cycle, and each q chunk is loaded once for the eight keys.
             let neg_inf = kb.splat(f32::NEG_INFINITY);
-            let n_blocks = kb.b.ins().ushr_imm_s(count, 2);
-            let maxv = kb.for_range(zero, n_blocks, 1, &[neg_inf], |kb, j4, m| {
-                let k_row = kb.addr(k_tile, j4, 4 * 4 * kvw, 0);
-                let mut acc = [kb.splat(0.0); 4];
+            let n_blocks = kb.b.ins().ushr_imm_s(count, 3);
+            let maxv = kb.for_range(zero, n_blocks, 1, &[neg_inf], |kb, j8, m| {
+                let k_row = kb.addr(k_tile, j8, 8 * 4 * kvw, 0);
+                let mut acc = [kb.splat(0.0); 8];
                 for c in 0..n_vec {
                     let qv = kb.load(F32X4, q_head, 16 * c);
                     for (i, a) in acc.iter_mut().enumerate() {
@@ -159,13 +166,17 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
                         *a = kb.b.ins().fma(qv, kv, *a);
                     }
                 }
-                let s = kb.hsum4(acc[0], acc[1], acc[2], acc[3]);
-                let s = kb.b.ins().fmul(s, scale);
-                let at = kb.addr(scores, j4, 16, 0);
-                kb.b.ins().store(rw(), s, at, 0);
-                vec![kb.b.ins().fmax(m[0], s)]
+                let at = kb.addr(scores, j8, 32, 0);
+                let mut m = m[0];
+                for half in 0..2 {
+                    let s = kb.hsum4(acc[4 * half], acc[4 * half + 1], acc[4 * half + 2], acc[4 * half + 3]);
+                    let s = kb.b.ins().fmul(s, scale);
+                    kb.b.ins().store(rw(), s, at, 16 * half as i32);
+                    m = kb.b.ins().fmax(m, s);
+                }
+                vec![m]
             })[0];
-            let tail_start = kb.b.ins().ishl_imm_s(n_blocks, 2);
+            let tail_start = kb.b.ins().ishl_imm_s(n_blocks, 3);
             let maxv = kb.for_range(tail_start, count, 1, &[maxv], |kb, j, m| {
                 let k_row = kb.addr(k_tile, j, 4 * kvw, 0);
                 let mut acc = kb.splat(0.0);
@@ -211,10 +222,11 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
             let total = kb.b.ins().splat(F32X4, total);
             let l_new = kb.b.ins().fma(l_old, alpha, total);
 
-            // Pass 3: y = y * alpha + sum_j p_j v_j, sixteen floats of the head at a time.
+            // Pass 3: y = y * alpha + sum_j p_j v_j, 32 floats of the head at a time (eight
+            // independent accumulators cover the FMA latency).
             let mut c0 = 0;
             while c0 < n_vec {
-                let width = (n_vec - c0).min(4) as usize;
+                let width = (n_vec - c0).min(8) as usize;
                 let init = vec![kb.splat(0.0); width];
                 let acc = kb.for_range(zero, count, 1, &init, |kb, j, acc| {
                     let at = kb.addr(scores, j, 4, 0);

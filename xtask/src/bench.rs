@@ -1,0 +1,316 @@
+//! `cargo xtask bench`: kiln's `chat bench` and, with `--vs llama.cpp`, llama.cpp's own
+//! `llama-bench` on the same GGUF and thread counts, in interleaved rounds (each round runs
+//! every engine once per thread count, each in a fresh process), reported as medians with
+//! their spread, each engine's peak resident memory, and kiln's decode rate as a fraction of
+//! the read-bandwidth roofline measured in the same run.
+//!
+//! llama.cpp's tools are built once from the sdist of the llama-cpp-python version the tests
+//! pin ([`crate::LLAMA_CPP_PYTHON`], so the same llama.cpp commit) into the cache directory,
+//! for the host CPU (`GGML_NATIVE`), as llama.cpp's users build it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+/// What `cargo xtask bench` measures.
+pub struct BenchOptions {
+    pub bundle: PathBuf,
+    pub threads: Vec<usize>,
+    pub runs: usize,
+    pub prefill: Vec<usize>,
+    pub decode: usize,
+    /// The GGUF llama.cpp runs, when comparing.
+    pub peer_gguf: Option<PathBuf>,
+    pub json: Option<PathBuf>,
+    /// Replace an existing `json` file.
+    pub force: bool,
+}
+
+/// One measurement of one engine in one round.
+struct Sample {
+    engine: &'static str,
+    test: String,
+    threads: usize,
+    tok_s: f64,
+    peak_rss_bytes: Option<u64>,
+}
+
+/// `llama-bench` (and `llama-completion`) from the pinned llama.cpp, built on first use.
+pub fn ensure_llama_tools() -> Result<PathBuf> {
+    let version = crate::LLAMA_CPP_PYTHON.rsplit("==").next().unwrap_or("unknown");
+    let dir = crate::cache_dir().join(format!("llama.cpp-{version}"));
+    let bin = dir.join("build/bin");
+    if bin.join("llama-bench").exists() && bin.join("llama-completion").exists() {
+        return Ok(bin);
+    }
+    eprintln!(
+        "building llama.cpp's llama-bench and llama-completion ({}) into {} (5-10 minutes, once)",
+        crate::LLAMA_CPP_PYTHON,
+        dir.display()
+    );
+    std::fs::create_dir_all(&dir)?;
+    let run = |cmd: &mut Command, what: &str| -> Result<()> {
+        let out = cmd.output().with_context(|| format!("cannot run {what}"))?;
+        if !out.status.success() {
+            bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        }
+        Ok(())
+    };
+    let have_cmake = Command::new("cmake").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have_cmake {
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "cmake"]), "pip install cmake")?;
+    }
+    let sdist = dir.join("sdist");
+    run(
+        Command::new("python3")
+            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "llama-cpp-python"])
+            .arg(crate::LLAMA_CPP_PYTHON)
+            .arg("-d")
+            .arg(&sdist),
+        "pip download of the llama-cpp-python sdist",
+    )?;
+    let archive = std::fs::read_dir(&sdist)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .context("the sdist download holds no .tar.gz")?;
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src)?;
+    run(Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(&src).arg("--strip-components=1"), "tar")?;
+    let build = dir.join("build");
+    run(
+        Command::new("cmake")
+            .arg("-S")
+            .arg(src.join("vendor/llama.cpp"))
+            .arg("-B")
+            .arg(&build)
+            .args(["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF"])
+            .args(["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]),
+        "cmake configure of llama.cpp",
+    )?;
+    run(
+        Command::new("cmake").arg("--build").arg(&build).args([
+            "-j",
+            "2",
+            "--target",
+            "llama-bench",
+            "llama-completion",
+        ]),
+        "cmake build of llama.cpp",
+    )?;
+    Ok(bin)
+}
+
+/// Runs `cmd` under GNU time when it is installed, returning its stdout and the peak resident
+/// memory of the process.
+fn run_measured(mut cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
+    let time = Path::new("/usr/bin/time");
+    let rss_file = std::env::temp_dir().join(format!("kiln-bench-rss-{}", std::process::id()));
+    let mut full = if time.exists() {
+        let mut t = Command::new(time);
+        t.arg("-f").arg("%M").arg("-o").arg(&rss_file).arg(cmd.get_program()).args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => t.env(k, v),
+                None => t.env_remove(k),
+            };
+        }
+        t
+    } else {
+        std::mem::replace(&mut cmd, Command::new("true"))
+    };
+    let out = full.output().with_context(|| format!("cannot run {what}"))?;
+    let rss = std::fs::read_to_string(&rss_file).ok().and_then(|s| s.trim().lines().last()?.trim().parse::<u64>().ok());
+    let _ = std::fs::remove_file(&rss_file);
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), rss.map(|kb| kb * 1024)))
+}
+
+/// Streaming read bandwidth of this machine with `threads` threads (bytes/s): the best of three
+/// passes summing a 512 MiB buffer.
+pub fn read_bandwidth(threads: usize) -> f64 {
+    let words = 64usize << 20;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads.max(1));
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                buf.chunks(chunk).map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, u64::wrapping_add)
+        });
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(total);
+        best = best.max((words * 8) as f64 / secs);
+    }
+    best
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Runs the benchmark and prints the table (and writes `--json`).
+pub fn bench(o: &BenchOptions) -> Result<()> {
+    if o.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if let Some(j) = &o.json {
+        compiler::outdir::check_output_file(j, o.force)?;
+    }
+    let triple = crate::bundle_triple(&o.bundle)?;
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(o.bundle.join("manifest.json"))?)?;
+    if o.peer_gguf.is_some() && Some(triple.as_str()) != targets::host_triple() {
+        bail!("--vs llama.cpp compares on this machine: the bundle is for {triple}, build one for the host");
+    }
+    if let Some(g) = &o.peer_gguf {
+        if !g.is_file() {
+            bail!("no GGUF for llama.cpp at {}", g.display());
+        }
+    }
+    if o.threads.is_empty() || o.threads.contains(&0) {
+        bail!("--threads must list thread counts of at least 1");
+    }
+    let runner = crate::build_runner(&triple, &crate::root().join("target"))?;
+    let llama = match &o.peer_gguf {
+        Some(g) => Some((ensure_llama_tools()?, g.clone())),
+        None => None,
+    };
+    let prefill = o.prefill.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+    let mut samples: Vec<Sample> = vec![];
+    for round in 0..o.runs {
+        eprintln!("round {}/{}", round + 1, o.runs);
+        for &t in &o.threads {
+            let mut cmd = runner.command();
+            cmd.args(["bench", "--json", "--runs", "1", "--bundle"]).arg(&o.bundle);
+            cmd.args(["--threads", &t.to_string(), "--prefill", &prefill, "--decode", &o.decode.to_string()]);
+            let (out, rss) = run_measured(cmd, "kiln's chat bench")?;
+            for line in out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
+                samples.push(Sample {
+                    engine: "kiln",
+                    test: line["test"].as_str().unwrap_or("?").to_string(),
+                    threads: t,
+                    tok_s: line["median_tok_s"].as_f64().unwrap_or(0.0),
+                    peak_rss_bytes: rss,
+                });
+            }
+            if let Some((bin, gguf)) = &llama {
+                let mut cmd = Command::new(bin.join("llama-bench"));
+                cmd.env("LD_LIBRARY_PATH", bin).arg("-m").arg(gguf);
+                cmd.args(["-t", &t.to_string(), "-p", &prefill, "-n", &o.decode.to_string(), "-r", "1", "-o", "jsonl"]);
+                let (out, rss) = run_measured(cmd, "llama-bench")?;
+                for line in out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
+                    let (p, n) = (line["n_prompt"].as_u64().unwrap_or(0), line["n_gen"].as_u64().unwrap_or(0));
+                    let test = if n == 0 { format!("pp{p}") } else { format!("tg{n}") };
+                    samples.push(Sample {
+                        engine: "llama.cpp",
+                        test,
+                        threads: t,
+                        tok_s: line["avg_ts"].as_f64().unwrap_or(0.0),
+                        peak_rss_bytes: rss,
+                    });
+                }
+            }
+        }
+    }
+
+    // Roofline of decode: every weight byte is read once per token, plus the KV cache up to
+    // the average position of the decode test.
+    let weights = manifest["memory"]["weights_bytes"].as_u64().unwrap_or(0) as f64;
+    let hp = &manifest["model"]["hyperparameters"];
+    let kv_per_position = hp["n_layers"].as_f64().unwrap_or(0.0)
+        * 2.0
+        * hp["n_kv_heads"].as_f64().unwrap_or(0.0)
+        * hp["head_dim"].as_f64().unwrap_or(0.0)
+        * 4.0;
+    let bytes_per_token = weights + kv_per_position * (1.0 + o.decode as f64) / 2.0;
+    let max_threads = o.threads.iter().copied().max().unwrap_or(1);
+    let bandwidth = read_bandwidth(max_threads);
+
+    // (engine, test, threads) -> samples, in first-seen order of tests.
+    let mut order: Vec<(String, usize)> = vec![];
+    let mut by: BTreeMap<(&str, String, usize), Vec<&Sample>> = BTreeMap::new();
+    for s in &samples {
+        if s.engine == "kiln" && !order.contains(&(s.test.clone(), s.threads)) {
+            order.push((s.test.clone(), s.threads));
+        }
+        by.entry((s.engine, s.test.clone(), s.threads)).or_default().push(s);
+    }
+    let stats = |v: &[&Sample]| {
+        let mut r: Vec<f64> = v.iter().map(|s| s.tok_s).collect();
+        let (min, max) = r.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        (median(&mut r), min, max, v.iter().filter_map(|s| s.peak_rss_bytes).max())
+    };
+    let mib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / (1 << 20) as f64));
+    println!(
+        "{:<7} {:>7} {:>22} {:>22} {:>7} {:>9} {:>9}",
+        "test", "threads", "kiln tok/s (min-max)", "llama.cpp (min-max)", "ratio", "kiln MiB", "llama MiB"
+    );
+    let mut results = vec![];
+    for (test, t) in &order {
+        let k = stats(&by[&("kiln", test.clone(), *t)]);
+        let p = by.get(&("llama.cpp", test.clone(), *t)).map(|v| stats(v));
+        let span = |s: (f64, f64, f64, Option<u64>)| format!("{:.1} ({:.0}-{:.0})", s.0, s.1, s.2);
+        println!(
+            "{:<7} {:>7} {:>22} {:>22} {:>7} {:>9} {:>9}",
+            test,
+            t,
+            span(k),
+            p.map_or("-".into(), span),
+            p.map_or("-".into(), |p| format!("{:.2}x", k.0 / p.0)),
+            mib(k.3),
+            mib(p.and_then(|p| p.3)),
+        );
+        for (engine, s) in [("kiln", Some(k)), ("llama.cpp", p)] {
+            if let Some(s) = s {
+                results.push(json!({
+                    "engine": engine, "test": test, "threads": t,
+                    "tokens_per_s": {"median": s.0, "min": s.1, "max": s.2},
+                    "runs": o.runs, "peak_rss_bytes": s.3,
+                }));
+            }
+        }
+    }
+    let decode_test = format!("tg{}", o.decode);
+    let kiln_decode = by.get(&("kiln", decode_test.clone(), max_threads)).map(|v| stats(v).0);
+    let roof = bandwidth / bytes_per_token;
+    println!(
+        "medians of {} interleaved rounds (each engine a fresh process per round); peak RSS of each engine's benchmark \
+         process (kiln at the bundle's context {}, llama-bench at prompt + generated tokens)",
+        o.runs, manifest["model"]["context"]
+    );
+    println!(
+        "roofline: read bandwidth {:.1} GB/s ({max_threads} threads), {:.1} MB read per decoded token: {:.0} tok/s{}",
+        bandwidth / 1e9,
+        bytes_per_token / 1e6,
+        roof,
+        kiln_decode.map_or(String::new(), |k| format!("; kiln {decode_test} at {:.0}% of it", 100.0 * k / roof))
+    );
+    if let Some(j) = &o.json {
+        let doc = json!({
+            "results": results,
+            "roofline": {
+                "read_bandwidth_bytes_per_s": bandwidth,
+                "bytes_per_token": bytes_per_token,
+                "decode_fraction": kiln_decode.map(|k| k / roof),
+            },
+            "bundle": o.bundle, "llama_cpp_gguf": o.peer_gguf, "llama_cpp": crate::LLAMA_CPP_PYTHON,
+        });
+        let text = serde_json::to_string_pretty(&doc)? + "\n";
+        compiler::outdir::write_file_atomically(j, o.force, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+        println!("wrote {}", j.display());
+    }
+    Ok(())
+}

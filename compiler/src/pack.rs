@@ -49,6 +49,11 @@ pub const fn q4x8_group_block(half: bool, mins: bool) -> usize {
 pub const fn q8x8_group_block(half: bool) -> usize {
     2 * scales_bytes(half) + 8 * 32
 }
+/// Bytes of one block of a [`Layout::Q8S16Rows8`] group: `d[2][8] f32`, `m[2][8] f32` only
+/// when `mins`, then sixteen 16-byte chunks.
+pub const fn q8s16x8_group_block(mins: bool) -> usize {
+    64 + if mins { 64 } else { 0 } + 8 * 32
+}
 /// Bytes of one block of a Q8 group: `d[4]`, then `qs[4][32] i8`.
 pub const fn q8_group_block(half: bool) -> usize {
     scales_bytes(half) + 4 * 32
@@ -88,6 +93,10 @@ pub enum Layout {
     /// Matrix of a format whose kernel form is Q8S16, groups of 4 rows interleaved per 32-value
     /// block; `mins` when some block has a nonzero offset (else the offsets are not stored).
     Q8S16Rows4 { rows: u32, cols: u32, mins: bool },
+    /// Matrix of a format whose kernel form is Q8S16, for a target's micro-kernels: groups of
+    /// 8 rows per 32-value block, `d[2][8]`, `m[2][8]` when `mins`, then the values in chunks
+    /// as [`Layout::Q8Rows8`].
+    Q8S16Rows8 { rows: u32, cols: u32, mins: bool },
 }
 
 impl Layout {
@@ -101,13 +110,14 @@ impl Layout {
             Layout::Q8Rows4 { cols, half, .. } => cols as u64 / 32 * q8_group_block(half) as u64,
             Layout::Q8Rows8 { cols, half, .. } => cols as u64 / 32 * q8x8_group_block(half) as u64,
             Layout::Q8S16Rows4 { cols, mins, .. } => cols as u64 / 32 * q8s16_group_block(mins) as u64,
+            Layout::Q8S16Rows8 { cols, mins, .. } => cols as u64 / 32 * q8s16x8_group_block(mins) as u64,
         }
     }
 
     /// Rows per group of a matrix layout.
     pub fn group_rows(self) -> usize {
         match self {
-            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } => MICRO_ROWS,
+            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::Q8S16Rows8 { .. } => MICRO_ROWS,
             _ => ROWS,
         }
     }
@@ -121,7 +131,8 @@ impl Layout {
             | Layout::Q4Rows8 { rows, cols, .. }
             | Layout::Q8Rows4 { rows, cols, .. }
             | Layout::Q8Rows8 { rows, cols, .. }
-            | Layout::Q8S16Rows4 { rows, cols, .. } => Some((rows, cols)),
+            | Layout::Q8S16Rows4 { rows, cols, .. }
+            | Layout::Q8S16Rows8 { rows, cols, .. } => Some((rows, cols)),
         }
     }
 }
@@ -186,7 +197,12 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool) 
             }
         }
         (KernelForm::Q8S16(_), [rows, cols], Blocks::Q8S16(blocks)) => {
-            Layout::Q8S16Rows4 { rows: *rows, cols: *cols, mins: blocks.iter().any(|b| b.m != [0.0; 2]) }
+            let mins = blocks.iter().any(|b| b.m != [0.0; 2]);
+            if micro {
+                Layout::Q8S16Rows8 { rows: *rows, cols: *cols, mins }
+            } else {
+                Layout::Q8S16Rows4 { rows: *rows, cols: *cols, mins }
+            }
         }
         _ => unreachable!("the verifier allows 1-D and 2-D weights only"),
     }
@@ -321,6 +337,27 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     qs.iter().for_each(|q| blob.extend(q.iter().map(|&v| v as u8)));
                 }
             }
+            Layout::Q8S16Rows8 { mins, .. } => {
+                let Blocks::Q8S16(all) = decoded else { unreachable!() };
+                let blocks = group_blocks(all, g, MICRO_ROWS, rows, n_blocks);
+                for b in 0..n_blocks {
+                    let (mut ds, mut ms, mut qs) =
+                        ([[0f32; MICRO_ROWS]; 2], [[0f32; MICRO_ROWS]; 2], [[0i8; 32]; MICRO_ROWS]);
+                    for (i, r) in blocks.iter().enumerate() {
+                        if let Some(blk) = r.get(b) {
+                            (ds[0][i], ds[1][i], ms[0][i], ms[1][i], qs[i]) =
+                                (blk.d[0], blk.d[1], blk.m[0], blk.m[1], blk.qs);
+                        }
+                    }
+                    ds.iter().flatten().for_each(|&x| push_f32(blob, x));
+                    if mins {
+                        ms.iter().flatten().for_each(|&x| push_f32(blob, x));
+                    }
+                    for u in 0..16 {
+                        qs.iter().for_each(|q| blob.extend(q[2 * u..2 * u + 2].iter().map(|&v| v as u8)));
+                    }
+                }
+            }
             Layout::Q8S16Rows4 { mins, .. } => {
                 let Blocks::Q8S16(all) = decoded else { unreachable!() };
                 let blocks = group_blocks(all, g, ROWS, rows, n_blocks);
@@ -346,7 +383,7 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
 
 /// Packs every weight of `model` and the constant tables its ops need, in weight-id order so
 /// that the blob is deterministic. With `micro_rows` (the target's schedule), Q4 and Q8
-/// matrices take the micro-kernels' 8-row layouts.
+/// matrices take the micro-kernels' 8-row layouts (Q4, Q8 and Q8S16 kernel forms).
 pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
     let graph = &model.graph;
     let raw: Vec<&[u8]> = model.weights().collect();

@@ -3035,7 +3035,7 @@ Disassembly of section .text:
 	mov    %ecx,(%rax)
 	cmp    $0xc1,%al
 	test   $0xa9c13d2a,%eax
-	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a95ad>
+	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a93cd>
 	shrl   $0x2a,-0x5555c2d6(%rcx)
 	ds stos %al,%es:(%rdi)
 	stos   %al,%es:(%rdi)
@@ -3459,505 +3459,582 @@ Disassembly of section .text:
 <kiln_v5_attend>:
 	push   %rbp
 	mov    %rsp,%rbp
-	sub    $0x180,%rsp
-	mov    %rbx,0x150(%rsp)
-	mov    %r12,0x158(%rsp)
-	mov    %r13,0x160(%rsp)
-	mov    %r14,0x168(%rsp)
-	mov    %r15,0x170(%rsp)
-	mov    %rdx,0x110(%rsp)
-	mov    (%rdi),%r10
-	mov    %r10,0x148(%rsp)
+	sub    $0x1b0,%rsp
+	mov    %rbx,0x180(%rsp)
+	mov    %r12,0x188(%rsp)
+	mov    %r13,0x190(%rsp)
+	mov    %r14,0x198(%rsp)
+	mov    %r15,0x1a0(%rsp)
+	mov    %rdx,0x118(%rsp)
+	mov    (%rdi),%rbx
+	mov    %rbx,%r14
 	mov    0x18(%rdi),%rax
-	mov    %rax,0x140(%rsp)
-	mov    0x30(%rdi),%r9
-	mov    0x10(%rdi),%r14
-	mov    0x28(%rdi),%rdx
-	mov    %rdx,0x130(%rsp)
+	mov    %rax,0x170(%rsp)
+	mov    0x30(%rdi),%rdx
+	mov    %rdx,0x168(%rsp)
+	mov    0x10(%rdi),%r9
+	mov    0x28(%rdi),%r8
+	mov    %r8,0x160(%rsp)
 	mov    0x20(%rdi),%rcx
-	shl    $0x2,%rcx
-	lea    (%rsi,%r9,4),%r8
-	mov    %r9,0x138(%rsp)
-	sub    %r8,%rcx
-	mov    0x110(%rsp),%rdx
-	mov    %r8,0x128(%rsp)
-	lea    -0x1(%rcx,%rdx,1),%rax
+	sub    %rdx,%rcx
+	mov    %rcx,0x158(%rsp)
+	mov    %rcx,%rax
+	shl    $0x2,%rax
+	sub    %rsi,%rax
+	mov    0x118(%rsp),%rdx
+	mov    %rsi,0x110(%rsp)
+	lea    -0x1(%rax,%rdx,1),%rax
 	cqto
-	mov    0x110(%rsp),%r10
-	mov    0x110(%rsp),%r11
-	test   %r10,%r11
-	je     <kiln_v5_attend+0xa4e>
-	mov    0x110(%rsp),%rcx
+	mov    0x118(%rsp),%rcx
+	mov    0x118(%rsp),%rsi
+	test   %rsi,%rcx
+	je     <kiln_v5_attend+0xc1f>
 	idiv   %rcx
-	mov    %rax,0x120(%rsp)
-	xor    %r10,%r10
-	mov    0x120(%rsp),%rcx
-	cmp    %rcx,%r10
-	mov    %rcx,0x120(%rsp)
-	jl     <kiln_v5_attend+0x110>
-	mov    0x150(%rsp),%rbx
-	mov    0x158(%rsp),%r12
-	mov    0x160(%rsp),%r13
-	mov    0x168(%rsp),%r14
-	mov    0x170(%rsp),%r15
-	add    $0x180,%rsp
+	mov    %rax,0x150(%rsp)
+	xor    %rbx,%rbx
+	cmp    %rax,%rbx
+	mov    %rax,0x150(%rsp)
+	jl     <kiln_v5_attend+0x105>
+	mov    0x180(%rsp),%rbx
+	mov    0x188(%rsp),%r12
+	mov    0x190(%rsp),%r13
+	mov    0x198(%rsp),%r14
+	mov    0x1a0(%rsp),%r15
+	add    $0x1b0,%rsp
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	vxorps %xmm0,%xmm0,%xmm0
-	mov    0x140(%rsp),%rsi
-	mov    0x8(%rsi),%rcx
-	mov    0x138(%rsp),%r9
-	mov    %r9,%rax
-	shl    $0x8,%rax
-	sub    %rax,%rcx
-	mov    0x110(%rsp),%r13
-	mov    %r10,%rax
-	imul   %r13,%rax
-	mov    0x128(%rsp),%r8
-	lea    (%rax,%r8,1),%rbx
-	mov    %rbx,%rax
-	shr    $0x2,%rax
-	mov    %rax,%rdx
-	shl    $0x8,%rax
-	mov    %rdx,0x118(%rsp)
-	lea    (%rcx,%rax,1),%r12
-	and    $0x3,%rbx
-	shl    $0x6,%rbx
-	vmovups %xmm0,(%r12,%rbx,1)
-	vmovups %xmm0,0x10(%r12,%rbx,1)
-	vmovups %xmm0,0x20(%r12,%rbx,1)
-	vmovups %xmm0,0x30(%r12,%rbx,1)
-	xor    %r15,%r15
-	vmovups 0x8bb(%rip),%xmm1        # <kiln_v5_attend+0xa50>
-	mov    0x118(%rsp),%rcx
-	mov    0x130(%rsp),%rdx
-	lea    0x40(%rdx,%rcx,1),%r11
-	shr    $0x6,%r11
-	movdqa %xmm1,%xmm5
-	movdqa %xmm0,%xmm6
-	cmp    %r11,%r15
-	jl     <kiln_v5_attend+0x215>
-	vmovups 0x899(%rip),%xmm0        # <kiln_v5_attend+0xa60>
-	vdivps %xmm6,%xmm0,%xmm0
-	vmulps (%r12,%rbx,1),%xmm0,%xmm1
-	vmovups %xmm1,(%r12,%rbx,1)
-	vmulps 0x10(%r12,%rbx,1),%xmm0,%xmm1
-	vmovups %xmm1,0x10(%r12,%rbx,1)
-	vmulps 0x20(%r12,%rbx,1),%xmm0,%xmm1
-	vmovups %xmm1,0x20(%r12,%rbx,1)
-	vmulps 0x30(%r12,%rbx,1),%xmm0,%xmm0
-	vmovups %xmm0,0x30(%r12,%rbx,1)
-	add    $0x1,%r10
-	mov    0x120(%rsp),%rcx
-	jmp    <kiln_v5_attend+0xcb>
-	xor    %rsi,%rsi
-	mov    0x118(%rsp),%rcx
-	mov    0x130(%rsp),%rdx
-	lea    0x1(%rdx,%rcx,1),%rcx
-	mov    %r15,%rdx
-	shl    $0x6,%rdx
-	sub    %rdx,%rcx
-	mov    $0x40,%edx
-	cmp    %rcx,%rdx
-	cmovl  %rdx,%rcx
-	mov    %rcx,%rdx
-	shr    $0x2,%rdx
-	movdqa %xmm1,%xmm2
-	cmp    %rdx,%rsi
-	jl     <kiln_v5_attend+0x87e>
-	mov    %rcx,%rdx
-	and    $0xfffffffffffffffc,%rdx
-	cmp    %rcx,%rdx
-	jl     <kiln_v5_attend+0x7b4>
-	mov    $0xff800000,%edx
-	vmovd  %edx,%xmm3
-	lea    (%rsp),%rsi
-	vmovss %xmm3,(%rsi,%rcx,4)
-	vmovss %xmm3,0x4(%rsi,%rcx,4)
-	vmovss %xmm3,0x8(%rsi,%rcx,4)
-	xor    %r9,%r9
-	lea    0x3(%rcx),%r8
-	shr    $0x2,%r8
-	movdqa %xmm0,%xmm3
-	cmp    %r8,%r9
-	jl     <kiln_v5_attend+0x59d>
+	mov    0x118(%rsp),%rax
+	mov    %rbx,%rcx
+	imul   %rax,%rcx
+	mov    0x110(%rsp),%rax
+	add    %rax,%rcx
 	xor    %rdx,%rdx
-	movdqa %xmm0,%xmm4
+	mov    0x158(%rsp),%rsi
+	mov    %rcx,%rax
+	div    %rsi
+	mov    %rax,%r8
+	xor    %rdx,%rdx
+	mov    %rcx,%rax
+	mov    0x158(%rsp),%rcx
+	div    %rcx
+	vxorps %xmm0,%xmm0,%xmm0
+	mov    0x170(%rsp),%rsi
+	mov    0x8(%rsi),%rcx
+	mov    0x168(%rsp),%r11
+	mov    %r11,%rsi
+	shl    $0x8,%rsi
+	sub    %rsi,%rcx
+	mov    0x168(%rsp),%rax
+	lea    (%rdx,%rax,1),%r15
+	mov    %r15,%rdi
+	shl    $0x8,%rdi
+	mov    %r15,0x148(%rsp)
+	lea    (%rcx,%rdi,1),%r13
+	mov    %r8,%rax
+	mov    %rdi,0x140(%rsp)
+	shl    $0x6,%rax
+	vmovups %xmm0,0x0(%r13,%rax,1)
+	vmovups %xmm0,0x10(%r13,%rax,1)
+	vmovups %xmm0,0x20(%r13,%rax,1)
+	vmovups %xmm0,0x30(%r13,%rax,1)
+	xor    %r12,%r12
+	vmovups 0xa75(%rip),%xmm1        # <kiln_v5_attend+0xc30>
+	mov    0x160(%rsp),%r8
+	movdqu %xmm1,0x130(%rsp)
+	lea    0x40(%r8,%r15,1),%rcx
+	shr    $0x6,%rcx
+	mov    %rcx,0x120(%rsp)
+	mov    0x120(%rsp),%r15
+	movdqa %xmm0,%xmm2
+	movdqu 0x130(%rsp),%xmm3
+	cmp    %r15,%r12
+	jl     <kiln_v5_attend+0x253>
+	vmovups 0xa3d(%rip),%xmm0        # <kiln_v5_attend+0xc40>
+	vdivps %xmm2,%xmm0,%xmm0
+	vmulps 0x0(%r13,%rax,1),%xmm0,%xmm1
+	vmovups %xmm1,0x0(%r13,%rax,1)
+	vmulps 0x10(%r13,%rax,1),%xmm0,%xmm1
+	vmovups %xmm1,0x10(%r13,%rax,1)
+	vmulps 0x20(%r13,%rax,1),%xmm0,%xmm1
+	vmovups %xmm1,0x20(%r13,%rax,1)
+	vmulps 0x30(%r13,%rax,1),%xmm0,%xmm0
+	vmovups %xmm0,0x30(%r13,%rax,1)
+	add    $0x1,%rbx
+	mov    0x150(%rsp),%rax
+	jmp    <kiln_v5_attend+0xc0>
+	xor    %r10,%r10
+	mov    0x160(%rsp),%r8
+	mov    0x148(%rsp),%r15
+	lea    0x1(%r8,%r15,1),%rsi
+	mov    %r12,%rcx
+	shl    $0x6,%rcx
+	sub    %rcx,%rsi
+	mov    $0x40,%ecx
+	cmp    %rsi,%rcx
+	cmovl  %rcx,%rsi
+	mov    %rsi,%r8
+	shr    $0x3,%r8
+	movdqu 0x130(%rsp),%xmm4
+	cmp    %r8,%r10
+	jl     <kiln_v5_attend+0x8ba>
+	mov    %rsi,%rcx
+	and    $0xfffffffffffffff8,%rcx
+	cmp    %rsi,%rcx
+	jl     <kiln_v5_attend+0x7f0>
+	mov    $0xff800000,%ecx
+	vmovd  %ecx,%xmm5
+	lea    (%rsp),%r8
+	vmovss %xmm5,(%r8,%rsi,4)
+	vmovss %xmm5,0x4(%r8,%rsi,4)
+	vmovss %xmm5,0x8(%r8,%rsi,4)
+	xor    %rdx,%rdx
+	lea    0x3(%rsi),%r10
+	shr    $0x2,%r10
+	movdqa %xmm0,%xmm5
+	cmp    %r10,%rdx
+	jl     <kiln_v5_attend+0x5e1>
+	xor    %rcx,%rcx
+	movdqa %xmm0,%xmm6
 	movdqa %xmm0,%xmm7
 	movdqa %xmm0,%xmm8
 	movdqa %xmm0,%xmm9
-	cmp    %rcx,%rdx
-	jl     <kiln_v5_attend+0x533>
-	vpshufd $0x1,%xmm2,%xmm10
-	ucomiss %xmm2,%xmm10
-	jne    <kiln_v5_attend+0x2e4>
-	jp     <kiln_v5_attend+0x2d9>
-	andps  %xmm2,%xmm10
-	jmp    <kiln_v5_attend+0x2e9>
-	addss  %xmm2,%xmm10
-	jp     <kiln_v5_attend+0x2e9>
-	maxss  %xmm2,%xmm10
-	vpshufd $0x2,%xmm2,%xmm11
-	vpshufd $0x3,%xmm2,%xmm2
-	ucomiss %xmm11,%xmm2
-	jne    <kiln_v5_attend+0x317>
-	jp     <kiln_v5_attend+0x30c>
-	andps  %xmm11,%xmm2
-	jmp    <kiln_v5_attend+0x31c>
-	addss  %xmm11,%xmm2
-	jp     <kiln_v5_attend+0x31c>
-	maxss  %xmm11,%xmm2
-	ucomiss %xmm10,%xmm2
-	jne    <kiln_v5_attend+0x340>
-	jp     <kiln_v5_attend+0x335>
-	andps  %xmm10,%xmm2
-	jmp    <kiln_v5_attend+0x345>
-	addss  %xmm10,%xmm2
-	jp     <kiln_v5_attend+0x345>
-	maxss  %xmm10,%xmm2
-	vbroadcastss %xmm2,%xmm10
-	vmaxps %xmm10,%xmm5,%xmm2
-	vmaxps %xmm5,%xmm10,%xmm10
-	vxorps %xmm10,%xmm2,%xmm11
-	vorps  %xmm11,%xmm2,%xmm10
-	vsubps %xmm11,%xmm10,%xmm2
-	vcmpunordps %xmm10,%xmm10,%xmm10
-	vpsrld $0xa,%xmm10,%xmm10
-	vandnps %xmm2,%xmm10,%xmm2
-	vsubps %xmm2,%xmm5,%xmm11
-	vmovups 0x6f2(%rip),%xmm12        # <kiln_v5_attend+0xa70>
-	vcmpltps %xmm12,%xmm11,%xmm5
-	vmovups 0x6f4(%rip),%xmm10        # <kiln_v5_attend+0xa80>
+	cmp    %rsi,%rcx
+	jl     <kiln_v5_attend+0x576>
+	vpshufd $0x1,%xmm4,%xmm10
+	ucomiss %xmm4,%xmm10
+	jne    <kiln_v5_attend+0x32a>
+	jp     <kiln_v5_attend+0x31f>
+	andps  %xmm4,%xmm10
+	jmp    <kiln_v5_attend+0x32f>
+	addss  %xmm4,%xmm10
+	jp     <kiln_v5_attend+0x32f>
+	maxss  %xmm4,%xmm10
+	vpshufd $0x2,%xmm4,%xmm11
+	vpshufd $0x3,%xmm4,%xmm4
+	ucomiss %xmm11,%xmm4
+	jne    <kiln_v5_attend+0x35d>
+	jp     <kiln_v5_attend+0x352>
+	andps  %xmm11,%xmm4
+	jmp    <kiln_v5_attend+0x362>
+	addss  %xmm11,%xmm4
+	jp     <kiln_v5_attend+0x362>
+	maxss  %xmm11,%xmm4
+	ucomiss %xmm10,%xmm4
+	jne    <kiln_v5_attend+0x386>
+	jp     <kiln_v5_attend+0x37b>
+	andps  %xmm10,%xmm4
+	jmp    <kiln_v5_attend+0x38b>
+	addss  %xmm10,%xmm4
+	jp     <kiln_v5_attend+0x38b>
+	maxss  %xmm10,%xmm4
+	vbroadcastss %xmm4,%xmm10
+	vmaxps %xmm10,%xmm3,%xmm4
+	vmaxps %xmm3,%xmm10,%xmm1
+	vxorps %xmm1,%xmm4,%xmm11
+	vorps  %xmm11,%xmm4,%xmm10
+	vsubps %xmm11,%xmm10,%xmm4
+	vcmpunordps %xmm10,%xmm10,%xmm1
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm4,%xmm1,%xmm4
+	vsubps %xmm4,%xmm3,%xmm11
+	vmovups 0x88e(%rip),%xmm12        # <kiln_v5_attend+0xc50>
+	vcmpltps %xmm12,%xmm11,%xmm3
+	vmovups 0x890(%rip),%xmm10        # <kiln_v5_attend+0xc60>
 	vmaxps %xmm12,%xmm11,%xmm13
-	vmaxps %xmm11,%xmm12,%xmm11
-	vxorps %xmm11,%xmm13,%xmm11
+	vmaxps %xmm11,%xmm12,%xmm1
+	vxorps %xmm1,%xmm13,%xmm11
 	vorps  %xmm11,%xmm13,%xmm12
 	vsubps %xmm11,%xmm12,%xmm11
-	vcmpunordps %xmm12,%xmm12,%xmm12
-	vpsrld $0xa,%xmm12,%xmm12
-	vandnps %xmm11,%xmm12,%xmm11
-	vmovups 0x6d2(%rip),%xmm12        # <kiln_v5_attend+0xa90>
+	vcmpunordps %xmm12,%xmm12,%xmm1
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm11,%xmm1,%xmm11
+	vmovups 0x870(%rip),%xmm12        # <kiln_v5_attend+0xc70>
 	vminps %xmm12,%xmm11,%xmm13
 	vminps %xmm11,%xmm12,%xmm12
 	vorps  %xmm12,%xmm13,%xmm11
 	vcmpunordps %xmm12,%xmm11,%xmm12
 	vorps  %xmm12,%xmm11,%xmm11
-	vpsrld $0xa,%xmm12,%xmm12
-	vandnps %xmm11,%xmm12,%xmm12
-	vmovups 0x6b5(%rip),%xmm11        # <kiln_v5_attend+0xaa0>
-	vmulps %xmm11,%xmm12,%xmm11
-	vroundps $0x0,%xmm11,%xmm11
-	vmovups 0x6b2(%rip),%xmm13        # <kiln_v5_attend+0xab0>
-	vmovups 0x6ba(%rip),%xmm14        # <kiln_v5_attend+0xac0>
+	vpsrld $0xa,%xmm12,%xmm1
+	vandnps %xmm11,%xmm1,%xmm12
+	vmovups 0x853(%rip),%xmm1        # <kiln_v5_attend+0xc80>
+	vmulps %xmm1,%xmm12,%xmm1
+	vroundps $0x0,%xmm1,%xmm11
+	vmovups 0x851(%rip),%xmm13        # <kiln_v5_attend+0xc90>
+	vmovups 0x859(%rip),%xmm14        # <kiln_v5_attend+0xca0>
 	movdqa %xmm11,%xmm15
 	vfmadd213ps %xmm12,%xmm14,%xmm15
 	movdqa %xmm11,%xmm12
 	vfmadd213ps %xmm15,%xmm13,%xmm12
-	vmovups 0x6ae(%rip),%xmm13        # <kiln_v5_attend+0xad0>
+	vmovups 0x84d(%rip),%xmm13        # <kiln_v5_attend+0xcb0>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x6b1(%rip),%xmm13        # <kiln_v5_attend+0xae0>
+	vmovups 0x850(%rip),%xmm13        # <kiln_v5_attend+0xcc0>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x6b4(%rip),%xmm13        # <kiln_v5_attend+0xaf0>
+	vmovups 0x853(%rip),%xmm13        # <kiln_v5_attend+0xcd0>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x6b7(%rip),%xmm13        # <kiln_v5_attend+0xb00>
+	vmovups 0x856(%rip),%xmm13        # <kiln_v5_attend+0xce0>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x6ba(%rip),%xmm13        # <kiln_v5_attend+0xb10>
+	vmovups 0x859(%rip),%xmm13        # <kiln_v5_attend+0xcf0>
 	vfmadd213ps %xmm13,%xmm12,%xmm10
 	vmulps %xmm12,%xmm12,%xmm13
-	vmovups 0x5f8(%rip),%xmm14        # <kiln_v5_attend+0xa60>
-	vaddps %xmm14,%xmm12,%xmm12
+	vmovups 0x797(%rip),%xmm1        # <kiln_v5_attend+0xc40>
+	vaddps %xmm1,%xmm12,%xmm12
 	vfmadd213ps %xmm12,%xmm13,%xmm10
 	vcmpeqps %xmm11,%xmm11,%xmm12
 	vandps %xmm12,%xmm11,%xmm11
 	vpxor  %xmm11,%xmm12,%xmm12
 	vcvttps2dq %xmm11,%xmm11
-	vpand  %xmm12,%xmm11,%xmm12
-	vpsrad $0x1f,%xmm12,%xmm12
-	vpxor  %xmm11,%xmm12,%xmm11
-	vmovdqu 0x681(%rip),%xmm12        # <kiln_v5_attend+0xb20>
-	vpaddd %xmm12,%xmm11,%xmm11
-	vpslld $0x17,%xmm11,%xmm11
-	vmulps %xmm11,%xmm10,%xmm10
-	vpblendvb %xmm5,%xmm0,%xmm10,%xmm5
-	movdqa %xmm5,%xmm10
-	vfmadd132ps (%r12,%rbx,1),%xmm9,%xmm10
-	vmovups %xmm10,(%r12,%rbx,1)
-	movdqa %xmm5,%xmm9
-	vfmadd132ps 0x10(%r12,%rbx,1),%xmm8,%xmm9
-	vmovups %xmm9,0x10(%r12,%rbx,1)
-	movdqa %xmm5,%xmm8
-	vfmadd132ps 0x20(%r12,%rbx,1),%xmm7,%xmm8
-	vmovups %xmm8,0x20(%r12,%rbx,1)
-	movdqa %xmm5,%xmm7
-	vfmadd132ps 0x30(%r12,%rbx,1),%xmm4,%xmm7
-	vmovups %xmm7,0x30(%r12,%rbx,1)
-	add    $0x1,%r15
-	vpshufd $0x1,%xmm3,%xmm7
-	vaddss %xmm7,%xmm3,%xmm7
-	vpshufd $0x2,%xmm3,%xmm4
-	vpshufd $0x3,%xmm3,%xmm3
-	vaddss %xmm3,%xmm4,%xmm3
-	vaddss %xmm3,%xmm7,%xmm7
-	vbroadcastss %xmm7,%xmm7
-	vfmadd213ps %xmm7,%xmm5,%xmm6
-	movdqa %xmm2,%xmm5
-	jmp    <kiln_v5_attend+0x1b6>
-	vmovss (%rsi,%rdx,4),%xmm10
-	lea    0x1(%rdx),%r8
-	lea    0x4000(%r14,%rbx,1),%rdi
-	mov    %r15,%r9
-	shl    $0xe,%r9
-	add    %rdi,%r9
-	shl    $0x8,%rdx
+	vpand  %xmm12,%xmm11,%xmm1
+	vpsrad $0x1f,%xmm1,%xmm1
+	vpxor  %xmm11,%xmm1,%xmm11
+	vmovdqu 0x822(%rip),%xmm1        # <kiln_v5_attend+0xd00>
+	vpaddd %xmm1,%xmm11,%xmm1
+	vpslld $0x17,%xmm1,%xmm1
+	vmulps %xmm1,%xmm10,%xmm1
+	vpblendvb %xmm3,%xmm0,%xmm1,%xmm3
+	movdqa %xmm3,%xmm1
+	vfmadd132ps 0x0(%r13,%rax,1),%xmm9,%xmm1
+	vmovups %xmm1,0x0(%r13,%rax,1)
+	movdqa %xmm3,%xmm1
+	vfmadd132ps 0x10(%r13,%rax,1),%xmm8,%xmm1
+	vmovups %xmm1,0x10(%r13,%rax,1)
+	movdqa %xmm3,%xmm1
+	vfmadd132ps 0x20(%r13,%rax,1),%xmm7,%xmm1
+	vmovups %xmm1,0x20(%r13,%rax,1)
+	movdqa %xmm3,%xmm1
+	vfmadd132ps 0x30(%r13,%rax,1),%xmm6,%xmm1
+	vmovups %xmm1,0x30(%r13,%rax,1)
+	add    $0x1,%r12
+	vpshufd $0x1,%xmm5,%xmm1
+	vaddss %xmm1,%xmm5,%xmm6
+	vpshufd $0x2,%xmm5,%xmm7
+	vpshufd $0x3,%xmm5,%xmm1
+	vaddss %xmm1,%xmm7,%xmm1
+	vaddss %xmm1,%xmm6,%xmm1
+	vbroadcastss %xmm1,%xmm5
+	vfmadd213ps %xmm5,%xmm3,%xmm2
+	mov    0x120(%rsp),%r15
+	movdqa %xmm4,%xmm3
+	jmp    <kiln_v5_attend+0x1f2>
+	vmovss (%r8,%rcx,4),%xmm10
+	lea    0x1(%rcx),%rdx
+	lea    0x4000(%r9,%rax,1),%rdi
+	mov    %r12,%r10
+	shl    $0xe,%r10
+	add    %r10,%rdi
+	shl    $0x8,%rcx
 	vbroadcastss %xmm10,%xmm10
 	movdqa %xmm10,%xmm11
-	vfmadd132ps (%r9,%rdx,1),%xmm9,%xmm11
+	vfmadd132ps (%rdi,%rcx,1),%xmm9,%xmm11
 	movdqa %xmm10,%xmm9
-	vfmadd132ps 0x10(%r9,%rdx,1),%xmm8,%xmm9
+	vfmadd132ps 0x10(%rdi,%rcx,1),%xmm8,%xmm9
 	movdqa %xmm10,%xmm8
-	vfmadd132ps 0x20(%r9,%rdx,1),%xmm7,%xmm8
-	vfmadd132ps 0x30(%r9,%rdx,1),%xmm4,%xmm10
-	mov    %r8,%rdx
+	vfmadd132ps 0x20(%rdi,%rcx,1),%xmm7,%xmm8
+	vfmadd132ps 0x30(%rdi,%rcx,1),%xmm6,%xmm10
+	mov    %rdx,%rcx
 	movdqa %xmm8,%xmm7
 	movdqa %xmm9,%xmm8
 	movdqa %xmm11,%xmm9
-	movdqa %xmm10,%xmm4
-	jmp    <kiln_v5_attend+0x2b2>
-	mov    %r9,%rdx
-	shl    $0x4,%rdx
-	vmovups (%rsi,%rdx,1),%xmm4
-	vpshufd $0x1,%xmm2,%xmm7
-	ucomiss %xmm2,%xmm7
-	jne    <kiln_v5_attend+0x5cf>
-	jp     <kiln_v5_attend+0x5c5>
-	andps  %xmm2,%xmm7
-	jmp    <kiln_v5_attend+0x5d3>
-	addss  %xmm2,%xmm7
-	jp     <kiln_v5_attend+0x5d3>
-	maxss  %xmm2,%xmm7
-	vpshufd $0x2,%xmm2,%xmm8
-	vpshufd $0x3,%xmm2,%xmm9
+	movdqa %xmm10,%xmm6
+	jmp    <kiln_v5_attend+0x2f8>
+	mov    %rdx,%r11
+	shl    $0x4,%r11
+	vmovups (%r8,%r11,1),%xmm6
+	vpshufd $0x1,%xmm4,%xmm7
+	ucomiss %xmm4,%xmm7
+	jne    <kiln_v5_attend+0x614>
+	jp     <kiln_v5_attend+0x60a>
+	andps  %xmm4,%xmm7
+	jmp    <kiln_v5_attend+0x618>
+	addss  %xmm4,%xmm7
+	jp     <kiln_v5_attend+0x618>
+	maxss  %xmm4,%xmm7
+	vpshufd $0x2,%xmm4,%xmm8
+	vpshufd $0x3,%xmm4,%xmm9
 	ucomiss %xmm8,%xmm9
-	jne    <kiln_v5_attend+0x601>
-	jp     <kiln_v5_attend+0x5f6>
+	jne    <kiln_v5_attend+0x646>
+	jp     <kiln_v5_attend+0x63b>
 	andps  %xmm8,%xmm9
-	jmp    <kiln_v5_attend+0x606>
+	jmp    <kiln_v5_attend+0x64b>
 	addss  %xmm8,%xmm9
-	jp     <kiln_v5_attend+0x606>
+	jp     <kiln_v5_attend+0x64b>
 	maxss  %xmm8,%xmm9
 	ucomiss %xmm7,%xmm9
-	jne    <kiln_v5_attend+0x62a>
-	jp     <kiln_v5_attend+0x61f>
+	jne    <kiln_v5_attend+0x66f>
+	jp     <kiln_v5_attend+0x664>
 	andps  %xmm7,%xmm9
-	jmp    <kiln_v5_attend+0x62f>
+	jmp    <kiln_v5_attend+0x674>
 	addss  %xmm7,%xmm9
-	jp     <kiln_v5_attend+0x62f>
+	jp     <kiln_v5_attend+0x674>
 	maxss  %xmm7,%xmm9
 	vbroadcastss %xmm9,%xmm8
-	vmaxps %xmm8,%xmm5,%xmm7
-	vmaxps %xmm5,%xmm8,%xmm8
-	vxorps %xmm8,%xmm7,%xmm9
+	vmaxps %xmm8,%xmm3,%xmm7
+	vmaxps %xmm3,%xmm8,%xmm1
+	vxorps %xmm1,%xmm7,%xmm9
 	vorps  %xmm9,%xmm7,%xmm8
 	vsubps %xmm9,%xmm8,%xmm7
-	vcmpunordps %xmm8,%xmm8,%xmm11
-	vpsrld $0xa,%xmm11,%xmm13
-	vandnps %xmm7,%xmm13,%xmm7
-	vsubps %xmm7,%xmm4,%xmm8
-	vmovups 0x408(%rip),%xmm9        # <kiln_v5_attend+0xa70>
-	vcmpltps %xmm9,%xmm8,%xmm4
-	vmovups 0x40a(%rip),%xmm7        # <kiln_v5_attend+0xa80>
+	vcmpunordps %xmm8,%xmm8,%xmm1
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm7,%xmm1,%xmm7
+	vsubps %xmm7,%xmm6,%xmm8
+	vmovups 0x5a5(%rip),%xmm9        # <kiln_v5_attend+0xc50>
+	vcmpltps %xmm9,%xmm8,%xmm6
+	vmovups 0x5a7(%rip),%xmm7        # <kiln_v5_attend+0xc60>
 	vmaxps %xmm9,%xmm8,%xmm10
-	vmaxps %xmm8,%xmm9,%xmm8
-	vxorps %xmm8,%xmm10,%xmm9
+	vmaxps %xmm8,%xmm9,%xmm1
+	vxorps %xmm1,%xmm10,%xmm8
+	vorps  %xmm8,%xmm10,%xmm9
+	vsubps %xmm8,%xmm9,%xmm8
+	vcmpunordps %xmm9,%xmm9,%xmm1
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm8,%xmm1,%xmm8
+	vmovups 0x587(%rip),%xmm9        # <kiln_v5_attend+0xc70>
+	vminps %xmm9,%xmm8,%xmm10
+	vminps %xmm8,%xmm9,%xmm9
 	vorps  %xmm9,%xmm10,%xmm8
-	vsubps %xmm9,%xmm8,%xmm9
-	vcmpunordps %xmm8,%xmm8,%xmm11
-	vpsrld $0xa,%xmm11,%xmm13
-	vandnps %xmm9,%xmm13,%xmm15
-	vmovups 0x3e8(%rip),%xmm8        # <kiln_v5_attend+0xa90>
-	vminps %xmm8,%xmm15,%xmm9
-	vminps %xmm15,%xmm8,%xmm8
-	vorps  %xmm8,%xmm9,%xmm9
-	vcmpunordps %xmm8,%xmm9,%xmm8
-	vorps  %xmm8,%xmm9,%xmm10
-	vpsrld $0xa,%xmm8,%xmm12
-	vandnps %xmm10,%xmm12,%xmm14
-	vmovups 0x3cb(%rip),%xmm8        # <kiln_v5_attend+0xaa0>
-	vmulps %xmm8,%xmm14,%xmm8
-	vroundps $0x0,%xmm8,%xmm8
-	vmovups 0x3c8(%rip),%xmm10        # <kiln_v5_attend+0xab0>
-	vmovups 0x3d0(%rip),%xmm9        # <kiln_v5_attend+0xac0>
-	movdqa %xmm8,%xmm11
-	vfmadd213ps %xmm14,%xmm9,%xmm11
+	vcmpunordps %xmm9,%xmm8,%xmm9
+	vorps  %xmm9,%xmm8,%xmm8
+	vpsrld $0xa,%xmm9,%xmm1
+	vandnps %xmm8,%xmm1,%xmm9
+	vmovups 0x56a(%rip),%xmm1        # <kiln_v5_attend+0xc80>
+	vmulps %xmm1,%xmm9,%xmm1
+	vroundps $0x0,%xmm1,%xmm8
+	vmovups 0x568(%rip),%xmm10        # <kiln_v5_attend+0xc90>
+	vmovups 0x570(%rip),%xmm11        # <kiln_v5_attend+0xca0>
+	movdqa %xmm8,%xmm12
+	vfmadd213ps %xmm9,%xmm11,%xmm12
 	movdqa %xmm8,%xmm9
-	vfmadd213ps %xmm11,%xmm10,%xmm9
-	vmovups 0x3c4(%rip),%xmm10        # <kiln_v5_attend+0xad0>
+	vfmadd213ps %xmm12,%xmm10,%xmm9
+	vmovups 0x564(%rip),%xmm10        # <kiln_v5_attend+0xcb0>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x3c7(%rip),%xmm10        # <kiln_v5_attend+0xae0>
+	vmovups 0x567(%rip),%xmm10        # <kiln_v5_attend+0xcc0>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x3ca(%rip),%xmm10        # <kiln_v5_attend+0xaf0>
+	vmovups 0x56a(%rip),%xmm10        # <kiln_v5_attend+0xcd0>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x3cd(%rip),%xmm10        # <kiln_v5_attend+0xb00>
+	vmovups 0x56d(%rip),%xmm10        # <kiln_v5_attend+0xce0>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x3d0(%rip),%xmm10        # <kiln_v5_attend+0xb10>
+	vmovups 0x570(%rip),%xmm10        # <kiln_v5_attend+0xcf0>
 	vfmadd213ps %xmm10,%xmm9,%xmm7
 	vmulps %xmm9,%xmm9,%xmm10
-	vmovups 0x30e(%rip),%xmm11        # <kiln_v5_attend+0xa60>
-	vaddps %xmm11,%xmm9,%xmm9
+	vmovups 0x4ae(%rip),%xmm1        # <kiln_v5_attend+0xc40>
+	vaddps %xmm1,%xmm9,%xmm9
 	vfmadd213ps %xmm9,%xmm10,%xmm7
 	vcmpeqps %xmm8,%xmm8,%xmm9
 	vandps %xmm9,%xmm8,%xmm8
 	vpxor  %xmm8,%xmm9,%xmm9
 	vcvttps2dq %xmm8,%xmm8
-	vpand  %xmm9,%xmm8,%xmm10
-	vpsrad $0x1f,%xmm10,%xmm12
-	vpxor  %xmm8,%xmm12,%xmm14
-	vmovdqu 0x397(%rip),%xmm8        # <kiln_v5_attend+0xb20>
-	vpaddd %xmm8,%xmm14,%xmm8
-	vpslld $0x17,%xmm8,%xmm8
-	vmulps %xmm8,%xmm7,%xmm7
-	vpblendvb %xmm4,%xmm0,%xmm7,%xmm4
-	vmovups %xmm4,(%rsi,%rdx,1)
-	add    $0x1,%r9
-	vaddps %xmm4,%xmm3,%xmm3
-	jmp    <kiln_v5_attend+0x294>
-	mov    0x148(%rsp),%rdi
-	lea    (%rdi,%rax,1),%rsi
-	vmovups 0x30(%rsi,%rbx,1),%xmm3
-	lea    (%r14,%rbx,1),%r8
-	mov    %r15,%r9
-	shl    $0xe,%r9
-	add    %r9,%r8
-	mov    %rdx,%r9
-	shl    $0x8,%r9
-	vmovups 0x30(%r8,%r9,1),%xmm4
-	vmovups 0x20(%rsi,%rbx,1),%xmm7
-	vmovups 0x20(%r8,%r9,1),%xmm10
-	vmovups 0x10(%rsi,%rbx,1),%xmm8
-	vmovups 0x10(%r8,%r9,1),%xmm11
-	vmovups (%rsi,%rbx,1),%xmm9
-	vmovups (%r8,%r9,1),%xmm12
-	vfmadd213ps %xmm0,%xmm12,%xmm9
-	vfmadd213ps %xmm9,%xmm11,%xmm8
-	vfmadd213ps %xmm8,%xmm10,%xmm7
-	vfmadd213ps %xmm7,%xmm4,%xmm3
-	vpshufd $0x1,%xmm3,%xmm4
-	vaddss %xmm4,%xmm3,%xmm4
-	vpshufd $0x2,%xmm3,%xmm7
-	vpshufd $0x3,%xmm3,%xmm3
-	vaddss %xmm3,%xmm7,%xmm3
-	vaddss %xmm3,%xmm4,%xmm3
-	vbroadcastss %xmm3,%xmm3
-	vmovups 0x2ed(%rip),%xmm4        # <kiln_v5_attend+0xb30>
-	vmulps %xmm4,%xmm3,%xmm3
-	lea    (%rsp),%rsi
-	vmovss %xmm3,(%rsi,%rdx,4)
+	vpand  %xmm9,%xmm8,%xmm1
+	vpsrad $0x1f,%xmm1,%xmm1
+	vpxor  %xmm8,%xmm1,%xmm8
+	vmovdqu 0x539(%rip),%xmm1        # <kiln_v5_attend+0xd00>
+	vpaddd %xmm1,%xmm8,%xmm1
+	vpslld $0x17,%xmm1,%xmm1
+	vmulps %xmm1,%xmm7,%xmm1
+	vpblendvb %xmm6,%xmm0,%xmm1,%xmm6
+	vmovups %xmm6,(%r8,%r11,1)
 	add    $0x1,%rdx
-	vmaxps %xmm3,%xmm2,%xmm4
-	vmaxps %xmm2,%xmm3,%xmm7
-	vxorps %xmm7,%xmm4,%xmm2
-	vorps  %xmm2,%xmm4,%xmm3
-	vsubps %xmm2,%xmm3,%xmm2
-	vcmpunordps %xmm3,%xmm3,%xmm3
-	vpsrld $0xa,%xmm3,%xmm3
-	vandnps %xmm2,%xmm3,%xmm2
-	jmp    <kiln_v5_attend+0x25e>
-	mov    0x148(%rsp),%rdi
-	lea    (%rdi,%rax,1),%r13
-	vmovups 0x30(%r13,%rbx,1),%xmm3
-	lea    (%r14,%rbx,1),%r8
-	mov    %r15,%r9
-	shl    $0xe,%r9
-	add    %r9,%r8
-	mov    %rsi,%r9
-	shl    $0xa,%r9
-	vmovups 0x30(%r8,%r9,1),%xmm12
-	vmovups 0x20(%r13,%rbx,1),%xmm4
-	vmovups 0x20(%r8,%r9,1),%xmm13
-	vmovups 0x10(%r13,%rbx,1),%xmm7
-	vmovups 0x10(%r8,%r9,1),%xmm14
-	vmovups 0x0(%r13,%rbx,1),%xmm8
-	vmovups (%r8,%r9,1),%xmm15
-	movdqa %xmm8,%xmm9
-	vfmadd213ps %xmm0,%xmm15,%xmm9
-	movdqa %xmm7,%xmm15
-	vfmadd213ps %xmm9,%xmm14,%xmm15
-	movdqa %xmm4,%xmm14
-	vfmadd213ps %xmm15,%xmm13,%xmm14
-	movdqa %xmm3,%xmm13
+	vaddps %xmm6,%xmm5,%xmm5
+	jmp    <kiln_v5_attend+0x2da>
+	mov    0x140(%rsp),%rdi
+	lea    (%r14,%rdi,1),%rdx
+	vmovups 0x30(%rdx,%rax,1),%xmm5
+	lea    (%r9,%rax,1),%r8
+	mov    %r12,%r10
+	shl    $0xe,%r10
+	add    %r10,%r8
+	mov    %rcx,%r10
+	shl    $0x8,%r10
+	vmovups 0x30(%r8,%r10,1),%xmm6
+	vmovups 0x20(%rdx,%rax,1),%xmm7
+	vmovups 0x20(%r8,%r10,1),%xmm8
+	vmovups 0x10(%rdx,%rax,1),%xmm9
+	vmovups 0x10(%r8,%r10,1),%xmm10
+	vmovups (%rdx,%rax,1),%xmm11
+	vmovups (%r8,%r10,1),%xmm12
+	vfmadd213ps %xmm0,%xmm12,%xmm11
+	vfmadd213ps %xmm11,%xmm10,%xmm9
+	vfmadd213ps %xmm9,%xmm8,%xmm7
+	vfmadd213ps %xmm7,%xmm6,%xmm5
+	vpshufd $0x1,%xmm5,%xmm6
+	vaddss %xmm6,%xmm5,%xmm6
+	vpshufd $0x2,%xmm5,%xmm7
+	vpshufd $0x3,%xmm5,%xmm5
+	vaddss %xmm5,%xmm7,%xmm5
+	vaddss %xmm5,%xmm6,%xmm5
+	vbroadcastss %xmm5,%xmm5
+	vmovups 0x491(%rip),%xmm6        # <kiln_v5_attend+0xd10>
+	vmulps %xmm6,%xmm5,%xmm5
+	lea    (%rsp),%rdx
+	vmovss %xmm5,(%rdx,%rcx,4)
+	add    $0x1,%rcx
+	vmaxps %xmm5,%xmm4,%xmm6
+	vmaxps %xmm4,%xmm5,%xmm1
+	vxorps %xmm1,%xmm6,%xmm4
+	vorps  %xmm4,%xmm6,%xmm5
+	vsubps %xmm4,%xmm5,%xmm4
+	vcmpunordps %xmm5,%xmm5,%xmm6
+	vpsrld $0xa,%xmm6,%xmm1
+	vandnps %xmm4,%xmm1,%xmm4
+	jmp    <kiln_v5_attend+0x2a1>
+	mov    0x140(%rsp),%rdi
+	lea    (%r14,%rdi,1),%rcx
+	vmovups 0x30(%rcx,%rax,1),%xmm5
+	lea    (%r9,%rax,1),%r11
+	mov    %r12,%rdx
+	shl    $0xe,%rdx
+	add    %r11,%rdx
+	mov    %r10,%r11
+	shl    $0xb,%r11
+	vmovups 0x30(%rdx,%r11,1),%xmm9
+	vmovups 0x20(%rcx,%rax,1),%xmm6
+	vmovups 0x20(%rdx,%r11,1),%xmm10
+	vmovups 0x10(%rcx,%rax,1),%xmm7
+	vmovups 0x10(%rdx,%r11,1),%xmm11
+	vmovups (%rcx,%rax,1),%xmm8
+	vmovups (%rdx,%r11,1),%xmm12
+	movdqa %xmm8,%xmm13
+	vfmadd213ps %xmm0,%xmm12,%xmm13
+	movdqa %xmm7,%xmm12
+	vfmadd213ps %xmm13,%xmm11,%xmm12
+	movdqa %xmm6,%xmm11
+	vfmadd213ps %xmm12,%xmm10,%xmm11
+	movdqa %xmm5,%xmm10
+	vfmadd213ps %xmm11,%xmm9,%xmm10
+	vmovups 0x130(%rdx,%r11,1),%xmm9
+	vmovups 0x120(%rdx,%r11,1),%xmm11
+	vmovups 0x110(%rdx,%r11,1),%xmm12
+	vmovups 0x100(%rdx,%r11,1),%xmm13
+	movdqa %xmm8,%xmm14
+	vfmadd213ps %xmm0,%xmm13,%xmm14
+	movdqa %xmm7,%xmm13
 	vfmadd213ps %xmm14,%xmm12,%xmm13
-	vmovups 0x130(%r8,%r9,1),%xmm12
-	vmovups 0x120(%r8,%r9,1),%xmm14
-	vmovups 0x110(%r8,%r9,1),%xmm15
-	vmovups 0x100(%r8,%r9,1),%xmm9
-	movdqa %xmm8,%xmm10
-	vfmadd213ps %xmm0,%xmm9,%xmm10
-	movdqa %xmm7,%xmm9
-	vfmadd213ps %xmm10,%xmm15,%xmm9
-	movdqa %xmm4,%xmm15
-	vfmadd213ps %xmm9,%xmm14,%xmm15
-	movdqa %xmm3,%xmm14
-	vfmadd213ps %xmm15,%xmm12,%xmm14
-	vpunpcklqdq %xmm14,%xmm13,%xmm12
-	vpunpckhqdq %xmm14,%xmm13,%xmm13
-	vaddps %xmm13,%xmm12,%xmm12
-	vmovups 0x230(%r8,%r9,1),%xmm14
-	vmovups 0x220(%r8,%r9,1),%xmm13
-	vmovups 0x210(%r8,%r9,1),%xmm15
-	vmovups 0x200(%r8,%r9,1),%xmm9
-	movdqa %xmm8,%xmm10
-	vfmadd213ps %xmm0,%xmm9,%xmm10
-	movdqa %xmm7,%xmm9
-	vfmadd213ps %xmm10,%xmm15,%xmm9
-	movdqa %xmm4,%xmm15
-	vfmadd213ps %xmm9,%xmm13,%xmm15
-	movdqa %xmm3,%xmm13
-	vfmadd213ps %xmm15,%xmm14,%xmm13
-	vmovups 0x330(%r8,%r9,1),%xmm14
-	vmovups 0x320(%r8,%r9,1),%xmm15
-	vmovups 0x310(%r8,%r9,1),%xmm9
-	vmovups 0x300(%r8,%r9,1),%xmm10
-	vfmadd213ps %xmm0,%xmm10,%xmm8
-	vfmadd213ps %xmm8,%xmm9,%xmm7
-	vfmadd213ps %xmm7,%xmm15,%xmm4
-	vfmadd213ps %xmm4,%xmm14,%xmm3
-	vpunpcklqdq %xmm3,%xmm13,%xmm4
-	vpunpckhqdq %xmm3,%xmm13,%xmm3
-	vaddps %xmm3,%xmm4,%xmm3
-	vshufps $0x88,%xmm3,%xmm12,%xmm4
-	vshufps $0xdd,%xmm3,%xmm12,%xmm3
-	vaddps %xmm3,%xmm4,%xmm3
-	vmovups 0x125(%rip),%xmm4        # <kiln_v5_attend+0xb30>
-	vmulps %xmm4,%xmm3,%xmm3
-	lea    (%rsp),%r8
-	mov    %rsi,%r9
-	shl    $0x4,%r9
-	vmovups %xmm3,(%r8,%r9,1)
-	add    $0x1,%rsi
-	vmaxps %xmm3,%xmm2,%xmm7
-	vmaxps %xmm2,%xmm3,%xmm2
-	vxorps %xmm2,%xmm7,%xmm2
-	vorps  %xmm2,%xmm7,%xmm3
-	vsubps %xmm2,%xmm3,%xmm2
-	vcmpunordps %xmm3,%xmm3,%xmm3
-	vpsrld $0xa,%xmm3,%xmm3
-	vandnps %xmm2,%xmm3,%xmm2
-	jmp    <kiln_v5_attend+0x24e>
+	movdqa %xmm6,%xmm12
+	vfmadd213ps %xmm13,%xmm11,%xmm12
+	movdqa %xmm5,%xmm11
+	vfmadd213ps %xmm12,%xmm9,%xmm11
+	vpunpcklqdq %xmm11,%xmm10,%xmm9
+	vpunpckhqdq %xmm11,%xmm10,%xmm1
+	vaddps %xmm1,%xmm9,%xmm9
+	vmovups 0x230(%rdx,%r11,1),%xmm11
+	vmovups 0x220(%rdx,%r11,1),%xmm10
+	vmovups 0x210(%rdx,%r11,1),%xmm12
+	vmovups 0x200(%rdx,%r11,1),%xmm13
+	movdqa %xmm8,%xmm14
+	vfmadd213ps %xmm0,%xmm13,%xmm14
+	movdqa %xmm7,%xmm13
+	vfmadd213ps %xmm14,%xmm12,%xmm13
+	movdqa %xmm6,%xmm12
+	vfmadd213ps %xmm13,%xmm10,%xmm12
+	movdqa %xmm5,%xmm10
+	vfmadd213ps %xmm12,%xmm11,%xmm10
+	vmovups 0x330(%rdx,%r11,1),%xmm11
+	vmovups 0x320(%rdx,%r11,1),%xmm12
+	vmovups 0x310(%rdx,%r11,1),%xmm13
+	vmovups 0x300(%rdx,%r11,1),%xmm14
+	movdqa %xmm8,%xmm15
+	vfmadd213ps %xmm0,%xmm14,%xmm15
+	movdqa %xmm7,%xmm14
+	vfmadd213ps %xmm15,%xmm13,%xmm14
+	movdqa %xmm6,%xmm13
+	vfmadd213ps %xmm14,%xmm12,%xmm13
+	movdqa %xmm5,%xmm12
+	vfmadd213ps %xmm13,%xmm11,%xmm12
+	vpunpcklqdq %xmm12,%xmm10,%xmm11
+	vpunpckhqdq %xmm12,%xmm10,%xmm1
+	vaddps %xmm1,%xmm11,%xmm10
+	vshufps $0x88,%xmm10,%xmm9,%xmm11
+	vshufps $0xdd,%xmm10,%xmm9,%xmm1
+	vaddps %xmm1,%xmm11,%xmm9
+	vmovups 0x2b7(%rip),%xmm10        # <kiln_v5_attend+0xd10>
+	vmulps %xmm10,%xmm9,%xmm9
+	lea    (%rsp),%rcx
+	mov    %r10,%r15
+	shl    $0x5,%r15
+	vmovups %xmm9,(%rcx,%r15,1)
+	vmovups 0x430(%rdx,%r11,1),%xmm12
+	vmovups 0x420(%rdx,%r11,1),%xmm11
+	vmovups 0x410(%rdx,%r11,1),%xmm13
+	vmovups 0x400(%rdx,%r11,1),%xmm14
+	movdqa %xmm8,%xmm15
+	vfmadd213ps %xmm0,%xmm14,%xmm15
+	movdqa %xmm7,%xmm14
+	vfmadd213ps %xmm15,%xmm13,%xmm14
+	movdqa %xmm6,%xmm13
+	vfmadd213ps %xmm14,%xmm11,%xmm13
+	movdqa %xmm5,%xmm11
+	vfmadd213ps %xmm13,%xmm12,%xmm11
+	vmovups 0x530(%rdx,%r11,1),%xmm12
+	vmovups 0x520(%rdx,%r11,1),%xmm13
+	vmovups 0x510(%rdx,%r11,1),%xmm14
+	vmovups 0x500(%rdx,%r11,1),%xmm15
+	movdqa %xmm8,%xmm1
+	vfmadd213ps %xmm0,%xmm15,%xmm1
+	movdqa %xmm7,%xmm15
+	vfmadd213ps %xmm1,%xmm14,%xmm15
+	movdqa %xmm6,%xmm1
+	vfmadd213ps %xmm15,%xmm13,%xmm1
+	movdqa %xmm5,%xmm13
+	vfmadd213ps %xmm1,%xmm12,%xmm13
+	vpunpcklqdq %xmm13,%xmm11,%xmm1
+	vpunpckhqdq %xmm13,%xmm11,%xmm11
+	vaddps %xmm11,%xmm1,%xmm11
+	vmovups 0x630(%rdx,%r11,1),%xmm13
+	vmovups 0x620(%rdx,%r11,1),%xmm12
+	vmovups 0x610(%rdx,%r11,1),%xmm14
+	vmovups 0x600(%rdx,%r11,1),%xmm1
+	movdqa %xmm8,%xmm15
+	vfmadd213ps %xmm0,%xmm1,%xmm15
+	movdqa %xmm7,%xmm1
+	vfmadd213ps %xmm15,%xmm14,%xmm1
+	movdqa %xmm6,%xmm14
+	vfmadd213ps %xmm1,%xmm12,%xmm14
+	movdqa %xmm5,%xmm12
+	vfmadd213ps %xmm14,%xmm13,%xmm12
+	vmovups 0x730(%rdx,%r11,1),%xmm13
+	vmovups 0x720(%rdx,%r11,1),%xmm14
+	vmovups 0x710(%rdx,%r11,1),%xmm15
+	vmovups 0x700(%rdx,%r11,1),%xmm1
+	vfmadd213ps %xmm0,%xmm1,%xmm8
+	vfmadd213ps %xmm8,%xmm15,%xmm7
+	vfmadd213ps %xmm7,%xmm14,%xmm6
+	vfmadd213ps %xmm6,%xmm13,%xmm5
+	vpunpcklqdq %xmm5,%xmm12,%xmm6
+	vpunpckhqdq %xmm5,%xmm12,%xmm5
+	vaddps %xmm5,%xmm6,%xmm5
+	vshufps $0x88,%xmm5,%xmm11,%xmm6
+	vshufps $0xdd,%xmm5,%xmm11,%xmm5
+	vaddps %xmm5,%xmm6,%xmm5
+	vmulps %xmm10,%xmm5,%xmm5
+	vmovups %xmm5,0x10(%rcx,%r15,1)
+	add    $0x1,%r10
+	vmaxps %xmm9,%xmm4,%xmm6
+	vmaxps %xmm4,%xmm9,%xmm1
+	vxorps %xmm1,%xmm6,%xmm4
+	vorps  %xmm4,%xmm6,%xmm6
+	vsubps %xmm4,%xmm6,%xmm7
+	vcmpunordps %xmm6,%xmm6,%xmm1
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm7,%xmm1,%xmm1
+	vmaxps %xmm5,%xmm1,%xmm4
+	vmaxps %xmm1,%xmm5,%xmm1
+	vxorps %xmm1,%xmm4,%xmm6
+	vorps  %xmm6,%xmm4,%xmm5
+	vsubps %xmm6,%xmm5,%xmm7
+	vcmpunordps %xmm5,%xmm5,%xmm1
+	vpsrld $0xa,%xmm1,%xmm1
+	vandnps %xmm7,%xmm1,%xmm4
+	jmp    <kiln_v5_attend+0x291>
 	ud2
-	add    %al,(%rax)
-	cmp    $0x0,%bh
+	...
 	add    %al,-0x7fffff01(%rax)
 	incl   (%rax)
 	add    %al,-0x7fffff01(%rax)
+	incl   (%rax)
+	add    %al,-0x7fffffc1(%rax)
 	(bad)
 	add    %al,(%rax)
 	cmpb   $0x0,(%rdi)
-	add    %al,-0x7fffffc1(%rax)
-	(bad)
-	(bad)
-	cltd
-	scas   %es:(%rdi),%al
+	add    %al,-0x516665c1(%rax)
 	ret    $0x999a
 	scas   %es:(%rdi),%al
 	ret    $0x999a
@@ -4026,13 +4103,13 @@ Disassembly of section .text:
 	add    %bh,(%rdi)
 	add    %al,(%rax)
 	add    %bh,(%rdi)
-	jg     <kiln_v5_attend+0xb22>
+	jg     <kiln_v5_attend+0xd02>
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0xb26>
+	jg     <kiln_v5_attend+0xd06>
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0xb2a>
+	jg     <kiln_v5_attend+0xd0a>
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0xb2e>
+	jg     <kiln_v5_attend+0xd0e>
 	add    %al,(%rax)
 	add    %al,(%rax)
 	cmpb   $0x0,(%rsi)

@@ -7,7 +7,7 @@
 //! products come from the target's int16 dot (`pmaddwd` on x86-64), are reduced to one
 //! `i32x4` of four row sums by two pairwise adds, and are scaled in float.
 //! Where the target has micro-kernels (x86-64: 256-bit AVX2, see `targets::MicroKernel`),
-//! Q4 and Q8 matrices come in groups of 8 rows and the kernel here only
+//! Q4, Q8 and Q8S16 matrices come in groups of 8 rows and the kernel here only
 //! walks groups and tiles of up to 4 token rows, calls the micro-kernel for each tile (one
 //! function per tile height) and applies the epilogue to the 8 × tokens results it leaves on
 //! the stack.
@@ -19,8 +19,8 @@ use targets::{MicroKernel, MicroValues};
 
 use super::builder::{le, Kb};
 use crate::pack::{
-    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, q8x8_group_block, scales_bytes, Layout,
-    PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
+    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, q8s16x8_group_block, q8x8_group_block,
+    scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
 };
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
@@ -56,13 +56,17 @@ pub fn micro_kernel(layout: Layout, tokens: usize) -> Option<MicroKernel> {
     let (values, half, mins, block_bytes) = match layout {
         Layout::Q4Rows8 { half, mins, .. } => (MicroValues::Nibbles, half, mins, q4x8_group_block(half, mins)),
         Layout::Q8Rows8 { half, .. } => (MicroValues::Bytes, half, false, q8x8_group_block(half)),
+        Layout::Q8S16Rows8 { mins, .. } => (MicroValues::Bytes, false, mins, q8s16x8_group_block(mins)),
         _ => return None,
     };
-    let scales = 2 * scales_bytes(half) as u32;
+    let halves = matches!(layout, Layout::Q8S16Rows8 { .. });
+    // d (and m): 8 scales each, twice with halves.
+    let scales = 2 * scales_bytes(half) as u32 * if halves { 2 } else { 1 };
     Some(MicroKernel {
         tokens: tokens as u32,
         values,
         half,
+        halves,
         mins_at: mins.then_some(scales),
         qs_at: if mins { 2 * scales } else { scales },
         block_bytes: block_bytes as u32,
@@ -124,7 +128,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                         vec![]
                     });
                 }
-                Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } => {
+                Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::Q8S16Rows8 { .. } => {
                     let (micro, tile_out) =
                         (spec.micro.expect("8-row layouts come with micro-kernels"), tile_out.unwrap());
                     let tile = Tile { micro, out: tile_out, wg, x_base, x_row_bytes, n_blocks: cols / 32 };

@@ -312,7 +312,11 @@ fn define_micro_kernels(
                 .ok_or_else(|| CodegenError::Unsupported(format!("target {} has no micro-kernels", target.triple())))?;
             let name = format!(
                 "kiln_micro_{}x8_{}_{}_t{tokens}",
-                if spec.values == targets::MicroValues::Nibbles { "q4" } else { "q8" },
+                match (spec.values, spec.halves) {
+                    (targets::MicroValues::Nibbles, _) => "q4",
+                    (targets::MicroValues::Bytes, false) => "q8",
+                    (targets::MicroValues::Bytes, true) => "q8s16",
+                },
                 if spec.half { "f16" } else { "f32" },
                 if spec.mins_at.is_some() { "min" } else { "nomin" }
             );

@@ -9,8 +9,8 @@ use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 use super::abi;
 use super::builder::{le, Kb};
 use crate::pack::{
-    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, q8x8_group_block, Layout, PackedWeight,
-    F32_GROUP_CHUNK,
+    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, q8s16x8_group_block, q8x8_group_block, Layout,
+    PackedWeight, F32_GROUP_CHUNK,
 };
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
@@ -342,20 +342,41 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             vec![]
                         });
                     }
-                    Layout::Q8S16Rows4 { mins, .. } => {
+                    Layout::Q8S16Rows4 { mins, .. } | Layout::Q8S16Rows8 { mins, .. } => {
                         let nb = kb.iconst(cols / 32);
-                        let block = q8s16_group_block(mins) as i64;
-                        let qs_at = if mins { 64 } else { 32 };
+                        let block = match table.layout {
+                            Layout::Q8S16Rows4 { .. } => q8s16_group_block(mins),
+                            _ => q8s16x8_group_block(mins),
+                        } as i64;
+                        // d[2][rows], then m[2][rows] when stored, then the values.
+                        let half_scales = 4 * group_rows;
+                        let qs_at = if mins { 4 * half_scales } else { 2 * half_scales };
+                        let row_buf = (group_rows == 8).then(|| {
+                            let slot =
+                                kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 32, 4));
+                            kb.b.ins().stack_addr(I64, slot, 0)
+                        });
                         kb.for_range(zero, nb, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, block, 0);
                             let out = kb.addr(yr, b, 128, 0);
-                            let qs = kb.addr(blk, lane, 32, qs_at);
+                            let qs = match row_buf {
+                                None => kb.addr(blk, lane, 32, qs_at),
+                                Some(buf) => {
+                                    // Gathered from the 8-row chunks (row `lane` at bytes `2 lane`).
+                                    let src = kb.addr(blk, lane, 2, qs_at);
+                                    for u in 0..16 {
+                                        let v = kb.load(I16, src, 16 * u);
+                                        kb.store(v, buf, 2 * u);
+                                    }
+                                    buf
+                                }
+                            };
                             for h in 0..2i64 {
-                                let d_ptr = kb.addr(blk, lane, 4, 16 * h);
+                                let d_ptr = kb.addr(blk, lane, 4, half_scales * h);
                                 let d = kb.load(F32, d_ptr, 0);
                                 let d = kb.b.ins().splat(F32X4, d);
                                 let m = if mins {
-                                    let m_ptr = kb.addr(blk, lane, 4, 32 + 16 * h);
+                                    let m_ptr = kb.addr(blk, lane, 4, 2 * half_scales + half_scales * h);
                                     let m = kb.load(F32, m_ptr, 0);
                                     Some(kb.b.ins().splat(F32X4, m))
                                 } else {

@@ -56,56 +56,80 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     a.jle(done)?;
     a.set_label(&mut top)?;
     let qs = k.qs_at as i32;
-    // Each chunk's int16 values (one or two registers), with the index of their first value.
-    let mut first = true;
+    if k.halves {
+        assert!(k.values == MicroValues::Bytes && !k.half, "Q8S16 blocks: bytes with f32 scales");
+        // ymm6: int16 ones, for the halves' activation sums.
+        a.mov(eax, 0x0001_0001)?;
+        a.vmovd(xmm6, eax)?;
+        a.vpbroadcastd(ymm6, xmm6)?;
+    }
     let chunks = if k.values == MicroValues::Nibbles { 8 } else { 16 };
-    for u in 0..chunks {
-        let pairs = match k.values {
-            MicroValues::Nibbles => {
-                a.vpmovzxbw(hi, xmmword_ptr(rdi + (qs + 16 * u)))?;
-                a.vpand(lo, hi, mask)?;
-                a.vpsrlw(hi, hi, 4)?;
-                // Low nibbles are values 2u, 2u+1; high nibbles 16+2u, 17+2u.
-                vec![(lo, 2 * u), (hi, 16 + 2 * u)]
-            }
-            MicroValues::Bytes => {
-                a.vpmovsxbw(lo, xmmword_ptr(rdi + (qs + 16 * u)))?;
-                vec![(lo, 2 * u)]
-            }
-        };
-        for (values, value) in pairs {
-            for t in 0..tokens {
-                a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 2 * value)))?;
-                if first {
-                    a.vpmaddwd(iacc[t], values, tmp)?;
-                } else {
-                    a.vpmaddwd(tmp, values, tmp)?;
-                    a.vpaddd(iacc[t], iacc[t], tmp)?;
+    // The chunks folded into f32 together: all of them, or each 16-value half.
+    let folds: Vec<std::ops::Range<i32>> = if k.halves { vec![0..8, 8..16] } else { vec![0..chunks] };
+    for (h, fold) in folds.into_iter().enumerate() {
+        let mut first = true;
+        for u in fold {
+            let pairs = match k.values {
+                MicroValues::Nibbles => {
+                    a.vpmovzxbw(hi, xmmword_ptr(rdi + (qs + 16 * u)))?;
+                    a.vpand(lo, hi, mask)?;
+                    a.vpsrlw(hi, hi, 4)?;
+                    // Low nibbles are values 2u, 2u+1; high nibbles 16+2u, 17+2u.
+                    vec![(lo, 2 * u), (hi, 16 + 2 * u)]
                 }
+                MicroValues::Bytes => {
+                    a.vpmovsxbw(lo, xmmword_ptr(rdi + (qs + 16 * u)))?;
+                    vec![(lo, 2 * u)]
+                }
+            };
+            for (values, value) in pairs {
+                for t in 0..tokens {
+                    a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 2 * value)))?;
+                    if first {
+                        a.vpmaddwd(iacc[t], values, tmp)?;
+                    } else {
+                        a.vpmaddwd(tmp, values, tmp)?;
+                        a.vpaddd(iacc[t], iacc[t], tmp)?;
+                    }
+                }
+                first = false;
             }
-            first = false;
         }
-    }
-    // d (ymm12) and m (ymm13) for the 8 rows.
-    if k.half {
-        a.vcvtph2ps(lo, xmmword_ptr(rdi))?;
-    } else {
-        a.vmovups(lo, ymmword_ptr(rdi))?;
-    }
-    let offsets = match k.mins_at {
-        Some(at) if k.half => a.vcvtph2ps(hi, xmmword_ptr(rdi + at as i32)).map(|_| true)?,
-        Some(at) => a.vmovups(hi, ymmword_ptr(rdi + at as i32)).map(|_| true)?,
-        None if minus_8d => a.vmulps(hi, lo, minus8).map(|_| true)?,
-        None => false,
-    };
-    for t in 0..tokens {
-        a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
-        a.vmulps(tmp, lo, tmp)?;
-        a.vcvtdq2ps(iacc[t], iacc[t])?;
-        a.vfmadd231ps(facc[t], iacc[t], tmp)?;
-        if offsets {
-            a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
-            a.vfmadd231ps(facc[t], hi, tmp)?;
+        // d (ymm12) and m (ymm13) for the 8 rows (of half h).
+        let scales_at = 32 * h as i32;
+        if k.half {
+            a.vcvtph2ps(lo, xmmword_ptr(rdi))?;
+        } else {
+            a.vmovups(lo, ymmword_ptr(rdi + scales_at))?;
+        }
+        let offsets = match k.mins_at {
+            Some(at) if k.half => a.vcvtph2ps(hi, xmmword_ptr(rdi + at as i32)).map(|_| true)?,
+            Some(at) => a.vmovups(hi, ymmword_ptr(rdi + (at as i32 + scales_at))).map(|_| true)?,
+            None if minus_8d => a.vmulps(hi, lo, minus8).map(|_| true)?,
+            None => false,
+        };
+        for t in 0..tokens {
+            a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
+            a.vmulps(tmp, lo, tmp)?;
+            a.vcvtdq2ps(iacc[t], iacc[t])?;
+            a.vfmadd231ps(facc[t], iacc[t], tmp)?;
+            if offsets && k.halves {
+                // f32(sum of the half's 16 activation integers) * scale, in every lane.
+                a.vpmaddwd(tmp, ymm6, ymmword_ptr(x(t, X_VALUES_AT + 32 * h as i32)))?;
+                a.vextracti128(xmm5, tmp, 1)?;
+                a.vpaddd(xmm14, xmm14, xmm5)?;
+                a.vpshufd(xmm5, xmm14, 0x4e)?;
+                a.vpaddd(xmm14, xmm14, xmm5)?;
+                a.vpshufd(xmm5, xmm14, 0xb1)?;
+                a.vpaddd(xmm14, xmm14, xmm5)?;
+                a.vcvtdq2ps(xmm14, xmm14)?;
+                a.vmulss(xmm14, xmm14, dword_ptr(x(t, 0)))?;
+                a.vbroadcastss(tmp, xmm14)?;
+                a.vfmadd231ps(facc[t], hi, tmp)?;
+            } else if offsets {
+                a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
+                a.vfmadd231ps(facc[t], hi, tmp)?;
+            }
         }
     }
     a.add(rdi, k.block_bytes as i32)?;
@@ -135,22 +159,26 @@ mod tests {
             for values in [MicroValues::Nibbles, MicroValues::Bytes] {
                 for half in [false, true] {
                     for mins in [false, true] {
-                        if values == MicroValues::Bytes && mins {
-                            continue;
-                        }
                         let scales = if half { 16 } else { 32 };
                         let k = MicroKernel {
                             tokens,
                             values,
                             half,
+                            halves: false,
                             mins_at: mins.then_some(scales),
                             qs_at: if mins { 2 * scales } else { scales },
                             block_bytes: 2 * scales + 256,
                             x_block_bytes: 72,
                         };
-                        let code = kernel(&k).unwrap();
-                        assert_eq!(code, kernel(&k).unwrap(), "{k:?}");
-                        assert!(code.ends_with(&[0xc5, 0xf8, 0x77, 0xc3]), "{k:?}");
+                        let halves = MicroKernel { halves: true, half: false, ..k };
+                        for k in [k, halves] {
+                            if k.halves && (values == MicroValues::Nibbles || half) {
+                                continue;
+                            }
+                            let code = kernel(&k).unwrap();
+                            assert_eq!(code, kernel(&k).unwrap(), "{k:?}");
+                            assert!(code.ends_with(&[0xc5, 0xf8, 0x77, 0xc3]), "{k:?}");
+                        }
                     }
                 }
             }

@@ -226,6 +226,15 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
         }
     }
 
+    // Peak memory at the bundle's context, the same work for both: a 512-token prompt and
+    // `decode` generated tokens (kiln's bench; llama-completion with -c at the context).
+    let context = manifest["model"]["context"].as_u64().unwrap_or(0);
+    let max_threads = o.threads.iter().copied().max().unwrap_or(1);
+    let memory = match &llama {
+        Some((bin, gguf)) => Some(same_context_memory(&runner, bin, gguf, &o.bundle, context, max_threads, o.decode)?),
+        None => None,
+    };
+
     // Roofline of decode: every weight byte is read once per token, plus the KV cache up to
     // the average position of the decode test.
     let weights = manifest["memory"]["weights_bytes"].as_u64().unwrap_or(0) as f64;
@@ -236,7 +245,6 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
         * hp["head_dim"].as_f64().unwrap_or(0.0)
         * 4.0;
     let bytes_per_token = weights + kv_per_position * (1.0 + o.decode as f64) / 2.0;
-    let max_threads = o.threads.iter().copied().max().unwrap_or(1);
     let bandwidth = read_bandwidth(max_threads);
 
     // (engine, test, threads) -> samples, in first-seen order of tests.
@@ -298,8 +306,25 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
         roof,
         kiln_decode.map_or(String::new(), |k| format!("; kiln {decode_test} at {:.0}% of it", 100.0 * k / roof))
     );
+    if let Some((k, l)) = memory {
+        println!(
+            "peak RSS at context {context}, 512-token prompt + {} generated, {max_threads} threads: kiln {} MiB, \
+             llama-completion {} MiB{}",
+            o.decode,
+            mib(k),
+            mib(l),
+            match (k, l) {
+                (Some(k), Some(l)) => format!(" ({:.2}x)", k as f64 / l as f64),
+                _ => String::new(),
+            }
+        );
+    }
     if let Some(j) = &o.json {
         let doc = json!({
+            "memory_at_context": memory.map(|(k, l)| json!({
+                "context": context, "prompt_tokens": 512, "generated_tokens": o.decode, "threads": max_threads,
+                "kiln_peak_rss_bytes": k, "llama_completion_peak_rss_bytes": l,
+            })),
             "results": results,
             "roofline": {
                 "read_bandwidth_bytes_per_s": bandwidth,
@@ -313,4 +338,34 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
         println!("wrote {}", j.display());
     }
     Ok(())
+}
+
+/// Peak resident memory of kiln and of llama-completion doing the same work at the bundle's
+/// context: a 512-token prompt, then `decode` generated tokens.
+fn same_context_memory(
+    runner: &crate::App,
+    bin: &Path,
+    gguf: &Path,
+    bundle: &Path,
+    context: u64,
+    threads: usize,
+    decode: usize,
+) -> Result<(Option<u64>, Option<u64>)> {
+    let mut cmd = runner.command();
+    cmd.args(["bench", "--json", "--runs", "1", "--prefill", "512", "--decode", &decode.to_string(), "--bundle"]);
+    cmd.arg(bundle).args(["--threads", &threads.to_string()]);
+    let (_, kiln) = run_measured(cmd, "kiln's chat bench")?;
+    // About 512 tokens of the shipped evaluation text (English prose: about 1.3 tokens a word).
+    let text = std::fs::read_to_string(crate::root().join("examples/data/eval.txt"))?;
+    let prompt: Vec<&str> = text.split_whitespace().take(390).collect();
+    let prompt_file = std::env::temp_dir().join(format!("kiln-bench-prompt-{}.txt", std::process::id()));
+    std::fs::write(&prompt_file, prompt.join(" "))?;
+    let mut cmd = Command::new(bin.join("llama-completion"));
+    cmd.env("LD_LIBRARY_PATH", bin).arg("-m").arg(gguf).arg("-f").arg(&prompt_file);
+    cmd.args(["-c", &context.to_string(), "-t", &threads.to_string(), "-n", &decode.to_string()]);
+    cmd.args(["--ignore-eos", "-no-cnv", "--no-display-prompt", "--temp", "0", "--no-perf"]);
+    cmd.stdin(std::process::Stdio::null());
+    let result = run_measured(cmd, "llama-completion");
+    let _ = std::fs::remove_file(&prompt_file);
+    Ok((kiln, result?.1))
 }

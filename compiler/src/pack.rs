@@ -246,6 +246,19 @@ fn push_scales(blob: &mut Vec<u8>, v: &[f32], half: bool) {
     }
 }
 
+/// Appends one block's values of a row group: each row's bytes whole (4-row layouts), or, for
+/// the micro-kernels' 8-row layouts, interleaved two bytes at a time (chunk `u` of 16 bytes
+/// holds bytes `2u, 2u+1` of every row).
+fn push_values<const N: usize>(blob: &mut Vec<u8>, rows: &[[u8; N]], interleaved: bool) {
+    if interleaved {
+        for u in 0..N / 2 {
+            rows.iter().for_each(|q| blob.extend_from_slice(&q[2 * u..2 * u + 2]));
+        }
+    } else {
+        rows.iter().for_each(|q| blob.extend_from_slice(q));
+    }
+}
+
 /// Packs one matrix into `blob` (rows beyond `rows` in the last group are zero).
 fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) {
     let (rows, cols) = layout.matrix().map(|(r, c)| (r as usize, c as usize)).expect("a matrix");
@@ -271,11 +284,12 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     }
                 }
             }
-            Layout::Q4Rows4 { half, mins, .. } => {
+            Layout::Q4Rows4 { half, mins, .. } | Layout::Q4Rows8 { half, mins, .. } => {
                 let Blocks::Q4(all) = decoded else { unreachable!() };
-                let blocks = group_blocks(all, g, ROWS, rows, n_blocks);
+                let n = layout.group_rows();
+                let blocks = group_blocks(all, g, n, rows, n_blocks);
                 for b in 0..n_blocks {
-                    let (mut ds, mut ms, mut qs) = ([0f32; 4], [0f32; 4], [[0u8; 16]; 4]);
+                    let (mut ds, mut ms, mut qs) = (vec![0f32; n], vec![0f32; n], vec![[0u8; 16]; n]);
                     for (i, r) in blocks.iter().enumerate() {
                         if let Some(blk) = r.get(b) {
                             (ds[i], ms[i], qs[i]) = (blk.d, blk.m, blk.qs);
@@ -285,95 +299,42 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     if mins {
                         push_scales(blob, &ms, half);
                     }
-                    qs.iter().for_each(|q| blob.extend_from_slice(q));
+                    push_values(blob, &qs, n == MICRO_ROWS);
                 }
             }
-            Layout::Q4Rows8 { half, mins, .. } => {
-                let Blocks::Q4(all) = decoded else { unreachable!() };
-                let blocks = group_blocks(all, g, MICRO_ROWS, rows, n_blocks);
-                for b in 0..n_blocks {
-                    let (mut ds, mut ms, mut qs) = ([0f32; MICRO_ROWS], [0f32; MICRO_ROWS], [[0u8; 16]; MICRO_ROWS]);
-                    for (i, r) in blocks.iter().enumerate() {
-                        if let Some(blk) = r.get(b) {
-                            (ds[i], ms[i], qs[i]) = (blk.d, blk.m, blk.qs);
-                        }
-                    }
-                    push_scales(blob, &ds, half);
-                    if mins {
-                        push_scales(blob, &ms, half);
-                    }
-                    for u in 0..8 {
-                        qs.iter().for_each(|q| blob.extend_from_slice(&q[2 * u..2 * u + 2]));
-                    }
-                }
-            }
-            Layout::Q8Rows8 { half, .. } => {
+            Layout::Q8Rows4 { half, .. } | Layout::Q8Rows8 { half, .. } => {
                 let Blocks::Q8(all) = decoded else { unreachable!() };
-                let blocks = group_blocks(all, g, MICRO_ROWS, rows, n_blocks);
+                let n = layout.group_rows();
+                let blocks = group_blocks(all, g, n, rows, n_blocks);
                 for b in 0..n_blocks {
-                    let (mut ds, mut qs) = ([0f32; MICRO_ROWS], [[0i8; 32]; MICRO_ROWS]);
+                    let (mut ds, mut qs) = (vec![0f32; n], vec![[0u8; 32]; n]);
                     for (i, r) in blocks.iter().enumerate() {
                         if let Some(blk) = r.get(b) {
-                            (ds[i], qs[i]) = (blk.d, blk.qs);
+                            (ds[i], qs[i]) = (blk.d, blk.qs.map(|v| v as u8));
                         }
                     }
                     push_scales(blob, &ds, half);
-                    for u in 0..16 {
-                        qs.iter().for_each(|q| blob.extend(q[2 * u..2 * u + 2].iter().map(|&v| v as u8)));
-                    }
+                    push_values(blob, &qs, n == MICRO_ROWS);
                 }
             }
-            Layout::Q8Rows4 { half, .. } => {
-                let Blocks::Q8(all) = decoded else { unreachable!() };
-                let blocks = group_blocks(all, g, ROWS, rows, n_blocks);
-                for b in 0..n_blocks {
-                    let (mut ds, mut qs) = ([0f32; 4], [[0i8; 32]; 4]);
-                    for (i, r) in blocks.iter().enumerate() {
-                        if let Some(blk) = r.get(b) {
-                            (ds[i], qs[i]) = (blk.d, blk.qs);
-                        }
-                    }
-                    push_scales(blob, &ds, half);
-                    qs.iter().for_each(|q| blob.extend(q.iter().map(|&v| v as u8)));
-                }
-            }
-            Layout::Q8S16Rows8 { mins, .. } => {
+            Layout::Q8S16Rows4 { mins, .. } | Layout::Q8S16Rows8 { mins, .. } => {
                 let Blocks::Q8S16(all) = decoded else { unreachable!() };
-                let blocks = group_blocks(all, g, MICRO_ROWS, rows, n_blocks);
+                let n = layout.group_rows();
+                let blocks = group_blocks(all, g, n, rows, n_blocks);
                 for b in 0..n_blocks {
-                    let (mut ds, mut ms, mut qs) =
-                        ([[0f32; MICRO_ROWS]; 2], [[0f32; MICRO_ROWS]; 2], [[0i8; 32]; MICRO_ROWS]);
+                    // Per 16-value half, then per row.
+                    let (mut ds, mut ms, mut qs) = (vec![0f32; 2 * n], vec![0f32; 2 * n], vec![[0u8; 32]; n]);
                     for (i, r) in blocks.iter().enumerate() {
                         if let Some(blk) = r.get(b) {
-                            (ds[0][i], ds[1][i], ms[0][i], ms[1][i], qs[i]) =
-                                (blk.d[0], blk.d[1], blk.m[0], blk.m[1], blk.qs);
+                            (ds[i], ds[n + i], ms[i], ms[n + i], qs[i]) =
+                                (blk.d[0], blk.d[1], blk.m[0], blk.m[1], blk.qs.map(|v| v as u8));
                         }
                     }
-                    ds.iter().flatten().for_each(|&x| push_f32(blob, x));
+                    ds.iter().for_each(|&x| push_f32(blob, x));
                     if mins {
-                        ms.iter().flatten().for_each(|&x| push_f32(blob, x));
+                        ms.iter().for_each(|&x| push_f32(blob, x));
                     }
-                    for u in 0..16 {
-                        qs.iter().for_each(|q| blob.extend(q[2 * u..2 * u + 2].iter().map(|&v| v as u8)));
-                    }
-                }
-            }
-            Layout::Q8S16Rows4 { mins, .. } => {
-                let Blocks::Q8S16(all) = decoded else { unreachable!() };
-                let blocks = group_blocks(all, g, ROWS, rows, n_blocks);
-                for b in 0..n_blocks {
-                    let (mut ds, mut ms, mut qs) = ([[0f32; 4]; 2], [[0f32; 4]; 2], [[0i8; 32]; 4]);
-                    for (i, r) in blocks.iter().enumerate() {
-                        if let Some(blk) = r.get(b) {
-                            (ds[0][i], ds[1][i], ms[0][i], ms[1][i], qs[i]) =
-                                (blk.d[0], blk.d[1], blk.m[0], blk.m[1], blk.qs);
-                        }
-                    }
-                    ds.iter().flatten().for_each(|&x| push_f32(blob, x));
-                    if mins {
-                        ms.iter().flatten().for_each(|&x| push_f32(blob, x));
-                    }
-                    qs.iter().for_each(|q| blob.extend(q.iter().map(|&v| v as u8)));
+                    push_values(blob, &qs, n == MICRO_ROWS);
                 }
             }
             Layout::F32Vector { .. } => unreachable!(),

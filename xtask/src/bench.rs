@@ -106,7 +106,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
 
 /// Runs `cmd` under GNU time when it is installed, returning its stdout and the peak resident
 /// memory of the process.
-fn run_measured(mut cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
+fn run_measured(cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
     let time = Path::new("/usr/bin/time");
     let rss_file = std::env::temp_dir().join(format!("kiln-bench-rss-{}", std::process::id()));
     let mut full = if time.exists() {
@@ -120,7 +120,7 @@ fn run_measured(mut cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
         }
         t
     } else {
-        std::mem::replace(&mut cmd, Command::new("true"))
+        cmd
     };
     let out = full.output().with_context(|| format!("cannot run {what}"))?;
     let rss = std::fs::read_to_string(&rss_file).ok().and_then(|s| s.trim().lines().last()?.trim().parse::<u64>().ok());

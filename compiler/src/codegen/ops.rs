@@ -8,10 +8,7 @@ use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 
 use super::abi;
 use super::builder::{le, Kb};
-use crate::pack::{
-    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, q8s16x8_group_block, q8x8_group_block, Layout,
-    PackedWeight, F32_GROUP_CHUNK,
-};
+use crate::pack::{Layout, PackedWeight, F32_GROUP_CHUNK};
 use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
 
 /// This thread's token rows: `[start, end)` of `first..n_tokens`.
@@ -222,6 +219,23 @@ pub fn emit_rope(kb: &mut Kb, x: Location, y: Location, n: u32, head_dim: u32, t
     });
 }
 
+/// The address of row `lane`'s `row_bytes` values in the group block at `blk` (values at
+/// `qs_at`): in place for the 4-row layouts, gathered into `row_buf` from the 8-row layouts'
+/// two-byte chunks.
+fn row_values(kb: &mut Kb, row_buf: Option<Value>, blk: Value, lane: Value, qs_at: i64, row_bytes: i64) -> Value {
+    match row_buf {
+        None => kb.addr(blk, lane, row_bytes, qs_at),
+        Some(buf) => {
+            let src = kb.addr(blk, lane, 2, qs_at);
+            for u in 0..row_bytes / 2 {
+                let v = kb.load(I16, src, 16 * u);
+                kb.store(v, buf, 2 * u);
+            }
+            buf
+        }
+    }
+}
+
 /// Embedding lookup from a packed table; ids outside `0..rows` give a zero row.
 pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, skip_rows: bool) {
     let (rows, cols) = table.layout.matrix().map(|(r, c)| (r as i64, c as i64)).expect("tables are matrices");
@@ -246,29 +260,29 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                 let lane = kb.b.ins().band_imm_s(id, group_rows - 1);
                 let base = kb.addr(w, g, stride, 0);
                 let zero = kb.iconst(0);
+                // Bytes of one 32-value block of a group.
+                let block = stride / (cols / 32).max(1);
+                // The micro-kernel layouts interleave the rows' values two bytes at a time
+                // (16-byte chunks, row `lane` at bytes `2 lane`): this row's are gathered into
+                // `row_buf` first, in the 4-row layouts' order (`row_values`).
+                let row_buf = (group_rows == 8).then(|| {
+                    let slot = kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 32, 4));
+                    kb.b.ins().stack_addr(I64, slot, 0)
+                });
                 match table.layout {
                     Layout::Q8Rows4 { .. }
                     | Layout::Q4Rows4 { .. }
                     | Layout::Q8Rows8 { .. }
                     | Layout::Q4Rows8 { .. } => {
-                        let (q8, f16, mins, block) = match table.layout {
-                            Layout::Q4Rows4 { half, mins, .. } => (false, half, mins, q4_group_block(half, mins)),
-                            Layout::Q8Rows4 { half, .. } => (true, half, false, q8_group_block(half)),
-                            Layout::Q4Rows8 { half, mins, .. } => (false, half, mins, q4x8_group_block(half, mins)),
-                            Layout::Q8Rows8 { half, .. } => (true, half, false, q8x8_group_block(half)),
+                        let (q8, f16, mins) = match table.layout {
+                            Layout::Q4Rows4 { half, mins, .. } | Layout::Q4Rows8 { half, mins, .. } => {
+                                (false, half, mins)
+                            }
+                            Layout::Q8Rows4 { half, .. } | Layout::Q8Rows8 { half, .. } => (true, half, false),
                             _ => unreachable!(),
                         };
-                        let block = block as i64;
                         // Scales (and offsets) of all the group's rows, f16 or f32 each.
                         let sb = group_rows * if f16 { 2 } else { 4 };
-                        // The micro-kernel layouts interleave the rows' values two bytes at a
-                        // time (16-byte chunks, row `lane` at bytes `2 lane`): this row's are
-                        // gathered into `row_buf` first, in the 4-row layouts' order.
-                        let row_buf = (group_rows == 8).then(|| {
-                            let slot =
-                                kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 32, 4));
-                            kb.b.ins().stack_addr(I64, slot, 0)
-                        });
                         let nb = kb.iconst(cols / 32);
                         kb.for_range(zero, nb, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, block, 0);
@@ -290,19 +304,8 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             let out = kb.addr(yr, b, 128, 0);
                             // Sixteen-value halves as i8x16, elements 0..16 and 16..32.
                             let qs_at = if mins { 2 * sb } else { sb };
-                            let row_qs = |kb: &mut Kb, row_bytes: i64| match row_buf {
-                                None => kb.addr(blk, lane, row_bytes, qs_at),
-                                Some(buf) => {
-                                    let src = kb.addr(blk, lane, 2, qs_at);
-                                    for u in 0..row_bytes / 2 {
-                                        let v = kb.load(I16, src, 16 * u);
-                                        kb.store(v, buf, 2 * u);
-                                    }
-                                    buf
-                                }
-                            };
                             let (halves, m) = if q8 {
-                                let qs = row_qs(kb, 32);
+                                let qs = row_values(kb, row_buf, blk, lane, qs_at, 32);
                                 (vec![kb.load(I8X16, qs, 0), kb.load(I8X16, qs, 16)], None)
                             } else {
                                 let m = if mins {
@@ -312,7 +315,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                     let k = kb.splat(-8.0);
                                     kb.b.ins().fmul(d, k)
                                 };
-                                let qs = row_qs(kb, 16);
+                                let qs = row_values(kb, row_buf, blk, lane, qs_at, 16);
                                 let w = kb.load(I8X16, qs, 0);
                                 let lo = kb.b.ins().band(w, mask);
                                 let hi = kb.b.ins().bitcast(I16X8, le(), w);
@@ -344,33 +347,13 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                     }
                     Layout::Q8S16Rows4 { mins, .. } | Layout::Q8S16Rows8 { mins, .. } => {
                         let nb = kb.iconst(cols / 32);
-                        let block = match table.layout {
-                            Layout::Q8S16Rows4 { .. } => q8s16_group_block(mins),
-                            _ => q8s16x8_group_block(mins),
-                        } as i64;
                         // d[2][rows], then m[2][rows] when stored, then the values.
                         let half_scales = 4 * group_rows;
                         let qs_at = if mins { 4 * half_scales } else { 2 * half_scales };
-                        let row_buf = (group_rows == 8).then(|| {
-                            let slot =
-                                kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 32, 4));
-                            kb.b.ins().stack_addr(I64, slot, 0)
-                        });
                         kb.for_range(zero, nb, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, block, 0);
                             let out = kb.addr(yr, b, 128, 0);
-                            let qs = match row_buf {
-                                None => kb.addr(blk, lane, 32, qs_at),
-                                Some(buf) => {
-                                    // Gathered from the 8-row chunks (row `lane` at bytes `2 lane`).
-                                    let src = kb.addr(blk, lane, 2, qs_at);
-                                    for u in 0..16 {
-                                        let v = kb.load(I16, src, 16 * u);
-                                        kb.store(v, buf, 2 * u);
-                                    }
-                                    buf
-                                }
-                            };
+                            let qs = row_values(kb, row_buf, blk, lane, qs_at, 32);
                             for h in 0..2i64 {
                                 let d_ptr = kb.addr(blk, lane, 4, half_scales * h);
                                 let d = kb.load(F32, d_ptr, 0);

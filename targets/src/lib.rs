@@ -94,6 +94,42 @@ pub struct MicroKernel {
     pub x_block_bytes: u32,
 }
 
+/// An attention micro-kernel: one step of causal attention for the `heads` query heads of one
+/// KV head and one token row (the heads adjacent in memory, `head_dim` f32 each), over a tile
+/// of keys, called from Cranelift code with the platform's C calling convention. The
+/// arithmetic is fixed here, so that a target's kernel and the portable Cranelift code give
+/// the same bits.
+///
+/// [`AttentionStep::Scores`]: `fn(q: *const f32, k: *const f32, k_stride: i64, out: *mut f32,
+/// n_keys: i64)`. For head `g` and key `j` (the row at `k + j * k_stride` bytes) it writes
+/// `out[g * row_stride / 4 + j] = dot * scale` where, for lanes `l` of 0..4, `lo_l` folds
+/// `acc = fma(q[4c + l], k[4c + l], acc)` from 0.0 over the even 4-float chunks `c` in order,
+/// `hi_l` the same over the odd chunks, `x_l = lo_l + hi_l`, and
+/// `dot = (x_0 + x_2) + (x_1 + x_3)`.
+///
+/// [`AttentionStep::Values`]: `fn(p: *const f32, v: *const f32, v_stride: i64, n_keys: i64,
+/// y: *mut f32, alpha: *const f32)`. For head `g` and element `d` it folds
+/// `acc = fma(v_j[d], p[g * row_stride / 4 + j], acc)` from 0.0 over the keys in order and
+/// stores `y[g * head_dim + d] = fma(y[g * head_dim + d], alpha[g], acc)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AttentionKernel {
+    pub step: AttentionStep,
+    /// Query heads per call, 1..=3.
+    pub heads: u32,
+    pub head_dim: u32,
+    /// Bytes between the score rows of consecutive heads.
+    pub row_stride: u32,
+    /// `Scores`' factor (`1 / sqrt(head_dim)`), as f32 bits.
+    pub scale_bits: u32,
+}
+
+/// The two steps of [`AttentionKernel`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AttentionStep {
+    Scores,
+    Values,
+}
+
 /// Errors in choosing or configuring a target: always the user's input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetError {
@@ -134,6 +170,11 @@ pub trait Target: Send + Sync {
     fn matmul_schedule(&self) -> MatmulSchedule;
     /// The machine code of a micro-kernel, on targets whose schedule has `micro_rows`.
     fn micro_kernel(&self, _kernel: &MicroKernel) -> Option<Vec<u8>> {
+        None
+    }
+    /// The machine code of an attention micro-kernel, where the target has one for this shape;
+    /// otherwise the portable Cranelift code does the same arithmetic.
+    fn attention_kernel(&self, _kernel: &AttentionKernel) -> Option<Vec<u8>> {
         None
     }
     /// Emits `i32x4` lanes `a[2i] * b[2i] + a[2i+1] * b[2i+1]` for two `i16x8` values: the

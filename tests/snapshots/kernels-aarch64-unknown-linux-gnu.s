@@ -1242,15 +1242,14 @@ Disassembly of section .text:
 <kiln_v5_attend>:
 	stp	x29, x30, [sp, #-16]!
 	mov	x29, sp
-	stp	x27, x28, [sp, #-16]!
+	str	x27, [sp, #-16]!
 	stp	x25, x26, [sp, #-16]!
 	stp	x23, x24, [sp, #-16]!
 	stp	x21, x22, [sp, #-16]!
 	stp	x19, x20, [sp, #-16]!
-	sub	sp, sp, #0x110
-	ldr	x3, [x0]
-	ldr	x6, [x0, #24]
-	mov	x13, x6
+	sub	sp, sp, #0x140
+	ldr	x26, [x0]
+	ldr	x3, [x0, #24]
 	ldr	x4, [x0, #48]
 	ldr	x5, [x0, #16]
 	ldr	x6, [x0, #40]
@@ -1260,414 +1259,460 @@ Disassembly of section .text:
 	sub	x0, x0, x1
 	add	x0, x0, x2
 	sub	x0, x0, #0x1
-	cbz	x2, <kiln_v5_attend+0x6b0>
+	cbz	x2, <kiln_v5_attend+0x764>
 	cmn	x2, #0x1
 	ccmp	x0, #0x1, #0x0, eq	// eq = none
-	b.vs	<kiln_v5_attend+0x6b4>
+	b.vs	<kiln_v5_attend+0x768>
 	sdiv	x8, x0, x2
 	mov	x9, #0x0                   	// #0
 	cmp	x9, x8
-	b.lt	<kiln_v5_attend+0x90>  // b.tstop
-	add	sp, sp, #0x110
+	b.lt	<kiln_v5_attend+0x8c>  // b.tstop
+	add	sp, sp, #0x140
 	ldp	x19, x20, [sp], #16
 	ldp	x21, x22, [sp], #16
 	ldp	x23, x24, [sp], #16
 	ldp	x25, x26, [sp], #16
-	ldp	x27, x28, [sp], #16
+	ldr	x27, [sp], #16
 	ldp	x29, x30, [sp], #16
 	ret
-	madd	x10, x9, x2, x1
-	cbz	x7, <kiln_v5_attend+0x6b8>
-	udiv	x11, x10, x7
-	cbz	x7, <kiln_v5_attend+0x6bc>
-	udiv	x12, x10, x7
-	msub	x10, x12, x7, x10
-	movi	v4.16b, #0x0
-	mov	x0, x13
-	ldr	x12, [x0, #8]
-	sub	x12, x12, x4, lsl #8
-	add	x14, x10, x4
-	add	x12, x12, x14, lsl #8
-	lsl	x13, x11, #6
-	add	x10, x12, x11, lsl #6
-	str	q4, [x12, x13]
-	str	q4, [x10, #16]
-	str	q4, [x10, #32]
-	str	q4, [x10, #48]
-	mov	x15, #0x0                   	// #0
-	mvni	v16.4s, #0x7f, msl #16
-	add	x19, x6, x14
-	add	x20, x19, #0x40
-	lsr	x20, x20, #6
-	mov	v7.16b, v16.16b
-	mov	v17.16b, v4.16b
-	cmp	x15, x20
-	b.lt	<kiln_v5_attend+0x140>  // b.tstop
-	ldr	q18, [x12, x13]
-	fmov	v16.4s, #1.000000000000000000e+00
-	fdiv	v16.4s, v16.4s, v17.4s
-	fmul	v17.4s, v18.4s, v16.4s
-	str	q17, [x12, x13]
-	ldr	q17, [x10, #16]
-	fmul	v17.4s, v17.4s, v16.4s
-	str	q17, [x10, #16]
-	ldr	q17, [x10, #32]
-	fmul	v17.4s, v17.4s, v16.4s
-	str	q17, [x10, #32]
-	ldr	q17, [x10, #48]
-	fmul	v16.4s, v17.4s, v16.4s
-	str	q16, [x10, #48]
+	madd	x0, x9, x2, x1
+	cbz	x7, <kiln_v5_attend+0x76c>
+	udiv	x10, x0, x7
+	cbz	x7, <kiln_v5_attend+0x770>
+	udiv	x11, x0, x7
+	msub	x11, x11, x7, x0
+	mov	x12, #0x0                   	// #0
+	cmp	x12, #0x0
+	b.le	<kiln_v5_attend+0x710>
+	mov	x12, #0x0                   	// #0
+	add	x11, x11, x4
+	add	x13, x6, x11
+	add	x0, x13, #0x40
+	lsr	x14, x0, #6
+	cmp	x12, x14
+	b.lt	<kiln_v5_attend+0x148>  // b.tstop
+	mov	x12, #0x0                   	// #0
+	cmp	x12, #0x0
+	b.le	<kiln_v5_attend+0xe0>
 	add	x9, x9, #0x1
-	mov	x13, x0
-	b	<kiln_v5_attend+0x68>
-	mov	x22, #0x0                   	// #0
-	add	x21, x19, #0x1
-	sub	x21, x21, x15, lsl #6
-	mov	x23, #0x40                  	// #64
-	cmp	x21, x23
-	csel	x21, x21, x23, lt	// lt = tstop
-	lsr	x23, x21, #3
-	mov	v20.16b, v16.16b
-	cmp	x22, x23
-	b.lt	<kiln_v5_attend+0x4f0>  // b.tstop
-	and	x22, x21, #0xfffffffffffffff8
-	cmp	x22, x21
-	b.lt	<kiln_v5_attend+0x46c>  // b.tstop
-	mov	w22, #0xff800000            	// #-8388608
-	fmov	s24, w22
-	mov	x23, sp
-	add	x24, x23, x21, lsl #2
-	str	s24, [x23, x21, lsl #2]
-	str	s24, [x24, #4]
-	str	s24, [x24, #8]
-	mov	x22, #0x0                   	// #0
-	add	x26, x21, #0x3
-	lsr	x26, x26, #2
-	mov	v0.16b, v4.16b
-	cmp	x22, x26
-	b.lt	<kiln_v5_attend+0x360>  // b.tstop
-	mov	x24, #0x0                   	// #0
-	mov	v24.16b, v4.16b
-	mov	v26.16b, v4.16b
-	mov	v28.16b, v4.16b
-	mov	v30.16b, v4.16b
-	cmp	x24, x21
-	b.lt	<kiln_v5_attend+0x31c>  // b.tstop
-	ldr	q3, [x12, x13]
-	mov	s1, v20.s[1]
-	fmax	s1, s20, s1
-	mov	s2, v20.s[2]
-	mov	s5, v20.s[3]
-	fmax	s2, s2, s5
-	fmax	s1, s1, s2
-	dup	v1.4s, v1.s[0]
-	fmax	v1.4s, v7.4s, v1.4s
-	fsub	v5.4s, v7.4s, v1.4s
-	mov	w21, #0x999a                	// #39322
-	movk	w21, #0xc2ae, lsl #16
-	dup	v7.4s, w21
-	fcmgt	v2.4s, v7.4s, v5.4s
-	mov	w21, #0x6967                	// #26983
-	movk	w21, #0x3950, lsl #16
-	dup	v6.4s, w21
-	fmax	v5.4s, v5.4s, v7.4s
-	mov	w21, #0x999a                	// #39322
-	movk	w21, #0x42b0, lsl #16
-	dup	v7.4s, w21
-	fmin	v19.4s, v5.4s, v7.4s
-	mov	w21, #0xaa3b                	// #43579
-	movk	w21, #0x3fb8, lsl #16
-	dup	v5.4s, w21
-	fmul	v5.4s, v19.4s, v5.4s
-	frintn	v5.4s, v5.4s
-	mov	w21, #0x8083                	// #32899
-	movk	w21, #0x395e, lsl #16
-	dup	v7.4s, w21
-	mov	w21, #0x8000                	// #32768
-	movk	w21, #0xbf31, lsl #16
-	dup	v18.4s, w21
-	fmla	v19.4s, v5.4s, v18.4s
-	fmla	v19.4s, v5.4s, v7.4s
-	mov	w21, #0x43ce                	// #17358
-	movk	w21, #0x3ab7, lsl #16
-	dup	v31.4s, w21
-	fmla	v31.4s, v6.4s, v19.4s
-	mov	w21, #0x8908                	// #35080
-	movk	w21, #0x3c08, lsl #16
-	dup	v6.4s, w21
-	fmla	v6.4s, v31.4s, v19.4s
-	mov	w21, #0xa9c1                	// #43457
-	movk	w21, #0x3d2a, lsl #16
-	dup	v31.4s, w21
-	fmla	v31.4s, v6.4s, v19.4s
-	mov	w21, #0xaaaa                	// #43690
-	movk	w21, #0x3e2a, lsl #16
-	dup	v6.4s, w21
-	fmla	v6.4s, v31.4s, v19.4s
-	movi	v31.4s, #0x3f, lsl #24
-	fmla	v31.4s, v6.4s, v19.4s
-	fmul	v7.4s, v19.4s, v19.4s
-	fmov	v6.4s, #1.000000000000000000e+00
-	fadd	v6.4s, v19.4s, v6.4s
-	fmla	v6.4s, v31.4s, v7.4s
-	fcvtzs	v5.4s, v5.4s
-	movi	v7.4s, #0x7f
-	add	v5.4s, v5.4s, v7.4s
-	shl	v5.4s, v5.4s, #23
-	fmul	v5.4s, v6.4s, v5.4s
-	bsl	v2.16b, v4.16b, v5.16b
-	fmla	v30.4s, v3.4s, v2.4s
-	str	q30, [x12, x13]
-	ldr	q3, [x10, #16]
-	fmla	v28.4s, v3.4s, v2.4s
-	str	q28, [x10, #16]
-	ldr	q3, [x10, #32]
-	fmla	v26.4s, v3.4s, v2.4s
-	str	q26, [x10, #32]
-	ldr	q3, [x10, #48]
-	fmla	v24.4s, v3.4s, v2.4s
-	str	q24, [x10, #48]
+	b	<kiln_v5_attend+0x64>
+	ldr	x0, [x3, #8]
+	sub	x0, x0, x4, lsl #8
+	add	x0, x0, x11, lsl #8
+	add	x14, x0, x10, lsl #6
+	lsl	x15, x12, #6
+	add	x13, x14, x12, lsl #6
+	ldr	q1, [x14, x15]
+	fmov	s0, #1.000000000000000000e+00
+	add	x0, sp, #0x110
+	add	x0, x0, x12, lsl #2
+	ldr	s2, [x0, #12]
+	fdiv	s0, s0, s2
+	dup	v0.4s, v0.s[0]
+	fmul	v1.4s, v1.4s, v0.4s
+	str	q1, [x14, x15]
+	ldr	q1, [x13, #16]
+	fmul	v1.4s, v1.4s, v0.4s
+	str	q1, [x13, #16]
+	ldr	q1, [x13, #32]
+	fmul	v1.4s, v1.4s, v0.4s
+	str	q1, [x13, #32]
+	ldr	q1, [x13, #48]
+	fmul	v0.4s, v1.4s, v0.4s
+	str	q0, [x13, #48]
+	add	x12, x12, #0x1
+	b	<kiln_v5_attend+0xd0>
+	mov	x15, #0x0                   	// #0
+	cmp	x15, #0x0
+	b.le	<kiln_v5_attend+0x514>
+	mov	x15, #0x0                   	// #0
+	cmp	x15, #0x0
+	b.le	<kiln_v5_attend+0x250>
+	mov	x15, #0x0                   	// #0
+	cmp	x15, #0x0
+	b.le	<kiln_v5_attend+0x174>
+	add	x12, x12, #0x1
+	b	<kiln_v5_attend+0xc4>
+	mov	x20, #0x0                   	// #0
+	movi	v1.16b, #0x0
+	add	x0, x13, #0x1
+	sub	x0, x0, x12, lsl #6
+	mov	x19, #0x40                  	// #64
+	cmp	x0, x19
+	csel	x19, x0, x19, lt	// lt = tstop
+	mov	v0.16b, v1.16b
+	mov	v2.16b, v1.16b
+	mov	v3.16b, v1.16b
+	cmp	x20, x19
+	b.lt	<kiln_v5_attend+0x200>  // b.tstop
+	ldr	x0, [x3, #8]
+	sub	x0, x0, x4, lsl #8
+	add	x0, x0, x11, lsl #8
+	add	x20, x0, x10, lsl #6
+	lsl	x21, x15, #6
+	add	x19, x20, x15, lsl #6
+	ldr	q5, [x20, x21]
+	add	x0, sp, #0x110
+	add	x0, x0, x15, lsl #2
+	ldr	s4, [x0, #24]
+	fmla	v1.4s, v5.4s, v4.s[0]
+	str	q1, [x20, x21]
+	ldr	q1, [x19, #16]
+	fmla	v3.4s, v1.4s, v4.s[0]
+	str	q3, [x19, #16]
+	ldr	q3, [x19, #32]
+	fmla	v2.4s, v3.4s, v4.s[0]
+	str	q2, [x19, #32]
+	ldr	q3, [x19, #48]
+	fmla	v0.4s, v3.4s, v4.s[0]
+	str	q0, [x19, #48]
 	add	x15, x15, #0x1
-	mov	s3, v0.s[1]
-	fadd	s3, s0, s3
-	mov	s5, v0.s[2]
-	mov	s0, v0.s[3]
-	fadd	s0, s5, s0
-	fadd	s0, s3, s0
-	dup	v0.4s, v0.s[0]
-	fmla	v0.4s, v17.4s, v2.4s
-	mov	v7.16b, v1.16b
-	mov	v17.16b, v0.16b
-	b	<kiln_v5_attend+0xf4>
-	ldr	s1, [x23, x24, lsl #2]
-	add	x22, x24, #0x1
-	add	x25, x5, #0x4, lsl #12
-	add	x25, x25, x11, lsl #6
-	add	x25, x25, x15, lsl #14
-	lsl	x26, x24, #8
-	add	x24, x25, x24, lsl #8
-	ldr	q2, [x25, x26]
-	fmla	v30.4s, v2.4s, v1.s[0]
-	ldr	q2, [x24, #16]
-	fmla	v28.4s, v2.4s, v1.s[0]
-	ldr	q2, [x24, #32]
-	fmla	v26.4s, v2.4s, v1.s[0]
-	ldr	q2, [x24, #48]
-	fmla	v24.4s, v2.4s, v1.s[0]
-	mov	x24, x22
-	b	<kiln_v5_attend+0x1bc>
-	ldr	q1, [x23, x22, lsl #4]
-	mov	s2, v20.s[1]
-	fmax	s2, s20, s2
-	mov	s3, v20.s[2]
-	mov	s5, v20.s[3]
-	fmax	s3, s3, s5
-	fmax	s2, s2, s3
-	dup	v2.4s, v2.s[0]
-	fmax	v2.4s, v7.4s, v2.4s
-	fsub	v2.4s, v1.4s, v2.4s
-	mov	w24, #0x999a                	// #39322
-	movk	w24, #0xc2ae, lsl #16
-	dup	v5.4s, w24
-	fcmgt	v1.4s, v5.4s, v2.4s
-	mov	w24, #0x6967                	// #26983
-	movk	w24, #0x3950, lsl #16
-	dup	v3.4s, w24
-	fmax	v2.4s, v2.4s, v5.4s
-	mov	w24, #0x999a                	// #39322
-	movk	w24, #0x42b0, lsl #16
-	dup	v5.4s, w24
-	fmin	v25.4s, v2.4s, v5.4s
-	mov	w24, #0xaa3b                	// #43579
-	movk	w24, #0x3fb8, lsl #16
-	dup	v2.4s, w24
-	fmul	v2.4s, v25.4s, v2.4s
-	frintn	v2.4s, v2.4s
-	mov	w24, #0x8083                	// #32899
-	movk	w24, #0x395e, lsl #16
-	dup	v5.4s, w24
-	mov	w24, #0x8000                	// #32768
-	movk	w24, #0xbf31, lsl #16
-	dup	v6.4s, w24
-	fmla	v25.4s, v2.4s, v6.4s
-	fmla	v25.4s, v2.4s, v5.4s
-	mov	w24, #0x43ce                	// #17358
-	movk	w24, #0x3ab7, lsl #16
-	dup	v5.4s, w24
-	fmla	v5.4s, v3.4s, v25.4s
-	mov	w24, #0x8908                	// #35080
-	movk	w24, #0x3c08, lsl #16
-	dup	v3.4s, w24
-	fmla	v3.4s, v5.4s, v25.4s
-	mov	w24, #0xa9c1                	// #43457
-	movk	w24, #0x3d2a, lsl #16
-	dup	v5.4s, w24
-	fmla	v5.4s, v3.4s, v25.4s
-	mov	w24, #0xaaaa                	// #43690
-	movk	w24, #0x3e2a, lsl #16
-	dup	v6.4s, w24
-	fmla	v6.4s, v5.4s, v25.4s
-	movi	v3.4s, #0x3f, lsl #24
-	fmla	v3.4s, v6.4s, v25.4s
-	fmul	v6.4s, v25.4s, v25.4s
-	fmov	v5.4s, #1.000000000000000000e+00
-	fadd	v5.4s, v25.4s, v5.4s
-	fmla	v5.4s, v3.4s, v6.4s
-	fcvtzs	v2.4s, v2.4s
-	movi	v3.4s, #0x7f
-	add	v2.4s, v2.4s, v3.4s
-	shl	v2.4s, v2.4s, #23
-	fmul	v2.4s, v5.4s, v2.4s
-	bsl	v1.16b, v4.16b, v2.16b
-	str	q1, [x23, x22, lsl #4]
-	add	x22, x22, #0x1
+	b	<kiln_v5_attend+0x164>
+	add	x21, x20, #0x1
+	add	x0, x5, #0x4, lsl #12
+	add	x0, x0, x10, lsl #6
+	add	x0, x0, x12, lsl #14
+	lsl	x23, x20, #8
+	add	x22, x0, x20, lsl #8
+	ldr	q6, [x0, x23]
+	mov	x0, sp
+	mov	x23, #0x110                 	// #272
+	madd	x0, x15, x23, x0
+	ldr	s5, [x0, x20, lsl #2]
+	fmla	v1.4s, v6.4s, v5.s[0]
+	ldr	q6, [x22, #16]
+	fmla	v3.4s, v6.4s, v5.s[0]
+	ldr	q6, [x22, #32]
+	fmla	v2.4s, v6.4s, v5.s[0]
+	ldr	q6, [x22, #48]
+	fmla	v0.4s, v6.4s, v5.s[0]
+	mov	x20, x21
+	b	<kiln_v5_attend+0x19c>
+	mov	w0, #0xff800000            	// #-8388608
+	fmov	s7, w0
+	mov	x0, sp
+	mov	x19, #0x110                 	// #272
+	madd	x19, x15, x19, x0
+	add	x0, x13, #0x1
+	sub	x0, x0, x12, lsl #6
+	mov	x20, #0x40                  	// #64
+	cmp	x0, x20
+	csel	x20, x0, x20, lt	// lt = tstop
+	add	x0, x19, x20, lsl #2
+	str	s7, [x19, x20, lsl #2]
+	str	s7, [x0, #4]
+	str	s7, [x0, #8]
+	mov	x21, #0x0                   	// #0
+	mvni	v1.4s, #0x7f, msl #16
+	add	x0, x20, #0x3
+	lsr	x20, x0, #2
+	cmp	x21, x20
+	b.lt	<kiln_v5_attend+0x500>  // b.tstop
+	mov	x21, #0x0                   	// #0
+	movi	v16.16b, #0x0
+	mov	v0.16b, v16.16b
+	cmp	x21, x20
+	b.lt	<kiln_v5_attend+0x3ec>  // b.tstop
+	add	x20, sp, #0x110
+	add	x19, x20, x15, lsl #2
+	ldr	s18, [x20, x15, lsl #2]
+	mov	s17, v1.s[1]
+	fmax	s17, s1, s17
+	mov	s19, v1.s[2]
+	mov	s20, v1.s[3]
+	fmax	s19, s19, s20
+	fmax	s17, s17, s19
+	fmax	s19, s18, s17
+	str	s19, [x20, x15, lsl #2]
+	ldr	s17, [x19, #12]
+	fsub	s18, s18, s19
+	dup	v18.4s, v18.s[0]
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0xc2ae, lsl #16
+	dup	v20.4s, w0
+	fcmgt	v31.4s, v20.4s, v18.4s
+	mov	w0, #0x6967                	// #26983
+	movk	w0, #0x3950, lsl #16
+	dup	v19.4s, w0
+	fmax	v18.4s, v18.4s, v20.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0x42b0, lsl #16
+	dup	v20.4s, w0
+	fmin	v4.4s, v18.4s, v20.4s
+	mov	w0, #0xaa3b                	// #43579
+	movk	w0, #0x3fb8, lsl #16
+	dup	v20.4s, w0
+	fmul	v18.4s, v4.4s, v20.4s
+	frintn	v18.4s, v18.4s
+	mov	w0, #0x8083                	// #32899
+	movk	w0, #0x395e, lsl #16
+	dup	v20.4s, w0
+	mov	w0, #0x8000                	// #32768
+	movk	w0, #0xbf31, lsl #16
+	dup	v21.4s, w0
+	fmla	v4.4s, v18.4s, v21.4s
+	fmla	v4.4s, v18.4s, v20.4s
+	mov	w0, #0x43ce                	// #17358
+	movk	w0, #0x3ab7, lsl #16
+	dup	v20.4s, w0
+	fmla	v20.4s, v19.4s, v4.4s
+	mov	w0, #0x8908                	// #35080
+	movk	w0, #0x3c08, lsl #16
+	dup	v19.4s, w0
+	fmla	v19.4s, v20.4s, v4.4s
+	mov	w0, #0xa9c1                	// #43457
+	movk	w0, #0x3d2a, lsl #16
+	dup	v20.4s, w0
+	fmla	v20.4s, v19.4s, v4.4s
+	mov	w0, #0xaaaa                	// #43690
+	movk	w0, #0x3e2a, lsl #16
+	dup	v21.4s, w0
+	fmla	v21.4s, v20.4s, v4.4s
+	movi	v19.4s, #0x3f, lsl #24
+	fmla	v19.4s, v21.4s, v4.4s
+	fmul	v21.4s, v4.4s, v4.4s
+	fmov	v20.4s, #1.000000000000000000e+00
+	fadd	v20.4s, v4.4s, v20.4s
+	fmla	v20.4s, v19.4s, v21.4s
+	fcvtzs	v18.4s, v18.4s
+	movi	v19.4s, #0x7f
+	add	v18.4s, v18.4s, v19.4s
+	shl	v18.4s, v18.4s, #23
+	fmul	v18.4s, v20.4s, v18.4s
+	bsl	v31.16b, v16.16b, v18.16b
+	mov	s18, v0.s[1]
+	fadd	s18, s0, s18
+	mov	s19, v0.s[2]
+	mov	s20, v0.s[3]
+	fadd	s19, s19, s20
+	fadd	s18, s18, s19
+	fmadd	s17, s17, s31, s18
+	str	s17, [x19, #12]
+	str	s31, [x19, #24]
+	add	x15, x15, #0x1
+	b	<kiln_v5_attend+0x158>
+	ldr	q20, [x19, x21, lsl #4]
+	add	x0, sp, #0x110
+	ldr	s21, [x0, x15, lsl #2]
+	mov	s22, v1.s[1]
+	fmax	s22, s1, s22
+	mov	s23, v1.s[2]
+	mov	s24, v1.s[3]
+	fmax	s23, s23, s24
+	fmax	s22, s22, s23
+	fmax	s21, s21, s22
+	dup	v21.4s, v21.s[0]
+	fsub	v20.4s, v20.4s, v21.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0xc2ae, lsl #16
+	dup	v23.4s, w0
+	fcmgt	v2.4s, v23.4s, v20.4s
+	mov	w0, #0x6967                	// #26983
+	movk	w0, #0x3950, lsl #16
+	dup	v22.4s, w0
+	fmax	v20.4s, v20.4s, v23.4s
+	mov	w0, #0x999a                	// #39322
+	movk	w0, #0x42b0, lsl #16
+	dup	v23.4s, w0
+	fmin	v7.4s, v20.4s, v23.4s
+	mov	w0, #0xaa3b                	// #43579
+	movk	w0, #0x3fb8, lsl #16
+	dup	v23.4s, w0
+	fmul	v20.4s, v7.4s, v23.4s
+	frintn	v20.4s, v20.4s
+	mov	w0, #0x8083                	// #32899
+	movk	w0, #0x395e, lsl #16
+	dup	v23.4s, w0
+	mov	w0, #0x8000                	// #32768
+	movk	w0, #0xbf31, lsl #16
+	dup	v24.4s, w0
+	fmla	v7.4s, v20.4s, v24.4s
+	fmla	v7.4s, v20.4s, v23.4s
+	mov	w0, #0x43ce                	// #17358
+	movk	w0, #0x3ab7, lsl #16
+	dup	v19.4s, w0
+	fmla	v19.4s, v22.4s, v7.4s
+	mov	w0, #0x8908                	// #35080
+	movk	w0, #0x3c08, lsl #16
+	dup	v21.4s, w0
+	fmla	v21.4s, v19.4s, v7.4s
+	mov	w0, #0xa9c1                	// #43457
+	movk	w0, #0x3d2a, lsl #16
+	dup	v19.4s, w0
+	fmla	v19.4s, v21.4s, v7.4s
+	mov	w0, #0xaaaa                	// #43690
+	movk	w0, #0x3e2a, lsl #16
+	dup	v21.4s, w0
+	fmla	v21.4s, v19.4s, v7.4s
+	movi	v19.4s, #0x3f, lsl #24
+	fmla	v19.4s, v21.4s, v7.4s
+	fmul	v22.4s, v7.4s, v7.4s
+	fmov	v21.4s, #1.000000000000000000e+00
+	fadd	v21.4s, v7.4s, v21.4s
+	fmla	v21.4s, v19.4s, v22.4s
+	fcvtzs	v20.4s, v20.4s
+	movi	v22.4s, #0x7f
+	add	v20.4s, v20.4s, v22.4s
+	shl	v20.4s, v20.4s, #23
+	fmul	v20.4s, v21.4s, v20.4s
+	bsl	v2.16b, v16.16b, v20.16b
+	str	q2, [x19, x21, lsl #4]
+	add	x21, x21, #0x1
+	fadd	v0.4s, v0.4s, v2.4s
+	b	<kiln_v5_attend+0x2ac>
+	add	x0, x21, #0x1
+	ldr	q22, [x19, x21, lsl #4]
+	fmax	v1.4s, v1.4s, v22.4s
+	mov	x21, x0
+	b	<kiln_v5_attend+0x298>
+	mov	x19, #0x0                   	// #0
+	add	x0, x13, #0x1
+	sub	x0, x0, x12, lsl #6
+	mov	x23, #0x40                  	// #64
+	cmp	x0, x23
+	csel	x24, x0, x23, lt	// lt = tstop
+	lsr	x25, x24, #2
+	cmp	x19, x25
+	b.lt	<kiln_v5_attend+0x5ec>  // b.tstop
+	and	x19, x24, #0xfffffffffffffffc
+	cmp	x19, x24
+	b.lt	<kiln_v5_attend+0x54c>  // b.tstop
+	add	x15, x15, #0x1
+	b	<kiln_v5_attend+0x14c>
+	add	x0, x26, x11, lsl #8
+	add	x22, x0, x10, lsl #6
+	lsl	x23, x15, #6
+	add	x20, x22, x15, lsl #6
+	ldr	q31, [x20, #32]
+	add	x0, x5, x10, lsl #6
+	add	x0, x0, x12, lsl #14
+	lsl	x25, x19, #8
+	add	x21, x0, x19, lsl #8
+	ldr	q0, [x21, #32]
+	ldr	q1, [x22, x23]
+	ldr	q2, [x0, x25]
+	movi	v23.16b, #0x0
+	mov	v30.16b, v23.16b
+	fmla	v30.4s, v1.4s, v2.4s
+	fmla	v30.4s, v31.4s, v0.4s
+	ldr	q31, [x20, #48]
+	ldr	q0, [x21, #48]
+	ldr	q1, [x20, #16]
+	ldr	q2, [x21, #16]
+	fmla	v23.4s, v1.4s, v2.4s
+	fmla	v23.4s, v31.4s, v0.4s
+	fadd	v31.4s, v30.4s, v23.4s
+	uzp1	v0.2d, v31.2d, v31.2d
+	uzp2	v1.2d, v31.2d, v31.2d
 	fadd	v0.4s, v0.4s, v1.4s
-	b	<kiln_v5_attend+0x1a0>
-	add	x23, x3, x14, lsl #8
-	add	x24, x23, x11, lsl #6
-	ldr	q0, [x24, #48]
-	add	x25, x5, x11, lsl #6
-	add	x25, x25, x15, lsl #14
-	lsl	x26, x22, #8
-	add	x27, x25, x22, lsl #8
-	ldr	q1, [x27, #48]
-	ldr	q2, [x24, #32]
-	ldr	q3, [x27, #32]
-	ldr	q6, [x24, #16]
-	ldr	q18, [x27, #16]
-	ldr	q19, [x23, x13]
-	ldr	q21, [x25, x26]
-	mov	v5.16b, v4.16b
-	fmla	v5.4s, v19.4s, v21.4s
-	fmla	v5.4s, v6.4s, v18.4s
-	fmla	v5.4s, v2.4s, v3.4s
-	fmla	v5.4s, v0.4s, v1.4s
-	mov	s0, v5.s[1]
-	fadd	s0, s5, s0
-	mov	s1, v5.s[2]
-	mov	s2, v5.s[3]
-	fadd	s1, s1, s2
-	fadd	s0, s0, s1
-	dup	v0.4s, v0.s[0]
+	uzp1	v1.2d, v31.2d, v31.2d
+	uzp2	v31.2d, v31.2d, v31.2d
+	fadd	v31.4s, v1.4s, v31.4s
+	uzp1	v1.4s, v0.4s, v31.4s
+	uzp2	v31.4s, v0.4s, v31.4s
+	fadd	v31.4s, v1.4s, v31.4s
+	fmov	v0.4s, #2.500000000000000000e-01
+	fmul	v31.4s, v31.4s, v0.4s
+	mov	x0, sp
+	mov	x20, #0x110                 	// #272
+	madd	x0, x15, x20, x0
+	str	s31, [x0, x19, lsl #2]
+	add	x19, x19, #0x1
+	b	<kiln_v5_attend+0x53c>
+	add	x0, x26, x11, lsl #8
+	add	x22, x0, x10, lsl #6
+	lsl	x23, x15, #6
+	add	x21, x22, x15, lsl #6
+	ldr	q0, [x21, #32]
+	add	x0, x5, x10, lsl #6
+	add	x0, x0, x12, lsl #14
+	lsl	x27, x19, #10
+	add	x20, x0, x19, lsl #10
+	ldr	q3, [x20, #32]
+	ldr	q2, [x22, x23]
+	ldr	q4, [x0, x27]
+	movi	v1.16b, #0x0
+	mov	v5.16b, v1.16b
+	fmla	v5.4s, v2.4s, v4.4s
+	fmla	v5.4s, v0.4s, v3.4s
+	ldr	q3, [x21, #48]
+	ldr	q6, [x20, #48]
+	ldr	q4, [x21, #16]
+	ldr	q7, [x20, #16]
+	mov	v16.16b, v1.16b
+	fmla	v16.4s, v4.4s, v7.4s
+	fmla	v16.4s, v3.4s, v6.4s
+	fadd	v5.4s, v5.4s, v16.4s
+	ldr	q7, [x20, #288]
+	ldr	q16, [x20, #256]
+	mov	v6.16b, v1.16b
+	fmla	v6.4s, v2.4s, v16.4s
+	fmla	v6.4s, v0.4s, v7.4s
+	ldr	q7, [x20, #304]
+	ldr	q16, [x20, #272]
+	mov	v17.16b, v1.16b
+	fmla	v17.4s, v4.4s, v16.4s
+	fmla	v17.4s, v3.4s, v7.4s
+	fadd	v6.4s, v6.4s, v17.4s
+	uzp1	v7.2d, v5.2d, v6.2d
+	uzp2	v5.2d, v5.2d, v6.2d
+	fadd	v5.4s, v7.4s, v5.4s
+	ldr	q7, [x20, #544]
+	ldr	q16, [x20, #512]
+	mov	v6.16b, v1.16b
+	fmla	v6.4s, v2.4s, v16.4s
+	fmla	v6.4s, v0.4s, v7.4s
+	ldr	q7, [x20, #560]
+	ldr	q16, [x20, #528]
+	mov	v17.16b, v1.16b
+	fmla	v17.4s, v4.4s, v16.4s
+	fmla	v17.4s, v3.4s, v7.4s
+	fadd	v6.4s, v6.4s, v17.4s
+	ldr	q16, [x20, #800]
+	ldr	q17, [x20, #768]
+	mov	v7.16b, v1.16b
+	fmla	v7.4s, v2.4s, v17.4s
+	fmla	v7.4s, v0.4s, v16.4s
+	ldr	q0, [x20, #816]
+	ldr	q2, [x20, #784]
+	fmla	v1.4s, v4.4s, v2.4s
+	fmla	v1.4s, v3.4s, v0.4s
+	fadd	v0.4s, v7.4s, v1.4s
+	uzp1	v1.2d, v6.2d, v0.2d
+	uzp2	v0.2d, v6.2d, v0.2d
+	fadd	v0.4s, v1.4s, v0.4s
+	uzp1	v1.4s, v5.4s, v0.4s
+	uzp2	v0.4s, v5.4s, v0.4s
+	fadd	v0.4s, v1.4s, v0.4s
 	fmov	v1.4s, #2.500000000000000000e-01
 	fmul	v0.4s, v0.4s, v1.4s
-	mov	x23, sp
-	str	s0, [x23, x22, lsl #2]
-	add	x22, x22, #0x1
-	fmax	v20.4s, v20.4s, v0.4s
-	b	<kiln_v5_attend+0x16c>
-	add	x25, x3, x14, lsl #8
-	add	x26, x25, x11, lsl #6
-	ldr	q0, [x26, #48]
-	add	x24, x5, x11, lsl #6
-	add	x27, x24, x15, lsl #14
-	lsl	x28, x22, #11
-	add	x24, x27, x22, lsl #11
-	ldr	q6, [x24, #48]
-	ldr	q1, [x26, #32]
-	ldr	q18, [x24, #32]
-	ldr	q2, [x26, #16]
-	ldr	q19, [x24, #16]
-	ldr	q3, [x25, x13]
-	ldr	q21, [x27, x28]
-	mov	v5.16b, v4.16b
-	fmla	v5.4s, v3.4s, v21.4s
-	fmla	v5.4s, v2.4s, v19.4s
-	fmla	v5.4s, v1.4s, v18.4s
-	fmla	v5.4s, v0.4s, v6.4s
-	ldr	q6, [x24, #304]
-	ldr	q18, [x24, #288]
-	ldr	q21, [x24, #272]
-	ldr	q22, [x24, #256]
-	mov	v19.16b, v4.16b
-	fmla	v19.4s, v3.4s, v22.4s
-	fmla	v19.4s, v2.4s, v21.4s
-	fmla	v19.4s, v1.4s, v18.4s
-	fmla	v19.4s, v0.4s, v6.4s
-	uzp1	v6.2d, v5.2d, v19.2d
-	uzp2	v5.2d, v5.2d, v19.2d
-	fadd	v5.4s, v6.4s, v5.4s
-	ldr	q18, [x24, #560]
-	ldr	q19, [x24, #544]
-	ldr	q21, [x24, #528]
-	ldr	q22, [x24, #512]
-	mov	v6.16b, v4.16b
-	fmla	v6.4s, v3.4s, v22.4s
-	fmla	v6.4s, v2.4s, v21.4s
-	fmla	v6.4s, v1.4s, v19.4s
-	fmla	v6.4s, v0.4s, v18.4s
-	ldr	q18, [x24, #816]
-	ldr	q19, [x24, #800]
-	ldr	q22, [x24, #784]
-	ldr	q23, [x24, #768]
-	mov	v21.16b, v4.16b
-	fmla	v21.4s, v3.4s, v23.4s
-	fmla	v21.4s, v2.4s, v22.4s
-	fmla	v21.4s, v1.4s, v19.4s
-	fmla	v21.4s, v0.4s, v18.4s
-	uzp1	v18.2d, v6.2d, v21.2d
-	uzp2	v6.2d, v6.2d, v21.2d
-	fadd	v6.4s, v18.4s, v6.4s
-	uzp1	v18.4s, v5.4s, v6.4s
-	uzp2	v5.4s, v5.4s, v6.4s
-	fadd	v5.4s, v18.4s, v5.4s
-	fmov	v6.4s, #2.500000000000000000e-01
-	fmul	v5.4s, v5.4s, v6.4s
-	mov	x26, sp
-	lsl	x27, x22, #5
-	add	x25, x26, x22, lsl #5
-	str	q5, [x26, x27]
-	ldr	q19, [x24, #1072]
-	ldr	q21, [x24, #1056]
-	ldr	q22, [x24, #1040]
-	ldr	q23, [x24, #1024]
-	mov	v18.16b, v4.16b
-	fmla	v18.4s, v3.4s, v23.4s
-	fmla	v18.4s, v2.4s, v22.4s
-	fmla	v18.4s, v1.4s, v21.4s
-	fmla	v18.4s, v0.4s, v19.4s
-	ldr	q19, [x24, #1328]
-	ldr	q21, [x24, #1312]
-	ldr	q23, [x24, #1296]
-	ldr	q24, [x24, #1280]
-	mov	v22.16b, v4.16b
-	fmla	v22.4s, v3.4s, v24.4s
-	fmla	v22.4s, v2.4s, v23.4s
-	fmla	v22.4s, v1.4s, v21.4s
-	fmla	v22.4s, v0.4s, v19.4s
-	uzp1	v19.2d, v18.2d, v22.2d
-	uzp2	v18.2d, v18.2d, v22.2d
-	fadd	v18.4s, v19.4s, v18.4s
-	ldr	q21, [x24, #1584]
-	ldr	q22, [x24, #1568]
-	ldr	q23, [x24, #1552]
-	ldr	q24, [x24, #1536]
-	mov	v19.16b, v4.16b
-	fmla	v19.4s, v3.4s, v24.4s
-	fmla	v19.4s, v2.4s, v23.4s
-	fmla	v19.4s, v1.4s, v22.4s
-	fmla	v19.4s, v0.4s, v21.4s
-	ldr	q21, [x24, #1840]
-	ldr	q22, [x24, #1824]
-	ldr	q24, [x24, #1808]
-	ldr	q25, [x24, #1792]
-	mov	v23.16b, v4.16b
-	fmla	v23.4s, v3.4s, v25.4s
-	fmla	v23.4s, v2.4s, v24.4s
-	fmla	v23.4s, v1.4s, v22.4s
-	fmla	v23.4s, v0.4s, v21.4s
-	uzp1	v0.2d, v19.2d, v23.2d
-	uzp2	v1.2d, v19.2d, v23.2d
-	fadd	v0.4s, v0.4s, v1.4s
-	uzp1	v1.4s, v18.4s, v0.4s
-	uzp2	v0.4s, v18.4s, v0.4s
-	fadd	v0.4s, v1.4s, v0.4s
-	fmul	v0.4s, v0.4s, v6.4s
-	str	q0, [x25, #16]
-	add	x22, x22, #0x1
-	fmax	v1.4s, v20.4s, v5.4s
-	fmax	v20.4s, v1.4s, v0.4s
-	b	<kiln_v5_attend+0x160>
+	mov	x0, sp
+	mov	x20, #0x110                 	// #272
+	madd	x0, x15, x20, x0
+	str	q0, [x0, x19, lsl #4]
+	add	x19, x19, #0x1
+	b	<kiln_v5_attend+0x530>
+	movi	v0.16b, #0x0
+	ldr	x0, [x3, #8]
+	sub	x0, x0, x4, lsl #8
+	add	x13, x11, x4
+	add	x0, x0, x13, lsl #8
+	add	x13, x0, x10, lsl #6
+	lsl	x14, x12, #6
+	add	x0, x13, x12, lsl #6
+	str	q0, [x13, x14]
+	str	q0, [x0, #16]
+	str	q0, [x0, #32]
+	str	q0, [x0, #48]
+	mov	w0, #0xff800000            	// #-8388608
+	fmov	s0, w0
+	add	x13, sp, #0x110
+	add	x0, x13, x12, lsl #2
+	str	s0, [x13, x12, lsl #2]
+	movi	v0.2s, #0x0
+	str	s0, [x0, #12]
+	add	x12, x12, #0x1
+	b	<kiln_v5_attend+0xa8>
 	udf	#49439
 	udf	#49439
 	udf	#49439

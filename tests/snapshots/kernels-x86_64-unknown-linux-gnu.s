@@ -1378,6 +1378,501 @@ Disassembly of section .text:
 	vmovups %ymm11,0x60(%rcx)
 	vzeroupper
 	ret
+	...
+
+<kiln_attn_scores_h1_d16>:
+	lea    (%rdx,%rdx,2),%r11
+	mov    %r8,%r9
+	shr    $0x2,%r9
+	je     <kiln_attn_scores_h1_d16+0x101>
+	vxorps %ymm0,%ymm0,%ymm0
+	vxorps %ymm1,%ymm1,%ymm1
+	vxorps %ymm2,%ymm2,%ymm2
+	vxorps %ymm3,%ymm3,%ymm3
+	vmovups (%rdi),%ymm13
+	vmovups (%rsi),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm0
+	vmovups (%rsi,%rdx,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm1
+	vmovups (%rsi,%rdx,2),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm2
+	vmovups (%rsi,%r11,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm3
+	vmovups 0x20(%rdi),%ymm13
+	vmovups 0x20(%rsi),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm0
+	vmovups 0x20(%rsi,%rdx,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm1
+	vmovups 0x20(%rsi,%rdx,2),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm2
+	vmovups 0x20(%rsi,%r11,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm3
+	vextractf128 $0x1,%ymm0,%xmm12
+	vaddps %xmm12,%xmm0,%xmm0
+	vextractf128 $0x1,%ymm1,%xmm12
+	vaddps %xmm12,%xmm1,%xmm1
+	vextractf128 $0x1,%ymm2,%xmm12
+	vaddps %xmm12,%xmm2,%xmm2
+	vextractf128 $0x1,%ymm3,%xmm12
+	vaddps %xmm12,%xmm3,%xmm3
+	vshufps $0x44,%xmm1,%xmm0,%xmm12
+	vshufps $0xee,%xmm1,%xmm0,%xmm13
+	vaddps %xmm13,%xmm12,%xmm12
+	vshufps $0x44,%xmm3,%xmm2,%xmm13
+	vshufps $0xee,%xmm3,%xmm2,%xmm14
+	vaddps %xmm14,%xmm13,%xmm13
+	vshufps $0x88,%xmm13,%xmm12,%xmm14
+	vshufps $0xdd,%xmm13,%xmm12,%xmm15
+	vaddps %xmm15,%xmm14,%xmm14
+	mov    $0x3e800000,%eax
+	vmovd  %eax,%xmm15
+	vbroadcastss %xmm15,%xmm15
+	vmulps %xmm15,%xmm14,%xmm14
+	vmovups %xmm14,(%rcx)
+	add    $0x10,%rcx
+	lea    (%rsi,%rdx,4),%rsi
+	dec    %r9
+	jne    <kiln_attn_scores_h1_d16+0x11>
+	and    $0x3,%r8
+	je     <kiln_attn_scores_h1_d16+0x15b>
+	mov    $0x3e800000,%eax
+	vmovd  %eax,%xmm15
+	vxorps %ymm0,%ymm0,%ymm0
+	vmovups (%rsi),%ymm12
+	vfmadd231ps (%rdi),%ymm12,%ymm0
+	vmovups 0x20(%rsi),%ymm12
+	vfmadd231ps 0x20(%rdi),%ymm12,%ymm0
+	vextractf128 $0x1,%ymm0,%xmm12
+	vaddps %xmm12,%xmm0,%xmm0
+	vmovhlps %xmm0,%xmm0,%xmm12
+	vaddps %xmm12,%xmm0,%xmm12
+	vmovshdup %xmm12,%xmm13
+	vaddss %xmm13,%xmm12,%xmm12
+	vmulss %xmm15,%xmm12,%xmm12
+	vmovss %xmm12,(%rcx)
+	add    $0x4,%rcx
+	add    %rdx,%rsi
+	dec    %r8
+	jne    <kiln_attn_scores_h1_d16+0x110>
+	vzeroupper
+	ret
+	...
+
+<kiln_attn_scores_h2_d16>:
+	lea    (%rdx,%rdx,2),%r11
+	mov    %r8,%r9
+	shr    $0x2,%r9
+	je     <kiln_attn_scores_h2_d16+0x1b9>
+	vxorps %ymm0,%ymm0,%ymm0
+	vxorps %ymm1,%ymm1,%ymm1
+	vxorps %ymm2,%ymm2,%ymm2
+	vxorps %ymm3,%ymm3,%ymm3
+	vxorps %ymm4,%ymm4,%ymm4
+	vxorps %ymm5,%ymm5,%ymm5
+	vxorps %ymm6,%ymm6,%ymm6
+	vxorps %ymm7,%ymm7,%ymm7
+	vmovups (%rdi),%ymm13
+	vmovups 0x40(%rdi),%ymm14
+	vmovups (%rsi),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm0
+	vfmadd231ps %ymm14,%ymm12,%ymm4
+	vmovups (%rsi,%rdx,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm1
+	vfmadd231ps %ymm14,%ymm12,%ymm5
+	vmovups (%rsi,%rdx,2),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm2
+	vfmadd231ps %ymm14,%ymm12,%ymm6
+	vmovups (%rsi,%r11,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm3
+	vfmadd231ps %ymm14,%ymm12,%ymm7
+	vmovups 0x20(%rdi),%ymm13
+	vmovups 0x60(%rdi),%ymm14
+	vmovups 0x20(%rsi),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm0
+	vfmadd231ps %ymm14,%ymm12,%ymm4
+	vmovups 0x20(%rsi,%rdx,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm1
+	vfmadd231ps %ymm14,%ymm12,%ymm5
+	vmovups 0x20(%rsi,%rdx,2),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm2
+	vfmadd231ps %ymm14,%ymm12,%ymm6
+	vmovups 0x20(%rsi,%r11,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm3
+	vfmadd231ps %ymm14,%ymm12,%ymm7
+	vextractf128 $0x1,%ymm0,%xmm12
+	vaddps %xmm12,%xmm0,%xmm0
+	vextractf128 $0x1,%ymm1,%xmm12
+	vaddps %xmm12,%xmm1,%xmm1
+	vextractf128 $0x1,%ymm2,%xmm12
+	vaddps %xmm12,%xmm2,%xmm2
+	vextractf128 $0x1,%ymm3,%xmm12
+	vaddps %xmm12,%xmm3,%xmm3
+	vshufps $0x44,%xmm1,%xmm0,%xmm12
+	vshufps $0xee,%xmm1,%xmm0,%xmm13
+	vaddps %xmm13,%xmm12,%xmm12
+	vshufps $0x44,%xmm3,%xmm2,%xmm13
+	vshufps $0xee,%xmm3,%xmm2,%xmm14
+	vaddps %xmm14,%xmm13,%xmm13
+	vshufps $0x88,%xmm13,%xmm12,%xmm14
+	vshufps $0xdd,%xmm13,%xmm12,%xmm15
+	vaddps %xmm15,%xmm14,%xmm14
+	mov    $0x3e800000,%eax
+	vmovd  %eax,%xmm15
+	vbroadcastss %xmm15,%xmm15
+	vmulps %xmm15,%xmm14,%xmm14
+	vmovups %xmm14,(%rcx)
+	vextractf128 $0x1,%ymm4,%xmm12
+	vaddps %xmm12,%xmm4,%xmm4
+	vextractf128 $0x1,%ymm5,%xmm12
+	vaddps %xmm12,%xmm5,%xmm5
+	vextractf128 $0x1,%ymm6,%xmm12
+	vaddps %xmm12,%xmm6,%xmm6
+	vextractf128 $0x1,%ymm7,%xmm12
+	vaddps %xmm12,%xmm7,%xmm7
+	vshufps $0x44,%xmm5,%xmm4,%xmm12
+	vshufps $0xee,%xmm5,%xmm4,%xmm13
+	vaddps %xmm13,%xmm12,%xmm12
+	vshufps $0x44,%xmm7,%xmm6,%xmm13
+	vshufps $0xee,%xmm7,%xmm6,%xmm14
+	vaddps %xmm14,%xmm13,%xmm13
+	vshufps $0x88,%xmm13,%xmm12,%xmm14
+	vshufps $0xdd,%xmm13,%xmm12,%xmm15
+	vaddps %xmm15,%xmm14,%xmm14
+	mov    $0x3e800000,%eax
+	vmovd  %eax,%xmm15
+	vbroadcastss %xmm15,%xmm15
+	vmulps %xmm15,%xmm14,%xmm14
+	vmovups %xmm14,0x110(%rcx)
+	add    $0x10,%rcx
+	lea    (%rsi,%rdx,4),%rsi
+	dec    %r9
+	jne    <kiln_attn_scores_h2_d16+0x11>
+	and    $0x3,%r8
+	je     <kiln_attn_scores_h2_d16+0x256>
+	mov    $0x3e800000,%eax
+	vmovd  %eax,%xmm15
+	vxorps %ymm0,%ymm0,%ymm0
+	vxorps %ymm1,%ymm1,%ymm1
+	vmovups (%rsi),%ymm12
+	vfmadd231ps (%rdi),%ymm12,%ymm0
+	vfmadd231ps 0x40(%rdi),%ymm12,%ymm1
+	vmovups 0x20(%rsi),%ymm12
+	vfmadd231ps 0x20(%rdi),%ymm12,%ymm0
+	vfmadd231ps 0x60(%rdi),%ymm12,%ymm1
+	vextractf128 $0x1,%ymm0,%xmm12
+	vaddps %xmm12,%xmm0,%xmm0
+	vmovhlps %xmm0,%xmm0,%xmm12
+	vaddps %xmm12,%xmm0,%xmm12
+	vmovshdup %xmm12,%xmm13
+	vaddss %xmm13,%xmm12,%xmm12
+	vmulss %xmm15,%xmm12,%xmm12
+	vmovss %xmm12,(%rcx)
+	vextractf128 $0x1,%ymm1,%xmm12
+	vaddps %xmm12,%xmm1,%xmm1
+	vmovhlps %xmm1,%xmm1,%xmm12
+	vaddps %xmm12,%xmm1,%xmm12
+	vmovshdup %xmm12,%xmm13
+	vaddss %xmm13,%xmm12,%xmm12
+	vmulss %xmm15,%xmm12,%xmm12
+	vmovss %xmm12,0x110(%rcx)
+	add    $0x4,%rcx
+	add    %rdx,%rsi
+	dec    %r8
+	jne    <kiln_attn_scores_h2_d16+0x1cc>
+	vzeroupper
+	ret
+	...
+
+<kiln_attn_scores_h3_d16>:
+	lea    (%rdx,%rdx,2),%r11
+	mov    %r8,%r9
+	shr    $0x2,%r9
+	je     <kiln_attn_scores_h3_d16+0x27f>
+	vxorps %ymm0,%ymm0,%ymm0
+	vxorps %ymm1,%ymm1,%ymm1
+	vxorps %ymm2,%ymm2,%ymm2
+	vxorps %ymm3,%ymm3,%ymm3
+	vxorps %ymm4,%ymm4,%ymm4
+	vxorps %ymm5,%ymm5,%ymm5
+	vxorps %ymm6,%ymm6,%ymm6
+	vxorps %ymm7,%ymm7,%ymm7
+	vxorps %ymm8,%ymm8,%ymm8
+	vxorps %ymm9,%ymm9,%ymm9
+	vxorps %ymm10,%ymm10,%ymm10
+	vxorps %ymm11,%ymm11,%ymm11
+	vmovups (%rdi),%ymm13
+	vmovups 0x40(%rdi),%ymm14
+	vmovups 0x80(%rdi),%ymm15
+	vmovups (%rsi),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm0
+	vfmadd231ps %ymm14,%ymm12,%ymm4
+	vfmadd231ps %ymm15,%ymm12,%ymm8
+	vmovups (%rsi,%rdx,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm1
+	vfmadd231ps %ymm14,%ymm12,%ymm5
+	vfmadd231ps %ymm15,%ymm12,%ymm9
+	vmovups (%rsi,%rdx,2),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm2
+	vfmadd231ps %ymm14,%ymm12,%ymm6
+	vfmadd231ps %ymm15,%ymm12,%ymm10
+	vmovups (%rsi,%r11,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm3
+	vfmadd231ps %ymm14,%ymm12,%ymm7
+	vfmadd231ps %ymm15,%ymm12,%ymm11
+	vmovups 0x20(%rdi),%ymm13
+	vmovups 0x60(%rdi),%ymm14
+	vmovups 0xa0(%rdi),%ymm15
+	vmovups 0x20(%rsi),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm0
+	vfmadd231ps %ymm14,%ymm12,%ymm4
+	vfmadd231ps %ymm15,%ymm12,%ymm8
+	vmovups 0x20(%rsi,%rdx,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm1
+	vfmadd231ps %ymm14,%ymm12,%ymm5
+	vfmadd231ps %ymm15,%ymm12,%ymm9
+	vmovups 0x20(%rsi,%rdx,2),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm2
+	vfmadd231ps %ymm14,%ymm12,%ymm6
+	vfmadd231ps %ymm15,%ymm12,%ymm10
+	vmovups 0x20(%rsi,%r11,1),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm3
+	vfmadd231ps %ymm14,%ymm12,%ymm7
+	vfmadd231ps %ymm15,%ymm12,%ymm11
+	vextractf128 $0x1,%ymm0,%xmm12
+	vaddps %xmm12,%xmm0,%xmm0
+	vextractf128 $0x1,%ymm1,%xmm12
+	vaddps %xmm12,%xmm1,%xmm1
+	vextractf128 $0x1,%ymm2,%xmm12
+	vaddps %xmm12,%xmm2,%xmm2
+	vextractf128 $0x1,%ymm3,%xmm12
+	vaddps %xmm12,%xmm3,%xmm3
+	vshufps $0x44,%xmm1,%xmm0,%xmm12
+	vshufps $0xee,%xmm1,%xmm0,%xmm13
+	vaddps %xmm13,%xmm12,%xmm12
+	vshufps $0x44,%xmm3,%xmm2,%xmm13
+	vshufps $0xee,%xmm3,%xmm2,%xmm14
+	vaddps %xmm14,%xmm13,%xmm13
+	vshufps $0x88,%xmm13,%xmm12,%xmm14
+	vshufps $0xdd,%xmm13,%xmm12,%xmm15
+	vaddps %xmm15,%xmm14,%xmm14
+	mov    $0x3e800000,%eax
+	vmovd  %eax,%xmm15
+	vbroadcastss %xmm15,%xmm15
+	vmulps %xmm15,%xmm14,%xmm14
+	vmovups %xmm14,(%rcx)
+	vextractf128 $0x1,%ymm4,%xmm12
+	vaddps %xmm12,%xmm4,%xmm4
+	vextractf128 $0x1,%ymm5,%xmm12
+	vaddps %xmm12,%xmm5,%xmm5
+	vextractf128 $0x1,%ymm6,%xmm12
+	vaddps %xmm12,%xmm6,%xmm6
+	vextractf128 $0x1,%ymm7,%xmm12
+	vaddps %xmm12,%xmm7,%xmm7
+	vshufps $0x44,%xmm5,%xmm4,%xmm12
+	vshufps $0xee,%xmm5,%xmm4,%xmm13
+	vaddps %xmm13,%xmm12,%xmm12
+	vshufps $0x44,%xmm7,%xmm6,%xmm13
+	vshufps $0xee,%xmm7,%xmm6,%xmm14
+	vaddps %xmm14,%xmm13,%xmm13
+	vshufps $0x88,%xmm13,%xmm12,%xmm14
+	vshufps $0xdd,%xmm13,%xmm12,%xmm15
+	vaddps %xmm15,%xmm14,%xmm14
+	mov    $0x3e800000,%eax
+	vmovd  %eax,%xmm15
+	vbroadcastss %xmm15,%xmm15
+	vmulps %xmm15,%xmm14,%xmm14
+	vmovups %xmm14,0x110(%rcx)
+	vextractf128 $0x1,%ymm8,%xmm12
+	vaddps %xmm12,%xmm8,%xmm8
+	vextractf128 $0x1,%ymm9,%xmm12
+	vaddps %xmm12,%xmm9,%xmm9
+	vextractf128 $0x1,%ymm10,%xmm12
+	vaddps %xmm12,%xmm10,%xmm10
+	vextractf128 $0x1,%ymm11,%xmm12
+	vaddps %xmm12,%xmm11,%xmm11
+	vshufps $0x44,%xmm9,%xmm8,%xmm12
+	vshufps $0xee,%xmm9,%xmm8,%xmm13
+	vaddps %xmm13,%xmm12,%xmm12
+	vshufps $0x44,%xmm11,%xmm10,%xmm13
+	vshufps $0xee,%xmm11,%xmm10,%xmm14
+	vaddps %xmm14,%xmm13,%xmm13
+	vshufps $0x88,%xmm13,%xmm12,%xmm14
+	vshufps $0xdd,%xmm13,%xmm12,%xmm15
+	vaddps %xmm15,%xmm14,%xmm14
+	mov    $0x3e800000,%eax
+	vmovd  %eax,%xmm15
+	vbroadcastss %xmm15,%xmm15
+	vmulps %xmm15,%xmm14,%xmm14
+	vmovups %xmm14,0x220(%rcx)
+	add    $0x10,%rcx
+	lea    (%rsi,%rdx,4),%rsi
+	dec    %r9
+	jne    <kiln_attn_scores_h3_d16+0x11>
+	and    $0x3,%r8
+	je     <kiln_attn_scores_h3_d16+0x35d>
+	mov    $0x3e800000,%eax
+	vmovd  %eax,%xmm15
+	vxorps %ymm0,%ymm0,%ymm0
+	vxorps %ymm1,%ymm1,%ymm1
+	vxorps %ymm2,%ymm2,%ymm2
+	vmovups (%rsi),%ymm12
+	vfmadd231ps (%rdi),%ymm12,%ymm0
+	vfmadd231ps 0x40(%rdi),%ymm12,%ymm1
+	vfmadd231ps 0x80(%rdi),%ymm12,%ymm2
+	vmovups 0x20(%rsi),%ymm12
+	vfmadd231ps 0x20(%rdi),%ymm12,%ymm0
+	vfmadd231ps 0x60(%rdi),%ymm12,%ymm1
+	vfmadd231ps 0xa0(%rdi),%ymm12,%ymm2
+	vextractf128 $0x1,%ymm0,%xmm12
+	vaddps %xmm12,%xmm0,%xmm0
+	vmovhlps %xmm0,%xmm0,%xmm12
+	vaddps %xmm12,%xmm0,%xmm12
+	vmovshdup %xmm12,%xmm13
+	vaddss %xmm13,%xmm12,%xmm12
+	vmulss %xmm15,%xmm12,%xmm12
+	vmovss %xmm12,(%rcx)
+	vextractf128 $0x1,%ymm1,%xmm12
+	vaddps %xmm12,%xmm1,%xmm1
+	vmovhlps %xmm1,%xmm1,%xmm12
+	vaddps %xmm12,%xmm1,%xmm12
+	vmovshdup %xmm12,%xmm13
+	vaddss %xmm13,%xmm12,%xmm12
+	vmulss %xmm15,%xmm12,%xmm12
+	vmovss %xmm12,0x110(%rcx)
+	vextractf128 $0x1,%ymm2,%xmm12
+	vaddps %xmm12,%xmm2,%xmm2
+	vmovhlps %xmm2,%xmm2,%xmm12
+	vaddps %xmm12,%xmm2,%xmm12
+	vmovshdup %xmm12,%xmm13
+	vaddss %xmm13,%xmm12,%xmm12
+	vmulss %xmm15,%xmm12,%xmm12
+	vmovss %xmm12,0x220(%rcx)
+	add    $0x4,%rcx
+	add    %rdx,%rsi
+	dec    %r8
+	jne    <kiln_attn_scores_h3_d16+0x292>
+	vzeroupper
+	ret
+	...
+
+<kiln_attn_values_h1_d16>:
+	vxorps %ymm0,%ymm0,%ymm0
+	vxorps %ymm1,%ymm1,%ymm1
+	mov    %rcx,%rax
+	test   %rax,%rax
+	jle    <kiln_attn_values_h1_d16+0x3c>
+	mov    %rdi,%r10
+	mov    %rsi,%r11
+	vbroadcastss (%r10),%ymm13
+	vmovups (%r11),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm0
+	vmovups 0x20(%r11),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm1
+	add    $0x4,%r10
+	add    %rdx,%r11
+	dec    %rax
+	jne    <kiln_attn_values_h1_d16+0x16>
+	vbroadcastss (%r9),%ymm12
+	vmovups (%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm0
+	vmovups %ymm0,(%r8)
+	vmovups 0x20(%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm1
+	vmovups %ymm1,0x20(%r8)
+	vzeroupper
+	ret
+	...
+
+<kiln_attn_values_h2_d16>:
+	vxorps %ymm0,%ymm0,%ymm0
+	vxorps %ymm1,%ymm1,%ymm1
+	vxorps %ymm4,%ymm4,%ymm4
+	vxorps %ymm5,%ymm5,%ymm5
+	mov    %rcx,%rax
+	test   %rax,%rax
+	jle    <kiln_attn_values_h2_d16+0x57>
+	mov    %rdi,%r10
+	mov    %rsi,%r11
+	vbroadcastss (%r10),%ymm13
+	vbroadcastss 0x110(%r10),%ymm14
+	vmovups (%r11),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm0
+	vfmadd231ps %ymm14,%ymm12,%ymm4
+	vmovups 0x20(%r11),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm1
+	vfmadd231ps %ymm14,%ymm12,%ymm5
+	add    $0x4,%r10
+	add    %rdx,%r11
+	dec    %rax
+	jne    <kiln_attn_values_h2_d16+0x1e>
+	vbroadcastss (%r9),%ymm12
+	vmovups (%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm0
+	vmovups %ymm0,(%r8)
+	vmovups 0x20(%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm1
+	vmovups %ymm1,0x20(%r8)
+	vbroadcastss 0x4(%r9),%ymm12
+	vmovups 0x40(%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm4
+	vmovups %ymm4,0x40(%r8)
+	vmovups 0x60(%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm5
+	vmovups %ymm5,0x60(%r8)
+	vzeroupper
+	ret
+	...
+
+<kiln_attn_values_h3_d16>:
+	vxorps %ymm0,%ymm0,%ymm0
+	vxorps %ymm1,%ymm1,%ymm1
+	vxorps %ymm4,%ymm4,%ymm4
+	vxorps %ymm5,%ymm5,%ymm5
+	vxorps %ymm8,%ymm8,%ymm8
+	vxorps %ymm9,%ymm9,%ymm9
+	mov    %rcx,%rax
+	test   %rax,%rax
+	jle    <kiln_attn_values_h3_d16+0x74>
+	mov    %rdi,%r10
+	mov    %rsi,%r11
+	vbroadcastss (%r10),%ymm13
+	vbroadcastss 0x110(%r10),%ymm14
+	vbroadcastss 0x220(%r10),%ymm15
+	vmovups (%r11),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm0
+	vfmadd231ps %ymm14,%ymm12,%ymm4
+	vfmadd231ps %ymm15,%ymm12,%ymm8
+	vmovups 0x20(%r11),%ymm12
+	vfmadd231ps %ymm13,%ymm12,%ymm1
+	vfmadd231ps %ymm14,%ymm12,%ymm5
+	vfmadd231ps %ymm15,%ymm12,%ymm9
+	add    $0x4,%r10
+	add    %rdx,%r11
+	dec    %rax
+	jne    <kiln_attn_values_h3_d16+0x28>
+	vbroadcastss (%r9),%ymm12
+	vmovups (%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm0
+	vmovups %ymm0,(%r8)
+	vmovups 0x20(%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm1
+	vmovups %ymm1,0x20(%r8)
+	vbroadcastss 0x4(%r9),%ymm12
+	vmovups 0x40(%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm4
+	vmovups %ymm4,0x40(%r8)
+	vmovups 0x60(%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm5
+	vmovups %ymm5,0x60(%r8)
+	vbroadcastss 0x8(%r9),%ymm12
+	vmovups 0x80(%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm8
+	vmovups %ymm8,0x80(%r8)
+	vmovups 0xa0(%r8),%ymm13
+	vfmadd231ps %ymm12,%ymm13,%ymm9
+	vmovups %ymm9,0xa0(%r8)
+	vzeroupper
+	ret
 	add    %al,(%rax)
 	add    %al,(%rax)
 	add    %al,(%rax)
@@ -3035,7 +3530,7 @@ Disassembly of section .text:
 	mov    %ecx,(%rax)
 	cmp    $0xc1,%al
 	test   $0xa9c13d2a,%eax
-	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a93cd>
+	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a976d>
 	shrl   $0x2a,-0x5555c2d6(%rcx)
 	ds stos %al,%es:(%rdi)
 	stos   %al,%es:(%rdi)
@@ -3465,36 +3960,35 @@ Disassembly of section .text:
 	mov    %r13,0x190(%rsp)
 	mov    %r14,0x198(%rsp)
 	mov    %r15,0x1a0(%rsp)
-	mov    %rdx,0x118(%rsp)
+	mov    %rdx,0x140(%rsp)
 	mov    (%rdi),%rbx
-	mov    %rbx,%r14
-	mov    0x18(%rdi),%rax
-	mov    %rax,0x170(%rsp)
-	mov    0x30(%rdi),%rdx
-	mov    %rdx,0x168(%rsp)
-	mov    0x10(%rdi),%r9
-	mov    0x28(%rdi),%r8
-	mov    %r8,0x160(%rsp)
-	mov    0x20(%rdi),%rcx
-	sub    %rdx,%rcx
-	mov    %rcx,0x158(%rsp)
-	mov    %rcx,%rax
+	mov    %rbx,0x178(%rsp)
+	mov    0x18(%rdi),%r13
+	mov    %r13,0x170(%rsp)
+	mov    0x30(%rdi),%r13
+	mov    0x10(%rdi),%r15
+	mov    %r15,0x168(%rsp)
+	mov    0x28(%rdi),%r12
+	mov    %r12,0x160(%rsp)
+	mov    0x20(%rdi),%r14
+	sub    %r13,%r14
+	mov    %r14,0x158(%rsp)
+	mov    %r14,%rax
 	shl    $0x2,%rax
 	sub    %rsi,%rax
-	mov    0x118(%rsp),%rdx
-	mov    %rsi,0x110(%rsp)
+	mov    %rsi,0x138(%rsp)
 	lea    -0x1(%rax,%rdx,1),%rax
 	cqto
-	mov    0x118(%rsp),%rcx
-	mov    0x118(%rsp),%rsi
+	mov    0x140(%rsp),%rcx
+	mov    0x140(%rsp),%rsi
 	test   %rsi,%rcx
-	je     <kiln_v5_attend+0xc1f>
+	je     <kiln_v5_attend+0x894>
 	idiv   %rcx
 	mov    %rax,0x150(%rsp)
 	xor    %rbx,%rbx
 	cmp    %rax,%rbx
 	mov    %rax,0x150(%rsp)
-	jl     <kiln_v5_attend+0x105>
+	jl     <kiln_v5_attend+0x102>
 	mov    0x180(%rsp),%rbx
 	mov    0x188(%rsp),%r12
 	mov    0x190(%rsp),%r13
@@ -3504,537 +3998,410 @@ Disassembly of section .text:
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	mov    0x118(%rsp),%rax
+	mov    0x140(%rsp),%rax
 	mov    %rbx,%rcx
 	imul   %rax,%rcx
-	mov    0x110(%rsp),%rax
+	mov    0x138(%rsp),%rax
 	add    %rax,%rcx
 	xor    %rdx,%rdx
-	mov    0x158(%rsp),%rsi
+	mov    0x158(%rsp),%r14
 	mov    %rcx,%rax
-	div    %rsi
-	mov    %rax,%r8
+	div    %r14
+	mov    %rax,%rdi
 	xor    %rdx,%rdx
 	mov    %rcx,%rax
-	mov    0x158(%rsp),%rcx
-	div    %rcx
-	vxorps %xmm0,%xmm0,%xmm0
-	mov    0x170(%rsp),%rsi
-	mov    0x8(%rsi),%rcx
-	mov    0x168(%rsp),%r11
-	mov    %r11,%rsi
-	shl    $0x8,%rsi
-	sub    %rsi,%rcx
-	mov    0x168(%rsp),%rax
-	lea    (%rdx,%rax,1),%r15
-	mov    %r15,%rdi
-	shl    $0x8,%rdi
-	mov    %r15,0x148(%rsp)
-	lea    (%rcx,%rdi,1),%r13
-	mov    %r8,%rax
-	mov    %rdi,0x140(%rsp)
-	shl    $0x6,%rax
-	vmovups %xmm0,0x0(%r13,%rax,1)
-	vmovups %xmm0,0x10(%r13,%rax,1)
-	vmovups %xmm0,0x20(%r13,%rax,1)
-	vmovups %xmm0,0x30(%r13,%rax,1)
+	div    %r14
+	xor    %rax,%rax
+	test   %rax,%rax
+	jle    <kiln_v5_attend+0x818>
 	xor    %r12,%r12
-	vmovups 0xa75(%rip),%xmm1        # <kiln_v5_attend+0xc30>
-	mov    0x160(%rsp),%r8
-	movdqu %xmm1,0x130(%rsp)
-	lea    0x40(%r8,%r15,1),%rcx
+	lea    (%rdx,%r13,1),%r15
+	mov    0x160(%rsp),%rax
+	lea    0x40(%rax,%r15,1),%rcx
 	shr    $0x6,%rcx
-	mov    %rcx,0x120(%rsp)
-	mov    0x120(%rsp),%r15
-	movdqa %xmm0,%xmm2
-	movdqu 0x130(%rsp),%xmm3
-	cmp    %r15,%r12
-	jl     <kiln_v5_attend+0x253>
-	vmovups 0xa3d(%rip),%xmm0        # <kiln_v5_attend+0xc40>
-	vdivps %xmm2,%xmm0,%xmm0
-	vmulps 0x0(%r13,%rax,1),%xmm0,%xmm1
-	vmovups %xmm1,0x0(%r13,%rax,1)
-	vmulps 0x10(%r13,%rax,1),%xmm0,%xmm1
-	vmovups %xmm1,0x10(%r13,%rax,1)
-	vmulps 0x20(%r13,%rax,1),%xmm0,%xmm1
-	vmovups %xmm1,0x20(%r13,%rax,1)
-	vmulps 0x30(%r13,%rax,1),%xmm0,%xmm0
-	vmovups %xmm0,0x30(%r13,%rax,1)
-	add    $0x1,%rbx
-	mov    0x150(%rsp),%rax
-	jmp    <kiln_v5_attend+0xc0>
-	xor    %r10,%r10
-	mov    0x160(%rsp),%r8
-	mov    0x148(%rsp),%r15
-	lea    0x1(%r8,%r15,1),%rsi
-	mov    %r12,%rcx
-	shl    $0x6,%rcx
-	sub    %rcx,%rsi
-	mov    $0x40,%ecx
-	cmp    %rsi,%rcx
-	cmovl  %rcx,%rsi
-	mov    %rsi,%r8
-	shr    $0x3,%r8
-	movdqu 0x130(%rsp),%xmm4
-	cmp    %r8,%r10
-	jl     <kiln_v5_attend+0x8ba>
-	mov    %rsi,%rcx
-	and    $0xfffffffffffffff8,%rcx
-	cmp    %rsi,%rcx
-	jl     <kiln_v5_attend+0x7f0>
-	mov    $0xff800000,%ecx
-	vmovd  %ecx,%xmm5
-	lea    (%rsp),%r8
-	vmovss %xmm5,(%r8,%rsi,4)
-	vmovss %xmm5,0x4(%r8,%rsi,4)
-	vmovss %xmm5,0x8(%r8,%rsi,4)
-	xor    %rdx,%rdx
-	lea    0x3(%rsi),%r10
-	shr    $0x2,%r10
-	movdqa %xmm0,%xmm5
-	cmp    %r10,%rdx
-	jl     <kiln_v5_attend+0x5e1>
+	cmp    %rcx,%r12
+	mov    %rcx,0x148(%rsp)
+	jl     <kiln_v5_attend+0x22b>
 	xor    %rcx,%rcx
-	movdqa %xmm0,%xmm6
-	movdqa %xmm0,%xmm7
-	movdqa %xmm0,%xmm8
-	movdqa %xmm0,%xmm9
-	cmp    %rsi,%rcx
-	jl     <kiln_v5_attend+0x576>
-	vpshufd $0x1,%xmm4,%xmm10
-	ucomiss %xmm4,%xmm10
-	jne    <kiln_v5_attend+0x32a>
-	jp     <kiln_v5_attend+0x31f>
-	andps  %xmm4,%xmm10
-	jmp    <kiln_v5_attend+0x32f>
-	addss  %xmm4,%xmm10
-	jp     <kiln_v5_attend+0x32f>
-	maxss  %xmm4,%xmm10
-	vpshufd $0x2,%xmm4,%xmm11
-	vpshufd $0x3,%xmm4,%xmm4
-	ucomiss %xmm11,%xmm4
-	jne    <kiln_v5_attend+0x35d>
-	jp     <kiln_v5_attend+0x352>
-	andps  %xmm11,%xmm4
-	jmp    <kiln_v5_attend+0x362>
-	addss  %xmm11,%xmm4
-	jp     <kiln_v5_attend+0x362>
-	maxss  %xmm11,%xmm4
-	ucomiss %xmm10,%xmm4
-	jne    <kiln_v5_attend+0x386>
-	jp     <kiln_v5_attend+0x37b>
-	andps  %xmm10,%xmm4
-	jmp    <kiln_v5_attend+0x38b>
-	addss  %xmm10,%xmm4
-	jp     <kiln_v5_attend+0x38b>
-	maxss  %xmm10,%xmm4
-	vbroadcastss %xmm4,%xmm10
-	vmaxps %xmm10,%xmm3,%xmm4
-	vmaxps %xmm3,%xmm10,%xmm1
-	vxorps %xmm1,%xmm4,%xmm11
-	vorps  %xmm11,%xmm4,%xmm10
-	vsubps %xmm11,%xmm10,%xmm4
-	vcmpunordps %xmm10,%xmm10,%xmm1
-	vpsrld $0xa,%xmm1,%xmm1
-	vandnps %xmm4,%xmm1,%xmm4
-	vsubps %xmm4,%xmm3,%xmm11
-	vmovups 0x88e(%rip),%xmm12        # <kiln_v5_attend+0xc50>
-	vcmpltps %xmm12,%xmm11,%xmm3
-	vmovups 0x890(%rip),%xmm10        # <kiln_v5_attend+0xc60>
-	vmaxps %xmm12,%xmm11,%xmm13
-	vmaxps %xmm11,%xmm12,%xmm1
-	vxorps %xmm1,%xmm13,%xmm11
-	vorps  %xmm11,%xmm13,%xmm12
-	vsubps %xmm11,%xmm12,%xmm11
-	vcmpunordps %xmm12,%xmm12,%xmm1
-	vpsrld $0xa,%xmm1,%xmm1
-	vandnps %xmm11,%xmm1,%xmm11
-	vmovups 0x870(%rip),%xmm12        # <kiln_v5_attend+0xc70>
-	vminps %xmm12,%xmm11,%xmm13
-	vminps %xmm11,%xmm12,%xmm12
-	vorps  %xmm12,%xmm13,%xmm11
-	vcmpunordps %xmm12,%xmm11,%xmm12
-	vorps  %xmm12,%xmm11,%xmm11
-	vpsrld $0xa,%xmm12,%xmm1
-	vandnps %xmm11,%xmm1,%xmm12
-	vmovups 0x853(%rip),%xmm1        # <kiln_v5_attend+0xc80>
-	vmulps %xmm1,%xmm12,%xmm1
-	vroundps $0x0,%xmm1,%xmm11
-	vmovups 0x851(%rip),%xmm13        # <kiln_v5_attend+0xc90>
-	vmovups 0x859(%rip),%xmm14        # <kiln_v5_attend+0xca0>
-	movdqa %xmm11,%xmm15
-	vfmadd213ps %xmm12,%xmm14,%xmm15
-	movdqa %xmm11,%xmm12
-	vfmadd213ps %xmm15,%xmm13,%xmm12
-	vmovups 0x84d(%rip),%xmm13        # <kiln_v5_attend+0xcb0>
-	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x850(%rip),%xmm13        # <kiln_v5_attend+0xcc0>
-	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x853(%rip),%xmm13        # <kiln_v5_attend+0xcd0>
-	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x856(%rip),%xmm13        # <kiln_v5_attend+0xce0>
-	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmovups 0x859(%rip),%xmm13        # <kiln_v5_attend+0xcf0>
-	vfmadd213ps %xmm13,%xmm12,%xmm10
-	vmulps %xmm12,%xmm12,%xmm13
-	vmovups 0x797(%rip),%xmm1        # <kiln_v5_attend+0xc40>
-	vaddps %xmm1,%xmm12,%xmm12
-	vfmadd213ps %xmm12,%xmm13,%xmm10
-	vcmpeqps %xmm11,%xmm11,%xmm12
-	vandps %xmm12,%xmm11,%xmm11
-	vpxor  %xmm11,%xmm12,%xmm12
-	vcvttps2dq %xmm11,%xmm11
-	vpand  %xmm12,%xmm11,%xmm1
-	vpsrad $0x1f,%xmm1,%xmm1
-	vpxor  %xmm11,%xmm1,%xmm11
-	vmovdqu 0x822(%rip),%xmm1        # <kiln_v5_attend+0xd00>
-	vpaddd %xmm1,%xmm11,%xmm1
-	vpslld $0x17,%xmm1,%xmm1
-	vmulps %xmm1,%xmm10,%xmm1
-	vpblendvb %xmm3,%xmm0,%xmm1,%xmm3
-	movdqa %xmm3,%xmm1
-	vfmadd132ps 0x0(%r13,%rax,1),%xmm9,%xmm1
-	vmovups %xmm1,0x0(%r13,%rax,1)
-	movdqa %xmm3,%xmm1
-	vfmadd132ps 0x10(%r13,%rax,1),%xmm8,%xmm1
-	vmovups %xmm1,0x10(%r13,%rax,1)
-	movdqa %xmm3,%xmm1
-	vfmadd132ps 0x20(%r13,%rax,1),%xmm7,%xmm1
-	vmovups %xmm1,0x20(%r13,%rax,1)
-	movdqa %xmm3,%xmm1
-	vfmadd132ps 0x30(%r13,%rax,1),%xmm6,%xmm1
-	vmovups %xmm1,0x30(%r13,%rax,1)
-	add    $0x1,%r12
-	vpshufd $0x1,%xmm5,%xmm1
-	vaddss %xmm1,%xmm5,%xmm6
-	vpshufd $0x2,%xmm5,%xmm7
-	vpshufd $0x3,%xmm5,%xmm1
-	vaddss %xmm1,%xmm7,%xmm1
-	vaddss %xmm1,%xmm6,%xmm1
-	vbroadcastss %xmm1,%xmm5
-	vfmadd213ps %xmm5,%xmm3,%xmm2
-	mov    0x120(%rsp),%r15
-	movdqa %xmm4,%xmm3
-	jmp    <kiln_v5_attend+0x1f2>
-	vmovss (%r8,%rcx,4),%xmm10
-	lea    0x1(%rcx),%rdx
-	lea    0x4000(%r9,%rax,1),%rdi
-	mov    %r12,%r10
-	shl    $0xe,%r10
-	add    %r10,%rdi
-	shl    $0x8,%rcx
-	vbroadcastss %xmm10,%xmm10
-	movdqa %xmm10,%xmm11
-	vfmadd132ps (%rdi,%rcx,1),%xmm9,%xmm11
-	movdqa %xmm10,%xmm9
-	vfmadd132ps 0x10(%rdi,%rcx,1),%xmm8,%xmm9
-	movdqa %xmm10,%xmm8
-	vfmadd132ps 0x20(%rdi,%rcx,1),%xmm7,%xmm8
-	vfmadd132ps 0x30(%rdi,%rcx,1),%xmm6,%xmm10
-	mov    %rdx,%rcx
-	movdqa %xmm8,%xmm7
-	movdqa %xmm9,%xmm8
-	movdqa %xmm11,%xmm9
-	movdqa %xmm10,%xmm6
-	jmp    <kiln_v5_attend+0x2f8>
-	mov    %rdx,%r11
-	shl    $0x4,%r11
-	vmovups (%r8,%r11,1),%xmm6
-	vpshufd $0x1,%xmm4,%xmm7
-	ucomiss %xmm4,%xmm7
-	jne    <kiln_v5_attend+0x614>
-	jp     <kiln_v5_attend+0x60a>
-	andps  %xmm4,%xmm7
-	jmp    <kiln_v5_attend+0x618>
-	addss  %xmm4,%xmm7
-	jp     <kiln_v5_attend+0x618>
-	maxss  %xmm4,%xmm7
-	vpshufd $0x2,%xmm4,%xmm8
-	vpshufd $0x3,%xmm4,%xmm9
-	ucomiss %xmm8,%xmm9
-	jne    <kiln_v5_attend+0x646>
-	jp     <kiln_v5_attend+0x63b>
-	andps  %xmm8,%xmm9
-	jmp    <kiln_v5_attend+0x64b>
-	addss  %xmm8,%xmm9
-	jp     <kiln_v5_attend+0x64b>
-	maxss  %xmm8,%xmm9
-	ucomiss %xmm7,%xmm9
-	jne    <kiln_v5_attend+0x66f>
-	jp     <kiln_v5_attend+0x664>
-	andps  %xmm7,%xmm9
-	jmp    <kiln_v5_attend+0x674>
-	addss  %xmm7,%xmm9
-	jp     <kiln_v5_attend+0x674>
-	maxss  %xmm7,%xmm9
-	vbroadcastss %xmm9,%xmm8
-	vmaxps %xmm8,%xmm3,%xmm7
-	vmaxps %xmm3,%xmm8,%xmm1
-	vxorps %xmm1,%xmm7,%xmm9
-	vorps  %xmm9,%xmm7,%xmm8
-	vsubps %xmm9,%xmm8,%xmm7
-	vcmpunordps %xmm8,%xmm8,%xmm1
-	vpsrld $0xa,%xmm1,%xmm1
-	vandnps %xmm7,%xmm1,%xmm7
-	vsubps %xmm7,%xmm6,%xmm8
-	vmovups 0x5a5(%rip),%xmm9        # <kiln_v5_attend+0xc50>
-	vcmpltps %xmm9,%xmm8,%xmm6
-	vmovups 0x5a7(%rip),%xmm7        # <kiln_v5_attend+0xc60>
-	vmaxps %xmm9,%xmm8,%xmm10
-	vmaxps %xmm8,%xmm9,%xmm1
-	vxorps %xmm1,%xmm10,%xmm8
-	vorps  %xmm8,%xmm10,%xmm9
-	vsubps %xmm8,%xmm9,%xmm8
-	vcmpunordps %xmm9,%xmm9,%xmm1
-	vpsrld $0xa,%xmm1,%xmm1
-	vandnps %xmm8,%xmm1,%xmm8
-	vmovups 0x587(%rip),%xmm9        # <kiln_v5_attend+0xc70>
-	vminps %xmm9,%xmm8,%xmm10
-	vminps %xmm8,%xmm9,%xmm9
-	vorps  %xmm9,%xmm10,%xmm8
-	vcmpunordps %xmm9,%xmm8,%xmm9
-	vorps  %xmm9,%xmm8,%xmm8
-	vpsrld $0xa,%xmm9,%xmm1
-	vandnps %xmm8,%xmm1,%xmm9
-	vmovups 0x56a(%rip),%xmm1        # <kiln_v5_attend+0xc80>
-	vmulps %xmm1,%xmm9,%xmm1
-	vroundps $0x0,%xmm1,%xmm8
-	vmovups 0x568(%rip),%xmm10        # <kiln_v5_attend+0xc90>
-	vmovups 0x570(%rip),%xmm11        # <kiln_v5_attend+0xca0>
-	movdqa %xmm8,%xmm12
-	vfmadd213ps %xmm9,%xmm11,%xmm12
-	movdqa %xmm8,%xmm9
-	vfmadd213ps %xmm12,%xmm10,%xmm9
-	vmovups 0x564(%rip),%xmm10        # <kiln_v5_attend+0xcb0>
-	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x567(%rip),%xmm10        # <kiln_v5_attend+0xcc0>
-	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x56a(%rip),%xmm10        # <kiln_v5_attend+0xcd0>
-	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x56d(%rip),%xmm10        # <kiln_v5_attend+0xce0>
-	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmovups 0x570(%rip),%xmm10        # <kiln_v5_attend+0xcf0>
-	vfmadd213ps %xmm10,%xmm9,%xmm7
-	vmulps %xmm9,%xmm9,%xmm10
-	vmovups 0x4ae(%rip),%xmm1        # <kiln_v5_attend+0xc40>
-	vaddps %xmm1,%xmm9,%xmm9
-	vfmadd213ps %xmm9,%xmm10,%xmm7
-	vcmpeqps %xmm8,%xmm8,%xmm9
-	vandps %xmm9,%xmm8,%xmm8
-	vpxor  %xmm8,%xmm9,%xmm9
-	vcvttps2dq %xmm8,%xmm8
-	vpand  %xmm9,%xmm8,%xmm1
-	vpsrad $0x1f,%xmm1,%xmm1
-	vpxor  %xmm8,%xmm1,%xmm8
-	vmovdqu 0x539(%rip),%xmm1        # <kiln_v5_attend+0xd00>
-	vpaddd %xmm1,%xmm8,%xmm1
-	vpslld $0x17,%xmm1,%xmm1
-	vmulps %xmm1,%xmm7,%xmm1
-	vpblendvb %xmm6,%xmm0,%xmm1,%xmm6
-	vmovups %xmm6,(%r8,%r11,1)
-	add    $0x1,%rdx
-	vaddps %xmm6,%xmm5,%xmm5
-	jmp    <kiln_v5_attend+0x2da>
-	mov    0x140(%rsp),%rdi
-	lea    (%r14,%rdi,1),%rdx
-	vmovups 0x30(%rdx,%rax,1),%xmm5
-	lea    (%r9,%rax,1),%r8
-	mov    %r12,%r10
-	shl    $0xe,%r10
-	add    %r10,%r8
-	mov    %rcx,%r10
-	shl    $0x8,%r10
-	vmovups 0x30(%r8,%r10,1),%xmm6
-	vmovups 0x20(%rdx,%rax,1),%xmm7
-	vmovups 0x20(%r8,%r10,1),%xmm8
-	vmovups 0x10(%rdx,%rax,1),%xmm9
-	vmovups 0x10(%r8,%r10,1),%xmm10
-	vmovups (%rdx,%rax,1),%xmm11
-	vmovups (%r8,%r10,1),%xmm12
-	vfmadd213ps %xmm0,%xmm12,%xmm11
-	vfmadd213ps %xmm11,%xmm10,%xmm9
-	vfmadd213ps %xmm9,%xmm8,%xmm7
-	vfmadd213ps %xmm7,%xmm6,%xmm5
-	vpshufd $0x1,%xmm5,%xmm6
-	vaddss %xmm6,%xmm5,%xmm6
-	vpshufd $0x2,%xmm5,%xmm7
-	vpshufd $0x3,%xmm5,%xmm5
-	vaddss %xmm5,%xmm7,%xmm5
-	vaddss %xmm5,%xmm6,%xmm5
-	vbroadcastss %xmm5,%xmm5
-	vmovups 0x491(%rip),%xmm6        # <kiln_v5_attend+0xd10>
-	vmulps %xmm6,%xmm5,%xmm5
-	lea    (%rsp),%rdx
-	vmovss %xmm5,(%rdx,%rcx,4)
+	test   %rcx,%rcx
+	jle    <kiln_v5_attend+0x196>
+	add    $0x1,%rbx
+	mov    %rax,0x160(%rsp)
+	mov    0x150(%rsp),%rax
+	jmp    <kiln_v5_attend+0xbd>
+	mov    0x170(%rsp),%rsi
+	mov    0x8(%rsi),%rdx
+	mov    %r13,%rsi
+	shl    $0x8,%rsi
+	sub    %rsi,%rdx
+	mov    %r15,%rsi
+	shl    $0x8,%rsi
+	add    %rsi,%rdx
+	mov    %rdi,%r14
+	mov    %r14,%rsi
+	shl    $0x6,%rsi
+	add    %rsi,%rdx
+	mov    %rcx,%rsi
+	shl    $0x6,%rsi
+	vmovups (%rdx,%rsi,1),%xmm0
+	mov    $0x3f800000,%edi
+	vmovd  %edi,%xmm1
+	lea    0x110(%rsp),%rdi
+	vmovss 0xc(%rdi,%rcx,4),%xmm2
+	vdivss %xmm2,%xmm1,%xmm1
+	vbroadcastss %xmm1,%xmm1
+	vmulps %xmm1,%xmm0,%xmm0
+	vmovups %xmm0,(%rdx,%rsi,1)
+	vmulps 0x10(%rdx,%rsi,1),%xmm1,%xmm0
+	vmovups %xmm0,0x10(%rdx,%rsi,1)
+	vmulps 0x20(%rdx,%rsi,1),%xmm1,%xmm0
+	vmovups %xmm0,0x20(%rdx,%rsi,1)
+	vmulps 0x30(%rdx,%rsi,1),%xmm1,%xmm0
+	vmovups %xmm0,0x30(%rdx,%rsi,1)
 	add    $0x1,%rcx
-	vmaxps %xmm5,%xmm4,%xmm6
-	vmaxps %xmm4,%xmm5,%xmm1
-	vxorps %xmm1,%xmm6,%xmm4
-	vorps  %xmm4,%xmm6,%xmm5
-	vsubps %xmm4,%xmm5,%xmm4
-	vcmpunordps %xmm5,%xmm5,%xmm6
-	vpsrld $0xa,%xmm6,%xmm1
-	vandnps %xmm4,%xmm1,%xmm4
-	jmp    <kiln_v5_attend+0x2a1>
-	mov    0x140(%rsp),%rdi
-	lea    (%r14,%rdi,1),%rcx
-	vmovups 0x30(%rcx,%rax,1),%xmm5
-	lea    (%r9,%rax,1),%r11
+	mov    %r14,%rdi
+	jmp    <kiln_v5_attend+0x171>
+	mov    %rdi,%r14
+	mov    %r15,%rcx
+	shl    $0x8,%rcx
+	mov    0x178(%rsp),%rdx
+	add    %rdx,%rcx
+	mov    %r14,%rdx
+	shl    $0x6,%rdx
+	lea    (%rcx,%rdx,1),%rdi
+	mov    0x168(%rsp),%r11
+	lea    (%r11,%rdx,1),%rcx
 	mov    %r12,%rdx
 	shl    $0xe,%rdx
-	add    %r11,%rdx
-	mov    %r10,%r11
-	shl    $0xb,%r11
-	vmovups 0x30(%rdx,%r11,1),%xmm9
-	vmovups 0x20(%rcx,%rax,1),%xmm6
-	vmovups 0x20(%rdx,%r11,1),%xmm10
-	vmovups 0x10(%rcx,%rax,1),%xmm7
-	vmovups 0x10(%rdx,%r11,1),%xmm11
-	vmovups (%rcx,%rax,1),%xmm8
-	vmovups (%rdx,%r11,1),%xmm12
-	movdqa %xmm8,%xmm13
-	vfmadd213ps %xmm0,%xmm12,%xmm13
-	movdqa %xmm7,%xmm12
-	vfmadd213ps %xmm13,%xmm11,%xmm12
-	movdqa %xmm6,%xmm11
-	vfmadd213ps %xmm12,%xmm10,%xmm11
-	movdqa %xmm5,%xmm10
-	vfmadd213ps %xmm11,%xmm9,%xmm10
-	vmovups 0x130(%rdx,%r11,1),%xmm9
-	vmovups 0x120(%rdx,%r11,1),%xmm11
-	vmovups 0x110(%rdx,%r11,1),%xmm12
-	vmovups 0x100(%rdx,%r11,1),%xmm13
-	movdqa %xmm8,%xmm14
-	vfmadd213ps %xmm0,%xmm13,%xmm14
-	movdqa %xmm7,%xmm13
-	vfmadd213ps %xmm14,%xmm12,%xmm13
-	movdqa %xmm6,%xmm12
-	vfmadd213ps %xmm13,%xmm11,%xmm12
-	movdqa %xmm5,%xmm11
-	vfmadd213ps %xmm12,%xmm9,%xmm11
-	vpunpcklqdq %xmm11,%xmm10,%xmm9
-	vpunpckhqdq %xmm11,%xmm10,%xmm1
-	vaddps %xmm1,%xmm9,%xmm9
-	vmovups 0x230(%rdx,%r11,1),%xmm11
-	vmovups 0x220(%rdx,%r11,1),%xmm10
-	vmovups 0x210(%rdx,%r11,1),%xmm12
-	vmovups 0x200(%rdx,%r11,1),%xmm13
-	movdqa %xmm8,%xmm14
-	vfmadd213ps %xmm0,%xmm13,%xmm14
-	movdqa %xmm7,%xmm13
-	vfmadd213ps %xmm14,%xmm12,%xmm13
-	movdqa %xmm6,%xmm12
-	vfmadd213ps %xmm13,%xmm10,%xmm12
-	movdqa %xmm5,%xmm10
-	vfmadd213ps %xmm12,%xmm11,%xmm10
-	vmovups 0x330(%rdx,%r11,1),%xmm11
-	vmovups 0x320(%rdx,%r11,1),%xmm12
-	vmovups 0x310(%rdx,%r11,1),%xmm13
-	vmovups 0x300(%rdx,%r11,1),%xmm14
-	movdqa %xmm8,%xmm15
-	vfmadd213ps %xmm0,%xmm14,%xmm15
-	movdqa %xmm7,%xmm14
-	vfmadd213ps %xmm15,%xmm13,%xmm14
-	movdqa %xmm6,%xmm13
-	vfmadd213ps %xmm14,%xmm12,%xmm13
-	movdqa %xmm5,%xmm12
-	vfmadd213ps %xmm13,%xmm11,%xmm12
-	vpunpcklqdq %xmm12,%xmm10,%xmm11
-	vpunpckhqdq %xmm12,%xmm10,%xmm1
-	vaddps %xmm1,%xmm11,%xmm10
-	vshufps $0x88,%xmm10,%xmm9,%xmm11
-	vshufps $0xdd,%xmm10,%xmm9,%xmm1
-	vaddps %xmm1,%xmm11,%xmm9
-	vmovups 0x2b7(%rip),%xmm10        # <kiln_v5_attend+0xd10>
-	vmulps %xmm10,%xmm9,%xmm9
+	lea    (%rcx,%rdx,1),%rsi
+	mov    $0x100,%edx
 	lea    (%rsp),%rcx
-	mov    %r10,%r15
-	shl    $0x5,%r15
-	vmovups %xmm9,(%rcx,%r15,1)
-	vmovups 0x430(%rdx,%r11,1),%xmm12
-	vmovups 0x420(%rdx,%r11,1),%xmm11
-	vmovups 0x410(%rdx,%r11,1),%xmm13
-	vmovups 0x400(%rdx,%r11,1),%xmm14
-	movdqa %xmm8,%xmm15
-	vfmadd213ps %xmm0,%xmm14,%xmm15
-	movdqa %xmm7,%xmm14
-	vfmadd213ps %xmm15,%xmm13,%xmm14
-	movdqa %xmm6,%xmm13
-	vfmadd213ps %xmm14,%xmm11,%xmm13
-	movdqa %xmm5,%xmm11
-	vfmadd213ps %xmm13,%xmm12,%xmm11
-	vmovups 0x530(%rdx,%r11,1),%xmm12
-	vmovups 0x520(%rdx,%r11,1),%xmm13
-	vmovups 0x510(%rdx,%r11,1),%xmm14
-	vmovups 0x500(%rdx,%r11,1),%xmm15
-	movdqa %xmm8,%xmm1
-	vfmadd213ps %xmm0,%xmm15,%xmm1
-	movdqa %xmm7,%xmm15
-	vfmadd213ps %xmm1,%xmm14,%xmm15
-	movdqa %xmm6,%xmm1
-	vfmadd213ps %xmm15,%xmm13,%xmm1
-	movdqa %xmm5,%xmm13
-	vfmadd213ps %xmm1,%xmm12,%xmm13
-	vpunpcklqdq %xmm13,%xmm11,%xmm1
-	vpunpckhqdq %xmm13,%xmm11,%xmm11
-	vaddps %xmm11,%xmm1,%xmm11
-	vmovups 0x630(%rdx,%r11,1),%xmm13
-	vmovups 0x620(%rdx,%r11,1),%xmm12
-	vmovups 0x610(%rdx,%r11,1),%xmm14
-	vmovups 0x600(%rdx,%r11,1),%xmm1
-	movdqa %xmm8,%xmm15
-	vfmadd213ps %xmm0,%xmm1,%xmm15
-	movdqa %xmm7,%xmm1
-	vfmadd213ps %xmm15,%xmm14,%xmm1
-	movdqa %xmm6,%xmm14
-	vfmadd213ps %xmm1,%xmm12,%xmm14
-	movdqa %xmm5,%xmm12
-	vfmadd213ps %xmm14,%xmm13,%xmm12
-	vmovups 0x730(%rdx,%r11,1),%xmm13
-	vmovups 0x720(%rdx,%r11,1),%xmm14
-	vmovups 0x710(%rdx,%r11,1),%xmm15
-	vmovups 0x700(%rdx,%r11,1),%xmm1
-	vfmadd213ps %xmm0,%xmm1,%xmm8
-	vfmadd213ps %xmm8,%xmm15,%xmm7
-	vfmadd213ps %xmm7,%xmm14,%xmm6
-	vfmadd213ps %xmm6,%xmm13,%xmm5
-	vpunpcklqdq %xmm5,%xmm12,%xmm6
-	vpunpckhqdq %xmm5,%xmm12,%xmm5
-	vaddps %xmm5,%xmm6,%xmm5
-	vshufps $0x88,%xmm5,%xmm11,%xmm6
-	vshufps $0xdd,%xmm5,%xmm11,%xmm5
-	vaddps %xmm5,%xmm6,%xmm5
-	vmulps %xmm10,%xmm5,%xmm5
-	vmovups %xmm5,0x10(%rcx,%r15,1)
-	add    $0x1,%r10
-	vmaxps %xmm9,%xmm4,%xmm6
-	vmaxps %xmm4,%xmm9,%xmm1
-	vxorps %xmm1,%xmm6,%xmm4
-	vorps  %xmm4,%xmm6,%xmm6
-	vsubps %xmm4,%xmm6,%xmm7
-	vcmpunordps %xmm6,%xmm6,%xmm1
+	lea    0x1(%rax,%r15,1),%r8
+	mov    %rax,0x160(%rsp)
+	mov    %r12,%rax
+	shl    $0x6,%rax
+	sub    %rax,%r8
+	mov    $0x40,%eax
+	cmp    %r8,%rax
+	cmovl  %rax,%r8
+	call   <kiln_v5_attend+0x293>
+	xor    %rax,%rax
+	test   %rax,%rax
+	jle    <kiln_v5_attend+0x344>
+	lea    (%rsp),%rdi
+	mov    %r14,%rsi
+	shl    $0x6,%rsi
+	mov    0x168(%rsp),%r11
+	lea    0x4000(%r11,%rsi,1),%r8
+	mov    %r12,%r9
+	shl    $0xe,%r9
+	lea    (%r8,%r9,1),%r10
+	mov    $0x100,%edx
+	mov    0x160(%rsp),%rax
+	lea    0x1(%rax,%r15,1),%rcx
+	mov    %r12,%r8
+	shl    $0x6,%r8
+	sub    %r8,%rcx
+	mov    $0x40,%r9d
+	cmp    %rcx,%r9
+	cmovl  %r9,%rcx
+	mov    0x170(%rsp),%rax
+	mov    0x8(%rax),%r9
+	mov    %r13,%r8
+	shl    $0x8,%r8
+	sub    %r8,%r9
+	mov    %r15,%r8
+	shl    $0x8,%r8
+	add    %r9,%r8
+	add    %rsi,%r8
+	lea    0x110(%rsp),%rsi
+	lea    0x18(%rsi),%r9
+	mov    %r10,%rsi
+	call   <kiln_v5_attend+0x325>
+	add    $0x1,%r12
+	mov    0x160(%rsp),%rax
+	mov    0x148(%rsp),%rcx
+	mov    %r14,%rdi
+	jmp    <kiln_v5_attend+0x15d>
+	mov    $0xff800000,%r8d
+	vmovd  %r8d,%xmm0
+	lea    (%rsp),%r9
+	imul   $0x110,%rax,%r10
+	add    %r10,%r9
+	mov    0x160(%rsp),%rcx
+	lea    0x1(%rcx,%r15,1),%rsi
+	mov    %r12,%r10
+	shl    $0x6,%r10
+	sub    %r10,%rsi
+	mov    $0x40,%r10d
+	cmp    %rsi,%r10
+	cmovl  %r10,%rsi
+	vmovss %xmm0,(%r9,%rsi,4)
+	vmovss %xmm0,0x4(%r9,%rsi,4)
+	vmovss %xmm0,0x8(%r9,%rsi,4)
+	xor    %rdi,%rdi
+	vmovups 0x500(%rip),%xmm2        # <kiln_v5_attend+0x8a0>
+	lea    0x3(%rsi),%rcx
+	shr    $0x2,%rcx
+	cmp    %rcx,%rdi
+	jl     <kiln_v5_attend+0x7e0>
+	xor    %rdx,%rdx
+	vxorps %xmm0,%xmm0,%xmm1
+	movdqa %xmm1,%xmm0
+	cmp    %rcx,%rdx
+	jl     <kiln_v5_attend+0x5e2>
+	lea    0x110(%rsp),%rcx
+	vmovss (%rcx,%rax,4),%xmm3
+	vpshufd $0x1,%xmm2,%xmm4
+	ucomiss %xmm2,%xmm4
+	jne    <kiln_v5_attend+0x3f8>
+	jp     <kiln_v5_attend+0x3ee>
+	andps  %xmm2,%xmm4
+	jmp    <kiln_v5_attend+0x3fc>
+	addss  %xmm2,%xmm4
+	jp     <kiln_v5_attend+0x3fc>
+	maxss  %xmm2,%xmm4
+	vpshufd $0x2,%xmm2,%xmm5
+	vpshufd $0x3,%xmm2,%xmm2
+	ucomiss %xmm5,%xmm2
+	jne    <kiln_v5_attend+0x427>
+	jp     <kiln_v5_attend+0x41d>
+	andps  %xmm5,%xmm2
+	jmp    <kiln_v5_attend+0x42b>
+	addss  %xmm5,%xmm2
+	jp     <kiln_v5_attend+0x42b>
+	maxss  %xmm5,%xmm2
+	ucomiss %xmm4,%xmm2
+	jne    <kiln_v5_attend+0x44c>
+	jp     <kiln_v5_attend+0x442>
+	andps  %xmm4,%xmm2
+	jmp    <kiln_v5_attend+0x450>
+	addss  %xmm4,%xmm2
+	jp     <kiln_v5_attend+0x450>
+	maxss  %xmm4,%xmm2
+	ucomiss %xmm3,%xmm2
+	jne    <kiln_v5_attend+0x471>
+	jp     <kiln_v5_attend+0x467>
+	andps  %xmm3,%xmm2
+	jmp    <kiln_v5_attend+0x475>
+	addss  %xmm3,%xmm2
+	jp     <kiln_v5_attend+0x475>
+	maxss  %xmm3,%xmm2
+	vmovss %xmm2,(%rcx,%rax,4)
+	vsubss %xmm2,%xmm3,%xmm2
+	vbroadcastss %xmm2,%xmm4
+	vmovups 0x425(%rip),%xmm5        # <kiln_v5_attend+0x8b0>
+	vcmpltps %xmm5,%xmm4,%xmm2
+	vmovups 0x428(%rip),%xmm3        # <kiln_v5_attend+0x8c0>
+	vmaxps %xmm5,%xmm4,%xmm6
+	vmaxps %xmm4,%xmm5,%xmm4
+	vxorps %xmm4,%xmm6,%xmm4
+	vorps  %xmm4,%xmm6,%xmm5
+	vsubps %xmm4,%xmm5,%xmm4
+	vcmpunordps %xmm5,%xmm5,%xmm5
+	vpsrld $0xa,%xmm5,%xmm5
+	vandnps %xmm4,%xmm5,%xmm4
+	vmovups 0x40e(%rip),%xmm5        # <kiln_v5_attend+0x8d0>
+	vminps %xmm5,%xmm4,%xmm6
+	vminps %xmm4,%xmm5,%xmm5
+	vorps  %xmm5,%xmm6,%xmm4
+	vcmpunordps %xmm5,%xmm4,%xmm5
+	vorps  %xmm5,%xmm4,%xmm4
+	vpsrld $0xa,%xmm5,%xmm5
+	vandnps %xmm4,%xmm5,%xmm5
+	vmovups 0x3f8(%rip),%xmm4        # <kiln_v5_attend+0x8e0>
+	vmulps %xmm4,%xmm5,%xmm4
+	vroundps $0x0,%xmm4,%xmm4
+	vmovups 0x3f6(%rip),%xmm6        # <kiln_v5_attend+0x8f0>
+	vmovups 0x3fe(%rip),%xmm7        # <kiln_v5_attend+0x900>
+	movdqa %xmm4,%xmm8
+	vfmadd213ps %xmm5,%xmm7,%xmm8
+	movdqa %xmm4,%xmm5
+	vfmadd213ps %xmm8,%xmm6,%xmm5
+	vmovups 0x3f3(%rip),%xmm6        # <kiln_v5_attend+0x910>
+	vfmadd213ps %xmm6,%xmm5,%xmm3
+	vmovups 0x3f6(%rip),%xmm6        # <kiln_v5_attend+0x920>
+	vfmadd213ps %xmm6,%xmm5,%xmm3
+	vmovups 0x3f9(%rip),%xmm6        # <kiln_v5_attend+0x930>
+	vfmadd213ps %xmm6,%xmm5,%xmm3
+	vmovups 0x3fc(%rip),%xmm6        # <kiln_v5_attend+0x940>
+	vfmadd213ps %xmm6,%xmm5,%xmm3
+	vmovups 0x3ff(%rip),%xmm6        # <kiln_v5_attend+0x950>
+	vfmadd213ps %xmm6,%xmm5,%xmm3
+	vmulps %xmm5,%xmm5,%xmm6
+	vmovups 0x3fe(%rip),%xmm7        # <kiln_v5_attend+0x960>
+	vaddps %xmm7,%xmm5,%xmm5
+	vfmadd213ps %xmm5,%xmm6,%xmm3
+	vcmpeqps %xmm4,%xmm4,%xmm5
+	vandps %xmm5,%xmm4,%xmm4
+	vpxor  %xmm4,%xmm5,%xmm5
+	vcvttps2dq %xmm4,%xmm4
+	vpand  %xmm5,%xmm4,%xmm5
+	vpsrad $0x1f,%xmm5,%xmm5
+	vpxor  %xmm4,%xmm5,%xmm4
+	vmovdqu 0x3df(%rip),%xmm5        # <kiln_v5_attend+0x970>
+	vpaddd %xmm5,%xmm4,%xmm4
+	vpslld $0x17,%xmm4,%xmm4
+	vmulps %xmm4,%xmm3,%xmm3
+	vpblendvb %xmm2,%xmm1,%xmm3,%xmm1
+	vpshufd $0x1,%xmm0,%xmm2
+	vaddss %xmm2,%xmm0,%xmm2
+	vpshufd $0x2,%xmm0,%xmm3
+	vpshufd $0x3,%xmm0,%xmm0
+	vaddss %xmm0,%xmm3,%xmm0
+	vaddss %xmm0,%xmm2,%xmm0
+	movdqa %xmm1,%xmm2
+	vfmadd132ss 0xc(%rcx,%rax,4),%xmm0,%xmm2
+	vmovss %xmm2,0xc(%rcx,%rax,4)
+	vmovss %xmm1,0x18(%rcx,%rax,4)
+	add    $0x1,%rax
+	jmp    <kiln_v5_attend+0x296>
+	mov    %rdx,%rsi
+	shl    $0x4,%rsi
+	vmovups (%r9,%rsi,1),%xmm3
+	lea    0x110(%rsp),%rdi
+	vmovss (%rdi,%rax,4),%xmm4
+	vpshufd $0x1,%xmm2,%xmm5
+	ucomiss %xmm2,%xmm5
+	jne    <kiln_v5_attend+0x622>
+	jp     <kiln_v5_attend+0x618>
+	andps  %xmm2,%xmm5
+	jmp    <kiln_v5_attend+0x626>
+	addss  %xmm2,%xmm5
+	jp     <kiln_v5_attend+0x626>
+	maxss  %xmm2,%xmm5
+	vpshufd $0x2,%xmm2,%xmm7
+	vpshufd $0x3,%xmm2,%xmm6
+	ucomiss %xmm7,%xmm6
+	jne    <kiln_v5_attend+0x651>
+	jp     <kiln_v5_attend+0x647>
+	andps  %xmm7,%xmm6
+	jmp    <kiln_v5_attend+0x655>
+	addss  %xmm7,%xmm6
+	jp     <kiln_v5_attend+0x655>
+	maxss  %xmm7,%xmm6
+	ucomiss %xmm5,%xmm6
+	jne    <kiln_v5_attend+0x676>
+	jp     <kiln_v5_attend+0x66c>
+	andps  %xmm5,%xmm6
+	jmp    <kiln_v5_attend+0x67a>
+	addss  %xmm5,%xmm6
+	jp     <kiln_v5_attend+0x67a>
+	maxss  %xmm5,%xmm6
+	ucomiss %xmm4,%xmm6
+	jne    <kiln_v5_attend+0x69b>
+	jp     <kiln_v5_attend+0x691>
+	andps  %xmm4,%xmm6
+	jmp    <kiln_v5_attend+0x69f>
+	addss  %xmm4,%xmm6
+	jp     <kiln_v5_attend+0x69f>
+	maxss  %xmm4,%xmm6
+	vbroadcastss %xmm6,%xmm4
+	vsubps %xmm4,%xmm3,%xmm5
+	vmovups 0x200(%rip),%xmm6        # <kiln_v5_attend+0x8b0>
+	vcmpltps %xmm6,%xmm5,%xmm3
+	vmovups 0x203(%rip),%xmm4        # <kiln_v5_attend+0x8c0>
+	vmaxps %xmm6,%xmm5,%xmm7
+	vmaxps %xmm5,%xmm6,%xmm5
+	vxorps %xmm5,%xmm7,%xmm5
+	vorps  %xmm5,%xmm7,%xmm6
+	vsubps %xmm5,%xmm6,%xmm5
+	vcmpunordps %xmm6,%xmm6,%xmm6
+	vpsrld $0xa,%xmm6,%xmm6
+	vandnps %xmm5,%xmm6,%xmm5
+	vmovups 0x1e9(%rip),%xmm6        # <kiln_v5_attend+0x8d0>
+	vminps %xmm6,%xmm5,%xmm7
+	vminps %xmm5,%xmm6,%xmm6
+	vorps  %xmm6,%xmm7,%xmm5
+	vcmpunordps %xmm6,%xmm5,%xmm6
+	vorps  %xmm6,%xmm5,%xmm5
+	vpsrld $0xa,%xmm6,%xmm6
+	vandnps %xmm5,%xmm6,%xmm6
+	vmovups 0x1d3(%rip),%xmm5        # <kiln_v5_attend+0x8e0>
+	vmulps %xmm5,%xmm6,%xmm5
+	vroundps $0x0,%xmm5,%xmm5
+	vmovups 0x1d1(%rip),%xmm7        # <kiln_v5_attend+0x8f0>
+	vmovups 0x1d9(%rip),%xmm8        # <kiln_v5_attend+0x900>
+	movdqa %xmm5,%xmm9
+	vfmadd213ps %xmm6,%xmm8,%xmm9
+	movdqa %xmm5,%xmm6
+	vfmadd213ps %xmm9,%xmm7,%xmm6
+	vmovups 0x1ce(%rip),%xmm7        # <kiln_v5_attend+0x910>
+	vfmadd213ps %xmm7,%xmm6,%xmm4
+	vmovups 0x1d1(%rip),%xmm7        # <kiln_v5_attend+0x920>
+	vfmadd213ps %xmm7,%xmm6,%xmm4
+	vmovups 0x1d4(%rip),%xmm7        # <kiln_v5_attend+0x930>
+	vfmadd213ps %xmm7,%xmm6,%xmm4
+	vmovups 0x1d7(%rip),%xmm7        # <kiln_v5_attend+0x940>
+	vfmadd213ps %xmm7,%xmm6,%xmm4
+	vmovups 0x1da(%rip),%xmm7        # <kiln_v5_attend+0x950>
+	vfmadd213ps %xmm7,%xmm6,%xmm4
+	vmulps %xmm6,%xmm6,%xmm7
+	vmovups 0x1d9(%rip),%xmm8        # <kiln_v5_attend+0x960>
+	vaddps %xmm8,%xmm6,%xmm6
+	vfmadd213ps %xmm6,%xmm7,%xmm4
+	vcmpeqps %xmm5,%xmm5,%xmm6
+	vandps %xmm6,%xmm5,%xmm5
+	vpxor  %xmm5,%xmm6,%xmm6
+	vcvttps2dq %xmm5,%xmm5
+	vpand  %xmm6,%xmm5,%xmm6
+	vpsrad $0x1f,%xmm6,%xmm6
+	vpxor  %xmm5,%xmm6,%xmm5
+	vmovdqu 0x1b9(%rip),%xmm6        # <kiln_v5_attend+0x970>
+	vpaddd %xmm6,%xmm5,%xmm5
+	vpslld $0x17,%xmm5,%xmm5
+	vmulps %xmm5,%xmm4,%xmm4
+	vpblendvb %xmm3,%xmm1,%xmm4,%xmm3
+	vmovups %xmm3,(%r9,%rsi,1)
+	add    $0x1,%rdx
+	vaddps %xmm3,%xmm0,%xmm0
+	jmp    <kiln_v5_attend+0x3bc>
+	lea    0x1(%rdi),%rdx
+	shl    $0x4,%rdi
+	vmovups (%r9,%rdi,1),%xmm1
+	vmaxps %xmm1,%xmm2,%xmm0
+	vmaxps %xmm2,%xmm1,%xmm1
+	vxorps %xmm1,%xmm0,%xmm2
+	vorps  %xmm2,%xmm0,%xmm1
+	vsubps %xmm2,%xmm1,%xmm0
+	vcmpunordps %xmm1,%xmm1,%xmm1
 	vpsrld $0xa,%xmm1,%xmm1
-	vandnps %xmm7,%xmm1,%xmm1
-	vmaxps %xmm5,%xmm1,%xmm4
-	vmaxps %xmm1,%xmm5,%xmm1
-	vxorps %xmm1,%xmm4,%xmm6
-	vorps  %xmm6,%xmm4,%xmm5
-	vsubps %xmm6,%xmm5,%xmm7
-	vcmpunordps %xmm5,%xmm5,%xmm1
-	vpsrld $0xa,%xmm1,%xmm1
-	vandnps %xmm7,%xmm1,%xmm4
-	jmp    <kiln_v5_attend+0x291>
+	vandnps %xmm0,%xmm1,%xmm2
+	mov    %rdx,%rdi
+	jmp    <kiln_v5_attend+0x3a8>
+	mov    %rdi,%r14
+	vxorps %xmm0,%xmm0,%xmm0
+	mov    0x170(%rsp),%r8
+	mov    0x8(%r8),%rcx
+	mov    %r13,%rsi
+	shl    $0x8,%rsi
+	sub    %rsi,%rcx
+	lea    (%rdx,%r13,1),%rsi
+	shl    $0x8,%rsi
+	add    %rsi,%rcx
+	mov    %r14,%rsi
+	shl    $0x6,%rsi
+	add    %rsi,%rcx
+	mov    %rax,%rsi
+	shl    $0x6,%rsi
+	vmovups %xmm0,(%rcx,%rsi,1)
+	vmovups %xmm0,0x10(%rcx,%rsi,1)
+	vmovups %xmm0,0x20(%rcx,%rsi,1)
+	vmovups %xmm0,0x30(%rcx,%rsi,1)
+	mov    $0xff800000,%ecx
+	vmovd  %ecx,%xmm0
+	lea    0x110(%rsp),%rcx
+	vmovss %xmm0,(%rcx,%rax,4)
+	vxorps %xmm0,%xmm0,%xmm0
+	vmovss %xmm0,0xc(%rcx,%rax,4)
+	add    $0x1,%rax
+	jmp    <kiln_v5_attend+0x13c>
 	ud2
 	...
+	cmp    $0x0,%bh
 	add    %al,-0x7fffff01(%rax)
 	incl   (%rax)
-	add    %al,-0x7fffff01(%rax)
-	incl   (%rax)
-	add    %al,-0x7fffffc1(%rax)
-	(bad)
-	add    %al,(%rax)
-	cmpb   $0x0,(%rdi)
-	add    %al,-0x516665c1(%rax)
+	add    %al,-0x51666501(%rax)
 	ret    $0x999a
 	scas   %es:(%rdi),%al
 	ret    $0x999a
@@ -4103,20 +4470,19 @@ Disassembly of section .text:
 	add    %bh,(%rdi)
 	add    %al,(%rax)
 	add    %bh,(%rdi)
-	jg     <kiln_v5_attend+0xd02>
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0xd06>
+	cmpb   $0x0,(%rdi)
+	add    %al,-0x7fffffc1(%rax)
+	(bad)
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0xd0a>
+	cmpb   $0x7f,(%rdi)
 	add    %al,(%rax)
-	jg     <kiln_v5_attend+0xd0e>
+	add    %bh,0x0(%rdi)
 	add    %al,(%rax)
+	jg     <kiln_v5_attend+0x97a>
 	add    %al,(%rax)
-	cmpb   $0x0,(%rsi)
-	add    %al,-0x7fffffc2(%rax)
-	ds add %al,(%rax)
-	.byte 0x80
-	ds
+	jg     <kiln_v5_attend+0x97e>
+	...
 
 <kiln_run>:
 	push   %rbp

@@ -121,6 +121,7 @@ pub fn emit(
     }
     let sig = kernel_signature(call_conv);
     let micro = define_micro_kernels(&mut module, graph, packed, target, call_conv)?;
+    let attention_kernels = define_attention_kernels(&mut module, graph, target, call_conv)?;
     let mut kernels = vec![];
     let mut ctx = module.make_context();
     let mut fbc = FunctionBuilderContext::new();
@@ -162,6 +163,15 @@ pub fn emit(
             },
             Kernel::CopyOut(_) => None,
         };
+        let attention_refs = match (&kernel, attention_kernels) {
+            (&Kernel::Step { node, step: 1 }, Some((scores, values)))
+                if matches!(graph.nodes[node].op, Op::Attention { .. }) =>
+            {
+                let mut declare = |ids: [FuncId; 3]| ids.map(|id| module.declare_func_in_func(id, &mut ctx.func));
+                Some(attention::AttentionKernels { scores: declare(scores), values: declare(values) })
+            }
+            _ => None,
+        };
         {
             let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
             let entry = b.create_block();
@@ -172,7 +182,7 @@ pub fn emit(
             let mut kb = Kb { b, ctx: p[0], ith: p[1], nth: p[2], target };
             match kernel {
                 Kernel::Step { node, step } => {
-                    emit_step(&mut kb, graph, plan, packed, node, step, skip[node], micro_refs)?
+                    emit_step(&mut kb, graph, plan, packed, node, step, skip[node], micro_refs, attention_refs)?
                 }
                 Kernel::CopyOut(k) => {
                     let copy = plan.output_copies[k];
@@ -329,6 +339,39 @@ fn define_micro_kernels(
     Ok(defined)
 }
 
+/// Defines the target's attention kernels for the model's attention shape (every attention
+/// op of a graph has the same heads and head size), for 1..=3 heads per call, when the target
+/// has them for that shape: `(scores, values)`.
+fn define_attention_kernels(
+    module: &mut ObjectModule,
+    graph: &Graph,
+    target: &dyn Target,
+    call_conv: CallConv,
+) -> Result<Option<([FuncId; 3], [FuncId; 3])>, CodegenError> {
+    let Some(head_dim) = graph.nodes.iter().find_map(|n| match n.op {
+        Op::Attention { head_dim, .. } => Some(head_dim),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    let mut ids = [vec![], vec![]];
+    for (s, step) in [targets::AttentionStep::Scores, targets::AttentionStep::Values].into_iter().enumerate() {
+        let mut sig = Signature::new(call_conv);
+        sig.params.extend([AbiParam::new(I64); 6][..if s == 0 { 5 } else { 6 }].iter().copied());
+        for heads in 1..=attention::HEADS_PER_UNIT {
+            let spec = attention::attention_kernel(step, heads, head_dim, graph.context);
+            let Some(bytes) = target.attention_kernel(&spec) else { return Ok(None) };
+            let kind = if s == 0 { "scores" } else { "values" };
+            let id =
+                module.declare_function(&format!("kiln_attn_{kind}_h{heads}_d{head_dim}"), Linkage::Local, &sig)?;
+            module.define_function_bytes(id, 64, &bytes, &[])?;
+            ids[s].push(id);
+        }
+    }
+    let [scores, values] = ids.map(|v| v.try_into().expect("one per head count"));
+    Ok(Some((scores, values)))
+}
+
 /// Input values ordered by input index.
 fn input_values(graph: &Graph) -> Vec<ValueId> {
     let mut inputs: Vec<(u32, ValueId)> = graph
@@ -354,6 +397,7 @@ fn emit_step(
     step: usize,
     skip: bool,
     micro: Option<[FuncRef; matmul::MICRO_TOKENS]>,
+    attention_kernels: Option<attention::AttentionKernels>,
 ) -> Result<(), CodegenError> {
     let node = &graph.nodes[i];
     let loc = |v: ValueId| plan.locations[v.index()];
@@ -412,6 +456,7 @@ fn emit_step(
                 head_dim,
                 context: graph.context,
                 skip_rows: skip,
+                kernels: attention_kernels,
             };
             if step == 0 {
                 attention::emit_kv_store(kb, &spec);

@@ -5,8 +5,10 @@
 //! `x86-64-v3` preset does not set `has_avx`, so the features are listed one by one.
 //! The int16 dot product lowers to `vpmaddwd`.
 //! Q4 and Q8 matmuls run on 256-bit micro-kernels that kiln assembles itself ([`micro`]), over
-//! weights packed in groups of 8 rows.
+//! weights packed in groups of 8 rows; attention's scores and weighted values on 256-bit
+//! kernels too ([`attention`]) when the head size is a multiple of 8.
 
+pub mod attention;
 pub mod micro;
 
 use cranelift_codegen::ir::Value;
@@ -14,7 +16,7 @@ use cranelift_codegen::isa::{self, OwnedTargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::FunctionBuilder;
 
-use crate::{CacheInfo, MatmulSchedule, MicroKernel, Target, TargetError, TargetSummary};
+use crate::{AttentionKernel, CacheInfo, MatmulSchedule, MicroKernel, Target, TargetError, TargetSummary};
 
 /// x86-64 with a fixed feature level.
 pub struct X86_64 {
@@ -84,6 +86,11 @@ impl Target for X86_64 {
 
     fn micro_kernel(&self, kernel: &MicroKernel) -> Option<Vec<u8>> {
         Some(micro::kernel(kernel).expect("the micro-kernels' instructions all encode"))
+    }
+
+    fn attention_kernel(&self, kernel: &AttentionKernel) -> Option<Vec<u8>> {
+        attention::supports(kernel)
+            .then(|| attention::kernel(kernel).expect("the attention kernels' instructions all encode"))
     }
 
     fn dot_i16x8(&self, builder: &mut FunctionBuilder, a: Value, b: Value) -> Value {

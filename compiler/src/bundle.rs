@@ -149,6 +149,8 @@ fn link_shared(cc: &str, dir: &Path) -> Result<(), BuildError> {
     let so = lib.join("libkiln_model.so");
     let output = std::process::Command::new(cc)
         .arg("-shared")
+        // No build id: hashing 100 MB of weights for it was most of the link's time.
+        .arg("-Wl,--build-id=none")
         .arg("-o")
         .arg(&so)
         .arg("-Wl,--whole-archive")

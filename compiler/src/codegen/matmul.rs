@@ -75,9 +75,11 @@ pub fn micro_kernel(layout: Layout, tokens: usize) -> Option<MicroKernel> {
 }
 
 /// Token rows per block for activation rows of `x_row_bytes`: a quarter of the L2 cache,
-/// between 4 and 64 rows.
+/// between 4 and 64 rows, a whole number of micro-kernel tiles (37 rows would end every block
+/// in a 1-row tile).
 pub fn token_block(l2_bytes: u32, x_row_bytes: i64) -> i64 {
-    (l2_bytes as i64 / 4 / x_row_bytes.max(1)).clamp(4, 64)
+    let rows = (l2_bytes as i64 / 4 / x_row_bytes.max(1)).clamp(4, 64);
+    rows / MICRO_TOKENS as i64 * MICRO_TOKENS as i64
 }
 
 pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {

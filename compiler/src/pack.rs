@@ -33,17 +33,19 @@ pub const fn scales_bytes(half: bool) -> usize {
         16
     }
 }
-/// Bytes of one block of a Q4 group: `d[4]`, `m[4]` only when `mins`, then `qs[4][16]`.
-pub const fn q4_group_block(half: bool, mins: bool) -> usize {
-    scales_bytes(half) * if mins { 2 } else { 1 } + 4 * 16
+/// Bytes of one block of a Q4 group: `d[4]`, `m[4]` only when `mins`, then `qs[4][16]`, then
+/// with `high` (kernel form Q5) `qh[4]` (u32 each, bit `j` the fifth bit of value `j`).
+pub const fn q4_group_block(half: bool, mins: bool, high: bool) -> usize {
+    scales_bytes(half) * if mins { 2 } else { 1 } + 4 * 16 + if high { 16 } else { 0 }
 }
 /// Rows per group of the layouts the target's micro-kernels read ([`Layout::Q4Rows8`],
 /// [`Layout::Q8Rows8`]).
 pub const MICRO_ROWS: usize = 8;
 /// Bytes of one block of a [`Layout::Q4Rows8`] group: `d[8]`, `m[8]` only when `mins`, then
-/// eight 16-byte chunks of nibbles.
-pub const fn q4x8_group_block(half: bool, mins: bool) -> usize {
-    2 * scales_bytes(half) * if mins { 2 } else { 1 } + 8 * 16
+/// eight 16-byte chunks of nibbles, then with `high` two 16-byte chunks of fifth bits
+/// ([`push_high_bits`]).
+pub const fn q4x8_group_block(half: bool, mins: bool, high: bool) -> usize {
+    2 * scales_bytes(half) * if mins { 2 } else { 1 } + 8 * 16 + if high { 32 } else { 0 }
 }
 /// Bytes of one block of a [`Layout::Q8Rows8`] group: `d[8]`, then sixteen 16-byte chunks.
 pub const fn q8x8_group_block(half: bool) -> usize {
@@ -76,13 +78,15 @@ pub enum Layout {
     F32Vector { n: u32 },
     /// F32/F16 matrix as f32, groups of 4 rows, 4-column chunks (columns padded with zeros).
     F32Rows4 { rows: u32, cols: u32 },
-    /// Matrix of a format whose kernel form is Q4, groups of 4 rows interleaved per 32-value
-    /// block; scales as f16 when `half`; offsets stored only when `mins` (else `m = -8 d`).
-    Q4Rows4 { rows: u32, cols: u32, half: bool, mins: bool },
-    /// Matrix of a format whose kernel form is Q4, for a target's micro-kernels
-    /// (`targets::Q4MicroKernel`): groups of 8 rows per 32-value block, `d[8]`, `m[8]` when
-    /// `mins`, then chunk `u` of 16 bytes holding bytes `2u, 2u+1` of each row's nibbles.
-    Q4Rows8 { rows: u32, cols: u32, half: bool, mins: bool },
+    /// Matrix of a format whose kernel form is Q4, or Q5 (`high`: values have a fifth bit),
+    /// groups of 4 rows interleaved per 32-value block; scales as f16 when `half`; offsets
+    /// stored only when `mins` (else `m = -8 d`, or `-16 d` with `high`).
+    Q4Rows4 { rows: u32, cols: u32, half: bool, mins: bool, high: bool },
+    /// Matrix of a format whose kernel form is Q4 or Q5, for a target's micro-kernels
+    /// (`targets::MicroKernel`): groups of 8 rows per 32-value block, `d[8]`, `m[8]` when
+    /// `mins`, then chunk `u` of 16 bytes holding bytes `2u, 2u+1` of each row's nibbles,
+    /// then with `high` the fifth bits in the same order ([`push_high_bits`]).
+    Q4Rows8 { rows: u32, cols: u32, half: bool, mins: bool, high: bool },
     /// Matrix of a format whose kernel form is Q8, groups of 4 rows interleaved per 32-value
     /// block; scales as f16 when `half`.
     Q8Rows4 { rows: u32, cols: u32, half: bool },
@@ -105,8 +109,12 @@ impl Layout {
         match self {
             Layout::F32Vector { .. } => 0,
             Layout::F32Rows4 { cols, .. } => (cols as u64).div_ceil(4) * F32_GROUP_CHUNK as u64,
-            Layout::Q4Rows4 { cols, half, mins, .. } => cols as u64 / 32 * q4_group_block(half, mins) as u64,
-            Layout::Q4Rows8 { cols, half, mins, .. } => cols as u64 / 32 * q4x8_group_block(half, mins) as u64,
+            Layout::Q4Rows4 { cols, half, mins, high, .. } => {
+                cols as u64 / 32 * q4_group_block(half, mins, high) as u64
+            }
+            Layout::Q4Rows8 { cols, half, mins, high, .. } => {
+                cols as u64 / 32 * q4x8_group_block(half, mins, high) as u64
+            }
             Layout::Q8Rows4 { cols, half, .. } => cols as u64 / 32 * q8_group_block(half) as u64,
             Layout::Q8Rows8 { cols, half, .. } => cols as u64 / 32 * q8x8_group_block(half) as u64,
             Layout::Q8S16Rows4 { cols, mins, .. } => cols as u64 / 32 * q8s16_group_block(mins) as u64,
@@ -167,7 +175,7 @@ enum Blocks {
 
 fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     match (format.spec().kernel, shape) {
-        (KernelForm::Q4(_), [_, _]) => Blocks::Q4(q4_blocks(format, raw).expect("Q4 form")),
+        (KernelForm::Q4(_) | KernelForm::Q5(_), [_, _]) => Blocks::Q4(q4_blocks(format, raw).expect("Q4 form")),
         (KernelForm::Q8(_), [_, _]) => Blocks::Q8(q8_blocks(format, raw).expect("Q8 form")),
         (KernelForm::Q8S16(_), [_, _]) => Blocks::Q8S16(q8s16_blocks(format, raw).expect("Q8S16 form")),
         _ => Blocks::None,
@@ -179,13 +187,15 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool) 
     match (format.spec().kernel, shape, blocks) {
         (_, [n], _) => Layout::F32Vector { n: *n },
         (KernelForm::F32, [rows, cols], _) => Layout::F32Rows4 { rows: *rows, cols: *cols },
-        (KernelForm::Q4(_), [rows, cols], Blocks::Q4(blocks)) => {
+        (kernel @ (KernelForm::Q4(_) | KernelForm::Q5(_)), [rows, cols], Blocks::Q4(blocks)) => {
+            let high = matches!(kernel, KernelForm::Q5(_));
+            let implied = if high { -16.0 } else { -8.0 };
             let half = blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m));
-            let mins = blocks.iter().any(|b| b.m != -8.0 * b.d);
+            let mins = blocks.iter().any(|b| b.m != implied * b.d);
             if micro {
-                Layout::Q4Rows8 { rows: *rows, cols: *cols, half, mins }
+                Layout::Q4Rows8 { rows: *rows, cols: *cols, half, mins, high }
             } else {
-                Layout::Q4Rows4 { rows: *rows, cols: *cols, half, mins }
+                Layout::Q4Rows4 { rows: *rows, cols: *cols, half, mins, high }
             }
         }
         (KernelForm::Q8(_), [rows, cols], Blocks::Q8(blocks)) => {
@@ -259,6 +269,30 @@ fn push_values<const N: usize>(blob: &mut Vec<u8>, rows: &[[u8; N]], interleaved
     }
 }
 
+/// Appends one block's fifth bits of a row group: each row's `qh` (4-row layouts), or for the
+/// micro-kernels' 8-row layouts two 16-byte chunks in the order of the nibble chunks: byte
+/// `2r + k` of chunk `c` holds, in bits `2j` and `2j + 1`, the fifth bits of values
+/// `2u + k` and `16 + 2u + k` of row `r`, for nibble chunk `u = 4c + j` (the low and the high
+/// nibble of byte `2u + k`).
+fn push_high_bits(blob: &mut Vec<u8>, qh: &[u32], interleaved: bool) {
+    if !interleaved {
+        qh.iter().for_each(|h| blob.extend_from_slice(&h.to_le_bytes()));
+        return;
+    }
+    let bit = |h: u32, v: u32| ((h >> v) & 1) as u8;
+    for c in 0..2u32 {
+        for &h in qh {
+            for k in 0..2u32 {
+                let byte = (0..4u32).fold(0u8, |acc, j| {
+                    let u = 4 * c + j;
+                    acc | bit(h, 2 * u + k) << (2 * j) | bit(h, 16 + 2 * u + k) << (2 * j + 1)
+                });
+                blob.push(byte);
+            }
+        }
+    }
+}
+
 /// Packs one matrix into `blob` (rows beyond `rows` in the last group are zero).
 fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) {
     let (rows, cols) = layout.matrix().map(|(r, c)| (r as usize, c as usize)).expect("a matrix");
@@ -284,15 +318,16 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     }
                 }
             }
-            Layout::Q4Rows4 { half, mins, .. } | Layout::Q4Rows8 { half, mins, .. } => {
+            Layout::Q4Rows4 { half, mins, high, .. } | Layout::Q4Rows8 { half, mins, high, .. } => {
                 let Blocks::Q4(all) = decoded else { unreachable!() };
                 let n = layout.group_rows();
                 let blocks = group_blocks(all, g, n, rows, n_blocks);
                 for b in 0..n_blocks {
-                    let (mut ds, mut ms, mut qs) = (vec![0f32; n], vec![0f32; n], vec![[0u8; 16]; n]);
+                    let (mut ds, mut ms, mut qs, mut qh) =
+                        (vec![0f32; n], vec![0f32; n], vec![[0u8; 16]; n], vec![0; n]);
                     for (i, r) in blocks.iter().enumerate() {
                         if let Some(blk) = r.get(b) {
-                            (ds[i], ms[i], qs[i]) = (blk.d, blk.m, blk.qs);
+                            (ds[i], ms[i], qs[i], qh[i]) = (blk.d, blk.m, blk.qs, blk.qh);
                         }
                     }
                     push_scales(blob, &ds, half);
@@ -300,6 +335,9 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                         push_scales(blob, &ms, half);
                     }
                     push_values(blob, &qs, n == MICRO_ROWS);
+                    if high {
+                        push_high_bits(blob, &qh, n == MICRO_ROWS);
+                    }
                 }
             }
             Layout::Q8Rows4 { half, .. } | Layout::Q8Rows8 { half, .. } => {
@@ -434,8 +472,12 @@ mod tests {
         let (rows, cols) = (8u32, 256u32);
         for micro in [false, true] {
             let q4 = |half, mins| match micro {
-                false => Layout::Q4Rows4 { rows, cols, half, mins },
-                true => Layout::Q4Rows8 { rows, cols, half, mins },
+                false => Layout::Q4Rows4 { rows, cols, half, mins, high: false },
+                true => Layout::Q4Rows8 { rows, cols, half, mins, high: false },
+            };
+            let q5 = |half, mins| match micro {
+                false => Layout::Q4Rows4 { rows, cols, half, mins, high: true },
+                true => Layout::Q4Rows8 { rows, cols, half, mins, high: true },
             };
             let q8 = match micro {
                 false => Layout::Q8Rows4 { rows, cols, half: true },
@@ -446,11 +488,14 @@ mod tests {
                 (QuantFormat::Q4_1, q4(true, true)),
                 (QuantFormat::Q8_0, q8),
                 (QuantFormat::Q4_K, q4(false, true)),
+                (QuantFormat::Q5_0, q5(true, false)),
+                (QuantFormat::Q5_1, q5(true, true)),
+                (QuantFormat::Q5_K, q5(false, true)),
             ] {
                 let raw = matrix(format, rows as usize, cols as usize);
                 let layout = layout_for(format, &[rows, cols], &decode(format, &[rows, cols], &raw), micro);
                 assert_eq!(layout, want, "{}", format.name());
-                if format != QuantFormat::Q4_K {
+                if format != QuantFormat::Q4_K && format != QuantFormat::Q5_K {
                     assert_eq!(
                         layout.group_stride(),
                         layout.group_rows() as u64 * format.row_bytes(cols as usize).unwrap() as u64,

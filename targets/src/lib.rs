@@ -88,6 +88,12 @@ pub struct MicroKernel {
     pub mins_at: Option<u32>,
     /// Byte offset of the value chunks within a block.
     pub qs_at: u32,
+    /// `Nibbles` with fifth bits (kernel form Q5): byte offset of the two 16-byte chunks of
+    /// them within a block. Byte `2r + k` of chunk `c` holds in bits `2j` and `2j + 1` the
+    /// fifth bits of the values that nibble chunk `u = 4c + j` holds in byte `2r + k` (low
+    /// nibble, high nibble); each adds 16 to its value, and a block without stored offsets
+    /// has `m = -16 d`.
+    pub high_at: Option<u32>,
     /// Bytes per block of the weight group.
     pub block_bytes: u32,
     /// Bytes per q16 activation block.

@@ -263,6 +263,28 @@ impl<'a> Kb<'a> {
         self.b.ins().fadd(lo, hi)
     }
 
+    /// A 16-byte vector constant.
+    pub fn vconst_bytes(&mut self, bytes: [u8; 16]) -> Value {
+        let handle = self.b.func.dfg.constants.insert(ConstantData::from(bytes.to_vec()));
+        self.b.ins().vconst(I8X16, handle)
+    }
+
+    /// `nibbles` (an `i8x16` of values `0..16`) with 16 added to lane `j` where bit `j` of
+    /// bytes `first_byte, first_byte + 1` of `qh` (an `i32`) is set: the fifth bits of the
+    /// kernel form Q5 (bytes 0-1 for a block's values 0..16, 2-3 for 16..32).
+    pub fn with_fifth_bits(&mut self, nibbles: Value, qh: Value, first_byte: u8) -> Value {
+        let v = self.b.ins().splat(I32X4, qh);
+        let v = self.b.ins().bitcast(I8X16, le(), v);
+        let index = self.vconst_bytes(std::array::from_fn(|j| first_byte + j as u8 / 8));
+        let bytes = self.b.ins().swizzle(v, index);
+        let bits = self.vconst_bytes(std::array::from_fn(|j| 1u8 << (j % 8)));
+        let set = self.b.ins().band(bytes, bits);
+        let set = self.b.ins().icmp(IntCC::Equal, set, bits);
+        let sixteen = self.vconst_bytes([16; 16]);
+        let add = self.b.ins().band(set, sixteen);
+        self.b.ins().bor(nibbles, add)
+    }
+
     /// Shuffles the f32 lanes of `a` (0..4) and `b` (4..8).
     pub fn shuffle_f32(&mut self, a: Value, b: Value, lanes: [u8; 4]) -> Value {
         let bytes: Vec<u8> = lanes.iter().flat_map(|&l| (0..4).map(move |k| l * 4 + k)).collect();

@@ -13,7 +13,7 @@
 //! the stack.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I64, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I64, I8X16};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value};
 use targets::{MicroKernel, MicroValues};
 
@@ -54,7 +54,9 @@ pub const MICRO_TOKENS: usize = 4;
 /// The micro-kernel contract for a weight in a micro-kernel layout and a tile of `tokens` rows.
 pub fn micro_kernel(layout: Layout, tokens: usize) -> Option<MicroKernel> {
     let (values, half, mins, block_bytes) = match layout {
-        Layout::Q4Rows8 { half, mins, .. } => (MicroValues::Nibbles, half, mins, q4x8_group_block(half, mins)),
+        Layout::Q4Rows8 { half, mins, high, .. } => {
+            (MicroValues::Nibbles, half, mins, q4x8_group_block(half, mins, high))
+        }
         Layout::Q8Rows8 { half, .. } => (MicroValues::Bytes, half, false, q8x8_group_block(half)),
         Layout::Q8S16Rows8 { mins, .. } => (MicroValues::Bytes, false, mins, q8s16x8_group_block(mins)),
         _ => return None,
@@ -62,13 +64,16 @@ pub fn micro_kernel(layout: Layout, tokens: usize) -> Option<MicroKernel> {
     let halves = matches!(layout, Layout::Q8S16Rows8 { .. });
     // d (and m): 8 scales each, twice with halves.
     let scales = 2 * scales_bytes(half) as u32 * if halves { 2 } else { 1 };
+    let qs_at = if mins { 2 * scales } else { scales };
+    let high = matches!(layout, Layout::Q4Rows8 { high: true, .. });
     Some(MicroKernel {
         tokens: tokens as u32,
         values,
         half,
         halves,
         mins_at: mins.then_some(scales),
-        qs_at: if mins { 2 * scales } else { scales },
+        qs_at,
+        high_at: high.then_some(qs_at + 128),
         block_bytes: block_bytes as u32,
         x_block_bytes: Q16_BLOCK_BYTES as u32,
     })
@@ -308,12 +313,12 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
         return dot_q8s16(kb, mins, wg, x_rows, n_blocks);
     }
     // Scales (f16 or f32), offsets when stored, then the values.
-    let (q4, half, mins) = match layout {
-        Layout::Q4Rows4 { half, mins, .. } => (true, half, mins),
-        Layout::Q8Rows4 { half, .. } => (false, half, false),
+    let (q4, half, mins, high) = match layout {
+        Layout::Q4Rows4 { half, mins, high, .. } => (true, half, mins, high),
+        Layout::Q8Rows4 { half, .. } => (false, half, false, false),
         _ => unreachable!("dot_quantized takes Q4 and Q8 groups"),
     };
-    let group_block = if q4 { q4_group_block(half, mins) } else { q8_group_block(half) } as i64;
+    let group_block = if q4 { q4_group_block(half, mins, high) } else { q8_group_block(half) } as i64;
     let sb = scales_bytes(half) as i64;
     let qs_at = if mins { 2 * sb } else { sb };
     let n = x_rows.len();
@@ -336,6 +341,12 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
                 let hi = kb.b.ins().ushr_imm_s(hi, 4);
                 let hi = kb.b.ins().bitcast(I8X16, le(), hi);
                 let hi = kb.b.ins().band(hi, mask);
+                let (lo, hi) = if high {
+                    let qh = kb.load(I32, wb, qs_at + 64 + 4 * r as i64);
+                    (kb.with_fifth_bits(lo, qh, 0), kb.with_fifth_bits(hi, qh, 2))
+                } else {
+                    (lo, hi)
+                };
                 [
                     kb.b.ins().uwiden_low(lo),
                     kb.b.ins().uwiden_high(lo),
@@ -365,8 +376,8 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
         let m = if mins {
             Some(kb.load_scales(wb, sb, half))
         } else if q4 {
-            // q4_0: m = -8 d, exactly as the format's dequantization.
-            let k = kb.splat(-8.0);
+            // q4_0: m = -8 d (q5_0: -16 d), exactly as the format's dequantization.
+            let k = kb.splat(if high { -16.0 } else { -8.0 });
             Some(kb.b.ins().fmul(d, k))
         } else {
             None

@@ -236,6 +236,26 @@ fn row_values(kb: &mut Kb, row_buf: Option<Value>, blk: Value, lane: Value, qs_a
     }
 }
 
+/// A row's `qh` (bit `j`: the fifth bit of value `j`) from its two 16-bit words of the 8-row
+/// layout's fifth-bit chunks (`pack::push_high_bits`): bit `2j` of byte `k` of word `c` is value
+/// `2u + k`'s, bit `2j + 1` value `16 + 2u + k`'s, for `u = 4c + j`.
+fn fifth_bits_of_8_row_chunks(kb: &mut Kb, words: [Value; 2]) -> Value {
+    let words = words.map(|w| kb.b.ins().uextend(I32, w));
+    let mut qh = kb.b.ins().iconst(I32, 0);
+    for u in 0..8i64 {
+        let (c, j) = ((u / 4) as usize, u % 4);
+        for k in 0..2i64 {
+            for (high, value) in [(0, 2 * u + k), (1, 16 + 2 * u + k)] {
+                let bit = kb.b.ins().ushr_imm_s(words[c], 8 * k + 2 * j + high);
+                let bit = kb.b.ins().band_imm_s(bit, 1);
+                let bit = kb.b.ins().ishl_imm_s(bit, value);
+                qh = kb.b.ins().bor(qh, bit);
+            }
+        }
+    }
+    qh
+}
+
 /// Embedding lookup from a packed table; ids outside `0..rows` give a zero row.
 pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, skip_rows: bool) {
     let (rows, cols) = table.layout.matrix().map(|(r, c)| (r as i64, c as i64)).expect("tables are matrices");
@@ -274,11 +294,11 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                     | Layout::Q4Rows4 { .. }
                     | Layout::Q8Rows8 { .. }
                     | Layout::Q4Rows8 { .. } => {
-                        let (q8, f16, mins) = match table.layout {
-                            Layout::Q4Rows4 { half, mins, .. } | Layout::Q4Rows8 { half, mins, .. } => {
-                                (false, half, mins)
+                        let (q8, f16, mins, high) = match table.layout {
+                            Layout::Q4Rows4 { half, mins, high, .. } | Layout::Q4Rows8 { half, mins, high, .. } => {
+                                (false, half, mins, high)
                             }
-                            Layout::Q8Rows4 { half, .. } | Layout::Q8Rows8 { half, .. } => (true, half, false),
+                            Layout::Q8Rows4 { half, .. } | Layout::Q8Rows8 { half, .. } => (true, half, false, false),
                             _ => unreachable!(),
                         };
                         // Scales (and offsets) of all the group's rows, f16 or f32 each.
@@ -311,8 +331,9 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                 let m = if mins {
                                     lane_scale(kb, sb)
                                 } else {
-                                    // q4_0: m = -8 d, exactly as the format's dequantization.
-                                    let k = kb.splat(-8.0);
+                                    // q4_0: m = -8 d (q5_0: -16 d), exactly as the format's
+                                    // dequantization.
+                                    let k = kb.splat(if high { -16.0 } else { -8.0 });
                                     kb.b.ins().fmul(d, k)
                                 };
                                 let qs = row_values(kb, row_buf, blk, lane, qs_at, 16);
@@ -322,6 +343,24 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                 let hi = kb.b.ins().ushr_imm_s(hi, 4);
                                 let hi = kb.b.ins().bitcast(I8X16, le(), hi);
                                 let hi = kb.b.ins().band(hi, mask);
+                                let (lo, hi) = if high {
+                                    // This row's fifth bits after the group's nibbles.
+                                    let at = qs_at + 16 * group_rows;
+                                    let qh = match row_buf {
+                                        None => {
+                                            let p = kb.addr(blk, lane, 4, at);
+                                            kb.load(I32, p, 0)
+                                        }
+                                        Some(_) => {
+                                            let p = kb.addr(blk, lane, 2, at);
+                                            let chunks = [kb.load(I16, p, 0), kb.load(I16, p, 16)];
+                                            fifth_bits_of_8_row_chunks(kb, chunks)
+                                        }
+                                    };
+                                    (kb.with_fifth_bits(lo, qh, 0), kb.with_fifth_bits(hi, qh, 2))
+                                } else {
+                                    (lo, hi)
+                                };
                                 (vec![lo, hi], Some(m))
                             };
                             for (h, half) in halves.into_iter().enumerate() {

@@ -65,12 +65,29 @@ pub enum QuantFormat {
 }
 
 /// One 32-value block as the Q4 kernels read it: `x[j] = d * q[j] + m`, `q` in `0..16`, byte
-/// `j` of `qs` holding `q[j]` in its low nibble and `q[j + 16]` in its high nibble.
+/// `j` of `qs` holding `q[j]` in its low nibble and `q[j + 16]` in its high nibble; for the
+/// five-bit formats (kernel form Q5) `q[j]` in `0..32` has its fifth bit in bit `j` of `qh`
+/// (zero for the four-bit formats).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Q4Block {
     pub d: f32,
     pub m: f32,
     pub qs: [u8; 16],
+    pub qh: u32,
+}
+
+impl Q4Block {
+    /// The block of 32 values `q` (each in `0..32`).
+    pub fn from_quants(d: f32, m: f32, q: &[u8; 32]) -> Self {
+        let qh = q.iter().enumerate().fold(0u32, |h, (j, &q)| h | (((q >> 4) & 1) as u32) << j);
+        Q4Block { d, m, qs: std::array::from_fn(|j| (q[j] & 15) | (q[j + 16] & 15) << 4), qh }
+    }
+
+    /// Value `j`'s integer `q`.
+    pub fn quant(&self, j: usize) -> u8 {
+        let low = if j < 16 { self.qs[j] & 15 } else { self.qs[j - 16] >> 4 };
+        low | (((self.qh >> j) & 1) as u8) << 4
+    }
 }
 
 /// One 32-value block as the Q8 kernels read it: `x[j] = d * q[j]`.
@@ -99,6 +116,9 @@ pub enum KernelForm {
     F32,
     /// Appends the [`Q4Block`]s of one format block; q16 activations.
     Q4(fn(block: &[u8], out: &mut Vec<Q4Block>)),
+    /// Appends the [`Q4Block`]s, with fifth bits, of one format block: the Q4 kernels with a
+    /// plane of high bits (5.5 bits per weight packed, not Q8S16's 10); q16 activations.
+    Q5(fn(block: &[u8], out: &mut Vec<Q4Block>)),
     /// Appends the [`Q8Block`]s of one format block; q16 activations.
     Q8(fn(block: &[u8], out: &mut Vec<Q8Block>)),
     /// Appends the [`Q8S16Block`]s of one format block; q16 activations.
@@ -249,9 +269,9 @@ pub fn quantize_row(format: QuantFormat, values: &[f32]) -> Vec<u8> {
     out
 }
 
-/// The [`Q4Block`]s of one row of a format whose kernel form is Q4 (`None` otherwise).
+/// The [`Q4Block`]s of one row of a format whose kernel form is Q4 or Q5 (`None` otherwise).
 pub fn q4_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q4Block>> {
-    let KernelForm::Q4(f) = format.spec().kernel else { return None };
+    let (KernelForm::Q4(f) | KernelForm::Q5(f)) = format.spec().kernel else { return None };
     let mut out = Vec::with_capacity(bytes.len() / format.block_bytes() * format.block_values() / BLOCK_SIZE);
     bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
     Some(out)
@@ -351,13 +371,10 @@ mod tests {
                 dequantize_row(format, &bytes, &mut want);
                 let got: Vec<f32> = match format.spec().kernel {
                     KernelForm::F32 => continue,
-                    KernelForm::Q4(_) => q4_blocks(format, &bytes)
+                    KernelForm::Q4(_) | KernelForm::Q5(_) => q4_blocks(format, &bytes)
                         .unwrap()
                         .iter()
-                        .flat_map(|b| {
-                            let q = |j: usize| if j < 16 { b.qs[j] & 15 } else { b.qs[j - 16] >> 4 };
-                            (0..32).map(move |j| b.d * q(j) as f32 + b.m)
-                        })
+                        .flat_map(|b| (0..32).map(move |j| b.d * b.quant(j) as f32 + b.m))
                         .collect(),
                     KernelForm::Q8(_) => {
                         q8_blocks(format, &bytes).unwrap().iter().flat_map(|b| b.qs.map(|q| b.d * q as f32)).collect()

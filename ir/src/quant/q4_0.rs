@@ -14,7 +14,7 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     quantize_block,
     kernel: KernelForm::Q4(|b, out| {
         let d = f16_at(b, 0);
-        out.push(Q4Block { d, m: -8.0 * d, qs: b[2..18].try_into().unwrap() })
+        out.push(Q4Block { d, m: -8.0 * d, qs: b[2..18].try_into().unwrap(), qh: 0 })
     }),
     error_bound: Some(error_bound),
 };

@@ -13,7 +13,7 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     dequantize_block,
     quantize_block,
     kernel: KernelForm::Q4(|b, out| {
-        out.push(Q4Block { d: f16_at(b, 0), m: f16_at(b, 2), qs: b[4..20].try_into().unwrap() })
+        out.push(Q4Block { d: f16_at(b, 0), m: f16_at(b, 2), qs: b[4..20].try_into().unwrap(), qh: 0 })
     }),
     error_bound: Some(error_bound),
 };

@@ -20,7 +20,7 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
         let (dl, ml) = sub_block_scales(b);
         for s in 0..8 {
             let q = |j: usize| nibble(b, s, j);
-            out.push(Q4Block { d: dl[s], m: -ml[s], qs: std::array::from_fn(|j| q(j) | q(j + 16) << 4) });
+            out.push(Q4Block { d: dl[s], m: -ml[s], qs: std::array::from_fn(|j| q(j) | q(j + 16) << 4), qh: 0 });
         }
     }),
     error_bound: None,

@@ -1,10 +1,11 @@
 //! Q5_0: 22-byte blocks of 32 values: f16 scale `d`, 32 high bits `qh` (little-endian u32,
 //! bit j for value j), 16 bytes of low nibbles (byte j: value j low, value j + 16 high);
-//! `x = d * (q - 16)`. The kernels read it as a Q8S16 block with `q - 16` and no offset.
+//! `x = d * (q - 16)`. The kernels read it as a Q4 block with its fifth bits (kernel form Q5),
+//! `m = -16 d`.
 
 use half::f16;
 
-use super::{f16_at, FormatSpec, KernelForm, Q8S16Block, BLOCK_SIZE};
+use super::{f16_at, FormatSpec, KernelForm, Q4Block, BLOCK_SIZE};
 
 pub(super) const SPEC: FormatSpec = FormatSpec {
     name: "q5_0",
@@ -13,9 +14,9 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     block_bytes: 22,
     dequantize_block,
     quantize_block,
-    kernel: KernelForm::Q8S16(|b, out| {
-        let (d, q) = (f16_at(b, 0), quants(b));
-        out.push(Q8S16Block { d: [d; 2], m: [0.0; 2], qs: q.map(|q| q as i8 - 16) })
+    kernel: KernelForm::Q5(|b, out| {
+        let d = f16_at(b, 0);
+        out.push(Q4Block::from_quants(d, -16.0 * d, &quants(b)))
     }),
     error_bound: Some(error_bound),
 };

@@ -1,10 +1,10 @@
 //! Q5_1: 24-byte blocks of 32 values: f16 scale `d`, f16 minimum `m`, 32 high bits `qh`, 16
-//! bytes of low nibbles (as Q5_0); `x = d * q + m`. The kernels read it as a Q8S16 block.
+//! bytes of low nibbles (as Q5_0); `x = d * q + m`. The kernels read it as a Q4 block with its fifth bits (kernel form Q5).
 
 use half::f16;
 
 use super::q5_0::{push_quants, quants_at};
-use super::{f16_at, FormatSpec, KernelForm, Q8S16Block, BLOCK_SIZE};
+use super::{f16_at, FormatSpec, KernelForm, Q4Block, BLOCK_SIZE};
 
 pub(super) const SPEC: FormatSpec = FormatSpec {
     name: "q5_1",
@@ -13,10 +13,7 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     block_bytes: 24,
     dequantize_block,
     quantize_block,
-    kernel: KernelForm::Q8S16(|b, out| {
-        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-        out.push(Q8S16Block { d: [d; 2], m: [m; 2], qs: quants_at(b, 4).map(|q| q as i8) })
-    }),
+    kernel: KernelForm::Q5(|b, out| out.push(Q4Block::from_quants(f16_at(b, 0), f16_at(b, 2), &quants_at(b, 4)))),
     error_bound: Some(error_bound),
 };
 

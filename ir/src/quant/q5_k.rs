@@ -2,11 +2,12 @@
 //! f16 `dmin`, 12 bytes of 6-bit scales and minimums), 32 bytes of high bits (bit `s` of byte
 //! `l` for value `l` of sub-block `s`), 128 bytes of low nibbles as Q4_K;
 //! `x = (d * sc) * q - (dmin * m)` with `q` in 0..32. The kernels read each 32-value
-//! sub-block as a Q8S16 block with `d = d * sc`, `m = -(dmin * m)`.
+//! sub-block as a Q4 block with its fifth bits (kernel form Q5), `d = d * sc`,
+//! `m = -(dmin * m)`.
 
 use super::k_common::{Qkx2Search, QK_K};
 use super::q4_k::{quantize_header, sub_block_scales};
-use super::{FormatSpec, KernelForm, Q8S16Block};
+use super::{FormatSpec, KernelForm, Q4Block};
 
 pub(super) const SPEC: FormatSpec = FormatSpec {
     name: "q5_k",
@@ -15,10 +16,10 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     block_bytes: 176,
     dequantize_block,
     quantize_block,
-    kernel: KernelForm::Q8S16(|b, out| {
+    kernel: KernelForm::Q5(|b, out| {
         let (dl, ml) = sub_block_scales(b);
         for s in 0..8 {
-            out.push(Q8S16Block { d: [dl[s]; 2], m: [-ml[s]; 2], qs: std::array::from_fn(|j| quant(b, s, j) as i8) });
+            out.push(Q4Block::from_quants(dl[s], -ml[s], &std::array::from_fn(|j| quant(b, s, j))));
         }
     }),
     error_bound: None,

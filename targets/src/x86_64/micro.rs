@@ -9,7 +9,8 @@
 //! f32 and fold into 8 f32 accumulators with the block's scales (`vcvtph2ps` widens f16
 //! scales, exactly). Register use, for `T` tokens: ymm0..T integer sums, ymm8..8+T f32
 //! accumulators, ymm12/13 the unpacked nibbles (then `d` and `m`), ymm14 a broadcast
-//! temporary, ymm15 the nibble mask, ymm7 `-8.0` (q4_0's `m = -8 d`).
+//! temporary, ymm15 the nibble mask, ymm7 `-8.0` (q4_0's `m = -8 d`; `-16.0` for q5_0); with
+//! fifth bits, ymm6 holds four chunks' bits, ymm5 is a temporary and ymm4 holds 16s.
 
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
@@ -48,9 +49,18 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     a.vpbroadcastd(mask, xmm15)?;
     let minus_8d = k.values == MicroValues::Nibbles && k.mins_at.is_none();
     if minus_8d {
-        a.mov(eax, (-8.0f32).to_bits() as i32)?;
+        // m = -8 d (q4_0), or -16 d with fifth bits (q5_0).
+        let implied: f32 = if k.high_at.is_some() { -16.0 } else { -8.0 };
+        a.mov(eax, implied.to_bits() as i32)?;
         a.vmovd(xmm7, eax)?;
         a.vbroadcastss(minus8, xmm7)?;
+    }
+    if k.high_at.is_some() {
+        assert!(k.values == MicroValues::Nibbles, "fifth bits come with nibbles");
+        // ymm4: 16 in every int16 lane, the weight of a fifth bit.
+        a.mov(eax, 0x0010_0010)?;
+        a.vmovd(xmm4, eax)?;
+        a.vpbroadcastd(ymm4, xmm4)?;
     }
     a.test(r8, r8)?;
     a.jle(done)?;
@@ -74,6 +84,23 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                     a.vpmovzxbw(hi, xmmword_ptr(rdi + (qs + 16 * u)))?;
                     a.vpand(lo, hi, mask)?;
                     a.vpsrlw(hi, hi, 4)?;
+                    if let Some(at) = k.high_at {
+                        // ymm6: the fifth bits of chunks 4c..4c+4, lanes as the nibbles'.
+                        if u % 4 == 0 {
+                            a.vpmovzxbw(ymm6, xmmword_ptr(rdi + (at as i32 + 16 * (u / 4))))?;
+                        }
+                        let j = u % 4;
+                        // Bit 2j (low nibble's value) and 2j + 1 (high's) to bit 4, then add.
+                        for (values, from) in [(lo, 2 * j), (hi, 2 * j + 1)] {
+                            match from.cmp(&4) {
+                                std::cmp::Ordering::Less => a.vpsllw(ymm5, ymm6, (4 - from) as u32)?,
+                                std::cmp::Ordering::Greater => a.vpsrlw(ymm5, ymm6, (from - 4) as u32)?,
+                                std::cmp::Ordering::Equal => a.vmovdqa(ymm5, ymm6)?,
+                            }
+                            a.vpand(ymm5, ymm5, ymm4)?;
+                            a.vpor(values, values, ymm5)?;
+                        }
+                    }
                     // Low nibbles are values 2u, 2u+1; high nibbles 16+2u, 17+2u.
                     vec![(lo, 2 * u), (hi, 16 + 2 * u)]
                 }
@@ -167,12 +194,16 @@ mod tests {
                             halves: false,
                             mins_at: mins.then_some(scales),
                             qs_at: if mins { 2 * scales } else { scales },
+                            high_at: None,
                             block_bytes: 2 * scales + 256,
                             x_block_bytes: 72,
                         };
                         let halves = MicroKernel { halves: true, half: false, ..k };
-                        for k in [k, halves] {
-                            if k.halves && (values == MicroValues::Nibbles || half) {
+                        let high = MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..k };
+                        for k in [k, halves, high] {
+                            if k.halves && (values == MicroValues::Nibbles || half)
+                                || k.high_at.is_some() && values == MicroValues::Bytes
+                            {
                                 continue;
                             }
                             let code = kernel(&k).unwrap();

@@ -52,6 +52,8 @@ pub struct BuildOptions {
     pub quant: crate::passes::requantize::QuantOptions,
     /// `--lora`: LoRA adapters (PEFT directories or GGUF adapters) merged into the weights.
     pub lora: Vec<PathBuf>,
+    /// `--kv-cache`: element type of the KV cache.
+    pub kv_cache: ir::KvDType,
 }
 
 /// Context length when none is given (or less, when the model was trained for less).
@@ -215,7 +217,7 @@ pub fn fingerprint(
 ) -> [u8; abi::FINGERPRINT_BYTES] {
     let mut text = format!(
         "kiln build fingerprint\ncompiler {}\nabi {}\nmodel sha256 {model_sha256}\ntarget {}\ndevice {}\n\
-         target summary {}\ncontext {context}\nbatch {}\nweights {}\nprune {}\nquant {:?}\n",
+         target summary {}\ncontext {context}\nbatch {}\nweights {}\nprune {}\nquant {:?}\nkv cache {}\n",
         env!("CARGO_PKG_VERSION"),
         abi::ABI_VERSION,
         opts.target,
@@ -225,6 +227,7 @@ pub fn fingerprint(
         if opts.embed_weights { "embedded" } else { "file" },
         opts.prune.as_ref().map_or("none".to_string(), |p| p.to_string()),
         opts.quant,
+        opts.kv_cache.name(),
     );
     for digest in adapter_sha256 {
         text.push_str(&format!("lora sha256 {digest}\n"));
@@ -329,7 +332,9 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
         },
         fingerprint: build_id,
     };
-    let model = crate::model::Model::borrowed(lowered.graph, &lowered.weights);
+    let mut graph = lowered.graph;
+    graph.kv_dtype = opts.kv_cache;
+    let model = crate::model::Model::borrowed(graph, &lowered.weights);
     let prepared = crate::prepare(model, target.as_ref(), &copts).map_err(BuildError::Compile)?;
     // The weights are packed: free the model file before code generation copies them again.
     drop(lowered.weights);
@@ -363,6 +368,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             "context": context,
             "batch": opts.batch,
             "embed_weights": opts.embed_weights,
+            "kv_cache": opts.kv_cache.name(),
             "activations": "q16 blocks of 32 for quantized matmuls, f32 elsewhere",
             "prune_layers": opts.prune.as_ref().map(|p| p.to_string()),
             "quant": opts.quant.default,

@@ -161,7 +161,7 @@ pub fn finish(prepared: Prepared, target: &dyn Target, opts: &CompileOptions) ->
     )
     .map_err(CompileError::Codegen)?;
     timings.push(("codegen".into(), start.elapsed()));
-    let kv_bytes = info.kv_layers as u64 * 2 * graph.context as u64 * info.kv_width as u64 * 4;
+    let kv_bytes = codegen::kv_bytes(&graph, &info);
     Ok(Compiled {
         object: emitted.object,
         weights: packed.blob,

@@ -148,8 +148,12 @@ pub fn run(
             Op::Attention { q, k, v, layer, n_heads, n_kv_heads, head_dim } => {
                 let (hd, kvw) = (head_dim as usize, (n_kv_heads * head_dim) as usize);
                 let (keys, vals) = (&mut cache.keys[layer as usize], &mut cache.values[layer as usize]);
-                keys[pos * kvw..(pos + seq) * kvw].copy_from_slice(f(k));
-                vals[pos * kvw..(pos + seq) * kvw].copy_from_slice(f(v));
+                let kv = graph.kv_dtype;
+                for (dst, src) in [(&mut *keys, f(k)), (&mut *vals, f(v))] {
+                    for (d, &s) in dst[pos * kvw..(pos + seq) * kvw].iter_mut().zip(src) {
+                        *d = kv.round(s);
+                    }
+                }
                 let qs = f(q);
                 let group = (n_heads / n_kv_heads) as usize;
                 let scale = 1.0 / (hd as f64).sqrt();

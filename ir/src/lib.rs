@@ -286,6 +286,54 @@ pub struct Node {
     pub ty: TensorType,
 }
 
+/// How the KV cache holds keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvDType {
+    /// f32, exactly as attention's inputs.
+    #[default]
+    F32,
+    /// IEEE half precision, rounded to nearest even when stored, saturating at +-65504 (a
+    /// key or value beyond f16's range, or NaN, is held as the largest f16 of its sign, not
+    /// as infinity); half the memory and half the reads of attention.
+    F16,
+}
+
+impl KvDType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDType::F32 => "f32",
+            KvDType::F16 => "f16",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "f32" => Some(KvDType::F32),
+            "f16" => Some(KvDType::F16),
+            _ => None,
+        }
+    }
+
+    /// Bytes per key or value element.
+    pub fn bytes(self) -> u32 {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 => 2,
+        }
+    }
+
+    /// `x` as the cache holds it.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            KvDType::F32 => x,
+            KvDType::F16 => {
+                let x = if x.is_nan() { 65504f32.copysign(x) } else { x.clamp(-65504.0, 65504.0) };
+                half::f16::from_f32(x).to_f32()
+            }
+        }
+    }
+}
+
 /// A model (or a test program) as a dataflow graph.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Graph {
@@ -293,6 +341,8 @@ pub struct Graph {
     pub name: String,
     /// Largest number of positions (`pos + seq`) the graph is evaluated with: the KV cache size.
     pub context: u32,
+    /// Element type of the KV cache (`kv=f16` on the graph line; f32 when absent).
+    pub kv_dtype: KvDType,
     pub weights: Vec<Weight>,
     /// Nodes in execution order; node `i` defines value `v{i}`.
     pub nodes: Vec<Node>,
@@ -302,7 +352,7 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>, context: u32) -> Self {
-        Graph { name: name.into(), context, weights: vec![], nodes: vec![], outputs: vec![] }
+        Graph { name: name.into(), context, kv_dtype: KvDType::F32, weights: vec![], nodes: vec![], outputs: vec![] }
     }
 
     pub fn add_weight(&mut self, name: impl Into<String>, format: QuantFormat, shape: Vec<u32>) -> WeightId {

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::{DType, Dim, Epilogue, Graph, Node, Op, QuantFormat, TensorType, ValueId, Weight, WeightId};
+use crate::{DType, Dim, Epilogue, Graph, KvDType, Node, Op, QuantFormat, TensorType, ValueId, Weight, WeightId};
 
 /// A syntax error, with the 1-based line it was found on.
 #[derive(Debug, Clone, PartialEq)]
@@ -246,7 +246,17 @@ fn parse_line(graph: &mut Option<Graph>, c: &mut Cursor) -> Result<(), String> {
         }
         let name = c.string()?;
         let context = c.attr("context")?;
-        *graph = Some(Graph::new(name, context));
+        let mut g = Graph::new(name, context);
+        if c.peek().is_some() {
+            let k = c.word()?;
+            if k != "kv" {
+                return Err(format!("expected attribute 'kv', found '{k}'"));
+            }
+            c.punct('=')?;
+            let v = c.word()?;
+            g.kv_dtype = KvDType::from_name(&v).ok_or_else(|| format!("unknown KV cache type '{v}' (f32, f16)"))?;
+        }
+        *graph = Some(g);
         return c.end();
     }
     let g = graph.as_mut().ok_or("the text must start with a 'graph' line")?;
@@ -355,6 +365,10 @@ output v16
         let err = parse_graph(&bad).unwrap_err();
         assert_eq!(err.line, 13);
         assert!(err.message.contains("rms_nrom"), "{err}");
+        let f16 = parse_graph("graph \"x\" context=4 kv=f16\nv0 = input 0 : f32[seq, 4]\noutput v0\n").unwrap();
+        assert_eq!(f16.kv_dtype, crate::KvDType::F16);
+        assert_eq!(parse_graph(&f16.to_string()).unwrap(), f16, "kv=f16 survives a round trip");
+        assert!(parse_graph("graph \"x\" context=4 kv=f8\n").unwrap_err().to_string().contains("'f8'"));
         let err = parse_graph("graph \"x\" context=4\nv1 = input 0 : i32[seq]\n").unwrap_err();
         assert!(err.message.contains("expected v0"), "{err}");
         assert!(parse_graph("").is_err());

@@ -11,7 +11,7 @@
 
 use std::fmt::Write;
 
-use crate::{Dim, Epilogue, Graph, Node, Op, TensorType, ValueId};
+use crate::{Dim, Epilogue, Graph, KvDType, Node, Op, TensorType, ValueId};
 
 fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -74,7 +74,11 @@ pub fn write_node(id: ValueId, node: &Node) -> String {
 
 pub fn write_graph(graph: &Graph) -> String {
     let mut out = String::new();
-    writeln!(out, "graph {} context={}", quote(&graph.name), graph.context).unwrap();
+    write!(out, "graph {} context={}", quote(&graph.name), graph.context).unwrap();
+    if graph.kv_dtype != KvDType::F32 {
+        write!(out, " kv={}", graph.kv_dtype.name()).unwrap();
+    }
+    out.push('\n');
     for (i, w) in graph.weights.iter().enumerate() {
         let shape: Vec<String> = w.shape.iter().map(|d| d.to_string()).collect();
         writeln!(out, "w{i} = weight {}[{}] {}", w.format.name(), shape.join(", "), quote(&w.name)).unwrap();

@@ -11,7 +11,7 @@
 #define KILN_ABI_H
 #include <stdint.h>
 
-#define KILN_ABI_VERSION 3
+#define KILN_ABI_VERSION 4
 #define KILN_MAX_IO 8
 #define KILN_FINGERPRINT_BYTES 32
 #define KILN_DTYPE_I32 0
@@ -27,7 +27,7 @@ typedef void (*kiln_parallel_for_fn)(void *pool, kiln_task_fn task, const struct
 struct kiln_ctx {
     uint8_t *arena;            /* activation arena, desc->arena_bytes, 64-byte aligned */
     const uint8_t *weights;    /* packed weights, desc->weights_bytes */
-    float *kv_cache;           /* desc->kv_bytes, zeroed at start */
+    void *kv_cache;            /* desc->kv_bytes, zeroed at start */
     void *const *io;           /* inputs then outputs, rows of desc->io_width values */
     int64_t n_tokens;          /* 1..=desc->batch */
     int64_t pos;               /* position of the first token; pos + n_tokens <= context */
@@ -45,8 +45,8 @@ struct kiln_model_desc {
     uint32_t batch;            /* most tokens per run call */
     uint32_t context;          /* KV cache positions */
     uint32_t kv_layers;
-    uint32_t kv_width;         /* floats per position per layer, for keys and for values */
-    uint32_t reserved;
+    uint32_t kv_width;         /* elements per position per layer, for keys and for values */
+    uint32_t kv_element_bytes; /* 4 (f32) or 2 (f16, IEEE half) */
     uint64_t arena_bytes;
     uint64_t kv_bytes;
     uint64_t weights_bytes;

@@ -14,7 +14,7 @@ use std::path::Path;
 use crate::pool::{kiln_parallel_for, ThreadPool};
 
 /// The ABI version this runtime speaks.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 /// Most inputs plus outputs of a library.
 pub const MAX_IO: usize = 8;
 /// Bytes of a build fingerprint (SHA-256 of the build's inputs and options).
@@ -28,7 +28,7 @@ pub const DTYPE_F32: u32 = 1;
 pub struct KilnCtx {
     pub arena: *mut u8,
     pub weights: *const u8,
-    pub kv_cache: *mut f32,
+    pub kv_cache: *mut c_void,
     pub io: *const *mut c_void,
     pub n_tokens: i64,
     pub pos: i64,
@@ -54,7 +54,7 @@ pub struct ModelDesc {
     context: u32,
     kv_layers: u32,
     kv_width: u32,
-    reserved: u32,
+    kv_element_bytes: u32,
     arena_bytes: u64,
     kv_bytes: u64,
     weights_bytes: u64,
@@ -82,6 +82,7 @@ impl ModelDesc {
             ("context", offset_of!(ModelDesc, context)),
             ("kv_layers", offset_of!(ModelDesc, kv_layers)),
             ("kv_width", offset_of!(ModelDesc, kv_width)),
+            ("kv_element_bytes", offset_of!(ModelDesc, kv_element_bytes)),
             ("arena_bytes", offset_of!(ModelDesc, arena_bytes)),
             ("kv_bytes", offset_of!(ModelDesc, kv_bytes)),
             ("weights_bytes", offset_of!(ModelDesc, weights_bytes)),
@@ -175,15 +176,18 @@ impl ModelDesc {
                 return bad(format!("io slot {slot} has width 0"));
             }
         }
+        if self.kv_element_bytes != 4 && self.kv_element_bytes != 2 {
+            return bad(format!("KV cache elements of {} bytes (f32: 4, f16: 2)", self.kv_element_bytes));
+        }
         let kv = (self.kv_layers as u64)
             .checked_mul(2)
             .and_then(|x| x.checked_mul(self.context as u64))
             .and_then(|x| x.checked_mul(self.kv_width as u64))
-            .and_then(|x| x.checked_mul(4));
+            .and_then(|x| x.checked_mul(self.kv_element_bytes as u64));
         if kv != Some(self.kv_bytes) {
             return bad(format!(
-                "kv_bytes {} is not kv_layers {} x 2 x context {} x kv_width {} x 4",
-                self.kv_bytes, self.kv_layers, self.context, self.kv_width
+                "kv_bytes {} is not kv_layers {} x 2 x context {} x kv_width {} x {}",
+                self.kv_bytes, self.kv_layers, self.context, self.kv_width, self.kv_element_bytes
             ));
         }
         for (what, bytes) in
@@ -505,6 +509,12 @@ impl Program {
         self.pool.n_threads()
     }
 
+    /// The KV cache as the library left it (per layer, `context` rows of keys, then of values,
+    /// each `kv_width` elements of `kv_element_bytes`): for inspection and tests.
+    pub fn kv_cache(&mut self) -> &[u8] {
+        self.kv.as_mut_slice()
+    }
+
     /// Bytes of memory this program holds: arena, KV cache, and weights (embedded or loaded).
     pub fn memory_bytes(&self) -> u64 {
         self.desc.arena_bytes + self.desc.kv_bytes + self.desc.weights_bytes
@@ -570,7 +580,7 @@ impl Program {
         let ctx = KilnCtx {
             arena: self.arena.ptr,
             weights,
-            kv_cache: self.kv.ptr as *mut f32,
+            kv_cache: self.kv.ptr as *mut c_void,
             io: io.as_ptr(),
             n_tokens: n_tokens as i64,
             pos: pos as i64,

@@ -123,6 +123,8 @@ pub struct AttentionKernel {
     /// Query heads per call, 1..=3.
     pub heads: u32,
     pub head_dim: u32,
+    /// Keys and values are IEEE half (widened exactly) rather than f32.
+    pub kv_half: bool,
     /// Bytes between the score rows of consecutive heads.
     pub row_stride: u32,
     /// `Scores`' factor (`1 / sqrt(head_dim)`), as f32 bits.

@@ -211,6 +211,12 @@ v10 = add v9, v1 : f32[seq, 64]
 output v10
 "#;
         worst = worst.max(check_graph("block", block, &[5, 1, 1, 8], 3, device));
+        // An f16 KV cache, and a head size off the 256-bit kernels (the portable code).
+        let f16_block = block.replace("context=64", "context=64 kv=f16");
+        worst = worst.max(check_graph("block-f16-kv", &f16_block, &[5, 1, 1, 8], 4, device));
+        let odd_heads =
+            f16_block.replace("head_dim=16", "head_dim=8").replace("heads=4 kv_heads=2", "heads=8 kv_heads=4");
+        worst = worst.max(check_graph("block-f16-kv-hd8", &odd_heads, &[5, 1, 1, 8], 5, device));
         // f16 scales of every kind (subnormals, zeros, the largest finite), widened exactly:
         // the embedding is compared exactly, the matmul to the usual tolerance.
         let mut rng = Rng::new(11);
@@ -254,6 +260,7 @@ fn aarch64_model_matches_x86_64_and_the_reference_under_qemu() {
         prune: None,
         quant: Default::default(),
         lora: vec![],
+        kv_cache: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let app = xtask::build_chat_app(&bundle, Some(&apps_dir())).unwrap_or_else(|e| panic!("{e:#}"));
@@ -386,6 +393,7 @@ fn android_bundle_holds_aarch64_code_and_the_runtime_builds_for_android() {
         prune: None,
         quant: Default::default(),
         lora: vec![],
+        kv_cache: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let archive = std::fs::read(bundle.join("lib/libkiln_model.a")).unwrap();

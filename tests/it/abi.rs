@@ -47,6 +47,7 @@ fn runtime_structs_have_the_compiler_layout() {
         ("context", abi::desc::CONTEXT),
         ("kv_layers", abi::desc::KV_LAYERS),
         ("kv_width", abi::desc::KV_WIDTH),
+        ("kv_element_bytes", abi::desc::KV_ELEMENT_BYTES),
         ("arena_bytes", abi::desc::ARENA_BYTES),
         ("kv_bytes", abi::desc::KV_BYTES),
         ("weights_bytes", abi::desc::WEIGHTS_BYTES),
@@ -134,6 +135,7 @@ pub(crate) fn tiny_bundle(
         prune: None,
         quant: Default::default(),
         lora: vec![],
+        kv_cache: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let so = dir.join(format!("{out}.so"));
@@ -248,6 +250,10 @@ fn outputs_hold_only_the_rows_asked_for() {
 
 /// A shared object exporting a hand-made `kiln_model` (a no-op `run`, 100 bytes of weights).
 fn c_library(dir: &Path, name: &str, abi_version: u32, kv_bytes: u64, checksum: u64) -> PathBuf {
+    c_library_kv(dir, name, abi_version, kv_bytes, 4, checksum)
+}
+
+fn c_library_kv(dir: &Path, name: &str, abi_version: u32, kv_bytes: u64, elem: u32, checksum: u64) -> PathBuf {
     let src = dir.join(format!("{name}.c"));
     std::fs::write(
         &src,
@@ -255,7 +261,7 @@ fn c_library(dir: &Path, name: &str, abi_version: u32, kv_bytes: u64, checksum: 
 static void run(const struct kiln_ctx *ctx) { (void)ctx; }
 static const uint8_t weights[100] = { 1, 2, 3, 4, 5 };
 const struct kiln_model_desc kiln_model = {
-    ABI, 1, 1, 4, 16, 2, 8, 0,
+    ABI, 1, 1, 4, 16, 2, 8, ELEM,
     4096, KV_BYTES, sizeof weights, CHECKSUM, weights, run,
     { KILN_DTYPE_F32, KILN_DTYPE_F32 }, { 8, 8 }, { 0 }
 };
@@ -269,6 +275,7 @@ const struct kiln_model_desc kiln_model = {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/include"))
         .arg(format!("-DABI={abi_version}"))
         .arg(format!("-DKV_BYTES={kv_bytes}ULL"))
+        .arg(format!("-DELEM={elem}"))
         .arg(format!("-DCHECKSUM={checksum}ULL"))
         .arg("-o")
         .arg(&so)
@@ -299,6 +306,11 @@ fn inconsistent_descriptors_and_corrupt_weights_are_refused_before_running() {
     assert!(matches!(&e, ProgramError::Weights(m) if m.contains("checksum")), "{e:?}");
     let e = err(&c_library(&dir, "bad-kv", abi::ABI_VERSION, kv / 2, checksum));
     assert!(matches!(&e, ProgramError::BadDescriptor(m) if m.contains("kv_bytes")), "{e:?}");
+    // f16 elements: half the bytes; an element size that is neither is refused.
+    let half = c_library_kv(&dir, "half-kv", abi::ABI_VERSION, kv / 2, 2, checksum);
+    Program::load_shared(&half, None, 1).unwrap_or_else(|e| panic!("an f16 cache: {e}"));
+    let e = err(&c_library_kv(&dir, "odd-kv", abi::ABI_VERSION, kv / 4 * 3, 3, checksum));
+    assert!(matches!(&e, ProgramError::BadDescriptor(m) if m.contains("elements of 3 bytes")), "{e:?}");
     let e = err(&c_library(&dir, "old-abi", 1, kv, checksum));
     assert!(matches!(e, ProgramError::AbiMismatch { found: 1 }), "{e:?}");
     // A weights file for a library that embeds its weights is refused, not ignored.

@@ -10,7 +10,7 @@ use std::process::Command;
 use compiler::CompileOptions;
 use ir::interp::{self, KvCache, Tensor};
 use ir::parse::parse_graph;
-use ir::Graph;
+use ir::{Graph, KvDType};
 use runtime::program::{Input, Program};
 use tests::harness::{compile_to_shared, max_diff, random_weights, scratch_dir, Rng};
 
@@ -26,7 +26,7 @@ fn attention_graph(context: u32) -> String {
 fn shaped_graph(context: u32, heads: u32, kv_heads: u32, head_dim: u32) -> String {
     let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
     format!(
-        r#"graph "attn" context={context}
+        r#"graph "attn" context={context} kv=f32
 w0 = weight f32[{kvw}, {qw}] "k"
 w1 = weight f32[{kvw}, {qw}] "v"
 v0 = input 0 : f32[seq, {qw}]
@@ -84,6 +84,67 @@ fn attention_of_every_group_size_matches_the_interpreter() {
         let name = format!("attention-h{heads}-kv{kv_heads}-d{head_dim}");
         let text = shaped_graph(64, heads, kv_heads, head_dim);
         compare_graph(&name, &text, 16, 0, &[13, 1, 1, 7, 16, 2], &[1, 2, 3]);
+        // The same with an f16 cache: the interpreter rounds keys and values as it stores them.
+        let text = text.replace("kv=f32", "kv=f16");
+        compare_graph(&format!("{name}-f16"), &text, 16, 0, &[13, 1, 1, 7, 16, 2], &[1, 2]);
+    }
+}
+
+/// An f16 cache holds each key and value rounded to nearest even (subnormals, ties, the
+/// largest finite value), saturating at +-65504 for larger values, infinities and NaN, bit
+/// for bit as `ir::KvDType::round`.
+#[test]
+fn f16_cache_rounds_keys_and_values_to_nearest_even() {
+    let text = "graph \"kv\" context=8 kv=f16\nv0 = input 0 : f32[seq, 16]\nv1 = attention v0, v0, v0 layer=0 heads=1 kv_heads=1 head_dim=16 : f32[seq, 16]\noutput v1\n";
+    let graph = parse_graph(text).unwrap();
+    let dir = scratch_dir("attention-f16-rounding");
+    let (_, so) = compile_to_shared(&graph, &[], &CompileOptions { batch: 8, ..Default::default() }, &dir);
+    let tiny = 2f32.powi(-24);
+    let mut special = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -2.5,
+        65504.0,
+        65519.0,
+        65520.0,
+        1e6,
+        -1e6,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        2f32.powi(-14),
+        2f32.powi(-14) - tiny / 2.0,
+        tiny,
+        tiny / 2.0,
+        1.5 * tiny,
+        2.5 * tiny,
+        -3.5 * tiny,
+        tiny / 4.0,
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        1e-30,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+    ];
+    let mut rng = Rng::new(99);
+    while special.len() < 8 * 16 {
+        let bits = rng.next_u64() as u32;
+        // Exponents around f16's range, both signs.
+        let x = f32::from_bits((bits & 0x807f_ffff) | ((100 + (bits >> 23) % 60) << 23));
+        special.push(x);
+    }
+    let mut program = Program::load_shared(&so, None, 2).unwrap();
+    let mut out = vec![0.0f32; 8 * 16];
+    program.run(&[Input::F32(&special)], &mut [&mut out], 8, 0, 0).unwrap();
+    let cache = program.kv_cache();
+    for (i, &x) in special.iter().enumerate() {
+        let want = half::f16::from_f32(KvDType::F16.round(x)).to_bits();
+        for (what, base) in [("key", 0), ("value", 8 * 16 * 2)] {
+            let got = u16::from_le_bytes([cache[base + 2 * i], cache[base + 2 * i + 1]]);
+            assert_eq!(got, want, "{what} {i}: {x:e} ({:#010x}) stored as {got:#06x}, not {want:#06x}", x.to_bits());
+        }
     }
 }
 

@@ -48,6 +48,7 @@ fn build(model: &Path, out: &Path, embed_weights: bool) {
         prune: None,
         quant: Default::default(),
         lora: vec![],
+        kv_cache: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
 }

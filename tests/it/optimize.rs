@@ -66,6 +66,7 @@ fn build(model: &Path, out: &Path, prune: Option<&str>, context: u32) -> (PathBu
         prune: prune.map(|p| p.parse().unwrap()),
         quant: Default::default(),
         lora: vec![],
+        kv_cache: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let so = out.join("lib/libkiln_model.so");

@@ -87,6 +87,7 @@ fn options(model: &Path, out: &Path, context: Option<u32>) -> BuildOptions {
         prune: None,
         quant: Default::default(),
         lora: vec![],
+        kv_cache: Default::default(),
     }
 }
 

@@ -309,6 +309,7 @@ pub fn eval(mut a: chat::eval::EvalArgs) -> Result<()> {
             prune: None,
             quant: Default::default(),
             lora: vec![],
+            kv_cache: Default::default(),
         };
         compiler::bundle::build_model(&opts, &mut |_| {})
             .with_context(|| format!("cannot compile the reference {}", reference.display()))?;

@@ -16,6 +16,13 @@ struct Cli {
     command: Cmd,
 }
 
+/// `--kv-cache`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KvCacheArg {
+    F32,
+    F16,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum WeightsMode {
     /// In the library's read-only data.
@@ -77,6 +84,11 @@ enum Cmd {
         /// Where the packed weights go.
         #[arg(long, value_enum, default_value_t = WeightsMode::Embedded)]
         weights: WeightsMode,
+        /// Element type of the KV cache: f32 (exact), or f16 (half the cache's memory and
+        /// attention's reads; keys and values rounded to half precision, as llama.cpp's
+        /// default cache).
+        #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
+        kv_cache: KvCacheArg,
         /// Print the IR after a pass (or `all`).
         #[arg(long)]
         dump_after: Vec<String>,
@@ -204,10 +216,15 @@ fn real_main() -> Result<()> {
             context,
             batch,
             weights,
+            kv_cache,
             dump_after,
             shared_linker,
             model_passes: ModelPassArgs { quant, quant_tensor, prune_layers, calib, calib_tokens, lora },
         } => {
+            let kv_cache = match kv_cache {
+                KvCacheArg::F32 => ir::KvDType::F32,
+                KvCacheArg::F16 => ir::KvDType::F16,
+            };
             let quant = quant_options(quant, &quant_tensor)?;
             let target = match target {
                 Some(t) => t,
@@ -241,6 +258,7 @@ fn real_main() -> Result<()> {
                 prune: prune_layers,
                 quant,
                 lora,
+                kv_cache,
             };
             let bar = ProgressBar::new(Stage::ALL.len() as u64);
             bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());

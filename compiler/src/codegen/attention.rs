@@ -11,6 +11,7 @@
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value};
+use ir::KvDType;
 use targets::{AttentionKernel, AttentionStep};
 
 use super::abi;
@@ -28,6 +29,7 @@ pub struct AttentionSpec {
     pub n_kv_heads: u32,
     pub head_dim: u32,
     pub context: u32,
+    pub kv_dtype: KvDType,
     pub skip_rows: bool,
     /// The target's kernels for the scores and the weighted values, when it has them.
     pub kernels: Option<AttentionKernels>,
@@ -38,9 +40,14 @@ impl AttentionSpec {
         (self.n_kv_heads * self.head_dim) as i64
     }
 
+    /// Bytes of one cache row (one position's keys, or values).
+    fn kv_row_bytes(&self) -> i64 {
+        self.kv_width() * self.kv_dtype.bytes() as i64
+    }
+
     /// Byte offset of this layer's keys in the cache; values follow `context` rows later.
     fn layer_offset(&self) -> i64 {
-        self.layer as i64 * 2 * self.context as i64 * self.kv_width() * 4
+        self.layer as i64 * 2 * self.context as i64 * self.kv_row_bytes()
     }
 }
 
@@ -50,7 +57,8 @@ pub fn emit_kv_store(kb: &mut Kb, spec: &AttentionSpec) {
     let (k, v) = (kb.location(spec.k), kb.location(spec.v));
     let cache = kb.ctx_field(abi::ctx::KV_CACHE);
     let keys = kb.b.ins().iadd_imm_s(cache, spec.layer_offset());
-    let values = kb.b.ins().iadd_imm_s(keys, spec.context as i64 * kvw * 4);
+    let row_bytes = spec.kv_row_bytes();
+    let values = kb.b.ins().iadd_imm_s(keys, spec.context as i64 * row_bytes);
     let pos = kb.ctx_field(abi::ctx::POS);
     let n_tokens = kb.ctx_field(abi::ctx::N_TOKENS);
     let zero = kb.iconst(0);
@@ -59,7 +67,16 @@ pub fn emit_kv_store(kb: &mut Kb, spec: &AttentionSpec) {
         let p = kb.b.ins().iadd(pos, t);
         for (src, dst) in [(k, keys), (v, values)] {
             let s = kb.addr(src, t, 4 * kvw, 0);
-            let d = kb.addr(dst, p, 4 * kvw, 0);
+            let d = kb.addr(dst, p, row_bytes, 0);
+            if spec.kv_dtype == KvDType::F16 {
+                assert!(kvw % 4 == 0, "head_dim is a multiple of 4");
+                for c in 0..kvw / 4 {
+                    let x = kb.load(F32X4, s, 16 * c);
+                    let h = kb.f32_to_f16_bits(x);
+                    kb.store(h, d, 8 * c);
+                }
+                continue;
+            }
             for c in 0..kvw / 4 {
                 let x = kb.load(F32X4, s, 16 * c);
                 kb.store(x, d, 16 * c);
@@ -100,11 +117,12 @@ pub fn score_row_bytes(context: u32) -> u32 {
 }
 
 /// The attention kernel contract for this model shape (see `targets::AttentionKernel`).
-pub fn attention_kernel(step: AttentionStep, heads: u32, head_dim: u32, context: u32) -> AttentionKernel {
+pub fn attention_kernel(step: AttentionStep, heads: u32, head_dim: u32, context: u32, kv: KvDType) -> AttentionKernel {
     AttentionKernel {
         step,
         heads,
         head_dim,
+        kv_half: kv == KvDType::F16,
         row_stride: score_row_bytes(context),
         scale_bits: (1.0 / (head_dim as f32).sqrt()).to_bits(),
     }
@@ -124,7 +142,7 @@ pub fn attention_kernel(step: AttentionStep, heads: u32, head_dim: u32, context:
 /// (x86-64: 256-bit, see `targets::AttentionKernel`), else the Cranelift loops below, which do
 /// the same arithmetic: both targets give the same bits.
 pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
-    let (hd, kvw) = (spec.head_dim as i64, spec.kv_width());
+    let hd = spec.head_dim as i64;
     assert!(hd % 4 == 0, "head_dim is checked by the codegen driver");
     let qw = spec.n_heads as i64 * hd;
     let group = (spec.n_heads / spec.n_kv_heads) as i64;
@@ -138,8 +156,11 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
         kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 3 * 4 * HEADS_PER_UNIT, 4));
     let (q, y) = (kb.location(spec.q), kb.location(spec.y));
     let cache = kb.ctx_field(abi::ctx::KV_CACHE);
+    let kv_row = spec.kv_row_bytes();
+    let kv_el = spec.kv_dtype.bytes() as i64;
+    let half = spec.kv_dtype == KvDType::F16;
     let keys = kb.b.ins().iadd_imm_s(cache, spec.layer_offset());
-    let values = kb.b.ins().iadd_imm_s(keys, spec.context as i64 * kvw * 4);
+    let values = kb.b.ins().iadd_imm_s(keys, spec.context as i64 * kv_row);
     let pos = kb.ctx_field(abi::ctx::POS);
     let n_tokens = kb.ctx_field(abi::ctx::N_TOKENS);
     let first = if spec.skip_rows { kb.ctx_field(abi::ctx::OUT_START) } else { kb.iconst(0) };
@@ -180,8 +201,8 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
         let n_keys = kb.b.ins().iadd_imm_s(n_keys, 1);
         let q_row = kb.addr(q, t, 4 * qw, 0);
         let q_head = kb.addr(q_row, h0, 4 * hd, 0);
-        let k_head = kb.addr(keys, kv_head, 4 * hd, 0);
-        let v_head = kb.addr(values, kv_head, 4 * hd, 0);
+        let k_head = kb.addr(keys, kv_head, kv_el * hd, 0);
+        let v_head = kb.addr(values, kv_head, kv_el * hd, 0);
         let y_row = kb.addr(y, t, 4 * qw, 0);
         let y_head = kb.addr(y_row, h0, 4 * hd, 0);
         let scores = kb.b.ins().stack_addr(I64, scores_slot, 0);
@@ -209,10 +230,10 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
             let tile_v = kb.iconst(tile);
             let full = kb.b.ins().icmp(IntCC::SignedGreaterThan, rest, tile_v);
             let count = kb.b.ins().select(full, tile_v, rest);
-            let k_tile = kb.addr(k_head, j0, 4 * kvw, 0);
-            let v_tile = kb.addr(v_head, j0, 4 * kvw, 0);
+            let k_tile = kb.addr(k_head, j0, kv_row, 0);
+            let v_tile = kb.addr(v_head, j0, kv_row, 0);
             let zero = kb.iconst(0);
-            let k_stride = kb.iconst(4 * kvw);
+            let k_stride = kb.iconst(kv_row);
 
             // Scores of every head of the unit against the tile's keys.
             match spec.kernels {
@@ -220,7 +241,7 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
                 None => kb.for_range(zero, nh, 1, &[], |kb, g, _| {
                     let q_g = kb.addr(q_head, g, 4 * hd, 0);
                     let row = kb.addr(scores, g, row_bytes, 0);
-                    emit_scores(kb, q_g, k_tile, kvw, row, count, n_vec);
+                    emit_scores(kb, q_g, k_tile, kv_row, half, row, count, n_vec);
                     vec![]
                 }),
             };
@@ -283,7 +304,7 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
                     let alpha = kb.load(F32, at, ALPHA_AT);
                     let alpha = kb.b.ins().splat(F32X4, alpha);
                     let y_g = kb.addr(y_head, g, 4 * hd, 0);
-                    emit_values(kb, row, v_tile, kvw, count, y_g, alpha, n_vec);
+                    emit_values(kb, row, v_tile, kv_row, half, count, y_g, alpha, n_vec);
                     vec![]
                 }),
             };
@@ -331,11 +352,23 @@ fn call_by_heads(kb: &mut Kb, nh: Value, kernels: &[FuncRef; HEADS_PER_UNIT as u
     vec![]
 }
 
-/// `row[j] = scale * q . k_j` for the `count` keys from `k` (rows `kvw` floats apart), with
+/// Four keys or values of a cache row at `ptr + offset` elements, as f32x4 (f16 widened
+/// exactly).
+fn load_kv(kb: &mut Kb, ptr: Value, elem: i64, half: bool) -> Value {
+    if half {
+        let h = kb.b.ins().sload16x4(super::builder::ro(), ptr, (2 * elem) as i32);
+        kb.f16_bits_to_f32(h)
+    } else {
+        kb.load(F32X4, ptr, 4 * elem)
+    }
+}
+
+/// `row[j] = scale * q . k_j` for the `count` keys from `k` (rows `k_row` bytes apart), with
 /// the dot product of `targets::AttentionKernel`: lanes of the even 4-float chunks in `lo`,
 /// of the odd ones in `hi`, then `(x0 + x2) + (x1 + x3)` of `x = lo + hi`. Four keys at a
 /// time (eight accumulators).
-fn emit_scores(kb: &mut Kb, q: Value, k: Value, kvw: i64, row: Value, count: Value, n_vec: i64) {
+#[allow(clippy::too_many_arguments)]
+fn emit_scores(kb: &mut Kb, q: Value, k: Value, k_row: i64, half: bool, row: Value, count: Value, n_vec: i64) {
     let scale = kb.splat(1.0 / ((4 * n_vec) as f32).sqrt());
     let zero = kb.iconst(0);
     let dot = |kb: &mut Kb, keys: &[Value]| -> Vec<Value> {
@@ -344,7 +377,7 @@ fn emit_scores(kb: &mut Kb, q: Value, k: Value, kvw: i64, row: Value, count: Val
         for c in 0..n_vec {
             let qv = kb.load(F32X4, q, 16 * c);
             for (i, &key) in keys.iter().enumerate() {
-                let kv = kb.load(F32X4, key, 16 * c);
+                let kv = load_kv(kb, key, 4 * c, half);
                 let acc = if c % 2 == 0 { &mut lo[i] } else { &mut hi[i] };
                 *acc = kb.b.ins().fma(qv, kv, *acc);
             }
@@ -353,8 +386,8 @@ fn emit_scores(kb: &mut Kb, q: Value, k: Value, kvw: i64, row: Value, count: Val
     };
     let n_blocks = kb.b.ins().ushr_imm_s(count, 2);
     kb.for_range(zero, n_blocks, 1, &[], |kb, j4, _| {
-        let k0 = kb.addr(k, j4, 4 * 4 * kvw, 0);
-        let keys: Vec<Value> = (0..4).map(|i| kb.b.ins().iadd_imm_s(k0, 4 * kvw * i)).collect();
+        let k0 = kb.addr(k, j4, 4 * k_row, 0);
+        let keys: Vec<Value> = (0..4).map(|i| kb.b.ins().iadd_imm_s(k0, k_row * i)).collect();
         let x = dot(kb, &keys);
         let s = kb.hsum4(x[0], x[1], x[2], x[3]);
         let s = kb.b.ins().fmul(s, scale);
@@ -364,7 +397,7 @@ fn emit_scores(kb: &mut Kb, q: Value, k: Value, kvw: i64, row: Value, count: Val
     });
     let tail = kb.b.ins().ishl_imm_s(n_blocks, 2);
     kb.for_range(tail, count, 1, &[], |kb, j, _| {
-        let key = kb.addr(k, j, 4 * kvw, 0);
+        let key = kb.addr(k, j, k_row, 0);
         let x = dot(kb, &[key])[0];
         let s = kb.hsum4(x, x, x, x);
         let s = kb.b.ins().fmul(s, scale);
@@ -378,7 +411,17 @@ fn emit_scores(kb: &mut Kb, q: Value, k: Value, kvw: i64, row: Value, count: Val
 /// `y = fma(y, alpha, sum_j p_j v_j)` with the sum folded by `fma(v_j, p_j, acc)` from 0.0
 /// over the `count` keys in order, 32 floats of the head at a time (eight accumulators).
 #[allow(clippy::too_many_arguments)]
-fn emit_values(kb: &mut Kb, p: Value, v: Value, kvw: i64, count: Value, y: Value, alpha: Value, n_vec: i64) {
+fn emit_values(
+    kb: &mut Kb,
+    p: Value,
+    v: Value,
+    v_row_bytes: i64,
+    half: bool,
+    count: Value,
+    y: Value,
+    alpha: Value,
+    n_vec: i64,
+) {
     let zero = kb.iconst(0);
     let mut c0 = 0;
     while c0 < n_vec {
@@ -388,10 +431,10 @@ fn emit_values(kb: &mut Kb, p: Value, v: Value, kvw: i64, count: Value, y: Value
             let at = kb.addr(p, j, 4, 0);
             let pj = kb.load(F32, at, 0);
             let pj = kb.b.ins().splat(F32X4, pj);
-            let v_row = kb.addr(v, j, 4 * kvw, 0);
+            let v_row = kb.addr(v, j, v_row_bytes, 0);
             (0..width)
                 .map(|i| {
-                    let x = kb.load(F32X4, v_row, 16 * (c0 + i as i64));
+                    let x = load_kv(kb, v_row, 4 * (c0 + i as i64), half);
                     kb.b.ins().fma(x, pj, acc[i])
                 })
                 .collect()

@@ -132,6 +132,48 @@ impl<'a> Kb<'a> {
         self.b.ins().fmul(o, scale)
     }
 
+    /// Four f32 as IEEE half bit patterns, packed in an `i64` (lane 0 in the low 16 bits):
+    /// rounded to nearest even, saturating at +-65504 (NaN too), as `ir::KvDType::F16::round`.
+    /// Normal results rebias the exponent and round at bit 13 with integer adds; results below
+    /// f16's smallest normal come from adding 0.5 in f32, which rounds the magnitude to a
+    /// multiple of 2^-24, f16's subnormal step, by the same rule.
+    pub fn f32_to_f16_bits(&mut self, x: Value) -> Value {
+        let splat_i = |kb: &mut Self, v: u32| {
+            let c = kb.b.ins().iconst(I32, v as i64);
+            kb.b.ins().splat(I32X4, c)
+        };
+        let xi = self.b.ins().bitcast(I32X4, le(), x);
+        let sign = self.b.ins().ushr_imm_s(xi, 16);
+        let sign_mask = splat_i(self, 0x8000);
+        let sign = self.b.ins().band(sign, sign_mask);
+        let abs_mask = splat_i(self, 0x7fff_ffff);
+        let a = self.b.ins().band(xi, abs_mask);
+        let max = splat_i(self, 0x477f_e000); // 65504.0
+        let a = self.b.ins().umin(a, max);
+        let rebias = splat_i(self, 112 << 23);
+        let t = self.b.ins().isub(a, rebias);
+        let lsb = self.b.ins().ushr_imm_s(t, 13);
+        let one = splat_i(self, 1);
+        let lsb = self.b.ins().band(lsb, one);
+        let half_ulp = splat_i(self, 0xfff);
+        let t = self.b.ins().iadd(t, half_ulp);
+        let t = self.b.ins().iadd(t, lsb);
+        let normal = self.b.ins().ushr_imm_s(t, 13);
+        let f = self.b.ins().bitcast(F32X4, le(), a);
+        let point_five = self.splat(0.5);
+        let s = self.b.ins().fadd(f, point_five);
+        let s = self.b.ins().bitcast(I32X4, le(), s);
+        let point_five_bits = splat_i(self, 0x3f00_0000);
+        let subnormal = self.b.ins().isub(s, point_five_bits);
+        let min_normal = splat_i(self, 0x3880_0000); // 2^-14
+        let is_sub = self.b.ins().icmp(IntCC::UnsignedLessThan, a, min_normal);
+        let h = self.b.ins().bitselect(is_sub, subnormal, normal);
+        let h = self.b.ins().bor(h, sign);
+        let n = self.b.ins().unarrow(h, h);
+        let n = self.b.ins().bitcast(I64X2, le(), n);
+        self.b.ins().extractlane(n, 0)
+    }
+
     pub fn store(&mut self, v: Value, ptr: Value, offset: i64) {
         self.b.ins().store(rw(), v, ptr, offset as i32);
     }

@@ -251,6 +251,7 @@ pub fn emit(
     put32(abi::desc::CONTEXT, graph.context);
     put32(abi::desc::KV_LAYERS, info.kv_layers);
     put32(abi::desc::KV_WIDTH, info.kv_width);
+    put32(abi::desc::KV_ELEMENT_BYTES, graph.kv_dtype.bytes());
     let io_values: Vec<ValueId> = input_values(graph).into_iter().chain(graph.outputs.iter().copied()).collect();
     if io_values.len() > abi::MAX_IO {
         return Err(CodegenError::Unsupported(format!(
@@ -264,7 +265,7 @@ pub fn emit(
         put32(abi::desc::IO_DTYPE + 4 * slot, if ty.dtype == DType::I32 { abi::DTYPE_I32 } else { abi::DTYPE_F32 });
         put32(abi::desc::IO_WIDTH + 4 * slot, ty.row_len().unwrap_or(1));
     }
-    let kv_bytes = info.kv_layers as u64 * 2 * graph.context as u64 * info.kv_width as u64 * 4;
+    let kv_bytes = kv_bytes(graph, info);
     let mut put64 = |at: usize, v: u64| desc[at..at + 8].copy_from_slice(&v.to_le_bytes());
     put64(abi::desc::ARENA_BYTES, plan.arena_bytes);
     put64(abi::desc::KV_BYTES, kv_bytes);
@@ -359,7 +360,7 @@ fn define_attention_kernels(
         let mut sig = Signature::new(call_conv);
         sig.params.extend([AbiParam::new(I64); 6][..if s == 0 { 5 } else { 6 }].iter().copied());
         for heads in 1..=attention::HEADS_PER_UNIT {
-            let spec = attention::attention_kernel(step, heads, head_dim, graph.context);
+            let spec = attention::attention_kernel(step, heads, head_dim, graph.context, graph.kv_dtype);
             let Some(bytes) = target.attention_kernel(&spec) else { return Ok(None) };
             let kind = if s == 0 { "scores" } else { "values" };
             let id =
@@ -370,6 +371,11 @@ fn define_attention_kernels(
     }
     let [scores, values] = ids.map(|v| v.try_into().expect("one per head count"));
     Ok(Some((scores, values)))
+}
+
+/// Bytes of the KV cache: per layer, `context` rows of keys then of values.
+pub fn kv_bytes(graph: &Graph, info: &GraphInfo) -> u64 {
+    info.kv_layers as u64 * 2 * graph.context as u64 * info.kv_width as u64 * graph.kv_dtype.bytes() as u64
 }
 
 /// Input values ordered by input index.
@@ -455,6 +461,7 @@ fn emit_step(
                 n_kv_heads,
                 head_dim,
                 context: graph.context,
+                kv_dtype: graph.kv_dtype,
                 skip_rows: skip,
                 kernels: attention_kernels,
             };

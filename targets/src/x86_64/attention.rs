@@ -41,7 +41,26 @@ const HIGH_PAIRS: u32 = 0xEE;
 const EVEN: u32 = 0x88;
 const ODD: u32 = 0xDD;
 
+/// Bytes of 8 keys or values.
+fn chunk_bytes(k: &AttentionKernel) -> i32 {
+    if k.kv_half {
+        16
+    } else {
+        32
+    }
+}
+
+/// ymm12 = 8 keys or values at `at`, widened from f16 (exactly) when the cache holds f16.
+fn load_kv(a: &mut CodeAssembler, half: bool, at: AsmMemoryOperand) -> Result<(), IcedError> {
+    if half {
+        a.vcvtph2ps(ymm12, xmmword_ptr(at))
+    } else {
+        a.vmovups(ymm12, ymmword_ptr(at))
+    }
+}
+
 fn scores(k: &AttentionKernel) -> Result<Vec<u8>, IcedError> {
+    let kv_bytes = chunk_bytes(k);
     let heads = k.heads as usize;
     let chunks = k.head_dim as i32 / 8;
     let head_bytes = 4 * k.head_dim as i32;
@@ -76,7 +95,7 @@ fn scores(k: &AttentionKernel) -> Result<Vec<u8>, IcedError> {
             a.vmovups(YMM[13 + g], ymmword_ptr(rdi + (g as i32 * head_bytes + 32 * c)))?;
         }
         for i in 0..4 {
-            a.vmovups(ymm12, ymmword_ptr(key(i, 32 * c)))?;
+            load_kv(&mut a, k.kv_half, key(i, kv_bytes * c))?;
             for g in 0..heads {
                 a.vfmadd231ps(YMM[acc(g, i)], ymm12, YMM[13 + g])?;
             }
@@ -119,7 +138,7 @@ fn scores(k: &AttentionKernel) -> Result<Vec<u8>, IcedError> {
         a.vxorps(YMM[g], YMM[g], YMM[g])?;
     }
     for c in 0..chunks {
-        a.vmovups(ymm12, ymmword_ptr(rsi + 32 * c))?;
+        load_kv(&mut a, k.kv_half, rsi + kv_bytes * c)?;
         for g in 0..heads {
             a.vfmadd231ps(YMM[g], ymm12, ymmword_ptr(rdi + (g as i32 * head_bytes + 32 * c)))?;
         }
@@ -147,6 +166,7 @@ fn scores(k: &AttentionKernel) -> Result<Vec<u8>, IcedError> {
 }
 
 fn values(k: &AttentionKernel) -> Result<Vec<u8>, IcedError> {
+    let kv_bytes = chunk_bytes(k);
     let heads = k.heads as usize;
     let chunks = k.head_dim as i32 / 8;
     let head_bytes = 4 * k.head_dim as i32;
@@ -175,7 +195,7 @@ fn values(k: &AttentionKernel) -> Result<Vec<u8>, IcedError> {
             a.vbroadcastss(YMM[13 + g], dword_ptr(r10 + g as i32 * row))?;
         }
         for i in 0..width {
-            a.vmovups(ymm12, ymmword_ptr(r11 + 32 * (c0 + i)))?;
+            load_kv(&mut a, k.kv_half, r11 + kv_bytes * (c0 + i))?;
             for g in 0..heads {
                 a.vfmadd231ps(YMM[acc(g, i)], ymm12, YMM[13 + g])?;
             }
@@ -213,15 +233,24 @@ mod tests {
         for step in [AttentionStep::Scores, AttentionStep::Values] {
             for heads in 1..=3 {
                 for head_dim in [8, 16, 40, 64, 128, 256] {
-                    let k = AttentionKernel { step, heads, head_dim, row_stride: 1040, scale_bits: 0.125f32.to_bits() };
-                    let code = kernel(&k).unwrap();
-                    assert_eq!(code, kernel(&k).unwrap(), "{k:?}");
-                    assert!(code.ends_with(&[0xc5, 0xf8, 0x77, 0xc3]), "{k:?}");
+                    for kv_half in [false, true] {
+                        let scale_bits = 0.125f32.to_bits();
+                        let k = AttentionKernel { step, heads, head_dim, kv_half, row_stride: 1040, scale_bits };
+                        let code = kernel(&k).unwrap();
+                        assert_eq!(code, kernel(&k).unwrap(), "{k:?}");
+                        assert!(code.ends_with(&[0xc5, 0xf8, 0x77, 0xc3]), "{k:?}");
+                    }
                 }
             }
         }
-        let odd =
-            AttentionKernel { step: AttentionStep::Scores, heads: 3, head_dim: 12, row_stride: 64, scale_bits: 0 };
+        let odd = AttentionKernel {
+            step: AttentionStep::Scores,
+            heads: 3,
+            head_dim: 12,
+            kv_half: false,
+            row_stride: 64,
+            scale_bits: 0,
+        };
         assert!(!supports(&odd) && !supports(&AttentionKernel { heads: 4, head_dim: 64, ..odd }));
     }
 }

@@ -351,8 +351,12 @@ fn same_context_memory(
     threads: usize,
     decode: usize,
 ) -> Result<(Option<u64>, Option<u64>)> {
+    // The same positions as llama-completion's prompt and generated tokens: a prefill of
+    // 512 + decode tokens (in batches of at most 512, as the prompt is) fills the KV cache
+    // as far, where `--decode` alone would start again from position 0.
     let mut cmd = runner.command();
-    cmd.args(["bench", "--json", "--runs", "1", "--prefill", "512", "--decode", &decode.to_string(), "--bundle"]);
+    let positions = (512 + decode).to_string();
+    cmd.args(["bench", "--json", "--runs", "1", "--prefill", &positions, "--decode", "0", "--bundle"]);
     cmd.arg(bundle).args(["--threads", &threads.to_string()]);
     let (_, kiln) = run_measured(cmd, "kiln's chat bench")?;
     // About 512 tokens of the shipped evaluation text (English prose: about 1.3 tokens a word).

@@ -57,7 +57,27 @@ struct kiln_model_desc {
     uint32_t io_width[KILN_MAX_IO];
     /* SHA-256 of the build's inputs and options, also in the bundle's manifest.json */
     uint8_t fingerprint[KILN_FINGERPRINT_BYTES];
+    uint32_t cpu_features;     /* KILN_CPU_* bits the code needs; checked before it runs */
+    uint32_t reserved;
 };
+
+/* CPU features (kiln_model_desc.cpu_features). x86-64: */
+#define KILN_CPU_SSE3 (1u << 0)
+#define KILN_CPU_SSSE3 (1u << 1)
+#define KILN_CPU_SSE41 (1u << 2)
+#define KILN_CPU_SSE42 (1u << 3)
+#define KILN_CPU_POPCNT (1u << 4)
+#define KILN_CPU_AVX (1u << 5)
+#define KILN_CPU_AVX2 (1u << 6)
+#define KILN_CPU_FMA (1u << 7)
+#define KILN_CPU_BMI1 (1u << 8)
+#define KILN_CPU_BMI2 (1u << 9)
+#define KILN_CPU_LZCNT (1u << 10)
+#define KILN_CPU_F16C (1u << 11)
+/* AArch64 (beyond the baseline's NEON): */
+#define KILN_CPU_DOTPROD (1u << 16)
+#define KILN_CPU_FP16 (1u << 17)
+#define KILN_CPU_I8MM (1u << 18)
 
 #endif /* KILN_ABI_H */
 

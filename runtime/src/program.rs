@@ -64,6 +64,64 @@ pub struct ModelDesc {
     io_dtype: [u32; MAX_IO],
     io_width: [u32; MAX_IO],
     fingerprint: [u8; FINGERPRINT_BYTES],
+    cpu_features: u32,
+    reserved: u32,
+}
+
+/// `cpu_features` bits (the `KILN_CPU_*` of the C header) and their names.
+pub const CPU_FEATURES: [(u32, &str); 15] = [
+    (0, "sse3"),
+    (1, "ssse3"),
+    (2, "sse4.1"),
+    (3, "sse4.2"),
+    (4, "popcnt"),
+    (5, "avx"),
+    (6, "avx2"),
+    (7, "fma"),
+    (8, "bmi1"),
+    (9, "bmi2"),
+    (10, "lzcnt"),
+    (11, "f16c"),
+    (16, "dotprod"),
+    (17, "fp16"),
+    (18, "i8mm"),
+];
+
+/// Whether this CPU has the feature of `cpu_features` bit `bit` (false for the other
+/// architecture's features).
+fn cpu_has(bit: u32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match bit {
+            0 => std::arch::is_x86_feature_detected!("sse3"),
+            1 => std::arch::is_x86_feature_detected!("ssse3"),
+            2 => std::arch::is_x86_feature_detected!("sse4.1"),
+            3 => std::arch::is_x86_feature_detected!("sse4.2"),
+            4 => std::arch::is_x86_feature_detected!("popcnt"),
+            5 => std::arch::is_x86_feature_detected!("avx"),
+            6 => std::arch::is_x86_feature_detected!("avx2"),
+            7 => std::arch::is_x86_feature_detected!("fma"),
+            8 => std::arch::is_x86_feature_detected!("bmi1"),
+            9 => std::arch::is_x86_feature_detected!("bmi2"),
+            10 => std::arch::is_x86_feature_detected!("lzcnt"),
+            11 => std::arch::is_x86_feature_detected!("f16c"),
+            _ => false,
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        match bit {
+            16 => std::arch::is_aarch64_feature_detected!("dotprod"),
+            17 => std::arch::is_aarch64_feature_detected!("fp16"),
+            18 => std::arch::is_aarch64_feature_detected!("i8mm"),
+            _ => false,
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = bit;
+        false
+    }
 }
 
 // SAFETY: a descriptor is immutable data in the library's read-only section.
@@ -92,6 +150,7 @@ impl ModelDesc {
             ("io_dtype", offset_of!(ModelDesc, io_dtype)),
             ("io_width", offset_of!(ModelDesc, io_width)),
             ("fingerprint", offset_of!(ModelDesc, fingerprint)),
+            ("cpu_features", offset_of!(ModelDesc, cpu_features)),
         ];
         (fields, std::mem::size_of::<ModelDesc>())
     }
@@ -165,6 +224,18 @@ impl ModelDesc {
         if self.n_outputs == 0 || n_io > MAX_IO {
             return bad(format!("{} inputs and {} outputs (1..={MAX_IO} in all)", self.n_inputs, self.n_outputs));
         }
+        let known = CPU_FEATURES.iter().fold(0u32, |m, (bit, _)| m | 1 << bit);
+        if self.cpu_features & !known != 0 {
+            return bad(format!("unknown CPU feature bits {:#x}", self.cpu_features & !known));
+        }
+        let missing: Vec<&str> = CPU_FEATURES
+            .iter()
+            .filter(|&&(bit, _)| self.cpu_features & (1 << bit) != 0 && !cpu_has(bit))
+            .map(|&(_, name)| name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(ProgramError::UnsupportedCpu(missing.join(", ")));
+        }
         if self.batch == 0 || self.context == 0 {
             return bad(format!("batch {} and context {} must be nonzero", self.batch, self.context));
         }
@@ -215,6 +286,8 @@ pub enum ProgramError {
     Mismatch(String),
     Weights(String),
     BadArgument(String),
+    /// The library's code needs CPU features (named) this CPU lacks.
+    UnsupportedCpu(String),
 }
 
 impl fmt::Display for ProgramError {
@@ -228,6 +301,11 @@ impl fmt::Display for ProgramError {
             ProgramError::Mismatch(m) => write!(f, "{m}"),
             ProgramError::Weights(m) => write!(f, "weights: {m}"),
             ProgramError::BadArgument(m) => write!(f, "{m}"),
+            ProgramError::UnsupportedCpu(m) => write!(
+                f,
+                "the model library was compiled for CPU features this CPU lacks ({m}); rebuild it for this \
+                 CPU's level (--target / --device)"
+            ),
         }
     }
 }

@@ -57,6 +57,7 @@ fn runtime_structs_have_the_compiler_layout() {
         ("io_dtype", abi::desc::IO_DTYPE),
         ("io_width", abi::desc::IO_WIDTH),
         ("fingerprint", abi::desc::FINGERPRINT),
+        ("cpu_features", abi::desc::CPU_FEATURES),
     ]
     .into_iter()
     .collect();
@@ -64,6 +65,27 @@ fn runtime_structs_have_the_compiler_layout() {
     let got: BTreeMap<&str, usize> = fields.into_iter().collect();
     assert_eq!(got, want);
     assert_eq!(size, abi::desc::SIZE);
+}
+
+/// The compiler's feature bits, the runtime's and the C header's `KILN_CPU_*` agree, and a
+/// compiled library records its target's features (x86-64-v3: AVX2, FMA, F16C...).
+#[test]
+fn cpu_feature_bits_agree_and_libraries_record_their_targets_features() {
+    let runtime_bits: Vec<u32> = runtime::program::CPU_FEATURES.iter().map(|(bit, _)| *bit).collect();
+    let compiler_bits: Vec<u32> = abi::CPU_FEATURES.iter().map(|(_, bit)| *bit).collect();
+    assert_eq!(runtime_bits, compiler_bits);
+    for (name, bit) in abi::CPU_FEATURES {
+        let line = format!("#define KILN_CPU_{} (1u << {bit})", name.to_uppercase());
+        assert!(abi::C_ABI.contains(&line), "{line}");
+    }
+    let x86 = targets::lookup("x86_64-unknown-linux-gnu").unwrap().summary().isa_features;
+    let bits = abi::cpu_feature_bits(&x86);
+    for f in ["avx2", "fma", "f16c", "bmi2"] {
+        let bit = abi::CPU_FEATURES.iter().find(|(n, _)| *n == f).unwrap().1;
+        assert!(bits & 1 << bit != 0, "x86-64-v3 code needs {f}");
+    }
+    let pi = targets::lookup_device("aarch64-linux-android", Some("raspberry-pi-5")).unwrap().summary().isa_features;
+    assert_eq!(abi::cpu_feature_bits(&pi) & 0xffff, 0, "no x86 bits on aarch64");
 }
 
 #[test]
@@ -250,10 +272,18 @@ fn outputs_hold_only_the_rows_asked_for() {
 
 /// A shared object exporting a hand-made `kiln_model` (a no-op `run`, 100 bytes of weights).
 fn c_library(dir: &Path, name: &str, abi_version: u32, kv_bytes: u64, checksum: u64) -> PathBuf {
-    c_library_kv(dir, name, abi_version, kv_bytes, 4, checksum)
+    c_library_kv(dir, name, abi_version, kv_bytes, 4, checksum, "0")
 }
 
-fn c_library_kv(dir: &Path, name: &str, abi_version: u32, kv_bytes: u64, elem: u32, checksum: u64) -> PathBuf {
+fn c_library_kv(
+    dir: &Path,
+    name: &str,
+    abi_version: u32,
+    kv_bytes: u64,
+    elem: u32,
+    checksum: u64,
+    cpu: &str,
+) -> PathBuf {
     let src = dir.join(format!("{name}.c"));
     std::fs::write(
         &src,
@@ -263,7 +293,7 @@ static const uint8_t weights[100] = { 1, 2, 3, 4, 5 };
 const struct kiln_model_desc kiln_model = {
     ABI, 1, 1, 4, 16, 2, 8, ELEM,
     4096, KV_BYTES, sizeof weights, CHECKSUM, weights, run,
-    { KILN_DTYPE_F32, KILN_DTYPE_F32 }, { 8, 8 }, { 0 }
+    { KILN_DTYPE_F32, KILN_DTYPE_F32 }, { 8, 8 }, { 0 }, CPU
 };
 "#,
     )
@@ -276,6 +306,7 @@ const struct kiln_model_desc kiln_model = {
         .arg(format!("-DABI={abi_version}"))
         .arg(format!("-DKV_BYTES={kv_bytes}ULL"))
         .arg(format!("-DELEM={elem}"))
+        .arg(format!("-DCPU={cpu}"))
         .arg(format!("-DCHECKSUM={checksum}ULL"))
         .arg("-o")
         .arg(&so)
@@ -307,10 +338,25 @@ fn inconsistent_descriptors_and_corrupt_weights_are_refused_before_running() {
     let e = err(&c_library(&dir, "bad-kv", abi::ABI_VERSION, kv / 2, checksum));
     assert!(matches!(&e, ProgramError::BadDescriptor(m) if m.contains("kv_bytes")), "{e:?}");
     // f16 elements: half the bytes; an element size that is neither is refused.
-    let half = c_library_kv(&dir, "half-kv", abi::ABI_VERSION, kv / 2, 2, checksum);
+    let half = c_library_kv(&dir, "half-kv", abi::ABI_VERSION, kv / 2, 2, checksum, "0");
     Program::load_shared(&half, None, 1).unwrap_or_else(|e| panic!("an f16 cache: {e}"));
-    let e = err(&c_library_kv(&dir, "odd-kv", abi::ABI_VERSION, kv / 4 * 3, 3, checksum));
+    let e = err(&c_library_kv(&dir, "odd-kv", abi::ABI_VERSION, kv / 4 * 3, 3, checksum, "0"));
     assert!(matches!(&e, ProgramError::BadDescriptor(m) if m.contains("elements of 3 bytes")), "{e:?}");
+    // A library needing CPU features this CPU lacks is refused before its code runs (the other
+    // architecture's features stand in for them), and so are bits no feature has; the host's
+    // own features pass.
+    let (foreign, name, own) = if cfg!(target_arch = "x86_64") {
+        ("KILN_CPU_DOTPROD", "dotprod", "KILN_CPU_SSE41")
+    } else {
+        ("KILN_CPU_AVX2", "avx2", "0")
+    };
+    let e = err(&c_library_kv(&dir, "foreign-cpu", abi::ABI_VERSION, kv, 4, checksum, foreign));
+    assert!(matches!(&e, ProgramError::UnsupportedCpu(m) if m == name), "{e:?}");
+    assert!(e.to_string().contains("rebuild it for this CPU"), "{e}");
+    let e = err(&c_library_kv(&dir, "unknown-cpu", abi::ABI_VERSION, kv, 4, checksum, "(1u << 30)"));
+    assert!(matches!(&e, ProgramError::BadDescriptor(m) if m.contains("0x40000000")), "{e:?}");
+    let own = c_library_kv(&dir, "own-cpu", abi::ABI_VERSION, kv, 4, checksum, own);
+    Program::load_shared(&own, None, 1).unwrap_or_else(|e| panic!("the host's own features: {e}"));
     let e = err(&c_library(&dir, "old-abi", 1, kv, checksum));
     assert!(matches!(e, ProgramError::AbiMismatch { found: 1 }), "{e:?}");
     // A weights file for a library that embeds its weights is refused, not ignored.

@@ -46,7 +46,38 @@ pub mod desc {
     pub const IO_DTYPE: usize = 80;
     pub const IO_WIDTH: usize = 112;
     pub const FINGERPRINT: usize = 144;
-    pub const SIZE: usize = 176;
+    pub const CPU_FEATURES: usize = 176;
+    pub const SIZE: usize = 184;
+}
+
+/// The CPU features a library may need, by bit of `kiln_model_desc.cpu_features`, named as
+/// the targets name them (`TargetSummary::isa_features`); the runtime refuses a library that
+/// needs one its CPU lacks (the C text below lists the same bits).
+pub const CPU_FEATURES: &[(&str, u32)] = &[
+    ("sse3", 0),
+    ("ssse3", 1),
+    ("sse41", 2),
+    ("sse42", 3),
+    ("popcnt", 4),
+    ("avx", 5),
+    ("avx2", 6),
+    ("fma", 7),
+    ("bmi1", 8),
+    ("bmi2", 9),
+    ("lzcnt", 10),
+    ("f16c", 11),
+    ("dotprod", 16),
+    ("fp16", 17),
+    ("i8mm", 18),
+];
+
+/// The `cpu_features` bits of a target's features (names without a bit, such as aarch64's
+/// baseline `neon`, need none).
+pub fn cpu_feature_bits(features: &[String]) -> u32 {
+    features
+        .iter()
+        .filter_map(|f| CPU_FEATURES.iter().find(|(name, _)| name == f))
+        .fold(0, |bits, (_, bit)| bits | 1 << bit)
 }
 
 /// `io_dtype` codes.
@@ -104,7 +135,27 @@ struct kiln_model_desc {
     uint32_t io_width[KILN_MAX_IO];
     /* SHA-256 of the build's inputs and options, also in the bundle's manifest.json */
     uint8_t fingerprint[KILN_FINGERPRINT_BYTES];
+    uint32_t cpu_features;     /* KILN_CPU_* bits the code needs; checked before it runs */
+    uint32_t reserved;
 };
+
+/* CPU features (kiln_model_desc.cpu_features). x86-64: */
+#define KILN_CPU_SSE3 (1u << 0)
+#define KILN_CPU_SSSE3 (1u << 1)
+#define KILN_CPU_SSE41 (1u << 2)
+#define KILN_CPU_SSE42 (1u << 3)
+#define KILN_CPU_POPCNT (1u << 4)
+#define KILN_CPU_AVX (1u << 5)
+#define KILN_CPU_AVX2 (1u << 6)
+#define KILN_CPU_FMA (1u << 7)
+#define KILN_CPU_BMI1 (1u << 8)
+#define KILN_CPU_BMI2 (1u << 9)
+#define KILN_CPU_LZCNT (1u << 10)
+#define KILN_CPU_F16C (1u << 11)
+/* AArch64 (beyond the baseline's NEON): */
+#define KILN_CPU_DOTPROD (1u << 16)
+#define KILN_CPU_FP16 (1u << 17)
+#define KILN_CPU_I8MM (1u << 18)
 
 #endif /* KILN_ABI_H */
 "#;

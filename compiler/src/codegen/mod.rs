@@ -272,6 +272,8 @@ pub fn emit(
     put64(abi::desc::WEIGHTS_BYTES, weights_bytes);
     put64(abi::desc::WEIGHTS_CHECKSUM, weights_checksum);
     desc[abi::desc::FINGERPRINT..abi::desc::FINGERPRINT + abi::FINGERPRINT_BYTES].copy_from_slice(&opts.fingerprint);
+    let cpu = abi::cpu_feature_bits(&target.summary().isa_features);
+    desc[abi::desc::CPU_FEATURES..abi::desc::CPU_FEATURES + 4].copy_from_slice(&cpu.to_le_bytes());
     let desc_id = module.declare_data(abi::MODEL_SYMBOL, Linkage::Export, false, false)?;
     let mut data = DataDescription::new();
     data.set_align(8);

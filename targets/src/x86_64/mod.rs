@@ -73,7 +73,13 @@ impl Target for X86_64 {
         TargetSummary {
             triple: self.triple().to_string(),
             cpu: self.cpu.to_string(),
-            isa_features: self.features.iter().map(|f| f.trim_start_matches("has_").to_string()).collect(),
+            // The Cranelift flags, and F16C, which kiln's own kernels use (`vcvtph2ps`).
+            isa_features: self
+                .features
+                .iter()
+                .map(|f| f.trim_start_matches("has_").to_string())
+                .chain(["f16c".to_string()])
+                .collect(),
             vector_bits: self.vector_bits(),
             default_threads: 2,
             cache: CacheInfo { l1d: 32 << 10, l2: 512 << 10, l3: 16 << 20 },

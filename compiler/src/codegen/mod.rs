@@ -15,11 +15,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::passes::plan_memory::{skippable_rows, Location};
+use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::types::I64;
-use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, UserFuncName};
+use cranelift_codegen::ir::{AbiParam, FuncRef, Function, InstBuilder, MemFlagsData, Signature, UserFuncName};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
-use cranelift_module::{DataDescription, FuncId, Linkage, Module, ModuleError};
+use cranelift_module::{DataDescription, FuncId, Linkage, Module, ModuleError, ModuleReloc};
 use cranelift_object::{ObjectBuilder, ObjectModule};
 use ir::verify::GraphInfo;
 use ir::{DType, Epilogue, Graph, Op, ValueId};
@@ -149,6 +150,10 @@ pub fn emit(
         let Location::Output { slot, .. } = copy.to else { unreachable!("copies go to outputs") };
         work.push((format!("kiln_v{}_copy_out{}", copy.value, slot as usize - n_inputs), Kernel::CopyOut(k)));
     }
+    // The kernels' IR is built here, in order; Cranelift compiles them on every core
+    // (`define_compiled`), and they enter the object in this order, so the output does not
+    // depend on the threads.
+    let mut pending = Vec::with_capacity(work.len());
     for (name, kernel) in work {
         let id = module.declare_function(&name, Linkage::Local, &sig)?;
         ctx.func.signature = sig.clone();
@@ -194,10 +199,11 @@ pub fn emit(
             kb.b.ins().return_(&[]);
             kb.b.finalize(frontend_config);
         }
-        module.define_function(id, &mut ctx)?;
+        pending.push((id, std::mem::replace(&mut ctx.func, Function::new())));
         module.clear_context(&mut ctx);
         kernels.push(id);
     }
+    define_compiled(&mut module, pending)?;
 
     // run(ctx): parallel_for(pool, kernel, ctx) for every kernel in order.
     let mut run_sig = Signature::new(call_conv);
@@ -378,6 +384,56 @@ fn define_attention_kernels(
 /// Bytes of the KV cache: per layer, `context` rows of keys then of values.
 pub fn kv_bytes(graph: &Graph, info: &GraphInfo) -> u64 {
     info.kv_layers as u64 * 2 * graph.context as u64 * info.kv_width as u64 * graph.kv_dtype.bytes() as u64
+}
+
+/// Compiles `funcs` on up to as many threads as the machine has cores (each function on its
+/// own: the kernels are independent), then defines them in the object in the given order.
+fn define_compiled(module: &mut ObjectModule, funcs: Vec<(FuncId, Function)>) -> Result<(), CodegenError> {
+    type Compiled = Result<(u64, Vec<u8>, Vec<ModuleReloc>), cranelift_codegen::CodegenError>;
+    let isa = module.isa();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, funcs.len().max(1));
+    let mut results: Vec<Option<Compiled>> = (0..funcs.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let funcs = &funcs;
+                s.spawn(move || {
+                    let mut ctx = cranelift_codegen::Context::new();
+                    let mut out = Vec::new();
+                    for (i, (id, func)) in funcs.iter().enumerate().skip(t).step_by(threads) {
+                        ctx.clear();
+                        ctx.func = func.clone();
+                        let compiled = match ctx.compile(isa, &mut ControlPlane::default()) {
+                            Err(e) => Err(e.inner),
+                            Ok(_) => {
+                                let code = ctx.compiled_code().expect("just compiled");
+                                let relocs = code
+                                    .buffer
+                                    .relocs()
+                                    .iter()
+                                    .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, *id))
+                                    .collect();
+                                Ok((code.buffer.alignment as u64, code.buffer.data().to_vec(), relocs))
+                            }
+                        };
+                        out.push((i, compiled));
+                    }
+                    out
+                })
+            })
+            .collect();
+        for handle in handles {
+            for (i, compiled) in handle.join().expect("a code generation thread panicked") {
+                results[i] = Some(compiled);
+            }
+        }
+    });
+    for ((id, _), compiled) in funcs.iter().zip(results) {
+        let (alignment, bytes, relocs) =
+            compiled.expect("every function was compiled").map_err(ModuleError::Compilation)?;
+        module.define_function_bytes(*id, alignment, &bytes, &relocs)?;
+    }
+    Ok(())
 }
 
 /// Input values ordered by input index.

@@ -119,6 +119,29 @@ fn quantized_norm_feeds_a_matmul() {
     }
 }
 
+/// One graph with a matrix of every format: each kind of micro-kernel is defined once, under
+/// its own name, beside the others (q4_0 and q5_0 differ only in their fifth bits).
+#[test]
+fn every_format_in_one_graph_matches_the_interpreter() {
+    let mut text = String::from("graph \"mixed\" context=16\n");
+    let formats: Vec<_> = QuantFormat::ALL.into_iter().collect();
+    for (i, f) in formats.iter().enumerate() {
+        text += &format!("w{i} = weight {}[9, 256] \"w{i}\"\n", f.name());
+    }
+    text += "v0 = input 0 : f32[seq, 256]\n";
+    for i in 0..formats.len() {
+        text += &format!("v{} = matmul v0, w{i} : f32[seq, 9]\n", i + 1);
+    }
+    let mut last = 1;
+    for i in 2..=formats.len() {
+        let next = formats.len() + i - 1;
+        text += &format!("v{next} = add v{last}, v{i} : f32[seq, 9]\n");
+        last = next;
+    }
+    text += &format!("output v{last}\n");
+    run_both("every-format", &text, &[5, 1], 13);
+}
+
 #[test]
 fn attention_kernels_match_the_interpreter_across_calls() {
     // q: 4 heads of 16, k/v: 2 heads; prefill 5 rows, then decode rows one at a time.

@@ -331,10 +331,11 @@ fn define_micro_kernels(
                 .ok_or_else(|| CodegenError::Unsupported(format!("target {} has no micro-kernels", target.triple())))?;
             let name = format!(
                 "kiln_micro_{}x8_{}_{}_t{tokens}",
-                match (spec.values, spec.halves) {
-                    (targets::MicroValues::Nibbles, _) => "q4",
-                    (targets::MicroValues::Bytes, false) => "q8",
-                    (targets::MicroValues::Bytes, true) => "q8s16",
+                match (spec.values, spec.halves, spec.high_at.is_some()) {
+                    (targets::MicroValues::Nibbles, _, false) => "q4",
+                    (targets::MicroValues::Nibbles, _, true) => "q5",
+                    (targets::MicroValues::Bytes, false, _) => "q8",
+                    (targets::MicroValues::Bytes, true, _) => "q8s16",
                 },
                 if spec.half { "f16" } else { "f32" },
                 if spec.mins_at.is_some() { "min" } else { "nomin" }

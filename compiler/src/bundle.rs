@@ -54,6 +54,8 @@ pub struct BuildOptions {
     pub lora: Vec<PathBuf>,
     /// `--kv-cache`: element type of the KV cache.
     pub kv_cache: ir::KvDType,
+    /// `--activations`: the grid quantized matmuls' activations are rounded to.
+    pub activations: ir::ActDType,
 }
 
 /// Context length when none is given (or less, when the model was trained for less).
@@ -217,7 +219,7 @@ pub fn fingerprint(
 ) -> [u8; abi::FINGERPRINT_BYTES] {
     let mut text = format!(
         "kiln build fingerprint\ncompiler {}\nabi {}\nmodel sha256 {model_sha256}\ntarget {}\ndevice {}\n\
-         target summary {}\ncontext {context}\nbatch {}\nweights {}\nprune {}\nquant {:?}\nkv cache {}\n",
+         target summary {}\ncontext {context}\nbatch {}\nweights {}\nprune {}\nquant {:?}\nkv cache {}\nactivations {}\n",
         env!("CARGO_PKG_VERSION"),
         abi::ABI_VERSION,
         opts.target,
@@ -228,6 +230,7 @@ pub fn fingerprint(
         opts.prune.as_ref().map_or("none".to_string(), |p| p.to_string()),
         opts.quant,
         opts.kv_cache.name(),
+        opts.activations.name(),
     );
     for digest in adapter_sha256 {
         text.push_str(&format!("lora sha256 {digest}\n"));
@@ -334,6 +337,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     };
     let mut graph = lowered.graph;
     graph.kv_dtype = opts.kv_cache;
+    graph.act_dtype = opts.activations;
     let model = crate::model::Model::borrowed(graph, &lowered.weights);
     let prepared = crate::prepare(model, target.as_ref(), &copts).map_err(BuildError::Compile)?;
     // The weights are packed: free the model file before code generation copies them again.
@@ -369,7 +373,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             "batch": opts.batch,
             "embed_weights": opts.embed_weights,
             "kv_cache": opts.kv_cache.name(),
-            "activations": "q16 blocks of 32 for quantized matmuls, f32 elsewhere",
+            "activations": format!("{} blocks of 32 for quantized matmuls, f32 elsewhere", opts.activations.name()),
             "prune_layers": opts.prune.as_ref().map(|p| p.to_string()),
             "quant": opts.quant.default,
             "quant_tensor": opts.quant.tensors.iter().map(|r| format!("{}={}", r.pattern, r.format)).collect::<Vec<_>>(),

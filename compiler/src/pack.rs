@@ -19,7 +19,7 @@ use ir::quant::{
     dequantize, dequantize_row, q4_blocks, q8_blocks, q8s16_blocks, KernelForm, Q4Block, Q8Block, Q8S16Block,
     BLOCK_SIZE,
 };
-use ir::{Op, QuantFormat, WeightId};
+use ir::{ActDType, Op, QuantFormat, WeightId};
 
 use crate::model::Model;
 
@@ -85,8 +85,10 @@ pub enum Layout {
     /// Matrix of a format whose kernel form is Q4 or Q5, for a target's micro-kernels
     /// (`targets::MicroKernel`): groups of 8 rows per 32-value block, `d[8]`, `m[8]` when
     /// `mins`, then chunk `u` of 16 bytes holding bytes `2u, 2u+1` of each row's nibbles,
-    /// then with `high` the fifth bits in the same order ([`push_high_bits`]).
-    Q4Rows8 { rows: u32, cols: u32, half: bool, mins: bool, high: bool },
+    /// then with `high` the fifth bits in the same order ([`push_high_bits`]). With `dwords`
+    /// (for 8-bit activations; never with `high`) the chunks are 32 bytes and chunk `j` holds
+    /// bytes `4j..4j+4` of each row's nibbles.
+    Q4Rows8 { rows: u32, cols: u32, half: bool, mins: bool, high: bool, dwords: bool },
     /// Matrix of a format whose kernel form is Q8, groups of 4 rows interleaved per 32-value
     /// block; scales as f16 when `half`.
     Q8Rows4 { rows: u32, cols: u32, half: bool },
@@ -182,8 +184,9 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     }
 }
 
-/// The layout of a weight; `micro`: Q4 and Q8 matrices take the micro-kernels' layouts.
-fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool) -> Layout {
+/// The layout of a weight; `micro`: Q4 and Q8 matrices take the micro-kernels' layouts, Q4
+/// in 4-byte chunks (`dwords`) for the q8 activation grid (`act`).
+fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, act: ActDType) -> Layout {
     match (format.spec().kernel, shape, blocks) {
         (_, [n], _) => Layout::F32Vector { n: *n },
         (KernelForm::F32, [rows, cols], _) => Layout::F32Rows4 { rows: *rows, cols: *cols },
@@ -193,7 +196,8 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool) 
             let half = blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m));
             let mins = blocks.iter().any(|b| b.m != implied * b.d);
             if micro {
-                Layout::Q4Rows8 { rows: *rows, cols: *cols, half, mins, high }
+                let dwords = act == ActDType::Q8 && !high;
+                Layout::Q4Rows8 { rows: *rows, cols: *cols, half, mins, high, dwords }
             } else {
                 Layout::Q4Rows4 { rows: *rows, cols: *cols, half, mins, high }
             }
@@ -256,13 +260,14 @@ fn push_scales(blob: &mut Vec<u8>, v: &[f32], half: bool) {
     }
 }
 
-/// Appends one block's values of a row group: each row's bytes whole (4-row layouts), or, for
-/// the micro-kernels' 8-row layouts, interleaved two bytes at a time (chunk `u` of 16 bytes
-/// holds bytes `2u, 2u+1` of every row).
-fn push_values<const N: usize>(blob: &mut Vec<u8>, rows: &[[u8; N]], interleaved: bool) {
-    if interleaved {
-        for u in 0..N / 2 {
-            rows.iter().for_each(|q| blob.extend_from_slice(&q[2 * u..2 * u + 2]));
+/// Appends one block's values of a row group: each row's bytes whole (4-row layouts,
+/// `interleave` 0), or, for the micro-kernels' 8-row layouts, interleaved `interleave` bytes at
+/// a time (2: chunk `u` of 16 bytes holds bytes `2u, 2u+1` of every row; 4: chunk `j` of 32
+/// bytes holds bytes `4j..4j+4`).
+fn push_values<const N: usize>(blob: &mut Vec<u8>, rows: &[[u8; N]], interleave: usize) {
+    if interleave > 0 {
+        for u in 0..N / interleave {
+            rows.iter().for_each(|q| blob.extend_from_slice(&q[interleave * u..interleave * (u + 1)]));
         }
     } else {
         rows.iter().for_each(|q| blob.extend_from_slice(q));
@@ -319,6 +324,11 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                 }
             }
             Layout::Q4Rows4 { half, mins, high, .. } | Layout::Q4Rows8 { half, mins, high, .. } => {
+                let interleave = match layout {
+                    Layout::Q4Rows8 { dwords: true, .. } => 4,
+                    Layout::Q4Rows8 { .. } => 2,
+                    _ => 0,
+                };
                 let Blocks::Q4(all) = decoded else { unreachable!() };
                 let n = layout.group_rows();
                 let blocks = group_blocks(all, g, n, rows, n_blocks);
@@ -334,7 +344,7 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     if mins {
                         push_scales(blob, &ms, half);
                     }
-                    push_values(blob, &qs, n == MICRO_ROWS);
+                    push_values(blob, &qs, interleave);
                     if high {
                         push_high_bits(blob, &qh, n == MICRO_ROWS);
                     }
@@ -352,7 +362,7 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                         }
                     }
                     push_scales(blob, &ds, half);
-                    push_values(blob, &qs, n == MICRO_ROWS);
+                    push_values(blob, &qs, if n == MICRO_ROWS { 2 } else { 0 });
                 }
             }
             Layout::Q8S16Rows4 { mins, .. } | Layout::Q8S16Rows8 { mins, .. } => {
@@ -372,7 +382,7 @@ fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u
                     if mins {
                         ms.iter().for_each(|&x| push_f32(blob, x));
                     }
-                    push_values(blob, &qs, n == MICRO_ROWS);
+                    push_values(blob, &qs, if n == MICRO_ROWS { 2 } else { 0 });
                 }
             }
             Layout::F32Vector { .. } => unreachable!(),
@@ -395,7 +405,7 @@ pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
     let mut weights = Vec::with_capacity(graph.weights.len());
     for (i, w) in graph.weights.iter().enumerate() {
         let decoded = decode(w.format, &w.shape, raw[i]);
-        let layout = layout_for(w.format, &w.shape, &decoded, micro);
+        let layout = layout_for(w.format, &w.shape, &decoded, micro, graph.act_dtype);
         let offset = blob.len() as u64;
         match layout {
             Layout::F32Vector { n } => {
@@ -473,11 +483,11 @@ mod tests {
         for micro in [false, true] {
             let q4 = |half, mins| match micro {
                 false => Layout::Q4Rows4 { rows, cols, half, mins, high: false },
-                true => Layout::Q4Rows8 { rows, cols, half, mins, high: false },
+                true => Layout::Q4Rows8 { rows, cols, half, mins, high: false, dwords: false },
             };
             let q5 = |half, mins| match micro {
                 false => Layout::Q4Rows4 { rows, cols, half, mins, high: true },
-                true => Layout::Q4Rows8 { rows, cols, half, mins, high: true },
+                true => Layout::Q4Rows8 { rows, cols, half, mins, high: true, dwords: false },
             };
             let q8 = match micro {
                 false => Layout::Q8Rows4 { rows, cols, half: true },
@@ -493,8 +503,15 @@ mod tests {
                 (QuantFormat::Q5_K, q5(false, true)),
             ] {
                 let raw = matrix(format, rows as usize, cols as usize);
-                let layout = layout_for(format, &[rows, cols], &decode(format, &[rows, cols], &raw), micro);
+                let blocks = decode(format, &[rows, cols], &raw);
+                let layout = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q16);
                 assert_eq!(layout, want, "{}", format.name());
+                // On the q8 grid, Q4 (not Q5) micro-kernel groups take 4-byte chunks, the
+                // same bytes reordered.
+                let q8 = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q8);
+                let dwords = micro && matches!(want, Layout::Q4Rows8 { high: false, .. });
+                assert_eq!(matches!(q8, Layout::Q4Rows8 { dwords: true, .. }), dwords, "{}", format.name());
+                assert_eq!(q8.group_stride(), layout.group_stride());
                 if format != QuantFormat::Q4_K && format != QuantFormat::Q5_K {
                     assert_eq!(
                         layout.group_stride(),

@@ -5,7 +5,7 @@
 //! random inputs; it is written for clarity, not speed.
 
 use crate::quant::dequantize;
-use crate::{DType, Epilogue, Graph, Op, ValueId};
+use crate::{ActDType, DType, Epilogue, Graph, Op, ValueId};
 
 /// Largest int16 magnitude used by q16 activation blocks.
 pub const Q16_MAX: f32 = 32767.0;
@@ -14,12 +14,20 @@ pub const Q16_MAX: f32 = 32767.0;
 /// value becomes `round_ties_even(x * 32767 / max|x|)` (zero blocks stay zero).
 /// Compiled kernels must compute exactly these integers.
 pub fn quantize_q16(row: &[f32]) -> Vec<f32> {
+    quantize_activations(row, ActDType::Q16)
+}
+
+/// Rounds a row to the grid `act` and back: blocks of 32 values share the scale
+/// `max|x| / Q` and each value becomes `round_ties_even(x * Q / max|x|)`, `Q = act.max()`
+/// (zero blocks stay zero). Compiled kernels must compute exactly these integers.
+pub fn quantize_activations(row: &[f32], act: ActDType) -> Vec<f32> {
+    let q = act.max();
     let mut out = Vec::with_capacity(row.len());
     for block in row.chunks(32) {
         let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let scale = amax / Q16_MAX;
-        let inv = if amax > 0.0 { Q16_MAX / amax } else { 0.0 };
-        out.extend(block.iter().map(|&x| (x * inv).round_ties_even().clamp(-Q16_MAX, Q16_MAX) * scale));
+        let scale = amax / q;
+        let inv = if amax > 0.0 { q / amax } else { 0.0 };
+        out.extend(block.iter().map(|&x| (x * inv).round_ties_even().clamp(-q, q) * scale));
     }
     out
 }
@@ -103,11 +111,13 @@ pub fn run(
                     let scale = 1.0 / (ms + eps as f64).sqrt();
                     let normed: Vec<f32> =
                         row.iter().zip(&w).map(|(&v, &g)| (v as f64 * scale * g as f64) as f32).collect();
-                    out.extend(if quantize { quantize_q16(&normed) } else { normed });
+                    out.extend(if quantize { quantize_activations(&normed, graph.act_dtype) } else { normed });
                 }
                 Tensor::F32(out)
             }
-            Op::Quantize { x } => Tensor::F32(f(x).chunks(n).flat_map(quantize_q16).collect()),
+            Op::Quantize { x } => {
+                Tensor::F32(f(x).chunks(n).flat_map(|r| quantize_activations(r, graph.act_dtype)).collect())
+            }
             Op::MatMul { x, weight, epilogue } => {
                 let (w, rows, cols) = dequant(weight);
                 let xs = f(x);
@@ -207,5 +217,30 @@ mod tests {
             }
         }
         assert_eq!(quantize_q16(&[0.0; 32]), vec![0.0; 32]);
+    }
+
+    #[test]
+    fn q8_rounds_to_127_levels_per_block() {
+        // The block's max is 127, so the grid step is 1 and x.5 ties go to the even integer.
+        let mut row = vec![0.0f32; 32];
+        row[0] = 127.0;
+        row[1] = -127.0;
+        row[2] = 62.5; // tie: rounds to 62
+        row[3] = 63.5; // tie: rounds to 64
+        row[4] = 0.4;
+        row[5] = -0.6;
+        let q = quantize_activations(&row, ActDType::Q8);
+        assert_eq!(&q[..6], &[127.0, -127.0, 62.0, 64.0, 0.0, -1.0]);
+        // Every value is an integer multiple of max|x| / 127 within half a step.
+        let row: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let q = quantize_activations(&row, ActDType::Q8);
+        for (block, qb) in row.chunks(32).zip(q.chunks(32)) {
+            let step = block.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (a, b) in block.iter().zip(qb) {
+                assert!((a - b).abs() <= step / 2.0 * 1.0001, "{a} vs {b}");
+                let k = b / step;
+                assert!((k - k.round()).abs() < 1e-3 && k.abs() <= 127.0, "{b} is not on the grid");
+            }
+        }
     }
 }

@@ -334,6 +334,45 @@ impl KvDType {
     }
 }
 
+/// The integer grid of quantized activations (`q16` values): how finely `quantize` (and a
+/// quantizing RMSNorm) rounds each block of 32 values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ActDType {
+    /// Integers in -32767..=32767 (`max|x| / 32767` per block): float32-level accuracy.
+    #[default]
+    Q16,
+    /// Integers in -127..=127 (`max|x| / 127` per block), as llama.cpp's q8_0 activations:
+    /// a coarser grid that lets a target multiply 4-bit weights by 8-bit activations
+    /// (`vpmaddubsw`), at an accuracy cost `eval` reports. The values are still held as int16,
+    /// so every kernel reads them; blocks also carry them as int8.
+    Q8,
+}
+
+impl ActDType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ActDType::Q16 => "q16",
+            ActDType::Q8 => "q8",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "q16" => Some(ActDType::Q16),
+            "q8" => Some(ActDType::Q8),
+            _ => None,
+        }
+    }
+
+    /// The largest integer magnitude of the grid.
+    pub fn max(self) -> f32 {
+        match self {
+            ActDType::Q16 => 32767.0,
+            ActDType::Q8 => 127.0,
+        }
+    }
+}
+
 /// A model (or a test program) as a dataflow graph.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Graph {
@@ -343,6 +382,8 @@ pub struct Graph {
     pub context: u32,
     /// Element type of the KV cache (`kv=f16` on the graph line; f32 when absent).
     pub kv_dtype: KvDType,
+    /// Grid of quantized activations (`act=q8` on the graph line; q16 when absent).
+    pub act_dtype: ActDType,
     pub weights: Vec<Weight>,
     /// Nodes in execution order; node `i` defines value `v{i}`.
     pub nodes: Vec<Node>,
@@ -352,7 +393,15 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>, context: u32) -> Self {
-        Graph { name: name.into(), context, kv_dtype: KvDType::F32, weights: vec![], nodes: vec![], outputs: vec![] }
+        Graph {
+            name: name.into(),
+            context,
+            kv_dtype: KvDType::F32,
+            act_dtype: ActDType::Q16,
+            weights: vec![],
+            nodes: vec![],
+            outputs: vec![],
+        }
     }
 
     pub fn add_weight(&mut self, name: impl Into<String>, format: QuantFormat, shape: Vec<u32>) -> WeightId {

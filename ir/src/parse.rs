@@ -6,7 +6,9 @@
 
 use std::fmt;
 
-use crate::{DType, Dim, Epilogue, Graph, KvDType, Node, Op, QuantFormat, TensorType, ValueId, Weight, WeightId};
+use crate::{
+    ActDType, DType, Dim, Epilogue, Graph, KvDType, Node, Op, QuantFormat, TensorType, ValueId, Weight, WeightId,
+};
 
 /// A syntax error, with the 1-based line it was found on.
 #[derive(Debug, Clone, PartialEq)]
@@ -247,14 +249,25 @@ fn parse_line(graph: &mut Option<Graph>, c: &mut Cursor) -> Result<(), String> {
         let name = c.string()?;
         let context = c.attr("context")?;
         let mut g = Graph::new(name, context);
-        if c.peek().is_some() {
+        // Optional attributes, in this order: kv=, act=.
+        let mut seen = 0;
+        while c.peek().is_some() {
             let k = c.word()?;
-            if k != "kv" {
-                return Err(format!("expected attribute 'kv', found '{k}'"));
-            }
             c.punct('=')?;
             let v = c.word()?;
-            g.kv_dtype = KvDType::from_name(&v).ok_or_else(|| format!("unknown KV cache type '{v}' (f32, f16)"))?;
+            match k.as_str() {
+                "kv" if seen < 1 => {
+                    seen = 1;
+                    g.kv_dtype =
+                        KvDType::from_name(&v).ok_or_else(|| format!("unknown KV cache type '{v}' (f32, f16)"))?;
+                }
+                "act" if seen < 2 => {
+                    seen = 2;
+                    g.act_dtype =
+                        ActDType::from_name(&v).ok_or_else(|| format!("unknown activation grid '{v}' (q16, q8)"))?;
+                }
+                _ => return Err(format!("expected attribute 'kv' or 'act' (in that order), found '{k}'")),
+            }
         }
         *graph = Some(g);
         return c.end();
@@ -369,6 +382,13 @@ output v16
         assert_eq!(f16.kv_dtype, crate::KvDType::F16);
         assert_eq!(parse_graph(&f16.to_string()).unwrap(), f16, "kv=f16 survives a round trip");
         assert!(parse_graph("graph \"x\" context=4 kv=f8\n").unwrap_err().to_string().contains("'f8'"));
+        let q8 = parse_graph("graph \"x\" context=4 kv=f16 act=q8\nv0 = input 0 : f32[seq, 4]\noutput v0\n").unwrap();
+        assert_eq!((q8.kv_dtype, q8.act_dtype), (crate::KvDType::F16, crate::ActDType::Q8));
+        assert_eq!(parse_graph(&q8.to_string()).unwrap(), q8, "act=q8 survives a round trip");
+        let act_only = parse_graph("graph \"x\" context=4 act=q8\n").unwrap();
+        assert_eq!(parse_graph(&act_only.to_string()).unwrap(), act_only);
+        assert!(parse_graph("graph \"x\" context=4 act=q4\n").unwrap_err().to_string().contains("'q4'"));
+        assert!(parse_graph("graph \"x\" context=4 act=q8 kv=f16\n").unwrap_err().to_string().contains("order"));
         let err = parse_graph("graph \"x\" context=4\nv1 = input 0 : i32[seq]\n").unwrap_err();
         assert!(err.message.contains("expected v0"), "{err}");
         assert!(parse_graph("").is_err());

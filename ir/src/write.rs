@@ -11,7 +11,7 @@
 
 use std::fmt::Write;
 
-use crate::{Dim, Epilogue, Graph, KvDType, Node, Op, TensorType, ValueId};
+use crate::{ActDType, Dim, Epilogue, Graph, KvDType, Node, Op, TensorType, ValueId};
 
 fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -77,6 +77,9 @@ pub fn write_graph(graph: &Graph) -> String {
     write!(out, "graph {} context={}", quote(&graph.name), graph.context).unwrap();
     if graph.kv_dtype != KvDType::F32 {
         write!(out, " kv={}", graph.kv_dtype.name()).unwrap();
+    }
+    if graph.act_dtype != ActDType::Q16 {
+        write!(out, " act={}", graph.act_dtype.name()).unwrap();
     }
     out.push('\n');
     for (i, w) in graph.weights.iter().enumerate() {

@@ -54,6 +54,9 @@ pub enum MicroValues {
     Nibbles,
     /// Signed bytes (kernel form Q8).
     Bytes,
+    /// Unsigned nibbles (kernel form Q4) in 32-byte chunks of four bytes per row, multiplied
+    /// by 8-bit activations (the q8 grid).
+    NibbleDwords,
 }
 
 /// One micro-kernel: machine code kiln encodes itself where Cranelift cannot express the
@@ -68,7 +71,12 @@ pub enum MicroValues {
 /// values `2u, 2u+1` of each row (row `r` at bytes `2r, 2r+1`) and there is no offset unless
 /// stored. With `halves` (kernel form Q8S16: `Bytes`, f32 scales), every 16-value half of a
 /// block has its own 8 scales (`d[2][8]`) and offsets (`m[2][8]` at `mins_at`), and the
-/// offset term uses the half's activation sum, counted from the int16 values.
+/// offset term uses the half's activation sum, counted from the int16 values. For
+/// `NibbleDwords`, chunk `j` (of 4, 32 bytes) holds bytes `4j..4j+4` of each row's 16 nibble
+/// bytes (row `r` at bytes `4r..4r+4`: low nibbles are values `4j..4j+4`, high nibbles
+/// `16+4j..20+4j`), offsets as `Nibbles`, and the activations are read as the int8 copy at
+/// `x_i8_at` of each activation block (values in -127..=127, so that 8 pair sums of
+/// nibble-by-int8 products stay within int16).
 /// `x` is the first of `tokens` q16 activation rows `x_stride` bytes apart (per block: scale
 /// f32, sum f32, 32 int16 values). For every token `t` and row `r` the kernel folds, block by
 /// block from 0.0, `acc = fma(isum, d * scale, acc)` then, with an offset,
@@ -98,6 +106,8 @@ pub struct MicroKernel {
     pub block_bytes: u32,
     /// Bytes per q16 activation block.
     pub x_block_bytes: u32,
+    /// `NibbleDwords`: byte offset of the block's values as int8 within an activation block.
+    pub x_i8_at: Option<u32>,
 }
 
 /// An attention micro-kernel: one step of causal attention for the `heads` query heads of one

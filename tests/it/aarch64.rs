@@ -211,6 +211,9 @@ v10 = add v9, v1 : f32[seq, 64]
 output v10
 "#;
         worst = worst.max(check_graph("block", block, &[5, 1, 1, 8], 3, device));
+        // The q8 activation grid: wider activation blocks for every kernel.
+        let q8_block = block.replace("context=64", "context=64 act=q8");
+        worst = worst.max(check_graph("block-q8-act", &q8_block, &[5, 1, 1, 8], 6, device));
         // An f16 KV cache, and a head size off the 256-bit kernels (the portable code).
         let f16_block = block.replace("context=64", "context=64 kv=f16");
         worst = worst.max(check_graph("block-f16-kv", &f16_block, &[5, 1, 1, 8], 4, device));
@@ -261,6 +264,7 @@ fn aarch64_model_matches_x86_64_and_the_reference_under_qemu() {
         quant: Default::default(),
         lora: vec![],
         kv_cache: Default::default(),
+        activations: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let app = xtask::build_chat_app(&bundle, Some(&apps_dir())).unwrap_or_else(|e| panic!("{e:#}"));
@@ -394,6 +398,7 @@ fn android_bundle_holds_aarch64_code_and_the_runtime_builds_for_android() {
         quant: Default::default(),
         lora: vec![],
         kv_cache: Default::default(),
+        activations: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let archive = std::fs::read(bundle.join("lib/libkiln_model.a")).unwrap();

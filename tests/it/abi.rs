@@ -158,6 +158,7 @@ pub(crate) fn tiny_bundle(
         quant: Default::default(),
         lora: vec![],
         kv_cache: Default::default(),
+        activations: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let so = dir.join(format!("{out}.so"));

@@ -37,6 +37,7 @@ fn app() -> &'static (PathBuf, PathBuf) {
             quant: Default::default(),
             lora: vec![],
             kv_cache: Default::default(),
+            activations: Default::default(),
         };
         build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
         assert!(bundle.join("weights.bin").exists(), "a bundle built without embedded weights has weights.bin");

@@ -30,6 +30,7 @@ fn build(model: &Path, out: &Path, context: u32, batch: u32) {
         quant: Default::default(),
         lora: vec![],
         kv_cache: Default::default(),
+        activations: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
 }

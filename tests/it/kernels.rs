@@ -21,17 +21,26 @@ fn run_both(name: &str, text: &str, seqs: &[usize], seed: u64) {
     let graph = parse_graph(text).unwrap();
     let mut rng = Rng::new(seed);
     let weights = random_weights(&graph, &mut rng, 1.0);
+    let width = graph.nodes[0].ty.row_len().unwrap() as usize;
+    let inputs: Vec<Vec<f32>> = seqs.iter().map(|&seq| rng.vec(seq * width, 2.0)).collect();
+    run_with(name, text, &weights, &inputs);
+}
+
+/// [`run_both`] with the given weights and one input per call (`seq` rows each).
+fn run_with(name: &str, text: &str, weights: &[Vec<u8>], inputs: &[Vec<f32>]) {
+    let graph = parse_graph(text).unwrap();
     let dir = scratch_dir(name);
     let opts = CompileOptions { batch: 8, ..Default::default() };
-    let (compiled, so) = compile_to_shared(&graph, &weights, &opts, &dir);
+    let (compiled, so) = compile_to_shared(&graph, weights, &opts, &dir);
     let final_graph: Graph = parse_graph(&compiled.final_ir).unwrap();
+    let width = graph.nodes[0].ty.row_len().unwrap() as usize;
     for threads in [1, 2, 3] {
         let mut program = Program::load_shared(&so, None, threads).unwrap();
         let mut cache = KvCache::new(&final_graph);
         let mut pos = 0;
-        for &seq in seqs {
-            let width = graph.nodes[0].ty.row_len().unwrap() as usize;
-            let x = rng.vec(seq * width, 2.0);
+        for x in inputs {
+            let seq = x.len() / width;
+            let x = x.clone();
             let out_width = graph.ty(graph.outputs[0]).row_len().unwrap() as usize;
             let mut got = vec![0.0f32; seq * out_width];
             program.run(&[Input::F32(&x)], &mut [&mut got], seq, pos, 0).unwrap();
@@ -119,11 +128,70 @@ fn quantized_norm_feeds_a_matmul() {
     }
 }
 
+/// On the q8 activation grid (`act=q8`) the Q4 formats take the 8-bit micro-kernels (4-byte
+/// chunks, `vpmaddubsw` on x86-64) and every other form reads the wider activation blocks:
+/// each against the interpreter, every tile height, partial row groups, epilogues.
+#[test]
+fn matmul_kernels_on_the_q8_grid_match_the_interpreter() {
+    let mut seed = 500;
+    for format in [
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q4_K,
+        QuantFormat::Q5_0,
+        QuantFormat::Q8_0,
+        QuantFormat::Q6_K,
+        QuantFormat::F16,
+    ] {
+        for &cols in kernel_test_cols(format) {
+            for rows in [1, 7, 13, 64] {
+                for epilogue in ["none", "add"] {
+                    let text = matmul_graph(format, rows, cols, epilogue).replace("context=64", "context=64 act=q8");
+                    let name = format!("mm_q8act_{}_{rows}x{cols}_{epilogue}", format.name());
+                    run_both(&name, &text, &[1, 5, 3, 6], seed);
+                    seed += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The 8-bit path sums a block's nibble-by-int8 products in int16 before widening them: the
+/// largest products it can meet (nibbles of 15, activations of +-127 throughout) must still
+/// come out exactly.
+#[test]
+fn q8_grid_extremes_do_not_overflow() {
+    let (rows, cols) = (9usize, 96usize);
+    for format in [QuantFormat::Q4_0, QuantFormat::Q4_1] {
+        // Every nibble 15 (q4_1: with offset 0), scale 1.
+        let block: Vec<u8> = match format {
+            QuantFormat::Q4_0 => [&[0x00, 0x3c][..], &[0xff; 16]].concat(),
+            _ => [&[0x00, 0x3c, 0x00, 0x00][..], &[0xff; 16]].concat(),
+        };
+        let weights = vec![block.repeat(rows * cols / 32)];
+        let text = matmul_graph(format, rows as u32, cols as u32, "none").replace("context=64", "context=64 act=q8");
+        // Constant blocks quantize to +-127 everywhere.
+        let inputs: Vec<Vec<f32>> = [1usize, 4, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &seq)| (0..seq * cols).map(|k| if (k / 32 + i) % 2 == 0 { 3.0 } else { -0.5 }).collect())
+            .collect();
+        run_with(&format!("q8act_extremes_{}", format.name()), &text, &weights, &inputs);
+    }
+}
+
 /// One graph with a matrix of every format: each kind of micro-kernel is defined once, under
-/// its own name, beside the others (q4_0 and q5_0 differ only in their fifth bits).
+/// its own name, beside the others (q4_0 and q5_0 differ only in their fifth bits); once on
+/// each activation grid.
 #[test]
 fn every_format_in_one_graph_matches_the_interpreter() {
-    let mut text = String::from("graph \"mixed\" context=16\n");
+    for act in ["", " act=q8"] {
+        every_format_in_one_graph(act);
+    }
+}
+
+fn every_format_in_one_graph(act: &str) {
+    let mut text = format!("graph \"mixed\" context=16{act}\n");
     let formats: Vec<_> = QuantFormat::ALL.into_iter().collect();
     for (i, f) in formats.iter().enumerate() {
         text += &format!("w{i} = weight {}[9, 256] \"w{i}\"\n", f.name());
@@ -139,7 +207,7 @@ fn every_format_in_one_graph_matches_the_interpreter() {
         last = next;
     }
     text += &format!("output v{last}\n");
-    run_both("every-format", &text, &[5, 1], 13);
+    run_both(&format!("every-format{}", act.replace([' ', '='], "-")), &text, &[5, 1], 13);
 }
 
 #[test]
@@ -239,6 +307,9 @@ fn embed_kernels_match_the_interpreter_exactly() {
                     "graph \"embed_add\" context=64\nw0 = weight {f}[{rows}, {cols}] \"table\"\nv0 = input 0 : i32[seq]\nv1 = embed v0, w0 : f32[seq, {cols}]\nv2 = add v1, v1 : f32[seq, {cols}]\noutput v2\n"
                 );
                 run_embed_both(&format!("embed_add_{f}_{rows}x{cols}"), &text, rows, &[3, 8], seed + 1);
+                // On the q8 activation grid Q4 tables take 4-byte chunks.
+                let text = text.replace("context=64", "context=64 act=q8");
+                run_embed_both(&format!("embed_q8act_{f}_{rows}x{cols}"), &text, rows, &[3, 8], seed + 1);
                 seed += 2;
             }
         }

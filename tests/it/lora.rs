@@ -132,6 +132,7 @@ fn build(model: &Path, out: &Path, lora: Vec<PathBuf>) -> Session {
         quant: Default::default(),
         lora,
         kv_cache: Default::default(),
+        activations: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     Session::open_shared(&out.join("lib/libkiln_model.so"), out, 2).unwrap_or_else(|e| panic!("{e}"))

@@ -35,10 +35,10 @@ fn bundle() -> &'static (PathBuf, PathBuf) {
 }
 
 fn build(model: &Path, out: &Path, embed_weights: bool) {
-    build_with(model, out, embed_weights, ir::KvDType::F32)
+    build_with(model, out, embed_weights, ir::KvDType::F32, ir::ActDType::Q16)
 }
 
-fn build_with(model: &Path, out: &Path, embed_weights: bool, kv_cache: ir::KvDType) {
+fn build_with(model: &Path, out: &Path, embed_weights: bool, kv_cache: ir::KvDType, activations: ir::ActDType) {
     let opts = BuildOptions {
         model: model.to_path_buf(),
         target: "x86_64-unknown-linux-gnu".into(),
@@ -53,6 +53,7 @@ fn build_with(model: &Path, out: &Path, embed_weights: bool, kv_cache: ir::KvDTy
         quant: Default::default(),
         lora: vec![],
         kv_cache,
+        activations,
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
 }
@@ -100,7 +101,7 @@ fn prompts(s: &Session) -> Vec<(String, Vec<u32>)> {
 #[test]
 fn compiled_logits_match_the_reference_executor() {
     let mut s = session();
-    let worst = compare_with_reference(&mut s);
+    let worst = compare_with_reference(&mut s, 0.0);
     assert!(worst <= LOGIT_TOLERANCE, "largest logit difference {worst} exceeds {LOGIT_TOLERANCE}");
 }
 
@@ -110,21 +111,41 @@ fn compiled_logits_match_the_reference_executor() {
 fn f16_kv_cache_logits_match_the_reference_executor() {
     let dir = scratch_dir("f16-kv-model");
     let out = dir.join("bundle");
-    build_with(&model_path(), &out, true, ir::KvDType::F16);
+    build_with(&model_path(), &out, true, ir::KvDType::F16, ir::ActDType::Q16);
     let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
     assert!(manifest.contains("\"kv_cache\": \"f16\""), "the manifest records the cache type");
     let mut s = Session::open_shared(&out.join("lib/libkiln_model.so"), &out, 2).unwrap_or_else(|e| panic!("{e}"));
-    let worst = compare_with_reference(&mut s);
+    let worst = compare_with_reference(&mut s, 0.0);
     assert!(worst <= F16_KV_TOLERANCE, "largest logit difference {worst} exceeds {F16_KV_TOLERANCE}");
 }
+
+/// `--activations q8` (llama.cpp's activation grid) moves the logits by more than q16 does but
+/// stays close to exact math: top-1 may differ from the reference only where the reference's
+/// own margin is below `Q8_ACT_TOLERANCE`.
+#[test]
+fn q8_activation_logits_stay_near_the_reference_executor() {
+    let dir = scratch_dir("q8-act-model");
+    let out = dir.join("bundle");
+    build_with(&model_path(), &out, true, ir::KvDType::F32, ir::ActDType::Q8);
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(manifest.contains("\"activations\": \"q8 blocks"), "the manifest records the grid");
+    let mut s = Session::open_shared(&out.join("lib/libkiln_model.so"), &out, 2).unwrap_or_else(|e| panic!("{e}"));
+    let worst = compare_with_reference(&mut s, Q8_ACT_TOLERANCE);
+    assert!(worst <= Q8_ACT_TOLERANCE, "largest logit difference {worst} exceeds {Q8_ACT_TOLERANCE}");
+    assert!(worst > LOGIT_TOLERANCE / 4.0, "q8 activations changed nothing ({worst}): were they applied?");
+}
+
+/// Largest logit difference with q8 activations (measured MEASURED_Q8).
+const Q8_ACT_TOLERANCE: f32 = 1.0;
 
 /// Largest logit difference with an f16 KV cache (measured 0.036, against 0.0096 with the f32
 /// cache, whose bound is `LOGIT_TOLERANCE`).
 const F16_KV_TOLERANCE: f32 = 0.05;
 
 /// Compares every position's logits of the prompts with the burn reference executor: the
-/// top-1 token must agree everywhere; returns the largest logit difference.
-fn compare_with_reference(s: &mut Session) -> f32 {
+/// top-1 token must agree everywhere, except where the reference's top two are within
+/// `near_tie`; returns the largest logit difference.
+fn compare_with_reference(s: &mut Session, near_tie: f32) -> f32 {
     let reference = model();
     let vocab = s.vocab();
     let mut worst = 0.0f32;
@@ -135,19 +156,21 @@ fn compare_with_reference(s: &mut Session) -> f32 {
         let (diff, scale) = max_diff(&got, &want);
         let mut mismatches = vec![];
         let mut min_margin = f32::INFINITY;
+        let mut equal = 0;
         for (pos, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
             let (gi, wi) = (argmax(g), argmax(w));
             let mut sorted = w.to_vec();
             sorted.sort_by(|a, b| b.total_cmp(a));
             min_margin = min_margin.min(sorted[0] - sorted[1]);
-            if gi != wi {
+            equal += usize::from(gi == wi);
+            if gi != wi && w[wi] - w[gi] > near_tie {
                 mismatches.push((pos, gi, wi, w[wi] - w[gi]));
             }
         }
         eprintln!(
             "{name:?}: {} tokens, max |logit diff| {diff:.4} (max |logit| {scale:.1}), top-1 equal at {}/{} positions, smallest reference margin {min_margin:.3}",
             ids.len(),
-            ids.len() - mismatches.len(),
+            equal,
             ids.len()
         );
         assert!(mismatches.is_empty(), "{name:?}: top-1 differs at (pos, kiln, reference, margin) {mismatches:?}");

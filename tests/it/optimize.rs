@@ -67,6 +67,7 @@ fn build(model: &Path, out: &Path, prune: Option<&str>, context: u32) -> (PathBu
         quant: Default::default(),
         lora: vec![],
         kv_cache: Default::default(),
+        activations: Default::default(),
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let so = out.join("lib/libkiln_model.so");

@@ -88,6 +88,7 @@ fn options(model: &Path, out: &Path, context: Option<u32>) -> BuildOptions {
         quant: Default::default(),
         lora: vec![],
         kv_cache: Default::default(),
+        activations: Default::default(),
     }
 }
 

@@ -310,6 +310,7 @@ pub fn eval(mut a: chat::eval::EvalArgs) -> Result<()> {
             quant: Default::default(),
             lora: vec![],
             kv_cache: Default::default(),
+            activations: Default::default(),
         };
         compiler::bundle::build_model(&opts, &mut |_| {})
             .with_context(|| format!("cannot compile the reference {}", reference.display()))?;

@@ -16,6 +16,13 @@ struct Cli {
     command: Cmd,
 }
 
+/// `--activations`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ActivationsArg {
+    Q16,
+    Q8,
+}
+
 /// `--kv-cache`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum KvCacheArg {
@@ -89,6 +96,11 @@ enum Cmd {
         /// default cache).
         #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
         kv_cache: KvCacheArg,
+        /// Grid of the activations that meet quantized weights: q16 (int16 per block of 32,
+        /// float32-level accuracy), or q8 (int8, as llama.cpp's q8_0 activations: 4-bit weights
+        /// then run on 8-bit multiplies, faster prefill at an accuracy cost `eval` measures).
+        #[arg(long, value_enum, default_value_t = ActivationsArg::Q16)]
+        activations: ActivationsArg,
         /// Print the IR after a pass (or `all`).
         #[arg(long)]
         dump_after: Vec<String>,
@@ -217,6 +229,7 @@ fn real_main() -> Result<()> {
             batch,
             weights,
             kv_cache,
+            activations,
             dump_after,
             shared_linker,
             model_passes: ModelPassArgs { quant, quant_tensor, prune_layers, calib, calib_tokens, lora },
@@ -224,6 +237,10 @@ fn real_main() -> Result<()> {
             let kv_cache = match kv_cache {
                 KvCacheArg::F32 => ir::KvDType::F32,
                 KvCacheArg::F16 => ir::KvDType::F16,
+            };
+            let activations = match activations {
+                ActivationsArg::Q16 => ir::ActDType::Q16,
+                ActivationsArg::Q8 => ir::ActDType::Q8,
             };
             let quant = quant_options(quant, &quant_tensor)?;
             let target = match target {
@@ -259,6 +276,7 @@ fn real_main() -> Result<()> {
                 quant,
                 lora,
                 kv_cache,
+                activations,
             };
             let bar = ProgressBar::new(Stage::ALL.len() as u64);
             bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());

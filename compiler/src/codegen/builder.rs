@@ -388,16 +388,18 @@ impl<'a> Kb<'a> {
         self.b.ins().fdiv(x, den)
     }
 
-    /// Quantizes 32 floats (eight `f32x4`) to a q16 block at `out`: f32 scale, f32 sum of the
-    /// dequantized values, 32 x i16, with exactly the rounding of `ir::interp::quantize_q16`.
-    pub fn quantize_block(&mut self, vals: &[Value; 8], out: Value) {
+    /// Quantizes 32 floats (eight `f32x4`) to a q16 block on the grid `act` at `out`: f32
+    /// scale, f32 sum of the dequantized values, 32 x i16, with exactly the rounding of
+    /// `ir::interp::quantize_activations`; on the q8 grid then the same integers as 32 x i8
+    /// (`plan_memory::Q8_VALUES_AT`).
+    pub fn quantize_block(&mut self, vals: &[Value; 8], out: Value, act: ir::ActDType) {
         let mut amax = self.b.ins().fabs(vals[0]);
         for &v in &vals[1..] {
             let a = self.b.ins().fabs(v);
             amax = self.b.ins().fmax(amax, a);
         }
         let amax = self.hmax(amax);
-        let qmax = self.fconst(ir::interp::Q16_MAX);
+        let qmax = self.fconst(act.max());
         let scale = self.b.ins().fdiv(amax, qmax);
         let inv = self.b.ins().fdiv(qmax, amax);
         let zero = self.fconst(0.0);
@@ -419,10 +421,18 @@ impl<'a> Kb<'a> {
         let sum = self.b.ins().fmul(total, scale);
         self.store(scale, out, 0);
         self.store(sum, out, 4);
-        for k in 0..4 {
-            let packed = self.b.ins().snarrow(q[2 * k], q[2 * k + 1]);
-            debug_assert_eq!(self.b.func.dfg.value_type(packed), I16X8);
-            self.store(packed, out, 8 + 16 * k as i64);
+        let mut words = [q[0]; 4];
+        for (k, w) in words.iter_mut().enumerate() {
+            *w = self.b.ins().snarrow(q[2 * k], q[2 * k + 1]);
+            debug_assert_eq!(self.b.func.dfg.value_type(*w), I16X8);
+            self.store(*w, out, 8 + 16 * k as i64);
+        }
+        if act == ir::ActDType::Q8 {
+            let at = crate::passes::plan_memory::Q8_VALUES_AT as i64;
+            for k in 0..2 {
+                let bytes = self.b.ins().snarrow(words[2 * k], words[2 * k + 1]);
+                self.store(bytes, out, at + 16 * k as i64);
+            }
         }
     }
 }

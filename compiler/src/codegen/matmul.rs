@@ -22,7 +22,8 @@ use crate::pack::{
     q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, q8s16x8_group_block, q8x8_group_block,
     scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
 };
-use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
+use crate::passes::plan_memory::{q16_block_bytes, Location, Q8_VALUES_AT};
+use ir::ActDType;
 
 /// The elementwise tail of a matmul, with its operand's location.
 #[derive(Clone, Copy, Debug)]
@@ -46,16 +47,20 @@ pub struct MatmulSpec {
     pub token_block: i64,
     /// The target's micro-kernels for 1..=4 token rows, for a weight in a micro-kernel layout.
     pub micro: Option<[FuncRef; MICRO_TOKENS]>,
+    /// Bytes per q16 activation block (`plan_memory::q16_block_bytes`).
+    pub x_block_bytes: i64,
 }
 
 /// Token rows per micro-kernel call, at most.
 pub const MICRO_TOKENS: usize = 4;
 
-/// The micro-kernel contract for a weight in a micro-kernel layout and a tile of `tokens` rows.
-pub fn micro_kernel(layout: Layout, tokens: usize) -> Option<MicroKernel> {
+/// The micro-kernel contract for a weight in a micro-kernel layout and a tile of `tokens` rows
+/// of activations on the grid `act`.
+pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<MicroKernel> {
     let (values, half, mins, block_bytes) = match layout {
-        Layout::Q4Rows8 { half, mins, high, .. } => {
-            (MicroValues::Nibbles, half, mins, q4x8_group_block(half, mins, high))
+        Layout::Q4Rows8 { half, mins, high, dwords, .. } => {
+            let values = if dwords { MicroValues::NibbleDwords } else { MicroValues::Nibbles };
+            (values, half, mins, q4x8_group_block(half, mins, high))
         }
         Layout::Q8Rows8 { half, .. } => (MicroValues::Bytes, half, false, q8x8_group_block(half)),
         Layout::Q8S16Rows8 { mins, .. } => (MicroValues::Bytes, false, mins, q8s16x8_group_block(mins)),
@@ -75,7 +80,11 @@ pub fn micro_kernel(layout: Layout, tokens: usize) -> Option<MicroKernel> {
         qs_at,
         high_at: high.then_some(qs_at + 128),
         block_bytes: block_bytes as u32,
-        x_block_bytes: Q16_BLOCK_BYTES as u32,
+        x_block_bytes: q16_block_bytes(act) as u32,
+        x_i8_at: (values == MicroValues::NibbleDwords).then(|| {
+            assert_eq!(act, ActDType::Q8, "4-byte chunks are for the q8 grid");
+            Q8_VALUES_AT as u32
+        }),
     })
 }
 
@@ -94,7 +103,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
     let groups = (rows as usize).div_ceil(group_rows) as i64;
     let x_row_bytes = match spec.weight.layout {
         Layout::F32Rows4 { .. } => 4 * cols,
-        _ => cols / 32 * Q16_BLOCK_BYTES as i64,
+        _ => cols / 32 * spec.x_block_bytes,
     };
     let stride = spec.weight.layout.group_stride() as i64;
     let x_base = kb.location(spec.x);
@@ -174,14 +183,14 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                         let t1 = kb.b.ins().iadd_imm_s(t, 1);
                         let x0 = kb.addr(x_base, t, x_row_bytes, 0);
                         let x1 = kb.addr(x_base, t1, x_row_bytes, 0);
-                        let acc = dot_quantized(kb, layout, wg, &[x0, x1], cols / 32, mask);
+                        let acc = dot_quantized(kb, layout, wg, &[x0, x1], cols / 32, mask, spec.x_block_bytes);
                         out.store(kb, g, t, 0, acc[0]);
                         out.store(kb, g, t1, 0, acc[1]);
                         vec![]
                     });
                     kb.for_range(pair_end, tb1, 1, &[], |kb, t, _| {
                         let x_row = kb.addr(x_base, t, x_row_bytes, 0);
-                        let acc = dot_quantized(kb, layout, wg, &[x_row], cols / 32, mask);
+                        let acc = dot_quantized(kb, layout, wg, &[x_row], cols / 32, mask, spec.x_block_bytes);
                         out.store(kb, g, t, 0, acc[0]);
                         vec![]
                     });
@@ -308,9 +317,17 @@ fn reduce4(kb: &mut Kb, p: [Value; 4]) -> Value {
 
 /// Four row dot products of a Q4, Q8 or Q8S16 group with each of the q16 activation rows
 /// `x_rows` (one or two), as one `f32x4` per row.
-fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blocks: i64, mask: Value) -> Vec<Value> {
+fn dot_quantized(
+    kb: &mut Kb,
+    layout: Layout,
+    wg: Value,
+    x_rows: &[Value],
+    n_blocks: i64,
+    mask: Value,
+    x_block: i64,
+) -> Vec<Value> {
     if let Layout::Q8S16Rows4 { mins, .. } = layout {
-        return dot_q8s16(kb, mins, wg, x_rows, n_blocks);
+        return dot_q8s16(kb, mins, wg, x_rows, n_blocks, x_block);
     }
     // Scales (f16 or f32), offsets when stored, then the values.
     let (q4, half, mins, high) = match layout {
@@ -396,7 +413,7 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
             next.push(acc);
         }
         for &xb in xbs {
-            next.push(kb.b.ins().iadd_imm_s(xb, Q16_BLOCK_BYTES as i64));
+            next.push(kb.b.ins().iadd_imm_s(xb, x_block));
         }
         next.push(kb.b.ins().iadd_imm_s(wb, group_block));
         next
@@ -407,7 +424,7 @@ fn dot_quantized(kb: &mut Kb, layout: Layout, wg: Value, x_rows: &[Value], n_blo
 /// [`dot_quantized`] for a Q8S16 group: per 32-value block, the integer dot products of each
 /// 16-value half are scaled by that half's `d` (and, with `mins`, its offset `m` times the
 /// half's activation sum, counted from the q16 integers).
-fn dot_q8s16(kb: &mut Kb, mins: bool, wg: Value, x_rows: &[Value], n_blocks: i64) -> Vec<Value> {
+fn dot_q8s16(kb: &mut Kb, mins: bool, wg: Value, x_rows: &[Value], n_blocks: i64, x_block: i64) -> Vec<Value> {
     let group_block = q8s16_group_block(mins) as i64;
     let qs_at = if mins { 64 } else { 32 };
     let n = x_rows.len();
@@ -468,7 +485,7 @@ fn dot_q8s16(kb: &mut Kb, mins: bool, wg: Value, x_rows: &[Value], n_blocks: i64
             next.push(acc);
         }
         for &xb in xbs {
-            next.push(kb.b.ins().iadd_imm_s(xb, Q16_BLOCK_BYTES as i64));
+            next.push(kb.b.ins().iadd_imm_s(xb, x_block));
         }
         next.push(kb.b.ins().iadd_imm_s(wb, group_block));
         next

@@ -162,7 +162,7 @@ pub fn emit(
         let micro_refs = match kernel {
             Kernel::Step { node, .. } => match graph.nodes[node].op {
                 Op::MatMul { weight, .. } => micro
-                    .get(&micro_key(packed.weight(weight).layout))
+                    .get(&micro_key(packed.weight(weight).layout, graph.act_dtype))
                     .map(|ids| ids.map(|id| module.declare_func_in_func(id, &mut ctx.func))),
                 _ => None,
             },
@@ -299,8 +299,8 @@ pub fn emit(
 
 /// The key of a matmul weight's micro-kernels: the kernel for one token row (the others
 /// differ in `tokens` only), for weights in a micro-kernel layout.
-fn micro_key(layout: Layout) -> Option<targets::MicroKernel> {
-    matmul::micro_kernel(layout, 1)
+fn micro_key(layout: Layout, act: ir::ActDType) -> Option<targets::MicroKernel> {
+    matmul::micro_kernel(layout, 1, act)
 }
 
 /// Defines the target's micro-kernels that the model's matmuls need: for each kind of weight
@@ -319,13 +319,13 @@ fn define_micro_kernels(
     for node in &graph.nodes {
         let Op::MatMul { weight, .. } = node.op else { continue };
         let layout = packed.weight(weight).layout;
-        let key = micro_key(layout);
+        let key = micro_key(layout, graph.act_dtype);
         if key.is_none() || defined.contains_key(&key) {
             continue;
         }
         let mut ids = Vec::with_capacity(matmul::MICRO_TOKENS);
         for tokens in 1..=matmul::MICRO_TOKENS {
-            let spec = matmul::micro_kernel(layout, tokens).expect("a micro-kernel layout");
+            let spec = matmul::micro_kernel(layout, tokens, graph.act_dtype).expect("a micro-kernel layout");
             let bytes = target
                 .micro_kernel(&spec)
                 .ok_or_else(|| CodegenError::Unsupported(format!("target {} has no micro-kernels", target.triple())))?;
@@ -333,6 +333,7 @@ fn define_micro_kernels(
                 "kiln_micro_{}x8_{}_{}_t{tokens}",
                 match (spec.values, spec.halves, spec.high_at.is_some()) {
                     (targets::MicroValues::Nibbles, _, false) => "q4",
+                    (targets::MicroValues::NibbleDwords, _, _) => "q4i8",
                     (targets::MicroValues::Nibbles, _, true) => "q5",
                     (targets::MicroValues::Bytes, false, _) => "q8",
                     (targets::MicroValues::Bytes, true, _) => "q8s16",
@@ -472,9 +473,10 @@ fn emit_step(
         Op::Input { .. } => unreachable!("inputs have no kernel"),
         Op::Embed { ids, table } => ops::emit_embed(kb, loc(ids), packed.weight(table), y, skip),
         Op::RmsNorm { x, weight, eps, quantize } => {
+            let quantize = quantize.then_some(graph.act_dtype);
             ops::emit_rms_norm(kb, loc(x), packed.weight(weight), y, n, eps, quantize, skip)
         }
-        Op::Quantize { x } => ops::emit_quantize(kb, loc(x), y, n, skip),
+        Op::Quantize { x } => ops::emit_quantize(kb, loc(x), y, n, graph.act_dtype, skip),
         Op::MatMul { x, weight, epilogue } => {
             let epilogue = match epilogue {
                 Epilogue::None => matmul::EpilogueAt::None,
@@ -482,7 +484,7 @@ fn emit_step(
                 Epilogue::Add(o) => matmul::EpilogueAt::Add(loc(o)),
                 Epilogue::Mul(o) => matmul::EpilogueAt::Mul(loc(o)),
             };
-            let x_row_bytes = crate::passes::plan_memory::row_bytes(graph.ty(x)) as i64;
+            let x_row_bytes = crate::passes::plan_memory::row_bytes(graph.ty(x), graph.act_dtype) as i64;
             let token_block = matmul::token_block(kb.target.summary().cache.l2, x_row_bytes);
             let spec = matmul::MatmulSpec {
                 x: loc(x),
@@ -492,6 +494,7 @@ fn emit_step(
                 skip_rows: skip,
                 token_block,
                 micro,
+                x_block_bytes: crate::passes::plan_memory::q16_block_bytes(graph.act_dtype) as i64,
             };
             matmul::emit(kb, &spec);
         }

@@ -9,7 +9,8 @@ use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 use super::abi;
 use super::builder::{le, Kb};
 use crate::pack::{Layout, PackedWeight, F32_GROUP_CHUNK};
-use crate::passes::plan_memory::{Location, Q16_BLOCK_BYTES};
+use crate::passes::plan_memory::{q16_block_bytes, Location};
+use ir::ActDType;
 
 /// This thread's token rows: `[start, end)` of `first..n_tokens`.
 fn my_rows(kb: &mut Kb, skip_rows: bool) -> (Value, Value) {
@@ -96,7 +97,8 @@ pub fn emit_elementwise(
     });
 }
 
-/// RMSNorm of `[seq, n]` rows with an f32 weight vector; q16 output when `quantize`.
+/// RMSNorm of `[seq, n]` rows with an f32 weight vector; q16 output on the grid `quantize`
+/// when given.
 pub fn emit_rms_norm(
     kb: &mut Kb,
     x: Location,
@@ -104,7 +106,7 @@ pub fn emit_rms_norm(
     y: Location,
     n: u32,
     eps: f32,
-    quantize: bool,
+    quantize: Option<ActDType>,
     skip_rows: bool,
 ) {
     let n = n as i64;
@@ -135,8 +137,9 @@ pub fn emit_rms_norm(
         let one = kb.fconst(1.0);
         let scale = kb.b.ins().fdiv(one, root);
         let scale = kb.b.ins().splat(F32X4, scale);
-        if quantize {
-            let yr = kb.addr(y, t, n / 32 * Q16_BLOCK_BYTES as i64, 0);
+        if let Some(act) = quantize {
+            let block = q16_block_bytes(act) as i64;
+            let yr = kb.addr(y, t, n / 32 * block, 0);
             let nb = kb.iconst(n / 32);
             kb.for_range(zero, nb, 1, &[], |kb, b, _| {
                 let xb = kb.addr(xr, b, 128, 0);
@@ -147,8 +150,8 @@ pub fn emit_rms_norm(
                     let s = kb.b.ins().fmul(xv, scale);
                     kb.b.ins().fmul(s, wv)
                 });
-                let out = kb.addr(yr, b, Q16_BLOCK_BYTES as i64, 0);
-                kb.quantize_block(&vals, out);
+                let out = kb.addr(yr, b, block, 0);
+                kb.quantize_block(&vals, out, act);
                 vec![]
             });
         } else {
@@ -165,21 +168,22 @@ pub fn emit_rms_norm(
     });
 }
 
-/// Quantizes `[seq, n]` f32 rows to q16.
-pub fn emit_quantize(kb: &mut Kb, x: Location, y: Location, n: u32, skip_rows: bool) {
+/// Quantizes `[seq, n]` f32 rows to q16 blocks on the grid `act`.
+pub fn emit_quantize(kb: &mut Kb, x: Location, y: Location, n: u32, act: ActDType, skip_rows: bool) {
     let n = n as i64;
+    let block = q16_block_bytes(act) as i64;
     let (x, y) = (kb.location(x), kb.location(y));
     let (t0, t1) = my_rows(kb, skip_rows);
     kb.for_range(t0, t1, 1, &[], |kb, t, _| {
         let xr = kb.addr(x, t, 4 * n, 0);
-        let yr = kb.addr(y, t, n / 32 * Q16_BLOCK_BYTES as i64, 0);
+        let yr = kb.addr(y, t, n / 32 * block, 0);
         let zero = kb.iconst(0);
         let nb = kb.iconst(n / 32);
         kb.for_range(zero, nb, 1, &[], |kb, b, _| {
             let xb = kb.addr(xr, b, 128, 0);
             let vals = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| kb.load(F32X4, xb, 16 * i));
-            let out = kb.addr(yr, b, Q16_BLOCK_BYTES as i64, 0);
-            kb.quantize_block(&vals, out);
+            let out = kb.addr(yr, b, block, 0);
+            kb.quantize_block(&vals, out, act);
             vec![]
         });
         vec![]
@@ -223,13 +227,28 @@ pub fn emit_rope(kb: &mut Kb, x: Location, y: Location, n: u32, head_dim: u32, t
 /// `qs_at`): in place for the 4-row layouts, gathered into `row_buf` from the 8-row layouts'
 /// two-byte chunks.
 fn row_values(kb: &mut Kb, row_buf: Option<Value>, blk: Value, lane: Value, qs_at: i64, row_bytes: i64) -> Value {
+    row_values_by(kb, row_buf, blk, lane, qs_at, row_bytes, 2)
+}
+
+/// [`row_values`] from an 8-row layout interleaving `by` bytes of each row at a time (2, or 4
+/// for `Layout::Q4Rows8 { dwords }`).
+fn row_values_by(
+    kb: &mut Kb,
+    row_buf: Option<Value>,
+    blk: Value,
+    lane: Value,
+    qs_at: i64,
+    row_bytes: i64,
+    by: i64,
+) -> Value {
     match row_buf {
         None => kb.addr(blk, lane, row_bytes, qs_at),
         Some(buf) => {
-            let src = kb.addr(blk, lane, 2, qs_at);
-            for u in 0..row_bytes / 2 {
-                let v = kb.load(I16, src, 16 * u);
-                kb.store(v, buf, 2 * u);
+            let src = kb.addr(blk, lane, by, qs_at);
+            let ty = if by == 4 { I32 } else { I16 };
+            for u in 0..row_bytes / by {
+                let v = kb.load(ty, src, 8 * by * u);
+                kb.store(v, buf, by * u);
             }
             buf
         }
@@ -336,7 +355,9 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                     let k = kb.splat(if high { -16.0 } else { -8.0 });
                                     kb.b.ins().fmul(d, k)
                                 };
-                                let qs = row_values(kb, row_buf, blk, lane, qs_at, 16);
+                                let by =
+                                    if matches!(table.layout, Layout::Q4Rows8 { dwords: true, .. }) { 4 } else { 2 };
+                                let qs = row_values_by(kb, row_buf, blk, lane, qs_at, 16, by);
                                 let w = kb.load(I8X16, qs, 0);
                                 let lo = kb.b.ins().band(w, mask);
                                 let hi = kb.b.ins().bitcast(I16X8, le(), w);

@@ -7,10 +7,23 @@
 //! need not be in-place safe. Graph inputs and outputs live in caller memory (`io` slots).
 
 use ir::verify::GraphInfo;
-use ir::{DType, Graph, Op, TensorType, ValueId};
+use ir::{ActDType, DType, Graph, Op, TensorType, ValueId};
 
-/// Bytes of one q16 block: f32 scale, f32 sum of the quantized values times the scale, 32 x i16.
+/// Bytes of one q16 block on the q16 grid: f32 scale, f32 sum of the quantized values times
+/// the scale, 32 x i16.
 pub const Q16_BLOCK_BYTES: u64 = 72;
+
+/// Byte offset of the int8 copy of a block's values on the q8 grid (`act=q8`), after the
+/// q16 block's fields: the same integers, for kernels that multiply 8-bit activations.
+pub const Q8_VALUES_AT: u64 = Q16_BLOCK_BYTES;
+
+/// Bytes of one quantized-activation block on the grid `act`.
+pub fn q16_block_bytes(act: ActDType) -> u64 {
+    match act {
+        ActDType::Q16 => Q16_BLOCK_BYTES,
+        ActDType::Q8 => Q8_VALUES_AT + 32,
+    }
+}
 
 /// Where a value lives while the graph runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,12 +58,12 @@ pub struct MemoryPlan {
     pub batch: u32,
 }
 
-/// Bytes of one row of a value of type `ty`.
-pub fn row_bytes(ty: &TensorType) -> u64 {
+/// Bytes of one row of a value of type `ty` in a graph whose activation grid is `act`.
+pub fn row_bytes(ty: &TensorType, act: ActDType) -> u64 {
     let n = ty.row_len().unwrap_or(1) as u64;
     match ty.dtype {
         DType::F32 | DType::I32 => 4 * n,
-        DType::Q16 => n / 32 * Q16_BLOCK_BYTES,
+        DType::Q16 => n / 32 * q16_block_bytes(act),
     }
 }
 
@@ -93,7 +106,7 @@ pub fn plan(graph: &Graph, info: &GraphInfo, batch: u32) -> MemoryPlan {
     let skip = skippable_rows(graph);
     let mut output_copies = vec![];
     for (k, v) in graph.outputs.iter().enumerate() {
-        let row_bytes = row_bytes(&graph.nodes[v.index()].ty);
+        let row_bytes = row_bytes(&graph.nodes[v.index()].ty, graph.act_dtype);
         let to = Location::Output { slot: info.n_inputs + k as u32, row_bytes };
         if !is_io[v.index()] && skip[v.index()] {
             locations[v.index()] = to;
@@ -130,7 +143,7 @@ pub fn plan(graph: &Graph, info: &GraphInfo, batch: u32) -> MemoryPlan {
         if is_io[i] || info.use_counts[i] == 0 {
             continue;
         }
-        let size = (row_bytes(&graph.nodes[i].ty) * batch as u64).div_ceil(ALIGN) * ALIGN;
+        let size = (row_bytes(&graph.nodes[i].ty, graph.act_dtype) * batch as u64).div_ceil(ALIGN) * ALIGN;
         let offset = match free.iter().position(|&(_, s)| s >= size) {
             Some(j) => {
                 let (off, s) = free[j];

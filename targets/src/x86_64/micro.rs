@@ -11,6 +11,12 @@
 //! accumulators, ymm12/13 the unpacked nibbles (then `d` and `m`), ymm14 a broadcast
 //! temporary, ymm15 the nibble mask, ymm7 `-8.0` (q4_0's `m = -8 d`; `-16.0` for q5_0); with
 //! fifth bits, ymm6 holds four chunks' bits, ymm5 is a temporary and ymm4 holds 16s.
+//!
+//! For 8-bit activations (`NibbleDwords`, the q8 grid) a 32-byte chunk holds four bytes of
+//! each row, so after `vpand`/`vpsrlw` one register holds 4 nibbles per row and int32 lane;
+//! `vpmaddubsw` with 4 broadcast int8 activations leaves two int16 pair sums per row, summed
+//! in int16 over the block (bounded: 8 * 2 * 15 * 127 < 2^15) and widened once per block by
+//! `vpmaddwd` with ones (ymm6): half the multiplies of the int16 path and no widening loads.
 
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
@@ -44,10 +50,19 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     for &f in &facc[..tokens] {
         a.vxorps(f, f, f)?;
     }
-    a.mov(eax, 0x000f_000f)?;
+    let dwords = k.values == MicroValues::NibbleDwords;
+    // Nibble mask: per int16 lane after widening, or per byte for 4-byte chunks.
+    a.mov(eax, if dwords { 0x0f0f_0f0f } else { 0x000f_000f })?;
     a.vmovd(xmm15, eax)?;
     a.vpbroadcastd(mask, xmm15)?;
-    let minus_8d = k.values == MicroValues::Nibbles && k.mins_at.is_none();
+    if dwords {
+        assert!(k.high_at.is_none() && !k.halves, "4-byte chunks: nibbles without fifth bits");
+        // ymm6: int16 ones, to widen the 8 rows' int16 pair sums to int32.
+        a.mov(eax, 0x0001_0001)?;
+        a.vmovd(xmm6, eax)?;
+        a.vpbroadcastd(ymm6, xmm6)?;
+    }
+    let minus_8d = matches!(k.values, MicroValues::Nibbles | MicroValues::NibbleDwords) && k.mins_at.is_none();
     if minus_8d {
         // m = -8 d (q4_0), or -16 d with fifth bits (q5_0).
         let implied: f32 = if k.high_at.is_some() { -16.0 } else { -8.0 };
@@ -73,12 +88,40 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
         a.vmovd(xmm6, eax)?;
         a.vpbroadcastd(ymm6, xmm6)?;
     }
-    let chunks = if k.values == MicroValues::Nibbles { 8 } else { 16 };
+    let chunks = match k.values {
+        MicroValues::Nibbles => 8,
+        MicroValues::NibbleDwords => 4,
+        MicroValues::Bytes => 16,
+    };
     // The chunks folded into f32 together: all of them, or each 16-value half.
     let folds: Vec<std::ops::Range<i32>> = if k.halves { vec![0..8, 8..16] } else { vec![0..chunks] };
     for (h, fold) in folds.into_iter().enumerate() {
         let mut first = true;
         for u in fold {
+            if dwords {
+                // Chunk u: 4 bytes of each row; low nibbles are values 4u..4u+4, high nibbles
+                // 16+4u..20+4u, against the int8 activations broadcast 4 at a time.
+                // `vpmaddubsw` (unsigned nibbles by signed bytes) leaves per row two int16
+                // pair sums of at most 2 * 15 * 127; 8 of them per block fit int16.
+                let x_i8 = k.x_i8_at.expect("int8 activations") as i32;
+                a.vmovdqu(hi, ymmword_ptr(rdi + (qs + 32 * u)))?;
+                a.vpand(lo, hi, mask)?;
+                a.vpsrlw(hi, hi, 4)?;
+                a.vpand(hi, hi, mask)?;
+                for (values, value) in [(lo, 4 * u), (hi, 16 + 4 * u)] {
+                    for t in 0..tokens {
+                        a.vpbroadcastd(tmp, dword_ptr(x(t, x_i8 + value)))?;
+                        if first {
+                            a.vpmaddubsw(iacc[t], values, tmp)?;
+                        } else {
+                            a.vpmaddubsw(tmp, values, tmp)?;
+                            a.vpaddw(iacc[t], iacc[t], tmp)?;
+                        }
+                    }
+                    first = false;
+                }
+                continue;
+            }
             let pairs = match k.values {
                 MicroValues::Nibbles => {
                     a.vpmovzxbw(hi, xmmword_ptr(rdi + (qs + 16 * u)))?;
@@ -108,6 +151,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                     a.vpmovsxbw(lo, xmmword_ptr(rdi + (qs + 16 * u)))?;
                     vec![(lo, 2 * u)]
                 }
+                MicroValues::NibbleDwords => unreachable!("handled above"),
             };
             for (values, value) in pairs {
                 for t in 0..tokens {
@@ -120,6 +164,12 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                     }
                 }
                 first = false;
+            }
+        }
+        if dwords {
+            // Each row's two int16 pair sums (adjacent lanes) to one int32.
+            for &acc in &iacc[..tokens] {
+                a.vpmaddwd(acc, acc, ymm6)?;
             }
         }
         // d (ymm12) and m (ymm13) for the 8 rows (of half h).
@@ -197,12 +247,20 @@ mod tests {
                             high_at: None,
                             block_bytes: 2 * scales + 256,
                             x_block_bytes: 72,
+                            x_i8_at: None,
                         };
                         let halves = MicroKernel { halves: true, half: false, ..k };
                         let high = MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..k };
-                        for k in [k, halves, high] {
+                        let dwords = MicroKernel {
+                            values: MicroValues::NibbleDwords,
+                            x_block_bytes: 104,
+                            x_i8_at: Some(72),
+                            ..k
+                        };
+                        for k in [k, halves, high, dwords] {
                             if k.halves && (values == MicroValues::Nibbles || half)
                                 || k.high_at.is_some() && values == MicroValues::Bytes
+                                || k.values == MicroValues::NibbleDwords && values == MicroValues::Bytes
                             {
                                 continue;
                             }

@@ -121,7 +121,7 @@ fn f16_kv_cache_logits_match_the_reference_executor() {
 
 /// `--activations q8` (llama.cpp's activation grid) moves the logits by more than q16 does but
 /// stays close to exact math: top-1 may differ from the reference only where the reference's
-/// own margin is below `Q8_ACT_TOLERANCE`.
+/// own margin is below `Q8_ACT_NEAR_TIE`.
 #[test]
 fn q8_activation_logits_stay_near_the_reference_executor() {
     let dir = scratch_dir("q8-act-model");
@@ -130,13 +130,18 @@ fn q8_activation_logits_stay_near_the_reference_executor() {
     let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
     assert!(manifest.contains("\"activations\": \"q8 blocks"), "the manifest records the grid");
     let mut s = Session::open_shared(&out.join("lib/libkiln_model.so"), &out, 2).unwrap_or_else(|e| panic!("{e}"));
-    let worst = compare_with_reference(&mut s, Q8_ACT_TOLERANCE);
+    let worst = compare_with_reference(&mut s, Q8_ACT_NEAR_TIE);
     assert!(worst <= Q8_ACT_TOLERANCE, "largest logit difference {worst} exceeds {Q8_ACT_TOLERANCE}");
     assert!(worst > LOGIT_TOLERANCE / 4.0, "q8 activations changed nothing ({worst}): were they applied?");
 }
 
-/// Largest logit difference with q8 activations (measured MEASURED_Q8).
-const Q8_ACT_TOLERANCE: f32 = 1.0;
+/// Largest logit difference with q8 activations (measured 2.02, largest logit 37.6; over
+/// `cargo xtask eval`'s text: KL mean 0.0026, top-1 96.9 %).
+const Q8_ACT_TOLERANCE: f32 = 2.5;
+
+/// A reference margin below which q8 activations may flip the top-1 token (the flips
+/// measured were at reference margins up to 0.11).
+const Q8_ACT_NEAR_TIE: f32 = 0.5;
 
 /// Largest logit difference with an f16 KV cache (measured 0.036, against 0.0096 with the f32
 /// cache, whose bound is `LOGIT_TOLERANCE`).

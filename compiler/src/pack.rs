@@ -14,6 +14,7 @@
 //! file names no format.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use ir::quant::{
     dequantize, dequantize_row, q4_blocks, q8_blocks, q8s16_blocks, KernelForm, Q4Block, Q8Block, Q8S16Block,
@@ -176,12 +177,48 @@ enum Blocks {
 }
 
 fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
-    match (format.spec().kernel, shape) {
-        (KernelForm::Q4(_) | KernelForm::Q5(_), [_, _]) => Blocks::Q4(q4_blocks(format, raw).expect("Q4 form")),
-        (KernelForm::Q8(_), [_, _]) => Blocks::Q8(q8_blocks(format, raw).expect("Q8 form")),
-        (KernelForm::Q8S16(_), [_, _]) => Blocks::Q8S16(q8s16_blocks(format, raw).expect("Q8S16 form")),
+    let [rows, cols] = shape else { return Blocks::None };
+    let row_bytes = format.row_bytes(*cols as usize).expect("verified");
+    // Rows decode independently: large matrices in parts, one per core, joined in order.
+    let rows_of = |r: Range<usize>| &raw[r.start * row_bytes..r.end * row_bytes];
+    fn join<T>(parts: Vec<Vec<T>>) -> Vec<T> {
+        parts.into_iter().flatten().collect()
+    }
+    let rows = *rows as usize;
+    match format.spec().kernel {
+        KernelForm::Q4(_) | KernelForm::Q5(_) => {
+            Blocks::Q4(join(in_parts(rows, 1, raw.len(), |r| q4_blocks(format, rows_of(r)).expect("Q4 form"))))
+        }
+        KernelForm::Q8(_) => {
+            Blocks::Q8(join(in_parts(rows, 1, raw.len(), |r| q8_blocks(format, rows_of(r)).expect("Q8 form"))))
+        }
+        KernelForm::Q8S16(_) => Blocks::Q8S16(join(in_parts(rows, 1, raw.len(), |r| {
+            q8s16_blocks(format, rows_of(r)).expect("Q8S16 form")
+        }))),
         _ => Blocks::None,
     }
+}
+
+/// Bytes from which a matrix is decoded and packed in parts, one per core.
+const PARALLEL_BYTES: usize = 1 << 20;
+
+/// `f` over `0..rows` in consecutive parts (each a multiple of `align` rows but the last): one
+/// part per core when the matrix has at least [`PARALLEL_BYTES`] (`bytes`), else one. The
+/// results come back in row order, so the output does not depend on the number of cores.
+fn in_parts<T: Send>(rows: usize, align: usize, bytes: usize, f: impl Fn(Range<usize>) -> T + Sync) -> Vec<T> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let parts = if bytes >= PARALLEL_BYTES { cores.min(rows.div_ceil(align)).max(1) } else { 1 };
+    if parts == 1 {
+        return vec![f(0..rows)];
+    }
+    let per = rows.div_ceil(parts).div_ceil(align) * align;
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..rows.div_ceil(per))
+            .map(|i| s.spawn(move || f(i * per..((i + 1) * per).min(rows))))
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a packing thread panicked")).collect()
+    })
 }
 
 /// The layout of a weight; `micro`: Q4 and Q8 matrices take the micro-kernels' layouts, Q4
@@ -298,13 +335,34 @@ fn push_high_bits(blob: &mut Vec<u8>, qh: &[u32], interleaved: bool) {
     }
 }
 
-/// Packs one matrix into `blob` (rows beyond `rows` in the last group are zero).
+/// Packs one matrix into `blob` (rows beyond `rows` in the last group are zero); large ones
+/// in parts of whole row groups on every core, appended in order.
 fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) {
+    let (rows, _) = layout.matrix().expect("a matrix");
+    let groups = (rows as usize).div_ceil(layout.group_rows());
+    for part in in_parts(groups, 1, raw.len(), |g| {
+        let mut out = Vec::with_capacity(g.len() * layout.group_stride() as usize);
+        pack_groups(&mut out, format, layout, raw, decoded, g);
+        out
+    }) {
+        blob.extend_from_slice(&part);
+    }
+}
+
+/// Packs row groups `groups` of one matrix into `blob`.
+fn pack_groups(
+    blob: &mut Vec<u8>,
+    format: QuantFormat,
+    layout: Layout,
+    raw: &[u8],
+    decoded: &Blocks,
+    groups: Range<usize>,
+) {
     let (rows, cols) = layout.matrix().map(|(r, c)| (r as usize, c as usize)).expect("a matrix");
     let row_bytes = format.row_bytes(cols).expect("verified");
     let row = |r: usize| (r < rows).then(|| &raw[r * row_bytes..(r + 1) * row_bytes]);
     let n_blocks = cols / BLOCK_SIZE;
-    for g in 0..rows.div_ceil(layout.group_rows()) {
+    for g in groups {
         match layout {
             Layout::F32Rows4 { .. } => {
                 let values: Vec<Vec<f32>> = (0..ROWS)

@@ -87,8 +87,8 @@ pub enum Layout {
     /// (`targets::MicroKernel`): groups of 8 rows per 32-value block, `d[8]`, `m[8]` when
     /// `mins`, then chunk `u` of 16 bytes holding bytes `2u, 2u+1` of each row's nibbles,
     /// then with `high` the fifth bits in the same order ([`push_high_bits`]). With `dwords`
-    /// (for 8-bit activations; never with `high`) the chunks are 32 bytes and chunk `j` holds
-    /// bytes `4j..4j+4` of each row's nibbles.
+    /// (for 8-bit activations) the chunks are 32 bytes and chunk `j` holds bytes `4j..4j+4` of
+    /// each row's nibbles, and the fifth bits one 32-byte chunk in that order.
     Q4Rows8 { rows: u32, cols: u32, half: bool, mins: bool, high: bool, dwords: bool },
     /// Matrix of a format whose kernel form is Q8, groups of 4 rows interleaved per 32-value
     /// block; scales as f16 when `half`.
@@ -192,9 +192,9 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
         KernelForm::Q8(_) => {
             Blocks::Q8(join(in_parts(rows, 1, raw.len(), |r| q8_blocks(format, rows_of(r)).expect("Q8 form"))))
         }
-        KernelForm::Q8S16(_) => Blocks::Q8S16(join(in_parts(rows, 1, raw.len(), |r| {
-            q8s16_blocks(format, rows_of(r)).expect("Q8S16 form")
-        }))),
+        KernelForm::Q8S16(_) => {
+            Blocks::Q8S16(join(in_parts(rows, 1, raw.len(), |r| q8s16_blocks(format, rows_of(r)).expect("Q8S16 form"))))
+        }
         _ => Blocks::None,
     }
 }
@@ -214,9 +214,8 @@ fn in_parts<T: Send>(rows: usize, align: usize, bytes: usize, f: impl Fn(Range<u
     let per = rows.div_ceil(parts).div_ceil(align) * align;
     let f = &f;
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..rows.div_ceil(per))
-            .map(|i| s.spawn(move || f(i * per..((i + 1) * per).min(rows))))
-            .collect();
+        let handles: Vec<_> =
+            (0..rows.div_ceil(per)).map(|i| s.spawn(move || f(i * per..((i + 1) * per).min(rows)))).collect();
         handles.into_iter().map(|h| h.join().expect("a packing thread panicked")).collect()
     })
 }
@@ -233,7 +232,7 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, 
             let half = blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m));
             let mins = blocks.iter().any(|b| b.m != implied * b.d);
             if micro {
-                let dwords = act == ActDType::Q8 && !high;
+                let dwords = act == ActDType::Q8;
                 Layout::Q4Rows8 { rows: *rows, cols: *cols, half, mins, high, dwords }
             } else {
                 Layout::Q4Rows4 { rows: *rows, cols: *cols, half, mins, high }
@@ -311,17 +310,32 @@ fn push_values<const N: usize>(blob: &mut Vec<u8>, rows: &[[u8; N]], interleave:
     }
 }
 
-/// Appends one block's fifth bits of a row group: each row's `qh` (4-row layouts), or for the
-/// micro-kernels' 8-row layouts two 16-byte chunks in the order of the nibble chunks: byte
+/// Appends one block's fifth bits of a row group: each row's `qh` (4-row layouts, `interleave`
+/// 0), or for the micro-kernels' 8-row layouts (`interleave` 2) two 16-byte chunks in the order of the nibble chunks: byte
 /// `2r + k` of chunk `c` holds, in bits `2j` and `2j + 1`, the fifth bits of values
 /// `2u + k` and `16 + 2u + k` of row `r`, for nibble chunk `u = 4c + j` (the low and the high
 /// nibble of byte `2u + k`).
-fn push_high_bits(blob: &mut Vec<u8>, qh: &[u32], interleaved: bool) {
-    if !interleaved {
+///
+/// With `interleave` 4 (`Layout::Q4Rows8 { dwords }`) it is one 32-byte chunk: byte `4r + k`
+/// holds, in bits `2j` and `2j + 1`, the fifth bits of values `4j + k` and `16 + 4j + k` of row
+/// `r` (the low and the high nibble of byte `k` of nibble chunk `j`).
+fn push_high_bits(blob: &mut Vec<u8>, qh: &[u32], interleave: usize) {
+    let bit = |h: u32, v: u32| ((h >> v) & 1) as u8;
+    if interleave == 4 {
+        for &h in qh {
+            for k in 0..4u32 {
+                blob.push(
+                    (0..4u32)
+                        .fold(0u8, |acc, j| acc | bit(h, 4 * j + k) << (2 * j) | bit(h, 16 + 4 * j + k) << (2 * j + 1)),
+                );
+            }
+        }
+        return;
+    }
+    if interleave == 0 {
         qh.iter().for_each(|h| blob.extend_from_slice(&h.to_le_bytes()));
         return;
     }
-    let bit = |h: u32, v: u32| ((h >> v) & 1) as u8;
     for c in 0..2u32 {
         for &h in qh {
             for k in 0..2u32 {
@@ -404,7 +418,7 @@ fn pack_groups(
                     }
                     push_values(blob, &qs, interleave);
                     if high {
-                        push_high_bits(blob, &qh, n == MICRO_ROWS);
+                        push_high_bits(blob, &qh, interleave);
                     }
                 }
             }
@@ -564,10 +578,10 @@ mod tests {
                 let blocks = decode(format, &[rows, cols], &raw);
                 let layout = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q16);
                 assert_eq!(layout, want, "{}", format.name());
-                // On the q8 grid, Q4 (not Q5) micro-kernel groups take 4-byte chunks, the
+                // On the q8 grid, Q4 and Q5 micro-kernel groups take 4-byte chunks, the
                 // same bytes reordered.
                 let q8 = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q8);
-                let dwords = micro && matches!(want, Layout::Q4Rows8 { high: false, .. });
+                let dwords = micro && matches!(want, Layout::Q4Rows8 { .. });
                 assert_eq!(matches!(q8, Layout::Q4Rows8 { dwords: true, .. }), dwords, "{}", format.name());
                 assert_eq!(q8.group_stride(), layout.group_stride());
                 if format != QuantFormat::Q4_K && format != QuantFormat::Q5_K {

@@ -128,8 +128,8 @@ fn quantized_norm_feeds_a_matmul() {
     }
 }
 
-/// On the q8 activation grid (`act=q8`) the Q4 formats take the 8-bit micro-kernels (4-byte
-/// chunks, `vpmaddubsw` on x86-64) and every other form reads the wider activation blocks:
+/// On the q8 activation grid (`act=q8`) the Q4 and Q5 forms take the 8-bit micro-kernels
+/// (4-byte chunks, `vpmaddubsw` on x86-64) and every other form reads the wider activation blocks:
 /// each against the interpreter, every tile height, partial row groups, epilogues.
 #[test]
 fn matmul_kernels_on_the_q8_grid_match_the_interpreter() {
@@ -162,11 +162,13 @@ fn matmul_kernels_on_the_q8_grid_match_the_interpreter() {
 #[test]
 fn q8_grid_extremes_do_not_overflow() {
     let (rows, cols) = (9usize, 96usize);
-    for format in [QuantFormat::Q4_0, QuantFormat::Q4_1] {
-        // Every nibble 15 (q4_1: with offset 0), scale 1.
+    for format in [QuantFormat::Q4_0, QuantFormat::Q4_1, QuantFormat::Q5_0, QuantFormat::Q5_1] {
+        // Every value 15 (q4) or 31 (q5; q4_1 and q5_1 with offset 0), scale 1.
         let block: Vec<u8> = match format {
             QuantFormat::Q4_0 => [&[0x00, 0x3c][..], &[0xff; 16]].concat(),
-            _ => [&[0x00, 0x3c, 0x00, 0x00][..], &[0xff; 16]].concat(),
+            QuantFormat::Q4_1 => [&[0x00, 0x3c, 0x00, 0x00][..], &[0xff; 16]].concat(),
+            QuantFormat::Q5_0 => [&[0x00, 0x3c][..], &[0xff; 4], &[0xff; 16]].concat(),
+            _ => [&[0x00, 0x3c, 0x00, 0x00][..], &[0xff; 4], &[0xff; 16]].concat(),
         };
         let weights = vec![block.repeat(rows * cols / 32)];
         let text = matmul_graph(format, rows as u32, cols as u32, "none").replace("context=64", "context=64 act=q8");

@@ -333,7 +333,8 @@ fn define_micro_kernels(
                 "kiln_micro_{}x8_{}_{}_t{tokens}",
                 match (spec.values, spec.halves, spec.high_at.is_some()) {
                     (targets::MicroValues::Nibbles, _, false) => "q4",
-                    (targets::MicroValues::NibbleDwords, _, _) => "q4i8",
+                    (targets::MicroValues::NibbleDwords, _, false) => "q4i8",
+                    (targets::MicroValues::NibbleDwords, _, true) => "q5i8",
                     (targets::MicroValues::Nibbles, _, true) => "q5",
                     (targets::MicroValues::Bytes, false, _) => "q8",
                     (targets::MicroValues::Bytes, true, _) => "q8s16",

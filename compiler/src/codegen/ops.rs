@@ -275,6 +275,24 @@ fn fifth_bits_of_8_row_chunks(kb: &mut Kb, words: [Value; 2]) -> Value {
     qh
 }
 
+/// A row's `qh` from its 32-bit word of the 4-byte-chunk layout's fifth bits
+/// (`pack::push_high_bits` with `interleave` 4): bit `2j` of byte `k` is value `4j + k`'s, bit
+/// `2j + 1` value `16 + 4j + k`'s.
+fn fifth_bits_of_dword_chunk(kb: &mut Kb, word: Value) -> Value {
+    let mut qh = kb.b.ins().iconst(I32, 0);
+    for j in 0..4i64 {
+        for k in 0..4i64 {
+            for (high, value) in [(0, 4 * j + k), (1, 16 + 4 * j + k)] {
+                let bit = kb.b.ins().ushr_imm_s(word, 8 * k + 2 * j + high);
+                let bit = kb.b.ins().band_imm_s(bit, 1);
+                let bit = kb.b.ins().ishl_imm_s(bit, value);
+                qh = kb.b.ins().bor(qh, bit);
+            }
+        }
+    }
+    qh
+}
+
 /// Embedding lookup from a packed table; ids outside `0..rows` give a zero row.
 pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, skip_rows: bool) {
     let (rows, cols) = table.layout.matrix().map(|(r, c)| (r as i64, c as i64)).expect("tables are matrices");
@@ -371,6 +389,11 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                         None => {
                                             let p = kb.addr(blk, lane, 4, at);
                                             kb.load(I32, p, 0)
+                                        }
+                                        Some(_) if by == 4 => {
+                                            let p = kb.addr(blk, lane, 4, at);
+                                            let word = kb.load(I32, p, 0);
+                                            fifth_bits_of_dword_chunk(kb, word)
                                         }
                                         Some(_) => {
                                             let p = kb.addr(blk, lane, 2, at);

@@ -26,6 +26,10 @@ use crate::{MicroKernel, MicroValues};
 /// Bytes of a q16 activation block before its values: scale f32, sum f32.
 const X_VALUES_AT: i32 = 8;
 
+/// Bytes of the stack frame of the 5-bit kernels on the 8-bit path: int16 ones, then 4 tokens'
+/// f32 accumulators.
+const FRAME: i32 = 32 + 4 * 32;
+
 /// Assembles the kernel (see [`MicroKernel`] for its contract).
 pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     assert!((1..=4).contains(&k.tokens), "1 to 4 tokens per call");
@@ -47,20 +51,36 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     let mut done = a.create_label();
     let mut top = a.create_label();
     a.lea(r9, rsi + rdx)?;
-    for &f in &facc[..tokens] {
-        a.vxorps(f, f, f)?;
-    }
     let dwords = k.values == MicroValues::NibbleDwords;
+    // 5-bit values on the 8-bit path: int16 sums hold only 4 pair sums of up to 2 * 31 * 127,
+    // so each half block widens into int32 accumulators (ymm8..), and the f32 accumulators
+    // and the int16 ones live in a stack frame: ones at [rsp], token t's f32 at [rsp + 32 + 32t].
+    let spill = dwords && k.high_at.is_some();
+    let facc_at = |t: usize| ymmword_ptr(rsp + (32 + 32 * t as i32));
+    if spill {
+        a.sub(rsp, FRAME)?;
+        a.vxorps(tmp, tmp, tmp)?;
+        for t in 0..tokens {
+            a.vmovups(facc_at(t), tmp)?;
+        }
+    } else {
+        for &f in &facc[..tokens] {
+            a.vxorps(f, f, f)?;
+        }
+    }
     // Nibble mask: per int16 lane after widening, or per byte for 4-byte chunks.
     a.mov(eax, if dwords { 0x0f0f_0f0f } else { 0x000f_000f })?;
     a.vmovd(xmm15, eax)?;
     a.vpbroadcastd(mask, xmm15)?;
     if dwords {
-        assert!(k.high_at.is_none() && !k.halves, "4-byte chunks: nibbles without fifth bits");
-        // ymm6: int16 ones, to widen the 8 rows' int16 pair sums to int32.
+        assert!(!k.halves, "4-byte chunks: nibbles");
+        // ymm6 (or [rsp]): int16 ones, to widen the 8 rows' int16 pair sums to int32.
         a.mov(eax, 0x0001_0001)?;
         a.vmovd(xmm6, eax)?;
         a.vpbroadcastd(ymm6, xmm6)?;
+        if spill {
+            a.vmovdqu(ymmword_ptr(rsp), ymm6)?;
+        }
     }
     let minus_8d = matches!(k.values, MicroValues::Nibbles | MicroValues::NibbleDwords) && k.mins_at.is_none();
     if minus_8d {
@@ -71,9 +91,9 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
         a.vbroadcastss(minus8, xmm7)?;
     }
     if k.high_at.is_some() {
-        assert!(k.values == MicroValues::Nibbles, "fifth bits come with nibbles");
-        // ymm4: 16 in every int16 lane, the weight of a fifth bit.
-        a.mov(eax, 0x0010_0010)?;
+        assert!(k.values != MicroValues::Bytes, "fifth bits come with nibbles");
+        // ymm4: 16 in every int16 lane (or byte), the weight of a fifth bit.
+        a.mov(eax, if dwords { 0x1010_1010 } else { 0x0010_0010 })?;
         a.vmovd(xmm4, eax)?;
         a.vpbroadcastd(ymm4, xmm4)?;
     }
@@ -108,6 +128,23 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                 a.vpand(lo, hi, mask)?;
                 a.vpsrlw(hi, hi, 4)?;
                 a.vpand(hi, hi, mask)?;
+                if let Some(at) = k.high_at {
+                    // ymm6: the block's fifth bits, bits 2u and 2u + 1 of each byte for this
+                    // chunk's low and high nibbles; moved to bit 4 (word shifts: the 0x10 mask
+                    // keeps only bits that stayed in their byte).
+                    if u == 0 {
+                        a.vmovdqu(ymm6, ymmword_ptr(rdi + at as i32))?;
+                    }
+                    for (values, from) in [(lo, 2 * u), (hi, 2 * u + 1)] {
+                        match from.cmp(&4) {
+                            std::cmp::Ordering::Less => a.vpsllw(ymm5, ymm6, (4 - from) as u32)?,
+                            std::cmp::Ordering::Greater => a.vpsrlw(ymm5, ymm6, (from - 4) as u32)?,
+                            std::cmp::Ordering::Equal => a.vmovdqa(ymm5, ymm6)?,
+                        }
+                        a.vpand(ymm5, ymm5, ymm4)?;
+                        a.vpor(values, values, ymm5)?;
+                    }
+                }
                 for (values, value) in [(lo, 4 * u), (hi, 16 + 4 * u)] {
                     for t in 0..tokens {
                         a.vpbroadcastd(tmp, dword_ptr(x(t, x_i8 + value)))?;
@@ -119,6 +156,18 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                         }
                     }
                     first = false;
+                }
+                if spill && u % 2 == 1 {
+                    // Half a block of 5-bit products: widen into the int32 sums.
+                    for t in 0..tokens {
+                        if u == 1 {
+                            a.vpmaddwd(facc[t], iacc[t], ymmword_ptr(rsp))?;
+                        } else {
+                            a.vpmaddwd(iacc[t], iacc[t], ymmword_ptr(rsp))?;
+                            a.vpaddd(facc[t], facc[t], iacc[t])?;
+                        }
+                    }
+                    first = true;
                 }
                 continue;
             }
@@ -166,12 +215,14 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                 first = false;
             }
         }
-        if dwords {
+        if dwords && !spill {
             // Each row's two int16 pair sums (adjacent lanes) to one int32.
             for &acc in &iacc[..tokens] {
                 a.vpmaddwd(acc, acc, ymm6)?;
             }
         }
+        // The block's int32 sums per token.
+        let isum = if spill { facc } else { iacc };
         // d (ymm12) and m (ymm13) for the 8 rows (of half h).
         let scales_at = 32 * h as i32;
         if k.half {
@@ -188,7 +239,17 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
         for t in 0..tokens {
             a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
             a.vmulps(tmp, lo, tmp)?;
-            a.vcvtdq2ps(iacc[t], iacc[t])?;
+            a.vcvtdq2ps(isum[t], isum[t])?;
+            if spill {
+                // acc = fma(isum, d * scale, acc), then fma(m, sum, acc), with acc in memory.
+                a.vfmadd213ps(isum[t], tmp, facc_at(t))?;
+                if offsets {
+                    a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
+                    a.vfmadd231ps(isum[t], hi, tmp)?;
+                }
+                a.vmovups(facc_at(t), isum[t])?;
+                continue;
+            }
             a.vfmadd231ps(facc[t], iacc[t], tmp)?;
             if offsets && k.halves {
                 // f32(sum of the half's 16 activation integers) * scale, in every lane.
@@ -216,7 +277,13 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     a.jnz(top)?;
     a.set_label(&mut done)?;
     for (t, &f) in facc[..tokens].iter().enumerate() {
+        if spill {
+            a.vmovups(f, facc_at(t))?;
+        }
         a.vmovups(ymmword_ptr(rcx + 32 * t as i32), f)?;
+    }
+    if spill {
+        a.add(rsp, FRAME)?;
     }
     a.vzeroupper()?;
     a.ret()?;
@@ -257,7 +324,9 @@ mod tests {
                             x_i8_at: Some(72),
                             ..k
                         };
-                        for k in [k, halves, high, dwords] {
+                        let dwords_high =
+                            MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..dwords };
+                        for k in [k, halves, high, dwords, dwords_high] {
                             if k.halves && (values == MicroValues::Nibbles || half)
                                 || k.high_at.is_some() && values == MicroValues::Bytes
                                 || k.values == MicroValues::NibbleDwords && values == MicroValues::Bytes

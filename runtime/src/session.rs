@@ -206,6 +206,7 @@ impl Session {
         }
         let tok_path: PathBuf = bundle.join(&manifest.files.tokenizer);
         let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        release_freed_heap();
         let template = match &manifest.tokenizer.chat_template {
             Some(src) => Some(
                 ChatTemplate::new(src, &manifest.tokenizer.bos_token, &manifest.tokenizer.eos_token)
@@ -411,5 +412,17 @@ impl Session {
         messages.push(Message::assistant(reply.clone()));
         self.messages = messages;
         Ok((reply, stats))
+    }
+}
+
+/// Hands the heap pages freed so far back to the system. Parsing `tokenizer.json` builds
+/// megabytes of temporary strings that glibc's allocator otherwise keeps resident for the
+/// life of the process.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator to the system; it takes
+    // no pointers and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

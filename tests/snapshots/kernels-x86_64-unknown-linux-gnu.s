@@ -2209,93 +2209,105 @@ Disassembly of section .text:
 <kiln_v2_matmul_q4>:
 	push   %rbp
 	mov    %rsp,%rbp
-	sub    $0x160,%rsp
+	sub    $0x170,%rsp
+	mov    %rbx,0x140(%rsp)
+	mov    %r12,0x148(%rsp)
+	mov    %r13,0x150(%rsp)
+	mov    %r14,0x158(%rsp)
+	mov    %r15,0x160(%rsp)
+	mov    %rdx,%rcx
+	mov    (%rdi),%r12
+	mov    0x8(%rdi),%rbx
 	mov    %rbx,0x130(%rsp)
-	mov    %r12,0x138(%rsp)
-	mov    %r13,0x140(%rsp)
-	mov    %r14,0x148(%rsp)
-	mov    %r15,0x150(%rsp)
-	mov    %rdx,%r8
-	mov    (%rdi),%rbx
-	mov    0x8(%rdi),%r14
-	mov    %r14,0x128(%rsp)
-	mov    0x20(%rdi),%r12
-	mov    %r12,0x120(%rsp)
+	mov    0x20(%rdi),%r13
+	mov    %r13,0x128(%rsp)
 	mov    %rsi,%rax
 	shl    $0x3,%rax
 	xor    %rdx,%rdx
-	mov    %r8,%rcx
 	div    %rcx
-	mov    %rax,0x118(%rsp)
+	mov    %rax,0x120(%rsp)
 	lea    0x1(%rsi),%rax
 	shl    $0x3,%rax
 	xor    %rdx,%rdx
 	div    %rcx
-	mov    %rax,0x110(%rsp)
+	mov    %rax,0x118(%rsp)
 	xor    %rax,%rax
 	mov    %rax,0x80(%rsp)
-	cmp    %r12,%rax
-	mov    %r12,0x120(%rsp)
-	jl     <kiln_v2_matmul_q4+0xcf>
-	mov    0x130(%rsp),%rbx
-	mov    0x138(%rsp),%r12
-	mov    0x140(%rsp),%r13
-	mov    0x148(%rsp),%r14
-	mov    0x150(%rsp),%r15
-	add    $0x160,%rsp
+	mov    0x80(%rsp),%rbx
+	cmp    %r13,%rbx
+	mov    %r13,0x128(%rsp)
+	jl     <kiln_v2_matmul_q4+0xd4>
+	mov    0x140(%rsp),%rbx
+	mov    0x148(%rsp),%r12
+	mov    0x150(%rsp),%r13
+	mov    0x158(%rsp),%r14
+	mov    0x160(%rsp),%r15
+	add    $0x170,%rsp
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	mov    0x110(%rsp),%rax
-	mov    0x118(%rsp),%r15
+	mov    0x118(%rsp),%rax
+	mov    0x120(%rsp),%r15
 	cmp    %rax,%r15
-	mov    %rax,0x110(%rsp)
-	jl     <kiln_v2_matmul_q4+0x11c>
-	mov    0x80(%rsp),%r12
-	add    $0x40,%r12
-	mov    %r12,0x80(%rsp)
-	mov    0x80(%rsp),%rax
-	mov    0x120(%rsp),%r12
-	jmp    <kiln_v2_matmul_q4+0x8a>
-	mov    0x80(%rsp),%r12
-	lea    0x40(%r12),%r13
-	mov    0x120(%rsp),%r12
-	cmp    %r13,%r12
-	cmovl  %r12,%r13
-	mov    0x80(%rsp),%rax
-	mov    %r13,%r12
-	sub    %rax,%r12
-	and    $0x3,%r12
-	sub    %r12,%r13
-	mov    0x80(%rsp),%r14
-	cmp    %r13,%r14
-	jl     <kiln_v2_matmul_q4+0x1069>
-	cmp    $0x1,%r12
-	je     <kiln_v2_matmul_q4+0xd98>
-	cmp    $0x2,%r12
-	je     <kiln_v2_matmul_q4+0x874>
-	cmp    $0x3,%r12
-	je     <kiln_v2_matmul_q4+0x189>
-	mov    0x128(%rsp),%r12
-	jmp    <kiln_v2_matmul_q4+0xd8b>
+	mov    %rax,0x118(%rsp)
+	jl     <kiln_v2_matmul_q4+0x119>
+	mov    0x80(%rsp),%rbx
+	add    $0x40,%rbx
+	mov    %rbx,0x80(%rsp)
+	mov    0x128(%rsp),%r13
+	jmp    <kiln_v2_matmul_q4+0x8f>
+	mov    0x80(%rsp),%rbx
+	lea    0x40(%rbx),%r14
+	mov    0x128(%rsp),%r13
+	cmp    %r14,%r13
+	cmovl  %r13,%r14
+	mov    %r14,%r13
+	sub    %rbx,%r13
+	mov    %r13,%r11
+	and    $0x3,%r11
+	sub    %r11,%r14
+	cmp    %r14,%rbx
+	jl     <kiln_v2_matmul_q4+0x1086>
+	test   $0x3,%r13
+	je     <kiln_v2_matmul_q4+0x1072>
+	lea    -0x1(%r11),%rax
+	cmp    0x1843(%rip),%rax        # <kiln_v2_matmul_q4+0x19a8>
+	ja     <kiln_v2_matmul_q4+0x1072>
+	and    $0x3,%r13d
+	lea    -0x1(%r13),%eax
+	mov    $0x3,%ecx
+	cmp    %ecx,%eax
+	cmovb  %eax,%ecx
+	lea    0x9(%rip),%rdx        # <kiln_v2_matmul_q4+0x18d>
+	movslq (%rdx,%rcx,4),%rax
+	add    %rax,%rdx
+	jmp    *%rdx
+	es or  $0x0,%al
+	add    %al,(%rsi)
+	(bad)
+	add    %al,(%rax)
+	adc    $0xe5000000,%eax
+	(bad)
+	add    %al,(%rax)
+	jmp    <kiln_v2_matmul_q4+0x1072>
 	imul   $0x140,%r15,%rax
-	mov    0x128(%rsp),%r12
-	lea    0x100(%r12,%rax,1),%rdi
+	mov    0x130(%rsp),%r13
+	lea    0x100(%r13,%rax,1),%rdi
 	mov    $0x90,%edx
-	imul   $0x90,%r13,%rax
-	lea    (%rbx,%rax,1),%rsi
+	imul   $0x90,%r14,%rax
+	lea    (%r12,%rax,1),%rsi
 	lea    (%rsp),%rcx
 	mov    $0x2,%r8d
-	call   <kiln_v2_matmul_q4+0x1bf>
-	vmovups (%rsp),%xmm13
+	call   <kiln_v2_matmul_q4+0x1d8>
+	vmovups (%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
-	vxorps %xmm0,%xmm13,%xmm0
-	vmovups 0x1797(%rip),%xmm2        # <kiln_v2_matmul_q4+0x1970>
-	vcmpltps %xmm2,%xmm0,%xmm14
+	vxorps %xmm0,%xmm14,%xmm0
+	vmovups 0x17be(%rip),%xmm2        # <kiln_v2_matmul_q4+0x19b0>
+	vcmpltps %xmm2,%xmm0,%xmm15
 	vxorps %xmm1,%xmm1,%xmm5
 	movdqu %xmm5,0xb0(%rsp)
-	vmovups 0x178d(%rip),%xmm1        # <kiln_v2_matmul_q4+0x1980>
+	vmovups 0x17b4(%rip),%xmm1        # <kiln_v2_matmul_q4+0x19c0>
 	vmaxps %xmm2,%xmm0,%xmm3
 	vmaxps %xmm0,%xmm2,%xmm0
 	vxorps %xmm0,%xmm3,%xmm0
@@ -2304,7 +2316,7 @@ Disassembly of section .text:
 	vcmpunordps %xmm3,%xmm3,%xmm3
 	vpsrld $0xa,%xmm3,%xmm3
 	vandnps %xmm0,%xmm3,%xmm0
-	vmovups 0x1773(%rip),%xmm4        # <kiln_v2_matmul_q4+0x1990>
+	vmovups 0x179a(%rip),%xmm4        # <kiln_v2_matmul_q4+0x19d0>
 	vminps %xmm4,%xmm0,%xmm5
 	vminps %xmm0,%xmm4,%xmm3
 	vorps  %xmm3,%xmm5,%xmm0
@@ -2312,59 +2324,59 @@ Disassembly of section .text:
 	vorps  %xmm3,%xmm0,%xmm0
 	vpsrld $0xa,%xmm3,%xmm3
 	vandnps %xmm0,%xmm3,%xmm0
-	vmovups 0x175d(%rip),%xmm7        # <kiln_v2_matmul_q4+0x19a0>
+	vmovups 0x1784(%rip),%xmm7        # <kiln_v2_matmul_q4+0x19e0>
 	vmulps %xmm7,%xmm0,%xmm3
 	movdqu %xmm7,0xa0(%rsp)
-	vroundps $0x0,%xmm3,%xmm12
-	vmovups 0x1752(%rip),%xmm6        # <kiln_v2_matmul_q4+0x19b0>
+	vroundps $0x0,%xmm3,%xmm13
+	vmovups 0x1779(%rip),%xmm6        # <kiln_v2_matmul_q4+0x19f0>
 	movdqu %xmm6,0x90(%rsp)
-	vmovups 0x1751(%rip),%xmm15        # <kiln_v2_matmul_q4+0x19c0>
-	movdqa %xmm12,%xmm3
-	vfmadd213ps %xmm0,%xmm15,%xmm3
-	movdqu %xmm15,0x100(%rsp)
-	movdqa %xmm12,%xmm5
+	vmovups 0x1778(%rip),%xmm8        # <kiln_v2_matmul_q4+0x1a00>
+	movdqa %xmm13,%xmm3
+	vfmadd213ps %xmm0,%xmm8,%xmm3
+	movdqu %xmm8,0x100(%rsp)
+	movdqa %xmm13,%xmm5
 	vfmadd213ps %xmm3,%xmm6,%xmm5
-	vmovups 0x173b(%rip),%xmm15        # <kiln_v2_matmul_q4+0x19d0>
+	vmovups 0x1762(%rip),%xmm8        # <kiln_v2_matmul_q4+0x1a10>
 	movdqa %xmm1,%xmm0
-	vfmadd213ps %xmm15,%xmm5,%xmm0
-	vmovups 0x173a(%rip),%xmm8        # <kiln_v2_matmul_q4+0x19e0>
 	vfmadd213ps %xmm8,%xmm5,%xmm0
-	vmovups 0x173d(%rip),%xmm9        # <kiln_v2_matmul_q4+0x19f0>
+	vmovups 0x1761(%rip),%xmm9        # <kiln_v2_matmul_q4+0x1a20>
 	vfmadd213ps %xmm9,%xmm5,%xmm0
-	vmovups 0x1740(%rip),%xmm10        # <kiln_v2_matmul_q4+0x1a00>
+	vmovups 0x1764(%rip),%xmm10        # <kiln_v2_matmul_q4+0x1a30>
 	vfmadd213ps %xmm10,%xmm5,%xmm0
-	vmovups 0x1743(%rip),%xmm11        # <kiln_v2_matmul_q4+0x1a10>
+	vmovups 0x1767(%rip),%xmm11        # <kiln_v2_matmul_q4+0x1a40>
 	vfmadd213ps %xmm11,%xmm5,%xmm0
+	vmovups 0x176a(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a50>
+	vfmadd213ps %xmm12,%xmm5,%xmm0
 	vmulps %xmm5,%xmm5,%xmm6
-	vmovups 0x1742(%rip),%xmm3        # <kiln_v2_matmul_q4+0x1a20>
+	vmovups 0x1769(%rip),%xmm3        # <kiln_v2_matmul_q4+0x1a60>
 	vaddps %xmm3,%xmm5,%xmm5
 	vfmadd213ps %xmm5,%xmm6,%xmm0
-	vcmpeqps %xmm12,%xmm12,%xmm6
-	vandps %xmm6,%xmm12,%xmm5
+	vcmpeqps %xmm13,%xmm13,%xmm6
+	vandps %xmm6,%xmm13,%xmm5
 	vpxor  %xmm5,%xmm6,%xmm6
 	vcvttps2dq %xmm5,%xmm5
 	vpand  %xmm6,%xmm5,%xmm6
 	vpsrad $0x1f,%xmm6,%xmm6
 	vpxor  %xmm5,%xmm6,%xmm5
-	vmovdqu 0x1722(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a30>
-	vpaddd %xmm12,%xmm5,%xmm5
+	vmovdqu 0x1749(%rip),%xmm13        # <kiln_v2_matmul_q4+0x1a70>
+	vpaddd %xmm13,%xmm5,%xmm5
 	vpslld $0x17,%xmm5,%xmm5
 	vmulps %xmm5,%xmm0,%xmm0
 	movdqu 0xb0(%rsp),%xmm5
-	vpblendvb %xmm14,%xmm5,%xmm0,%xmm0
+	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
-	vdivps %xmm0,%xmm13,%xmm0
-	mov    %r13,%rcx
+	vdivps %xmm0,%xmm14,%xmm0
+	mov    %r14,%rcx
 	shl    $0x8,%rcx
 	mov    %r15,%rax
 	shl    $0x5,%rax
 	add    %rax,%rcx
-	vmovups %xmm0,0x480(%rbx,%rcx,1)
-	vmovups 0x10(%rsp),%xmm13
+	vmovups %xmm0,0x480(%r12,%rcx,1)
+	vmovups 0x10(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
-	vxorps %xmm0,%xmm13,%xmm0
-	vcmpltps %xmm2,%xmm0,%xmm14
+	vxorps %xmm0,%xmm14,%xmm0
+	vcmpltps %xmm2,%xmm0,%xmm15
 	vmaxps %xmm2,%xmm0,%xmm5
 	vmaxps %xmm0,%xmm2,%xmm0
 	vxorps %xmm0,%xmm5,%xmm0
@@ -2389,11 +2401,11 @@ Disassembly of section .text:
 	movdqa %xmm5,%xmm6
 	vfmadd213ps %xmm7,%xmm0,%xmm6
 	movdqa %xmm1,%xmm0
-	vfmadd213ps %xmm15,%xmm6,%xmm0
 	vfmadd213ps %xmm8,%xmm6,%xmm0
 	vfmadd213ps %xmm9,%xmm6,%xmm0
 	vfmadd213ps %xmm10,%xmm6,%xmm0
 	vfmadd213ps %xmm11,%xmm6,%xmm0
+	vfmadd213ps %xmm12,%xmm6,%xmm0
 	vmulps %xmm6,%xmm6,%xmm7
 	vaddps %xmm3,%xmm6,%xmm6
 	vfmadd213ps %xmm6,%xmm7,%xmm0
@@ -2404,19 +2416,19 @@ Disassembly of section .text:
 	vpand  %xmm6,%xmm5,%xmm6
 	vpsrad $0x1f,%xmm6,%xmm6
 	vpxor  %xmm5,%xmm6,%xmm5
-	vpaddd %xmm12,%xmm5,%xmm5
+	vpaddd %xmm13,%xmm5,%xmm5
 	vpslld $0x17,%xmm5,%xmm5
 	vmulps %xmm5,%xmm0,%xmm0
 	movdqu 0xb0(%rsp),%xmm5
-	vpblendvb %xmm14,%xmm5,%xmm0,%xmm0
+	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
-	vdivps %xmm0,%xmm13,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rcx,1)
-	vmovups 0x20(%rsp),%xmm13
+	vdivps %xmm0,%xmm14,%xmm0
+	vmovups %xmm0,0x490(%r12,%rcx,1)
+	vmovups 0x20(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
-	vxorps %xmm0,%xmm13,%xmm0
-	vcmpltps %xmm2,%xmm0,%xmm14
+	vxorps %xmm0,%xmm14,%xmm0
+	vcmpltps %xmm2,%xmm0,%xmm15
 	vmaxps %xmm2,%xmm0,%xmm5
 	vmaxps %xmm0,%xmm2,%xmm0
 	vxorps %xmm0,%xmm5,%xmm0
@@ -2442,11 +2454,11 @@ Disassembly of section .text:
 	movdqa %xmm5,%xmm6
 	vfmadd213ps %xmm7,%xmm0,%xmm6
 	movdqa %xmm1,%xmm0
-	vfmadd213ps %xmm15,%xmm6,%xmm0
 	vfmadd213ps %xmm8,%xmm6,%xmm0
 	vfmadd213ps %xmm9,%xmm6,%xmm0
 	vfmadd213ps %xmm10,%xmm6,%xmm0
 	vfmadd213ps %xmm11,%xmm6,%xmm0
+	vfmadd213ps %xmm12,%xmm6,%xmm0
 	vmulps %xmm6,%xmm6,%xmm7
 	vaddps %xmm3,%xmm6,%xmm6
 	vfmadd213ps %xmm6,%xmm7,%xmm0
@@ -2457,22 +2469,22 @@ Disassembly of section .text:
 	vpand  %xmm6,%xmm5,%xmm6
 	vpsrad $0x1f,%xmm6,%xmm6
 	vpxor  %xmm5,%xmm6,%xmm5
-	vpaddd %xmm12,%xmm5,%xmm5
+	vpaddd %xmm13,%xmm5,%xmm5
 	vpslld $0x17,%xmm5,%xmm5
 	vmulps %xmm5,%xmm0,%xmm0
 	movdqu 0xb0(%rsp),%xmm5
-	vpblendvb %xmm14,%xmm5,%xmm0,%xmm0
+	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
-	vdivps %xmm0,%xmm13,%xmm0
-	lea    0x1(%r13),%rcx
+	vdivps %xmm0,%xmm14,%xmm0
+	lea    0x1(%r14),%rcx
 	shl    $0x8,%rcx
 	add    %rax,%rcx
-	vmovups %xmm0,0x480(%rbx,%rcx,1)
-	vmovups 0x30(%rsp),%xmm13
+	vmovups %xmm0,0x480(%r12,%rcx,1)
+	vmovups 0x30(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
-	vxorps %xmm0,%xmm13,%xmm0
-	vcmpltps %xmm2,%xmm0,%xmm14
+	vxorps %xmm0,%xmm14,%xmm0
+	vcmpltps %xmm2,%xmm0,%xmm15
 	vmaxps %xmm2,%xmm0,%xmm5
 	vmaxps %xmm0,%xmm2,%xmm0
 	vxorps %xmm0,%xmm5,%xmm0
@@ -2498,11 +2510,11 @@ Disassembly of section .text:
 	movdqa %xmm5,%xmm6
 	vfmadd213ps %xmm7,%xmm0,%xmm6
 	movdqa %xmm1,%xmm0
-	vfmadd213ps %xmm15,%xmm6,%xmm0
 	vfmadd213ps %xmm8,%xmm6,%xmm0
 	vfmadd213ps %xmm9,%xmm6,%xmm0
 	vfmadd213ps %xmm10,%xmm6,%xmm0
 	vfmadd213ps %xmm11,%xmm6,%xmm0
+	vfmadd213ps %xmm12,%xmm6,%xmm0
 	vmulps %xmm6,%xmm6,%xmm7
 	vaddps %xmm3,%xmm6,%xmm6
 	vfmadd213ps %xmm6,%xmm7,%xmm0
@@ -2513,19 +2525,19 @@ Disassembly of section .text:
 	vpand  %xmm6,%xmm5,%xmm6
 	vpsrad $0x1f,%xmm6,%xmm6
 	vpxor  %xmm5,%xmm6,%xmm5
-	vpaddd %xmm12,%xmm5,%xmm5
+	vpaddd %xmm13,%xmm5,%xmm5
 	vpslld $0x17,%xmm5,%xmm5
 	vmulps %xmm5,%xmm0,%xmm0
 	movdqu 0xb0(%rsp),%xmm5
-	vpblendvb %xmm14,%xmm5,%xmm0,%xmm0
+	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
-	vdivps %xmm0,%xmm13,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rcx,1)
-	vmovups 0x40(%rsp),%xmm13
+	vdivps %xmm0,%xmm14,%xmm0
+	vmovups %xmm0,0x490(%r12,%rcx,1)
+	vmovups 0x40(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
-	vxorps %xmm0,%xmm13,%xmm0
-	vcmpltps %xmm2,%xmm0,%xmm14
+	vxorps %xmm0,%xmm14,%xmm0
+	vcmpltps %xmm2,%xmm0,%xmm15
 	vmaxps %xmm2,%xmm0,%xmm5
 	vmaxps %xmm0,%xmm2,%xmm0
 	vxorps %xmm0,%xmm5,%xmm0
@@ -2551,11 +2563,11 @@ Disassembly of section .text:
 	movdqa %xmm5,%xmm6
 	vfmadd213ps %xmm7,%xmm0,%xmm6
 	movdqa %xmm1,%xmm0
-	vfmadd213ps %xmm15,%xmm6,%xmm0
 	vfmadd213ps %xmm8,%xmm6,%xmm0
 	vfmadd213ps %xmm9,%xmm6,%xmm0
 	vfmadd213ps %xmm10,%xmm6,%xmm0
 	vfmadd213ps %xmm11,%xmm6,%xmm0
+	vfmadd213ps %xmm12,%xmm6,%xmm0
 	vmulps %xmm6,%xmm6,%xmm7
 	vaddps %xmm3,%xmm6,%xmm6
 	vfmadd213ps %xmm6,%xmm7,%xmm0
@@ -2566,22 +2578,22 @@ Disassembly of section .text:
 	vpand  %xmm6,%xmm5,%xmm6
 	vpsrad $0x1f,%xmm6,%xmm6
 	vpxor  %xmm5,%xmm6,%xmm5
-	vpaddd %xmm12,%xmm5,%xmm5
+	vpaddd %xmm13,%xmm5,%xmm5
 	vpslld $0x17,%xmm5,%xmm5
 	vmulps %xmm5,%xmm0,%xmm0
 	movdqu 0xb0(%rsp),%xmm5
-	vpblendvb %xmm14,%xmm5,%xmm0,%xmm0
+	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
-	vdivps %xmm0,%xmm13,%xmm0
-	lea    0x2(%r13),%rcx
+	vdivps %xmm0,%xmm14,%xmm0
+	lea    0x2(%r14),%rcx
 	shl    $0x8,%rcx
 	add    %rcx,%rax
-	vmovups %xmm0,0x480(%rbx,%rax,1)
-	vmovups 0x50(%rsp),%xmm13
+	vmovups %xmm0,0x480(%r12,%rax,1)
+	vmovups 0x50(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
-	vxorps %xmm0,%xmm13,%xmm0
-	vcmpltps %xmm2,%xmm0,%xmm14
+	vxorps %xmm0,%xmm14,%xmm0
+	vcmpltps %xmm2,%xmm0,%xmm15
 	vmaxps %xmm2,%xmm0,%xmm5
 	vmaxps %xmm0,%xmm2,%xmm0
 	vxorps %xmm0,%xmm5,%xmm0
@@ -2600,17 +2612,17 @@ Disassembly of section .text:
 	movdqu 0xa0(%rsp),%xmm7
 	vmulps %xmm7,%xmm2,%xmm0
 	vroundps $0x0,%xmm0,%xmm0
-	movdqu 0x100(%rsp),%xmm7
+	movdqu 0x100(%rsp),%xmm5
 	movdqa %xmm0,%xmm4
-	vfmadd213ps %xmm2,%xmm7,%xmm4
+	vfmadd213ps %xmm2,%xmm5,%xmm4
 	movdqu 0x90(%rsp),%xmm6
 	movdqa %xmm0,%xmm2
 	vfmadd213ps %xmm4,%xmm6,%xmm2
-	vfmadd213ps %xmm15,%xmm2,%xmm1
 	vfmadd213ps %xmm8,%xmm2,%xmm1
 	vfmadd213ps %xmm9,%xmm2,%xmm1
 	vfmadd213ps %xmm10,%xmm2,%xmm1
 	vfmadd213ps %xmm11,%xmm2,%xmm1
+	vfmadd213ps %xmm12,%xmm2,%xmm1
 	vmulps %xmm2,%xmm2,%xmm4
 	vaddps %xmm3,%xmm2,%xmm2
 	vfmadd213ps %xmm2,%xmm4,%xmm1
@@ -2621,33 +2633,33 @@ Disassembly of section .text:
 	vpand  %xmm2,%xmm0,%xmm2
 	vpsrad $0x1f,%xmm2,%xmm2
 	vpxor  %xmm0,%xmm2,%xmm0
-	vpaddd %xmm12,%xmm0,%xmm0
+	vpaddd %xmm13,%xmm0,%xmm0
 	vpslld $0x17,%xmm0,%xmm0
 	vmulps %xmm0,%xmm1,%xmm0
 	movdqu 0xb0(%rsp),%xmm5
-	vpblendvb %xmm14,%xmm5,%xmm0,%xmm0
+	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
-	vdivps %xmm0,%xmm13,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rax,1)
-	jmp    <kiln_v2_matmul_q4+0xd8b>
-	mov    0x128(%rsp),%r12
+	vdivps %xmm0,%xmm14,%xmm0
+	vmovups %xmm0,0x490(%r12,%rax,1)
+	jmp    <kiln_v2_matmul_q4+0x1072>
+	mov    0x130(%rsp),%r13
 	imul   $0x140,%r15,%rax
-	lea    0x100(%r12,%rax,1),%rdi
+	lea    0x100(%r13,%rax,1),%rdi
 	mov    $0x90,%edx
-	imul   $0x90,%r13,%rax
-	lea    (%rbx,%rax,1),%rsi
+	imul   $0x90,%r14,%rax
+	lea    (%r12,%rax,1),%rsi
 	lea    (%rsp),%rcx
 	mov    $0x2,%r8d
-	call   <kiln_v2_matmul_q4+0x8aa>
+	call   <kiln_v2_matmul_q4+0x8c9>
 	vmovups (%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
 	vxorps %xmm0,%xmm14,%xmm0
-	vmovups 0x10ac(%rip),%xmm2        # <kiln_v2_matmul_q4+0x1970>
+	vmovups 0x10cd(%rip),%xmm2        # <kiln_v2_matmul_q4+0x19b0>
 	vcmpltps %xmm2,%xmm0,%xmm15
 	vxorps %xmm1,%xmm1,%xmm5
 	movdqu %xmm5,0x100(%rsp)
-	vmovups 0x10a2(%rip),%xmm1        # <kiln_v2_matmul_q4+0x1980>
+	vmovups 0x10c3(%rip),%xmm1        # <kiln_v2_matmul_q4+0x19c0>
 	vmaxps %xmm2,%xmm0,%xmm3
 	vmaxps %xmm0,%xmm2,%xmm0
 	vxorps %xmm0,%xmm3,%xmm0
@@ -2656,7 +2668,7 @@ Disassembly of section .text:
 	vcmpunordps %xmm3,%xmm3,%xmm3
 	vpsrld $0xa,%xmm3,%xmm3
 	vandnps %xmm0,%xmm3,%xmm0
-	vmovups 0x1088(%rip),%xmm4        # <kiln_v2_matmul_q4+0x1990>
+	vmovups 0x10a9(%rip),%xmm4        # <kiln_v2_matmul_q4+0x19d0>
 	vminps %xmm4,%xmm0,%xmm5
 	vminps %xmm0,%xmm4,%xmm3
 	vorps  %xmm3,%xmm5,%xmm0
@@ -2664,33 +2676,33 @@ Disassembly of section .text:
 	vorps  %xmm3,%xmm0,%xmm0
 	vpsrld $0xa,%xmm3,%xmm3
 	vandnps %xmm0,%xmm3,%xmm0
-	vmovups 0x1072(%rip),%xmm7        # <kiln_v2_matmul_q4+0x19a0>
+	vmovups 0x1093(%rip),%xmm7        # <kiln_v2_matmul_q4+0x19e0>
 	vmulps %xmm7,%xmm0,%xmm3
 	movdqu %xmm7,0xf0(%rsp)
 	vroundps $0x0,%xmm3,%xmm13
-	vmovups 0x1067(%rip),%xmm6        # <kiln_v2_matmul_q4+0x19b0>
+	vmovups 0x1088(%rip),%xmm6        # <kiln_v2_matmul_q4+0x19f0>
 	movdqu %xmm6,0xe0(%rsp)
-	vmovups 0x1066(%rip),%xmm8        # <kiln_v2_matmul_q4+0x19c0>
+	vmovups 0x1087(%rip),%xmm8        # <kiln_v2_matmul_q4+0x1a00>
 	movdqa %xmm13,%xmm3
 	vfmadd213ps %xmm0,%xmm8,%xmm3
 	movdqu %xmm8,0xd0(%rsp)
 	movdqa %xmm13,%xmm5
 	vfmadd213ps %xmm3,%xmm6,%xmm5
-	vmovups 0x1050(%rip),%xmm9        # <kiln_v2_matmul_q4+0x19d0>
+	vmovups 0x1071(%rip),%xmm9        # <kiln_v2_matmul_q4+0x1a10>
 	movdqa %xmm1,%xmm0
 	vfmadd213ps %xmm9,%xmm5,%xmm0
 	movdqu %xmm9,0x90(%rsp)
-	vmovups 0x1045(%rip),%xmm10        # <kiln_v2_matmul_q4+0x19e0>
+	vmovups 0x1066(%rip),%xmm10        # <kiln_v2_matmul_q4+0x1a20>
 	vfmadd213ps %xmm10,%xmm5,%xmm0
-	vmovups 0x1048(%rip),%xmm11        # <kiln_v2_matmul_q4+0x19f0>
+	vmovups 0x1069(%rip),%xmm11        # <kiln_v2_matmul_q4+0x1a30>
 	vfmadd213ps %xmm11,%xmm5,%xmm0
-	vmovups 0x104b(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a00>
+	vmovups 0x106c(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a40>
 	vfmadd213ps %xmm12,%xmm5,%xmm0
 	movdqu %xmm12,0xc0(%rsp)
-	vmovups 0x1044(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a10>
+	vmovups 0x1065(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a50>
 	vfmadd213ps %xmm12,%xmm5,%xmm0
 	vmulps %xmm5,%xmm5,%xmm6
-	vmovups 0x1043(%rip),%xmm3        # <kiln_v2_matmul_q4+0x1a20>
+	vmovups 0x1064(%rip),%xmm3        # <kiln_v2_matmul_q4+0x1a60>
 	vaddps %xmm3,%xmm5,%xmm5
 	vfmadd213ps %xmm5,%xmm6,%xmm0
 	vcmpeqps %xmm13,%xmm13,%xmm6
@@ -2700,7 +2712,7 @@ Disassembly of section .text:
 	vpand  %xmm6,%xmm5,%xmm6
 	vpsrad $0x1f,%xmm6,%xmm6
 	vpxor  %xmm5,%xmm6,%xmm5
-	vmovdqu 0x1023(%rip),%xmm13        # <kiln_v2_matmul_q4+0x1a30>
+	vmovdqu 0x1044(%rip),%xmm13        # <kiln_v2_matmul_q4+0x1a70>
 	vpaddd %xmm13,%xmm5,%xmm5
 	vpslld $0x17,%xmm5,%xmm5
 	vmulps %xmm5,%xmm0,%xmm0
@@ -2708,12 +2720,12 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	mov    %r13,%rcx
+	mov    %r14,%rcx
 	shl    $0x8,%rcx
 	mov    %r15,%rax
 	shl    $0x5,%rax
 	add    %rax,%rcx
-	vmovups %xmm0,0x480(%rbx,%rcx,1)
+	vmovups %xmm0,0x480(%r12,%rcx,1)
 	vmovups 0x10(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -2767,7 +2779,7 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rcx,1)
+	vmovups %xmm0,0x490(%r12,%rcx,1)
 	vmovups 0x20(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -2824,10 +2836,10 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm7,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	lea    0x1(%r13),%rcx
+	lea    0x1(%r14),%rcx
 	shl    $0x8,%rcx
 	add    %rcx,%rax
-	vmovups %xmm0,0x480(%rbx,%rax,1)
+	vmovups %xmm0,0x480(%r12,%rax,1)
 	vmovups 0x30(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -2878,162 +2890,27 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rax,1)
-	mov    %r12,0x128(%rsp)
-	jmp    <kiln_v2_matmul_q4+0x1055>
-	mov    0x128(%rsp),%r12
+	vmovups %xmm0,0x490(%r12,%rax,1)
+	jmp    <kiln_v2_matmul_q4+0x1072>
+	mov    0x130(%rsp),%r13
 	imul   $0x140,%r15,%rax
-	lea    0x100(%r12,%rax,1),%rdi
-	mov    $0x90,%edx
-	imul   $0x90,%r13,%rax
-	lea    (%rbx,%rax,1),%rsi
-	lea    (%rsp),%rcx
-	mov    $0x2,%r8d
-	call   <kiln_v2_matmul_q4+0xdce>
-	vmovups (%rsp),%xmm5
-	vpcmpeqd %xmm0,%xmm0,%xmm0
-	vpslld $0x1f,%xmm0,%xmm0
-	vxorps %xmm0,%xmm5,%xmm0
-	vmovups 0xb88(%rip),%xmm1        # <kiln_v2_matmul_q4+0x1970>
-	vcmpltps %xmm1,%xmm0,%xmm4
-	movdqu %xmm4,0xa0(%rsp)
-	vxorps %xmm2,%xmm2,%xmm4
-	movdqu %xmm4,0x90(%rsp)
-	vmovups 0xb75(%rip),%xmm7        # <kiln_v2_matmul_q4+0x1980>
-	vmaxps %xmm1,%xmm0,%xmm2
-	vmaxps %xmm0,%xmm1,%xmm0
-	vxorps %xmm0,%xmm2,%xmm0
-	vorps  %xmm0,%xmm2,%xmm2
-	vsubps %xmm0,%xmm2,%xmm0
-	vcmpunordps %xmm2,%xmm2,%xmm2
-	vpsrld $0xa,%xmm2,%xmm2
-	vandnps %xmm0,%xmm2,%xmm0
-	vmovups 0xb5b(%rip),%xmm3        # <kiln_v2_matmul_q4+0x1990>
-	vminps %xmm3,%xmm0,%xmm4
-	vminps %xmm0,%xmm3,%xmm2
-	vorps  %xmm2,%xmm4,%xmm0
-	vcmpunordps %xmm2,%xmm0,%xmm2
-	vorps  %xmm2,%xmm0,%xmm0
-	vpsrld $0xa,%xmm2,%xmm2
-	vandnps %xmm0,%xmm2,%xmm0
-	vmovups 0xb45(%rip),%xmm6        # <kiln_v2_matmul_q4+0x19a0>
-	vmulps %xmm6,%xmm0,%xmm2
-	vroundps $0x0,%xmm2,%xmm15
-	vmovups 0xb43(%rip),%xmm2        # <kiln_v2_matmul_q4+0x19b0>
-	movdqu %xmm2,0xc0(%rsp)
-	vmovups 0xb42(%rip),%xmm8        # <kiln_v2_matmul_q4+0x19c0>
-	movdqa %xmm15,%xmm2
-	vfmadd213ps %xmm0,%xmm8,%xmm2
-	movdqu 0xc0(%rsp),%xmm0
-	movdqa %xmm15,%xmm14
-	vfmadd213ps %xmm2,%xmm0,%xmm14
-	vmovups 0xb2d(%rip),%xmm9        # <kiln_v2_matmul_q4+0x19d0>
-	movdqa %xmm7,%xmm0
-	vfmadd213ps %xmm9,%xmm14,%xmm0
-	vmovups 0xb2c(%rip),%xmm10        # <kiln_v2_matmul_q4+0x19e0>
-	vfmadd213ps %xmm10,%xmm14,%xmm0
-	vmovups 0xb2f(%rip),%xmm11        # <kiln_v2_matmul_q4+0x19f0>
-	vfmadd213ps %xmm11,%xmm14,%xmm0
-	vmovups 0xb32(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a00>
-	vfmadd213ps %xmm12,%xmm14,%xmm0
-	vmovups 0xb35(%rip),%xmm13        # <kiln_v2_matmul_q4+0x1a10>
-	vfmadd213ps %xmm13,%xmm14,%xmm0
-	vmulps %xmm14,%xmm14,%xmm4
-	vmovups 0xb33(%rip),%xmm2        # <kiln_v2_matmul_q4+0x1a20>
-	vaddps %xmm2,%xmm14,%xmm14
-	vfmadd213ps %xmm14,%xmm4,%xmm0
-	vcmpeqps %xmm15,%xmm15,%xmm14
-	vandps %xmm14,%xmm15,%xmm4
-	vpxor  %xmm4,%xmm14,%xmm14
-	vcvttps2dq %xmm4,%xmm4
-	vpand  %xmm14,%xmm4,%xmm14
-	vpsrad $0x1f,%xmm14,%xmm14
-	vpxor  %xmm4,%xmm14,%xmm4
-	vmovdqu 0xb10(%rip),%xmm15        # <kiln_v2_matmul_q4+0x1a30>
-	vpaddd %xmm15,%xmm4,%xmm4
-	vpslld $0x17,%xmm4,%xmm4
-	vmulps %xmm4,%xmm0,%xmm4
-	movdqu 0x90(%rsp),%xmm0
-	movdqu 0xa0(%rsp),%xmm14
-	vpblendvb %xmm14,%xmm0,%xmm4,%xmm4
-	vaddps %xmm2,%xmm4,%xmm0
-	vdivps %xmm0,%xmm5,%xmm4
-	shl    $0x8,%r13
-	mov    %r15,%rax
-	shl    $0x5,%rax
-	add    %r13,%rax
-	vmovups %xmm4,0x480(%rbx,%rax,1)
-	vmovups 0x10(%rsp),%xmm5
-	vpcmpeqd %xmm0,%xmm0,%xmm0
-	vpslld $0x1f,%xmm0,%xmm0
-	vxorps %xmm0,%xmm5,%xmm4
-	vcmpltps %xmm1,%xmm4,%xmm14
-	vmaxps %xmm1,%xmm4,%xmm0
-	vmaxps %xmm4,%xmm1,%xmm1
-	vxorps %xmm1,%xmm0,%xmm1
-	vorps  %xmm1,%xmm0,%xmm0
-	vsubps %xmm1,%xmm0,%xmm1
-	vcmpunordps %xmm0,%xmm0,%xmm0
-	vpsrld $0xa,%xmm0,%xmm0
-	vandnps %xmm1,%xmm0,%xmm0
-	vminps %xmm3,%xmm0,%xmm4
-	vminps %xmm0,%xmm3,%xmm1
-	vorps  %xmm1,%xmm4,%xmm0
-	vcmpunordps %xmm1,%xmm0,%xmm1
-	vorps  %xmm1,%xmm0,%xmm0
-	vpsrld $0xa,%xmm1,%xmm1
-	vandnps %xmm0,%xmm1,%xmm3
-	vmulps %xmm6,%xmm3,%xmm0
-	vroundps $0x0,%xmm0,%xmm1
-	movdqa %xmm1,%xmm0
-	vfmadd213ps %xmm3,%xmm8,%xmm0
-	movdqu 0xc0(%rsp),%xmm6
-	movdqa %xmm1,%xmm3
-	vfmadd213ps %xmm0,%xmm6,%xmm3
-	vfmadd213ps %xmm9,%xmm3,%xmm7
-	vfmadd213ps %xmm10,%xmm3,%xmm7
-	vfmadd213ps %xmm11,%xmm3,%xmm7
-	vfmadd213ps %xmm12,%xmm3,%xmm7
-	vfmadd213ps %xmm13,%xmm3,%xmm7
-	vmulps %xmm3,%xmm3,%xmm0
-	vaddps %xmm2,%xmm3,%xmm3
-	vfmadd213ps %xmm3,%xmm0,%xmm7
-	vcmpeqps %xmm1,%xmm1,%xmm3
-	vandps %xmm3,%xmm1,%xmm0
-	vpxor  %xmm0,%xmm3,%xmm1
-	vcvttps2dq %xmm0,%xmm0
-	vpand  %xmm1,%xmm0,%xmm1
-	vpsrad $0x1f,%xmm1,%xmm1
-	vpxor  %xmm0,%xmm1,%xmm0
-	vpaddd %xmm15,%xmm0,%xmm0
-	vpslld $0x17,%xmm0,%xmm0
-	vmulps %xmm0,%xmm7,%xmm0
-	movdqu 0x90(%rsp),%xmm6
-	vpblendvb %xmm14,%xmm6,%xmm0,%xmm0
-	vaddps %xmm2,%xmm0,%xmm0
-	vdivps %xmm0,%xmm5,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rax,1)
-	add    $0x1,%r15
-	mov    0x110(%rsp),%rax
-	jmp    <kiln_v2_matmul_q4+0xdf>
-	imul   $0x140,%r15,%rax
-	mov    0x128(%rsp),%rcx
-	lea    0x100(%rcx,%rax,1),%rdi
+	lea    0x100(%r13,%rax,1),%rdi
 	mov    $0x90,%edx
 	imul   $0x90,%r14,%rax
-	lea    (%rbx,%rax,1),%rsi
+	lea    (%r12,%rax,1),%rsi
 	lea    (%rsp),%rcx
 	mov    $0x2,%r8d
-	call   <kiln_v2_matmul_q4+0x109f>
-	vmovups (%rsp),%xmm14
+	call   <kiln_v2_matmul_q4+0xde9>
+	vmovups (%rsp),%xmm6
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
-	vxorps %xmm0,%xmm14,%xmm0
-	vmovups 0x8b7(%rip),%xmm2        # <kiln_v2_matmul_q4+0x1970>
-	vcmpltps %xmm2,%xmm0,%xmm15
+	vxorps %xmm0,%xmm6,%xmm0
+	vmovups 0xbad(%rip),%xmm2        # <kiln_v2_matmul_q4+0x19b0>
+	vcmpltps %xmm2,%xmm0,%xmm5
+	movdqu %xmm5,0xa0(%rsp)
 	vxorps %xmm1,%xmm1,%xmm5
-	movdqu %xmm5,0xc0(%rsp)
-	vmovups 0x8ad(%rip),%xmm1        # <kiln_v2_matmul_q4+0x1980>
+	movdqu %xmm5,0x90(%rsp)
+	vmovups 0xb9a(%rip),%xmm1        # <kiln_v2_matmul_q4+0x19c0>
 	vmaxps %xmm2,%xmm0,%xmm3
 	vmaxps %xmm0,%xmm2,%xmm0
 	vxorps %xmm0,%xmm3,%xmm0
@@ -3042,7 +2919,7 @@ Disassembly of section .text:
 	vcmpunordps %xmm3,%xmm3,%xmm3
 	vpsrld $0xa,%xmm3,%xmm3
 	vandnps %xmm0,%xmm3,%xmm0
-	vmovups 0x893(%rip),%xmm4        # <kiln_v2_matmul_q4+0x1990>
+	vmovups 0xb80(%rip),%xmm4        # <kiln_v2_matmul_q4+0x19d0>
 	vminps %xmm4,%xmm0,%xmm5
 	vminps %xmm0,%xmm4,%xmm3
 	vorps  %xmm3,%xmm5,%xmm0
@@ -3050,31 +2927,166 @@ Disassembly of section .text:
 	vorps  %xmm3,%xmm0,%xmm0
 	vpsrld $0xa,%xmm3,%xmm3
 	vandnps %xmm0,%xmm3,%xmm0
-	vmovups 0x87d(%rip),%xmm7        # <kiln_v2_matmul_q4+0x19a0>
+	vmovups 0xb6a(%rip),%xmm7        # <kiln_v2_matmul_q4+0x19e0>
+	vmulps %xmm7,%xmm0,%xmm3
+	vroundps $0x0,%xmm3,%xmm15
+	vmovups 0xb68(%rip),%xmm3        # <kiln_v2_matmul_q4+0x19f0>
+	movdqu %xmm3,0xc0(%rsp)
+	vmovups 0xb67(%rip),%xmm8        # <kiln_v2_matmul_q4+0x1a00>
+	movdqa %xmm15,%xmm3
+	vfmadd213ps %xmm0,%xmm8,%xmm3
+	movdqu 0xc0(%rsp),%xmm0
+	movdqa %xmm15,%xmm14
+	vfmadd213ps %xmm3,%xmm0,%xmm14
+	vmovups 0xb52(%rip),%xmm9        # <kiln_v2_matmul_q4+0x1a10>
+	movdqa %xmm1,%xmm0
+	vfmadd213ps %xmm9,%xmm14,%xmm0
+	vmovups 0xb51(%rip),%xmm10        # <kiln_v2_matmul_q4+0x1a20>
+	vfmadd213ps %xmm10,%xmm14,%xmm0
+	vmovups 0xb54(%rip),%xmm11        # <kiln_v2_matmul_q4+0x1a30>
+	vfmadd213ps %xmm11,%xmm14,%xmm0
+	vmovups 0xb57(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a40>
+	vfmadd213ps %xmm12,%xmm14,%xmm0
+	vmovups 0xb5a(%rip),%xmm13        # <kiln_v2_matmul_q4+0x1a50>
+	vfmadd213ps %xmm13,%xmm14,%xmm0
+	vmulps %xmm14,%xmm14,%xmm5
+	vmovups 0xb58(%rip),%xmm3        # <kiln_v2_matmul_q4+0x1a60>
+	vaddps %xmm3,%xmm14,%xmm14
+	vfmadd213ps %xmm14,%xmm5,%xmm0
+	vcmpeqps %xmm15,%xmm15,%xmm14
+	vandps %xmm14,%xmm15,%xmm5
+	vpxor  %xmm5,%xmm14,%xmm14
+	vcvttps2dq %xmm5,%xmm5
+	vpand  %xmm14,%xmm5,%xmm14
+	vpsrad $0x1f,%xmm14,%xmm14
+	vpxor  %xmm5,%xmm14,%xmm5
+	vmovdqu 0xb35(%rip),%xmm15        # <kiln_v2_matmul_q4+0x1a70>
+	vpaddd %xmm15,%xmm5,%xmm5
+	vpslld $0x17,%xmm5,%xmm5
+	vmulps %xmm5,%xmm0,%xmm5
+	movdqu 0x90(%rsp),%xmm0
+	movdqu 0xa0(%rsp),%xmm14
+	vpblendvb %xmm14,%xmm0,%xmm5,%xmm5
+	vaddps %xmm3,%xmm5,%xmm0
+	vdivps %xmm0,%xmm6,%xmm5
+	shl    $0x8,%r14
+	mov    %r15,%rax
+	shl    $0x5,%rax
+	add    %r14,%rax
+	vmovups %xmm5,0x480(%r12,%rax,1)
+	vmovups 0x10(%rsp),%xmm6
+	vpcmpeqd %xmm0,%xmm0,%xmm0
+	vpslld $0x1f,%xmm0,%xmm0
+	vxorps %xmm0,%xmm6,%xmm5
+	vcmpltps %xmm2,%xmm5,%xmm14
+	vmaxps %xmm2,%xmm5,%xmm0
+	vmaxps %xmm5,%xmm2,%xmm2
+	vxorps %xmm2,%xmm0,%xmm2
+	vorps  %xmm2,%xmm0,%xmm0
+	vsubps %xmm2,%xmm0,%xmm2
+	vcmpunordps %xmm0,%xmm0,%xmm0
+	vpsrld $0xa,%xmm0,%xmm0
+	vandnps %xmm2,%xmm0,%xmm0
+	vminps %xmm4,%xmm0,%xmm5
+	vminps %xmm0,%xmm4,%xmm2
+	vorps  %xmm2,%xmm5,%xmm0
+	vcmpunordps %xmm2,%xmm0,%xmm2
+	vorps  %xmm2,%xmm0,%xmm0
+	vpsrld $0xa,%xmm2,%xmm2
+	vandnps %xmm0,%xmm2,%xmm4
+	vmulps %xmm7,%xmm4,%xmm0
+	vroundps $0x0,%xmm0,%xmm2
+	movdqa %xmm2,%xmm0
+	vfmadd213ps %xmm4,%xmm8,%xmm0
+	movdqu 0xc0(%rsp),%xmm7
+	movdqa %xmm2,%xmm4
+	vfmadd213ps %xmm0,%xmm7,%xmm4
+	vfmadd213ps %xmm9,%xmm4,%xmm1
+	vfmadd213ps %xmm10,%xmm4,%xmm1
+	vfmadd213ps %xmm11,%xmm4,%xmm1
+	vfmadd213ps %xmm12,%xmm4,%xmm1
+	vfmadd213ps %xmm13,%xmm4,%xmm1
+	vmulps %xmm4,%xmm4,%xmm0
+	vaddps %xmm3,%xmm4,%xmm4
+	vfmadd213ps %xmm4,%xmm0,%xmm1
+	vcmpeqps %xmm2,%xmm2,%xmm4
+	vandps %xmm4,%xmm2,%xmm0
+	vpxor  %xmm0,%xmm4,%xmm2
+	vcvttps2dq %xmm0,%xmm0
+	vpand  %xmm2,%xmm0,%xmm2
+	vpsrad $0x1f,%xmm2,%xmm2
+	vpxor  %xmm0,%xmm2,%xmm0
+	vpaddd %xmm15,%xmm0,%xmm0
+	vpslld $0x17,%xmm0,%xmm0
+	vmulps %xmm0,%xmm1,%xmm0
+	movdqu 0x90(%rsp),%xmm7
+	vpblendvb %xmm14,%xmm7,%xmm0,%xmm0
+	vaddps %xmm3,%xmm0,%xmm0
+	vdivps %xmm0,%xmm6,%xmm0
+	vmovups %xmm0,0x490(%r12,%rax,1)
+	add    $0x1,%r15
+	mov    0x118(%rsp),%rax
+	jmp    <kiln_v2_matmul_q4+0xe4>
+	mov    %r11,0x110(%rsp)
+	imul   $0x140,%r15,%rax
+	mov    0x130(%rsp),%rcx
+	lea    0x100(%rcx,%rax,1),%rdi
+	mov    $0x90,%edx
+	imul   $0x90,%rbx,%rax
+	lea    (%r12,%rax,1),%rsi
+	lea    (%rsp),%rcx
+	mov    $0x2,%r8d
+	call   <kiln_v2_matmul_q4+0x10c4>
+	vmovups (%rsp),%xmm14
+	vpcmpeqd %xmm0,%xmm0,%xmm0
+	vpslld $0x1f,%xmm0,%xmm0
+	vxorps %xmm0,%xmm14,%xmm0
+	vmovups 0x8d2(%rip),%xmm2        # <kiln_v2_matmul_q4+0x19b0>
+	vcmpltps %xmm2,%xmm0,%xmm15
+	vxorps %xmm1,%xmm1,%xmm5
+	movdqu %xmm5,0xc0(%rsp)
+	vmovups 0x8c8(%rip),%xmm1        # <kiln_v2_matmul_q4+0x19c0>
+	vmaxps %xmm2,%xmm0,%xmm3
+	vmaxps %xmm0,%xmm2,%xmm0
+	vxorps %xmm0,%xmm3,%xmm0
+	vorps  %xmm0,%xmm3,%xmm3
+	vsubps %xmm0,%xmm3,%xmm0
+	vcmpunordps %xmm3,%xmm3,%xmm3
+	vpsrld $0xa,%xmm3,%xmm3
+	vandnps %xmm0,%xmm3,%xmm0
+	vmovups 0x8ae(%rip),%xmm4        # <kiln_v2_matmul_q4+0x19d0>
+	vminps %xmm4,%xmm0,%xmm5
+	vminps %xmm0,%xmm4,%xmm3
+	vorps  %xmm3,%xmm5,%xmm0
+	vcmpunordps %xmm3,%xmm0,%xmm3
+	vorps  %xmm3,%xmm0,%xmm0
+	vpsrld $0xa,%xmm3,%xmm3
+	vandnps %xmm0,%xmm3,%xmm0
+	vmovups 0x898(%rip),%xmm7        # <kiln_v2_matmul_q4+0x19e0>
 	vmulps %xmm7,%xmm0,%xmm3
 	movdqu %xmm7,0xb0(%rsp)
 	vroundps $0x0,%xmm3,%xmm13
-	vmovups 0x872(%rip),%xmm6        # <kiln_v2_matmul_q4+0x19b0>
+	vmovups 0x88d(%rip),%xmm6        # <kiln_v2_matmul_q4+0x19f0>
 	movdqu %xmm6,0xa0(%rsp)
-	vmovups 0x871(%rip),%xmm8        # <kiln_v2_matmul_q4+0x19c0>
+	vmovups 0x88c(%rip),%xmm8        # <kiln_v2_matmul_q4+0x1a00>
 	movdqa %xmm13,%xmm3
 	vfmadd213ps %xmm0,%xmm8,%xmm3
 	movdqu %xmm8,0x90(%rsp)
 	movdqa %xmm13,%xmm5
 	vfmadd213ps %xmm3,%xmm6,%xmm5
-	vmovups 0x85b(%rip),%xmm8        # <kiln_v2_matmul_q4+0x19d0>
+	vmovups 0x876(%rip),%xmm8        # <kiln_v2_matmul_q4+0x1a10>
 	movdqa %xmm1,%xmm0
 	vfmadd213ps %xmm8,%xmm5,%xmm0
-	vmovups 0x85a(%rip),%xmm9        # <kiln_v2_matmul_q4+0x19e0>
+	vmovups 0x875(%rip),%xmm9        # <kiln_v2_matmul_q4+0x1a20>
 	vfmadd213ps %xmm9,%xmm5,%xmm0
-	vmovups 0x85d(%rip),%xmm10        # <kiln_v2_matmul_q4+0x19f0>
+	vmovups 0x878(%rip),%xmm10        # <kiln_v2_matmul_q4+0x1a30>
 	vfmadd213ps %xmm10,%xmm5,%xmm0
-	vmovups 0x860(%rip),%xmm11        # <kiln_v2_matmul_q4+0x1a00>
+	vmovups 0x87b(%rip),%xmm11        # <kiln_v2_matmul_q4+0x1a40>
 	vfmadd213ps %xmm11,%xmm5,%xmm0
-	vmovups 0x863(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a10>
+	vmovups 0x87e(%rip),%xmm12        # <kiln_v2_matmul_q4+0x1a50>
 	vfmadd213ps %xmm12,%xmm5,%xmm0
 	vmulps %xmm5,%xmm5,%xmm6
-	vmovups 0x862(%rip),%xmm3        # <kiln_v2_matmul_q4+0x1a20>
+	vmovups 0x87d(%rip),%xmm3        # <kiln_v2_matmul_q4+0x1a60>
 	vaddps %xmm3,%xmm5,%xmm5
 	vfmadd213ps %xmm5,%xmm6,%xmm0
 	vcmpeqps %xmm13,%xmm13,%xmm6
@@ -3084,7 +3096,7 @@ Disassembly of section .text:
 	vpand  %xmm6,%xmm5,%xmm6
 	vpsrad $0x1f,%xmm6,%xmm6
 	vpxor  %xmm5,%xmm6,%xmm5
-	vmovdqu 0x842(%rip),%xmm13        # <kiln_v2_matmul_q4+0x1a30>
+	vmovdqu 0x85d(%rip),%xmm13        # <kiln_v2_matmul_q4+0x1a70>
 	vpaddd %xmm13,%xmm5,%xmm5
 	vpslld $0x17,%xmm5,%xmm5
 	vmulps %xmm5,%xmm0,%xmm0
@@ -3092,12 +3104,12 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	mov    %r14,%rcx
+	mov    %rbx,%rcx
 	shl    $0x8,%rcx
 	mov    %r15,%rax
 	shl    $0x5,%rax
 	add    %rax,%rcx
-	vmovups %xmm0,0x480(%rbx,%rcx,1)
+	vmovups %xmm0,0x480(%r12,%rcx,1)
 	vmovups 0x10(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -3149,7 +3161,7 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rcx,1)
+	vmovups %xmm0,0x490(%r12,%rcx,1)
 	vmovups 0x20(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -3202,10 +3214,10 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	lea    0x1(%r14),%rcx
+	lea    0x1(%rbx),%rcx
 	shl    $0x8,%rcx
 	add    %rax,%rcx
-	vmovups %xmm0,0x480(%rbx,%rcx,1)
+	vmovups %xmm0,0x480(%r12,%rcx,1)
 	vmovups 0x30(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -3258,7 +3270,7 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rcx,1)
+	vmovups %xmm0,0x490(%r12,%rcx,1)
 	vmovups 0x40(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -3311,10 +3323,10 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	lea    0x2(%r14),%rcx
+	lea    0x2(%rbx),%rcx
 	shl    $0x8,%rcx
 	add    %rax,%rcx
-	vmovups %xmm0,0x480(%rbx,%rcx,1)
+	vmovups %xmm0,0x480(%r12,%rcx,1)
 	vmovups 0x50(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -3367,7 +3379,7 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rcx,1)
+	vmovups %xmm0,0x490(%r12,%rcx,1)
 	vmovups 0x60(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -3420,10 +3432,10 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	lea    0x3(%r14),%rcx
+	lea    0x3(%rbx),%rcx
 	shl    $0x8,%rcx
 	add    %rcx,%rax
-	vmovups %xmm0,0x480(%rbx,%rax,1)
+	vmovups %xmm0,0x480(%r12,%rax,1)
 	vmovups 0x70(%rsp),%xmm14
 	vpcmpeqd %xmm0,%xmm0,%xmm0
 	vpslld $0x1f,%xmm0,%xmm0
@@ -3475,13 +3487,18 @@ Disassembly of section .text:
 	vpblendvb %xmm15,%xmm5,%xmm0,%xmm0
 	vaddps %xmm3,%xmm0,%xmm0
 	vdivps %xmm0,%xmm14,%xmm0
-	vmovups %xmm0,0x490(%rbx,%rax,1)
-	add    $0x4,%r14
-	jmp    <kiln_v2_matmul_q4+0x155>
+	vmovups %xmm0,0x490(%r12,%rax,1)
+	add    $0x4,%rbx
+	mov    0x110(%rsp),%r11
+	jmp    <kiln_v2_matmul_q4+0x144>
+	add    %al,(%rax)
+	add    %bh,%bh
 	(bad)
+	(bad)
+	incl   (%rax)
+	add    %al,(%rax)
+	add    %bl,-0x653d5167(%rdx)
 	cltd
-	scas   %es:(%rdi),%al
-	ret    $0x999a
 	scas   %es:(%rdi),%al
 	ret    $0x999a
 	scas   %es:(%rdi),%al
@@ -3530,7 +3547,7 @@ Disassembly of section .text:
 	mov    %ecx,(%rax)
 	cmp    $0xc1,%al
 	test   $0xa9c13d2a,%eax
-	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a976d>
+	sub    0x3d2aa9c1(%rip),%bh        # <kiln_run+0x3d2a972d>
 	shrl   $0x2a,-0x5555c2d6(%rcx)
 	ds stos %al,%es:(%rdi)
 	stos   %al,%es:(%rdi)
@@ -3558,9 +3575,9 @@ Disassembly of section .text:
 	add    %al,(%rax)
 	add    %bh,0x0(%rdi)
 	add    %al,(%rax)
-	jg     <kiln_v2_matmul_q4+0x1a3a>
+	jg     <kiln_v2_matmul_q4+0x1a7a>
 	add    %al,(%rax)
-	jg     <kiln_v2_matmul_q4+0x1a3e>
+	jg     <kiln_v2_matmul_q4+0x1a7e>
 	...
 
 <kiln_v3_matmul_q8>:
@@ -3575,23 +3592,23 @@ Disassembly of section .text:
 	mov    %rdx,%rcx
 	mov    (%rdi),%rbx
 	mov    0x8(%rdi),%r14
-	mov    %r14,0xa0(%rsp)
+	mov    %r14,0xa8(%rsp)
 	mov    0x20(%rdi),%r12
-	mov    %r12,0x98(%rsp)
+	mov    %r12,0xa0(%rsp)
 	mov    %rsi,%rax
 	shl    $0x3,%rax
 	xor    %rdx,%rdx
 	div    %rcx
-	mov    %rax,0x90(%rsp)
+	mov    %rax,0x98(%rsp)
 	lea    0x1(%rsi),%rax
 	shl    $0x3,%rax
 	xor    %rdx,%rdx
 	div    %rcx
-	mov    %rax,0x88(%rsp)
+	mov    %rax,0x90(%rsp)
 	xor    %rax,%rax
 	mov    %rax,0x80(%rsp)
 	cmp    %r12,%rax
-	mov    %r12,0x98(%rsp)
+	mov    %r12,0xa0(%rsp)
 	jl     <kiln_v3_matmul_q8+0xcc>
 	mov    0xb0(%rsp),%rbx
 	mov    0xb8(%rsp),%r12
@@ -3602,47 +3619,62 @@ Disassembly of section .text:
 	mov    %rbp,%rsp
 	pop    %rbp
 	ret
-	mov    0x88(%rsp),%rax
-	mov    0x90(%rsp),%r15
+	mov    0x90(%rsp),%rax
+	mov    0x98(%rsp),%r15
 	cmp    %rax,%r15
-	mov    %rax,0x88(%rsp)
+	mov    %rax,0x90(%rsp)
 	jl     <kiln_v3_matmul_q8+0x119>
 	mov    0x80(%rsp),%r12
 	add    $0x40,%r12
 	mov    %r12,0x80(%rsp)
 	mov    0x80(%rsp),%rax
-	mov    0x98(%rsp),%r12
+	mov    0xa0(%rsp),%r12
 	jmp    <kiln_v3_matmul_q8+0x87>
 	mov    0x80(%rsp),%r12
 	lea    0x40(%r12),%r13
-	mov    0x98(%rsp),%r12
+	mov    0xa0(%rsp),%r12
 	cmp    %r13,%r12
 	cmovl  %r12,%r13
-	mov    0x80(%rsp),%rax
+	mov    0x80(%rsp),%rsi
 	mov    %r13,%r12
-	sub    %rax,%r12
-	and    $0x3,%r12
-	sub    %r12,%r13
+	sub    %rsi,%r12
+	mov    %r12,%rax
+	and    $0x3,%rax
+	sub    %rax,%r13
 	mov    0x80(%rsp),%r14
 	cmp    %r13,%r14
-	jl     <kiln_v3_matmul_q8+0x3cb>
-	cmp    $0x1,%r12
-	je     <kiln_v3_matmul_q8+0x33e>
-	cmp    $0x2,%r12
-	je     <kiln_v3_matmul_q8+0x27b>
-	cmp    $0x3,%r12
-	je     <kiln_v3_matmul_q8+0x186>
-	mov    0xa0(%rsp),%r14
-	jmp    <kiln_v3_matmul_q8+0x331>
+	jl     <kiln_v3_matmul_q8+0x3f4>
+	test   $0x3,%r12
+	je     <kiln_v3_matmul_q8+0x3e0>
+	add    $0xffffffffffffffff,%rax
+	cmp    0x3c7(%rip),%rax        # <kiln_v3_matmul_q8+0x540>
+	ja     <kiln_v3_matmul_q8+0x3e0>
+	and    $0x3,%r12d
+	lea    -0x1(%r12),%eax
+	mov    $0x3,%ecx
+	cmp    %ecx,%eax
+	cmovb  %eax,%ecx
+	lea    0x9(%rip),%rdx        # <kiln_v3_matmul_q8+0x1a2>
+	movslq (%rdx,%rcx,4),%rax
+	add    %rax,%rdx
+	jmp    *%rdx
+	(bad)
+	add    %cl,(%rdx)
+	add    %eax,(%rax)
+	add    %dl,0x3e000000(%rip)        # <kiln_run+0x3dffef5f>
+	add    (%rax),%al
+	add    %ch,%cl
+	sub    %eax,(%rdx)
+	add    %al,(%rax)
 	imul   $0x220,%r15,%rax
-	mov    0xa0(%rsp),%r14
+	mov    0xa8(%rsp),%r14
 	lea    0xb00(%r14,%rax,1),%rdi
 	mov    $0x90,%edx
 	imul   $0x90,%r13,%rax
 	lea    (%rbx,%rax,1),%rsi
 	lea    (%rsp),%rcx
 	mov    $0x2,%r8d
-	call   <kiln_v3_matmul_q8+0x1bc>
+	call   <kiln_v3_matmul_q8+0x1ed>
 	vmovups (%rsp),%xmm0
 	lea    0x480(%rbx),%rax
 	mov    %r13,%rdx
@@ -3676,8 +3708,8 @@ Disassembly of section .text:
 	lea    (%rbx,%rcx,1),%rax
 	vmulps 0x490(%rax),%xmm0,%xmm0
 	vmovups %xmm0,0xc90(%rbx,%rcx,1)
-	jmp    <kiln_v3_matmul_q8+0x331>
-	mov    0xa0(%rsp),%r14
+	jmp    <kiln_v3_matmul_q8+0x3e0>
+	mov    0xa8(%rsp),%r14
 	imul   $0x220,%r15,%rax
 	lea    0xb00(%r14,%rax,1),%rdi
 	mov    $0x90,%edx
@@ -3685,7 +3717,7 @@ Disassembly of section .text:
 	lea    (%rbx,%rax,1),%rsi
 	lea    (%rsp),%rcx
 	mov    $0x2,%r8d
-	call   <kiln_v3_matmul_q8+0x2b1>
+	call   <kiln_v3_matmul_q8+0x2e2>
 	vmovups (%rsp),%xmm0
 	lea    0x480(%rbx),%rax
 	mov    %r13,%rdx
@@ -3709,9 +3741,8 @@ Disassembly of section .text:
 	lea    (%rbx,%rcx,1),%rax
 	vmulps 0x490(%rax),%xmm0,%xmm0
 	vmovups %xmm0,0xc90(%rbx,%rcx,1)
-	mov    %r14,0xa0(%rsp)
-	jmp    <kiln_v3_matmul_q8+0x3b7>
-	mov    0xa0(%rsp),%r14
+	jmp    <kiln_v3_matmul_q8+0x3e0>
+	mov    0xa8(%rsp),%r14
 	imul   $0x220,%r15,%rax
 	lea    0xb00(%r14,%rax,1),%rdi
 	mov    $0x90,%edx
@@ -3719,7 +3750,7 @@ Disassembly of section .text:
 	lea    (%rbx,%rax,1),%rsi
 	lea    (%rsp),%rcx
 	mov    $0x2,%r8d
-	call   <kiln_v3_matmul_q8+0x374>
+	call   <kiln_v3_matmul_q8+0x39d>
 	vmovups (%rsp),%xmm0
 	lea    0x480(%rbx),%rcx
 	shl    $0x8,%r13
@@ -3733,17 +3764,18 @@ Disassembly of section .text:
 	vmulps 0x490(%rcx),%xmm0,%xmm0
 	vmovups %xmm0,0xc90(%rbx,%rax,1)
 	add    $0x1,%r15
-	mov    0x88(%rsp),%rax
+	mov    0x90(%rsp),%rax
 	jmp    <kiln_v3_matmul_q8+0xdc>
+	mov    %rax,0x88(%rsp)
 	imul   $0x220,%r15,%rax
-	mov    0xa0(%rsp),%rcx
+	mov    0xa8(%rsp),%rcx
 	lea    0xb00(%rcx,%rax,1),%rdi
 	mov    $0x90,%edx
 	imul   $0x90,%r14,%rax
 	lea    (%rbx,%rax,1),%rsi
 	lea    (%rsp),%rcx
 	mov    $0x2,%r8d
-	call   <kiln_v3_matmul_q8+0x401>
+	call   <kiln_v3_matmul_q8+0x432>
 	vmovups (%rsp),%xmm0
 	lea    0x480(%rbx),%rax
 	mov    %r14,%rdx
@@ -3767,28 +3799,37 @@ Disassembly of section .text:
 	lea    (%rbx,%rdx,1),%rsi
 	vmulps 0x490(%rsi),%xmm0,%xmm0
 	vmovups %xmm0,0xc90(%rbx,%rdx,1)
-	vmovups 0x40(%rsp),%xmm0
+	vmovups 0x40(%rsp),%xmm1
 	lea    0x2(%r14),%rdx
 	shl    $0x8,%rdx
 	add    %rcx,%rdx
-	vmulps (%rax,%rdx,1),%xmm0,%xmm0
-	vmovups %xmm0,0xc80(%rbx,%rdx,1)
-	vmovups 0x50(%rsp),%xmm0
+	vmulps (%rax,%rdx,1),%xmm1,%xmm1
+	vmovups %xmm1,0xc80(%rbx,%rdx,1)
+	vmovups 0x50(%rsp),%xmm2
 	lea    (%rbx,%rdx,1),%rsi
-	vmulps 0x490(%rsi),%xmm0,%xmm0
-	vmovups %xmm0,0xc90(%rbx,%rdx,1)
-	vmovups 0x60(%rsp),%xmm0
+	vmulps 0x490(%rsi),%xmm2,%xmm2
+	vmovups %xmm2,0xc90(%rbx,%rdx,1)
+	vmovups 0x60(%rsp),%xmm3
 	lea    0x3(%r14),%rdx
 	shl    $0x8,%rdx
-	add    %rdx,%rcx
-	vmulps (%rax,%rcx,1),%xmm0,%xmm0
-	vmovups %xmm0,0xc80(%rbx,%rcx,1)
-	vmovups 0x70(%rsp),%xmm0
-	lea    (%rbx,%rcx,1),%rax
-	vmulps 0x490(%rax),%xmm0,%xmm0
-	vmovups %xmm0,0xc90(%rbx,%rcx,1)
+	lea    (%rdx,%rcx,1),%rsi
+	vmulps (%rax,%rsi,1),%xmm3,%xmm3
+	vmovups %xmm3,0xc80(%rbx,%rsi,1)
+	vmovups 0x70(%rsp),%xmm4
+	lea    (%rbx,%rsi,1),%rdi
+	vmulps 0x490(%rdi),%xmm4,%xmm4
+	vmovups %xmm4,0xc90(%rbx,%rsi,1)
 	add    $0x4,%r14
-	jmp    <kiln_v3_matmul_q8+0x152>
+	mov    0x88(%rsp),%rax
+	jmp    <kiln_v3_matmul_q8+0x155>
+	add    %al,(%rax)
+	add    %al,(%rax)
+	add    %bh,%bh
+	(bad)
+	(bad)
+	incl   (%rax)
+	add    %al,(%rax)
+	...
 
 <kiln_v4_rope>:
 	push   %rbp
@@ -4069,8 +4110,8 @@ Disassembly of section .text:
 	mov    %r14,%rdx
 	shl    $0x6,%rdx
 	lea    (%rcx,%rdx,1),%rdi
-	mov    0x168(%rsp),%r11
-	lea    (%r11,%rdx,1),%rcx
+	mov    0x168(%rsp),%rsi
+	lea    (%rsi,%rdx,1),%rcx
 	mov    %r12,%rdx
 	shl    $0xe,%rdx
 	lea    (%rcx,%rdx,1),%rsi
@@ -4091,8 +4132,8 @@ Disassembly of section .text:
 	lea    (%rsp),%rdi
 	mov    %r14,%rsi
 	shl    $0x6,%rsi
-	mov    0x168(%rsp),%r11
-	lea    0x4000(%r11,%rsi,1),%r8
+	mov    0x168(%rsp),%rax
+	lea    0x4000(%rax,%rsi,1),%r8
 	mov    %r12,%r9
 	shl    $0xe,%r9
 	lea    (%r8,%r9,1),%r10

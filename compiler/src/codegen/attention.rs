@@ -330,25 +330,9 @@ pub fn emit_attend(kb: &mut Kb, spec: &AttentionSpec) {
 
 /// Calls `kernels[nh - 1]` (nh in 1..=3, a runtime value) with `args`.
 fn call_by_heads(kb: &mut Kb, nh: Value, kernels: &[FuncRef; HEADS_PER_UNIT as usize], args: &[Value]) -> Vec<Value> {
-    let three = kb.b.ins().icmp_imm_s(IntCC::Equal, nh, 3);
-    kb.if_else(
-        three,
-        |kb| {
-            kb.b.ins().call(kernels[2], args);
-        },
-        |kb| {
-            let two = kb.b.ins().icmp_imm_s(IntCC::Equal, nh, 2);
-            kb.if_else(
-                two,
-                |kb| {
-                    kb.b.ins().call(kernels[1], args);
-                },
-                |kb| {
-                    kb.b.ins().call(kernels[0], args);
-                },
-            );
-        },
-    );
+    kb.switch_small(nh, &[1, 2, 3], |kb, heads| {
+        kb.b.ins().call(kernels[heads as usize - 1], args);
+    });
     vec![]
 }
 

@@ -6,7 +6,7 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::immediates::Ieee32;
 use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I64X2, I8X16};
 use cranelift_codegen::ir::{BlockArg, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, Value};
-use cranelift_frontend::FunctionBuilder;
+use cranelift_frontend::{FunctionBuilder, Switch};
 use targets::Target;
 
 use super::abi;
@@ -242,6 +242,30 @@ impl<'a> Kb<'a> {
             self.b.switch_to_block(block);
             self.b.seal_block(block);
             f(self);
+            self.b.ins().jump(join, &[]);
+        }
+        self.b.switch_to_block(join);
+        self.b.seal_block(join);
+    }
+
+    /// Emits `f(c)` for the case `c` of `cases` that `value` (an integer) equals, nothing when
+    /// it equals none: a runtime count meeting code specialized on small constants.
+    pub fn switch_small(&mut self, value: Value, cases: &[i64], mut f: impl FnMut(&mut Self, i64)) {
+        let join = self.b.create_block();
+        let mut switch = Switch::new();
+        let blocks: Vec<_> = cases
+            .iter()
+            .map(|&c| {
+                let block = self.b.create_block();
+                switch.set_entry(c as u128, block);
+                block
+            })
+            .collect();
+        switch.emit(&mut self.b, value, join);
+        for (&c, &block) in cases.iter().zip(&blocks) {
+            self.b.switch_to_block(block);
+            self.b.seal_block(block);
+            f(self, c);
             self.b.ins().jump(join, &[]);
         }
         self.b.switch_to_block(join);

@@ -156,22 +156,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                         tile.emit(kb, &out, g, t, MICRO_TOKENS);
                         vec![]
                     });
-                    let is1 = kb.b.ins().icmp_imm_s(IntCC::Equal, left, 1);
-                    kb.if_else(
-                        is1,
-                        |kb| tile.emit(kb, &out, g, full_end, 1),
-                        |kb| {
-                            let is2 = kb.b.ins().icmp_imm_s(IntCC::Equal, left, 2);
-                            kb.if_else(
-                                is2,
-                                |kb| tile.emit(kb, &out, g, full_end, 2),
-                                |kb| {
-                                    let is3 = kb.b.ins().icmp_imm_s(IntCC::Equal, left, 3);
-                                    kb.if_else(is3, |kb| tile.emit(kb, &out, g, full_end, 3), |_| {});
-                                },
-                            );
-                        },
-                    );
+                    kb.switch_small(left, &[1, 2, 3], |kb, rows| tile.emit(kb, &out, g, full_end, rows as usize));
                 }
                 layout => {
                     // Two token rows per pass over the weights, so that each unpacked weight

@@ -104,3 +104,13 @@ impl Target for X86_64 {
         crate::widening_dot_i16x8(builder, a, b)
     }
 }
+
+/// Checks a kernel kiln assembles: the same bytes on a second assembly (bundles are
+/// deterministic), ending with `vzeroupper; ret` (no AVX-SSE transition penalty for the
+/// caller). `what` names the kernel in a failure.
+#[cfg(test)]
+fn assert_assembles_deterministically(what: &dyn std::fmt::Debug, assemble: impl Fn() -> Vec<u8>) {
+    let code = assemble();
+    assert_eq!(code, assemble(), "{what:?} assembles differently twice");
+    assert!(code.ends_with(&[0xc5, 0xf8, 0x77, 0xc3]), "{what:?} does not end with vzeroupper; ret");
+}

@@ -82,6 +82,57 @@ enum Kernel {
     CopyOut(usize),
 }
 
+/// Splits the kernels, in order, into runs that may share one `parallel_for` (no barrier
+/// between them): matmuls and rotary embeddings, none of which reads a value another writes
+/// or writes over memory another reads or writes (the memory plan reuses the arena, so this
+/// compares byte ranges, not only values). Every other kernel is a run of its own.
+fn barrier_free_groups(graph: &Graph, plan: &MemoryPlan, work: &[(String, Kernel)]) -> Vec<std::ops::Range<usize>> {
+    // Where a value lives: (space, start, end); inputs and outputs each have a space of their own.
+    let region = |v: usize| -> (u64, u64, u64) {
+        match plan.locations[v] {
+            Location::Arena { offset } => {
+                let bytes = crate::passes::plan_memory::row_bytes(&graph.nodes[v].ty, graph.act_dtype);
+                (0, offset, offset + bytes * plan.batch as u64)
+            }
+            Location::Io { slot } | Location::Output { slot, .. } => (1 + slot as u64, 0, u64::MAX),
+        }
+    };
+    let overlap = |a: (u64, u64, u64), b: (u64, u64, u64)| a.0 == b.0 && a.1 < b.2 && b.1 < a.2;
+    let groupable = |k: &Kernel| match *k {
+        Kernel::Step { node, .. } => matches!(graph.nodes[node].op, Op::MatMul { .. } | Op::Rope { .. }),
+        Kernel::CopyOut(_) => false,
+    };
+    let node_of = |k: &Kernel| match *k {
+        Kernel::Step { node, .. } => node,
+        Kernel::CopyOut(_) => unreachable!("copies are not grouped"),
+    };
+    let mut groups: Vec<std::ops::Range<usize>> = vec![];
+    for (i, (_, k)) in work.iter().enumerate() {
+        let joins = groupable(k)
+            && groups.last().is_some_and(|g| {
+                let b = node_of(k);
+                let b_reads: Vec<_> = graph.nodes[b].op.operands().iter().map(|v| region(v.index())).collect();
+                let b_writes = region(b);
+                work[g.clone()].iter().all(|(_, other)| {
+                    if !groupable(other) {
+                        return false;
+                    }
+                    let a = node_of(other);
+                    let a_reads: Vec<_> = graph.nodes[a].op.operands().iter().map(|v| region(v.index())).collect();
+                    let a_writes = region(a);
+                    !overlap(a_writes, b_writes)
+                        && b_reads.iter().all(|&r| !overlap(a_writes, r))
+                        && a_reads.iter().all(|&r| !overlap(b_writes, r))
+                })
+            });
+        match groups.last_mut() {
+            Some(g) if joins => g.end = i + 1,
+            _ => groups.push(i..i + 1),
+        }
+    }
+    groups
+}
+
 /// Keys per tile of the attention kernel (its stack buffer holds one tile of scores).
 pub fn attention_key_tile() -> u32 {
     attention::KEY_TILE
@@ -150,6 +201,7 @@ pub fn emit(
         let Location::Output { slot, .. } = copy.to else { unreachable!("copies go to outputs") };
         work.push((format!("kiln_v{}_copy_out{}", copy.value, slot as usize - n_inputs), Kernel::CopyOut(k)));
     }
+    let groups = barrier_free_groups(graph, plan, &work);
     // The kernels' IR is built here, in order; Cranelift compiles them on every core
     // (`define_compiled`), and they enter the object in this order, so the output does not
     // depend on the threads.
@@ -205,7 +257,37 @@ pub fn emit(
     }
     define_compiled(&mut module, pending)?;
 
-    // run(ctx): parallel_for(pool, kernel, ctx) for every kernel in order.
+    // A group of kernels that need no barrier between them runs as one function calling
+    // them in order: each thread goes on to its share of the next without waiting.
+    let mut entries = Vec::with_capacity(groups.len());
+    for (g, range) in groups.iter().enumerate() {
+        if range.len() == 1 {
+            entries.push(kernels[range.start]);
+            continue;
+        }
+        let id = module.declare_function(&format!("kiln_group{g}"), Linkage::Local, &sig)?;
+        ctx.func.signature = sig.clone();
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fbc);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            b.seal_block(entry);
+            let args = b.block_params(entry).to_vec();
+            for &k in &kernels[range.clone()] {
+                let fref = module.declare_func_in_func(k, b.func);
+                b.ins().call(fref, &args);
+            }
+            b.ins().return_(&[]);
+            b.finalize(frontend_config);
+        }
+        module.define_function(id, &mut ctx)?;
+        module.clear_context(&mut ctx);
+        entries.push(id);
+    }
+
+    // run(ctx): parallel_for(pool, kernel, ctx) for every kernel (or group) in order.
     let mut run_sig = Signature::new(call_conv);
     run_sig.params.push(AbiParam::new(I64));
     let run_id = module.declare_function("kiln_run", Linkage::Local, &run_sig)?;
@@ -222,7 +304,7 @@ pub fn emit(
         pf_sig.params.extend([AbiParam::new(I64); 3]);
         let pf_sig = b.import_signature(pf_sig);
         let flags = MemFlagsData::new().with_notrap().with_readonly();
-        for &k in &kernels {
+        for &k in &entries {
             let fref = module.declare_func_in_func(k, b.func);
             let addr = b.ins().func_addr(I64, fref);
             let pf = b.ins().load(I64, flags, kctx, abi::ctx::PARALLEL_FOR);
@@ -539,4 +621,51 @@ fn emit_step(
         Op::Add { a, b } => ops::emit_elementwise(kb, ops::Elementwise::Add, loc(a), Some(loc(b)), y, n, skip),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups_of(text: &str) -> Vec<Vec<usize>> {
+        let graph = ir::parse::parse_graph(text).unwrap();
+        let info = ir::verify::verify(&graph).unwrap();
+        let plan = crate::passes::plan_memory::plan(&graph, &info, 4);
+        let work: Vec<(String, Kernel)> = (0..graph.nodes.len())
+            .filter(|&i| !matches!(graph.nodes[i].op, Op::Input { .. }))
+            .map(|i| (String::new(), Kernel::Step { node: i, step: 0 }))
+            .collect();
+        barrier_free_groups(&graph, &plan, &work)
+            .into_iter()
+            .map(|g| work[g].iter().map(|(_, k)| if let Kernel::Step { node, .. } = k { *node } else { 0 }).collect())
+            .collect()
+    }
+
+    /// Independent matmuls of one input share a run; a kernel reading another's output, or
+    /// writing where another reads (arena reuse), starts a new one.
+    #[test]
+    fn only_independent_kernels_share_a_barrier() {
+        let text = r#"graph "g" context=8
+w0 = weight q8_0[64, 64] "q"
+w1 = weight q8_0[32, 64] "k"
+w2 = weight q8_0[32, 64] "v"
+w3 = weight q8_0[32, 64] "u"
+v0 = input 0 : f32[seq, 64]
+v1 = quantize v0 : q16[seq, 64]
+v2 = matmul v1, w0 : f32[seq, 64]
+v3 = matmul v1, w1 : f32[seq, 32]
+v4 = matmul v1, w2 : f32[seq, 32]
+v5 = rope v2 head_dim=16 theta=10000 : f32[seq, 64]
+v6 = rope v3 head_dim=16 theta=10000 : f32[seq, 32]
+v7 = matmul v1, w3 +mul v4 : f32[seq, 32]
+v8 = add v6, v7 : f32[seq, 32]
+v9 = add v5, v5 : f32[seq, 64]
+output v8
+output v9
+"#;
+        let groups = groups_of(text);
+        // v6 is placed where v2 was (v2's last use is v5), so it may not run beside v5, which
+        // reads v2; v7 may run beside v6.
+        assert_eq!(groups, vec![vec![1], vec![2, 3, 4], vec![5], vec![6, 7], vec![8], vec![9]], "{groups:?}");
+    }
 }

@@ -281,7 +281,6 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     progress(Stage::ReadModel);
     // Read once (a regular file only); weights stay slices of these bytes until packed.
     let gguf = GgufFile::open(&opts.model).map_err(BuildError::Gguf)?;
-    let sha256 = format!("{:x}", Sha256::digest(gguf.bytes()));
     stage_times.push((Stage::ReadModel.name().to_string(), t.elapsed()));
 
     let t = Instant::now();
@@ -322,8 +321,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     progress(Stage::Compile);
     let mut hp = lowered.hyper.clone();
     let adapter_digests: Vec<&str> = adapters.iter().map(|a| a.sha256.as_str()).collect();
-    let build_id = fingerprint(&sha256, opts, &target.summary(), context, &adapter_digests);
-    let copts = CompileOptions {
+    let mut copts = CompileOptions {
         batch: opts.batch,
         embed_weights: opts.embed_weights,
         pipeline: crate::passes::PipelineOptions {
@@ -333,13 +331,22 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             lora: adapters.clone(),
             ..Default::default()
         },
-        fingerprint: build_id,
+        fingerprint: [0; 32], // set below, once the file's digest is known
     };
     let mut graph = lowered.graph;
     graph.kv_dtype = opts.kv_cache;
     graph.act_dtype = opts.activations;
     let model = crate::model::Model::borrowed(graph, &lowered.weights);
-    let prepared = crate::prepare(model, target.as_ref(), &copts).map_err(BuildError::Compile)?;
+    // The file's digest (for the fingerprint and the manifest) is computed beside the passes
+    // and the packing, which do not need it.
+    let (sha256, prepared) = std::thread::scope(|s| {
+        let hashing = s.spawn(|| format!("{:x}", Sha256::digest(gguf.bytes())));
+        let prepared = crate::prepare(model, target.as_ref(), &copts);
+        (hashing.join().expect("hashing the model file panicked"), prepared)
+    });
+    let prepared = prepared.map_err(BuildError::Compile)?;
+    let build_id = fingerprint(&sha256, opts, &target.summary(), context, &adapter_digests);
+    copts.fingerprint = build_id;
     // The weights are packed: free the model file before code generation copies them again.
     drop(lowered.weights);
     drop(gguf);

@@ -199,6 +199,9 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     }
 }
 
+/// The most rows a layout's group has (stack buffers of one block per row).
+const MAX_GROUP: usize = if ROWS > MICRO_ROWS { ROWS } else { MICRO_ROWS };
+
 /// Bytes from which a matrix is decoded and packed in parts, one per core.
 const PARALLEL_BYTES: usize = 1 << 20;
 
@@ -406,19 +409,20 @@ fn pack_groups(
                 let blocks = group_blocks(all, g, n, rows, n_blocks);
                 for b in 0..n_blocks {
                     let (mut ds, mut ms, mut qs, mut qh) =
-                        (vec![0f32; n], vec![0f32; n], vec![[0u8; 16]; n], vec![0; n]);
+                        ([0f32; MAX_GROUP], [0f32; MAX_GROUP], [[0u8; 16]; MAX_GROUP], [0; MAX_GROUP]);
+                    let (ds, ms, qs, qh) = (&mut ds[..n], &mut ms[..n], &mut qs[..n], &mut qh[..n]);
                     for (i, r) in blocks.iter().enumerate() {
                         if let Some(blk) = r.get(b) {
                             (ds[i], ms[i], qs[i], qh[i]) = (blk.d, blk.m, blk.qs, blk.qh);
                         }
                     }
-                    push_scales(blob, &ds, half);
+                    push_scales(blob, ds, half);
                     if mins {
-                        push_scales(blob, &ms, half);
+                        push_scales(blob, ms, half);
                     }
-                    push_values(blob, &qs, interleave);
+                    push_values(blob, qs, interleave);
                     if high {
-                        push_high_bits(blob, &qh, interleave);
+                        push_high_bits(blob, qh, interleave);
                     }
                 }
             }
@@ -427,14 +431,15 @@ fn pack_groups(
                 let n = layout.group_rows();
                 let blocks = group_blocks(all, g, n, rows, n_blocks);
                 for b in 0..n_blocks {
-                    let (mut ds, mut qs) = (vec![0f32; n], vec![[0u8; 32]; n]);
+                    let (mut ds, mut qs) = ([0f32; MAX_GROUP], [[0u8; 32]; MAX_GROUP]);
+                    let (ds, qs) = (&mut ds[..n], &mut qs[..n]);
                     for (i, r) in blocks.iter().enumerate() {
                         if let Some(blk) = r.get(b) {
                             (ds[i], qs[i]) = (blk.d, blk.qs.map(|v| v as u8));
                         }
                     }
-                    push_scales(blob, &ds, half);
-                    push_values(blob, &qs, if n == MICRO_ROWS { 2 } else { 0 });
+                    push_scales(blob, ds, half);
+                    push_values(blob, qs, if n == MICRO_ROWS { 2 } else { 0 });
                 }
             }
             Layout::Q8S16Rows4 { mins, .. } | Layout::Q8S16Rows8 { mins, .. } => {
@@ -443,7 +448,9 @@ fn pack_groups(
                 let blocks = group_blocks(all, g, n, rows, n_blocks);
                 for b in 0..n_blocks {
                     // Per 16-value half, then per row.
-                    let (mut ds, mut ms, mut qs) = (vec![0f32; 2 * n], vec![0f32; 2 * n], vec![[0u8; 32]; n]);
+                    let (mut ds, mut ms, mut qs) =
+                        ([0f32; 2 * MAX_GROUP], [0f32; 2 * MAX_GROUP], [[0u8; 32]; MAX_GROUP]);
+                    let (ds, ms, qs) = (&mut ds[..2 * n], &mut ms[..2 * n], &mut qs[..n]);
                     for (i, r) in blocks.iter().enumerate() {
                         if let Some(blk) = r.get(b) {
                             (ds[i], ds[n + i], ms[i], ms[n + i], qs[i]) =
@@ -454,7 +461,7 @@ fn pack_groups(
                     if mins {
                         ms.iter().for_each(|&x| push_f32(blob, x));
                     }
-                    push_values(blob, &qs, if n == MICRO_ROWS { 2 } else { 0 });
+                    push_values(blob, qs, if n == MICRO_ROWS { 2 } else { 0 });
                 }
             }
             Layout::F32Vector { .. } => unreachable!(),

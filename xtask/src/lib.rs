@@ -42,11 +42,37 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", Sha256::digest(&bytes)))
 }
 
+/// What the verification stamp of a verified file holds: its size and modification time, and
+/// the digest it was verified to have.
+fn stamp_text(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    let mtime = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(format!("{} {} {DEFAULT_MODEL_SHA256}\n", meta.len(), mtime.as_nanos()))
+}
+
+/// Whether `stamp` says that `path`, as it is now (size and modification time), was verified:
+/// the default model is then not hashed again on every command (`build-model` hashes what it
+/// reads anyway, for the build fingerprint and the manifest).
+fn stamp_matches(path: &Path, stamp: &Path) -> bool {
+    stamp_text(path).is_some_and(|t| std::fs::read_to_string(stamp).is_ok_and(|s| s == t))
+}
+
+/// Records that `path` was verified (best effort: without a stamp the next command hashes it).
+fn write_stamp(path: &Path, stamp: &Path) {
+    if let Some(t) = stamp_text(path) {
+        if std::fs::read_to_string(stamp).ok().as_deref() != Some(t.as_str()) {
+            let _ = std::fs::write(stamp, t);
+        }
+    }
+}
+
 /// The default model's path, downloading and verifying it on first use.
 pub fn fetch_default_model(verbose: bool) -> Result<PathBuf> {
     let dir = cache_dir().join("models");
     let path = dir.join(DEFAULT_MODEL_FILE);
-    if path.exists() && sha256_file(&path)? == DEFAULT_MODEL_SHA256 {
+    let stamp = dir.join(format!(".{DEFAULT_MODEL_FILE}.verified"));
+    if path.exists() && (stamp_matches(&path, &stamp) || sha256_file(&path)? == DEFAULT_MODEL_SHA256) {
+        write_stamp(&path, &stamp);
         return Ok(path);
     }
     std::fs::create_dir_all(&dir)?;
@@ -88,6 +114,7 @@ pub fn fetch_default_model(verbose: bool) -> Result<PathBuf> {
             bail!("{} has sha256 {sum}, expected {DEFAULT_MODEL_SHA256}", found.display());
         }
         std::fs::rename(&found, &path)?;
+        write_stamp(&path, &stamp);
         Ok(())
     };
     let result = fetch();

@@ -23,9 +23,9 @@ use sha2::{Digest, Sha256};
 
 use crate::codegen::abi;
 use crate::frontend::{self, FrontendError};
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::GgufError;
 use crate::outdir::{self, OutDirError};
-use crate::tokenizer_json::{self, TokenizerError};
+use crate::tokenizer_json::TokenizerError;
 use crate::{CompileError, CompileOptions};
 
 /// What to build.
@@ -76,7 +76,7 @@ impl Stage {
 
     pub fn name(self) -> &'static str {
         match self {
-            Stage::ReadModel => "read gguf",
+            Stage::ReadModel => "read model",
             Stage::Lower => "lower to IR",
             Stage::Compile => "passes, packing, codegen",
             Stage::Tokenizer => "tokenizer",
@@ -255,22 +255,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Token ids that end a reply: the EOS token, the EOT token, and the usual end-of-turn markers.
-fn stop_ids(gguf: &GgufFile, tokens: &[&str]) -> Vec<u32> {
-    let mut ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
-        .iter()
-        .filter_map(|k| gguf.get_u32(k).ok())
-        .collect();
-    for marker in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>"] {
-        if let Some(i) = tokens.iter().position(|t| *t == marker) {
-            ids.push(i as u32);
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 /// Builds a bundle; `progress` is told when each stage starts.
 pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Result<BuildReport, BuildError> {
     let target = targets::lookup_device(&opts.target, opts.device.as_deref()).map_err(BuildError::Target)?;
@@ -279,42 +263,29 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let mut stage_times = vec![];
     let t = Instant::now();
     progress(Stage::ReadModel);
-    // Read once (a regular file only); weights stay slices of these bytes until packed.
-    let gguf = GgufFile::open(&opts.model).map_err(BuildError::Gguf)?;
+    // Read once (a GGUF file, or a checkpoint's files); weights stay slices of these bytes
+    // until packed where the source can lend them.
+    let source_box = crate::source::open(&opts.model).map_err(|e| match e {
+        FrontendError::Gguf(e) => BuildError::Gguf(e),
+        e => BuildError::Frontend(e),
+    })?;
+    let source = source_box.as_ref();
     stage_times.push((Stage::ReadModel.name().to_string(), t.elapsed()));
 
     let t = Instant::now();
     progress(Stage::Lower);
     let stem = opts.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let name = frontend::model_name(&gguf, &stem).map_err(BuildError::Frontend)?;
-    let hp = frontend::hyperparameters(&gguf).map_err(BuildError::Frontend)?;
+    let name = frontend::model_name(source, &stem).map_err(BuildError::Frontend)?;
+    let hp = frontend::hyperparameters(source).map_err(BuildError::Frontend)?;
     let context = frontend::choose_context(&hp, opts.context, DEFAULT_CONTEXT).map_err(BuildError::Frontend)?;
-    let lowered = frontend::lower(&gguf, &name, context).map_err(BuildError::Frontend)?;
+    let lowered = frontend::lower(source, &name, context).map_err(BuildError::Frontend)?;
     let adapters = read_adapters(&opts.lora, &hp)?;
     stage_times.push((Stage::Lower.name().to_string(), t.elapsed()));
 
     // The tokenizer comes before code generation so that the model file can be freed first.
     let t = Instant::now();
     progress(Stage::Tokenizer);
-    let tokenizer = tokenizer_json::tokenizer_json(&gguf).map_err(BuildError::Tokenizer)?;
-    let tokens = gguf.get_str_array("tokenizer.ggml.tokens").map_err(BuildError::Gguf)?;
-    let token_at = |key: &str| -> Result<(u32, String), BuildError> {
-        let id = gguf.get_u32(key).map_err(BuildError::Gguf)?;
-        let tok = tokens.get(id as usize).ok_or_else(|| {
-            BuildError::Frontend(FrontendError::BadHyperparameter {
-                key: key.into(),
-                value: id.to_string(),
-                reason: format!("the vocabulary has {} tokens", tokens.len()),
-            })
-        })?;
-        Ok((id, tok.to_string()))
-    };
-    let (bos_id, bos_token) = token_at("tokenizer.ggml.bos_token_id")?;
-    let (eos_id, eos_token) = token_at("tokenizer.ggml.eos_token_id")?;
-    let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
-    let chat_template = gguf.get_str("tokenizer.chat_template").ok().map(str::to_string);
-    let stops = stop_ids(&gguf, &tokens);
-    drop(tokens);
+    let tokenizer = source.tokenizer().map_err(BuildError::Frontend)?;
     stage_times.push((Stage::Tokenizer.name().to_string(), t.elapsed()));
 
     let t = Instant::now();
@@ -336,11 +307,11 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let mut graph = lowered.graph;
     graph.kv_dtype = opts.kv_cache;
     graph.act_dtype = opts.activations;
-    let model = crate::model::Model::borrowed(graph, &lowered.weights);
+    let model = crate::model::Model::new(graph, lowered.weights);
     // The file's digest (for the fingerprint and the manifest) is computed beside the passes
     // and the packing, which do not need it.
     let (sha256, prepared) = std::thread::scope(|s| {
-        let hashing = s.spawn(|| format!("{:x}", Sha256::digest(gguf.bytes())));
+        let hashing = s.spawn(|| source.sha256());
         let prepared = crate::prepare(model, target.as_ref(), &copts);
         (hashing.join().expect("hashing the model file panicked"), prepared)
     });
@@ -348,8 +319,8 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let build_id = fingerprint(&sha256, opts, &target.summary(), context, &adapter_digests);
     copts.fingerprint = build_id;
     // The weights are packed: free the model file before code generation copies them again.
-    drop(lowered.weights);
-    drop(gguf);
+    let source_kind = source.kind();
+    drop(source_box);
     let mut compiled = crate::finish(prepared, target.as_ref(), &copts).map_err(BuildError::Compile)?;
     // Pruning changes the layer count the manifest and the header state.
     hp.n_layers = compiled.kv_layers;
@@ -372,6 +343,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
         },
         "source": {
             "file": opts.model.file_name().map(|f| f.to_string_lossy().into_owned()),
+            "format": source_kind,
             "sha256": sha256,
         },
         "target": target.summary(),
@@ -391,13 +363,13 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             })).collect::<Vec<_>>(),
         },
         "tokenizer": {
-            "bos_id": bos_id,
-            "bos_token": bos_token,
-            "eos_id": eos_id,
-            "eos_token": eos_token,
-            "add_bos": add_bos,
-            "stop_ids": stops,
-            "chat_template": chat_template,
+            "bos_id": tokenizer.bos.0,
+            "bos_token": tokenizer.bos.1,
+            "eos_id": tokenizer.eos.0,
+            "eos_token": tokenizer.eos.1,
+            "add_bos": tokenizer.add_bos,
+            "stop_ids": tokenizer.stop_ids,
+            "chat_template": tokenizer.chat_template,
         },
         "files": {
             "library": "lib/libkiln_model.a",
@@ -419,7 +391,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let header_text = header(&name, &hp, context, opts.batch);
     files.push(("lib/libkiln_model.a", &library));
     files.push(("include/kiln_model.h", header_text.as_bytes()));
-    files.push(("tokenizer.json", tokenizer.as_bytes()));
+    files.push(("tokenizer.json", tokenizer.json.as_bytes()));
     files.push(("manifest.json", manifest_text.as_bytes()));
     files.push(("model.kir", compiled.final_ir.as_bytes()));
     if !opts.embed_weights {

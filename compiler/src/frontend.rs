@@ -1,16 +1,21 @@
-//! The Llama frontend: GGUF metadata and tensors in, an IR [`Graph`] and its weights out.
+//! The Llama frontend: a [`ModelSource`]'s hyperparameters and tensors in, an IR [`Graph`] and
+//! its weights out.
 //!
-//! Hyperparameters come from the GGUF metadata (`llama.*` keys), never from constants, and
-//! every tensor's type and shape is checked against them before the graph is built.
-//! After this module, weights are [`WeightId`]s with their raw bytes in [`LoweredModel::weights`]
-//! (slices of the file's bytes, not copies); nothing downstream reads the file format.
+//! Hyperparameters come from the source (GGUF metadata, `config.json`), never from constants,
+//! and every tensor's format and shape is checked by the source against what the graph needs
+//! before it is built. After this module, weights are [`WeightId`]s with their raw bytes in
+//! [`LoweredModel::weights`] (slices of the source's bytes where it can lend them); nothing
+//! downstream reads a file format.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use ir::{DType, Epilogue, Graph, Op, TensorType, ValueId, WeightId};
 use serde::Serialize;
 
-use crate::gguf::{clip, describe_value, GgufError, GgufFile};
+use crate::gguf::{clip, GgufError};
+use crate::source::ModelSource;
+use crate::tokenizer_json::TokenizerError;
 
 /// Architectures the frontend lowers.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
@@ -34,10 +39,10 @@ pub struct Hyperparameters {
 }
 
 /// A model lowered to IR: the graph, and the raw bytes of each weight (indexed by [`WeightId`]),
-/// borrowed from the GGUF file.
+/// borrowed from the source where it could hand them out unchanged.
 pub struct LoweredModel<'a> {
     pub graph: Graph,
-    pub weights: Vec<&'a [u8]>,
+    pub weights: Vec<Cow<'a, [u8]>>,
     pub hyper: Hyperparameters,
 }
 
@@ -80,6 +85,14 @@ pub enum FrontendError {
     BadModelName {
         reason: String,
     },
+    /// The model's tokenizer cannot be read or built.
+    Tokenizer(TokenizerError),
+    /// A file of a checkpoint is missing, unreadable or contradicts the rest; `file` names it
+    /// (and the tensor, when one is at fault).
+    Checkpoint {
+        file: String,
+        reason: String,
+    },
 }
 
 impl fmt::Display for FrontendError {
@@ -112,6 +125,8 @@ impl fmt::Display for FrontendError {
                  they must be equal"
             ),
             FrontendError::BadModelName { reason } => write!(f, "bad model name (general.name): {reason}"),
+            FrontendError::Tokenizer(e) => write!(f, "{e}"),
+            FrontendError::Checkpoint { file, reason } => write!(f, "{file}: {reason}"),
         }
     }
 }
@@ -124,115 +139,65 @@ impl From<GgufError> for FrontendError {
     }
 }
 
+impl From<TokenizerError> for FrontendError {
+    fn from(e: TokenizerError) -> Self {
+        FrontendError::Tokenizer(e)
+    }
+}
+
 /// Largest context length kiln compiles for (positions are i32 in kernels, and the rotary
 /// table grows linearly with it).
 pub const MAX_CONTEXT: u32 = 1 << 17;
 
-fn bad(key: &str, value: impl fmt::Display, reason: &str) -> FrontendError {
+pub(crate) fn bad(key: &str, value: impl fmt::Display, reason: &str) -> FrontendError {
     FrontendError::BadHyperparameter { key: key.to_string(), value: value.to_string(), reason: reason.to_string() }
 }
 
-/// Reads and checks the hyperparameters of a Llama-family GGUF.
-pub fn hyperparameters(gguf: &GgufFile) -> Result<Hyperparameters, FrontendError> {
-    let arch = gguf.get_str("general.architecture")?.to_string();
-    if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-        return Err(FrontendError::UnsupportedArchitecture { architecture: clip(&arch).escape_debug().to_string() });
-    }
-    let key = |k: &str| format!("{arch}.{k}");
-    let get = |k: &str| gguf.get_u32(&key(k));
-    let n_layers = get("block_count")?;
-    let d_model = get("embedding_length")?;
-    let d_ff = get("feed_forward_length")?;
-    let n_heads = get("attention.head_count")?;
-    let n_kv_heads = match gguf.get(&key("attention.head_count_kv")) {
-        Some(_) => get("attention.head_count_kv")?,
-        None => n_heads,
-    };
-    for (k, v, max) in [
-        ("block_count", n_layers, 1024),
-        ("embedding_length", d_model, 1 << 16),
-        ("feed_forward_length", d_ff, 1 << 18),
-        ("attention.head_count", n_heads, 1024),
-        ("attention.head_count_kv", n_kv_heads, 1024),
-    ] {
-        if v == 0 || v > max {
-            return Err(bad(&key(k), v, &format!("must be in 1..={max}")));
-        }
-    }
-    if d_model % n_heads != 0 {
-        return Err(bad(&key("attention.head_count"), n_heads, "must divide embedding_length"));
-    }
-    if n_heads % n_kv_heads != 0 {
-        return Err(bad(&key("attention.head_count_kv"), n_kv_heads, "must divide attention.head_count"));
-    }
-    let head_dim = d_model / n_heads;
-    if head_dim % 4 != 0 {
-        return Err(bad(&key("attention.head_count"), n_heads, "the head dimension must be a multiple of 4"));
-    }
-    if gguf.get(&key("rope.dimension_count")).is_some() {
-        let rope_dims = get("rope.dimension_count")?;
-        if rope_dims != head_dim {
-            return Err(bad(&key("rope.dimension_count"), rope_dims, "partial rotary embedding is not supported"));
-        }
-    }
-    if let Some(v) = gguf.get(&key("rope.scaling.type")) {
-        if v.as_str() != Some("none") {
-            return Err(bad(&key("rope.scaling.type"), describe_value(v), "rope scaling is not supported"));
-        }
-    }
-    let rope_theta = match gguf.get(&key("rope.freq_base")) {
-        Some(_) => gguf.get_f32(&key("rope.freq_base"))?,
-        None => 10000.0,
-    };
-    if !(rope_theta.is_finite() && rope_theta > 1.0) {
-        return Err(bad(&key("rope.freq_base"), rope_theta, "must be finite and > 1"));
-    }
-    let rms_eps = gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
-    if !(rms_eps.is_finite() && rms_eps >= 0.0 && rms_eps < 1.0) {
-        return Err(bad(&key("attention.layer_norm_rms_epsilon"), rms_eps, "must be in [0, 1)"));
-    }
-    let train_context = get("context_length")?;
-    let embd = gguf.tensor("token_embd.weight")?;
-    let vocab = match embd.dims[..] {
-        [_, v] if v > 0 && v <= u32::MAX as u64 => v as u32,
-        _ => {
-            return Err(FrontendError::BadTensorShape {
-                tensor: embd.name.clone(),
-                expected: vec![d_model as u64, 0],
-                found: embd.dims.clone(),
-            })
-        }
-    };
-    if let Some(v) = gguf.get(&key("vocab_size")) {
-        if v.as_integer() != Some(vocab as i128) {
-            return Err(bad(&key("vocab_size"), describe_value(v), &format!("token_embd.weight has {vocab} rows")));
-        }
-    }
-    // llama.cpp sizes the embedding from the tokenizer and refuses any other row count.
-    if let Some(tokens) = gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
-        let output = gguf.tensor("output.weight").ok();
-        for t in std::iter::once(embd).chain(output) {
-            let rows = t.dims.get(1).copied().unwrap_or(1);
-            if rows != tokens.len() as u64 {
-                return Err(FrontendError::VocabMismatch { tensor: t.name.clone(), rows, tokens: tokens.len() });
+impl Hyperparameters {
+    /// Checks the counts and constants every source must satisfy (not `vocab`, which sources
+    /// take from the embedding's shape); `key` names a field (given
+    /// by its GGUF key suffix, e.g. `attention.head_count`) as the source stores it.
+    pub fn check(&self, key: impl Fn(&str) -> String) -> Result<(), FrontendError> {
+        for (k, v, max) in [
+            ("block_count", self.n_layers, 1024),
+            ("embedding_length", self.d_model, 1 << 16),
+            ("feed_forward_length", self.d_ff, 1 << 18),
+            ("attention.head_count", self.n_heads, 1024),
+            ("attention.head_count_kv", self.n_kv_heads, 1024),
+        ] {
+            if v == 0 || v > max {
+                return Err(bad(&key(k), v, &format!("must be in 1..={max}")));
             }
         }
+        if self.d_model % self.n_heads != 0 {
+            return Err(bad(&key("attention.head_count"), self.n_heads, "must divide the embedding length"));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(bad(&key("attention.head_count_kv"), self.n_kv_heads, "must divide the head count"));
+        }
+        if self.head_dim != self.d_model / self.n_heads {
+            return Err(bad(
+                &key("attention.head_count"),
+                self.n_heads,
+                "the head dimension must be the embedding length / heads",
+            ));
+        }
+        if self.head_dim % 4 != 0 {
+            return Err(bad(&key("attention.head_count"), self.n_heads, "the head dimension must be a multiple of 4"));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(bad(&key("rope.freq_base"), self.rope_theta, "must be finite and > 1"));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0 && self.rms_eps < 1.0) {
+            return Err(bad(&key("attention.layer_norm_rms_epsilon"), self.rms_eps, "must be in [0, 1)"));
+        }
+        Ok(())
     }
-    let tied_embedding = gguf.tensor("output.weight").is_err();
-    Ok(Hyperparameters {
-        architecture: arch,
-        n_layers,
-        d_model,
-        d_ff,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-        vocab,
-        rope_theta,
-        rms_eps,
-        train_context,
-        tied_embedding,
-    })
+}
+
+/// The checked hyperparameters of the model in `source`.
+pub fn hyperparameters(source: &dyn ModelSource) -> Result<Hyperparameters, FrontendError> {
+    source.hyperparameters()
 }
 
 /// The context length to compile for: `requested`, or the training context capped at
@@ -256,11 +221,11 @@ pub const MAX_NAME_BYTES: usize = 256;
 /// `general.name` is refused when it holds a control character (NUL, newline, ...) or is
 /// longer than [`MAX_NAME_BYTES`]; the fallback is cleaned instead (control characters become
 /// `_`, and it is cut to [`MAX_NAME_BYTES`]).
-pub fn model_name(gguf: &GgufFile, fallback: &str) -> Result<String, FrontendError> {
-    let name = match gguf.get("general.name") {
-        None => return Ok(clean_name(fallback)),
-        Some(_) => gguf.get_str("general.name")?,
+pub fn model_name(source: &dyn ModelSource, fallback: &str) -> Result<String, FrontendError> {
+    let Some(name) = source.declared_name()? else {
+        return Ok(clean_name(fallback));
     };
+    let name = name.as_str();
     if let Some((at, c)) = name.char_indices().find(|(_, c)| c.is_control()) {
         return Err(FrontendError::BadModelName {
             reason: format!("{:?} holds the control character {c:?} at byte {at}", clip(name)),
@@ -289,30 +254,19 @@ fn clean_name(s: &str) -> String {
 }
 
 struct Builder<'a> {
-    gguf: &'a GgufFile,
+    source: &'a dyn ModelSource,
     graph: Graph,
-    weights: Vec<&'a [u8]>,
+    weights: Vec<Cow<'a, [u8]>>,
 }
 
 impl<'a> Builder<'a> {
-    /// Adds the tensor `name` as a weight after checking its GGUF dims (`dims[0]` contiguous).
+    /// Adds the tensor kiln calls `name` as a weight; the source checks its `dims` (innermost first).
     fn weight(&mut self, name: &str, dims: &[u64]) -> Result<WeightId, FrontendError> {
-        let gguf: &'a GgufFile = self.gguf;
-        let info = gguf.tensor(name)?;
-        if info.dims != dims {
-            return Err(FrontendError::BadTensorShape {
-                tensor: name.into(),
-                expected: dims.to_vec(),
-                found: info.dims.clone(),
-            });
-        }
-        let format = info.ggml_type.quant_format().ok_or_else(|| FrontendError::UnsupportedTensorType {
-            tensor: name.into(),
-            ggml_type: info.ggml_type.name().to_string(),
-        })?;
+        let source: &'a dyn ModelSource = self.source;
+        let tensor = source.tensor(name, dims)?;
         let shape = dims.iter().rev().map(|&d| d as u32).collect();
-        self.weights.push(gguf.tensor_data(info));
-        Ok(self.graph.add_weight(name, format, shape))
+        self.weights.push(tensor.bytes);
+        Ok(self.graph.add_weight(name, tensor.format, shape))
     }
 
     fn node(&mut self, op: Op, dtype: DType, n: u32) -> ValueId {
@@ -324,8 +278,8 @@ impl<'a> Builder<'a> {
 ///
 /// The graph takes token ids (`input 0 : i32[seq]`) and returns the logits of every row
 /// (`f32[seq, vocab]`).
-pub fn lower<'a>(gguf: &'a GgufFile, name: &str, context: u32) -> Result<LoweredModel<'a>, FrontendError> {
-    let hp = hyperparameters(gguf)?;
+pub fn lower<'a>(source: &'a dyn ModelSource, name: &str, context: u32) -> Result<LoweredModel<'a>, FrontendError> {
+    let hp = source.hyperparameters()?;
     if context == 0 || context > MAX_CONTEXT {
         return Err(FrontendError::BadContext { requested: context, reason: format!("must be in 1..={MAX_CONTEXT}") });
     }
@@ -337,7 +291,7 @@ pub fn lower<'a>(gguf: &'a GgufFile, name: &str, context: u32) -> Result<Lowered
         });
     }
     let (d, ff, kv) = (hp.d_model as u64, hp.d_ff as u64, (hp.n_kv_heads * hp.head_dim) as u64);
-    let mut b = Builder { gguf, graph: Graph::new(name, context), weights: vec![] };
+    let mut b = Builder { source, graph: Graph::new(name, context), weights: vec![] };
     let embd = b.weight("token_embd.weight", &[d, hp.vocab as u64])?;
     let ids = b.graph.push(Op::Input { index: 0 }, TensorType::seq(DType::I32));
     let mut x = b.node(Op::Embed { ids, table: embd }, DType::F32, hp.d_model);

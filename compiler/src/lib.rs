@@ -18,6 +18,7 @@ pub mod outdir;
 pub mod pack;
 pub mod passes;
 pub mod probe;
+pub mod source;
 pub mod tokenizer_json;
 
 use std::fmt;

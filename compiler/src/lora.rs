@@ -210,12 +210,20 @@ fn read_peft(dir: &Path, base: BaseShape) -> Result<Adapter, LoraError> {
 
 /// Rows of a `[rows, cols]` matrix from Hugging Face's rotary order (per head: the first
 /// halves of all pairs, then the second halves) to GGUF's (pairs interleaved).
-pub fn permute_rotary_rows(m: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, String> {
+pub fn permute_rotary_rows<T: Copy + Default>(
+    m: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Result<Vec<T>, String> {
     if heads == 0 || rows % (2 * heads) != 0 {
         return Err(format!("{rows} rows do not split into {heads} heads of rotary pairs"));
     }
+    if m.len() != rows * cols {
+        return Err(format!("{} values are not {rows} rows of {cols}", m.len()));
+    }
     let half = rows / heads / 2;
-    let mut out = vec![0.0; m.len()];
+    let mut out = vec![T::default(); m.len()];
     for h in 0..heads {
         for i in 0..2 {
             for j in 0..half {

@@ -10,5 +10,6 @@ mod lora;
 mod model;
 mod optimize;
 mod reference;
+mod sources;
 mod tokenizer;
 mod untrusted;

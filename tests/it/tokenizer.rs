@@ -25,7 +25,7 @@ fn model_path() -> PathBuf {
 }
 
 /// Hand-written strings that exercise the pre-tokenizer's corners.
-const TRICKY: &[&str] = &[
+pub(crate) const TRICKY: &[&str] = &[
     "",
     " ",
     "  ",
@@ -160,7 +160,7 @@ fn pick<T: Copy>(rng: &mut Rng, items: &[T]) -> T {
 }
 
 /// A random string of up to 64 pieces drawn from the classes above.
-fn random_string(rng: &mut Rng) -> String {
+pub(crate) fn random_string(rng: &mut Rng) -> String {
     let n = rng.below(65);
     let mut s = String::new();
     for _ in 0..n {
@@ -181,11 +181,17 @@ fn random_string(rng: &mut Rng) -> String {
 
 /// Runs llama.cpp's tokenizer on all `strings` at once.
 fn llama_cpp_tokenize(model: &Path, strings: &[String]) -> Vec<Vec<u32>> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peer/llama_tokenize.py");
+    peer_tokenize("llama_tokenize.py", model, strings, "llama-cpp-python")
+}
+
+/// Runs the peer tokenizer `tests/peer/SCRIPT ARG` on all `strings` at once (a JSON list on
+/// stdin, a JSON list of id lists on stdout); `package` is what it needs installed.
+pub(crate) fn peer_tokenize(script: &str, arg: &Path, strings: &[String], package: &str) -> Vec<Vec<u32>> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peer").join(script);
     let python = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let mut child = Command::new(&python)
         .arg(&script)
-        .arg(model)
+        .arg(arg)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -195,19 +201,19 @@ fn llama_cpp_tokenize(model: &Path, strings: &[String]) -> Vec<Vec<u32>> {
     // Write from another thread so a child that fills its stdout pipe cannot deadlock us.
     let mut stdin = child.stdin.take().unwrap();
     let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().expect("waiting for llama_tokenize.py");
-    writer.join().unwrap().expect("writing the strings to llama_tokenize.py");
+    let out = child.wait_with_output().expect("waiting for the peer tokenizer");
+    writer.join().unwrap().expect("writing the strings to the peer tokenizer");
+    let name = script.file_name().unwrap().to_string_lossy();
     assert!(
         out.status.success(),
-        "llama_tokenize.py failed ({}); is llama-cpp-python installed (pip install \
-         llama-cpp-python)? stderr:\n{}",
+        "{name} failed ({}); is {package} installed (`cargo xtask test` installs it)? stderr:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     let ids: Vec<Vec<u32>> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("llama_tokenize.py printed no JSON list of id lists ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        panic!("{name} printed no JSON list of id lists ({e}): {}", String::from_utf8_lossy(&out.stdout))
     });
-    assert_eq!(ids.len(), strings.len(), "llama_tokenize.py answered {} of {} strings", ids.len(), strings.len());
+    assert_eq!(ids.len(), strings.len(), "{name} answered {} of {} strings", ids.len(), strings.len());
     ids
 }
 

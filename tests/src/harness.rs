@@ -174,16 +174,30 @@ pub fn kernel_test_cols(format: QuantFormat) -> &'static [u32] {
 
 /// A complete GGUF file of a random Llama model (no tokenizer metadata).
 pub fn tiny_llama_gguf(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
-    tiny_llama_writer(cfg, rng).finish()
+    tiny_llama_writer(cfg, rng, QuantFormat::Q8_0, QuantFormat::F32).finish()
 }
 
 /// A random Llama model with a small byte-level BPE tokenizer (`<s>`, `</s>`, then single
 /// letters and filler tokens up to `cfg.vocab`), complete enough for `build_model` and a
 /// session. Needs `cfg.vocab >= 8`.
 pub fn tiny_llama_gguf_with_tokenizer(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
+    let mut w = tiny_llama_writer(cfg, rng, QuantFormat::Q8_0, QuantFormat::F32);
+    add_tiny_tokenizer(&mut w, cfg);
+    w.finish()
+}
+
+/// [`tiny_llama_gguf_with_tokenizer`] with every tensor, embedding and norms too, in `cfg.format`
+/// (a float format: f32, f16 or bf16), as a Hugging Face checkpoint would hold it.
+pub fn tiny_llama_float_gguf(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
+    assert_eq!(cfg.format.block_values(), 1, "{:?} is not a float format", cfg.format);
+    let mut w = tiny_llama_writer(cfg, rng, cfg.format, cfg.format);
+    add_tiny_tokenizer(&mut w, cfg);
+    w.finish()
+}
+
+fn add_tiny_tokenizer(w: &mut compiler::gguf::GgufWriter, cfg: &TinyLlama) {
     use compiler::gguf::MetaValue;
     assert!(cfg.vocab >= 8, "the tiny tokenizer needs 8 tokens");
-    let mut w = tiny_llama_writer(cfg, rng);
     let mut tokens: Vec<String> = vec!["<s>".into(), "</s>".into(), "a".into(), "b".into(), "ab".into()];
     tokens.extend(('c'..='z').map(String::from).take(cfg.vocab as usize - tokens.len()));
     let filler = cfg.vocab as usize - tokens.len();
@@ -196,10 +210,15 @@ pub fn tiny_llama_gguf_with_tokenizer(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8>
     w.add_meta("tokenizer.ggml.merges", MetaValue::Array(vec![MetaValue::String("a b".into())]));
     w.add_meta("tokenizer.ggml.bos_token_id", MetaValue::U32(0));
     w.add_meta("tokenizer.ggml.eos_token_id", MetaValue::U32(1));
-    w.finish()
 }
 
-fn tiny_llama_writer(cfg: &TinyLlama, rng: &mut Rng) -> compiler::gguf::GgufWriter {
+/// The model's tensors; the embedding in `embd`, the norms in `norm`.
+fn tiny_llama_writer(
+    cfg: &TinyLlama,
+    rng: &mut Rng,
+    embd: QuantFormat,
+    norm: QuantFormat,
+) -> compiler::gguf::GgufWriter {
     use compiler::gguf::{GgufWriter, MetaValue};
     let mut w = GgufWriter::new();
     w.add_meta("general.architecture", MetaValue::String("llama".into()));
@@ -231,21 +250,21 @@ fn tiny_llama_writer(cfg: &TinyLlama, rng: &mut Rng) -> compiler::gguf::GgufWrit
         }
         w.add_tensor(name, dims, ggml_type(format), &bytes);
     };
-    add(&mut w, "token_embd.weight", &[d, cfg.vocab as u64], QuantFormat::Q8_0, 1.0);
+    add(&mut w, "token_embd.weight", &[d, cfg.vocab as u64], embd, 1.0);
     let s = 1.0 / (d as f32).sqrt() * 1.7;
     for l in 0..cfg.n_layers {
         let t = |n: &str| format!("blk.{l}.{n}.weight");
-        add(&mut w, &t("attn_norm"), &[d], QuantFormat::F32, 0.0);
+        add(&mut w, &t("attn_norm"), &[d], norm, 0.0);
         add(&mut w, &t("attn_q"), &[d, d], cfg.format, s);
         add(&mut w, &t("attn_k"), &[d, kv], cfg.format, s);
         add(&mut w, &t("attn_v"), &[d, kv], cfg.format, s);
         add(&mut w, &t("attn_output"), &[d, d], cfg.format, s);
-        add(&mut w, &t("ffn_norm"), &[d], QuantFormat::F32, 0.0);
+        add(&mut w, &t("ffn_norm"), &[d], norm, 0.0);
         add(&mut w, &t("ffn_gate"), &[d, ff], cfg.format, s);
         add(&mut w, &t("ffn_up"), &[d, ff], cfg.format, s);
         add(&mut w, &t("ffn_down"), &[ff, d], cfg.format, 1.0 / (ff as f32).sqrt() * 1.7);
     }
-    add(&mut w, "output_norm.weight", &[d], QuantFormat::F32, 0.0);
+    add(&mut w, "output_norm.weight", &[d], norm, 0.0);
     if !cfg.tied {
         add(&mut w, "output.weight", &[d, cfg.vocab as u64], cfg.format, s);
     }

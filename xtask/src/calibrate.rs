@@ -11,7 +11,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use compiler::gguf::GgufFile;
 use compiler::model::Model;
 use compiler::passes::prune_layers::PruneSpec;
 use compiler::probe::{angular_distance, choose_run, probe_segments};
@@ -87,9 +86,8 @@ impl AutoChoice {
 
 /// The calibration token ids of `text` under the model's tokenizer (as its bundle would
 /// tokenize), at most `cap`, or an error when fewer than [`MIN_CALIB_TOKENS`].
-pub fn calibration_tokens(gguf: &GgufFile, text: &str, cap: usize) -> Result<Vec<u32>> {
-    let json = compiler::tokenizer_json::tokenizer_json(gguf).context("cannot build the model's tokenizer")?;
-    let tokenizer = runtime::tokenizer::Tokenizer::from_json_str(&json).map_err(|e| anyhow::anyhow!("{e}"))?;
+pub fn calibration_tokens(tokenizer_json: &str, text: &str, cap: usize) -> Result<Vec<u32>> {
+    let tokenizer = runtime::tokenizer::Tokenizer::from_json_str(tokenizer_json).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut ids = tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("{e}"))?;
     ids.truncate(cap);
     if ids.len() < MIN_CALIB_TOKENS {
@@ -242,15 +240,13 @@ pub fn choose_auto(path: &Path, n: u32, calib: &CalibOptions, lora: &[PathBuf]) 
     let text_path = calib.text.clone().unwrap_or_else(default_calib_text);
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("cannot read the calibration text {}", text_path.display()))?;
-    let gguf = GgufFile::open(path)?;
-    let hp = compiler::frontend::hyperparameters(&gguf)?;
+    let source = compiler::source::open(path)?;
+    let source = source.as_ref();
+    let hp = compiler::frontend::hyperparameters(source)?;
     PruneSpec::check_auto(n, hp.n_layers).map_err(|m| anyhow::anyhow!("--prune-layers: {m}"))?;
-    let tokens = calibration_tokens(&gguf, &text, cap)?;
-    let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
-    let bos = match add_bos {
-        true => Some(gguf.get_u32("tokenizer.ggml.bos_token_id").context("the model adds BOS but names none")?),
-        false => None,
-    };
+    let spec = source.tokenizer().context("cannot build the model's tokenizer")?;
+    let tokens = calibration_tokens(&spec.json, &text, cap)?;
+    let bos = spec.add_bos.then_some(spec.bos.0);
     let context = match hp.train_context {
         0 => PROBE_CONTEXT,
         c => c.min(PROBE_CONTEXT),
@@ -258,7 +254,7 @@ pub fn choose_auto(path: &Path, n: u32, calib: &CalibOptions, lora: &[PathBuf]) 
     if context as usize <= bos.is_some() as usize {
         bail!("the model's context of {context} is too short to calibrate");
     }
-    let lowered = compiler::frontend::lower(&gguf, "probe", context)?;
+    let lowered = compiler::frontend::lower(source, "probe", context)?;
     let mut model = Model::borrowed(lowered.graph, &lowered.weights);
     if !lora.is_empty() {
         let adapters = compiler::bundle::read_adapters(lora, &hp)?;

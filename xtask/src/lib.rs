@@ -394,21 +394,29 @@ fn bundle_batch(bundle: &Path) -> Result<u32> {
 /// The gguf-py version (llama.cpp's GGUF library) the `dequant` tests compare kiln's formats with.
 pub const GGUF_PY: &str = "gguf==0.19.0";
 
-/// Installs [`GGUF_PY`] unless that version is importable.
-pub fn ensure_gguf_py() -> Result<()> {
-    let version = GGUF_PY.trim_start_matches("gguf==");
-    let check = format!("import gguf, importlib.metadata as m; assert m.version('gguf') == '{version}'");
-    let have = Command::new("python3").args(["-c", &check]).output().map(|o| o.status.success()).unwrap_or(false);
-    if have {
-        return Ok(());
-    }
-    eprintln!("installing {GGUF_PY}");
-    let status = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", GGUF_PY])
-        .status()
-        .context("cannot run python3 -m pip")?;
-    if !status.success() {
-        bail!("pip install {GGUF_PY} failed");
+/// The Python packages the peer scripts of `tests/peer` import, pinned: gguf-py (dequantization
+/// and GGUF reading), safetensors (Hugging Face checkpoints), tokenizers (Hugging Face's
+/// tokenizer, the reference for a checkpoint's `tokenizer.json`).
+pub const PYTHON_PEERS: [(&str, &str); 3] =
+    [("gguf", GGUF_PY), ("safetensors", "safetensors==0.8.0"), ("tokenizers", "tokenizers==0.23.2")];
+
+/// Installs every [`PYTHON_PEERS`] package unless that version is importable.
+pub fn ensure_python_peers() -> Result<()> {
+    for (module, spec) in PYTHON_PEERS {
+        let version = spec.split_once("==").map_or("", |(_, v)| v);
+        let check = format!("import {module}, importlib.metadata as m; assert m.version('{module}') == '{version}'");
+        let have = Command::new("python3").args(["-c", &check]).output().map(|o| o.status.success()).unwrap_or(false);
+        if have {
+            continue;
+        }
+        eprintln!("installing {spec}");
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", spec])
+            .status()
+            .context("cannot run python3 -m pip")?;
+        if !status.success() {
+            bail!("pip install {spec} failed");
+        }
     }
     Ok(())
 }

@@ -377,7 +377,7 @@ fn real_main() -> Result<()> {
         Cmd::Test { hf_reference, rest } => {
             let model = xtask::fetch_default_model(true)?;
             xtask::ensure_llama_cpp_python()?;
-            xtask::ensure_gguf_py()?;
+            xtask::ensure_python_peers()?;
             let not_run = xtask::root().join("target/kiln-tests/not-run.tsv");
             std::fs::create_dir_all(not_run.parent().unwrap())?;
             std::fs::write(&not_run, "")?;

@@ -1,0 +1,142 @@
+//! A GGUF file as a model source: `llama.*` metadata, tensors by their own names, and the
+//! tokenizer built from `tokenizer.ggml.*` ([`crate::tokenizer_json`]).
+
+use sha2::{Digest, Sha256};
+
+use crate::frontend::{bad, FrontendError, Hyperparameters, SUPPORTED_ARCHITECTURES};
+use crate::gguf::{clip, describe_value, GgufFile};
+use crate::source::{stop_ids, ModelSource, SourceTensor, TokenizerSpec};
+
+impl ModelSource for GgufFile {
+    fn kind(&self) -> &'static str {
+        "gguf"
+    }
+
+    fn hyperparameters(&self) -> Result<Hyperparameters, FrontendError> {
+        let arch = self.get_str("general.architecture")?.to_string();
+        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(FrontendError::UnsupportedArchitecture {
+                architecture: clip(&arch).escape_debug().to_string(),
+            });
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let get = |k: &str| self.get_u32(&key(k));
+        let n_heads = get("attention.head_count")?;
+        let n_kv_heads = match self.get(&key("attention.head_count_kv")) {
+            Some(_) => get("attention.head_count_kv")?,
+            None => n_heads,
+        };
+        let (n_layers, d_model, d_ff) = (get("block_count")?, get("embedding_length")?, get("feed_forward_length")?);
+        let rope_theta = match self.get(&key("rope.freq_base")) {
+            Some(_) => self.get_f32(&key("rope.freq_base"))?,
+            None => 10000.0,
+        };
+        let mut hp = Hyperparameters {
+            architecture: arch.clone(),
+            n_layers,
+            d_model,
+            d_ff,
+            n_heads,
+            n_kv_heads,
+            head_dim: d_model.checked_div(n_heads).unwrap_or(0),
+            vocab: 0, // from the embedding's shape, below
+            rope_theta,
+            rms_eps: self.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            train_context: get("context_length")?,
+            tied_embedding: self.tensor("output.weight").is_err(),
+        };
+        hp.check(key)?;
+        if self.get(&key("rope.dimension_count")).is_some() {
+            let rope_dims = get("rope.dimension_count")?;
+            if rope_dims != hp.head_dim {
+                return Err(bad(&key("rope.dimension_count"), rope_dims, "partial rotary embedding is not supported"));
+            }
+        }
+        if let Some(v) = self.get(&key("rope.scaling.type")) {
+            if v.as_str() != Some("none") {
+                return Err(bad(&key("rope.scaling.type"), describe_value(v), "rope scaling is not supported"));
+            }
+        }
+        let embd = self.tensor("token_embd.weight")?;
+        hp.vocab = match embd.dims[..] {
+            [_, v] if v > 0 && v <= u32::MAX as u64 => v as u32,
+            _ => {
+                return Err(FrontendError::BadTensorShape {
+                    tensor: embd.name.clone(),
+                    expected: vec![d_model as u64, 0],
+                    found: embd.dims.clone(),
+                })
+            }
+        };
+        let vocab = hp.vocab;
+        if let Some(v) = self.get(&key("vocab_size")) {
+            if v.as_integer() != Some(vocab as i128) {
+                return Err(bad(&key("vocab_size"), describe_value(v), &format!("token_embd.weight has {vocab} rows")));
+            }
+        }
+        // llama.cpp sizes the embedding from the tokenizer and refuses any other row count.
+        if let Some(tokens) = self.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            let output = self.tensor("output.weight").ok();
+            for t in std::iter::once(embd).chain(output) {
+                let rows = t.dims.get(1).copied().unwrap_or(1);
+                if rows != tokens.len() as u64 {
+                    return Err(FrontendError::VocabMismatch { tensor: t.name.clone(), rows, tokens: tokens.len() });
+                }
+            }
+        }
+        Ok(hp)
+    }
+
+    fn declared_name(&self) -> Result<Option<String>, FrontendError> {
+        match self.get("general.name") {
+            None => Ok(None),
+            Some(_) => Ok(Some(self.get_str("general.name")?.to_owned())),
+        }
+    }
+
+    fn tensor(&self, name: &str, dims: &[u64]) -> Result<SourceTensor<'_>, FrontendError> {
+        let info = GgufFile::tensor(self, name)?;
+        if info.dims != dims {
+            return Err(FrontendError::BadTensorShape {
+                tensor: name.into(),
+                expected: dims.to_vec(),
+                found: info.dims.clone(),
+            });
+        }
+        let format = info.ggml_type.quant_format().ok_or_else(|| FrontendError::UnsupportedTensorType {
+            tensor: name.into(),
+            ggml_type: info.ggml_type.name().to_string(),
+        })?;
+        Ok(SourceTensor { format, bytes: self.tensor_data(info).into() })
+    }
+
+    fn tokenizer(&self) -> Result<TokenizerSpec, FrontendError> {
+        let json = crate::tokenizer_json::tokenizer_json(self)?;
+        let tokens = self.get_str_array("tokenizer.ggml.tokens")?;
+        let token_at = |key: &str| -> Result<(u32, String), FrontendError> {
+            let id = self.get_u32(key)?;
+            let tok = tokens
+                .get(id as usize)
+                .ok_or_else(|| bad(key, id, &format!("the vocabulary has {} tokens", tokens.len())))?;
+            Ok((id, tok.to_string()))
+        };
+        let bos = token_at("tokenizer.ggml.bos_token_id")?;
+        let eos = token_at("tokenizer.ggml.eos_token_id")?;
+        let ends: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| self.get_u32(k).ok())
+            .collect();
+        Ok(TokenizerSpec {
+            json,
+            bos,
+            eos,
+            add_bos: self.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            chat_template: self.get_str("tokenizer.chat_template").ok().map(str::to_string),
+            stop_ids: stop_ids(ends, |t| tokens.iter().position(|x| *x == t).map(|i| i as u32)),
+        })
+    }
+
+    fn sha256(&self) -> String {
+        format!("{:x}", Sha256::digest(self.bytes()))
+    }
+}

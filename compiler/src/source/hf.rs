@@ -1,0 +1,459 @@
+//! A Hugging Face checkpoint directory as a model source: `config.json`, the weights in one
+//! `model.safetensors` or in shards listed by `model.safetensors.index.json` (F32, F16 or
+//! BF16), and `tokenizer.json` with `tokenizer_config.json` (special tokens, chat template;
+//! or `chat_template.jinja`) and `generation_config.json` (end-of-turn ids) when present.
+//!
+//! Every file is untrusted: sizes are bounded before reading, shard names must be plain file
+//! names in the directory, each shard's header is validated against its length by the
+//! `safetensors` crate before any tensor is looked at, and every tensor's dtype and shape is
+//! checked against the config. Hugging Face stores `q_proj`/`k_proj` rows per head as two
+//! halves (rotate-half); kiln's kernels, like GGUF, want the pairs interleaved, so those two
+//! are reordered here (the inverse of llama.cpp's `convert_hf_to_gguf.py` permutation).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ir::QuantFormat;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::frontend::{bad, FrontendError, Hyperparameters};
+use crate::source::{stop_ids, ModelSource, SourceTensor, TokenizerSpec};
+
+/// Largest JSON file of a checkpoint kiln reads (configs, index, tokenizer files).
+const MAX_JSON_BYTES: u64 = 256 << 20;
+/// Largest shard kiln reads.
+const MAX_SHARD_BYTES: u64 = 1 << 40;
+
+/// The architectures (`config.json` `architectures`) kiln lowers.
+const ARCHITECTURES: &[&str] = &["LlamaForCausalLM"];
+
+/// Where one tensor lives.
+struct Entry {
+    shard: usize,
+    dtype: ::safetensors::Dtype,
+    /// As stored, outermost first.
+    shape: Vec<u64>,
+    /// Byte range in the shard's file.
+    range: std::ops::Range<usize>,
+}
+
+/// An opened checkpoint: its files read and validated, tensors indexed by name.
+pub struct HfCheckpoint {
+    dir: PathBuf,
+    config: Value,
+    /// Shard file names and bytes.
+    shards: Vec<(String, Vec<u8>)>,
+    tensors: BTreeMap<String, Entry>,
+    /// Every file read, by name, for the digest.
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+fn err(file: impl AsRef<Path>, reason: impl Into<String>) -> FrontendError {
+    FrontendError::Checkpoint { file: file.as_ref().display().to_string(), reason: reason.into() }
+}
+
+/// Reads the regular file `path` of at most `max` bytes; `None` when it does not exist.
+fn read_optional(path: &Path, max: u64) -> Result<Option<Vec<u8>>, FrontendError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(path, e.to_string())),
+    };
+    if !meta.is_file() {
+        return Err(err(path, "not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(err(path, format!("{} bytes, more than kiln reads from such a file ({max})", meta.len())));
+    }
+    std::fs::read(path).map(Some).map_err(|e| err(path, e.to_string()))
+}
+
+fn read_json(path: &Path, bytes: &[u8]) -> Result<Value, FrontendError> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| err(path, format!("not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(err(path, "not a JSON object"));
+    }
+    Ok(v)
+}
+
+/// The Hugging Face name and rotary head count (for `q_proj`/`k_proj`) of kiln's tensor `name`.
+fn hf_name(name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: u32 = layer.parse().ok()?;
+    let module = match rest {
+        "attn_norm.weight" => "input_layernorm",
+        "attn_q.weight" => "self_attn.q_proj",
+        "attn_k.weight" => "self_attn.k_proj",
+        "attn_v.weight" => "self_attn.v_proj",
+        "attn_output.weight" => "self_attn.o_proj",
+        "ffn_norm.weight" => "post_attention_layernorm",
+        "ffn_gate.weight" => "mlp.gate_proj",
+        "ffn_up.weight" => "mlp.up_proj",
+        "ffn_down.weight" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{module}.weight"))
+}
+
+impl HfCheckpoint {
+    /// Reads the checkpoint in `dir` (see the module doc); nothing is written.
+    pub fn open(dir: &Path) -> Result<Self, FrontendError> {
+        let mut files = BTreeMap::new();
+        let config_path = dir.join("config.json");
+        let config_bytes = read_optional(&config_path, MAX_JSON_BYTES)?.ok_or_else(|| {
+            err(
+                &config_path,
+                "missing: a Hugging Face checkpoint directory holds config.json (and kiln reads GGUF files)",
+            )
+        })?;
+        let config = read_json(&config_path, &config_bytes)?;
+        files.insert("config.json".to_string(), config_bytes);
+        let archs: Vec<&str> = config
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map_or(vec![], |a| a.iter().filter_map(Value::as_str).collect());
+        if !archs.iter().any(|a| ARCHITECTURES.contains(a)) {
+            let found = match (archs.first(), config.get("model_type").and_then(Value::as_str)) {
+                (Some(a), _) => crate::gguf::clip(a),
+                (None, Some(t)) => format!("model_type {}", crate::gguf::clip(t)),
+                (None, None) => "none".to_string(),
+            };
+            return Err(err(
+                &config_path,
+                format!("architecture {found:?} is not supported (kiln reads {})", ARCHITECTURES.join(", ")),
+            ));
+        }
+
+        // The shards: from the index, or the one file.
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut weight_map: Option<BTreeMap<String, String>> = None;
+        let shard_names: Vec<String> = match read_optional(&index_path, MAX_JSON_BYTES)? {
+            Some(bytes) => {
+                let index = read_json(&index_path, &bytes)?;
+                files.insert("model.safetensors.index.json".to_string(), bytes);
+                let map = index
+                    .get("weight_map")
+                    .and_then(Value::as_object)
+                    .ok_or_else(|| err(&index_path, "has no weight_map object"))?;
+                let mut names = BTreeMap::new();
+                for (tensor, file) in map {
+                    let file = file
+                        .as_str()
+                        .ok_or_else(|| err(&index_path, format!("weight_map[{tensor:?}] is not a file name")))?;
+                    let plain = !file.is_empty()
+                        && Path::new(file).file_name().is_some_and(|f| f == file)
+                        && file.ends_with(".safetensors");
+                    if !plain {
+                        return Err(err(
+                            &index_path,
+                            format!(
+                                "weight_map[{tensor:?}] = {:?} is not a .safetensors file name in the checkpoint directory",
+                                crate::gguf::clip(file)
+                            ),
+                        ));
+                    }
+                    names.insert(tensor.clone(), file.to_string());
+                }
+                let mut shards: Vec<String> = names.values().cloned().collect();
+                shards.sort();
+                shards.dedup();
+                weight_map = Some(names);
+                shards
+            }
+            None => vec!["model.safetensors".to_string()],
+        };
+        let mut shards = vec![];
+        let mut tensors = BTreeMap::new();
+        for (i, name) in shard_names.iter().enumerate() {
+            let path = dir.join(name);
+            let bytes = read_optional(&path, MAX_SHARD_BYTES)?.ok_or_else(|| match &weight_map {
+                Some(_) => err(&path, "missing: model.safetensors.index.json names this shard"),
+                None => {
+                    err(&path, "missing: the checkpoint has neither model.safetensors nor model.safetensors.index.json")
+                }
+            })?;
+            // Validates the header: offsets in order, inside the file, matching dtype and shape.
+            let st = ::safetensors::SafeTensors::deserialize(&bytes)
+                .map_err(|e| err(&path, format!("not a valid safetensors file: {e}")))?;
+            let base = bytes.as_ptr() as usize;
+            for (tensor, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - base;
+                let entry = Entry {
+                    shard: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().iter().map(|&d| d as u64).collect(),
+                    range: start..start + view.data().len(),
+                };
+                if let Some(map) = &weight_map {
+                    if map.get(&tensor) != Some(name) {
+                        return Err(err(
+                            &path,
+                            format!("holds tensor {tensor:?}, which model.safetensors.index.json does not place here"),
+                        ));
+                    }
+                }
+                if tensors.insert(tensor.clone(), entry).is_some() {
+                    return Err(err(&path, format!("tensor {tensor:?} is stored twice")));
+                }
+            }
+            shards.push((name.clone(), bytes));
+        }
+        if let Some(map) = &weight_map {
+            if let Some((tensor, file)) = map.iter().find(|(t, _)| !tensors.contains_key(*t)) {
+                return Err(err(
+                    dir.join(file),
+                    format!("does not hold tensor {tensor:?}, which the index places there"),
+                ));
+            }
+        }
+        for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"] {
+            if let Some(bytes) = read_optional(&dir.join(name), MAX_JSON_BYTES)? {
+                files.insert(name.to_string(), bytes);
+            }
+        }
+        Ok(HfCheckpoint { dir: dir.to_path_buf(), config, shards, tensors, files })
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// A `config.json` integer that fits in u32, or `default` when absent or null.
+    fn config_u32(&self, key: &str, default: Option<u32>) -> Result<u32, FrontendError> {
+        let key_name = format!("config.json {key}");
+        match self.config.get(key) {
+            None | Some(Value::Null) => default.ok_or_else(|| err(self.path("config.json"), format!("has no {key}"))),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad(&key_name, v, "must be a non-negative integer below 2^32")),
+        }
+    }
+
+    fn config_f32(&self, key: &str, default: f32) -> Result<f32, FrontendError> {
+        match self.config.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => {
+                v.as_f64().map(|x| x as f32).ok_or_else(|| bad(&format!("config.json {key}"), v, "must be a number"))
+            }
+        }
+    }
+
+    fn config_bool(&self, key: &str, default: bool) -> Result<bool, FrontendError> {
+        match self.config.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| bad(&format!("config.json {key}"), v, "must be true or false")),
+        }
+    }
+
+    /// A JSON file of the checkpoint other than `config.json`, parsed, if present.
+    fn json_file(&self, name: &str) -> Result<Option<Value>, FrontendError> {
+        self.files.get(name).map(|b| read_json(&self.path(name), b)).transpose()
+    }
+}
+
+/// The config key that holds the field GGUF calls `suffix` (for messages).
+fn config_key(suffix: &str) -> String {
+    let key = match suffix {
+        "block_count" => "num_hidden_layers",
+        "embedding_length" => "hidden_size",
+        "feed_forward_length" => "intermediate_size",
+        "attention.head_count" => "num_attention_heads",
+        "attention.head_count_kv" => "num_key_value_heads",
+        "rope.freq_base" => "rope_theta",
+        "attention.layer_norm_rms_epsilon" => "rms_norm_eps",
+        other => other,
+    };
+    format!("config.json {key}")
+}
+
+/// The text of a special token in `tokenizer_config.json`: a string or `{"content": ...}`.
+fn token_text(v: &Value) -> Option<&str> {
+    v.as_str().or_else(|| v.get("content").and_then(Value::as_str))
+}
+
+/// Token ids in a config: one integer or a list of them.
+fn ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).filter_map(|x| u32::try_from(x).ok()).collect(),
+        Some(x) => x.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
+        None => vec![],
+    }
+}
+
+impl ModelSource for HfCheckpoint {
+    fn kind(&self) -> &'static str {
+        "safetensors"
+    }
+
+    fn hyperparameters(&self) -> Result<Hyperparameters, FrontendError> {
+        let n_heads = self.config_u32("num_attention_heads", None)?;
+        let d_model = self.config_u32("hidden_size", None)?;
+        let hp = Hyperparameters {
+            architecture: "llama".into(),
+            n_layers: self.config_u32("num_hidden_layers", None)?,
+            d_model,
+            d_ff: self.config_u32("intermediate_size", None)?,
+            n_heads,
+            n_kv_heads: self.config_u32("num_key_value_heads", Some(n_heads))?,
+            head_dim: d_model.checked_div(n_heads).unwrap_or(0),
+            vocab: self.config_u32("vocab_size", None)?,
+            rope_theta: self.config_f32("rope_theta", 10000.0)?,
+            // LlamaConfig's defaults.
+            rms_eps: self.config_f32("rms_norm_eps", 1e-6)?,
+            train_context: self.config_u32("max_position_embeddings", Some(2048))?,
+            tied_embedding: self.config_bool("tie_word_embeddings", false)?,
+        };
+        hp.check(config_key)?;
+        if hp.vocab == 0 {
+            return Err(bad("config.json vocab_size", 0, "must be at least 1"));
+        }
+        if let Some(v) = self.config.get("head_dim").filter(|v| !v.is_null()) {
+            if v.as_u64() != Some(hp.head_dim as u64) {
+                return Err(bad("config.json head_dim", v, "kiln needs hidden_size / num_attention_heads"));
+            }
+        }
+        if let Some(v) = self.config.get("rope_scaling").filter(|v| !v.is_null()) {
+            return Err(bad("config.json rope_scaling", v, "rope scaling is not supported"));
+        }
+        if let Some(v) = self.config.get("hidden_act").filter(|v| v.as_str() != Some("silu")) {
+            return Err(bad("config.json hidden_act", v, "kiln's Llama MLP is SwiGLU (silu)"));
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if self.config_bool(key, false)? {
+                return Err(bad(&format!("config.json {key}"), true, "biases are not supported"));
+            }
+        }
+        Ok(hp)
+    }
+
+    fn declared_name(&self) -> Result<Option<String>, FrontendError> {
+        // `_name_or_path` is often a path on the machine that saved it: the directory's name is used.
+        Ok(None)
+    }
+
+    fn tensor(&self, name: &str, dims: &[u64]) -> Result<SourceTensor<'_>, FrontendError> {
+        let hf = hf_name(name)
+            .ok_or_else(|| err(&self.dir, format!("kiln has no Hugging Face name for tensor {name:?}")))?;
+        let entry = self.tensors.get(&hf).ok_or_else(|| {
+            let file = if self.files.contains_key("model.safetensors.index.json") {
+                "model.safetensors.index.json"
+            } else {
+                "model.safetensors"
+            };
+            err(self.path(file), format!("has no tensor {hf:?}"))
+        })?;
+        let (shard, bytes) = &self.shards[entry.shard];
+        let path = self.path(shard);
+        let expected: Vec<u64> = dims.iter().rev().copied().collect();
+        if entry.shape != expected {
+            return Err(err(
+                &path,
+                format!("tensor {hf:?} has shape {:?}, but config.json requires {expected:?}", entry.shape),
+            ));
+        }
+        use ::safetensors::Dtype;
+        let (format, width) = match entry.dtype {
+            Dtype::F32 => (QuantFormat::F32, 4),
+            Dtype::F16 => (QuantFormat::F16, 2),
+            Dtype::BF16 => (QuantFormat::BF16, 2),
+            other => {
+                return Err(err(&path, format!("tensor {hf:?} has dtype {other:?}; kiln reads F32, F16 and BF16")))
+            }
+        };
+        let data = &bytes[entry.range.clone()];
+        let heads = match name.rsplit_once('.').map(|(n, _)| n.rsplit('.').next()) {
+            Some(Some("attn_q")) => Some(self.hyperparameters()?.n_heads),
+            Some(Some("attn_k")) => Some(self.hyperparameters()?.n_kv_heads),
+            _ => None,
+        };
+        let bytes = match heads {
+            None => data.into(),
+            Some(heads) => {
+                let (rows, row_bytes) = (expected[0] as usize, expected[1] as usize * width);
+                crate::lora::permute_rotary_rows(data, rows, row_bytes, heads as usize)
+                    .map_err(|m| err(&path, format!("tensor {hf:?}: {m}")))?
+                    .into()
+            }
+        };
+        Ok(SourceTensor { format, bytes })
+    }
+
+    fn tokenizer(&self) -> Result<TokenizerSpec, FrontendError> {
+        let path = self.path("tokenizer.json");
+        let json = self.files.get("tokenizer.json").ok_or_else(|| err(&path, "missing"))?;
+        let json = String::from_utf8(json.clone()).map_err(|_| err(&path, "not UTF-8"))?;
+        let tokenizer: tokenizers::Tokenizer =
+            json.parse().map_err(|e| err(&path, format!("not a tokenizer kiln's runtime can load: {e}")))?;
+        let tok_config = self.json_file("tokenizer_config.json")?.unwrap_or(Value::Null);
+        let generation = self.json_file("generation_config.json")?.unwrap_or(Value::Null);
+        // A special token: its text in tokenizer_config.json, else its id in config.json.
+        let special = |which: &str| -> Result<(u32, String), FrontendError> {
+            if let Some(text) = tok_config.get(format!("{which}_token")).and_then(token_text) {
+                let id = tokenizer.token_to_id(text).ok_or_else(|| {
+                    err(self.path("tokenizer_config.json"), format!("{which}_token {text:?} is not in tokenizer.json"))
+                })?;
+                return Ok((id, text.to_string()));
+            }
+            let key = format!("{which}_token_id");
+            let id = ids(self.config.get(&key)).first().copied().ok_or_else(|| {
+                err(self.path("config.json"), format!("names no {key} (and tokenizer_config.json no {which}_token)"))
+            })?;
+            let text = tokenizer
+                .id_to_token(id)
+                .ok_or_else(|| err(self.path("config.json"), format!("{key} {id} is not in tokenizer.json")))?;
+            Ok((id, text))
+        };
+        let bos = special("bos")?;
+        let eos = special("eos")?;
+        let add_bos = match tok_config.get("add_bos_token") {
+            None | Some(Value::Null) => false,
+            Some(v) => {
+                v.as_bool().ok_or_else(|| err(self.path("tokenizer_config.json"), "add_bos_token is not a boolean"))?
+            }
+        };
+        let chat_template = match self.files.get("chat_template.jinja") {
+            Some(b) => {
+                Some(String::from_utf8(b.clone()).map_err(|_| err(self.path("chat_template.jinja"), "not UTF-8"))?)
+            }
+            None => match tok_config.get("chat_template") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(t)) => Some(t.clone()),
+                // A list of named templates: the default one.
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template").and_then(Value::as_str))
+                    .map(str::to_string),
+                Some(_) => {
+                    return Err(err(self.path("tokenizer_config.json"), "chat_template is neither text nor a list"))
+                }
+            },
+        };
+        let mut ends = vec![eos.0];
+        ends.extend(ids(generation.get("eos_token_id")));
+        ends.extend(ids(self.config.get("eos_token_id")));
+        let stop_ids = stop_ids(ends, |t| tokenizer.token_to_id(t));
+        Ok(TokenizerSpec { json, bos, eos, add_bos, chat_template, stop_ids })
+    }
+
+    fn sha256(&self) -> String {
+        let mut h = Sha256::new();
+        let files = self.files.iter().map(|(n, b)| (n.as_str(), b.as_slice()));
+        for (name, bytes) in files.chain(self.shards.iter().map(|(n, b)| (n.as_str(), b.as_slice()))) {
+            h.update((name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        format!("{:x}", h.finalize())
+    }
+}

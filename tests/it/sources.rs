@@ -1,0 +1,379 @@
+//! Model sources (`compiler::source`): the same weights as a GGUF file and as a Hugging Face
+//! checkpoint compile to the same model.
+//!
+//! The checkpoints are written by `tests/peer/gguf_to_hf.py`, a writer independent of kiln
+//! (gguf-py dequantizes, numpy puts q/k rows back into Hugging Face's rotary order, the
+//! safetensors files are written by the script and read back by the `safetensors` package),
+//! from a GGUF file and the tokenizer files of that GGUF's bundle. Small random models with odd
+//! sizes (tied and untied embeddings, KV-head ratios 1, 3 and 4, F32, F16 and BF16 storage,
+//! one or several shards) must give the GGUF build's logits bit for bit and agree with the
+//! burn reference executor; SmolLM2, dequantized to F32, must give the same packed weights, the
+//! same logits and the same greedy text, and its checkpoint's `tokenizer.json` must tokenize
+//! as the `tokenizers` Python package does. Bad checkpoints get errors naming the file (and
+//! tensor), and nothing is written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use compiler::bundle::{build_model, BuildError, BuildOptions};
+use ir::QuantFormat;
+use runtime::session::Session;
+use serde_json::Value;
+use tests::harness::{max_diff, peer_script, python, scratch_dir, tiny_llama_float_gguf, Rng, TinyLlama};
+use tests::reference::ReferenceModel;
+
+fn options(model: &Path, out: &Path, context: u32) -> BuildOptions {
+    BuildOptions {
+        model: model.to_path_buf(),
+        target: targets::host_triple().expect("a supported host").to_string(),
+        device: None,
+        out: out.to_path_buf(),
+        context: Some(context),
+        batch: 16,
+        embed_weights: true,
+        dump_after: vec![],
+        shared_linker: Some("cc".into()),
+        prune: None,
+        quant: Default::default(),
+        lora: vec![],
+        kv_cache: Default::default(),
+        activations: Default::default(),
+    }
+}
+
+fn open(out: &Path) -> Session {
+    Session::open_shared(&out.join("lib/libkiln_model.so"), out, 2).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Writes the checkpoint of `gguf` into `out` with `tests/peer/gguf_to_hf.py`, taking the
+/// tokenizer files from `bundle` (built from `gguf`).
+fn to_checkpoint(gguf: &Path, bundle: &Path, out: &Path, extra: &[&str]) {
+    let (python, script) = (python(), peer_script("gguf_to_hf.py"));
+    let result = Command::new(&python)
+        .arg(&script)
+        .arg(gguf)
+        .arg(out)
+        .arg("--tokenizer-json")
+        .arg(bundle.join("tokenizer.json"))
+        .arg("--manifest")
+        .arg(bundle.join("manifest.json"))
+        .args(extra)
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
+    assert!(
+        result.status.success(),
+        "gguf_to_hf.py {extra:?} failed ({}); are gguf, numpy and safetensors installed (`cargo xtask test` \
+         installs them)? stderr:\n{}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
+fn manifest(bundle: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// The IR of a bundle without its first line (which names the model).
+fn ir_body(bundle: &Path) -> String {
+    let text = std::fs::read_to_string(bundle.join("model.kir")).unwrap();
+    text.split_once('\n').map(|(_, rest)| rest.to_string()).unwrap_or_default()
+}
+
+#[test]
+fn small_checkpoints_match_the_gguf_build_and_the_reference_executor() {
+    let dir = scratch_dir("sources/small");
+    let cases = [
+        // (format, heads, kv heads, d_model, d_ff, vocab, tied, extra arguments of the writer)
+        (QuantFormat::F32, 4, 4, 48, 37, 41, false, vec![]),
+        (QuantFormat::F16, 6, 2, 72, 50, 40, true, vec!["--dtype", "f16", "--shards", "2"]),
+        (QuantFormat::BF16, 4, 1, 32, 45, 43, false, vec!["--dtype", "bf16", "--shards", "3"]),
+        (QuantFormat::F32, 2, 2, 24, 29, 40, true, vec!["--untie"]),
+    ];
+    let mut rng = Rng::new(77);
+    for (i, (format, n_heads, n_kv_heads, d_model, d_ff, vocab, tied, extra)) in cases.into_iter().enumerate() {
+        let cfg = TinyLlama { n_layers: 2, d_model, d_ff, n_heads, n_kv_heads, vocab, context: 64, format, tied };
+        let case = dir.join(format!("case{i}"));
+        std::fs::create_dir_all(&case).unwrap();
+        let gguf = case.join("model.gguf");
+        std::fs::write(&gguf, tiny_llama_float_gguf(&cfg, &mut rng)).unwrap();
+        let (from_gguf, from_hf, hf) = (case.join("bundle-gguf"), case.join("bundle-hf"), case.join("hf"));
+        build_model(&options(&gguf, &from_gguf, 64), &mut |_| {}).unwrap_or_else(|e| panic!("case {i}: {e}"));
+        to_checkpoint(&gguf, &from_gguf, &hf, &extra);
+        build_model(&options(&hf, &from_hf, 64), &mut |_| {}).unwrap_or_else(|e| panic!("case {i}: {e}"));
+
+        let m = manifest(&from_hf);
+        assert_eq!(m["source"]["format"], "safetensors", "case {i}");
+        assert_eq!(m["model"]["hyperparameters"]["tied_embedding"], tied && !extra.contains(&"--untie"), "case {i}");
+        assert_eq!(m["tokenizer"], manifest(&from_gguf)["tokenizer"], "case {i}: special tokens and template");
+        if !extra.contains(&"--untie") {
+            assert_eq!(ir_body(&from_hf), ir_body(&from_gguf), "case {i}: the same graph");
+        }
+
+        let (mut a, mut b) = (open(&from_gguf), open(&from_hf));
+        let reference = ReferenceModel::load(&gguf).unwrap();
+        for len in [1usize, 7, 19] {
+            let ids: Vec<u32> = (0..len).map(|_| rng.below(vocab as u64) as u32).collect();
+            a.reset();
+            b.reset();
+            let (ga, gb) = (a.eval(&ids, true).unwrap(), b.eval(&ids, true).unwrap());
+            assert!(ga == gb, "case {i}, {len} tokens: the checkpoint's logits differ from the GGUF's");
+            let want = reference.forward(&ids).unwrap().logits;
+            let (diff, scale) = max_diff(&gb, &want);
+            assert!(diff <= 1e-4 * scale.max(1.0), "case {i}, {len} tokens: logits differ by {diff} (scale {scale})");
+        }
+    }
+}
+
+/// A GGUF of SmolLM2 with every tensor dequantized to F32 (kiln's `optimize`).
+fn smollm2_f32(dir: &Path) -> PathBuf {
+    let model = PathBuf::from(
+        std::env::var_os("KILN_MODEL")
+            .expect("KILN_MODEL is not set: point it at the test model's GGUF file (`cargo xtask test` sets it)"),
+    );
+    let out = dir.join("smollm2-f32.gguf");
+    let opts = compiler::optimize::OptimizeOptions {
+        model,
+        out: out.clone(),
+        force: true,
+        prune: None,
+        quant: compiler::passes::requantize::QuantOptions { default: Some("f32".into()), ..Default::default() },
+        lora: vec![],
+    };
+    compiler::optimize::optimize(&opts).unwrap_or_else(|e| panic!("{e}"));
+    out
+}
+
+#[test]
+fn smollm2_as_a_checkpoint_compiles_to_the_same_model() {
+    let dir = scratch_dir("sources/smollm2");
+    let gguf = smollm2_f32(&dir);
+    let (from_gguf, from_hf, hf) = (dir.join("bundle-gguf"), dir.join("bundle-hf"), dir.join("hf"));
+    let build = |model: &Path, out: &Path| {
+        let opts = BuildOptions { embed_weights: false, ..options(model, out, 512) };
+        build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    };
+    build(&gguf, &from_gguf);
+    to_checkpoint(&gguf, &from_gguf, &hf, &[]);
+    std::fs::remove_file(&gguf).unwrap(); // 540 MB the rest does not need
+    build(&hf, &from_hf);
+    let weights = |b: &Path| std::fs::read(b.join("weights.bin")).unwrap();
+    assert!(weights(&from_gguf) == weights(&from_hf), "the packed weights differ");
+    assert_eq!(ir_body(&from_hf), ir_body(&from_gguf));
+    assert_eq!(manifest(&from_hf)["tokenizer"], manifest(&from_gguf)["tokenizer"]);
+
+    let (mut a, mut b) = (open(&from_gguf), open(&from_hf));
+    let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let ids = a.tokenize(prompt).unwrap();
+    assert_eq!(ids, b.tokenize(prompt).unwrap());
+    assert!(a.eval(&ids, true).unwrap() == b.eval(&ids, true).unwrap(), "the logits differ");
+    let greedy = |s: &mut Session| -> Vec<u32> {
+        s.reset();
+        let mut out = vec![];
+        let mut logits = s.eval(&ids, false).unwrap();
+        for _ in 0..24 {
+            let next = tests::harness::argmax(&logits) as u32;
+            out.push(next);
+            logits = s.eval(&[next], false).unwrap();
+        }
+        out
+    };
+    let (ta, tb) = (greedy(&mut a), greedy(&mut b));
+    assert_eq!(ta, tb, "greedy continuations differ");
+    let text = a.tokenizer().decode(&ta).unwrap();
+    assert!(text.contains("Paris"), "{text:?}");
+
+    // The checkpoint's tokenizer.json, as kiln's runtime reads it, against the tokenizers package.
+    let json = hf.join("tokenizer.json");
+    assert!(std::fs::read(&json).unwrap() == std::fs::read(from_hf.join("tokenizer.json")).unwrap());
+    let mut strings: Vec<String> = crate::tokenizer::TRICKY.iter().map(|s| s.to_string()).collect();
+    let mut rng = Rng::new(5);
+    strings.extend((0..300).map(|_| crate::tokenizer::random_string(&mut rng)));
+    let want = crate::tokenizer::peer_tokenize("hf_tokenize.py", &json, &strings, "tokenizers");
+    for (s, want) in strings.iter().zip(&want) {
+        assert_eq!(&b.tokenize(s).unwrap(), want, "{s:?}");
+    }
+}
+
+/// Rewrites the JSON file `path` with `edit`.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// Rewrites the header of the safetensors file `path` with `edit`, keeping its data.
+fn edit_header(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn bad_checkpoints_are_refused_with_the_file_and_tensor_named() {
+    let dir = scratch_dir("sources/bad");
+    let cfg = TinyLlama {
+        n_layers: 1,
+        d_model: 32,
+        d_ff: 40,
+        n_heads: 4,
+        n_kv_heads: 2,
+        vocab: 40,
+        context: 64,
+        format: QuantFormat::F32,
+        tied: false,
+    };
+    let gguf = dir.join("model.gguf");
+    std::fs::write(&gguf, tiny_llama_float_gguf(&cfg, &mut Rng::new(3))).unwrap();
+    let bundle = dir.join("bundle-gguf");
+    build_model(&options(&gguf, &bundle, 64), &mut |_| {}).unwrap();
+    let (one, sharded) = (dir.join("good-one"), dir.join("good-sharded"));
+    to_checkpoint(&gguf, &bundle, &one, &[]);
+    to_checkpoint(&gguf, &bundle, &sharded, &["--shards", "2"]);
+    let fresh = |name: &str, from: &Path| -> PathBuf {
+        let to = dir.join(name);
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+        to
+    };
+    let shard2 = "model-00002-of-00002.safetensors";
+    let cases: Vec<(&str, PathBuf, Vec<&str>)> = vec![
+        (
+            "no config",
+            {
+                let d = fresh("no-config", &one);
+                std::fs::remove_file(d.join("config.json")).unwrap();
+                d
+            },
+            vec!["config.json", "missing"],
+        ),
+        (
+            "other architecture",
+            {
+                let d = fresh("mistral", &one);
+                edit_json(&d.join("config.json"), |c| c["architectures"] = serde_json::json!(["MistralForCausalLM"]));
+                d
+            },
+            vec!["config.json", "MistralForCausalLM", "not supported"],
+        ),
+        (
+            "missing shard",
+            {
+                let d = fresh("missing-shard", &sharded);
+                std::fs::remove_file(d.join(shard2)).unwrap();
+                d
+            },
+            vec![shard2, "missing", "index"],
+        ),
+        (
+            "shard outside the directory",
+            {
+                let d = fresh("escape", &sharded);
+                edit_json(&d.join("model.safetensors.index.json"), |v| {
+                    v["weight_map"]["model.norm.weight"] = Value::from("../model.safetensors");
+                });
+                d
+            },
+            vec!["model.safetensors.index.json", "model.norm.weight", "not a .safetensors file name"],
+        ),
+        (
+            "shape against the config",
+            {
+                let d = fresh("shape", &one);
+                edit_json(&d.join("config.json"), |c| c["intermediate_size"] = Value::from(41));
+                d
+            },
+            vec!["model.safetensors", "model.layers.0.mlp.gate_proj.weight", "[40, 32]", "[41, 32]"],
+        ),
+        (
+            "offsets that lie",
+            {
+                let d = fresh("offsets", &one);
+                edit_header(&d.join("model.safetensors"), |h| {
+                    let end = h["model.norm.weight"]["data_offsets"][1].as_u64().unwrap();
+                    h["model.norm.weight"]["data_offsets"][1] = Value::from(end + 4);
+                });
+                d
+            },
+            vec!["model.safetensors", "not a valid safetensors file"],
+        ),
+        (
+            "data past the end",
+            {
+                let d = fresh("truncated", &one);
+                let f = d.join("model.safetensors");
+                let bytes = std::fs::read(&f).unwrap();
+                std::fs::write(&f, &bytes[..bytes.len() - 16]).unwrap();
+                d
+            },
+            vec!["model.safetensors", "not a valid safetensors file"],
+        ),
+        (
+            "a tensor missing",
+            {
+                let d = fresh("no-lm-head", &one);
+                edit_header(&d.join("model.safetensors"), |h| {
+                    // Renamed, so the header stays valid and the data stays where it was.
+                    let t = h.as_object_mut().unwrap().remove("lm_head.weight").unwrap();
+                    h["lm_head.weight.renamed"] = t;
+                });
+                d
+            },
+            vec!["model.safetensors", "lm_head.weight"],
+        ),
+        (
+            "an unsupported dtype",
+            {
+                let d = fresh("int", &one);
+                edit_header(&d.join("model.safetensors"), |h| h["model.norm.weight"]["dtype"] = Value::from("I32"));
+                d
+            },
+            vec!["model.safetensors", "model.norm.weight", "I32"],
+        ),
+        (
+            "no tokenizer",
+            {
+                let d = fresh("no-tokenizer", &one);
+                std::fs::remove_file(d.join("tokenizer.json")).unwrap();
+                d
+            },
+            vec!["tokenizer.json", "missing"],
+        ),
+        (
+            "rope scaling",
+            {
+                let d = fresh("rope-scaling", &one);
+                edit_json(&d.join("config.json"), |c| c["rope_scaling"] = serde_json::json!({"rope_type": "llama3"}));
+                d
+            },
+            vec!["rope_scaling", "not supported"],
+        ),
+    ];
+    for (what, model, needles) in cases {
+        let out = dir.join(format!("out-{}", what.replace(' ', "-")));
+        let e: BuildError = build_model(&options(&model, &out, 64), &mut |_| {}).expect_err(what);
+        let msg = e.to_string();
+        for n in needles {
+            assert!(msg.contains(n), "{what}: {msg:?} does not name {n:?}");
+        }
+        assert!(msg.len() < 400, "{what}: {msg}");
+        assert!(!out.exists(), "{what}: something was written");
+    }
+    // The two good ones build.
+    for (name, model) in [("one", &one), ("sharded", &sharded)] {
+        build_model(&options(model, &dir.join(format!("out-good-{name}")), 64), &mut |_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}

@@ -58,6 +58,13 @@ pub fn optimize(opts: &OptimizeOptions) -> Result<OptimizeReport, BuildError> {
     }
     // Refuse an output kiln may not write before any work.
     outdir::check_output_file(&opts.out, opts.force)?;
+    if opts.model.is_dir() {
+        return Err(bad_option(format!(
+            "{} is a directory: optimize rewrites GGUF files; compile a Hugging Face checkpoint directly \
+             (build-model --model DIR --quant FORMAT)",
+            opts.model.display()
+        )));
+    }
     let gguf = GgufFile::open(&opts.model).map_err(BuildError::Gguf)?;
     let stem = opts.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let name = frontend::model_name(&gguf, &stem).map_err(BuildError::Frontend)?;

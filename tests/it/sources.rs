@@ -69,6 +69,35 @@ fn to_checkpoint(gguf: &Path, bundle: &Path, out: &Path, extra: &[&str]) {
     );
 }
 
+/// Writes the ONNX export of `gguf` as `dir/model.onnx` with `tests/peer/gguf_to_onnx.py`, with
+/// the tokenizer and config files of the checkpoint `hf` beside it (as exporters lay them out).
+fn to_onnx(gguf: &Path, hf: &Path, dir: &Path, extra: &[&str]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"] {
+        std::fs::copy(hf.join(f), dir.join(f)).unwrap();
+    }
+    let out = dir.join("model.onnx");
+    run_peer("gguf_to_onnx.py", &[gguf.as_os_str(), out.as_os_str()], extra, "gguf, numpy and onnx");
+    out
+}
+
+/// Runs `tests/peer/SCRIPT ARGS EXTRA`, failing with its stderr unless it succeeds.
+fn run_peer(script: &str, args: &[&std::ffi::OsStr], extra: &[&str], needs: &str) {
+    let (python, path) = (python(), peer_script(script));
+    let result = Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .args(extra)
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e}", path.display()));
+    assert!(
+        result.status.success(),
+        "{script} {extra:?} failed ({}); are {needs} installed (`cargo xtask test` installs them)? stderr:\n{}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
 fn manifest(bundle: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap()
 }
@@ -83,14 +112,17 @@ fn ir_body(bundle: &Path) -> String {
 fn small_checkpoints_match_the_gguf_build_and_the_reference_executor() {
     let dir = scratch_dir("sources/small");
     let cases = [
-        // (format, heads, kv heads, d_model, d_ff, vocab, tied, extra arguments of the writer)
-        (QuantFormat::F32, 4, 4, 48, 37, 41, false, vec![]),
-        (QuantFormat::F16, 6, 2, 72, 50, 40, true, vec!["--dtype", "f16", "--shards", "2"]),
-        (QuantFormat::BF16, 4, 1, 32, 45, 43, false, vec!["--dtype", "bf16", "--shards", "3"]),
-        (QuantFormat::F32, 2, 2, 24, 29, 40, true, vec!["--untie"]),
+        // (format, heads, kv heads, d_model, d_ff, vocab, tied, arguments of the checkpoint
+        // writer, of the ONNX writer)
+        (QuantFormat::F32, 4, 4, 48, 37, 41, false, vec![], vec![]),
+        (QuantFormat::F16, 6, 2, 72, 50, 40, true, vec!["--dtype", "f16", "--shards", "2"], vec!["--dtype", "f16"]),
+        (QuantFormat::BF16, 4, 1, 32, 45, 43, false, vec!["--dtype", "bf16", "--shards", "3"], vec!["--opset", "18"]),
+        (QuantFormat::F32, 2, 2, 24, 29, 40, true, vec!["--untie"], vec!["--external-data"]),
     ];
     let mut rng = Rng::new(77);
-    for (i, (format, n_heads, n_kv_heads, d_model, d_ff, vocab, tied, extra)) in cases.into_iter().enumerate() {
+    for (i, (format, n_heads, n_kv_heads, d_model, d_ff, vocab, tied, extra, onnx_extra)) in
+        cases.into_iter().enumerate()
+    {
         let cfg = TinyLlama { n_layers: 2, d_model, d_ff, n_heads, n_kv_heads, vocab, context: 64, format, tied };
         let case = dir.join(format!("case{i}"));
         std::fs::create_dir_all(&case).unwrap();
@@ -109,14 +141,28 @@ fn small_checkpoints_match_the_gguf_build_and_the_reference_executor() {
             assert_eq!(ir_body(&from_hf), ir_body(&from_gguf), "case {i}: the same graph");
         }
 
-        let (mut a, mut b) = (open(&from_gguf), open(&from_hf));
+        // The same weights as an ONNX export, beside the checkpoint's tokenizer files.
+        let onnx = to_onnx(&gguf, &hf, &case.join("onnx"), &onnx_extra);
+        let from_onnx = case.join("bundle-onnx");
+        build_model(&options(&onnx, &from_onnx, 64), &mut |_| {}).unwrap_or_else(|e| panic!("case {i}: {e}"));
+        let m = manifest(&from_onnx);
+        assert_eq!(m["source"]["format"], "onnx", "case {i}");
+        assert_eq!(m["model"]["hyperparameters"]["tied_embedding"], tied, "case {i}: a tied head is found tied");
+        assert_eq!(m["tokenizer"], manifest(&from_gguf)["tokenizer"], "case {i}");
+        if format != QuantFormat::BF16 {
+            assert_eq!(ir_body(&from_onnx), ir_body(&from_gguf), "case {i}: the same graph from ONNX");
+        }
+
+        let (mut a, mut b, mut c) = (open(&from_gguf), open(&from_hf), open(&from_onnx));
         let reference = ReferenceModel::load(&gguf).unwrap();
         for len in [1usize, 7, 19] {
             let ids: Vec<u32> = (0..len).map(|_| rng.below(vocab as u64) as u32).collect();
             a.reset();
             b.reset();
+            c.reset();
             let (ga, gb) = (a.eval(&ids, true).unwrap(), b.eval(&ids, true).unwrap());
             assert!(ga == gb, "case {i}, {len} tokens: the checkpoint's logits differ from the GGUF's");
+            assert!(c.eval(&ids, true).unwrap() == ga, "case {i}, {len} tokens: the ONNX model's logits differ");
             let want = reference.forward(&ids).unwrap().logits;
             let (diff, scale) = max_diff(&gb, &want);
             assert!(diff <= 1e-4 * scale.max(1.0), "case {i}, {len} tokens: logits differ by {diff} (scale {scale})");
@@ -154,14 +200,20 @@ fn smollm2_as_a_checkpoint_compiles_to_the_same_model() {
     };
     build(&gguf, &from_gguf);
     to_checkpoint(&gguf, &from_gguf, &hf, &[]);
-    std::fs::remove_file(&gguf).unwrap(); // 540 MB the rest does not need
     build(&hf, &from_hf);
+    let onnx = to_onnx(&gguf, &hf, &dir.join("onnx"), &["--external-data"]);
+    std::fs::remove_file(&gguf).unwrap(); // 540 MB the rest does not need
+    let from_onnx = dir.join("bundle-onnx");
+    build(&onnx, &from_onnx);
     let weights = |b: &Path| std::fs::read(b.join("weights.bin")).unwrap();
     assert!(weights(&from_gguf) == weights(&from_hf), "the packed weights differ");
+    assert!(weights(&from_gguf) == weights(&from_onnx), "the packed weights from ONNX differ");
+    assert_eq!(ir_body(&from_onnx), ir_body(&from_gguf));
+    assert_eq!(manifest(&from_onnx)["model"]["hyperparameters"]["tied_embedding"], true);
     assert_eq!(ir_body(&from_hf), ir_body(&from_gguf));
     assert_eq!(manifest(&from_hf)["tokenizer"], manifest(&from_gguf)["tokenizer"]);
 
-    let (mut a, mut b) = (open(&from_gguf), open(&from_hf));
+    let (mut a, mut b, mut c) = (open(&from_gguf), open(&from_hf), open(&from_onnx));
     let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
     let ids = a.tokenize(prompt).unwrap();
     assert_eq!(ids, b.tokenize(prompt).unwrap());
@@ -179,6 +231,7 @@ fn smollm2_as_a_checkpoint_compiles_to_the_same_model() {
     };
     let (ta, tb) = (greedy(&mut a), greedy(&mut b));
     assert_eq!(ta, tb, "greedy continuations differ");
+    assert_eq!(ta, greedy(&mut c), "the ONNX model's greedy continuation differs");
     let text = a.tokenizer().decode(&ta).unwrap();
     assert!(text.contains("Paris"), "{text:?}");
 
@@ -375,5 +428,77 @@ fn bad_checkpoints_are_refused_with_the_file_and_tensor_named() {
     for (name, model) in [("one", &one), ("sharded", &sharded)] {
         build_model(&options(model, &dir.join(format!("out-good-{name}")), 64), &mut |_| {})
             .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[test]
+fn onnx_graphs_kiln_does_not_know_are_refused_with_the_node_named() {
+    let dir = scratch_dir("sources/bad-onnx");
+    let cfg = TinyLlama {
+        n_layers: 1,
+        d_model: 32,
+        d_ff: 40,
+        n_heads: 4,
+        n_kv_heads: 2,
+        vocab: 40,
+        context: 64,
+        format: QuantFormat::F32,
+        tied: false,
+    };
+    let gguf = dir.join("model.gguf");
+    std::fs::write(&gguf, tiny_llama_float_gguf(&cfg, &mut Rng::new(4))).unwrap();
+    let (bundle, hf) = (dir.join("bundle-gguf"), dir.join("hf"));
+    build_model(&options(&gguf, &bundle, 64), &mut |_| {}).unwrap();
+    to_checkpoint(&gguf, &bundle, &hf, &[]);
+    let good = to_onnx(&gguf, &hf, &dir.join("good"), &[]);
+    let external = to_onnx(&gguf, &hf, &dir.join("external"), &["--external-data"]);
+    build_model(&options(&good, &dir.join("out-good"), 64), &mut |_| {}).expect("the unchanged export builds");
+    let mutated = |kind: &str| -> PathBuf {
+        let d = dir.join(kind);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"] {
+            std::fs::copy(hf.join(f), d.join(f)).unwrap();
+        }
+        let out = d.join("model.onnx");
+        run_peer("onnx_mutate.py", &[good.as_os_str(), out.as_os_str()], &[kind], "onnx and numpy");
+        out
+    };
+    let mut cases: Vec<(String, PathBuf, Vec<&str>)> = vec![
+        ("tanh".into(), mutated("tanh"), vec!["model.onnx", "mlp", "Sigmoid"]),
+        ("scale".into(), mutated("scale"), vec!["model.onnx", "self_attn", "1/sqrt(8)"]),
+        ("mask".into(), mutated("mask"), vec!["model.onnx", "causal mask"]),
+        ("rope".into(), mutated("rope"), vec!["model.onnx", "inv_freq", "rope scaling"]),
+        ("eps".into(), mutated("eps"), vec!["model.onnx", "epsilon"]),
+    ];
+    // External data that is missing, or cut short.
+    let data = dir.join("external/model.onnx.data");
+    let bytes = std::fs::read(&data).unwrap();
+    std::fs::remove_file(&data).unwrap();
+    let missing = dir.join("missing");
+    std::fs::create_dir_all(&missing).unwrap();
+    for e in std::fs::read_dir(dir.join("external")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), missing.join(e.file_name())).unwrap();
+    }
+    cases.push(("missing external data".into(), missing.join("model.onnx"), vec!["model.onnx.data", "missing"]));
+    std::fs::write(&data, &bytes[..bytes.len() - 64]).unwrap();
+    cases.push(("short external data".into(), external.clone(), vec!["model.onnx", "past the end", "model.onnx.data"]));
+    // Not ONNX at all, and a file cut in the middle.
+    let garbage = dir.join("garbage.onnx");
+    std::fs::write(&garbage, b"this is not a protobuf, just text that ends abruptly \xff\xff").unwrap();
+    cases.push(("garbage".into(), garbage, vec!["garbage.onnx", "not an ONNX model"]));
+    let cut = dir.join("cut.onnx");
+    let whole = std::fs::read(&good).unwrap();
+    std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    cases.push(("truncated".into(), cut, vec!["cut.onnx", "not an ONNX model"]));
+    for (what, model, needles) in cases {
+        let out = dir.join(format!("out-{}", what.replace(' ', "-")));
+        let e: BuildError = build_model(&options(&model, &out, 64), &mut |_| {}).expect_err(&what);
+        let msg = e.to_string();
+        for n in needles {
+            assert!(msg.contains(n), "{what}: {msg:?} does not name {n:?}");
+        }
+        assert!(msg.len() < 600, "{what}: {msg}");
+        assert!(!out.exists(), "{what}: something was written");
     }
 }

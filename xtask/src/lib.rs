@@ -396,9 +396,13 @@ pub const GGUF_PY: &str = "gguf==0.19.0";
 
 /// The Python packages the peer scripts of `tests/peer` import, pinned: gguf-py (dequantization
 /// and GGUF reading), safetensors (Hugging Face checkpoints), tokenizers (Hugging Face's
-/// tokenizer, the reference for a checkpoint's `tokenizer.json`).
-pub const PYTHON_PEERS: [(&str, &str); 3] =
-    [("gguf", GGUF_PY), ("safetensors", "safetensors==0.8.0"), ("tokenizers", "tokenizers==0.23.2")];
+/// tokenizer, the reference for a checkpoint's `tokenizer.json`), onnx (ONNX exports).
+pub const PYTHON_PEERS: [(&str, &str); 4] = [
+    ("gguf", GGUF_PY),
+    ("safetensors", "safetensors==0.8.0"),
+    ("tokenizers", "tokenizers==0.23.2"),
+    ("onnx", "onnx==1.23.2"),
+];
 
 /// Installs every [`PYTHON_PEERS`] package unless that version is importable.
 pub fn ensure_python_peers() -> Result<()> {

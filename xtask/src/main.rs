@@ -68,9 +68,9 @@ struct ModelPassArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Compiles a model (GGUF file or Hugging Face checkpoint) into a bundle (default: fetch SmolLM2-135M-Instruct Q4_1, host target).
+    /// Compiles a model (GGUF file, Hugging Face checkpoint or ONNX export) into a bundle (default: fetch SmolLM2-135M-Instruct Q4_1, host target).
     BuildModel {
-        /// The model: a GGUF file or a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json); default: the cached SmolLM2-135M-Instruct Q4_1 (fetched on first use).
+        /// The model: a GGUF file, a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or an ONNX export (model.onnx, tokenizer files beside it); default: the cached SmolLM2-135M-Instruct Q4_1 (fetched on first use).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Target triple (default: the host's).

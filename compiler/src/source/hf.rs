@@ -214,11 +214,7 @@ impl HfCheckpoint {
                 ));
             }
         }
-        for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"] {
-            if let Some(bytes) = read_optional(&dir.join(name), MAX_JSON_BYTES)? {
-                files.insert(name.to_string(), bytes);
-            }
-        }
+        read_tokenizer_files(dir, &mut files)?;
         Ok(HfCheckpoint { dir: dir.to_path_buf(), config, shards, tensors, files })
     }
 
@@ -253,11 +249,11 @@ impl HfCheckpoint {
             Some(v) => v.as_bool().ok_or_else(|| bad(&format!("config.json {key}"), v, "must be true or false")),
         }
     }
+}
 
-    /// A JSON file of the checkpoint other than `config.json`, parsed, if present.
-    fn json_file(&self, name: &str) -> Result<Option<Value>, FrontendError> {
-        self.files.get(name).map(|b| read_json(&self.path(name), b)).transpose()
-    }
+/// A JSON file of `files` (read from `dir`), parsed, if present.
+fn json_file(dir: &Path, files: &BTreeMap<String, Vec<u8>>, name: &str) -> Result<Option<Value>, FrontendError> {
+    files.get(name).map(|b| read_json(&dir.join(name), b)).transpose()
 }
 
 /// The config key that holds the field GGUF calls `suffix` (for messages).
@@ -388,61 +384,7 @@ impl ModelSource for HfCheckpoint {
     }
 
     fn tokenizer(&self) -> Result<TokenizerSpec, FrontendError> {
-        let path = self.path("tokenizer.json");
-        let json = self.files.get("tokenizer.json").ok_or_else(|| err(&path, "missing"))?;
-        let json = String::from_utf8(json.clone()).map_err(|_| err(&path, "not UTF-8"))?;
-        let tokenizer: tokenizers::Tokenizer =
-            json.parse().map_err(|e| err(&path, format!("not a tokenizer kiln's runtime can load: {e}")))?;
-        let tok_config = self.json_file("tokenizer_config.json")?.unwrap_or(Value::Null);
-        let generation = self.json_file("generation_config.json")?.unwrap_or(Value::Null);
-        // A special token: its text in tokenizer_config.json, else its id in config.json.
-        let special = |which: &str| -> Result<(u32, String), FrontendError> {
-            if let Some(text) = tok_config.get(format!("{which}_token")).and_then(token_text) {
-                let id = tokenizer.token_to_id(text).ok_or_else(|| {
-                    err(self.path("tokenizer_config.json"), format!("{which}_token {text:?} is not in tokenizer.json"))
-                })?;
-                return Ok((id, text.to_string()));
-            }
-            let key = format!("{which}_token_id");
-            let id = ids(self.config.get(&key)).first().copied().ok_or_else(|| {
-                err(self.path("config.json"), format!("names no {key} (and tokenizer_config.json no {which}_token)"))
-            })?;
-            let text = tokenizer
-                .id_to_token(id)
-                .ok_or_else(|| err(self.path("config.json"), format!("{key} {id} is not in tokenizer.json")))?;
-            Ok((id, text))
-        };
-        let bos = special("bos")?;
-        let eos = special("eos")?;
-        let add_bos = match tok_config.get("add_bos_token") {
-            None | Some(Value::Null) => false,
-            Some(v) => {
-                v.as_bool().ok_or_else(|| err(self.path("tokenizer_config.json"), "add_bos_token is not a boolean"))?
-            }
-        };
-        let chat_template = match self.files.get("chat_template.jinja") {
-            Some(b) => {
-                Some(String::from_utf8(b.clone()).map_err(|_| err(self.path("chat_template.jinja"), "not UTF-8"))?)
-            }
-            None => match tok_config.get("chat_template") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(t)) => Some(t.clone()),
-                // A list of named templates: the default one.
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                    .and_then(|t| t.get("template").and_then(Value::as_str))
-                    .map(str::to_string),
-                Some(_) => {
-                    return Err(err(self.path("tokenizer_config.json"), "chat_template is neither text nor a list"))
-                }
-            },
-        };
-        let mut ends = vec![eos.0];
-        ends.extend(ids(generation.get("eos_token_id")));
-        ends.extend(ids(self.config.get("eos_token_id")));
-        let stop_ids = stop_ids(ends, |t| tokenizer.token_to_id(t));
-        Ok(TokenizerSpec { json, bos, eos, add_bos, chat_template, stop_ids })
+        tokenizer_spec(&self.dir, &self.files, &self.config)
     }
 
     fn sha256(&self) -> String {
@@ -456,4 +398,75 @@ impl ModelSource for HfCheckpoint {
         }
         format!("{:x}", h.finalize())
     }
+}
+
+/// Reads the tokenizer files a Hugging Face directory may hold (`tokenizer.json`,
+/// `tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`) into `files`.
+pub(crate) fn read_tokenizer_files(dir: &Path, files: &mut BTreeMap<String, Vec<u8>>) -> Result<(), FrontendError> {
+    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"] {
+        if let Some(bytes) = read_optional(&dir.join(name), MAX_JSON_BYTES)? {
+            files.insert(name.to_string(), bytes);
+        }
+    }
+    Ok(())
+}
+
+/// The tokenizer of a Hugging Face directory `dir` from its files (read by
+/// [`read_tokenizer_files`]) and its `config` (`config.json`; null when there is none).
+pub(crate) fn tokenizer_spec(
+    dir: &Path,
+    files: &BTreeMap<String, Vec<u8>>,
+    config: &Value,
+) -> Result<TokenizerSpec, FrontendError> {
+    let path = dir.join("tokenizer.json");
+    let json = files.get("tokenizer.json").ok_or_else(|| err(&path, "missing"))?;
+    let json = String::from_utf8(json.clone()).map_err(|_| err(&path, "not UTF-8"))?;
+    let tokenizer: tokenizers::Tokenizer =
+        json.parse().map_err(|e| err(&path, format!("not a tokenizer kiln's runtime can load: {e}")))?;
+    let tok_config = json_file(dir, files, "tokenizer_config.json")?.unwrap_or(Value::Null);
+    let generation = json_file(dir, files, "generation_config.json")?.unwrap_or(Value::Null);
+    // A special token: its text in tokenizer_config.json, else its id in config.json.
+    let special = |which: &str| -> Result<(u32, String), FrontendError> {
+        if let Some(text) = tok_config.get(format!("{which}_token")).and_then(token_text) {
+            let id = tokenizer.token_to_id(text).ok_or_else(|| {
+                err(dir.join("tokenizer_config.json"), format!("{which}_token {text:?} is not in tokenizer.json"))
+            })?;
+            return Ok((id, text.to_string()));
+        }
+        let key = format!("{which}_token_id");
+        let id = ids(config.get(&key)).first().copied().ok_or_else(|| {
+            err(dir.join("config.json"), format!("names no {key} (and tokenizer_config.json no {which}_token)"))
+        })?;
+        let text = tokenizer
+            .id_to_token(id)
+            .ok_or_else(|| err(dir.join("config.json"), format!("{key} {id} is not in tokenizer.json")))?;
+        Ok((id, text))
+    };
+    let bos = special("bos")?;
+    let eos = special("eos")?;
+    let add_bos = match tok_config.get("add_bos_token") {
+        None | Some(Value::Null) => false,
+        Some(v) => {
+            v.as_bool().ok_or_else(|| err(dir.join("tokenizer_config.json"), "add_bos_token is not a boolean"))?
+        }
+    };
+    let chat_template = match files.get("chat_template.jinja") {
+        Some(b) => Some(String::from_utf8(b.clone()).map_err(|_| err(dir.join("chat_template.jinja"), "not UTF-8"))?),
+        None => match tok_config.get("chat_template") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t.clone()),
+            // A list of named templates: the default one.
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(str::to_string),
+            Some(_) => return Err(err(dir.join("tokenizer_config.json"), "chat_template is neither text nor a list")),
+        },
+    };
+    let mut ends = vec![eos.0];
+    ends.extend(ids(generation.get("eos_token_id")));
+    ends.extend(ids(config.get("eos_token_id")));
+    let stop_ids = stop_ids(ends, |t| tokenizer.token_to_id(t));
+    Ok(TokenizerSpec { json, bos, eos, add_bos, chat_template, stop_ids })
 }

@@ -7,7 +7,8 @@
 //! the bundle writer ask only these; neither reads a file format.
 //!
 //! Sources, one file each: [`gguf`] (a GGUF file), [`hf`] (a Hugging Face checkpoint
-//! directory: `config.json`, safetensors, tokenizer files). [`open`] picks one from the path.
+//! directory: `config.json`, safetensors, tokenizer files), [`onnx`] (an ONNX export of the
+//! decoder, recognized pattern by pattern). [`open`] picks one from the path.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -18,6 +19,8 @@ use crate::frontend::{FrontendError, Hyperparameters};
 
 pub mod gguf;
 pub mod hf;
+pub mod onnx;
+pub(crate) mod onnx_proto;
 
 /// One tensor of a source, as the frontend asked for it.
 pub struct SourceTensor<'a> {
@@ -66,10 +69,14 @@ pub trait ModelSource: Sync {
     fn sha256(&self) -> String;
 }
 
-/// Opens the model at `path`: a directory is a Hugging Face checkpoint, anything else a GGUF file.
+/// Opens the model at `path`: a directory is a Hugging Face checkpoint, a `.onnx` file an ONNX
+/// export, anything else a GGUF file.
 pub fn open(path: &Path) -> Result<Box<dyn ModelSource>, FrontendError> {
     if path.is_dir() {
         return Ok(Box::new(hf::HfCheckpoint::open(path)?));
+    }
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
+        return Ok(Box::new(onnx::OnnxModel::open(path)?));
     }
     Ok(Box::new(crate::gguf::GgufFile::open(path)?))
 }

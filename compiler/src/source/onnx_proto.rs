@@ -303,3 +303,59 @@ pub fn constant_value(n: &NodeProto) -> Option<TensorProto> {
     }
     Some(t)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn external(location: &str) -> TensorProto {
+        TensorProto {
+            name: "w".into(),
+            data_type: dtype::FLOAT,
+            dims: vec![2, 2],
+            data_location: 1,
+            external_data: vec![StringStringEntryProto { key: "location".into(), value: location.into() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn external_data_stays_beside_the_model() {
+        for bad in ["../w.bin", "/etc/passwd", "", "a/../../b", "./../w"] {
+            let e = external_location(&external(bad)).expect_err(bad);
+            assert!(e.contains("not a file beside the model"), "{bad}: {e}");
+        }
+        assert_eq!(external_location(&external("w.bin")).unwrap().unwrap().0, "w.bin");
+        assert_eq!(external_location(&external("data/w.bin")).unwrap().unwrap().0, "data/w.bin");
+    }
+
+    #[test]
+    fn tensor_bytes_must_fit_the_dims() {
+        let files = BTreeMap::from([("w.bin".to_string(), Bytes::from(vec![7u8; 20]))]);
+        assert_eq!(tensor_bytes(&external("w.bin"), &files).unwrap().len(), 16);
+        let mut t = external("w.bin");
+        t.external_data.push(StringStringEntryProto { key: "offset".into(), value: "8".into() });
+        let e = tensor_bytes(&t, &files).unwrap_err();
+        assert!(e.contains("run past the end"), "{e}");
+        let e = tensor_bytes(&external("other.bin"), &files).unwrap_err();
+        assert!(e.contains("was not read"), "{e}");
+        let inline = TensorProto {
+            name: "c".into(),
+            data_type: dtype::FLOAT,
+            dims: vec![3],
+            float_data: vec![1.0, 2.0],
+            ..Default::default()
+        };
+        assert!(tensor_bytes(&inline, &files).unwrap_err().contains("need 12"));
+        let huge = TensorProto { dims: vec![i64::MAX, 4], ..inline.clone() };
+        assert!(tensor_bytes(&huge, &files).unwrap_err().contains("bad dims"));
+        let ok = TensorProto { float_data: vec![1.0, 2.0, 0.5], ..inline };
+        assert_eq!(values(&ok, &files), Some(vec![1.0, 2.0, 0.5]));
+    }
+
+    #[test]
+    fn empty_and_garbage_input_is_not_a_model() {
+        assert!(decode(Bytes::new()).unwrap_err().contains("no graph"));
+        assert!(decode(Bytes::from_static(b"\xff\xff\xff\xff garbage")).unwrap_err().contains("not an ONNX model"));
+    }
+}

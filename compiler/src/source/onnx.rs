@@ -249,7 +249,9 @@ impl<'g> Matcher<'g> {
             _ => None,
         };
         match w {
-            Some(t) if t.dims.len() == 2 && t.dims.iter().all(|&d| d > 0) => Ok((t, t.dims[1] as u64)),
+            Some(t) if t.dims.len() == 2 && t.dims.iter().all(|&d| d > 0 && d <= u32::MAX as i64) => {
+                Ok((t, t.dims[1] as u64))
+            }
             _ => Err(self.at(n, "x times a 2-D weight initializer [in, out] (a Linear layer)")),
         }
     }
@@ -428,7 +430,7 @@ fn walk(m: &Matcher<'_>, graph: &GraphProto) -> Found<Recovered> {
     let gather = m.next(ids, "Gather", |n| n.input.len() == 2 && n.input[1] == ids)?;
     let embd = m
         .weight(&gather.input[0])
-        .filter(|t| t.dims.len() == 2)
+        .filter(|t| t.dims.len() == 2 && t.dims.iter().all(|&d| d > 0 && d <= u32::MAX as i64))
         .ok_or_else(|| m.at(gather, "the embedding: a 2-D initializer [vocab, d_model] gathered by the token ids"))?;
     let (vocab, d_model) = (embd.dims[0] as u64, embd.dims[1] as u64);
     let mut tensors = HashMap::new();
@@ -742,6 +744,21 @@ impl OnnxModel {
         })
     }
 
+    /// `bytes` (a slice of the model file or of an external data file) borrowed from the
+    /// buffer that holds it, so that the weight is not copied.
+    fn lend(&self, bytes: &Bytes) -> std::borrow::Cow<'_, [u8]> {
+        let at = bytes.as_ptr() as usize;
+        for buffer in std::iter::once(&self.file).chain(self.external.values()) {
+            let start = at.checked_sub(buffer.as_ptr() as usize);
+            if let Some(range) = start.and_then(|s| Some(s..s.checked_add(bytes.len())?)) {
+                if let Some(slice) = buffer.get(range) {
+                    return slice.into();
+                }
+            }
+        }
+        bytes.to_vec().into()
+    }
+
     fn graph(&self) -> &GraphProto {
         self.model.graph.as_ref().expect("decode checks")
     }
@@ -798,11 +815,7 @@ impl ModelSource for OnnxModel {
         }
         let bytes = onnx_proto::tensor_bytes(t, &self.external).map_err(|e| err(&self.path, e))?;
         if !take.transpose {
-            let (start, len) = (bytes.as_ptr() as usize - self.file.as_ptr() as usize, bytes.len());
-            if start + len <= self.file.len() {
-                return Ok(SourceTensor { format, bytes: self.file[start..start + len].into() });
-            }
-            return Ok(SourceTensor { format, bytes: bytes.to_vec().into() });
+            return Ok(SourceTensor { format, bytes: self.lend(&bytes) });
         }
         let (rows, cols) = (stored[0] as usize, stored[1] as usize);
         let mut data = transpose(&bytes, rows, cols, size);

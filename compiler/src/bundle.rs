@@ -277,7 +277,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
     let stem = opts.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let name = frontend::model_name(source, &stem).map_err(BuildError::Frontend)?;
     let hp = frontend::hyperparameters(source).map_err(BuildError::Frontend)?;
-    let context = frontend::choose_context(&hp, opts.context, DEFAULT_CONTEXT).map_err(BuildError::Frontend)?;
+    let context = frontend::choose_context(source, &hp, opts.context, DEFAULT_CONTEXT).map_err(BuildError::Frontend)?;
     let lowered = frontend::lower(source, &name, context).map_err(BuildError::Frontend)?;
     let adapters = read_adapters(&opts.lora, &hp)?;
     stage_times.push((Stage::Lower.name().to_string(), t.elapsed()));

@@ -116,7 +116,7 @@ impl fmt::Display for FrontendError {
             FrontendError::BadContext { requested, reason } => write!(f, "context length {requested}: {reason}"),
             FrontendError::NoContextLength { key } => write!(
                 f,
-                "the model file's {key} is 0, so there is no default context length; pass --context N \
+                "the model's {key} is 0 or absent, so there is no default context length; pass --context N \
                  (1..={MAX_CONTEXT})"
             ),
             FrontendError::VocabMismatch { tensor, rows, tokens } => write!(
@@ -201,13 +201,16 @@ pub fn hyperparameters(source: &dyn ModelSource) -> Result<Hyperparameters, Fron
 }
 
 /// The context length to compile for: `requested`, or the training context capped at
-/// `default_cap` (an error when the file's training context is 0).
-pub fn choose_context(hp: &Hyperparameters, requested: Option<u32>, default_cap: u32) -> Result<u32, FrontendError> {
+/// `default_cap` (an error naming where `source` keeps it when it is 0).
+pub fn choose_context(
+    source: &dyn ModelSource,
+    hp: &Hyperparameters,
+    requested: Option<u32>,
+    default_cap: u32,
+) -> Result<u32, FrontendError> {
     match requested {
         Some(c) => Ok(c),
-        None if hp.train_context == 0 => {
-            Err(FrontendError::NoContextLength { key: format!("{}.context_length", hp.architecture) })
-        }
+        None if hp.train_context == 0 => Err(FrontendError::NoContextLength { key: source.context_key() }),
         None => Ok(hp.train_context.min(default_cap)),
     }
 }

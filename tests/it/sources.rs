@@ -491,6 +491,17 @@ fn onnx_graphs_kiln_does_not_know_are_refused_with_the_node_named() {
     let whole = std::fs::read(&good).unwrap();
     std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
     cases.push(("truncated".into(), cut, vec!["cut.onnx", "not an ONNX model"]));
+    // Without a config.json beside it, an ONNX model has no training context: --context is needed.
+    let no_config = dir.join("no-config");
+    std::fs::create_dir_all(&no_config).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "model.onnx"] {
+        std::fs::copy(dir.join("good").join(f), no_config.join(f)).unwrap();
+    }
+    let out = dir.join("out-no-context");
+    let opts = BuildOptions { context: None, ..options(&no_config.join("model.onnx"), &out, 64) };
+    let e = build_model(&opts, &mut |_| {}).expect_err("no context").to_string();
+    assert!(e.contains("max_position_embeddings") && e.contains("--context"), "{e}");
+    assert!(!out.exists());
     for (what, model, needles) in cases {
         let out = dir.join(format!("out-{}", what.replace(' ', "-")));
         let e: BuildError = build_model(&options(&model, &out, 64), &mut |_| {}).expect_err(&what);

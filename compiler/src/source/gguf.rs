@@ -136,6 +136,10 @@ impl ModelSource for GgufFile {
         })
     }
 
+    fn context_key(&self) -> String {
+        "llama.context_length".into()
+    }
+
     fn sha256(&self) -> String {
         format!("{:x}", Sha256::digest(self.bytes()))
     }

@@ -69,6 +69,11 @@ fn read_optional(path: &Path, max: u64) -> Result<Option<Vec<u8>>, FrontendError
     std::fs::read(path).map(Some).map_err(|e| err(path, e.to_string()))
 }
 
+/// The JSON object in the file `path`, if it exists (bounded, a regular file).
+pub(crate) fn read_json_file(path: &Path) -> Result<Option<Value>, FrontendError> {
+    read_optional(path, MAX_JSON_BYTES)?.map(|b| read_json(path, &b)).transpose()
+}
+
 fn read_json(path: &Path, bytes: &[u8]) -> Result<Value, FrontendError> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| err(path, format!("not valid JSON: {e}")))?;
     if !v.is_object() {
@@ -385,6 +390,10 @@ impl ModelSource for HfCheckpoint {
 
     fn tokenizer(&self) -> Result<TokenizerSpec, FrontendError> {
         tokenizer_spec(&self.dir, &self.files, &self.config)
+    }
+
+    fn context_key(&self) -> String {
+        "config.json max_position_embeddings".into()
     }
 
     fn sha256(&self) -> String {

@@ -67,6 +67,9 @@ pub trait ModelSource: Sync {
 
     /// Lowercase hex SHA-256 of every byte the source read (one file's digest for a GGUF).
     fn sha256(&self) -> String;
+
+    /// Where the source keeps the training context length, for the message when it is 0.
+    fn context_key(&self) -> String;
 }
 
 /// Opens the model at `path`: a directory is a Hugging Face checkpoint, a `.onnx` file an ONNX

@@ -374,8 +374,6 @@ impl<'g> Matcher<'g> {
 struct Recovered {
     hyper: Hyperparameters,
     tensors: HashMap<String, Take>,
-    /// The (cos, sin) values every rotary shares, traced to `inv_freq` once.
-    rotary: Option<(String, String)>,
 }
 
 /// `theta` such that `inv_freq[i] = theta^(-2i/D)`, from the constant feeding the cos/sin
@@ -646,7 +644,7 @@ fn walk(m: &Matcher<'_>, graph: &GraphProto) -> Found<Recovered> {
         train_context: 0,
         tied_embedding: false,
     };
-    Ok(Recovered { hyper, tensors, rotary })
+    Ok(Recovered { hyper, tensors })
 }
 
 impl OnnxModel {
@@ -686,7 +684,27 @@ impl OnnxModel {
                 }
             }
         }
-        let m = Matcher::new(graph, path, &external);
+        let rec = Self::recognize(graph, path, &external)?;
+        let mut files = BTreeMap::new();
+        read_tokenizer_files(&dir, &mut files)?;
+        let config = crate::source::hf::read_json_file(&dir.join("config.json"))?.unwrap_or(Value::Null);
+        let mut hyper = rec.hyper;
+        if let Some(c) = config.get("max_position_embeddings").and_then(Value::as_u64) {
+            hyper.train_context = c.min(u32::MAX as u64) as u32;
+        }
+        hyper.check(|k| format!("the ONNX graph's {k}"))?;
+        let path = path.to_path_buf();
+        Ok(OnnxModel { path, model, hyper, tensors: rec.tensors, external, file, files, config })
+    }
+
+    /// Walks the graph ([`walk`]) and checks the weights it found: readable, in a float format,
+    /// and a tied head stored once.
+    fn recognize(
+        graph: &GraphProto,
+        path: &Path,
+        external: &BTreeMap<String, Bytes>,
+    ) -> Result<Recovered, FrontendError> {
+        let m = Matcher::new(graph, path, external);
         let mut rec = walk(&m, graph)?;
         // Every weight must be readable now, in a float format kiln takes.
         for (name, take) in &rec.tensors {
@@ -701,7 +719,7 @@ impl OnnxModel {
                     ),
                 ));
             }
-            onnx_proto::tensor_bytes(t, &external).map_err(|e| err(path, e))?;
+            onnx_proto::tensor_bytes(t, external).map_err(|e| err(path, e))?;
         }
         // A tied head: the transposed LM head holds the embedding's bytes.
         let head = &rec.tensors["output.weight"];
@@ -710,38 +728,15 @@ impl OnnxModel {
             m.initializers[head.initializer.as_str()],
         );
         if e.data_type == h.data_type {
-            let eb = onnx_proto::tensor_bytes(e, &external).map_err(|x| err(path, x))?;
-            let hb = onnx_proto::tensor_bytes(h, &external).map_err(|x| err(path, x))?;
+            let eb = onnx_proto::tensor_bytes(e, external).map_err(|x| err(path, x))?;
+            let hb = onnx_proto::tensor_bytes(h, external).map_err(|x| err(path, x))?;
             let size = if e.data_type == dtype::FLOAT { 4 } else { 2 };
             if transpose(&hb, h.dims[0] as usize, h.dims[1] as usize, size) == eb {
                 rec.tensors.remove("output.weight");
                 rec.hyper.tied_embedding = true;
             }
         }
-        let _ = rec.rotary;
-        let mut files = BTreeMap::new();
-        read_tokenizer_files(&dir, &mut files)?;
-        let config = match std::fs::read(dir.join("config.json")) {
-            Ok(b) => {
-                serde_json::from_slice(&b).map_err(|e| err(&dir.join("config.json"), format!("not valid JSON: {e}")))?
-            }
-            Err(_) => Value::Null,
-        };
-        if let Some(c) = config.get("max_position_embeddings").and_then(Value::as_u64) {
-            rec.hyper.train_context = c.min(u32::MAX as u64) as u32;
-        }
-        rec.hyper.check(|k| format!("the ONNX graph's {k}"))?;
-        let path = path.to_path_buf();
-        Ok(OnnxModel {
-            path,
-            model: model.clone(),
-            hyper: rec.hyper,
-            tensors: rec.tensors,
-            external,
-            file,
-            files,
-            config,
-        })
+        Ok(rec)
     }
 
     /// `bytes` (a slice of the model file or of an external data file) borrowed from the
@@ -829,6 +824,10 @@ impl ModelSource for OnnxModel {
     fn tokenizer(&self) -> Result<TokenizerSpec, FrontendError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         tokenizer_spec(dir, &self.files, &self.config)
+    }
+
+    fn context_key(&self) -> String {
+        "max_position_embeddings (of a config.json beside the ONNX model)".into()
     }
 
     fn sha256(&self) -> String {

@@ -69,13 +69,48 @@ fn to_checkpoint(gguf: &Path, bundle: &Path, out: &Path, extra: &[&str]) {
     );
 }
 
+/// The files a Hugging Face exporter puts beside the weights.
+const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"];
+
+/// Copies the files `names` of `from` (every file when `None`) into `to`, created if needed.
+fn copy_files(from: &Path, to: &Path, names: Option<&[&str]>) {
+    std::fs::create_dir_all(to).unwrap();
+    let all: Vec<String> = match names {
+        Some(n) => n.iter().map(|s| s.to_string()).collect(),
+        None => {
+            std::fs::read_dir(from).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+        }
+    };
+    for f in all {
+        std::fs::copy(from.join(&f), to.join(&f)).unwrap();
+    }
+}
+
+/// The small model of the bad-input tests: its float GGUF, the GGUF's bundle and its checkpoint
+/// (`dir/model.gguf`, `dir/bundle-gguf`, `dir/hf`).
+fn small_model(dir: &Path, seed: u64) -> (PathBuf, PathBuf, PathBuf) {
+    let cfg = TinyLlama {
+        n_layers: 1,
+        d_model: 32,
+        d_ff: 40,
+        n_heads: 4,
+        n_kv_heads: 2,
+        vocab: 40,
+        context: 64,
+        format: QuantFormat::F32,
+        tied: false,
+    };
+    let (gguf, bundle, hf) = (dir.join("model.gguf"), dir.join("bundle-gguf"), dir.join("hf"));
+    std::fs::write(&gguf, tiny_llama_float_gguf(&cfg, &mut Rng::new(seed))).unwrap();
+    build_model(&options(&gguf, &bundle, 64), &mut |_| {}).unwrap();
+    to_checkpoint(&gguf, &bundle, &hf, &[]);
+    (gguf, bundle, hf)
+}
+
 /// Writes the ONNX export of `gguf` as `dir/model.onnx` with `tests/peer/gguf_to_onnx.py`, with
 /// the tokenizer and config files of the checkpoint `hf` beside it (as exporters lay them out).
 fn to_onnx(gguf: &Path, hf: &Path, dir: &Path, extra: &[&str]) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"] {
-        std::fs::copy(hf.join(f), dir.join(f)).unwrap();
-    }
+    copy_files(hf, dir, Some(&TOKENIZER_FILES));
     let out = dir.join("model.onnx");
     run_peer("gguf_to_onnx.py", &[gguf.as_os_str(), out.as_os_str()], extra, "gguf, numpy and onnx");
     out
@@ -273,32 +308,13 @@ fn edit_header(path: &Path, edit: impl FnOnce(&mut Value)) {
 #[test]
 fn bad_checkpoints_are_refused_with_the_file_and_tensor_named() {
     let dir = scratch_dir("sources/bad");
-    let cfg = TinyLlama {
-        n_layers: 1,
-        d_model: 32,
-        d_ff: 40,
-        n_heads: 4,
-        n_kv_heads: 2,
-        vocab: 40,
-        context: 64,
-        format: QuantFormat::F32,
-        tied: false,
-    };
-    let gguf = dir.join("model.gguf");
-    std::fs::write(&gguf, tiny_llama_float_gguf(&cfg, &mut Rng::new(3))).unwrap();
-    let bundle = dir.join("bundle-gguf");
-    build_model(&options(&gguf, &bundle, 64), &mut |_| {}).unwrap();
-    let (one, sharded) = (dir.join("good-one"), dir.join("good-sharded"));
-    to_checkpoint(&gguf, &bundle, &one, &[]);
+    let (gguf, bundle, one) = small_model(&dir, 3);
+    let sharded = dir.join("good-sharded");
     to_checkpoint(&gguf, &bundle, &sharded, &["--shards", "2"]);
     let fresh = |name: &str, from: &Path| -> PathBuf {
         let to = dir.join(name);
         let _ = std::fs::remove_dir_all(&to);
-        std::fs::create_dir_all(&to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
+        copy_files(from, &to, None);
         to
     };
     let shard2 = "model-00002-of-00002.safetensors";
@@ -434,31 +450,13 @@ fn bad_checkpoints_are_refused_with_the_file_and_tensor_named() {
 #[test]
 fn onnx_graphs_kiln_does_not_know_are_refused_with_the_node_named() {
     let dir = scratch_dir("sources/bad-onnx");
-    let cfg = TinyLlama {
-        n_layers: 1,
-        d_model: 32,
-        d_ff: 40,
-        n_heads: 4,
-        n_kv_heads: 2,
-        vocab: 40,
-        context: 64,
-        format: QuantFormat::F32,
-        tied: false,
-    };
-    let gguf = dir.join("model.gguf");
-    std::fs::write(&gguf, tiny_llama_float_gguf(&cfg, &mut Rng::new(4))).unwrap();
-    let (bundle, hf) = (dir.join("bundle-gguf"), dir.join("hf"));
-    build_model(&options(&gguf, &bundle, 64), &mut |_| {}).unwrap();
-    to_checkpoint(&gguf, &bundle, &hf, &[]);
+    let (gguf, _, hf) = small_model(&dir, 4);
     let good = to_onnx(&gguf, &hf, &dir.join("good"), &[]);
     let external = to_onnx(&gguf, &hf, &dir.join("external"), &["--external-data"]);
     build_model(&options(&good, &dir.join("out-good"), 64), &mut |_| {}).expect("the unchanged export builds");
     let mutated = |kind: &str| -> PathBuf {
         let d = dir.join(kind);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"] {
-            std::fs::copy(hf.join(f), d.join(f)).unwrap();
-        }
+        copy_files(&hf, &d, Some(&TOKENIZER_FILES));
         let out = d.join("model.onnx");
         run_peer("onnx_mutate.py", &[good.as_os_str(), out.as_os_str()], &[kind], "onnx and numpy");
         out
@@ -475,11 +473,7 @@ fn onnx_graphs_kiln_does_not_know_are_refused_with_the_node_named() {
     let bytes = std::fs::read(&data).unwrap();
     std::fs::remove_file(&data).unwrap();
     let missing = dir.join("missing");
-    std::fs::create_dir_all(&missing).unwrap();
-    for e in std::fs::read_dir(dir.join("external")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), missing.join(e.file_name())).unwrap();
-    }
+    copy_files(&dir.join("external"), &missing, None);
     cases.push(("missing external data".into(), missing.join("model.onnx"), vec!["model.onnx.data", "missing"]));
     std::fs::write(&data, &bytes[..bytes.len() - 64]).unwrap();
     cases.push(("short external data".into(), external.clone(), vec!["model.onnx", "past the end", "model.onnx.data"]));
@@ -493,10 +487,7 @@ fn onnx_graphs_kiln_does_not_know_are_refused_with_the_node_named() {
     cases.push(("truncated".into(), cut, vec!["cut.onnx", "not an ONNX model"]));
     // Without a config.json beside it, an ONNX model has no training context: --context is needed.
     let no_config = dir.join("no-config");
-    std::fs::create_dir_all(&no_config).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "model.onnx"] {
-        std::fs::copy(dir.join("good").join(f), no_config.join(f)).unwrap();
-    }
+    copy_files(&dir.join("good"), &no_config, Some(&["tokenizer.json", "tokenizer_config.json", "model.onnx"]));
     let out = dir.join("out-no-context");
     let opts = BuildOptions { context: None, ..options(&no_config.join("model.onnx"), &out, 64) };
     let e = build_model(&opts, &mut |_| {}).expect_err("no context").to_string();

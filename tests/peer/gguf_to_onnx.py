@@ -24,57 +24,13 @@ there). --dtype f16 stores weight initializers as float16, each followed by one 
 
 import argparse
 import os
-import re
-import sys
 
 import gguf
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# --- copied from gguf_to_hf.py (keep the two in agreement) -----------------------------------
-PER_LAYER = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
-          "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-
-
-def die(msg, code=1):
-    print(f"gguf_to_onnx: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
-def hf_name(name):
-    if name in GLOBAL:
-        return GLOBAL[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
-    if m and m.group(2) in PER_LAYER:
-        return f"model.layers.{m.group(1)}.{PER_LAYER[m.group(2)]}.weight"
-    die(f"unsupported tensor {name!r}")
-
-
-def unpermute(w, n_head):
-    """Inverse of llama.cpp's q/k row permutation (GGUF -> HF rotary order)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def meta(reader, key, default=KeyError):
-    """A scalar or string GGUF metadata value as a Python int/float/str."""
-    f = reader.fields.get(key)
-    if f is None:
-        if default is KeyError:
-            die(f"GGUF metadata {key!r} missing")
-        return default
-    if f.types and f.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8")
-    if len(f.data) != 1 or (f.types and f.types[0] == gguf.GGUFValueType.ARRAY):
-        die(f"GGUF metadata {key!r} is not a scalar")
-    return f.parts[f.data[0]][0].item()
-# ---------------------------------------------------------------------------------------------
+from llama_layout import PER_LAYER, die, hf_name, meta, unpermute
 
 
 def load(path):

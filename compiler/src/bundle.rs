@@ -120,8 +120,13 @@ pub enum BuildError {
     Tokenizer(TokenizerError),
     Target(targets::TargetError),
     OutDir(OutDirError),
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     Lora(crate::lora::LoraError),
+    /// The caller's check of the finished build refused it (e.g. a device budget not met).
+    Refused(String),
 }
 
 impl fmt::Display for BuildError {
@@ -135,6 +140,7 @@ impl fmt::Display for BuildError {
             BuildError::OutDir(e) => write!(f, "{e}"),
             BuildError::Io { path, error } => write!(f, "{}: {error}", path.display()),
             BuildError::Lora(e) => write!(f, "{e}"),
+            BuildError::Refused(why) => write!(f, "{why}; nothing was written"),
         }
     }
 }
@@ -257,6 +263,16 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Builds a bundle; `progress` is told when each stage starts.
 pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Result<BuildReport, BuildError> {
+    build_model_checked(opts, progress, &mut |_| Ok(()))
+}
+
+/// Builds a bundle, showing `check` its manifest (hyperparameters, context, memory) before
+/// anything is written: an `Err` from it refuses the build and leaves `--out` untouched.
+pub fn build_model_checked(
+    opts: &BuildOptions,
+    progress: &mut dyn FnMut(Stage),
+    check: &mut dyn FnMut(&serde_json::Value) -> Result<(), String>,
+) -> Result<BuildReport, BuildError> {
     let target = targets::lookup_device(&opts.target, opts.device.as_deref()).map_err(BuildError::Target)?;
     // Refuse an output directory kiln may not replace before doing any work.
     outdir::check_replaceable(&opts.out).map_err(BuildError::OutDir)?;
@@ -385,6 +401,7 @@ pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Resu
             "kv_bytes": compiled.kv_bytes,
         },
     });
+    check(&manifest).map_err(BuildError::Refused)?;
     let out = &opts.out;
     let mut files: Vec<(&str, &[u8])> = vec![];
     let manifest_text = serde_json::to_string_pretty(&manifest).expect("json") + "\n";

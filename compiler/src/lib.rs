@@ -9,6 +9,7 @@
 
 pub mod bundle;
 pub mod codegen;
+pub mod deploy;
 pub mod frontend;
 pub mod gguf;
 pub mod lora;

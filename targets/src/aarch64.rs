@@ -2,8 +2,8 @@
 //! (`aarch64-linux-android`) ELF objects.
 //!
 //! A [`DeviceProfile`] says what the device has: big and little cores, the optional ISA
-//! extensions Cranelift can use (`dotprod`, `fp16`, `i8mm`), cache sizes and memory
-//! bandwidth. Kernel choices read it; extensions a device lacks are never enabled, because
+//! extensions Cranelift can use (`dotprod`, `fp16`, `i8mm`) and cache sizes (bandwidth,
+//! compute and energy are in [`crate::devices`]). Kernel choices read it; extensions a device lacks are never enabled, because
 //! their instructions fault there (SDOT raises SIGILL on a Cortex-A53).
 //!
 //! kiln's quantized matmuls multiply int16 activations: the int16 dot product lowers to
@@ -28,8 +28,6 @@ pub struct DeviceProfile {
     pub fp16: bool,
     pub i8mm: bool,
     pub cache: CacheInfo,
-    /// Sustained DRAM read bandwidth, GB/s.
-    pub memory_gbps: u32,
 }
 
 /// The device profiles kiln ships.
@@ -43,7 +41,6 @@ pub const DEVICES: &[DeviceProfile] = &[
         fp16: true,
         i8mm: false,
         cache: CacheInfo { l1d: 64 << 10, l2: 512 << 10, l3: 4 << 20 },
-        memory_gbps: 34,
     },
     DeviceProfile {
         name: "raspberry-pi-5",
@@ -54,7 +51,6 @@ pub const DEVICES: &[DeviceProfile] = &[
         fp16: true,
         i8mm: false,
         cache: CacheInfo { l1d: 64 << 10, l2: 512 << 10, l3: 2 << 20 },
-        memory_gbps: 17,
     },
     DeviceProfile {
         name: "generic-armv8.0",
@@ -65,7 +61,6 @@ pub const DEVICES: &[DeviceProfile] = &[
         fp16: false,
         i8mm: false,
         cache: CacheInfo { l1d: 32 << 10, l2: 256 << 10, l3: 0 },
-        memory_gbps: 8,
     },
 ];
 

@@ -15,6 +15,7 @@ use cranelift_frontend::FunctionBuilder;
 use serde::Serialize;
 
 pub mod aarch64;
+pub mod devices;
 pub mod x86_64;
 
 /// Cache sizes of one core, in bytes, used for blocking decisions.
@@ -227,11 +228,19 @@ pub fn lookup(triple: &str) -> Result<Box<dyn Target>, TargetError> {
 pub fn lookup_device(triple: &str, device: Option<&str>) -> Result<Box<dyn Target>, TargetError> {
     match triple {
         "x86_64-unknown-linux-gnu" => match device {
-            None | Some("x86-64-v3") => Ok(Box::new(x86_64::X86_64::v3())),
+            // Every x86-64 profile runs the x86-64-v3 (AVX2) code; the profile names the
+            // machine class the deployment report describes.
+            None | Some(devices::HOST) => Ok(Box::new(x86_64::X86_64::v3())),
+            Some(d) if devices::costs(d, triple).is_ok() => Ok(Box::new(x86_64::X86_64::v3())),
             Some(d) => Err(TargetError::UnknownDevice {
                 device: d.into(),
                 triple: triple.into(),
-                known: vec!["x86-64-v3".into()],
+                known: devices::PROFILES
+                    .iter()
+                    .filter(|p| p.triples.contains(&triple))
+                    .map(|p| p.name.to_string())
+                    .chain([devices::HOST.to_string()])
+                    .collect(),
             }),
         },
         "aarch64-unknown-linux-gnu" => Ok(Box::new(aarch64::Aarch64::new("aarch64-unknown-linux-gnu", device)?)),

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use chat::eval::{evaluate, run_eval, EvalArgs};
+use chat::eval::{evaluate, run_eval, EvalArgs, EvalSpec, Suite};
 use chat::BundleArgs;
 use compiler::bundle::{build_model, BuildOptions};
 use runtime::session::Session;
@@ -61,12 +61,28 @@ fn tiny() -> &'static (PathBuf, PathBuf, PathBuf, PathBuf) {
 fn args(bundle: &Path, text: &Path, ctx: usize) -> EvalArgs {
     EvalArgs {
         bundle: BundleArgs { bundle: bundle.to_path_buf(), threads: 1 },
+        spec: spec(&[Suite::Perplexity], text, ctx),
+        json: None,
+        force: false,
+    }
+}
+
+/// The suites `suites` on `text` at `ctx`, with the shipped question and prompt sets.
+fn spec(suites: &[Suite], text: &Path, ctx: usize) -> EvalSpec {
+    EvalSpec {
+        suite: suites.to_vec(),
         text: Some(text.to_path_buf()),
         ctx,
         chunks: None,
         reference: None,
-        json: None,
-        force: false,
+        questions: None,
+        prompts: None,
+        limit: None,
+        qa_tokens: 256,
+        samples: 5,
+        sample_temperature: 1.0,
+        bio_tokens: 128,
+        seed: 1,
     }
 }
 
@@ -107,7 +123,7 @@ fn perplexity_of_both_rules_and_kl_equal_a_direct_computation() {
     let (_, bundle, other, text) = tiny();
     for ctx in [32usize, 20, 7] {
         let mut a = args(bundle, text, ctx);
-        a.reference = Some(other.clone());
+        a.spec.reference = Some(other.clone());
         let report = evaluate(&a).unwrap_or_else(|e| panic!("{e:#}"));
 
         let mut session = open(bundle);
@@ -164,7 +180,7 @@ fn perplexity_of_both_rules_and_kl_equal_a_direct_computation() {
 fn a_bundle_against_itself_has_kl_zero_and_full_agreement() {
     let (_, bundle, _, text) = tiny();
     let mut a = args(bundle, text, 32);
-    a.reference = Some(bundle.clone());
+    a.spec.reference = Some(bundle.clone());
     let report = evaluate(&a).unwrap_or_else(|e| panic!("{e:#}"));
     let kl = report.kl.expect("a reference was given");
     assert_eq!((kl.mean, kl.median, kl.p99, kl.max), (0.0, 0.0, 0.0, 0.0), "{kl:?}");
@@ -180,10 +196,20 @@ fn a_gguf_reference_is_compiled_for_the_occasion() {
     let json = dir.join("xtask-eval.json");
     let _ = std::fs::remove_file(&json);
     let mut a = args(bundle, text, 32);
-    a.reference = Some(dir.join("tiny1.gguf"));
+    a.spec.reference = Some(dir.join("tiny1.gguf"));
     a.json = Some(json.clone());
-    xtask::eval(a).unwrap_or_else(|e| panic!("{e:#}"));
+    let cmd = xtask::evaluate::EvalCmd {
+        bundles: vec![bundle.clone()],
+        threads: 1,
+        spec: a.spec,
+        device: None,
+        json: Some(json.clone()),
+        report: None,
+        force: false,
+    };
+    xtask::evaluate::eval(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
     let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let figures = &figures["bundles"][0];
     assert_eq!(figures["kl_divergence"]["max"], 0.0, "{figures}");
     assert_eq!(figures["kl_divergence"]["top1_agreement"], 1.0, "{figures}");
     let temporaries = xtask::root().join("target/kiln-eval");
@@ -206,6 +232,7 @@ fn json_holds_the_printed_figures_and_existing_files_are_kept() {
     let report = run_eval(&a).unwrap_or_else(|e| panic!("{e:#}"));
     let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(figures["perplexity"][0]["rule"], "llama.cpp");
+    let report = report.perplexity.expect("the perplexity suite ran");
     assert_eq!(figures["perplexity"][0]["perplexity"].as_f64(), Some(report.llama_cpp.perplexity));
     assert_eq!(figures["perplexity"][1]["rule"], "all-but-first");
     assert_eq!(figures["perplexity"][1]["perplexity"].as_f64(), Some(report.all_but_first.perplexity));
@@ -247,12 +274,12 @@ fn bad_input_is_refused_with_a_clear_error() {
     assert!(e.contains("--ctx must be at least 4"), "{e}");
 
     let mut a = args(bundle, text, 32);
-    a.reference = Some(dir.join("tiny2.gguf"));
+    a.spec.reference = Some(dir.join("tiny2.gguf"));
     let e = fails(a);
     assert!(e.contains("is a file") && e.contains("cargo xtask eval"), "{e}");
 
     let mut a = args(bundle, text, 32);
-    a.reference = Some(dir.join("no-such-bundle"));
+    a.spec.reference = Some(dir.join("no-such-bundle"));
     let e = fails(a);
     assert!(e.contains("reference") && e.contains("not a kiln bundle"), "{e}");
 
@@ -277,8 +304,8 @@ fn real_model_perplexity_on_the_shipped_text_is_sane() {
     let bundle = dir.join("bundle");
     build(&model, &bundle, 128, 128);
     let mut a = args(&bundle, &chat::eval::default_text(), 128);
-    a.text = None;
-    a.chunks = Some(8);
+    a.spec.text = None;
+    a.spec.chunks = Some(8);
     a.bundle.threads = 2;
     let report = evaluate(&a).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(report.chunks, 8);

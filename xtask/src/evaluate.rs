@@ -115,6 +115,28 @@ pub fn deployment(
     Ok((text, misses))
 }
 
+/// `build-model`: builds `opts`, checking the deployment report for `device` against `budget`
+/// before anything is written. Returns the build's result and the report's text (empty when
+/// the build failed before the report).
+pub fn build_with_budget(
+    opts: &compiler::bundle::BuildOptions,
+    device: Option<&str>,
+    budget: Option<&deploy::Budget>,
+    progress: &mut dyn FnMut(compiler::bundle::Stage),
+) -> (Result<compiler::bundle::BuildReport>, String) {
+    let mut text = String::new();
+    let result = compiler::bundle::build_model_checked(opts, progress, &mut |manifest| {
+        let (report, misses) = deployment(&opts.target, manifest, device, budget).map_err(|e| format!("{e:#}"))?;
+        text = report;
+        if misses.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = misses.iter().map(|m| m.to_string()).collect();
+        Err(format!("the model does not fit the budget on this device: {}", list.join("; ")))
+    });
+    (result.map_err(anyhow::Error::from), text)
+}
+
 fn budget_text(b: &deploy::Budget) -> String {
     let mut parts = vec![];
     if let Some(m) = b.memory_bytes {
@@ -369,6 +391,15 @@ impl Row {
     }
 }
 
+/// Joules with three significant digits.
+pub fn joules(j: f64) -> String {
+    if j >= 0.01 {
+        format!("{j:.3}")
+    } else {
+        format!("{j:.2e}")
+    }
+}
+
 /// The table `eval` prints, a row per bundle.
 pub fn table(rows: &[Row]) -> String {
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
@@ -406,7 +437,7 @@ pub fn table(rows: &[Row]) -> String {
             mib(f.weights_bytes),
             mib(f.kv_bytes),
             r.peak_rss_bytes.map_or("-".into(), mib),
-            r.energy.as_ref().map_or("-".into(), |e| format!("{:.2} {}", e.joules, e.how)),
+            r.energy.as_ref().map_or("-".into(), |e| format!("{} {}", joules(e.joules), e.how)),
         );
     }
     s += "ppl: llama.cpp's rule; KL: mean KL(reference || bundle); QA: accuracy with 95 % Wilson interval; \
@@ -418,6 +449,9 @@ pub fn table(rows: &[Row]) -> String {
 /// Runs `cargo xtask eval`.
 pub fn eval(c: &EvalCmd) -> Result<Vec<Row>> {
     c.spec.check()?;
+    if c.force && c.json.is_none() && c.report.is_none() {
+        bail!("--force replaces the --json or --report file; give one");
+    }
     for out in c.json.iter().chain(&c.report) {
         chat::check_output_file(out, c.force)?;
     }
@@ -475,6 +509,6 @@ mod tests {
     #[test]
     fn rapl_counters_unwrap() {
         assert_eq!(rapl_joules(&[(100, 1000)], &[(2_000_100, 1000)]), 2.0);
-        assert_eq!(rapl_joules(&[(900, 1000)], &[(100, 1000)]), 200e-6);
+        assert!((rapl_joules(&[(900, 1000)], &[(100, 1000)]) - 200e-6).abs() < 1e-15);
     }
 }

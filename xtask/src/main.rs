@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use compiler::bundle::{build_model_checked, BuildOptions, Stage};
+use compiler::bundle::{BuildOptions, Stage};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -294,23 +294,13 @@ fn real_main() -> Result<()> {
             bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());
             bar.enable_steady_tick(Duration::from_millis(100));
             let start = Instant::now();
-            let mut deployment = String::new();
-            let report = build_model_checked(
+            let (report, deployment) = xtask::evaluate::build_with_budget(
                 &opts,
+                report_device.as_deref(),
+                budget.as_ref(),
                 &mut |stage| {
                     bar.set_position(Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0) as u64);
                     bar.set_message(stage.name());
-                },
-                &mut |manifest| {
-                    let (text, misses) =
-                        xtask::evaluate::deployment(&target, manifest, report_device.as_deref(), budget.as_ref())
-                            .map_err(|e| format!("{e:#}"))?;
-                    deployment = text;
-                    if misses.is_empty() {
-                        return Ok(());
-                    }
-                    let list: Vec<String> = misses.iter().map(|m| m.to_string()).collect();
-                    Err(format!("the model does not fit the budget on this device: {}", list.join("; ")))
                 },
             );
             bar.finish_and_clear();

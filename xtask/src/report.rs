@@ -45,7 +45,7 @@ fn bar_chart(id: &str, title: &str, y_label: &str, labels: &[String], series: &[
                 .configure_mesh()
                 .disable_x_mesh()
                 .y_desc(y_label)
-                .x_labels(n)
+                .x_labels(2 * n + 1) // steps of 0.5: the bars' centers are among them
                 .x_label_formatter(&|x| {
                     let i = (*x - 0.5).round();
                     if i >= 0.0 && (i as usize) < labels.len() && (*x - 0.5 - i).abs() < 1e-6 {
@@ -127,9 +127,15 @@ pub fn html(rows: &[Row]) -> String {
         bar_chart(
             "chart-hallucination",
             "Hallucination rate (SelfCheckGPT unigram)",
-            "sentences flagged, %",
+            "%",
             &labels,
-            &[plain("hallucination", rows.iter().map(|r| r.hallucination_rate().map(|x| 100.0 * x)).collect())],
+            &[
+                plain("sentences flagged", rows.iter().map(|r| r.hallucination_rate().map(|x| 100.0 * x)).collect()),
+                plain(
+                    "mean normalized score x 100",
+                    rows.iter().map(|r| r.figures["hallucination"]["mean_normalized"].as_f64().map(|x| 100.0 * x)).collect(),
+                ),
+            ],
         ),
         bar_chart(
             "chart-memory",
@@ -161,8 +167,9 @@ pub fn html(rows: &[Row]) -> String {
     for r in rows {
         let e = r.energy.as_ref().map_or("not run".to_string(), |e| {
             format!(
-                "{:.3} J per query, {} ({}); a query: {:.1} prompt tokens, {:.1} generated",
-                e.joules, e.how, e.detail, e.query.prompt_tokens, e.query.generated_tokens
+                "{} J per query, {} ({}); a query: {:.1} prompt tokens, {:.1} generated",
+                crate::evaluate::joules(e.joules),
+                e.how, e.detail, e.query.prompt_tokens, e.query.generated_tokens
             )
         });
         details += &format!(

@@ -133,6 +133,14 @@ fn bad_flags() {
     assert!(e.contains("context"), "{e}");
     let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["build-model", "--context", "-5"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "clap rejects a negative context");
+    for (budget, says) in [("speed=5", "unknown limit 'speed'"), ("memory=lots", "with a unit"), ("", "no limit given")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["build-model", "--budget", budget]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{budget}: {stderr}");
+        assert!(stderr.contains(says), "{budget}: {stderr}");
+    }
+    let e = build_fails("x86_device", &small_valid_header(), &["--device", "epyc-zen9"]);
+    assert!(e.contains("epyc-zen9") && e.contains("x86-64-v3") && e.contains("epyc-zen4-2vcpu") && e.contains("host"), "{e}");
 }
 
 #[test]
@@ -340,11 +348,22 @@ fn eval_refuses_bad_input_before_work() {
     let (code, e) = eval(&["--bundle", "/nonexistent", "--text", text.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{e}");
     assert!(e.contains("not a kiln bundle"), "{e}");
+    let (code, e) = eval(&["--bundle", "/nonexistent", "--text", text.to_str().unwrap(), "--force"]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("--force replaces the --json or --report file"), "{e}");
     let (code, e) = eval(&["--force"]);
-    assert_eq!(code, Some(2), "--force needs --json: {e}");
+    assert_eq!(code, Some(2), "--bundle is required: {e}");
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"question\": \"Q?\", \"answers\": \"Oslo\", \"hops\": 1}\n").unwrap();
+    let (code, e) = eval(&["--bundle", "/nonexistent", "--suite", "qa", "--questions", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("bad.jsonl line 1") && e.contains("non-empty array"), "{e}");
+    let (code, e) = eval(&["--bundle", "/nonexistent", "--suite", "agreement"]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("needs --reference"), "{e}");
     let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
-    assert_eq!(names, ["figures.json", "text.txt"], "nothing written");
+    assert_eq!(names, ["bad.jsonl", "figures.json", "text.txt"], "nothing written");
 }
 
 /// `optimize` and the optimization flags of `build-model`: bad values are refused before any

@@ -360,13 +360,15 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
         let answer = if planted[i] { first_word } else { "nowhere in any answer 0123".to_string() };
         assert_eq!(chat::qa::is_correct(&responses[i], std::slice::from_ref(&answer)), planted[i]);
         let hops = if i < 3 { 1 } else { 2 };
-        set += &serde_json::json!({"id": format!("t{i}"), "question": q, "answers": [answer], "hops": hops}).to_string();
+        set +=
+            &serde_json::json!({"id": format!("t{i}"), "question": q, "answers": [answer], "hops": hops}).to_string();
         set += "\n";
     }
     let questions_file = work.join("qa.jsonl");
     std::fs::write(&questions_file, set).unwrap();
     let prompts_file = work.join("bio.jsonl");
-    std::fs::write(&prompts_file, "{\"prompt\": \"Tell me about Ada.\"}\n{\"prompt\": \"Tell me about Bob.\"}\n").unwrap();
+    std::fs::write(&prompts_file, "{\"prompt\": \"Tell me about Ada.\"}\n{\"prompt\": \"Tell me about Bob.\"}\n")
+        .unwrap();
 
     let mut spec = spec(&[], text, 32);
     spec.chunks = Some(2);
@@ -397,7 +399,8 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
     assert!(r2.kl_mean().unwrap() > 0.0, "another model differs from the reference");
     for r in &rows {
         let h = &r.figures["hallucination"];
-        let sentences: usize = h["passages"].as_array().unwrap().iter().map(|p| p["sentences"].as_array().unwrap().len()).sum();
+        let sentences: usize =
+            h["passages"].as_array().unwrap().iter().map(|p| p["sentences"].as_array().unwrap().len()).sum();
         assert_eq!(h["sentences"].as_u64(), Some(sentences as u64), "{h}");
         assert!((0.0..=1.0).contains(&r.hallucination_rate().unwrap()));
         assert_eq!(h["samples"], 3);
@@ -446,10 +449,10 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
             acc + usize::from(r.hallucination_rate().unwrap() > 0.0) + 3 + 1 + 1
         })
         .sum();
-    let drawn: usize = rendered
-        .strip_prefix("charts=5 drawn-rects=")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("the page's check did not run in Chromium: {rendered:?}\n{}", String::from_utf8_lossy(&out.stderr)));
+    let drawn: usize =
+        rendered.strip_prefix("charts=5 drawn-rects=").and_then(|n| n.parse().ok()).unwrap_or_else(|| {
+            panic!("the page's check did not run in Chromium: {rendered:?}\n{}", String::from_utf8_lossy(&out.stderr))
+        });
     assert!(drawn >= nonzero_bars, "{drawn} rectangles drawn, {nonzero_bars} non-zero bars expected");
 }
 

@@ -65,6 +65,9 @@ fn predicted_decode_on_the_host_is_within_25_percent_of_bench() {
         v[1]
     };
     let (p, m) = (median(predicted.clone()), median(measured.clone()));
-    eprintln!("decode tg{decode} at {threads} threads: predicted {predicted:?}, measured {measured:?}; ratio {:.3}", p / m);
+    eprintln!(
+        "decode tg{decode} at {threads} threads: predicted {predicted:?}, measured {measured:?}; ratio {:.3}",
+        p / m
+    );
     assert!((0.75..=1.25).contains(&(p / m)), "predicted {p:.1} tok/s, measured {m:.1} tok/s: off by more than 25 %");
 }

@@ -275,12 +275,16 @@ fn evaluate_bundle(c: &EvalCmd, bundle: &Path, references: &mut Vec<(String, Pat
     let mut figures = json!({});
     let mut rss = None;
     let group: Vec<Suite> = [Suite::Perplexity, Suite::Agreement].into_iter().filter(|s| spec.runs(*s)).collect();
+    let started = std::time::Instant::now();
+    let step = |what: &str| eprintln!("  {what} ({:.0} s in)", started.elapsed().as_secs_f64());
     if !group.is_empty() {
+        step("perplexity and agreement");
         let (v, _) = run_runner(&runner, bundle, c.threads, &spec.args(&group, reference.as_deref()), &tmp)?;
         merge(&mut figures, v);
     }
     let mut measured_joules = None;
     if spec.runs(Suite::Qa) {
+        step("question answering");
         let before = rapl_counters();
         let (v, r) = run_runner(&runner, bundle, c.threads, &spec.args(&[Suite::Qa], None), &tmp)?;
         if let (Some(b), Some(a)) = (before, rapl_counters()) {
@@ -293,6 +297,7 @@ fn evaluate_bundle(c: &EvalCmd, bundle: &Path, references: &mut Vec<(String, Pat
         merge(&mut figures, v);
     }
     if spec.runs(Suite::Hallucination) {
+        step("hallucination");
         let (v, r) = run_runner(&runner, bundle, c.threads, &spec.args(&[Suite::Hallucination], None), &tmp)?;
         rss = rss.or(r);
         merge(&mut figures, v);

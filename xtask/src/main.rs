@@ -294,15 +294,11 @@ fn real_main() -> Result<()> {
             bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());
             bar.enable_steady_tick(Duration::from_millis(100));
             let start = Instant::now();
-            let (report, deployment) = xtask::evaluate::build_with_budget(
-                &opts,
-                report_device.as_deref(),
-                budget.as_ref(),
-                &mut |stage| {
+            let (report, deployment) =
+                xtask::evaluate::build_with_budget(&opts, report_device.as_deref(), budget.as_ref(), &mut |stage| {
                     bar.set_position(Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0) as u64);
                     bar.set_message(stage.name());
-                },
-            );
+                });
             bar.finish_and_clear();
             if report.is_err() && !deployment.is_empty() {
                 print!("{deployment}");

@@ -133,7 +133,9 @@ pub fn html(rows: &[Row]) -> String {
                 plain("sentences flagged", rows.iter().map(|r| r.hallucination_rate().map(|x| 100.0 * x)).collect()),
                 plain(
                     "mean normalized score x 100",
-                    rows.iter().map(|r| r.figures["hallucination"]["mean_normalized"].as_f64().map(|x| 100.0 * x)).collect(),
+                    rows.iter()
+                        .map(|r| r.figures["hallucination"]["mean_normalized"].as_f64().map(|x| 100.0 * x))
+                        .collect(),
                 ),
             ],
         ),
@@ -169,7 +171,10 @@ pub fn html(rows: &[Row]) -> String {
             format!(
                 "{} J per query, {} ({}); a query: {:.1} prompt tokens, {:.1} generated",
                 crate::evaluate::joules(e.joules),
-                e.how, e.detail, e.query.prompt_tokens, e.query.generated_tokens
+                e.how,
+                e.detail,
+                e.query.prompt_tokens,
+                e.query.generated_tokens
             )
         });
         details += &format!(

@@ -133,14 +133,18 @@ fn bad_flags() {
     assert!(e.contains("context"), "{e}");
     let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["build-model", "--context", "-5"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "clap rejects a negative context");
-    for (budget, says) in [("speed=5", "unknown limit 'speed'"), ("memory=lots", "with a unit"), ("", "no limit given")] {
+    for (budget, says) in [("speed=5", "unknown limit 'speed'"), ("memory=lots", "with a unit"), ("", "no limit given")]
+    {
         let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["build-model", "--budget", budget]).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{budget}: {stderr}");
         assert!(stderr.contains(says), "{budget}: {stderr}");
     }
     let e = build_fails("x86_device", &small_valid_header(), &["--device", "epyc-zen9"]);
-    assert!(e.contains("epyc-zen9") && e.contains("x86-64-v3") && e.contains("epyc-zen4-2vcpu") && e.contains("host"), "{e}");
+    assert!(
+        e.contains("epyc-zen9") && e.contains("x86-64-v3") && e.contains("epyc-zen4-2vcpu") && e.contains("host"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -765,6 +765,24 @@ mod tests {
     }
 
     #[test]
+    fn known_distributions_give_known_perplexity_and_kl() {
+        // Equal logits over 50 tokens: every token has probability 1/50, perplexity 50.
+        let row = [0.25f32; 50];
+        let mut sums = NllSums::default();
+        for target in [0usize, 7, 49] {
+            sums.add(log_sum_exp(&row) - f64::from(row[target]));
+        }
+        let s = sums.score("llama.cpp");
+        assert!((s.perplexity - 50.0).abs() < 1e-9, "{s:?}");
+        assert_eq!(s.perplexity_err, 0.0);
+        // p = (1/2, 1/2) and q = (1/4, 3/4): KL(p || q) = 1/2 ln 2 + 1/2 ln(2/3).
+        let p = [0.0f32, 0.0];
+        let q = [0.0f32, 3f32.ln()];
+        let want = 0.5 * 2f64.ln() + 0.5 * (2.0f64 / 3.0).ln();
+        assert!((kl_divergence(&p, &q) - want).abs() < 1e-7, "{}", kl_divergence(&p, &q));
+    }
+
+    #[test]
     fn standard_error_is_llama_perplexity_s() {
         let mut sums = NllSums::default();
         for x in [1.0, 2.0, 3.0, 4.0] {

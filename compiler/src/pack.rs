@@ -187,13 +187,13 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     let rows = *rows as usize;
     match format.spec().kernel {
         KernelForm::Q4(_) | KernelForm::Q5(_) => {
-            Blocks::Q4(join(in_parts(rows, 1, raw.len(), |r| q4_blocks(format, rows_of(r)).expect("Q4 form"))))
+            Blocks::Q4(join(in_parts(rows, raw.len(), |r| q4_blocks(format, rows_of(r)).expect("Q4 form"))))
         }
         KernelForm::Q8(_) => {
-            Blocks::Q8(join(in_parts(rows, 1, raw.len(), |r| q8_blocks(format, rows_of(r)).expect("Q8 form"))))
+            Blocks::Q8(join(in_parts(rows, raw.len(), |r| q8_blocks(format, rows_of(r)).expect("Q8 form"))))
         }
         KernelForm::Q8S16(_) => {
-            Blocks::Q8S16(join(in_parts(rows, 1, raw.len(), |r| q8s16_blocks(format, rows_of(r)).expect("Q8S16 form"))))
+            Blocks::Q8S16(join(in_parts(rows, raw.len(), |r| q8s16_blocks(format, rows_of(r)).expect("Q8S16 form"))))
         }
         _ => Blocks::None,
     }
@@ -205,16 +205,16 @@ const MAX_GROUP: usize = if ROWS > MICRO_ROWS { ROWS } else { MICRO_ROWS };
 /// Bytes from which a matrix is decoded and packed in parts, one per core.
 const PARALLEL_BYTES: usize = 1 << 20;
 
-/// `f` over `0..rows` in consecutive parts (each a multiple of `align` rows but the last): one
-/// part per core when the matrix has at least [`PARALLEL_BYTES`] (`bytes`), else one. The
-/// results come back in row order, so the output does not depend on the number of cores.
-fn in_parts<T: Send>(rows: usize, align: usize, bytes: usize, f: impl Fn(Range<usize>) -> T + Sync) -> Vec<T> {
+/// `f` over `0..rows` in consecutive parts: one part per core when the matrix has at least
+/// [`PARALLEL_BYTES`] (`bytes`), else one. The results come back in row order, so the output
+/// does not depend on the number of cores.
+fn in_parts<T: Send>(rows: usize, bytes: usize, f: impl Fn(Range<usize>) -> T + Sync) -> Vec<T> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    let parts = if bytes >= PARALLEL_BYTES { cores.min(rows.div_ceil(align)).max(1) } else { 1 };
+    let parts = if bytes >= PARALLEL_BYTES { cores.min(rows).max(1) } else { 1 };
     if parts == 1 {
         return vec![f(0..rows)];
     }
-    let per = rows.div_ceil(parts).div_ceil(align) * align;
+    let per = rows.div_ceil(parts);
     let f = &f;
     std::thread::scope(|s| {
         let handles: Vec<_> =
@@ -357,7 +357,7 @@ fn push_high_bits(blob: &mut Vec<u8>, qh: &[u32], interleave: usize) {
 fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) {
     let (rows, _) = layout.matrix().expect("a matrix");
     let groups = (rows as usize).div_ceil(layout.group_rows());
-    for part in in_parts(groups, 1, raw.len(), |g| {
+    for part in in_parts(groups, raw.len(), |g| {
         let mut out = Vec::with_capacity(g.len() * layout.group_stride() as usize);
         pack_groups(&mut out, format, layout, raw, decoded, g);
         out

@@ -147,6 +147,17 @@ fn host_hint(triple: &str) -> &'static str {
     }
 }
 
+/// The part of `device` that decides the code for `triple`: an AArch64 device chooses ISA
+/// extensions, while every x86-64 profile runs the x86-64-v3 code and only describes the
+/// machine for the deployment report, so a bundle does not depend on it.
+pub fn code_device(triple: &str, device: Option<&str>) -> Option<String> {
+    if triple.starts_with("x86_64") {
+        None
+    } else {
+        device.map(str::to_string)
+    }
+}
+
 /// The profile a bundle for `triple` is described by when none is named: the device it was
 /// built for on AArch64, the CPU level's class on x86-64.
 pub fn default_costs(triple: &str, device: Option<&str>) -> Result<&'static DeviceCosts, String> {

@@ -81,6 +81,8 @@ fn spec(suites: &[Suite], text: &Path, ctx: usize) -> EvalSpec {
         qa_tokens: 256,
         samples: 5,
         sample_temperature: 1.0,
+        sample_top_k: 0,
+        sample_top_p: 1.0,
         bio_tokens: 128,
         seed: 1,
     }
@@ -412,7 +414,8 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
         assert_eq!(q, 6.0);
         assert_eq!(e.query.prompt_tokens, work["prompt_tokens"].as_f64().unwrap() / q);
         if e.how == "modeled" {
-            let device = xtask::evaluate::resolve_device("x86_64-unknown-linux-gnu", &r.manifest, None, 1).unwrap();
+            let device =
+                xtask::evaluate::resolve_device(targets::host_triple().unwrap(), &r.manifest, None, 1).unwrap();
             let p = compiler::deploy::predict(&r.footprint, &device, e.query);
             assert_eq!(e.joules, p.query_joules());
         }

@@ -256,10 +256,8 @@ fn real_main() -> Result<()> {
                 None => targets::host_triple().context("no kiln target for this host; pass --target")?.to_string(),
             };
             targets::lookup_device(&target, device.as_deref())?;
-            // An x86-64 profile names the machine class of the report only: every one runs the
-            // same code, so the bundle does not depend on it.
             let report_device = device.clone();
-            let device = if target.starts_with("x86_64") { None } else { device };
+            let device = targets::devices::code_device(&target, device.as_deref());
             let model = match model {
                 Some(m) => m,
                 None => xtask::fetch_default_model(true)?,

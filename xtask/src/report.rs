@@ -132,7 +132,7 @@ pub fn html(rows: &[Row]) -> String {
             &[
                 plain("sentences flagged", rows.iter().map(|r| r.hallucination_rate().map(|x| 100.0 * x)).collect()),
                 plain(
-                    "mean normalized score x 100",
+                    "mean normalized Avg score x 100",
                     rows.iter()
                         .map(|r| r.figures["hallucination"]["mean_normalized"].as_f64().map(|x| 100.0 * x))
                         .collect(),

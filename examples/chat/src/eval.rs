@@ -92,6 +92,12 @@ pub struct EvalSpec {
     /// Temperature of the sampled answers (top-k and top-p off).
     #[arg(long, default_value_t = 1.0)]
     pub sample_temperature: f32,
+    /// Top-k of the sampled answers (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub sample_top_k: usize,
+    /// Top-p of the sampled answers (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub sample_top_p: f32,
     /// Most tokens per answer of the hallucination suite (greedy and sampled).
     #[arg(long, default_value_t = 128)]
     pub bio_tokens: usize,
@@ -151,6 +157,8 @@ impl EvalSpec {
         push("--qa-tokens", self.qa_tokens.to_string().into());
         push("--samples", self.samples.to_string().into());
         push("--sample-temperature", self.sample_temperature.to_string().into());
+        push("--sample-top-k", self.sample_top_k.to_string().into());
+        push("--sample-top-p", self.sample_top_p.to_string().into());
         push("--bio-tokens", self.bio_tokens.to_string().into());
         push("--seed", self.seed.to_string().into());
         a
@@ -188,6 +196,9 @@ impl EvalSpec {
             }
             if !(self.sample_temperature.is_finite() && self.sample_temperature > 0.0) {
                 bail!("--sample-temperature must be a finite value > 0 (got {})", self.sample_temperature);
+            }
+            if !(self.sample_top_p > 0.0 && self.sample_top_p <= 1.0) {
+                bail!("--sample-top-p must be in (0, 1] (got {})", self.sample_top_p);
             }
             crate::selfcheck::read_prompts(&self.prompts_path())?;
         }
@@ -618,11 +629,11 @@ impl SuiteReport {
         if let Some(h) = &self.hallucination {
             let o = &h.options;
             s += &format!(
-                "\nhallucination on {} (SelfCheckGPT unigram Max, {} samples at temperature {}, at most {} tokens):\n",
+                "\nhallucination on {} (SelfCheckGPT unigram, {} samples at temperature {}, at most {} tokens):\n",
                 h.set, o.samples, o.temperature, o.max_tokens
             );
             s += &format!(
-                "  {} of {} sentences hallucinated ({:.1} %), mean normalized score {:.3}, mean unigram Max {:.2} nats\n",
+                "  {} of {} sentences hallucinated ({:.1} %; normalized Avg >= 0.5), mean normalized Avg {:.3}, mean unigram Max {:.2} nats\n",
                 h.hallucinated,
                 h.sentences,
                 100.0 * h.rate(),
@@ -697,6 +708,8 @@ pub fn run_suites(a: &EvalArgs) -> Result<SuiteReport> {
             let o = crate::selfcheck::SelfCheckOptions {
                 samples: spec.samples,
                 temperature: spec.sample_temperature,
+                top_k: spec.sample_top_k,
+                top_p: spec.sample_top_p,
                 max_tokens: spec.bio_tokens,
                 seed: spec.seed,
             };

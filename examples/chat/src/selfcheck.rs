@@ -4,17 +4,22 @@
 //!
 //! For each prompt of a biography-style set (JSONL: `prompt`, optionally `id` and `subject`),
 //! the model answers once greedily (the passage checked) and `n` more times by sampling at a
-//! temperature (top-k and top-p off). A unigram model is fitted to the words of the samples and
-//! of the passage, with add-one smoothing, and each sentence of the passage scores
-//! `max over its words of -ln p(word)` (nats): a sentence whose least-supported word the samples
-//! rarely or never say is likely made up. SelfCheckGPT reports AUC-PR 85.6 for this variant
-//! against 92.5 for its NLI variant on wiki_bio_gpt3_hallucination.
+//! temperature (top-k and top-p off by default). A unigram model is fitted to the words of the
+//! samples and of the passage, with add-one smoothing, and each sentence of the passage gets
+//! SelfCheckGPT's two scores over its words: `Max` of `-ln p(word)` (nats; a sentence whose
+//! least-supported word the samples rarely or never say is likely made up; SelfCheckGPT reports
+//! AUC-PR 85.6 for it against 92.5 for its NLI variant on wiki_bio_gpt3_hallucination) and
+//! `Avg` of `-ln p(word)`.
 //!
-//! The raw score depends on the lengths of the texts, so kiln also places it between its two
+//! A raw score depends on the lengths of the texts, so kiln also places each between its two
 //! bounds for the same passage and sample lengths: the score the sentence would get if every
 //! sample repeated the passage word for word (0: fully supported) and if no sample shared a word
-//! with it (1: unsupported). A sentence is counted as hallucinated when that normalized score is
-//! at least 0.5; the hallucination rate is the share of such sentences.
+//! with it (1: unsupported). A sentence is counted as hallucinated when its normalized `Avg`
+//! score is at least 0.5 (its words are on average closer to unsupported than to supported); the
+//! hallucination rate is the share of such sentences. The rate does not use `Max`: on a small
+//! model nearly every sentence has one word its samples never say, and on SmolLM2-135M `Max`
+//! flagged 98-99 % of the sentences of every compressed variant alike, while `Avg` ranked the
+//! variants as perplexity and KL do (86 % as shipped, 99.7 % with 4 blocks pruned).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -76,14 +81,30 @@ fn max_score(model: &Unigram, sentence: &[String]) -> f64 {
     sentence.iter().map(|w| model.neg_log_p(w)).fold(0.0, f64::max)
 }
 
+/// The mean of `-ln p(w)` over the words of `sentence` (not empty).
+fn avg_score(model: &Unigram, sentence: &[String]) -> f64 {
+    sentence.iter().map(|w| model.neg_log_p(w)).sum::<f64>() / sentence.len() as f64
+}
+
+/// `raw` between its bounds `lo` (supported) and `hi` (unsupported), clamped to 0..=1.
+fn between(raw: f64, lo: f64, hi: f64) -> f64 {
+    if hi > lo {
+        ((raw - lo) / (hi - lo)).clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
+}
+
 /// One scored sentence of a passage.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SentenceScore {
     pub sentence: String,
-    /// SelfCheckGPT's unigram Max score (nats).
+    /// SelfCheckGPT's unigram Max and Avg scores (nats).
     pub unigram_max: f64,
-    /// The score between its bounds: 0 if every sample repeated the passage, 1 if none shared a word.
-    pub normalized: f64,
+    pub unigram_avg: f64,
+    /// Each score between its bounds: 0 if every sample repeated the passage, 1 if none shared a word.
+    pub normalized_max: f64,
+    pub normalized_avg: f64,
 }
 
 /// Scores each sentence of `passage` against `samples` (see the module documentation).
@@ -123,10 +144,15 @@ pub fn score(passage: &str, samples: &[String]) -> Vec<SentenceScore> {
         .into_iter()
         .map(|s| {
             let ws = words(&s);
-            let raw = max_score(&actual, &ws);
-            let (lo, hi) = (max_score(&supported, &ws), max_score(&unsupported, &ws));
-            let normalized = if hi > lo { ((raw - lo) / (hi - lo)).clamp(0.0, 1.0) } else { 0.0 };
-            SentenceScore { sentence: s, unigram_max: raw, normalized }
+            let [max, avg] =
+                [max_score, avg_score].map(|f| (f(&actual, &ws), f(&supported, &ws), f(&unsupported, &ws)));
+            SentenceScore {
+                sentence: s,
+                unigram_max: max.0,
+                unigram_avg: avg.0,
+                normalized_max: between(max.0, max.1, max.2),
+                normalized_avg: between(avg.0, avg.1, avg.2),
+            }
         })
         .collect()
 }
@@ -157,6 +183,8 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>> {
 pub struct SelfCheckOptions {
     pub samples: usize,
     pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
     pub max_tokens: usize,
     pub seed: u64,
 }
@@ -178,6 +206,9 @@ pub struct SelfCheckReport {
     pub sentences: usize,
     pub hallucinated: usize,
     pub mean_unigram_max: f64,
+    pub mean_unigram_avg: f64,
+    pub mean_normalized_max: f64,
+    /// The mean of the sentences' normalized Avg scores: the hallucination score.
     pub mean_normalized: f64,
     pub work: Work,
     pub passages: Vec<Checked>,
@@ -208,9 +239,11 @@ impl SelfCheckReport {
             set,
             options,
             sentences: n,
-            hallucinated: all.iter().filter(|s| s.normalized >= THRESHOLD).count(),
+            hallucinated: all.iter().filter(|s| s.normalized_avg >= THRESHOLD).count(),
             mean_unigram_max: mean(&|s| s.unigram_max),
-            mean_normalized: mean(&|s| s.normalized),
+            mean_unigram_avg: mean(&|s| s.unigram_avg),
+            mean_normalized_max: mean(&|s| s.normalized_max),
+            mean_normalized: mean(&|s| s.normalized_avg),
             work,
             passages,
         }
@@ -220,9 +253,12 @@ impl SelfCheckReport {
         let o = &self.options;
         serde_json::json!({
             "set": self.set,
-            "variant": "SelfCheckGPT unigram (n-gram n=1), Max score, the model's own samples, add-one smoothing",
+            "variant": "SelfCheckGPT unigram (n-gram n=1) with the model's own samples, add-one smoothing; \
+                        rate: normalized Avg score >= threshold",
             "samples": o.samples,
             "temperature": o.temperature,
+            "top_k": o.top_k,
+            "top_p": o.top_p,
             "max_tokens": o.max_tokens,
             "seed": o.seed,
             "threshold": THRESHOLD,
@@ -230,6 +266,8 @@ impl SelfCheckReport {
             "hallucinated": self.hallucinated,
             "rate": self.rate(),
             "mean_unigram_max": self.mean_unigram_max,
+            "mean_unigram_avg": self.mean_unigram_avg,
+            "mean_normalized_max": self.mean_normalized_max,
             "mean_normalized": self.mean_normalized,
             "work": self.work.json(),
             "passages": self.passages.iter().map(|p| serde_json::json!({
@@ -237,7 +275,11 @@ impl SelfCheckReport {
                 "passage": p.passage,
                 "samples": p.samples,
                 "sentences": p.sentences.iter().map(|s| serde_json::json!({
-                    "sentence": s.sentence, "unigram_max": s.unigram_max, "normalized": s.normalized,
+                    "sentence": s.sentence,
+                    "unigram_max": s.unigram_max,
+                    "unigram_avg": s.unigram_avg,
+                    "normalized_max": s.normalized_max,
+                    "normalized_avg": s.normalized_avg,
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })
@@ -264,8 +306,8 @@ pub fn run_selfcheck(
         for k in 0..o.samples {
             let cfg = SamplerConfig {
                 temperature: o.temperature,
-                top_k: 0,
-                top_p: 1.0,
+                top_k: o.top_k,
+                top_p: o.top_p,
                 min_p: 0.0,
                 seed: o.seed.wrapping_add((i * 1000 + k) as u64),
                 ..SamplerConfig::default()
@@ -301,15 +343,15 @@ mod tests {
         let scores = score(passage, &same);
         assert_eq!(scores.len(), 2);
         for s in &scores {
-            assert_eq!(s.normalized, 0.0, "{s:?}");
+            assert_eq!((s.normalized_max, s.normalized_avg), (0.0, 0.0), "{s:?}");
         }
         let disjoint: Vec<String> =
             (0..5).map(|k| format!("Lorem ipsum dolor {k} sit amet, consectetur adipiscing elit zz{k}.")).collect();
         for s in score(passage, &disjoint) {
-            assert_eq!(s.normalized, 1.0, "{s:?}");
+            assert_eq!((s.normalized_max, s.normalized_avg), (1.0, 1.0), "{s:?}");
         }
         // A report over the two: half the sentences hallucinated.
-        let o = SelfCheckOptions { samples: 5, temperature: 1.0, max_tokens: 8, seed: 0 };
+        let o = SelfCheckOptions { samples: 5, temperature: 1.0, top_k: 0, top_p: 1.0, max_tokens: 8, seed: 0 };
         let passages = vec![
             Checked {
                 id: "a".into(),
@@ -335,8 +377,10 @@ mod tests {
         let passage = "Curie was born in Warsaw. She was born in Atlantis.";
         let samples: Vec<String> = vec!["Curie was born in Warsaw. She was born in Poland.".to_string(); 4];
         let s = score(passage, &samples);
-        assert!(s[0].normalized < 0.2, "{s:?}");
-        assert!(s[1].normalized >= THRESHOLD, "{s:?}");
+        assert!(s[0].normalized_max < 0.2 && s[0].normalized_avg < 0.2, "{s:?}");
+        // One made-up word of six: Max flags the sentence, Avg moves by about a sixth.
+        assert!(s[1].normalized_max >= THRESHOLD, "{s:?}");
+        assert!(s[1].normalized_avg > s[0].normalized_avg && s[1].normalized_avg < THRESHOLD, "{s:?}");
         assert!(s[1].unigram_max > s[0].unigram_max);
         // The raw score is SelfCheckGPT's: "atlantis" is said once (by the passage) among
         // 10 + 4 x 10 words of 8 distinct ones: -ln((1 + 1) / (50 + 8)).

@@ -31,6 +31,18 @@ const X_VALUES_AT: i32 = 8;
 const FRAME: i32 = 32 + 4 * 32;
 
 /// Assembles the kernel (see [`MicroKernel`] for its contract).
+/// Moves bit `from` of each fifth-bit byte in ymm6 to bit 4 (word shifts; the 16s in ymm4 keep
+/// only bits that stayed in their byte) and ORs it into `values`; ymm5 is the temporary.
+fn merge_fifth_bit(a: &mut CodeAssembler, values: AsmRegisterYmm, from: i32) -> Result<(), IcedError> {
+    match from.cmp(&4) {
+        std::cmp::Ordering::Less => a.vpsllw(ymm5, ymm6, (4 - from) as u32)?,
+        std::cmp::Ordering::Greater => a.vpsrlw(ymm5, ymm6, (from - 4) as u32)?,
+        std::cmp::Ordering::Equal => a.vmovdqa(ymm5, ymm6)?,
+    }
+    a.vpand(ymm5, ymm5, ymm4)?;
+    a.vpor(values, values, ymm5)
+}
+
 pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     assert!((1..=4).contains(&k.tokens), "1 to 4 tokens per call");
     let tokens = k.tokens as usize;
@@ -135,15 +147,8 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                     if u == 0 {
                         a.vmovdqu(ymm6, ymmword_ptr(rdi + at as i32))?;
                     }
-                    for (values, from) in [(lo, 2 * u), (hi, 2 * u + 1)] {
-                        match from.cmp(&4) {
-                            std::cmp::Ordering::Less => a.vpsllw(ymm5, ymm6, (4 - from) as u32)?,
-                            std::cmp::Ordering::Greater => a.vpsrlw(ymm5, ymm6, (from - 4) as u32)?,
-                            std::cmp::Ordering::Equal => a.vmovdqa(ymm5, ymm6)?,
-                        }
-                        a.vpand(ymm5, ymm5, ymm4)?;
-                        a.vpor(values, values, ymm5)?;
-                    }
+                    merge_fifth_bit(&mut a, lo, 2 * u)?;
+                    merge_fifth_bit(&mut a, hi, 2 * u + 1)?;
                 }
                 for (values, value) in [(lo, 4 * u), (hi, 16 + 4 * u)] {
                     for t in 0..tokens {
@@ -183,15 +188,8 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                         }
                         let j = u % 4;
                         // Bit 2j (low nibble's value) and 2j + 1 (high's) to bit 4, then add.
-                        for (values, from) in [(lo, 2 * j), (hi, 2 * j + 1)] {
-                            match from.cmp(&4) {
-                                std::cmp::Ordering::Less => a.vpsllw(ymm5, ymm6, (4 - from) as u32)?,
-                                std::cmp::Ordering::Greater => a.vpsrlw(ymm5, ymm6, (from - 4) as u32)?,
-                                std::cmp::Ordering::Equal => a.vmovdqa(ymm5, ymm6)?,
-                            }
-                            a.vpand(ymm5, ymm5, ymm4)?;
-                            a.vpor(values, values, ymm5)?;
-                        }
+                        merge_fifth_bit(&mut a, lo, 2 * j)?;
+                        merge_fifth_bit(&mut a, hi, 2 * j + 1)?;
                     }
                     // Low nibbles are values 2u, 2u+1; high nibbles 16+2u, 17+2u.
                     vec![(lo, 2 * u), (hi, 16 + 2 * u)]

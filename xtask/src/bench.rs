@@ -108,10 +108,12 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
 /// memory of the process.
 pub(crate) fn run_measured(cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
     let time = Path::new("/usr/bin/time");
-    let rss_file = std::env::temp_dir().join(format!("kiln-bench-rss-{}", std::process::id()));
+    // A file of this call's own: measurements may run concurrently in one process.
+    let rss_file = tempfile::Builder::new().prefix("kiln-rss-").tempfile().context("cannot create a scratch file")?;
+    let rss_file = rss_file.path();
     let mut full = if time.exists() {
         let mut t = Command::new(time);
-        t.arg("-f").arg("%M").arg("-o").arg(&rss_file).arg(cmd.get_program()).args(cmd.get_args());
+        t.arg("-f").arg("%M").arg("-o").arg(rss_file).arg(cmd.get_program()).args(cmd.get_args());
         for (k, v) in cmd.get_envs() {
             match v {
                 Some(v) => t.env(k, v),
@@ -123,8 +125,7 @@ pub(crate) fn run_measured(cmd: Command, what: &str) -> Result<(String, Option<u
         cmd
     };
     let out = full.output().with_context(|| format!("cannot run {what}"))?;
-    let rss = std::fs::read_to_string(&rss_file).ok().and_then(|s| s.trim().lines().last()?.trim().parse::<u64>().ok());
-    let _ = std::fs::remove_file(&rss_file);
+    let rss = std::fs::read_to_string(rss_file).ok().and_then(|s| s.trim().lines().last()?.trim().parse::<u64>().ok());
     if !out.status.success() {
         bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -362,14 +363,14 @@ fn same_context_memory(
     // About 512 tokens of the shipped evaluation text (English prose: about 1.3 tokens a word).
     let text = std::fs::read_to_string(crate::root().join("examples/data/eval.txt"))?;
     let prompt: Vec<&str> = text.split_whitespace().take(390).collect();
-    let prompt_file = std::env::temp_dir().join(format!("kiln-bench-prompt-{}.txt", std::process::id()));
-    std::fs::write(&prompt_file, prompt.join(" "))?;
+    let prompt_file = tempfile::Builder::new().prefix("kiln-prompt-").suffix(".txt").tempfile()?;
+    std::fs::write(prompt_file.path(), prompt.join(" "))?;
     let mut cmd = Command::new(bin.join("llama-completion"));
-    cmd.env("LD_LIBRARY_PATH", bin).arg("-m").arg(gguf).arg("-f").arg(&prompt_file);
+    cmd.env("LD_LIBRARY_PATH", bin).arg("-m").arg(gguf).arg("-f").arg(prompt_file.path());
     cmd.args(["-c", &context.to_string(), "-t", &threads.to_string(), "-n", &decode.to_string()]);
     cmd.args(["--ignore-eos", "-no-cnv", "--no-display-prompt", "--temp", "0", "--no-perf"]);
     cmd.stdin(std::process::Stdio::null());
     let result = run_measured(cmd, "llama-completion");
-    let _ = std::fs::remove_file(&prompt_file);
+    drop(prompt_file);
     Ok((kiln, result?.1))
 }

@@ -55,6 +55,9 @@ pub struct Row {
     pub figures: Value,
     pub peak_rss_bytes: Option<u64>,
     pub energy: Option<Energy>,
+    /// The bundle the agreement suite compared with: the `--reference` bundle, or the temporary
+    /// bundle compiled from a `--reference` GGUF (removed when the command ends).
+    pub reference: Option<PathBuf>,
 }
 
 /// Energy per query.
@@ -198,12 +201,19 @@ fn run_runner(
     Ok((serde_json::from_str(&text).context("the runner's JSON")?, rss))
 }
 
-/// Compiles a GGUF reference for `triple` into a temporary bundle under `target/kiln-eval`.
-pub fn compile_reference(reference: &Path, triple: &str, ctx: usize, batch: u32) -> Result<PathBuf> {
+/// A fresh path under `target/kiln-eval`, unique to this process and call: evaluations may run
+/// concurrently in one process (the tests do), so the process id alone does not separate them.
+fn scratch(stem: &str, extension: &str) -> Result<PathBuf> {
     static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = crate::root().join("target/kiln-eval").join(format!("reference-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(dir.parent().expect("has a parent"))?;
+    let dir = crate::root().join("target/kiln-eval");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir.join(format!("{stem}-{}-{n}{extension}", std::process::id())))
+}
+
+/// Compiles a GGUF reference for `triple` into a temporary bundle under `target/kiln-eval`.
+pub fn compile_reference(reference: &Path, triple: &str, ctx: usize, batch: u32) -> Result<PathBuf> {
+    let dir = scratch("reference", "")?;
     eprintln!("compiling the reference {} for {triple} into {}", reference.display(), dir.display());
     let opts = compiler::bundle::BuildOptions {
         model: reference.to_path_buf(),
@@ -270,8 +280,7 @@ fn evaluate_bundle(c: &EvalCmd, bundle: &Path, references: &mut Vec<(String, Pat
         }),
         other => other.clone(),
     };
-    let tmp = crate::root().join("target/kiln-eval").join(format!("figures-{}.json", std::process::id()));
-    std::fs::create_dir_all(tmp.parent().expect("has a parent"))?;
+    let tmp = scratch("figures", ".json")?;
     let mut figures = json!({});
     let mut rss = None;
     let group: Vec<Suite> = [Suite::Perplexity, Suite::Agreement].into_iter().filter(|s| spec.runs(*s)).collect();
@@ -343,7 +352,8 @@ fn evaluate_bundle(c: &EvalCmd, bundle: &Path, references: &mut Vec<(String, Pat
         None
     };
     let label = bundle.file_name().map_or_else(|| bundle.display().to_string(), |f| f.to_string_lossy().into_owned());
-    Ok(Row { label, bundle: bundle.to_path_buf(), manifest, footprint, figures, peak_rss_bytes: rss, energy })
+    let bundle = bundle.to_path_buf();
+    Ok(Row { label, bundle, manifest, footprint, figures, peak_rss_bytes: rss, energy, reference })
 }
 
 impl Row {
@@ -355,6 +365,7 @@ impl Row {
             json!({
                 "label": self.label,
                 "bundle": self.bundle.display().to_string(),
+                "reference_bundle": self.reference.as_ref().map(|r| r.display().to_string()),
                 "quant": self.manifest["compile_options"]["quant"],
                 "footprint": {
                     "parameters": self.footprint.parameters,

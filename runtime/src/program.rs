@@ -10,6 +10,7 @@ use std::alloc::{self, Layout};
 use std::ffi::{c_void, CString};
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::pool::{kiln_parallel_for, ThreadPool};
 
@@ -389,6 +390,9 @@ impl Drop for AlignedBuf {
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: as for a Box<[u8]>: a shared reference gives no way to write (`as_mut_slice` and
+// `clear_and_release` take `&mut self`), so sharing one across threads only shares reads.
+unsafe impl Sync for AlignedBuf {}
 
 /// A shared object opened with `dlopen`, closed on drop.
 struct SharedLib(*mut c_void);
@@ -405,15 +409,29 @@ impl Drop for SharedLib {
 
 // SAFETY: a dlopen handle may be used and closed from any thread.
 unsafe impl Send for SharedLib {}
+// SAFETY: the handle is only read through a shared reference (never at all after loading);
+// it is closed by `drop`, which has it exclusively.
+unsafe impl Sync for SharedLib {}
 
-/// One compiled library with its memory, ready to run.
-pub struct Program {
+/// A compiled library loaded with its weights and the thread pool its kernels run on: the
+/// part of a model that does not change while it runs. Any number of [`Program`]s (each with
+/// its own activation arena and KV cache) share one, through an `Arc`, as the C ABI's
+/// `kiln_ctx` passes weights, arena and cache separately. Their calls may run concurrently:
+/// the pool serialises the kernels' `parallel_for` calls, and nothing else of the library is
+/// written while it runs.
+pub struct Library {
     desc: &'static ModelDesc,
+    external_weights: Option<AlignedBuf>,
+    /// Dropped (its threads joined) before the library is closed: field order.
+    pool: ThreadPool,
+    _lib: Option<SharedLib>,
+}
+
+/// One conversation's memory on a [`Library`]: an activation arena and a KV cache.
+pub struct Program {
+    library: Arc<Library>,
     arena: AlignedBuf,
     kv: AlignedBuf,
-    external_weights: Option<AlignedBuf>,
-    pool: Box<ThreadPool>,
-    _lib: Option<SharedLib>,
 }
 
 /// One input of a call: token ids or f32 rows.
@@ -447,7 +465,7 @@ pub fn weights_checksum(bytes: &[u8]) -> u64 {
     h
 }
 
-impl Program {
+impl Library {
     /// Prepares a library linked into this executable. `weights_file` is needed when the
     /// library was built without embedded weights (`weights.bin` of the bundle).
     ///
@@ -468,12 +486,12 @@ impl Program {
     /// can be checked is checked before the library's `run` is ever called: the descriptor is
     /// aligned and lies in the loaded object, its `run` and weights lie in the same object,
     /// the descriptor is consistent (see [`Program::new`]), and the weights match their
-    /// checksum. `Session::open_shared` also checks the build fingerprint against the bundle.
+    /// checksum. `Model::open_shared` also checks the build fingerprint against the bundle.
     pub fn load_shared(path: &Path, weights_file: Option<&Path>, n_threads: usize) -> Result<Self, ProgramError> {
         Self::load_shared_checked(path, weights_file, n_threads, &|_| Ok(()))
     }
 
-    /// [`Program::load_shared`] with an extra check of the descriptor (the session's
+    /// [`Library::load_shared`] with an extra check of the descriptor (the session's
     /// fingerprint check), made before anything else is read or allocated.
     pub(crate) fn load_shared_checked(
         path: &Path,
@@ -512,7 +530,7 @@ impl Program {
             .ok_or_else(|| ProgramError::Load(format!("{}: kiln_model is not in a loaded object", path.display())))?;
         // SAFETY: kiln_model is an aligned symbol of the object the caller vouched is a kiln
         // library, so it is a `struct kiln_model_desc`; it stays mapped while `lib` lives, and
-        // the Program owns `lib` (dropped after every use of `desc`), so the 'static borrow
+        // the Library owns `lib` (dropped after every use of `desc`), so the 'static borrow
         // never outlives the mapping. Its fields are checked before anything relies on them.
         let desc: &'static ModelDesc = unsafe { &*(sym as *const ModelDesc) };
         if desc.abi_version != ABI_VERSION {
@@ -557,7 +575,7 @@ impl Program {
                 )))
             }
             (false, None) => {
-                // SAFETY: the descriptor is a kiln library's (see `Program::new` and
+                // SAFETY: the descriptor is a kiln library's (see `Library::new` and
                 // `load_shared`), whose `weights` points at `weights_bytes` bytes of its
                 // read-only data; `check` bounded `weights_bytes` by isize::MAX.
                 let embedded = unsafe { std::slice::from_raw_parts(desc.weights, desc.weights_bytes as usize) };
@@ -569,14 +587,7 @@ impl Program {
                 None
             }
         };
-        Ok(Program {
-            desc,
-            arena: AlignedBuf::zeroed(desc.arena_bytes as usize)?,
-            kv: AlignedBuf::zeroed(desc.kv_bytes as usize)?,
-            external_weights,
-            pool: Box::new(ThreadPool::new(n_threads)),
-            _lib: lib,
-        })
+        Ok(Library { desc, external_weights, pool: ThreadPool::new(n_threads), _lib: lib })
     }
 
     pub fn desc(&self) -> &ModelDesc {
@@ -587,15 +598,65 @@ impl Program {
         self.pool.n_threads()
     }
 
+    /// Bytes of weights this library holds (embedded or loaded from a file).
+    pub fn weights_bytes(&self) -> u64 {
+        self.desc.weights_bytes
+    }
+
+    fn weights(&self) -> *const u8 {
+        match &self.external_weights {
+            Some(w) => w.ptr as *const u8,
+            None => self.desc.weights,
+        }
+    }
+}
+
+impl Program {
+    /// A library linked into this executable with one arena and cache: [`Library::new`] and
+    /// [`Program::on`].
+    pub fn new(desc: &'static ModelDesc, weights_file: Option<&Path>, n_threads: usize) -> Result<Self, ProgramError> {
+        Self::on(Arc::new(Library::new(desc, weights_file, n_threads)?))
+    }
+
+    /// A shared object with one arena and cache: [`Library::load_shared`] and [`Program::on`].
+    pub fn load_shared(path: &Path, weights_file: Option<&Path>, n_threads: usize) -> Result<Self, ProgramError> {
+        Self::on(Arc::new(Library::load_shared(path, weights_file, n_threads)?))
+    }
+
+    /// A fresh arena and an empty KV cache on `library`, which other programs may share.
+    pub fn on(library: Arc<Library>) -> Result<Self, ProgramError> {
+        let desc = library.desc;
+        Ok(Program {
+            arena: AlignedBuf::zeroed(desc.arena_bytes as usize)?,
+            kv: AlignedBuf::zeroed(desc.kv_bytes as usize)?,
+            library,
+        })
+    }
+
+    /// The library this program runs, shared with any other program made on it.
+    pub fn library(&self) -> &Arc<Library> {
+        &self.library
+    }
+
+    pub fn desc(&self) -> &ModelDesc {
+        self.library.desc
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.library.n_threads()
+    }
+
     /// The KV cache as the library left it (per layer, `context` rows of keys, then of values,
     /// each `kv_width` elements of `kv_element_bytes`): for inspection and tests.
     pub fn kv_cache(&mut self) -> &[u8] {
         self.kv.as_mut_slice()
     }
 
-    /// Bytes of memory this program holds: arena, KV cache, and weights (embedded or loaded).
+    /// Bytes of memory this program uses: arena, KV cache, and the weights (embedded or
+    /// loaded), which programs on the same [`Library`] share.
     pub fn memory_bytes(&self) -> u64 {
-        self.desc.arena_bytes + self.desc.kv_bytes + self.desc.weights_bytes
+        let d = self.library.desc;
+        d.arena_bytes + d.kv_bytes + d.weights_bytes
     }
 
     /// Clears the KV cache and gives its memory back to the system: the pages are zero again
@@ -616,7 +677,7 @@ impl Program {
         pos: usize,
         out_start: usize,
     ) -> Result<(), ProgramError> {
-        let d = self.desc;
+        let d = self.library.desc;
         let bad = |m: String| Err(ProgramError::BadArgument(m));
         if n_tokens == 0 || n_tokens > d.batch() {
             return bad(format!("{n_tokens} tokens in one call; the library takes 1..={}", d.batch));
@@ -651,20 +712,16 @@ impl Program {
             }
             io.push(out.as_mut_ptr() as *mut c_void);
         }
-        let weights = match &self.external_weights {
-            Some(w) => w.ptr as *const u8,
-            None => d.weights,
-        };
         let ctx = KilnCtx {
             arena: self.arena.ptr,
-            weights,
+            weights: self.library.weights(),
             kv_cache: self.kv.ptr as *mut c_void,
             io: io.as_ptr(),
             n_tokens: n_tokens as i64,
             pos: pos as i64,
             out_start: out_start as i64,
             parallel_for: kiln_parallel_for,
-            pool: self.pool.as_ptr(),
+            pool: self.library.pool.as_ptr(),
         };
         // SAFETY: the descriptor is a kiln library's (see `Program::new`), checked for
         // consistency at construction. Every pointer in ctx is valid for the sizes it
@@ -673,7 +730,8 @@ impl Program {
         // pos + n_tokens <= context were checked without overflow (so both fit i64), and the
         // weights are the library's own or a file, either checked against size and checksum
         // at construction. `self` is borrowed mutably, so no other call uses the arena or
-        // cache concurrently.
+        // cache concurrently; what calls on other programs share (weights, code, pool) is
+        // only read, and the pool serialises its `parallel_for` calls.
         unsafe { (d.run)(&ctx) };
         Ok(())
     }

@@ -6,12 +6,13 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use crate::chat_template::{ChatTemplate, Message};
-use crate::program::{Input, ModelDesc, Program, ProgramError, DTYPE_F32, DTYPE_I32};
+use crate::program::{Input, Library, ModelDesc, Program, ProgramError, DTYPE_F32, DTYPE_I32};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -119,12 +120,40 @@ pub enum StopReason {
     ContextFull,
 }
 
-/// A language-model session.
-pub struct Session {
-    program: Program,
+/// A loaded language model: its library (code, weights and thread pool), manifest, tokenizer
+/// and chat template. Cloning is cheap (shared). Every [`Session`] made from one
+/// ([`Session::new`]) has its own activation arena, KV cache and conversation and shares the
+/// rest, so N concurrent conversations hold one copy of the weights.
+#[derive(Clone)]
+pub struct Model {
+    inner: Arc<ModelParts>,
+}
+
+struct ModelParts {
+    library: Arc<Library>,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     manifest: Manifest,
+}
+
+impl fmt::Debug for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model").field("name", &self.inner.manifest.model.name).finish_non_exhaustive()
+    }
+}
+
+// A model is shared by the threads of a server, each with its own sessions.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    send_sync::<Model>();
+    send::<Session>();
+};
+
+/// A language-model session: one conversation on a [`Model`].
+pub struct Session {
+    model: Model,
+    program: Program,
     /// Tokens whose keys and values are in the cache, in order.
     cached: Vec<u32>,
     /// The system turn that opens every conversation, if any (see [`Session::set_system`]).
@@ -165,34 +194,34 @@ fn check_fingerprint(desc: &ModelDesc, manifest: &Manifest, bundle: &Path) -> Re
     Ok(())
 }
 
-impl Session {
-    /// Opens a session on a library linked into this program and its bundle directory.
+impl Model {
+    /// Loads a library linked into this program with its bundle directory.
     ///
-    /// Safe for the reason [`Program::new`] is: only `unsafe` code can produce a
+    /// Safe for the reason [`Library::new`] is: only `unsafe` code can produce a
     /// `&'static ModelDesc`. The library must come from the same build as the bundle: its
     /// fingerprint must equal the manifest's (checked first), then the shapes must agree.
     pub fn open(desc: &'static ModelDesc, bundle: &Path, n_threads: usize) -> Result<Self, SessionError> {
         let manifest = read_manifest(bundle)?;
         check_fingerprint(desc, &manifest, bundle)?;
         let weights = manifest.files.weights.as_ref().map(|w| bundle.join(w));
-        let program = Program::new(desc, weights.as_deref(), n_threads)?;
-        Self::from_program(program, bundle, manifest)
+        let library = Library::new(desc, weights.as_deref(), n_threads)?;
+        Self::from_library(library, bundle, manifest)
     }
 
-    /// Opens a session on a library built as a shared object (`cc -shared`). Loading it runs
-    /// code from it (see [`Program::load_shared`]); its descriptor, including the build
-    /// fingerprint against `bundle`'s manifest, is checked before its `run` is called.
+    /// Loads a library built as a shared object (`cc -shared`). Loading it runs code from it
+    /// (see [`Library::load_shared`]); its descriptor, including the build fingerprint against
+    /// `bundle`'s manifest, is checked before its `run` is called.
     pub fn open_shared(library: &Path, bundle: &Path, n_threads: usize) -> Result<Self, SessionError> {
         let manifest = read_manifest(bundle)?;
         let weights = manifest.files.weights.as_ref().map(|w| bundle.join(w));
         let check =
             |d: &ModelDesc| check_fingerprint(d, &manifest, bundle).map_err(|e| ProgramError::Mismatch(e.to_string()));
-        let program = Program::load_shared_checked(library, weights.as_deref(), n_threads, &check)?;
-        Self::from_program(program, bundle, manifest)
+        let library = Library::load_shared_checked(library, weights.as_deref(), n_threads, &check)?;
+        Self::from_library(library, bundle, manifest)
     }
 
-    fn from_program(program: Program, bundle: &Path, manifest: Manifest) -> Result<Self, SessionError> {
-        let d = program.desc();
+    fn from_library(library: Library, bundle: &Path, manifest: Manifest) -> Result<Self, SessionError> {
+        let d = library.desc();
         let lm_shaped = d.n_inputs() == 1
             && d.n_outputs() == 1
             && d.io_dtype(0) == Some(DTYPE_I32)
@@ -214,24 +243,60 @@ impl Session {
             ),
             None => None,
         };
-        Ok(Session {
-            program,
-            tokenizer,
-            template,
-            manifest,
-            cached: vec![],
-            system: None,
-            messages: vec![],
-            logits: vec![],
-        })
+        Ok(Model { inner: Arc::new(ModelParts { library: Arc::new(library), tokenizer, template, manifest }) })
     }
 
     pub fn manifest(&self) -> &Manifest {
-        &self.manifest
+        &self.inner.manifest
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        &self.inner.tokenizer
+    }
+
+    /// The compiled library (descriptor, weights, thread pool) every session shares.
+    pub fn library(&self) -> &Arc<Library> {
+        &self.inner.library
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.inner.manifest.model.vocab as usize
+    }
+
+    pub fn context(&self) -> usize {
+        self.inner.manifest.model.context as usize
+    }
+}
+
+impl Session {
+    /// A new conversation on `model`: its own arena and an empty KV cache (resident only as
+    /// far as it is used), sharing the model's weights, threads, tokenizer and template.
+    pub fn new(model: &Model) -> Result<Self, SessionError> {
+        let program = Program::on(Arc::clone(&model.inner.library))?;
+        Ok(Session { model: model.clone(), program, cached: vec![], system: None, messages: vec![], logits: vec![] })
+    }
+
+    /// [`Model::open`] and one session on it.
+    pub fn open(desc: &'static ModelDesc, bundle: &Path, n_threads: usize) -> Result<Self, SessionError> {
+        Self::new(&Model::open(desc, bundle, n_threads)?)
+    }
+
+    /// [`Model::open_shared`] and one session on it.
+    pub fn open_shared(library: &Path, bundle: &Path, n_threads: usize) -> Result<Self, SessionError> {
+        Self::new(&Model::open_shared(library, bundle, n_threads)?)
+    }
+
+    /// The model this session runs (clone it to open more sessions on the same weights).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        self.model.manifest()
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        self.model.tokenizer()
     }
 
     pub fn program(&self) -> &Program {
@@ -239,11 +304,11 @@ impl Session {
     }
 
     pub fn vocab(&self) -> usize {
-        self.manifest.model.vocab as usize
+        self.model.vocab()
     }
 
     pub fn context(&self) -> usize {
-        self.manifest.model.context as usize
+        self.model.context()
     }
 
     /// Forgets the conversation and clears the cache (the system turn stays).
@@ -315,16 +380,19 @@ impl Session {
 
     /// Tokenizes `text`, parsing special tokens such as `<|im_start|>`.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, SessionError> {
-        let mut ids = self.tokenizer.encode(text, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
-        if self.manifest.tokenizer.add_bos && ids.first() != Some(&self.manifest.tokenizer.bos_id) {
-            ids.insert(0, self.manifest.tokenizer.bos_id);
+        let mut ids =
+            self.model.inner.tokenizer.encode(text, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        if self.model.inner.manifest.tokenizer.add_bos
+            && ids.first() != Some(&self.model.inner.manifest.tokenizer.bos_id)
+        {
+            ids.insert(0, self.model.inner.manifest.tokenizer.bos_id);
         }
         Ok(ids)
     }
 
     /// Renders `messages` with the model's chat template, ending with the assistant's turn.
     pub fn render_chat(&self, messages: &[Message]) -> Result<String, SessionError> {
-        match &self.template {
+        match &self.model.inner.template {
             Some(t) => t.render(messages, true).map_err(|e| SessionError::Template(e.to_string())),
             None => {
                 Ok(messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect::<String>() + "assistant: ")
@@ -361,7 +429,7 @@ impl Session {
         stats.prefill_time = start.elapsed();
         let mut history: Vec<u32> = prompt.to_vec();
         let mut generated = vec![];
-        let mut decoder = self.tokenizer.stream_decoder(true);
+        let mut decoder = self.model.inner.tokenizer.stream_decoder(true);
         let start = Instant::now();
         loop {
             if generated.len() >= max_tokens {
@@ -369,7 +437,7 @@ impl Session {
                 break;
             }
             let next = sampler.sample(&logits, &history);
-            if self.manifest.tokenizer.stop_ids.contains(&next) {
+            if self.model.inner.manifest.tokenizer.stop_ids.contains(&next) {
                 stats.stopped_by = StopReason::StopToken;
                 break;
             }
@@ -408,7 +476,12 @@ impl Session {
         let prompt = self.render_chat(&messages)?;
         let ids = self.tokenize(&prompt)?;
         let (reply_ids, stats) = self.generate(&ids, max_tokens, sampler, on_text)?;
-        let reply = self.tokenizer.decode_with(&reply_ids, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        let reply = self
+            .model
+            .inner
+            .tokenizer
+            .decode_with(&reply_ids, true)
+            .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
         messages.push(Message::assistant(reply.clone()));
         self.messages = messages;
         Ok((reply, stats))

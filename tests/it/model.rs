@@ -184,6 +184,47 @@ fn compare_with_reference(s: &mut Session, near_tie: f32) -> f32 {
     worst
 }
 
+/// Sessions made on one `Model` share its library (weights, code, thread pool): conversations
+/// evaluated at the same time in several threads give the logits each gives alone, and a new
+/// session's memory is its arena and cache, not another copy of the weights.
+#[test]
+fn sessions_on_one_model_run_concurrently_and_share_the_weights() {
+    let (model, prompts) = {
+        let s = session();
+        (s.model().clone(), prompts(&s))
+    };
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|(_, ids)| Session::new(&model).unwrap().eval(ids, true).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    // Twice each prompt, all at once: more conversations than the pool has threads.
+    let together: Vec<(usize, Vec<f32>, usize)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2 * prompts.len())
+            .map(|i| {
+                let (model, n) = (&model, prompts.len());
+                let ids = &prompts[i % n].1;
+                scope.spawn(move || {
+                    let mut s = Session::new(model).unwrap_or_else(|e| panic!("{e}"));
+                    assert!(std::sync::Arc::ptr_eq(s.model().library(), model.library()));
+                    let logits = s.eval(ids, true).unwrap_or_else(|e| panic!("{e}"));
+                    (i % n, logits, s.cached_tokens().len())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a session thread panicked")).collect()
+    });
+    for (k, logits, cached) in together {
+        assert_eq!(cached, prompts[k].1.len());
+        assert!(
+            logits == alone[k],
+            "{}: a concurrent session's logits differ from the same prompt alone",
+            prompts[k].0
+        );
+    }
+    // The sessions are gone: only the model and the shared test session hold the library.
+    assert_eq!(std::sync::Arc::strong_count(model.library()), 2);
+}
+
 #[test]
 fn decoding_token_by_token_matches_one_prefill() {
     let mut s = session();

@@ -5,6 +5,7 @@
 //! conversation with the model's template and evaluates only what differs from the cache.
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,6 +119,43 @@ pub enum StopReason {
     StopToken,
     MaxTokens,
     ContextFull,
+    /// The caller's callback asked to stop (a stop string, a client that went away).
+    Caller,
+}
+
+/// One generated token, as [`Session::generate_with`] reports it.
+#[derive(Clone, Debug)]
+pub struct TokenEvent<'a> {
+    /// The token, or `None` for the last event of a reply that ended inside a character.
+    pub id: Option<u32>,
+    /// The text this token completes: empty while a character spans several tokens, so the
+    /// pieces of all events concatenate to the decoded reply.
+    pub text: &'a str,
+    /// ln p of this token under the model's distribution (before temperature or truncation),
+    /// when log-probabilities were asked for.
+    pub logprob: Option<f32>,
+    /// The most likely tokens at this step with their ln p, most likely first (as many as
+    /// asked for).
+    pub top_logprobs: &'a [(u32, f32)],
+}
+
+/// ln p of `id` under softmax(`logits`), and the `top` most likely tokens with theirs.
+pub fn log_probs(logits: &[f32], id: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let log_z = f64::from(max) + sum.ln();
+    let lp = |x: f32| (f64::from(x) - log_z) as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if best.len() < top || x > best[best.len() - 1].1 {
+                let at = best.partition_point(|&(_, y)| y >= x);
+                best.insert(at, (i as u32, x));
+                best.truncate(top);
+            }
+        }
+    }
+    (lp(logits[id as usize]), best.into_iter().map(|(i, x)| (i, lp(x))).collect())
 }
 
 /// A loaded language model: its library (code, weights and thread pool), manifest, tokenizer
@@ -266,6 +304,28 @@ impl Model {
     pub fn context(&self) -> usize {
         self.inner.manifest.model.context as usize
     }
+
+    /// Tokenizes `text`, parsing special tokens such as `<|im_start|>`.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, SessionError> {
+        let mut ids =
+            self.inner.tokenizer.encode(text, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        if self.inner.manifest.tokenizer.add_bos
+            && ids.first() != Some(&self.inner.manifest.tokenizer.bos_id)
+        {
+            ids.insert(0, self.inner.manifest.tokenizer.bos_id);
+        }
+        Ok(ids)
+    }
+
+    /// Renders `messages` with the model's chat template, ending with the assistant's turn.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String, SessionError> {
+        match &self.inner.template {
+            Some(t) => t.render(messages, true).map_err(|e| SessionError::Template(e.to_string())),
+            None => {
+                Ok(messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect::<String>() + "assistant: ")
+            }
+        }
+    }
 }
 
 impl Session {
@@ -380,24 +440,12 @@ impl Session {
 
     /// Tokenizes `text`, parsing special tokens such as `<|im_start|>`.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, SessionError> {
-        let mut ids =
-            self.model.inner.tokenizer.encode(text, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
-        if self.model.inner.manifest.tokenizer.add_bos
-            && ids.first() != Some(&self.model.inner.manifest.tokenizer.bos_id)
-        {
-            ids.insert(0, self.model.inner.manifest.tokenizer.bos_id);
-        }
-        Ok(ids)
+        self.model.tokenize(text)
     }
 
     /// Renders `messages` with the model's chat template, ending with the assistant's turn.
     pub fn render_chat(&self, messages: &[Message]) -> Result<String, SessionError> {
-        match &self.model.inner.template {
-            Some(t) => t.render(messages, true).map_err(|e| SessionError::Template(e.to_string())),
-            None => {
-                Ok(messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect::<String>() + "assistant: ")
-            }
-        }
+        self.model.render_chat(messages)
     }
 
     /// Continues from `prompt` (token ids), reusing the longest cached prefix, sampling up
@@ -408,6 +456,27 @@ impl Session {
         max_tokens: usize,
         sampler: &SamplerConfig,
         mut on_text: impl FnMut(&str),
+    ) -> Result<(Vec<u32>, GenerationStats), SessionError> {
+        self.generate_with(prompt, max_tokens, sampler, None, |e| {
+            if !e.text.is_empty() {
+                on_text(e.text);
+            }
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// [`Session::generate`] reporting every token to `on_token`, which may stop the
+    /// generation ([`StopReason::Caller`]; the token it was given is kept). With
+    /// `logprobs = Some(k)` each event carries the token's ln p and the `k` most likely
+    /// tokens'. When the reply ends inside a character (a byte-level BPE reply cut short), a
+    /// last event with `id: None` carries the replacement text of its bytes.
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &SamplerConfig,
+        logprobs: Option<usize>,
+        mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<(Vec<u32>, GenerationStats), SessionError> {
         if prompt.is_empty() {
             return Err(SessionError::EmptyPrompt);
@@ -444,8 +513,17 @@ impl Session {
             generated.push(next);
             history.push(next);
             let piece = decoder.push(next).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
-            if !piece.is_empty() {
-                on_text(&piece);
+            let (logprob, top) = match logprobs {
+                Some(k) => {
+                    let (lp, top) = log_probs(&logits, next, k);
+                    (Some(lp), top)
+                }
+                None => (None, vec![]),
+            };
+            let event = TokenEvent { id: Some(next), text: &piece, logprob, top_logprobs: &top };
+            if on_token(&event).is_break() {
+                stats.stopped_by = StopReason::Caller;
+                break;
             }
             if self.cached.len() >= self.context() {
                 stats.stopped_by = StopReason::ContextFull;
@@ -455,7 +533,7 @@ impl Session {
         }
         let rest = decoder.finish().map_err(|e| SessionError::Tokenizer(e.to_string()))?;
         if !rest.is_empty() {
-            on_text(&rest);
+            let _ = on_token(&TokenEvent { id: None, text: &rest, logprob: None, top_logprobs: &[] });
         }
         stats.decode_time = start.elapsed();
         stats.generated_tokens = generated.len();

@@ -15,11 +15,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use runtime::sampling::SamplerConfig;
-use runtime::session::Session;
+use runtime::session::{Model, Session};
 
 pub mod eval;
 pub mod qa;
 pub mod selfcheck;
+pub mod serve;
 
 #[cfg(kiln_model)]
 extern "C" {
@@ -30,15 +31,20 @@ extern "C" {
 /// The bundle's shared library, relative to the bundle directory.
 pub const SHARED_LIBRARY: &str = "lib/libkiln_model.so";
 
-/// Opens a session on `bundle`: the linked model when this binary was built with one, else the
-/// bundle's shared library.
+/// Opens a session on `bundle` (see [`open_model`]).
 pub fn open_session(bundle: &Path, threads: usize) -> Result<Session> {
+    Ok(Session::new(&open_model(bundle, threads)?)?)
+}
+
+/// Loads `bundle`'s model: the linked model when this binary was built with one, else the
+/// bundle's shared library.
+pub fn open_model(bundle: &Path, threads: usize) -> Result<Model> {
     #[cfg(kiln_model)]
     {
         // SAFETY: `kiln_model` is the immutable descriptor of the statically linked kiln
         // library; the session checks its ABI version and fingerprint against the bundle.
         let desc = unsafe { &*std::ptr::addr_of!(kiln_model) };
-        Session::open(desc, bundle, threads).with_context(|| format!("cannot open bundle {}", bundle.display()))
+        Model::open(desc, bundle, threads).with_context(|| format!("cannot open bundle {}", bundle.display()))
     }
     #[cfg(not(kiln_model))]
     {
@@ -53,7 +59,7 @@ pub fn open_session(bundle: &Path, threads: usize) -> Result<Session> {
                 bundle.display()
             );
         }
-        Session::open_shared(&lib, bundle, threads).with_context(|| format!("cannot open bundle {}", bundle.display()))
+        Model::open_shared(&lib, bundle, threads).with_context(|| format!("cannot open bundle {}", bundle.display()))
     }
 }
 
@@ -229,10 +235,13 @@ pub enum Command {
     /// Perplexity on a text (llama.cpp's rule and all-but-first), and KL divergence from a
     /// reference bundle (--reference).
     Eval(eval::EvalArgs),
+    /// Serves the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and a
+    /// chat page at / over HTTP.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "chat", about = "kiln runner: chat with, run, benchmark and evaluate a kiln bundle")]
+#[command(name = "chat", about = "kiln runner: chat with, run, benchmark, evaluate and serve a kiln bundle")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -245,6 +254,7 @@ pub fn run(command: &Command) -> Result<()> {
         Command::Run(a) => run_tokens_or_prompt(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Eval(a) => eval::run_eval(a).map(drop),
+        Command::Serve(a) => serve::serve(a),
         Command::Bench(a) => {
             for row in bench(a)? {
                 if a.json {

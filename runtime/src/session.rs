@@ -139,6 +139,17 @@ pub struct TokenEvent<'a> {
     pub top_logprobs: &'a [(u32, f32)],
 }
 
+/// Options of [`Session::generate_with`] beyond the sampler.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// `Some(k)`: report each token's ln p and the `k` most likely tokens'.
+    pub logprobs: Option<usize>,
+    /// Keep generating past the model's end-of-turn tokens (benchmarks, load tests).
+    pub ignore_eos: bool,
+}
+
 /// ln p of `id` under softmax(`logits`), and the `top` most likely tokens with theirs.
 pub fn log_probs(logits: &[f32], id: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -307,11 +318,8 @@ impl Model {
 
     /// Tokenizes `text`, parsing special tokens such as `<|im_start|>`.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, SessionError> {
-        let mut ids =
-            self.inner.tokenizer.encode(text, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
-        if self.inner.manifest.tokenizer.add_bos
-            && ids.first() != Some(&self.inner.manifest.tokenizer.bos_id)
-        {
+        let mut ids = self.inner.tokenizer.encode(text, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        if self.inner.manifest.tokenizer.add_bos && ids.first() != Some(&self.inner.manifest.tokenizer.bos_id) {
             ids.insert(0, self.inner.manifest.tokenizer.bos_id);
         }
         Ok(ids)
@@ -457,7 +465,8 @@ impl Session {
         sampler: &SamplerConfig,
         mut on_text: impl FnMut(&str),
     ) -> Result<(Vec<u32>, GenerationStats), SessionError> {
-        self.generate_with(prompt, max_tokens, sampler, None, |e| {
+        let options = GenerateOptions { max_tokens, ..Default::default() };
+        self.generate_with(prompt, &options, sampler, |e| {
             if !e.text.is_empty() {
                 on_text(e.text);
             }
@@ -467,17 +476,17 @@ impl Session {
 
     /// [`Session::generate`] reporting every token to `on_token`, which may stop the
     /// generation ([`StopReason::Caller`]; the token it was given is kept). With
-    /// `logprobs = Some(k)` each event carries the token's ln p and the `k` most likely
+    /// `options.logprobs = Some(k)` each event carries the token's ln p and the `k` most likely
     /// tokens'. When the reply ends inside a character (a byte-level BPE reply cut short), a
     /// last event with `id: None` carries the replacement text of its bytes.
     pub fn generate_with(
         &mut self,
         prompt: &[u32],
-        max_tokens: usize,
+        options: &GenerateOptions,
         sampler: &SamplerConfig,
-        logprobs: Option<usize>,
         mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<(Vec<u32>, GenerationStats), SessionError> {
+        let GenerateOptions { max_tokens, logprobs, ignore_eos } = *options;
         if prompt.is_empty() {
             return Err(SessionError::EmptyPrompt);
         }
@@ -506,7 +515,7 @@ impl Session {
                 break;
             }
             let next = sampler.sample(&logits, &history);
-            if self.model.inner.manifest.tokenizer.stop_ids.contains(&next) {
+            if !ignore_eos && self.model.inner.manifest.tokenizer.stop_ids.contains(&next) {
                 stats.stopped_by = StopReason::StopToken;
                 break;
             }

@@ -322,7 +322,7 @@ fn real_model_perplexity_on_the_shipped_text_is_sane() {
 }
 
 /// Headless Chromium, when installed.
-fn chromium() -> Option<PathBuf> {
+pub(crate) fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"].iter().find_map(|name| {
         let ok = std::process::Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success());
         ok.then(|| PathBuf::from(name))

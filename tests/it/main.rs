@@ -10,6 +10,7 @@ mod lora;
 mod model;
 mod optimize;
 mod reference;
+mod serve;
 mod sources;
 mod tokenizer;
 mod untrusted;

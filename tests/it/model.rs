@@ -22,7 +22,7 @@ const LOGIT_TOLERANCE: f32 = 0.05;
 
 /// Builds the bundle once (context 512, batch 16 so that prompts span several calls) and
 /// links its library into a shared object.
-fn bundle() -> &'static (PathBuf, PathBuf) {
+pub(crate) fn bundle() -> &'static (PathBuf, PathBuf) {
     static BUNDLE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BUNDLE.get_or_init(|| {
         let dir = scratch_dir("smollm");

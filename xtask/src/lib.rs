@@ -316,12 +316,14 @@ pub const GGUF_PY: &str = "gguf==0.19.0";
 
 /// The Python packages the peer scripts of `tests/peer` import, pinned: gguf-py (dequantization
 /// and GGUF reading), safetensors (Hugging Face checkpoints), tokenizers (Hugging Face's
-/// tokenizer, the reference for a checkpoint's `tokenizer.json`), onnx (ONNX exports).
-pub const PYTHON_PEERS: [(&str, &str); 4] = [
+/// tokenizer, the reference for a checkpoint's `tokenizer.json`), onnx (ONNX exports), openai
+/// (the official client, talking to `chat serve`).
+pub const PYTHON_PEERS: [(&str, &str); 5] = [
     ("gguf", GGUF_PY),
     ("safetensors", "safetensors==0.8.0"),
     ("tokenizers", "tokenizers==0.23.2"),
     ("onnx", "onnx==1.23.2"),
+    ("openai", "openai==3.57.0"),
 ];
 
 /// Installs every [`PYTHON_PEERS`] package unless that version is importable.

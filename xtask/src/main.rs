@@ -141,6 +141,9 @@ enum Cmd {
     Run(chat::RunArgs),
     /// Text to token ids, or ids back to text, with a bundle's tokenizer.
     Tokenize(chat::TokenizeArgs),
+    /// Serves a bundle over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions with
+    /// streaming, /v1/models), /health, and a chat page at /.
+    Serve(chat::serve::ServeArgs),
     /// Prefill (128, 512) and decode (128) tokens/s with 1 and 2 threads; with `--vs llama.cpp`,
     /// next to llama.cpp's own llama-bench on the same GGUF (built once into the cache).
     Bench {
@@ -355,6 +358,7 @@ fn real_main() -> Result<()> {
         }
         Cmd::FetchModel => println!("{}", xtask::fetch_default_model(true)?.display()),
         Cmd::Chat(ref a) => run_bundle(&a.bundle.bundle, chat::Command::Chat(a.clone()))?,
+        Cmd::Serve(ref a) => run_bundle(&a.bundle.bundle, chat::Command::Serve(a.clone()))?,
         Cmd::Run(ref a) => {
             if let Some(p) = &a.dump_logits {
                 chat::check_output_file(p, a.force)?; // before anything is built or run

@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use runtime::chat_template::Message;
 use runtime::sampling::SamplerConfig;
-use runtime::session::{Model, Session, StopReason, TokenEvent};
+use runtime::session::{GenerateOptions, Model, Session, StopReason, TokenEvent};
 use serde_json::{json, Map, Value};
 
 use crate::BundleArgs;
@@ -105,6 +105,14 @@ pub struct GenRequest {
     pub include_usage: bool,
     /// None: no log-probabilities; Some(k): the chosen token's and the k most likely.
     pub logprobs: Option<usize>,
+    /// Generate past end-of-turn tokens (`ignore_eos`, as llama.cpp's and vLLM's servers take it).
+    pub ignore_eos: bool,
+}
+
+impl GenRequest {
+    fn options(&self, max_tokens: usize) -> GenerateOptions {
+        GenerateOptions { max_tokens, logprobs: self.logprobs, ignore_eos: self.ignore_eos }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -204,6 +212,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8], model_name: &str) -> ApiRe
         stream: boolean(&body, "stream")?,
         include_usage: false,
         logprobs: None,
+        ignore_eos: boolean(&body, "ignore_eos")?,
     };
     match endpoint {
         Endpoint::Chat => {
@@ -246,7 +255,9 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8], model_name: &str) -> ApiRe
                 Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
                     Prompt::Text(a[0].as_str().unwrap_or_default().to_string())
                 }
-                Some(Value::Array(a)) if !a.is_empty() && a.iter().all(|x| x.as_u64().is_some_and(|x| x <= u32::MAX as u64)) => {
+                Some(Value::Array(a))
+                    if !a.is_empty() && a.iter().all(|x| x.as_u64().is_some_and(|x| x <= u32::MAX as u64)) =>
+                {
                     Prompt::Ids(a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect())
                 }
                 _ => {
@@ -289,7 +300,9 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8], model_name: &str) -> ApiRe
         Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(Value::is_string) => {
             a.iter().filter_map(Value::as_str).map(str::to_string).collect()
         }
-        Some(v) => return Err(ApiError::invalid("stop", format!("'stop' must be a string or up to 4 strings, got {v}"))),
+        Some(v) => {
+            return Err(ApiError::invalid("stop", format!("'stop' must be a string or up to 4 strings, got {v}")))
+        }
     };
     if req.stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop", "stop strings must not be empty"));
@@ -383,7 +396,11 @@ impl Pool {
     fn take(&self, prompt: &[u32]) -> ApiResult<Session> {
         let mut st = self.lock();
         if st.busy >= self.max && st.waiting >= self.max_queue {
-            return Err(ApiError::new(503, "server_error", "the server is busy: every session and queue place is taken"));
+            return Err(ApiError::new(
+                503,
+                "server_error",
+                "the server is busy: every session and queue place is taken",
+            ));
         }
         st.waiting += 1;
         while st.busy >= self.max {
@@ -428,6 +445,20 @@ pub struct Server {
     ids: AtomicU64,
     /// Request threads alive, bounded by sessions + queue + a margin for cheap requests.
     in_flight: AtomicUsize,
+    counters: Counters,
+}
+
+/// What `/health` reports besides the sessions.
+#[derive(Default)]
+struct Counters {
+    /// Generation requests answered (whole or streamed to the end).
+    completed: AtomicU64,
+    /// Streams whose client went away before the end (their generation stopped).
+    cancelled: AtomicU64,
+    /// Requests refused with a 4xx or 5xx status.
+    errors: AtomicU64,
+    /// Tokens generated.
+    generated_tokens: AtomicU64,
 }
 
 fn now_secs() -> u64 {
@@ -454,6 +485,7 @@ impl Server {
             created: now_secs(),
             ids: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            counters: Counters::default(),
         })
     }
 
@@ -468,7 +500,7 @@ impl Server {
             if self.in_flight.fetch_add(1, Ordering::AcqRel) >= max_threads {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
                 let e = ApiError::new(503, "server_error", "the server is busy: too many open requests");
-                let _ = request.respond(json_response(e.status, &e.json()));
+                self.fail(request, e);
                 continue;
             }
             let server = Arc::clone(&self);
@@ -491,8 +523,13 @@ impl Server {
             (Get, "/") => return respond(request, html_response(CHAT_PAGE)),
             (Get, "/health") => {
                 let (busy, idle, waiting) = self.pool.status();
+                let c = &self.counters;
                 let v = json!({"status": "ok", "model": self.name, "sessions": {"busy": busy, "idle": idle,
-                    "max": self.pool.max, "waiting": waiting}});
+                    "max": self.pool.max, "waiting": waiting}, "requests": {
+                    "completed": c.completed.load(Ordering::Relaxed),
+                    "cancelled": c.cancelled.load(Ordering::Relaxed),
+                    "errors": c.errors.load(Ordering::Relaxed),
+                    "generated_tokens": c.generated_tokens.load(Ordering::Relaxed)}});
                 return respond(request, json_response(200, &v));
             }
             (Get, "/v1/models") => {
@@ -504,30 +541,35 @@ impl Server {
             (Post, "/v1/completions") => Endpoint::Completion,
             (_, "/" | "/health" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
                 let e = ApiError::new(405, "invalid_request_error", format!("{method} is not allowed on {path}"));
-                return respond(request, json_response(e.status, &e.json()));
+                return self.fail(request, e);
             }
             _ => {
                 let e = ApiError::new(404, "invalid_request_error", format!("no such endpoint: {method} {path}"));
-                return respond(request, json_response(e.status, &e.json()));
+                return self.fail(request, e);
             }
         };
         let body = match self.read_body(&mut request) {
             Ok(b) => b,
-            Err(e) => return respond(request, json_response(e.status, &e.json())),
+            Err(e) => return self.fail(request, e),
         };
         let req = match parse_request(endpoint, &body, &self.name) {
             Ok(r) => r,
-            Err(e) => return respond(request, json_response(e.status, &e.json())),
+            Err(e) => return self.fail(request, e),
         };
         if let Err(e) = self.generate(request, req) {
             eprintln!("serve: {e:#}");
         }
     }
 
+    /// Answers `request` with `e` (OpenAI's error object).
+    fn fail(&self, request: tiny_http::Request, e: ApiError) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        respond(request, json_response(e.status, &e.json()));
+    }
+
     fn read_body(&self, request: &mut tiny_http::Request) -> ApiResult<Vec<u8>> {
-        let too_big = || {
-            ApiError::new(413, "invalid_request_error", format!("the body is larger than {} bytes", self.max_body))
-        };
+        let too_big =
+            || ApiError::new(413, "invalid_request_error", format!("the body is larger than {} bytes", self.max_body));
         if request.body_length().is_some_and(|n| n > self.max_body) {
             return Err(too_big());
         }
@@ -559,7 +601,10 @@ impl Server {
             (Some(t), _) => model.tokenize(&t).map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
             (None, Prompt::Ids(ids)) => {
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= model.vocab()) {
-                    return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {}", model.vocab())));
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        format!("token id {bad} is outside the vocabulary of {}", model.vocab()),
+                    ));
                 }
                 ids.clone()
             }
@@ -591,11 +636,17 @@ impl Server {
     fn generate(&self, request: tiny_http::Request, req: GenRequest) -> Result<()> {
         let (ids, max_tokens) = match self.prompt_ids(&req) {
             Ok(x) => x,
-            Err(e) => return respond_result(request, json_response(e.status, &e.json())),
+            Err(e) => {
+                self.fail(request, e);
+                return Ok(());
+            }
         };
         let mut session = match self.pool.take(&ids) {
             Ok(s) => s,
-            Err(e) => return respond_result(request, json_response(e.status, &e.json())),
+            Err(e) => {
+                self.fail(request, e);
+                return Ok(());
+            }
         };
         let result = if req.stream {
             self.stream(request, &req, &mut session, &ids, max_tokens)
@@ -625,7 +676,7 @@ impl Server {
         let mut stops = StopMatcher::new(req.stop.clone());
         let mut text = String::new();
         let mut logprobs = LogprobsOut::new(&self.pool.model, req);
-        let outcome = session.generate_with(ids, max_tokens, &req.sampler, req.logprobs, |e| {
+        let outcome = session.generate_with(ids, &req.options(max_tokens), &req.sampler, |e| {
             logprobs.add(e, text.len());
             let (out, stop) = stops.push(e.text);
             text.push_str(&out);
@@ -639,7 +690,8 @@ impl Server {
             Ok(x) => x,
             Err(e) => {
                 let e = ApiError::new(500, "server_error", format!("generation failed: {e}"));
-                return respond_result(request, json_response(e.status, &e.json()));
+                self.fail(request, e);
+                return Ok(());
             }
         };
         text.push_str(&stops.finish());
@@ -655,7 +707,10 @@ impl Server {
         };
         let v = json!({"id": id, "object": object, "created": now_secs(), "model": self.name,
             "system_fingerprint": self.fingerprint, "choices": [choice], "usage": usage});
-        respond_result(request, json_response(200, &v))
+        self.counters.generated_tokens.fetch_add(generated.len() as u64, Ordering::Relaxed);
+        self.counters.completed.fetch_add(1, Ordering::Relaxed);
+        respond(request, json_response(200, &v));
+        Ok(())
     }
 
     fn stream(
@@ -666,20 +721,14 @@ impl Server {
         ids: &[u32],
         max_tokens: usize,
     ) -> Result<()> {
-        let mut out = request.into_writer();
-        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-                    Connection: close\r\nX-Accel-Buffering: no\r\n\r\n";
-        out.write_all(head.as_bytes())?;
+        let mut out = EventStream::start(request)?;
         let (object, id) = self.object(req, true);
         let created = now_secs();
         let chunk = |choice: Value| {
             json!({"id": id, "object": object, "created": created, "model": self.name,
                 "system_fingerprint": self.fingerprint, "choices": [choice]})
         };
-        let send = |out: &mut Box<dyn Write + Send>, v: &Value| -> std::io::Result<()> {
-            out.write_all(format!("data: {v}\n\n").as_bytes())?;
-            out.flush()
-        };
+        let send = |out: &mut EventStream, v: &Value| out.send(format!("data: {v}\n\n").as_bytes());
         if req.endpoint == Endpoint::Chat {
             let first = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
                 "finish_reason": null});
@@ -687,8 +736,9 @@ impl Server {
         }
         let mut stops = StopMatcher::new(req.stop.clone());
         let mut gone = false;
+        let mut tokens = 0u64;
         let mut sent = 0usize;
-        let piece_of = |text: &str, logprobs: Value, out: &mut Box<dyn Write + Send>| -> bool {
+        let piece_of = |text: &str, logprobs: Value, out: &mut EventStream| -> bool {
             if text.is_empty() && logprobs.is_null() {
                 return true;
             }
@@ -701,7 +751,8 @@ impl Server {
             send(out, &chunk(choice)).is_ok()
         };
         let mut logprobs = LogprobsOut::new(&self.pool.model, req);
-        let outcome = session.generate_with(ids, max_tokens, &req.sampler, req.logprobs, |e| {
+        let outcome = session.generate_with(ids, &req.options(max_tokens), &req.sampler, |e| {
+            tokens += u64::from(e.id.is_some());
             logprobs.add(e, sent);
             let (text, stop) = stops.push(e.text);
             if !piece_of(&text, logprobs.take_json(), &mut out) {
@@ -715,7 +766,9 @@ impl Server {
                 ControlFlow::Continue(())
             }
         });
+        self.counters.generated_tokens.fetch_add(tokens, Ordering::Relaxed);
         if gone {
+            self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         let (generated, stats) = match outcome {
@@ -728,6 +781,7 @@ impl Server {
         };
         let rest = stops.finish();
         if !piece_of(&rest, Value::Null, &mut out) {
+            self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         let finish = finish_reason(stats.stopped_by);
@@ -743,9 +797,52 @@ impl Server {
                 "total_tokens": ids.len() + generated.len()});
             send(&mut out, &v)?;
         }
-        out.write_all(b"data: [DONE]\n\n")?;
-        out.flush()?;
+        out.send(b"data: [DONE]\n\n")?;
+        out.finish()?;
+        self.counters.completed.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// A server-sent event stream: chunked transfer encoding on HTTP/1.1, so that the connection
+/// can carry the client's next request; on HTTP/1.0 the body ends when the connection closes.
+struct EventStream {
+    out: Box<dyn Write + Send>,
+    chunked: bool,
+}
+
+impl EventStream {
+    fn start(request: tiny_http::Request) -> std::io::Result<Self> {
+        let chunked = *request.http_version() != tiny_http::HTTPVersion(1, 0);
+        let mut out = request.into_writer();
+        let framing = if chunked { "Transfer-Encoding: chunked" } else { "Connection: close" };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+             X-Accel-Buffering: no\r\n{framing}\r\n\r\n"
+        );
+        out.write_all(head.as_bytes())?;
+        out.flush()?;
+        Ok(EventStream { out, chunked })
+    }
+
+    /// Sends `data` at once (an error means the client went away).
+    fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.chunked {
+            self.out.write_all(format!("{:x}\r\n", data.len()).as_bytes())?;
+            self.out.write_all(data)?;
+            self.out.write_all(b"\r\n")?;
+        } else {
+            self.out.write_all(data)?;
+        }
+        self.out.flush()
+    }
+
+    /// Ends the body.
+    fn finish(mut self) -> std::io::Result<()> {
+        if self.chunked {
+            self.out.write_all(b"0\r\n\r\n")?;
+        }
+        self.out.flush()
     }
 }
 
@@ -860,11 +957,6 @@ fn html_response(page: &str) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
 
 fn respond(request: tiny_http::Request, response: tiny_http::Response<std::io::Cursor<Vec<u8>>>) {
     let _ = request.respond(response); // a client that went away needs no answer
-}
-
-fn respond_result(request: tiny_http::Request, response: tiny_http::Response<std::io::Cursor<Vec<u8>>>) -> Result<()> {
-    respond(request, response);
-    Ok(())
 }
 
 /// `chat serve`: loads the bundle once and serves until killed.

@@ -8,6 +8,7 @@ mod eval;
 mod kernels;
 mod lora;
 mod model;
+mod offload;
 mod optimize;
 mod reference;
 mod serve;

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// A `chat serve` process, killed when dropped.
-struct Served {
+pub(crate) struct Served {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Served {
@@ -41,7 +41,7 @@ impl Served {
         Served { child, addr }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -100,7 +100,7 @@ fn dechunk(mut body: &str) -> String {
     }
 }
 
-fn served(extra: &[&str]) -> Served {
+pub(crate) fn served(extra: &[&str]) -> Served {
     let (bundle, _) = crate::model::bundle();
     Served::start(bundle, extra)
 }

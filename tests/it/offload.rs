@@ -1,0 +1,238 @@
+//! The runtime's offload client against `chat serve` on loopback, directly and through a
+//! fault-injecting proxy: every query gets exactly one answer (the pieces streamed to the
+//! caller are the answer, once), marked with where it was produced and why.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use runtime::chat_template::Message;
+use runtime::offload::{OffloadConfig, Offloader, Origin, Policy, Routed};
+use runtime::sampling::SamplerConfig;
+use runtime::session::Session;
+
+use crate::serve::{served, Served};
+
+/// What the proxy does to each connection.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Forwards everything.
+    Pass,
+    /// Closes at once.
+    Drop,
+    /// Reads the request and waits this long before closing.
+    Delay(Duration),
+    /// Forwards this many bytes of the response, then closes.
+    CutAfter(usize),
+    /// Answers 200 with an event stream whose data is not JSON.
+    Garbage,
+    /// Answers with this status and an empty body.
+    Status(u16),
+}
+
+/// A proxy on loopback in front of `upstream`, serving at most `limit` connections.
+struct Proxy {
+    addr: String,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    fn start(upstream: &str, fault: Fault, limit: usize) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&connections);
+        let upstream = upstream.to_string();
+        std::thread::spawn(move || {
+            for client in listener.incoming().take(limit) {
+                let Ok(client) = client else { continue };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let upstream = upstream.clone();
+                std::thread::spawn(move || {
+                    let _ = handle(client, &upstream, fault);
+                });
+            }
+        });
+        Proxy { addr, connections }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Reads one HTTP request (headers and a Content-Length body).
+fn read_request(client: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![];
+    let mut byte = [0u8; 4096];
+    loop {
+        let n = client.read(&mut byte)?;
+        if n == 0 {
+            return Ok(buf);
+        }
+        buf.extend_from_slice(&byte[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return Ok(buf);
+            }
+        }
+    }
+}
+
+fn handle(mut client: TcpStream, upstream: &str, fault: Fault) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(60)))?;
+    if let Fault::Drop = fault {
+        return Ok(());
+    }
+    let request = read_request(&mut client)?;
+    match fault {
+        Fault::Drop => Ok(()),
+        Fault::Delay(d) => {
+            std::thread::sleep(d);
+            Ok(())
+        }
+        Fault::Garbage => client.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\ndata: {\"choices\": [{\"delta\": \n\n",
+        ),
+        Fault::Status(code) => {
+            client.write_all(format!("HTTP/1.1 {code} Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
+        }
+        Fault::Pass | Fault::CutAfter(_) => {
+            let mut server = TcpStream::connect(upstream)?;
+            server.write_all(&request)?;
+            let limit = if let Fault::CutAfter(n) = fault { n } else { usize::MAX };
+            let mut sent = 0;
+            let mut buf = [0u8; 256];
+            while sent < limit {
+                let n = server.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                let n = n.min(limit - sent);
+                client.write_all(&buf[..n])?;
+                sent += n;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn config(url: String, policy: Policy) -> OffloadConfig {
+    OffloadConfig {
+        timeout: Duration::from_secs(20),
+        retries: 2,
+        backoff: Duration::from_millis(10),
+        ..OffloadConfig::new(url, policy)
+    }
+}
+
+fn session() -> Session {
+    let (bundle, so) = crate::model::bundle();
+    Session::open_shared(so, bundle, 1).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Asks `question` and checks the one-answer rule: the streamed pieces are the answer.
+fn ask(offloader: &Offloader, session: &mut Session, question: &str) -> Routed {
+    let mut pieces = String::new();
+    let routed = offloader
+        .answer(session, &[Message::user(question)], 48, &SamplerConfig::greedy(), |t| pieces.push_str(t))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(pieces, routed.text, "the caller saw other text than the answer ({})", routed.reason);
+    assert!(!routed.text.trim().is_empty(), "no answer: {routed:?}");
+    routed
+}
+
+const QUESTION: &str = "What is the capital of France?";
+
+#[test]
+fn policies_route_queries_and_say_why() {
+    let s = served(&[]);
+    let mut session = session();
+    let offloader = |p: &str| Offloader::new(config(s.url(), p.parse().unwrap())).unwrap();
+
+    let r = ask(&offloader("never"), &mut session, QUESTION);
+    assert_eq!((r.origin, r.server_attempts), (Origin::Device, 0), "{r:?}");
+    assert!(r.text.contains("Paris"));
+    let device_answer = r.text.clone();
+
+    let r = ask(&offloader("always"), &mut session, QUESTION);
+    assert_eq!((r.origin, r.server_attempts), (Origin::Server, 1), "{r:?}");
+    assert_eq!(r.text, device_answer, "the same model greedy on both ends");
+    assert!(r.bytes_sent > 0 && r.bytes_received > r.text.len() as u64, "{r:?}");
+
+    let r = ask(&offloader("complexity:0.5"), &mut session, QUESTION);
+    assert_eq!(r.origin, Origin::Device, "{r:?}");
+    assert!(r.reason.starts_with("complexity 0.") && r.reason.contains("< 0.5"), "{}", r.reason);
+    let multi = "What is the capital of the country where the Eiffel Tower stands?";
+    let r = ask(&offloader("complexity:0.5"), &mut session, multi);
+    assert_eq!(r.origin, Origin::Server, "{r:?}");
+    assert!(r.reason.contains(">= 0.5"), "{}", r.reason);
+
+    // Confidence: a threshold no answer reaches hands over after k tokens (they are dropped,
+    // not shown); one every answer reaches keeps the device's answer.
+    let r = ask(&offloader("confidence:4:-0.0001"), &mut session, QUESTION);
+    assert_eq!(r.origin, Origin::Server, "{r:?}");
+    assert_eq!(r.device_tokens, 4);
+    assert!(r.confidence.unwrap() < -0.0001 && r.reason.contains("first 4 tokens"), "{}", r.reason);
+    let r = ask(&offloader("confidence:4:-50"), &mut session, QUESTION);
+    assert_eq!((r.origin, r.server_attempts), (Origin::Device, 0), "{r:?}");
+    assert_eq!(r.text, device_answer, "holding the first tokens back changes nothing");
+}
+
+#[test]
+fn every_query_gets_one_answer_whatever_the_network_does() {
+    let s: Served = served(&[]);
+    let mut session = session();
+    let cases = [
+        (Fault::Pass, Origin::Server, 1, "policy always"),
+        (Fault::Drop, Origin::Fallback, 3, "answered on the device"),
+        (Fault::Status(503), Origin::Fallback, 3, "HTTP status 503"),
+        (Fault::Status(400), Origin::Fallback, 1, "HTTP status 400"),
+        (Fault::Garbage, Origin::Fallback, 3, "malformed JSON"),
+        (Fault::Delay(Duration::from_secs(4)), Origin::Fallback, 2, "timed out"),
+        (Fault::CutAfter(1200), Origin::Fallback, 1, "the device finished the answer"),
+    ];
+    for (fault, origin, attempts, says) in cases {
+        let proxy = Proxy::start(&s.addr, fault, 8);
+        let mut cfg = config(proxy.url(), Policy::Always);
+        if let Fault::Delay(_) = fault {
+            cfg.timeout = Duration::from_secs(1);
+            cfg.retries = 1;
+        }
+        let offloader = Offloader::new(cfg).unwrap();
+        let r = ask(&offloader, &mut session, QUESTION);
+        assert_eq!(r.origin, origin, "{fault:?}: {r:?}");
+        assert_eq!(r.server_attempts, attempts, "{fault:?}: {r:?}");
+        assert_eq!(proxy.connections.load(Ordering::SeqCst), attempts as usize, "{fault:?}");
+        assert!(r.reason.contains(says), "{fault:?}: {}", r.reason);
+        assert!(r.text.contains("Paris"), "{fault:?}: {:?}", r.text);
+        if let Fault::CutAfter(_) = fault {
+            // Part came from the server, the rest from the device, nothing twice.
+            assert!(r.bytes_received > 0 && r.device_tokens > 0, "{r:?}");
+            assert_eq!(r.text.matches("Paris").count(), 1, "{:?}", r.text);
+        }
+    }
+    // Keys and prompts stay out of reasons.
+    std::env::set_var("KILN_TEST_OFFLOAD_KEY", "sk-secret-123");
+    let mut cfg = config(Proxy::start(&s.addr, Fault::Status(401), 4).url(), Policy::Always);
+    cfg.api_key_env = Some("KILN_TEST_OFFLOAD_KEY".into());
+    let r = ask(&Offloader::new(cfg).unwrap(), &mut session, QUESTION);
+    assert!(!r.reason.contains("sk-secret") && !r.reason.contains("capital"), "{}", r.reason);
+}
+
+#[test]
+fn bad_offload_configurations_are_refused() {
+    assert!(Offloader::new(OffloadConfig::new("https://example.com", Policy::Always)).is_err());
+    assert!(Offloader::new(OffloadConfig::new("ftp://x", Policy::Always)).is_err());
+    let mut c = OffloadConfig::new("http://127.0.0.1:9", Policy::Always);
+    c.timeout = Duration::ZERO;
+    assert!(Offloader::new(c).is_err());
+}

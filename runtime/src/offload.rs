@@ -306,6 +306,23 @@ impl Offloader {
         &self.config
     }
 
+    /// One chat turn of `session`'s conversation, answered where the policy says; the turn is
+    /// recorded in the conversation whoever answered it.
+    pub fn chat(
+        &self,
+        session: &mut Session,
+        user: &str,
+        max_tokens: usize,
+        sampler: &SamplerConfig,
+        on_text: impl FnMut(&str),
+    ) -> Result<Routed, SessionError> {
+        let mut messages = session.messages().to_vec();
+        messages.push(Message::user(user));
+        let routed = self.answer(session, &messages, max_tokens, sampler, on_text)?;
+        session.record_turn(user, &routed.text);
+        Ok(routed)
+    }
+
     /// Answers the conversation `messages` (ending with the user's turn), streaming the answer
     /// to `on_text`, on the device or the server as the policy decides.
     pub fn answer(
@@ -559,7 +576,7 @@ fn io_kind(e: &std::io::Error) -> String {
     if timeout {
         "timed out".into()
     } else {
-        format!("{:?}", e.kind()).to_lowercase()
+        e.kind().to_string()
     }
 }
 

@@ -394,6 +394,18 @@ impl Session {
         self.reset();
     }
 
+    /// The conversation so far (the system turn first, if any).
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// Adds a finished turn to the conversation, for an answer produced elsewhere (an offload
+    /// server): the next [`Session::chat`] renders it like any other.
+    pub fn record_turn(&mut self, user: &str, assistant: &str) {
+        self.messages.push(Message::user(user));
+        self.messages.push(Message::assistant(assistant));
+    }
+
     /// Tokens currently held by the KV cache.
     pub fn cached_tokens(&self) -> &[u32] {
         &self.cached

@@ -236,3 +236,59 @@ fn bad_offload_configurations_are_refused() {
     c.timeout = Duration::ZERO;
     assert!(Offloader::new(c).is_err());
 }
+
+/// `cargo xtask offload-eval` with the same model on both ends (a bundle served on loopback by
+/// the command itself): the policy curves are flat at the common accuracy, device-only
+/// offloads nothing and server-only everything, and each live policy routes exactly as the two
+/// passes predict.
+#[test]
+fn offload_eval_compares_routes_and_draws_the_curves() {
+    let (bundle, _) = crate::model::bundle();
+    let dir = tests::harness::scratch_dir("offload-eval");
+    let all = chat::qa::read_questions(&xtask::root().join("examples/data/qa.jsonl")).unwrap();
+    let pick: Vec<&chat::qa::Question> =
+        all.iter().filter(|q| q.hops == 1).take(3).chain(all.iter().filter(|q| q.hops == 2).take(3)).collect();
+    let lines: String = pick
+        .iter()
+        .map(|q| {
+            serde_json::json!({"id": q.id, "question": q.question, "answers": q.answers, "hops": q.hops}).to_string()
+                + "\n"
+        })
+        .collect();
+    let questions = dir.join("six.jsonl");
+    std::fs::write(&questions, lines).unwrap();
+    let report = dir.join("offload.html");
+    let cmd = xtask::offload_eval::OffloadEvalCmd {
+        device_bundle: bundle.clone(),
+        server: bundle.display().to_string(),
+        questions,
+        limit: None,
+        max_tokens: 24,
+        threads: 1,
+        policies: vec!["complexity:0.5".into(), "confidence:4:-0.5".into()],
+        confidence_tokens: 4,
+        json: None,
+        report: Some(report.clone()),
+        force: true,
+    };
+    let r = xtask::offload_eval::offload_eval(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(r.rows.len(), 4);
+    let device: Vec<bool> = r.rows[0].outcomes.iter().map(|o| o.correct).collect();
+    let server: Vec<bool> = r.rows[1].outcomes.iter().map(|o| o.correct).collect();
+    assert_eq!(device, server, "one model, greedy, on both ends");
+    assert!(r.rows[0].outcomes.iter().all(|o| o.origin == Origin::Device));
+    assert!(r.rows[1].outcomes.iter().all(|o| o.origin == Origin::Server && o.bytes > 0));
+    let accuracy = device.iter().filter(|&&c| c).count() as f64 / device.len() as f64;
+    for c in [&r.complexity_curve, &r.confidence_curve] {
+        assert_eq!(c.first().unwrap().offloaded, 0.0);
+        assert!(c.iter().all(|p| (p.accuracy - accuracy).abs() < 1e-12), "{c:?}");
+    }
+    assert_eq!(r.complexity_curve.last().unwrap().offloaded, 1.0);
+    assert!(r.consistent.iter().all(|(_, ok)| *ok), "{:?}", r.consistent);
+    let complex = r.rows[0].outcomes.iter().filter(|o| o.complexity >= 0.5).count();
+    let offloaded = r.rows[2].outcomes.iter().filter(|o| o.origin != Origin::Device).count();
+    assert_eq!(offloaded, complex);
+    assert!(complex >= 2 && complex <= 4, "the multi-hop questions score as complex: {complex} of 6");
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(html.contains("<svg") && html.contains("share offloaded") && html.contains("server only"));
+}

@@ -505,7 +505,7 @@ pub fn eval(c: &EvalCmd) -> Result<Vec<Row>> {
 }
 
 /// Writes `text` to a new file (or replaces it with `force`).
-fn write_new(path: &Path, text: &str, force: bool) -> Result<()> {
+pub(crate) fn write_new(path: &Path, text: &str, force: bool) -> Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true);

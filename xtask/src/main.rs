@@ -179,6 +179,10 @@ enum Cmd {
     /// reference bundle or GGUF (--reference), question-answering accuracy per hop class,
     /// hallucination rate, footprint and energy per query; a table, --json and an HTML --report.
     Eval(xtask::evaluate::EvalCmd),
+    /// Where questions are answered: the device bundle only, the server only (a URL or a
+    /// bundle served on loopback), and offloading by each policy; accuracy per hop class,
+    /// share offloaded, latency, network bytes, device memory, and policy curves.
+    OffloadEval(xtask::offload_eval::OffloadEvalCmd),
     /// Runs the whole test suite: fetches the model, installs the llama.cpp peer if missing,
     /// then `cargo test --release --workspace` with KILN_MODEL set.
     Test {
@@ -367,6 +371,7 @@ fn real_main() -> Result<()> {
         }
         Cmd::Tokenize(a) => chat::run(&chat::Command::Tokenize(a))?,
         Cmd::Eval(a) => drop(xtask::evaluate::eval(&a)?),
+        Cmd::OffloadEval(a) => drop(xtask::offload_eval::offload_eval(&a)?),
         Cmd::Bench { bundle, threads, runs, prefill, decode, vs, gguf, json, force } => {
             let peer_gguf = match (vs, gguf) {
                 (None, _) => None,

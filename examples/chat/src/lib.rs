@@ -154,6 +154,50 @@ pub struct ChatArgs {
     /// Print prefill and decode speed after each answer.
     #[arg(long)]
     pub stats: bool,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
+}
+
+/// Offloading to an edge server that speaks the OpenAI protocol.
+#[derive(Args, Clone, Debug)]
+pub struct OffloadArgs {
+    /// The server's base URL (http://host:port); answers may come from it by --offload-policy.
+    #[arg(long)]
+    pub offload: Option<String>,
+    /// never, always, complexity[:T], confidence[:K[:LOGP]], or several joined by +.
+    #[arg(long, default_value = "complexity", requires = "offload")]
+    pub offload_policy: String,
+    /// Seconds a server answer may take before the device answers instead.
+    #[arg(long, default_value_t = 30.0, requires = "offload")]
+    pub offload_timeout: f64,
+    /// Further attempts after a server failure (exponential backoff).
+    #[arg(long, default_value_t = 2, requires = "offload")]
+    pub offload_retries: u32,
+    /// The model to ask the server for (default: its own).
+    #[arg(long, requires = "offload")]
+    pub offload_model: Option<String>,
+    /// The environment variable holding the server's API key.
+    #[arg(long, default_value = "KILN_OFFLOAD_API_KEY", requires = "offload")]
+    pub offload_key_env: String,
+}
+
+impl OffloadArgs {
+    /// The offload client, when --offload was given.
+    pub fn offloader(&self) -> Result<Option<runtime::offload::Offloader>> {
+        let Some(url) = &self.offload else { return Ok(None) };
+        let policy = self.offload_policy.parse().map_err(anyhow::Error::msg)?;
+        if !(self.offload_timeout.is_finite() && self.offload_timeout > 0.0) {
+            bail!("--offload-timeout must be a positive number of seconds");
+        }
+        let config = runtime::offload::OffloadConfig {
+            model: self.offload_model.clone(),
+            api_key_env: Some(self.offload_key_env.clone()),
+            timeout: std::time::Duration::from_secs_f64(self.offload_timeout.min(86400.0)),
+            retries: self.offload_retries,
+            ..runtime::offload::OffloadConfig::new(url.clone(), policy)
+        };
+        Ok(Some(runtime::offload::Offloader::new(config).map_err(anyhow::Error::msg)?))
+    }
 }
 
 /// `run`: evaluates token ids, or answers one chat message.
@@ -281,8 +325,15 @@ fn chat(a: &ChatArgs) -> Result<()> {
     cfg.validate()?;
     let mut session = open_session(&a.bundle.bundle, a.bundle.threads)?;
     a.system.apply(&mut session);
+    let offloader = a.offload.offloader()?;
     let turn = |session: &mut Session, text: &str| -> Result<()> {
         let mut out = std::io::stdout().lock();
+        if let Some(o) = &offloader {
+            let r = o.chat(session, text, a.sampling.max_tokens, &cfg, |piece| stream_to_stdout(&mut out, piece))?;
+            writeln!(out)?;
+            eprintln!("[{}: {} | {:.2} s]", r.origin, r.reason, r.elapsed.as_secs_f64());
+            return Ok(());
+        }
         let (_, st) = session.chat(text, a.sampling.max_tokens, &cfg, |piece| stream_to_stdout(&mut out, piece))?;
         writeln!(out)?;
         if a.stats {

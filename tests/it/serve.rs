@@ -384,3 +384,29 @@ fn the_chat_page_streams_an_answer_in_a_browser() {
     let health = s.health();
     assert_eq!(health["requests"]["completed"], 1, "{health}");
 }
+
+/// `cargo xtask serve-load`, bounded: every request answered with the tokens asked for at
+/// each level, and the server's memory flat once its sessions exist (more clients than
+/// sessions wait; they do not add caches).
+#[test]
+fn serve_load_answers_every_request_with_flat_memory() {
+    let (bundle, _) = crate::model::bundle();
+    let cmd = xtask::serve_load::ServeLoadCmd {
+        bundle: bundle.clone(),
+        clients: vec![2, 6],
+        requests: 6,
+        max_tokens: 8,
+        max_sessions: 2,
+        threads: 1,
+        json: None,
+        force: false,
+    };
+    let levels = xtask::serve_load::serve_load(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(levels.len(), 2);
+    for l in &levels {
+        assert_eq!((l.requests, l.errors, l.tokens), (6, 0, 48), "{l:?}");
+        assert!(l.tokens_per_second() > 0.0 && l.latency(0.95) >= l.latency(0.5));
+    }
+    let (a, b) = (levels[0].server_rss_bytes.unwrap(), levels[1].server_rss_bytes.unwrap());
+    assert!(b <= a + (8 << 20), "server memory grew from {a} to {b} bytes with more clients than sessions");
+}

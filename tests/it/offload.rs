@@ -292,3 +292,46 @@ fn offload_eval_compares_routes_and_draws_the_curves() {
     let html = std::fs::read_to_string(&report).unwrap();
     assert!(html.contains("<svg") && html.contains("share offloaded") && html.contains("server only"));
 }
+
+/// llama.cpp's OpenAI server (llama-cpp-python's `python -m llama_cpp.server`, on the same
+/// GGUF) as the edge server: the client speaks only the protocol, so it answers from there,
+/// and a stream cut by the proxy is finished on the device as with kiln's server.
+#[test]
+fn the_offload_client_talks_to_llama_cpp_server() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = std::process::Command::new(tests::harness::python())
+        .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--n_ctx", "1024", "--n_threads", "1", "--model"])
+        .arg(crate::reference::model_path())
+        .args(["--port", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let addr = format!("127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    while TcpStream::connect(&addr).is_err() {
+        if let Ok(Some(status)) = server.try_wait() {
+            panic!(
+                "llama_cpp.server exited ({status}): `cargo xtask test` installs llama-cpp-python and its server extra"
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "llama_cpp.server did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _server = Kill(server);
+    let mut session = session();
+    let r = ask(&Offloader::new(config(format!("http://{addr}"), Policy::Always)).unwrap(), &mut session, QUESTION);
+    assert_eq!((r.origin, r.server_attempts), (Origin::Server, 1), "{r:?}");
+    assert!(r.text.contains("Paris"), "{:?}", r.text);
+    let proxy = Proxy::start(&addr, Fault::CutAfter(2000), 4);
+    let r = ask(&Offloader::new(config(proxy.url(), Policy::Always)).unwrap(), &mut session, QUESTION);
+    assert_eq!(r.origin, Origin::Fallback, "{r:?}");
+    assert!(r.reason.contains("the device finished the answer"), "{}", r.reason);
+}

@@ -319,13 +319,19 @@ pub const GGUF_PY: &str = "gguf==0.19.0";
 /// The Python packages the peer scripts of `tests/peer` import, pinned: gguf-py (dequantization
 /// and GGUF reading), safetensors (Hugging Face checkpoints), tokenizers (Hugging Face's
 /// tokenizer, the reference for a checkpoint's `tokenizer.json`), onnx (ONNX exports), openai
-/// (the official client, talking to `chat serve`).
-pub const PYTHON_PEERS: [(&str, &str); 5] = [
+/// (the official client, talking to `chat serve`), and what llama-cpp-python's OpenAI server
+/// (`python -m llama_cpp.server`, its `[server]` extra) needs, the offload client's other peer.
+pub const PYTHON_PEERS: [(&str, &str); 10] = [
     ("gguf", GGUF_PY),
     ("safetensors", "safetensors==0.8.0"),
     ("tokenizers", "tokenizers==0.23.2"),
     ("onnx", "onnx==1.23.2"),
     ("openai", "openai==3.57.0"),
+    ("uvicorn", "uvicorn==0.38.0"),
+    ("fastapi", "fastapi==0.121.0"),
+    ("pydantic_settings", "pydantic-settings==2.11.0"),
+    ("sse_starlette", "sse-starlette==3.0.3"),
+    ("starlette_context", "starlette-context==0.3.6"),
 ];
 
 /// Installs every [`PYTHON_PEERS`] package unless that version is importable.

@@ -9,6 +9,10 @@
  * as they are generated. On failure the runtime's message goes to stderr and the exit
  * status is 1.
  *
+ * With KILN_OFFLOAD_URL set (an OpenAI-compatible server, e.g. `cargo xtask serve`), turns are
+ * answered on the device or by that server as KILN_OFFLOAD_POLICY says (default
+ * "complexity"); after each answer stderr says where it came from and why.
+ *
  * Build by hand (`cargo xtask c-chat` does the same), from the workspace root, with
  * BUNDLE=bundles/x86_64-unknown-linux-gnu made by `cargo xtask build-model`:
  *
@@ -38,13 +42,21 @@ static void on_text(const char *piece, void *user) {
 }
 
 /* One chat turn; returns 0, or -1 after printing the runtime's error. */
-static int chat(kiln_session *session, const char *message) {
+static int chat(kiln_session *session, const char *message, int offloading) {
     int n = kiln_session_chat(session, message, MAX_TOKENS, 0.0f, 0, on_text, NULL);
     fputs("\n", stdout);
     fflush(stdout);
     if (n < 0) {
         fprintf(stderr, "c-chat: %s\n", kiln_last_error());
         return -1;
+    }
+    if (offloading) {
+        static const char *const where[] = {"device", "server", "fallback"};
+        char reason[256];
+        int origin = kiln_session_last_origin(session, reason, sizeof reason);
+        if (origin >= 0 && origin <= 2) {
+            fprintf(stderr, "[%s: %s]\n", where[origin], reason);
+        }
     }
     return 0;
 }
@@ -99,9 +111,21 @@ int main(int argc, char **argv) {
         return 1;
     }
 
+    const char *offload_url = getenv("KILN_OFFLOAD_URL");
+    int offloading = offload_url != NULL && offload_url[0] != '\0';
+    if (offloading) {
+        const char *policy = getenv("KILN_OFFLOAD_POLICY");
+        if (kiln_session_set_offload(session, offload_url, policy ? policy : "complexity", "KILN_OFFLOAD_API_KEY",
+                                     30000, 2) != 0) {
+            fprintf(stderr, "c-chat: %s\n", kiln_last_error());
+            kiln_session_free(session);
+            return 1;
+        }
+    }
+
     int status = 0;
     if (argc == 3) {
-        status = chat(session, argv[2]);
+        status = chat(session, argv[2], offloading);
     } else {
         for (;;) {
             fputs("> ", stdout);
@@ -111,7 +135,7 @@ int main(int argc, char **argv) {
                 free(line);
                 break;
             }
-            status = chat(session, line);
+            status = chat(session, line, offloading);
             free(line);
             if (status != 0) {
                 break;

@@ -9,6 +9,7 @@
 
 #ifndef KILN_ABI_H
 #define KILN_ABI_H
+#include <stddef.h>
 #include <stdint.h>
 
 #define KILN_ABI_VERSION 4
@@ -121,6 +122,22 @@ int kiln_session_reset(kiln_session *session);
  * when the session is busy, e.g. called from its own on_text). */
 int kiln_session_chat(kiln_session *session, const char *user_message, int max_tokens,
                       float temperature, uint64_t seed, kiln_text_fn on_text, void *user);
+
+/* Offloading: after this, kiln_session_chat answers each turn on the device or by the
+ * OpenAI-compatible server at url (http://host:port), as policy decides: "never", "always",
+ * "complexity[:T]", "confidence[:K[:LOGP]]", or several joined by "+". api_key_env names the
+ * environment variable holding the API key (NULL: none); timeout_ms (> 0) bounds each server
+ * request; retries (>= 0) further attempts follow a failure that left no text with on_text.
+ * A server failure never loses or repeats text: the device answers, or finishes the answer.
+ * With offloading, kiln_session_chat returns the tokens generated on the device (0 for a
+ * server answer). url NULL turns offloading off. Returns 0 or -1. */
+int kiln_session_set_offload(kiln_session *session, const char *url, const char *policy,
+                             const char *api_key_env, int timeout_ms, int retries);
+
+/* Where the last answer came from: 0 device, 1 server, 2 device after a server failure;
+ * -1 before any answer. The reason (figures and error kinds, never the prompt) is copied
+ * into reason (NUL-terminated, at most reason_len bytes) when it is not NULL. */
+int kiln_session_last_origin(kiln_session *session, char *reason, size_t reason_len);
 
 #ifdef __cplusplus
 }

@@ -62,18 +62,32 @@ pub extern "C" fn kiln_last_error() -> *const c_char {
 /// and `busy` hands out the one mutable borrow: a call that finds it taken fails instead.
 pub struct KilnSession {
     busy: AtomicBool,
-    session: UnsafeCell<Session>,
+    inner: UnsafeCell<Inner>,
+}
+
+/// What a C session holds besides the flag.
+struct Inner {
+    session: Session,
+    /// Set by `kiln_session_set_offload`.
+    #[cfg(feature = "offload")]
+    offload: Option<crate::offload::Offloader>,
+    /// Where the last answer came from (0 device, 1 server, 2 fallback) and why.
+    last: Option<(c_int, CString)>,
 }
 
 /// The exclusive use of a session, released on drop (also when the call panics).
 struct Busy<'a>(&'a KilnSession);
 
 impl Busy<'_> {
-    fn session(&mut self) -> &mut Session {
+    fn inner(&mut self) -> &mut Inner {
         // SAFETY: holding `Busy` means `busy` was false and this call set it, so no other
         // reference to the inner session exists until it is dropped; `&mut self` keeps the
         // borrow unique within this call.
-        unsafe { &mut *self.0.session.get() }
+        unsafe { &mut *self.0.inner.get() }
+    }
+
+    fn session(&mut self) -> &mut Session {
+        &mut self.inner().session
     }
 }
 
@@ -121,7 +135,13 @@ pub unsafe extern "C" fn kiln_session_new(
         // as long as the program; the session checks its ABI, layout and fingerprint.
         let desc: &'static ModelDesc = unsafe { &*model };
         let session = Session::open(desc, Path::new(dir), threads).map_err(|e| e.to_string())?;
-        out = Box::into_raw(Box::new(KilnSession { busy: AtomicBool::new(false), session: UnsafeCell::new(session) }));
+        let inner = Inner {
+            session,
+            #[cfg(feature = "offload")]
+            offload: None,
+            last: None,
+        };
+        out = Box::into_raw(Box::new(KilnSession { busy: AtomicBool::new(false), inner: UnsafeCell::new(inner) }));
         Ok(())
     });
     out
@@ -193,21 +213,128 @@ pub unsafe extern "C" fn kiln_session_chat(
             return Err(format!("max_tokens {max_tokens} is negative"));
         }
         let cfg = SamplerConfig { temperature, seed, ..SamplerConfig::default() };
-        let (_, stats) = busy
-            .session()
-            .chat(msg, max_tokens as usize, &cfg, |piece| {
-                if let (Some(cb), Ok(c)) = (on_text, CString::new(piece)) {
-                    // SAFETY: the caller's callback takes a C string and its user pointer. If
-                    // it calls back into this session, that call finds `busy` set and fails.
-                    unsafe { cb(c.as_ptr(), user) };
-                }
-            })
-            .map_err(|e| e.to_string())?;
+        let emit = |piece: &str| {
+            if let (Some(cb), Ok(c)) = (on_text, CString::new(piece)) {
+                // SAFETY: the caller's callback takes a C string and its user pointer. If
+                // it calls back into this session, that call finds `busy` set and fails.
+                unsafe { cb(c.as_ptr(), user) };
+            }
+        };
+        let inner = busy.inner();
+        #[cfg(feature = "offload")]
+        if let Some(o) = &inner.offload {
+            let r = o.chat(&mut inner.session, msg, max_tokens as usize, &cfg, emit).map_err(|e| e.to_string())?;
+            let origin = match r.origin {
+                crate::offload::Origin::Device => 0,
+                crate::offload::Origin::Server => 1,
+                crate::offload::Origin::Fallback => 2,
+            };
+            inner.last = Some((origin, CString::new(r.reason.replace('\0', " ")).unwrap_or_default()));
+            n = r.device_tokens as c_int;
+            return Ok(());
+        }
+        let (_, stats) = inner.session.chat(msg, max_tokens as usize, &cfg, emit).map_err(|e| e.to_string())?;
+        inner.last = Some((0, CString::new("on the device (no offloading configured)").unwrap_or_default()));
         n = stats.generated_tokens as c_int;
         Ok(())
     });
     if rc == 0 {
         n
+    } else {
+        -1
+    }
+}
+
+/// Configures offloading for the next turns of `session`: each `kiln_session_chat` is then
+/// answered on the device or by the OpenAI-compatible server at `url` as `policy` decides
+/// (`never`, `always`, `complexity[:T]`, `confidence[:K[:LOGP]]`, or several joined by `+`).
+/// `api_key_env` names the environment variable holding the key (NULL: none); `timeout_ms`
+/// bounds each server request; `retries` further attempts follow a failure. `url` NULL turns
+/// offloading off. Returns 0 or -1 (see `kiln_last_error`), also when the runtime was built
+/// without the `offload` feature.
+///
+/// # Safety
+/// `session` must be NULL or come from `kiln_session_new`; the strings must be NULL or valid C
+/// strings.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_set_offload(
+    session: *mut KilnSession,
+    url: *const c_char,
+    policy: *const c_char,
+    api_key_env: *const c_char,
+    timeout_ms: c_int,
+    retries: c_int,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the caller passes a live session or NULL.
+        let mut busy = unsafe { acquire(session) }?;
+        #[cfg(feature = "offload")]
+        {
+            if url.is_null() {
+                busy.inner().offload = None;
+                return Ok(());
+            }
+            // SAFETY: the caller passes valid C strings or NULL.
+            let (url, policy) = unsafe { (str_arg(url, "url")?, str_arg(policy, "policy")?) };
+            let key_env = if api_key_env.is_null() {
+                None
+            } else {
+                // SAFETY: as above.
+                Some(unsafe { str_arg(api_key_env, "api_key_env") }?.to_string())
+            };
+            if timeout_ms <= 0 || retries < 0 {
+                return Err(format!("timeout_ms ({timeout_ms}) must be positive and retries ({retries}) not negative"));
+            }
+            let config = crate::offload::OffloadConfig {
+                api_key_env: key_env,
+                timeout: std::time::Duration::from_millis(timeout_ms as u64),
+                retries: retries as u32,
+                ..crate::offload::OffloadConfig::new(url, policy.parse()?)
+            };
+            busy.inner().offload = Some(crate::offload::Offloader::new(config)?);
+            Ok(())
+        }
+        #[cfg(not(feature = "offload"))]
+        {
+            let _ = (&mut busy, url, policy, api_key_env, timeout_ms, retries);
+            Err("this runtime was built without the `offload` feature".into())
+        }
+    })
+}
+
+/// Where the last answer of `kiln_session_chat` was produced: 0 on the device, 1 by the
+/// server, 2 on the device after the server failed; -1 when there was none yet (or on error).
+/// When `reason` is not NULL, the reason is copied into it (at most `reason_len` bytes with
+/// the terminating NUL).
+///
+/// # Safety
+/// `session` must be NULL or come from `kiln_session_new`; `reason` must be NULL or point to
+/// `reason_len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_last_origin(
+    session: *mut KilnSession,
+    reason: *mut c_char,
+    reason_len: usize,
+) -> c_int {
+    let mut origin = -1;
+    let rc = guard(|| {
+        // SAFETY: the caller passes a live session or NULL.
+        let mut busy = unsafe { acquire(session) }?;
+        let Some((o, why)) = &busy.inner().last else { return Err("no answer yet".into()) };
+        origin = *o;
+        if !reason.is_null() && reason_len > 0 {
+            let bytes = why.as_bytes();
+            let n = bytes.len().min(reason_len - 1);
+            // SAFETY: the caller's buffer holds reason_len bytes; n + 1 <= reason_len.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr().cast::<c_char>(), reason, n);
+                *reason.add(n) = 0;
+            }
+        }
+        Ok(())
+    });
+    if rc == 0 {
+        origin
     } else {
         -1
     }

@@ -198,3 +198,32 @@ fn callbacks_that_call_back_into_their_session_are_refused() {
     assert_eq!(number("reset_after"), 0);
     assert_eq!(number("final_free"), 0);
 }
+
+/// The C ABI's offloading: `kiln_session_set_offload` sends a multi-hop question to a kiln
+/// server and keeps a simple one on the device, `kiln_session_last_origin` says which and why;
+/// with the server gone the C program still gets one answer, from the device.
+#[test]
+fn c_program_offloads_through_the_c_abi() {
+    let (bundle, exe) = app();
+    let served = crate::serve::served(&[]);
+    let ask = |url: &str, prompt: &str| {
+        let out = Command::new(exe)
+            .arg(bundle)
+            .arg(prompt)
+            .env("KILN_OFFLOAD_URL", url)
+            .env("KILN_OFFLOAD_POLICY", "complexity:0.5")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "c-chat failed: {}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (reply, why) = ask(&served.url(), "What is the capital of the country where the Eiffel Tower stands?");
+    assert!(why.contains("[server: complexity") && reply.contains("Paris"), "{why} {reply}");
+    let (reply, why) = ask(&served.url(), PROMPT);
+    assert!(why.contains("[device: complexity") && reply.contains("Paris"), "{why} {reply}");
+    drop(served);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (reply, why) =
+        ask(&format!("http://127.0.0.1:{port}"), "What is the capital of the country where the Eiffel Tower stands?");
+    assert!(why.contains("[fallback:") && why.contains("answered on the device") && !reply.trim().is_empty(), "{why}");
+}

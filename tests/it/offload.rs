@@ -267,6 +267,10 @@ fn offload_eval_compares_routes_and_draws_the_curves() {
         threads: 1,
         policies: vec!["complexity:0.5".into(), "confidence:4:-0.5".into()],
         confidence_tokens: 4,
+        prompts: xtask::root().join("examples/data/bio.jsonl"),
+        hallucination_prompts: 2,
+        samples: 2,
+        bio_tokens: 24,
         json: None,
         report: Some(report.clone()),
         force: true,
@@ -289,6 +293,9 @@ fn offload_eval_compares_routes_and_draws_the_curves() {
     let offloaded = r.rows[2].outcomes.iter().filter(|o| o.origin != Origin::Device).count();
     assert_eq!(offloaded, complex);
     assert!(complex >= 2 && complex <= 4, "the multi-hop questions score as complex: {complex} of 6");
+    // Same model and seeds on both ends: the same passages and samples, so the same rate.
+    let rates: Vec<f64> = r.rows.iter().map(|row| row.hallucination.expect("measured")).collect();
+    assert!(rates.iter().all(|&h| h == rates[0] && (0.0..=1.0).contains(&h)), "{rates:?}");
     let html = std::fs::read_to_string(&report).unwrap();
     assert!(html.contains("<svg") && html.contains("share offloaded") && html.contains("server only"));
 }

@@ -51,6 +51,18 @@ pub struct OffloadEvalCmd {
     /// Tokens whose mean ln p the confidence curve looks at.
     #[arg(long, default_value_t = 8)]
     pub confidence_tokens: usize,
+    /// Biography prompts for the hallucination rate (SelfCheckGPT unigram, as `eval`).
+    #[arg(long, default_value = "examples/data/bio.jsonl")]
+    pub prompts: PathBuf,
+    /// How many of the prompts to check per route (0: no hallucination rate).
+    #[arg(long, default_value_t = 20)]
+    pub hallucination_prompts: usize,
+    /// Sampled answers per prompt (temperature 1, seeded) that a passage is checked against.
+    #[arg(long, default_value_t = 3)]
+    pub samples: usize,
+    /// Most tokens per biography.
+    #[arg(long, default_value_t = 128)]
+    pub bio_tokens: usize,
     /// Write every answer, the table and the curves as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -95,6 +107,8 @@ pub struct RouteRow {
     pub outcomes: Vec<Outcome>,
     /// Device memory the route needs (None: no model on the device).
     pub device_memory: Option<u64>,
+    /// Share of the biographies' sentences SelfCheckGPT flags (None: not measured).
+    pub hallucination: Option<f64>,
 }
 
 impl RouteRow {
@@ -138,6 +152,7 @@ impl RouteRow {
             "latency_seconds": {"median": self.latency(0.5), "p95": self.latency(0.95)},
             "network_bytes_per_query": self.bytes_per_query(),
             "device_memory_bytes": self.device_memory,
+            "hallucination_rate": self.hallucination,
         })
     }
 }
@@ -239,7 +254,7 @@ fn run_route(
             eprintln!("  {name}: {}/{}", i + 1, questions.len());
         }
     }
-    Ok(RouteRow { name: name.to_string(), outcomes, device_memory })
+    Ok(RouteRow { name: name.to_string(), outcomes, device_memory, hallucination: None })
 }
 
 /// The full comparison.
@@ -330,6 +345,15 @@ pub fn offload_eval(c: &OffloadEvalCmd) -> Result<OffloadReport> {
         consistent.push((name, predicted));
         rows.push(row);
     }
+    if c.hallucination_prompts > 0 {
+        let mut prompts = chat::selfcheck::read_prompts(&c.prompts)?;
+        prompts.truncate(c.hallucination_prompts);
+        let policies: Vec<Option<Policy>> = rows.iter().skip(2).map(|r| r.name.parse::<Policy>().ok()).collect();
+        let rates = hallucination(&url, &mut session, &prompts, c, &policies)?;
+        for (row, rate) in rows.iter_mut().zip(rates) {
+            row.hallucination = Some(rate);
+        }
+    }
     let report = OffloadReport { questions, rows, complexity_curve, confidence_curve, consistent };
     print!("{}", report.table());
     if let Some(path) = &c.json {
@@ -343,6 +367,89 @@ pub fn offload_eval(c: &OffloadEvalCmd) -> Result<OffloadReport> {
     Ok(report)
 }
 
+/// Hallucination rates of device only, server only, then each policy: every prompt's greedy
+/// passage and sampled answers from the device and from the server, scored by SelfCheckGPT's
+/// unigram method; a policy's passage and samples come from where it routes the prompt.
+fn hallucination(
+    url: &str,
+    session: &mut Session,
+    prompts: &[chat::selfcheck::Prompt],
+    c: &OffloadEvalCmd,
+    policies: &[Option<Policy>],
+) -> Result<Vec<f64>> {
+    use chat::selfcheck::{score, Checked, SelfCheckOptions, SelfCheckReport};
+    let k = c.confidence_tokens;
+    let device = offloader(url, Policy::Confidence { tokens: k, min_mean_logprob: -1e30 })?;
+    let server = offloader(url, Policy::Always)?;
+    // Per prompt and source: (passage, samples, routing facts of the device's greedy passage).
+    let mut checked: Vec<[Checked; 2]> = vec![];
+    let mut facts = vec![];
+    for (i, p) in prompts.iter().enumerate() {
+        let mut pair = vec![];
+        for (j, o) in [&device, &server].into_iter().enumerate() {
+            let mut answer = |cfg: &SamplerConfig| -> Result<Routed> {
+                session.reset();
+                Ok(o.answer(session, &[Message::user(p.prompt.clone())], c.bio_tokens, cfg, |_| {})?)
+            };
+            let greedy = answer(&SamplerConfig::greedy())?;
+            if j == 0 {
+                facts.push((greedy.complexity, greedy.confidence, greedy.device_tokens));
+            }
+            let mut samples = vec![];
+            for s in 0..c.samples {
+                let cfg = SamplerConfig {
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    seed: 0x5E1F ^ (i * 1000 + s) as u64,
+                    ..SamplerConfig::default()
+                };
+                samples.push(answer(&cfg)?.text);
+            }
+            pair.push(Checked {
+                id: p.id.clone(),
+                sentences: score(&greedy.text, &samples),
+                passage: greedy.text,
+                samples,
+            });
+        }
+        let [d, s]: [Checked; 2] = pair.try_into().map_err(|_| anyhow::anyhow!("two sources"))?;
+        checked.push([d, s]);
+        eprintln!("  hallucination: {}/{}", i + 1, prompts.len());
+    }
+    let options = SelfCheckOptions {
+        samples: c.samples,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        max_tokens: c.bio_tokens,
+        seed: 0x5E1F,
+    };
+    let rate = |pick: &dyn Fn(usize) -> usize| {
+        let passages = (0..checked.len()).map(|i| checked[i][pick(i)].clone()).collect();
+        SelfCheckReport::from_passages(c.prompts.display().to_string(), options.clone(), Default::default(), passages)
+            .rate()
+    };
+    let mut rates = vec![rate(&|_| 0), rate(&|_| 1)];
+    for policy in policies {
+        let route = |i: usize| -> usize {
+            let (complexity, confidence, tokens) = facts[i];
+            let to_server = match policy {
+                Some(Policy::Never) | None => false,
+                Some(Policy::Always) => true,
+                Some(Policy::Complexity { threshold }) => complexity >= *threshold,
+                Some(Policy::Confidence { min_mean_logprob, .. }) => {
+                    tokens >= k && confidence.unwrap_or(0.0) < *min_mean_logprob
+                }
+                Some(Policy::Any(_)) => false,
+            };
+            usize::from(to_server)
+        };
+        rates.push(rate(&route));
+    }
+    Ok(rates)
+}
+
 fn policy_tokens(p: &Policy) -> usize {
     match p {
         Policy::Confidence { tokens, .. } => *tokens,
@@ -354,8 +461,8 @@ impl OffloadReport {
     pub fn table(&self) -> String {
         let q = &self.questions;
         let mut out = format!(
-            "{:<22} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10}\n",
-            "route", "all %", "single %", "multi %", "offloaded", "p50 s", "p95 s", "net B/q", "device MiB"
+            "{:<22} {:>8} {:>8} {:>8} {:>10} {:>9} {:>8} {:>8} {:>10} {:>10}\n",
+            "route", "all %", "single %", "multi %", "offloaded", "halluc %", "p50 s", "p95 s", "net B/q", "device MiB"
         );
         for r in &self.rows {
             let pct = |h| {
@@ -368,12 +475,13 @@ impl OffloadReport {
             };
             let mem = r.device_memory.map_or("-".to_string(), |m| format!("{:.1}", m as f64 / 1048576.0));
             out += &format!(
-                "{:<22} {:>8} {:>8} {:>8} {:>9.0}% {:>8.2} {:>8.2} {:>10.0} {:>10}\n",
+                "{:<22} {:>8} {:>8} {:>8} {:>9.0}% {:>9} {:>8.2} {:>8.2} {:>10.0} {:>10}\n",
                 r.name,
                 pct(None),
                 pct(Some(1)),
                 pct(Some(2)),
                 100.0 * r.offloaded(),
+                r.hallucination.map_or("-".to_string(), |h| format!("{:.1}", 100.0 * h)),
                 r.latency(0.5),
                 r.latency(0.95),
                 r.bytes_per_query(),

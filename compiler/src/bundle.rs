@@ -58,6 +58,31 @@ pub struct BuildOptions {
     pub activations: ir::ActDType,
 }
 
+impl BuildOptions {
+    /// `model` compiled for `target` into `out`, every other option at `build-model`'s default:
+    /// the target's default device, the model's context (at most [`DEFAULT_CONTEXT`]), batch
+    /// 512, weights embedded, no shared library for runners, no pruning, requantization or
+    /// LoRA, an f32 KV cache and q16 activations. Set the rest with struct update syntax.
+    pub fn new(model: impl Into<PathBuf>, target: impl Into<String>, out: impl Into<PathBuf>) -> Self {
+        BuildOptions {
+            model: model.into(),
+            target: target.into(),
+            device: None,
+            out: out.into(),
+            context: None,
+            batch: 512,
+            embed_weights: true,
+            dump_after: vec![],
+            shared_linker: None,
+            prune: None,
+            quant: Default::default(),
+            lora: vec![],
+            kv_cache: Default::default(),
+            activations: Default::default(),
+        }
+    }
+}
+
 /// Context length when none is given (or less, when the model was trained for less).
 pub const DEFAULT_CONTEXT: u32 = 2048;
 

@@ -251,20 +251,11 @@ fn aarch64_model_matches_x86_64_and_the_reference_under_qemu() {
     let dir = scratch_dir("aarch64/smollm");
     let bundle = dir.join("bundle");
     let opts = BuildOptions {
-        model: model_path(),
-        target: TRIPLE.into(),
         device: Some("snapdragon-865".into()),
-        out: bundle.clone(),
         context: Some(512),
         batch: 16,
-        embed_weights: true,
-        dump_after: vec![],
         shared_linker: Some("aarch64-linux-gnu-gcc".into()),
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..BuildOptions::new(model_path(), TRIPLE, bundle.clone())
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let app = xtask::build_chat_app(&bundle, Some(&apps_dir())).unwrap_or_else(|e| panic!("{e:#}"));
@@ -385,20 +376,11 @@ fn android_bundle_holds_aarch64_code_and_the_runtime_builds_for_android() {
     let dir = scratch_dir("aarch64/android");
     let bundle = dir.join("bundle");
     let opts = BuildOptions {
-        model: model_path(),
-        target: "aarch64-linux-android".into(),
         device: Some("snapdragon-865".into()),
-        out: bundle.clone(),
         context: Some(1024),
         batch: 64,
         embed_weights: false,
-        dump_after: vec![],
-        shared_linker: None,
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..BuildOptions::new(model_path(), "aarch64-linux-android", bundle.clone())
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let archive = std::fs::read(bundle.join("lib/libkiln_model.a")).unwrap();

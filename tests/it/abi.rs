@@ -145,20 +145,10 @@ pub(crate) fn tiny_bundle(
     std::fs::write(&gguf, tiny_llama_gguf_with_tokenizer(&tiny_cfg(context), &mut Rng::new(seed))).unwrap();
     let bundle = dir.join(out);
     let opts = BuildOptions {
-        model: gguf,
-        target: targets::host_triple().expect("a supported host").to_string(),
-        device: None,
-        out: bundle.clone(),
         context: Some(context),
         batch: 4,
         embed_weights,
-        dump_after: vec![],
-        shared_linker: None,
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..BuildOptions::new(gguf, targets::host_triple().expect("a supported host").to_string(), bundle.clone())
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let so = dir.join(format!("{out}.so"));

@@ -24,20 +24,10 @@ fn app() -> &'static (PathBuf, PathBuf) {
     APP.get_or_init(|| {
         let bundle = scratch_dir("c-chat").join("bundle");
         let opts = BuildOptions {
-            model: model_path(),
-            target: "x86_64-unknown-linux-gnu".into(),
-            device: None,
-            out: bundle.clone(),
             context: Some(512),
             batch: 64,
             embed_weights: false,
-            dump_after: vec![],
-            shared_linker: None,
-            prune: None,
-            quant: Default::default(),
-            lora: vec![],
-            kv_cache: Default::default(),
-            activations: Default::default(),
+            ..BuildOptions::new(model_path(), "x86_64-unknown-linux-gnu", bundle.clone())
         };
         build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
         assert!(bundle.join("weights.bin").exists(), "a bundle built without embedded weights has weights.bin");

@@ -17,20 +17,14 @@ const CONTEXT: u32 = 64;
 
 fn build(model: &Path, out: &Path, context: u32, batch: u32) {
     let opts = BuildOptions {
-        model: model.to_path_buf(),
-        target: targets::host_triple().expect("a supported host").to_string(),
-        device: None,
-        out: out.to_path_buf(),
         context: Some(context),
         batch,
-        embed_weights: true,
-        dump_after: vec![],
         shared_linker: Some("cc".into()),
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..BuildOptions::new(
+            model.to_path_buf(),
+            targets::host_triple().expect("a supported host").to_string(),
+            out.to_path_buf(),
+        )
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
 }
@@ -462,20 +456,10 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
 fn a_build_that_misses_its_budget_writes_nothing_and_says_by_how_much() {
     let (dir, _, _, _) = tiny();
     let opts = |target: &str, device: Option<&str>, out: &Path| BuildOptions {
-        model: dir.join("tiny1.gguf"),
-        target: target.into(),
         device: device.map(str::to_string),
-        out: out.to_path_buf(),
         context: Some(CONTEXT),
         batch: 4,
-        embed_weights: true,
-        dump_after: vec![],
-        shared_linker: None,
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..BuildOptions::new(dir.join("tiny1.gguf"), target, out)
     };
     let host = targets::host_triple().unwrap();
     let out = dir.join("budget-bundle");

@@ -119,20 +119,15 @@ fn merged_gguf(source: &Path, c: &TinyLlama, updates: &[Update]) -> Vec<u8> {
 
 fn build(model: &Path, out: &Path, lora: Vec<PathBuf>) -> Session {
     let opts = BuildOptions {
-        model: model.to_path_buf(),
-        target: targets::host_triple().expect("a supported host").to_string(),
-        device: None,
-        out: out.to_path_buf(),
         context: Some(64),
         batch: 16,
-        embed_weights: true,
-        dump_after: vec![],
         shared_linker: Some("cc".into()),
-        prune: None,
-        quant: Default::default(),
         lora,
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..BuildOptions::new(
+            model.to_path_buf(),
+            targets::host_triple().expect("a supported host").to_string(),
+            out.to_path_buf(),
+        )
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     Session::open_shared(&out.join("lib/libkiln_model.so"), out, 2).unwrap_or_else(|e| panic!("{e}"))

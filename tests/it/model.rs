@@ -40,20 +40,13 @@ fn build(model: &Path, out: &Path, embed_weights: bool) {
 
 fn build_with(model: &Path, out: &Path, embed_weights: bool, kv_cache: ir::KvDType, activations: ir::ActDType) {
     let opts = BuildOptions {
-        model: model.to_path_buf(),
-        target: "x86_64-unknown-linux-gnu".into(),
-        device: None,
-        out: out.to_path_buf(),
         context: Some(512),
         batch: 16,
         embed_weights,
-        dump_after: vec![],
         shared_linker: Some("cc".into()),
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
         kv_cache,
         activations,
+        ..BuildOptions::new(model, "x86_64-unknown-linux-gnu", out)
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
 }

@@ -54,20 +54,15 @@ fn opts(model: &Path, out: &Path, prune: Option<&str>, quant: Option<&str>, tens
 
 fn build(model: &Path, out: &Path, prune: Option<&str>, context: u32) -> (PathBuf, Session) {
     let opts = BuildOptions {
-        model: model.to_path_buf(),
-        target: targets::host_triple().expect("a supported host").to_string(),
-        device: None,
-        out: out.to_path_buf(),
         context: Some(context),
         batch: 16,
-        embed_weights: true,
-        dump_after: vec![],
         shared_linker: Some("cc".into()),
         prune: prune.map(|p| p.parse().unwrap()),
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..BuildOptions::new(
+            model.to_path_buf(),
+            targets::host_triple().expect("a supported host").to_string(),
+            out.to_path_buf(),
+        )
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let so = out.join("lib/libkiln_model.so");

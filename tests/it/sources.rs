@@ -24,20 +24,14 @@ use tests::reference::ReferenceModel;
 
 fn options(model: &Path, out: &Path, context: u32) -> BuildOptions {
     BuildOptions {
-        model: model.to_path_buf(),
-        target: targets::host_triple().expect("a supported host").to_string(),
-        device: None,
-        out: out.to_path_buf(),
         context: Some(context),
         batch: 16,
-        embed_weights: true,
-        dump_after: vec![],
         shared_linker: Some("cc".into()),
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..BuildOptions::new(
+            model.to_path_buf(),
+            targets::host_triple().expect("a supported host").to_string(),
+            out.to_path_buf(),
+        )
     }
 }
 

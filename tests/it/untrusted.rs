@@ -74,22 +74,7 @@ impl Model {
 }
 
 fn options(model: &Path, out: &Path, context: Option<u32>) -> BuildOptions {
-    BuildOptions {
-        model: model.to_path_buf(),
-        target: "x86_64-unknown-linux-gnu".into(),
-        device: None,
-        out: out.to_path_buf(),
-        context,
-        batch: 8,
-        embed_weights: true,
-        dump_after: vec![],
-        shared_linker: None,
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
-    }
+    BuildOptions { context, batch: 8, ..BuildOptions::new(model, "x86_64-unknown-linux-gnu", out) }
 }
 
 /// Writes `gguf` to a scratch directory and builds it; returns the result, the stages that

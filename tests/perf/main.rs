@@ -22,20 +22,9 @@ fn predicted_decode_on_the_host_is_within_25_percent_of_bench() {
     let triple = targets::host_triple().expect("a supported host");
     let out = scratch_dir("perf-predict").join("bundle");
     let opts = BuildOptions {
-        model,
-        target: triple.to_string(),
-        device: None,
-        out: out.clone(),
         context: Some(2048),
-        batch: 512,
-        embed_weights: true,
-        dump_after: vec![],
         shared_linker: Some("cc".into()),
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..BuildOptions::new(model, triple.to_string(), out.clone())
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
     let manifest: serde_json::Value =

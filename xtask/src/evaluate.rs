@@ -216,20 +216,10 @@ pub fn compile_reference(reference: &Path, triple: &str, ctx: usize, batch: u32)
     let dir = scratch("reference", "")?;
     eprintln!("compiling the reference {} for {triple} into {}", reference.display(), dir.display());
     let opts = compiler::bundle::BuildOptions {
-        model: reference.to_path_buf(),
-        target: triple.to_string(),
-        device: None,
-        out: dir.clone(),
         context: Some(u32::try_from(ctx).context("--ctx is too large")?),
         batch,
-        embed_weights: true,
-        dump_after: vec![],
         shared_linker: crate::default_shared_linker(triple),
-        prune: None,
-        quant: Default::default(),
-        lora: vec![],
-        kv_cache: Default::default(),
-        activations: Default::default(),
+        ..compiler::bundle::BuildOptions::new(reference, triple, dir.clone())
     };
     if let Err(e) = compiler::bundle::build_model(&opts, &mut |_| {}) {
         let _ = std::fs::remove_dir_all(&dir);

@@ -7,9 +7,10 @@
 #ifndef KILN_H
 #define KILN_H
 
+#include <stddef.h> /* size_t */
+
 #ifndef KILN_ABI_H
 #define KILN_ABI_H
-#include <stddef.h>
 #include <stdint.h>
 
 #define KILN_ABI_VERSION 4

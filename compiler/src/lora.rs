@@ -216,6 +216,27 @@ pub fn permute_rotary_rows<T: Copy + Default>(
     cols: usize,
     heads: usize,
 ) -> Result<Vec<T>, String> {
+    move_rotary_rows(m, rows, cols, heads, false)
+}
+
+/// The inverse of [`permute_rotary_rows`]: rows from GGUF's order back to Hugging Face's (what
+/// a PEFT adapter written from a model in GGUF order holds).
+pub fn unpermute_rotary_rows<T: Copy + Default>(
+    m: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Result<Vec<T>, String> {
+    move_rotary_rows(m, rows, cols, heads, true)
+}
+
+fn move_rotary_rows<T: Copy + Default>(
+    m: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+    back: bool,
+) -> Result<Vec<T>, String> {
     if heads == 0 || rows % (2 * heads) != 0 {
         return Err(format!("{rows} rows do not split into {heads} heads of rotary pairs"));
     }
@@ -227,8 +248,10 @@ pub fn permute_rotary_rows<T: Copy + Default>(
     for h in 0..heads {
         for i in 0..2 {
             for j in 0..half {
-                let from = h * 2 * half + i * half + j;
-                let to = h * 2 * half + j * 2 + i;
+                let (mut from, mut to) = (h * 2 * half + i * half + j, h * 2 * half + j * 2 + i);
+                if back {
+                    std::mem::swap(&mut from, &mut to);
+                }
                 out[to * cols..(to + 1) * cols].copy_from_slice(&m[from * cols..(from + 1) * cols]);
             }
         }
@@ -387,6 +410,12 @@ mod tests {
         let p = permute_rotary_rows(&m, 8, 1, 2).unwrap();
         assert_eq!(p, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
         assert!(permute_rotary_rows(&m, 8, 1, 3).is_err());
+        // The way back, on a matrix of several columns and heads of head_dim 8.
+        let m = seq(32 * 3, 0.5);
+        let there = permute_rotary_rows(&m, 32, 3, 4).unwrap();
+        assert_ne!(there, m);
+        assert_eq!(unpermute_rotary_rows(&there, 32, 3, 4).unwrap(), m);
+        assert!(unpermute_rotary_rows(&m, 32, 3, 5).is_err());
     }
 
     #[test]

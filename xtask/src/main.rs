@@ -118,6 +118,43 @@ enum Cmd {
         #[command(flatten)]
         model_passes: ModelPassArgs,
     },
+    /// Heals a compressed model: trains a LoRA adapter (PEFT format, for build-model --lora) so
+    /// that the model as compressed by these options matches the model as given (KL divergence
+    /// of the next-token distributions on the calibration text), on the CPU.
+    Heal {
+        /// The model (GGUF file, Hugging Face checkpoint or ONNX export); default: the cached
+        /// SmolLM2-135M-Instruct Q4_1.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Held-out text evaluated before and after (default: examples/data/eval.txt).
+        #[arg(long)]
+        eval_text: Option<PathBuf>,
+        /// Tokens of the held-out text evaluated.
+        #[arg(long, default_value_t = 1024)]
+        eval_tokens: usize,
+        /// Weight of the mean squared difference of the final hidden states, added to the KL.
+        #[arg(long, default_value_t = 0.0)]
+        hidden_weight: f32,
+        #[command(flatten)]
+        model_passes: ModelPassArgs,
+        #[command(flatten)]
+        train: xtask::heal::TrainArgs,
+    },
+    /// Fine-tunes a LoRA adapter (PEFT format, for build-model --lora) on chat examples: a
+    /// JSON Lines file of {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"}
+    /// rows, the loss on the assistant's tokens.
+    Finetune {
+        /// The model; default: the cached SmolLM2-135M-Instruct Q4_1.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The examples (JSON Lines).
+        #[arg(long)]
+        data: PathBuf,
+        #[command(flatten)]
+        model_passes: ModelPassArgs,
+        #[command(flatten)]
+        train: xtask::heal::TrainArgs,
+    },
     /// Writes an optimized GGUF: LoRA merged (--lora), requantized (--quant, --quant-tensor),
     /// pruned (--prune-layers).
     Optimize {
@@ -363,6 +400,19 @@ fn real_main() -> Result<()> {
                 100.0 * report.out_file_bytes as f64 / report.source_file_bytes.max(1) as f64
             );
         }
+        Cmd::Heal { model, eval_text, eval_tokens, hidden_weight, model_passes, train } => {
+            let calib_text = model_passes.calib.clone().unwrap_or_else(xtask::calibrate::default_calib_text);
+            let task = xtask::heal::Task::Heal {
+                calib: calib_text,
+                eval_text: eval_text.unwrap_or_else(|| xtask::root().join("examples/data/eval.txt")),
+                eval_tokens,
+                hidden_weight,
+            };
+            train_adapter(model, model_passes, task, train)?;
+        }
+        Cmd::Finetune { model, data, model_passes, train } => {
+            train_adapter(model, model_passes, xtask::heal::Task::Finetune { data }, train)?;
+        }
         Cmd::FetchModel => println!("{}", xtask::fetch_default_model(true)?.display()),
         Cmd::Chat(ref a) => run_bundle(&a.bundle.bundle, chat::Command::Chat(a.clone()))?,
         Cmd::Serve(ref a) => run_bundle(&a.bundle.bundle, chat::Command::Serve(a.clone()))?,
@@ -467,6 +517,34 @@ fn real_main() -> Result<()> {
 }
 
 /// The requantization options of `--quant` and `--quant-tensor` (each a comma-separated list).
+/// `heal` and `finetune`: the model passes' options resolved as build-model resolves them.
+fn train_adapter(
+    model: Option<PathBuf>,
+    passes: ModelPassArgs,
+    task: xtask::heal::Task,
+    train: xtask::heal::TrainArgs,
+) -> Result<()> {
+    let ModelPassArgs { quant, quant_tensor, prune_layers, calib, calib_tokens, lora } = passes;
+    let quant = quant_options(quant, &quant_tensor)?;
+    // Refuse an output kiln may not write, and bad options, before calibrating.
+    if train.resume && train.force {
+        bail!("--resume and --force exclude each other");
+    }
+    if matches!(task, xtask::heal::Task::Heal { .. }) && prune_layers.is_none() && quant.is_empty() && lora.is_empty() {
+        bail!("heal needs something to heal: give --quant, --quant-tensor or --prune-layers (the compression a build will apply)");
+    }
+    let model = match model {
+        Some(m) => m,
+        None => xtask::fetch_default_model(true)?,
+    };
+    let calib = xtask::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
+    let (prune, prune_notes) = xtask::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
+    print_lines(&prune_notes);
+    let summary = xtask::heal::run(xtask::heal::RunOptions { model, prune, quant, base_lora: lora, task, train })?;
+    xtask::heal::print_summary(&summary);
+    Ok(())
+}
+
 fn quant_options(quant: Option<String>, tensors: &[String]) -> Result<compiler::passes::requantize::QuantOptions> {
     let mut rules = vec![];
     for t in tensors {

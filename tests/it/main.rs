@@ -5,6 +5,7 @@ mod auto_prune;
 mod c_chat;
 mod dequant;
 mod eval;
+mod heal;
 mod kernels;
 mod lora;
 mod model;

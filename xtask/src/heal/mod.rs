@@ -102,6 +102,10 @@ pub struct TrainArgs {
     /// Worker threads of the matrix products (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Stops after this many steps of this run, writing nothing more, as a killed run would
+    /// (for the tests of --resume).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
 }
 
 /// What a run needs beyond [`TrainArgs`].
@@ -408,6 +412,10 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
             "{}",
             serde_json::json!({ "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens": s.tokens, "seconds": secs })
         )?;
+        if args.stop_after == Some(trainer.step - first_step) {
+            bar.abandon();
+            bail!("stopped after {} steps of this run (--stop-after), at step {}", trainer.step - first_step, trainer.step);
+        }
         if trainer.step % args.checkpoint_every == 0 || trainer.step == args.steps {
             checkpoint(&trainer, &args.out, &meta, &shape, &extra)?;
             if !bar.is_hidden() {

@@ -52,6 +52,9 @@ pub struct BuildOptions {
     pub quant: crate::passes::requantize::QuantOptions,
     /// `--lora`: LoRA adapters (PEFT directories or GGUF adapters) merged into the weights.
     pub lora: Vec<PathBuf>,
+    /// `--lora-mode low-rank`: keep the adapters as low-rank matmuls beside the compressed
+    /// weights (`attach_lora`) instead of merging them before requantization.
+    pub lora_low_rank: bool,
     /// `--kv-cache`: element type of the KV cache.
     pub kv_cache: ir::KvDType,
     /// `--activations`: the grid quantized matmuls' activations are rounded to.
@@ -77,6 +80,7 @@ impl BuildOptions {
             prune: None,
             quant: Default::default(),
             lora: vec![],
+            lora_low_rank: false,
             kv_cache: Default::default(),
             activations: Default::default(),
         }
@@ -266,6 +270,9 @@ pub fn fingerprint(
     for digest in adapter_sha256 {
         text.push_str(&format!("lora sha256 {digest}\n"));
     }
+    if opts.lora_low_rank {
+        text.push_str("lora mode low-rank\n");
+    }
     Sha256::digest(text.as_bytes()).into()
 }
 
@@ -341,6 +348,7 @@ pub fn build_model_checked(
             prune: opts.prune.clone(),
             quant: opts.quant.clone(),
             lora: adapters.clone(),
+            lora_low_rank: opts.lora_low_rank,
             ..Default::default()
         },
         fingerprint: [0; 32], // set below, once the file's digest is known
@@ -402,6 +410,7 @@ pub fn build_model_checked(
                 "sha256": a.sha256,
                 "tensors": a.updates.len(),
             })).collect::<Vec<_>>(),
+            "lora_mode": if opts.lora_low_rank { "low-rank" } else { "merge" },
         },
         "tokenizer": {
             "bos_id": tokenizer.bos.0,

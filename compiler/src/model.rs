@@ -75,6 +75,12 @@ impl<'a> Model<'a> {
         self.weights[w.index()] = Cow::Owned(bytes);
     }
 
+    /// Adds a weight stored in `format` as `bytes` and returns its id.
+    pub fn add_weight(&mut self, name: String, format: QuantFormat, shape: Vec<u32>, bytes: Vec<u8>) -> WeightId {
+        self.weights.push(Cow::Owned(bytes));
+        self.graph.add_weight(name, format, shape)
+    }
+
     /// Keeps the weights for which `keep` is true, renumbering them densely in their order and
     /// rewriting every node's weight references. `keep` must hold for every referenced weight.
     pub fn retain_weights(&mut self, keep: &[bool]) {

@@ -65,37 +65,48 @@ fn train_args(out: &Path) -> TrainArgs {
     }
 }
 
+fn q4_0() -> QuantOptions {
+    QuantOptions { default: Some("q4_0".into()), tensors: vec![] }
+}
+
 fn heal_options(model: &Path, calib: &Path, eval: &Path, train: TrainArgs) -> RunOptions {
     RunOptions {
         model: model.to_path_buf(),
         prune: Some(PruneSpec::Blocks(vec![1])),
-        quant: QuantOptions::default(),
+        quant: q4_0(),
         base_lora: vec![],
         task: Task::Heal { calib: calib.to_path_buf(), eval_text: eval.to_path_buf(), eval_tokens: 100, hidden_weight: 0.0 },
         train,
     }
 }
 
-/// The student as `heal` built it: the model lowered and pruned as a build prunes it.
+/// The student as `heal` built it: the model lowered, pruned and requantized to q4_0 as a build
+/// does it.
 fn student(model: &Path, prune: &[u32]) -> Llama {
     let source = compiler::source::open(model).unwrap();
     let hp = compiler::frontend::hyperparameters(source.as_ref()).unwrap();
     let lowered = compiler::frontend::lower(source.as_ref(), "t", 64).unwrap();
     let mut m = compiler::model::Model::borrowed(lowered.graph, &lowered.weights);
     let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
-    let o = compiler::passes::PipelineOptions { prune: Some(PruneSpec::Blocks(prune.to_vec())), ..Default::default() };
+    let o = compiler::passes::PipelineOptions {
+        prune: Some(PruneSpec::Blocks(prune.to_vec())),
+        quant: q4_0(),
+        ..Default::default()
+    };
     compiler::passes::run_model_passes(&mut m, target.as_ref(), &o).unwrap();
     let kept = (0..hp.n_layers).filter(|l| !prune.contains(l)).collect();
     Llama::from_model(&m, Shape::from_hyper(&hp), kept).unwrap()
 }
 
-fn build(model: &Path, out: &Path, lora: Vec<PathBuf>) -> Session {
+fn build(model: &Path, out: &Path, lora: Vec<PathBuf>, lora_low_rank: bool) -> Session {
     let opts = BuildOptions {
         context: Some(64),
         batch: 16,
         shared_linker: Some("cc".into()),
         prune: Some(PruneSpec::Blocks(vec![1])),
+        quant: q4_0(),
         lora,
+        lora_low_rank,
         ..BuildOptions::new(
             model.to_path_buf(),
             targets::host_triple().expect("a supported host").to_string(),
@@ -129,19 +140,29 @@ fn a_healed_adapter_compiles_into_the_student_it_was_trained_as() {
     let student = student(&model, &[1]);
     let lora = Lora::from_adapter(&student, &out).unwrap();
     assert_eq!(lora.modules.len(), 14);
-    let mut healed = build(&model, &dir.join("bundle"), vec![out.clone()]);
-    let mut plain = build(&model, &dir.join("bundle-plain"), vec![]);
+    // Kept low-rank beside the q4_0 weights, the compiled model is the student exactly (to
+    // q16 activations); merged before requantization, it is near it.
+    let mut low_rank = build(&model, &dir.join("bundle-low-rank"), vec![out.clone()], true);
+    let mut merged = build(&model, &dir.join("bundle-merged"), vec![out.clone()], false);
+    let mut plain = build(&model, &dir.join("bundle-plain"), vec![], false);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("bundle-low-rank/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["compile_options"]["lora_mode"], "low-rank");
     let mut rng = Rng::new(5);
     for len in [1usize, 7, 19] {
         let ids: Vec<u32> = (0..len).map(|_| 2 + rng.below(38) as u32).collect();
-        healed.reset();
-        plain.reset();
-        let got = healed.eval(&ids, true).unwrap();
+        for s in [&mut low_rank, &mut merged, &mut plain] {
+            s.reset();
+        }
+        let got = low_rank.eval(&ids, true).unwrap();
         let want = values(&student.forward(&ids, Some(&lora)).unwrap().logits).unwrap();
         let (diff, scale) = max_diff(&got, &want);
         assert!(diff <= 2e-3 * scale.max(1.0), "{len} tokens: compiled logits differ from the student's by {diff}");
         let (moved, _) = max_diff(&plain.eval(&ids, true).unwrap(), &want);
         assert!(moved > 20.0 * diff.max(1e-4), "{len} tokens: the adapter moved the logits by only {moved}");
+        let (merge_diff, _) = max_diff(&merged.eval(&ids, true).unwrap(), &want);
+        assert!(merge_diff < moved, "{len} tokens: merged, the adapter is lost ({merge_diff} vs {moved})");
+        eprintln!("{len} tokens: low-rank {diff:.2e}, merged {merge_diff:.2e}, no adapter {moved:.2e} from the student");
     }
 }
 

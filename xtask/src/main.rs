@@ -23,6 +23,15 @@ enum ActivationsArg {
     Q8,
 }
 
+/// `--lora-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LoraModeArg {
+    /// Merged into the weights before pruning and requantization (as llama.cpp's export-lora).
+    Merge,
+    /// Kept as two small f32 matmuls beside each compressed weight (what `heal` trains against).
+    LowRank,
+}
+
 /// `--kv-cache`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum KvCacheArg {
@@ -107,6 +116,11 @@ enum Cmd {
         /// then run on 8-bit multiplies, faster prefill at an accuracy cost `eval` measures).
         #[arg(long, value_enum, default_value_t = ActivationsArg::Q16)]
         activations: ActivationsArg,
+        /// How --lora adapters are applied: merge (W + alpha/r B A, then pruned and requantized
+        /// with the rest), or low-rank (kept as matmuls beside the compressed weights: exact for
+        /// an adapter `heal` trained, at (in + out) * r f32 values per layer).
+        #[arg(long, value_enum, default_value_t = LoraModeArg::Merge)]
+        lora_mode: LoraModeArg,
         /// Print the IR after a pass (or `all`).
         #[arg(long)]
         dump_after: Vec<String>,
@@ -285,6 +299,7 @@ fn real_main() -> Result<()> {
             weights,
             kv_cache,
             activations,
+            lora_mode,
             dump_after,
             shared_linker,
             model_passes: ModelPassArgs { quant, quant_tensor, prune_layers, calib, calib_tokens, lora },
@@ -332,6 +347,7 @@ fn real_main() -> Result<()> {
                 prune: prune_layers,
                 quant,
                 lora,
+                lora_low_rank: lora_mode == LoraModeArg::LowRank,
                 kv_cache,
                 activations,
             };

@@ -12,6 +12,9 @@ use crate::model::Model;
 const NAME: &str = "merge_lora";
 
 pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
+    if cx.options.lora_low_rank {
+        return Ok(()); // attach_lora applies them after requantization
+    }
     for adapter in &cx.options.lora {
         let bad = |message: String| PassError::BadOption {
             pass: NAME,

@@ -6,6 +6,7 @@
 //! exist, an adapter of another shape) returns a [`PassError`]. A panic or a verifier failure
 //! after a pass is a bug in that pass.
 
+pub mod attach_lora;
 pub mod drop_unused_weights;
 pub mod fuse_elementwise;
 pub mod merge_lora;
@@ -64,6 +65,7 @@ pub const PASSES: &[Pass] = &[
     Pass { name: "prune_layers", run: prune_layers::run, lowers: false },
     Pass { name: "drop_unused_weights", run: drop_unused_weights::run, lowers: false },
     Pass { name: "requantize", run: requantize::run, lowers: false },
+    Pass { name: "attach_lora", run: attach_lora::run, lowers: false },
     Pass { name: "quantize_activations", run: quantize_activations::run, lowers: true },
     Pass { name: "fuse_elementwise", run: fuse_elementwise::run, lowers: false },
 ];
@@ -75,6 +77,8 @@ pub struct PipelineOptions {
     pub dump_after: Vec<String>,
     /// LoRA adapters to merge into the weights (`merge_lora`), in order.
     pub lora: Vec<std::sync::Arc<crate::lora::Adapter>>,
+    /// Keep the adapters as low-rank matmuls (`attach_lora`) instead of merging them.
+    pub lora_low_rank: bool,
     /// `--prune-layers`: the transformer blocks `prune_layers` removes.
     pub prune: Option<prune_layers::PruneSpec>,
     /// `--quant`, `--quant-tensor`: the formats `requantize` gives the weights.

@@ -75,7 +75,12 @@ fn heal_options(model: &Path, calib: &Path, eval: &Path, train: TrainArgs) -> Ru
         prune: Some(PruneSpec::Blocks(vec![1])),
         quant: q4_0(),
         base_lora: vec![],
-        task: Task::Heal { calib: calib.to_path_buf(), eval_text: eval.to_path_buf(), eval_tokens: 100, hidden_weight: 0.0 },
+        task: Task::Heal {
+            calib: calib.to_path_buf(),
+            eval_text: eval.to_path_buf(),
+            eval_tokens: 100,
+            hidden_weight: 0.0,
+        },
         train,
     }
 }
@@ -125,7 +130,13 @@ fn a_healed_adapter_compiles_into_the_student_it_was_trained_as() {
     let (before, after) = (summary.before.kl.unwrap(), summary.after.kl.unwrap());
     assert!(before > 0.0 && after < before, "held-out KL to the teacher {before} -> {after}");
     assert_eq!(summary.steps, 8);
-    for f in ["adapter_config.json", "adapter_model.safetensors", "training_log.jsonl", "summary.json", "checkpoint/state.json"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_log.jsonl",
+        "summary.json",
+        "checkpoint/state.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let log = std::fs::read_to_string(out.join("training_log.jsonl")).unwrap();
@@ -133,7 +144,8 @@ fn a_healed_adapter_compiles_into_the_student_it_was_trained_as() {
 
     // The adapter names the source's layers 0 and 2 (block 1 pruned), as merge_lora (which
     // runs before pruning) needs.
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["layers_to_transform"], serde_json::json!([0, 2]));
     assert_eq!(config["r"], 2);
 
@@ -162,7 +174,9 @@ fn a_healed_adapter_compiles_into_the_student_it_was_trained_as() {
         assert!(moved > 20.0 * diff.max(1e-4), "{len} tokens: the adapter moved the logits by only {moved}");
         let (merge_diff, _) = max_diff(&merged.eval(&ids, true).unwrap(), &want);
         assert!(merge_diff < moved, "{len} tokens: merged, the adapter is lost ({merge_diff} vs {moved})");
-        eprintln!("{len} tokens: low-rank {diff:.2e}, merged {merge_diff:.2e}, no adapter {moved:.2e} from the student");
+        eprintln!(
+            "{len} tokens: low-rank {diff:.2e}, merged {merge_diff:.2e}, no adapter {moved:.2e} from the student"
+        );
     }
 }
 
@@ -198,10 +212,8 @@ fn a_stopped_run_resumes_to_the_same_adapter() {
         );
     }
     let log = std::fs::read_to_string(stopped.join("training_log.jsonl")).unwrap();
-    let steps: Vec<u64> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("step")?.as_u64())
-        .collect();
+    let steps: Vec<u64> =
+        log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("step")?.as_u64()).collect();
     assert_eq!(steps, (0..8).collect::<Vec<_>>(), "each step logged once");
     assert_eq!(log.lines().filter(|l| l.contains("\"eval\":\"before\"")).count(), 1);
 }
@@ -218,19 +230,27 @@ fn bad_input_is_refused_and_nothing_of_the_users_is_touched() {
     };
     let short = dir.join("short.txt");
     std::fs::write(&short, "abcab").unwrap();
-    fails(heal_options(&model, &short, &eval, train_args(&out)), &["calibration text has", "shorter than one training sequence"]);
+    fails(
+        heal_options(&model, &short, &eval, train_args(&out)),
+        &["calibration text has", "shorter than one training sequence"],
+    );
     fails(heal_options(&model, &calib, &eval, TrainArgs { rank: 0, ..train_args(&out) }), &["--rank 0"]);
-    fails(heal_options(&model, &calib, &eval, TrainArgs { rank: 33, targets: "k_proj".into(), ..train_args(&out) }), &[
-        "--rank 33",
-        "k_proj (32)",
-    ]);
-    fails(heal_options(&model, &calib, &eval, TrainArgs { targets: "q_proj,lm_head".into(), ..train_args(&out) }), &[
-        "unknown target module \"lm_head\"",
-        "q_proj",
-    ]);
+    fails(
+        heal_options(&model, &calib, &eval, TrainArgs { rank: 33, targets: "k_proj".into(), ..train_args(&out) }),
+        &["--rank 33", "k_proj (32)"],
+    );
+    fails(
+        heal_options(&model, &calib, &eval, TrainArgs { targets: "q_proj,lm_head".into(), ..train_args(&out) }),
+        &["unknown target module \"lm_head\"", "q_proj"],
+    );
     let data = dir.join("data.jsonl");
-    std::fs::write(&data, "{\"prompt\": \"ab\", \"completion\": \"c\"}\n{\"messages\": [{\"role\": \"user\"}]}\n").unwrap();
-    let finetune = RunOptions { task: Task::Finetune { data: data.clone() }, prune: None, ..heal_options(&model, &calib, &eval, train_args(&out)) };
+    std::fs::write(&data, "{\"prompt\": \"ab\", \"completion\": \"c\"}\n{\"messages\": [{\"role\": \"user\"}]}\n")
+        .unwrap();
+    let finetune = RunOptions {
+        task: Task::Finetune { data: data.clone() },
+        prune: None,
+        ..heal_options(&model, &calib, &eval, train_args(&out))
+    };
     // The tiny model has no chat template: said before the rows are read.
     fails(finetune, &["no chat template"]);
 
@@ -238,22 +258,29 @@ fn bad_input_is_refused_and_nothing_of_the_users_is_touched() {
     let user = dir.join("project");
     std::fs::create_dir_all(&user).unwrap();
     std::fs::write(user.join("notes.txt"), "mine").unwrap();
-    fails(heal_options(&model, &calib, &eval, TrainArgs { force: true, ..train_args(&user) }), &["notes.txt", "nothing was changed"]);
+    fails(
+        heal_options(&model, &calib, &eval, TrainArgs { force: true, ..train_args(&user) }),
+        &["notes.txt", "nothing was changed"],
+    );
     assert_eq!(std::fs::read_to_string(user.join("notes.txt")).unwrap(), "mine");
     assert_eq!(std::fs::read_dir(&user).unwrap().count(), 1);
     let file = dir.join("a-file");
     std::fs::write(&file, "x").unwrap();
     fails(heal_options(&model, &calib, &eval, train_args(&file)), &["not a directory"]);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
-    fails(heal_options(&model, &calib, &eval, TrainArgs { resume: true, ..train_args(&dir.join("none")) }), &["no checkpoint"]);
+    fails(
+        heal_options(&model, &calib, &eval, TrainArgs { resume: true, ..train_args(&dir.join("none")) }),
+        &["no checkpoint"],
+    );
     // Every refusal above happened before any output was written.
     assert!(!out.exists() || std::fs::read_dir(&out).unwrap().count() == 0);
 }
 
 fn kiln_model() -> PathBuf {
-    PathBuf::from(std::env::var_os("KILN_MODEL").expect(
-        "KILN_MODEL is not set: point it at the test model's GGUF file (cargo xtask test sets it)",
-    ))
+    PathBuf::from(
+        std::env::var_os("KILN_MODEL")
+            .expect("KILN_MODEL is not set: point it at the test model's GGUF file (cargo xtask test sets it)"),
+    )
 }
 
 /// `finetune` on SmolLM2 with its ChatML template: a handful of steps on examples whose answers
@@ -264,7 +291,10 @@ fn finetune_learns_answers_in_the_chat_format() {
     let dir = scratch_dir("finetune_real");
     let data = dir.join("data.jsonl");
     let mut rows = String::new();
-    let words = ["apple", "river", "stone", "cloud", "lamp", "garden", "violin", "harbor", "pencil", "meadow", "candle", "bridge"];
+    let words = [
+        "apple", "river", "stone", "cloud", "lamp", "garden", "violin", "harbor", "pencil", "meadow", "candle",
+        "bridge",
+    ];
     for (i, w) in words.iter().enumerate() {
         let row = serde_json::json!({"messages": [
             {"role": "user", "content": format!("Code word {i}?")},
@@ -301,11 +331,19 @@ fn finetune_learns_answers_in_the_chat_format() {
         summary.before.perplexity,
         summary.after.perplexity
     );
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
 
     let bad = dir.join("bad.jsonl");
-    std::fs::write(&bad, format!("{}{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}\n", &rows[..rows.find('\n').unwrap() + 1])).unwrap();
+    std::fs::write(
+        &bad,
+        format!(
+            "{}{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}\n",
+            &rows[..rows.find('\n').unwrap() + 1]
+        ),
+    )
+    .unwrap();
     let err = format!("{:#}", run(opts(bad, dir.join("adapter-bad"))).unwrap_err());
     assert!(err.contains("line 2") && err.contains("no assistant message"), "{err}");
     let bad = dir.join("bad2.jsonl");

@@ -425,3 +425,29 @@ fn optimize_refuses_bad_options_and_existing_outputs() {
     let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(files.len(), 2, "nothing else written: {files:?}");
 }
+
+/// `heal` and `finetune` refuse what cannot work before loading anything.
+#[test]
+fn heal_and_finetune_bad_flags() {
+    let dir = scratch("heal_flags");
+    let model = dir.join("m.gguf");
+    std::fs::write(&model, small_valid_header()).unwrap();
+    let m = model.to_str().unwrap();
+    let out = dir.join("out");
+    let o = out.to_str().unwrap();
+    for (args, says) in [
+        (vec!["heal", "--model", m, "--out", o], "needs something to heal"),
+        (vec!["heal", "--model", m, "--quant", "q4_0", "--out", o, "--resume", "--force"], "exclude each other"),
+        (vec!["finetune", "--model", m, "--data", "none.jsonl", "--out", o, "--rank", "0"], "--rank 0"),
+        (
+            vec!["finetune", "--model", m, "--data", "none.jsonl", "--out", o, "--targets", "lm_head"],
+            "unknown target module",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_xtask")).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    assert!(!out.exists(), "a refused run created its --out");
+}

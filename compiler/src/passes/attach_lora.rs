@@ -46,7 +46,10 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
                 continue;
             };
             let Some(index) = model.graph.weights.iter().position(|w| w.name == current) else {
-                return Err(bad(format!("adapter {}: it updates {name:?}, which the model does not have", adapter.path.display())));
+                return Err(bad(format!(
+                    "adapter {}: it updates {name:?}, which the model does not have",
+                    adapter.path.display()
+                )));
             };
             let w = &model.graph.weights[index];
             if w.shape != [u.rows as u32, u.cols as u32] {
@@ -66,8 +69,18 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
             if u.a.iter().chain(&u.b).any(|x| !(x * u.scale).is_finite()) {
                 return Err(bad(format!("adapter {}: the update of {name:?} is not finite", adapter.path.display())));
             }
-            let a = model.add_weight(format!("{current}.lora_a"), QuantFormat::F32, vec![u.rank as u32, u.cols as u32], a_bytes);
-            let b = model.add_weight(format!("{current}.lora_b"), QuantFormat::F32, vec![u.rows as u32, u.rank as u32], b_bytes);
+            let a = model.add_weight(
+                format!("{current}.lora_a"),
+                QuantFormat::F32,
+                vec![u.rank as u32, u.cols as u32],
+                a_bytes,
+            );
+            let b = model.add_weight(
+                format!("{current}.lora_b"),
+                QuantFormat::F32,
+                vec![u.rows as u32, u.rank as u32],
+                b_bytes,
+            );
             attach[index] = Some((a, b, u.rank as u32));
             attached += 1;
         }
@@ -90,10 +103,15 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
                 return Err(bad("a LoRA update cannot follow a matmul with a silu or mul epilogue".into()));
             }
             if nodes[x.index()].ty.dtype != DType::F32 {
-                return Err(bad("LoRA's low-rank matmuls need f32 activations (the pass runs before quantize_activations)".into()));
+                return Err(bad(
+                    "LoRA's low-rank matmuls need f32 activations (the pass runs before quantize_activations)".into(),
+                ));
             }
             let t = ValueId(nodes.len() as u32);
-            nodes.push(Node { op: Op::MatMul { x, weight: a, epilogue: Epilogue::None }, ty: TensorType::rows(DType::F32, rank) });
+            nodes.push(Node {
+                op: Op::MatMul { x, weight: a, epilogue: Epilogue::None },
+                ty: TensorType::rows(DType::F32, rank),
+            });
             let out = ValueId(nodes.len() as u32);
             nodes.push(Node { op: Op::MatMul { x: t, weight: b, epilogue: Epilogue::Add(y) }, ty });
             renumber.push(out);
@@ -105,7 +123,8 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
     for v in &mut model.graph.outputs {
         *v = renumber[v.index()];
     }
-    let extra: usize = attach.iter().flatten().map(|&(a, b, _)| model.weight_bytes(a).len() + model.weight_bytes(b).len()).sum();
+    let extra: usize =
+        attach.iter().flatten().map(|&(a, b, _)| model.weight_bytes(a).len() + model.weight_bytes(b).len()).sum();
     cx.note(
         NAME,
         format!(

@@ -29,7 +29,11 @@ pub fn windows(tokens: &[u32], seq_len: usize, what: &str) -> Result<Vec<Example
 
 /// Non-overlapping windows of at most `seq_len` over the first `cap` tokens (for evaluation).
 pub fn chunks(tokens: &[u32], seq_len: usize, cap: usize) -> Vec<Example> {
-    tokens[..tokens.len().min(cap)].chunks(seq_len).filter(|c| c.len() >= 2).map(|c| Example::text(c.to_vec())).collect()
+    tokens[..tokens.len().min(cap)]
+        .chunks(seq_len)
+        .filter(|c| c.len() >= 2)
+        .map(|c| Example::text(c.to_vec()))
+        .collect()
 }
 
 /// The tokens of a text file (read whole; at most 64 MiB).

@@ -116,10 +116,14 @@ impl Target {
                 out.extend(Target::ALL);
                 continue;
             }
-            let t = Target::ALL.into_iter().find(|t| t.peft_name() == item || t.gguf_part() == item).ok_or_else(|| {
-                let known: Vec<&str> = Target::ALL.iter().map(|t| t.peft_name()).collect();
-                anyhow!("unknown target module {item:?}: the Llama linear layers are {} (or all-linear)", known.join(", "))
-            })?;
+            let t =
+                Target::ALL.into_iter().find(|t| t.peft_name() == item || t.gguf_part() == item).ok_or_else(|| {
+                    let known: Vec<&str> = Target::ALL.iter().map(|t| t.peft_name()).collect();
+                    anyhow!(
+                        "unknown target module {item:?}: the Llama linear layers are {} (or all-linear)",
+                        known.join(", ")
+                    )
+                })?;
             out.push(t);
         }
         out.sort();

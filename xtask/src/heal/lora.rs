@@ -49,7 +49,10 @@ pub fn check_rank(shape: &Shape, targets: &[Target], rank: usize) -> Result<()> 
         let (inp, out) = t.dims(shape);
         let width = inp.min(out);
         if rank > width {
-            bail!("--rank {rank} is larger than the width of {} ({width}): a LoRA rank must be below the layer's", t.peft_name());
+            bail!(
+                "--rank {rank} is larger than the width of {} ({width}): a LoRA rank must be below the layer's",
+                t.peft_name()
+            );
         }
     }
     Ok(())
@@ -89,18 +92,19 @@ impl Lora {
         let (mut rank, mut scale) = (None, None);
         let mut targets = vec![];
         for (name, u) in &adapter.updates {
-            let parsed = name.strip_prefix("blk.").and_then(|r| r.strip_suffix(".weight")).and_then(|r| r.split_once('.'));
-            let Some((layer, part)) = parsed else { bail!("{}: update of {name:?}, not a block's linear layer", path.display()) };
+            let parsed =
+                name.strip_prefix("blk.").and_then(|r| r.strip_suffix(".weight")).and_then(|r| r.split_once('.'));
+            let Some((layer, part)) = parsed else {
+                bail!("{}: update of {name:?}, not a block's linear layer", path.display())
+            };
             let layer: u32 = layer.parse().with_context(|| format!("{}: update of {name:?}", path.display()))?;
             let target = Target::ALL
                 .into_iter()
                 .find(|t| t.gguf_part() == part)
                 .with_context(|| format!("{}: update of {name:?}, not a linear layer", path.display()))?;
-            let block = model
-                .layers
-                .iter()
-                .position(|&l| l == layer)
-                .with_context(|| format!("{}: updates block {layer}, which this model does not have", path.display()))?;
+            let block = model.layers.iter().position(|&l| l == layer).with_context(|| {
+                format!("{}: updates block {layer}, which this model does not have", path.display())
+            })?;
             let (inp, out) = target.dims(&model.shape);
             if (u.rows, u.cols) != (out, inp) {
                 bail!("{}: {name} is {}x{}, the model's layer {out}x{inp}", path.display(), u.rows, u.cols);

@@ -203,12 +203,8 @@ pub fn prepare_out(out: &Path, resume: bool, force: bool) -> Result<bool> {
         );
     }
     for p in ours {
-        if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        }
-        .with_context(|| format!("cannot remove {}", p.display()))?;
+        if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) }
+            .with_context(|| format!("cannot remove {}", p.display()))?;
     }
     Ok(false)
 }
@@ -262,7 +258,8 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
             (examples, eval, format!("{} (first {} tokens)", eval_text.display(), eval_tokens), digest)
         }
         Task::Finetune { data } => {
-            let source_template = spec.chat_template.as_deref().context("the model has no chat template to render the examples with")?;
+            let source_template =
+                spec.chat_template.as_deref().context("the model has no chat template to render the examples with")?;
             let template = runtime::chat_template::ChatTemplate::new(source_template, &spec.bos.1, &spec.eos.1)
                 .map_err(|e| anyhow::anyhow!("the model's chat template: {e}"))?;
             let (all, cut) = data::chat_examples(data, &template, &tokenizer, args.seq_len, bos)?;
@@ -318,7 +315,9 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
     let student = Llama::from_model(&model, shape.clone(), kept.clone())?;
     drop(model);
     let objective = match (&opts.task, teacher) {
-        (Task::Heal { hidden_weight, .. }, Some(t)) => Objective::Distill { teacher: Box::new(t), hidden_weight: *hidden_weight },
+        (Task::Heal { hidden_weight, .. }, Some(t)) => {
+            Objective::Distill { teacher: Box::new(t), hidden_weight: *hidden_weight }
+        }
         _ => Objective::CrossEntropy,
     };
     let command = if matches!(opts.task, Task::Heal { .. }) { "heal" } else { "finetune" };
@@ -389,7 +388,7 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
 
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} steps | {msg} | {elapsed} left {eta}")
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} steps | {msg} | {elapsed} elapsed, {eta} left")
             .expect("a valid template")
             .progress_chars("=> "),
     );
@@ -398,7 +397,8 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
     let first_step = trainer.step;
     let mut tokens_seen = 0usize;
     let mut last_loss = f32::NAN;
-    let extra = serde_json::json!({ "base_model_name_or_path": opts.model.display().to_string(), "kiln": meta.clone() });
+    let extra =
+        serde_json::json!({ "base_model_name_or_path": opts.model.display().to_string(), "kiln": meta.clone() });
     while trainer.step < args.steps {
         let s = trainer.step()?;
         tokens_seen += s.tokens;
@@ -414,7 +414,11 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
         )?;
         if args.stop_after == Some(trainer.step - first_step) {
             bar.abandon();
-            bail!("stopped after {} steps of this run (--stop-after), at step {}", trainer.step - first_step, trainer.step);
+            bail!(
+                "stopped after {} steps of this run (--stop-after), at step {}",
+                trainer.step - first_step,
+                trainer.step
+            );
         }
         if trainer.step % args.checkpoint_every == 0 || trainer.step == args.steps {
             checkpoint(&trainer, &args.out, &meta, &shape, &extra)?;
@@ -455,7 +459,13 @@ fn write_lines(path: &Path, lines: &[String]) -> Result<()> {
 
 /// Writes the checkpoint (to `checkpoint.tmp`, then renamed over the last one) and the adapter
 /// as it stands.
-fn checkpoint(trainer: &Trainer<'_>, out: &Path, meta: &serde_json::Value, shape: &Shape, extra: &serde_json::Value) -> Result<()> {
+fn checkpoint(
+    trainer: &Trainer<'_>,
+    out: &Path,
+    meta: &serde_json::Value,
+    shape: &Shape,
+    extra: &serde_json::Value,
+) -> Result<()> {
     let tmp = out.join("checkpoint.tmp");
     let dir = out.join("checkpoint");
     if tmp.exists() {

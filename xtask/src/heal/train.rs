@@ -104,7 +104,13 @@ const EPS: f32 = 1e-8;
 const CLIP: f32 = 1.0;
 
 impl<'a> Trainer<'a> {
-    pub fn new(student: &'a Llama, objective: &'a Objective, lora: Lora, hyper: Hyper, examples: Vec<Example>) -> Result<Self> {
+    pub fn new(
+        student: &'a Llama,
+        objective: &'a Objective,
+        lora: Lora,
+        hyper: Hyper,
+        examples: Vec<Example>,
+    ) -> Result<Self> {
         ensure!(!examples.is_empty(), "no training examples");
         ensure!(hyper.steps > 0, "--steps must be at least 1");
         ensure!(hyper.batch > 0, "--batch must be at least 1");
@@ -252,7 +258,8 @@ impl<'a> Trainer<'a> {
             let g = g.mul_scalar(clip);
             mo.m = mo.m.clone().mul_scalar(BETA1).add(g.clone().mul_scalar(1.0 - BETA1));
             mo.v = mo.v.clone().mul_scalar(BETA2).add(g.square().mul_scalar(1.0 - BETA2));
-            let step = mo.m.clone().div_scalar(c1).div(mo.v.clone().div_scalar(c2).sqrt().add_scalar(EPS)).mul_scalar(lr);
+            let step =
+                mo.m.clone().div_scalar(c1).div(mo.v.clone().div_scalar(c2).sqrt().add_scalar(EPS)).mul_scalar(lr);
             updated.push(p.inner().sub(step));
         }
         lora.set_params(updated);
@@ -342,8 +349,8 @@ impl<'a> Trainer<'a> {
     pub fn load(&mut self, dir: &Path, meta: &serde_json::Value) -> Result<()> {
         let state_path = dir.join("state.json");
         let text = std::fs::read(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
-        let state: serde_json::Value = serde_json::from_slice(&text)
-            .with_context(|| format!("{} is not valid JSON", state_path.display()))?;
+        let state: serde_json::Value =
+            serde_json::from_slice(&text).with_context(|| format!("{} is not valid JSON", state_path.display()))?;
         if state.get("meta") != Some(meta) {
             bail!(
                 "the checkpoint in {} was made with other options or data ({}); rerun with the same ones, or --force to start over",
@@ -355,13 +362,20 @@ impl<'a> Trainer<'a> {
         ensure!(step <= self.hyper.steps, "the checkpoint is at step {step}, beyond --steps {}", self.hyper.steps);
         let path = dir.join("state.safetensors");
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is damaged", path.display()))?;
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is damaged", path.display()))?;
         let device = self.student.device().clone();
         let read = |name: String, dims: [usize; 2]| -> Result<Tensor<2>> {
             let view = st.tensor(&name).with_context(|| format!("{}: no tensor {name}", path.display()))?;
-            ensure!(view.shape() == dims, "{}: tensor {name} has shape {:?}, expected {dims:?}", path.display(), view.shape());
+            ensure!(
+                view.shape() == dims,
+                "{}: tensor {name} has shape {:?}, expected {dims:?}",
+                path.display(),
+                view.shape()
+            );
             ensure!(view.dtype() == safetensors::Dtype::F32, "{}: tensor {name} is not F32", path.display());
-            let v: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let v: Vec<f32> =
+                view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             Ok(matrix(v, dims[0], dims[1], &device))
         };
         let mut params = vec![];
@@ -396,11 +410,24 @@ pub(crate) mod tests {
     use crate::heal::llama::{Shape, Target};
 
     pub(crate) fn tiny_shape() -> Shape {
-        Shape { d_model: 32, d_ff: 48, n_heads: 4, n_kv_heads: 2, head_dim: 8, vocab: 24, rope_theta: 10000.0, rms_eps: 1e-5 }
+        Shape {
+            d_model: 32,
+            d_ff: 48,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            vocab: 24,
+            rope_theta: 10000.0,
+            rms_eps: 1e-5,
+        }
     }
 
     /// A random model of `layers` blocks; `delta(name, rows, cols, values)` may change a weight.
-    pub(crate) fn tiny_model(seed: u64, layers: usize, mut delta: impl FnMut(&str, usize, usize, &mut Vec<f32>)) -> Llama {
+    pub(crate) fn tiny_model(
+        seed: u64,
+        layers: usize,
+        mut delta: impl FnMut(&str, usize, usize, &mut Vec<f32>),
+    ) -> Llama {
         let mut rng = Rng::new(seed);
         Llama::build(tiny_shape(), (0..layers as u32).collect(), |name, rows, cols| {
             if name == "output.weight" {

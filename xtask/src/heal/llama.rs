@@ -14,6 +14,8 @@ use anyhow::{anyhow, bail, ensure, Result};
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
+use super::lora::transpose;
+
 /// The burn device every tensor of a run lives on.
 pub fn device() -> Device {
     #[allow(deprecated)] // burn 0.22 marks ndarray deprecated in favour of flex; the brief asks for ndarray
@@ -161,16 +163,6 @@ pub struct Forward {
     pub logits: Tensor<2>,
     /// `[n, d]`: the output of the final RMSNorm.
     pub hidden: Tensor<2>,
-}
-
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
 }
 
 /// A `[rows, cols]` tensor of row-major `data`.

@@ -212,6 +212,7 @@ impl Lora {
     }
 }
 
+/// A row-major `[rows, cols]` matrix transposed.
 pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; data.len()];
     for r in 0..rows {

@@ -22,7 +22,7 @@ fn model_path() -> PathBuf {
 fn app() -> &'static (PathBuf, PathBuf) {
     static APP: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     APP.get_or_init(|| {
-        let bundle = scratch_dir("c-chat").join("bundle");
+        let bundle = scratch_dir("c-chat").keep().join("bundle");
         let opts = BuildOptions {
             context: Some(512),
             batch: 64,
@@ -80,7 +80,8 @@ fn c_program_chats_through_the_c_abi() {
 #[test]
 fn c_program_reports_missing_weights() {
     let (bundle, exe) = app();
-    let broken = scratch_dir("c-chat-no-weights").join("bundle");
+    let scratch = scratch_dir("c-chat-no-weights");
+    let broken = scratch.join("bundle");
     copy_tree(bundle, &broken, "weights.bin");
     assert!(!broken.join("weights.bin").exists());
     let out = run(exe, &broken, PROMPT);

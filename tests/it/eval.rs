@@ -34,7 +34,7 @@ fn build(model: &Path, out: &Path, context: u32, batch: u32) {
 fn tiny() -> &'static (PathBuf, PathBuf, PathBuf, PathBuf) {
     static TINY: OnceLock<(PathBuf, PathBuf, PathBuf, PathBuf)> = OnceLock::new();
     TINY.get_or_init(|| {
-        let dir = scratch_dir("eval");
+        let dir = scratch_dir("eval").keep();
         let mut bundles = vec![];
         for seed in [1u64, 2] {
             let gguf = dir.join(format!("tiny{seed}.gguf"));

@@ -12,7 +12,7 @@ use compiler::passes::prune_layers::PruneSpec;
 use compiler::passes::requantize::QuantOptions;
 use ir::QuantFormat;
 use runtime::session::Session;
-use tests::harness::{max_diff, scratch_dir, tiny_llama_gguf_with_tokenizer, Rng, TinyLlama};
+use tests::harness::{max_diff, scratch_dir, tiny_llama_gguf_with_tokenizer, Rng, Scratch, TinyLlama};
 use xtask::heal::llama::{values, Llama, Shape};
 use xtask::heal::lora::Lora;
 use xtask::heal::{run, RunOptions, Task, TrainArgs};
@@ -32,7 +32,7 @@ fn cfg() -> TinyLlama {
 }
 
 /// A tiny model, a calibration text and an evaluation text (letters the tiny tokenizer knows).
-fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+fn setup(name: &str) -> (Scratch, PathBuf, PathBuf, PathBuf) {
     let dir = scratch_dir(name);
     let mut rng = Rng::new(21);
     let model = dir.join("tiny.gguf");

@@ -25,7 +25,7 @@ const LOGIT_TOLERANCE: f32 = 0.05;
 pub(crate) fn bundle() -> &'static (PathBuf, PathBuf) {
     static BUNDLE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BUNDLE.get_or_init(|| {
-        let dir = scratch_dir("smollm");
+        let dir = scratch_dir("smollm").keep();
         let out = dir.join("bundle");
         build(&model_path(), &out, true);
         let so = out.join("lib/libkiln_model.so");

@@ -11,7 +11,7 @@ use compiler::bundle::{build_model, BuildError, BuildOptions, BuildReport, Stage
 use compiler::frontend::FrontendError;
 use compiler::gguf::{GgmlType, GgufError, GgufFile, GgufWriter, MetaValue};
 use ir::QuantFormat;
-use tests::harness::{scratch_dir, tiny_llama_gguf, Rng, TinyLlama};
+use tests::harness::{scratch_dir, tiny_llama_gguf, Rng, Scratch, TinyLlama};
 
 fn cfg(n_layers: u32, vocab: u32, tied: bool) -> TinyLlama {
     TinyLlama {
@@ -79,20 +79,26 @@ fn options(model: &Path, out: &Path, context: Option<u32>) -> BuildOptions {
 
 /// Writes `gguf` to a scratch directory and builds it; returns the result, the stages that
 /// started, and the bundle directory.
-fn build(test: &str, gguf: &[u8], context: Option<u32>) -> (Result<BuildReport, BuildError>, Vec<Stage>, PathBuf) {
+/// Builds `gguf` in a scratch directory; the guard comes last so that the bundle outlives the
+/// checks made on it.
+fn build(
+    test: &str,
+    gguf: &[u8],
+    context: Option<u32>,
+) -> (Result<BuildReport, BuildError>, Vec<Stage>, PathBuf, Scratch) {
     let dir = scratch_dir(&format!("untrusted/{test}"));
     let model = dir.join("model.gguf");
     std::fs::write(&model, gguf).unwrap();
     let out = dir.join("bundle");
     let mut stages = vec![];
     let result = build_model(&options(&model, &out, context), &mut |s| stages.push(s));
-    (result, stages, out)
+    (result, stages, out, dir)
 }
 
 fn build_err(test: &str, gguf: &[u8], context: Option<u32>) -> (BuildError, Vec<Stage>) {
     match build(test, gguf, context) {
-        (Ok(_), _, _) => panic!("{test}: the build succeeded"),
-        (Err(e), stages, out) => {
+        (Ok(_), _, _, _) => panic!("{test}: the build succeeded"),
+        (Err(e), stages, out, _dir) => {
             assert!(!out.exists(), "{test}: a failed build left a bundle");
             (e, stages)
         }
@@ -131,7 +137,7 @@ fn nul_in_model_name_is_refused_before_codegen() {
 fn model_name_cannot_inject_code_into_the_header() {
     let name = "x */ int evil; /*";
     let gguf = Model::new(&cfg(1, 8, true), 8).set("general.name", MetaValue::String(name.into())).bytes();
-    let (result, _, out) = build("inject_name", &gguf, None);
+    let (result, _, out, _dir) = build("inject_name", &gguf, None);
     result.unwrap_or_else(|e| panic!("build failed: {e}"));
     let header_path = out.join("include/kiln_model.h");
     let header = std::fs::read_to_string(&header_path).unwrap();
@@ -173,7 +179,7 @@ fn embedding_rows_must_match_the_tokenizer() {
     let msg = e.to_string();
     assert!(msg.contains("output.weight") && msg.contains("12 rows") && msg.contains("8 tokens"), "{msg}");
     // Matching counts build.
-    let (result, _, _) = build("vocab_ok", &Model::new(&cfg(1, 8, false), 8).bytes(), None);
+    let (result, _, _, _dir) = build("vocab_ok", &Model::new(&cfg(1, 8, false), 8).bytes(), None);
     result.unwrap_or_else(|e| panic!("build failed: {e}"));
 }
 
@@ -185,7 +191,7 @@ fn embedding_rows_must_match_the_tokenizer() {
 fn build_time_is_not_quadratic_in_the_layer_count() {
     let gguf = Model::new(&cfg(1024, 8, true), 8).bytes();
     let start = Instant::now();
-    let (result, _, _) = build("layers_1024", &gguf, None);
+    let (result, _, _, _dir) = build("layers_1024", &gguf, None);
     let report = result.unwrap_or_else(|e| panic!("build failed: {e}"));
     let elapsed = start.elapsed();
     eprintln!("1024 layers ({} bytes) built in {:.2} s", gguf.len(), elapsed.as_secs_f64());
@@ -212,7 +218,7 @@ fn zero_context_length_in_the_file_suggests_the_flag() {
     assert!(matches!(e, BuildError::Frontend(FrontendError::NoContextLength { .. })), "{msg}");
     assert!(msg.contains("llama.context_length is 0") && msg.contains("--context"), "{msg}");
     // With a context given, the file's 0 (unknown) is no obstacle.
-    let (result, _, _) = build("context_0_given", &gguf, Some(32));
+    let (result, _, _, _dir) = build("context_0_given", &gguf, Some(32));
     result.unwrap_or_else(|e| panic!("build failed: {e}"));
 }
 

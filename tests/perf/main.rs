@@ -20,7 +20,8 @@ fn predicted_decode_on_the_host_is_within_25_percent_of_bench() {
         return;
     };
     let triple = targets::host_triple().expect("a supported host");
-    let out = scratch_dir("perf-predict").join("bundle");
+    let scratch = scratch_dir("perf-predict");
+    let out = scratch.join("bundle");
     let opts = BuildOptions {
         context: Some(2048),
         shared_linker: Some("cc".into()),

@@ -61,7 +61,6 @@ pub fn random_weights(graph: &Graph, rng: &mut Rng, scale: f32) -> Vec<Vec<u8>> 
         .collect()
 }
 
-/// A scratch directory under the target dir, unique per test name.
 /// Records that a test could not run for want of optional data. `cargo xtask test` sets
 /// `KILN_NOT_RUN` to a file, collects these records and prints them in its summary; without
 /// it (a plain `cargo test`) a test that cannot run fails instead of passing silently.
@@ -81,11 +80,56 @@ pub fn not_run(test: &str, reason: &str) {
     }
 }
 
-pub fn scratch_dir(name: &str) -> PathBuf {
+/// A fresh scratch directory under `target/kiln-tests`, unique per test name. It is removed
+/// when the returned guard drops, unless the test is failing (a panic is unwinding) or
+/// `KILN_KEEP_SCRATCH` is set: a passing suite leaves behind only the fixtures kept with
+/// [`Scratch::keep`], so its disk use stays at its peak rather than at its sum.
+pub fn scratch_dir(name: &str) -> Scratch {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kiln-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(Some(dir))
+}
+
+/// A scratch directory, removed on drop unless a test is failing (see [`scratch_dir`]).
+#[derive(Debug)]
+pub struct Scratch(Option<PathBuf>);
+
+impl Scratch {
+    /// Keeps the directory past the guard: for fixtures that several tests share.
+    pub fn keep(mut self) -> PathBuf {
+        self.0.take().expect("a scratch directory")
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.as_deref().expect("a scratch directory")
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        let path: &Path = self;
+        path.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            if !std::thread::panicking() && std::env::var_os("KILN_KEEP_SCRATCH").is_none() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
 }
 
 /// Links an object file into a shared object with the system C compiler.

@@ -181,8 +181,13 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     let row_bytes = format.row_bytes(*cols as usize).expect("verified");
     // Rows decode independently: large matrices in parts, one per core, joined in order.
     let rows_of = |r: Range<usize>| &raw[r.start * row_bytes..r.end * row_bytes];
-    fn join<T>(parts: Vec<Vec<T>>) -> Vec<T> {
-        parts.into_iter().flatten().collect()
+    fn join<T>(mut parts: Vec<Vec<T>>) -> Vec<T> {
+        if parts.len() == 1 {
+            return parts.pop().expect("one part");
+        }
+        let mut all = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+        parts.into_iter().for_each(|p| all.extend(p));
+        all
     }
     let rows = *rows as usize;
     match format.spec().kernel {
@@ -352,18 +357,16 @@ fn push_high_bits(blob: &mut Vec<u8>, qh: &[u32], interleave: usize) {
     }
 }
 
-/// Packs one matrix into `blob` (rows beyond `rows` in the last group are zero); large ones
-/// in parts of whole row groups on every core, appended in order.
-fn pack_matrix(blob: &mut Vec<u8>, format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) {
+/// Packs one matrix (rows beyond `rows` in the last group are zero); large ones in parts of
+/// whole row groups on every core: the packed bytes are the parts in order.
+fn pack_matrix(format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) -> Vec<Vec<u8>> {
     let (rows, _) = layout.matrix().expect("a matrix");
     let groups = (rows as usize).div_ceil(layout.group_rows());
-    for part in in_parts(groups, raw.len(), |g| {
+    in_parts(groups, raw.len(), |g| {
         let mut out = Vec::with_capacity(g.len() * layout.group_stride() as usize);
         pack_groups(&mut out, format, layout, raw, decoded, g);
         out
-    }) {
-        blob.extend_from_slice(&part);
-    }
+    })
 }
 
 /// Packs row groups `groups` of one matrix into `blob`.
@@ -480,20 +483,28 @@ pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
         Some(r) if r as usize == MICRO_ROWS => true,
         Some(r) => unreachable!("no micro-kernel layout has {r} rows"),
     };
-    let mut blob = Vec::new();
-    let mut weights = Vec::with_capacity(graph.weights.len());
-    for (i, w) in graph.weights.iter().enumerate() {
-        let decoded = decode(w.format, &w.shape, raw[i]);
+    // Each weight is packed on its own (on every core, largest first), then the parts are
+    // laid out in the graph's order: the blob does not depend on the threads.
+    let parts = parallel_map(&raw, |i, raw| {
+        let w = &graph.weights[i];
+        let decoded = decode(w.format, &w.shape, raw);
         let layout = layout_for(w.format, &w.shape, &decoded, micro, graph.act_dtype);
-        let offset = blob.len() as u64;
-        match layout {
+        let bytes = match layout {
             Layout::F32Vector { n } => {
-                for v in dequantize(w.format, raw[i], 1, n as usize) {
-                    push_f32(&mut blob, v);
-                }
+                let mut bytes = Vec::with_capacity(4 * n as usize);
+                dequantize(w.format, raw, 1, n as usize).into_iter().for_each(|v| push_f32(&mut bytes, v));
+                vec![bytes]
             }
-            _ => pack_matrix(&mut blob, w.format, layout, raw[i], &decoded),
-        }
+            _ => pack_matrix(w.format, layout, raw, &decoded),
+        };
+        (layout, bytes)
+    });
+    let size = |bytes: &[Vec<u8>]| bytes.iter().map(Vec::len).sum::<usize>().div_ceil(ALIGN) * ALIGN;
+    let mut blob = Vec::with_capacity(parts.iter().map(|(_, bytes)| size(bytes)).sum());
+    let mut weights = Vec::with_capacity(graph.weights.len());
+    for (layout, bytes) in parts {
+        let offset = blob.len() as u64;
+        bytes.into_iter().for_each(|part| blob.extend_from_slice(&part));
         pad_to(&mut blob, ALIGN);
         weights.push(PackedWeight { offset, layout });
     }
@@ -520,6 +531,35 @@ pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
     }
     pad_to(&mut blob, ALIGN);
     Packed { blob, weights, rope_tables }
+}
+
+/// `f(i, items[i])` for every item, on every core (the largest items first), in the items' order.
+fn parallel_map<T: Sync, R: Send>(items: &[&[T]], f: impl Fn(usize, &[T]) -> R + Sync) -> Vec<R> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(items[i].len()));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, items.len().max(1));
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = vec![];
+                    while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        done.push((i, f(i, items[i])));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for worker in workers {
+            for (i, r) in worker.join().expect("a packing thread panicked") {
+                results[i] = Some(r);
+            }
+        }
+    });
+    results.into_iter().map(|r| r.expect("every item was packed")).collect()
 }
 
 impl Packed {

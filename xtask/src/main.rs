@@ -480,6 +480,8 @@ fn real_main() -> Result<()> {
                 .args(rest)
                 .env("KILN_MODEL", &model)
                 .env("KILN_NOT_RUN", &not_run)
+                // Every model the tests compile goes through Cranelift's IR verifier.
+                .env("KILN_VERIFY_IR", "1")
                 .current_dir(xtask::root());
             if let Some(dir) = hf_reference.or_else(|| std::env::var_os("KILN_HF_REFERENCE").map(PathBuf::from)) {
                 cmd.env(

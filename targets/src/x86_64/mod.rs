@@ -46,10 +46,16 @@ impl X86_64 {
 }
 
 /// Shared Cranelift settings for generated kernels: optimize for speed, position-independent
-/// code (the library may be linked into PIE executables and shared objects), verifier on.
+/// code (the library may be linked into PIE executables and shared objects). Cranelift's IR
+/// verifier checks kiln's generated IR; it changes no code, took 0.18 s of SmolLM2's 2 s build
+/// (codegen 0.61 -> 0.43 s without it), and runs in debug builds and whenever `KILN_VERIFY_IR`
+/// is set (`cargo xtask test` sets it, so every test compiles with it).
 pub fn shared_flags() -> settings::Flags {
+    let verify = cfg!(debug_assertions) || std::env::var_os("KILN_VERIFY_IR").is_some();
     let mut b = settings::builder();
-    for (k, v) in [("opt_level", "speed"), ("is_pic", "true"), ("enable_verifier", "true")] {
+    for (k, v) in
+        [("opt_level", "speed"), ("is_pic", "true"), ("enable_verifier", if verify { "true" } else { "false" })]
+    {
         b.set(k, v).expect("valid cranelift setting");
     }
     settings::Flags::new(b)

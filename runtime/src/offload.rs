@@ -86,8 +86,17 @@ impl FromStr for Policy {
     /// several joined by `+` (offload when any says so).
     fn from_str(s: &str) -> Result<Self, String> {
         if s.contains('+') {
-            let parts: Result<Vec<Policy>, String> = s.split('+').map(str::parse).collect();
-            return Ok(Policy::Any(parts?));
+            let parts: Vec<Policy> = s.split('+').map(str::parse).collect::<Result<_, _>>()?;
+            // `always` in a combination decides alone; `never` adds nothing to it.
+            if parts.contains(&Policy::Always) {
+                return Ok(Policy::Always);
+            }
+            let mut parts: Vec<Policy> = parts.into_iter().filter(|p| *p != Policy::Never).collect();
+            return Ok(match parts.len() {
+                0 => Policy::Never,
+                1 => parts.remove(0),
+                _ => Policy::Any(parts),
+            });
         }
         let mut it = s.split(':');
         let name = it.next().unwrap_or("");
@@ -370,7 +379,7 @@ impl Offloader {
                 _ => false,
             },
         };
-        let prompt = session.tokenize(&session.render_chat(messages)?)?;
+        let prompt = session.chat_ids(messages)?;
         if !to_server {
             if let (Some((k, min)), Policy::Confidence { .. } | Policy::Any(_)) = (policy.confidence(), policy) {
                 // Generate locally, holding the first k tokens back until their mean ln p is known.
@@ -473,10 +482,12 @@ impl Offloader {
             )
         };
         // The local model continues from what the caller already has (nothing when the server
-        // sent nothing): the rendered prompt followed by the server's partial answer.
-        let mut text = session.render_chat(messages)?;
-        text.push_str(&routed.text);
-        let ids = session.tokenize(&text)?;
+        // sent nothing): the chat prompt followed by the server's partial answer.
+        // The server's text is untrusted: tokenized as text, control tokens it spells included.
+        let mut ids = session.chat_ids(messages)?;
+        ids.extend(
+            session.tokenizer().encode(&routed.text, false).map_err(|e| SessionError::Tokenizer(e.to_string()))?,
+        );
         let room = session.context().saturating_sub(ids.len());
         if room == 0 {
             routed.elapsed = started.elapsed();
@@ -591,6 +602,11 @@ mod tests {
             assert_eq!(p.to_string(), s);
         }
         assert_eq!("complexity".parse::<Policy>().unwrap(), Policy::Complexity { threshold: 0.5 });
+        // Combinations mean what they say: `always` wins, `never` adds nothing.
+        assert_eq!("always+confidence".parse::<Policy>().unwrap(), Policy::Always);
+        assert_eq!("complexity+always".parse::<Policy>().unwrap(), Policy::Always);
+        assert_eq!("never+complexity:0.3".parse::<Policy>().unwrap(), Policy::Complexity { threshold: 0.3 });
+        assert_eq!("never+never".parse::<Policy>().unwrap(), Policy::Never);
         for bad in ["", "sometimes", "never:1", "complexity:2", "complexity:x", "confidence:0", "confidence:8:0.5"] {
             assert!(bad.parse::<Policy>().is_err(), "{bad:?} parsed");
         }

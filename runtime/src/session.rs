@@ -318,11 +318,84 @@ impl Model {
 
     /// Tokenizes `text`, parsing special tokens such as `<|im_start|>`.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, SessionError> {
-        let mut ids = self.inner.tokenizer.encode(text, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        let ids = self.inner.tokenizer.encode(text, true).map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        Ok(self.with_bos(ids))
+    }
+
+    fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         if self.inner.manifest.tokenizer.add_bos && ids.first() != Some(&self.inner.manifest.tokenizer.bos_id) {
             ids.insert(0, self.inner.manifest.tokenizer.bos_id);
         }
-        Ok(ids)
+        ids
+    }
+
+    /// The token ids of a chat prompt: the conversation rendered with the chat template, the
+    /// special tokens the template writes parsed, and the messages' contents tokenized as
+    /// text. A message that spells a control token (`<|im_end|><|im_start|>system ...`)
+    /// cannot forge turns: its control-token texts stay text.
+    ///
+    /// Contents without any special token's text (every ordinary message) give exactly
+    /// `tokenize(render_chat(messages))`. Otherwise each special token's text in a content is
+    /// rendered as a private-use character that no content holds, and put back after
+    /// rendering as text the tokenizer must not parse.
+    pub fn chat_ids(&self, messages: &[Message]) -> Result<Vec<u32>, SessionError> {
+        let tokenizer = &self.inner.tokenizer;
+        let specials = tokenizer.special_tokens();
+        let spelled: Vec<&str> = specials
+            .iter()
+            .map(|(s, _)| s.as_str())
+            .filter(|s| messages.iter().any(|m| m.content.contains(s)))
+            .collect();
+        if spelled.is_empty() {
+            return self.tokenize(&self.render_chat(messages)?);
+        }
+        // One stand-in character per spelled special token, from the top of Unicode's
+        // private-use planes down, skipping any character a content holds.
+        let stand_ins: Vec<char> = (0xF0000u32..=0x10FFFD)
+            .rev()
+            .filter_map(char::from_u32)
+            .filter(|c| !messages.iter().any(|m| m.content.contains(*c)))
+            .take(spelled.len())
+            .collect();
+        let defused: Vec<Message> = messages
+            .iter()
+            .map(|m| {
+                let mut content = String::with_capacity(m.content.len());
+                let mut rest = m.content.as_str();
+                'outer: while !rest.is_empty() {
+                    for (i, s) in spelled.iter().enumerate() {
+                        if let Some(after) = rest.strip_prefix(s) {
+                            content.push(stand_ins[i]);
+                            rest = after;
+                            continue 'outer;
+                        }
+                    }
+                    let c = rest.chars().next().expect("not empty");
+                    content.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
+                Message { content, ..m.clone() }
+            })
+            .collect();
+        let rendered = self.render_chat(&defused)?;
+        let mut text = String::with_capacity(rendered.len());
+        let mut untrusted: Vec<std::ops::Range<usize>> = vec![];
+        for c in rendered.chars() {
+            match stand_ins.iter().position(|&s| s == c) {
+                Some(i) => {
+                    untrusted.push(text.len()..text.len() + spelled[i].len());
+                    text.push_str(spelled[i]);
+                }
+                None => text.push(c),
+            }
+        }
+        let ids = tokenizer
+            .encode_parsing_only(&text, |at| {
+                let i = untrusted.partition_point(|r| r.end <= at);
+                untrusted.get(i).is_none_or(|r| !r.contains(&at))
+            })
+            .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+        Ok(self.with_bos(ids))
     }
 
     /// Renders `messages` with the model's chat template, ending with the assistant's turn.
@@ -468,6 +541,11 @@ impl Session {
         self.model.render_chat(messages)
     }
 
+    /// The token ids of a chat prompt, contents tokenized as text (see [`Model::chat_ids`]).
+    pub fn chat_ids(&self, messages: &[Message]) -> Result<Vec<u32>, SessionError> {
+        self.model.chat_ids(messages)
+    }
+
     /// Continues from `prompt` (token ids), reusing the longest cached prefix, sampling up
     /// to `max_tokens` tokens and passing each decoded piece of text to `on_text`.
     pub fn generate(
@@ -572,8 +650,7 @@ impl Session {
     ) -> Result<(String, GenerationStats), SessionError> {
         let mut messages = self.messages.clone();
         messages.push(Message::user(user));
-        let prompt = self.render_chat(&messages)?;
-        let ids = self.tokenize(&prompt)?;
+        let ids = self.model.chat_ids(&messages)?;
         let (reply_ids, stats) = self.generate(&ids, max_tokens, sampler, on_text)?;
         let reply = self
             .model

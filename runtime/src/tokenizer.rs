@@ -52,6 +52,8 @@ struct Inner {
     parse: tokenizers::Tokenizer,
     /// A copy that encodes special tokens as plain text; built on first use.
     literal: OnceLock<tokenizers::Tokenizer>,
+    /// The special tokens' texts and ids, longest text first; built on first use.
+    specials: OnceLock<Vec<(String, u32)>>,
 }
 
 /// A loaded tokenizer. Cloning is cheap (shared).
@@ -87,7 +89,7 @@ impl Tokenizer {
         tok.with_padding(None);
         // Removing truncation cannot fail (only setting invalid parameters can).
         let _ = tok.with_truncation(None);
-        Tokenizer { inner: Arc::new(Inner { parse: tok, literal: OnceLock::new() }) }
+        Tokenizer { inner: Arc::new(Inner { parse: tok, literal: OnceLock::new(), specials: OnceLock::new() }) }
     }
 
     /// The underlying `tokenizers` tokenizer (special tokens parsed).
@@ -141,6 +143,52 @@ impl Tokenizer {
     pub fn is_special(&self, id: u32) -> bool {
         let t = &self.inner.parse;
         t.get_added_vocabulary().simple_id_to_token(id).is_some_and(|s| t.get_added_vocabulary().is_special_token(&s))
+    }
+
+    /// The special tokens (such as `<|im_start|>`) as texts with their ids, longest text first.
+    pub fn special_tokens(&self) -> &[(String, u32)] {
+        self.inner.specials.get_or_init(|| {
+            let mut v: Vec<(String, u32)> = self
+                .inner
+                .parse
+                .get_added_tokens_decoder()
+                .into_iter()
+                .filter(|(_, t)| t.special && !t.content.is_empty())
+                .map(|(id, t)| (t.content, id))
+                .collect();
+            v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+            v
+        })
+    }
+
+    /// Encodes `text`, parsing as special tokens only the occurrences that start at the byte
+    /// offsets `trusted` allows: elsewhere a special token's text is ordinary text. The text
+    /// is split at the parsed special tokens (as `tokenizers` does), and each piece between
+    /// them is encoded without special-token parsing.
+    pub fn encode_parsing_only(&self, text: &str, trusted: impl Fn(usize) -> bool) -> Result<Vec<u32>> {
+        let specials = self.special_tokens();
+        let mut ids = vec![];
+        let mut piece_start = 0;
+        let mut at = 0;
+        while at < text.len() {
+            let here = &text[at..];
+            let found = if trusted(at) { specials.iter().find(|(s, _)| here.starts_with(s.as_str())) } else { None };
+            match found {
+                Some((s, id)) => {
+                    if piece_start < at {
+                        ids.extend(self.encode(&text[piece_start..at], false)?);
+                    }
+                    ids.push(*id);
+                    at += s.len();
+                    piece_start = at;
+                }
+                None => at += here.chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        if piece_start < text.len() {
+            ids.extend(self.encode(&text[piece_start..], false)?);
+        }
+        Ok(ids)
     }
 
     /// A stream decoder sharing this tokenizer.

@@ -196,20 +196,26 @@ fn callbacks_that_call_back_into_their_session_are_refused() {
 #[test]
 fn c_program_offloads_through_the_c_abi() {
     let (bundle, exe) = app();
-    let served = crate::serve::served(&[]);
-    let ask = |url: &str, prompt: &str| {
+    // The server wants a key; the C program finds it in KILN_OFFLOAD_API_KEY.
+    let served = crate::serve::served(&["--api-key", "sk-c-chat-1"]);
+    let ask_with_key = |url: &str, prompt: &str, key: &str| {
         let out = Command::new(exe)
             .arg(bundle)
             .arg(prompt)
             .env("KILN_OFFLOAD_URL", url)
             .env("KILN_OFFLOAD_POLICY", "complexity:0.5")
+            .env("KILN_OFFLOAD_API_KEY", key)
             .output()
             .unwrap();
         assert!(out.status.success(), "c-chat failed: {}", String::from_utf8_lossy(&out.stderr));
         (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
+    let ask = |url: &str, prompt: &str| ask_with_key(url, prompt, "sk-c-chat-1");
     let (reply, why) = ask(&served.url(), "What is the capital of the country where the Eiffel Tower stands?");
     assert!(why.contains("[server: complexity") && reply.contains("Paris"), "{why} {reply}");
+    let (reply, why) =
+        ask_with_key(&served.url(), "What is the capital of the country where the Eiffel Tower stands?", "sk-wrong");
+    assert!(why.contains("[fallback:") && why.contains("401") && !reply.trim().is_empty(), "{why}");
     let (reply, why) = ask(&served.url(), PROMPT);
     assert!(why.contains("[device: complexity") && reply.contains("Paris"), "{why} {reply}");
     drop(served);

@@ -13,6 +13,7 @@ mod offload;
 mod optimize;
 mod reference;
 mod serve;
+mod serve_hostile;
 mod sources;
 mod tokenizer;
 mod untrusted;

@@ -12,12 +12,12 @@ use serde_json::{json, Value};
 
 /// A `chat serve` process, killed when dropped.
 pub(crate) struct Served {
-    child: Child,
+    pub(crate) child: Child,
     pub(crate) addr: String,
 }
 
 impl Served {
-    fn start(bundle: &Path, extra: &[&str]) -> Served {
+    pub(crate) fn start(bundle: &Path, extra: &[&str]) -> Served {
         let triple = targets::host_triple().expect("a supported host");
         let runner = xtask::build_runner(triple, &xtask::root().join("target")).unwrap_or_else(|e| panic!("{e:#}"));
         let mut child = runner
@@ -46,7 +46,7 @@ impl Served {
     }
 
     /// One request with `Connection: close`; the status and the body.
-    fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    pub(crate) fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
         let mut s = TcpStream::connect(&self.addr).expect("the server accepts");
         s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
         let head = format!(
@@ -67,12 +67,12 @@ impl Served {
         (status, if chunked { dechunk(body) } else { body.to_string() })
     }
 
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let (status, text) = self.request("POST", path, body.to_string().as_bytes());
         (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status} {text:?}: {e}")))
     }
 
-    fn health(&self) -> Value {
+    pub(crate) fn health(&self) -> Value {
         let (status, text) = self.request("GET", "/health", b"");
         assert_eq!(status, 200, "{text}");
         serde_json::from_str(&text).unwrap()
@@ -105,7 +105,7 @@ pub(crate) fn served(extra: &[&str]) -> Served {
     Served::start(bundle, extra)
 }
 
-fn chat(question: &str, extra: Value) -> Value {
+pub(crate) fn chat(question: &str, extra: Value) -> Value {
     let mut body = json!({"messages": [{"role": "user", "content": question}], "max_tokens": 32, "temperature": 0});
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
@@ -114,7 +114,7 @@ fn chat(question: &str, extra: Value) -> Value {
 }
 
 /// The `data:` events of a server-sent event stream, parsed (`[DONE]` as a string).
-fn events(body: &str) -> Vec<Value> {
+pub(crate) fn events(body: &str) -> Vec<Value> {
     body.split("\n\n")
         .filter_map(|e| e.strip_prefix("data: "))
         .map(|d| if d == "[DONE]" { json!("[DONE]") } else { serde_json::from_str(d).unwrap() })
@@ -266,7 +266,7 @@ fn a_client_that_disconnects_stops_its_generation() {
     let body = body.to_string();
     let mut stream = TcpStream::connect(&s.addr).unwrap();
     let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();
@@ -404,7 +404,7 @@ fn serve_load_answers_every_request_with_flat_memory() {
     let levels = xtask::serve_load::serve_load(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(levels.len(), 2);
     for l in &levels {
-        assert_eq!((l.requests, l.errors, l.tokens), (6, 0, 48), "{l:?}");
+        assert_eq!((l.requests, l.errors, l.busy, l.tokens), (6, 0, 0, 48), "{l:?}");
         assert!(l.tokens_per_second() > 0.0 && l.latency(0.95) >= l.latency(0.5));
     }
     let (a, b) = (levels[0].server_rss_bytes.unwrap(), levels[1].server_rss_bytes.unwrap());

@@ -43,7 +43,10 @@ pub struct ServeLoadCmd {
 pub struct Level {
     pub clients: usize,
     pub requests: usize,
+    /// Requests that failed other than by 503 (a server at capacity says so; those are `busy`).
     pub errors: usize,
+    /// Requests answered 503 (every session and queue place taken, or the queue timed out).
+    pub busy: usize,
     pub tokens: u64,
     pub seconds: f64,
     pub latencies: Vec<f64>,
@@ -63,7 +66,8 @@ impl Level {
     }
 
     fn json(&self) -> Value {
-        json!({"clients": self.clients, "requests": self.requests, "errors": self.errors, "tokens": self.tokens,
+        json!({"clients": self.clients, "requests": self.requests, "errors": self.errors, "busy": self.busy,
+            "tokens": self.tokens,
             "seconds": self.seconds, "tokens_per_second": self.tokens_per_second(),
             "latency_seconds": {"median": self.latency(0.5), "p95": self.latency(0.95)},
             "server_rss_bytes": self.server_rss_bytes})
@@ -94,22 +98,26 @@ pub fn serve_load(c: &ServeLoadCmd) -> Result<Vec<Level>> {
         .build()
         .into();
     let url = format!("{}/v1/completions", served.url);
-    let ask = |i: usize| -> Option<u64> {
+    // Ok(tokens), Err(true) for a 503, Err(false) for any other failure.
+    let ask = |i: usize| -> Result<u64, bool> {
         let body = json!({"prompt": format!("Story {i}: once upon a time"), "max_tokens": c.max_tokens,
             "temperature": 0, "ignore_eos": true});
-        let mut r = agent.post(&url).header("Content-Type", "application/json").send(body.to_string()).ok()?;
-        if r.status().as_u16() != 200 {
-            return None;
+        let mut r =
+            agent.post(&url).header("Content-Type", "application/json").send(body.to_string()).map_err(|_| false)?;
+        match r.status().as_u16() {
+            200 => {}
+            503 => return Err(true),
+            _ => return Err(false),
         }
-        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
-        v["usage"]["completion_tokens"].as_u64()
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().map_err(|_| false)?).map_err(|_| false)?;
+        v["usage"]["completion_tokens"].as_u64().ok_or(false)
     };
-    ask(0); // warm up: the first session and the pages of the weights
+    let _ = ask(0); // warm up: the first session and the pages of the weights
     let mut levels = vec![];
     for &clients in &c.clients {
         let next = AtomicUsize::new(0);
         let started = Instant::now();
-        let results: Vec<(f64, Option<u64>)> = std::thread::scope(|scope| {
+        let results: Vec<(f64, Result<u64, bool>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..clients)
                 .map(|_| {
                     scope.spawn(|| {
@@ -132,31 +140,34 @@ pub fn serve_load(c: &ServeLoadCmd) -> Result<Vec<Level>> {
         let level = Level {
             clients,
             requests: results.len(),
-            errors: results.iter().filter(|r| r.1.is_none()).count(),
-            tokens: results.iter().filter_map(|r| r.1).sum(),
+            errors: results.iter().filter(|r| r.1 == Err(false)).count(),
+            busy: results.iter().filter(|r| r.1 == Err(true)).count(),
+            tokens: results.iter().filter_map(|r| r.1.ok()).sum(),
             seconds,
             latencies: results.iter().map(|r| r.0).collect(),
             server_rss_bytes: rss_of(served.pid()),
         };
         eprintln!(
-            "{clients:>3} clients: {} requests, {} errors, {:.1} tok/s",
+            "{clients:>3} clients: {} requests, {} errors, {} busy (503), {:.1} tok/s",
             level.requests,
             level.errors,
+            level.busy,
             level.tokens_per_second()
         );
         levels.push(level);
     }
     println!(
-        "{:>8} {:>9} {:>7} {:>10} {:>8} {:>8} {:>11}",
-        "clients", "requests", "errors", "tok/s", "p50 s", "p95 s", "server MiB"
+        "{:>8} {:>9} {:>7} {:>6} {:>10} {:>8} {:>8} {:>11}",
+        "clients", "requests", "errors", "503s", "tok/s", "p50 s", "p95 s", "server MiB"
     );
     for l in &levels {
         let rss = l.server_rss_bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / 1048576.0));
         println!(
-            "{:>8} {:>9} {:>7} {:>10.1} {:>8.2} {:>8.2} {:>11}",
+            "{:>8} {:>9} {:>7} {:>6} {:>10.1} {:>8.2} {:>8.2} {:>11}",
             l.clients,
             l.requests,
             l.errors,
+            l.busy,
             l.tokens_per_second(),
             l.latency(0.5),
             l.latency(0.95),

@@ -70,6 +70,21 @@ impl Body for ResponseBody {
             ResponseBody::Events(rx) => rx.poll_recv(cx).map(|e| e.map(|b| Ok(Frame::data(b)))),
         }
     }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(f) => f.is_end_stream(),
+            ResponseBody::Events(_) => false,
+        }
+    }
+
+    /// Exact for a whole body, so that it goes with a Content-Length.
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ResponseBody::Full(f) => f.size_hint(),
+            ResponseBody::Events(_) => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 pub(super) type HttpResponse = Response<ResponseBody>;

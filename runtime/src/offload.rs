@@ -255,7 +255,10 @@ pub struct OffloadConfig {
     pub url: String,
     /// The model to ask for (`None`: the server's default, omitted from the request).
     pub model: Option<String>,
-    /// The environment variable holding the API key (sent as `Authorization: Bearer`).
+    /// The API key (sent as `Authorization: Bearer`); when `None`, the key is read from the
+    /// environment variable `api_key_env` names, if any.
+    pub api_key: Option<ApiKey>,
+    /// The environment variable holding the API key.
     pub api_key_env: Option<String>,
     /// Whole-request limit: a server slower than this counts as failed.
     pub timeout: Duration,
@@ -271,12 +274,23 @@ impl OffloadConfig {
         OffloadConfig {
             url: url.into(),
             model: None,
+            api_key: None,
             api_key_env: Some("KILN_OFFLOAD_API_KEY".into()),
             timeout: Duration::from_secs(30),
             retries: 2,
             backoff: Duration::from_millis(200),
             policy,
         }
+    }
+}
+
+/// An API key. Its `Debug` form does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(..)")
     }
 }
 
@@ -522,7 +536,8 @@ impl Offloader {
         routed.bytes_sent += body.len() as u64;
         let url = format!("{}/v1/chat/completions", self.config.url.trim_end_matches('/'));
         let mut request = self.agent.post(&url).header("Content-Type", "application/json");
-        if let Some(key) = self.config.api_key_env.as_ref().and_then(|v| std::env::var(v).ok()) {
+        let key = self.config.api_key.as_ref().map(|k| k.0.clone());
+        if let Some(key) = key.or_else(|| self.config.api_key_env.as_ref().and_then(|v| std::env::var(v).ok())) {
             request = request.header("Authorization", format!("Bearer {key}"));
         }
         let response = request.send(body.as_str()).map_err(|e| fail(error_kind(&e), true))?;

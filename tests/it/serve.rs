@@ -400,6 +400,9 @@ fn serve_load_answers_every_request_with_flat_memory() {
         threads: 1,
         json: None,
         force: false,
+        url: None,
+        server_pid: None,
+        api_key: None,
     };
     let levels = xtask::serve_load::serve_load(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(levels.len(), 2);

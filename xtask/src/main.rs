@@ -287,6 +287,17 @@ fn mib(bytes: u64) -> String {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Heal { train, .. } | Cmd::Finetune { train, .. } = &cli.command {
+        if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+            // matrixmultiply (burn's CPU products) reads its thread count from the environment,
+            // once, at its first product (1-4 threads).
+            let threads = train.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            // Sound only here: nothing has started a thread yet (the arguments were only
+            // parsed), so no other thread reads the environment while it changes (edition 2024
+            // makes this call `unsafe` for that reason).
+            std::env::set_var("MATMUL_NUM_THREADS", threads.clamp(1, 4).to_string());
+        }
+    }
     match cli.command {
         Cmd::BuildModel {
             model,
@@ -431,7 +442,10 @@ fn real_main() -> Result<()> {
         }
         Cmd::FetchModel => println!("{}", xtask::fetch_default_model(true)?.display()),
         Cmd::Chat(ref a) => run_bundle(&a.bundle.bundle, chat::Command::Chat(a.clone()))?,
-        Cmd::Serve(ref a) => run_bundle(&a.bundle.bundle, chat::Command::Serve(a.clone()))?,
+        Cmd::Serve(ref a) => {
+            a.check()?; // before the bundle is read or a runner built
+            run_bundle(&a.bundle.bundle, chat::Command::Serve(a.clone()))?
+        }
         Cmd::Run(ref a) => {
             if let Some(p) = &a.dump_logits {
                 chat::check_output_file(p, a.force)?; // before anything is built or run

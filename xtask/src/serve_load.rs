@@ -15,6 +15,17 @@ pub struct ServeLoadCmd {
     /// The bundle to serve.
     #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
     pub bundle: PathBuf,
+    /// Load a server that is already running at this base URL (http://host:port, any
+    /// OpenAI-compatible server) instead of serving --bundle; its memory is then read from
+    /// --server-pid when given.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The process id of the --url server, for its resident memory.
+    #[arg(long, requires = "url")]
+    pub server_pid: Option<u32>,
+    /// The API key the --url server wants (sent as a bearer token).
+    #[arg(long, requires = "url")]
+    pub api_key: Option<String>,
     /// Concurrent clients, one level each.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub clients: Vec<usize>,
@@ -87,23 +98,35 @@ pub fn serve_load(c: &ServeLoadCmd) -> Result<Vec<Level>> {
     if c.clients.iter().any(|&n| n == 0) || c.requests == 0 || c.max_tokens == 0 {
         bail!("--clients, --requests and --max-tokens must be at least 1");
     }
-    let served = crate::offload_eval::serve_bundle(
-        &c.bundle,
-        c.threads,
-        &["--max-sessions", &c.max_sessions.to_string(), "--max-queue", "1024"],
-    )?;
+    let served = match &c.url {
+        Some(_) => None,
+        None => Some(crate::offload_eval::serve_bundle(
+            &c.bundle,
+            c.threads,
+            &["--max-sessions", &c.max_sessions.to_string(), "--max-queue", "1024"],
+        )?),
+    };
+    let base = match (&served, &c.url) {
+        (Some(s), _) => s.url.clone(),
+        (None, Some(u)) => u.trim_end_matches('/').to_string(),
+        (None, None) => unreachable!("served when no --url"),
+    };
+    let pid = served.as_ref().map(crate::offload_eval::Served::pid).or(c.server_pid);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(600)))
         .http_status_as_error(false)
         .build()
         .into();
-    let url = format!("{}/v1/completions", served.url);
+    let url = format!("{base}/v1/completions");
     // Ok(tokens), Err(true) for a 503, Err(false) for any other failure.
     let ask = |i: usize| -> Result<u64, bool> {
         let body = json!({"prompt": format!("Story {i}: once upon a time"), "max_tokens": c.max_tokens,
             "temperature": 0, "ignore_eos": true});
-        let mut r =
-            agent.post(&url).header("Content-Type", "application/json").send(body.to_string()).map_err(|_| false)?;
+        let mut request = agent.post(&url).header("Content-Type", "application/json");
+        if let Some(key) = &c.api_key {
+            request = request.header("Authorization", format!("Bearer {key}"));
+        }
+        let mut r = request.send(body.to_string()).map_err(|_| false)?;
         match r.status().as_u16() {
             200 => {}
             503 => return Err(true),
@@ -145,7 +168,7 @@ pub fn serve_load(c: &ServeLoadCmd) -> Result<Vec<Level>> {
             tokens: results.iter().filter_map(|r| r.1.ok()).sum(),
             seconds,
             latencies: results.iter().map(|r| r.0).collect(),
-            server_rss_bytes: rss_of(served.pid()),
+            server_rss_bytes: pid.and_then(rss_of),
         };
         eprintln!(
             "{clients:>3} clients: {} requests, {} errors, {} busy (503), {:.1} tok/s",
@@ -175,7 +198,7 @@ pub fn serve_load(c: &ServeLoadCmd) -> Result<Vec<Level>> {
         );
     }
     if let Some(path) = &c.json {
-        let v = json!({"bundle": c.bundle.display().to_string(), "max_tokens": c.max_tokens,
+        let v = json!({"bundle": c.bundle.display().to_string(), "url": c.url, "max_tokens": c.max_tokens,
             "max_sessions": c.max_sessions, "threads": c.threads,
             "levels": levels.iter().map(Level::json).collect::<Vec<_>>()});
         crate::evaluate::write_new(path, &(serde_json::to_string_pretty(&v)? + "\n"), c.force)?;

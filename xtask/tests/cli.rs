@@ -451,3 +451,30 @@ fn heal_and_finetune_bad_flags() {
     }
     assert!(!out.exists(), "a refused run created its --out");
 }
+
+/// `serve` refuses bad limits and keys before it loads anything or listens, and exits 1.
+#[test]
+fn serve_refuses_bad_limits_and_keys() {
+    let dir = scratch("serve_flags");
+    let empty_key = dir.join("key");
+    std::fs::write(&empty_key, "\n").unwrap();
+    let k = empty_key.to_str().unwrap();
+    let missing = dir.join("no-bundle");
+    let b = missing.to_str().unwrap();
+    for (args, says) in [
+        (vec!["serve", "--bundle", b, "--read-timeout", "0"], "--read-timeout must be"),
+        (vec!["serve", "--bundle", b, "--write-timeout", "nan"], "--write-timeout must be"),
+        (vec!["serve", "--bundle", b, "--queue-timeout=-1"], "--queue-timeout must be"),
+        (vec!["serve", "--bundle", b, "--max-connections", "0"], "--max-connections must be"),
+        (vec!["serve", "--bundle", b, "--max-sessions", "0"], "--max-sessions must be"),
+        (vec!["serve", "--bundle", b, "--api-key-file", k], "the API key is empty"),
+        (vec!["serve", "--bundle", b, "--api-key", "two words"], "spaces or control characters"),
+        (vec!["serve", "--bundle", b, "--api-key-file", "/nonexistent/key"], "cannot read the API key file"),
+        (vec!["serve", "--bundle", b, "--addr", "127.0.0.1:0"], "not a kiln bundle"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_xtask")).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(says) && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -229,10 +229,9 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
         bail!("--threads must be at least 1");
     }
     let resuming = prepare_out(&args.out, args.resume, args.force)?;
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        // matrixmultiply reads it once, at its first product (1-4 threads).
-        std::env::set_var("MATMUL_NUM_THREADS", threads.min(4).to_string());
-    }
+    // The products' thread count is set by the binary before any thread starts
+    // (`MATMUL_NUM_THREADS`, xtask's main): changing the environment here would race with
+    // other threads reading it.
     let start = Instant::now();
 
     let source = compiler::source::open(&opts.model)?;

@@ -106,6 +106,17 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Checks every option that needs no bundle: limits, timeouts and the key.
+    pub fn check(&self) -> Result<()> {
+        self.limits()?;
+        anyhow::ensure!(self.max_sessions >= 1, "--max-sessions must be at least 1");
+        anyhow::ensure!(
+            self.queue_timeout.is_finite() && self.queue_timeout > 0.0 && self.queue_timeout <= 86_400.0,
+            "--queue-timeout must be between 0 and 86400 seconds"
+        );
+        self.api_key().map(drop)
+    }
+
     fn limits(&self) -> Result<Limits> {
         let secs = |name: &str, v: f64| -> Result<Duration> {
             anyhow::ensure!(v.is_finite() && v > 0.0 && v <= 86_400.0, "--{name} must be between 0 and 86400 seconds");
@@ -661,12 +672,8 @@ impl Server {
 /// `chat serve`: loads the bundle once and serves until SIGINT or SIGTERM.
 pub fn serve(a: &ServeArgs) -> Result<()> {
     let started = Instant::now();
+    a.check()?;
     let limits = a.limits()?;
-    anyhow::ensure!(a.max_sessions >= 1, "--max-sessions must be at least 1");
-    anyhow::ensure!(
-        a.queue_timeout.is_finite() && a.queue_timeout > 0.0 && a.queue_timeout <= 86_400.0,
-        "--queue-timeout must be between 0 and 86400 seconds"
-    );
     let key = a.api_key()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

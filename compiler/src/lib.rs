@@ -132,7 +132,7 @@ pub fn prepare(
         )));
     }
     let mut timings = vec![];
-    let (info, report) = passes::run_pipeline(&mut model, target, &opts.pipeline).map_err(|e| match e {
+    let (info, report) = passes::run_pipeline(&mut model, &opts.pipeline).map_err(|e| match e {
         passes::PassError::Verifier(e) => CompileError::Verifier(e),
         e => CompileError::BadOption(e.to_string()),
     })?;

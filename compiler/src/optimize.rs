@@ -77,8 +77,7 @@ pub fn optimize(opts: &OptimizeOptions) -> Result<OptimizeReport, BuildError> {
     let pipeline =
         PipelineOptions { prune: opts.prune.clone(), quant: opts.quant.clone(), lora: adapters, ..Default::default() };
     // The model passes read nothing of the target; any will do.
-    let target = targets::lookup("x86_64-unknown-linux-gnu").map_err(BuildError::Target)?;
-    let report = run_model_passes(&mut model, target.as_ref(), &pipeline).map_err(|e| match e {
+    let report = run_model_passes(&mut model, &pipeline).map_err(|e| match e {
         crate::passes::PassError::Verifier(e) => BuildError::Compile(CompileError::Verifier(e)),
         e => bad_option(e.to_string()),
     })?;

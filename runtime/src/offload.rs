@@ -629,8 +629,7 @@ mod tests {
 
     #[test]
     fn complexity_separates_the_hop_classes_of_the_question_set() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/qa.jsonl");
-        let text = std::fs::read_to_string(&path).unwrap();
+        let text = include_str!("../../examples/data/qa.jsonl");
         let (mut right, mut n) = (0, 0);
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let v: Value = serde_json::from_str(line).unwrap();

@@ -396,7 +396,7 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
         assert_eq!(h["sentences"].as_u64(), Some(sentences as u64), "{h}");
         assert!((0.0..=1.0).contains(&r.hallucination_rate().unwrap()));
         assert_eq!(h["samples"], 3);
-        let rss = r.peak_rss_bytes.expect("peak RSS measured (GNU time)");
+        let rss = r.peak_rss_bytes.expect("peak RSS measured (wait4)");
         assert!(rss > r.footprint.weights_bytes, "peak RSS {rss} below the weights {}", r.footprint.weights_bytes);
         let e = r.energy.as_ref().expect("energy suite ran");
         let work = &r.figures["qa"]["work"];

@@ -1,4 +1,4 @@
-//! `heal` and `finetune` (`xtask::heal`) end to end: an adapter trained on a small random model
+//! `heal` and `finetune` (the `heal` crate) end to end: an adapter trained on a small random model
 //! compiles (`--prune-layers` + `--lora`) into a library whose logits equal the student it was
 //! trained as; a run stopped between checkpoints and resumed writes the same adapter, bit for
 //! bit, as one never stopped; bad input is refused with the problem named and nothing of the
@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use compiler::bundle::{build_model, BuildOptions};
 use compiler::passes::prune_layers::PruneSpec;
 use compiler::passes::requantize::QuantOptions;
+use heal::llama::{values, Llama, Shape};
+use heal::lora::Lora;
+use heal::{run, RunOptions, Task, TrainArgs};
 use ir::QuantFormat;
 use runtime::session::Session;
 use tests::harness::{max_diff, scratch_dir, tiny_llama_gguf_with_tokenizer, Rng, Scratch, TinyLlama};
-use xtask::heal::llama::{values, Llama, Shape};
-use xtask::heal::lora::Lora;
-use xtask::heal::{run, RunOptions, Task, TrainArgs};
 
 fn cfg() -> TinyLlama {
     TinyLlama {
@@ -92,13 +92,12 @@ fn student(model: &Path, prune: &[u32]) -> Llama {
     let hp = compiler::frontend::hyperparameters(source.as_ref()).unwrap();
     let lowered = compiler::frontend::lower(source.as_ref(), "t", 64).unwrap();
     let mut m = compiler::model::Model::borrowed(lowered.graph, &lowered.weights);
-    let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
     let o = compiler::passes::PipelineOptions {
         prune: Some(PruneSpec::Blocks(prune.to_vec())),
         quant: q4_0(),
         ..Default::default()
     };
-    compiler::passes::run_model_passes(&mut m, target.as_ref(), &o).unwrap();
+    compiler::passes::run_model_passes(&mut m, &o).unwrap();
     let kept = (0..hp.n_layers).filter(|l| !prune.contains(l)).collect();
     Llama::from_model(&m, Shape::from_hyper(&hp), kept).unwrap()
 }

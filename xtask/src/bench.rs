@@ -60,13 +60,18 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
         }
         Ok(())
     };
+    // cmake from the system, else from PyPI into kiln's Python environment (never the system's).
     let have_cmake = Command::new("cmake").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !have_cmake {
-        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "cmake"]), "pip install cmake")?;
-    }
+    let python = crate::setup::ensure_venv()?;
+    let cmake = if have_cmake {
+        std::path::PathBuf::from("cmake")
+    } else {
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "cmake"]), "pip install cmake")?;
+        python.with_file_name("cmake")
+    };
     let sdist = dir.join("sdist");
     run(
-        Command::new("python3")
+        Command::new(&python)
             .args(["-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "llama-cpp-python"])
             .arg(crate::LLAMA_CPP_PYTHON)
             .arg("-d")
@@ -82,7 +87,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
     run(Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(&src).arg("--strip-components=1"), "tar")?;
     let build = dir.join("build");
     run(
-        Command::new("cmake")
+        Command::new(&cmake)
             .arg("-S")
             .arg(src.join("vendor/llama.cpp"))
             .arg("-B")
@@ -92,7 +97,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
         "cmake configure of llama.cpp",
     )?;
     run(
-        Command::new("cmake").arg("--build").arg(&build).args([
+        Command::new(&cmake).arg("--build").arg(&build).args([
             "-j",
             "2",
             "--target",
@@ -104,32 +109,59 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Runs `cmd` under GNU time when it is installed, returning its stdout and the peak resident
-/// memory of the process.
-pub(crate) fn run_measured(cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
-    let time = Path::new("/usr/bin/time");
-    // A file of this call's own: measurements may run concurrently in one process.
-    let rss_file = tempfile::Builder::new().prefix("kiln-rss-").tempfile().context("cannot create a scratch file")?;
-    let rss_file = rss_file.path();
-    let mut full = if time.exists() {
-        let mut t = Command::new(time);
-        t.arg("-f").arg("%M").arg("-o").arg(rss_file).arg(cmd.get_program()).args(cmd.get_args());
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => t.env(k, v),
-                None => t.env_remove(k),
-            };
-        }
-        t
-    } else {
-        cmd
+/// Runs `cmd` to its end, returning its stdout and the peak resident memory of the process
+/// (the kernel's count, from `wait4`'s `ru_maxrss`: no GNU time needed).
+pub(crate) fn run_measured(mut cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {what}"))?;
+    let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
+        bail!("{what}: no pipes");
     };
-    let out = full.output().with_context(|| format!("cannot run {what}"))?;
-    let rss = std::fs::read_to_string(rss_file).ok().and_then(|s| s.trim().lines().last()?.trim().parse::<u64>().ok());
-    if !out.status.success() {
-        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let errors = std::thread::spawn(move || {
+        let mut e = vec![];
+        let _ = err.read_to_end(&mut e);
+        e
+    });
+    let mut stdout = vec![];
+    let read = out.read_to_end(&mut stdout);
+    let stderr = errors.join().unwrap_or_default();
+    let (exit, max_rss_kib) = wait_with_rusage(child.id()).with_context(|| format!("cannot wait for {what}"))?;
+    read.with_context(|| format!("cannot read the output of {what}"))?;
+    if exit != Some(0) {
+        bail!(
+            "{what} failed ({}): {}",
+            exit.map_or("killed by a signal".into(), |c| format!("exit {c}")),
+            String::from_utf8_lossy(&stderr).trim()
+        );
     }
-    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), rss.map(|kb| kb * 1024)))
+    Ok((String::from_utf8_lossy(&stdout).into_owned(), Some(max_rss_kib * 1024)))
+}
+
+/// Waits for the child `pid` (not yet reaped: std never waited for it) and returns its exit
+/// code (None: killed by a signal) and its peak resident memory in KiB.
+#[allow(unsafe_code)]
+fn wait_with_rusage(pid: u32) -> std::io::Result<(Option<i32>, u64)> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: `rusage` is plain data, for which all-zero bytes are a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 writes only into `status` and `usage`, which outlive the call; `pid`
+        // is this process's own child, so no other process can be reaped by mistake.
+        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+        if r == pid as libc::pid_t {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    let exit = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    Ok((exit, usage.ru_maxrss.max(0) as u64))
 }
 
 /// Streaming read bandwidth of this machine with `threads` threads (bytes/s): the best of three

@@ -258,9 +258,8 @@ pub fn choose_auto(path: &Path, n: u32, calib: &CalibOptions, lora: &[PathBuf]) 
     let mut model = Model::borrowed(lowered.graph, &lowered.weights);
     if !lora.is_empty() {
         let adapters = compiler::bundle::read_adapters(lora, &hp)?;
-        let target = targets::lookup("x86_64-unknown-linux-gnu")?;
         let options = compiler::passes::PipelineOptions { lora: adapters, ..Default::default() };
-        compiler::passes::run_model_passes(&mut model, target.as_ref(), &options)?;
+        compiler::passes::run_model_passes(&mut model, &options)?;
     }
     let scratch = scratch_dir()?;
     let result = (|| {

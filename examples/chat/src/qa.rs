@@ -31,15 +31,11 @@ pub struct Question {
 /// Reads a JSONL file of bounded size, calling `row` on each non-empty line's object; errors
 /// name the file and the line.
 pub fn read_jsonl<T>(path: &Path, mut row: impl FnMut(&serde_json::Map<String, Value>) -> Result<T>) -> Result<Vec<T>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("{} is not a file", path.display());
+    let len = crate::data::len(path)?;
+    if len > MAX_SET_BYTES {
+        bail!("{} has {len} bytes, more than the {MAX_SET_BYTES} a set may have", path.display());
     }
-    if meta.len() > MAX_SET_BYTES {
-        bail!("{} has {} bytes, more than the {} a set may have", path.display(), meta.len(), MAX_SET_BYTES);
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+    let text = crate::data::read(path)?;
     let mut out = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -367,8 +363,7 @@ mod tests {
 
     #[test]
     fn the_shipped_sets_parse() {
-        let data = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("data");
-        let q = read_questions(&data.join("qa.jsonl")).unwrap();
+        let q = read_questions(&crate::data::shipped("qa.jsonl")).unwrap();
         assert_eq!(q.len(), 300);
         assert_eq!(q.iter().filter(|q| q.hops == 1).count(), 180);
         for q in &q {

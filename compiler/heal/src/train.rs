@@ -407,7 +407,7 @@ fn masked_log_likelihood(model: &Llama, log_probs: Tensor<2>, e: &Example) -> Re
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::heal::llama::{Shape, Target};
+    use crate::llama::{Shape, Target};
 
     pub(crate) fn tiny_shape() -> Shape {
         Shape {

@@ -285,14 +285,13 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
     let context = (args.seq_len as u32).max(2);
     let lowered = compiler::frontend::lower(source, "heal", context)?;
     let adapters = compiler::bundle::read_adapters(&opts.base_lora, &hp)?;
-    let target = targets::lookup("x86_64-unknown-linux-gnu")?;
     let all_layers: Vec<u32> = (0..hp.n_layers).collect();
     let teacher = match &opts.task {
         Task::Heal { .. } => {
             let mut model = Model::borrowed(lowered.graph.clone(), &lowered.weights);
             if !adapters.is_empty() {
                 let o = compiler::passes::PipelineOptions { lora: adapters.clone(), ..Default::default() };
-                compiler::passes::run_model_passes(&mut model, target.as_ref(), &o)?;
+                compiler::passes::run_model_passes(&mut model, &o)?;
             }
             Some(Llama::from_model(&model, shape.clone(), all_layers.clone())?)
         }
@@ -310,7 +309,7 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
         lora: adapters,
         ..Default::default()
     };
-    let report = compiler::passes::run_model_passes(&mut model, target.as_ref(), &o)?;
+    let report = compiler::passes::run_model_passes(&mut model, &o)?;
     let student = Llama::from_model(&model, shape.clone(), kept.clone())?;
     drop(model);
     let objective = match (&opts.task, teacher) {

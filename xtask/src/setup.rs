@@ -1,0 +1,203 @@
+//! What `cargo xtask test` needs of the machine, made ready before anything is built.
+//!
+//! Every tool is checked first. What can be installed without asking is installed: Debian
+//! packages with apt when running as root, rustup targets, cargo-fuzz with cargo, and the
+//! Python peers with pip into a virtual environment of kiln's own (never the system Python).
+//! Whatever is still missing then is listed in one message, each with the command that
+//! installs it, and the test run stops there.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// A program the tests run, and the Debian package that has it.
+struct Program {
+    /// What it is for, in the message.
+    what: &'static str,
+    command: &'static str,
+    args: &'static [&'static str],
+    package: &'static str,
+}
+
+const PROGRAMS: [Program; 7] = [
+    Program { what: "C compiler (links model libraries)", command: "cc", args: &["--version"], package: "gcc" },
+    Program {
+        what: "aarch64 cross compiler",
+        command: "aarch64-linux-gnu-gcc",
+        args: &["--version"],
+        package: "gcc-aarch64-linux-gnu",
+    },
+    Program {
+        what: "aarch64 objdump (disassembly snapshots)",
+        command: "aarch64-linux-gnu-objdump",
+        args: &["--version"],
+        package: "binutils-aarch64-linux-gnu",
+    },
+    Program {
+        what: "qemu-user (runs the aarch64 builds)",
+        command: "qemu-aarch64-static",
+        args: &["--version"],
+        package: "qemu-user-static",
+    },
+    Program {
+        what: "headless Chromium (report and chat page)",
+        command: "chromium",
+        args: &["--version"],
+        package: "chromium",
+    },
+    Program {
+        what: "prlimit (serve's descriptor test)",
+        command: "prlimit",
+        args: &["--version"],
+        package: "util-linux",
+    },
+    Program {
+        what: "Python 3 with venv",
+        command: "python3",
+        args: &["-m", "venv", "--help"],
+        package: "python3-venv",
+    },
+];
+
+/// The rustup targets the aarch64 tests build for.
+const RUST_TARGETS: [&str; 2] = ["aarch64-unknown-linux-gnu", "aarch64-linux-android"];
+
+fn runs(command: &str, args: &[&str]) -> bool {
+    Command::new(command).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn installed_rust_targets() -> Option<Vec<String>> {
+    let out = Command::new("rustup").args(["target", "list", "--installed"]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
+}
+
+/// kiln's Python: a virtual environment in the cache, made on first use, holding the peers.
+pub fn venv_dir() -> PathBuf {
+    crate::cache_dir().join("python-venv")
+}
+
+/// The Python of kiln's environment, made now if it does not exist.
+pub fn ensure_venv() -> Result<PathBuf> {
+    let dir = venv_dir();
+    let python = dir.join("bin/python");
+    if !python.is_file() {
+        eprintln!("making kiln's Python environment in {}", dir.display());
+        let ok = Command::new("python3").arg("-m").arg("venv").arg(&dir).status().is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("python3 -m venv {} failed", dir.display());
+        }
+    }
+    Ok(python)
+}
+
+/// Makes the machine ready for the test suite: returns the Python to run the peers with, or
+/// one error naming every tool still missing and how to install it.
+pub fn prepare_for_tests() -> Result<PathBuf> {
+    let root = is_root();
+    let apt = runs("apt-get", &["--version"]);
+    // Debian packages.
+    let missing: Vec<&Program> = PROGRAMS.iter().filter(|p| !runs(p.command, p.args)).collect();
+    if !missing.is_empty() && root && apt {
+        let packages: Vec<&str> = missing.iter().map(|p| p.package).collect();
+        eprintln!("installing {}", packages.join(" "));
+        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+    }
+    // rustup targets.
+    if let Some(have) = installed_rust_targets() {
+        let want: Vec<&str> = RUST_TARGETS.iter().copied().filter(|t| !have.iter().any(|h| h == t)).collect();
+        if !want.is_empty() {
+            eprintln!("adding the rustup targets {}", want.join(" "));
+            let _ = Command::new("rustup").args(["target", "add"]).args(&want).status();
+        }
+    }
+    // rustfmt (the suite starts with a formatting check).
+    let fmt_ok =
+        || Command::new(crate::cargo_path()).args(["fmt", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !fmt_ok() {
+        eprintln!("adding rustfmt");
+        let _ = Command::new("rustup").args(["component", "add", "rustfmt"]).status();
+    }
+    // cargo-fuzz.
+    let fuzz_ok =
+        || Command::new(crate::cargo_path()).args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !fuzz_ok() {
+        eprintln!("installing {} (cargo install)", crate::CARGO_FUZZ);
+        let _ = Command::new(crate::cargo_path())
+            .args(["install", "cargo-fuzz", "--version", crate::CARGO_FUZZ_VERSION, "--locked"])
+            .status();
+    }
+    // Python peers, in kiln's own environment.
+    let mut python_error = None;
+    let python = match ensure_venv() {
+        Ok(p) => {
+            if let Err(e) = crate::ensure_python_peers(&p).and_then(|()| crate::ensure_llama_cpp_python(&p)) {
+                python_error = Some(format!("{e:#}"));
+            }
+            Some(p)
+        }
+        Err(e) => {
+            python_error = Some(format!("{e:#}"));
+            None
+        }
+    };
+
+    // What is still missing, with the commands that install it.
+    let mut lines = vec![];
+    let still: Vec<&Program> = PROGRAMS.iter().filter(|p| !runs(p.command, p.args)).collect();
+    if !still.is_empty() {
+        let packages: Vec<&str> = still.iter().map(|p| p.package).collect();
+        for p in &still {
+            lines.push(format!("  {} ({}): Debian package {}", p.command, p.what, p.package));
+        }
+        lines.push(format!("    install: sudo apt-get install {}", packages.join(" ")));
+    }
+    match installed_rust_targets() {
+        None => lines.push("  rustup: not found (the aarch64 targets need it): https://rustup.rs".into()),
+        Some(have) => {
+            let want: Vec<&str> = RUST_TARGETS.iter().copied().filter(|t| !have.iter().any(|h| h == t)).collect();
+            if !want.is_empty() {
+                lines.push(format!(
+                    "  rustup targets {}\n    install: rustup target add {}",
+                    want.join(", "),
+                    want.join(" ")
+                ));
+            }
+        }
+    }
+    if !fmt_ok() {
+        lines.push("  rustfmt\n    install: rustup component add rustfmt".into());
+    }
+    if !fuzz_ok() {
+        lines.push(format!(
+            "  {}\n    install: cargo install cargo-fuzz --version {} --locked",
+            crate::CARGO_FUZZ,
+            crate::CARGO_FUZZ_VERSION
+        ));
+    }
+    if let Some(e) = python_error {
+        lines.push(format!(
+            "  Python peers in {} ({e})\n    install: a Python 3 with venv and pip (sudo apt-get install python3-venv \
+             python3-pip), a C++ compiler for llama-cpp-python (sudo apt-get install g++ cmake), then run again",
+            venv_dir().display()
+        ));
+    }
+    if !lines.is_empty() {
+        bail!(
+            "the test suite needs tools this machine lacks{}:\n{}",
+            if root { "" } else { " (run as root to let kiln install the Debian packages itself)" },
+            lines.join("\n")
+        );
+    }
+    python.context("no Python environment")
+}

@@ -1473,32 +1473,19 @@ mod tests {
         }
     }
 
-    /// xorshift64*: deterministic pseudo-random bytes without a dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
 
     #[test]
     fn random_bytes_never_panic() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = ir::rng::SplitMix64::new(0x9e37_79b9_7f4a_7c15);
         let valid = sample_bytes();
         for round in 0..3000 {
             let bytes: Vec<u8> = match round % 3 {
                 // Pure noise.
-                0 => (0..rng.below(300)).map(|_| rng.next() as u8).collect(),
+                0 => (0..rng.below(300)).map(|_| rng.next_u64() as u8).collect(),
                 // A valid header followed by noise.
                 1 => {
                     let mut b = valid[..24].to_vec();
-                    b.extend((0..rng.below(400)).map(|_| rng.next() as u8));
+                    b.extend((0..rng.below(400)).map(|_| rng.next_u64() as u8));
                     b
                 }
                 // A valid file with a few bytes corrupted (often small, plausible values).
@@ -1507,7 +1494,7 @@ mod tests {
                     for _ in 0..1 + rng.below(4) {
                         let at = rng.below(b.len() as u64) as usize;
                         b[at] = match rng.below(3) {
-                            0 => rng.next() as u8,
+                            0 => rng.next_u64() as u8,
                             1 => 0xff,
                             _ => rng.below(16) as u8,
                         };

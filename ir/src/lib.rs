@@ -31,6 +31,7 @@
 pub mod interp;
 pub mod parse;
 pub mod quant;
+pub mod rng;
 pub mod verify;
 pub mod write;
 

@@ -8,35 +8,8 @@ use compiler::{compile, CompileOptions, Compiled};
 use ir::quant::quantize_row;
 use ir::{Graph, QuantFormat};
 
-/// A small deterministic PRNG (SplitMix64), so tests need no extra crates and are repeatable.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform() * scale).collect()
-    }
-}
+/// The tests' deterministic random source (`uniform` is in [-1, 1)).
+pub use ir::rng::SplitMix64 as Rng;
 
 /// Random bytes for every weight of `graph`, quantized to its format from values in
 /// `[-scale, scale)` (norm weights around 1).

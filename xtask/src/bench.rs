@@ -227,7 +227,7 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
         eprintln!("round {}/{}", round + 1, o.runs);
         for &t in &o.threads {
             let mut cmd = runner.command();
-            cmd.args(["bench", "--json", "--runs", "1", "--bundle"]).arg(&o.bundle);
+            cmd.args(["bench", "--jsonl", "--runs", "1", "--bundle"]).arg(&o.bundle);
             cmd.args(["--threads", &t.to_string(), "--prefill", &prefill, "--decode", &o.decode.to_string()]);
             let (out, rss) = run_measured(cmd, "kiln's chat bench")?;
             for line in out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
@@ -295,19 +295,21 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
         (median(&mut r), min, max, v.iter().filter_map(|s| s.peak_rss_bytes).max())
     };
     let mib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / (1 << 20) as f64));
-    println!(
-        "{:<7} {:>7} {:>22} {:>22} {:>7} {:>9} {:>9}",
-        "test", "threads", "kiln tok/s (min-max)", "llama.cpp (min-max)", "ratio", "kiln MiB", "llama MiB"
-    );
+    // A markdown table in llama-bench's shape (model, size, threads, test, t/s), kiln and
+    // llama.cpp side by side.
+    let model = manifest["model"]["name"].as_str().unwrap_or("?").to_string();
+    let size = manifest["memory"]["weights_bytes"]
+        .as_u64()
+        .map_or("-".to_string(), |b| format!("{:.2} MiB", b as f64 / (1 << 20) as f64));
+    println!("| model | size | threads | test | kiln t/s (min-max) | llama.cpp t/s (min-max) | kiln ÷ llama.cpp | kiln MiB | llama.cpp MiB |");
+    println!("| ----- | ---: | ------: | ---: | -----------------: | ----------------------: | ---------------: | -------: | ------------: |");
     let mut results = vec![];
     for (test, t) in &order {
         let k = stats(&by[&("kiln", test.clone(), *t)]);
         let p = by.get(&("llama.cpp", test.clone(), *t)).map(|v| stats(v));
         let span = |s: (f64, f64, f64, Option<u64>)| format!("{:.1} ({:.0}-{:.0})", s.0, s.1, s.2);
         println!(
-            "{:<7} {:>7} {:>22} {:>22} {:>7} {:>9} {:>9}",
-            test,
-            t,
+            "| {model} | {size} | {t} | {test} | {} | {} | {} | {} | {} |",
             span(k),
             p.map_or("-".into(), span),
             p.map_or("-".into(), |p| format!("{:.2}x", k.0 / p.0)),
@@ -389,7 +391,7 @@ fn same_context_memory(
     // as far, where `--decode` alone would start again from position 0.
     let mut cmd = runner.command();
     let positions = (512 + decode).to_string();
-    cmd.args(["bench", "--json", "--runs", "1", "--prefill", &positions, "--decode", "0", "--bundle"]);
+    cmd.args(["bench", "--jsonl", "--runs", "1", "--prefill", &positions, "--decode", "0", "--bundle"]);
     cmd.arg(bundle).args(["--threads", &threads.to_string()]);
     let (_, kiln) = run_measured(cmd, "kiln's chat bench")?;
     // About 512 tokens of the shipped evaluation text (English prose: about 1.3 tokens a word).

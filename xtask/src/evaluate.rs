@@ -23,8 +23,8 @@ pub struct EvalCmd {
     /// A bundle to evaluate; repeat the flag for several (a row each).
     #[arg(long = "bundle", required = true)]
     pub bundles: Vec<PathBuf>,
-    /// Worker threads (the calling thread included).
-    #[arg(long, default_value_t = 2)]
+    /// Worker threads (the calling thread included; default: the machine's physical cores).
+    #[arg(short = 't', long, default_value_t = chat::physical_cores())]
     pub threads: usize,
     #[command(flatten)]
     pub spec: chat::eval::EvalSpec,
@@ -304,7 +304,7 @@ fn evaluate_bundle(c: &EvalCmd, bundle: &Path, references: &mut Vec<(String, Pat
     if spec.runs(Suite::Footprint) && rss.is_none() {
         // No generation ran: the footprint of a 512-token prompt and 128 generated tokens, as `bench` measures it.
         let mut cmd = runner.command();
-        cmd.args(["bench", "--json", "--runs", "1", "--prefill", "640", "--decode", "0", "--bundle"]);
+        cmd.args(["bench", "--jsonl", "--runs", "1", "--prefill", "640", "--decode", "0", "--bundle"]);
         cmd.arg(bundle).args(["--threads", &c.threads.to_string()]);
         rss = crate::bench::run_measured(cmd, "the runner's bench")?.1;
     }

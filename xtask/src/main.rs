@@ -10,7 +10,7 @@ use compiler::bundle::{BuildOptions, Stage};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "kiln: compile LLMs ahead of time")]
+#[command(name = "cargo xtask", version, about = "kiln: compile LLMs ahead of time")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -89,7 +89,7 @@ enum Cmd {
     /// Compiles a model (GGUF file, Hugging Face checkpoint or ONNX export) into a bundle (default: fetch SmolLM2-135M-Instruct Q4_1, host target).
     BuildModel {
         /// The model: a GGUF file, a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or an ONNX export (model.onnx, tokenizer files beside it); default: the cached SmolLM2-135M-Instruct Q4_1 (fetched on first use).
-        #[arg(long)]
+        #[arg(short = 'm', long)]
         model: Option<PathBuf>,
         /// Target triple (default: the host's).
         #[arg(long)]
@@ -107,7 +107,7 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
         /// KV cache positions (default: the model's training context, at most 2048).
-        #[arg(long)]
+        #[arg(short = 'c', long)]
         context: Option<u32>,
         /// Most tokens per call (prefill chunk).
         #[arg(long, default_value_t = 512)]
@@ -148,7 +148,7 @@ enum Cmd {
     Heal {
         /// The model (GGUF file, Hugging Face checkpoint or ONNX export); default: the cached
         /// SmolLM2-135M-Instruct Q4_1.
-        #[arg(long)]
+        #[arg(short = 'm', long)]
         model: Option<PathBuf>,
         /// Held-out text evaluated before and after (default: examples/data/eval.txt).
         #[arg(long)]
@@ -170,7 +170,7 @@ enum Cmd {
     #[cfg(feature = "train")]
     Finetune {
         /// The model; default: the cached SmolLM2-135M-Instruct Q4_1.
-        #[arg(long)]
+        #[arg(short = 'm', long)]
         model: Option<PathBuf>,
         /// The examples (JSON Lines).
         #[arg(long)]
@@ -193,7 +193,7 @@ enum Cmd {
     /// pruned (--prune-layers).
     Optimize {
         /// The GGUF file; default: the cached SmolLM2-135M-Instruct Q4_1 (fetched on first use).
-        #[arg(long)]
+        #[arg(short = 'm', long)]
         model: Option<PathBuf>,
         /// The GGUF file to write.
         #[arg(long)]
@@ -221,8 +221,8 @@ enum Cmd {
         /// The bundle directory.
         #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
         bundle: PathBuf,
-        /// Thread counts to measure, each for kiln and llama.cpp.
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        /// Thread counts to measure, each for kiln and llama.cpp (llama-bench's -t).
+        #[arg(short = 't', long, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 5)]
@@ -656,4 +656,13 @@ fn run_bundle(bundle: &std::path::Path, command: chat::Command) -> Result<()> {
 
 fn exit_with(code: Option<i32>) -> ! {
     std::process::exit(code.unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

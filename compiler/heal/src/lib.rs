@@ -33,31 +33,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use llama::{Llama, Shape, Target};
 use train::{EvalStats, Example, Hyper, Objective, Trainer};
 
-/// SplitMix64: the one random source of a run, seeded by `--seed`.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-}
+/// The one random source of a run, seeded by `--seed`.
+pub use ir::rng::SplitMix64 as Rng;
 
 /// The options of the adapter and the training run, shared by `heal` and `finetune`.
 #[derive(clap::Args, Clone, Debug)]

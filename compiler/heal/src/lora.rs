@@ -70,7 +70,7 @@ impl Lora {
             for &target in targets {
                 let (inp, out) = target.dims(&model.shape);
                 let bound = 1.0 / (inp as f32).sqrt();
-                let a: Vec<f32> = (0..inp * rank).map(|_| (rng.uniform() * 2.0 - 1.0) * bound).collect();
+                let a: Vec<f32> = (0..inp * rank).map(|_| (rng.uniform()) * bound).collect();
                 modules.push(LoraModule {
                     block,
                     layer,

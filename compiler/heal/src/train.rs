@@ -434,10 +434,10 @@ pub(crate) mod tests {
                 return Ok(None);
             }
             let mut v: Vec<f32> = if name.contains("norm") {
-                (0..rows * cols).map(|_| 0.8 + 0.4 * rng.uniform()).collect()
+                (0..rows * cols).map(|_| 0.8 + 0.4 * rng.unit()).collect()
             } else {
                 let s = 1.6 / (cols as f32).sqrt();
-                (0..rows * cols).map(|_| (rng.uniform() * 2.0 - 1.0) * s).collect()
+                (0..rows * cols).map(|_| (rng.uniform()) * s).collect()
             };
             delta(name, rows, cols, &mut v);
             Ok(Some(v))
@@ -463,7 +463,7 @@ pub(crate) mod tests {
             .into_iter()
             .map(|p| {
                 let [r, c] = p.dims();
-                matrix((0..r * c).map(|_| (rng.uniform() * 2.0 - 1.0) * 0.3).collect(), r, c, model.device())
+                matrix((0..r * c).map(|_| (rng.uniform()) * 0.3).collect(), r, c, model.device())
             })
             .collect();
         lora.set_params(params);
@@ -536,8 +536,8 @@ pub(crate) mod tests {
         let mut rng = Rng::new(3);
         let teacher = tiny_model(2, 2, |name, rows, cols, v| {
             if name.contains("attn_q") || name.contains("ffn_down") {
-                let u: Vec<f32> = (0..rows * 2).map(|_| rng.uniform() * 2.0 - 1.0).collect();
-                let w: Vec<f32> = (0..2 * cols).map(|_| rng.uniform() * 2.0 - 1.0).collect();
+                let u: Vec<f32> = (0..rows * 2).map(|_| rng.uniform()).collect();
+                let w: Vec<f32> = (0..2 * cols).map(|_| rng.uniform()).collect();
                 for r in 0..rows {
                     for c in 0..cols {
                         v[r * cols + c] += 0.35 * (u[r * 2] * w[c] + u[r * 2 + 1] * w[cols + c]);

@@ -70,19 +70,41 @@ pub struct BundleArgs {
     /// The bundle directory written by `build-model`.
     #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
     pub bundle: PathBuf,
-    /// Worker threads (the calling thread included).
-    #[arg(long, default_value_t = 2)]
+    /// Worker threads (the calling thread included; default: the machine's physical cores).
+    #[arg(short = 't', long, default_value_t = physical_cores())]
     pub threads: usize,
+}
+
+/// The machine's physical cores (hyperthread siblings counted once), the default of
+/// `--threads` as in llama.cpp: a second thread on a core only competes for its vector units.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut cores = std::collections::BTreeSet::new();
+    for cpu in 0..logical.max(1) * 4 {
+        let dir = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
+        let (Ok(package), Ok(core)) = (
+            std::fs::read_to_string(format!("{dir}/physical_package_id")),
+            std::fs::read_to_string(format!("{dir}/core_id")),
+        ) else {
+            continue;
+        };
+        cores.insert((package.trim().to_string(), core.trim().to_string()));
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
 }
 
 /// Sampling and generation options.
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
-    /// Most tokens to generate per answer.
-    #[arg(long, default_value_t = 256)]
+    /// Most tokens to generate per answer (llama.cpp's -n).
+    #[arg(short = 'n', long, default_value_t = 256)]
     pub max_tokens: usize,
     /// Softmax temperature; 0 decodes greedily.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, visible_alias = "temp", default_value_t = 0.7)]
     pub temperature: f32,
     /// Keep the K most likely tokens (0: off).
     #[arg(long, default_value_t = 40)]
@@ -100,7 +122,7 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
     /// Seed of the sampler's random generator.
-    #[arg(long, default_value_t = 0xC0FFEE)]
+    #[arg(short = 's', long, default_value_t = 0xC0FFEE)]
     pub seed: u64,
 }
 
@@ -222,7 +244,7 @@ pub struct RunArgs {
     #[arg(long, requires = "dump_logits")]
     pub force: bool,
     /// A chat message, answered with the model's chat template.
-    #[arg(long)]
+    #[arg(short = 'p', long)]
     pub prompt: Option<String>,
     #[command(flatten)]
     pub system: SystemArgs,
@@ -261,9 +283,9 @@ pub struct BenchArgs {
     /// Measured runs per test (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// Print one JSON object per measurement instead of a table.
+    /// Print one JSON object per line (a measurement each) instead of a table.
     #[arg(long)]
-    pub json: bool,
+    pub jsonl: bool,
 }
 
 /// The runner's commands.
@@ -286,7 +308,7 @@ pub enum Command {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "chat", about = "kiln runner: chat with, run, benchmark, evaluate and serve a kiln bundle")]
+#[command(name = "chat", version, about = "kiln runner: chat with, run, benchmark, evaluate and serve a kiln bundle")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -302,7 +324,7 @@ pub fn run(command: &Command) -> Result<()> {
         Command::Serve(a) => serve::serve(a),
         Command::Bench(a) => {
             for row in bench(a)? {
-                if a.json {
+                if a.jsonl {
                     println!("{}", row.json());
                 } else {
                     println!(
@@ -573,6 +595,17 @@ pub fn bench(a: &BenchArgs) -> Result<Vec<BenchRow>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from(["chat", "run", "-p", "hi", "-n", "8", "--temp", "0", "-s", "3", "-t", "1"]).unwrap();
+        let Command::Run(r) = c.command else { panic!("not run") };
+        assert_eq!((r.sampling.max_tokens, r.sampling.seed, r.bundle.threads), (8, 3, 1));
+        assert_eq!((r.prompt.as_deref(), r.sampling.temperature), (Some("hi"), 0.0));
+        assert!(physical_cores() >= 1);
+    }
 
     #[test]
     fn token_ids_parse_from_commas_and_whitespace() {

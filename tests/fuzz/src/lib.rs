@@ -184,21 +184,7 @@ pub fn input_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 // ---- seeds ----------------------------------------------------------------------------------
 
 /// SplitMix64, so the seeds are the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-
-    fn values(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect()
-    }
-}
+use ir::rng::SplitMix64 as Rng;
 
 fn strs(v: &[&str]) -> MetaValue {
     MetaValue::Array(v.iter().map(|s| MetaValue::String((*s).to_owned())).collect())
@@ -262,7 +248,7 @@ struct Shape {
 
 /// A complete small Llama GGUF with random weights (optionally the small vocabulary).
 fn llama_gguf(s: &Shape, seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut w = GgufWriter::new();
     w.add_meta("general.architecture", MetaValue::String("llama".into()));
     w.add_meta("general.name", MetaValue::String("fuzz-seed".into()));
@@ -290,7 +276,7 @@ fn llama_gguf(s: &Shape, seed: u64) -> Vec<u8> {
         let qf = format.quant_format().expect("a supported format");
         let mut bytes = vec![];
         for _ in 0..rows {
-            bytes.extend(ir::quant::quantize_row(qf, &rng.values(cols)));
+            bytes.extend(ir::quant::quantize_row(qf, &rng.vec(cols, 1.0)));
         }
         w.add_tensor(name, dims, format, &bytes);
     };

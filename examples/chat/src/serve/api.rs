@@ -253,6 +253,43 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8], model_name: &str) -> ApiRe
         }
         req.sampler.top_p = p as f32;
     }
+    // llama.cpp's sampling fields, honoured; OpenAI's that kiln's sampler lacks, refused
+    // unless they ask for nothing.
+    if let Some(k) = integer(&body, "top_k", 0, 1 << 20)? {
+        req.sampler.top_k = k as usize;
+    }
+    if let Some(p) = number(&body, "min_p", 0.0, 1.0)? {
+        req.sampler.min_p = p as f32;
+    }
+    if let Some(r) = number(&body, "repeat_penalty", 0.0, 10.0)? {
+        if r == 0.0 {
+            return Err(ApiError::invalid("repeat_penalty", "'repeat_penalty' must be greater than 0 (1: off)"));
+        }
+        req.sampler.repeat_penalty = r as f32;
+    }
+    if let Some(n) = integer(&body, "repeat_last_n", 0, 1 << 20)? {
+        req.sampler.repeat_last_n = n as usize;
+    }
+    for name in ["presence_penalty", "frequency_penalty"] {
+        if number(&body, name, -2.0, 2.0)?.is_some_and(|x| x != 0.0) {
+            return Err(ApiError::invalid(name, format!("'{name}' is not supported here; 'repeat_penalty' is")));
+        }
+    }
+    match field(&body, "logit_bias") {
+        None => {}
+        Some(Value::Object(m)) if m.is_empty() => {}
+        Some(_) => return Err(ApiError::invalid("logit_bias", "'logit_bias' is not supported")),
+    }
+    for name in ["tools", "functions", "tool_choice", "function_call"] {
+        if field(&body, name).is_some_and(|v| !v.as_array().is_some_and(Vec::is_empty)) {
+            return Err(ApiError::invalid(name, format!("'{name}' is not supported: this server generates text only")));
+        }
+    }
+    if let Some(f) = field(&body, "response_format") {
+        if f.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::invalid("response_format", "only {\"type\": \"text\"} is supported"));
+        }
+    }
     if let Some(seed) = field(&body, "seed") {
         req.sampler.seed = match (seed.as_u64(), seed.as_i64()) {
             (Some(s), _) => s,
@@ -429,5 +466,72 @@ impl<'m> LogprobsOut<'m> {
             return Value::Null;
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(extra: Value) -> ApiResult<GenRequest> {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        parse_request(Endpoint::Chat, body.to_string().as_bytes(), "m")
+    }
+
+    #[test]
+    fn llama_cpp_sampling_fields_are_honoured() {
+        let r = chat(json!({"top_k": 7, "min_p": 0.05, "repeat_penalty": 1.1, "repeat_last_n": 32, "temperature": 0.5,
+            "top_p": 0.9, "seed": 3}))
+        .unwrap();
+        let s = &r.sampler;
+        assert_eq!((s.top_k, s.repeat_last_n, s.seed), (7, 32, 3));
+        assert_eq!((s.min_p, s.repeat_penalty, s.temperature, s.top_p), (0.05, 1.1, 0.5, 0.9));
+        // Fields that ask for nothing are accepted.
+        let r = chat(json!({"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "tools": [],
+            "response_format": {"type": "text"}}));
+        assert!(r.is_ok(), "{:?}", r.err());
+    }
+
+    #[test]
+    fn fields_kiln_cannot_honour_are_refused_by_name() {
+        for (extra, param) in [
+            (json!({"presence_penalty": 0.5}), "presence_penalty"),
+            (json!({"frequency_penalty": -1}), "frequency_penalty"),
+            (json!({"logit_bias": {"42": 5}}), "logit_bias"),
+            (json!({"tools": [{"type": "function"}]}), "tools"),
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"repeat_penalty": 0}), "repeat_penalty"),
+            (json!({"min_p": 2}), "min_p"),
+            (json!({"top_k": -1}), "top_k"),
+        ] {
+            let e = chat(extra.clone()).expect_err(&extra.to_string());
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{extra}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn stop_strings_are_held_back_until_they_cannot_match() {
+        let mut m = StopMatcher::new(vec!["</s>".into(), "\n\n".into()]);
+        assert_eq!(m.push("Hello <"), ("Hello ".to_string(), false));
+        assert_eq!(m.push("/"), (String::new(), false));
+        assert_eq!(m.push("x"), ("</x".to_string(), false));
+        assert_eq!(m.push(" end\n"), (" end".to_string(), false));
+        assert_eq!(m.push("\nmore"), (String::new(), true));
+        let mut m = StopMatcher::new(vec!["STOP".into()]);
+        assert_eq!(m.push("ST"), (String::new(), false));
+        assert_eq!(m.finish(), "ST");
+    }
+
+    #[test]
+    fn errors_are_openai_error_objects() {
+        let e = ApiError::busy("full", 5);
+        assert_eq!((e.status, e.retry_after), (503, Some(5)));
+        let v = ApiError::invalid("n", "only n = 1").json();
+        assert_eq!(v["error"]["param"], "n");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["code"].is_null());
     }
 }

@@ -60,9 +60,15 @@ pub const API_KEY_ENV: &str = "KILN_API_KEY";
 pub struct ServeArgs {
     #[command(flatten)]
     pub bundle: BundleArgs,
-    /// Address to listen on (port 0: any free port; the chosen one is printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub addr: String,
+    /// Host to listen on: 127.0.0.1 (the default) is this machine only, 0.0.0.0 every interface.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// HOST:PORT in one, instead of --host and --port.
+    #[arg(long, conflicts_with_all = ["host", "port"])]
+    pub addr: Option<String>,
     /// Generations running at once, each with its own KV cache.
     #[arg(long, default_value_t = 4)]
     pub max_sessions: usize,
@@ -106,6 +112,15 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The address to listen on: `--addr`, or `--host` and `--port`.
+    pub fn listen_addr(&self) -> String {
+        match &self.addr {
+            Some(a) => a.clone(),
+            None if self.host.contains(':') && !self.host.starts_with('[') => format!("[{}]:{}", self.host, self.port),
+            None => format!("{}:{}", self.host, self.port),
+        }
+    }
+
     /// Checks every option that needs no bundle: limits, timeouts and the key.
     pub fn check(&self) -> Result<()> {
         self.limits()?;
@@ -683,7 +698,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         .context("cannot start the server's runtime")?;
     let result = runtime.block_on(async {
         let signals = http::Signals::new()?;
-        let listener = http::bind(&a.addr).await?;
+        let listener = http::bind(&a.listen_addr()).await?;
         let addr = listener.local_addr()?;
         let model = crate::open_model(&a.bundle.bundle, a.bundle.threads)?;
         let manifest = model.manifest();

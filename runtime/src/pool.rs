@@ -74,6 +74,30 @@ fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
 }
 
 /// A fork-join pool of `n_threads` threads (the caller of [`run`](Self::run) included).
+/// A pool and the turn its users take: the threads every library of the process that asks
+/// for the same number of threads runs on. Two libraries in one process (a model and its
+/// reference, say) then take turns on one set of threads instead of two sets spinning against
+/// each other on the same cores.
+pub struct Workers {
+    pub pool: ThreadPool,
+    /// One library call at a time (a call keeps every thread of the pool busy).
+    pub turn: Mutex<()>,
+}
+
+/// The process's pool of `n_threads` threads, made on first use and shared while any library
+/// holds it (the last one to let go joins its threads).
+pub fn shared_workers(n_threads: usize) -> Arc<Workers> {
+    static POOLS: Mutex<Vec<(usize, std::sync::Weak<Workers>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    pools.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(w) = pools.iter().filter(|(n, _)| *n == n_threads).find_map(|(_, w)| w.upgrade()) {
+        return w;
+    }
+    let w = Arc::new(Workers { pool: ThreadPool::new(n_threads), turn: Mutex::new(()) });
+    pools.push((n_threads, Arc::downgrade(&w)));
+    w
+}
+
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
@@ -308,6 +332,25 @@ pub unsafe extern "C" fn kiln_parallel_for(pool: *mut c_void, task: TaskFn, ctx:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn libraries_asking_for_the_same_threads_share_one_pool() {
+        let a = shared_workers(3);
+        let b = shared_workers(3);
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = shared_workers(2);
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!((a.pool.n_threads(), c.pool.n_threads()), (3, 2));
+        let weak = Arc::downgrade(&a);
+        drop((a, b));
+        assert!(weak.upgrade().is_none(), "the last holder's drop joins the pool");
+        let d = shared_workers(3);
+        let sum = AtomicUsize::new(0);
+        d.pool.run(&|ith, _| {
+            sum.fetch_add(ith + 1, Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 6);
+    }
     use std::sync::atomic::AtomicU32;
 
     fn partition(len: usize, ith: usize, nth: usize) -> std::ops::Range<usize> {

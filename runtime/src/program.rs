@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::pool::{kiln_parallel_for, ThreadPool};
+use crate::pool::{kiln_parallel_for, shared_workers, Workers};
 
 /// The ABI version this runtime speaks.
 pub const ABI_VERSION: u32 = 4;
@@ -424,10 +424,9 @@ unsafe impl Sync for SharedLib {}
 pub struct Library {
     desc: &'static ModelDesc,
     external_weights: Option<AlignedBuf>,
-    /// One call of the library at a time.
-    turn: std::sync::Mutex<()>,
-    /// Dropped (its threads joined) before the library is closed: field order.
-    pool: ThreadPool,
+    /// The threads its kernels run on, shared with every library of this process that asks
+    /// for as many (see [`crate::pool::shared_workers`]); one call at a time on them.
+    workers: Arc<Workers>,
     _lib: Option<SharedLib>,
 }
 
@@ -594,8 +593,7 @@ impl Library {
         Ok(Library {
             desc,
             external_weights,
-            turn: std::sync::Mutex::new(()),
-            pool: ThreadPool::new(n_threads),
+            workers: shared_workers(n_threads),
             _lib: lib,
         })
     }
@@ -605,7 +603,7 @@ impl Library {
     }
 
     pub fn n_threads(&self) -> usize {
-        self.pool.n_threads()
+        self.workers.pool.n_threads()
     }
 
     /// Bytes of weights this library holds (embedded or loaded from a file).
@@ -731,7 +729,7 @@ impl Program {
             pos: pos as i64,
             out_start: out_start as i64,
             parallel_for: kiln_parallel_for,
-            pool: self.library.pool.as_ptr(),
+            pool: self.library.workers.pool.as_ptr(),
         };
         // SAFETY: the descriptor is a kiln library's (see `Program::new`), checked for
         // consistency at construction. Every pointer in ctx is valid for the sizes it
@@ -742,7 +740,7 @@ impl Program {
         // at construction. `self` is borrowed mutably, so no other call uses the arena or
         // cache concurrently; what calls on other programs share (weights, code, pool) is
         // only read, and one call runs at a time (`turn`).
-        let _turn = self.library.turn.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = self.library.workers.turn.lock().unwrap_or_else(|e| e.into_inner());
         unsafe { (d.run)(&ctx) };
         Ok(())
     }

@@ -1473,7 +1473,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn random_bytes_never_panic() {
         let mut rng = ir::rng::SplitMix64::new(0x9e37_79b9_7f4a_7c15);

@@ -590,12 +590,7 @@ impl Library {
                 None
             }
         };
-        Ok(Library {
-            desc,
-            external_weights,
-            workers: shared_workers(n_threads),
-            _lib: lib,
-        })
+        Ok(Library { desc, external_weights, workers: shared_workers(n_threads), _lib: lib })
     }
 
     pub fn desc(&self) -> &ModelDesc {

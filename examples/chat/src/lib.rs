@@ -600,7 +600,8 @@ mod tests {
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-        let c = Cli::try_parse_from(["chat", "run", "-p", "hi", "-n", "8", "--temp", "0", "-s", "3", "-t", "1"]).unwrap();
+        let c =
+            Cli::try_parse_from(["chat", "run", "-p", "hi", "-n", "8", "--temp", "0", "-s", "3", "-t", "1"]).unwrap();
         let Command::Run(r) = c.command else { panic!("not run") };
         assert_eq!((r.sampling.max_tokens, r.sampling.seed, r.bundle.threads), (8, 3, 1));
         assert_eq!((r.prompt.as_deref(), r.sampling.temperature), (Some("hi"), 0.0));

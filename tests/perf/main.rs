@@ -45,7 +45,7 @@ fn predicted_decode_on_the_host_is_within_25_percent_of_bench() {
             prefill: vec![],
             decode,
             runs: 3,
-            json: false,
+            jsonl: false,
         })
         .unwrap();
         measured.push(rows[0].median_tok_s);

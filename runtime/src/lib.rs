@@ -7,6 +7,8 @@
 
 pub mod capi;
 pub mod chat_template;
+#[cfg(feature = "cli")]
+pub mod cli;
 #[cfg(feature = "offload")]
 pub mod offload;
 pub mod pool;

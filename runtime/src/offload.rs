@@ -147,7 +147,7 @@ impl FromStr for Policy {
 /// relations it chains ("of the", "whose", "the country where"...), comparisons, and the marks
 /// of a word problem. Multi-hop questions chain facts ("the capital of the country where X
 /// stands"); single-hop ones ask one. The weights were fitted (L2-regularised logistic
-/// regression) to the hop labels of the shipped question set `examples/data/qa.jsonl`:
+/// regression) to the hop labels of the shipped question set `runtime/eval/data/qa.jsonl`:
 /// 5-fold cross-validated accuracy 85 %, 87 % on the whole set (300 questions, 40 % multi-hop).
 pub fn complexity(question: &str) -> f32 {
     let q = question.to_lowercase();
@@ -629,7 +629,7 @@ mod tests {
 
     #[test]
     fn complexity_separates_the_hop_classes_of_the_question_set() {
-        let text = include_str!("../../examples/data/qa.jsonl");
+        let text = include_str!("../eval/data/qa.jsonl");
         let (mut right, mut n) = (0, 0);
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let v: Value = serde_json::from_str(line).unwrap();

@@ -84,6 +84,28 @@ pub struct Workers {
     pub turn: Mutex<()>,
 }
 
+/// The machine's physical cores (hyperthread siblings counted once), the default of
+/// `--threads` as in llama.cpp: a second thread on a core only competes for its vector units.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut cores = std::collections::BTreeSet::new();
+    for cpu in 0..logical.max(1) * 4 {
+        let dir = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
+        let (Ok(package), Ok(core)) = (
+            std::fs::read_to_string(format!("{dir}/physical_package_id")),
+            std::fs::read_to_string(format!("{dir}/core_id")),
+        ) else {
+            continue;
+        };
+        cores.insert((package.trim().to_string(), core.trim().to_string()));
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}
+
 /// The process's pool of `n_threads` threads, made on first use and shared while any library
 /// holds it (the last one to let go joins its threads).
 pub fn shared_workers(n_threads: usize) -> Arc<Workers> {

@@ -24,9 +24,9 @@ fn apps_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kiln-tests/apps")
 }
 
-fn exec_graph() -> &'static xtask::App {
-    static APP: OnceLock<xtask::App> = OnceLock::new();
-    APP.get_or_init(|| xtask::build_exec_graph(TRIPLE, &apps_dir()).unwrap_or_else(|e| panic!("{e:#}")))
+fn exec_graph() -> &'static workflow::App {
+    static APP: OnceLock<workflow::App> = OnceLock::new();
+    APP.get_or_init(|| workflow::runner::build_exec_graph(TRIPLE, &apps_dir()).unwrap_or_else(|e| panic!("{e:#}")))
 }
 
 fn f32_bytes(xs: &[f32]) -> Vec<u8> {
@@ -53,7 +53,13 @@ fn check_graph_with(name: &str, text: &str, weights: Vec<Vec<u8>>, seqs: &[usize
         compile(graph.clone(), &weights, target.as_ref(), &CompileOptions { batch: 8, ..Default::default() }).unwrap();
     let (obj, so) = (dir.join("model.o"), dir.join("model.so"));
     std::fs::write(&obj, &compiled.object).unwrap();
-    let status = Command::new(xtask::c_compiler(TRIPLE)).arg("-shared").arg("-o").arg(&so).arg(&obj).status().unwrap();
+    let status = Command::new(workflow::runner::c_compiler(TRIPLE))
+        .arg("-shared")
+        .arg("-o")
+        .arg(&so)
+        .arg(&obj)
+        .status()
+        .unwrap();
     assert!(status.success(), "linking the aarch64 object failed");
 
     let final_graph: Graph = parse_graph(&compiled.final_ir).unwrap();
@@ -258,15 +264,15 @@ fn aarch64_model_matches_x86_64_and_the_reference_under_qemu() {
         ..BuildOptions::new(model_path(), TRIPLE, bundle.clone())
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
-    let app = xtask::build_chat_app(&bundle, Some(&apps_dir())).unwrap_or_else(|e| panic!("{e:#}"));
+    let runner = workflow::build_runner(TRIPLE, &apps_dir()).unwrap_or_else(|e| panic!("{e:#}"));
 
     // The chat-formatted Paris question, tokenized by the x86-64 session.
     let x86 = crate::model::session_ids("What is the capital of France?");
     let (ids, x86_logits, x86_reply) = (x86.0, x86.1, x86.2);
     let ids_arg: Vec<String> = ids.iter().map(|t| t.to_string()).collect();
     let npy = dir.join("logits.npy");
-    // The app with the library linked in evaluates the tokens ...
-    let out = app
+    // The runner, which opens the bundle's shared library, evaluates the tokens ...
+    let out = runner
         .command()
         .args(["run", "--bundle"])
         .arg(&bundle)
@@ -289,15 +295,9 @@ fn aarch64_model_matches_x86_64_and_the_reference_under_qemu() {
     assert!(diff_ref <= 0.05, "aarch64 logits differ from the reference by {diff_ref}");
     assert!(diff_x86 <= 0.01, "aarch64 logits differ from x86-64 by {diff_x86}");
 
-    // ... and the runner, which opens the bundle's shared library, answers the question.
-    let runner = xtask::build_runner(TRIPLE, &apps_dir()).unwrap_or_else(|e| panic!("{e:#}"));
-    let out = runner
-        .command()
-        .args(["run", "--bundle"])
-        .arg(&bundle)
-        .args(["--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "48"])
-        .output()
-        .unwrap();
+    // ... and the example app with the static library linked in answers the question.
+    let app = workflow::runner::build_rust_chat(&bundle, Some(&apps_dir())).unwrap_or_else(|e| panic!("{e:#}"));
+    let out = app.command().arg(&bundle).args(["What is the capital of France?", "48"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let reply = String::from_utf8_lossy(&out.stdout).trim().to_string();
     eprintln!("aarch64 reply: {reply:?}");
@@ -390,8 +390,10 @@ fn android_bundle_holds_aarch64_code_and_the_runtime_builds_for_android() {
     assert_eq!(e_machine, 183, "EM_AARCH64");
     let manifest = std::fs::read_to_string(bundle.join("manifest.json")).unwrap();
     assert!(manifest.contains("\"aarch64-linux-android\"") && manifest.contains("dotprod"), "{manifest}");
-    let err =
-        xtask::build_chat_app(&bundle, Some(&apps_dir())).err().expect("an Android bundle cannot run here").to_string();
+    let err = workflow::runner::build_rust_chat(&bundle, Some(&apps_dir()))
+        .err()
+        .expect("an Android bundle cannot run here")
+        .to_string();
     assert!(err.contains("runs on Android"), "{err}");
 
     // The runtime as a static library for Android: no linker (and no NDK) needed.
@@ -408,7 +410,7 @@ fn android_bundle_holds_aarch64_code_and_the_runtime_builds_for_android() {
             "--target-dir",
         ])
         .arg(apps_dir())
-        .current_dir(xtask::root())
+        .current_dir(workflow::root())
         .status()
         .unwrap();
     assert!(status.success(), "building the runtime for aarch64-linux-android failed");

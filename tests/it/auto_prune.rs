@@ -1,4 +1,4 @@
-//! `--prune-layers auto:N` (`xtask::calibrate`, `compiler::probe`): on small random models the
+//! `--prune-layers auto:N` (`workflow::calibrate`, `compiler::probe`): on small random models the
 //! block-boundary states of the compiled probe and the angular distances computed from them
 //! equal the reference executor's, auto:N picks their argmin, a block made the identity is the
 //! one auto:1 drops, and bad input is refused before anything is written.
@@ -12,7 +12,7 @@ use compiler::probe::{angular_distance, choose_run};
 use ir::QuantFormat;
 use tests::harness::{max_diff, scratch_dir, tiny_llama_gguf_with_tokenizer, Rng, TinyLlama};
 use tests::reference::ReferenceModel;
-use xtask::calibrate::{choose_auto, resolve_prune, CalibOptions, Probe};
+use workflow::calibrate::{choose_auto, resolve_prune, CalibOptions, Probe};
 
 /// Five blocks, d_model 96, context 64 (so calibration chunks hold 64 tokens).
 fn tiny_cfg() -> TinyLlama {

@@ -33,7 +33,7 @@ fn app() -> &'static (PathBuf, PathBuf) {
         assert!(bundle.join("weights.bin").exists(), "a bundle built without embedded weights has weights.bin");
         // A target dir of its own: the outer `cargo test` holds the main one's lock.
         let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kiln-tests/apps");
-        let exe = xtask::build_c_chat(&bundle, Some(&target))
+        let exe = workflow::runner::build_c_chat(&bundle, Some(&target))
             .unwrap_or_else(|e| panic!("building examples/c-chat failed: {e:#}"));
         (bundle, exe)
     })

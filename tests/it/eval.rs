@@ -1,4 +1,4 @@
-//! `eval` (perplexity and KL divergence, `examples/chat/src/eval.rs`): its figures equal an
+//! `eval` (perplexity and KL divergence, `runtime/eval/src/lib.rs`): its figures equal an
 //! independent computation from the logits of direct `Session` calls, a bundle against itself
 //! gives KL 0, bad input is refused with a clear error before anything is written, and the real
 //! model's perplexity on the shipped text is sane.
@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use chat::eval::{evaluate, run_eval, EvalArgs, EvalSpec, Suite};
-use chat::BundleArgs;
 use compiler::bundle::{build_model, BuildOptions};
+use eval::{evaluate, run_eval, EvalArgs, EvalSpec, Suite};
+use runtime::cli::BundleArgs;
 use runtime::session::Session;
 use tests::harness::{scratch_dir, tiny_llama_gguf_with_tokenizer, Rng};
 
@@ -83,7 +83,7 @@ fn spec(suites: &[Suite], text: &Path, ctx: usize) -> EvalSpec {
 }
 
 fn open(bundle: &Path) -> Session {
-    Session::open_shared(&bundle.join(chat::SHARED_LIBRARY), bundle, 1).unwrap_or_else(|e| panic!("{e}"))
+    Session::open_shared(&bundle.join(runtime::cli::SHARED_LIBRARY), bundle, 1).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The negative log-likelihood of `target` under `row`, written apart from eval.rs's:
@@ -194,7 +194,7 @@ fn a_gguf_reference_is_compiled_for_the_occasion() {
     let mut a = args(bundle, text, 32);
     a.spec.reference = Some(dir.join("tiny1.gguf"));
     a.json = Some(json.clone());
-    let cmd = xtask::evaluate::EvalCmd {
+    let cmd = workflow::evaluate::EvalCmd {
         bundles: vec![bundle.clone()],
         threads: 1,
         spec: a.spec,
@@ -203,14 +203,14 @@ fn a_gguf_reference_is_compiled_for_the_occasion() {
         report: None,
         force: false,
     };
-    let rows = xtask::evaluate::eval(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
+    let rows = workflow::evaluate::eval(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
     let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let figures = &figures["bundles"][0];
     assert_eq!(figures["kl_divergence"]["max"], 0.0, "{figures}");
     assert_eq!(figures["kl_divergence"]["top1_agreement"], 1.0, "{figures}");
     // Other tests compile references concurrently: look only at the one this command made.
     let compiled = rows[0].reference.as_ref().expect("the row names its reference");
-    assert!(compiled.starts_with(xtask::root().join("target/kiln-eval")), "{}", compiled.display());
+    assert!(compiled.starts_with(workflow::root().join("target/kiln-eval")), "{}", compiled.display());
     assert!(!compiled.exists(), "the temporary reference bundle {} is left", compiled.display());
 }
 
@@ -295,7 +295,7 @@ fn real_model_perplexity_on_the_shipped_text_is_sane() {
     let dir = scratch_dir("eval-smollm");
     let bundle = dir.join("bundle");
     build(&model, &bundle, 128, 128);
-    let mut a = args(&bundle, &chat::eval::default_text(), 128);
+    let mut a = args(&bundle, &eval::default_text(), 128);
     a.spec.text = None;
     a.spec.chunks = Some(8);
     a.bundle.threads = 2;
@@ -330,7 +330,7 @@ pub(crate) fn chromium() -> Option<PathBuf> {
 /// page, rendered by headless Chromium, lays out its five charts and their bars.
 #[test]
 fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
-    use chat::qa::{ask, normalize, Work};
+    use eval::qa::{ask, normalize, Work};
     let (dir, b1, b2, text) = tiny();
     let work = dir.join("suites");
     let _ = std::fs::remove_dir_all(&work);
@@ -350,7 +350,7 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
         let first_word = normalize(&responses[i]).split(' ').next().unwrap_or("").to_string();
         assert!(!first_word.is_empty(), "response {i} has no word: {:?}", responses[i]);
         let answer = if planted[i] { first_word } else { "nowhere in any answer 0123".to_string() };
-        assert_eq!(chat::qa::is_correct(&responses[i], std::slice::from_ref(&answer)), planted[i]);
+        assert_eq!(eval::qa::is_correct(&responses[i], std::slice::from_ref(&answer)), planted[i]);
         let hops = if i < 3 { 1 } else { 2 };
         set +=
             &serde_json::json!({"id": format!("t{i}"), "question": q, "answers": [answer], "hops": hops}).to_string();
@@ -372,7 +372,7 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
     spec.bio_tokens = 16;
     let json = work.join("eval.json");
     let report = work.join("report.html");
-    let cmd = xtask::evaluate::EvalCmd {
+    let cmd = workflow::evaluate::EvalCmd {
         bundles: vec![b1.clone(), b2.clone()],
         threads: 1,
         spec,
@@ -381,7 +381,7 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
         report: Some(report.clone()),
         force: false,
     };
-    let rows = xtask::evaluate::eval(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
+    let rows = workflow::evaluate::eval(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(rows.len(), 2);
     let (r1, r2) = (&rows[0], &rows[1]);
     assert_eq!(r1.accuracy("single_hop").unwrap().0, 2.0 / 3.0, "{}", r1.figures["qa"]);
@@ -405,7 +405,7 @@ fn every_suite_on_two_bundles_and_the_report_in_a_browser() {
         assert_eq!(e.query.prompt_tokens, work["prompt_tokens"].as_f64().unwrap() / q);
         if e.how == "modeled" {
             let device =
-                xtask::evaluate::resolve_device(targets::host_triple().unwrap(), &r.manifest, None, 1).unwrap();
+                workflow::evaluate::resolve_device(targets::host_triple().unwrap(), &r.manifest, None, 1).unwrap();
             let p = compiler::deploy::predict(&r.footprint, &device, e.query);
             assert_eq!(e.joules, p.query_joules());
         }
@@ -465,7 +465,8 @@ fn a_build_that_misses_its_budget_writes_nothing_and_says_by_how_much() {
     let out = dir.join("budget-bundle");
     let _ = std::fs::remove_dir_all(&out);
     let tight: compiler::deploy::Budget = "memory=1KiB,decode=1e12tok/s,energy=1e-12J".parse().unwrap();
-    let (result, report) = xtask::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&tight), &mut |_| {});
+    let (result, report) =
+        workflow::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&tight), &mut |_| {});
     let e = format!("{:#}", result.unwrap_err());
     for says in ["memory:", "the budget is 0.0 MiB", "decode:", "energy per query:", "% off", "nothing was written"] {
         assert!(e.contains(says), "{says}: {e}");
@@ -474,14 +475,15 @@ fn a_build_that_misses_its_budget_writes_nothing_and_says_by_how_much() {
     assert!(report.contains("deployment report for x86-64-v3") && report.contains("3 limit(s) missed"), "{report}");
 
     let roomy: compiler::deploy::Budget = "memory=1GiB,decode=1tok/s".parse().unwrap();
-    let (result, report) = xtask::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&roomy), &mut |_| {});
+    let (result, report) =
+        workflow::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&roomy), &mut |_| {});
     result.unwrap_or_else(|e| panic!("{e:#}"));
     assert!(out.join("manifest.json").is_file());
     assert!(report.contains("budget memory 1024.0 MiB, decode 1 tok/s: met"), "{report}");
 
     let arm = dir.join("budget-arm");
     let _ = std::fs::remove_dir_all(&arm);
-    let (result, report) = xtask::evaluate::build_with_budget(
+    let (result, report) = workflow::evaluate::build_with_budget(
         &opts("aarch64-linux-android", Some("raspberry-pi-5"), &arm),
         Some("raspberry-pi-5"),
         None,

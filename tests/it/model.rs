@@ -289,8 +289,8 @@ fn one_runner_opens_two_bundles_at_once() {
     let dir = scratch_dir("runner_two_bundles");
     let file = dir.join("file-weights");
     build(&model_path(), &file, false);
-    let mut a = chat::open_session(embedded, 1).unwrap_or_else(|e| panic!("{e:#}"));
-    let mut b = chat::open_session(&file, 1).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut a = runtime::cli::open_session(embedded, 1).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut b = runtime::cli::open_session(&file, 1).unwrap_or_else(|e| panic!("{e:#}"));
     let ids = [1, 504, 3458, 282, 4649, 314];
     let (la, lb) = (a.eval(&ids, true).unwrap(), b.eval(&ids, true).unwrap());
     assert_eq!(la, lb, "the same model from two bundles must give the same logits");

@@ -283,8 +283,8 @@ fn bad_offload_configurations_are_refused() {
 fn offload_eval_compares_routes_and_draws_the_curves() {
     let (bundle, _) = crate::model::bundle();
     let dir = tests::harness::scratch_dir("offload-eval");
-    let all = chat::qa::read_questions(&xtask::root().join("examples/data/qa.jsonl")).unwrap();
-    let pick: Vec<&chat::qa::Question> =
+    let all = eval::qa::read_questions(&eval::data::shipped("qa.jsonl")).unwrap();
+    let pick: Vec<&eval::qa::Question> =
         all.iter().filter(|q| q.hops == 1).take(3).chain(all.iter().filter(|q| q.hops == 2).take(3)).collect();
     let lines: String = pick
         .iter()
@@ -296,7 +296,7 @@ fn offload_eval_compares_routes_and_draws_the_curves() {
     let questions = dir.join("six.jsonl");
     std::fs::write(&questions, lines).unwrap();
     let report = dir.join("offload.html");
-    let cmd = xtask::offload_eval::OffloadEvalCmd {
+    let cmd = workflow::offload_eval::OffloadEvalCmd {
         device_bundle: bundle.clone(),
         server: bundle.display().to_string(),
         questions,
@@ -305,7 +305,7 @@ fn offload_eval_compares_routes_and_draws_the_curves() {
         threads: 1,
         policies: vec!["complexity:0.5".into(), "confidence:4:-0.5".into()],
         confidence_tokens: 4,
-        prompts: xtask::root().join("examples/data/bio.jsonl"),
+        prompts: eval::data::shipped("bio.jsonl"),
         hallucination_prompts: 2,
         samples: 2,
         bio_tokens: 24,
@@ -313,7 +313,7 @@ fn offload_eval_compares_routes_and_draws_the_curves() {
         report: Some(report.clone()),
         force: true,
     };
-    let r = xtask::offload_eval::offload_eval(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
+    let r = workflow::offload_eval::offload_eval(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(r.rows.len(), 4);
     let device: Vec<bool> = r.rows[0].outcomes.iter().map(|o| o.correct).collect();
     let server: Vec<bool> = r.rows[1].outcomes.iter().map(|o| o.correct).collect();

@@ -19,7 +19,8 @@ pub(crate) struct Served {
 impl Served {
     pub(crate) fn start(bundle: &Path, extra: &[&str]) -> Served {
         let triple = targets::host_triple().expect("a supported host");
-        let runner = xtask::build_runner(triple, &xtask::root().join("target")).unwrap_or_else(|e| panic!("{e:#}"));
+        let runner =
+            workflow::build_runner(triple, &workflow::root().join("target")).unwrap_or_else(|e| panic!("{e:#}"));
         let mut child = runner
             .command()
             .args(["serve", "--addr", "127.0.0.1:0", "--threads", "2", "--bundle"])
@@ -391,7 +392,7 @@ fn the_chat_page_streams_an_answer_in_a_browser() {
 #[test]
 fn serve_load_answers_every_request_with_flat_memory() {
     let (bundle, _) = crate::model::bundle();
-    let cmd = xtask::serve_load::ServeLoadCmd {
+    let cmd = workflow::serve_load::ServeLoadCmd {
         bundle: bundle.clone(),
         clients: vec![2, 6],
         requests: 6,
@@ -404,7 +405,7 @@ fn serve_load_answers_every_request_with_flat_memory() {
         server_pid: None,
         api_key: None,
     };
-    let levels = xtask::serve_load::serve_load(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
+    let levels = workflow::serve_load::serve_load(&cmd).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(levels.len(), 2);
     for l in &levels {
         assert_eq!((l.requests, l.errors, l.busy, l.tokens), (6, 0, 0, 48), "{l:?}");

@@ -5,9 +5,10 @@
 //! decode. The prediction must be within 25 % of the measurement (issue 13), on whichever CPU
 //! the machine has. This binary holds nothing else, so no other test competes for the cores.
 
-use chat::{BenchArgs, BundleArgs};
+use chat::BenchArgs;
 use compiler::bundle::{build_model, BuildOptions};
 use compiler::deploy::{predict, Footprint, Query};
+use runtime::cli::BundleArgs;
 use tests::harness::scratch_dir;
 
 #[test]
@@ -35,7 +36,7 @@ fn predicted_decode_on_the_host_is_within_25_percent_of_bench() {
     // Prediction and measurement alternate three times; the medians are compared.
     let (mut predicted, mut measured) = (vec![], vec![]);
     for _ in 0..3 {
-        let device = xtask::evaluate::resolve_device(triple, &manifest, Some("host"), threads).unwrap();
+        let device = workflow::evaluate::resolve_device(triple, &manifest, Some("host"), threads).unwrap();
         let footprint = Footprint::from_manifest(&manifest).unwrap();
         // bench decodes `decode` tokens after one, from an empty cache.
         let query = Query { prompt_tokens: 1.0, generated_tokens: decode as f64 };

@@ -71,7 +71,7 @@ struct ModelPassArgs {
     /// stream least on the calibration text; Gromov et al. 2024).
     #[arg(long)]
     prune_layers: Option<compiler::passes::prune_layers::PruneSpec>,
-    /// Calibration text for auto:N (default: examples/data/calib.txt).
+    /// Calibration text for auto:N (default: the shipped kiln:calib.txt).
     #[arg(long)]
     calib: Option<PathBuf>,
     /// Most calibration tokens auto:N uses (default: 1024).
@@ -150,7 +150,7 @@ enum Cmd {
         /// SmolLM2-135M-Instruct Q4_1.
         #[arg(short = 'm', long)]
         model: Option<PathBuf>,
-        /// Held-out text evaluated before and after (default: examples/data/eval.txt).
+        /// Held-out text evaluated before and after (default: the shipped kiln:eval.txt).
         #[arg(long)]
         eval_text: Option<PathBuf>,
         /// Tokens of the held-out text evaluated.
@@ -214,7 +214,7 @@ enum Cmd {
     Tokenize(chat::TokenizeArgs),
     /// Serves a bundle over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions with
     /// streaming, /v1/models), /health, and a chat page at /.
-    Serve(chat::serve::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Prefill (128, 512) and decode (128) tokens/s with 1 and 2 threads; with `--vs llama.cpp`,
     /// next to llama.cpp's own llama-bench on the same GGUF (built once into the cache).
     Bench {
@@ -249,14 +249,14 @@ enum Cmd {
     /// Evaluates one or several bundles (repeat --bundle): perplexity, KL divergence from a
     /// reference bundle or GGUF (--reference), question-answering accuracy per hop class,
     /// hallucination rate, footprint and energy per query; a table, --json and an HTML --report.
-    Eval(xtask::evaluate::EvalCmd),
+    Eval(workflow::evaluate::EvalCmd),
     /// Where questions are answered: the device bundle only, the server only (a URL or a
     /// bundle served on loopback), and offloading by each policy; accuracy per hop class,
     /// share offloaded, latency, network bytes, device memory, and policy curves.
-    OffloadEval(xtask::offload_eval::OffloadEvalCmd),
+    OffloadEval(workflow::offload_eval::OffloadEvalCmd),
     /// A bounded load test of `serve` on loopback: throughput, latency and the server's memory
     /// at several numbers of concurrent clients.
-    ServeLoad(xtask::serve_load::ServeLoadCmd),
+    ServeLoad(workflow::serve_load::ServeLoadCmd),
     /// Runs the whole test suite: fetches the model, installs the llama.cpp peer if missing,
     /// then `cargo test --release --workspace` with KILN_MODEL set.
     Test {
@@ -359,8 +359,8 @@ fn real_main() -> Result<()> {
             let out = out.unwrap_or_else(|| PathBuf::from("bundles").join(&target));
             // Refuse an output kiln may not write before calibrating.
             compiler::outdir::check_replaceable(&out)?;
-            let calib = xtask::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
-            let (prune_layers, prune_notes) = xtask::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
+            let calib = workflow::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
+            let (prune_layers, prune_notes) = workflow::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
             print_lines(&prune_notes);
             let opts = BuildOptions {
                 model,
@@ -374,7 +374,7 @@ fn real_main() -> Result<()> {
                 shared_linker: match shared_linker.as_deref() {
                     Some("none") => None,
                     Some(cc) => Some(cc.to_string()),
-                    None => xtask::default_shared_linker(&target),
+                    None => workflow::default_shared_linker(&target),
                 },
                 prune: prune_layers,
                 quant,
@@ -388,7 +388,7 @@ fn real_main() -> Result<()> {
             bar.enable_steady_tick(Duration::from_millis(100));
             let start = Instant::now();
             let (report, deployment) =
-                xtask::evaluate::build_with_budget(&opts, report_device.as_deref(), budget.as_ref(), &mut |stage| {
+                workflow::evaluate::build_with_budget(&opts, report_device.as_deref(), budget.as_ref(), &mut |stage| {
                     bar.set_position(Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0) as u64);
                     bar.set_message(stage.name());
                 });
@@ -430,8 +430,8 @@ fn real_main() -> Result<()> {
             let start = Instant::now();
             // Refuse an output kiln may not write before calibrating.
             compiler::outdir::check_output_file(&out, force)?;
-            let calib = xtask::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
-            let (prune_layers, prune_notes) = xtask::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
+            let calib = workflow::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
+            let (prune_layers, prune_notes) = workflow::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
             print_lines(&prune_notes);
             let opts = compiler::optimize::OptimizeOptions { model, out, force, prune: prune_layers, quant, lora };
             let report = compiler::optimize::optimize(&opts)?;
@@ -454,10 +454,10 @@ fn real_main() -> Result<()> {
         Cmd::Finetune(d) => with_training_stack("finetune", &d.args)?,
         #[cfg(feature = "train")]
         Cmd::Heal { model, eval_text, eval_tokens, hidden_weight, model_passes, train } => {
-            let calib_text = model_passes.calib.clone().unwrap_or_else(xtask::calibrate::default_calib_text);
+            let calib_text = model_passes.calib.clone().unwrap_or_else(workflow::calibrate::default_calib_text);
             let task = heal::Task::Heal {
                 calib: calib_text,
-                eval_text: eval_text.unwrap_or_else(|| xtask::root().join("examples/data/eval.txt")),
+                eval_text: eval_text.unwrap_or_else(|| eval::data::shipped("eval.txt")),
                 eval_tokens,
                 hidden_weight,
             };
@@ -475,14 +475,14 @@ fn real_main() -> Result<()> {
         }
         Cmd::Run(ref a) => {
             if let Some(p) = &a.dump_logits {
-                chat::check_output_file(p, a.force)?; // before anything is built or run
+                runtime::cli::check_output_file(p, a.force)?; // before anything is built or run
             }
             run_bundle(&a.bundle.bundle, chat::Command::Run(a.clone()))?
         }
         Cmd::Tokenize(a) => chat::run(&chat::Command::Tokenize(a))?,
-        Cmd::Eval(a) => drop(xtask::evaluate::eval(&a)?),
-        Cmd::OffloadEval(a) => drop(xtask::offload_eval::offload_eval(&a)?),
-        Cmd::ServeLoad(a) => drop(xtask::serve_load::serve_load(&a)?),
+        Cmd::Eval(a) => drop(workflow::evaluate::eval(&a)?),
+        Cmd::OffloadEval(a) => drop(workflow::offload_eval::offload_eval(&a)?),
+        Cmd::ServeLoad(a) => drop(workflow::serve_load::serve_load(&a)?),
         Cmd::Bench { bundle, threads, runs, prefill, decode, vs, gguf, json, force } => {
             let peer_gguf = match (vs, gguf) {
                 (None, _) => None,
@@ -498,7 +498,7 @@ fn real_main() -> Result<()> {
                     Some(xtask::fetch_default_model(false)?)
                 }
             };
-            xtask::bench::bench(&xtask::bench::BenchOptions {
+            workflow::bench::bench(&workflow::bench::BenchOptions {
                 bundle,
                 threads,
                 runs,
@@ -514,7 +514,7 @@ fn real_main() -> Result<()> {
             let python = xtask::setup::prepare_for_tests()?;
             let formatted = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
                 .args(["fmt", "--all", "--", "--check"])
-                .current_dir(xtask::root())
+                .current_dir(workflow::root())
                 .status()
                 .context("cannot run cargo fmt")?;
             if !formatted.success() {
@@ -523,7 +523,7 @@ fn real_main() -> Result<()> {
                 );
             }
             let model = xtask::fetch_default_model(true)?;
-            let not_run = xtask::root().join("target/kiln-tests/not-run.tsv");
+            let not_run = workflow::root().join("target/kiln-tests/not-run.tsv");
             std::fs::create_dir_all(not_run.parent().unwrap())?;
             std::fs::write(&not_run, "")?;
             let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -534,7 +534,7 @@ fn real_main() -> Result<()> {
                 .env("KILN_PYTHON", &python)
                 // Every model the tests compile goes through Cranelift's IR verifier.
                 .env("KILN_VERIFY_IR", "1")
-                .current_dir(xtask::root());
+                .current_dir(workflow::root());
             if let Some(dir) = hf_reference.or_else(|| std::env::var_os("KILN_HF_REFERENCE").map(PathBuf::from)) {
                 cmd.env(
                     "KILN_HF_REFERENCE",
@@ -579,7 +579,7 @@ fn real_main() -> Result<()> {
             xtask::fuzz(&targets, seconds, None, &rest)?
         }
         Cmd::CChat { bundle, prompt } => {
-            let app = xtask::build_c_chat(&bundle, None)?;
+            let app = workflow::runner::build_c_chat(&bundle, None)?;
             exit_with(Command::new(app).arg(&bundle).arg(prompt).status()?.code())
         }
     }
@@ -595,7 +595,7 @@ fn with_training_stack(command: &str, args: &[std::ffi::OsString]) -> Result<()>
     let status = Command::new(cargo)
         .args(["run", "--release", "--quiet", "--package", "xtask", "--features", "train", "--", command])
         .args(args)
-        .current_dir(xtask::root())
+        .current_dir(workflow::root())
         .status()
         .context("cannot run cargo")?;
     exit_with(status.code())
@@ -623,8 +623,8 @@ fn train_adapter(
         Some(m) => m,
         None => xtask::fetch_default_model(true)?,
     };
-    let calib = xtask::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
-    let (prune, prune_notes) = xtask::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
+    let calib = workflow::calibrate::CalibOptions { text: calib, tokens: calib_tokens };
+    let (prune, prune_notes) = workflow::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
     print_lines(&prune_notes);
     let summary = heal::run(heal::RunOptions { model, prune, quant, base_lora: lora, task, train })?;
     heal::print_summary(&summary);
@@ -642,7 +642,7 @@ fn quant_options(quant: Option<String>, tensors: &[String]) -> Result<compiler::
 /// Runs a runner command on `bundle`: in this process for bundles of the host, else with the
 /// runner built for the bundle's target under emulation, given this command's own arguments.
 fn run_bundle(bundle: &std::path::Path, command: chat::Command) -> Result<()> {
-    match xtask::runner_for(bundle)? {
+    match workflow::runner::runner_for(bundle)? {
         None => chat::run(&command),
         Some(app) => {
             if let Some((qemu, _)) = &app.emulator {

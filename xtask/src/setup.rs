@@ -76,26 +76,6 @@ fn installed_rust_targets() -> Option<Vec<String>> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
 }
 
-/// kiln's Python: a virtual environment in the cache, made on first use, holding the peers.
-pub fn venv_dir() -> PathBuf {
-    crate::cache_dir().join("python-venv")
-}
-
-/// The Python of kiln's environment, made now if it does not exist.
-pub fn ensure_venv() -> Result<PathBuf> {
-    let dir = venv_dir();
-    let python = dir.join("bin/python");
-    if !python.is_file() {
-        eprintln!("making kiln's Python environment in {}", dir.display());
-        let ok = Command::new("python3").arg("-m").arg("venv").arg(&dir).status().is_ok_and(|s| s.success());
-        if !ok {
-            let _ = std::fs::remove_dir_all(&dir);
-            bail!("python3 -m venv {} failed", dir.display());
-        }
-    }
-    Ok(python)
-}
-
 /// Makes the machine ready for the test suite: returns the Python to run the peers with, or
 /// one error naming every tool still missing and how to install it.
 pub fn prepare_for_tests() -> Result<PathBuf> {
@@ -122,26 +102,36 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
         }
     }
     // rustfmt (the suite starts with a formatting check).
-    let fmt_ok =
-        || Command::new(crate::cargo_path()).args(["fmt", "--version"]).output().is_ok_and(|o| o.status.success());
+    let fmt_ok = || {
+        Command::new(workflow::runner::cargo_path())
+            .args(["fmt", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if !fmt_ok() {
         eprintln!("adding rustfmt");
         let _ = Command::new("rustup").args(["component", "add", "rustfmt"]).status();
     }
     // cargo-fuzz.
-    let fuzz_ok =
-        || Command::new(crate::cargo_path()).args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    let fuzz_ok = || {
+        Command::new(workflow::runner::cargo_path())
+            .args(["fuzz", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if !fuzz_ok() {
         eprintln!("installing {} (cargo install)", crate::CARGO_FUZZ);
-        let _ = Command::new(crate::cargo_path())
+        let _ = Command::new(workflow::runner::cargo_path())
             .args(["install", "cargo-fuzz", "--version", crate::CARGO_FUZZ_VERSION, "--locked"])
             .status();
     }
     // Python peers, in kiln's own environment.
     let mut python_error = None;
-    let python = match ensure_venv() {
+    let python = match workflow::peers::ensure_venv() {
         Ok(p) => {
-            if let Err(e) = crate::ensure_python_peers(&p).and_then(|()| crate::ensure_llama_cpp_python(&p)) {
+            if let Err(e) =
+                workflow::peers::ensure_python_peers(&p).and_then(|()| workflow::peers::ensure_llama_cpp_python(&p))
+            {
                 python_error = Some(format!("{e:#}"));
             }
             Some(p)
@@ -189,7 +179,7 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
         lines.push(format!(
             "  Python peers in {} ({e})\n    install: a Python 3 with venv and pip (sudo apt-get install python3-venv \
              python3-pip), a C++ compiler for llama-cpp-python (sudo apt-get install g++ cmake), then run again",
-            venv_dir().display()
+            workflow::peers::venv_dir().display()
         ));
     }
     if !lines.is_empty() {

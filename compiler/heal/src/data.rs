@@ -38,6 +38,17 @@ pub fn chunks(tokens: &[u32], seq_len: usize, cap: usize) -> Vec<Example> {
 
 /// The tokens of a text file (read whole; at most 64 MiB).
 pub fn text_tokens(tokenizer: &Tokenizer, path: &std::path::Path, bos: Option<u32>) -> Result<Vec<u32>> {
+    let text = read_text(path)?;
+    let mut ids: Vec<u32> = bos.into_iter().collect();
+    ids.extend(tokenizer.encode(&text, false).map_err(|e| anyhow!("tokenizing {}: {e}", path.display()))?);
+    Ok(ids)
+}
+
+/// A text kiln ships (`kiln:calib.txt`, see `eval::data`) or a UTF-8 file of at most 64 MiB.
+pub fn read_text(path: &std::path::Path) -> Result<String> {
+    if let Some(text) = eval::data::embedded(path) {
+        return Ok(text.to_string());
+    }
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
@@ -45,10 +56,7 @@ pub fn text_tokens(tokenizer: &Tokenizer, path: &std::path::Path, bos: Option<u3
     if meta.len() > 64 << 20 {
         bail!("{} is {} bytes; texts of more than 64 MiB are not read", path.display(), meta.len());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("{} is not UTF-8 text", path.display()))?;
-    let mut ids: Vec<u32> = bos.into_iter().collect();
-    ids.extend(tokenizer.encode(&text, false).map_err(|e| anyhow!("tokenizing {}: {e}", path.display()))?);
-    Ok(ids)
+    std::fs::read_to_string(path).with_context(|| format!("{} is not UTF-8 text", path.display()))
 }
 
 /// Reads a JSON Lines file of chat examples: each line an object with `messages` (a list of

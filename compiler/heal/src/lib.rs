@@ -230,7 +230,7 @@ pub fn run(opts: RunOptions) -> Result<Summary> {
             if eval.is_empty() {
                 bail!("the evaluation text {} has fewer than 2 tokens", eval_text.display());
             }
-            let digest = sha256_hex(&std::fs::read(calib)?);
+            let digest = sha256_hex(data::read_text(calib)?.as_bytes());
             (examples, eval, format!("{} (first {} tokens)", eval_text.display(), eval_tokens), digest)
         }
         Task::Finetune { data } => {

@@ -14,8 +14,8 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use chat::qa::{is_correct, read_questions, Proportion, Question};
 use compiler::deploy::Footprint;
+use eval::qa::{is_correct, read_questions, Proportion, Question};
 use plotters::prelude::*;
 use runtime::chat_template::Message;
 use runtime::offload::{OffloadConfig, Offloader, Origin, Policy, Routed};
@@ -34,7 +34,7 @@ pub struct OffloadEvalCmd {
     #[arg(long)]
     pub server: String,
     /// The question set (JSONL: question, answers, hops).
-    #[arg(long, default_value = "examples/data/qa.jsonl")]
+    #[arg(long, default_value = "kiln:qa.jsonl")]
     pub questions: PathBuf,
     /// Only the first N questions.
     #[arg(long)]
@@ -52,7 +52,7 @@ pub struct OffloadEvalCmd {
     #[arg(long, default_value_t = 8)]
     pub confidence_tokens: usize,
     /// Biography prompts for the hallucination rate (SelfCheckGPT unigram, as `eval`).
-    #[arg(long, default_value = "examples/data/bio.jsonl")]
+    #[arg(long, default_value = "kiln:bio.jsonl")]
     pub prompts: PathBuf,
     /// How many of the prompts to check per route (0: no hallucination rate).
     #[arg(long, default_value_t = 20)]
@@ -269,7 +269,7 @@ pub struct OffloadReport {
 
 pub fn offload_eval(c: &OffloadEvalCmd) -> Result<OffloadReport> {
     for out in c.json.iter().chain(&c.report) {
-        chat::check_output_file(out, c.force)?;
+        runtime::cli::check_output_file(out, c.force)?;
     }
     let policies: Vec<(String, Policy)> = c
         .policies
@@ -297,7 +297,7 @@ pub fn offload_eval(c: &OffloadEvalCmd) -> Result<OffloadReport> {
             .with_context(|| format!("{} is not a kiln bundle", c.device_bundle.display()))?,
     )?;
     let memory = Footprint::from_manifest(&manifest).map_err(anyhow::Error::msg)?.memory_bytes();
-    let mut session = chat::open_session(&c.device_bundle, c.threads)?;
+    let mut session = runtime::cli::open_session(&c.device_bundle, c.threads)?;
     let k = c.confidence_tokens;
     // The device pass records the confidence of the first k tokens and never hands over.
     let device_policy = Policy::Confidence { tokens: k, min_mean_logprob: -1e30 };
@@ -346,7 +346,7 @@ pub fn offload_eval(c: &OffloadEvalCmd) -> Result<OffloadReport> {
         rows.push(row);
     }
     if c.hallucination_prompts > 0 {
-        let mut prompts = chat::selfcheck::read_prompts(&c.prompts)?;
+        let mut prompts = eval::selfcheck::read_prompts(&c.prompts)?;
         prompts.truncate(c.hallucination_prompts);
         let policies: Vec<Option<Policy>> = rows.iter().skip(2).map(|r| r.name.parse::<Policy>().ok()).collect();
         let rates = hallucination(&url, &mut session, &prompts, c, &policies)?;
@@ -373,11 +373,11 @@ pub fn offload_eval(c: &OffloadEvalCmd) -> Result<OffloadReport> {
 fn hallucination(
     url: &str,
     session: &mut Session,
-    prompts: &[chat::selfcheck::Prompt],
+    prompts: &[eval::selfcheck::Prompt],
     c: &OffloadEvalCmd,
     policies: &[Option<Policy>],
 ) -> Result<Vec<f64>> {
-    use chat::selfcheck::{score, Checked, SelfCheckOptions, SelfCheckReport};
+    use eval::selfcheck::{score, Checked, SelfCheckOptions, SelfCheckReport};
     let k = c.confidence_tokens;
     let device = offloader(url, Policy::Confidence { tokens: k, min_mean_logprob: -1e30 })?;
     let server = offloader(url, Policy::Always)?;

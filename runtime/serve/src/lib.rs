@@ -50,7 +50,7 @@ pub use api::{parse_request, ApiError, Endpoint, GenRequest, Prompt, StopMatcher
 use http::{ConnectionCounters, HttpResponse, Limits, ResponseBody};
 use pool::{Lease, Pool};
 
-use crate::BundleArgs;
+use runtime::cli::BundleArgs;
 
 /// The environment variable `serve` reads its API key from when no flag gives one.
 pub const API_KEY_ENV: &str = "KILN_API_KEY";
@@ -700,7 +700,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         let signals = http::Signals::new()?;
         let listener = http::bind(&a.listen_addr()).await?;
         let addr = listener.local_addr()?;
-        let model = crate::open_model(&a.bundle.bundle, a.bundle.threads)?;
+        let model = runtime::cli::open_model(&a.bundle.bundle, a.bundle.threads)?;
         let manifest = model.manifest();
         let name = a.model_name.clone().unwrap_or_else(|| manifest.model.name.clone());
         let fingerprint = manifest.fingerprint.clone().unwrap_or_default();

@@ -93,7 +93,7 @@ fn rss_of(pid: u32) -> Option<u64> {
 
 pub fn serve_load(c: &ServeLoadCmd) -> Result<Vec<Level>> {
     if let Some(out) = &c.json {
-        chat::check_output_file(out, c.force)?;
+        runtime::cli::check_output_file(out, c.force)?;
     }
     if c.clients.iter().any(|&n| n == 0) || c.requests == 0 || c.max_tokens == 0 {
         bail!("--clients, --requests and --max-tokens must be at least 1");

@@ -29,7 +29,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use runtime::session::Session;
 
-use crate::{check_output_file, open_session, BundleArgs};
+use runtime::cli::{check_output_file, open_session, BundleArgs};
+
+pub mod data;
+pub mod qa;
+pub mod selfcheck;
 
 /// The evaluation text shipped with kiln (embedded: [`crate::data`]).
 pub fn default_text() -> PathBuf {
@@ -307,6 +311,10 @@ pub struct EvalReport {
 }
 
 /// `ln(sum(exp(row)))` in f64, shifted by the maximum.
+fn argmax(xs: &[f32]) -> usize {
+    xs.iter().enumerate().fold(0, |best, (i, &x)| if x > xs[best] { i } else { best })
+}
+
 fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
     let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
@@ -444,7 +452,7 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
                     }
                     ref_nll.add(log_sum_exp(ref_row) - f64::from(ref_row[target]));
                     kls.push(kl_divergence(ref_row, row));
-                    top1_same += usize::from(crate::argmax(ref_row) == crate::argmax(row));
+                    top1_same += usize::from(argmax(ref_row) == argmax(row));
                 }
             }
         }

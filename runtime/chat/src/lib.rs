@@ -1,12 +1,14 @@
-//! The kiln runner: chat with, run, tokenize with, benchmark and evaluate any kiln bundle.
+//! The kiln runner: chat with, run, tokenize with, benchmark, evaluate and serve any kiln
+//! bundle. A thin layer of argument parsing over the libraries: `runtime` (sessions, the
+//! offload client), `eval` (the evaluation suites) and `serve` (the OpenAI server).
 //!
-//! Built plainly (`cargo build -p chat`), the runner links no model: it opens the shared
-//! library `lib/libkiln_model.so` that `build-model` writes into bundles for targets that can
-//! run here, so one binary serves every bundle at once and nothing is relinked per bundle.
-//! Built with `KILN_BUNDLE=DIR` (see `build.rs`), it is instead the example of an app that
-//! links a bundle's static library `lib/libkiln_model.a` into itself, and opens only that
-//! bundle. `cargo xtask chat|run|tokenize|bench|eval` run this code in-process for host bundles
-//! and as an aarch64 binary under qemu-user for aarch64 Linux bundles.
+//! The runner links no model: it opens the shared library `lib/libkiln_model.so` that
+//! `build-model` writes into bundles for targets that can run here, so one binary serves every
+//! bundle at once and nothing is relinked per bundle (an app that links a bundle's static
+//! library into itself is `examples/rust-chat`). `cargo xtask chat|run|tokenize|bench|eval`
+//! run this code in-process for host bundles and as an aarch64 binary under qemu-user for
+//! aarch64 Linux bundles. `cargo install --path runtime/chat` gives a `chat` that works from
+//! any directory: the data its commands default to is embedded (`eval::data`).
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -15,87 +17,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use runtime::sampling::SamplerConfig;
-use runtime::session::{Model, Session};
+use runtime::session::Session;
 
-pub mod data;
-pub mod eval;
-pub mod qa;
-pub mod selfcheck;
-pub mod serve;
-
-#[cfg(kiln_model)]
-extern "C" {
-    /// The descriptor exported by the linked model library.
-    static kiln_model: runtime::program::ModelDesc;
-}
-
-/// The bundle's shared library, relative to the bundle directory.
-pub const SHARED_LIBRARY: &str = "lib/libkiln_model.so";
-
-/// Opens a session on `bundle` (see [`open_model`]).
-pub fn open_session(bundle: &Path, threads: usize) -> Result<Session> {
-    Ok(Session::new(&open_model(bundle, threads)?)?)
-}
-
-/// Loads `bundle`'s model: the linked model when this binary was built with one, else the
-/// bundle's shared library.
-pub fn open_model(bundle: &Path, threads: usize) -> Result<Model> {
-    #[cfg(kiln_model)]
-    {
-        // SAFETY: `kiln_model` is the immutable descriptor of the statically linked kiln
-        // library; the session checks its ABI version and fingerprint against the bundle.
-        let desc = unsafe { &*std::ptr::addr_of!(kiln_model) };
-        Model::open(desc, bundle, threads).with_context(|| format!("cannot open bundle {}", bundle.display()))
-    }
-    #[cfg(not(kiln_model))]
-    {
-        let lib = bundle.join(SHARED_LIBRARY);
-        if !lib.is_file() {
-            if !bundle.join("manifest.json").is_file() {
-                bail!("{} is not a kiln bundle (no manifest.json)", bundle.display());
-            }
-            bail!(
-                "{} has no {SHARED_LIBRARY}: its target cannot run on this machine, or it was built with \
-                 `--shared-linker none`; link lib/libkiln_model.a into your app (see examples/chat, examples/c-chat)",
-                bundle.display()
-            );
-        }
-        Model::open_shared(&lib, bundle, threads).with_context(|| format!("cannot open bundle {}", bundle.display()))
-    }
-}
-
-/// The bundle and threads, common to every command.
-#[derive(Args, Clone, Debug)]
-pub struct BundleArgs {
-    /// The bundle directory written by `build-model`.
-    #[arg(long, default_value = "bundles/x86_64-unknown-linux-gnu")]
-    pub bundle: PathBuf,
-    /// Worker threads (the calling thread included; default: the machine's physical cores).
-    #[arg(short = 't', long, default_value_t = physical_cores())]
-    pub threads: usize,
-}
-
-/// The machine's physical cores (hyperthread siblings counted once), the default of
-/// `--threads` as in llama.cpp: a second thread on a core only competes for its vector units.
-pub fn physical_cores() -> usize {
-    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut cores = std::collections::BTreeSet::new();
-    for cpu in 0..logical.max(1) * 4 {
-        let dir = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
-        let (Ok(package), Ok(core)) = (
-            std::fs::read_to_string(format!("{dir}/physical_package_id")),
-            std::fs::read_to_string(format!("{dir}/core_id")),
-        ) else {
-            continue;
-        };
-        cores.insert((package.trim().to_string(), core.trim().to_string()));
-    }
-    if cores.is_empty() {
-        logical
-    } else {
-        cores.len().min(logical)
-    }
-}
+use runtime::cli::{check_output_file, open_session, BundleArgs};
 
 /// Sampling and generation options.
 #[derive(Args, Clone, Debug)]
@@ -405,20 +329,6 @@ pub fn parse_ids(text: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Checks that an output file can be written before any work is done: its directory exists,
-/// it is not a directory, and it does not exist unless `force`.
-pub fn check_output_file(path: &Path, force: bool) -> Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        bail!("cannot write {}: no directory {}", path.display(), parent.display());
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => bail!("cannot write {}: it is a directory", path.display()),
-        Ok(_) if !force => bail!("{} exists; pass --force to replace it", path.display()),
-        _ => Ok(()),
-    }
-}
-
 fn run_tokens_or_prompt(a: &RunArgs) -> Result<()> {
     let cfg = a.sampling.config();
     cfg.validate()?;
@@ -605,7 +515,7 @@ mod tests {
         let Command::Run(r) = c.command else { panic!("not run") };
         assert_eq!((r.sampling.max_tokens, r.sampling.seed, r.bundle.threads), (8, 3, 1));
         assert_eq!((r.prompt.as_deref(), r.sampling.temperature), (Some("hi"), 0.0));
-        assert!(physical_cores() >= 1);
+        assert!(runtime::pool::physical_cores() >= 1);
     }
 
     #[test]
@@ -621,22 +531,5 @@ mod tests {
         assert!(r.unwrap_err().to_string().contains("cannot be used with"));
         assert!(Cli::try_parse_from(["chat", "run"]).is_err(), "run needs an input");
         assert!(Cli::try_parse_from(["chat", "run", "--tokens", "1,2", "--dump-logits", "x.npy"]).is_ok());
-    }
-
-    #[test]
-    fn output_files_are_checked_before_work() {
-        let dir = std::env::temp_dir().join(format!("kiln-chat-out-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("logits.npy");
-        std::fs::write(&f, b"user data").unwrap();
-        assert!(check_output_file(&f, false).unwrap_err().to_string().contains("--force"));
-        assert!(check_output_file(&f, true).is_ok());
-        assert!(check_output_file(&dir, true).unwrap_err().to_string().contains("is a directory"));
-        assert!(check_output_file(&dir.join("no/such/dir/x.npy"), false)
-            .unwrap_err()
-            .to_string()
-            .contains("no directory"));
-        assert_eq!(std::fs::read(&f).unwrap(), b"user data");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -23,9 +23,9 @@ pub const MIN_CALIB_TOKENS: usize = 32;
 /// Calibration tokens used when `--calib-tokens` is not given.
 pub const DEFAULT_CALIB_TOKENS: usize = 1024;
 
-/// The default calibration text (`examples/data/calib.txt`, CC0).
+/// The default calibration text (`runtime/eval/data/calib.txt`, CC0, embedded).
 pub fn default_calib_text() -> PathBuf {
-    crate::root().join("examples/data/calib.txt")
+    eval::data::shipped("calib.txt")
 }
 
 /// What calibration measured and chose.
@@ -238,7 +238,7 @@ pub fn choose_auto(path: &Path, n: u32, calib: &CalibOptions, lora: &[PathBuf]) 
         bail!("--calib-tokens {cap}: auto:N needs at least {MIN_CALIB_TOKENS}");
     }
     let text_path = calib.text.clone().unwrap_or_else(default_calib_text);
-    let text = std::fs::read_to_string(&text_path)
+    let text = eval::data::read(&text_path)
         .with_context(|| format!("cannot read the calibration text {}", text_path.display()))?;
     let source = compiler::source::open(path)?;
     let source = source.as_ref();

@@ -5,7 +5,7 @@
 //! the read-bandwidth roofline measured in the same run.
 //!
 //! llama.cpp's tools are built once from the sdist of the llama-cpp-python version the tests
-//! pin ([`crate::LLAMA_CPP_PYTHON`], so the same llama.cpp commit) into the cache directory,
+//! pin ([`crate::peers::LLAMA_CPP_PYTHON`], so the same llama.cpp commit) into the cache directory,
 //! for the host CPU (`GGML_NATIVE`), as llama.cpp's users build it.
 
 use std::collections::BTreeMap;
@@ -41,7 +41,7 @@ struct Sample {
 
 /// `llama-bench` (and `llama-completion`) from the pinned llama.cpp, built on first use.
 pub fn ensure_llama_tools() -> Result<PathBuf> {
-    let version = crate::LLAMA_CPP_PYTHON.rsplit("==").next().unwrap_or("unknown");
+    let version = crate::peers::LLAMA_CPP_PYTHON.rsplit("==").next().unwrap_or("unknown");
     let dir = crate::cache_dir().join(format!("llama.cpp-{version}"));
     let bin = dir.join("build/bin");
     if bin.join("llama-bench").exists() && bin.join("llama-completion").exists() {
@@ -49,7 +49,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
     }
     eprintln!(
         "building llama.cpp's llama-bench and llama-completion ({}) into {} (5-10 minutes, once)",
-        crate::LLAMA_CPP_PYTHON,
+        crate::peers::LLAMA_CPP_PYTHON,
         dir.display()
     );
     std::fs::create_dir_all(&dir)?;
@@ -62,7 +62,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
     };
     // cmake from the system, else from PyPI into kiln's Python environment (never the system's).
     let have_cmake = Command::new("cmake").arg("--version").output().is_ok_and(|o| o.status.success());
-    let python = crate::setup::ensure_venv()?;
+    let python = crate::peers::ensure_venv()?;
     let cmake = if have_cmake {
         std::path::PathBuf::from("cmake")
     } else {
@@ -73,7 +73,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
     run(
         Command::new(&python)
             .args(["-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "llama-cpp-python"])
-            .arg(crate::LLAMA_CPP_PYTHON)
+            .arg(crate::peers::LLAMA_CPP_PYTHON)
             .arg("-d")
             .arg(&sdist),
         "pip download of the llama-cpp-python sdist",
@@ -366,7 +366,7 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
                 "bytes_per_token": bytes_per_token,
                 "decode_fraction": kiln_decode.map(|k| k / roof),
             },
-            "bundle": o.bundle, "llama_cpp_gguf": o.peer_gguf, "llama_cpp": crate::LLAMA_CPP_PYTHON,
+            "bundle": o.bundle, "llama_cpp_gguf": o.peer_gguf, "llama_cpp": crate::peers::LLAMA_CPP_PYTHON,
         });
         let text = serde_json::to_string_pretty(&doc)? + "\n";
         compiler::outdir::write_file_atomically(j, o.force, |w| std::io::Write::write_all(w, text.as_bytes()))?;
@@ -378,7 +378,7 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
 /// Peak resident memory of kiln and of llama-completion doing the same work at the bundle's
 /// context: a 512-token prompt, then `decode` generated tokens.
 fn same_context_memory(
-    runner: &crate::App,
+    runner: &crate::runner::App,
     bin: &Path,
     gguf: &Path,
     bundle: &Path,
@@ -395,7 +395,7 @@ fn same_context_memory(
     cmd.arg(bundle).args(["--threads", &threads.to_string()]);
     let (_, kiln) = run_measured(cmd, "kiln's chat bench")?;
     // About 512 tokens of the shipped evaluation text (English prose: about 1.3 tokens a word).
-    let text = std::fs::read_to_string(crate::root().join("examples/data/eval.txt"))?;
+    let text = eval::data::read(&eval::data::shipped("eval.txt"))?;
     let prompt: Vec<&str> = text.split_whitespace().take(390).collect();
     let prompt_file = tempfile::Builder::new().prefix("kiln-prompt-").suffix(".txt").tempfile()?;
     std::fs::write(prompt_file.path(), prompt.join(" "))?;

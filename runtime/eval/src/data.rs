@@ -3,7 +3,7 @@
 //!
 //! A default is named by a path of its own, `kiln:NAME` (such as `kiln:eval.txt`), which the
 //! readers here resolve to the embedded text; any other path is a file. The texts are
-//! `examples/data/` (written for kiln, CC0; see its README).
+//! `runtime/eval/data/` (written for kiln, CC0; see its README).
 
 use std::path::{Path, PathBuf};
 
@@ -14,10 +14,10 @@ const PREFIX: &str = "kiln:";
 
 /// The embedded texts by name.
 const SHIPPED: [(&str, &str); 4] = [
-    ("eval.txt", include_str!("../../data/eval.txt")),
-    ("calib.txt", include_str!("../../data/calib.txt")),
-    ("qa.jsonl", include_str!("../../data/qa.jsonl")),
-    ("bio.jsonl", include_str!("../../data/bio.jsonl")),
+    ("eval.txt", include_str!("../data/eval.txt")),
+    ("calib.txt", include_str!("../data/calib.txt")),
+    ("qa.jsonl", include_str!("../data/qa.jsonl")),
+    ("bio.jsonl", include_str!("../data/bio.jsonl")),
 ];
 
 /// The path that names the embedded text `name` (one of `eval.txt`, `calib.txt`, `qa.jsonl`,

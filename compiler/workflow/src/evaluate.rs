@@ -4,7 +4,7 @@
 //! memory) and energy per query (measured by RAPL where the machine exposes it, else modeled
 //! from the device profile), printed as a table, written as JSON and as an HTML report.
 //!
-//! Each bundle's suites run in the runner (`examples/chat`), one process per bundle and suite
+//! Each bundle's suites run in the runner (`runtime/chat`), one process per bundle and suite
 //! group (not per question): perplexity and agreement together (the reference is opened beside
 //! the bundle), question answering (its peak resident memory is the bundle's footprint, and the
 //! energy RAPL measures around it the measured energy), then hallucination.
@@ -13,8 +13,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use chat::eval::Suite;
 use compiler::deploy::{self, Device, Footprint, Query};
+use eval::Suite;
 use serde_json::{json, Value};
 
 /// `cargo xtask eval`.
@@ -24,10 +24,10 @@ pub struct EvalCmd {
     #[arg(long = "bundle", required = true)]
     pub bundles: Vec<PathBuf>,
     /// Worker threads (the calling thread included; default: the machine's physical cores).
-    #[arg(short = 't', long, default_value_t = chat::physical_cores())]
+    #[arg(short = 't', long, default_value_t = runtime::pool::physical_cores())]
     pub threads: usize,
     #[command(flatten)]
-    pub spec: chat::eval::EvalSpec,
+    pub spec: eval::EvalSpec,
     /// Device profile of the energy model (default: each bundle's own device, or its CPU
     /// class on x86-64; `host`: this machine, its bandwidth measured).
     #[arg(long)]
@@ -252,7 +252,7 @@ fn evaluate_bundle(c: &EvalCmd, bundle: &Path, references: &mut Vec<(String, Pat
     let manifest = read_manifest(bundle)?;
     let triple = crate::bundle_triple(bundle)?;
     let footprint = Footprint::from_manifest(&manifest).map_err(anyhow::Error::msg)?;
-    let (runnable, emulator) = crate::runnable(&triple)?;
+    let (runnable, emulator) = crate::runner::runnable(&triple)?;
     let runner = crate::build_runner(runnable, &crate::root().join("target"))?;
     if emulator.is_some() {
         eprintln!("(running the aarch64 build under qemu-user: emulated; speed and energy are not measured)");
@@ -459,7 +459,7 @@ pub fn eval(c: &EvalCmd) -> Result<Vec<Row>> {
         bail!("--force replaces the --json or --report file; give one");
     }
     for out in c.json.iter().chain(&c.report) {
-        chat::check_output_file(out, c.force)?;
+        runtime::cli::check_output_file(out, c.force)?;
     }
     if c.threads == 0 {
         bail!("--threads must be at least 1");

@@ -1,0 +1,47 @@
+//! kiln's workflow over bundles, on the machine that builds them: the budgeted build
+//! `build-model` goes through, the calibration of `--prune-layers auto:N`, the evaluation of
+//! several bundles (footprint, energy, the report), offload evaluation, benchmarks against
+//! llama.cpp and load tests of a server. The commands of `cargo xtask` parse their arguments
+//! and call these.
+//!
+//! Programs that run a bundle elsewhere than in this process (the runner for aarch64 under
+//! qemu-user, the apps with a bundle linked in) are built from the workspace by [`runner`];
+//! the Python peers live in kiln's own virtual environment ([`peers`]).
+
+// One function needs `unsafe` (`bench::wait_with_rusage`: std has no wait4); it allows it.
+#![deny(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+pub mod bench;
+pub mod calibrate;
+pub mod evaluate;
+pub mod offload_eval;
+pub mod peers;
+pub mod report;
+pub mod runner;
+pub mod serve_load;
+
+pub use runner::{build_runner, bundle_triple, default_shared_linker, App};
+
+/// The workspace kiln was built from: where the runner and the apps are built from source
+/// (for another target, or linked with a bundle), and whose `target/` holds their builds.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("compiler/workflow is two levels deep")
+        .to_path_buf()
+}
+
+/// Where downloads are cached: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("kiln");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    home.join(".cache/kiln")
+}

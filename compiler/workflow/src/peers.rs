@@ -1,0 +1,93 @@
+//! kiln's Python: a virtual environment of its own in the cache (never the system's), holding
+//! the peers the tests and benchmarks compare with (gguf-py, Hugging Face's libraries,
+//! llama-cpp-python).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// The gguf-py version (llama.cpp's GGUF library) the `dequant` tests compare kiln's formats with.
+pub const GGUF_PY: &str = "gguf==0.19.0";
+
+/// The Python packages the peer scripts of `tests/peer` import, pinned: gguf-py (dequantization
+/// and GGUF reading), safetensors (Hugging Face checkpoints), tokenizers (Hugging Face's
+/// tokenizer, the reference for a checkpoint's `tokenizer.json`), onnx (ONNX exports), openai
+/// (the official client, talking to `chat serve`), and what llama-cpp-python's OpenAI server
+/// (`python -m llama_cpp.server`, its `[server]` extra) needs, the offload client's other peer.
+pub const PYTHON_PEERS: [(&str, &str); 10] = [
+    ("gguf", GGUF_PY),
+    ("safetensors", "safetensors==0.8.0"),
+    ("tokenizers", "tokenizers==0.23.2"),
+    ("onnx", "onnx==1.23.2"),
+    ("openai", "openai==3.57.0"),
+    ("uvicorn", "uvicorn==0.38.0"),
+    ("fastapi", "fastapi==0.121.0"),
+    ("pydantic_settings", "pydantic-settings==2.11.0"),
+    ("sse_starlette", "sse-starlette==3.0.3"),
+    ("starlette_context", "starlette-context==0.3.6"),
+];
+
+/// Installs every [`PYTHON_PEERS`] package into `python`'s environment unless that version is
+/// importable.
+pub fn ensure_python_peers(python: &Path) -> Result<()> {
+    for (module, spec) in PYTHON_PEERS {
+        let version = spec.split_once("==").map_or("", |(_, v)| v);
+        let check = format!("import {module}, importlib.metadata as m; assert m.version('{module}') == '{version}'");
+        let have = Command::new(python).args(["-c", &check]).output().map(|o| o.status.success()).unwrap_or(false);
+        if have {
+            continue;
+        }
+        eprintln!("installing {spec}");
+        let status = Command::new(python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", spec])
+            .status()
+            .context("cannot run python -m pip")?;
+        if !status.success() {
+            bail!("pip install {spec} failed");
+        }
+    }
+    Ok(())
+}
+
+/// The llama-cpp-python version the tokenizer test and `bench` compare against.
+pub const LLAMA_CPP_PYTHON: &str = "llama-cpp-python==0.3.36";
+
+/// Installs llama-cpp-python (it compiles llama.cpp, a few minutes) into `python`'s
+/// environment unless it is importable.
+pub fn ensure_llama_cpp_python(python: &Path) -> Result<()> {
+    let have =
+        Command::new(python).args(["-c", "import llama_cpp"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    eprintln!("installing {LLAMA_CPP_PYTHON} (compiles llama.cpp; a few minutes)");
+    let status = Command::new(python)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", LLAMA_CPP_PYTHON])
+        .status()
+        .context("cannot run python -m pip")?;
+    if !status.success() {
+        bail!("pip install {LLAMA_CPP_PYTHON} failed");
+    }
+    Ok(())
+}
+
+/// The directory of kiln's Python environment.
+pub fn venv_dir() -> PathBuf {
+    crate::cache_dir().join("python-venv")
+}
+
+/// The Python of kiln's environment, made now if it does not exist.
+pub fn ensure_venv() -> Result<PathBuf> {
+    let dir = venv_dir();
+    let python = dir.join("bin/python");
+    if !python.is_file() {
+        eprintln!("making kiln's Python environment in {}", dir.display());
+        let ok = Command::new("python3").arg("-m").arg("venv").arg(&dir).status().is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("python3 -m venv {} failed", dir.display());
+        }
+    }
+    Ok(python)
+}

@@ -60,6 +60,31 @@ pub fn check_output_file(path: &Path, force: bool) -> Result<()> {
     }
 }
 
+/// A progress bar on standard error for work of `len` steps, in one style for every command
+/// (what, bar, count, elapsed, time left). Hidden when standard error is not a terminal, so
+/// logs and the tests' captured output get no control sequences.
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, {eta} left)")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// A spinner on standard error for work of unknown length, showing `what` and the time spent.
+pub fn spinner(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {prefix} {msg} ({elapsed})").expect("a valid template"),
+    );
+    bar.set_prefix(what.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use compiler::bundle::{BuildOptions, Stage};
-use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", version, about = "kiln: compile LLMs ahead of time")]
@@ -383,9 +382,8 @@ fn real_main() -> Result<()> {
                 kv_cache,
                 activations,
             };
-            let bar = ProgressBar::new(Stage::ALL.len() as u64);
-            bar.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").unwrap());
-            bar.enable_steady_tick(Duration::from_millis(100));
+            let bar = runtime::cli::progress(Stage::ALL.len() as u64, "build-model");
+            bar.enable_steady_tick(Duration::from_millis(200));
             let start = Instant::now();
             let (report, deployment) =
                 workflow::evaluate::build_with_budget(&opts, report_device.as_deref(), budget.as_ref(), &mut |stage| {
@@ -434,7 +432,10 @@ fn real_main() -> Result<()> {
             let (prune_layers, prune_notes) = workflow::calibrate::resolve_prune(&model, prune_layers, &calib, &lora)?;
             print_lines(&prune_notes);
             let opts = compiler::optimize::OptimizeOptions { model, out, force, prune: prune_layers, quant, lora };
-            let report = compiler::optimize::optimize(&opts)?;
+            let spinner = runtime::cli::spinner("optimize");
+            let report = compiler::optimize::optimize(&opts);
+            spinner.finish_and_clear();
+            let report = report?;
             println!("wrote {} in {:.2} s", opts.out.display(), start.elapsed().as_secs_f64());
             for note in &report.notes {
                 println!("  {note}");

@@ -223,8 +223,9 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
     };
     let prefill = o.prefill.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
     let mut samples: Vec<Sample> = vec![];
+    let bar = runtime::cli::progress(o.runs as u64, "rounds");
     for round in 0..o.runs {
-        eprintln!("round {}/{}", round + 1, o.runs);
+        bar.set_position(round as u64);
         for &t in &o.threads {
             let mut cmd = runner.command();
             cmd.args(["bench", "--jsonl", "--runs", "1", "--bundle"]).arg(&o.bundle);
@@ -258,6 +259,7 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
             }
         }
     }
+    bar.finish_and_clear();
 
     // Peak memory at the bundle's context, the same work for both: a 512-token prompt and
     // `decode` generated tokens (kiln's bench; llama-completion with -c at the context).

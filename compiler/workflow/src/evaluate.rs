@@ -274,6 +274,7 @@ fn evaluate_bundle(c: &EvalCmd, bundle: &Path, references: &mut Vec<(String, Pat
     let mut figures = json!({});
     let mut rss = None;
     let group: Vec<Suite> = [Suite::Perplexity, Suite::Agreement].into_iter().filter(|s| spec.runs(*s)).collect();
+    // Each step's runner process draws its own progress bar below this line.
     let started = std::time::Instant::now();
     let step = |what: &str| eprintln!("  {what} ({:.0} s in)", started.elapsed().as_secs_f64());
     if !group.is_empty() {

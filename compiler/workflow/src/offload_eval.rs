@@ -246,14 +246,14 @@ fn run_route(
 ) -> Result<RouteRow> {
     let greedy = SamplerConfig::greedy();
     let mut outcomes = vec![];
-    for (i, q) in questions.iter().enumerate() {
+    let bar = runtime::cli::progress(questions.len() as u64, name);
+    for q in questions {
         session.reset();
         let r = o.answer(session, &[Message::user(q.question.clone())], max_tokens, &greedy, |_| {})?;
         outcomes.push(Outcome::of(&r, q));
-        if (i + 1) % 25 == 0 {
-            eprintln!("  {name}: {}/{}", i + 1, questions.len());
-        }
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     Ok(RouteRow { name: name.to_string(), outcomes, device_memory, hallucination: None })
 }
 
@@ -384,6 +384,7 @@ fn hallucination(
     // Per prompt and source: (passage, samples, routing facts of the device's greedy passage).
     let mut checked: Vec<[Checked; 2]> = vec![];
     let mut facts = vec![];
+    let bar = runtime::cli::progress(prompts.len() as u64, "hallucination");
     for (i, p) in prompts.iter().enumerate() {
         let mut pair = vec![];
         for (j, o) in [&device, &server].into_iter().enumerate() {
@@ -415,8 +416,9 @@ fn hallucination(
         }
         let [d, s]: [Checked; 2] = pair.try_into().map_err(|_| anyhow::anyhow!("two sources"))?;
         checked.push([d, s]);
-        eprintln!("  hallucination: {}/{}", i + 1, prompts.len());
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let options = SelfCheckOptions {
         samples: c.samples,
         temperature: 1.0,

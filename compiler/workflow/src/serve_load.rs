@@ -139,6 +139,7 @@ pub fn serve_load(c: &ServeLoadCmd) -> Result<Vec<Level>> {
     let mut levels = vec![];
     for &clients in &c.clients {
         let next = AtomicUsize::new(0);
+        let bar = runtime::cli::progress(c.requests as u64, &format!("{clients} clients"));
         let started = Instant::now();
         let results: Vec<(f64, Result<u64, bool>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..clients)
@@ -153,6 +154,7 @@ pub fn serve_load(c: &ServeLoadCmd) -> Result<Vec<Level>> {
                             let t = Instant::now();
                             let tokens = ask(i);
                             mine.push((t.elapsed().as_secs_f64(), tokens));
+                            bar.inc(1);
                         }
                     })
                 })
@@ -160,6 +162,7 @@ pub fn serve_load(c: &ServeLoadCmd) -> Result<Vec<Level>> {
             handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
         });
         let seconds = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
         let level = Level {
             clients,
             requests: results.len(),

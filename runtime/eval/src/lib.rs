@@ -410,7 +410,9 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
     let mut kls: Vec<f64> = vec![];
     let mut top1_same = 0usize;
     let mut model_seconds = 0.0;
+    let bar = runtime::cli::progress(n_chunks as u64, "chunks");
     for chunk_idx in 0..n_chunks {
+        bar.set_position(chunk_idx as u64);
         let mut chunk = tokens[chunk_idx * a.spec.ctx..(chunk_idx + 1) * a.spec.ctx].to_vec();
         if add_bos {
             chunk[0] = bos;
@@ -457,6 +459,7 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
             }
         }
     }
+    bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     let kl = reference.as_ref().map(|_| {
         let n = kls.len() as f64;
@@ -676,14 +679,12 @@ impl SuiteReport {
 
 /// Prints `done / total` on one line of stderr, when stderr is a terminal.
 fn progress_line(what: &'static str) -> impl FnMut(usize, usize) {
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal();
+    let bar = runtime::cli::progress(0, what);
     move |done, total| {
-        if tty {
-            eprint!("\r{what}: {done} / {total}");
-            if done == total {
-                eprintln!();
-            }
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        if done == total {
+            bar.finish_and_clear();
         }
     }
 }

@@ -315,6 +315,24 @@ impl Llama {
     /// Evaluates `tokens` as one sequence from position 0, with `lora` added where it has a
     /// module. The outputs are tracked when `lora`'s factors are.
     pub fn forward(&self, tokens: &[u32], lora: Option<&super::lora::Lora>) -> Result<Forward> {
+        self.run(tokens, lora, None)
+    }
+
+    /// [`Llama::forward`] without LoRA that also returns the residual stream entering each
+    /// block (`[0]` the token embedding) and, last, the stream after the final block, before
+    /// the final RMSNorm (the states `compiler::probe` measures); each `[n, d_model]`.
+    pub fn forward_traced(&self, tokens: &[u32]) -> Result<(Forward, Vec<Tensor<2>>)> {
+        let mut residual = vec![];
+        let f = self.run(tokens, None, Some(&mut residual))?;
+        Ok((f, residual))
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        lora: Option<&super::lora::Lora>,
+        mut residual: Option<&mut Vec<Tensor<2>>>,
+    ) -> Result<Forward> {
         let s = &self.shape;
         if tokens.is_empty() {
             bail!("forward needs at least one token");
@@ -328,12 +346,18 @@ impl Llama {
         let (cos, sin) = self.rope_tables(n);
         let mut h = self.embedding.clone().select(0, ids);
         for (i, block) in self.blocks.iter().enumerate() {
+            if let Some(r) = residual.as_deref_mut() {
+                r.push(h.clone());
+            }
             let a = self.attention(i, self.rms_norm(h.clone(), &block.attn_norm), &cos, &sin, lora);
             h = h.add(a);
             let m = self.rms_norm(h.clone(), &block.ffn_norm);
             let gate = silu(self.linear(i, Target::Gate, m.clone(), lora));
             let up = self.linear(i, Target::Up, m, lora);
             h = h.add(self.linear(i, Target::Down, gate.mul(up), lora));
+        }
+        if let Some(r) = residual {
+            r.push(h.clone());
         }
         let hidden = self.rms_norm(h, &self.output_norm);
         let logits = hidden.clone().matmul(self.output.clone());

@@ -358,12 +358,8 @@ pub fn build_model_checked(
     graph.act_dtype = opts.activations;
     let model = crate::model::Model::new(graph, lowered.weights);
     // The file's digest (for the fingerprint and the manifest) is computed beside the passes
-    // and the packing, which do not need it.
-    let (sha256, prepared) = std::thread::scope(|s| {
-        let hashing = s.spawn(|| source.sha256());
-        let prepared = crate::prepare(model, target.as_ref(), &copts);
-        (hashing.join().expect("hashing the model file panicked"), prepared)
-    });
+    // and the packing, which do not need it: one more task on rayon's pool, not a thread.
+    let (sha256, prepared) = rayon::join(|| source.sha256(), || crate::prepare(model, target.as_ref(), &copts));
     let prepared = prepared.map_err(BuildError::Compile)?;
     let build_id = fingerprint(&sha256, opts, &target.summary(), context, &adapter_digests);
     copts.fingerprint = build_id;

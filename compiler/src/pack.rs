@@ -21,6 +21,7 @@ use ir::quant::{
     BLOCK_SIZE,
 };
 use ir::{ActDType, Op, QuantFormat, WeightId};
+use rayon::prelude::*;
 
 use crate::model::Model;
 
@@ -179,7 +180,7 @@ enum Blocks {
 fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     let [rows, cols] = shape else { return Blocks::None };
     let row_bytes = format.row_bytes(*cols as usize).expect("verified");
-    // Rows decode independently: large matrices in parts, one per core, joined in order.
+    // Rows decode independently: large matrices in parts (`in_parts`), joined in order.
     let rows_of = |r: Range<usize>| &raw[r.start * row_bytes..r.end * row_bytes];
     fn join<T>(mut parts: Vec<Vec<T>>) -> Vec<T> {
         if parts.len() == 1 {
@@ -207,25 +208,23 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
 /// The most rows a layout's group has (stack buffers of one block per row).
 const MAX_GROUP: usize = if ROWS > MICRO_ROWS { ROWS } else { MICRO_ROWS };
 
-/// Bytes from which a matrix is decoded and packed in parts, one per core.
-const PARALLEL_BYTES: usize = 1 << 20;
+/// Raw bytes per unit of work when a matrix is decoded or packed in parts: small enough that
+/// the largest matrix (the token embedding) spreads over every thread, large enough that a
+/// unit's work dwarfs rayon's cost of scheduling it.
+const PART_BYTES: usize = 256 << 10;
 
-/// `f` over `0..rows` in consecutive parts: one part per core when the matrix has at least
-/// [`PARALLEL_BYTES`] (`bytes`), else one. The results come back in row order, so the output
-/// does not depend on the number of cores.
+/// `f` over `0..rows` in consecutive parts of about [`PART_BYTES`] of the matrix's `bytes`
+/// (one part for a small matrix), run on rayon's pool. The parts depend only on the matrix
+/// and come back in row order, so the output depends on neither the threads nor the
+/// schedule.
 fn in_parts<T: Send>(rows: usize, bytes: usize, f: impl Fn(Range<usize>) -> T + Sync) -> Vec<T> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    let parts = if bytes >= PARALLEL_BYTES { cores.min(rows).max(1) } else { 1 };
+    let row_bytes = bytes.div_ceil(rows.max(1)).max(1);
+    let per = (PART_BYTES / row_bytes).clamp(1, rows.max(1));
+    let parts = rows.div_ceil(per).max(1);
     if parts == 1 {
         return vec![f(0..rows)];
     }
-    let per = rows.div_ceil(parts);
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> =
-            (0..rows.div_ceil(per)).map(|i| s.spawn(move || f(i * per..((i + 1) * per).min(rows)))).collect();
-        handles.into_iter().map(|h| h.join().expect("a packing thread panicked")).collect()
-    })
+    (0..parts).into_par_iter().map(|i| f(i * per..((i + 1) * per).min(rows))).collect()
 }
 
 /// The layout of a weight; `micro`: Q4 and Q8 matrices take the micro-kernels' layouts, Q4
@@ -358,7 +357,7 @@ fn push_high_bits(blob: &mut Vec<u8>, qh: &[u32], interleave: usize) {
 }
 
 /// Packs one matrix (rows beyond `rows` in the last group are zero); large ones in parts of
-/// whole row groups on every core: the packed bytes are the parts in order.
+/// whole row groups (`in_parts`): the packed bytes are the parts in order.
 fn pack_matrix(format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) -> Vec<Vec<u8>> {
     let (rows, _) = layout.matrix().expect("a matrix");
     let groups = (rows as usize).div_ceil(layout.group_rows());
@@ -483,22 +482,28 @@ pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
         Some(r) if r as usize == MICRO_ROWS => true,
         Some(r) => unreachable!("no micro-kernel layout has {r} rows"),
     };
-    // Each weight is packed on its own (on every core, largest first), then the parts are
-    // laid out in the graph's order: the blob does not depend on the threads.
-    let parts = parallel_map(&raw, |i, raw| {
-        let w = &graph.weights[i];
-        let decoded = decode(w.format, &w.shape, raw);
-        let layout = layout_for(w.format, &w.shape, &decoded, micro, graph.act_dtype);
-        let bytes = match layout {
-            Layout::F32Vector { n } => {
-                let mut bytes = Vec::with_capacity(4 * n as usize);
-                dequantize(w.format, raw, 1, n as usize).into_iter().for_each(|v| push_f32(&mut bytes, v));
-                vec![bytes]
-            }
-            _ => pack_matrix(w.format, layout, raw, &decoded),
-        };
-        (layout, bytes)
-    });
+    // One flat parallel iteration on rayon's pool: a unit is a weight, and a large matrix
+    // splits into units of row ranges (`in_parts`) that idle threads steal, so no thread
+    // is spawned beyond the pool. The parts are collected and laid out in the graph's
+    // order: the blob does not depend on the threads or the schedule.
+    let parts: Vec<(Layout, Vec<Vec<u8>>)> = raw
+        .par_iter()
+        .enumerate()
+        .map(|(i, &raw)| {
+            let w = &graph.weights[i];
+            let decoded = decode(w.format, &w.shape, raw);
+            let layout = layout_for(w.format, &w.shape, &decoded, micro, graph.act_dtype);
+            let bytes = match layout {
+                Layout::F32Vector { n } => {
+                    let mut bytes = Vec::with_capacity(4 * n as usize);
+                    dequantize(w.format, raw, 1, n as usize).into_iter().for_each(|v| push_f32(&mut bytes, v));
+                    vec![bytes]
+                }
+                _ => pack_matrix(w.format, layout, raw, &decoded),
+            };
+            (layout, bytes)
+        })
+        .collect();
     let size = |bytes: &[Vec<u8>]| bytes.iter().map(Vec::len).sum::<usize>().div_ceil(ALIGN) * ALIGN;
     let mut blob = Vec::with_capacity(parts.iter().map(|(_, bytes)| size(bytes)).sum());
     let mut weights = Vec::with_capacity(graph.weights.len());
@@ -531,35 +536,6 @@ pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
     }
     pad_to(&mut blob, ALIGN);
     Packed { blob, weights, rope_tables }
-}
-
-/// `f(i, items[i])` for every item, on every core (the largest items first), in the items' order.
-fn parallel_map<T: Sync, R: Send>(items: &[&[T]], f: impl Fn(usize, &[T]) -> R + Sync) -> Vec<R> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(items[i].len()));
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, items.len().max(1));
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = vec![];
-                    while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        done.push((i, f(i, items[i])));
-                    }
-                    done
-                })
-            })
-            .collect();
-        for worker in workers {
-            for (i, r) in worker.join().expect("a packing thread panicked") {
-                results[i] = Some(r);
-            }
-        }
-    });
-    results.into_iter().map(|r| r.expect("every item was packed")).collect()
 }
 
 impl Packed {
@@ -638,6 +614,39 @@ mod tests {
                         "{}",
                         format.name()
                     );
+                }
+            }
+        }
+    }
+
+    /// A matrix large enough to be decoded and packed in several parts gives the bytes of one
+    /// pass over all of it, whatever the size of rayon's pool.
+    #[test]
+    fn parts_give_the_bytes_of_one_pass_on_any_pool() {
+        let (rows, cols) = (1003u32, 2048u32);
+        let groups = |layout: Layout| (rows as usize).div_ceil(layout.group_rows());
+        for format in [QuantFormat::Q4_0, QuantFormat::Q5_1, QuantFormat::Q8_0, QuantFormat::Q6_K] {
+            let raw = matrix(format, rows as usize, cols as usize);
+            assert!(raw.len() > 4 * PART_BYTES, "{}: several parts", format.name());
+            let whole = match format.spec().kernel {
+                KernelForm::Q8(_) => Blocks::Q8(q8_blocks(format, &raw).unwrap()),
+                KernelForm::Q8S16(_) => Blocks::Q8S16(q8s16_blocks(format, &raw).unwrap()),
+                _ => Blocks::Q4(q4_blocks(format, &raw).unwrap()),
+            };
+            for micro in [false, true] {
+                let layout = layout_for(format, &[rows, cols], &whole, micro, ActDType::Q16);
+                let mut want = Vec::new();
+                pack_groups(&mut want, format, layout, &raw, &whole, 0..groups(layout));
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let (got_layout, parts) = pool.install(|| {
+                        let decoded = decode(format, &[rows, cols], &raw);
+                        let layout = layout_for(format, &[rows, cols], &decoded, micro, ActDType::Q16);
+                        (layout, pack_matrix(format, layout, &raw, &decoded))
+                    });
+                    assert_eq!(got_layout, layout, "{}", format.name());
+                    assert!(parts.len() > 1, "{}: packed in parts", format.name());
+                    assert!(parts.concat() == want, "{} on {threads} threads (micro: {micro})", format.name());
                 }
             }
         }

@@ -24,6 +24,7 @@ use cranelift_module::{DataDescription, FuncId, Linkage, Module, ModuleError, Mo
 use cranelift_object::{ObjectBuilder, ObjectModule};
 use ir::verify::GraphInfo;
 use ir::{DType, Epilogue, Graph, Op, ValueId};
+use rayon::prelude::*;
 use targets::Target;
 
 use self::builder::Kb;
@@ -202,7 +203,7 @@ pub fn emit(
         work.push((format!("kiln_v{}_copy_out{}", copy.value, slot as usize - n_inputs), Kernel::CopyOut(k)));
     }
     let groups = barrier_free_groups(graph, plan, &work);
-    // The kernels' IR is built here, in order; Cranelift compiles them on every core
+    // The kernels' IR is built here, in order; Cranelift compiles them on rayon's pool
     // (`define_compiled`), and they enter the object in this order, so the output does not
     // depend on the threads.
     let mut pending = Vec::with_capacity(work.len());
@@ -471,52 +472,26 @@ pub fn kv_bytes(graph: &Graph, info: &GraphInfo) -> u64 {
     info.kv_layers as u64 * 2 * graph.context as u64 * info.kv_width as u64 * graph.kv_dtype.bytes() as u64
 }
 
-/// Compiles `funcs` on up to as many threads as the machine has cores (each function on its
-/// own: the kernels are independent), then defines them in the object in the given order.
+/// Compiles `funcs` on rayon's pool, one function per unit of work (the kernels are
+/// independent), collects the machine code in the given order, then defines it in the object
+/// in that order on this thread: the object depends on neither the threads nor the schedule.
 fn define_compiled(module: &mut ObjectModule, funcs: Vec<(FuncId, Function)>) -> Result<(), CodegenError> {
-    type Compiled = Result<(u64, Vec<u8>, Vec<ModuleReloc>), cranelift_codegen::CodegenError>;
     let isa = module.isa();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, funcs.len().max(1));
-    let mut results: Vec<Option<Compiled>> = (0..funcs.len()).map(|_| None).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let funcs = &funcs;
-                s.spawn(move || {
-                    let mut ctx = cranelift_codegen::Context::new();
-                    let mut out = Vec::new();
-                    for (i, (id, func)) in funcs.iter().enumerate().skip(t).step_by(threads) {
-                        ctx.clear();
-                        ctx.func = func.clone();
-                        let compiled = match ctx.compile(isa, &mut ControlPlane::default()) {
-                            Err(e) => Err(e.inner),
-                            Ok(_) => {
-                                let code = ctx.compiled_code().expect("just compiled");
-                                let relocs = code
-                                    .buffer
-                                    .relocs()
-                                    .iter()
-                                    .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, *id))
-                                    .collect();
-                                Ok((code.buffer.alignment as u64, code.buffer.data().to_vec(), relocs))
-                            }
-                        };
-                        out.push((i, compiled));
-                    }
-                    out
-                })
-            })
-            .collect();
-        for handle in handles {
-            for (i, compiled) in handle.join().expect("a code generation thread panicked") {
-                results[i] = Some(compiled);
-            }
-        }
-    });
-    for ((id, _), compiled) in funcs.iter().zip(results) {
-        let (alignment, bytes, relocs) =
-            compiled.expect("every function was compiled").map_err(ModuleError::Compilation)?;
-        module.define_function_bytes(*id, alignment, &bytes, &relocs)?;
+    let compiled: Vec<_> = funcs
+        .into_par_iter()
+        .map_init(cranelift_codegen::Context::new, |ctx, (id, func)| {
+            ctx.clear();
+            ctx.func = func;
+            ctx.compile(isa, &mut ControlPlane::default()).map_err(|e| e.inner)?;
+            let code = ctx.compiled_code().expect("just compiled");
+            let relocs =
+                code.buffer.relocs().iter().map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, id)).collect::<Vec<_>>();
+            Ok((id, code.buffer.alignment as u64, code.buffer.data().to_vec(), relocs))
+        })
+        .collect();
+    for result in compiled {
+        let (id, alignment, bytes, relocs) = result.map_err(ModuleError::Compilation)?;
+        module.define_function_bytes(id, alignment, &bytes, &relocs)?;
     }
     Ok(())
 }

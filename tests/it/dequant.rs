@@ -16,7 +16,7 @@
 //! (sign and payload must match). No real model holds NaN weights.
 //!
 //! The tests fail, never skip, when Python or gguf-py is missing; `cargo xtask test` installs
-//! the pinned version (`workflow::peers::GGUF_PY`). `KILN_PYTHON` may name the interpreter.
+//! the pinned version (`peers::GGUF_PY`). `KILN_PYTHON` may name the interpreter.
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
@@ -360,7 +360,7 @@ fn real_model_tensors_dequantize_like_gguf_py() {
         status.success(),
         "gguf_quants.py model failed ({status}); is the gguf package installed (`{python} -m pip install {}`)? \
          stderr:\n{stderr}",
-        workflow::peers::GGUF_PY
+        peers::GGUF_PY
     );
     assert_eq!(end, Some(seen.len()), "gguf_quants.py did not finish its stream");
     assert_eq!(seen.len(), gguf.tensors.len(), "gguf-py and kiln list different numbers of tensors");
@@ -395,7 +395,7 @@ fn ggml_quantize(format: QuantFormat, input: &Path, out: &Path) -> Vec<u8> {
          `cargo xtask test` does)? stderr:\n{}",
         format.name(),
         res.status,
-        workflow::peers::LLAMA_CPP_PYTHON,
+        peers::LLAMA_CPP_PYTHON,
         String::from_utf8_lossy(&res.stderr)
     );
     std::fs::read(out).unwrap()

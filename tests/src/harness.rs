@@ -312,7 +312,7 @@ pub fn run_gguf_py(args: &[&std::ffi::OsStr]) {
         "gguf_quants.py {args:?} failed ({}); is the gguf package installed (`{python} -m pip install {}`, \
          which `cargo xtask test` does)? stderr:\n{}",
         out.status,
-        workflow::peers::GGUF_PY,
+        peers::GGUF_PY,
         String::from_utf8_lossy(&out.stderr)
     );
 }

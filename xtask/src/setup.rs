@@ -11,6 +11,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+use crate::cargo;
+
 /// A program the tests run, and the Debian package that has it.
 struct Program {
     /// What it is for, in the message.
@@ -102,36 +104,24 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
         }
     }
     // rustfmt (the suite starts with a formatting check).
-    let fmt_ok = || {
-        Command::new(workflow::runner::cargo_path())
-            .args(["fmt", "--version"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
+    let fmt_ok = || Command::new(cargo()).args(["fmt", "--version"]).output().is_ok_and(|o| o.status.success());
     if !fmt_ok() {
         eprintln!("adding rustfmt");
         let _ = Command::new("rustup").args(["component", "add", "rustfmt"]).status();
     }
     // cargo-fuzz.
-    let fuzz_ok = || {
-        Command::new(workflow::runner::cargo_path())
-            .args(["fuzz", "--version"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
+    let fuzz_ok = || Command::new(cargo()).args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
     if !fuzz_ok() {
-        eprintln!("installing {} (cargo install)", crate::CARGO_FUZZ);
-        let _ = Command::new(workflow::runner::cargo_path())
-            .args(["install", "cargo-fuzz", "--version", crate::CARGO_FUZZ_VERSION, "--locked"])
+        eprintln!("installing {} (cargo install)", peers::CARGO_FUZZ);
+        let _ = Command::new(cargo())
+            .args(["install", "cargo-fuzz", "--version", peers::CARGO_FUZZ_VERSION, "--locked"])
             .status();
     }
     // Python peers, in kiln's own environment.
     let mut python_error = None;
-    let python = match workflow::peers::ensure_venv() {
+    let python = match peers::ensure_venv() {
         Ok(p) => {
-            if let Err(e) =
-                workflow::peers::ensure_python_peers(&p).and_then(|()| workflow::peers::ensure_llama_cpp_python(&p))
-            {
+            if let Err(e) = peers::ensure_python_peers(&p).and_then(|()| peers::ensure_llama_cpp_python(&p)) {
                 python_error = Some(format!("{e:#}"));
             }
             Some(p)
@@ -171,15 +161,15 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
     if !fuzz_ok() {
         lines.push(format!(
             "  {}\n    install: cargo install cargo-fuzz --version {} --locked",
-            crate::CARGO_FUZZ,
-            crate::CARGO_FUZZ_VERSION
+            peers::CARGO_FUZZ,
+            peers::CARGO_FUZZ_VERSION
         ));
     }
     if let Some(e) = python_error {
         lines.push(format!(
             "  Python peers in {} ({e})\n    install: a Python 3 with venv and pip (sudo apt-get install python3-venv \
              python3-pip), a C++ compiler for llama-cpp-python (sudo apt-get install g++ cmake), then run again",
-            workflow::peers::venv_dir().display()
+            peers::venv_dir().display()
         ));
     }
     if !lines.is_empty() {

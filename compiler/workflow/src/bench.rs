@@ -5,7 +5,7 @@
 //! the read-bandwidth roofline measured in the same run.
 //!
 //! llama.cpp's tools are built once from the sdist of the llama-cpp-python version the tests
-//! pin ([`crate::peers::LLAMA_CPP_PYTHON`], so the same llama.cpp commit) into the cache directory,
+//! pin ([`peers::LLAMA_CPP_PYTHON`], so the same llama.cpp commit) into the cache directory,
 //! for the host CPU (`GGML_NATIVE`), as llama.cpp's users build it.
 
 use std::collections::BTreeMap;
@@ -41,15 +41,15 @@ struct Sample {
 
 /// `llama-bench` (and `llama-completion`) from the pinned llama.cpp, built on first use.
 pub fn ensure_llama_tools() -> Result<PathBuf> {
-    let version = crate::peers::LLAMA_CPP_PYTHON.rsplit("==").next().unwrap_or("unknown");
-    let dir = crate::cache_dir().join(format!("llama.cpp-{version}"));
+    let version = peers::LLAMA_CPP_PYTHON.rsplit("==").next().unwrap_or("unknown");
+    let dir = peers::cache_dir().join(format!("llama.cpp-{version}"));
     let bin = dir.join("build/bin");
     if bin.join("llama-bench").exists() && bin.join("llama-completion").exists() {
         return Ok(bin);
     }
     eprintln!(
         "building llama.cpp's llama-bench and llama-completion ({}) into {} (5-10 minutes, once)",
-        crate::peers::LLAMA_CPP_PYTHON,
+        peers::LLAMA_CPP_PYTHON,
         dir.display()
     );
     std::fs::create_dir_all(&dir)?;
@@ -62,7 +62,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
     };
     // cmake from the system, else from PyPI into kiln's Python environment (never the system's).
     let have_cmake = Command::new("cmake").arg("--version").output().is_ok_and(|o| o.status.success());
-    let python = crate::peers::ensure_venv()?;
+    let python = peers::ensure_venv()?;
     let cmake = if have_cmake {
         std::path::PathBuf::from("cmake")
     } else {
@@ -73,7 +73,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
     run(
         Command::new(&python)
             .args(["-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "llama-cpp-python"])
-            .arg(crate::peers::LLAMA_CPP_PYTHON)
+            .arg(peers::LLAMA_CPP_PYTHON)
             .arg("-d")
             .arg(&sdist),
         "pip download of the llama-cpp-python sdist",
@@ -368,7 +368,7 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
                 "bytes_per_token": bytes_per_token,
                 "decode_fraction": kiln_decode.map(|k| k / roof),
             },
-            "bundle": o.bundle, "llama_cpp_gguf": o.peer_gguf, "llama_cpp": crate::peers::LLAMA_CPP_PYTHON,
+            "bundle": o.bundle, "llama_cpp_gguf": o.peer_gguf, "llama_cpp": peers::LLAMA_CPP_PYTHON,
         });
         let text = serde_json::to_string_pretty(&doc)? + "\n";
         compiler::outdir::write_file_atomically(j, o.force, |w| std::io::Write::write_all(w, text.as_bytes()))?;

@@ -6,7 +6,7 @@
 //!
 //! Programs that run a bundle elsewhere than in this process (the runner for aarch64 under
 //! qemu-user, the apps with a bundle linked in) are built from the workspace by [`runner`];
-//! the Python peers live in kiln's own virtual environment ([`peers`]).
+//! the Python peers live in kiln's own virtual environment (the `peers` crate).
 
 // One function needs `unsafe` (`bench::wait_with_rusage`: std has no wait4); it allows it.
 #![deny(unsafe_code)]
@@ -17,7 +17,6 @@ pub mod bench;
 pub mod calibrate;
 pub mod evaluate;
 pub mod offload_eval;
-pub mod peers;
 pub mod report;
 pub mod runner;
 pub mod serve_load;
@@ -32,16 +31,4 @@ pub fn root() -> PathBuf {
         .nth(2)
         .expect("compiler/workflow is two levels deep")
         .to_path_buf()
-}
-
-/// Where downloads are cached: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("kiln");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    home.join(".cache/kiln")
 }

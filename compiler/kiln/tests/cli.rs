@@ -1,4 +1,4 @@
-//! The `xtask` command line on bad input: every case must exit non-zero with a clear message
+//! The `kiln` command line (`cargo xtask`) on bad input: every case must exit non-zero with a clear message
 //! on stderr, never a panic, and must leave no bundle behind.
 
 use std::path::{Path, PathBuf};
@@ -13,14 +13,14 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Runs `xtask build-model --model FILE --out DIR/bundle EXTRA...` and returns stderr,
+/// Runs `kiln build-model --model FILE --out DIR/bundle EXTRA...` and returns stderr,
 /// asserting a clean failure.
 fn build_fails(name: &str, gguf: &[u8], extra: &[&str]) -> String {
     let dir = scratch(name);
     let model = dir.join("model.gguf");
     std::fs::write(&model, gguf).unwrap();
     let out = dir.join("bundle");
-    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("build-model")
         .arg("--model")
         .arg(&model)
@@ -131,11 +131,11 @@ fn bad_flags() {
     assert!(e.contains("unknown target") && e.contains("x86_64-unknown-linux-gnu"), "{e}");
     let e = build_fails("context", &small_valid_header(), &["--context", "0"]);
     assert!(e.contains("context"), "{e}");
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["build-model", "--context", "-5"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["build-model", "--context", "-5"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "clap rejects a negative context");
     for (budget, says) in [("speed=5", "unknown limit 'speed'"), ("memory=lots", "with a unit"), ("", "no limit given")]
     {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(["build-model", "--budget", budget]).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["build-model", "--budget", budget]).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{budget}: {stderr}");
         assert!(stderr.contains(says), "{budget}: {stderr}");
@@ -174,7 +174,7 @@ fn out_directory_of_the_user_is_never_replaced() {
     let file = dir.join("notes.txt");
     std::fs::write(&file, b"my notes").unwrap();
     for out in [&project, &file] {
-        let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["build-model", "--model"])
             .arg(&model)
             .arg("--out")
@@ -210,7 +210,7 @@ fn bench_refuses_bad_input_before_any_work() {
         (&["--gguf", "/x.gguf"], "--vs"),
     ];
     for (extra, want) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .arg("bench")
             .arg("--bundle")
             .arg(&bundle)
@@ -229,7 +229,7 @@ fn bench_refuses_bad_input_before_any_work() {
 #[test]
 fn help_describes_every_option() {
     for cmd in ["build-model", "optimize", "chat", "run", "tokenize", "bench", "eval", "c-chat", "test"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args([cmd, "--help"]).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success(), "{cmd} --help");
         let text = String::from_utf8_lossy(&out.stdout);
         let lines: Vec<&str> = text.lines().collect();
@@ -242,7 +242,7 @@ fn help_describes_every_option() {
             let flag = t.split_whitespace().next().unwrap();
             let same_line = t.split("  ").skip(1).any(|s| !s.trim().is_empty());
             let next_line = lines.get(i + 1).is_some_and(|n| n.starts_with("          ") && !n.trim().is_empty());
-            assert!(same_line || next_line, "`xtask {cmd} --help`: {flag} has no description:\n{text}");
+            assert!(same_line || next_line, "`kiln {cmd} --help`: {flag} has no description:\n{text}");
         }
     }
 }
@@ -252,7 +252,7 @@ fn help_describes_every_option() {
 fn runner_refuses_ignored_flags_and_bad_outputs_before_work() {
     let dir = scratch("runner_flags");
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).arg("run").args(args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("run").args(args).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let (code, e) = run(&["--prompt", "hi", "--dump-logits", "x.npy"]);
@@ -269,12 +269,12 @@ fn runner_refuses_ignored_flags_and_bad_outputs_before_work() {
     assert_eq!(code, Some(2), "{e}");
 }
 
-/// Runs `xtask build-model --model PATH` and returns stderr, asserting a clean, quick failure.
+/// Runs `kiln build-model --model PATH` and returns stderr, asserting a clean, quick failure.
 fn build_path_fails(name: &str, model: &Path) -> String {
     let dir = scratch(name);
     let out = dir.join("bundle");
     let start = std::time::Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("build-model")
         .arg("--model")
         .arg(model)
@@ -331,7 +331,7 @@ fn zero_context_length_in_the_file() {
 fn eval_refuses_bad_input_before_work() {
     let dir = scratch("eval_flags");
     let eval = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).arg("eval").args(args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("eval").args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!stderr.contains("panicked"), "{stderr}");
         (out.status.code(), stderr)
@@ -389,7 +389,7 @@ fn optimize_refuses_bad_options_and_existing_outputs() {
     let model = dir.join("model.gguf");
     std::fs::write(&model, small_valid_header()).unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
         (out.status.code(), stderr)
@@ -444,7 +444,7 @@ fn heal_and_finetune_bad_flags() {
             "unknown target module",
         ),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_xtask")).args(&args).output().unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
@@ -472,7 +472,7 @@ fn serve_refuses_bad_limits_and_keys() {
         (vec!["serve", "--bundle", b, "--api-key-file", "/nonexistent/key"], "cannot read the API key file"),
         (vec!["serve", "--bundle", b, "--addr", "127.0.0.1:0"], "not a kiln bundle"),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_xtask")).args(&args).output().unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(says) && !stderr.contains("panicked"), "{args:?}: {stderr}");

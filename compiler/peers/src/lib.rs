@@ -1,11 +1,29 @@
-//! kiln's Python: a virtual environment of its own in the cache (never the system's), holding
-//! the peers the tests and benchmarks compare with (gguf-py, Hugging Face's libraries,
-//! llama-cpp-python).
+//! The outside tools kiln is checked and measured against, pinned, and where they live: kiln's
+//! cache directory, and a Python virtual environment of its own in it (never the system's)
+//! holding the peers the tests and benchmarks compare with (gguf-py, Hugging Face's libraries,
+//! llama-cpp-python). Dependency-free but for anyhow, so that `cargo xtask test` checks the
+//! machine before anything large is compiled.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+/// Where downloads are cached: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("kiln");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache/kiln")
+}
+
+/// The cargo-fuzz version the fuzz runs are made with (`cargo xtask test` installs it).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+pub const CARGO_FUZZ: &str = "cargo-fuzz 0.13.2";
 
 /// The gguf-py version (llama.cpp's GGUF library) the `dequant` tests compare kiln's formats with.
 pub const GGUF_PY: &str = "gguf==0.19.0";
@@ -74,7 +92,7 @@ pub fn ensure_llama_cpp_python(python: &Path) -> Result<()> {
 
 /// The directory of kiln's Python environment.
 pub fn venv_dir() -> PathBuf {
-    crate::cache_dir().join("python-venv")
+    cache_dir().join("python-venv")
 }
 
 /// The Python of kiln's environment, made now if it does not exist.
@@ -90,4 +108,17 @@ pub fn ensure_venv() -> Result<PathBuf> {
         }
     }
     Ok(python)
+}
+
+/// The Python the test suite runs the peers with: `KILN_PYTHON` (which `cargo xtask test` sets
+/// after making the machine ready), else kiln's environment when it exists.
+pub fn python_for_tests() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KILN_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    let python = venv_dir().join("bin/python");
+    if python.is_file() {
+        return Ok(python);
+    }
+    bail!("kiln's Python environment does not exist yet: run the suite as `cargo xtask test`, which makes it")
 }

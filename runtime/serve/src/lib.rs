@@ -123,13 +123,18 @@ impl ServeArgs {
 
     /// Checks every option that needs no bundle: limits, timeouts and the key.
     pub fn check(&self) -> Result<()> {
-        self.limits()?;
+        self.checked().map(drop)
+    }
+
+    /// The HTTP limits and the API key, once every option is checked.
+    fn checked(&self) -> Result<(Limits, Option<String>)> {
+        let limits = self.limits()?;
         anyhow::ensure!(self.max_sessions >= 1, "--max-sessions must be at least 1");
         anyhow::ensure!(
             self.queue_timeout.is_finite() && self.queue_timeout > 0.0 && self.queue_timeout <= 86_400.0,
             "--queue-timeout must be between 0 and 86400 seconds"
         );
-        self.api_key().map(drop)
+        Ok((limits, self.api_key()?))
     }
 
     fn limits(&self) -> Result<Limits> {
@@ -173,9 +178,8 @@ struct Server {
     pool: Arc<Pool>,
     name: String,
     fingerprint: String,
-    max_body: usize,
-    read_timeout: Duration,
-    write_timeout: Duration,
+    /// The body size and the read and write timeouts apply to requests here too.
+    limits: Limits,
     created: u64,
     ids: AtomicU64,
     /// SHA-256 of the API key: requests are compared digest to digest, in constant time.
@@ -351,7 +355,7 @@ impl Server {
                 "the body must be JSON, sent with Content-Type: application/json",
             ));
         }
-        let body = match http::read_body(req.into_body(), self.max_body, self.read_timeout).await {
+        let body = match http::read_body(req.into_body(), self.limits.max_body, self.limits.read_timeout).await {
             Ok(b) => b,
             Err(e) => return self.fail(e),
         };
@@ -580,10 +584,10 @@ impl Server {
         tx: &mpsc::Sender<Bytes>,
         runtime: &tokio::runtime::Handle,
     ) {
-        let send = |v: &Value| -> bool {
-            let event = Bytes::from(format!("data: {v}\n\n"));
-            matches!(runtime.block_on(tokio::time::timeout(self.write_timeout, tx.send(event))), Ok(Ok(())))
+        let send_bytes = |event: Bytes| -> bool {
+            matches!(runtime.block_on(tokio::time::timeout(self.limits.write_timeout, tx.send(event))), Ok(Ok(())))
         };
+        let send = |v: &Value| send_bytes(Bytes::from(format!("data: {v}\n\n")));
         let session = match lease.session() {
             Ok(s) => s,
             Err(e) => {
@@ -668,14 +672,7 @@ impl Server {
                 "total_tokens": ids.len() + generated.len()});
             delivered = send(&v);
         }
-        delivered = delivered
-            && matches!(
-                runtime.block_on(tokio::time::timeout(
-                    self.write_timeout,
-                    tx.send(Bytes::from_static(b"data: [DONE]\n\n"))
-                )),
-                Ok(Ok(()))
-            );
+        delivered = delivered && send_bytes(Bytes::from_static(b"data: [DONE]\n\n"));
         if delivered {
             self.counters.completed.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -687,9 +684,7 @@ impl Server {
 /// `chat serve`: loads the bundle once and serves until SIGINT or SIGTERM.
 pub fn serve(a: &ServeArgs) -> Result<()> {
     let started = Instant::now();
-    a.check()?;
-    let limits = a.limits()?;
-    let key = a.api_key()?;
+    let (limits, key) = a.checked()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("kiln-serve")
@@ -709,9 +704,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             pool: Arc::new(Pool::new(model, a.max_sessions, a.max_queue, Duration::from_secs_f64(a.queue_timeout))),
             name,
             fingerprint: format!("kiln-{}", &fingerprint[..fingerprint.len().min(12)]),
-            max_body: limits.max_body,
-            read_timeout: limits.read_timeout,
-            write_timeout: limits.write_timeout,
+            limits: limits.clone(),
             created: now_secs(),
             ids: AtomicU64::new(0),
             key_digest: key.as_deref().map(|k| digest(k.as_bytes())),

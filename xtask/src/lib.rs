@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 pub mod bench;
 pub mod calibrate;
 pub mod evaluate;
+pub mod header;
 pub mod offload_eval;
 pub mod report;
 pub mod serve_load;

@@ -157,7 +157,8 @@ typedef void (*kiln_text_fn)(const char *piece, void *user);
 extern "C" {
 #endif // __cplusplus
 
-// The message of the last failed call on this thread (never NULL).
+// The message of the last failed call on this thread (never NULL), valid until the next call
+// that fails on this thread.
 const char *kiln_last_error(void);
 
 // Opens a chat session on a linked model (&kiln_model) and its bundle directory (for

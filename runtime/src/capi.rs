@@ -53,7 +53,8 @@ unsafe fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str, String> {
     unsafe { CStr::from_ptr(s) }.to_str().map_err(|_| format!("{what} is not valid UTF-8"))
 }
 
-/// The message of the last failed call on this thread (never NULL).
+/// The message of the last failed call on this thread (never NULL), valid until the next call
+/// that fails on this thread.
 #[no_mangle]
 pub extern "C" fn kiln_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())

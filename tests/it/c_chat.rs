@@ -144,9 +144,9 @@ int main(int argc, char **argv) {
 "#;
 
 /// Compiles the C program `source` against `kiln.h`, the app bundle's model library and
-/// header, and the runtime's static library (built by [`app`]), runs it on the bundle and
-/// returns its standard output.
-fn compile_and_run_c(name: &str, source: &str) -> String {
+/// header, `extra` objects or archives, and the runtime's static library (built by [`app`]),
+/// runs it with the bundle and `args` and returns its standard output.
+fn compile_and_run_c(name: &str, source: &str, extra: &[PathBuf], args: &[&Path]) -> String {
     let (bundle, _) = app();
     let dir = scratch_dir(&format!("c-{name}"));
     let src = dir.join(format!("{name}.c"));
@@ -161,13 +161,14 @@ fn compile_and_run_c(name: &str, source: &str) -> String {
         .arg(bundle.join("include"))
         .arg(&src)
         .arg(bundle.join("lib/libkiln_model.a"))
+        .args(extra)
         .arg(root.join("target/kiln-tests/apps/release/libruntime.a"))
         .args(["-lpthread", "-ldl", "-lm", "-o"])
         .arg(&exe)
         .status()
         .expect("run cc");
     assert!(status.success(), "compiling {} failed", src.display());
-    let out = Command::new(&exe).arg(bundle).output().unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    let out = Command::new(&exe).arg(bundle).args(args).output().unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
     eprintln!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{name} failed: {}", out.status);
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -181,7 +182,7 @@ fn value<'a>(stdout: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn callbacks_that_call_back_into_their_session_are_refused() {
-    let stdout = compile_and_run_c("reentrant", REENTRANT_C);
+    let stdout = compile_and_run_c("reentrant", REENTRANT_C, &[], &[]);
     let line = |key: &str| -> String { value(&stdout, key).to_string() };
     let number = |key: &str| -> i64 { line(key).split(' ').next().unwrap().parse().unwrap() };
     assert!(number("outer") > 0, "the outer call generated nothing: {stdout}");
@@ -196,15 +197,19 @@ fn callbacks_that_call_back_into_their_session_are_refused() {
     assert_eq!(number("final_free"), 0);
 }
 
-/// Two sessions opened in one pool (a stand-in for two models: one program can link only one
-/// model library of a given build, so the same one is opened twice, each session with its own
-/// cache) run on the pool's threads and no others, and both answer; the pool may be freed
-/// before its sessions. Bad arguments fail with a message instead of crashing: a NULL pool,
-/// model or bundle, a thread count out of range, and a pool that was freed already.
+/// Two model libraries linked into one C program (the app's bundle, and a second build of the
+/// model with other options, whose `kiln_model` is renamed `kiln_model_draft` with objcopy:
+/// a library exports no other symbol) and opened in one pool run on the pool's threads and
+/// no others, and both answer; the pool may be freed before its sessions. Bad arguments fail
+/// with a message instead of crashing: a NULL pool, model or bundle, a thread count out of
+/// range, and a pool that was freed already.
 const POOL_C: &str = r#"#include <stdio.h>
 #include <dirent.h>
 #include "kiln.h"
 #include "kiln_model.h"
+
+/* The second model library (its kiln_model renamed). */
+extern const struct kiln_model_desc kiln_model_draft;
 
 static void on_text(const char *piece, void *user) {
     (void)user;
@@ -226,7 +231,7 @@ static int threads(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
+    if (argc != 3) {
         return 2;
     }
     printf("threads_before %d\n", threads());
@@ -235,7 +240,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "kiln_pool_new: %s\n", kiln_last_error());
         return 1;
     }
-    kiln_session *draft = kiln_session_new_in(pool, &kiln_model, argv[1]);
+    kiln_session *draft = kiln_session_new_in(pool, &kiln_model_draft, argv[2]);
     kiln_session *target = kiln_session_new_in(pool, &kiln_model, argv[1]);
     if (draft == NULL || target == NULL) {
         fprintf(stderr, "kiln_session_new_in: %s\n", kiln_last_error());
@@ -251,6 +256,8 @@ int main(int argc, char **argv) {
     printf("null_bundle %d %s\n", failed, kiln_last_error());
     failed = kiln_session_new_in(pool, &kiln_model, "/nonexistent") == NULL;
     printf("no_bundle %d %s\n", failed, kiln_last_error());
+    failed = kiln_session_new_in(pool, &kiln_model_draft, argv[1]) == NULL;
+    printf("other_bundle %d %s\n", failed, kiln_last_error());
     failed = kiln_pool_new(100000) == NULL;
     printf("big_pool %d %s\n", failed, kiln_last_error());
     printf("free_null %d\n", kiln_pool_free(NULL));
@@ -271,8 +278,24 @@ int main(int argc, char **argv) {
 "#;
 
 #[test]
-fn sessions_in_one_pool_share_its_threads_and_both_answer() {
-    let stdout = compile_and_run_c("pool", POOL_C);
+fn two_models_in_one_pool_share_its_threads_and_both_answer() {
+    let scratch = scratch_dir("c-pool-draft");
+    let draft = scratch.join("bundle");
+    let opts = BuildOptions {
+        context: Some(256),
+        batch: 32,
+        ..BuildOptions::new(model_path(), "x86_64-unknown-linux-gnu", draft.clone())
+    };
+    build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
+    let renamed = scratch.join("libkiln_model_draft.a");
+    let status = Command::new("objcopy")
+        .args(["--redefine-sym", "kiln_model=kiln_model_draft"])
+        .arg(draft.join("lib/libkiln_model.a"))
+        .arg(&renamed)
+        .status()
+        .expect("run objcopy");
+    assert!(status.success(), "objcopy failed");
+    let stdout = compile_and_run_c("pool", POOL_C, &[renamed], &[&draft]);
     let number = |key: &str| -> i64 { value(&stdout, key).split(' ').next().unwrap().parse().unwrap() };
     // A pool of 3: the calling thread and 2 workers, whatever number of sessions runs on it.
     assert_eq!(number("threads_open") - number("threads_before"), 2, "{stdout}");
@@ -282,6 +305,7 @@ fn sessions_in_one_pool_share_its_threads_and_both_answer() {
         ("null_model", "model is NULL"),
         ("null_bundle", "bundle_dir is NULL"),
         ("no_bundle", "/nonexistent"),
+        ("other_bundle", "does not belong to this bundle"),
         ("big_pool", "thread count 100000 must be in 1..=256"),
         ("freed_pool", "not a live pool"),
         ("free_again", "not a live pool"),

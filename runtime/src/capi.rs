@@ -1,4 +1,6 @@
-//! The C ABI of the runtime, declared in `runtime/include/kiln.h`.
+//! The C ABI of the runtime. `runtime/include/kiln.h` is generated from this file by cbindgen
+//! (`cargo xtask header`): the `///` comments here are the header's documentation, written
+//! for C programmers; notes for Rust readers are `//` comments.
 //!
 //! Every function checks its pointers, never unwinds into C (panics are caught and reported
 //! as errors), and reports failures by return value with a message from
@@ -10,9 +12,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::program::ModelDesc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::pool::Workers;
+use crate::program::{workers, ModelDesc};
 use crate::sampling::SamplerConfig;
-use crate::session::Session;
+use crate::session::{Model, Session};
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -48,18 +53,29 @@ unsafe fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str, String> {
     unsafe { CStr::from_ptr(s) }.to_str().map_err(|_| format!("{what} is not valid UTF-8"))
 }
 
-/// The message of the last failed call on this thread (never NULL).
+/// The message of the last failed call on this thread (never NULL), valid until the next call
+/// that fails on this thread.
 #[no_mangle]
 pub extern "C" fn kiln_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// The session behind a C `kiln_session *`.
-///
-/// C may call back into a session from inside its own `on_text` callback, or from two threads
-/// at once; either would alias the `&mut Session` of the running call. So the session sits in
-/// an `UnsafeCell`, only shared references to `KilnSession` are ever made from the C pointer,
-/// and `busy` hands out the one mutable borrow: a call that finds it taken fails instead.
+/// Threads and callbacks:
+/// - A session serves one call at a time: use it from one thread at a time. Different
+///   sessions may be used on different threads at once.
+/// - on_text runs on the calling thread, inside kiln_session_chat, while the session is in
+///   use. It must not call into the same session: kiln_session_chat, kiln_session_reset and
+///   kiln_session_free on it fail with -1 (see kiln_last_error) and change nothing. The same
+///   happens to a call that overlaps a running call from another thread; still, do not
+///   share a session between threads without your own lock, and never free a session that
+///   another thread may be using (that call could start after the memory is gone).
+/// - kiln_last_error() is per thread.
+//
+// The session behind a C `kiln_session *`. C may call back into a session from inside its
+// own `on_text` callback, or from two threads at once; either would alias the `&mut Session`
+// of the running call. So the session sits in an `UnsafeCell`, only shared references to
+// `KilnSession` are ever made from the C pointer, and `busy` hands out the one mutable
+// borrow: a call that finds it taken fails instead.
 pub struct KilnSession {
     busy: AtomicBool,
     inner: UnsafeCell<Inner>,
@@ -101,7 +117,7 @@ const BUSY: &str = "the session is busy: it was called from inside its own on_te
                     threads at once (a session serves one call at a time)";
 
 /// # Safety
-/// `session` must be NULL or a live pointer from `kiln_session_new`.
+/// `session` must be NULL or a live pointer from `kiln_session_new` or `kiln_session_new_in`.
 unsafe fn acquire<'a>(session: *mut KilnSession) -> Result<Busy<'a>, String> {
     // SAFETY: the caller passes a live session or NULL; only shared references are made.
     let s = unsafe { session.cast_const().as_ref() }.ok_or("session is NULL")?;
@@ -111,47 +127,161 @@ unsafe fn acquire<'a>(session: *mut KilnSession) -> Result<Busy<'a>, String> {
     Ok(Busy(s))
 }
 
-/// Opens a chat session on a linked model library and its bundle directory.
-/// Returns NULL on failure (see `kiln_last_error`).
+/// A thread pool that sessions of several models run on (kiln_session_new_in): an app with
+/// two models (a draft and a target, a device model and a router) runs both on one set of
+/// threads, one model call at a time, instead of two sets of threads competing for the cores.
+/// Reference-counted: every session opened in a pool keeps it alive, so kiln_pool_free may
+/// come before or after kiln_session_free of its sessions; the threads end with the last one.
+pub struct KilnPool {
+    workers: Arc<Workers>,
+}
+
+// The addresses of the pools not yet freed. A pool pointer is dereferenced only while it is
+// found here, under the lock, so a freed (or never made) pool given to kiln_pool_free or
+// kiln_session_new_in is an error instead of a use after free.
+static LIVE_POOLS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+fn live_pools() -> MutexGuard<'static, Vec<usize>> {
+    LIVE_POOLS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const NOT_A_POOL: &str = "pool is not a live pool from kiln_pool_new (freed already?)";
+
+/// The thread count of kiln_session_new and kiln_pool_new: 2 for zero or less.
+fn thread_count(n_threads: c_int) -> usize {
+    if n_threads <= 0 {
+        2
+    } else {
+        n_threads as usize
+    }
+}
+
+/// # Safety
+/// `model` must be NULL or point to a library's `kiln_model` descriptor.
+unsafe fn model_arg(model: *const abi::kiln_model_desc) -> Result<&'static ModelDesc, String> {
+    // SAFETY: the caller passes the address of a linked library's descriptor, which lives as
+    // long as the program (or NULL); `ModelDesc` is a `repr(transparent)` wrapper of
+    // `kiln_model_desc`. The session checks its ABI, layout and fingerprint.
+    unsafe { model.cast::<ModelDesc>().as_ref() }.ok_or_else(|| "model is NULL".into())
+}
+
+/// A C session, boxed, around a fresh session on `model`.
+fn new_session(model: &Model) -> Result<*mut KilnSession, String> {
+    let session = Session::new(model).map_err(|e| e.to_string())?;
+    let inner = Inner {
+        session,
+        #[cfg(feature = "offload")]
+        offload: None,
+        last: None,
+    };
+    Ok(Box::into_raw(Box::new(KilnSession { busy: AtomicBool::new(false), inner: UnsafeCell::new(inner) })))
+}
+
+/// Opens a chat session on a linked model (&kiln_model) and its bundle directory (for
+/// manifest.json, tokenizer.json and weights.bin). The library must come from the same
+/// build as the bundle (their fingerprints are compared). n_threads <= 0 picks 2.
+/// NULL on failure.
 ///
 /// # Safety
-/// `model` must point to a library's `kiln_model` descriptor; `bundle_dir` must be a valid C
+/// model must point to a library's kiln_model descriptor; bundle_dir must be a valid C
 /// string.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_session_new(
-    model: *const ModelDesc,
+    model: *const abi::kiln_model_desc,
     bundle_dir: *const c_char,
     n_threads: c_int,
 ) -> *mut KilnSession {
     let mut out = std::ptr::null_mut();
     guard(|| {
-        if model.is_null() {
-            return Err("model is NULL".into());
-        }
+        // SAFETY: the caller passes a library's descriptor or NULL.
+        let desc = unsafe { model_arg(model) }?;
         // SAFETY: the caller passes a valid C string or NULL.
         let dir = unsafe { str_arg(bundle_dir, "bundle_dir") }?;
-        let threads = if n_threads <= 0 { 2 } else { n_threads as usize };
-        // SAFETY: the caller passes the address of a linked library's descriptor, which lives
-        // as long as the program; the session checks its ABI, layout and fingerprint.
-        let desc: &'static ModelDesc = unsafe { &*model };
-        let session = Session::open(desc, Path::new(dir), threads).map_err(|e| e.to_string())?;
-        let inner = Inner {
-            session,
-            #[cfg(feature = "offload")]
-            offload: None,
-            last: None,
-        };
-        out = Box::into_raw(Box::new(KilnSession { busy: AtomicBool::new(false), inner: UnsafeCell::new(inner) }));
+        let model = Model::open(desc, Path::new(dir), thread_count(n_threads)).map_err(|e| e.to_string())?;
+        out = new_session(&model)?;
         Ok(())
     });
     out
 }
 
-/// Frees a session (NULL is ignored). Returns 0, or -1 when the session is in use (from
-/// inside its own callback): then it is not freed.
+/// A thread pool of n_threads threads (the calling thread of each model call included;
+/// n_threads <= 0 picks 2, at most 256) for kiln_session_new_in. NULL on failure.
+#[no_mangle]
+pub extern "C" fn kiln_pool_new(n_threads: c_int) -> *mut KilnPool {
+    let mut out = std::ptr::null_mut();
+    guard(|| {
+        let workers = workers(thread_count(n_threads)).map_err(|e| e.to_string())?;
+        let mut live = live_pools();
+        out = Box::into_raw(Box::new(KilnPool { workers }));
+        live.push(out as usize);
+        Ok(())
+    });
+    out
+}
+
+/// Lets go of a pool (NULL is ignored): its threads end when no session opened in it is
+/// left, and sessions opened in it stay usable. Returns 0, or -1 for a pointer that is not
+/// a live pool (freed already).
+#[no_mangle]
+pub extern "C" fn kiln_pool_free(pool: *mut KilnPool) -> c_int {
+    if pool.is_null() {
+        return 0;
+    }
+    guard(|| {
+        let mut live = live_pools();
+        let at = live.iter().position(|&p| p == pool as usize).ok_or(NOT_A_POOL)?;
+        live.swap_remove(at);
+        // SAFETY: the pointer was live (registered by kiln_pool_new, not yet removed), so it
+        // came from Box::into_raw there and is freed once: it left the registry under the
+        // lock. Sessions hold their own reference to the threads.
+        drop(unsafe { Box::from_raw(pool) });
+        Ok(())
+    })
+}
+
+/// kiln_session_new on the threads of pool: sessions of different models opened in one pool
+/// share its threads. NULL on failure (also for a NULL or freed pool).
 ///
 /// # Safety
-/// `session` must be NULL or come from `kiln_session_new`, and not be used afterwards.
+/// model and bundle_dir as for kiln_session_new.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_new_in(
+    pool: *mut KilnPool,
+    model: *const abi::kiln_model_desc,
+    bundle_dir: *const c_char,
+) -> *mut KilnSession {
+    let mut out = std::ptr::null_mut();
+    guard(|| {
+        if pool.is_null() {
+            return Err("pool is NULL".into());
+        }
+        let workers = {
+            let live = live_pools();
+            if !live.contains(&(pool as usize)) {
+                return Err(NOT_A_POOL.into());
+            }
+            // SAFETY: the pool is live (registered and not freed), and kiln_pool_free cannot
+            // free it while this thread holds the registry's lock; only a shared reference is
+            // made, to clone the threads' `Arc`.
+            Arc::clone(&unsafe { &*pool }.workers)
+        };
+        // SAFETY: the caller passes a library's descriptor or NULL.
+        let desc = unsafe { model_arg(model) }?;
+        // SAFETY: the caller passes a valid C string or NULL.
+        let dir = unsafe { str_arg(bundle_dir, "bundle_dir") }?;
+        let model = Model::open_in(&workers, desc, Path::new(dir)).map_err(|e| e.to_string())?;
+        out = new_session(&model)?;
+        Ok(())
+    });
+    out
+}
+
+/// Frees a session; NULL is ignored. Returns 0, or -1 (and frees nothing) when the session
+/// is in use, e.g. when called from its own on_text.
+///
+/// # Safety
+/// session must be NULL or come from kiln_session_new or kiln_session_new_in, and not be used
+/// afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_session_free(session: *mut KilnSession) -> c_int {
     if session.is_null() {
@@ -168,10 +298,10 @@ pub unsafe extern "C" fn kiln_session_free(session: *mut KilnSession) -> c_int {
     })
 }
 
-/// Forgets the conversation. Returns 0, or -1 (NULL or busy session, see `kiln_last_error`).
+/// Forgets the conversation. Returns 0, or -1 for a NULL or busy session.
 ///
 /// # Safety
-/// `session` must be NULL or come from `kiln_session_new`.
+/// session must be NULL or a live session.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_session_reset(session: *mut KilnSession) -> c_int {
     guard(|| {
@@ -182,17 +312,15 @@ pub unsafe extern "C" fn kiln_session_reset(session: *mut KilnSession) -> c_int 
     })
 }
 
-/// Called with each piece of generated text (NUL-terminated, UTF-8).
+/// Called with each piece of generated text (NUL-terminated UTF-8).
 pub type TextCallback = Option<unsafe extern "C" fn(piece: *const c_char, user: *mut c_void)>;
 
-/// One chat turn: appends `user_message` to the conversation and streams the reply to
-/// `on_text`. `temperature` 0 is greedy decoding. Returns the number of generated tokens, or
-/// -1 on failure (see `kiln_last_error`), also when called on a session that is already
-/// running a call (from its own `on_text`).
+/// One chat turn: appends user_message, streams the reply to on_text (may be NULL).
+/// temperature 0 decodes greedily. Returns the number of generated tokens, or -1 (also
+/// when the session is busy, e.g. called from its own on_text).
 ///
 /// # Safety
-/// `session` must be NULL or come from `kiln_session_new`; `user_message` must be a valid C
-/// string; `on_text` may be NULL.
+/// session must be NULL or a live session; user_message must be a valid C string.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_session_chat(
     session: *mut KilnSession,
@@ -245,17 +373,18 @@ pub unsafe extern "C" fn kiln_session_chat(
     }
 }
 
-/// Configures offloading for the next turns of `session`: each `kiln_session_chat` is then
-/// answered on the device or by the OpenAI-compatible server at `url` as `policy` decides
-/// (`never`, `always`, `complexity[:T]`, `confidence[:K[:LOGP]]`, or several joined by `+`).
-/// `api_key_env` names the environment variable holding the key (NULL: none); `timeout_ms`
-/// bounds each server request; `retries` further attempts follow a failure. `url` NULL turns
-/// offloading off. Returns 0 or -1 (see `kiln_last_error`), also when the runtime was built
-/// without the `offload` feature.
+/// Offloading: after this, kiln_session_chat answers each turn on the device or by the
+/// OpenAI-compatible server at url (http://host:port), as policy decides: "never", "always",
+/// "complexity[:T]", "confidence[:K[:LOGP]]", or several joined by "+". api_key_env names the
+/// environment variable holding the API key (NULL: none); timeout_ms (> 0) bounds each server
+/// request; retries (>= 0) further attempts follow a failure that left no text with on_text.
+/// A server failure never loses or repeats text: the device answers, or finishes the answer.
+/// With offloading, kiln_session_chat returns the tokens generated on the device (0 for a
+/// server answer). url NULL turns offloading off. Returns 0 or -1 (also when the runtime was
+/// built without its offload feature).
 ///
 /// # Safety
-/// `session` must be NULL or come from `kiln_session_new`; the strings must be NULL or valid C
-/// strings.
+/// session must be NULL or a live session; the strings must be NULL or valid C strings.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_session_set_offload(
     session: *mut KilnSession,
@@ -302,14 +431,13 @@ pub unsafe extern "C" fn kiln_session_set_offload(
     })
 }
 
-/// Where the last answer of `kiln_session_chat` was produced: 0 on the device, 1 by the
-/// server, 2 on the device after the server failed; -1 when there was none yet (or on error).
-/// When `reason` is not NULL, the reason is copied into it (at most `reason_len` bytes with
-/// the terminating NUL).
+/// Where the last answer came from: 0 device, 1 server, 2 device after a server failure;
+/// -1 before any answer. The reason (figures and error kinds, never the prompt) is copied
+/// into reason (NUL-terminated, at most reason_len bytes) when it is not NULL.
 ///
 /// # Safety
-/// `session` must be NULL or come from `kiln_session_new`; `reason` must be NULL or point to
-/// `reason_len` writable bytes.
+/// session must be NULL or a live session; reason must be NULL or point to reason_len
+/// writable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_session_last_origin(
     session: *mut KilnSession,

@@ -38,8 +38,9 @@ const SPINS_PER_CHECK: u32 = 64;
 /// Spin iterations the caller of `run` waits for the workers before it starts yielding.
 const CALLER_PURE_SPINS: u32 = 4096;
 
-/// Type of a compiled kernel task: task(ctx, ith, nth).
-pub type TaskFn = unsafe extern "C" fn(ctx: *const c_void, ith: i64, nth: i64);
+use abi::kiln_ctx;
+/// Type of a compiled kernel task: task(ctx, ith, nth) (the ABI's `kiln_task_fn`).
+pub use abi::kiln_task_fn as TaskFn;
 
 type Task<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
@@ -323,9 +324,9 @@ impl Drop for ThreadPool {
 /// `pool` must be null or come from [`ThreadPool::as_ptr`] of a live pool, and `task` must be
 /// safe to call concurrently from several threads with this `ctx` and every `ith` in `0..nth`.
 #[no_mangle]
-pub unsafe extern "C" fn kiln_parallel_for(pool: *mut c_void, task: TaskFn, ctx: *const c_void) {
+pub unsafe extern "C" fn kiln_parallel_for(pool: *mut c_void, task: TaskFn, ctx: *const kiln_ctx) {
     /// The context pointer, shareable between the pool's threads.
-    struct Ctx(*const c_void);
+    struct Ctx(*const kiln_ctx);
     // SAFETY: the caller of `kiln_parallel_for` guarantees that `task` may use `ctx` from
     // several threads at once; the pointer itself is only copied.
     unsafe impl Sync for Ctx {}
@@ -458,7 +459,7 @@ mod tests {
 
     static FFI_SUM: AtomicU64 = AtomicU64::new(0);
 
-    unsafe extern "C" fn ffi_task(ctx: *const c_void, ith: i64, nth: i64) {
+    unsafe extern "C" fn ffi_task(ctx: *const kiln_ctx, ith: i64, nth: i64) {
         // SAFETY: the tests pass a pointer to a live `Vec<u64>` that nobody mutates.
         let data = unsafe { &*(ctx as *const Vec<u64>) };
         let s: u64 = data[partition(data.len(), ith as usize, nth as usize)].iter().sum();
@@ -468,7 +469,7 @@ mod tests {
     #[test]
     fn kiln_parallel_for_runs_extern_c_tasks() {
         let data: Vec<u64> = (1..=10_000).collect();
-        let ctx = &data as *const Vec<u64> as *const c_void;
+        let ctx = &data as *const Vec<u64> as *const kiln_ctx;
         let expected = 10_000 * 10_001 / 2;
         for n in [1, 2, 3] {
             let pool = ThreadPool::new(n);
@@ -477,7 +478,7 @@ mod tests {
             unsafe { kiln_parallel_for(pool.as_ptr(), ffi_task, ctx) };
             assert_eq!(FFI_SUM.load(Ordering::Relaxed), expected);
             // Through a function pointer, as compiled code calls it.
-            let entry: unsafe extern "C" fn(*mut c_void, TaskFn, *const c_void) = kiln_parallel_for;
+            let entry: abi::kiln_parallel_for_fn = kiln_parallel_for;
             FFI_SUM.store(0, Ordering::Relaxed);
             // SAFETY: as above.
             unsafe { entry(pool.as_ptr(), ffi_task, ctx) };

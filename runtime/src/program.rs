@@ -1,6 +1,6 @@
-//! Running a compiled model library: the C ABI structs it exports (mirroring
-//! `compiler::codegen::abi`), the memory it needs (arena, KV cache, weights), and [`Program`],
-//! which calls its `run` entry point on the thread pool.
+//! Running a compiled model library: the descriptor it exports (the `abi` crate's
+//! `kiln_model_desc`, behind [`ModelDesc`]), the memory it needs (arena, KV cache, weights),
+//! and [`Program`], which calls its `run` entry point on the thread pool.
 //!
 //! A library is either linked into the executable (the normal case: pass the address of its
 //! `kiln_model` symbol to [`Program::new`]) or loaded from a shared object with
@@ -12,109 +12,51 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use abi::{kiln_ctx as KilnCtx, weights_checksum, ABI_VERSION, DTYPE_F32, DTYPE_I32, FINGERPRINT_BYTES, MAX_IO};
+
 use crate::pool::{kiln_parallel_for, shared_workers, Workers};
-
-/// The ABI version this runtime speaks.
-pub const ABI_VERSION: u32 = 4;
-/// Most inputs plus outputs of a library.
-pub const MAX_IO: usize = 8;
-/// Bytes of a build fingerprint (SHA-256 of the build's inputs and options).
-pub const FINGERPRINT_BYTES: usize = 32;
-pub const DTYPE_I32: u32 = 0;
-pub const DTYPE_F32: u32 = 1;
-
-/// `struct kiln_ctx`: the argument of `run`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct KilnCtx {
-    pub arena: *mut u8,
-    pub weights: *const u8,
-    pub kv_cache: *mut c_void,
-    pub io: *const *mut c_void,
-    pub n_tokens: i64,
-    pub pos: i64,
-    pub out_start: i64,
-    pub parallel_for: unsafe extern "C" fn(*mut c_void, crate::pool::TaskFn, *const c_void),
-    pub pool: *mut c_void,
-}
 
 /// `struct kiln_model_desc`: what a compiled library exports as `kiln_model`.
 ///
-/// The fields are private and the type has no constructor, so safe code cannot make one: the
-/// only way to a `&'static ModelDesc` is `unsafe` code naming a library's `kiln_model` symbol
-/// (an `extern` static, or a pointer from C), and that `unsafe` block is where the caller
-/// vouches that it is the descriptor of a kiln-compiled library. [`Program`] then checks what
-/// can be checked (ABI version, sizes, KV layout, weights checksum) before calling its code.
-#[repr(C)]
+/// The `abi` crate's struct has private fields and no constructor, and so does this wrapper,
+/// so safe code cannot make one: the only way to a `&'static ModelDesc` is `unsafe` code
+/// naming a library's `kiln_model` symbol (an `extern` static, or a pointer from C), and that
+/// `unsafe` block is where the caller vouches that it is the descriptor of a kiln-compiled
+/// library. [`Program`] then checks what can be checked (ABI version, sizes, KV layout,
+/// weights checksum) before calling its code.
+#[repr(transparent)]
 #[derive(Debug)]
-pub struct ModelDesc {
-    abi_version: u32,
-    n_inputs: u32,
-    n_outputs: u32,
-    batch: u32,
-    context: u32,
-    kv_layers: u32,
-    kv_width: u32,
-    kv_element_bytes: u32,
-    arena_bytes: u64,
-    kv_bytes: u64,
-    weights_bytes: u64,
-    weights_checksum: u64,
-    weights: *const u8,
-    run: unsafe extern "C" fn(*const KilnCtx),
-    io_dtype: [u32; MAX_IO],
-    io_width: [u32; MAX_IO],
-    fingerprint: [u8; FINGERPRINT_BYTES],
-    cpu_features: u32,
-    reserved: u32,
-}
-
-/// `cpu_features` bits (the `KILN_CPU_*` of the C header) and their names.
-pub const CPU_FEATURES: [(u32, &str); 15] = [
-    (0, "sse3"),
-    (1, "ssse3"),
-    (2, "sse4.1"),
-    (3, "sse4.2"),
-    (4, "popcnt"),
-    (5, "avx"),
-    (6, "avx2"),
-    (7, "fma"),
-    (8, "bmi1"),
-    (9, "bmi2"),
-    (10, "lzcnt"),
-    (11, "f16c"),
-    (16, "dotprod"),
-    (17, "fp16"),
-    (18, "i8mm"),
-];
+pub struct ModelDesc(abi::kiln_model_desc);
 
 /// Whether this CPU has the feature of `cpu_features` bit `bit` (false for the other
-/// architecture's features).
+/// architecture's features). The strings are `std::arch`'s spellings, not kiln's names.
 fn cpu_has(bit: u32) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        use std::arch::is_x86_feature_detected as has;
         match bit {
-            0 => std::arch::is_x86_feature_detected!("sse3"),
-            1 => std::arch::is_x86_feature_detected!("ssse3"),
-            2 => std::arch::is_x86_feature_detected!("sse4.1"),
-            3 => std::arch::is_x86_feature_detected!("sse4.2"),
-            4 => std::arch::is_x86_feature_detected!("popcnt"),
-            5 => std::arch::is_x86_feature_detected!("avx"),
-            6 => std::arch::is_x86_feature_detected!("avx2"),
-            7 => std::arch::is_x86_feature_detected!("fma"),
-            8 => std::arch::is_x86_feature_detected!("bmi1"),
-            9 => std::arch::is_x86_feature_detected!("bmi2"),
-            10 => std::arch::is_x86_feature_detected!("lzcnt"),
-            11 => std::arch::is_x86_feature_detected!("f16c"),
+            abi::KILN_CPU_SSE3 => has!("sse3"),
+            abi::KILN_CPU_SSSE3 => has!("ssse3"),
+            abi::KILN_CPU_SSE41 => has!("sse4.1"),
+            abi::KILN_CPU_SSE42 => has!("sse4.2"),
+            abi::KILN_CPU_POPCNT => has!("popcnt"),
+            abi::KILN_CPU_AVX => has!("avx"),
+            abi::KILN_CPU_AVX2 => has!("avx2"),
+            abi::KILN_CPU_FMA => has!("fma"),
+            abi::KILN_CPU_BMI1 => has!("bmi1"),
+            abi::KILN_CPU_BMI2 => has!("bmi2"),
+            abi::KILN_CPU_LZCNT => has!("lzcnt"),
+            abi::KILN_CPU_F16C => has!("f16c"),
             _ => false,
         }
     }
     #[cfg(target_arch = "aarch64")]
     {
+        use std::arch::is_aarch64_feature_detected as has;
         match bit {
-            16 => std::arch::is_aarch64_feature_detected!("dotprod"),
-            17 => std::arch::is_aarch64_feature_detected!("fp16"),
-            18 => std::arch::is_aarch64_feature_detected!("i8mm"),
+            abi::KILN_CPU_DOTPROD => has!("dotprod"),
+            abi::KILN_CPU_FP16 => has!("fp16"),
+            abi::KILN_CPU_I8MM => has!("i8mm"),
             _ => false,
         }
     }
@@ -129,141 +71,123 @@ fn cpu_has(bit: u32) -> bool {
 unsafe impl Sync for ModelDesc {}
 
 impl ModelDesc {
-    /// Field names with their byte offsets, and the size of the struct: the layout the
-    /// compiler's `codegen::abi::desc` must agree with (checked by a test).
-    pub fn layout() -> (Vec<(&'static str, usize)>, usize) {
-        use std::mem::offset_of;
-        let fields = vec![
-            ("abi_version", offset_of!(ModelDesc, abi_version)),
-            ("n_inputs", offset_of!(ModelDesc, n_inputs)),
-            ("n_outputs", offset_of!(ModelDesc, n_outputs)),
-            ("batch", offset_of!(ModelDesc, batch)),
-            ("context", offset_of!(ModelDesc, context)),
-            ("kv_layers", offset_of!(ModelDesc, kv_layers)),
-            ("kv_width", offset_of!(ModelDesc, kv_width)),
-            ("kv_element_bytes", offset_of!(ModelDesc, kv_element_bytes)),
-            ("arena_bytes", offset_of!(ModelDesc, arena_bytes)),
-            ("kv_bytes", offset_of!(ModelDesc, kv_bytes)),
-            ("weights_bytes", offset_of!(ModelDesc, weights_bytes)),
-            ("weights_checksum", offset_of!(ModelDesc, weights_checksum)),
-            ("weights", offset_of!(ModelDesc, weights)),
-            ("run", offset_of!(ModelDesc, run)),
-            ("io_dtype", offset_of!(ModelDesc, io_dtype)),
-            ("io_width", offset_of!(ModelDesc, io_width)),
-            ("fingerprint", offset_of!(ModelDesc, fingerprint)),
-            ("cpu_features", offset_of!(ModelDesc, cpu_features)),
-        ];
-        (fields, std::mem::size_of::<ModelDesc>())
-    }
-
     pub fn abi_version(&self) -> u32 {
-        self.abi_version
+        self.0.abi_version()
     }
 
     pub fn n_inputs(&self) -> usize {
-        self.n_inputs as usize
+        self.0.n_inputs() as usize
     }
 
     pub fn n_outputs(&self) -> usize {
-        self.n_outputs as usize
+        self.0.n_outputs() as usize
     }
 
     /// Most tokens per call.
     pub fn batch(&self) -> usize {
-        self.batch as usize
+        self.0.batch() as usize
     }
 
     /// KV cache positions.
     pub fn context(&self) -> usize {
-        self.context as usize
+        self.0.context() as usize
     }
 
     pub fn arena_bytes(&self) -> u64 {
-        self.arena_bytes
+        self.0.arena_bytes()
     }
 
     pub fn kv_bytes(&self) -> u64 {
-        self.kv_bytes
+        self.0.kv_bytes()
     }
 
     pub fn weights_bytes(&self) -> u64 {
-        self.weights_bytes
+        self.0.weights_bytes()
     }
 
     /// Whether the weights are in the library (else they ship as `weights.bin`).
     pub fn embeds_weights(&self) -> bool {
-        !self.weights.is_null()
+        !self.0.weights().is_null()
     }
 
     /// dtype code of input/output slot `slot` (inputs first), `None` past the last one.
     pub fn io_dtype(&self, slot: usize) -> Option<u32> {
-        (slot < self.n_inputs() + self.n_outputs()).then(|| self.io_dtype.get(slot).copied()).flatten()
+        (slot < self.n_inputs() + self.n_outputs()).then(|| self.0.io_dtype().get(slot).copied()).flatten()
     }
 
     /// Values per row of input/output slot `slot` (inputs first), `None` past the last one.
     pub fn io_width(&self, slot: usize) -> Option<usize> {
-        (slot < self.n_inputs() + self.n_outputs()).then(|| self.io_width.get(slot).map(|&w| w as usize)).flatten()
+        (slot < self.n_inputs() + self.n_outputs()).then(|| self.0.io_width().get(slot).map(|&w| w as usize)).flatten()
     }
 
     /// The build fingerprint (all zeros for a library compiled outside `build_model`).
     pub fn fingerprint(&self) -> &[u8; FINGERPRINT_BYTES] {
-        &self.fingerprint
+        self.0.fingerprint()
     }
 
     /// The fingerprint in lowercase hex, as `manifest.json` writes it.
     pub fn fingerprint_hex(&self) -> String {
-        self.fingerprint.iter().map(|b| format!("{b:02x}")).collect()
+        self.fingerprint().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Checks everything about the descriptor that does not need its code or weights.
     fn check(&self) -> Result<(), ProgramError> {
         let bad = |m: String| Err(ProgramError::BadDescriptor(m));
-        if self.abi_version != ABI_VERSION {
-            return Err(ProgramError::AbiMismatch { found: self.abi_version });
+        let d = &self.0;
+        if d.abi_version() != ABI_VERSION {
+            return Err(ProgramError::AbiMismatch { found: d.abi_version() });
+        }
+        if d.run().is_none() {
+            return bad("run is NULL".into());
         }
         let n_io = self.n_inputs() + self.n_outputs();
-        if self.n_outputs == 0 || n_io > MAX_IO {
-            return bad(format!("{} inputs and {} outputs (1..={MAX_IO} in all)", self.n_inputs, self.n_outputs));
+        if d.n_outputs() == 0 || n_io > MAX_IO {
+            return bad(format!("{} inputs and {} outputs (1..={MAX_IO} in all)", d.n_inputs(), d.n_outputs()));
         }
-        let known = CPU_FEATURES.iter().fold(0u32, |m, (bit, _)| m | 1 << bit);
-        if self.cpu_features & !known != 0 {
-            return bad(format!("unknown CPU feature bits {:#x}", self.cpu_features & !known));
+        let cpu_features = d.cpu_features();
+        if cpu_features & !abi::CPU_FEATURE_MASK != 0 {
+            return bad(format!("unknown CPU feature bits {:#x}", cpu_features & !abi::CPU_FEATURE_MASK));
         }
-        let missing: Vec<&str> = CPU_FEATURES
+        let missing: Vec<&str> = abi::CPU_FEATURES
             .iter()
-            .filter(|&&(bit, _)| self.cpu_features & (1 << bit) != 0 && !cpu_has(bit))
+            .filter(|&&(bit, _)| cpu_features & bit != 0 && !cpu_has(bit))
             .map(|&(_, name)| name)
             .collect();
         if !missing.is_empty() {
             return Err(ProgramError::UnsupportedCpu(missing.join(", ")));
         }
-        if self.batch == 0 || self.context == 0 {
-            return bad(format!("batch {} and context {} must be nonzero", self.batch, self.context));
+        if d.batch() == 0 || d.context() == 0 {
+            return bad(format!("batch {} and context {} must be nonzero", d.batch(), d.context()));
         }
         for slot in 0..n_io {
-            if self.io_dtype[slot] != DTYPE_I32 && self.io_dtype[slot] != DTYPE_F32 {
-                return bad(format!("io slot {slot} has unknown dtype {}", self.io_dtype[slot]));
+            let (dtype, width) = (d.io_dtype()[slot], d.io_width()[slot]);
+            if dtype != DTYPE_I32 && dtype != DTYPE_F32 {
+                return bad(format!("io slot {slot} has unknown dtype {dtype}"));
             }
-            if self.io_width[slot] == 0 {
+            if width == 0 {
                 return bad(format!("io slot {slot} has width 0"));
             }
         }
-        if self.kv_element_bytes != 4 && self.kv_element_bytes != 2 {
-            return bad(format!("KV cache elements of {} bytes (f32: 4, f16: 2)", self.kv_element_bytes));
+        if d.kv_element_bytes() != 4 && d.kv_element_bytes() != 2 {
+            return bad(format!("KV cache elements of {} bytes (f32: 4, f16: 2)", d.kv_element_bytes()));
         }
-        let kv = (self.kv_layers as u64)
+        let kv = (d.kv_layers() as u64)
             .checked_mul(2)
-            .and_then(|x| x.checked_mul(self.context as u64))
-            .and_then(|x| x.checked_mul(self.kv_width as u64))
-            .and_then(|x| x.checked_mul(self.kv_element_bytes as u64));
-        if kv != Some(self.kv_bytes) {
+            .and_then(|x| x.checked_mul(d.context() as u64))
+            .and_then(|x| x.checked_mul(d.kv_width() as u64))
+            .and_then(|x| x.checked_mul(d.kv_element_bytes() as u64));
+        if kv != Some(d.kv_bytes()) {
             return bad(format!(
                 "kv_bytes {} is not kv_layers {} x 2 x context {} x kv_width {} x {}",
-                self.kv_bytes, self.kv_layers, self.context, self.kv_width, self.kv_element_bytes
+                d.kv_bytes(),
+                d.kv_layers(),
+                d.context(),
+                d.kv_width(),
+                d.kv_element_bytes()
             ));
         }
         for (what, bytes) in
-            [("arena_bytes", self.arena_bytes), ("kv_bytes", self.kv_bytes), ("weights_bytes", self.weights_bytes)]
+            [("arena_bytes", d.arena_bytes()), ("kv_bytes", d.kv_bytes()), ("weights_bytes", d.weights_bytes())]
         {
             if bytes > isize::MAX as u64 - 64 {
                 return bad(format!("{what} {bytes} does not fit this machine's address space"));
@@ -430,6 +354,15 @@ pub struct Library {
     _lib: Option<SharedLib>,
 }
 
+/// The process's pool of `n_threads` threads (see [`shared_workers`]): what a library runs on,
+/// made on first use and shared by every library given it. `n_threads` must be in 1..=256.
+pub fn workers(n_threads: usize) -> Result<Arc<Workers>, ProgramError> {
+    if n_threads == 0 || n_threads > 256 {
+        return Err(ProgramError::BadArgument(format!("thread count {n_threads} must be in 1..=256")));
+    }
+    Ok(shared_workers(n_threads))
+}
+
 /// One conversation's memory on a [`Library`]: an activation arena and a KV cache.
 pub struct Program {
     library: Arc<Library>,
@@ -443,31 +376,6 @@ pub enum Input<'a> {
     F32(&'a [f32]),
 }
 
-/// The weights checksum (the compiler's `codegen::abi::weights_checksum` computes the same):
-/// FNV-1a 64 run in eight independent lanes over the little-endian 64-bit words of each
-/// 64-byte chunk, then FNV-1a 64 over the eight lane states, the tail bytes and the length.
-/// Eight lanes of whole words make it about twenty times faster than bytewise FNV-1a (about
-/// 10 ms for 100 MB instead of 180 ms), so checking embedded weights at every load is cheap.
-pub fn weights_checksum(bytes: &[u8]) -> u64 {
-    const BASIS: u64 = 0xcbf29ce484222325;
-    const PRIME: u64 = 0x100000001b3;
-    let mut lanes = [BASIS; 8];
-    let mut chunks = bytes.chunks_exact(64);
-    for chunk in &mut chunks {
-        for (lane, word) in lanes.iter_mut().zip(chunk.chunks_exact(8)) {
-            let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-            *lane = (*lane ^ w).wrapping_mul(PRIME);
-        }
-    }
-    let mut h = BASIS;
-    let lane_bytes = lanes.iter().flat_map(|l| l.to_le_bytes());
-    let tail = chunks.remainder().iter().copied();
-    for b in lane_bytes.chain(tail).chain((bytes.len() as u64).to_le_bytes()) {
-        h = (h ^ b as u64).wrapping_mul(PRIME);
-    }
-    h
-}
-
 impl Library {
     /// Prepares a library linked into this executable. `weights_file` is needed when the
     /// library was built without embedded weights (`weights.bin` of the bundle).
@@ -477,7 +385,18 @@ impl Library {
     /// `unsafe` block. The descriptor is still checked (ABI version, sizes, KV layout, and the
     /// checksum of the weights, embedded or not) before any of its code runs.
     pub fn new(desc: &'static ModelDesc, weights_file: Option<&Path>, n_threads: usize) -> Result<Self, ProgramError> {
-        Self::with_lib(desc, None, weights_file, n_threads, &|_| Ok(()))
+        Self::new_in(desc, weights_file, &workers(n_threads)?)
+    }
+
+    /// [`Library::new`] on a given thread pool (see [`workers`]), which other libraries may
+    /// share: an app with two models (a draft and a target, a device model and a router)
+    /// runs both on one set of threads, one call at a time.
+    pub fn new_in(
+        desc: &'static ModelDesc,
+        weights_file: Option<&Path>,
+        workers: &Arc<Workers>,
+    ) -> Result<Self, ProgramError> {
+        Self::with_lib(desc, None, weights_file, Arc::clone(workers), &|_| Ok(()))
     }
 
     /// Opens a shared object built from a model library (`cc -shared`) and prepares it.
@@ -502,6 +421,7 @@ impl Library {
         n_threads: usize,
         check: &dyn Fn(&ModelDesc) -> Result<(), ProgramError>,
     ) -> Result<Self, ProgramError> {
+        let workers = workers(n_threads)?;
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| ProgramError::Load(format!("{} contains a NUL byte", path.display())))?;
         // SAFETY: c_path is a valid C string. dlopen runs the object's initializers: the
@@ -536,33 +456,30 @@ impl Library {
         // the Library owns `lib` (dropped after every use of `desc`), so the 'static borrow
         // never outlives the mapping. Its fields are checked before anything relies on them.
         let desc: &'static ModelDesc = unsafe { &*(sym as *const ModelDesc) };
-        if desc.abi_version != ABI_VERSION {
-            return Err(ProgramError::AbiMismatch { found: desc.abi_version });
+        if desc.abi_version() != ABI_VERSION {
+            return Err(ProgramError::AbiMismatch { found: desc.abi_version() });
         }
-        let run = desc.run as *const c_void;
-        if object_base(run) != Some(base) || (!desc.weights.is_null() && object_base(desc.weights.cast()) != Some(base))
-        {
+        let run = desc.0.run().map_or(std::ptr::null(), |run| run as *const c_void);
+        let weights = desc.0.weights();
+        if object_base(run) != Some(base) || (!weights.is_null() && object_base(weights.cast()) != Some(base)) {
             return Err(ProgramError::BadDescriptor(format!(
                 "{}: kiln_model points outside its own library",
                 path.display()
             )));
         }
-        Self::with_lib(desc, Some(lib), weights_file, n_threads, check)
+        Self::with_lib(desc, Some(lib), weights_file, workers, check)
     }
 
     fn with_lib(
         desc: &'static ModelDesc,
         lib: Option<SharedLib>,
         weights_file: Option<&Path>,
-        n_threads: usize,
+        workers: Arc<Workers>,
         check: &dyn Fn(&ModelDesc) -> Result<(), ProgramError>,
     ) -> Result<Self, ProgramError> {
         desc.check()?;
         check(desc)?;
-        if n_threads == 0 || n_threads > 256 {
-            return Err(ProgramError::BadArgument(format!("thread count {n_threads} must be in 1..=256")));
-        }
-        let external_weights = match (desc.weights.is_null(), weights_file) {
+        let external_weights = match (desc.0.weights().is_null(), weights_file) {
             (true, Some(path)) => Some(read_weights(path, desc)?),
             (true, None) => {
                 return Err(ProgramError::Weights(
@@ -581,8 +498,8 @@ impl Library {
                 // SAFETY: the descriptor is a kiln library's (see `Library::new` and
                 // `load_shared`), whose `weights` points at `weights_bytes` bytes of its
                 // read-only data; `check` bounded `weights_bytes` by isize::MAX.
-                let embedded = unsafe { std::slice::from_raw_parts(desc.weights, desc.weights_bytes as usize) };
-                if weights_checksum(embedded) != desc.weights_checksum {
+                let embedded = unsafe { std::slice::from_raw_parts(desc.0.weights(), desc.weights_bytes() as usize) };
+                if weights_checksum(embedded) != desc.0.weights_checksum() {
                     return Err(ProgramError::Weights(
                         "the embedded weights do not match their checksum: the library is corrupt".into(),
                     ));
@@ -590,7 +507,7 @@ impl Library {
                 None
             }
         };
-        Ok(Library { desc, external_weights, workers: shared_workers(n_threads), _lib: lib })
+        Ok(Library { desc, external_weights, workers, _lib: lib })
     }
 
     pub fn desc(&self) -> &ModelDesc {
@@ -603,13 +520,13 @@ impl Library {
 
     /// Bytes of weights this library holds (embedded or loaded from a file).
     pub fn weights_bytes(&self) -> u64 {
-        self.desc.weights_bytes
+        self.desc.weights_bytes()
     }
 
     fn weights(&self) -> *const u8 {
         match &self.external_weights {
             Some(w) => w.ptr as *const u8,
-            None => self.desc.weights,
+            None => self.desc.0.weights(),
         }
     }
 }
@@ -630,8 +547,8 @@ impl Program {
     pub fn on(library: Arc<Library>) -> Result<Self, ProgramError> {
         let desc = library.desc;
         Ok(Program {
-            arena: AlignedBuf::zeroed(desc.arena_bytes as usize)?,
-            kv: AlignedBuf::zeroed(desc.kv_bytes as usize)?,
+            arena: AlignedBuf::zeroed(desc.arena_bytes() as usize)?,
+            kv: AlignedBuf::zeroed(desc.kv_bytes() as usize)?,
             library,
         })
     }
@@ -659,7 +576,7 @@ impl Program {
     /// loaded), which programs on the same [`Library`] share.
     pub fn memory_bytes(&self) -> u64 {
         let d = self.library.desc;
-        d.arena_bytes + d.kv_bytes + d.weights_bytes
+        d.arena_bytes() + d.kv_bytes() + d.weights_bytes()
     }
 
     /// Clears the KV cache and gives its memory back to the system: the pages are zero again
@@ -683,38 +600,40 @@ impl Program {
         let d = self.library.desc;
         let bad = |m: String| Err(ProgramError::BadArgument(m));
         if n_tokens == 0 || n_tokens > d.batch() {
-            return bad(format!("{n_tokens} tokens in one call; the library takes 1..={}", d.batch));
+            return bad(format!("{n_tokens} tokens in one call; the library takes 1..={}", d.batch()));
         }
         // Checked: a position near usize::MAX must not wrap around into range.
         if pos.checked_add(n_tokens).is_none_or(|end| end > d.context()) {
-            return bad(format!("{n_tokens} tokens at position {pos} exceed the context of {}", d.context));
+            return bad(format!("{n_tokens} tokens at position {pos} exceed the context of {}", d.context()));
         }
         if out_start > n_tokens {
             return bad(format!("out_start {out_start} > n_tokens {n_tokens}"));
         }
         if inputs.len() != d.n_inputs() || outputs.len() != d.n_outputs() {
-            return bad(format!("the library takes {} inputs and {} outputs", d.n_inputs, d.n_outputs));
+            return bad(format!("the library takes {} inputs and {} outputs", d.n_inputs(), d.n_outputs()));
         }
         let mut io: Vec<*mut c_void> = Vec::with_capacity(inputs.len() + outputs.len());
         for (slot, input) in inputs.iter().enumerate() {
-            let width = d.io_width[slot] as usize;
+            let (width, want) = (d.0.io_width()[slot] as usize, d.0.io_dtype()[slot]);
             let (ptr, len, dtype) = match input {
                 Input::I32(x) => (x.as_ptr() as *mut c_void, x.len(), DTYPE_I32),
                 Input::F32(x) => (x.as_ptr() as *mut c_void, x.len(), DTYPE_F32),
             };
-            if dtype != d.io_dtype[slot] || Some(len) != n_tokens.checked_mul(width) {
-                return bad(format!("input {slot} must be {n_tokens} x {width} values of dtype {}", d.io_dtype[slot]));
+            if dtype != want || Some(len) != n_tokens.checked_mul(width) {
+                return bad(format!("input {slot} must be {n_tokens} x {width} values of dtype {want}"));
             }
             io.push(ptr);
         }
         let out_rows = n_tokens - out_start;
         for (k, out) in outputs.iter_mut().enumerate() {
-            let width = d.io_width[inputs.len() + k] as usize;
+            let width = d.0.io_width()[inputs.len() + k] as usize;
             if Some(out.len()) != out_rows.checked_mul(width) {
                 return bad(format!("output {k} must hold {out_rows} x {width} floats (rows {out_start}..{n_tokens})"));
             }
             io.push(out.as_mut_ptr() as *mut c_void);
         }
+        // `check` refused a descriptor without one at construction.
+        let run = d.0.run().ok_or_else(|| ProgramError::BadDescriptor("run is NULL".into()))?;
         let ctx = KilnCtx {
             arena: self.arena.ptr,
             weights: self.library.weights(),
@@ -736,7 +655,7 @@ impl Program {
         // cache concurrently; what calls on other programs share (weights, code, pool) is
         // only read, and one call runs at a time (`turn`).
         let _turn = self.library.workers.turn.lock().unwrap_or_else(|e| e.into_inner());
-        unsafe { (d.run)(&ctx) };
+        unsafe { run(&ctx) };
         Ok(())
     }
 }
@@ -758,10 +677,10 @@ fn object_base(addr: *const c_void) -> Option<usize> {
 fn read_weights(path: &Path, desc: &ModelDesc) -> Result<AlignedBuf, ProgramError> {
     let err = |m: String| ProgramError::Weights(format!("{}: {m}", path.display()));
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    if bytes.len() as u64 != desc.weights_bytes {
-        return Err(err(format!("{} bytes, the library expects {}", bytes.len(), desc.weights_bytes)));
+    if bytes.len() as u64 != desc.weights_bytes() {
+        return Err(err(format!("{} bytes, the library expects {}", bytes.len(), desc.weights_bytes())));
     }
-    if weights_checksum(&bytes) != desc.weights_checksum {
+    if weights_checksum(&bytes) != desc.0.weights_checksum() {
         return Err(err("checksum mismatch: these weights belong to another build".into()));
     }
     let mut buf = AlignedBuf::zeroed(bytes.len())?;

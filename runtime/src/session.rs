@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::chat_template::{ChatTemplate, Message};
-use crate::program::{Input, Library, ModelDesc, Program, ProgramError, DTYPE_F32, DTYPE_I32};
+use crate::pool::Workers;
+use crate::program::{workers, Input, Library, ModelDesc, Program, ProgramError, DTYPE_F32, DTYPE_I32};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -250,10 +251,17 @@ impl Model {
     /// `&'static ModelDesc`. The library must come from the same build as the bundle: its
     /// fingerprint must equal the manifest's (checked first), then the shapes must agree.
     pub fn open(desc: &'static ModelDesc, bundle: &Path, n_threads: usize) -> Result<Self, SessionError> {
+        Self::open_in(&workers(n_threads)?, desc, bundle)
+    }
+
+    /// [`Model::open`] on a given thread pool ([`workers`]), which other models may share:
+    /// an app with two models (a draft and a target, a device model and a router) runs both
+    /// on one set of threads, one call at a time. The model keeps the pool alive.
+    pub fn open_in(workers: &Arc<Workers>, desc: &'static ModelDesc, bundle: &Path) -> Result<Self, SessionError> {
         let manifest = read_manifest(bundle)?;
         check_fingerprint(desc, &manifest, bundle)?;
         let weights = manifest.files.weights.as_ref().map(|w| bundle.join(w));
-        let library = Library::new(desc, weights.as_deref(), n_threads)?;
+        let library = Library::new_in(desc, weights.as_deref(), workers)?;
         Self::from_library(library, bundle, manifest)
     }
 

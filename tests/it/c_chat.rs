@@ -143,13 +143,15 @@ int main(int argc, char **argv) {
 }
 "#;
 
-#[test]
-fn callbacks_that_call_back_into_their_session_are_refused() {
+/// Compiles the C program `source` against `kiln.h`, the app bundle's model library and
+/// header, `extra` objects or archives, and the runtime's static library (built by [`app`]),
+/// runs it with the bundle and `args` and returns its standard output.
+fn compile_and_run_c(name: &str, source: &str, extra: &[PathBuf], args: &[&Path]) -> String {
     let (bundle, _) = app();
-    let dir = scratch_dir("c-reentrant");
-    let src = dir.join("reentrant.c");
-    std::fs::write(&src, REENTRANT_C).unwrap();
-    let exe = dir.join("reentrant");
+    let dir = scratch_dir(&format!("c-{name}"));
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).unwrap();
+    let exe = dir.join(name);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let status = Command::new("cc")
         .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror"])
@@ -159,24 +161,29 @@ fn callbacks_that_call_back_into_their_session_are_refused() {
         .arg(bundle.join("include"))
         .arg(&src)
         .arg(bundle.join("lib/libkiln_model.a"))
+        .args(extra)
         .arg(root.join("target/kiln-tests/apps/release/libruntime.a"))
         .args(["-lpthread", "-ldl", "-lm", "-o"])
         .arg(&exe)
         .status()
         .expect("run cc");
-    assert!(status.success(), "compiling the re-entrance program failed");
-    let out = Command::new(&exe).arg(bundle).output().expect("run the re-entrance program");
+    assert!(status.success(), "compiling {} failed", src.display());
+    let out = Command::new(&exe).arg(bundle).args(args).output().unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
     eprintln!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the re-entrance program failed: {}", out.status);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = |key: &str| -> String {
-        let prefix = format!("{key} ");
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .unwrap_or_else(|| panic!("no {key:?} line in {stdout:?}"))
-            .to_string()
-    };
+    assert!(out.status.success(), "{name} failed: {}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The text after `key ` on the line of `stdout` that starts so.
+fn value<'a>(stdout: &'a str, key: &str) -> &'a str {
+    let prefix = format!("{key} ");
+    stdout.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {key:?} line in {stdout:?}"))
+}
+
+#[test]
+fn callbacks_that_call_back_into_their_session_are_refused() {
+    let stdout = compile_and_run_c("reentrant", REENTRANT_C, &[], &[]);
+    let line = |key: &str| -> String { value(&stdout, key).to_string() };
     let number = |key: &str| -> i64 { line(key).split(' ').next().unwrap().parse().unwrap() };
     assert!(number("outer") > 0, "the outer call generated nothing: {stdout}");
     assert!(number("calls") >= 1, "on_text was never called: {stdout}");
@@ -188,6 +195,135 @@ fn callbacks_that_call_back_into_their_session_are_refused() {
     assert!(number("after") > 0, "the session does not work after the refused calls: {stdout}");
     assert_eq!(number("reset_after"), 0);
     assert_eq!(number("final_free"), 0);
+}
+
+/// Two model libraries linked into one C program (the app's bundle, and a second build of the
+/// model with other options, whose `kiln_model` is renamed `kiln_model_draft` with objcopy:
+/// a library exports no other symbol) and opened in one pool run on the pool's threads and
+/// no others, and both answer; the pool may be freed before its sessions. Bad arguments fail
+/// with a message instead of crashing: a NULL pool, model or bundle, a thread count out of
+/// range, and a pool that was freed already.
+const POOL_C: &str = r#"#include <stdio.h>
+#include <dirent.h>
+#include "kiln.h"
+#include "kiln_model.h"
+
+/* The second model library (its kiln_model renamed). */
+extern const struct kiln_model_desc kiln_model_draft;
+
+static void on_text(const char *piece, void *user) {
+    (void)user;
+    fputs(piece, stdout);
+}
+
+/* Threads of this process. */
+static int threads(void) {
+    int n = 0;
+    DIR *dir = opendir("/proc/self/task");
+    if (dir == NULL) {
+        return -1;
+    }
+    for (struct dirent *e = readdir(dir); e != NULL; e = readdir(dir)) {
+        n += e->d_name[0] != '.';
+    }
+    closedir(dir);
+    return n;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 3) {
+        return 2;
+    }
+    printf("threads_before %d\n", threads());
+    kiln_pool *pool = kiln_pool_new(3);
+    if (pool == NULL) {
+        fprintf(stderr, "kiln_pool_new: %s\n", kiln_last_error());
+        return 1;
+    }
+    kiln_session *draft = kiln_session_new_in(pool, &kiln_model_draft, argv[2]);
+    kiln_session *target = kiln_session_new_in(pool, &kiln_model, argv[1]);
+    if (draft == NULL || target == NULL) {
+        fprintf(stderr, "kiln_session_new_in: %s\n", kiln_last_error());
+        return 1;
+    }
+    printf("threads_open %d\n", threads());
+    /* Each call before its kiln_last_error(): printf's arguments have no order. */
+    int failed = kiln_session_new_in(NULL, &kiln_model, argv[1]) == NULL;
+    printf("null_pool %d %s\n", failed, kiln_last_error());
+    failed = kiln_session_new_in(pool, NULL, argv[1]) == NULL;
+    printf("null_model %d %s\n", failed, kiln_last_error());
+    failed = kiln_session_new_in(pool, &kiln_model, NULL) == NULL;
+    printf("null_bundle %d %s\n", failed, kiln_last_error());
+    failed = kiln_session_new_in(pool, &kiln_model, "/nonexistent") == NULL;
+    printf("no_bundle %d %s\n", failed, kiln_last_error());
+    failed = kiln_session_new_in(pool, &kiln_model_draft, argv[1]) == NULL;
+    printf("other_bundle %d %s\n", failed, kiln_last_error());
+    failed = kiln_pool_new(100000) == NULL;
+    printf("big_pool %d %s\n", failed, kiln_last_error());
+    printf("free_null %d\n", kiln_pool_free(NULL));
+    printf("free_pool %d\n", kiln_pool_free(pool));
+    failed = kiln_session_new_in(pool, &kiln_model, argv[1]) == NULL;
+    printf("freed_pool %d %s\n", failed, kiln_last_error());
+    int rc = kiln_pool_free(pool);
+    printf("free_again %d %s\n", rc, kiln_last_error());
+    printf("draft:");
+    int n_draft = kiln_session_chat(draft, "What is the capital of France?", 16, 0.0f, 0, on_text, NULL);
+    printf("\ntarget:");
+    int n_target = kiln_session_chat(target, "What is the capital of France?", 16, 0.0f, 0, on_text, NULL);
+    printf("\ntokens %d %d\n", n_draft, n_target);
+    printf("threads_chat %d\n", threads());
+    printf("free_sessions %d %d\n", kiln_session_free(draft), kiln_session_free(target));
+    return 0;
+}
+"#;
+
+#[test]
+fn two_models_in_one_pool_share_its_threads_and_both_answer() {
+    let scratch = scratch_dir("c-pool-draft");
+    let draft = scratch.join("bundle");
+    let opts = BuildOptions {
+        context: Some(256),
+        batch: 32,
+        ..BuildOptions::new(model_path(), "x86_64-unknown-linux-gnu", draft.clone())
+    };
+    build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));
+    let renamed = scratch.join("libkiln_model_draft.a");
+    let status = Command::new("objcopy")
+        .args(["--redefine-sym", "kiln_model=kiln_model_draft"])
+        .arg(draft.join("lib/libkiln_model.a"))
+        .arg(&renamed)
+        .status()
+        .expect("run objcopy");
+    assert!(status.success(), "objcopy failed");
+    let stdout = compile_and_run_c("pool", POOL_C, &[renamed], &[&draft]);
+    let number = |key: &str| -> i64 { value(&stdout, key).split(' ').next().unwrap().parse().unwrap() };
+    // A pool of 3: the calling thread and 2 workers, whatever number of sessions runs on it.
+    assert_eq!(number("threads_open") - number("threads_before"), 2, "{stdout}");
+    assert_eq!(number("threads_chat"), number("threads_open"), "{stdout}");
+    for (key, message) in [
+        ("null_pool", "pool is NULL"),
+        ("null_model", "model is NULL"),
+        ("null_bundle", "bundle_dir is NULL"),
+        ("no_bundle", "/nonexistent"),
+        ("other_bundle", "does not belong to this bundle"),
+        ("big_pool", "thread count 100000 must be in 1..=256"),
+        ("freed_pool", "not a live pool"),
+        ("free_again", "not a live pool"),
+    ] {
+        let line = value(&stdout, key);
+        let expected = if key == "free_again" { "-1 " } else { "1 " };
+        assert!(line.starts_with(expected) && line.contains(message), "{key}: {line:?}");
+    }
+    assert_eq!(value(&stdout, "free_null"), "0");
+    assert_eq!(value(&stdout, "free_pool"), "0");
+    // Both sessions answer after their pool was freed (they keep its threads alive).
+    for key in ["draft:", "target:"] {
+        let reply = stdout.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {stdout}"));
+        assert!(reply.contains("Paris"), "{key} {reply:?}");
+    }
+    let tokens: Vec<i64> = value(&stdout, "tokens").split(' ').map(|n| n.parse().unwrap()).collect();
+    assert!(tokens.iter().all(|&n| n > 0), "{stdout}");
+    assert_eq!(value(&stdout, "free_sessions"), "0 0");
 }
 
 /// The C ABI's offloading: `kiln_session_set_offload` sends a multi-hop question to a kiln

@@ -14,6 +14,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+pub mod header;
+
 use peers::cache_dir;
 use workflow::root;
 

@@ -185,6 +185,9 @@ enum Cmd {
         /// The message to answer.
         prompt: String,
     },
+    /// Regenerates the C headers (runtime/include/kiln.h, runtime/abi/include/kiln_abi.h) from
+    /// the Rust sources with cbindgen.
+    Header,
 }
 
 #[derive(clap::Args)]
@@ -380,6 +383,15 @@ fn real_main() -> Result<()> {
         Cmd::CChat { bundle, prompt } => {
             let app = workflow::runner::build_c_chat(&bundle, None)?;
             exit_with(Command::new(app).arg(&bundle).arg(prompt).status()?.code())
+        }
+        Cmd::Header => {
+            let written = kiln::header::write(&workflow::root())?;
+            for path in &written {
+                println!("wrote {}", path.display());
+            }
+            if written.is_empty() {
+                println!("the headers are up to date");
+            }
         }
     }
     Ok(())

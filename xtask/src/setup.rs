@@ -22,7 +22,7 @@ struct Program {
     package: &'static str,
 }
 
-const PROGRAMS: [Program; 7] = [
+const PROGRAMS: [Program; 8] = [
     Program { what: "C compiler (links model libraries)", command: "cc", args: &["--version"], package: "gcc" },
     Program {
         what: "aarch64 cross compiler",
@@ -57,8 +57,15 @@ const PROGRAMS: [Program; 7] = [
     Program {
         what: "Python 3 with venv",
         command: "python3",
-        args: &["-m", "venv", "--help"],
+        // Debian's python3 has the venv module without ensurepip, which `venv` needs.
+        args: &["-c", "import venv, ensurepip"],
         package: "python3-venv",
+    },
+    Program {
+        what: "C++ compiler (builds llama-cpp-python, the llama.cpp peer)",
+        command: "c++",
+        args: &["--version"],
+        package: "g++",
     },
 ];
 
@@ -85,14 +92,20 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
     let apt = runs("apt-get", &["--version"]);
     // Debian packages.
     let missing: Vec<&Program> = PROGRAMS.iter().filter(|p| !runs(p.command, p.args)).collect();
-    if !missing.is_empty() && root && apt {
+    if !missing.is_empty() && !(root && apt) {
+        // Nothing that follows can make up for them: stop now, before the slow installs
+        // (cargo-fuzz, the Python peers), naming everything else still missing as well.
+        bail!("{}", message(&still_missing(None), root, apt));
+    }
+    if !missing.is_empty() {
         let packages: Vec<&str> = missing.iter().map(|p| p.package).collect();
         eprintln!("installing {}", packages.join(" "));
         let _ = Command::new("apt-get").args(["update", "-qq"]).status();
         let _ = Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
             .status();
     }
     // rustup targets.
@@ -132,7 +145,15 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
         }
     };
 
-    // What is still missing, with the commands that install it.
+    let lines = still_missing(python_error);
+    if !lines.is_empty() {
+        bail!("{}", message(&lines, root, apt));
+    }
+    python.context("no Python environment")
+}
+
+/// One line (or two) per tool still missing, each with the command that installs it.
+fn still_missing(python_error: Option<String>) -> Vec<String> {
     let mut lines = vec![];
     let still: Vec<&Program> = PROGRAMS.iter().filter(|p| !runs(p.command, p.args)).collect();
     if !still.is_empty() {
@@ -140,7 +161,7 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
         for p in &still {
             lines.push(format!("  {} ({}): Debian package {}", p.command, p.what, p.package));
         }
-        lines.push(format!("    install: sudo apt-get install {}", packages.join(" ")));
+        lines.push(format!("    install (as root): apt-get install --no-install-recommends {}", packages.join(" ")));
     }
     match installed_rust_targets() {
         None => lines.push("  rustup: not found (the aarch64 targets need it): https://rustup.rs".into()),
@@ -155,29 +176,53 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
             }
         }
     }
-    if !fmt_ok() {
+    if !Command::new(cargo()).args(["fmt", "--version"]).output().is_ok_and(|o| o.status.success()) {
         lines.push("  rustfmt\n    install: rustup component add rustfmt".into());
     }
-    if !fuzz_ok() {
+    if !Command::new(cargo()).args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success()) {
         lines.push(format!(
             "  {}\n    install: cargo install cargo-fuzz --version {} --locked",
             peers::CARGO_FUZZ,
             peers::CARGO_FUZZ_VERSION
         ));
     }
-    if let Some(e) = python_error {
-        lines.push(format!(
-            "  Python peers in {} ({e})\n    install: a Python 3 with venv and pip (sudo apt-get install python3-venv \
-             python3-pip), a C++ compiler for llama-cpp-python (sudo apt-get install g++ cmake), then run again",
+    match python_error {
+        Some(e) => lines.push(format!(
+            "  Python peers in {} ({e})\n    install: the Debian packages above, then run again",
             peers::venv_dir().display()
-        ));
+        )),
+        None if !peers::venv_dir().join("bin/python").is_file() => lines.push(format!(
+            "  Python peers (pinned, llama-cpp-python among them) in {}\n    install: `cargo xtask test` makes it once the \
+             Debian packages above are there",
+            peers::venv_dir().display()
+        )),
+        None => {}
     }
-    if !lines.is_empty() {
-        bail!(
-            "the test suite needs tools this machine lacks{}:\n{}",
-            if root { "" } else { " (run as root to let kiln install the Debian packages itself)" },
-            lines.join("\n")
-        );
+    lines
+}
+
+/// The message of a machine the suite cannot run on yet.
+fn message(lines: &[String], root: bool, apt: bool) -> String {
+    let how = match (root, apt) {
+        (false, _) => " (run as root to let kiln install the Debian packages itself)",
+        (true, false) => " (no apt-get here: install the packages named with this system's package manager)",
+        (true, true) => "",
+    };
+    format!("the test suite needs tools this machine lacks{how}:\n{}", lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_says_what_is_missing_and_who_can_install_it() {
+        let lines = vec!["  chromium (headless Chromium): Debian package chromium".to_string()];
+        let user = message(&lines, false, true);
+        assert!(user.contains("run as root") && user.ends_with("Debian package chromium"), "{user}");
+        assert!(message(&lines, true, false).contains("no apt-get here"));
+        assert!(message(&lines, true, true).starts_with("the test suite needs tools this machine lacks:\n"));
+        let packages: Vec<&str> = PROGRAMS.iter().map(|p| p.package).collect();
+        assert!(packages.contains(&"python3-venv") && packages.contains(&"g++"), "{packages:?}");
     }
-    python.context("no Python environment")
 }

@@ -343,6 +343,23 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
         roof,
         kiln_decode.map_or(String::new(), |k| format!("; kiln {decode_test} at {:.0}% of it", 100.0 * k / roof))
     );
+    // The deployment report's prediction for this machine (`--device host`), beside the
+    // measurement: how far `build-model --budget` can be trusted here.
+    let predicted = (Some(triple.as_str()) == targets::host_triple())
+        .then(|| {
+            let device = crate::evaluate::resolve_device(&triple, &manifest, Some("host"), max_threads).ok()?;
+            let footprint = compiler::deploy::Footprint::from_manifest(&manifest).ok()?;
+            let query = compiler::deploy::Query { prompt_tokens: 1.0, generated_tokens: o.decode as f64 };
+            Some(compiler::deploy::predict(&footprint, &device, query).decode_tok_s)
+        })
+        .flatten();
+    if let (Some(p), Some(k)) = (predicted, kiln_decode) {
+        println!(
+            "the deployment report (--device host) predicts {p:.0} tok/s for {decode_test} at {max_threads} threads: \
+             {:.2}x the measured {k:.0}",
+            p / k
+        );
+    }
     if let Some((k, l)) = memory {
         println!(
             "peak RSS at context {context}, 512-token prompt + {} generated, {max_threads} threads: kiln {} MiB, \
@@ -368,6 +385,7 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
                 "bytes_per_token": bytes_per_token,
                 "decode_fraction": kiln_decode.map(|k| k / roof),
             },
+            "predicted_decode_tokens_per_s": predicted,
             "bundle": o.bundle, "llama_cpp_gguf": o.peer_gguf, "llama_cpp": peers::LLAMA_CPP_PYTHON,
         });
         let text = serde_json::to_string_pretty(&doc)? + "\n";
@@ -409,4 +427,16 @@ fn same_context_memory(
     let result = run_measured(cmd, "llama-completion");
     drop(prompt_file);
     Ok((kiln, result?.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut [7.0]), 7.0);
+    }
 }

@@ -198,3 +198,35 @@ pub fn build_c_chat(bundle: &Path, target_dir: Option<&Path>) -> Result<PathBuf>
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_for_other_machines_are_refused_with_what_to_do() {
+        let e = runnable("aarch64-linux-android").unwrap_err().to_string();
+        assert!(e.contains("runs on Android") && e.contains("aarch64-unknown-linux-gnu"), "{e}");
+        let e = runnable("riscv64gc-unknown-linux-gnu").unwrap_err().to_string();
+        assert!(e.contains("cannot run on this machine"), "{e}");
+        let (triple, emulator) = runnable("aarch64-unknown-linux-gnu").unwrap();
+        assert_eq!(triple, "aarch64-unknown-linux-gnu");
+        assert!(emulator.is_some(), "aarch64 Linux runs under qemu-user here");
+        if let Some(host) = targets::host_triple() {
+            assert_eq!(runnable(host).unwrap(), (host, None));
+        }
+    }
+
+    #[test]
+    fn a_directory_without_a_manifest_is_not_a_bundle() {
+        let dir = std::env::temp_dir().join(format!("kiln-runner-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = bundle_triple(&dir).unwrap_err().to_string();
+        assert!(e.contains("is not a kiln bundle"), "{e}");
+        std::fs::write(dir.join("manifest.json"), r#"{"target": {}}"#).unwrap();
+        assert!(bundle_triple(&dir).unwrap_err().to_string().contains("target.triple"));
+        std::fs::write(dir.join("manifest.json"), r#"{"target": {"triple": "x86_64-unknown-linux-gnu"}}"#).unwrap();
+        assert_eq!(bundle_triple(&dir).unwrap(), "x86_64-unknown-linux-gnu");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

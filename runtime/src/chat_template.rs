@@ -159,11 +159,15 @@ pub const MAX_STEPS: u64 = 500_000;
 /// nests data at best one level per step (nested list literals in a loop: 1.1 steps per level);
 /// minijinja's deepest walk, printing nested maps, takes about 440 bytes of stack per level in
 /// a release build (measured: 8 MiB overflow between 18k and 20k levels), so 512 bytes per step
-/// leaves a margin, and a debug build (larger frames) gets four times as much.
+/// leaves a margin. A build with debug assertions (the fuzz targets' build: larger frames and
+/// coverage counters) took about 5.2 KiB per level printing a nested list inside a map (a fuzz
+/// input reached 198k levels in a 500k-step budget and overflowed 2 KiB per step), so it gets
+/// 8 KiB per step. The stack is reserved, not touched: only the pages a render uses are
+/// resident.
 #[cfg(not(debug_assertions))]
 pub const STACK_PER_STEP: usize = 512;
 #[cfg(debug_assertions)]
-pub const STACK_PER_STEP: usize = 2048;
+pub const STACK_PER_STEP: usize = 8192;
 /// The render thread's stack beyond what the budget asks for (the engine's own recursion:
 /// macro calls up to [`RECURSION_LIMIT`]).
 pub const BASE_STACK: usize = 8 << 20;

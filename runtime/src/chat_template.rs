@@ -174,6 +174,12 @@ pub const BASE_STACK: usize = 8 << 20;
 /// Nesting of macro calls (about 10 each), loops and conditionals (1 each); real templates
 /// stay far below it, and it keeps the engine's recursion well inside a 2 MiB thread stack.
 pub const RECURSION_LIMIT: usize = 200;
+/// Printing a value (`{{ x }}`) walks it recursively, at a few hundred bytes of stack per level
+/// of nesting or more: a value nested deeper than this is refused before it is printed, so the
+/// stack a print needs does not depend on how deep a template managed to nest its data.
+pub const MAX_PRINT_DEPTH: usize = 256;
+/// The most containers and items one print may walk (the check costs a step per 64 of them).
+pub const MAX_PRINT_NODES: usize = 1 << 20;
 /// The rendered prompt may hold this many bytes plus `OUTPUT_PER_INPUT_BYTE` per byte of the
 /// conversation.
 pub const BASE_OUTPUT_BYTES: usize = 4 << 20;
@@ -231,6 +237,10 @@ impl ChatTemplate {
         // templates do not use them.
         // (`debug()` is not built: the workspace leaves out minijinja's `debug` feature.)
         env.remove_filter("pprint");
+        env.set_formatter(|out, state, value| {
+            check_printable(state, value)?;
+            minijinja::escape_formatter(out, state, value)
+        });
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
     }
@@ -314,6 +324,43 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
 }
 
 /// A few Python `str` and `dict` methods that chat templates commonly call.
+/// Refuses to print a value nested deeper than [`MAX_PRINT_DEPTH`] or holding more than
+/// [`MAX_PRINT_NODES`] containers and items; the walk is iterative (its own stack on the heap).
+fn check_printable(state: &mut State, value: &Value) -> Result<(), Error> {
+    let container = |v: &Value| matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::Iterable);
+    if !container(value) {
+        return Ok(());
+    }
+    let mut pending: Vec<(Value, usize)> = vec![(value.clone(), 1)];
+    let mut nodes = 0usize;
+    while let Some((v, depth)) = pending.pop() {
+        if depth > MAX_PRINT_DEPTH {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("the value printed is nested more than {MAX_PRINT_DEPTH} levels deep"),
+            ));
+        }
+        let is_map = v.kind() == ValueKind::Map;
+        let Ok(items) = v.try_iter() else { continue };
+        for item in items {
+            nodes += 1;
+            if nodes > MAX_PRINT_NODES {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("the value printed holds more than {MAX_PRINT_NODES} items"),
+                ));
+            }
+            let child = if is_map { v.get_item(&item).unwrap_or_default() } else { Value::UNDEFINED };
+            for c in [item, child] {
+                if container(&c) {
+                    pending.push((c, depth + 1));
+                }
+            }
+        }
+    }
+    state.consume_fuel(nodes as u64 / 64 + 1)
+}
+
 fn python_methods(state: &mut State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
     use minijinja::value::from_args;
 
@@ -562,6 +609,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn values_nested_too_deep_to_print_are_refused_and_shallow_ones_print() {
+        let nest = |n: usize| {
+            format!(
+                "{{% set ns = namespace(x=[]) %}}{{% for i in range({n}) %}}{{% set ns.x = [ns.x, {{'k': [i]}}] %}}{{% endfor %}}{{{{ ns.x }}}}"
+            )
+        };
+        let t = ChatTemplate::new(&nest(2000), "", "").unwrap();
+        let e = t.render(&[Message::user("hi")], false).unwrap_err().to_string();
+        assert!(e.contains("nested more than 256 levels"), "{e}");
+        let t = ChatTemplate::new(&nest(3), "", "").unwrap();
+        let out = t.render(&[Message::user("hi")], false).unwrap();
+        assert_eq!(out, "[[[[], {'k': [0]}], {'k': [1]}], {'k': [2]}]");
+        let t = ChatTemplate::new("{{ {'a': [1, {'b': 'c'}]} }}|{{ messages[0] }}", "", "").unwrap();
+        let out = t.render(&[Message::user("hi")], false).unwrap();
+        assert!(out.contains("[1, {'b': 'c'}]") && out.contains("hi"), "{out}");
+    }
+
     /// A template may nest data one level per step or two (`{% set ns.x = [ns.x] %}` in a loop)
     /// and then make the engine walk it recursively (print it, compare it, drop it): with the
     /// largest budget ([`MAX_STEPS`], from a long conversation), built to just under and just
@@ -603,6 +668,8 @@ mod tests {
                     let src = format!("{build}{walk}");
                     match render_within(&src, conv.clone(), 60) {
                         Ok(_) => deepest = deepest.max(iters * levels),
+                        // Printing refuses deep values before walking them (MAX_PRINT_DEPTH).
+                        Err(e) if walk == "{{ ns.x }}" && e.to_string().contains("nested more than") => {}
                         Err(e) => assert_eq!(e.limit(), Some(TemplateLimit::Steps(MAX_STEPS)), "{name} {walk}: {e}"),
                     }
                 }

@@ -446,7 +446,7 @@ impl Library {
         if sym.is_null() {
             return Err(ProgramError::Load(format!("{} has no kiln_model symbol", path.display())));
         }
-        if sym as usize % std::mem::align_of::<ModelDesc>() != 0 {
+        if !(sym as usize).is_multiple_of(std::mem::align_of::<ModelDesc>()) {
             return Err(ProgramError::Load(format!("{}: kiln_model is misaligned", path.display())));
         }
         let base = object_base(sym)

@@ -114,6 +114,13 @@ pub struct Prepared {
     notes: Vec<String>,
 }
 
+impl Prepared {
+    /// Bytes of the packed weights blob (what a library embeds or `weights.bin` holds).
+    pub fn weights_bytes(&self) -> u64 {
+        self.packed.blob.len() as u64
+    }
+}
+
 /// The first half of [`compile`]: checks the options, runs the pass pipeline on `model`, plans
 /// memory and packs the weights.
 pub fn prepare(

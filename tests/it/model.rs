@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use compiler::bundle::{build_model, BuildOptions};
+use compiler::bundle::{build_model, BuildOptions, WeightsPlacement};
 use runtime::sampling::SamplerConfig;
 use runtime::session::{Session, SessionError};
 use tests::harness::{argmax, max_diff, scratch_dir};
@@ -42,7 +42,7 @@ fn build_with(model: &Path, out: &Path, embed_weights: bool, kv_cache: ir::KvDTy
     let opts = BuildOptions {
         context: Some(512),
         batch: 16,
-        embed_weights,
+        weights: if embed_weights { WeightsPlacement::Embedded } else { WeightsPlacement::File },
         shared_linker: Some("cc".into()),
         kv_cache,
         activations,

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use compiler::bundle::{build_model, BuildError, BuildOptions};
+use compiler::bundle::{build_model, BuildError, BuildOptions, WeightsPlacement};
 use ir::QuantFormat;
 use runtime::session::Session;
 use serde_json::Value;
@@ -224,7 +224,7 @@ fn smollm2_as_a_checkpoint_compiles_to_the_same_model() {
     let gguf = smollm2_f32(&dir);
     let (from_gguf, from_hf, hf) = (dir.join("bundle-gguf"), dir.join("bundle-hf"), dir.join("hf"));
     let build = |model: &Path, out: &Path| {
-        let opts = BuildOptions { embed_weights: false, ..options(model, out, 512) };
+        let opts = BuildOptions { weights: WeightsPlacement::File, ..options(model, out, 512) };
         build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     };
     build(&gguf, &from_gguf);

@@ -693,6 +693,9 @@ fn a_sparse_one_tib_shard_is_refused_quickly() {
     let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     assert!(run.status.success(), "the child failed ({}):\n{stdout}\n{stderr}", run.status);
     assert!(stdout.contains("1 passed"), "the child did not run the test:\n{stdout}");
+    for line in stdout.lines().filter(|l| l.contains("refused in")) {
+        println!("{line}");
+    }
 }
 
 #[test]

@@ -650,11 +650,12 @@ fn make_huge(path: &Path) {
 /// shard allocated: one whose header describes a few tensors (the file is longer than its
 /// header says), and one whose header is valid for the whole TiB (a tensor kiln does not read
 /// fills it: more than a model of the config's size can need, so its bytes would only be
-/// hashed, for minutes). Run in a child process so that its peak memory is its own.
+/// hashed, for minutes); the same for an ONNX model's external data. Run in a child process so
+/// that its peak memory is its own.
 #[test]
 fn a_sparse_one_tib_shard_is_refused_quickly() {
     let dir = scratch_dir("sources/huge-shard");
-    let (_, _, hf) = small_model(&dir, 8);
+    let (gguf, _, hf) = small_model(&dir, 8);
     let long = dir.join("long");
     copy_files(&hf, &long, None);
     make_huge(&long.join("model.safetensors"));
@@ -684,6 +685,10 @@ fn a_sparse_one_tib_shard_is_refused_quickly() {
     std::fs::write(&shard, &out).unwrap();
     make_huge(&shard);
 
+    // ONNX external data of 1 TiB: every tensor in range, the rest zeros.
+    to_onnx(&gguf, &hf, &dir.join("onnx"), &["--external-data"]);
+    make_huge(&dir.join("onnx/model.onnx.data"));
+
     let exe = std::env::current_exe().unwrap();
     let run = Command::new(exe)
         .args(["--ignored", "--exact", "sources::huge_shard_child", "--nocapture", "--test-threads=1"])
@@ -702,13 +707,14 @@ fn a_sparse_one_tib_shard_is_refused_quickly() {
 #[ignore = "run by a_sparse_one_tib_shard_is_refused_quickly"]
 fn huge_shard_child() {
     let dir = PathBuf::from(std::env::var_os("KILN_HUGE_SHARD_DIR").expect("run by its parent test"));
-    let cases: [(&str, &[&str]); 2] = [
-        ("long", &["model.safetensors", "1099511627776 bytes", "not a valid safetensors file"]),
-        ("padded", &["model.safetensors", "unused.padding", "more than"]),
+    let cases: [(&str, &str, &[&str]); 3] = [
+        ("long", "long", &["model.safetensors", "1099511627776 bytes", "not a valid safetensors file"]),
+        ("padded", "padded", &["model.safetensors", "unused.padding", "more than"]),
+        ("onnx", "onnx/model.onnx", &["model.onnx.data", "1099511627776 bytes", "more than"]),
     ];
-    for (what, needles) in cases {
+    for (what, model, needles) in cases {
         let t = std::time::Instant::now();
-        let e = refused(&dir, what, &dir.join(what), needles);
+        let e = refused(&dir, what, &dir.join(model), needles);
         let took = t.elapsed();
         println!("{what}: refused in {took:?}, peak RSS {} MiB: {e}", peak_rss() >> 20);
         assert!(took < std::time::Duration::from_secs(5), "{what}: took {took:?}");

@@ -555,6 +555,12 @@ fn checkpoint_files_linking_out_of_the_directory_are_refused() {
     std::fs::remove_file(d.join("chat_template.jinja")).ok();
     std::fs::create_dir(d.join("chat_template.jinja")).unwrap();
     refused(&dir, "dir", &d, &["chat_template.jinja", "not a regular file"]);
+    // A FIFO (opening it would block).
+    let d = fresh("fifo");
+    std::fs::remove_file(d.join("tokenizer_config.json")).unwrap();
+    let made = Command::new("mkfifo").arg(d.join("tokenizer_config.json")).status().expect("mkfifo");
+    assert!(made.success());
+    refused(&dir, "fifo", &d, &["tokenizer_config.json", "not a regular file"]);
     // Links inside the directory are fine.
     let d = fresh("inside");
     std::fs::create_dir(d.join("real")).unwrap();

@@ -3,8 +3,8 @@
 //! A model's files are untrusted, and so is their layout. A file is named relative to the
 //! model's directory by plain components (no absolute path, no `..`, nothing empty); the name
 //! is resolved, symbolic links followed, and the file it resolves to must lie inside the
-//! directory, or inside the repository of Hugging Face's cache the directory is a snapshot of:
-//! the cache keeps `…/models--org--name/snapshots/<rev>/config.json` as a link to
+//! directory, or inside the repository of Hugging Face's cache the directory is (a folder of) a
+//! snapshot of: the cache keeps `…/models--org--name/snapshots/<rev>/config.json` as a link to
 //! `../../blobs/<sha256>`, so a snapshot's root is `…/models--org--name`. Anything else (a
 //! chat template linking to `/etc/shadow`, a shard in someone else's directory) is refused with
 //! the file and where it points named. The file must be a regular file (not a FIFO, which
@@ -119,15 +119,13 @@ impl ModelDir {
     /// The model directory `dir` (resolved now: a link to the directory itself is the user's choice).
     pub(crate) fn new(dir: &Path) -> Result<Self, FrontendError> {
         let real = std::fs::canonicalize(dir).map_err(|e| err(dir, e.to_string()))?;
-        let mut roots = vec![real.clone()];
-        // `…/models--org--name/snapshots/<rev>`: files link into `…/models--org--name/blobs`.
-        let snapshots = real.parent().filter(|p| p.file_name().is_some_and(|n| n == "snapshots"));
-        if let Some(repo) = snapshots.and_then(Path::parent) {
-            if repo.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("models--")) {
-                roots.push(repo.to_path_buf());
-            }
-        }
-        Ok(ModelDir { shown: dir.to_path_buf(), roots })
+        // `…/models--org--name/snapshots/<rev>` or a folder of it (ONNX exports often sit in
+        // `<rev>/onnx/`): files link into `…/models--org--name/blobs`.
+        let repo = real.ancestors().skip(1).find_map(|a| {
+            let repo = a.parent().filter(|_| a.file_name().is_some_and(|n| n == "snapshots"))?;
+            repo.file_name()?.to_str()?.starts_with("models--").then(|| repo.to_path_buf())
+        });
+        Ok(ModelDir { shown: dir.to_path_buf(), roots: std::iter::once(real).chain(repo).collect() })
     }
 
     /// The file `name` of the directory, for messages.
@@ -241,6 +239,16 @@ mod tests {
         assert_eq!(m.read("config.json", 10).unwrap().unwrap(), b"mine");
         let e = message(m.read("tokenizer.json", 10).unwrap_err());
         assert!(e.contains("models--org--y") && e.contains("Hugging Face cache repository"), "{e}");
+        // A folder of a snapshot (`<rev>/onnx/`) belongs to the repository too.
+        std::fs::create_dir_all(snap.join("onnx")).unwrap();
+        std::os::unix::fs::symlink("../../../blobs/1", snap.join("onnx/model.onnx.data")).unwrap();
+        let m = ModelDir::new(&snap.join("onnx")).unwrap();
+        assert_eq!(&m.map("model.onnx.data").unwrap().unwrap()[..], b"mine");
+        // The snapshots folder itself is no snapshot.
+        std::fs::create_dir_all(repo.join("snapshots/x")).unwrap();
+        std::os::unix::fs::symlink("../blobs/1", repo.join("snapshots/c")).unwrap();
+        let e = message(ModelDir::new(&repo.join("snapshots")).unwrap().read("c", 10).unwrap_err());
+        assert!(e.contains("outside"), "{e}");
         // The same layout without the `models--` prefix is not a cache.
         let plain = d.join("other/snapshots/abc");
         std::fs::create_dir_all(&plain).unwrap();

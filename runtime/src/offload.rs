@@ -466,7 +466,7 @@ impl Offloader {
                     "refusing to send {source} in clear text: {url} is plain http:// to {host}, which is not this \
                      machine (loopback), so anyone on the way can read the key; use a loopback URL (an SSH tunnel, \
                      a local TLS proxy), leave the key out, or allow it with --offload-insecure \
-                     (OffloadConfig::insecure)"
+                     (OffloadConfig::insecure, kiln_session_set_offload_insecure)"
                 ));
             }
         }

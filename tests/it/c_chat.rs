@@ -364,7 +364,10 @@ fn c_program_offloads_through_the_c_abi() {
 /// `kiln_session_last_origin` when there is no answer to report: before any turn, and after a
 /// turn that failed (it does not report the turn before), returns -1 and writes a
 /// NUL-terminated reason ("" before any turn, "the last turn failed: ..." after a failure).
-const ORIGIN_C: &str = r#"#include <stdio.h>
+/// And `kiln_session_set_offload` refuses to send an API key in clear text to a host that is
+/// not loopback until `kiln_session_set_offload_insecure` allows it.
+const ORIGIN_C: &str = r#"#define _POSIX_C_SOURCE 200112L
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "kiln.h"
@@ -406,6 +409,15 @@ int main(int argc, char **argv) {
     show("after_ok_again", session);
     show("null", NULL);
     free(long_message);
+    setenv("KILN_TEST_OFFLOAD_KEY", "sk-origin-test", 1);
+    int rc = kiln_session_set_offload(session, "http://192.0.2.1:8080", "always", "KILN_TEST_OFFLOAD_KEY", 1000, 0);
+    printf("remote_key %d %s\n", rc, kiln_last_error());
+    printf("insecure %d\n", kiln_session_set_offload_insecure(session, 1));
+    printf("remote_key_insecure %d\n",
+           kiln_session_set_offload(session, "http://192.0.2.1:8080", "always", "KILN_TEST_OFFLOAD_KEY", 1000, 0));
+    printf("loopback_key %d\n",
+           kiln_session_set_offload(session, "http://127.0.0.1:9", "always", "KILN_TEST_OFFLOAD_KEY", 1000, 0));
+    printf("offload_off %d\n", kiln_session_set_offload(session, NULL, NULL, NULL, 0, 0));
     return kiln_session_free(session);
 }
 "#;
@@ -423,4 +435,9 @@ fn the_last_origin_is_terminated_and_reset_by_a_failed_turn() {
     assert_eq!(value(&stdout, "ok_again"), "1");
     assert!(value(&stdout, "after_ok_again").starts_with("0 1 on the device"), "{stdout}");
     assert_eq!(value(&stdout, "null"), "-1 1 ", "a NULL session: -1 and an empty reason");
+    let remote = value(&stdout, "remote_key");
+    assert!(remote.starts_with("-1 ") && remote.contains("clear text") && !remote.contains("sk-origin"), "{remote:?}");
+    for key in ["insecure", "remote_key_insecure", "loopback_key", "offload_off"] {
+        assert_eq!(value(&stdout, key), "0", "{key}");
+    }
 }

@@ -506,6 +506,27 @@ impl FakeServer {
     }
 }
 
+/// The deadline bounds the whole answer, retries included: a server that never answers costs
+/// one deadline, not (retries + 1) timeouts, and the device answers.
+#[test]
+fn the_deadline_bounds_the_whole_answer() {
+    let s = served(&[]);
+    let proxy = Proxy::start(&s.addr, Fault::Delay(Duration::from_secs(30)), 8);
+    let mut cfg = config(proxy.url(), Policy::Always);
+    cfg.deadline = Some(Duration::from_millis(1500));
+    cfg.retries = 1000;
+    let mut session = session();
+    let started = std::time::Instant::now();
+    let r = ask(&Offloader::new(cfg).unwrap(), &mut session, QUESTION);
+    let waited = started.elapsed();
+    assert_eq!(r.origin, Origin::Fallback, "{}", r.reason);
+    assert!(r.reason.contains("timed out") && r.reason.contains("deadline"), "{}", r.reason);
+    assert_eq!(r.server_attempts, 1, "{}", r.reason);
+    assert!(r.text.contains("Paris"), "{:?}", r.text);
+    // One request alone could take the 20 s timeout: the deadline cut it (the rest is the device's).
+    assert!(waited < Duration::from_secs(15), "the answer took {waited:?}");
+}
+
 /// A server that streams without end: the client stops reading at its limit (it hangs up long
 /// before the server's 16 MiB), the caller has a bounded answer, the turn is marked as a server
 /// failure with the limit in its reason, and the session is still usable afterwards (the
@@ -520,6 +541,13 @@ fn an_endless_answer_is_cut_at_the_limit_and_the_session_stays_usable() {
         .chat(&mut session, QUESTION, 48, &SamplerConfig::greedy(), |t| pieces.push_str(t))
         .unwrap_or_else(|e| panic!("{e}"));
     fake.settle();
+    eprintln!(
+        "{} | {} bytes of text, {} read, {} sent by the server",
+        r.reason,
+        r.text.len(),
+        r.bytes_received,
+        fake.sent.load(Ordering::SeqCst)
+    );
     assert_eq!(pieces, r.text);
     assert_eq!(r.origin, Origin::Fallback, "{}", r.reason);
     assert!(r.reason.contains("exceeded"), "{}", r.reason);
@@ -549,6 +577,7 @@ fn an_endless_line_is_refused_at_the_line_limit() {
     let mut session = session();
     let r = ask(&Offloader::new(config(fake.url(), Policy::Always)).unwrap(), &mut session, QUESTION);
     fake.settle();
+    eprintln!("{} | {} read, {} sent by the server", r.reason, r.bytes_received, fake.sent.load(Ordering::SeqCst));
     assert_eq!(r.origin, Origin::Fallback, "{}", r.reason);
     assert!(r.reason.contains("exceeded") && r.reason.contains("answered on the device"), "{}", r.reason);
     assert!(r.text.contains("Paris"), "{:?}", r.text);

@@ -321,6 +321,8 @@ const LINE_BASE: usize = 64 << 10;
 /// a few hundred bytes each), plus the escaped text.
 const STREAM_BASE: u64 = 1 << 20;
 const STREAM_PER_TOKEN: u64 = 4 << 10;
+/// Exact recounts of an answer's tokens when the piecewise count passes the limit.
+const MAX_RECOUNTS: u32 = 8;
 
 /// What one answer from the server may hold, derived from the tokens asked for and the room
 /// left in the session's context.
@@ -743,7 +745,7 @@ impl Offloader {
         let mut reader = BufReader::new(response.into_body().into_reader());
         let mut finished = false;
         let mut line = Vec::new();
-        let (mut stream_bytes, mut text_bytes, mut text_tokens) = (0u64, 0usize, 0usize);
+        let (mut stream_bytes, mut text_bytes, mut text_tokens, mut recounts) = (0u64, 0usize, 0usize, 0u32);
         loop {
             line.clear();
             let read = read_line_bounded(&mut reader, &mut line, limits.line_bytes)
@@ -794,11 +796,21 @@ impl Offloader {
                         false,
                     ));
                 }
-                let tokens = tokenizer
-                    .encode(piece, false)
-                    .map_err(|_| fail("the answer could not be tokenized".into(), false))?
-                    .len();
-                if text_tokens.saturating_add(tokens) > limits.text_tokens {
+                // Tokens are counted piece by piece (at least the whole text's count: pieces
+                // split words); when that passes the limit, the whole text is counted exactly,
+                // a few times at most, so that a server streaming characters is not cut early.
+                let encode = |text: &str| {
+                    tokenizer
+                        .encode(text, false)
+                        .map(|ids| ids.len())
+                        .map_err(|_| fail("the answer could not be tokenized".into(), false))
+                };
+                let mut tokens = text_tokens.saturating_add(encode(piece)?);
+                if tokens > limits.text_tokens && recounts < MAX_RECOUNTS {
+                    recounts += 1;
+                    tokens = encode(&(routed.text.clone() + piece))?;
+                }
+                if tokens > limits.text_tokens {
                     return Err(fail(
                         format!(
                             "the answer exceeded {} tokens for max_tokens {}",
@@ -808,7 +820,7 @@ impl Offloader {
                     ));
                 }
                 text_bytes += piece.len();
-                text_tokens += tokens;
+                text_tokens = tokens;
                 routed.text.push_str(piece);
                 on_text(piece);
             }

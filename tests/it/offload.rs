@@ -569,6 +569,20 @@ fn an_endless_answer_is_cut_at_the_limit_and_the_session_stays_usable() {
     assert!(!reply.trim().is_empty());
 }
 
+/// A server that streams one character at a time (more pieces than tokens): an answer well
+/// within the limits is not cut, however it is split.
+#[test]
+fn an_answer_streamed_by_characters_is_whole() {
+    let text = "Paris is the capital of France. It lies on the Seine, in the north of the country, \
+                and has been the seat of its government for most of the last thousand years; \
+                about two million people live in the city itself.";
+    let fake = FakeServer::start(Script::Answer(text.chars().map(String::from).collect()));
+    let mut session = session();
+    let r = ask(&Offloader::new(config(fake.url(), Policy::Always)).unwrap(), &mut session, QUESTION);
+    assert!(text.chars().count() > 4 * 48, "more pieces than the token limit");
+    assert_eq!((r.origin, r.text.as_str()), (Origin::Server, text), "{}", r.reason);
+}
+
 /// A server that sends one line without end (no newline ever): the client stops at its line
 /// limit instead of growing the line, and the device answers.
 #[test]

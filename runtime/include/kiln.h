@@ -207,7 +207,9 @@ int kiln_session_reset(struct kiln_session *session);
 
 // One chat turn: appends user_message, streams the reply to on_text (may be NULL).
 // temperature 0 decodes greedily. Returns the number of generated tokens, or -1 (also
-// when the session is busy, e.g. called from its own on_text).
+// when the session is busy, e.g. called from its own on_text). A turn that fails (except
+// when the session is busy, which changes nothing) is the last turn for
+// kiln_session_last_origin: it returns -1 with the reason "the last turn failed: ...".
 //
 // # Safety
 // session must be NULL or a live session; user_message must be a valid C string.
@@ -223,11 +225,18 @@ int kiln_session_chat(struct kiln_session *session,
 // OpenAI-compatible server at url (http://host:port), as policy decides: "never", "always",
 // "complexity[:T]", "confidence[:K[:LOGP]]", or several joined by "+". api_key_env names the
 // environment variable holding the API key (NULL: none); timeout_ms (> 0) bounds each server
-// request; retries (>= 0) further attempts follow a failure that left no text with on_text.
-// A server failure never loses or repeats text: the device answers, or finishes the answer.
-// With offloading, kiln_session_chat returns the tokens generated on the device (0 for a
-// server answer). url NULL turns offloading off. Returns 0 or -1 (also when the runtime was
-// built without its offload feature).
+// request; retries (>= 0) further attempts follow a failure that left no text with on_text;
+// the whole server answer, retries and waits included, takes at most the longer of 60 s and
+// timeout_ms. A server failure never loses or repeats text: the device answers, or finishes
+// the answer. The server's answer is bounded (about 32 bytes per max_tokens token, and what
+// the context has room for): beyond that the client hangs up and the turn is a server
+// failure. The API key is sent in clear text (this runtime has no TLS), so only to a
+// loopback host (localhost, 127.0.0.0/8, ::1): with a key, a url to another host fails with
+// -1 unless kiln_session_set_offload_insecure(session, 1) came first. A loopback host is
+// reached directly, others through the proxy in ALL_PROXY/HTTP_PROXY if set (NO_PROXY
+// honoured). With offloading, kiln_session_chat returns the tokens generated on the device
+// (0 for a server answer). url NULL turns offloading off. Returns 0 or -1 (also when the
+// runtime was built without its offload feature).
 //
 // # Safety
 // session must be NULL or a live session; the strings must be NULL or valid C strings.
@@ -238,9 +247,21 @@ int kiln_session_set_offload(struct kiln_session *session,
                              int timeout_ms,
                              int retries);
 
-// Where the last answer came from: 0 device, 1 server, 2 device after a server failure;
-// -1 before any answer. The reason (figures and error kinds, never the prompt) is copied
-// into reason (NUL-terminated, at most reason_len bytes) when it is not NULL.
+// Whether kiln_session_set_offload may send the API key in clear text (plain http://) to a
+// host that is not loopback: insecure nonzero allows it, 0 (the default) refuses. Applies to
+// the next kiln_session_set_offload calls on this session. Returns 0, or -1 for a NULL or
+// busy session (or a runtime without its offload feature).
+//
+// # Safety
+// session must be NULL or a live session.
+int kiln_session_set_offload_insecure(struct kiln_session *session, int insecure);
+
+// Where the last turn's answer came from: 0 device, 1 server, 2 device after a server
+// failure. -1 when there is none: before any turn (reason ""), after a turn that failed
+// (kiln_session_chat returned -1; reason "the last turn failed: " and its error), and for a
+// NULL or busy session (reason ""); kiln_last_error says which. The reason (figures and error
+// kinds, never the prompt) is copied into reason when it is not NULL and reason_len > 0,
+// always NUL-terminated and cut to at most reason_len bytes (at a UTF-8 character boundary).
 //
 // # Safety
 // session must be NULL or a live session; reason must be NULL or point to reason_len

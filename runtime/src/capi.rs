@@ -87,8 +87,17 @@ struct Inner {
     /// Set by `kiln_session_set_offload`.
     #[cfg(feature = "offload")]
     offload: Option<crate::offload::Offloader>,
-    /// Where the last answer came from (0 device, 1 server, 2 fallback) and why.
+    /// Set by `kiln_session_set_offload_insecure`, used by `kiln_session_set_offload`.
+    #[cfg(feature = "offload")]
+    offload_insecure: bool,
+    /// Where the last answer came from (0 device, 1 server, 2 fallback) and why; -1 and the
+    /// error when the last turn failed.
     last: Option<(c_int, CString)>,
+}
+
+/// A C string of `s`, NUL bytes replaced.
+fn c_string(s: &str) -> CString {
+    CString::new(s.replace('\0', " ")).unwrap_or_default()
 }
 
 /// The exclusive use of a session, released on drop (also when the call panics).
@@ -172,6 +181,8 @@ fn new_session(model: &Model) -> Result<*mut KilnSession, String> {
         session,
         #[cfg(feature = "offload")]
         offload: None,
+        #[cfg(feature = "offload")]
+        offload_insecure: false,
         last: None,
     };
     Ok(Box::into_raw(Box::new(KilnSession { busy: AtomicBool::new(false), inner: UnsafeCell::new(inner) })))
@@ -320,7 +331,9 @@ pub type TextCallback = Option<unsafe extern "C" fn(piece: *const c_char, user: 
 
 /// One chat turn: appends user_message, streams the reply to on_text (may be NULL).
 /// temperature 0 decodes greedily. Returns the number of generated tokens, or -1 (also
-/// when the session is busy, e.g. called from its own on_text).
+/// when the session is busy, e.g. called from its own on_text). A turn that fails (except
+/// when the session is busy, which changes nothing) is the last turn for
+/// kiln_session_last_origin: it returns -1 with the reason "the last turn failed: ...".
 ///
 /// # Safety
 /// session must be NULL or a live session; user_message must be a valid C string.
@@ -338,36 +351,20 @@ pub unsafe extern "C" fn kiln_session_chat(
     let rc = guard(|| {
         // SAFETY: the caller passes a live session or NULL.
         let mut busy = unsafe { acquire(session) }?;
-        // SAFETY: the caller passes a valid C string or NULL.
-        let msg = unsafe { str_arg(user_message, "user_message") }?;
-        if max_tokens < 0 {
-            return Err(format!("max_tokens {max_tokens} is negative"));
-        }
-        let cfg = SamplerConfig { temperature, seed, ..SamplerConfig::default() };
-        let emit = |piece: &str| {
-            if let (Some(cb), Ok(c)) = (on_text, CString::new(piece)) {
-                // SAFETY: the caller's callback takes a C string and its user pointer. If
-                // it calls back into this session, that call finds `busy` set and fails.
-                unsafe { cb(c.as_ptr(), user) };
+        // Until the turn ends well, it is a failed turn (also if it panics).
+        busy.inner().last = Some((-1, c_string("the last turn failed: it did not finish")));
+        // SAFETY: the caller passes the session's own arguments, checked inside.
+        let result = unsafe { chat_turn(&mut busy, user_message, max_tokens, temperature, seed, on_text, user) };
+        match result {
+            Ok(tokens) => {
+                n = tokens;
+                Ok(())
             }
-        };
-        let inner = busy.inner();
-        #[cfg(feature = "offload")]
-        if let Some(o) = &inner.offload {
-            let r = o.chat(&mut inner.session, msg, max_tokens as usize, &cfg, emit).map_err(|e| e.to_string())?;
-            let origin = match r.origin {
-                crate::offload::Origin::Device => 0,
-                crate::offload::Origin::Server => 1,
-                crate::offload::Origin::Fallback => 2,
-            };
-            inner.last = Some((origin, CString::new(r.reason.replace('\0', " ")).unwrap_or_default()));
-            n = r.device_tokens as c_int;
-            return Ok(());
+            Err(e) => {
+                busy.inner().last = Some((-1, c_string(&format!("the last turn failed: {e}"))));
+                Err(e)
+            }
         }
-        let (_, stats) = inner.session.chat(msg, max_tokens as usize, &cfg, emit).map_err(|e| e.to_string())?;
-        inner.last = Some((0, CString::new("on the device (no offloading configured)").unwrap_or_default()));
-        n = stats.generated_tokens as c_int;
-        Ok(())
     });
     if rc == 0 {
         n
@@ -376,15 +373,67 @@ pub unsafe extern "C" fn kiln_session_chat(
     }
 }
 
+/// The body of `kiln_session_chat` on an acquired session: the tokens generated on the
+/// device, or the error. Sets `last` when the turn succeeds.
+///
+/// # Safety
+/// user_message must be NULL or a valid C string; on_text must be NULL or a function taking
+/// a C string and `user`.
+unsafe fn chat_turn(
+    busy: &mut Busy<'_>,
+    user_message: *const c_char,
+    max_tokens: c_int,
+    temperature: f32,
+    seed: u64,
+    on_text: TextCallback,
+    user: *mut c_void,
+) -> Result<c_int, String> {
+    // SAFETY: the caller passes a valid C string or NULL.
+    let msg = unsafe { str_arg(user_message, "user_message") }?;
+    if max_tokens < 0 {
+        return Err(format!("max_tokens {max_tokens} is negative"));
+    }
+    let cfg = SamplerConfig { temperature, seed, ..SamplerConfig::default() };
+    let emit = |piece: &str| {
+        if let (Some(cb), Ok(c)) = (on_text, CString::new(piece)) {
+            // SAFETY: the caller's callback takes a C string and its user pointer. If
+            // it calls back into this session, that call finds `busy` set and fails.
+            unsafe { cb(c.as_ptr(), user) };
+        }
+    };
+    let inner = busy.inner();
+    #[cfg(feature = "offload")]
+    if let Some(o) = &inner.offload {
+        let r = o.chat(&mut inner.session, msg, max_tokens as usize, &cfg, emit).map_err(|e| e.to_string())?;
+        let origin = match r.origin {
+            crate::offload::Origin::Device => 0,
+            crate::offload::Origin::Server => 1,
+            crate::offload::Origin::Fallback => 2,
+        };
+        inner.last = Some((origin, c_string(&r.reason)));
+        return Ok(r.device_tokens as c_int);
+    }
+    let (_, stats) = inner.session.chat(msg, max_tokens as usize, &cfg, emit).map_err(|e| e.to_string())?;
+    inner.last = Some((0, c_string("on the device (no offloading configured)")));
+    Ok(stats.generated_tokens as c_int)
+}
+
 /// Offloading: after this, kiln_session_chat answers each turn on the device or by the
 /// OpenAI-compatible server at url (http://host:port), as policy decides: "never", "always",
 /// "complexity[:T]", "confidence[:K[:LOGP]]", or several joined by "+". api_key_env names the
 /// environment variable holding the API key (NULL: none); timeout_ms (> 0) bounds each server
-/// request; retries (>= 0) further attempts follow a failure that left no text with on_text.
-/// A server failure never loses or repeats text: the device answers, or finishes the answer.
-/// With offloading, kiln_session_chat returns the tokens generated on the device (0 for a
-/// server answer). url NULL turns offloading off. Returns 0 or -1 (also when the runtime was
-/// built without its offload feature).
+/// request; retries (>= 0) further attempts follow a failure that left no text with on_text;
+/// the whole server answer, retries and waits included, takes at most the longer of 60 s and
+/// timeout_ms. A server failure never loses or repeats text: the device answers, or finishes
+/// the answer. The server's answer is bounded (about 32 bytes per max_tokens token, and what
+/// the context has room for): beyond that the client hangs up and the turn is a server
+/// failure. The API key is sent in clear text (this runtime has no TLS), so only to a
+/// loopback host (localhost, 127.0.0.0/8, ::1): with a key, a url to another host fails with
+/// -1 unless kiln_session_set_offload_insecure(session, 1) came first. A loopback host is
+/// reached directly, others through the proxy in ALL_PROXY/HTTP_PROXY if set (NO_PROXY
+/// honoured). With offloading, kiln_session_chat returns the tokens generated on the device
+/// (0 for a server answer). url NULL turns offloading off. Returns 0 or -1 (also when the
+/// runtime was built without its offload feature).
 ///
 /// # Safety
 /// session must be NULL or a live session; the strings must be NULL or valid C strings.
@@ -419,6 +468,7 @@ pub unsafe extern "C" fn kiln_session_set_offload(
             }
             let config = crate::offload::OffloadConfig {
                 api_key_env: key_env,
+                insecure: busy.inner().offload_insecure,
                 timeout: std::time::Duration::from_millis(timeout_ms as u64),
                 retries: retries as u32,
                 ..crate::offload::OffloadConfig::new(url, policy.parse()?)
@@ -434,9 +484,37 @@ pub unsafe extern "C" fn kiln_session_set_offload(
     })
 }
 
-/// Where the last answer came from: 0 device, 1 server, 2 device after a server failure;
-/// -1 before any answer. The reason (figures and error kinds, never the prompt) is copied
-/// into reason (NUL-terminated, at most reason_len bytes) when it is not NULL.
+/// Whether kiln_session_set_offload may send the API key in clear text (plain http://) to a
+/// host that is not loopback: insecure nonzero allows it, 0 (the default) refuses. Applies to
+/// the next kiln_session_set_offload calls on this session. Returns 0, or -1 for a NULL or
+/// busy session (or a runtime without its offload feature).
+///
+/// # Safety
+/// session must be NULL or a live session.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_set_offload_insecure(session: *mut KilnSession, insecure: c_int) -> c_int {
+    guard(|| {
+        // SAFETY: the caller passes a live session or NULL.
+        let mut busy = unsafe { acquire(session) }?;
+        #[cfg(feature = "offload")]
+        {
+            busy.inner().offload_insecure = insecure != 0;
+            Ok(())
+        }
+        #[cfg(not(feature = "offload"))]
+        {
+            let _ = (&mut busy, insecure);
+            Err("this runtime was built without the `offload` feature".into())
+        }
+    })
+}
+
+/// Where the last turn's answer came from: 0 device, 1 server, 2 device after a server
+/// failure. -1 when there is none: before any turn (reason ""), after a turn that failed
+/// (kiln_session_chat returned -1; reason "the last turn failed: " and its error), and for a
+/// NULL or busy session (reason ""); kiln_last_error says which. The reason (figures and error
+/// kinds, never the prompt) is copied into reason when it is not NULL and reason_len > 0,
+/// always NUL-terminated and cut to at most reason_len bytes (at a UTF-8 character boundary).
 ///
 /// # Safety
 /// session must be NULL or a live session; reason must be NULL or point to reason_len
@@ -448,22 +526,29 @@ pub unsafe extern "C" fn kiln_session_last_origin(
     reason_len: usize,
 ) -> c_int {
     let mut origin = -1;
+    let mut why = String::new();
     let rc = guard(|| {
         // SAFETY: the caller passes a live session or NULL.
         let mut busy = unsafe { acquire(session) }?;
-        let Some((o, why)) = &busy.inner().last else { return Err("no answer yet".into()) };
-        origin = *o;
-        if !reason.is_null() && reason_len > 0 {
-            let bytes = why.as_bytes();
-            let n = bytes.len().min(reason_len - 1);
-            // SAFETY: the caller's buffer holds reason_len bytes; n + 1 <= reason_len.
-            unsafe {
-                std::ptr::copy_nonoverlapping(bytes.as_ptr().cast::<c_char>(), reason, n);
-                *reason.add(n) = 0;
-            }
+        let Some((o, text)) = &busy.inner().last else { return Err("no answer yet".into()) };
+        why = text.to_string_lossy().into_owned();
+        if *o < 0 {
+            return Err(why.clone());
         }
+        origin = *o;
         Ok(())
     });
+    if !reason.is_null() && reason_len > 0 {
+        let mut n = why.len().min(reason_len - 1);
+        while !why.is_char_boundary(n) {
+            n -= 1;
+        }
+        // SAFETY: the caller's buffer holds reason_len bytes; n + 1 <= reason_len.
+        unsafe {
+            std::ptr::copy_nonoverlapping(why.as_ptr().cast::<c_char>(), reason, n);
+            *reason.add(n) = 0;
+        }
+    }
     if rc == 0 {
         origin
     } else {

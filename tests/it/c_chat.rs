@@ -360,3 +360,84 @@ fn c_program_offloads_through_the_c_abi() {
         ask(&format!("http://127.0.0.1:{port}"), "What is the capital of the country where the Eiffel Tower stands?");
     assert!(why.contains("[fallback:") && why.contains("answered on the device") && !reply.trim().is_empty(), "{why}");
 }
+
+/// `kiln_session_last_origin` when there is no answer to report: before any turn, and after a
+/// turn that failed (it does not report the turn before), returns -1 and writes a
+/// NUL-terminated reason ("" before any turn, "the last turn failed: ..." after a failure).
+/// And `kiln_session_set_offload` refuses to send an API key in clear text to a host that is
+/// not loopback until `kiln_session_set_offload_insecure` allows it.
+const ORIGIN_C: &str = r#"#define _POSIX_C_SOURCE 200112L
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kiln.h"
+#include "kiln_model.h"
+
+static void show(const char *key, kiln_session *session) {
+    char reason[128];
+    memset(reason, 'X', sizeof reason);
+    int origin = kiln_session_last_origin(session, reason, sizeof reason);
+    int terminated = memchr(reason, 0, sizeof reason) != NULL;
+    printf("%s %d %d %s\n", key, origin, terminated, terminated ? reason : "");
+    char tiny[1] = {'X'};
+    origin = kiln_session_last_origin(session, tiny, 0);
+    printf("%s_zero %d %c\n", key, origin, tiny[0]);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        return 2;
+    }
+    kiln_session *session = kiln_session_new(&kiln_model, argv[1], 1);
+    if (session == NULL) {
+        fprintf(stderr, "kiln_session_new: %s\n", kiln_last_error());
+        return 1;
+    }
+    show("before", session);
+    printf("ok_turn %d\n", kiln_session_chat(session, "What is the capital of France?", 4, 0.0f, 0, NULL, NULL) > 0);
+    show("after_ok", session);
+    /* A message longer than the model's context: the turn fails. */
+    size_t n = 20000;
+    char *long_message = malloc(n + 1);
+    for (size_t i = 0; i < n; i++) {
+        long_message[i] = i % 6 == 5 ? ' ' : 'a' + (char)(i % 5);
+    }
+    long_message[n] = '\0';
+    printf("failed_turn %d\n", kiln_session_chat(session, long_message, 4, 0.0f, 0, NULL, NULL));
+    show("after_failed", session);
+    printf("ok_again %d\n", kiln_session_chat(session, "And of Italy?", 4, 0.0f, 0, NULL, NULL) > 0);
+    show("after_ok_again", session);
+    show("null", NULL);
+    free(long_message);
+    setenv("KILN_TEST_OFFLOAD_KEY", "sk-origin-test", 1);
+    int rc = kiln_session_set_offload(session, "http://192.0.2.1:8080", "always", "KILN_TEST_OFFLOAD_KEY", 1000, 0);
+    printf("remote_key %d %s\n", rc, kiln_last_error());
+    printf("insecure %d\n", kiln_session_set_offload_insecure(session, 1));
+    printf("remote_key_insecure %d\n",
+           kiln_session_set_offload(session, "http://192.0.2.1:8080", "always", "KILN_TEST_OFFLOAD_KEY", 1000, 0));
+    printf("loopback_key %d\n",
+           kiln_session_set_offload(session, "http://127.0.0.1:9", "always", "KILN_TEST_OFFLOAD_KEY", 1000, 0));
+    printf("offload_off %d\n", kiln_session_set_offload(session, NULL, NULL, NULL, 0, 0));
+    return kiln_session_free(session);
+}
+"#;
+
+#[test]
+fn the_last_origin_is_terminated_and_reset_by_a_failed_turn() {
+    let stdout = compile_and_run_c("origin", ORIGIN_C, &[], &[]);
+    assert_eq!(value(&stdout, "before"), "-1 1 ", "no answer yet: -1 and an empty reason");
+    assert_eq!(value(&stdout, "before_zero"), "-1 X", "reason_len 0: nothing written");
+    assert_eq!(value(&stdout, "ok_turn"), "1");
+    assert!(value(&stdout, "after_ok").starts_with("0 1 on the device"), "{stdout}");
+    assert_eq!(value(&stdout, "failed_turn"), "-1");
+    let failed = value(&stdout, "after_failed");
+    assert!(failed.starts_with("-1 1 the last turn failed: ") && failed.contains("context"), "{failed:?}");
+    assert_eq!(value(&stdout, "ok_again"), "1");
+    assert!(value(&stdout, "after_ok_again").starts_with("0 1 on the device"), "{stdout}");
+    assert_eq!(value(&stdout, "null"), "-1 1 ", "a NULL session: -1 and an empty reason");
+    let remote = value(&stdout, "remote_key");
+    assert!(remote.starts_with("-1 ") && remote.contains("clear text") && !remote.contains("sk-origin"), "{remote:?}");
+    for key in ["insecure", "remote_key_insecure", "loopback_key", "offload_off"] {
+        assert_eq!(value(&stdout, key), "0", "{key}");
+    }
+}

@@ -114,10 +114,14 @@ pub struct OffloadArgs {
     /// never, always, complexity[:T], confidence[:K[:LOGP]], or several joined by +.
     #[arg(long, default_value = "complexity", requires = "offload")]
     pub offload_policy: String,
-    /// Seconds a server answer may take before the device answers instead.
+    /// Seconds one server request may take before it counts as failed.
     #[arg(long, default_value_t = 30.0, requires = "offload")]
     pub offload_timeout: f64,
-    /// Further attempts after a server failure (exponential backoff).
+    /// Seconds the server may take for a whole answer, retries and their waits included,
+    /// before the device answers instead (default: 60, or --offload-timeout if longer).
+    #[arg(long, requires = "offload")]
+    pub offload_deadline: Option<f64>,
+    /// Further attempts after a server failure (exponential backoff, at most 10 s a wait).
     #[arg(long, default_value_t = 2, requires = "offload")]
     pub offload_retries: u32,
     /// The model to ask the server for (default: its own).
@@ -126,6 +130,10 @@ pub struct OffloadArgs {
     /// The environment variable holding the server's API key.
     #[arg(long, default_value = "KILN_OFFLOAD_API_KEY", requires = "offload")]
     pub offload_key_env: String,
+    /// Send the API key even to a server that is not on this machine (loopback), in clear
+    /// text: the runtime speaks plain http:// only, so anyone on the way can read it.
+    #[arg(long, requires = "offload")]
+    pub offload_insecure: bool,
 }
 
 impl OffloadArgs {
@@ -136,10 +144,15 @@ impl OffloadArgs {
         if !(self.offload_timeout.is_finite() && self.offload_timeout > 0.0) {
             bail!("--offload-timeout must be a positive number of seconds");
         }
+        if self.offload_deadline.is_some_and(|d| !(d.is_finite() && d > 0.0)) {
+            bail!("--offload-deadline must be a positive number of seconds");
+        }
         let config = runtime::offload::OffloadConfig {
             model: self.offload_model.clone(),
             api_key_env: Some(self.offload_key_env.clone()),
             timeout: std::time::Duration::from_secs_f64(self.offload_timeout.min(86400.0)),
+            deadline: self.offload_deadline.map(|d| std::time::Duration::from_secs_f64(d.min(86400.0))),
+            insecure: self.offload_insecure,
             retries: self.offload_retries,
             ..runtime::offload::OffloadConfig::new(url.clone(), policy)
         };

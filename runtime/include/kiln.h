@@ -199,7 +199,8 @@ struct kiln_session *kiln_session_new_in(struct kiln_pool *pool,
 // afterwards.
 int kiln_session_free(struct kiln_session *session);
 
-// Forgets the conversation. Returns 0, or -1 for a NULL or busy session.
+// Forgets the conversation (and its last answer's origin: kiln_session_last_origin returns
+// -1 until the next turn). Returns 0, or -1 for a NULL or busy session.
 //
 // # Safety
 // session must be NULL or a live session.

@@ -312,7 +312,8 @@ pub unsafe extern "C" fn kiln_session_free(session: *mut KilnSession) -> c_int {
     })
 }
 
-/// Forgets the conversation. Returns 0, or -1 for a NULL or busy session.
+/// Forgets the conversation (and its last answer's origin: kiln_session_last_origin returns
+/// -1 until the next turn). Returns 0, or -1 for a NULL or busy session.
 ///
 /// # Safety
 /// session must be NULL or a live session.
@@ -322,6 +323,7 @@ pub unsafe extern "C" fn kiln_session_reset(session: *mut KilnSession) -> c_int 
         // SAFETY: the caller passes a live session or NULL.
         let mut busy = unsafe { acquire(session) }?;
         busy.session().reset();
+        busy.inner().last = None;
         Ok(())
     })
 }

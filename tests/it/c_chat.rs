@@ -362,7 +362,7 @@ fn c_program_offloads_through_the_c_abi() {
 }
 
 /// `kiln_session_last_origin` when there is no answer to report: before any turn, and after a
-/// turn that failed (it does not report the turn before), returns -1 and writes a
+/// turn that failed (it does not report the turn before) and after a reset, returns -1 and writes a
 /// NUL-terminated reason ("" before any turn, "the last turn failed: ..." after a failure).
 /// And `kiln_session_set_offload` refuses to send an API key in clear text to a host that is
 /// not loopback until `kiln_session_set_offload_insecure` allows it.
@@ -407,6 +407,8 @@ int main(int argc, char **argv) {
     show("after_failed", session);
     printf("ok_again %d\n", kiln_session_chat(session, "And of Italy?", 4, 0.0f, 0, NULL, NULL) > 0);
     show("after_ok_again", session);
+    printf("reset %d\n", kiln_session_reset(session));
+    show("after_reset", session);
     show("null", NULL);
     free(long_message);
     setenv("KILN_TEST_OFFLOAD_KEY", "sk-origin-test", 1);
@@ -434,6 +436,8 @@ fn the_last_origin_is_terminated_and_reset_by_a_failed_turn() {
     assert!(failed.starts_with("-1 1 the last turn failed: ") && failed.contains("context"), "{failed:?}");
     assert_eq!(value(&stdout, "ok_again"), "1");
     assert!(value(&stdout, "after_ok_again").starts_with("0 1 on the device"), "{stdout}");
+    assert_eq!(value(&stdout, "reset"), "0");
+    assert_eq!(value(&stdout, "after_reset"), "-1 1 ", "a new conversation: no answer yet");
     assert_eq!(value(&stdout, "null"), "-1 1 ", "a NULL session: -1 and an empty reason");
     let remote = value(&stdout, "remote_key");
     assert!(remote.starts_with("-1 ") && remote.contains("clear text") && !remote.contains("sk-origin"), "{remote:?}");

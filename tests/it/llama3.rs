@@ -1,0 +1,396 @@
+//! Llama 3.x rotary scaling (`rope_type: "llama3"` and `linear`), from a Hugging Face
+//! checkpoint's `config.json` and from GGUF (llama.cpp's `rope_freqs.weight` tensor of
+//! per-pair divisors; `rope.scaling.type = linear` with `rope.scaling.factor`).
+//!
+//! A small random Llama with head_dim 16 is compiled from each source, and its logits, in
+//! prefill and in decode, are compared with an independent float64 forward pass written
+//! here (weights read straight from the GGUF file) that applies the scaling as transformers'
+//! and llama.cpp's converters describe it. The same pass without scaling must disagree by a
+//! clear margin (`original_max_position_embeddings` is 64, so over 56 positions the scaled
+//! pairs turn visibly slower), so the comparison can tell a build that ignored the scaling.
+//! Bad `rope_scaling` values are refused naming the key, with nothing written.
+
+use std::path::Path;
+use std::process::Command;
+
+use compiler::bundle::{build_model, BuildOptions};
+use compiler::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
+use ir::QuantFormat;
+use runtime::session::Session;
+use serde_json::{json, Value};
+use tests::harness::{max_diff, peer_script, python, scratch_dir, tiny_llama_float_writer, Rng, TinyLlama};
+
+const CONTEXT: u32 = 64;
+
+fn cfg() -> TinyLlama {
+    TinyLlama {
+        n_layers: 2,
+        d_model: 64,
+        d_ff: 72,
+        n_heads: 4,
+        n_kv_heads: 2,
+        vocab: 40,
+        context: CONTEXT,
+        format: QuantFormat::F32,
+        tied: false,
+    }
+}
+
+const HEAD_DIM: usize = 16;
+const THETA: f64 = 10000.0;
+/// The Llama 3.1 parameters, with a small original context so that over a 64-position test
+/// the scaled pairs matter: factor, low_freq_factor, high_freq_factor, original context.
+const LLAMA3: (f64, f64, f64, f64) = (8.0, 1.0, 4.0, 64.0);
+
+/// Llama 3.1's per-pair frequency divisors, as llama.cpp's converter computes the
+/// `rope_freqs.weight` it writes (and transformers divides `inv_freq` by): pairs whose
+/// wavelength is beyond `original / low` are divided by `factor`, those below
+/// `original / high` kept, those between blended smoothly.
+fn llama3_divisors() -> Vec<f64> {
+    let (factor, low, high, original) = LLAMA3;
+    (0..HEAD_DIM / 2)
+        .map(|i| {
+            let freq = 1.0 / THETA.powf((2 * i) as f64 / HEAD_DIM as f64);
+            let wavelength = 2.0 * std::f64::consts::PI / freq;
+            if wavelength < original / high {
+                1.0
+            } else if wavelength > original / low {
+                factor
+            } else {
+                let smooth = (original / wavelength - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
+}
+
+fn options(model: &Path, out: &Path) -> BuildOptions {
+    BuildOptions {
+        context: Some(CONTEXT),
+        batch: 16,
+        shared_linker: Some("cc".into()),
+        ..BuildOptions::new(
+            model.to_path_buf(),
+            targets::host_triple().expect("a supported host").to_string(),
+            out.to_path_buf(),
+        )
+    }
+}
+
+fn build(model: &Path, out: &Path) {
+    build_model(&options(model, out), &mut |_| {}).unwrap_or_else(|e| panic!("building {}: {e}", model.display()));
+}
+
+/// The float64 forward pass: logits `[ids.len(), vocab]`, pair `i` of every head turned by
+/// `pos * theta^(-2i / head_dim) / divisors[i]` (GGUF's adjacent-pair layout).
+fn forward_f64(gguf: &Path, ids: &[u32], divisors: &[f64]) -> Vec<f32> {
+    let file = GgufFile::open(gguf).unwrap();
+    let c = cfg();
+    let t = |name: &str| -> Vec<f64> {
+        let info = file.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(info.ggml_type, GgmlType::F32, "{name}");
+        file.tensor_data(info).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect()
+    };
+    let (d, ff, nh, nkv, vocab) =
+        (c.d_model as usize, c.d_ff as usize, c.n_heads as usize, c.n_kv_heads as usize, c.vocab as usize);
+    let (hd, n) = (HEAD_DIM, ids.len());
+    let kvw = nkv * hd;
+    let matvec = |w: &[f64], x: &[f64], rows: usize| -> Vec<f64> {
+        let cols = x.len();
+        (0..rows).map(|r| w[r * cols..(r + 1) * cols].iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    };
+    let rms = |x: &[f64], w: &[f64]| -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let r = 1.0 / (ms + 1e-5).sqrt();
+        x.iter().zip(w).map(|(v, g)| v * r * g).collect()
+    };
+    let rope = |x: &mut [f64], pos: usize| {
+        for head in x.chunks_mut(hd) {
+            for i in 0..hd / 2 {
+                let angle = pos as f64 * THETA.powf(-2.0 * i as f64 / hd as f64) / divisors[i];
+                let (s, co) = angle.sin_cos();
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * co - b * s;
+                head[2 * i + 1] = b * co + a * s;
+            }
+        }
+    };
+    let embd = t("token_embd.weight");
+    let mut h: Vec<Vec<f64>> = ids.iter().map(|&id| embd[id as usize * d..(id as usize + 1) * d].to_vec()).collect();
+    for l in 0..c.n_layers {
+        let w = |n: &str| t(&format!("blk.{l}.{n}.weight"));
+        let (wq, wk, wv, wo) = (w("attn_q"), w("attn_k"), w("attn_v"), w("attn_output"));
+        let (an, fnorm, gate, up, down) = (w("attn_norm"), w("ffn_norm"), w("ffn_gate"), w("ffn_up"), w("ffn_down"));
+        let mut qs = vec![];
+        let mut ks = vec![];
+        let mut vs = vec![];
+        for (pos, x) in h.iter().enumerate() {
+            let m = rms(x, &an);
+            let (mut q, mut k) = (matvec(&wq, &m, d), matvec(&wk, &m, kvw));
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(matvec(&wv, &m, kvw));
+        }
+        for pos in 0..n {
+            let mut attn = vec![0.0; d];
+            for head in 0..nh {
+                let kvh = head / (nh / nkv);
+                let q = &qs[pos][head * hd..(head + 1) * hd];
+                let scores: Vec<f64> = (0..=pos)
+                    .map(|j| {
+                        q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (j, p) in e.iter().enumerate() {
+                    for (o, v) in attn[head * hd..(head + 1) * hd].iter_mut().zip(&vs[j][kvh * hd..(kvh + 1) * hd]) {
+                        *o += p / sum * v;
+                    }
+                }
+            }
+            let o = matvec(&wo, &attn, d);
+            h[pos].iter_mut().zip(o).for_each(|(x, y)| *x += y);
+            let m = rms(&h[pos], &fnorm);
+            let (g, u) = (matvec(&gate, &m, ff), matvec(&up, &m, ff));
+            let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let y = matvec(&down, &act, d);
+            h[pos].iter_mut().zip(y).for_each(|(x, y)| *x += y);
+        }
+    }
+    let (norm, out) = (t("output_norm.weight"), t("output.weight"));
+    h.iter().flat_map(|x| matvec(&out, &rms(x, &norm), vocab)).map(|v| v as f32).collect()
+}
+
+/// Logits of `ids` from a bundle: the first 40 in one prefill call, then one token per call
+/// (decode), all `[ids.len(), vocab]`.
+fn bundle_logits(bundle: &Path, ids: &[u32]) -> Vec<f32> {
+    let mut s = Session::open_shared(&bundle.join("lib/libkiln_model.so"), bundle, 2).unwrap_or_else(|e| panic!("{e}"));
+    let mut logits = s.eval(&ids[..40], true).unwrap();
+    for &id in &ids[40..] {
+        logits.extend(s.eval(&[id], false).unwrap());
+    }
+    logits
+}
+
+/// The tiny model's GGUF with `extra` metadata and tensors added; the same weights for a seed.
+fn gguf_with(path: &Path, seed: u64, extra: impl FnOnce(&mut GgufWriter)) {
+    let mut w = tiny_llama_float_writer(&cfg(), &mut Rng::new(seed));
+    extra(&mut w);
+    std::fs::write(path, w.finish()).unwrap();
+}
+
+fn f32_bytes(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect()
+}
+
+/// Writes the Hugging Face checkpoint of `gguf` into `out` (`tests/peer/gguf_to_hf.py`).
+fn to_checkpoint(gguf: &Path, bundle: &Path, out: &Path) {
+    let (python, script) = (python(), peer_script("gguf_to_hf.py"));
+    let result = Command::new(&python)
+        .arg(&script)
+        .arg(gguf)
+        .arg(out)
+        .arg("--tokenizer-json")
+        .arg(bundle.join("tokenizer.json"))
+        .arg("--manifest")
+        .arg(bundle.join("manifest.json"))
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
+    assert!(
+        result.status.success(),
+        "gguf_to_hf.py failed ({}); are gguf, numpy and safetensors installed (`cargo xtask test` installs them)? \
+         stderr:\n{}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let path = dir.join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(config.as_object_mut().unwrap());
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+}
+
+fn manifest(bundle: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap()
+}
+
+fn llama3_config() -> Value {
+    let (factor, low, high, original) = LLAMA3;
+    json!({
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original as u32,
+    })
+}
+
+#[test]
+fn llama3_rope_scaling_compiles_from_safetensors_and_gguf_and_matches_a_float64_pass() {
+    let dir = scratch_dir("llama3/scaling");
+    let seed = 31;
+    let divisors = llama3_divisors();
+    // The scaling changes some pairs and keeps others: pair 0 is kept, the last is divided.
+    assert_eq!(divisors[0], 1.0);
+    assert_eq!(divisors[HEAD_DIM / 2 - 1], LLAMA3.0);
+    assert!(divisors.iter().any(|&d| d > 1.0 && d < LLAMA3.0), "a blended pair: {divisors:?}");
+
+    let plain = dir.join("plain.gguf");
+    gguf_with(&plain, seed, |_| {});
+    let plain_bundle = dir.join("bundle-plain");
+    build(&plain, &plain_bundle);
+
+    // llama.cpp's converter's form: rope_freqs.weight, no rope.scaling.type.
+    let freqs = dir.join("llama3.gguf");
+    gguf_with(&freqs, seed, |w| {
+        w.add_tensor("rope_freqs.weight", &[HEAD_DIM as u64 / 2], GgmlType::F32, &f32_bytes(&divisors));
+    });
+    let freqs_bundle = dir.join("bundle-gguf-llama3");
+    build(&freqs, &freqs_bundle);
+
+    // Linear scaling in GGUF metadata.
+    let linear = dir.join("linear.gguf");
+    gguf_with(&linear, seed, |w| {
+        w.add_meta("llama.rope.scaling.type", MetaValue::String("linear".into()));
+        w.add_meta("llama.rope.scaling.factor", MetaValue::F32(4.0));
+    });
+    let linear_bundle = dir.join("bundle-gguf-linear");
+    build(&linear, &linear_bundle);
+
+    // The same weights as a checkpoint whose config.json has Llama 3.1's rope_scaling (and an
+    // explicit, consistent head_dim), and one with linear scaling under the legacy "type" key.
+    let hf = dir.join("hf");
+    to_checkpoint(&plain, &plain_bundle, &hf);
+    edit_config(&hf, |c| {
+        c.insert("rope_scaling".into(), llama3_config());
+        c.insert("head_dim".into(), json!(HEAD_DIM));
+    });
+    let hf_bundle = dir.join("bundle-hf-llama3");
+    build(&hf, &hf_bundle);
+    let hf_linear = dir.join("hf-linear");
+    to_checkpoint(&plain, &plain_bundle, &hf_linear);
+    edit_config(&hf_linear, |c| {
+        c.insert("rope_scaling".into(), json!({ "type": "linear", "factor": 4.0 }));
+    });
+    let hf_linear_bundle = dir.join("bundle-hf-linear");
+    build(&hf_linear, &hf_linear_bundle);
+
+    let hyper = |b: &Path| manifest(b)["model"]["hyperparameters"].clone();
+    assert!(hyper(&plain_bundle).get("rope_scaling").is_none(), "no scaling, no manifest entry");
+    assert_eq!(hyper(&hf_bundle)["rope_scaling"]["type"], "llama3");
+    assert_eq!(hyper(&hf_bundle)["rope_scaling"]["original_max_position_embeddings"], 64);
+    assert_eq!(hyper(&freqs_bundle)["rope_scaling"]["type"], "divisors");
+    assert_eq!(hyper(&linear_bundle)["rope_scaling"], json!({ "type": "linear", "factor": 4.0 }));
+    let kir = |b: &Path| std::fs::read_to_string(b.join("model.kir")).unwrap();
+    assert!(!kir(&plain_bundle).contains("scaling="));
+    assert!(
+        kir(&hf_bundle).contains(" scaling=llama3 factor=8 low_freq_factor=1 high_freq_factor=4 original_context=64")
+    );
+    assert!(kir(&freqs_bundle).contains(" scaling=divisors ["));
+
+    let mut rng = Rng::new(5);
+    let ids: Vec<u32> = (0..56).map(|_| rng.below(cfg().vocab as u64) as u32).collect();
+    let want_plain = forward_f64(&plain, &ids, &[1.0; HEAD_DIM / 2]);
+    let want_llama3 = forward_f64(&plain, &ids, &divisors);
+    let want_linear = forward_f64(&plain, &ids, &[4.0; HEAD_DIM / 2]);
+    // The passes with and without scaling disagree clearly: the test can tell.
+    let (apart, scale) = max_diff(&want_llama3, &want_plain);
+    assert!(apart > 0.05 * scale, "llama3 scaling changes the logits by only {apart} (scale {scale})");
+    let (apart, scale) = max_diff(&want_linear, &want_plain);
+    assert!(apart > 0.05 * scale, "linear scaling changes the logits by only {apart} (scale {scale})");
+
+    for (bundle, want, name) in [
+        (&plain_bundle, &want_plain, "no scaling"),
+        (&freqs_bundle, &want_llama3, "GGUF rope_freqs.weight"),
+        (&hf_bundle, &want_llama3, "config.json llama3"),
+        (&linear_bundle, &want_linear, "GGUF linear"),
+        (&hf_linear_bundle, &want_linear, "config.json linear"),
+    ] {
+        let got = bundle_logits(bundle, &ids);
+        let (diff, scale) = max_diff(&got, want);
+        assert!(diff <= 1e-4 * scale.max(1.0), "{name}: logits differ from the float64 pass by {diff} (scale {scale})");
+        if name != "no scaling" {
+            let (diff, scale) = max_diff(&got, &want_plain);
+            assert!(diff > 0.05 * scale, "{name}: the logits are those without scaling ({diff}, scale {scale})");
+        }
+    }
+}
+
+#[test]
+fn bad_rope_scaling_is_refused_naming_the_key() {
+    let dir = scratch_dir("llama3/bad");
+    let plain = dir.join("plain.gguf");
+    gguf_with(&plain, 3, |_| {});
+    let plain_bundle = dir.join("bundle-plain");
+    build(&plain, &plain_bundle);
+    let hf = dir.join("hf");
+    to_checkpoint(&plain, &plain_bundle, &hf);
+    let original = std::fs::read(hf.join("config.json")).unwrap();
+
+    let refused = |model: &Path, what: &str, needle: &str| {
+        let out = dir.join("out");
+        let err = build_model(&options(model, &out), &mut |_| {}).err().unwrap_or_else(|| panic!("{what}: built"));
+        let msg = err.to_string();
+        assert!(msg.contains(needle), "{what}: {msg:?} does not name {needle:?}");
+        assert!(!out.exists(), "{what}: something was written");
+    };
+    let llama3_without = |field: &str| {
+        let mut v = llama3_config();
+        v.as_object_mut().unwrap().remove(field);
+        v
+    };
+    let mut inverted = llama3_config();
+    inverted["low_freq_factor"] = json!(4.0);
+    inverted["high_freq_factor"] = json!(1.0);
+    let mut negative = llama3_config();
+    negative["factor"] = json!(-8.0);
+    for (scaling, needle) in [
+        (json!({ "rope_type": "yarn", "factor": 4.0 }), "rope_scaling.rope_type"),
+        (json!({ "type": "dynamic", "factor": 4.0 }), "rope_scaling.type"),
+        (json!({ "factor": 4.0 }), "rope_scaling"),
+        (json!("llama3"), "rope_scaling"),
+        (llama3_without("low_freq_factor"), "rope_scaling.low_freq_factor"),
+        (llama3_without("original_max_position_embeddings"), "rope_scaling.original_max_position_embeddings"),
+        (inverted, "rope_scaling.low_freq_factor"),
+        (negative, "rope_scaling.factor"),
+        (json!({ "rope_type": "linear" }), "rope_scaling.factor"),
+    ] {
+        std::fs::write(hf.join("config.json"), &original).unwrap();
+        edit_config(&hf, |c| {
+            c.insert("rope_scaling".into(), scaling.clone());
+        });
+        refused(&hf, &format!("config.json rope_scaling {scaling}"), needle);
+    }
+    std::fs::write(hf.join("config.json"), &original).unwrap();
+    edit_config(&hf, |c| {
+        c.insert("head_dim".into(), json!(32));
+    });
+    refused(&hf, "an inconsistent head_dim", "config.json head_dim");
+
+    let bad = dir.join("bad.gguf");
+    gguf_with(&bad, 3, |w| {
+        w.add_meta("llama.rope.scaling.type", MetaValue::String("yarn".into()));
+        w.add_meta("llama.rope.scaling.factor", MetaValue::F32(4.0));
+    });
+    refused(&bad, "GGUF yarn", "YaRN");
+    gguf_with(&bad, 3, |w| {
+        w.add_meta("llama.rope.scaling.type", MetaValue::String("none".into()));
+        w.add_meta("llama.rope.scaling.factor", MetaValue::F32(4.0));
+    });
+    refused(&bad, "GGUF factor with type none", "llama.rope.scaling.factor");
+    gguf_with(&bad, 3, |w| {
+        w.add_tensor("rope_freqs.weight", &[4], GgmlType::F32, &f32_bytes(&[1.0; 4]));
+    });
+    refused(&bad, "GGUF rope_freqs of the wrong length", "rope_freqs.weight");
+    gguf_with(&bad, 3, |w| {
+        w.add_tensor("rope_freqs.weight", &[8], GgmlType::F32, &f32_bytes(&[1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]));
+    });
+    refused(&bad, "GGUF rope_freqs with a zero", "rope_freqs.weight");
+}

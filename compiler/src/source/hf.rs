@@ -524,7 +524,14 @@ pub(crate) fn tokenizer_spec(
     let bos = special("bos")?;
     let eos = special("eos")?;
     let add_bos = match tok_config.get("add_bos_token") {
-        None | Some(Value::Null) => false,
+        // As transformers' fast tokenizer does then: whatever tokenizer.json's post-processor
+        // adds (Llama 3's TemplateProcessing puts <|begin_of_text|> first; ByteLevel nothing).
+        None | Some(Value::Null) => tokenizer
+            .encode("a", true)
+            .map_err(|e| err(&path, format!("cannot encode with the post-processor: {e}")))?
+            .get_ids()
+            .first()
+            .is_some_and(|&id| id == bos.0),
         Some(v) => {
             v.as_bool().ok_or_else(|| err(dir.join("tokenizer_config.json"), "add_bos_token is not a boolean"))?
         }

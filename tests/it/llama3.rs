@@ -8,6 +8,8 @@
 //! and llama.cpp's converters describe it. The same pass without scaling must disagree by a
 //! clear margin (`original_max_position_embeddings` is 64, so over 56 positions the scaled
 //! pairs turn visibly slower), so the comparison can tell a build that ignored the scaling.
+//! llama.cpp (llama-cpp-python) loads the same GGUF files and must agree with the float64
+//! pass too: kiln reads `rope_freqs.weight` and linear scaling as llama.cpp does.
 //! Bad `rope_scaling` values are refused naming the key, with nothing written.
 
 use std::path::Path;
@@ -180,6 +182,8 @@ fn bundle_logits(bundle: &Path, ids: &[u32]) -> Vec<f32> {
 /// The tiny model's GGUF with `extra` metadata and tensors added; the same weights for a seed.
 fn gguf_with(path: &Path, seed: u64, extra: impl FnOnce(&mut GgufWriter)) {
     let mut w = tiny_llama_float_writer(&cfg(), &mut Rng::new(seed));
+    // A pre-tokenizer llama.cpp knows too (it refuses "gpt2"), so that it can load the file.
+    w.set_meta("tokenizer.ggml.pre", MetaValue::String("smollm".into()));
     extra(&mut w);
     std::fs::write(path, w.finish()).unwrap();
 }
@@ -321,6 +325,46 @@ fn llama3_rope_scaling_compiles_from_safetensors_and_gguf_and_matches_a_float64_
             assert!(diff > 0.05 * scale, "{name}: the logits are those without scaling ({diff}, scale {scale})");
         }
     }
+
+    // llama.cpp itself reads the GGUF files the same way: its logits agree with the float64
+    // pass with the scaling (and so with kiln's), not with the one without.
+    for (gguf, want, name) in [
+        (&plain, &want_plain, "no scaling"),
+        (&freqs, &want_llama3, "rope_freqs.weight"),
+        (&linear, &want_linear, "linear"),
+    ] {
+        let got = llama_cpp_logits(gguf, &ids, &dir);
+        let (diff, scale) = max_diff(&got, want);
+        assert!(diff <= 1e-3 * scale.max(1.0), "llama.cpp, {name}: {diff} from the float64 pass (scale {scale})");
+        if name != "no scaling" {
+            let (diff, scale) = max_diff(&got, &want_plain);
+            assert!(diff > 0.05 * scale, "llama.cpp, {name}: the logits are those without scaling ({diff})");
+        }
+    }
+}
+
+/// llama.cpp's logits of `ids` on `gguf` (`tests/peer/llama_logits.py`, llama-cpp-python).
+fn llama_cpp_logits(gguf: &Path, ids: &[u32], dir: &Path) -> Vec<f32> {
+    let out = dir.join("llama-cpp.f32");
+    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let (python, script) = (python(), peer_script("llama_logits.py"));
+    let result = Command::new(&python)
+        .arg(&script)
+        .arg(gguf)
+        .arg(list.join(","))
+        .arg(&out)
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
+    assert!(
+        result.status.success(),
+        "llama_logits.py failed ({}); is {} installed (`cargo xtask test` installs it)? stderr:\n{}",
+        result.status,
+        peers::LLAMA_CPP_PYTHON,
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(bytes.len(), ids.len() * cfg().vocab as usize * 4, "llama.cpp's logits");
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
 }
 
 #[test]

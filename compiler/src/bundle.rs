@@ -569,6 +569,7 @@ mod tests {
             head_dim: 32,
             vocab: 8,
             rope_theta: 10000.0,
+            rope_scaling: ir::RopeScaling::None,
             rms_eps: 1e-5,
             train_context: 64,
             tied_embedding: true,

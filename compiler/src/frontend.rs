@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use ir::{DType, Epilogue, Graph, Op, TensorType, ValueId, WeightId};
+use ir::{DType, Epilogue, Graph, Op, RopeScaling, TensorType, ValueId, WeightId};
 use serde::Serialize;
 
 use crate::gguf::{clip, GgufError};
@@ -32,10 +32,29 @@ pub struct Hyperparameters {
     pub head_dim: u32,
     pub vocab: u32,
     pub rope_theta: f32,
+    /// Rotary frequency scaling (Llama 3.1's, or linear); left out of the manifest when none.
+    #[serde(skip_serializing_if = "RopeScaling::is_none", serialize_with = "serialize_rope_scaling")]
+    pub rope_scaling: RopeScaling,
     pub rms_eps: f32,
     /// The context length the model was trained with.
     pub train_context: u32,
     pub tied_embedding: bool,
+}
+
+fn serialize_rope_scaling<S: serde::Serializer>(scaling: &RopeScaling, s: S) -> Result<S::Ok, S::Error> {
+    let value = match scaling {
+        RopeScaling::None => serde_json::json!({ "type": "none" }),
+        RopeScaling::Linear { factor } => serde_json::json!({ "type": "linear", "factor": factor }),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => serde_json::json!({
+            "type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_context,
+        }),
+        RopeScaling::Divisors(d) => serde_json::json!({ "type": "divisors", "divisors": d }),
+    };
+    serde::Serialize::serialize(&value, s)
 }
 
 /// A model lowered to IR: the graph, and the raw bytes of each weight (indexed by [`WeightId`]),
@@ -188,6 +207,13 @@ impl Hyperparameters {
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return Err(bad(&key("rope.freq_base"), self.rope_theta, "must be finite and > 1"));
         }
+        if let Err(reason) = self.rope_scaling.check(self.head_dim) {
+            let key = match self.rope_scaling {
+                RopeScaling::Divisors(_) => "rope_freqs.weight".to_string(),
+                _ => key("rope.scaling.factor"),
+            };
+            return Err(bad(&key, format!("{:?}", self.rope_scaling), &reason));
+        }
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0 && self.rms_eps < 1.0) {
             return Err(bad(&key("attention.layer_norm_rms_epsilon"), self.rms_eps, "must be in [0, 1)"));
         }
@@ -333,9 +359,9 @@ pub fn lower<'a>(source: &'a dyn ModelSource, name: &str, context: u32) -> Resul
         let q = b.node(Op::MatMul { x: h, weight: wq, epilogue: Epilogue::None }, DType::F32, hp.d_model);
         let k = b.node(Op::MatMul { x: h, weight: wk, epilogue: Epilogue::None }, DType::F32, kv as u32);
         let v = b.node(Op::MatMul { x: h, weight: wv, epilogue: Epilogue::None }, DType::F32, kv as u32);
-        let (hd, theta) = (hp.head_dim, hp.rope_theta);
-        let q = b.node(Op::Rope { x: q, head_dim: hd, theta }, DType::F32, hp.d_model);
-        let k = b.node(Op::Rope { x: k, head_dim: hd, theta }, DType::F32, kv as u32);
+        let (hd, theta, scaling) = (hp.head_dim, hp.rope_theta, &hp.rope_scaling);
+        let q = b.node(Op::Rope { x: q, head_dim: hd, theta, scaling: scaling.clone() }, DType::F32, hp.d_model);
+        let k = b.node(Op::Rope { x: k, head_dim: hd, theta, scaling: scaling.clone() }, DType::F32, kv as u32);
         let attn = Op::Attention { q, k, v, layer: l, n_heads: hp.n_heads, n_kv_heads: hp.n_kv_heads, head_dim: hd };
         let a = b.node(attn, DType::F32, hp.d_model);
         let o = b.node(Op::MatMul { x: a, weight: wo, epilogue: Epilogue::None }, DType::F32, hp.d_model);

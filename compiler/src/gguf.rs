@@ -1123,6 +1123,19 @@ impl GgufWriter {
         self
     }
 
+    /// Sets `key` to `value`: replaces the value in place if the key is there, else appends.
+    pub fn set_meta(&mut self, key: &str, value: MetaValue) -> &mut Self {
+        match self.metadata.iter().position(|(k, _)| k == key) {
+            Some(i) => {
+                let mut one = GgufWriter::new();
+                one.add_meta(key, value);
+                self.metadata[i] = one.metadata.pop().expect("one entry");
+                self
+            }
+            None => self.add_meta(key, value),
+        }
+    }
+
     /// Appends a tensor with its raw data.
     pub fn add_tensor(&mut self, name: &str, dims: &[u64], ggml_type: GgmlType, bytes: &[u8]) -> &mut Self {
         self.tensors.push((name.to_owned(), dims.to_vec(), ggml_type, bytes.to_vec()));

@@ -160,9 +160,25 @@ pub struct PackedWeight {
 pub struct Packed {
     pub blob: Vec<u8>,
     pub weights: Vec<PackedWeight>,
-    /// Rotary tables by `(head_dim, theta bits)`: offset of `context` rows of
+    /// Rotary tables by their parameters: offset of `context` rows of
     /// `cos[head_dim]` (each cosine twice) then `sin[head_dim]` (`-sin, +sin` per pair).
-    pub rope_tables: BTreeMap<(u32, u32), u64>,
+    pub rope_tables: BTreeMap<RopeKey, u64>,
+}
+
+/// What a rotary table depends on: `head_dim`, theta's bits and the bits of each pair's
+/// scaling divisor (so two ropes share a table exactly when they turn every pair alike).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RopeKey {
+    pub head_dim: u32,
+    pub theta: u32,
+    pub divisors: Vec<u64>,
+}
+
+impl RopeKey {
+    pub fn new(head_dim: u32, theta: f32, scaling: &ir::RopeScaling) -> Self {
+        let divisors = scaling.divisors(head_dim, theta).iter().map(|d| d.to_bits()).collect();
+        RopeKey { head_dim, theta: theta.to_bits(), divisors }
+    }
 }
 
 fn pad_to(blob: &mut Vec<u8>, align: usize) {
@@ -515,14 +531,12 @@ pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
     }
     let mut rope_tables = BTreeMap::new();
     for node in &graph.nodes {
-        if let Op::Rope { head_dim, theta, .. } = node.op {
-            rope_tables.entry((head_dim, theta.to_bits())).or_insert_with(|| {
+        if let Op::Rope { head_dim, theta, ref scaling, .. } = node.op {
+            rope_tables.entry(RopeKey::new(head_dim, theta, scaling)).or_insert_with(|| {
                 let offset = blob.len() as u64;
-                let hd = head_dim as usize;
                 for p in 0..graph.context as usize {
-                    let angles: Vec<(f64, f64)> = (0..hd / 2)
-                        .map(|i| (p as f64 * (theta as f64).powf(-2.0 * i as f64 / hd as f64)).sin_cos())
-                        .collect();
+                    let angles: Vec<(f64, f64)> =
+                        scaling.angles(head_dim, theta, p as f64).into_iter().map(f64::sin_cos).collect();
                     angles.iter().for_each(|&(_, c)| (0..2).for_each(|_| push_f32(&mut blob, c as f32)));
                     angles.iter().for_each(|&(s, _)| {
                         push_f32(&mut blob, -s as f32);

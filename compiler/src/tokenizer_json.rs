@@ -12,6 +12,10 @@
 //!   on its own, then the GPT-2 byte-level regex applies. This is a `Split` (behavior
 //!   `Isolated`) followed by `ByteLevel` with its regex on.
 //! - `gpt2` and its equivalents (`mpt`, `olmo`, `jais`): plain `ByteLevel` with its regex on.
+//! - `llama-bpe` (Llama 3's; also written `llama3`, `llama-v3`): Llama 3's regex as a `Split`
+//!   (behavior `Isolated`), then `ByteLevel` without its regex, and BPE with `ignore_merges`
+//!   (a word that is a whole token is not merged), as llama.cpp and Llama 3's own
+//!   `tokenizer.json` do.
 //!
 //! Anything else (SentencePiece `llama` vocabularies, other regex families, a missing `pre`,
 //! which llama.cpp treats as its multi-regex "default") is refused with a clear error rather
@@ -50,6 +54,10 @@ const DIGIT_SPLIT_FAMILIES: [&str; 7] =
     ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"];
 /// Pre-tokenizer families llama.cpp handles with the plain GPT-2 regex.
 const GPT2_FAMILIES: [&str; 4] = ["gpt2", "mpt", "olmo", "jais"];
+/// Llama 3's pre-tokenizer names.
+const LLAMA3_FAMILIES: [&str; 3] = ["llama-bpe", "llama3", "llama-v3"];
+/// Llama 3's pre-tokenizer regex (its `tokenizer.json`'s, and llama.cpp's for `llama-bpe`).
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Why a `tokenizer.json` could not be built.
 #[derive(Debug)]
@@ -152,6 +160,12 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
         p
     } else if GPT2_FAMILIES.contains(&pre) {
         BYTE_LEVEL.to_owned()
+    } else if LLAMA3_FAMILIES.contains(&pre) {
+        let mut p = String::from(r#"{"type":"Sequence","pretokenizers":[{"type":"Split","pattern":{"Regex":"#);
+        json_str(&mut p, LLAMA3_REGEX);
+        p.push_str(r#"},"behavior":"Isolated","invert":false},"#);
+        p.push_str(r#"{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":false}]}"#);
+        p
     } else {
         return Err(TokenizerError::UnsupportedPreTokenizer { pre: clip(pre) });
     };
@@ -221,8 +235,10 @@ pub fn tokenizer_json(gguf: &GgufFile) -> Result<String, TokenizerError> {
     );
     out.push_str(
         ",\n\"model\":{\"type\":\"BPE\",\"dropout\":null,\"unk_token\":null,\"continuing_subword_prefix\":null,\
-         \"end_of_word_suffix\":null,\"fuse_unk\":false,\"byte_fallback\":false,\"ignore_merges\":false,\n\"vocab\":{",
+         \"end_of_word_suffix\":null,\"fuse_unk\":false,\"byte_fallback\":false,\"ignore_merges\":",
     );
+    out.push_str(if LLAMA3_FAMILIES.contains(&pre) { "true" } else { "false" });
+    out.push_str(",\n\"vocab\":{");
     for (id, &tok) in tokens.iter().enumerate() {
         out.push_str(if id == 0 { "\n" } else { ",\n" });
         json_str(&mut out, tok);

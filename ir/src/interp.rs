@@ -138,14 +138,13 @@ pub fn run(
                 }
                 Tensor::F32(out)
             }
-            Op::Rope { x, head_dim, theta } => {
+            Op::Rope { x, head_dim, theta, ref scaling } => {
                 let hd = head_dim as usize;
                 let mut out = f(x).to_vec();
                 for t in 0..seq {
-                    let p = (pos + t) as f64;
+                    let angles = scaling.angles(head_dim, theta, (pos + t) as f64);
                     for head in out[t * n..(t + 1) * n].chunks_mut(hd) {
-                        for i in 0..hd / 2 {
-                            let angle = p * (theta as f64).powf(-2.0 * i as f64 / hd as f64);
+                        for (i, &angle) in angles.iter().enumerate() {
                             let (s, c) = angle.sin_cos();
                             let (a, b) = (head[2 * i] as f64, head[2 * i + 1] as f64);
                             head[2 * i] = (a * c - b * s) as f32;

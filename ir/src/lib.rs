@@ -153,6 +153,114 @@ pub enum Epilogue {
     Mul(ValueId),
 }
 
+/// How a [`Op::Rope`] stretches its rotation frequencies to reach past the context a model was
+/// trained on: each pair `i` turns `d_i` times slower than plain rotary embedding would.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum RopeScaling {
+    /// `d_i = 1`.
+    #[default]
+    None,
+    /// Position interpolation: `d_i = factor` (Hugging Face `rope_type: "linear"`, GGUF
+    /// `rope.scaling.type = linear`).
+    Linear { factor: f32 },
+    /// Llama 3.1's frequency-dependent scaling (Hugging Face `rope_type: "llama3"`): with the
+    /// pair's wavelength `w = 2 pi / theta^(-2i / head_dim)`, `d_i = 1` when
+    /// `w < original_context / high_freq_factor`, `d_i = factor` when
+    /// `w > original_context / low_freq_factor`, and in between `1 / ((1 - s) / factor + s)`
+    /// with `s = (original_context / w - low_freq_factor) / (high_freq_factor - low_freq_factor)`.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_context: u32 },
+    /// One divisor per pair, `head_dim / 2` of them (llama.cpp's `rope_freqs.weight`, which its
+    /// converter computes from the Llama 3 parameters).
+    Divisors(Vec<f32>),
+}
+
+impl RopeScaling {
+    /// Whether this is [`RopeScaling::None`].
+    pub fn is_none(&self) -> bool {
+        *self == RopeScaling::None
+    }
+
+    /// The divisor of each of the `head_dim / 2` pairs, in f64.
+    pub fn divisors(&self, head_dim: u32, theta: f32) -> Vec<f64> {
+        let pairs = (head_dim / 2) as usize;
+        match self {
+            RopeScaling::None => vec![1.0; pairs],
+            RopeScaling::Linear { factor } => vec![*factor as f64; pairs],
+            RopeScaling::Divisors(d) => d.iter().map(|&v| v as f64).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
+                let (factor, low, high) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64);
+                let original = *original_context as f64;
+                (0..pairs)
+                    .map(|i| {
+                        let wavelength =
+                            2.0 * std::f64::consts::PI / (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
+                        if wavelength < original / high {
+                            1.0
+                        } else if wavelength > original / low {
+                            factor
+                        } else {
+                            let s = (original / wavelength - low) / (high - low);
+                            1.0 / ((1.0 - s) / factor + s)
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The rotation angle of each pair at position `p`, in f64 (dividing by 1 is exact, so
+    /// without scaling these are the unscaled angles bit for bit).
+    pub fn angles(&self, head_dim: u32, theta: f32, p: f64) -> Vec<f64> {
+        let divisors = self.divisors(head_dim, theta);
+        divisors
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| p * (theta as f64).powf(-2.0 * i as f64 / head_dim as f64) / d)
+            .collect()
+    }
+
+    /// Checks the parameters: factors finite and positive (a divisor list of `head_dim / 2`
+    /// such), `low_freq_factor < high_freq_factor`, a nonzero `original_context`.
+    pub fn check(&self, head_dim: u32) -> Result<(), String> {
+        let positive = |name: &str, v: f32| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("rope scaling {name} {v} must be finite and positive"))
+            }
+        };
+        match self {
+            RopeScaling::None => Ok(()),
+            RopeScaling::Linear { factor } => positive("factor", *factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
+                positive("factor", *factor)?;
+                positive("low_freq_factor", *low_freq_factor)?;
+                positive("high_freq_factor", *high_freq_factor)?;
+                if low_freq_factor >= high_freq_factor {
+                    return Err(format!(
+                        "rope scaling low_freq_factor {low_freq_factor} must be below high_freq_factor \
+                         {high_freq_factor}"
+                    ));
+                }
+                if *original_context == 0 {
+                    return Err("rope scaling original_context must be nonzero".into());
+                }
+                Ok(())
+            }
+            RopeScaling::Divisors(d) => {
+                if d.len() != (head_dim / 2) as usize {
+                    return Err(format!(
+                        "rope scaling has {} divisors, head_dim {head_dim} needs {}",
+                        d.len(),
+                        head_dim / 2
+                    ));
+                }
+                d.iter().try_for_each(|&v| positive("divisor", v))
+            }
+        }
+    }
+}
+
 /// An operation. Each variant documents its typing rules, which [`verify`] checks.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -183,10 +291,12 @@ pub enum Op {
     /// [`verify::verify_unlowered`], any weight takes `f32`).
     MatMul { x: ValueId, weight: WeightId, epilogue: Epilogue },
     /// Rotary position embedding on adjacent pairs `(x[2i], x[2i+1])` of every head:
-    /// the pair `i` of the row at position `p` turns by `p * theta^(-2i / head_dim)`.
+    /// the pair `i` of the row at position `p` turns by `p * theta^(-2i / head_dim) / d_i`,
+    /// where `d_i` is the divisor [`RopeScaling::divisors`] gives (1 without scaling).
     ///
-    /// Typing rules: `x: f32[seq, n]`, `head_dim` even and dividing `n`; result as `x`.
-    Rope { x: ValueId, head_dim: u32, theta: f32 },
+    /// Typing rules: `x: f32[seq, n]`, `head_dim` even and dividing `n`; result as `x`;
+    /// `scaling` as [`RopeScaling::check`] requires.
+    Rope { x: ValueId, head_dim: u32, theta: f32, scaling: RopeScaling },
     /// Stores `k`, `v` in KV cache layer `layer`, then computes causal grouped-query attention
     /// with scale `1/sqrt(head_dim)`; query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
     ///
@@ -545,6 +655,56 @@ impl fmt::Display for Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llama3_rope_scaling_divides_low_frequencies_and_blends_the_middle() {
+        // head_dim 16, theta 10000: pair i has wavelength 2 pi 10000^(i/8), i.e. 6.3, 19.9,
+        // 62.8, 198.7, ... With original_context 64, low 1 and high 4 the cut-offs are 16 and
+        // 64: pair 0 keeps its frequency, pair 2 (62.8) is blended, pairs 3.. are divided by 8.
+        let s = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_context: 64 };
+        let d = s.divisors(16, 10000.0);
+        assert_eq!(d.len(), 8);
+        assert_eq!(d[0], 1.0);
+        assert!(d[3..].iter().all(|&x| x == 8.0), "{d:?}");
+        let wavelength = 2.0 * std::f64::consts::PI * 10.0; // 10000^(4/16) = 10
+        let blend = (64.0 / wavelength - 1.0) / 3.0;
+        assert!((d[2] - 1.0 / ((1.0 - blend) / 8.0 + blend)).abs() < 1e-12, "{d:?}");
+        assert!(d[2] > 1.0 && d[2] < 8.0);
+        // Pair 1 (19.9) is between 16 and 64 too.
+        assert!(d[1] > 1.0 && d[1] < d[2], "{d:?}");
+        assert_eq!(RopeScaling::Linear { factor: 4.0 }.divisors(16, 10000.0), vec![4.0; 8]);
+        // Without scaling the angles are the plain ones bit for bit.
+        let plain: Vec<f64> = (0..8).map(|i| 5.0 * 10000f64.powf(-2.0 * i as f64 / 16.0)).collect();
+        assert_eq!(RopeScaling::None.angles(16, 10000.0, 5.0), plain);
+        let scaled = s.angles(16, 10000.0, 5.0);
+        assert!(scaled.iter().zip(&plain).zip(&d).all(|((a, p), d)| (a - p / d).abs() < 1e-15));
+    }
+
+    #[test]
+    fn rope_scaling_checks_its_parameters() {
+        let llama3 = |factor, low, high, original| RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_context: original,
+        };
+        assert!(llama3(8.0, 1.0, 4.0, 8192).check(16).is_ok());
+        for (bad, needle) in [
+            (llama3(8.0, 4.0, 4.0, 8192), "below"),
+            (llama3(8.0, 4.0, 1.0, 8192), "below"),
+            (llama3(0.0, 1.0, 4.0, 8192), "factor"),
+            (llama3(f32::NAN, 1.0, 4.0, 8192), "factor"),
+            (llama3(8.0, -1.0, 4.0, 8192), "low_freq_factor"),
+            (llama3(8.0, 1.0, f32::INFINITY, 8192), "high_freq_factor"),
+            (llama3(8.0, 1.0, 4.0, 0), "original_context"),
+            (RopeScaling::Linear { factor: -2.0 }, "factor"),
+            (RopeScaling::Divisors(vec![1.0; 7]), "8"),
+            (RopeScaling::Divisors(vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]), "divisor"),
+        ] {
+            let err = bad.check(16).unwrap_err();
+            assert!(err.contains(needle), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn remove_dead_nodes_drops_whole_dead_chains_in_one_sweep() {

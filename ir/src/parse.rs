@@ -7,7 +7,8 @@
 use std::fmt;
 
 use crate::{
-    ActDType, DType, Dim, Epilogue, Graph, KvDType, Node, Op, QuantFormat, TensorType, ValueId, Weight, WeightId,
+    ActDType, DType, Dim, Epilogue, Graph, KvDType, Node, Op, QuantFormat, RopeScaling, TensorType, ValueId, Weight,
+    WeightId,
 };
 
 /// A syntax error, with the 1-based line it was found on.
@@ -208,7 +209,34 @@ fn parse_op(c: &mut Cursor) -> Result<Op, String> {
         }
         "rope" => {
             let x = c.value()?;
-            Op::Rope { x, head_dim: c.attr("head_dim")?, theta: c.attr("theta")? }
+            let (head_dim, theta) = (c.attr("head_dim")?, c.attr("theta")?);
+            let scaling = if c.peek() == Some(&Tok::Word("scaling".into())) {
+                c.word()?;
+                c.punct('=')?;
+                match c.word()?.as_str() {
+                    "linear" => RopeScaling::Linear { factor: c.attr("factor")? },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: c.attr("factor")?,
+                        low_freq_factor: c.attr("low_freq_factor")?,
+                        high_freq_factor: c.attr("high_freq_factor")?,
+                        original_context: c.attr("original_context")?,
+                    },
+                    "divisors" => {
+                        c.punct('[')?;
+                        let mut d = vec![c.number()?];
+                        while c.is_punct(',') {
+                            c.comma()?;
+                            d.push(c.number()?);
+                        }
+                        c.punct(']')?;
+                        RopeScaling::Divisors(d)
+                    }
+                    other => return Err(format!("unknown rope scaling '{other}'")),
+                }
+            } else {
+                RopeScaling::None
+            };
+            Op::Rope { x, head_dim, theta, scaling }
         }
         "attention" => {
             let q = c.value()?;
@@ -370,6 +398,38 @@ output v16
         assert_eq!(write_graph(&graph), TEXT);
         assert_eq!(parse_graph(&write_graph(&graph)).unwrap(), graph);
         crate::verify::verify(&graph).unwrap();
+    }
+
+    #[test]
+    fn rope_scaling_round_trips_and_is_verified() {
+        let with = |scaling: &str| {
+            TEXT.replace(
+                "v8 = rope v4 head_dim=16 theta=10000 :",
+                &format!("v8 = rope v4 head_dim=16 theta=10000{scaling} :"),
+            )
+        };
+        for scaling in [
+            " scaling=linear factor=2.5",
+            " scaling=llama3 factor=8 low_freq_factor=1 high_freq_factor=4 original_context=8192",
+            " scaling=divisors [1, 1, 1.25, 8, 8, 8, 8, 8]",
+        ] {
+            let text = with(scaling);
+            let graph = parse_graph(&text).unwrap_or_else(|e| panic!("{scaling}: {e}"));
+            assert_ne!(graph, parse_graph(TEXT).unwrap());
+            assert_eq!(write_graph(&graph), text);
+            crate::verify::verify(&graph).unwrap();
+        }
+        for (scaling, needle) in [
+            (" scaling=llama3 factor=8 low_freq_factor=4 high_freq_factor=1 original_context=8192", "below"),
+            (" scaling=linear factor=0", "factor"),
+            (" scaling=linear factor=NaN", "factor"),
+            (" scaling=divisors [1, 1]", "divisors"),
+        ] {
+            let err = crate::verify::verify(&parse_graph(&with(scaling)).unwrap()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{scaling}: {err}");
+        }
+        let err = parse_graph(&with(" scaling=yarn factor=2")).unwrap_err();
+        assert!(err.message.contains("'yarn'"), "{err}");
     }
 
     #[test]

@@ -274,7 +274,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType, stage: Stage) -> Result<
             }
             expect(rows(DType::F32, n))
         }
-        Op::Rope { x, head_dim, theta } => {
+        Op::Rope { x, head_dim, theta, ref scaling } => {
             let n = row_f32(x, "x")?;
             if head_dim == 0 || head_dim % 2 != 0 || n % head_dim != 0 {
                 return Err(format!("head_dim {head_dim} must be even and divide {n}"));
@@ -282,6 +282,7 @@ fn check_types(graph: &Graph, op: &Op, ty: &TensorType, stage: Stage) -> Result<
             if !(theta.is_finite() && theta > 0.0) {
                 return Err("theta must be finite and positive".into());
             }
+            scaling.check(head_dim)?;
             expect(rows(DType::F32, n))
         }
         Op::Attention { q, k, v, n_heads, n_kv_heads, head_dim, .. } => {

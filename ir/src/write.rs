@@ -11,7 +11,7 @@
 
 use std::fmt::Write;
 
-use crate::{ActDType, Dim, Epilogue, Graph, KvDType, Node, Op, TensorType, ValueId};
+use crate::{ActDType, Dim, Epilogue, Graph, KvDType, Node, Op, RopeScaling, TensorType, ValueId};
 
 fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -59,7 +59,21 @@ pub fn write_op(op: &Op) -> String {
             };
             format!("{m} {x}, {weight}{epi}")
         }
-        Op::Rope { x, head_dim, theta } => format!("{m} {x} head_dim={head_dim} theta={theta}"),
+        Op::Rope { x, head_dim, theta, ref scaling } => {
+            let scaling = match scaling {
+                RopeScaling::None => String::new(),
+                RopeScaling::Linear { factor } => format!(" scaling=linear factor={factor}"),
+                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => format!(
+                    " scaling=llama3 factor={factor} low_freq_factor={low_freq_factor} \
+                     high_freq_factor={high_freq_factor} original_context={original_context}"
+                ),
+                RopeScaling::Divisors(d) => {
+                    let list: Vec<String> = d.iter().map(f32::to_string).collect();
+                    format!(" scaling=divisors [{}]", list.join(", "))
+                }
+            };
+            format!("{m} {x} head_dim={head_dim} theta={theta}{scaling}")
+        }
         Op::Attention { q, k, v, layer, n_heads, n_kv_heads, head_dim } => {
             format!("{m} {q}, {k}, {v} layer={layer} heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim}")
         }

@@ -115,6 +115,20 @@ fn norm_rope_and_elementwise_kernels_match_the_interpreter() {
         );
         run_both(&format!("rope_{n}_{hd}"), &text, &[5, 1, 7], hd as u64);
     }
+    // Scaled rotary tables (Llama 3.1's, linear, per-pair divisors) against the interpreter.
+    for (i, scaling) in [
+        "scaling=llama3 factor=8 low_freq_factor=1 high_freq_factor=4 original_context=32",
+        "scaling=linear factor=4",
+        "scaling=divisors [1, 1.5, 3, 8, 8, 8, 8, 8]",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let text = format!(
+            "graph \"rope\" context=64\nv0 = input 0 : f32[seq, 64]\nv1 = rope v0 head_dim=16 theta=10000 {scaling} : f32[seq, 64]\noutput v1\n"
+        );
+        run_both(&format!("rope_scaled_{i}"), &text, &[5, 1, 7, 8, 8, 8], 16);
+    }
 }
 
 #[test]

@@ -418,10 +418,12 @@ fn bad_checkpoints_are_refused_with_the_file_and_tensor_named() {
             "rope scaling",
             {
                 let d = fresh("rope-scaling", &one);
-                edit_json(&d.join("config.json"), |c| c["rope_scaling"] = serde_json::json!({"rope_type": "llama3"}));
+                edit_json(&d.join("config.json"), |c| {
+                    c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+                });
                 d
             },
-            vec!["rope_scaling", "not supported"],
+            vec!["config.json rope_scaling.rope_type", "yarn", "llama3 and linear"],
         ),
     ];
     for (what, model, needles) in cases {

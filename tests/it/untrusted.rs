@@ -228,9 +228,9 @@ fn bad_metadata_values_are_reported_with_their_type() {
     let gguf = model().set("llama.rope.scaling.type", MetaValue::U32(7)).bytes();
     let msg = build_err("rope_u32", &gguf, None).0.to_string();
     assert!(msg.contains("llama.rope.scaling.type") && msg.contains("7 (u32)") && !msg.contains('?'), "{msg}");
-    let gguf = model().set("llama.rope.scaling.type", MetaValue::String("linear".into())).bytes();
-    let msg = build_err("rope_linear", &gguf, None).0.to_string();
-    assert!(msg.contains("\"linear\" (string)"), "{msg}");
+    let gguf = model().set("llama.rope.scaling.type", MetaValue::String("yarn".into())).bytes();
+    let msg = build_err("rope_yarn", &gguf, None).0.to_string();
+    assert!(msg.contains("\"yarn\" (string)"), "{msg}");
     let gguf = model().set("llama.vocab_size", MetaValue::String("abc".into())).bytes();
     let msg = build_err("vocab_string", &gguf, None).0.to_string();
     assert!(msg.contains("llama.vocab_size") && msg.contains("\"abc\" (string)") && !msg.contains("-1"), "{msg}");

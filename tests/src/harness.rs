@@ -212,6 +212,15 @@ pub fn tiny_llama_float_gguf(cfg: &TinyLlama, rng: &mut Rng) -> Vec<u8> {
     w.finish()
 }
 
+/// The writer of [`tiny_llama_float_gguf`], for a test to add metadata or tensors before
+/// `finish()`.
+pub fn tiny_llama_float_writer(cfg: &TinyLlama, rng: &mut Rng) -> compiler::gguf::GgufWriter {
+    assert_eq!(cfg.format.block_values(), 1, "{:?} is not a float format", cfg.format);
+    let mut w = tiny_llama_writer(cfg, rng, cfg.format, cfg.format);
+    add_tiny_tokenizer(&mut w, cfg);
+    w
+}
+
 fn add_tiny_tokenizer(w: &mut compiler::gguf::GgufWriter, cfg: &TinyLlama) {
     use compiler::gguf::MetaValue;
     assert!(cfg.vocab >= 8, "the tiny tokenizer needs 8 tokens");

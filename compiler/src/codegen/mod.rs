@@ -556,13 +556,13 @@ fn emit_step(
             };
             matmul::emit(kb, &spec);
         }
-        Op::Rope { x, head_dim, theta } => {
+        Op::Rope { x, head_dim, theta, ref scaling } => {
             if head_dim % 4 != 0 {
                 return Err(CodegenError::Unsupported(format!(
                     "rope with head_dim {head_dim} (must be a multiple of 4)"
                 )));
             }
-            let table = packed.rope_tables[&(head_dim, theta.to_bits())];
+            let table = packed.rope_tables[&crate::pack::RopeKey::new(head_dim, theta, scaling)];
             ops::emit_rope(kb, loc(x), y, n, head_dim, table, skip);
         }
         Op::Attention { q, k, v, layer, n_heads, n_kv_heads, head_dim } => {

@@ -6,6 +6,78 @@ use sha2::{Digest, Sha256};
 use crate::frontend::{bad, FrontendError, Hyperparameters, SUPPORTED_ARCHITECTURES};
 use crate::gguf::{clip, describe_value, GgufFile};
 use crate::source::{stop_ids, ModelSource, SourceTensor, TokenizerSpec};
+use ir::RopeScaling;
+
+impl GgufFile {
+    /// The rotary scaling as llama.cpp applies it: `{arch}.rope.scaling.factor` (or the older
+    /// `rope.scale_linear`) divides every frequency when the type (`rope.scaling.type`, linear
+    /// when absent) is `linear`; the optional `rope_freqs.weight` tensor, which llama.cpp's
+    /// converter writes for Llama 3.1 (`head_dim / 2` f32 values), divides frequency `i` by its
+    /// value `i`. YaRN and other types are refused.
+    fn rope_scaling(&self, arch: &str, head_dim: u32) -> Result<RopeScaling, FrontendError> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let kind = match self.get(&key("rope.scaling.type")) {
+            None => None,
+            Some(v) => match v.as_str() {
+                Some(t @ ("none" | "linear")) => Some(t),
+                Some("yarn") => {
+                    return Err(bad(
+                        &key("rope.scaling.type"),
+                        describe_value(v),
+                        "YaRN rope scaling is not supported",
+                    ));
+                }
+                _ => {
+                    return Err(bad(
+                        &key("rope.scaling.type"),
+                        describe_value(v),
+                        "kiln supports rope scaling none and linear (and Llama 3.1's rope_freqs.weight)",
+                    ))
+                }
+            },
+        };
+        let mut factor = None;
+        for k in ["rope.scaling.factor", "rope.scale_linear"] {
+            if self.get(&key(k)).is_some() {
+                let f = self.get_f32(&key(k))?;
+                // llama.cpp reads 0 as "no scaling".
+                if f != 0.0 && factor.is_none() {
+                    if !(f.is_finite() && f > 0.0) {
+                        return Err(bad(&key(k), f, "must be finite and positive"));
+                    }
+                    factor = Some((k, f));
+                }
+            }
+        }
+        let linear = match (kind, factor) {
+            (Some("none"), Some((k, f))) if f != 1.0 => {
+                return Err(bad(&key(k), f, "a scaling factor other than 1 with rope.scaling.type none"));
+            }
+            (Some("none"), _) | (_, None) => 1.0,
+            (_, Some((_, f))) => f,
+        };
+        let divisors = match GgufFile::tensor(self, "rope_freqs.weight") {
+            Err(_) => None,
+            Ok(info) => {
+                let pairs = (head_dim / 2) as u64;
+                if info.dims != [pairs] || info.ggml_type != crate::gguf::GgmlType::F32 {
+                    return Err(bad(
+                        "rope_freqs.weight",
+                        format!("{} {:?}", info.ggml_type.name(), info.dims),
+                        &format!("must be f32 [{pairs}] (head_dim / 2)"),
+                    ));
+                }
+                let bytes = self.tensor_data(info);
+                Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<_>>())
+            }
+        };
+        Ok(match divisors {
+            Some(d) => RopeScaling::Divisors(d.into_iter().map(|v| v * linear).collect()),
+            None if linear != 1.0 => RopeScaling::Linear { factor: linear },
+            None => RopeScaling::None,
+        })
+    }
+}
 
 impl ModelSource for GgufFile {
     fn kind(&self) -> &'static str {
@@ -41,6 +113,7 @@ impl ModelSource for GgufFile {
             head_dim: d_model.checked_div(n_heads).unwrap_or(0),
             vocab: 0, // from the embedding's shape, below
             rope_theta,
+            rope_scaling: RopeScaling::None, // below, once head_dim is checked
             rms_eps: self.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
             train_context: get("context_length")?,
             tied_embedding: self.tensor("output.weight").is_err(),
@@ -52,11 +125,8 @@ impl ModelSource for GgufFile {
                 return Err(bad(&key("rope.dimension_count"), rope_dims, "partial rotary embedding is not supported"));
             }
         }
-        if let Some(v) = self.get(&key("rope.scaling.type")) {
-            if v.as_str() != Some("none") {
-                return Err(bad(&key("rope.scaling.type"), describe_value(v), "rope scaling is not supported"));
-            }
-        }
+        hp.rope_scaling = self.rope_scaling(&arch, hp.head_dim)?;
+        hp.check(key)?;
         let embd = self.tensor("token_embd.weight")?;
         hp.vocab = match embd.dims[..] {
             [_, v] if v > 0 && v <= u32::MAX as u64 => v as u32,

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ir::QuantFormat;
+use ir::{QuantFormat, RopeScaling};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -261,6 +261,64 @@ impl HfCheckpoint {
         }
     }
 
+    /// `rope_scaling`: absent or null, or `rope_type` (or the older `type`) `llama3` (with
+    /// `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`) or
+    /// `linear` (with `factor`), as transformers reads them; anything else is refused naming
+    /// the key.
+    fn rope_scaling(&self) -> Result<RopeScaling, FrontendError> {
+        let Some(scaling) = self.config.get("rope_scaling").filter(|v| !v.is_null()) else {
+            return Ok(RopeScaling::None);
+        };
+        let Some(map) = scaling.as_object() else {
+            return Err(bad("config.json rope_scaling", scaling, "must be an object"));
+        };
+        let (type_key, kind) = match (map.get("rope_type"), map.get("type")) {
+            (Some(t), _) => ("rope_type", t),
+            (None, Some(t)) => ("type", t),
+            (None, None) => {
+                return Err(bad("config.json rope_scaling", scaling, "has no rope_type"));
+            }
+        };
+        let number = |field: &str| -> Result<f64, FrontendError> {
+            let key = format!("config.json rope_scaling.{field}");
+            let v = map.get(field).ok_or_else(|| bad(&key, "(missing)", "is required"))?;
+            v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| bad(&key, v, "must be a positive number"))
+        };
+        match kind.as_str() {
+            Some("default") => Ok(RopeScaling::None),
+            Some("linear") => Ok(RopeScaling::Linear { factor: number("factor")? as f32 }),
+            Some("llama3") => {
+                let original = number("original_max_position_embeddings")?;
+                if original.fract() != 0.0 || original > u32::MAX as f64 {
+                    return Err(bad(
+                        "config.json rope_scaling.original_max_position_embeddings",
+                        original,
+                        "must be a whole number of positions",
+                    ));
+                }
+                let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+                if low >= high {
+                    return Err(bad(
+                        "config.json rope_scaling.low_freq_factor",
+                        low,
+                        &format!("must be below high_freq_factor ({high})"),
+                    ));
+                }
+                Ok(RopeScaling::Llama3 {
+                    factor: number("factor")? as f32,
+                    low_freq_factor: low as f32,
+                    high_freq_factor: high as f32,
+                    original_context: original as u32,
+                })
+            }
+            _ => Err(bad(
+                &format!("config.json rope_scaling.{type_key}"),
+                kind,
+                "kiln supports rope scaling llama3 and linear",
+            )),
+        }
+    }
+
     fn config_bool(&self, key: &str, default: bool) -> Result<bool, FrontendError> {
         match self.config.get(key) {
             None | Some(Value::Null) => Ok(default),
@@ -283,6 +341,7 @@ fn config_key(suffix: &str) -> String {
         "attention.head_count" => "num_attention_heads",
         "attention.head_count_kv" => "num_key_value_heads",
         "rope.freq_base" => "rope_theta",
+        "rope.scaling.factor" => "rope_scaling",
         "attention.layer_norm_rms_epsilon" => "rms_norm_eps",
         other => other,
     };
@@ -321,6 +380,7 @@ impl ModelSource for HfCheckpoint {
             head_dim: d_model.checked_div(n_heads).unwrap_or(0),
             vocab: self.config_u32("vocab_size", None)?,
             rope_theta: self.config_f32("rope_theta", 10000.0)?,
+            rope_scaling: self.rope_scaling()?,
             // LlamaConfig's defaults.
             rms_eps: self.config_f32("rms_norm_eps", 1e-6)?,
             train_context: self.config_u32("max_position_embeddings", Some(2048))?,
@@ -334,9 +394,6 @@ impl ModelSource for HfCheckpoint {
             if v.as_u64() != Some(hp.head_dim as u64) {
                 return Err(bad("config.json head_dim", v, "kiln needs hidden_size / num_attention_heads"));
             }
-        }
-        if let Some(v) = self.config.get("rope_scaling").filter(|v| !v.is_null()) {
-            return Err(bad("config.json rope_scaling", v, "rope scaling is not supported"));
         }
         if let Some(v) = self.config.get("hidden_act").filter(|v| v.as_str() != Some("silu")) {
             return Err(bad("config.json hidden_act", v, "kiln's Llama MLP is SwiGLU (silu)"));
@@ -467,7 +524,14 @@ pub(crate) fn tokenizer_spec(
     let bos = special("bos")?;
     let eos = special("eos")?;
     let add_bos = match tok_config.get("add_bos_token") {
-        None | Some(Value::Null) => false,
+        // As transformers' fast tokenizer does then: whatever tokenizer.json's post-processor
+        // adds (Llama 3's TemplateProcessing puts <|begin_of_text|> first; ByteLevel nothing).
+        None | Some(Value::Null) => tokenizer
+            .encode("a", true)
+            .map_err(|e| err(&path, format!("cannot encode with the post-processor: {e}")))?
+            .get_ids()
+            .first()
+            .is_some_and(|&id| id == bos.0),
         Some(v) => {
             v.as_bool().ok_or_else(|| err(dir.join("tokenizer_config.json"), "add_bos_token is not a boolean"))?
         }

@@ -632,6 +632,7 @@ fn walk(m: &Matcher<'_>, graph: &GraphProto) -> Found<Recovered> {
         head_dim: head_dim as u32,
         vocab: vocab as u32,
         rope_theta: theta.unwrap_or(0.0) as f32,
+        rope_scaling: ir::RopeScaling::None,
         rms_eps: eps_all.unwrap_or(0.0) as f32,
         train_context: 0,
         tied_embedding: false,

@@ -409,6 +409,27 @@ impl ModelSource for HfCheckpoint {
     }
 }
 
+/// Parses a `tokenizer.json` with the `tokenizers` crate, first refusing what makes its parser
+/// panic rather than fail: malformed JSON (its decoder and normalizer parsers `expect` their
+/// part to be well formed) and a `Precompiled` normalizer whose fields do not parse.
+fn parse_tokenizer(json: &str) -> Result<tokenizers::Tokenizer, String> {
+    let value: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    fn precompiled_ok(v: &Value) -> Result<(), String> {
+        match v {
+            Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("Precompiled") => {
+                serde_json::from_value::<tokenizers::normalizers::Precompiled>(v.clone())
+                    .map(drop)
+                    .map_err(|e| format!("bad Precompiled normalizer: {e}"))
+            }
+            Value::Object(o) => o.values().try_for_each(precompiled_ok),
+            Value::Array(a) => a.iter().try_for_each(precompiled_ok),
+            _ => Ok(()),
+        }
+    }
+    precompiled_ok(value.get("normalizer").unwrap_or(&Value::Null))?;
+    json.parse().map_err(|e: tokenizers::Error| e.to_string())
+}
+
 /// Reads the tokenizer files a Hugging Face directory may hold (`tokenizer.json`,
 /// `tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`) into `files`.
 pub(crate) fn read_tokenizer_files(dir: &Path, files: &mut BTreeMap<String, Vec<u8>>) -> Result<(), FrontendError> {
@@ -430,8 +451,8 @@ pub(crate) fn tokenizer_spec(
     let path = dir.join("tokenizer.json");
     let json = files.get("tokenizer.json").ok_or_else(|| err(&path, "missing"))?;
     let json = String::from_utf8(json.clone()).map_err(|_| err(&path, "not UTF-8"))?;
-    let tokenizer: tokenizers::Tokenizer =
-        json.parse().map_err(|e| err(&path, format!("not a tokenizer kiln's runtime can load: {e}")))?;
+    let tokenizer =
+        parse_tokenizer(&json).map_err(|e| err(&path, format!("not a tokenizer kiln's runtime can load: {e}")))?;
     let tok_config = json_file(dir, files, "tokenizer_config.json")?.unwrap_or(Value::Null);
     let generation = json_file(dir, files, "generation_config.json")?.unwrap_or(Value::Null);
     // A special token: its text in tokenizer_config.json, else its id in config.json.
@@ -478,4 +499,33 @@ pub(crate) fn tokenizer_spec(
     ends.extend(ids(config.get("eos_token_id")));
     let stop_ids = stop_ids(ends, |t| tokenizer.token_to_id(t));
     Ok(TokenizerSpec { json, bos, eos, add_bos, chat_template, stop_ids })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKENIZER: &str = r#"{"version": "1.0", "added_tokens": [], "normalizer": NORM,
+        "pre_tokenizer": null, "post_processor": null, "decoder": DEC,
+        "model": {"type": "WordLevel", "vocab": {"<s>": 0, "</s>": 1}, "unk_token": "<s>"}}"#;
+
+    fn spec(normalizer: &str, decoder: &str) -> Result<TokenizerSpec, FrontendError> {
+        let json = TOKENIZER.replace("NORM", normalizer).replace("DEC", decoder);
+        let files = BTreeMap::from([("tokenizer.json".to_string(), json.into_bytes())]);
+        let config = serde_json::json!({"bos_token_id": 0, "eos_token_id": 1});
+        tokenizer_spec(Path::new("dir"), &files, &config)
+    }
+
+    /// Inputs on which the `tokenizers` parser panics (found by the `hf_checkpoint` fuzz
+    /// target) are errors.
+    #[test]
+    fn tokenizer_json_that_panics_the_parser_is_an_error() {
+        assert_eq!(spec("null", "null").unwrap().eos, (1, "</s>".to_string()));
+        let e = spec("null", r#"{"type": "ByteLevel", "x": tru}"#).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("expected"), "{e}");
+        for bad in [r#"{"type": "Precompiled"}"#, r#"{"type": "Sequence", "normalizers": [{"type": "Precompiled", "precompiled_charsmap": "!"}]}"#] {
+            let e = spec(bad, "null").unwrap_err().to_string();
+            assert!(e.contains("Precompiled"), "{e}");
+        }
+    }
 }

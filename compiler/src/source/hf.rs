@@ -456,20 +456,36 @@ pub(crate) fn tokenizer_spec(
     let tok_config = json_file(dir, files, "tokenizer_config.json")?.unwrap_or(Value::Null);
     let generation = json_file(dir, files, "generation_config.json")?.unwrap_or(Value::Null);
     // A special token: its text in tokenizer_config.json, else its id in config.json.
+    // A special token: its text in tokenizer_config.json, else its id in config.json; either
+    // way the vocabulary must map the text to the id and back (a tokenizer.json that gives one
+    // id two texts would make the chat template's token and the prompt's id differ).
     let special = |which: &str| -> Result<(u32, String), FrontendError> {
-        if let Some(text) = tok_config.get(format!("{which}_token")).and_then(token_text) {
+        let (id, text) = if let Some(text) = tok_config.get(format!("{which}_token")).and_then(token_text) {
             let id = tokenizer.token_to_id(text).ok_or_else(|| {
                 err(dir.join("tokenizer_config.json"), format!("{which}_token {text:?} is not in tokenizer.json"))
             })?;
-            return Ok((id, text.to_string()));
+            (id, text.to_string())
+        } else {
+            let key = format!("{which}_token_id");
+            let id = ids(config.get(&key)).first().copied().ok_or_else(|| {
+                err(dir.join("config.json"), format!("names no {key} (and tokenizer_config.json no {which}_token)"))
+            })?;
+            let text = tokenizer
+                .id_to_token(id)
+                .ok_or_else(|| err(dir.join("config.json"), format!("{key} {id} is not in tokenizer.json")))?;
+            (id, text)
+        };
+        let (back_text, back_id) = (tokenizer.id_to_token(id), tokenizer.token_to_id(&text));
+        if back_text.as_deref() != Some(text.as_str()) || back_id != Some(id) {
+            return Err(err(
+                &path,
+                format!(
+                    "inconsistent: {which} token {:?} has id {back_id:?}, and id {id} is {:?}",
+                    crate::gguf::clip(&text),
+                    back_text.as_deref().map(crate::gguf::clip)
+                ),
+            ));
         }
-        let key = format!("{which}_token_id");
-        let id = ids(config.get(&key)).first().copied().ok_or_else(|| {
-            err(dir.join("config.json"), format!("names no {key} (and tokenizer_config.json no {which}_token)"))
-        })?;
-        let text = tokenizer
-            .id_to_token(id)
-            .ok_or_else(|| err(dir.join("config.json"), format!("{key} {id} is not in tokenizer.json")))?;
         Ok((id, text))
     };
     let bos = special("bos")?;
@@ -516,13 +532,31 @@ mod tests {
         tokenizer_spec(Path::new("dir"), &files, &config)
     }
 
-    /// Inputs on which the `tokenizers` parser panics (found by the `hf_checkpoint` fuzz
-    /// target) are errors.
+    /// Tokenizer files the `hf_checkpoint` fuzz target found (the `tokenizers` parser
+    /// panicked on them, or their special token had two ids) are errors.
     #[test]
-    fn tokenizer_json_that_panics_the_parser_is_an_error() {
+    fn bad_tokenizer_json_is_an_error() {
         assert_eq!(spec("null", "null").unwrap().eos, (1, "</s>".to_string()));
         let e = spec("null", r#"{"type": "ByteLevel", "x": tru}"#).unwrap_err().to_string();
         assert!(e.contains("tokenizer.json") && e.contains("expected"), "{e}");
+        // Two ids of one text: the special token's text and id must map to each other.
+        // (with two texts of one id in the model's vocabulary, an added token missing from it
+        // gets the id of the vocabulary's size, here 3, which a token of the vocabulary has)
+        let added = r#""added_tokens": [
+            {"id": 0, "content": "<e>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 3, "content": "<x>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}]"#;
+        let json = TOKENIZER
+            .replace("NORM", "null")
+            .replace("DEC", "null")
+            .replace(r#""added_tokens": []"#, added)
+            .replace(r#""<s>": 0, "</s>": 1"#, r#""<s>": 1, "</s>": 1, "<x>": 3"#);
+        let files = BTreeMap::from([
+            ("tokenizer.json".to_string(), json.into_bytes()),
+            ("tokenizer_config.json".to_string(), br#"{"bos_token": "<e>", "eos_token": "<e>"}"#.to_vec()),
+        ]);
+        let config = Value::Null;
+        let e = tokenizer_spec(Path::new("dir"), &files, &config).unwrap_err().to_string();
+        assert!(e.contains("inconsistent"), "{e}");
         for bad in [r#"{"type": "Precompiled"}"#, r#"{"type": "Sequence", "normalizers": [{"type": "Precompiled", "precompiled_charsmap": "!"}]}"#] {
             let e = spec(bad, "null").unwrap_err().to_string();
             assert!(e.contains("Precompiled"), "{e}");

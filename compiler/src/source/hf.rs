@@ -427,6 +427,20 @@ fn parse_tokenizer(json: &str) -> Result<tokenizers::Tokenizer, String> {
         }
     }
     precompiled_ok(value.get("normalizer").unwrap_or(&Value::Null))?;
+    // Two tokens of one id: which one the id decodes to depends on a hash map's order, so
+    // two loads of the file (the build's, the runtime's) could disagree.
+    if let Some(vocab) = value.pointer("/model/vocab").and_then(Value::as_object) {
+        let mut seen = std::collections::HashMap::new();
+        for (token, id) in vocab {
+            if let Some(other) = id.as_u64().and_then(|id| seen.insert(id, token)) {
+                return Err(format!(
+                    "the model's vocab gives id {id} to both {:?} and {:?}",
+                    crate::gguf::clip(other),
+                    crate::gguf::clip(token)
+                ));
+            }
+        }
+    }
     json.parse().map_err(|e: tokenizers::Error| e.to_string())
 }
 
@@ -533,15 +547,15 @@ mod tests {
     }
 
     /// Tokenizer files the `hf_checkpoint` fuzz target found (the `tokenizers` parser
-    /// panicked on them, or their special token had two ids) are errors.
+    /// panicked on them, their special token had two ids, two tokens had one id) are errors.
     #[test]
     fn bad_tokenizer_json_is_an_error() {
         assert_eq!(spec("null", "null").unwrap().eos, (1, "</s>".to_string()));
         let e = spec("null", r#"{"type": "ByteLevel", "x": tru}"#).unwrap_err().to_string();
         assert!(e.contains("tokenizer.json") && e.contains("expected"), "{e}");
         // Two ids of one text: the special token's text and id must map to each other.
-        // (with two texts of one id in the model's vocabulary, an added token missing from it
-        // gets the id of the vocabulary's size, here 3, which a token of the vocabulary has)
+        // (an added token missing from the model's vocabulary gets the id of the vocabulary's
+        // size, here 3, which a token of the vocabulary has)
         let added = r#""added_tokens": [
             {"id": 0, "content": "<e>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
             {"id": 3, "content": "<x>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}]"#;
@@ -549,7 +563,7 @@ mod tests {
             .replace("NORM", "null")
             .replace("DEC", "null")
             .replace(r#""added_tokens": []"#, added)
-            .replace(r#""<s>": 0, "</s>": 1"#, r#""<s>": 1, "</s>": 1, "<x>": 3"#);
+            .replace(r#""<s>": 0, "</s>": 1"#, r#""<s>": 0, "</s>": 1, "<x>": 3"#);
         let files = BTreeMap::from([
             ("tokenizer.json".to_string(), json.into_bytes()),
             ("tokenizer_config.json".to_string(), br#"{"bos_token": "<e>", "eos_token": "<e>"}"#.to_vec()),
@@ -557,7 +571,15 @@ mod tests {
         let config = Value::Null;
         let e = tokenizer_spec(Path::new("dir"), &files, &config).unwrap_err().to_string();
         assert!(e.contains("inconsistent"), "{e}");
-        for bad in [r#"{"type": "Precompiled"}"#, r#"{"type": "Sequence", "normalizers": [{"type": "Precompiled", "precompiled_charsmap": "!"}]}"#] {
+        // Two tokens of one id.
+        let json = TOKENIZER.replace("NORM", "null").replace("DEC", "null").replace(r#""</s>": 1"#, r#""</s>": 0"#);
+        let files = BTreeMap::from([("tokenizer.json".to_string(), json.into_bytes())]);
+        let e = tokenizer_spec(Path::new("dir"), &files, &Value::Null).unwrap_err().to_string();
+        assert!(e.contains("gives id 0 to both"), "{e}");
+        for bad in [
+            r#"{"type": "Precompiled"}"#,
+            r#"{"type": "Sequence", "normalizers": [{"type": "Precompiled", "precompiled_charsmap": "!"}]}"#,
+        ] {
             let e = spec(bad, "null").unwrap_err().to_string();
             assert!(e.contains("Precompiled"), "{e}");
         }

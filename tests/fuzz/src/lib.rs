@@ -10,9 +10,18 @@
 //!   messages (the render is bounded; see `runtime::chat_template`).
 //! - [`tokenizer`]: the runtime tokenizer's encode, decode and stream decoder on arbitrary
 //!   text and token ids, with round-trip checks.
+//! - [`hf_checkpoint`]: a Hugging Face checkpoint directory (`config.json`, safetensors,
+//!   shard index, tokenizer files, chat template) opened by `compiler::source::open`, lowered
+//!   (verified) and its tokenizer loaded by the runtime tokenizer.
+//! - [`onnx_model`]: an ONNX model (protobuf bytes mutated directly), external data and the
+//!   files beside it, opened, recognized, lowered and its tokenizer loaded, likewise.
+//!
+//! The last two take a model directory packed in one input ([`FILE_MARK`], [`unpack`]), which
+//! they write to a scratch directory on a tmpfs and open with the real reader.
 //!
 //! Seeds are in `seeds/<target>/`, written by `cargo run -p kiln-fuzz --bin gen_seeds` from
-//! [`seeds`] (small generated models, real chat templates, text); the tests of this crate
+//! [`seeds`] (small generated models and checkpoints, ONNX models written once by the Python
+//! peer and committed in `fixtures/` ([`ONNX_FIXTURES`]), real chat templates, text); the tests of this crate
 //! check the committed files are exactly what the generator writes and replay them, with
 //! `crashes/<target>/` (inputs that once crashed a target, kept as regression seeds).
 //! `cargo xtask fuzz` and `cargo xtask test` run each target for a bounded time.
@@ -22,8 +31,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use compiler::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
 use compiler::frontend::FrontendError;
+use compiler::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
 use compiler::source::ModelSource;
 use runtime::chat_template::{ChatTemplate, Message};
 use runtime::tokenizer::Tokenizer;
@@ -609,7 +618,8 @@ fn tokenizer_config(template: Option<&str>) -> Vec<u8> {
 /// `llama-d16-f32.gguf` (1 layer, d_model 16, 2 heads, 1 KV head, d_ff 24, vocabulary 8):
 /// `onnx-f16/model.onnx` with `--dtype f16`, `onnx-external/model.onnx` and its
 /// `model.onnx.data` with `--external-data` (written as `model.onnx` in an empty directory).
-pub const ONNX_FIXTURES: [&str; 3] = ["onnx-f16/model.onnx", "onnx-external/model.onnx", "onnx-external/model.onnx.data"];
+pub const ONNX_FIXTURES: [&str; 3] =
+    ["onnx-f16/model.onnx", "onnx-external/model.onnx", "onnx-external/model.onnx.data"];
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = crate_dir().join("fixtures").join(name);
@@ -683,7 +693,11 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         out.push(("gguf_build", name.to_string(), llama_gguf(&shape, name.len() as u64)));
     }
     out.push(("gguf_build", "vocab-only.gguf".to_string(), tiny_vocab_gguf()));
-    out.push(("gguf_build", "llama-d16-f32.gguf".to_string(), llama_gguf(&q(1, 16, 24, 2, 1, GgmlType::F32, true, false), 16)));
+    out.push((
+        "gguf_build",
+        "llama-d16-f32.gguf".to_string(),
+        llama_gguf(&q(1, 16, 24, 2, 1, GgmlType::F32, true, false), 16),
+    ));
     let tokenizer = tiny_tokenizer_json();
     let llama3 = TEMPLATES[1].1;
     let h = |n_layers, d_model, d_ff, n_heads, n_kv_heads, vocab, dtype, tied, sharded| HfShape {
@@ -703,10 +717,17 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         (
             "tied-bf16-vocab",
             h(1, 16, 24, 2, 1, 271, Dtype::BF16, true, false),
-            vec![("tokenizer_config.json", tokenizer_config(Some(SMOLLM2_TEMPLATE))), ("generation_config.json", br#"{"bos_token_id": 1, "eos_token_id": [2, 0]}"#.to_vec())],
+            vec![
+                ("tokenizer_config.json", tokenizer_config(Some(SMOLLM2_TEMPLATE))),
+                ("generation_config.json", br#"{"bos_token_id": 1, "eos_token_id": [2, 0]}"#.to_vec()),
+            ],
         ),
         // Shards, a chat_template.jinja, special tokens by id in config.json.
-        ("sharded-f16", h(2, 16, 16, 4, 2, 8, Dtype::F16, false, true), vec![("chat_template.jinja", llama3.as_bytes().to_vec())]),
+        (
+            "sharded-f16",
+            h(2, 16, 16, 4, 2, 8, Dtype::F16, false, true),
+            vec![("chat_template.jinja", llama3.as_bytes().to_vec())],
+        ),
         ("f32", h(1, 8, 8, 2, 2, 8, Dtype::F32, false, false), vec![("tokenizer_config.json", tokenizer_config(None))]),
     ] {
         let mut files = hf_checkpoint_files(&shape, name.len() as u64);

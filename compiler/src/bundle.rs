@@ -40,7 +40,8 @@ pub struct BuildOptions {
     pub context: Option<u32>,
     /// Most tokens per call of the compiled entry point (prefill chunk).
     pub batch: u32,
-    pub embed_weights: bool,
+    /// Where the packed weights go (`--weights`).
+    pub weights: WeightsPlacement,
     pub dump_after: Vec<String>,
     /// The C compiler driver that links `lib/libkiln_model.so` from the static library for
     /// runners that open bundles without relinking (`cc`, `aarch64-linux-gnu-gcc`); `None` for
@@ -61,10 +62,58 @@ pub struct BuildOptions {
     pub activations: ir::ActDType,
 }
 
+/// Where a bundle's packed weights go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightsPlacement {
+    /// In the library when they are at most [`MAX_EMBEDDED_WEIGHTS`] bytes, else in
+    /// `weights.bin` (the build says so in its notes).
+    #[default]
+    Auto,
+    /// In the library's read-only data; refused beyond [`MAX_EMBEDDED_WEIGHTS`].
+    Embedded,
+    /// In the bundle's `weights.bin`, mapped by the runtime.
+    File,
+}
+
+/// The most packed weight bytes a library embeds. Code reaches its read-only data with 32-bit
+/// PC-relative offsets (x86-64's small code model: ±2 GiB for the whole program, the app's own
+/// code and data included; aarch64's ADRP: ±4 GiB), and a larger blob fails in the linker
+/// with pages of `relocation truncated to fit`. 1 GiB leaves the other half to the program;
+/// larger models (a 3B model in 4 bits and up) get `weights.bin`, which the runtime maps, at
+/// the same memory and load cost.
+pub const MAX_EMBEDDED_WEIGHTS: u64 = 1 << 30;
+
+impl WeightsPlacement {
+    /// Whether `weights_bytes` of packed weights are embedded, and a note when `Auto` chose the
+    /// file for their size; an error when `Embedded` cannot hold them.
+    pub fn resolve(self, weights_bytes: u64) -> Result<(bool, Option<String>), String> {
+        let fits = weights_bytes <= MAX_EMBEDDED_WEIGHTS;
+        let size = format!("{:.2} GiB", weights_bytes as f64 / (1u64 << 30) as f64);
+        match self {
+            WeightsPlacement::File => Ok((false, None)),
+            WeightsPlacement::Auto if fits => Ok((true, None)),
+            WeightsPlacement::Auto => Ok((
+                false,
+                Some(format!(
+                    "weights: {size} packed, more than the {} GiB a library embeds: written to weights.bin \
+                     beside it (the runtime maps it; pass its path to kiln_session_new)",
+                    MAX_EMBEDDED_WEIGHTS >> 30
+                )),
+            )),
+            WeightsPlacement::Embedded if fits => Ok((true, None)),
+            WeightsPlacement::Embedded => Err(format!(
+                "--weights embedded: {size} of packed weights is more than a library can embed ({} GiB, the \
+                 reach of its code's PC-relative addressing); build with --weights file (or the default, auto)",
+                MAX_EMBEDDED_WEIGHTS >> 30
+            )),
+        }
+    }
+}
+
 impl BuildOptions {
     /// `model` compiled for `target` into `out`, every other option at `build-model`'s default:
     /// the target's default device, the model's context (at most [`DEFAULT_CONTEXT`]), batch
-    /// 512, weights embedded, no shared library for runners, no pruning, requantization or
+    /// 512, weights embedded when they fit (see [`WeightsPlacement`]), no shared library for runners, no pruning, requantization or
     /// LoRA, an f32 KV cache and q16 activations. Set the rest with struct update syntax.
     pub fn new(model: impl Into<PathBuf>, target: impl Into<String>, out: impl Into<PathBuf>) -> Self {
         BuildOptions {
@@ -74,7 +123,7 @@ impl BuildOptions {
             out: out.into(),
             context: None,
             batch: 512,
-            embed_weights: true,
+            weights: WeightsPlacement::Auto,
             dump_after: vec![],
             shared_linker: None,
             prune: None,
@@ -248,6 +297,7 @@ pub fn header(name: &str, hp: &frontend::Hyperparameters, context: u32, batch: u
 pub fn fingerprint(
     model_sha256: &str,
     opts: &BuildOptions,
+    embed_weights: bool,
     target: &impl serde::Serialize,
     context: u32,
     adapter_sha256: &[&str],
@@ -261,7 +311,7 @@ pub fn fingerprint(
         opts.device.as_deref().unwrap_or("(default)"),
         serde_json::to_string(target).expect("json"),
         opts.batch,
-        if opts.embed_weights { "embedded" } else { "file" },
+        if embed_weights { "embedded" } else { "file" },
         opts.prune.as_ref().map_or("none".to_string(), |p| p.to_string()),
         opts.quant,
         opts.kv_cache.name(),
@@ -342,7 +392,7 @@ pub fn build_model_checked(
     let adapter_digests: Vec<&str> = adapters.iter().map(|a| a.sha256.as_str()).collect();
     let mut copts = CompileOptions {
         batch: opts.batch,
-        embed_weights: opts.embed_weights,
+        embed_weights: true, // decided below, once the packed size is known
         pipeline: crate::passes::PipelineOptions {
             dump_after: opts.dump_after.clone(),
             prune: opts.prune.clone(),
@@ -361,7 +411,10 @@ pub fn build_model_checked(
     // and the packing, which do not need it: one more task on rayon's pool, not a thread.
     let (sha256, prepared) = rayon::join(|| source.sha256(), || crate::prepare(model, target.as_ref(), &copts));
     let prepared = prepared.map_err(BuildError::Compile)?;
-    let build_id = fingerprint(&sha256, opts, &target.summary(), context, &adapter_digests);
+    let (embed_weights, placement_note) =
+        opts.weights.resolve(prepared.weights_bytes()).map_err(BuildError::Refused)?;
+    copts.embed_weights = embed_weights;
+    let build_id = fingerprint(&sha256, opts, embed_weights, &target.summary(), context, &adapter_digests);
     copts.fingerprint = build_id;
     // The weights are packed: free the model file before code generation copies them again.
     let source_kind = source.kind();
@@ -369,6 +422,7 @@ pub fn build_model_checked(
     let mut compiled = crate::finish(prepared, target.as_ref(), &copts).map_err(BuildError::Compile)?;
     // Pruning changes the layer count the manifest and the header state.
     hp.n_layers = compiled.kv_layers;
+    compiled.notes.extend(placement_note);
     stage_times.push((Stage::Compile.name().to_string(), t.elapsed()));
     for (n, d) in &compiled.timings {
         stage_times.push((format!("  {n}"), *d));
@@ -395,7 +449,7 @@ pub fn build_model_checked(
         "compile_options": {
             "context": context,
             "batch": opts.batch,
-            "embed_weights": opts.embed_weights,
+            "embed_weights": embed_weights,
             "kv_cache": opts.kv_cache.name(),
             "activations": format!("{} blocks of 32 for quantized matmuls, f32 elsewhere", opts.activations.name()),
             "prune_layers": opts.prune.as_ref().map(|p| p.to_string()),
@@ -422,7 +476,7 @@ pub fn build_model_checked(
             "header": "include/kiln_model.h",
             "tokenizer": "tokenizer.json",
             "ir": "model.kir",
-            "weights": if opts.embed_weights { None } else { Some("weights.bin") },
+            "weights": if embed_weights { None } else { Some("weights.bin") },
             "shared_library": opts.shared_linker.as_ref().map(|_| "lib/libkiln_model.so"),
         },
         "memory": {
@@ -441,7 +495,7 @@ pub fn build_model_checked(
     files.push(("tokenizer.json", tokenizer.json.as_bytes()));
     files.push(("manifest.json", manifest_text.as_bytes()));
     files.push(("model.kir", compiled.final_ir.as_bytes()));
-    if !opts.embed_weights {
+    if !embed_weights {
         files.push(("weights.bin", &compiled.weights));
     }
     outdir::write_bundle_dir(out, &files, |dir| match &opts.shared_linker {
@@ -468,6 +522,26 @@ pub fn build_model_checked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Weights that fit are embedded unless the file is asked for; beyond the limit the
+    /// default writes weights.bin and says so, and forcing them in is a one-line error that
+    /// names `--weights file` (before: a linker dump of truncated relocations).
+    #[test]
+    fn weights_beyond_the_code_models_reach_go_to_a_file() {
+        let fits = MAX_EMBEDDED_WEIGHTS;
+        let big = (41u64 << 30) / 10; // an 8B model in 4 bits
+        assert_eq!(WeightsPlacement::Auto.resolve(fits), Ok((true, None)));
+        assert_eq!(WeightsPlacement::Embedded.resolve(fits), Ok((true, None)));
+        assert_eq!(WeightsPlacement::File.resolve(fits), Ok((false, None)));
+        assert_eq!(WeightsPlacement::File.resolve(big), Ok((false, None)));
+        let (embed, note) = WeightsPlacement::Auto.resolve(fits + 1).unwrap();
+        assert!(!embed);
+        assert!(note.is_some_and(|n| n.contains("weights.bin")));
+        let (embed, note) = WeightsPlacement::Auto.resolve(big).unwrap();
+        assert!(!embed && note.is_some_and(|n| n.contains("4.10 GiB")));
+        let err = WeightsPlacement::Embedded.resolve(big).unwrap_err();
+        assert!(err.contains("--weights file") && !err.contains('\n'), "{err}");
+    }
 
     /// Removes C comments (the header has no string literals holding comment markers).
     fn strip_c_comments(text: &str) -> String {

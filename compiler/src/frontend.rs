@@ -193,6 +193,23 @@ impl Hyperparameters {
         }
         Ok(())
     }
+
+    /// How many weight elements [`lower`] asks a source for, the head counted even when tied
+    /// (saturating: for a bound, never an allocation).
+    pub fn weight_elements(&self) -> u64 {
+        let (d, ff, vocab) = (self.d_model as u64, self.d_ff as u64, self.vocab as u64);
+        let kv = self.n_kv_heads as u64 * self.head_dim as u64;
+        // Two norms, q and o (d x d), k and v (d x kv), gate, up and down (d x ff).
+        let layer = [2 * d, d.saturating_mul(d), d.saturating_mul(d), d.saturating_mul(kv), d.saturating_mul(kv)]
+            .into_iter()
+            .chain([d.saturating_mul(ff); 3])
+            .fold(0u64, u64::saturating_add);
+        // The embedding and the head, then the final norm.
+        (self.n_layers as u64)
+            .saturating_mul(layer)
+            .saturating_add(vocab.saturating_mul(d).saturating_mul(2))
+            .saturating_add(d)
+    }
 }
 
 /// The checked hyperparameters of the model in `source`.

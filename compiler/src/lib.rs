@@ -5,7 +5,9 @@
 //! ([`compile`] for a graph, [`gguf`], [`frontend`], [`passes`], [`pack`], [`codegen`]) are
 //! public for tests and tools.
 
-#![forbid(unsafe_code)]
+// The compiler emits bytes, it never runs them. One `unsafe` block, allowed where it is:
+// mapping a model's weight file read-only (`source::files`).
+#![deny(unsafe_code)]
 
 pub mod bundle;
 pub mod codegen;
@@ -112,6 +114,13 @@ pub struct Prepared {
     packed: pack::Packed,
     timings: Vec<(String, Duration)>,
     notes: Vec<String>,
+}
+
+impl Prepared {
+    /// Bytes of the packed weights blob (what a library embeds or `weights.bin` holds).
+    pub fn weights_bytes(&self) -> u64 {
+        self.packed.blob.len() as u64
+    }
 }
 
 /// The first half of [`compile`]: checks the options, runs the pass pipeline on `model`, plans

@@ -223,6 +223,9 @@ pub extern "C" fn kiln_pool_new(n_threads: c_int) -> *mut KilnPool {
 /// left, and sessions opened in it stay usable. Returns 0, or -1 for a pointer that is not
 /// a live pool (freed already).
 #[no_mangle]
+// Safe to call with any pointer: it is dereferenced only when found in the registry of live
+// pools, so this is not an `unsafe fn` (clippy cannot see the registry check).
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub extern "C" fn kiln_pool_free(pool: *mut KilnPool) -> c_int {
     if pool.is_null() {
         return 0;

@@ -75,6 +75,8 @@ pub enum TemplateLimit {
     Recursion,
     /// The rendered text would exceed this many bytes.
     Output(usize),
+    /// The template's source is longer than this many bytes ([`MAX_SOURCE_BYTES`]).
+    Source(usize),
 }
 
 /// A template that failed to compile or render (including `raise_exception` calls and
@@ -112,6 +114,13 @@ impl fmt::Display for TemplateError {
             ),
             Some(TemplateLimit::Output(n)) => {
                 write!(f, "chat template output exceeded {n} bytes (runaway output in the template?)")
+            }
+            Some(TemplateLimit::Source(n)) => {
+                write!(
+                    f,
+                    "chat template is longer than the {n} bytes kiln compiles (real ones are a few KiB): {}",
+                    self.inner
+                )
             }
             None => write!(f, "chat template: {}", self.inner),
         }
@@ -180,6 +189,20 @@ pub const RECURSION_LIMIT: usize = 200;
 pub const MAX_PRINT_DEPTH: usize = 256;
 /// The most containers and items one print may walk (the check costs a step per 64 of them).
 pub const MAX_PRINT_NODES: usize = 1 << 20;
+/// The longest template source kiln compiles. Real chat templates are a few KiB (Llama 3.1's
+/// and Qwen3's about 4-7 KiB); 256 KiB bounds the time and the stack compiling one takes.
+pub const MAX_SOURCE_BYTES: usize = 256 << 10;
+/// Stack bytes the compiling thread gets per byte of the template's source, plus
+/// [`BASE_STACK`]. minijinja parses a chain of operators (`1+1+1...`, `-----1`, `x()()()`,
+/// `{% elif %}` after `{% elif %}`) without a depth limit and then compiles and drops the
+/// syntax tree recursively: measured on a release build's 8 MiB main thread, a chain of
+/// unary minus overflowed at 21k levels of 1 byte each (400 bytes of stack per source byte;
+/// binary operators and calls 160-180, `elif` about 90), so 1 KiB per byte leaves a margin.
+/// Builds with debug assertions (the fuzz targets') get 4 KiB.
+#[cfg(not(debug_assertions))]
+pub const COMPILE_STACK_PER_BYTE: usize = 1024;
+#[cfg(debug_assertions)]
+pub const COMPILE_STACK_PER_BYTE: usize = 4096;
 /// The rendered prompt may hold this many bytes plus `OUTPUT_PER_INPUT_BYTE` per byte of the
 /// conversation.
 pub const BASE_OUTPUT_BYTES: usize = 4 << 20;
@@ -226,7 +249,36 @@ impl fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// Compiles `source`. Syntax errors are reported here; `bos_token` and `eos_token` are the
     /// strings the template sees under those names.
+    ///
+    /// Compiling is bounded too: a source longer than [`MAX_SOURCE_BYTES`] is refused
+    /// ([`TemplateLimit::Source`]), and the parse runs on a thread of its own whose stack is
+    /// sized from the source's length ([`COMPILE_STACK_PER_BYTE`]), never on the caller's.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
+        if source.len() > MAX_SOURCE_BYTES {
+            let inner = Error::new(ErrorKind::SyntaxError, format!("the template is {} bytes", source.len()));
+            return Err(TemplateError { inner, limit: Some(TemplateLimit::Source(MAX_SOURCE_BYTES)) });
+        }
+        let stack = BASE_STACK.saturating_add(COMPILE_STACK_PER_BYTE.saturating_mul(source.len()));
+        std::thread::scope(|scope| {
+            let thread = std::thread::Builder::new()
+                .name("kiln-chat-template-compile".into())
+                .stack_size(stack)
+                .spawn_scoped(scope, || Self::compile(source, bos_token, eos_token))
+                .map_err(|e| TemplateError {
+                    inner: Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!(
+                            "cannot start the thread that compiles the chat template ({stack} bytes of stack): {e}"
+                        ),
+                    ),
+                    limit: None,
+                })?;
+            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// [`ChatTemplate::new`] on the calling thread.
+    fn compile(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         env.set_syntax(minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build()?);
         env.add_function("raise_exception", raise_exception);
@@ -604,6 +656,7 @@ mod tests {
                 Some(TemplateLimit::Steps(_)) => assert!(msg.contains("exceeded its step budget"), "{name}: {msg}"),
                 Some(TemplateLimit::Recursion) => assert!(msg.contains("recursion limit"), "{name}: {msg}"),
                 Some(TemplateLimit::Output(_)) => assert!(msg.contains("output exceeded"), "{name}: {msg}"),
+                Some(TemplateLimit::Source(_)) => assert!(msg.contains("longer than"), "{name}: {msg}"),
                 None => assert!(msg.starts_with("chat template: "), "{name}: {msg}"),
             }
         }
@@ -677,6 +730,51 @@ mod tests {
         }
         // The walks did reach deep data (not all stopped early by the budget).
         assert!(deepest > 20_000, "deepest walked structure: {deepest} levels");
+    }
+
+    /// Chains of operators as long as a template may be: minijinja parses them without a depth
+    /// limit and compiles and drops the tree recursively (a release build's 8 MiB main thread
+    /// overflowed on 21k unary minuses). Compiled from a thread with a C host's small stack
+    /// (256 KiB), each compiles or fails with an error, and a longer source is refused.
+    #[test]
+    fn long_operator_chains_compile_on_a_small_stack() {
+        let fill = |head: &str, unit: &str, tail: &str| {
+            let n = (MAX_SOURCE_BYTES - head.len() - tail.len()) / unit.len();
+            format!("{head}{}{tail}", unit.repeat(n))
+        };
+        let sources = [
+            ("minus", fill("{{ ", "-", "1 }}")),
+            ("not", fill("{{ ", "not ", "1 }}")),
+            ("plus", fill("{{ 1", "+1", " }}")),
+            ("call", fill("{{ x", "()", " }}")),
+            ("method", fill("{{ x", ".strip()", " }}")),
+            ("test", fill("{{ x", " is not none", " }}")),
+            ("and", fill("{{ 1", " and 1", " }}")),
+            ("elif", fill("{% if 0 %}", "{% elif 0 %}", "{% endif %}")),
+        ];
+        for (name, source) in &sources {
+            assert!(source.len() <= MAX_SOURCE_BYTES && source.len() > MAX_SOURCE_BYTES - 16, "{name}");
+            let result = std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn({
+                    let source = source.clone();
+                    move || {
+                        ChatTemplate::new(&source, "", "")
+                            .and_then(|t| t.render(&[Message::user("x")], true))
+                            .map(|_| ())
+                    }
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            if let Err(e) = result {
+                assert_ne!(e.limit(), Some(TemplateLimit::Source(MAX_SOURCE_BYTES)), "{name}: {e}");
+            }
+        }
+        let long = format!("{}x", " ".repeat(MAX_SOURCE_BYTES));
+        let err = ChatTemplate::new(&long, "", "").unwrap_err();
+        assert_eq!(err.limit(), Some(TemplateLimit::Source(MAX_SOURCE_BYTES)));
+        assert!(err.to_string().contains("longer than"), "{err}");
     }
 
     /// The Llama 3 Instruct template (Meta-Llama-3-8B-Instruct `tokenizer_config.json`).

@@ -347,7 +347,8 @@ unsafe impl Sync for SharedLib {}
 /// conversations decoded 40 % fewer tokens/s in total than one.
 pub struct Library {
     desc: &'static ModelDesc,
-    external_weights: Option<AlignedBuf>,
+    /// `weights.bin`, mapped read-only, for a library built with `--weights file`.
+    external_weights: Option<memmap2::Mmap>,
     /// The threads its kernels run on, shared with every library of this process that asks
     /// for as many (see [`crate::pool::shared_workers`]); one call at a time on them.
     workers: Arc<Workers>,
@@ -446,7 +447,7 @@ impl Library {
         if sym.is_null() {
             return Err(ProgramError::Load(format!("{} has no kiln_model symbol", path.display())));
         }
-        if sym as usize % std::mem::align_of::<ModelDesc>() != 0 {
+        if !(sym as usize).is_multiple_of(std::mem::align_of::<ModelDesc>()) {
             return Err(ProgramError::Load(format!("{}: kiln_model is misaligned", path.display())));
         }
         let base = object_base(sym)
@@ -525,7 +526,7 @@ impl Library {
 
     fn weights(&self) -> *const u8 {
         match &self.external_weights {
-            Some(w) => w.ptr as *const u8,
+            Some(w) => w.as_ptr(),
             None => self.desc.0.weights(),
         }
     }
@@ -673,19 +674,37 @@ fn object_base(addr: *const c_void) -> Option<usize> {
     (!info.dli_fbase.is_null()).then_some(info.dli_fbase as usize)
 }
 
-/// Reads a weights file into aligned memory and checks it against the descriptor.
-fn read_weights(path: &Path, desc: &ModelDesc) -> Result<AlignedBuf, ProgramError> {
+/// Maps a weights file read-only and checks it against the descriptor, without copying it:
+/// its pages are read on first use and shared with every process that maps the same file
+/// (serve's sessions, several apps using one bundle), and resident memory is what the
+/// kernels touch, as with llama.cpp's mmap.
+fn read_weights(path: &Path, desc: &ModelDesc) -> Result<memmap2::Mmap, ProgramError> {
     let err = |m: String| ProgramError::Weights(format!("{}: {m}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    if bytes.len() as u64 != desc.weights_bytes() {
-        return Err(err(format!("{} bytes, the library expects {}", bytes.len(), desc.weights_bytes())));
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
     }
-    if weights_checksum(&bytes) != desc.0.weights_checksum() {
+    if meta.len() != desc.weights_bytes() {
+        return Err(err(format!("{} bytes, the library expects {}", meta.len(), desc.weights_bytes())));
+    }
+    if meta.len() == 0 {
+        return Err(err("empty (no weights)".into()));
+    }
+    // SAFETY: a private read-only mapping of a regular file of the checked length. Nothing in
+    // this process writes through it (the kernels only read weights). Another process
+    // truncating or rewriting the file while it is mapped would change or remove pages under
+    // us; like llama.cpp with its mmap, kiln assumes a bundle's weights.bin is not modified
+    // while a model uses it (kiln itself never rewrites a bundle in place: builds replace
+    // whole output directories).
+    let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.map_err(|e| err(e.to_string()))?;
+    if map.len() as u64 != desc.weights_bytes() {
+        return Err(err(format!("mapped {} bytes, the library expects {}", map.len(), desc.weights_bytes())));
+    }
+    if weights_checksum(&map) != desc.0.weights_checksum() {
         return Err(err("checksum mismatch: these weights belong to another build".into()));
     }
-    let mut buf = AlignedBuf::zeroed(bytes.len())?;
-    buf.as_mut_slice()[..bytes.len()].copy_from_slice(&bytes);
-    Ok(buf)
+    Ok(map)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use compiler::bundle::{build_model, BuildOptions};
+use compiler::bundle::{build_model, BuildOptions, WeightsPlacement};
 use compiler::{compile, CompileOptions};
 use ir::interp::{self, KvCache, Tensor};
 use ir::parse::parse_graph;
@@ -379,7 +379,7 @@ fn android_bundle_holds_aarch64_code_and_the_runtime_builds_for_android() {
         device: Some("snapdragon-865".into()),
         context: Some(1024),
         batch: 64,
-        embed_weights: false,
+        weights: WeightsPlacement::File,
         ..BuildOptions::new(model_path(), "aarch64-linux-android", bundle.clone())
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));

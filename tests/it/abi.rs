@@ -11,7 +11,7 @@ use std::mem::{offset_of, size_of};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use compiler::bundle::{build_model, BuildOptions};
+use compiler::bundle::{build_model, BuildOptions, WeightsPlacement};
 use ir::QuantFormat;
 use runtime::program::{Input, KilnCtx, ModelDesc, Program, ProgramError};
 use runtime::session::Session;
@@ -107,7 +107,7 @@ pub(crate) fn tiny_bundle(
     let opts = BuildOptions {
         context: Some(context),
         batch: 4,
-        embed_weights,
+        weights: if embed_weights { WeightsPlacement::Embedded } else { WeightsPlacement::File },
         ..BuildOptions::new(gguf, targets::host_triple().expect("a supported host").to_string(), bundle.clone())
     };
     build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));

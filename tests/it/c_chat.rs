@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use compiler::bundle::{build_model, BuildOptions};
+use compiler::bundle::{build_model, BuildOptions, WeightsPlacement};
 use tests::harness::scratch_dir;
 
 const PROMPT: &str = "What is the capital of France?";
@@ -26,7 +26,7 @@ fn app() -> &'static (PathBuf, PathBuf) {
         let opts = BuildOptions {
             context: Some(512),
             batch: 64,
-            embed_weights: false,
+            weights: WeightsPlacement::File,
             ..BuildOptions::new(model_path(), "x86_64-unknown-linux-gnu", bundle.clone())
         };
         build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("build failed: {e}"));

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use compiler::bundle::{build_model, BuildOptions};
+use compiler::bundle::{build_model, BuildOptions, WeightsPlacement};
 use runtime::sampling::SamplerConfig;
 use runtime::session::{Session, SessionError};
 use tests::harness::{argmax, max_diff, scratch_dir};
@@ -42,7 +42,7 @@ fn build_with(model: &Path, out: &Path, embed_weights: bool, kv_cache: ir::KvDTy
     let opts = BuildOptions {
         context: Some(512),
         batch: 16,
-        embed_weights,
+        weights: if embed_weights { WeightsPlacement::Embedded } else { WeightsPlacement::File },
         shared_linker: Some("cc".into()),
         kv_cache,
         activations,
@@ -294,4 +294,28 @@ fn one_runner_opens_two_bundles_at_once() {
     let ids = [1, 504, 3458, 282, 4649, 314];
     let (la, lb) = (a.eval(&ids, true).unwrap(), b.eval(&ids, true).unwrap());
     assert_eq!(la, lb, "the same model from two bundles must give the same logits");
+    // weights.bin is mapped, not read into a copy: its pages are the file's (shared between
+    // processes using the bundle), and the mapping is read-only.
+    let weights = file.join("weights.bin").canonicalize().unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let mapping = maps.lines().find(|l| l.ends_with(&*weights.to_string_lossy()));
+    let mapping = mapping.unwrap_or_else(|| panic!("{} is not mapped:\n{maps}", weights.display()));
+    assert!(mapping.split_whitespace().nth(1).is_some_and(|perms| perms.starts_with("r--")), "{mapping}");
+    // A weights file of another length, or with one bit changed, is refused with the reason.
+    let so = file.join(runtime::cli::SHARED_LIBRARY);
+    let bytes = std::fs::read(&weights).unwrap();
+    let bad = dir.join("bad-weights.bin");
+    let refusal = |what: &[u8]| {
+        std::fs::write(&bad, what).unwrap();
+        match runtime::program::Program::load_shared(&so, Some(&bad), 1) {
+            Ok(_) => panic!("a bad weights file was accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = refusal(&bytes[..bytes.len() - 1]);
+    assert!(e.contains("the library expects"), "{e}");
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 1;
+    let e = refusal(&flipped);
+    assert!(e.contains("checksum"), "{e}");
 }

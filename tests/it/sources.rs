@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use compiler::bundle::{build_model, BuildError, BuildOptions};
+use compiler::bundle::{build_model, BuildError, BuildOptions, WeightsPlacement};
 use ir::QuantFormat;
 use runtime::session::Session;
 use serde_json::Value;
@@ -224,7 +224,7 @@ fn smollm2_as_a_checkpoint_compiles_to_the_same_model() {
     let gguf = smollm2_f32(&dir);
     let (from_gguf, from_hf, hf) = (dir.join("bundle-gguf"), dir.join("bundle-hf"), dir.join("hf"));
     let build = |model: &Path, out: &Path| {
-        let opts = BuildOptions { embed_weights: false, ..options(model, out, 512) };
+        let opts = BuildOptions { weights: WeightsPlacement::File, ..options(model, out, 512) };
         build_model(&opts, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     };
     build(&gguf, &from_gguf);
@@ -497,4 +497,233 @@ fn onnx_graphs_kiln_does_not_know_are_refused_with_the_node_named() {
         assert!(msg.len() < 600, "{what}: {msg}");
         assert!(!out.exists(), "{what}: something was written");
     }
+}
+
+/// Builds `model` into `dir/out-WHAT`, which must fail naming every one of `needles` (and
+/// write nothing); returns the message.
+fn refused(dir: &Path, what: &str, model: &Path, needles: &[&str]) -> String {
+    let out = dir.join(format!("out-{}", what.replace(' ', "-")));
+    let e = build_model(&options(model, &out, 64), &mut |_| {}).expect_err(what).to_string();
+    for n in needles {
+        assert!(e.contains(n), "{what}: {e:?} does not name {n:?}");
+    }
+    assert!(e.len() < 600, "{what}: {e}");
+    assert!(!out.exists(), "{what}: something was written");
+    e
+}
+
+/// Replaces the file `at` by a symbolic link to `to`.
+fn symlink(to: impl AsRef<Path>, at: &Path) {
+    let _ = std::fs::remove_file(at);
+    std::os::unix::fs::symlink(to, at).unwrap();
+}
+
+/// A checkpoint's files are resolved before they are read: one that is a symbolic link out of
+/// the directory (a chat template pointing at a secret, the tokenizer, a shard, the config) is
+/// refused with the file and where it points named, rather than embedded in the bundle.
+/// Links that stay inside the directory are followed.
+#[test]
+fn checkpoint_files_linking_out_of_the_directory_are_refused() {
+    let dir = scratch_dir("sources/symlinks");
+    let (_, _, hf) = small_model(&dir, 5);
+    let secret = dir.join("secret.txt");
+    std::fs::write(&secret, "{{ 'the secret' }}").unwrap();
+    let elsewhere = dir.join("elsewhere");
+    copy_files(&hf, &elsewhere, None);
+    let fresh = |name: &str| -> PathBuf {
+        let to = dir.join(name);
+        let _ = std::fs::remove_dir_all(&to);
+        copy_files(&hf, &to, None);
+        to
+    };
+    let d = fresh("template");
+    symlink(&secret, &d.join("chat_template.jinja"));
+    let e = refused(&dir, "template", &d, &["chat_template.jinja", "secret.txt", "outside"]);
+    assert!(!e.contains("the secret"), "{e}");
+    for name in ["tokenizer.json", "model.safetensors", "config.json", "generation_config.json"] {
+        let d = fresh(name);
+        symlink(Path::new("../elsewhere").join(name), &d.join(name));
+        refused(&dir, name, &d, &[name, "elsewhere", "outside"]);
+    }
+    // A link through a linked subdirectory is resolved the same way.
+    let d = fresh("subdir");
+    std::os::unix::fs::symlink(&elsewhere, d.join("sub")).unwrap();
+    symlink("sub/tokenizer_config.json", &d.join("tokenizer_config.json"));
+    refused(&dir, "subdir", &d, &["tokenizer_config.json", "elsewhere", "outside"]);
+    // Not a regular file.
+    let d = fresh("dir");
+    std::fs::remove_file(d.join("chat_template.jinja")).ok();
+    std::fs::create_dir(d.join("chat_template.jinja")).unwrap();
+    refused(&dir, "dir", &d, &["chat_template.jinja", "not a regular file"]);
+    // A FIFO (opening it would block).
+    let d = fresh("fifo");
+    std::fs::remove_file(d.join("tokenizer_config.json")).unwrap();
+    let made = Command::new("mkfifo").arg(d.join("tokenizer_config.json")).status().expect("mkfifo");
+    assert!(made.success());
+    refused(&dir, "fifo", &d, &["tokenizer_config.json", "not a regular file"]);
+    // Links inside the directory are fine.
+    let d = fresh("inside");
+    std::fs::create_dir(d.join("real")).unwrap();
+    for name in ["tokenizer.json", "model.safetensors"] {
+        std::fs::rename(d.join(name), d.join("real").join(name)).unwrap();
+        symlink(Path::new("real").join(name), &d.join(name));
+    }
+    build_model(&options(&d, &dir.join("out-inside"), 64), &mut |_| {}).expect("links inside the directory");
+}
+
+/// Hugging Face's cache keeps a snapshot's files as links into the repository's `blobs`:
+/// such a snapshot builds, to the same model (and the same digest) as the plain directory,
+/// while a snapshot linking into another repository's blobs is refused.
+#[test]
+fn a_hugging_face_cache_snapshot_builds_like_the_plain_directory() {
+    let dir = scratch_dir("sources/hf-cache");
+    let (_, _, hf) = small_model(&dir, 6);
+    let repo = dir.join("hub/models--org--tiny");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for (i, entry) in std::fs::read_dir(&hf).unwrap().enumerate() {
+        let name = entry.unwrap().file_name();
+        let blob = format!("{i:064x}");
+        std::fs::copy(hf.join(&name), repo.join("blobs").join(&blob)).unwrap();
+        symlink(Path::new("../../blobs").join(&blob), &snapshot.join(&name));
+    }
+    let (plain, cached) = (dir.join("out-plain"), dir.join("out-cached"));
+    build_model(&options(&hf, &plain, 64), &mut |_| {}).unwrap();
+    build_model(&options(&snapshot, &cached, 64), &mut |_| {}).unwrap_or_else(|e| panic!("the snapshot: {e}"));
+    let (a, b) = (manifest(&cached), manifest(&plain));
+    assert_eq!(a["source"]["sha256"], b["source"]["sha256"], "the same files, the same digest");
+    assert_eq!(a["source"]["format"], "safetensors");
+    assert_eq!(manifest(&cached)["tokenizer"], manifest(&plain)["tokenizer"]);
+    assert_eq!(ir_body(&cached), ir_body(&plain));
+    // Another repository's blob is outside this one.
+    let other = dir.join("hub/models--org--other/blobs");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("feed"), "{{ 'not this repository' }}").unwrap();
+    symlink("../../../models--org--other/blobs/feed", &snapshot.join("chat_template.jinja"));
+    refused(&dir, "other repository", &snapshot, &["chat_template.jinja", "models--org--other", "outside"]);
+}
+
+/// External data of an ONNX model is read from the model's directory: a location that leaves
+/// it through a linked subdirectory is refused with the location and where it points named.
+#[test]
+fn onnx_external_data_linking_out_of_the_directory_is_refused() {
+    let dir = scratch_dir("sources/onnx-symlinks");
+    let (gguf, _, hf) = small_model(&dir, 7);
+    let onnx = to_onnx(&gguf, &hf, &dir.join("model"), &["--external-data"]);
+    // The location `model.onnx.data` (every external tensor's) becomes `esc/model.data1` (same
+    // length, so the protobuf stays valid), `esc` a link to a directory outside holding the data.
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    let (from, to) = (b"model.onnx.data", b"esc/model.data1");
+    let mut replaced = 0;
+    while let Some(at) = bytes.windows(from.len()).position(|w| w == from) {
+        bytes[at..at + from.len()].copy_from_slice(to);
+        replaced += 1;
+    }
+    assert!(replaced > 0, "the location in the model");
+    std::fs::write(&onnx, &bytes).unwrap();
+    let outside = dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::rename(dir.join("model/model.onnx.data"), outside.join("model.data1")).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join("model/esc")).unwrap();
+    refused(&dir, "escape", &onnx, &["esc/model.data1", "outside", "model.data1"]);
+    // The same location, the subdirectory inside: builds.
+    std::fs::remove_file(dir.join("model/esc")).unwrap();
+    std::fs::rename(&outside, dir.join("model/esc")).unwrap();
+    build_model(&options(&onnx, &dir.join("out-inside"), 64), &mut |_| {}).expect("data in a subdirectory");
+}
+
+/// The peak resident memory of this process in bytes (`VmHWM`).
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/self/status");
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// Makes `path` a sparse file of 1 TiB (failing, not passing, when the filesystem cannot).
+fn make_huge(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(1 << 40).unwrap_or_else(|e| panic!("{}: cannot make a sparse 1 TiB file here: {e}", path.display()));
+    let m = f.metadata().unwrap();
+    assert_eq!(m.len(), 1 << 40);
+    assert!(m.blocks() * 512 < 1 << 30, "{}: not sparse ({} blocks)", path.display(), m.blocks());
+}
+
+/// A shard of 1 TiB (sparse) is refused quickly, naming the file, with nothing the size of the
+/// shard allocated: one whose header describes a few tensors (the file is longer than its
+/// header says), and one whose header is valid for the whole TiB (a tensor kiln does not read
+/// fills it: more than a model of the config's size can need, so its bytes would only be
+/// hashed, for minutes); the same for an ONNX model's external data. Run in a child process so
+/// that its peak memory is its own.
+#[test]
+fn a_sparse_one_tib_shard_is_refused_quickly() {
+    let dir = scratch_dir("sources/huge-shard");
+    let (gguf, _, hf) = small_model(&dir, 8);
+    let long = dir.join("long");
+    copy_files(&hf, &long, None);
+    make_huge(&long.join("model.safetensors"));
+    // A header that claims the whole file: a `U8` tensor of the right length at the end.
+    let padded = dir.join("padded");
+    copy_files(&hf, &padded, None);
+    let shard = padded.join("model.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let data = &bytes[8 + n..];
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut text = vec![];
+    for _ in 0..3 {
+        // The header's own length enters the tensor's; two rounds settle it (padded to 8).
+        let len = (1u64 << 40) - 8 - text.len() as u64 - data.len() as u64;
+        header["unused.padding"] = serde_json::json!({
+            "dtype": "U8", "shape": [len], "data_offsets": [data.len(), data.len() as u64 + len]
+        });
+        text = serde_json::to_vec(&header).unwrap();
+        while text.len() % 8 != 0 {
+            text.push(b' ');
+        }
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(&text);
+    out.extend(data);
+    std::fs::write(&shard, &out).unwrap();
+    make_huge(&shard);
+
+    // ONNX external data of 1 TiB: every tensor in range, the rest zeros.
+    to_onnx(&gguf, &hf, &dir.join("onnx"), &["--external-data"]);
+    make_huge(&dir.join("onnx/model.onnx.data"));
+
+    let exe = std::env::current_exe().unwrap();
+    let run = Command::new(exe)
+        .args(["--ignored", "--exact", "sources::huge_shard_child", "--nocapture", "--test-threads=1"])
+        .env("KILN_HUGE_SHARD_DIR", &*dir)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "the child failed ({}):\n{stdout}\n{stderr}", run.status);
+    assert!(stdout.contains("1 passed"), "the child did not run the test:\n{stdout}");
+    for line in stdout.lines().filter(|l| l.contains("refused in")) {
+        println!("{line}");
+    }
+}
+
+#[test]
+#[ignore = "run by a_sparse_one_tib_shard_is_refused_quickly"]
+fn huge_shard_child() {
+    let dir = PathBuf::from(std::env::var_os("KILN_HUGE_SHARD_DIR").expect("run by its parent test"));
+    let cases: [(&str, &str, &[&str]); 3] = [
+        ("long", "long", &["model.safetensors", "1099511627776 bytes", "not a valid safetensors file"]),
+        ("padded", "padded", &["model.safetensors", "unused.padding", "more than"]),
+        ("onnx", "onnx/model.onnx", &["model.onnx.data", "1099511627776 bytes", "more than"]),
+    ];
+    for (what, model, needles) in cases {
+        let t = std::time::Instant::now();
+        let e = refused(&dir, what, &dir.join(model), needles);
+        let took = t.elapsed();
+        println!("{what}: refused in {took:?}, peak RSS {} MiB: {e}", peak_rss() >> 20);
+        assert!(took < std::time::Duration::from_secs(5), "{what}: took {took:?}");
+    }
+    assert!(peak_rss() < 1 << 30, "peak RSS {} MiB", peak_rss() >> 20);
 }

@@ -59,7 +59,9 @@ fn run(args: &[OsString]) -> Result<i32> {
 fn build_kiln() -> Result<PathBuf> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut child = Command::new(cargo())
-        .args(["build", "--release", "--package", "kiln", "--bin", "kiln"])
+        // Quiet: cargo's own status lines ("Compiling", "Finished") are left out; its JSON
+        // messages still arrive on stdout, and errors are rendered on stderr.
+        .args(["build", "--release", "--quiet", "--package", "kiln", "--bin", "kiln"])
         .args(["--message-format", "json-render-diagnostics", "--manifest-path"])
         .arg(manifest)
         .stdout(Stdio::piped())

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use compiler::bundle::{BuildOptions, Stage};
+use compiler::bundle::{BuildOptions, Stage, WeightsPlacement};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", version, about = "kiln: compile LLMs ahead of time")]
@@ -49,9 +49,11 @@ enum KvCacheArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum WeightsMode {
-    /// In the library's read-only data.
+    /// Embedded when the packed weights are at most 1 GiB, else weights.bin (said so).
+    Auto,
+    /// In the library's read-only data (at most 1 GiB).
     Embedded,
-    /// In the bundle's weights.bin, read at session start.
+    /// In the bundle's weights.bin, mapped at session start.
     File,
 }
 
@@ -217,7 +219,7 @@ struct BuildModelArgs {
     #[arg(long, default_value_t = 512)]
     batch: u32,
     /// Where the packed weights go.
-    #[arg(long, value_enum, default_value_t = WeightsMode::Embedded)]
+    #[arg(long, value_enum, default_value_t = WeightsMode::Auto)]
     weights: WeightsMode,
     /// Element type of the KV cache: f32 (exact), or f16 (half the cache's memory and
     /// attention's reads; keys and values rounded to half precision, as llama.cpp's
@@ -448,7 +450,11 @@ fn build_model(a: BuildModelArgs) -> Result<()> {
         out,
         context,
         batch,
-        embed_weights: matches!(weights, WeightsMode::Embedded),
+        weights: match weights {
+            WeightsMode::Auto => WeightsPlacement::Auto,
+            WeightsMode::Embedded => WeightsPlacement::Embedded,
+            WeightsMode::File => WeightsPlacement::File,
+        },
         dump_after,
         shared_linker: match shared_linker.as_deref() {
             Some("none") => None,

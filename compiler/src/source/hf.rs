@@ -3,10 +3,14 @@
 //! BF16), and `tokenizer.json` with `tokenizer_config.json` (special tokens, chat template;
 //! or `chat_template.jinja`) and `generation_config.json` (end-of-turn ids) when present.
 //!
-//! Every file is untrusted: sizes are bounded before reading, shard names must be plain file
-//! names in the directory, each shard's header is validated against its length by the
-//! `safetensors` crate before any tensor is looked at, and every tensor's dtype and shape is
-//! checked against the config. Hugging Face stores `q_proj`/`k_proj` rows per head as two
+//! Every file is untrusted. Files are opened through [`ModelDir`]: resolved (links followed)
+//! and required to lie in the directory, or in the Hugging Face cache repository it is a
+//! snapshot of; regular files, their sizes bounded before anything is allocated. Shard names
+//! in the index must be plain `.safetensors` file names. Shards are mapped, not read: each
+//! shard's header is validated against the file's length by the `safetensors` crate before any
+//! tensor is looked at (nothing else of the file is touched), the shards together may hold no
+//! more than a model of the config's size can need ([`max_weight_bytes`]), and every tensor's
+//! dtype and shape is checked against the config. Hugging Face stores `q_proj`/`k_proj` rows per head as two
 //! halves (rotate-half); kiln's kernels, like GGUF, want the pairs interleaved, so those two
 //! are reordered here (the inverse of llama.cpp's `convert_hf_to_gguf.py` permutation).
 
@@ -18,12 +22,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::frontend::{bad, FrontendError, Hyperparameters};
+use crate::source::files::{max_weight_bytes, Mapped, ModelDir, MAX_TEXT_BYTES};
 use crate::source::{stop_ids, ModelSource, SourceTensor, TokenizerSpec};
-
-/// Largest JSON file of a checkpoint kiln reads (configs, index, tokenizer files).
-const MAX_JSON_BYTES: u64 = 256 << 20;
-/// Largest shard kiln reads.
-const MAX_SHARD_BYTES: u64 = 1 << 40;
 
 /// The architectures (`config.json` `architectures`) kiln lowers.
 const ARCHITECTURES: &[&str] = &["LlamaForCausalLM"];
@@ -38,12 +38,12 @@ struct Entry {
     range: std::ops::Range<usize>,
 }
 
-/// An opened checkpoint: its files read and validated, tensors indexed by name.
+/// An opened checkpoint: its files read (shards mapped) and validated, tensors indexed by name.
 pub struct HfCheckpoint {
     dir: PathBuf,
     config: Value,
-    /// Shard file names and bytes.
-    shards: Vec<(String, Vec<u8>)>,
+    /// Shard file names and their mapped bytes.
+    shards: Vec<(String, Mapped)>,
     tensors: BTreeMap<String, Entry>,
     /// Every file read, by name, for the digest.
     files: BTreeMap<String, Vec<u8>>,
@@ -53,25 +53,9 @@ fn err(file: impl AsRef<Path>, reason: impl Into<String>) -> FrontendError {
     FrontendError::Checkpoint { file: file.as_ref().display().to_string(), reason: reason.into() }
 }
 
-/// Reads the regular file `path` of at most `max` bytes; `None` when it does not exist.
-fn read_optional(path: &Path, max: u64) -> Result<Option<Vec<u8>>, FrontendError> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(err(path, e.to_string())),
-    };
-    if !meta.is_file() {
-        return Err(err(path, "not a regular file"));
-    }
-    if meta.len() > max {
-        return Err(err(path, format!("{} bytes, more than kiln reads from such a file ({max})", meta.len())));
-    }
-    std::fs::read(path).map(Some).map_err(|e| err(path, e.to_string()))
-}
-
-/// The JSON object in the file `path`, if it exists (bounded, a regular file).
-pub(crate) fn read_json_file(path: &Path) -> Result<Option<Value>, FrontendError> {
-    read_optional(path, MAX_JSON_BYTES)?.map(|b| read_json(path, &b)).transpose()
+/// The JSON object in the file `name` of `dir`, if it exists.
+pub(crate) fn read_json_file(dir: &ModelDir, name: &str) -> Result<Option<Value>, FrontendError> {
+    dir.read(name, MAX_TEXT_BYTES)?.map(|b| read_json(&dir.path(name), &b)).transpose()
 }
 
 fn read_json(path: &Path, bytes: &[u8]) -> Result<Value, FrontendError> {
@@ -111,9 +95,10 @@ fn hf_name(name: &str) -> Option<String> {
 impl HfCheckpoint {
     /// Reads the checkpoint in `dir` (see the module doc); nothing is written.
     pub fn open(dir: &Path) -> Result<Self, FrontendError> {
+        let root = ModelDir::new(dir)?;
         let mut files = BTreeMap::new();
         let config_path = dir.join("config.json");
-        let config_bytes = read_optional(&config_path, MAX_JSON_BYTES)?.ok_or_else(|| {
+        let config_bytes = root.read("config.json", MAX_TEXT_BYTES)?.ok_or_else(|| {
             err(
                 &config_path,
                 "missing: a Hugging Face checkpoint directory holds config.json (and kiln reads GGUF files)",
@@ -140,7 +125,7 @@ impl HfCheckpoint {
         // The shards: from the index, or the one file.
         let index_path = dir.join("model.safetensors.index.json");
         let mut weight_map: Option<BTreeMap<String, String>> = None;
-        let shard_names: Vec<String> = match read_optional(&index_path, MAX_JSON_BYTES)? {
+        let shard_names: Vec<String> = match root.read("model.safetensors.index.json", MAX_TEXT_BYTES)? {
             Some(bytes) => {
                 let index = read_json(&index_path, &bytes)?;
                 files.insert("model.safetensors.index.json".to_string(), bytes);
@@ -179,15 +164,16 @@ impl HfCheckpoint {
         let mut tensors = BTreeMap::new();
         for (i, name) in shard_names.iter().enumerate() {
             let path = dir.join(name);
-            let bytes = read_optional(&path, MAX_SHARD_BYTES)?.ok_or_else(|| match &weight_map {
+            let bytes = root.map(name)?.ok_or_else(|| match &weight_map {
                 Some(_) => err(&path, "missing: model.safetensors.index.json names this shard"),
                 None => {
                     err(&path, "missing: the checkpoint has neither model.safetensors nor model.safetensors.index.json")
                 }
             })?;
-            // Validates the header: offsets in order, inside the file, matching dtype and shape.
+            // Validates the header: offsets in order, inside the file, matching dtype and shape,
+            // the data ending where the file does. Reads the header only.
             let st = ::safetensors::SafeTensors::deserialize(&bytes)
-                .map_err(|e| err(&path, format!("not a valid safetensors file: {e}")))?;
+                .map_err(|e| err(&path, format!("not a valid safetensors file ({} bytes): {e}", bytes.len())))?;
             let base = bytes.as_ptr() as usize;
             for (tensor, view) in st.tensors() {
                 let start = view.data().as_ptr() as usize - base;
@@ -219,8 +205,35 @@ impl HfCheckpoint {
                 ));
             }
         }
-        read_tokenizer_files(dir, &mut files)?;
-        Ok(HfCheckpoint { dir: dir.to_path_buf(), config, shards, tensors, files })
+        read_tokenizer_files(&root, &mut files)?;
+        let checkpoint = HfCheckpoint { dir: dir.to_path_buf(), config, shards, tensors, files };
+        checkpoint.check_weight_bytes()?;
+        Ok(checkpoint)
+    }
+
+    /// The shards hold no more than the config's model can need ([`max_weight_bytes`]): every
+    /// byte of them is hashed.
+    fn check_weight_bytes(&self) -> Result<(), FrontendError> {
+        let limit = max_weight_bytes(&self.hyperparameters()?);
+        let total = self.shards.iter().fold(0u64, |n, (_, b)| n.saturating_add(b.len() as u64));
+        if total <= limit {
+            return Ok(());
+        }
+        let largest = self.tensors.iter().max_by_key(|(_, e)| e.range.len());
+        let (file, what) = match largest {
+            Some((name, e)) => (
+                self.shards[e.shard].0.as_str(),
+                format!("; the largest tensor is {:?} ({} bytes)", crate::gguf::clip(name), e.range.len()),
+            ),
+            None => (self.shards[0].0.as_str(), String::new()),
+        };
+        Err(err(
+            self.path(file),
+            format!(
+                "the shards hold {total} bytes, more than a model of config.json's size can need \
+                 ({limit}: its weights in F32, an eighth more and 64 MiB){what}"
+            ),
+        ))
     }
 
     fn path(&self, file: &str) -> PathBuf {
@@ -399,7 +412,7 @@ impl ModelSource for HfCheckpoint {
     fn sha256(&self) -> String {
         let mut h = Sha256::new();
         let files = self.files.iter().map(|(n, b)| (n.as_str(), b.as_slice()));
-        for (name, bytes) in files.chain(self.shards.iter().map(|(n, b)| (n.as_str(), b.as_slice()))) {
+        for (name, bytes) in files.chain(self.shards.iter().map(|(n, b)| (n.as_str(), &b[..]))) {
             h.update((name.len() as u64).to_le_bytes());
             h.update(name.as_bytes());
             h.update((bytes.len() as u64).to_le_bytes());
@@ -446,9 +459,9 @@ fn parse_tokenizer(json: &str) -> Result<tokenizers::Tokenizer, String> {
 
 /// Reads the tokenizer files a Hugging Face directory may hold (`tokenizer.json`,
 /// `tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`) into `files`.
-pub(crate) fn read_tokenizer_files(dir: &Path, files: &mut BTreeMap<String, Vec<u8>>) -> Result<(), FrontendError> {
+pub(crate) fn read_tokenizer_files(dir: &ModelDir, files: &mut BTreeMap<String, Vec<u8>>) -> Result<(), FrontendError> {
     for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"] {
-        if let Some(bytes) = read_optional(&dir.join(name), MAX_JSON_BYTES)? {
+        if let Some(bytes) = dir.read(name, MAX_TEXT_BYTES)? {
             files.insert(name.to_string(), bytes);
         }
     }

@@ -8,7 +8,9 @@
 //!
 //! Sources, one file each: [`gguf`] (a GGUF file), [`hf`] (a Hugging Face checkpoint
 //! directory: `config.json`, safetensors, tokenizer files), [`onnx`] (an ONNX export of the
-//! decoder, recognized pattern by pattern). [`open`] picks one from the path.
+//! decoder, recognized pattern by pattern). [`open`] picks one from the path. The files of a
+//! model's directory are opened through [`files::ModelDir`] (confined to the directory, sizes
+//! bounded, weights mapped).
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -17,6 +19,7 @@ use ir::QuantFormat;
 
 use crate::frontend::{FrontendError, Hyperparameters};
 
+pub(crate) mod files;
 pub mod gguf;
 pub mod hf;
 pub mod onnx;

@@ -17,6 +17,12 @@
 //! different model. Weights may be inline or external data beside the file. The tokenizer
 //! files (`tokenizer.json`, ...) and `config.json`, if any, are read from the model's
 //! directory, as Hugging Face exporters write them.
+//!
+//! The model file and its external data are mapped, not read. External data and the files
+//! beside the model are opened through [`ModelDir`]: relative to the model's directory and
+//! required to resolve inside it (or inside the Hugging Face cache repository it is a snapshot
+//! of), and together the weight files may hold no more than the recognized model can need
+//! ([`max_weight_bytes`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -27,12 +33,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::frontend::{FrontendError, Hyperparameters};
+use crate::source::files::{map_named_file, max_weight_bytes, ModelDir};
 use crate::source::hf::{read_tokenizer_files, tokenizer_spec};
 use crate::source::onnx_proto::{self, dtype, GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::source::{ModelSource, SourceTensor, TokenizerSpec};
-
-/// Largest ONNX file (or external data file) kiln reads.
-const MAX_FILE_BYTES: u64 = 1 << 40;
 
 /// How a kiln tensor is taken from an initializer.
 #[derive(Clone, Debug)]
@@ -60,18 +64,6 @@ pub struct OnnxModel {
 
 fn err(path: &Path, reason: impl Into<String>) -> FrontendError {
     FrontendError::Checkpoint { file: path.display().to_string(), reason: reason.into() }
-}
-
-/// Reads the regular file `path` (at most [`MAX_FILE_BYTES`]).
-fn read(path: &Path) -> Result<Bytes, FrontendError> {
-    let meta = std::fs::metadata(path).map_err(|e| err(path, e.to_string()))?;
-    if !meta.is_file() {
-        return Err(err(path, "not a regular file"));
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(err(path, format!("{} bytes, more than kiln reads", meta.len())));
-    }
-    std::fs::read(path).map(Bytes::from).map_err(|e| err(path, e.to_string()))
 }
 
 /// Walks the graph: producers and consumers of values, constants.
@@ -652,7 +644,8 @@ fn walk(m: &Matcher<'_>, graph: &GraphProto) -> Found<Recovered> {
 impl OnnxModel {
     /// Reads and recognizes the ONNX model at `path` (see the module doc); nothing is written.
     pub fn open(path: &Path) -> Result<Self, FrontendError> {
-        let file = read(path)?;
+        // The file the user named, wherever it is; mapped, and decoded without copying its tensors.
+        let file = Bytes::from_owner(map_named_file(path)?);
         let model = onnx_proto::decode(file.clone()).map_err(|e| err(path, e))?;
         let graph = model.graph.as_ref().expect("decode checks");
         let opset = model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version);
@@ -669,32 +662,49 @@ impl OnnxModel {
                 ),
             ));
         }
-        // External data, read once per file.
-        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        // External data, mapped once per file.
+        let dir = ModelDir::new(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
         let mut external = BTreeMap::new();
         for t in &graph.initializer {
             if let Some((loc, _, _)) = onnx_proto::external_location(t).map_err(|e| err(path, e))? {
-                if !external.contains_key(&loc) {
-                    let p = dir.join(&loc);
-                    if !p.exists() {
-                        return Err(err(
-                            &p,
+                if let std::collections::btree_map::Entry::Vacant(slot) = external.entry(loc) {
+                    let data = dir.map(slot.key())?.ok_or_else(|| {
+                        err(
+                            &dir.path(slot.key()),
                             format!("missing: external data of tensor {:?}", crate::gguf::clip(&t.name)),
-                        ));
-                    }
-                    external.insert(loc, read(&p)?);
+                        )
+                    })?;
+                    slot.insert(Bytes::from_owner(data));
                 }
             }
         }
         let rec = Self::recognize(graph, path, &external)?;
         let mut files = BTreeMap::new();
         read_tokenizer_files(&dir, &mut files)?;
-        let config = crate::source::hf::read_json_file(&dir.join("config.json"))?.unwrap_or(Value::Null);
+        let config = crate::source::hf::read_json_file(&dir, "config.json")?.unwrap_or(Value::Null);
         let mut hyper = rec.hyper;
         if let Some(c) = config.get("max_position_embeddings").and_then(Value::as_u64) {
             hyper.train_context = c.min(u32::MAX as u64) as u32;
         }
         hyper.check(|k| format!("the ONNX graph's {k}"))?;
+        // Every byte of the weight files is hashed: no more than the model can need.
+        let limit = max_weight_bytes(&hyper);
+        let total = external.values().fold(file.len() as u64, |n, b| n.saturating_add(b.len() as u64));
+        if total > limit {
+            let (name, len) = external
+                .iter()
+                .map(|(n, b)| (dir.path(n), b.len()))
+                .chain([(path.to_path_buf(), file.len())])
+                .max_by_key(|(_, len)| *len)
+                .expect("the model file");
+            return Err(err(
+                &name,
+                format!(
+                    "{len} bytes; the model's files hold {total}, more than the model the graph describes can need \
+                     ({limit}: its weights in F32, an eighth more and 64 MiB)"
+                ),
+            ));
+        }
         let path = path.to_path_buf();
         Ok(OnnxModel { path, model, hyper, tensors: rec.tensors, external, file, files, config })
     }

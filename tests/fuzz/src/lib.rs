@@ -37,8 +37,11 @@ use compiler::source::ModelSource;
 use runtime::chat_template::{ChatTemplate, Message};
 use runtime::tokenizer::Tokenizer;
 
+/// A fuzz target: a function of the input bytes.
+pub type Target = fn(&[u8]);
+
 /// The targets, by name.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("gguf_build", gguf_build),
     ("chat_template", chat_template),
     ("tokenizer", tokenizer),
@@ -107,8 +110,11 @@ fn drive(source: &dyn ModelSource) {
 /// mark starts with 0xff, which UTF-8 never holds, and is unlikely in binary files.
 pub const FILE_MARK: &[u8] = b"\xffFILE ";
 
-/// Splits a packed input: the first file's bytes, then (name, bytes) of the named ones.
-pub fn unpack(data: &[u8]) -> (&[u8], Vec<(&[u8], &[u8])>) {
+/// A named file of a packed input: its name and bytes.
+pub type NamedFile<'a> = (&'a [u8], &'a [u8]);
+
+/// Splits a packed input: the first file's bytes, then the named ones.
+pub fn unpack(data: &[u8]) -> (&[u8], Vec<NamedFile<'_>>) {
     let mut starts = vec![];
     let mut i = 0;
     while let Some(at) = data[i..].windows(FILE_MARK.len()).position(|w| w == FILE_MARK) {
@@ -835,7 +841,7 @@ mod tests {
         let packed = pack(b"first", &files);
         let (first, got) = unpack(&packed);
         assert_eq!(first, b"first");
-        let want: Vec<(&[u8], &[u8])> = files.iter().map(|(n, b)| (n.as_bytes(), *b)).collect();
+        let want: Vec<NamedFile> = files.iter().map(|(n, b)| (n.as_bytes(), *b)).collect();
         assert_eq!(got, want);
         assert_eq!(unpack(b"plain"), (&b"plain"[..], vec![]));
         // A mark without a newline names a file with no bytes.

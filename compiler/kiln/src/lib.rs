@@ -110,7 +110,7 @@ pub fn fetch_default_model(verbose: bool) -> Result<PathBuf> {
 }
 
 /// The fuzz targets of `tests/fuzz` (what each checks: `tests/fuzz/src/lib.rs`).
-pub const FUZZ_TARGETS: [&str; 3] = ["gguf_build", "chat_template", "tokenizer"];
+pub const FUZZ_TARGETS: [&str; 5] = ["gguf_build", "chat_template", "tokenizer", "hf_checkpoint", "onnx_model"];
 
 /// Builds the fuzz targets with cargo-fuzz (libFuzzer on the stable toolchain: no sanitizer,
 /// debug assertions and overflow checks on) and runs each of `targets` for `seconds`, starting

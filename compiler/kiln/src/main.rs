@@ -170,7 +170,7 @@ enum Cmd {
     Test(TestArgs),
     /// Builds the fuzz targets (tests/fuzz; needs cargo-fuzz) and runs each for SECONDS.
     Fuzz {
-        /// One target (gguf_build, chat_template, tokenizer); default: all.
+        /// One target (gguf_build, chat_template, tokenizer, hf_checkpoint, onnx_model); default: all.
         #[arg(long)]
         target: Option<String>,
         #[arg(long, default_value_t = 20)]

@@ -479,6 +479,41 @@ impl ModelSource for HfCheckpoint {
     }
 }
 
+/// Parses a `tokenizer.json` with the `tokenizers` crate, first refusing what makes its parser
+/// panic rather than fail: malformed JSON (its decoder and normalizer parsers `expect` their
+/// part to be well formed) and a `Precompiled` normalizer whose fields do not parse.
+fn parse_tokenizer(json: &str) -> Result<tokenizers::Tokenizer, String> {
+    let value: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    fn precompiled_ok(v: &Value) -> Result<(), String> {
+        match v {
+            Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("Precompiled") => {
+                serde_json::from_value::<tokenizers::normalizers::Precompiled>(v.clone())
+                    .map(drop)
+                    .map_err(|e| format!("bad Precompiled normalizer: {e}"))
+            }
+            Value::Object(o) => o.values().try_for_each(precompiled_ok),
+            Value::Array(a) => a.iter().try_for_each(precompiled_ok),
+            _ => Ok(()),
+        }
+    }
+    precompiled_ok(value.get("normalizer").unwrap_or(&Value::Null))?;
+    // Two tokens of one id: which one the id decodes to depends on a hash map's order, so
+    // two loads of the file (the build's, the runtime's) could disagree.
+    if let Some(vocab) = value.pointer("/model/vocab").and_then(Value::as_object) {
+        let mut seen = std::collections::HashMap::new();
+        for (token, id) in vocab {
+            if let Some(other) = id.as_u64().and_then(|id| seen.insert(id, token)) {
+                return Err(format!(
+                    "the model's vocab gives id {id} to both {:?} and {:?}",
+                    crate::gguf::clip(other),
+                    crate::gguf::clip(token)
+                ));
+            }
+        }
+    }
+    json.parse().map_err(|e: tokenizers::Error| e.to_string())
+}
+
 /// Reads the tokenizer files a Hugging Face directory may hold (`tokenizer.json`,
 /// `tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`) into `files`.
 pub(crate) fn read_tokenizer_files(dir: &ModelDir, files: &mut BTreeMap<String, Vec<u8>>) -> Result<(), FrontendError> {
@@ -500,25 +535,41 @@ pub(crate) fn tokenizer_spec(
     let path = dir.join("tokenizer.json");
     let json = files.get("tokenizer.json").ok_or_else(|| err(&path, "missing"))?;
     let json = String::from_utf8(json.clone()).map_err(|_| err(&path, "not UTF-8"))?;
-    let tokenizer: tokenizers::Tokenizer =
-        json.parse().map_err(|e| err(&path, format!("not a tokenizer kiln's runtime can load: {e}")))?;
+    let tokenizer =
+        parse_tokenizer(&json).map_err(|e| err(&path, format!("not a tokenizer kiln's runtime can load: {e}")))?;
     let tok_config = json_file(dir, files, "tokenizer_config.json")?.unwrap_or(Value::Null);
     let generation = json_file(dir, files, "generation_config.json")?.unwrap_or(Value::Null);
     // A special token: its text in tokenizer_config.json, else its id in config.json.
+    // A special token: its text in tokenizer_config.json, else its id in config.json; either
+    // way the vocabulary must map the text to the id and back (a tokenizer.json that gives one
+    // id two texts would make the chat template's token and the prompt's id differ).
     let special = |which: &str| -> Result<(u32, String), FrontendError> {
-        if let Some(text) = tok_config.get(format!("{which}_token")).and_then(token_text) {
+        let (id, text) = if let Some(text) = tok_config.get(format!("{which}_token")).and_then(token_text) {
             let id = tokenizer.token_to_id(text).ok_or_else(|| {
                 err(dir.join("tokenizer_config.json"), format!("{which}_token {text:?} is not in tokenizer.json"))
             })?;
-            return Ok((id, text.to_string()));
+            (id, text.to_string())
+        } else {
+            let key = format!("{which}_token_id");
+            let id = ids(config.get(&key)).first().copied().ok_or_else(|| {
+                err(dir.join("config.json"), format!("names no {key} (and tokenizer_config.json no {which}_token)"))
+            })?;
+            let text = tokenizer
+                .id_to_token(id)
+                .ok_or_else(|| err(dir.join("config.json"), format!("{key} {id} is not in tokenizer.json")))?;
+            (id, text)
+        };
+        let (back_text, back_id) = (tokenizer.id_to_token(id), tokenizer.token_to_id(&text));
+        if back_text.as_deref() != Some(text.as_str()) || back_id != Some(id) {
+            return Err(err(
+                &path,
+                format!(
+                    "inconsistent: {which} token {:?} has id {back_id:?}, and id {id} is {:?}",
+                    crate::gguf::clip(&text),
+                    back_text.as_deref().map(crate::gguf::clip)
+                ),
+            ));
         }
-        let key = format!("{which}_token_id");
-        let id = ids(config.get(&key)).first().copied().ok_or_else(|| {
-            err(dir.join("config.json"), format!("names no {key} (and tokenizer_config.json no {which}_token)"))
-        })?;
-        let text = tokenizer
-            .id_to_token(id)
-            .ok_or_else(|| err(dir.join("config.json"), format!("{key} {id} is not in tokenizer.json")))?;
         Ok((id, text))
     };
     let bos = special("bos")?;
@@ -555,4 +606,59 @@ pub(crate) fn tokenizer_spec(
     ends.extend(ids(config.get("eos_token_id")));
     let stop_ids = stop_ids(ends, |t| tokenizer.token_to_id(t));
     Ok(TokenizerSpec { json, bos, eos, add_bos, chat_template, stop_ids })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKENIZER: &str = r#"{"version": "1.0", "added_tokens": [], "normalizer": NORM,
+        "pre_tokenizer": null, "post_processor": null, "decoder": DEC,
+        "model": {"type": "WordLevel", "vocab": {"<s>": 0, "</s>": 1}, "unk_token": "<s>"}}"#;
+
+    fn spec(normalizer: &str, decoder: &str) -> Result<TokenizerSpec, FrontendError> {
+        let json = TOKENIZER.replace("NORM", normalizer).replace("DEC", decoder);
+        let files = BTreeMap::from([("tokenizer.json".to_string(), json.into_bytes())]);
+        let config = serde_json::json!({"bos_token_id": 0, "eos_token_id": 1});
+        tokenizer_spec(Path::new("dir"), &files, &config)
+    }
+
+    /// Tokenizer files the `hf_checkpoint` fuzz target found (the `tokenizers` parser
+    /// panicked on them, their special token had two ids, two tokens had one id) are errors.
+    #[test]
+    fn bad_tokenizer_json_is_an_error() {
+        assert_eq!(spec("null", "null").unwrap().eos, (1, "</s>".to_string()));
+        let e = spec("null", r#"{"type": "ByteLevel", "x": tru}"#).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("expected"), "{e}");
+        // Two ids of one text: the special token's text and id must map to each other.
+        // (an added token missing from the model's vocabulary gets the id of the vocabulary's
+        // size, here 3, which a token of the vocabulary has)
+        let added = r#""added_tokens": [
+            {"id": 0, "content": "<e>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 3, "content": "<x>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}]"#;
+        let json = TOKENIZER
+            .replace("NORM", "null")
+            .replace("DEC", "null")
+            .replace(r#""added_tokens": []"#, added)
+            .replace(r#""<s>": 0, "</s>": 1"#, r#""<s>": 0, "</s>": 1, "<x>": 3"#);
+        let files = BTreeMap::from([
+            ("tokenizer.json".to_string(), json.into_bytes()),
+            ("tokenizer_config.json".to_string(), br#"{"bos_token": "<e>", "eos_token": "<e>"}"#.to_vec()),
+        ]);
+        let config = Value::Null;
+        let e = tokenizer_spec(Path::new("dir"), &files, &config).unwrap_err().to_string();
+        assert!(e.contains("inconsistent"), "{e}");
+        // Two tokens of one id.
+        let json = TOKENIZER.replace("NORM", "null").replace("DEC", "null").replace(r#""</s>": 1"#, r#""</s>": 0"#);
+        let files = BTreeMap::from([("tokenizer.json".to_string(), json.into_bytes())]);
+        let e = tokenizer_spec(Path::new("dir"), &files, &Value::Null).unwrap_err().to_string();
+        assert!(e.contains("gives id 0 to both"), "{e}");
+        for bad in [
+            r#"{"type": "Precompiled"}"#,
+            r#"{"type": "Sequence", "normalizers": [{"type": "Precompiled", "precompiled_charsmap": "!"}]}"#,
+        ] {
+            let e = spec(bad, "null").unwrap_err().to_string();
+            assert!(e.contains("Precompiled"), "{e}");
+        }
+    }
 }

@@ -263,8 +263,10 @@ impl<'g> Matcher<'g> {
                 });
             parts
         });
+        // Whole and below 2^32 each, so that their product fits in u64.
+        let count = |x: f64| (1.0..=f64::from(u32::MAX)).contains(&x) && x.fract() == 0.0;
         let (heads, dim) = match tail.as_deref() {
-            Some([.., h, d]) if *h > 0.0 && *d > 0.0 => (*h as u64, *d as u64),
+            Some([.., h, d]) if count(*h) && count(*d) => (*h as u64, *d as u64),
             _ => {
                 return Err(
                     self.at(reshape, "a reshape to [batch, seq, heads, head_dim] with constant heads and head_dim")

@@ -207,8 +207,136 @@ fn element_size(data_type: i32) -> Option<usize> {
     })
 }
 
-/// Decodes a whole ONNX file; an empty or graph-less message is refused.
+/// Most memory the messages of one ONNX file may decode to (each message counted at the size
+/// of its struct, before decoding): about 3 million empty nodes, far more than any export.
+const MAX_MESSAGE_BYTES: u64 = 512 << 20;
+
+/// The messages kiln decodes, for [`message_bytes`]: which fields of each hold messages.
+#[derive(Clone, Copy)]
+enum Kind {
+    Model,
+    Graph,
+    Node,
+    Attribute,
+    Tensor,
+    ValueInfo,
+    Type,
+    TypeTensor,
+    Shape,
+    /// A message without message fields.
+    Leaf(usize),
+}
+
+impl Kind {
+    fn size(self) -> usize {
+        use std::mem::size_of;
+        match self {
+            Kind::Model => size_of::<ModelProto>(),
+            Kind::Graph => size_of::<GraphProto>(),
+            Kind::Node => size_of::<NodeProto>(),
+            Kind::Attribute => size_of::<AttributeProto>(),
+            Kind::Tensor => size_of::<TensorProto>(),
+            Kind::ValueInfo => size_of::<ValueInfoProto>(),
+            Kind::Type => size_of::<TypeProto>(),
+            Kind::TypeTensor => size_of::<TypeProtoTensor>(),
+            Kind::Shape => size_of::<TensorShapeProto>(),
+            Kind::Leaf(n) => n,
+        }
+    }
+
+    /// The kind of the message in field `field`, if that field holds one.
+    fn child(self, field: u64) -> Option<Kind> {
+        use std::mem::size_of;
+        let entry = Kind::Leaf(size_of::<StringStringEntryProto>());
+        Some(match (self, field) {
+            (Kind::Model, 7) | (Kind::Attribute, 6 | 11) => Kind::Graph,
+            (Kind::Model, 8) => Kind::Leaf(size_of::<OperatorSetIdProto>()),
+            (Kind::Model, 14) | (Kind::Tensor, 13) => entry,
+            (Kind::Graph, 1) => Kind::Node,
+            (Kind::Graph, 5) | (Kind::Attribute, 5 | 10) => Kind::Tensor,
+            (Kind::Graph, 11..=13) => Kind::ValueInfo,
+            (Kind::Node, 5) => Kind::Attribute,
+            (Kind::ValueInfo, 2) => Kind::Type,
+            (Kind::Type, 1) => Kind::TypeTensor,
+            (Kind::TypeTensor, 2) => Kind::Shape,
+            (Kind::Shape, 1) => Kind::Leaf(size_of::<Dimension>()),
+            _ => return None,
+        })
+    }
+}
+
+/// Reads a varint at `*at`.
+fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The bytes the messages in `b` (a message of `kind`) decode to, counted at their structs'
+/// sizes; `None` once the total passes `budget` or when the wire format is malformed or nested
+/// deeper than prost decodes (prost then refuses the file anyway).
+fn message_bytes(b: &[u8], kind: Kind, depth: u32, budget: u64) -> Option<u64> {
+    let mut total = kind.size() as u64;
+    let mut at = 0;
+    while at < b.len() && total <= budget {
+        let key = varint(b, &mut at)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => drop(varint(b, &mut at)?),
+            1 => at = at.checked_add(8)?,
+            5 => at = at.checked_add(4)?,
+            2 => {
+                let len = usize::try_from(varint(b, &mut at)?).ok()?;
+                let end = at.checked_add(len).filter(|&e| e <= b.len())?;
+                if let Some(child) = kind.child(field) {
+                    if depth >= 100 {
+                        return None;
+                    }
+                    total += message_bytes(&b[at..end], child, depth + 1, budget - total)?;
+                }
+                at = end;
+            }
+            // Groups (deprecated) are skipped by prost as unknown fields: nothing is kept.
+            3 => {
+                let mut open = 1u32;
+                while open > 0 {
+                    let key = varint(b, &mut at)?;
+                    match key & 7 {
+                        0 => drop(varint(b, &mut at)?),
+                        1 => at = at.checked_add(8)?,
+                        5 => at = at.checked_add(4)?,
+                        2 => at = at.checked_add(usize::try_from(varint(b, &mut at)?).ok()?)?,
+                        3 => open += 1,
+                        4 => open -= 1,
+                        _ => return None,
+                    }
+                }
+            }
+            _ => return None,
+        }
+    }
+    (total <= budget && at <= b.len()).then_some(total)
+}
+
+/// Decodes a whole ONNX file; an empty or graph-less message is refused, and so is one whose
+/// messages would take more than [`MAX_MESSAGE_BYTES`] decoded (a message with no fields
+/// takes two bytes of the file and up to a few hundred of memory).
 pub fn decode(bytes: Bytes) -> Result<ModelProto, String> {
+    if message_bytes(&bytes, Kind::Model, 0, MAX_MESSAGE_BYTES).is_none()
+        && message_bytes(&bytes, Kind::Model, 0, u64::MAX).is_some()
+    {
+        return Err(format!(
+            "not an ONNX model kiln reads: its messages would take more than {} MiB decoded",
+            MAX_MESSAGE_BYTES >> 20
+        ));
+    }
     let model = ModelProto::decode(bytes).map_err(|e| format!("not an ONNX model: {e}"))?;
     if model.graph.is_none() {
         return Err("not an ONNX model: it has no graph".into());
@@ -351,6 +479,37 @@ mod tests {
         assert!(tensor_bytes(&huge, &files).unwrap_err().contains("bad dims"));
         let ok = TensorProto { float_data: vec![1.0, 2.0, 0.5], ..inline };
         assert_eq!(values(&ok, &files), Some(vec![1.0, 2.0, 0.5]));
+    }
+
+    /// Millions of empty attributes (two bytes each in the file, hundreds of bytes decoded)
+    /// are refused before decoding; the committed fuzz fixture decodes within the bound.
+    #[test]
+    fn decoded_size_is_bounded() {
+        let n = (MAX_MESSAGE_BYTES as usize / std::mem::size_of::<AttributeProto>()) + 1;
+        let node: Vec<u8> = [0x2a, 0].repeat(n); // field 5 (attribute), empty
+        let mut graph = vec![0x0a]; // field 1 (node)
+        prost::encoding::encode_varint(node.len() as u64, &mut graph);
+        graph.extend(&node);
+        let mut model = vec![0x3a]; // field 7 (graph)
+        prost::encoding::encode_varint(graph.len() as u64, &mut model);
+        model.extend(&graph);
+        let e = decode(Bytes::from(model.clone())).unwrap_err();
+        assert!(e.contains("MiB decoded"), "{e}");
+        // A tenth of them decodes, and the count was a bound on what prost allocated.
+        let small = [0x2a, 0].repeat(n / 10);
+        let mut graph = vec![0x0a];
+        prost::encoding::encode_varint(small.len() as u64, &mut graph);
+        graph.extend(&small);
+        let mut model = vec![0x3a];
+        prost::encoding::encode_varint(graph.len() as u64, &mut model);
+        model.extend(&graph);
+        let counted = message_bytes(&model, Kind::Model, 0, u64::MAX).unwrap();
+        let decoded = decode(Bytes::from(model)).unwrap();
+        let attrs = decoded.graph.unwrap().node[0].attribute.len();
+        assert_eq!(attrs, n / 10);
+        assert!(counted >= (attrs * std::mem::size_of::<AttributeProto>()) as u64);
+        // Truncated or malformed input is left to prost, which refuses it.
+        assert!(decode(Bytes::from_static(&[0x3a, 5, 0x0a])).unwrap_err().contains("not an ONNX model"));
     }
 
     #[test]

@@ -10,9 +10,18 @@
 //!   messages (the render is bounded; see `runtime::chat_template`).
 //! - [`tokenizer`]: the runtime tokenizer's encode, decode and stream decoder on arbitrary
 //!   text and token ids, with round-trip checks.
+//! - [`hf_checkpoint`]: a Hugging Face checkpoint directory (`config.json`, safetensors,
+//!   shard index, tokenizer files, chat template) opened by `compiler::source::open`, lowered
+//!   (verified) and its tokenizer loaded by the runtime tokenizer.
+//! - [`onnx_model`]: an ONNX model (protobuf bytes mutated directly), external data and the
+//!   files beside it, opened, recognized, lowered and its tokenizer loaded, likewise.
+//!
+//! The last two take a model directory packed in one input ([`FILE_MARK`], [`unpack`]), which
+//! they write to a scratch directory on a tmpfs and open with the real reader.
 //!
 //! Seeds are in `seeds/<target>/`, written by `cargo run -p kiln-fuzz --bin gen_seeds` from
-//! [`seeds`] (small generated models, real chat templates, text); the tests of this crate
+//! [`seeds`] (small generated models and checkpoints, ONNX models written once by the Python
+//! peer and committed in `fixtures/` ([`ONNX_FIXTURES`]), real chat templates, text); the tests of this crate
 //! check the committed files are exactly what the generator writes and replay them, with
 //! `crashes/<target>/` (inputs that once crashed a target, kept as regression seeds).
 //! `cargo xtask fuzz` and `cargo xtask test` run each target for a bounded time.
@@ -22,13 +31,23 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use compiler::frontend::FrontendError;
 use compiler::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
+use compiler::source::ModelSource;
 use runtime::chat_template::{ChatTemplate, Message};
 use runtime::tokenizer::Tokenizer;
 
+/// A fuzz target: a function of the input bytes.
+pub type Target = fn(&[u8]);
+
 /// The targets, by name.
-pub const TARGETS: [(&str, fn(&[u8])); 3] =
-    [("gguf_build", gguf_build), ("chat_template", chat_template), ("tokenizer", tokenizer)];
+pub const TARGETS: [(&str, Target); 5] = [
+    ("gguf_build", gguf_build),
+    ("chat_template", chat_template),
+    ("tokenizer", tokenizer),
+    ("hf_checkpoint", hf_checkpoint),
+    ("onnx_model", onnx_model),
+];
 
 /// This crate's directory (seeds, crashes, the small tokenizer).
 pub fn crate_dir() -> PathBuf {
@@ -39,22 +58,210 @@ pub fn crate_dir() -> PathBuf {
 /// (loaded by the runtime tokenizer). Errors are fine; panics are not.
 pub fn gguf_build(data: &[u8]) {
     let Ok(gguf) = GgufFile::parse(data.to_vec()) else { return };
-    if let Ok(hp) = compiler::frontend::hyperparameters(&gguf) {
-        let name = gguf.get_str("general.name").unwrap_or("model");
-        // A small context keeps the KV geometry small; the file's own value is checked too.
-        for context in [hp.train_context.clamp(1, 64), hp.train_context] {
-            if let Ok(lowered) = compiler::frontend::lower(&gguf, name, context) {
-                if let Err(e) = ir::verify::verify_unlowered(&lowered.graph) {
-                    panic!("the frontend lowered a graph the verifier refuses: {e:?}");
-                }
-                assert_eq!(lowered.weights.len(), lowered.graph.weights.len(), "one byte buffer per weight");
-            }
-        }
-    }
+    lower_checked(&gguf, gguf.get_str("general.name").unwrap_or("model"));
     if let Ok(json) = compiler::tokenizer_json::tokenizer_json(&gguf) {
         if let Err(e) = Tokenizer::from_json_str(&json) {
             panic!("tokenizer_json built a tokenizer.json the runtime cannot load: {e}");
         }
+    }
+}
+
+/// The source's hyperparameters, then its lowering to IR (which reads every tensor through
+/// the source), for a small context and for the source's own training context: a lowered
+/// graph must pass the verifier and hold one byte buffer per weight.
+fn lower_checked(source: &dyn ModelSource, name: &str) {
+    let Ok(hp) = compiler::frontend::hyperparameters(source) else { return };
+    // A small context keeps the KV geometry small; the file's own value is checked too.
+    for context in [hp.train_context.clamp(1, 64), hp.train_context] {
+        if let Ok(lowered) = compiler::frontend::lower(source, name, context) {
+            if let Err(e) = ir::verify::verify_unlowered(&lowered.graph) {
+                panic!("the frontend lowered a graph the verifier refuses: {e:?}");
+            }
+            assert_eq!(lowered.weights.len(), lowered.graph.weights.len(), "one byte buffer per weight");
+        }
+    }
+}
+
+/// Drives an opened source as `kiln build` does: name, digest, hyperparameters and lowering
+/// ([`lower_checked`]), and the tokenizer, whose `tokenizer.json` must load in the runtime
+/// tokenizer (and encode), whose special tokens must be what the vocabulary says, and whose
+/// chat template, if any, is compiled.
+fn drive(source: &dyn ModelSource) {
+    let _ = (source.kind(), source.context_key());
+    assert_eq!(source.sha256().len(), 64, "a SHA-256 in hex");
+    let name = compiler::frontend::model_name(source, "fuzz").unwrap_or_else(|_| "fuzz".into());
+    lower_checked(source, &name);
+    let Ok(spec) = source.tokenizer() else { return };
+    let tok = Tokenizer::from_json_str(&spec.json)
+        .unwrap_or_else(|e| panic!("the source handed out a tokenizer.json the runtime cannot load: {e}"));
+    for (which, (id, text)) in [("bos", &spec.bos), ("eos", &spec.eos)] {
+        assert_eq!(tok.inner().id_to_token(*id).as_deref(), Some(text.as_str()), "{which} token {id} is not {text:?}");
+    }
+    assert!(spec.stop_ids.windows(2).all(|w| w[0] < w[1]), "stop ids not sorted and unique: {:?}", spec.stop_ids);
+    assert!(spec.stop_ids.contains(&spec.eos.0), "the stop ids {:?} lack eos {}", spec.stop_ids, spec.eos.0);
+    let _ = tok.encode("hello world<|im_end|>", true);
+    if let Some(template) = &spec.chat_template {
+        let _ = ChatTemplate::new(template, &spec.bos.1, &spec.eos.1);
+    }
+}
+
+/// Marks the start of a named file in the inputs of [`hf_checkpoint`] and [`onnx_model`]:
+/// an input is the first file's bytes, then any number of `FILE_MARK name \n bytes`. The
+/// mark starts with 0xff, which UTF-8 never holds, and is unlikely in binary files.
+pub const FILE_MARK: &[u8] = b"\xffFILE ";
+
+/// A named file of a packed input: its name and bytes.
+pub type NamedFile<'a> = (&'a [u8], &'a [u8]);
+
+/// Splits a packed input: the first file's bytes, then the named ones.
+pub fn unpack(data: &[u8]) -> (&[u8], Vec<NamedFile<'_>>) {
+    let mut starts = vec![];
+    let mut i = 0;
+    while let Some(at) = data[i..].windows(FILE_MARK.len()).position(|w| w == FILE_MARK) {
+        starts.push(i + at);
+        i += at + FILE_MARK.len();
+    }
+    let first = &data[..starts.first().copied().unwrap_or(data.len())];
+    let files = starts
+        .iter()
+        .enumerate()
+        .map(|(k, &s)| {
+            let part = &data[s + FILE_MARK.len()..starts.get(k + 1).copied().unwrap_or(data.len())];
+            match part.iter().position(|&b| b == b'\n') {
+                Some(nl) => (&part[..nl], &part[nl + 1..]),
+                None => (part, &part[part.len()..]),
+            }
+        })
+        .collect();
+    (first, files)
+}
+
+/// Packs `first` and the named `files` into one input (the inverse of [`unpack`]); none may
+/// hold [`FILE_MARK`] (nor a name a newline).
+pub fn pack(first: &[u8], files: &[(&str, &[u8])]) -> Vec<u8> {
+    let holds_mark = |b: &[u8]| b.windows(FILE_MARK.len()).any(|w| w == FILE_MARK);
+    assert!(!holds_mark(first), "the first file cannot be packed");
+    let mut out = first.to_vec();
+    for (name, bytes) in files {
+        assert!(!holds_mark(bytes) && !name.contains('\n'), "{name} cannot be packed");
+        out.extend_from_slice(FILE_MARK);
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// A directory of this thread for the files of one target's inputs: under `/dev/shm` (a
+/// tmpfs) when there is one, else the temporary directory. Directories left by processes that
+/// have exited are removed when it is made.
+fn scratch(target: &str) -> PathBuf {
+    static THREADS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    let prefix = format!("kiln-fuzz-{target}-");
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix(&prefix).and_then(|p| p.split('-').next()?.parse::<u32>().ok());
+            if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let thread = THREADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = base.join(format!("{prefix}{}-{thread}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+/// Writes the files of a packed input into `dir`: `first` as `slots[0]`, each named file whose
+/// name is one of `slots` (others are ignored; the last of a name wins); every slot the input
+/// does not hold is removed, so nothing is left from the previous input.
+fn write_slots(dir: &Path, slots: &[&str], data: &[u8]) {
+    let (first, files) = unpack(data);
+    for (k, slot) in slots.iter().enumerate() {
+        let bytes = if k == 0 { Some(first) } else { files.iter().rev().find(|f| f.0 == slot.as_bytes()).map(|f| f.1) };
+        let path = dir.join(slot);
+        match bytes {
+            Some(b) => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("{}: {e}", parent.display()));
+                }
+                std::fs::write(&path, b).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            }
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{}: {e}", path.display()),
+                _ => {}
+            },
+        }
+    }
+}
+
+/// The files of a Hugging Face checkpoint directory [`hf_checkpoint`] writes; the first is
+/// the input's leading bytes, the others come by name ([`FILE_MARK`]).
+pub const HF_FILES: [&str; 9] = [
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// The files of an ONNX model's directory [`onnx_model`] writes; the first, `model.onnx`, is
+/// the input's leading bytes (protobuf, mutated directly), the others come by name: external
+/// data (`model.onnx.data` is what exporters write) and the files read beside the model.
+pub const ONNX_FILES: [&str; 9] = [
+    "model.onnx",
+    "model.onnx.data",
+    "weights.bin",
+    "data/weights.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "config.json",
+];
+
+/// Writes a packed checkpoint directory ([`unpack`], [`HF_FILES`]) into this thread's scratch
+/// directory and opens it with `compiler::source::open`.
+pub fn open_hf(data: &[u8]) -> Result<Box<dyn ModelSource>, FrontendError> {
+    thread_local!(static DIR: PathBuf = scratch("hf_checkpoint"));
+    DIR.with(|dir| {
+        write_slots(dir, &HF_FILES, data);
+        compiler::source::open(dir)
+    })
+}
+
+/// Writes a packed ONNX model and the files beside it ([`unpack`], [`ONNX_FILES`]) into this
+/// thread's scratch directory and opens its `model.onnx` with `compiler::source::open`.
+pub fn open_onnx(data: &[u8]) -> Result<Box<dyn ModelSource>, FrontendError> {
+    thread_local!(static DIR: PathBuf = scratch("onnx_model"));
+    DIR.with(|dir| {
+        write_slots(dir, &ONNX_FILES, data);
+        compiler::source::open(&dir.join("model.onnx"))
+    })
+}
+
+/// A Hugging Face checkpoint directory, packed ([`open_hf`]), opened and driven as a build
+/// would ([`drive`]).
+pub fn hf_checkpoint(data: &[u8]) {
+    if let Ok(source) = open_hf(data) {
+        assert_eq!(source.kind(), "safetensors");
+        drive(&*source);
+    }
+}
+
+/// An ONNX model (its protobuf bytes first, mutated directly) and the files beside it, packed
+/// ([`open_onnx`]), opened and driven as a build would ([`drive`]).
+pub fn onnx_model(data: &[u8]) {
+    if let Ok(source) = open_onnx(data) {
+        assert_eq!(source.kind(), "onnx");
+        drive(&*source);
     }
 }
 
@@ -280,7 +487,9 @@ fn llama_gguf(s: &Shape, seed: u64) -> Vec<u8> {
         }
         w.add_tensor(name, dims, format, &bytes);
     };
-    add(&mut w, "token_embd.weight", &[d, vocab], GgmlType::Q8_0);
+    // Q8_0 blocks are 32 wide: a narrower model keeps its embedding in F32.
+    let embd_format = if d % 32 == 0 { GgmlType::Q8_0 } else { GgmlType::F32 };
+    add(&mut w, "token_embd.weight", &[d, vocab], embd_format);
     for l in 0..s.n_layers {
         let t = |n: &str| format!("blk.{l}.{n}.weight");
         add(&mut w, &t("attn_norm"), &[d], GgmlType::F32);
@@ -298,6 +507,129 @@ fn llama_gguf(s: &Shape, seed: u64) -> Vec<u8> {
         add(&mut w, "output.weight", &[d, vocab], s.format);
     }
     w.finish()
+}
+
+/// Shape of a generated Hugging Face checkpoint seed.
+struct HfShape {
+    n_layers: usize,
+    d_model: usize,
+    d_ff: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    vocab: usize,
+    dtype: safetensors::Dtype,
+    tied: bool,
+    /// One `model.safetensors`, or two shards listed by `model.safetensors.index.json`.
+    sharded: bool,
+}
+
+/// A small Llama checkpoint with random weights: `config.json` and the weight files, as
+/// (name, bytes) in [`HF_FILES`] order, the first being `config.json`.
+fn hf_checkpoint_files(s: &HfShape, seed: u64) -> Vec<(&'static str, Vec<u8>)> {
+    use safetensors::Dtype;
+    let mut rng = Rng::new(seed);
+    let (d, ff, kv) = (s.d_model, s.d_ff, s.n_kv_heads * (s.d_model / s.n_heads));
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![s.vocab, d])];
+    for l in 0..s.n_layers {
+        for (module, shape) in [
+            ("input_layernorm", vec![d]),
+            ("self_attn.q_proj", vec![d, d]),
+            ("self_attn.k_proj", vec![kv, d]),
+            ("self_attn.v_proj", vec![kv, d]),
+            ("self_attn.o_proj", vec![d, d]),
+            ("post_attention_layernorm", vec![d]),
+            ("mlp.gate_proj", vec![ff, d]),
+            ("mlp.up_proj", vec![ff, d]),
+            ("mlp.down_proj", vec![d, ff]),
+        ] {
+            shapes.push((format!("model.layers.{l}.{module}.weight"), shape));
+        }
+    }
+    shapes.push(("model.norm.weight".into(), vec![d]));
+    if !s.tied {
+        shapes.push(("lm_head.weight".into(), vec![s.vocab, d]));
+    }
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let values = rng.vec(shape.iter().product(), 0.5);
+            let bytes = match s.dtype {
+                Dtype::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+                Dtype::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+                _ => values.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+            };
+            (name, shape, bytes)
+        })
+        .collect();
+    let serialize = |part: &[(String, Vec<usize>, Vec<u8>)]| {
+        let views = part.iter().map(|(n, shape, b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(s.dtype, shape.clone(), b).expect("sizes match"))
+        });
+        safetensors::serialize(views, None).expect("serializes")
+    };
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": d,
+        "intermediate_size": ff,
+        "num_hidden_layers": s.n_layers,
+        "num_attention_heads": s.n_heads,
+        "num_key_value_heads": s.n_kv_heads,
+        "vocab_size": s.vocab,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": s.tied,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": format!("{:?}", s.dtype).to_lowercase(),
+    });
+    let mut files = vec![("config.json", serde_json::to_vec_pretty(&config).unwrap())];
+    if !s.sharded {
+        files.push(("model.safetensors", serialize(&tensors)));
+        return files;
+    }
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    let names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
+    let map: serde_json::Map<String, serde_json::Value> = [(a, names[0]), (b, names[1])]
+        .iter()
+        .flat_map(|(part, file)| part.iter().map(|t| (t.0.clone(), serde_json::Value::from(*file))))
+        .collect();
+    let total: usize = tensors.iter().map(|t| t.2.len()).sum();
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": map });
+    files.push(("model.safetensors.index.json", serde_json::to_vec_pretty(&index).unwrap()));
+    files.push((names[0], serialize(a)));
+    files.push((names[1], serialize(b)));
+    files
+}
+
+/// A `tokenizer_config.json` of the small vocabulary, with `template` as its chat template.
+fn tokenizer_config(template: Option<&str>) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "add_bos_token": false,
+        "bos_token": "<|im_start|>",
+        "eos_token": { "content": "<|im_end|>", "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true },
+        "model_max_length": 64,
+        "tokenizer_class": "GPT2Tokenizer",
+    });
+    if let Some(t) = template {
+        v["chat_template"] = t.into();
+    }
+    serde_json::to_vec_pretty(&v).unwrap()
+}
+
+/// The committed ONNX models the `onnx_model` seeds are made of (in `fixtures/`), written by
+/// the Python peer `tests/peer/gguf_to_onnx.py` from the `gguf_build` seed
+/// `llama-d16-f32.gguf` (1 layer, d_model 16, 2 heads, 1 KV head, d_ff 24, vocabulary 8):
+/// `onnx-f16/model.onnx` with `--dtype f16`, `onnx-external/model.onnx` and its
+/// `model.onnx.data` with `--external-data` (written as `model.onnx` in an empty directory).
+pub const ONNX_FIXTURES: [&str; 3] =
+    ["onnx-f16/model.onnx", "onnx-external/model.onnx", "onnx-external/model.onnx.data"];
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = crate_dir().join("fixtures").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The `tokenizer.chat_template` of SmolLM2-135M-Instruct.
@@ -367,6 +699,60 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         out.push(("gguf_build", name.to_string(), llama_gguf(&shape, name.len() as u64)));
     }
     out.push(("gguf_build", "vocab-only.gguf".to_string(), tiny_vocab_gguf()));
+    out.push((
+        "gguf_build",
+        "llama-d16-f32.gguf".to_string(),
+        llama_gguf(&q(1, 16, 24, 2, 1, GgmlType::F32, true, false), 16),
+    ));
+    let tokenizer = tiny_tokenizer_json();
+    let llama3 = TEMPLATES[1].1;
+    let h = |n_layers, d_model, d_ff, n_heads, n_kv_heads, vocab, dtype, tied, sharded| HfShape {
+        n_layers,
+        d_model,
+        d_ff,
+        n_heads,
+        n_kv_heads,
+        vocab,
+        dtype,
+        tied,
+        sharded,
+    };
+    use safetensors::Dtype;
+    for (name, shape, extra) in [
+        // The small vocabulary with its special tokens and chat template in tokenizer_config.json.
+        (
+            "tied-bf16-vocab",
+            h(1, 16, 24, 2, 1, 271, Dtype::BF16, true, false),
+            vec![
+                ("tokenizer_config.json", tokenizer_config(Some(SMOLLM2_TEMPLATE))),
+                ("generation_config.json", br#"{"bos_token_id": 1, "eos_token_id": [2, 0]}"#.to_vec()),
+            ],
+        ),
+        // Shards, a chat_template.jinja, special tokens by id in config.json.
+        (
+            "sharded-f16",
+            h(2, 16, 16, 4, 2, 8, Dtype::F16, false, true),
+            vec![("chat_template.jinja", llama3.as_bytes().to_vec())],
+        ),
+        ("f32", h(1, 8, 8, 2, 2, 8, Dtype::F32, false, false), vec![("tokenizer_config.json", tokenizer_config(None))]),
+    ] {
+        let mut files = hf_checkpoint_files(&shape, name.len() as u64);
+        files.push(("tokenizer.json", tokenizer.clone().into_bytes()));
+        files.extend(extra);
+        let named: Vec<(&str, &[u8])> = files[1..].iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        out.push(("hf_checkpoint", format!("{name}.hf"), pack(&files[0].1, &named)));
+    }
+    let config = br#"{"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2}"#;
+    let tok_config = tokenizer_config(Some(SMOLLM2_TEMPLATE));
+    let data = fixture(ONNX_FIXTURES[2]);
+    for (name, model, extra) in [
+        ("f16", ONNX_FIXTURES[0], vec![("tokenizer_config.json", &tok_config[..])]),
+        ("external", ONNX_FIXTURES[1], vec![("model.onnx.data", &data[..])]),
+    ] {
+        let mut files = vec![("tokenizer.json", tokenizer.as_bytes()), ("config.json", &config[..])];
+        files.extend(extra);
+        out.push(("onnx_model", format!("{name}.onnx"), pack(&fixture(model), &files)));
+    }
     for (name, src) in TEMPLATES {
         let mut input = src.as_bytes().to_vec();
         for (role, content) in [("system", "Be terse."), ("user", "  x Hello, a"), ("assistant", "Hi!")] {
@@ -431,6 +817,52 @@ mod tests {
         }
         let gguf = GgufFile::parse(seeds[0].2.clone()).unwrap();
         compiler::tokenizer_json::tokenizer_json(&gguf).unwrap();
+        // The checkpoints and ONNX models open, lower and have a tokenizer, so the targets start
+        // from inputs that reach every stage.
+        let mut n = 0;
+        for (target, name, bytes) in &seeds {
+            let source = match *target {
+                "hf_checkpoint" => open_hf(bytes),
+                "onnx_model" => open_onnx(bytes),
+                _ => continue,
+            };
+            let source = source.unwrap_or_else(|e| panic!("{target}/{name}: {e}"));
+            compiler::frontend::lower(&*source, "seed", 64).unwrap_or_else(|e| panic!("{target}/{name}: {e}"));
+            let spec = source.tokenizer().unwrap_or_else(|e| panic!("{target}/{name}: {e}"));
+            assert_eq!((spec.bos.0, spec.eos.0), (1, 2), "{target}/{name}");
+            n += 1;
+        }
+        assert_eq!(n, 5, "checkpoint and ONNX seeds");
+    }
+
+    #[test]
+    fn packed_files_unpack() {
+        let files: [(&str, &[u8]); 3] = [("a.json", b"{}"), ("b", b""), ("c.bin", b"x\ny\xff")];
+        let packed = pack(b"first", &files);
+        let (first, got) = unpack(&packed);
+        assert_eq!(first, b"first");
+        let want: Vec<NamedFile> = files.iter().map(|(n, b)| (n.as_bytes(), *b)).collect();
+        assert_eq!(got, want);
+        assert_eq!(unpack(b"plain"), (&b"plain"[..], vec![]));
+        // A mark without a newline names a file with no bytes.
+        let (first, got) = unpack(b"\xffFILE x\xffFILE ");
+        assert_eq!((first, got), (&b""[..], vec![(&b"x"[..], &b""[..]), (&b""[..], &b""[..])]));
+    }
+
+    /// Files of the previous input do not stay: a checkpoint without weights does not open
+    /// after one with them.
+    #[test]
+    fn scratch_files_do_not_leak_between_inputs() {
+        let seed = seeds().into_iter().find(|s| s.0 == "hf_checkpoint").unwrap().2;
+        assert!(open_hf(&seed).is_ok());
+        let (config, _) = unpack(&seed);
+        let e = open_hf(config).err().expect("no weights");
+        assert!(e.to_string().contains("model.safetensors"), "{e}");
+        let data = seeds().into_iter().find(|s| s.1 == "external.onnx").unwrap().2;
+        assert!(open_onnx(&data).is_ok());
+        let (model, _) = unpack(&data);
+        let e = open_onnx(model).err().expect("no external data");
+        assert!(e.to_string().contains("model.onnx.data"), "{e}");
     }
 
     /// Every committed seed and every kept crash input, through its target.

@@ -79,7 +79,19 @@ impl Tokenizer {
 
     /// Parses the contents of a `tokenizer.json`.
     pub fn from_json_str(json: &str) -> Result<Self> {
-        let tok: tokenizers::Tokenizer = json.parse().map_err(|e| TokenizerError::new("parsing tokenizer.json", e))?;
+        // The `tokenizers` parser panics on some malformed files instead of failing (its
+        // decoder and normalizer parsers `expect` well-formed JSON; the fuzz target
+        // hf_checkpoint found them). The compiler refuses those before writing a bundle, but a
+        // bundle's tokenizer.json is a file like any other: a panic here becomes an error.
+        let parsed = std::panic::catch_unwind(|| json.parse::<tokenizers::Tokenizer>());
+        let tok = match parsed {
+            Ok(result) => result.map_err(|e| TokenizerError::new("parsing tokenizer.json", e))?,
+            Err(_) => {
+                return Err(TokenizerError::msg(
+                    "parsing tokenizer.json: the tokenizers parser failed on this file".into(),
+                ))
+            }
+        };
         Ok(Self::from_tokenizer(tok))
     }
 
@@ -271,6 +283,27 @@ impl StreamDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// tokenizer.json files on which the `tokenizers` parser panics instead of failing
+    /// (malformed JSON inside a decoder, a Precompiled normalizer without its fields) load as
+    /// errors, not panics: a bundle's tokenizer.json is untrusted too.
+    #[test]
+    fn tokenizer_json_that_panics_the_parser_is_an_error() {
+        let json = |normalizer: &str, decoder: &str| {
+            format!(
+                r#"{{"version": "1.0", "added_tokens": [], "normalizer": {normalizer}, "pre_tokenizer": null,
+                "post_processor": null, "decoder": {decoder},
+                "model": {{"type": "WordLevel", "vocab": {{"<s>": 0, "</s>": 1}}, "unk_token": "<s>"}}}}"#
+            )
+        };
+        assert!(Tokenizer::from_json_str(&json("null", "null")).is_ok());
+        for (normalizer, decoder) in
+            [("null", r#"{"type": "ByteLevel", "x": tru}"#), (r#"{"type": "Precompiled"}"#, "null")]
+        {
+            let e = Tokenizer::from_json_str(&json(normalizer, decoder)).err().expect("an error");
+            assert!(e.to_string().contains("tokenizer.json"), "{e}");
+        }
+    }
 
     /// GPT-2's byte → printable char table used by byte-level BPE.
     fn bytes_to_unicode() -> Vec<char> {

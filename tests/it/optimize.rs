@@ -155,7 +155,9 @@ fn other_tensors_and_the_alignment_are_kept() {
     }
     w.add_meta("general.alignment", MetaValue::U32(64));
     let extra: Vec<u8> = (0..40u8).collect();
-    w.add_tensor("rope_freqs.weight", &[10], GgmlType::F32, &extra);
+    // Llama 3.1's per-pair rope divisors (head_dim / 2 = 16 here): a tensor outside the blocks.
+    let rope_freqs: Vec<u8> = (0..16).flat_map(|i| (1.0f32 + i as f32 / 4.0).to_le_bytes()).collect();
+    w.add_tensor("rope_freqs.weight", &[16], GgmlType::F32, &rope_freqs);
     for t in &tiny.tensors {
         w.add_tensor(&t.name, &t.dims, t.ggml_type, tiny.tensor_data(t));
     }
@@ -173,9 +175,8 @@ fn other_tensors_and_the_alignment_are_kept() {
     assert_eq!(names[0], "rope_freqs.weight", "the source's order");
     assert_eq!(names.last(), Some(&"blk.3.extra.weight"), "blk.4 became blk.3, blk.3 is pruned");
     assert_eq!(names.iter().filter(|n| n.contains("extra")).count(), 1);
-    for name in ["rope_freqs.weight", "blk.3.extra.weight"] {
-        assert_eq!(f.tensor_data(f.tensor(name).unwrap()), &extra[..], "{name} copied");
-    }
+    assert_eq!(f.tensor_data(f.tensor("rope_freqs.weight").unwrap()), &rope_freqs[..], "rope_freqs copied");
+    assert_eq!(f.tensor_data(f.tensor("blk.3.extra.weight").unwrap()), &extra[..], "blk.4's extra copied");
     assert_eq!(f.tensor("blk.3.ffn_up.weight").unwrap().ggml_type, GgmlType::Q8_0);
     assert_eq!(f.get_u32("llama.block_count").unwrap(), 4);
 }

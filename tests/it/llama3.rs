@@ -20,7 +20,9 @@ use compiler::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
 use ir::QuantFormat;
 use runtime::session::Session;
 use serde_json::{json, Value};
-use tests::harness::{max_diff, peer_script, python, scratch_dir, tiny_llama_float_writer, Rng, TinyLlama};
+use tests::harness::{
+    max_diff, peer_script, python, scratch_dir, tiny_llama_float_writer, to_checkpoint, Rng, TinyLlama,
+};
 
 const CONTEXT: u32 = 64;
 
@@ -192,28 +194,6 @@ fn f32_bytes(values: &[f64]) -> Vec<u8> {
     values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect()
 }
 
-/// Writes the Hugging Face checkpoint of `gguf` into `out` (`tests/peer/gguf_to_hf.py`).
-fn to_checkpoint(gguf: &Path, bundle: &Path, out: &Path) {
-    let (python, script) = (python(), peer_script("gguf_to_hf.py"));
-    let result = Command::new(&python)
-        .arg(&script)
-        .arg(gguf)
-        .arg(out)
-        .arg("--tokenizer-json")
-        .arg(bundle.join("tokenizer.json"))
-        .arg("--manifest")
-        .arg(bundle.join("manifest.json"))
-        .output()
-        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
-    assert!(
-        result.status.success(),
-        "gguf_to_hf.py failed ({}); are gguf, numpy and safetensors installed (`cargo xtask test` installs them)? \
-         stderr:\n{}",
-        result.status,
-        String::from_utf8_lossy(&result.stderr)
-    );
-}
-
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
     let path = dir.join("config.json");
     let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -271,7 +251,7 @@ fn llama3_rope_scaling_compiles_from_safetensors_and_gguf_and_matches_a_float64_
     // The same weights as a checkpoint whose config.json has Llama 3.1's rope_scaling (and an
     // explicit, consistent head_dim), and one with linear scaling under the legacy "type" key.
     let hf = dir.join("hf");
-    to_checkpoint(&plain, &plain_bundle, &hf);
+    to_checkpoint(&plain, &plain_bundle, &hf, &[]);
     edit_config(&hf, |c| {
         c.insert("rope_scaling".into(), llama3_config());
         c.insert("head_dim".into(), json!(HEAD_DIM));
@@ -279,7 +259,7 @@ fn llama3_rope_scaling_compiles_from_safetensors_and_gguf_and_matches_a_float64_
     let hf_bundle = dir.join("bundle-hf-llama3");
     build(&hf, &hf_bundle);
     let hf_linear = dir.join("hf-linear");
-    to_checkpoint(&plain, &plain_bundle, &hf_linear);
+    to_checkpoint(&plain, &plain_bundle, &hf_linear, &[]);
     edit_config(&hf_linear, |c| {
         c.insert("rope_scaling".into(), json!({ "type": "linear", "factor": 4.0 }));
     });
@@ -375,7 +355,7 @@ fn bad_rope_scaling_is_refused_naming_the_key() {
     let plain_bundle = dir.join("bundle-plain");
     build(&plain, &plain_bundle);
     let hf = dir.join("hf");
-    to_checkpoint(&plain, &plain_bundle, &hf);
+    to_checkpoint(&plain, &plain_bundle, &hf, &[]);
     let original = std::fs::read(hf.join("config.json")).unwrap();
 
     let refused = |model: &Path, what: &str, needle: &str| {

@@ -19,7 +19,9 @@ use compiler::bundle::{build_model, BuildError, BuildOptions, WeightsPlacement};
 use ir::QuantFormat;
 use runtime::session::Session;
 use serde_json::Value;
-use tests::harness::{max_diff, peer_script, python, scratch_dir, tiny_llama_float_gguf, Rng, TinyLlama};
+use tests::harness::{
+    max_diff, peer_script, python, scratch_dir, tiny_llama_float_gguf, to_checkpoint, Rng, TinyLlama,
+};
 use tests::reference::ReferenceModel;
 
 fn options(model: &Path, out: &Path, context: u32) -> BuildOptions {
@@ -37,30 +39,6 @@ fn options(model: &Path, out: &Path, context: u32) -> BuildOptions {
 
 fn open(out: &Path) -> Session {
     Session::open_shared(&out.join("lib/libkiln_model.so"), out, 2).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Writes the checkpoint of `gguf` into `out` with `tests/peer/gguf_to_hf.py`, taking the
-/// tokenizer files from `bundle` (built from `gguf`).
-fn to_checkpoint(gguf: &Path, bundle: &Path, out: &Path, extra: &[&str]) {
-    let (python, script) = (python(), peer_script("gguf_to_hf.py"));
-    let result = Command::new(&python)
-        .arg(&script)
-        .arg(gguf)
-        .arg(out)
-        .arg("--tokenizer-json")
-        .arg(bundle.join("tokenizer.json"))
-        .arg("--manifest")
-        .arg(bundle.join("manifest.json"))
-        .args(extra)
-        .output()
-        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
-    assert!(
-        result.status.success(),
-        "gguf_to_hf.py {extra:?} failed ({}); are gguf, numpy and safetensors installed (`cargo xtask test` \
-         installs them)? stderr:\n{}",
-        result.status,
-        String::from_utf8_lossy(&result.stderr)
-    );
 }
 
 /// The files a Hugging Face exporter puts beside the weights.

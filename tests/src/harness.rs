@@ -354,3 +354,27 @@ pub fn special_f16_scale_matrix(format: ir::QuantFormat, rows: u32, cols: u32, r
     assert_eq!(table.len(), blocks * block_bytes);
     table
 }
+
+/// Writes the checkpoint of `gguf` into `out` with `tests/peer/gguf_to_hf.py`, taking the
+/// tokenizer files from `bundle` (built from `gguf`).
+pub fn to_checkpoint(gguf: &Path, bundle: &Path, out: &Path, extra: &[&str]) {
+    let (python, script) = (python(), peer_script("gguf_to_hf.py"));
+    let result = Command::new(&python)
+        .arg(&script)
+        .arg(gguf)
+        .arg(out)
+        .arg("--tokenizer-json")
+        .arg(bundle.join("tokenizer.json"))
+        .arg("--manifest")
+        .arg(bundle.join("manifest.json"))
+        .args(extra)
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} {}: {e}", script.display()));
+    assert!(
+        result.status.success(),
+        "gguf_to_hf.py {extra:?} failed ({}); are gguf, numpy and safetensors installed (`cargo xtask test` \
+         installs them)? stderr:\n{}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+}

@@ -601,7 +601,17 @@ const WINDOW_BYTES: usize = 64 << 20;
 /// weights are packed on rayon's pool, written, and released to the model's source
 /// ([`Model::release_weight`]), so the memory packing needs follows the largest tensor, not
 /// the model. Errors are the sink's (a full disk).
-pub fn pack(model: &Model<'_>, micro_rows: Option<u32>, mut sink: WeightsSink) -> std::io::Result<Packed> {
+pub fn pack(model: &Model<'_>, micro_rows: Option<u32>, sink: WeightsSink) -> std::io::Result<Packed> {
+    pack_in_windows(model, micro_rows, sink, WINDOW_BYTES)
+}
+
+/// [`pack`] with windows of `window` raw bytes.
+fn pack_in_windows(
+    model: &Model<'_>,
+    micro_rows: Option<u32>,
+    mut sink: WeightsSink,
+    window: usize,
+) -> std::io::Result<Packed> {
     let graph = &model.graph;
     let raw: Vec<&[u8]> = model.weights().collect();
     let micro = match micro_rows {
@@ -628,7 +638,7 @@ pub fn pack(model: &Model<'_>, micro_rows: Option<u32>, mut sink: WeightsSink) -
     while start < raw.len() {
         let mut end = start + 1;
         let mut bytes = raw[start].len();
-        while end < raw.len() && bytes + raw[end].len() <= WINDOW_BYTES {
+        while end < raw.len() && bytes + raw[end].len() <= window {
             bytes += raw[end].len();
             end += 1;
         }
@@ -753,6 +763,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Packing into a file, in small windows, writes the bytes packing into memory holds, with the checksum of those bytes; the offsets are the same.
+    #[test]
+    fn a_file_sink_gets_the_bytes_of_a_memory_sink() {
+        // Weights only (packing reads no node but ropes), packed in windows of 4 KiB: a
+        // matrix larger than one, then a vector and a matrix sharing one.
+        let text = "graph \"t\" context=8\nw0 = weight q4_0[4100, 64] \"a\"\nw1 = weight f32[64] \"n\"\n\
+                    w2 = weight q8_0[40, 64] \"b\"\nv0 = input 0 : f32[seq, 64]\nv1 = silu v0 : f32[seq, 64]\n\
+                    output v1\n";
+        let graph = ir::parse::parse_graph(text).unwrap();
+        let weights: Vec<Vec<u8>> = graph
+            .weights
+            .iter()
+            .map(|w| {
+                matrix(
+                    w.format,
+                    w.n_values() as usize / *w.shape.last().unwrap() as usize,
+                    *w.shape.last().unwrap() as usize,
+                )
+            })
+            .collect();
+        let model = Model::borrowed(graph, &weights);
+        let memory = pack(&model, Some(MICRO_ROWS as u32), WeightsSink::memory()).unwrap();
+        let path = std::env::temp_dir().join(format!("kiln-pack-sink-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let filed = pack_in_windows(&model, Some(MICRO_ROWS as u32), WeightsSink::file(file), 4096).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(filed.blob.is_empty() && bytes == memory.blob);
+        assert_eq!((filed.len, memory.len), (bytes.len() as u64, bytes.len() as u64));
+        assert_eq!((filed.checksum, memory.checksum), (abi::weights_checksum(&bytes), abi::weights_checksum(&bytes)));
+        assert_eq!(filed.weights, memory.weights);
+        assert!(packed_bytes_at_least(&model.graph, Some(MICRO_ROWS as u32)) <= memory.len);
     }
 
     /// A matrix large enough to be decoded and packed in several parts gives the bytes of one

@@ -355,14 +355,17 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Builds a bundle; `progress` is told when each stage starts.
 pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Result<BuildReport, BuildError> {
-    build_model_checked(opts, progress, &mut |_| Ok(()))
+    build_model_checked(opts, progress, &|_, _| {}, &mut |_| Ok(()))
 }
 
 /// Builds a bundle, showing `check` its manifest (hyperparameters, context, memory) before
-/// anything is written: an `Err` from it refuses the build and leaves `--out` untouched.
+/// the weights are packed (their least packed size, no digest yet) and again before anything
+/// is written: an `Err` from it refuses the build and leaves `--out` untouched. `packed` is
+/// told `(stored weight bytes packed, of all)` as packing goes (from rayon's threads).
 pub fn build_model_checked(
     opts: &BuildOptions,
     progress: &mut dyn FnMut(Stage),
+    packed: &(dyn Fn(u64, u64) + Sync),
     check: &mut dyn FnMut(&serde_json::Value) -> Result<(), String>,
 ) -> Result<BuildReport, BuildError> {
     let target = targets::lookup_device(&opts.target, opts.device.as_deref()).map_err(BuildError::Target)?;
@@ -506,6 +509,7 @@ pub fn build_model_checked(
         }
         false => crate::pack::WeightsSink::memory(),
     };
+    let sink = sink.with_progress(packed);
     // The file's digest (for the fingerprint and the manifest) is computed beside the
     // packing, which does not need it: one more task on rayon's pool, not a thread.
     let (sha256, prepared) = rayon::join(|| source.sha256(), || planned.pack(sink));

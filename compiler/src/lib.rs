@@ -131,7 +131,7 @@ impl<'a> Planned<'a> {
     }
 
     /// Packs the weights into `sink` ([`pack::pack`]), tensor by tensor.
-    pub fn pack(self, sink: pack::WeightsSink) -> Result<Prepared, CompileError> {
+    pub fn pack(self, sink: pack::WeightsSink<'_>) -> Result<Prepared, CompileError> {
         let Planned { model, info, plan, micro_rows, mut timings, notes } = self;
         let start = Instant::now();
         let packed = pack::pack(&model, micro_rows, sink).map_err(CompileError::Write)?;

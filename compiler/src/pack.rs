@@ -189,22 +189,31 @@ impl RopeKey {
 
 /// Where [`pack`] puts the packed weights as it makes them, one tensor at a time: memory, or a
 /// file (`weights.bin` in the making), so that packing a model never holds all of it.
-pub struct WeightsSink {
+pub struct WeightsSink<'a> {
     memory: Vec<u8>,
     file: Option<std::io::BufWriter<std::fs::File>>,
     checksum: abi::WeightsChecksum,
+    /// Told `(raw bytes packed, raw bytes in all)` after each window of weights.
+    progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
 }
 
-impl WeightsSink {
+impl<'a> WeightsSink<'a> {
     /// Packs into memory (the weights a library embeds, or [`crate::compile`]'s).
     pub fn memory() -> Self {
-        WeightsSink { memory: Vec::new(), file: None, checksum: abi::WeightsChecksum::new() }
+        WeightsSink { memory: Vec::new(), file: None, checksum: abi::WeightsChecksum::new(), progress: None }
     }
 
     /// Writes the packed weights to `file` (from its start) as they are made.
     pub fn file(file: std::fs::File) -> Self {
         let file = Some(std::io::BufWriter::with_capacity(1 << 20, file));
-        WeightsSink { memory: Vec::new(), file, checksum: abi::WeightsChecksum::new() }
+        WeightsSink { memory: Vec::new(), file, checksum: abi::WeightsChecksum::new(), progress: None }
+    }
+
+    /// The sink, telling `progress` how many of the weights' stored bytes are packed, and of
+    /// how many, after each window of weights.
+    pub fn with_progress(mut self, progress: &'a (dyn Fn(u64, u64) + Sync)) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -601,7 +610,7 @@ const WINDOW_BYTES: usize = 64 << 20;
 /// weights are packed on rayon's pool, written, and released to the model's source
 /// ([`Model::release_weight`]), so the memory packing needs follows the largest tensor, not
 /// the model. Errors are the sink's (a full disk).
-pub fn pack(model: &Model<'_>, micro_rows: Option<u32>, sink: WeightsSink) -> std::io::Result<Packed> {
+pub fn pack(model: &Model<'_>, micro_rows: Option<u32>, sink: WeightsSink<'_>) -> std::io::Result<Packed> {
     pack_in_windows(model, micro_rows, sink, WINDOW_BYTES)
 }
 
@@ -609,7 +618,7 @@ pub fn pack(model: &Model<'_>, micro_rows: Option<u32>, sink: WeightsSink) -> st
 fn pack_in_windows(
     model: &Model<'_>,
     micro_rows: Option<u32>,
-    mut sink: WeightsSink,
+    mut sink: WeightsSink<'_>,
     window: usize,
 ) -> std::io::Result<Packed> {
     let graph = &model.graph;
@@ -634,6 +643,8 @@ fn pack_in_windows(
         (layout, bytes)
     };
     let mut weights = Vec::with_capacity(graph.weights.len());
+    let total: u64 = raw.iter().map(|r| r.len() as u64).sum();
+    let mut done = 0u64;
     let mut start = 0;
     while start < raw.len() {
         let mut end = start + 1;
@@ -656,6 +667,10 @@ fn pack_in_windows(
             weights.push(PackedWeight { offset, layout });
         }
         (start..end).for_each(|i| model.release_weight(WeightId(i as u32)));
+        done += bytes as u64;
+        if let Some(progress) = sink.progress {
+            progress(done, total);
+        }
         start = end;
     }
     let mut tables = BTreeMap::new();

@@ -62,6 +62,16 @@ impl AsRef<[u8]> for Mapped {
     }
 }
 
+/// A mapping shared between its owner and a [`bytes::Bytes`] (`Bytes::from_owner`), so that
+/// the owner can still release its pages.
+pub(crate) struct SharedMapped(pub(crate) std::sync::Arc<Mapped>);
+
+impl AsRef<[u8]> for SharedMapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0 .0
+    }
+}
+
 impl Mapped {
     /// Drops the pages of `bytes` from this process's memory when `bytes` is a part of this
     /// mapping (anything else is ignored): a build calls it once a tensor is packed or hashed,

@@ -1125,7 +1125,8 @@ impl GgufFile {
 #[derive(Clone, Debug, Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, MetaValue)>,
-    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+    /// Name, dims, type, and the data: held, or (`None`) given to [`GgufWriter::write_streaming`].
+    tensors: Vec<(String, Vec<u64>, GgmlType, Option<Vec<u8>>, u64)>,
 }
 
 impl GgufWriter {
@@ -1167,7 +1168,14 @@ impl GgufWriter {
 
     /// Appends a tensor with its raw data.
     pub fn add_tensor(&mut self, name: &str, dims: &[u64], ggml_type: GgmlType, bytes: &[u8]) -> &mut Self {
-        self.tensors.push((name.to_owned(), dims.to_vec(), ggml_type, bytes.to_vec()));
+        self.tensors.push((name.to_owned(), dims.to_vec(), ggml_type, Some(bytes.to_vec()), bytes.len() as u64));
+        self
+    }
+
+    /// Appends a tensor of `len` bytes whose data the caller writes when the file is written
+    /// ([`GgufWriter::write_streaming`]): a large model is written without a copy of it.
+    pub fn add_tensor_streamed(&mut self, name: &str, dims: &[u64], ggml_type: GgmlType, len: u64) -> &mut Self {
+        self.tensors.push((name.to_owned(), dims.to_vec(), ggml_type, None, len));
         self
     }
 
@@ -1190,6 +1198,19 @@ impl GgufWriter {
     /// infos), padding to the alignment, then each tensor's data at its aligned offset, and
     /// padding at the end.
     pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        self.write_streaming(out, &mut |i, _| {
+            Err(std::io::Error::other(format!("tensor {i} was added streamed: use write_streaming")))
+        })
+    }
+
+    /// [`GgufWriter::write_to`], asking `data(i, out)` to write the data of tensor `i` when it
+    /// was added with [`GgufWriter::add_tensor_streamed`] (exactly the length given then,
+    /// checked).
+    pub fn write_streaming(
+        &self,
+        out: &mut impl std::io::Write,
+        data: &mut dyn FnMut(usize, &mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let alignment = self.alignment();
         let mut header = Vec::new();
         header.extend_from_slice(&GGUF_MAGIC);
@@ -1203,7 +1224,7 @@ impl GgufWriter {
         }
         let mut offset = 0u64;
         let mut offsets = Vec::with_capacity(self.tensors.len());
-        for (name, dims, ty, bytes) in &self.tensors {
+        for (name, dims, ty, _, len) in &self.tensors {
             write_string(&mut header, name);
             header.extend_from_slice(&(dims.len() as u32).to_le_bytes());
             for d in dims {
@@ -1212,7 +1233,7 @@ impl GgufWriter {
             header.extend_from_slice(&ty.id().to_le_bytes());
             header.extend_from_slice(&offset.to_le_bytes());
             offsets.push(offset);
-            offset = align_up(offset + bytes.len() as u64, alignment).unwrap_or(u64::MAX);
+            offset = align_up(offset + len, alignment).unwrap_or(u64::MAX);
         }
         if self.tensors.is_empty() {
             return out.write_all(&header);
@@ -1221,13 +1242,42 @@ impl GgufWriter {
         out.write_all(&header)?;
         let mut written = 0u64;
         let zeros = vec![0u8; alignment as usize];
-        for ((_, _, _, bytes), off) in self.tensors.iter().zip(offsets) {
+        for (i, ((name, _, _, bytes, len), off)) in self.tensors.iter().zip(offsets).enumerate() {
             out.write_all(&zeros[..(off - written) as usize])?;
-            out.write_all(bytes)?;
-            written = off + bytes.len() as u64;
+            match bytes {
+                Some(bytes) => out.write_all(bytes)?,
+                None => {
+                    let mut counted = Counted { out: &mut *out, n: 0 };
+                    data(i, &mut counted)?;
+                    if counted.n != *len {
+                        return Err(std::io::Error::other(format!(
+                            "tensor {name:?}: {} bytes written for {len} announced",
+                            counted.n
+                        )));
+                    }
+                }
+            }
+            written = off + len;
         }
         let end = align_up(header.len() as u64 + written, alignment).unwrap_or(u64::MAX);
         out.write_all(&zeros[..(end - header.len() as u64 - written) as usize])
+    }
+}
+
+/// A writer counting the bytes through it.
+struct Counted<'a, W: std::io::Write> {
+    out: &'a mut W,
+    n: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }
 
@@ -1413,7 +1463,8 @@ mod tests {
         assert_eq!(got, w.metadata);
 
         assert_eq!(f.tensors.len(), 3);
-        for (info, (name, dims, ty, data)) in f.tensors.iter().zip(&w.tensors) {
+        for (info, (name, dims, ty, data, _)) in f.tensors.iter().zip(&w.tensors) {
+            let data = data.as_ref().expect("held");
             assert_eq!(&info.name, name);
             assert_eq!(&info.dims, dims);
             assert_eq!(info.ggml_type, *ty);
@@ -1422,6 +1473,19 @@ mod tests {
             assert_eq!(f.tensor_data(info), &data[..]);
             assert_eq!(f.tensor(name).unwrap(), info);
         }
+        // The same tensors streamed give the same file; a wrong length is an error.
+        let mut streamed = GgufWriter::new();
+        streamed.metadata = w.metadata.clone();
+        for (name, dims, ty, _, len) in &w.tensors {
+            streamed.add_tensor_streamed(name, dims, *ty, *len);
+        }
+        let data = |i: usize| w.tensors[i].3.clone().expect("held");
+        let mut out = vec![];
+        streamed.write_streaming(&mut out, &mut |i, o| o.write_all(&data(i))).unwrap();
+        assert_eq!(out, bytes);
+        let short = streamed.write_streaming(&mut vec![], &mut |i, o| o.write_all(&data(i)[1..]));
+        assert!(short.unwrap_err().to_string().contains("announced"));
+        assert!(streamed.write_to(&mut vec![]).is_err(), "streamed tensors need write_streaming");
         assert_eq!(f.tensor("b.weight").unwrap().n_elements(), 64);
 
         // Typed getters.

@@ -88,23 +88,32 @@ pub fn optimize(opts: &OptimizeOptions) -> Result<OptimizeReport, BuildError> {
     };
     let map = PruneSpec::layer_map(&removed, hp.n_layers);
     let file_type = opts.quant.default.as_deref().and_then(|q| file_type_of(&q.to_ascii_lowercase()));
-    let writer = optimized_gguf(&gguf, &model, &hp.architecture, after.layers, &map, file_type)?;
-    outdir::write_file_atomically(&opts.out, opts.force, |f| writer.write_to(f))?;
+    let (writer, data) = optimized_gguf(&gguf, &model, &hp.architecture, after.layers, &map, file_type)?;
+    // Each tensor is written from where it is (the mapped source, or the passes' output) and
+    // the source's pages released after it: no copy of the model is made.
+    outdir::write_file_atomically(&opts.out, opts.force, |f| {
+        writer.write_streaming(f, &mut |i, out| {
+            out.write_all(data[i])?;
+            gguf.release(data[i]);
+            Ok(())
+        })
+    })?;
     let out_file_bytes = std::fs::metadata(&opts.out).map(|m| m.len()).unwrap_or(0);
     Ok(OptimizeReport { before, after, notes: report.notes, source_file_bytes: gguf.file_len(), out_file_bytes })
 }
 
 /// The GGUF of `model` (after the model passes) with the metadata of `source`: see the module
 /// doc. `map` is the block renumbering ([`PruneSpec::layer_map`]).
-pub fn optimized_gguf(
-    source: &GgufFile,
-    model: &Model<'_>,
+pub fn optimized_gguf<'a>(
+    source: &'a GgufFile,
+    model: &'a Model<'_>,
     architecture: &str,
     layers: u32,
     map: &[Option<u32>],
     file_type: Option<u32>,
-) -> Result<GgufWriter, BuildError> {
+) -> Result<(GgufWriter, Vec<&'a [u8]>), BuildError> {
     let mut w = GgufWriter::new();
+    let mut data = vec![];
     let block_count = format!("{architecture}.block_count");
     let mut has_file_type = false;
     for (key, value) in source.metadata() {
@@ -130,11 +139,15 @@ pub fn optimized_gguf(
             Some(&i) => {
                 let weight = &model.graph.weights[i];
                 let ty = GgmlType::from_id(weight.format.ggml_type()).expect("every kiln format is a ggml type");
-                w.add_tensor(&name, &info.dims, ty, model.weight_bytes(ir::WeightId(i as u32)));
+                let bytes = model.weight_bytes(ir::WeightId(i as u32));
+                w.add_tensor_streamed(&name, &info.dims, ty, bytes.len() as u64);
+                data.push(bytes);
                 written[i] = true;
             }
             None => {
-                w.add_tensor(&name, &info.dims, info.ggml_type, source.tensor_data(info));
+                let bytes = source.tensor_data(info);
+                w.add_tensor_streamed(&name, &info.dims, info.ggml_type, bytes.len() as u64);
+                data.push(bytes);
             }
         }
     }
@@ -144,5 +157,5 @@ pub fn optimized_gguf(
             model.graph.weights[i].name
         )));
     }
-    Ok(w)
+    Ok((w, data))
 }

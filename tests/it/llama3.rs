@@ -650,3 +650,62 @@ fn llama3_gguf_tokenizer_matches_llama_cpp_and_tokenizers() {
         assert_eq!(s.tokenize(text).unwrap(), hf, "tokenizers, {text:?}");
     }
 }
+
+/// Llama 3.1 Instruct's own chat template (llama.cpp's copy, fetched by `cargo xtask test`):
+/// kiln renders a conversation (a system prompt, which the template moves into its dated
+/// system header, turns, and the generation prompt) exactly as transformers' jinja2
+/// environment does. (Its tool branches are not reached: kiln serves no tools, and its
+/// template engine has no `tojson`.)
+#[test]
+fn llama31_instruct_template_renders_as_transformers_does() {
+    use runtime::chat_template::{ChatTemplate, Message};
+    let path = peers::llama31_template_path();
+    let source = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("{}: {e}; `cargo xtask test` fetches it (the llama-cpp-python sdist)", path.display())
+    });
+    assert!(source.contains("<|start_header_id|>") && source.contains("tool_calls"), "{source}");
+    let (bos, eos) = ("<|begin_of_text|>", "<|eot_id|>");
+    let t = ChatTemplate::new(&source, bos, eos).unwrap_or_else(|e| panic!("{e}"));
+    let conversations: [(&[Message], bool); 4] = [
+        (&[Message::user("What is 2+2?")], true),
+        (
+            &[
+                Message::system("  Be terse.\n"),
+                Message::user("Hi"),
+                Message::assistant("Hello!"),
+                Message::user("2+2?"),
+            ],
+            true,
+        ),
+        (&[Message::system("You answer in French."), Message::user("Capital of France?")], false),
+        (&[Message::user("a"), Message::assistant("b"), Message::user("c"), Message::assistant("d")], false),
+    ];
+    let cases: Vec<Value> = conversations
+        .iter()
+        .map(|(m, gen)| json!({"messages": m, "add_generation_prompt": gen, "bos_token": bos, "eos_token": eos}))
+        .collect();
+    let dir = scratch_dir("llama3/template");
+    std::fs::write(dir.join("cases.json"), serde_json::to_vec(&cases).unwrap()).unwrap();
+    let out = Command::new(python())
+        .arg(peer_script("render_template.py"))
+        .arg(&path)
+        .arg(dir.join("cases.json"))
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "render_template.py: {}", String::from_utf8_lossy(&out.stderr));
+    let want: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for ((messages, gen), want) in conversations.iter().zip(&want) {
+        let want = want.as_str().unwrap_or_else(|| panic!("jinja2 failed: {want}"));
+        assert_eq!(t.render(messages, *gen).unwrap(), want);
+    }
+    // The system header as the template writes it, the text trimmed.
+    let got = t.render(conversations[1].0, true).unwrap();
+    assert!(
+        got.starts_with(
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\
+             Today Date: 26 Jul 2024\n\nBe terse.<|eot_id|>"
+        ),
+        "{got}"
+    );
+    assert!(got.ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n"), "{got}");
+}

@@ -159,6 +159,14 @@ pub fn prepare_for_tests() -> Result<PathBuf> {
             peers::llama3_tokenizer_dir().display()
         ));
     }
+    if let Some(p) = python.as_deref().filter(|_| lines.is_empty()) {
+        if let Err(e) = peers::ensure_llama31_template(p) {
+            lines.push(format!(
+                "  the Llama 3.1 chat template in {} ({e:#})\n    needs: network access to PyPI, then run again",
+                peers::llama31_template_path().display()
+            ));
+        }
+    }
     if !lines.is_empty() {
         bail!("{}", message(&lines, root, apt));
     }

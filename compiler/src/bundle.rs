@@ -84,6 +84,16 @@ pub enum WeightsPlacement {
 pub const MAX_EMBEDDED_WEIGHTS: u64 = 1 << 30;
 
 impl WeightsPlacement {
+    /// Whether the weights are packed straight into `weights.bin` (not into memory) when they
+    /// take at least `at_least` bytes: always for `File`, and for `Auto` when they cannot fit.
+    pub fn packs_to_file(self, at_least: u64) -> bool {
+        match self {
+            WeightsPlacement::File => true,
+            WeightsPlacement::Auto => at_least > MAX_EMBEDDED_WEIGHTS,
+            WeightsPlacement::Embedded => false,
+        }
+    }
+
     /// Whether `weights_bytes` of packed weights are embedded, and a note when `Auto` chose the
     /// file for their size; an error when `Embedded` cannot hold them.
     pub fn resolve(self, weights_bytes: u64) -> Result<(bool, Option<String>), String> {
@@ -345,14 +355,17 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Builds a bundle; `progress` is told when each stage starts.
 pub fn build_model(opts: &BuildOptions, progress: &mut dyn FnMut(Stage)) -> Result<BuildReport, BuildError> {
-    build_model_checked(opts, progress, &mut |_| Ok(()))
+    build_model_checked(opts, progress, &|_, _| {}, &mut |_| Ok(()))
 }
 
 /// Builds a bundle, showing `check` its manifest (hyperparameters, context, memory) before
-/// anything is written: an `Err` from it refuses the build and leaves `--out` untouched.
+/// the weights are packed (their least packed size, no digest yet) and again before anything
+/// is written: an `Err` from it refuses the build and leaves `--out` untouched. `packed` is
+/// told `(stored weight bytes packed, of all)` as packing goes (from rayon's threads).
 pub fn build_model_checked(
     opts: &BuildOptions,
     progress: &mut dyn FnMut(Stage),
+    packed: &(dyn Fn(u64, u64) + Sync),
     check: &mut dyn FnMut(&serde_json::Value) -> Result<(), String>,
 ) -> Result<BuildReport, BuildError> {
     let target = targets::lookup_device(&opts.target, opts.device.as_deref()).map_err(BuildError::Target)?;
@@ -406,18 +419,115 @@ pub fn build_model_checked(
     let mut graph = lowered.graph;
     graph.kv_dtype = opts.kv_cache;
     graph.act_dtype = opts.activations;
-    let model = crate::model::Model::new(graph, lowered.weights);
-    // The file's digest (for the fingerprint and the manifest) is computed beside the passes
-    // and the packing, which do not need it: one more task on rayon's pool, not a thread.
-    let (sha256, prepared) = rayon::join(|| source.sha256(), || crate::prepare(model, target.as_ref(), &copts));
-    let prepared = prepared.map_err(BuildError::Compile)?;
+    // Each weight, borrowed from the source, is released to it once packed: a mapped file's
+    // pages are given back, so the build's memory follows the tensors in flight.
+    let release = |bytes: &[u8]| source.release(bytes);
+    let model = crate::model::Model::new(graph, lowered.weights).with_release(&release);
+    // The manifest, shown to `check` before packing (the weights at the least bytes they can
+    // pack to, no digest yet: a model that misses the budget is refused before the work) and
+    // again, exact, before anything is written.
+    let source_kind = source.kind();
+    let manifest_for = |hp: &frontend::Hyperparameters,
+                        fingerprint: &str,
+                        sha256: &str,
+                        embed_weights: bool,
+                        memory: (u64, u64, u64)| {
+        json!({
+            "kiln_abi_version": abi::ABI_VERSION,
+            "fingerprint": fingerprint,
+            "model": {
+                "name": name,
+                "vocab": hp.vocab,
+                "context": context,
+                "hyperparameters": hp,
+            },
+            "source": {
+                "file": opts.model.file_name().map(|f| f.to_string_lossy().into_owned()),
+                "format": source_kind,
+                "sha256": sha256,
+            },
+            "target": target.summary(),
+            "compile_options": {
+                "context": context,
+                "batch": opts.batch,
+                "embed_weights": embed_weights,
+                "kv_cache": opts.kv_cache.name(),
+                "activations": format!("{} blocks of 32 for quantized matmuls, f32 elsewhere", opts.activations.name()),
+                "prune_layers": opts.prune.as_ref().map(|p| p.to_string()),
+                "quant": opts.quant.default,
+                "quant_tensor": opts.quant.tensors.iter().map(|r| format!("{}={}", r.pattern, r.format)).collect::<Vec<_>>(),
+                "lora": adapters.iter().map(|a| json!({
+                    "adapter": a.path.file_name().map(|f| f.to_string_lossy().into_owned()),
+                    "sha256": a.sha256,
+                    "tensors": a.updates.len(),
+                })).collect::<Vec<_>>(),
+                "lora_mode": if opts.lora_low_rank { "low-rank" } else { "merge" },
+            },
+            "tokenizer": {
+                "bos_id": tokenizer.bos.0,
+                "bos_token": tokenizer.bos.1,
+                "eos_id": tokenizer.eos.0,
+                "eos_token": tokenizer.eos.1,
+                "add_bos": tokenizer.add_bos,
+                "stop_ids": tokenizer.stop_ids,
+                "chat_template": tokenizer.chat_template,
+            },
+            "files": {
+                "library": "lib/libkiln_model.a",
+                "header": "include/kiln_model.h",
+                "tokenizer": "tokenizer.json",
+                "ir": "model.kir",
+                "weights": if embed_weights { None } else { Some("weights.bin") },
+                "shared_library": opts.shared_linker.as_ref().map(|_| "lib/libkiln_model.so"),
+            },
+            "memory": {
+                "weights_bytes": memory.0,
+                "arena_bytes": memory.1,
+                "kv_bytes": memory.2,
+            },
+        })
+    };
+    let planned = crate::plan(model, target.as_ref(), &copts).map_err(BuildError::Compile)?;
+    let (arena_bytes, kv_bytes, layers) = planned.memory();
+    let mut planned_hp = hp.clone();
+    planned_hp.n_layers = layers;
+    let estimate = (planned.packed_bytes_at_least(), arena_bytes, kv_bytes);
+    let embed_estimate = opts.weights.resolve(estimate.0).is_ok_and(|(embed, _)| embed);
+    check(&manifest_for(&planned_hp, "", "", embed_estimate, estimate)).map_err(BuildError::Refused)?;
+    // Weights that cannot be embedded (or are asked for as a file) are written to weights.bin
+    // as they are packed, never held whole; the rest are packed into memory.
+    let at_least = planned.packed_bytes_at_least();
+    if opts.weights == WeightsPlacement::Embedded {
+        opts.weights.resolve(at_least).map_err(BuildError::Refused)?; // refused before packing
+    }
+    let mut staged = None;
+    let sink = match opts.weights.packs_to_file(at_least) {
+        true => {
+            let (file_staged, file) = outdir::StagedFile::create(&opts.out, "weights.bin")?;
+            staged = Some(file_staged);
+            crate::pack::WeightsSink::file(file)
+        }
+        false => crate::pack::WeightsSink::memory(),
+    };
+    let sink = sink.with_progress(packed);
+    // The file's digest (for the fingerprint and the manifest) is computed beside the
+    // packing, which does not need it: one more task on rayon's pool, not a thread.
+    let (sha256, prepared) = rayon::join(|| source.sha256(), || planned.pack(sink));
+    let mut prepared = prepared.map_err(BuildError::Compile)?;
     let (embed_weights, placement_note) =
         opts.weights.resolve(prepared.weights_bytes()).map_err(BuildError::Refused)?;
+    if !embed_weights && prepared.weights_in_memory() {
+        // Packed into memory (they might have fit) but too large after all: written now.
+        let (file_staged, file) = outdir::StagedFile::create(&opts.out, "weights.bin")?;
+        let write = std::io::Write::write_all(&mut std::io::BufWriter::new(&file), &prepared.take_weights())
+            .and_then(|()| file.sync_all());
+        write.map_err(|e| BuildError::OutDir(OutDirError::Io { path: file_staged.path().to_owned(), error: e }))?;
+        staged = Some(file_staged);
+    }
     copts.embed_weights = embed_weights;
     let build_id = fingerprint(&sha256, opts, embed_weights, &target.summary(), context, &adapter_digests);
     copts.fingerprint = build_id;
     // The weights are packed: free the model file before code generation copies them again.
-    let source_kind = source.kind();
     drop(source_box);
     let mut compiled = crate::finish(prepared, target.as_ref(), &copts).map_err(BuildError::Compile)?;
     // Pruning changes the layer count the manifest and the header state.
@@ -431,60 +541,8 @@ pub fn build_model_checked(
     let t = Instant::now();
     progress(Stage::Write);
     let library = archive(&std::mem::take(&mut compiled.object), "kiln_model.o");
-    let manifest = json!({
-        "kiln_abi_version": abi::ABI_VERSION,
-        "fingerprint": hex(&build_id),
-        "model": {
-            "name": name,
-            "vocab": hp.vocab,
-            "context": context,
-            "hyperparameters": hp,
-        },
-        "source": {
-            "file": opts.model.file_name().map(|f| f.to_string_lossy().into_owned()),
-            "format": source_kind,
-            "sha256": sha256,
-        },
-        "target": target.summary(),
-        "compile_options": {
-            "context": context,
-            "batch": opts.batch,
-            "embed_weights": embed_weights,
-            "kv_cache": opts.kv_cache.name(),
-            "activations": format!("{} blocks of 32 for quantized matmuls, f32 elsewhere", opts.activations.name()),
-            "prune_layers": opts.prune.as_ref().map(|p| p.to_string()),
-            "quant": opts.quant.default,
-            "quant_tensor": opts.quant.tensors.iter().map(|r| format!("{}={}", r.pattern, r.format)).collect::<Vec<_>>(),
-            "lora": adapters.iter().map(|a| json!({
-                "adapter": a.path.file_name().map(|f| f.to_string_lossy().into_owned()),
-                "sha256": a.sha256,
-                "tensors": a.updates.len(),
-            })).collect::<Vec<_>>(),
-            "lora_mode": if opts.lora_low_rank { "low-rank" } else { "merge" },
-        },
-        "tokenizer": {
-            "bos_id": tokenizer.bos.0,
-            "bos_token": tokenizer.bos.1,
-            "eos_id": tokenizer.eos.0,
-            "eos_token": tokenizer.eos.1,
-            "add_bos": tokenizer.add_bos,
-            "stop_ids": tokenizer.stop_ids,
-            "chat_template": tokenizer.chat_template,
-        },
-        "files": {
-            "library": "lib/libkiln_model.a",
-            "header": "include/kiln_model.h",
-            "tokenizer": "tokenizer.json",
-            "ir": "model.kir",
-            "weights": if embed_weights { None } else { Some("weights.bin") },
-            "shared_library": opts.shared_linker.as_ref().map(|_| "lib/libkiln_model.so"),
-        },
-        "memory": {
-            "weights_bytes": compiled.weights_bytes,
-            "arena_bytes": compiled.arena_bytes,
-            "kv_bytes": compiled.kv_bytes,
-        },
-    });
+    let memory = (compiled.weights_bytes, compiled.arena_bytes, compiled.kv_bytes);
+    let manifest = manifest_for(&hp, &hex(&build_id), &sha256, embed_weights, memory);
     check(&manifest).map_err(BuildError::Refused)?;
     let out = &opts.out;
     let mut files: Vec<(&str, &[u8])> = vec![];
@@ -495,12 +553,15 @@ pub fn build_model_checked(
     files.push(("tokenizer.json", tokenizer.json.as_bytes()));
     files.push(("manifest.json", manifest_text.as_bytes()));
     files.push(("model.kir", compiled.final_ir.as_bytes()));
-    if !embed_weights {
-        files.push(("weights.bin", &compiled.weights));
-    }
-    outdir::write_bundle_dir(out, &files, |dir| match &opts.shared_linker {
-        Some(cc) => link_shared(cc, dir),
-        None => Ok(()),
+    outdir::write_bundle_dir(out, &files, |dir| {
+        if let Some(staged) = &staged {
+            let to = dir.join("weights.bin");
+            std::fs::rename(staged.path(), &to).map_err(|error| OutDirError::Io { path: to, error })?;
+        }
+        match &opts.shared_linker {
+            Some(cc) => link_shared(cc, dir),
+            None => Ok(()),
+        }
     })?;
     stage_times.push((Stage::Write.name().to_string(), t.elapsed()));
     Ok(BuildReport {

@@ -21,10 +21,12 @@
 //!   bound: lists grow as their elements are actually read;
 //! - keys, names and string values from the file are clipped in error messages ([`clip`]).
 //!
-//! The file is read into memory whole, once (no `mmap`, no `unsafe`): the models kiln targets
-//! are small, and owning the bytes keeps the reader entirely safe code. [`GgufFile::open`]
-//! reads regular files only (a FIFO or `/dev/zero` would block or never end), and tensors are
-//! handed out as slices of those bytes, never copied.
+//! [`GgufFile::open`] maps the file read-only (the one mapping helper,
+//! `source::files::map_file`) rather than reading it: a model of several gigabytes costs no
+//! memory until a tensor's pages are read, and a build gives each tensor's pages back once it is
+//! packed ([`GgufFile::release`]). It opens regular files only (a FIFO or `/dev/zero` would
+//! block or never end), and tensors are handed out as slices of the mapping, never copied.
+//! [`GgufFile::parse`] reads a file already in memory (tests, fuzzing).
 //!
 //! [`GgufWriter`] produces valid GGUF v3 files (to memory or any `Write`); it is the one writer:
 //! `cargo xtask optimize` writes models with it, the tests synthetic ones. It writes what it
@@ -557,7 +559,23 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file, owning its bytes.
+/// A GGUF file's bytes: read into memory, or mapped from the file.
+enum FileBytes {
+    Owned(Vec<u8>),
+    Mapped(crate::source::files::Mapped),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Owned(b) => b,
+            FileBytes::Mapped(m) => m,
+        }
+    }
+}
+
+/// A parsed GGUF file, owning (or mapping) its bytes.
 pub struct GgufFile {
     pub version: u32,
     /// Alignment of the data section and tensor offsets.
@@ -567,7 +585,7 @@ pub struct GgufFile {
     metadata: Vec<(String, MetaValue)>,
     meta_index: HashMap<String, usize>,
     tensor_index: HashMap<String, usize>,
-    bytes: Vec<u8>,
+    bytes: FileBytes,
     data_start: u64,
 }
 
@@ -788,16 +806,14 @@ impl GgufFile {
         if let Some(k) = kind(std::fs::metadata(path).map_err(io)?.file_type()) {
             return Err(not_a_file(k));
         }
-        let mut file = std::fs::File::open(path).map_err(io)?;
+        let file = std::fs::File::open(path).map_err(io)?;
         // The path may have been replaced since it was checked; check what was opened.
         let meta = file.metadata().map_err(io)?;
         if let Some(k) = kind(meta.file_type()) {
             return Err(not_a_file(k));
         }
-        let mut bytes = Vec::new();
-        bytes.try_reserve_exact(meta.len() as usize).map_err(|e| io(std::io::Error::other(e)))?;
-        std::io::Read::read_to_end(&mut file, &mut bytes).map_err(io)?;
-        Self::parse(bytes)
+        let map = crate::source::files::map_file(&file, meta.len()).map_err(io)?;
+        Self::parse_bytes(FileBytes::Mapped(map), MAX_META_VALUES)
     }
 
     /// Parses a whole GGUF file held in memory.
@@ -807,6 +823,10 @@ impl GgufFile {
 
     /// [`GgufFile::parse`] with `meta_values` in place of [`MAX_META_VALUES`] (for tests).
     fn parse_with_limit(bytes: Vec<u8>, meta_values: u64) -> Result<Self, GgufError> {
+        Self::parse_bytes(FileBytes::Owned(bytes), meta_values)
+    }
+
+    fn parse_bytes(bytes: FileBytes, meta_values: u64) -> Result<Self, GgufError> {
         let file_len = bytes.len() as u64;
         let mut r = Reader { buf: &bytes, pos: 0 };
 
@@ -1080,6 +1100,15 @@ impl GgufFile {
     /// The whole file.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// Gives back the memory of `bytes`, a slice of this file (a tensor's data) that will not
+    /// be read again soon: a mapped file's pages are dropped (a later read maps them back), a
+    /// file read into memory keeps them. Anything that is not a part of this file is ignored.
+    pub fn release(&self, bytes: &[u8]) {
+        if let FileBytes::Mapped(m) = &self.bytes {
+            m.release(bytes);
+        }
     }
 }
 

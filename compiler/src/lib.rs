@@ -5,8 +5,8 @@
 //! ([`compile`] for a graph, [`gguf`], [`frontend`], [`passes`], [`pack`], [`codegen`]) are
 //! public for tests and tools.
 
-// The compiler emits bytes, it never runs them. One `unsafe` block, allowed where it is:
-// mapping a model's weight file read-only (`source::files`).
+// The compiler emits bytes, it never runs them. Two `unsafe` blocks, allowed where they are
+// (`source::files`): mapping a model file read-only, and giving a packed tensor's pages back.
 #![deny(unsafe_code)]
 
 pub mod bundle;
@@ -79,6 +79,8 @@ pub enum CompileError {
     Verifier(ir::verify::VerifierErrors),
     Codegen(codegen::CodegenError),
     BadOption(String),
+    /// The packed weights could not be written (`weights.bin` in the making).
+    Write(std::io::Error),
 }
 
 impl fmt::Display for CompileError {
@@ -87,6 +89,7 @@ impl fmt::Display for CompileError {
             CompileError::Verifier(e) => write!(f, "invalid IR (a kiln bug):\n{e}"),
             CompileError::Codegen(e) => write!(f, "{e}"),
             CompileError::BadOption(m) => write!(f, "{m}"),
+            CompileError::Write(e) => write!(f, "writing the packed weights: {e}"),
         }
     }
 }
@@ -105,6 +108,38 @@ pub fn compile<W: AsRef<[u8]>>(
     finish(prepared, target, opts)
 }
 
+/// A graph after the pass pipeline, with its memory planned: its weights, still in their
+/// formats (slices of the model file where the source lends them), are packed next.
+pub struct Planned<'a> {
+    model: model::Model<'a>,
+    info: ir::verify::GraphInfo,
+    plan: passes::plan_memory::MemoryPlan,
+    micro_rows: Option<u32>,
+    timings: Vec<(String, Duration)>,
+    notes: Vec<String>,
+}
+
+impl<'a> Planned<'a> {
+    /// The least bytes the packed weights can take ([`pack::packed_bytes_at_least`]).
+    pub fn packed_bytes_at_least(&self) -> u64 {
+        pack::packed_bytes_at_least(&self.model.graph, self.micro_rows)
+    }
+
+    /// Bytes of the activation arena and of the KV cache, and the layers (after pruning).
+    pub fn memory(&self) -> (u64, u64, u32) {
+        (self.plan.arena_bytes, codegen::kv_bytes(&self.model.graph, &self.info), self.info.kv_layers)
+    }
+
+    /// Packs the weights into `sink` ([`pack::pack`]), tensor by tensor.
+    pub fn pack(self, sink: pack::WeightsSink<'_>) -> Result<Prepared, CompileError> {
+        let Planned { model, info, plan, micro_rows, mut timings, notes } = self;
+        let start = Instant::now();
+        let packed = pack::pack(&model, micro_rows, sink).map_err(CompileError::Write)?;
+        timings.push(("pack weights".into(), start.elapsed()));
+        Ok(Prepared { graph: model.graph, info, plan, packed, timings, notes })
+    }
+}
+
 /// A graph after the pass pipeline, planned, with its weights packed: the raw weights are no
 /// longer needed (a caller can free the model file before code generation).
 pub struct Prepared {
@@ -119,17 +154,32 @@ pub struct Prepared {
 impl Prepared {
     /// Bytes of the packed weights blob (what a library embeds or `weights.bin` holds).
     pub fn weights_bytes(&self) -> u64 {
-        self.packed.blob.len() as u64
+        self.packed.len
+    }
+
+    /// Whether the packed weights are in memory (packed into [`pack::WeightsSink::memory`]).
+    pub fn weights_in_memory(&self) -> bool {
+        self.packed.blob.len() as u64 == self.packed.len
+    }
+
+    /// The packed weights, when they are in memory (empty otherwise), leaving none behind:
+    /// what a build writes to `weights.bin` when they are not embedded after all.
+    pub fn take_weights(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.packed.blob)
     }
 }
 
-/// The first half of [`compile`]: checks the options, runs the pass pipeline on `model`, plans
-/// memory and packs the weights.
-pub fn prepare(
-    mut model: model::Model<'_>,
+/// The first half of [`compile`]: [`plan`], then the weights packed into memory.
+pub fn prepare(model: model::Model<'_>, target: &dyn Target, opts: &CompileOptions) -> Result<Prepared, CompileError> {
+    plan(model, target, opts)?.pack(pack::WeightsSink::memory())
+}
+
+/// Checks the options, runs the pass pipeline on `model` and plans memory.
+pub fn plan<'a>(
+    mut model: model::Model<'a>,
     target: &dyn Target,
     opts: &CompileOptions,
-) -> Result<Prepared, CompileError> {
+) -> Result<Planned<'a>, CompileError> {
     if opts.batch == 0 || opts.batch > 65536 {
         return Err(CompileError::BadOption(format!("batch {} must be in 1..=65536", opts.batch)));
     }
@@ -150,17 +200,17 @@ pub fn prepare(
     let start = Instant::now();
     let plan = passes::plan_memory::plan(&model.graph, &info, opts.batch);
     timings.push(("plan memory".into(), start.elapsed()));
-    let start = Instant::now();
-    let packed = pack::pack(&model, target.matmul_schedule().micro_rows);
-    timings.push(("pack weights".into(), start.elapsed()));
-    Ok(Prepared { graph: model.graph, info, plan, packed, timings, notes })
+    Ok(Planned { model, info, plan, micro_rows: target.matmul_schedule().micro_rows, timings, notes })
 }
 
 /// The second half of [`compile`]: code generation. `opts` must be the options given to
 /// [`prepare`].
 pub fn finish(prepared: Prepared, target: &dyn Target, opts: &CompileOptions) -> Result<Compiled, CompileError> {
     let Prepared { graph, info, plan, mut packed, mut timings, notes } = prepared;
-    let weights_bytes = packed.blob.len() as u64;
+    let weights_bytes = packed.len;
+    if opts.embed_weights && packed.blob.len() as u64 != weights_bytes {
+        return Err(CompileError::BadOption("weights packed into a file cannot be embedded".into()));
+    }
     let start = Instant::now();
     let emitted = codegen::emit(
         &graph,

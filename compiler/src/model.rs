@@ -42,16 +42,43 @@ impl fmt::Display for ModelStats {
 }
 
 /// A graph and its weights (indexed by [`WeightId`], stored in each weight's format).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Model<'a> {
     pub graph: Graph,
     weights: Vec<Cow<'a, [u8]>>,
+    /// Told about a borrowed weight that will not be read again soon ([`Model::release_weight`]).
+    release: Option<&'a (dyn Fn(&[u8]) + Sync)>,
+}
+
+impl fmt::Debug for Model<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model")
+            .field("graph", &self.graph.name)
+            .field("weights", &self.weights.len())
+            .field("releases", &self.release.is_some())
+            .finish()
+    }
 }
 
 impl<'a> Model<'a> {
     /// Pairs `graph` with `weights`; [`Model::check_weights`] says whether they fit.
     pub fn new(graph: Graph, weights: Vec<Cow<'a, [u8]>>) -> Self {
-        Model { graph, weights }
+        Model { graph, weights, release: None }
+    }
+
+    /// The model with `release` told of each borrowed weight the build is done with (the
+    /// source's [`crate::source::ModelSource::release`], which gives a mapped file's pages back).
+    pub fn with_release(mut self, release: &'a (dyn Fn(&[u8]) + Sync)) -> Self {
+        self.release = Some(release);
+        self
+    }
+
+    /// Says that weight `w` will not be read again soon: a weight borrowed from the source
+    /// is released to it (its pages may be dropped and read back if it is read after all).
+    pub fn release_weight(&self, w: WeightId) {
+        if let (Some(release), Cow::Borrowed(bytes)) = (self.release, &self.weights[w.index()]) {
+            release(bytes);
+        }
     }
 
     /// A model borrowing `weights`.

@@ -164,6 +164,41 @@ fn fresh_sibling(out: &Path, what: &str) -> Result<PathBuf, OutDirError> {
     })
 }
 
+/// A file a build writes before its bundle directory exists (`weights.bin`, written as the
+/// weights are packed), in a fresh hidden directory beside the destination (same file system,
+/// so it can be renamed into the bundle). Dropping it removes the file, if still there, and
+/// the directory: both kiln's own.
+pub struct StagedFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl StagedFile {
+    /// Makes the parent of `out` if needed and a fresh directory beside `out` holding the empty
+    /// file `name`, open for writing.
+    pub fn create(out: &Path, name: &str) -> Result<(Self, std::fs::File), OutDirError> {
+        let parent = parent_of(out);
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        let dir = fresh_sibling(out, "stage")?;
+        let path = dir.join(name);
+        let staged = StagedFile { dir, path };
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&staged.path);
+        let file = file.map_err(io(&staged.path))?;
+        Ok((staged, file))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 fn parent_of(out: &Path) -> &Path {
     out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
@@ -371,6 +406,29 @@ mod tests {
     }
 
     #[cfg(unix)]
+    /// A staged file lives beside the destination and leaves nothing behind when dropped,
+    /// moved into the bundle or not.
+    #[test]
+    fn a_staged_file_is_moved_in_or_removed() {
+        let out = scratch("staged").join("bundle");
+        let (staged, file) = StagedFile::create(&out, "weights.bin").unwrap();
+        std::io::Write::write_all(&mut &file, b"packed").unwrap();
+        let dir = staged.path().parent().unwrap().to_path_buf();
+        assert_eq!(dir.parent(), out.parent());
+        drop(staged);
+        assert!(!dir.exists(), "removed when not moved");
+        let (staged, _) = StagedFile::create(&out, "weights.bin").unwrap();
+        write_bundle_dir(&out, &files(), |d: &Path| {
+            std::fs::rename(staged.path(), d.join("weights.bin")).map_err(io(d))
+        })
+        .unwrap();
+        let dir = staged.path().parent().unwrap().to_path_buf();
+        drop(staged);
+        assert!(out.join("weights.bin").is_file() && !dir.exists());
+        let left: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("bundle")], "only the bundle is left");
+    }
+
     #[test]
     fn a_symlink_is_refused() {
         let dir = scratch("symlink");

@@ -158,7 +158,13 @@ pub struct PackedWeight {
 
 /// The weights blob and the index into it.
 pub struct Packed {
+    /// The packed bytes when packed into memory ([`WeightsSink::memory`]); empty when they
+    /// were written to a file, or once code generation moved them into the object.
     pub blob: Vec<u8>,
+    /// Bytes of the blob, wherever it is.
+    pub len: u64,
+    /// [`abi::weights_checksum`] of the blob.
+    pub checksum: u64,
     pub weights: Vec<PackedWeight>,
     /// Rotary tables by their parameters: offset of `context` rows of
     /// `cos[head_dim]` (each cosine twice) then `sin[head_dim]` (`-sin, +sin` per pair).
@@ -181,8 +187,56 @@ impl RopeKey {
     }
 }
 
-fn pad_to(blob: &mut Vec<u8>, align: usize) {
-    blob.resize(blob.len().div_ceil(align) * align, 0);
+/// Where [`pack`] puts the packed weights as it makes them, one tensor at a time: memory, or a
+/// file (`weights.bin` in the making), so that packing a model never holds all of it.
+pub struct WeightsSink<'a> {
+    memory: Vec<u8>,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    checksum: abi::WeightsChecksum,
+    /// Told `(raw bytes packed, raw bytes in all)` after each window of weights.
+    progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+}
+
+impl<'a> WeightsSink<'a> {
+    /// Packs into memory (the weights a library embeds, or [`crate::compile`]'s).
+    pub fn memory() -> Self {
+        WeightsSink { memory: Vec::new(), file: None, checksum: abi::WeightsChecksum::new(), progress: None }
+    }
+
+    /// Writes the packed weights to `file` (from its start) as they are made.
+    pub fn file(file: std::fs::File) -> Self {
+        let file = Some(std::io::BufWriter::with_capacity(1 << 20, file));
+        WeightsSink { memory: Vec::new(), file, checksum: abi::WeightsChecksum::new(), progress: None }
+    }
+
+    /// The sink, telling `progress` how many of the weights' stored bytes are packed, and of
+    /// how many, after each window of weights.
+    pub fn with_progress(mut self, progress: &'a (dyn Fn(u64, u64) + Sync)) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.checksum.update(bytes);
+        match &mut self.file {
+            Some(f) => std::io::Write::write_all(f, bytes),
+            None => {
+                self.memory.extend_from_slice(bytes);
+                Ok(())
+            }
+        }
+    }
+
+    /// Bytes written so far.
+    fn len(&self) -> u64 {
+        self.checksum.len()
+    }
+
+    /// Zeros up to the next multiple of `align`.
+    fn pad(&mut self, align: usize) -> std::io::Result<()> {
+        let pad = (self.len().div_ceil(align as u64) * align as u64 - self.len()) as usize;
+        self.write(&[0; ALIGN][..pad])
+    }
 }
 
 /// A matrix's blocks in its kernel form, decoded once for choosing the layout and packing.
@@ -244,16 +298,30 @@ fn in_parts<T: Send>(rows: usize, bytes: usize, f: impl Fn(Range<usize>) -> T + 
 }
 
 /// The layout of a weight; `micro`: Q4 and Q8 matrices take the micro-kernels' layouts, Q4
-/// in 4-byte chunks (`dwords`) for the q8 activation grid (`act`).
+/// in 4-byte chunks (`dwords`) for the q8 activation grid (`act`). Whether scales stay f16
+/// (`half`) and offsets are stored (`mins`) depends on the blocks.
 fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, act: ActDType) -> Layout {
-    match (format.spec().kernel, shape, blocks) {
-        (_, [n], _) => Layout::F32Vector { n: *n },
-        (KernelForm::F32, [rows, cols], _) => Layout::F32Rows4 { rows: *rows, cols: *cols },
-        (kernel @ (KernelForm::Q4(_) | KernelForm::Q5(_)), [rows, cols], Blocks::Q4(blocks)) => {
-            let high = matches!(kernel, KernelForm::Q5(_));
-            let implied = if high { -16.0 } else { -8.0 };
+    let (half, mins) = match (format.spec().kernel, blocks) {
+        (kernel @ (KernelForm::Q4(_) | KernelForm::Q5(_)), Blocks::Q4(blocks)) => {
+            let implied = if matches!(kernel, KernelForm::Q5(_)) { -16.0 } else { -8.0 };
             let half = blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m));
-            let mins = blocks.iter().any(|b| b.m != implied * b.d);
+            (half, blocks.iter().any(|b| b.m != implied * b.d))
+        }
+        (KernelForm::Q8(_), Blocks::Q8(blocks)) => (blocks.iter().all(|b| is_f16(b.d)), false),
+        (KernelForm::Q8S16(_), Blocks::Q8S16(blocks)) => (false, blocks.iter().any(|b| b.m != [0.0; 2])),
+        _ => (false, false),
+    };
+    layout_with(format, shape, micro, act, half, mins)
+}
+
+/// The layout of a weight whose scales are f16 or not (`half`) and that stores offsets or not
+/// (`mins`), where its kernel form has these choices.
+fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, half: bool, mins: bool) -> Layout {
+    match (format.spec().kernel, shape) {
+        (_, [n]) => Layout::F32Vector { n: *n },
+        (KernelForm::F32, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
+        (kernel @ (KernelForm::Q4(_) | KernelForm::Q5(_)), [rows, cols]) => {
+            let high = matches!(kernel, KernelForm::Q5(_));
             if micro {
                 let dwords = act == ActDType::Q8;
                 Layout::Q4Rows8 { rows: *rows, cols: *cols, half, mins, high, dwords }
@@ -261,16 +329,14 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, 
                 Layout::Q4Rows4 { rows: *rows, cols: *cols, half, mins, high }
             }
         }
-        (KernelForm::Q8(_), [rows, cols], Blocks::Q8(blocks)) => {
-            let half = blocks.iter().all(|b| is_f16(b.d));
+        (KernelForm::Q8(_), [rows, cols]) => {
             if micro {
                 Layout::Q8Rows8 { rows: *rows, cols: *cols, half }
             } else {
                 Layout::Q8Rows4 { rows: *rows, cols: *cols, half }
             }
         }
-        (KernelForm::Q8S16(_), [rows, cols], Blocks::Q8S16(blocks)) => {
-            let mins = blocks.iter().any(|b| b.m != [0.0; 2]);
+        (KernelForm::Q8S16(_), [rows, cols]) => {
             if micro {
                 Layout::Q8S16Rows8 { rows: *rows, cols: *cols, mins }
             } else {
@@ -279,6 +345,52 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, 
         }
         _ => unreachable!("the verifier allows 1-D and 2-D weights only"),
     }
+}
+
+impl Layout {
+    /// Bytes of a weight in this layout (before the blob's alignment).
+    pub fn bytes(self) -> u64 {
+        match (self, self.matrix()) {
+            (Layout::F32Vector { n }, _) => 4 * n as u64,
+            (_, Some((rows, _))) => (rows as u64).div_ceil(self.group_rows() as u64) * self.group_stride(),
+            (_, None) => unreachable!("every layout but a vector is a matrix"),
+        }
+    }
+}
+
+/// The least bytes [`pack`] can write for `graph`'s weights and tables (every scale f16 and
+/// no offset stored where a layout can do without them): a build that must write more than
+/// a library embeds knows before packing that the weights go to a file.
+pub fn packed_bytes_at_least(graph: &ir::Graph, micro_rows: Option<u32>) -> u64 {
+    let micro = micro_rows.is_some();
+    let align = |n: u64| n.div_ceil(ALIGN as u64) * ALIGN as u64;
+    let weights: u64 = graph
+        .weights
+        .iter()
+        .map(|w| align(layout_with(w.format, &w.shape, micro, graph.act_dtype, true, false).bytes()))
+        .sum();
+    weights + rope_tables(graph).iter().map(|(key, _)| align(rope_table_bytes(key, graph.context))).sum::<u64>()
+}
+
+/// The distinct rotary tables `graph` needs, in the order they are packed, with the scaling of
+/// the first rope that asks for each.
+fn rope_tables(graph: &ir::Graph) -> Vec<(RopeKey, (u32, f32, &ir::RopeScaling))> {
+    let mut seen = BTreeMap::new();
+    let mut out = vec![];
+    for node in &graph.nodes {
+        if let Op::Rope { head_dim, theta, ref scaling, .. } = node.op {
+            let key = RopeKey::new(head_dim, theta, scaling);
+            if seen.insert(key.clone(), ()).is_none() {
+                out.push((key, (head_dim, theta, scaling)));
+            }
+        }
+    }
+    out
+}
+
+/// Bytes of one rotary table: per position, `head_dim` cosines and `head_dim` sines, f32.
+fn rope_table_bytes(key: &RopeKey, context: u32) -> u64 {
+    context as u64 * 2 * key.head_dim as u64 * 4
 }
 
 /// The blocks of the `per_group` rows of group `g` (empty past the last row).
@@ -487,10 +599,28 @@ fn pack_groups(
     }
 }
 
-/// Packs every weight of `model` and the constant tables its ops need, in weight-id order so
-/// that the blob is deterministic. With `micro_rows` (the target's schedule), Q4 and Q8
-/// matrices take the micro-kernels' 8-row layouts (Q4, Q8 and Q8S16 kernel forms).
-pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
+/// Raw bytes of the weights packed at once: consecutive weights up to this many (or one
+/// larger weight) are decoded and packed in parallel, written in order, then released.
+const WINDOW_BYTES: usize = 64 << 20;
+
+/// Packs every weight of `model` and the constant tables its ops need into `sink`, in
+/// weight-id order so that the blob is deterministic. With `micro_rows` (the target's
+/// schedule), Q4 and Q8 matrices take the micro-kernels' 8-row layouts (Q4, Q8 and Q8S16
+/// kernel forms). Weights go through in windows of about [`WINDOW_BYTES`]: each window's
+/// weights are packed on rayon's pool, written, and released to the model's source
+/// ([`Model::release_weight`]), so the memory packing needs follows the largest tensor, not
+/// the model. Errors are the sink's (a full disk).
+pub fn pack(model: &Model<'_>, micro_rows: Option<u32>, sink: WeightsSink<'_>) -> std::io::Result<Packed> {
+    pack_in_windows(model, micro_rows, sink, WINDOW_BYTES)
+}
+
+/// [`pack`] with windows of `window` raw bytes.
+fn pack_in_windows(
+    model: &Model<'_>,
+    micro_rows: Option<u32>,
+    mut sink: WeightsSink<'_>,
+    window: usize,
+) -> std::io::Result<Packed> {
     let graph = &model.graph;
     let raw: Vec<&[u8]> = model.weights().collect();
     let micro = match micro_rows {
@@ -498,58 +628,75 @@ pub fn pack(model: &Model<'_>, micro_rows: Option<u32>) -> Packed {
         Some(r) if r as usize == MICRO_ROWS => true,
         Some(r) => unreachable!("no micro-kernel layout has {r} rows"),
     };
-    // One flat parallel iteration on rayon's pool: a unit is a weight, and a large matrix
-    // splits into units of row ranges (`in_parts`) that idle threads steal, so no thread
-    // is spawned beyond the pool. The parts are collected and laid out in the graph's
-    // order: the blob does not depend on the threads or the schedule.
-    let parts: Vec<(Layout, Vec<Vec<u8>>)> = raw
-        .par_iter()
-        .enumerate()
-        .map(|(i, &raw)| {
-            let w = &graph.weights[i];
-            let decoded = decode(w.format, &w.shape, raw);
-            let layout = layout_for(w.format, &w.shape, &decoded, micro, graph.act_dtype);
-            let bytes = match layout {
-                Layout::F32Vector { n } => {
-                    let mut bytes = Vec::with_capacity(4 * n as usize);
-                    dequantize(w.format, raw, 1, n as usize).into_iter().for_each(|v| push_f32(&mut bytes, v));
-                    vec![bytes]
-                }
-                _ => pack_matrix(w.format, layout, raw, &decoded),
-            };
-            (layout, bytes)
-        })
-        .collect();
-    let size = |bytes: &[Vec<u8>]| bytes.iter().map(Vec::len).sum::<usize>().div_ceil(ALIGN) * ALIGN;
-    let mut blob = Vec::with_capacity(parts.iter().map(|(_, bytes)| size(bytes)).sum());
+    let pack_one = |i: usize| {
+        let (w, raw) = (&graph.weights[i], raw[i]);
+        let decoded = decode(w.format, &w.shape, raw);
+        let layout = layout_for(w.format, &w.shape, &decoded, micro, graph.act_dtype);
+        let bytes = match layout {
+            Layout::F32Vector { n } => {
+                let mut bytes = Vec::with_capacity(4 * n as usize);
+                dequantize(w.format, raw, 1, n as usize).into_iter().for_each(|v| push_f32(&mut bytes, v));
+                vec![bytes]
+            }
+            _ => pack_matrix(w.format, layout, raw, &decoded),
+        };
+        (layout, bytes)
+    };
     let mut weights = Vec::with_capacity(graph.weights.len());
-    for (layout, bytes) in parts {
-        let offset = blob.len() as u64;
-        bytes.into_iter().for_each(|part| blob.extend_from_slice(&part));
-        pad_to(&mut blob, ALIGN);
-        weights.push(PackedWeight { offset, layout });
+    let total: u64 = raw.iter().map(|r| r.len() as u64).sum();
+    let mut done = 0u64;
+    let mut start = 0;
+    while start < raw.len() {
+        let mut end = start + 1;
+        let mut bytes = raw[start].len();
+        while end < raw.len() && bytes + raw[end].len() <= window {
+            bytes += raw[end].len();
+            end += 1;
+        }
+        // One flat parallel iteration on rayon's pool: a unit is a weight, and a large matrix
+        // splits into units of row ranges (`in_parts`) that idle threads steal. The parts are
+        // collected and written in the graph's order: the blob does not depend on the
+        // threads or the schedule.
+        let parts: Vec<(Layout, Vec<Vec<u8>>)> = (start..end).into_par_iter().map(pack_one).collect();
+        for (layout, bytes) in parts {
+            let offset = sink.len();
+            for part in bytes {
+                sink.write(&part)?;
+            }
+            sink.pad(ALIGN)?;
+            weights.push(PackedWeight { offset, layout });
+        }
+        (start..end).for_each(|i| model.release_weight(WeightId(i as u32)));
+        done += bytes as u64;
+        if let Some(progress) = sink.progress {
+            progress(done, total);
+        }
+        start = end;
     }
-    let mut rope_tables = BTreeMap::new();
-    for node in &graph.nodes {
-        if let Op::Rope { head_dim, theta, ref scaling, .. } = node.op {
-            rope_tables.entry(RopeKey::new(head_dim, theta, scaling)).or_insert_with(|| {
-                let offset = blob.len() as u64;
-                for p in 0..graph.context as usize {
-                    let angles: Vec<(f64, f64)> =
-                        scaling.angles(head_dim, theta, p as f64).into_iter().map(f64::sin_cos).collect();
-                    angles.iter().for_each(|&(_, c)| (0..2).for_each(|_| push_f32(&mut blob, c as f32)));
-                    angles.iter().for_each(|&(s, _)| {
-                        push_f32(&mut blob, -s as f32);
-                        push_f32(&mut blob, s as f32);
-                    });
-                }
-                pad_to(&mut blob, ALIGN);
-                offset
+    let mut tables = BTreeMap::new();
+    for (key, (head_dim, theta, scaling)) in rope_tables(graph) {
+        let offset = sink.len();
+        let mut table = Vec::with_capacity(rope_table_bytes(&key, graph.context) as usize);
+        for p in 0..graph.context as usize {
+            let angles: Vec<(f64, f64)> =
+                scaling.angles(head_dim, theta, p as f64).into_iter().map(f64::sin_cos).collect();
+            angles.iter().for_each(|&(_, c)| (0..2).for_each(|_| push_f32(&mut table, c as f32)));
+            angles.iter().for_each(|&(s, _)| {
+                push_f32(&mut table, -s as f32);
+                push_f32(&mut table, s as f32);
             });
         }
+        debug_assert_eq!(table.len() as u64, rope_table_bytes(&key, graph.context));
+        sink.write(&table)?;
+        sink.pad(ALIGN)?;
+        tables.insert(key, offset);
     }
-    pad_to(&mut blob, ALIGN);
-    Packed { blob, weights, rope_tables }
+    sink.pad(ALIGN)?;
+    let (len, checksum) = (sink.len(), sink.checksum.finish());
+    if let Some(file) = sink.file.take() {
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    }
+    Ok(Packed { blob: sink.memory, len, checksum, weights, rope_tables: tables })
 }
 
 impl Packed {
@@ -631,6 +778,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Packing into a file, in small windows, writes the bytes packing into memory holds, with the checksum of those bytes; the offsets are the same.
+    #[test]
+    fn a_file_sink_gets_the_bytes_of_a_memory_sink() {
+        // Weights only (packing reads no node but ropes), packed in windows of 4 KiB: a
+        // matrix larger than one, then a vector and a matrix sharing one.
+        let text = "graph \"t\" context=8\nw0 = weight q4_0[4100, 64] \"a\"\nw1 = weight f32[64] \"n\"\n\
+                    w2 = weight q8_0[40, 64] \"b\"\nv0 = input 0 : f32[seq, 64]\nv1 = silu v0 : f32[seq, 64]\n\
+                    output v1\n";
+        let graph = ir::parse::parse_graph(text).unwrap();
+        let weights: Vec<Vec<u8>> = graph
+            .weights
+            .iter()
+            .map(|w| {
+                matrix(
+                    w.format,
+                    w.n_values() as usize / *w.shape.last().unwrap() as usize,
+                    *w.shape.last().unwrap() as usize,
+                )
+            })
+            .collect();
+        let model = Model::borrowed(graph, &weights);
+        let memory = pack(&model, Some(MICRO_ROWS as u32), WeightsSink::memory()).unwrap();
+        let path = std::env::temp_dir().join(format!("kiln-pack-sink-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let filed = pack_in_windows(&model, Some(MICRO_ROWS as u32), WeightsSink::file(file), 4096).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(filed.blob.is_empty() && bytes == memory.blob);
+        assert_eq!((filed.len, memory.len), (bytes.len() as u64, bytes.len() as u64));
+        assert_eq!((filed.checksum, memory.checksum), (abi::weights_checksum(&bytes), abi::weights_checksum(&bytes)));
+        assert_eq!(filed.weights, memory.weights);
+        assert!(packed_bytes_at_least(&model.graph, Some(MICRO_ROWS as u32)) <= memory.len);
     }
 
     /// A matrix large enough to be decoded and packed in several parts gives the bytes of one

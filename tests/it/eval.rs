@@ -466,7 +466,7 @@ fn a_build_that_misses_its_budget_writes_nothing_and_says_by_how_much() {
     let _ = std::fs::remove_dir_all(&out);
     let tight: compiler::deploy::Budget = "memory=1KiB,decode=1e12tok/s,energy=1e-12J".parse().unwrap();
     let (result, report) =
-        workflow::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&tight), &mut |_| {});
+        workflow::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&tight), &mut |_| {}, &|_, _| {});
     let e = format!("{:#}", result.unwrap_err());
     for says in ["memory:", "the budget is 0.0 MiB", "decode:", "energy per query:", "% off", "nothing was written"] {
         assert!(e.contains(says), "{says}: {e}");
@@ -476,7 +476,7 @@ fn a_build_that_misses_its_budget_writes_nothing_and_says_by_how_much() {
 
     let roomy: compiler::deploy::Budget = "memory=1GiB,decode=1tok/s".parse().unwrap();
     let (result, report) =
-        workflow::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&roomy), &mut |_| {});
+        workflow::evaluate::build_with_budget(&opts(host, None, &out), None, Some(&roomy), &mut |_| {}, &|_, _| {});
     result.unwrap_or_else(|e| panic!("{e:#}"));
     assert!(out.join("manifest.json").is_file());
     assert!(report.contains("budget memory 1024.0 MiB, decode 1 tok/s: met"), "{report}");
@@ -488,6 +488,7 @@ fn a_build_that_misses_its_budget_writes_nothing_and_says_by_how_much() {
         Some("raspberry-pi-5"),
         None,
         &mut |_| {},
+        &|_, _| {},
     );
     result.unwrap_or_else(|e| panic!("{e:#}"));
     assert!(report.contains("deployment report for raspberry-pi-5") && report.contains("at 17.0 GB/s"), "{report}");

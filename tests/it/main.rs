@@ -7,6 +7,7 @@ mod dequant;
 mod eval;
 mod heal;
 mod kernels;
+mod large;
 mod llama3;
 mod lora;
 mod model;

@@ -238,15 +238,51 @@ fn add_tiny_tokenizer(w: &mut compiler::gguf::GgufWriter, cfg: &TinyLlama) {
     w.add_meta("tokenizer.ggml.eos_token_id", MetaValue::U32(1));
 }
 
-/// The model's tensors; the embedding in `embd`, the norms in `norm`.
-fn tiny_llama_writer(
-    cfg: &TinyLlama,
-    rng: &mut Rng,
-    embd: QuantFormat,
-    norm: QuantFormat,
-) -> compiler::gguf::GgufWriter {
-    use compiler::gguf::{GgufWriter, MetaValue};
+/// Writes to `path` a random Llama model whose matrices are Q4_0 with the scale 1/64 and
+/// random nibbles (made from bytes, not quantized, so gigabytes take seconds), f32 norms of
+/// 1, and the tiny tokenizer: a model of any size for tests of how builds scale. Returns the
+/// file's size.
+pub fn large_q4_0_llama_gguf(cfg: &TinyLlama, seed: u64, path: &Path) -> u64 {
+    use compiler::gguf::{GgmlType, GgufWriter};
     let mut w = GgufWriter::new();
+    llama_meta(&mut w, cfg);
+    add_tiny_tokenizer(&mut w, cfg);
+    let mut rng = Rng::new(seed);
+    let scale = half::f16::from_f32(1.0 / 64.0).to_le_bytes();
+    let mut q4_0 = |rows: u64, cols: u64| -> Vec<u8> {
+        let mut bytes = vec![0u8; (rows * cols / 32 * 18) as usize];
+        for block in bytes.chunks_exact_mut(18) {
+            block[..2].copy_from_slice(&scale);
+            block[2..10].copy_from_slice(&rng.next_u64().to_le_bytes());
+            block[10..].copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        bytes
+    };
+    let (d, ff) = (cfg.d_model as u64, cfg.d_ff as u64);
+    let kv = (cfg.n_kv_heads * (cfg.d_model / cfg.n_heads)) as u64;
+    let ones: Vec<u8> = (0..d).flat_map(|_| 1f32.to_le_bytes()).collect();
+    w.add_tensor("token_embd.weight", &[d, cfg.vocab as u64], GgmlType::Q4_0, &q4_0(cfg.vocab as u64, d));
+    for l in 0..cfg.n_layers {
+        let t = |n: &str| format!("blk.{l}.{n}.weight");
+        w.add_tensor(&t("attn_norm"), &[d], GgmlType::F32, &ones);
+        for (name, cols, rows) in [("attn_q", d, d), ("attn_k", d, kv), ("attn_v", d, kv), ("attn_output", d, d)] {
+            w.add_tensor(&t(name), &[cols, rows], GgmlType::Q4_0, &q4_0(rows, cols));
+        }
+        w.add_tensor(&t("ffn_norm"), &[d], GgmlType::F32, &ones);
+        for (name, cols, rows) in [("ffn_gate", d, ff), ("ffn_up", d, ff), ("ffn_down", ff, d)] {
+            w.add_tensor(&t(name), &[cols, rows], GgmlType::Q4_0, &q4_0(rows, cols));
+        }
+    }
+    w.add_tensor("output_norm.weight", &[d], GgmlType::F32, &ones);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    w.write_to(&mut out).unwrap();
+    std::io::Write::flush(&mut out).unwrap();
+    std::fs::metadata(path).unwrap().len()
+}
+
+/// The `llama.*` keys of `cfg`.
+fn llama_meta(w: &mut compiler::gguf::GgufWriter, cfg: &TinyLlama) {
+    use compiler::gguf::MetaValue;
     w.add_meta("general.architecture", MetaValue::String("llama".into()));
     for (k, v) in [
         ("block_count", cfg.n_layers),
@@ -261,6 +297,18 @@ fn tiny_llama_writer(
     }
     w.add_meta("llama.rope.freq_base", MetaValue::F32(10000.0));
     w.add_meta("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5));
+}
+
+/// The model's tensors; the embedding in `embd`, the norms in `norm`.
+fn tiny_llama_writer(
+    cfg: &TinyLlama,
+    rng: &mut Rng,
+    embd: QuantFormat,
+    norm: QuantFormat,
+) -> compiler::gguf::GgufWriter {
+    use compiler::gguf::GgufWriter;
+    let mut w = GgufWriter::new();
+    llama_meta(&mut w, cfg);
     let (d, ff) = (cfg.d_model as u64, cfg.d_ff as u64);
     let kv = (cfg.n_kv_heads * (cfg.d_model / cfg.n_heads)) as u64;
     let mut add = |w: &mut GgufWriter, name: &str, dims: &[u64], format: QuantFormat, scale: f32| {

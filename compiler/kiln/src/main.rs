@@ -514,11 +514,17 @@ fn build_model(a: BuildModelArgs) -> Result<()> {
     let bar = runtime::cli::progress(Stage::ALL.len() as u64, "build-model");
     bar.enable_steady_tick(Duration::from_millis(200));
     let start = Instant::now();
-    let (report, deployment) =
-        workflow::evaluate::build_with_budget(&opts, report_device.as_deref(), budget.as_ref(), &mut |stage| {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let (report, deployment) = workflow::evaluate::build_with_budget(
+        &opts,
+        report_device.as_deref(),
+        budget.as_ref(),
+        &mut |stage| {
             bar.set_position(Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0) as u64);
             bar.set_message(stage.name());
-        });
+        },
+        &|done, of| bar.set_message(format!("packing weights: {:.2} of {:.2} GiB", gib(done), gib(of))),
+    );
     bar.finish_and_clear();
     if report.is_err() && !deployment.is_empty() {
         print!("{deployment}");

@@ -340,7 +340,8 @@ fn call_by_heads(kb: &mut Kb, nh: Value, kernels: &[FuncRef; HEADS_PER_UNIT as u
 /// exactly).
 fn load_kv(kb: &mut Kb, ptr: Value, elem: i64, half: bool) -> Value {
     if half {
-        let h = kb.b.ins().sload16x4(super::builder::ro(), ptr, (2 * elem) as i32);
+        let (ptr, offset) = kb.near(ptr, 2 * elem);
+        let h = kb.b.ins().sload16x4(super::builder::ro(), ptr, offset);
         kb.f16_bits_to_f32(h)
     } else {
         kb.load(F32X4, ptr, 4 * elem)

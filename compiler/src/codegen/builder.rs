@@ -97,8 +97,19 @@ impl<'a> Kb<'a> {
         }
     }
 
+    /// `ptr` and an offset a load or store can carry: Cranelift's memory operations take a
+    /// 32-bit offset, so a larger one (a weight or cache past 2 GiB) is added to the address
+    /// first, never truncated.
+    pub fn near(&mut self, ptr: Value, offset: i64) -> (Value, i32) {
+        match i32::try_from(offset) {
+            Ok(o) => (ptr, o),
+            Err(_) => (self.b.ins().iadd_imm_s(ptr, offset), 0),
+        }
+    }
+
     pub fn load(&mut self, ty: Type, ptr: Value, offset: i64) -> Value {
-        self.b.ins().load(ty, ro(), ptr, offset as i32)
+        let (ptr, offset) = self.near(ptr, offset);
+        self.b.ins().load(ty, ro(), ptr, offset)
     }
 
     /// Four scales at `ptr + offset` as f32x4: four finite f16 (widened exactly) when `half`,
@@ -175,7 +186,8 @@ impl<'a> Kb<'a> {
     }
 
     pub fn store(&mut self, v: Value, ptr: Value, offset: i64) {
-        self.b.ins().store(rw(), v, ptr, offset as i32);
+        let (ptr, offset) = self.near(ptr, offset);
+        self.b.ins().store(rw(), v, ptr, offset);
     }
 
     /// This thread's share `[start, end)` of `start0..end0`, split as evenly as possible.

@@ -319,7 +319,7 @@ pub fn emit(
     module.clear_context(&mut ctx);
 
     // The weights, then the descriptor pointing at them and at run.
-    let (weights_bytes, weights_checksum) = (packed.blob.len() as u64, abi::weights_checksum(&packed.blob));
+    let (weights_bytes, weights_checksum) = (packed.len, packed.checksum);
     let weights_id = if opts.embed_weights {
         let id = module.declare_data("kiln_weights", Linkage::Local, false, false)?;
         let mut data = DataDescription::new();

@@ -10,7 +10,9 @@
 //! the file and where it points named. The file must be a regular file (not a FIFO, which
 //! would block, nor a device) and its size is checked against a limit before anything is
 //! allocated. Small files (JSON, templates) are read into memory; weight files are mapped
-//! ([`Mapped`]), so that a shard costs no memory until its pages are touched.
+//! ([`Mapped`]), so that a shard costs no memory until its pages are touched, and once a
+//! build has packed a tensor it gives the tensor's pages back ([`Mapped::release`]): the
+//! build's resident memory follows the tensors in flight, not the model.
 //!
 //! The directory is assumed not to change while kiln reads it (as every reader of a mapped file
 //! assumes): a file swapped between the check and the open, or a mapped file truncated, is
@@ -60,6 +62,42 @@ impl AsRef<[u8]> for Mapped {
     }
 }
 
+/// A mapping shared between its owner and a [`bytes::Bytes`] (`Bytes::from_owner`), so that
+/// the owner can still release its pages.
+pub(crate) struct SharedMapped(pub(crate) std::sync::Arc<Mapped>);
+
+impl AsRef<[u8]> for SharedMapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0 .0
+    }
+}
+
+impl Mapped {
+    /// Drops the pages of `bytes` from this process's memory when `bytes` is a part of this
+    /// mapping (anything else is ignored): a build calls it once a tensor is packed or hashed,
+    /// so that a model many times the size of the machine's memory still builds. A later read
+    /// of those bytes reads them from the file again (or the page cache); nothing changes.
+    pub(crate) fn release(&self, bytes: &[u8]) {
+        let (start, base) = (bytes.as_ptr() as usize, self.0.as_ptr() as usize);
+        if bytes.is_empty() || start < base || start + bytes.len() > base + self.0.len() {
+            return;
+        }
+        self.release_range(start - base, bytes.len());
+    }
+
+    #[allow(unsafe_code)]
+    fn release_range(&self, offset: usize, len: usize) {
+        // SAFETY: the range lies inside the mapping (checked by the caller), and the mapping is
+        // read-only and private: it is never written, so it has no copied-on-write pages, and
+        // dropping its pages (MADV_DONTNEED, which memmap2 widens to whole pages, all of this
+        // mapping) only unmaps them from this process; the next read of any of those bytes
+        // faults the same file bytes back in. No reference into the mapping sees a change.
+        let r = unsafe { self.0.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+        // An error leaves the pages where they were: memory, not correctness.
+        let _ = r;
+    }
+}
+
 /// Opens the regular file `path` (shown as `shown`) of at most `max` bytes: its handle and length.
 fn open_regular(path: &Path, shown: &Path, max: u64) -> Result<(File, u64), FrontendError> {
     // Checked before opening: opening a FIFO would block.
@@ -86,9 +124,14 @@ fn read_all(file: File, len: u64, max: u64, shown: &Path) -> Result<Vec<u8>, Fro
 }
 
 /// Maps `file` of `len` bytes, read-only.
-#[allow(unsafe_code)]
 fn map(file: &File, len: u64, shown: &Path) -> Result<Mapped, FrontendError> {
-    let len = usize::try_from(len).map_err(|_| err(shown, "too large to map"))?;
+    map_file(file, len).map_err(|e| err(shown, format!("cannot be mapped: {e}")))
+}
+
+/// Maps `file` of `len` bytes (its length, checked by the caller), read-only.
+#[allow(unsafe_code)]
+pub(crate) fn map_file(file: &File, len: u64) -> std::io::Result<Mapped> {
+    let len = usize::try_from(len).map_err(|_| std::io::Error::other("too large to map"))?;
     // SAFETY: the mapping is read-only and private (copy-on-write, never written), so nothing
     // kiln does reaches the file; it covers `len` bytes, the length just checked. What the
     // `&[u8]` it hands out assumes, like every mapping of a file, is that no other process
@@ -96,7 +139,7 @@ fn map(file: &File, len: u64, shown: &Path) -> Result<Mapped, FrontendError> {
     // rewritten); if one did, kiln could see changing bytes or be stopped by SIGBUS, the module
     // doc states this assumption.
     let map = unsafe { memmap2::MmapOptions::new().len(len).map_copy_read_only(file) };
-    map.map(Mapped).map_err(|e| err(shown, format!("cannot be mapped: {e}")))
+    map.map(Mapped)
 }
 
 /// Maps the weight file `path` the user named (an ONNX model), of at most

@@ -211,6 +211,15 @@ impl ModelSource for GgufFile {
     }
 
     fn sha256(&self) -> String {
-        format!("{:x}", Sha256::digest(self.bytes()))
+        let mut h = Sha256::new();
+        for chunk in self.bytes().chunks(crate::source::HASH_CHUNK) {
+            h.update(chunk);
+            GgufFile::release(self, chunk);
+        }
+        format!("{:x}", h.finalize())
+    }
+
+    fn release(&self, bytes: &[u8]) {
+        GgufFile::release(self, bytes);
     }
 }

@@ -473,9 +473,16 @@ impl ModelSource for HfCheckpoint {
             h.update((name.len() as u64).to_le_bytes());
             h.update(name.as_bytes());
             h.update((bytes.len() as u64).to_le_bytes());
-            h.update(bytes);
+            for chunk in bytes.chunks(crate::source::HASH_CHUNK) {
+                h.update(chunk);
+                self.release(chunk);
+            }
         }
         format!("{:x}", h.finalize())
+    }
+
+    fn release(&self, bytes: &[u8]) {
+        self.shards.iter().for_each(|(_, m)| m.release(bytes));
     }
 }
 

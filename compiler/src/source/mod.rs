@@ -73,7 +73,15 @@ pub trait ModelSource: Sync {
 
     /// Where the source keeps the training context length, for the message when it is 0.
     fn context_key(&self) -> String;
+
+    /// Tells the source that `bytes`, a slice it handed out ([`ModelSource::tensor`]), will not
+    /// be read again soon: a mapped source gives its pages back (a later read maps them in
+    /// again), so that a build's memory follows the tensors it is packing, not the model.
+    fn release(&self, _bytes: &[u8]) {}
 }
+
+/// Bytes hashed before their pages are given back ([`ModelSource::sha256`] of mapped files).
+pub(crate) const HASH_CHUNK: usize = 64 << 20;
 
 /// Opens the model at `path`: a directory is a Hugging Face checkpoint, a `.onnx` file an ONNX
 /// export, anything else a GGUF file.

@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use ir::QuantFormat;
@@ -33,7 +34,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::frontend::{FrontendError, Hyperparameters};
-use crate::source::files::{map_named_file, max_weight_bytes, ModelDir};
+use crate::source::files::{map_named_file, max_weight_bytes, Mapped, ModelDir, SharedMapped};
 use crate::source::hf::{read_tokenizer_files, tokenizer_spec};
 use crate::source::onnx_proto::{self, dtype, GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::source::{ModelSource, SourceTensor, TokenizerSpec};
@@ -60,6 +61,8 @@ pub struct OnnxModel {
     file: Bytes,
     files: BTreeMap<String, Vec<u8>>,
     config: Value,
+    /// The mappings behind `file` and `external`, whose pages a build gives back.
+    maps: Vec<Arc<Mapped>>,
 }
 
 fn err(path: &Path, reason: impl Into<String>) -> FrontendError {
@@ -646,7 +649,8 @@ impl OnnxModel {
     /// Reads and recognizes the ONNX model at `path` (see the module doc); nothing is written.
     pub fn open(path: &Path) -> Result<Self, FrontendError> {
         // The file the user named, wherever it is; mapped, and decoded without copying its tensors.
-        let file = Bytes::from_owner(map_named_file(path)?);
+        let mut maps = vec![Arc::new(map_named_file(path)?)];
+        let file = Bytes::from_owner(SharedMapped(maps[0].clone()));
         let model = onnx_proto::decode(file.clone()).map_err(|e| err(path, e))?;
         let graph = model.graph.as_ref().expect("decode checks");
         let opset = model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version);
@@ -675,7 +679,9 @@ impl OnnxModel {
                             format!("missing: external data of tensor {:?}", crate::gguf::clip(&t.name)),
                         )
                     })?;
-                    slot.insert(Bytes::from_owner(data));
+                    let data = Arc::new(data);
+                    maps.push(data.clone());
+                    slot.insert(Bytes::from_owner(SharedMapped(data)));
                 }
             }
         }
@@ -707,7 +713,7 @@ impl OnnxModel {
             ));
         }
         let path = path.to_path_buf();
-        Ok(OnnxModel { path, model, hyper, tensors: rec.tensors, external, file, files, config })
+        Ok(OnnxModel { path, model, hyper, tensors: rec.tensors, external, file, files, config, maps })
     }
 
     /// Walks the graph ([`walk`]) and checks the weights it found: readable, in a float format,
@@ -852,8 +858,15 @@ impl ModelSource for OnnxModel {
             h.update((name.len() as u64).to_le_bytes());
             h.update(name.as_bytes());
             h.update((bytes.len() as u64).to_le_bytes());
-            h.update(bytes);
+            for chunk in bytes.chunks(crate::source::HASH_CHUNK) {
+                h.update(chunk);
+                self.release(chunk);
+            }
         }
         format!("{:x}", h.finalize())
+    }
+
+    fn release(&self, bytes: &[u8]) {
+        self.maps.iter().for_each(|m| m.release(bytes));
     }
 }

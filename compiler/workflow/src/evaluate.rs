@@ -126,9 +126,10 @@ pub fn build_with_budget(
     device: Option<&str>,
     budget: Option<&deploy::Budget>,
     progress: &mut dyn FnMut(compiler::bundle::Stage),
+    packed: &(dyn Fn(u64, u64) + Sync),
 ) -> (Result<compiler::bundle::BuildReport>, String) {
     let mut text = String::new();
-    let result = compiler::bundle::build_model_checked(opts, progress, &mut |manifest| {
+    let result = compiler::bundle::build_model_checked(opts, progress, packed, &mut |manifest| {
         let (report, misses) = deployment(&opts.target, manifest, device, budget).map_err(|e| format!("{e:#}"))?;
         text = report;
         if misses.is_empty() {

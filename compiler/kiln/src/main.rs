@@ -154,6 +154,11 @@ enum Cmd {
     /// Prefill (128, 512) and decode (128) tokens/s with 1 and 2 threads; with `--vs llama.cpp`,
     /// next to llama.cpp's own llama-bench on the same GGUF (built once into the cache).
     Bench(BenchArgs),
+    /// kiln against llama.cpp on a Llama-3.1-8B-shaped GGUF with random Q4_0 weights (written
+    /// once into the cache; about 4 GB, the bundle as much again): build-model time and peak
+    /// memory, prefill and decode tokens/s, run-time peak memory, decode against the roofline,
+    /// each checked against its target. Takes minutes; --layers, --width, ... shrink the shape.
+    BenchLarge(BenchLargeArgs),
     /// Evaluates one or several bundles (repeat --bundle): perplexity, KL divergence from a
     /// reference bundle or GGUF (--reference), question-answering accuracy per hop class,
     /// hallucination rate, footprint and energy per query; a table, --json and an HTML --report.
@@ -295,6 +300,43 @@ struct BenchArgs {
 }
 
 #[derive(clap::Args)]
+struct BenchLargeArgs {
+    /// Transformer blocks.
+    #[arg(long, default_value_t = workflow::bench_large::Shape::LLAMA_3_1_8B.layers)]
+    layers: usize,
+    /// Embedding width.
+    #[arg(long, default_value_t = workflow::bench_large::Shape::LLAMA_3_1_8B.width)]
+    width: usize,
+    /// Feed-forward width.
+    #[arg(long, default_value_t = workflow::bench_large::Shape::LLAMA_3_1_8B.ffn)]
+    ffn: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = workflow::bench_large::Shape::LLAMA_3_1_8B.heads)]
+    heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = workflow::bench_large::Shape::LLAMA_3_1_8B.kv_heads)]
+    kv_heads: usize,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Threads of both engines.
+    #[arg(short = 't', long, default_value_t = 2)]
+    threads: usize,
+    /// Interleaved rounds of prefill and decode (medians are reported).
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// Element type of kiln's KV cache (build-model --kv-cache).
+    #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
+    kv_cache: KvCacheArg,
+    /// Also write the figures and targets as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Replace an existing --json file.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
 struct TestArgs {
     /// Directory of Hugging Face reference activations (KILN_HF_REFERENCE).
     #[arg(long)]
@@ -374,6 +416,7 @@ fn real_main() -> Result<()> {
         Cmd::OffloadEval(a) => drop(workflow::offload_eval::offload_eval(&a)?),
         Cmd::ServeLoad(a) => drop(workflow::serve_load::serve_load(&a)?),
         Cmd::Bench(a) => bench(a)?,
+        Cmd::BenchLarge(a) => bench_large(a)?,
         Cmd::Test(a) => test(a)?,
         Cmd::Fuzz { target, seconds, rest } => {
             let targets: Vec<&str> = match &target {
@@ -571,6 +614,27 @@ fn bench(a: BenchArgs) -> Result<()> {
         json,
         force,
     })
+}
+
+/// `bench-large`.
+fn bench_large(a: BenchLargeArgs) -> Result<()> {
+    let BenchLargeArgs { layers, width, ffn, heads, kv_heads, seed, threads, runs, kv_cache, json, force } = a;
+    let options = workflow::bench_large::BenchLargeOptions {
+        shape: workflow::bench_large::Shape { layers, width, ffn, heads, kv_heads },
+        seed,
+        threads,
+        runs,
+        kv_cache: match kv_cache {
+            KvCacheArg::F32 => "f32",
+            KvCacheArg::F16 => "f16",
+        }
+        .to_string(),
+        kiln: std::env::current_exe().context("cannot find the kiln binary")?,
+        tokenizer_from: kiln::fetch_default_model(true)?,
+        json,
+        force,
+    };
+    workflow::bench_large::bench_large(&options).map(drop)
 }
 
 /// `test`: the machine made ready, formatting checked, the workspace's tests with the default

@@ -8,7 +8,6 @@
 //! pin ([`peers::LLAMA_CPP_PYTHON`], so the same llama.cpp commit) into the cache directory,
 //! for the host CPU (`GGML_NATIVE`), as llama.cpp's users build it.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -31,12 +30,107 @@ pub struct BenchOptions {
 }
 
 /// One measurement of one engine in one round.
-struct Sample {
-    engine: &'static str,
-    test: String,
-    threads: usize,
-    tok_s: f64,
-    peak_rss_bytes: Option<u64>,
+pub(crate) struct Sample {
+    pub engine: &'static str,
+    pub test: String,
+    pub threads: usize,
+    pub tok_s: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The samples of one engine, test and thread count: the median rate, its spread, and the
+/// largest peak resident memory of the processes that measured it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl Stats {
+    pub fn of(samples: &[&Sample]) -> Stats {
+        let mut rates: Vec<f64> = samples.iter().map(|s| s.tok_s).collect();
+        let (min, max) = rates.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        let peak_rss_bytes = samples.iter().filter_map(|s| s.peak_rss_bytes).max();
+        Stats { median: median(&mut rates), min, max, peak_rss_bytes }
+    }
+
+    /// The stats of `engine`'s `test` at `threads` among `samples`, when it was measured.
+    pub fn find(samples: &[Sample], engine: &str, test: &str, threads: usize) -> Option<Stats> {
+        let matching: Vec<&Sample> =
+            samples.iter().filter(|s| s.engine == engine && s.test == test && s.threads == threads).collect();
+        (!matching.is_empty()).then(|| Stats::of(&matching))
+    }
+}
+
+/// What the interleaved rounds run: kiln's runner on a bundle and, when given, llama.cpp's
+/// `llama-bench` (the directory of llama.cpp's tools, the GGUF) on the same work.
+pub(crate) struct Rounds<'a> {
+    pub runner: &'a crate::runner::App,
+    pub bundle: &'a Path,
+    pub llama: Option<(&'a Path, &'a Path)>,
+    pub threads: &'a [usize],
+    pub runs: usize,
+    pub prefill: &'a [usize],
+    pub decode: usize,
+}
+
+impl Rounds<'_> {
+    /// Runs the rounds: in each, every engine once per thread count, each in a fresh process.
+    pub fn run(&self) -> Result<Vec<Sample>> {
+        let prefill = self.prefill.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+        let mut samples: Vec<Sample> = vec![];
+        let bar = runtime::cli::progress(self.runs as u64, "rounds");
+        for round in 0..self.runs {
+            bar.set_position(round as u64);
+            for &t in self.threads {
+                let mut cmd = self.runner.command();
+                cmd.args(["bench", "--jsonl", "--runs", "1", "--bundle"]).arg(self.bundle);
+                cmd.args(["--threads", &t.to_string(), "--prefill", &prefill, "--decode", &self.decode.to_string()]);
+                let (out, rss) = run_measured(cmd, "kiln's chat bench")?;
+                for line in out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
+                    samples.push(Sample {
+                        engine: "kiln",
+                        test: line["test"].as_str().unwrap_or("?").to_string(),
+                        threads: t,
+                        tok_s: line["median_tok_s"].as_f64().unwrap_or(0.0),
+                        peak_rss_bytes: rss,
+                    });
+                }
+                if let Some((bin, gguf)) = self.llama {
+                    let mut cmd = Command::new(bin.join("llama-bench"));
+                    cmd.env("LD_LIBRARY_PATH", bin).arg("-m").arg(gguf);
+                    cmd.args([
+                        "-t",
+                        &t.to_string(),
+                        "-p",
+                        &prefill,
+                        "-n",
+                        &self.decode.to_string(),
+                        "-r",
+                        "1",
+                        "-o",
+                        "jsonl",
+                    ]);
+                    let (out, rss) = run_measured(cmd, "llama-bench")?;
+                    for line in out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
+                        let (p, n) = (line["n_prompt"].as_u64().unwrap_or(0), line["n_gen"].as_u64().unwrap_or(0));
+                        let test = if n == 0 { format!("pp{p}") } else { format!("tg{n}") };
+                        samples.push(Sample {
+                            engine: "llama.cpp",
+                            test,
+                            threads: t,
+                            tok_s: line["avg_ts"].as_f64().unwrap_or(0.0),
+                            peak_rss_bytes: rss,
+                        });
+                    }
+                }
+            }
+        }
+        bar.finish_and_clear();
+        Ok(samples)
+    }
 }
 
 /// `llama-bench` (and `llama-completion`) from the pinned llama.cpp, built on first use.
@@ -185,6 +279,17 @@ pub fn read_bandwidth(threads: usize) -> f64 {
     best
 }
 
+/// Bytes a decoded token reads, for the roofline of decode: every weight byte once, plus the
+/// KV cache (of the manifest's element type) up to the average position of a `decode`-token
+/// test from an empty cache.
+pub(crate) fn decode_bytes_per_token(manifest: &Value, decode: usize) -> f64 {
+    let memory = &manifest["memory"];
+    let weights = memory["weights_bytes"].as_f64().unwrap_or(0.0);
+    let context = manifest["model"]["context"].as_f64().unwrap_or(0.0).max(1.0);
+    let kv_per_position = memory["kv_bytes"].as_f64().unwrap_or(0.0) / context;
+    weights + kv_per_position * (1.0 + decode as f64) / 2.0
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -221,45 +326,16 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
         Some(g) => Some((ensure_llama_tools()?, g.clone())),
         None => None,
     };
-    let prefill = o.prefill.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
-    let mut samples: Vec<Sample> = vec![];
-    let bar = runtime::cli::progress(o.runs as u64, "rounds");
-    for round in 0..o.runs {
-        bar.set_position(round as u64);
-        for &t in &o.threads {
-            let mut cmd = runner.command();
-            cmd.args(["bench", "--jsonl", "--runs", "1", "--bundle"]).arg(&o.bundle);
-            cmd.args(["--threads", &t.to_string(), "--prefill", &prefill, "--decode", &o.decode.to_string()]);
-            let (out, rss) = run_measured(cmd, "kiln's chat bench")?;
-            for line in out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
-                samples.push(Sample {
-                    engine: "kiln",
-                    test: line["test"].as_str().unwrap_or("?").to_string(),
-                    threads: t,
-                    tok_s: line["median_tok_s"].as_f64().unwrap_or(0.0),
-                    peak_rss_bytes: rss,
-                });
-            }
-            if let Some((bin, gguf)) = &llama {
-                let mut cmd = Command::new(bin.join("llama-bench"));
-                cmd.env("LD_LIBRARY_PATH", bin).arg("-m").arg(gguf);
-                cmd.args(["-t", &t.to_string(), "-p", &prefill, "-n", &o.decode.to_string(), "-r", "1", "-o", "jsonl"]);
-                let (out, rss) = run_measured(cmd, "llama-bench")?;
-                for line in out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
-                    let (p, n) = (line["n_prompt"].as_u64().unwrap_or(0), line["n_gen"].as_u64().unwrap_or(0));
-                    let test = if n == 0 { format!("pp{p}") } else { format!("tg{n}") };
-                    samples.push(Sample {
-                        engine: "llama.cpp",
-                        test,
-                        threads: t,
-                        tok_s: line["avg_ts"].as_f64().unwrap_or(0.0),
-                        peak_rss_bytes: rss,
-                    });
-                }
-            }
-        }
+    let samples = Rounds {
+        runner: &runner,
+        bundle: &o.bundle,
+        llama: llama.as_ref().map(|(bin, gguf)| (bin.as_path(), gguf.as_path())),
+        threads: &o.threads,
+        runs: o.runs,
+        prefill: &o.prefill,
+        decode: o.decode,
     }
-    bar.finish_and_clear();
+    .run()?;
 
     // Peak memory at the bundle's context, the same work for both: a 512-token prompt and
     // `decode` generated tokens (kiln's bench; llama-completion with -c at the context).
@@ -270,32 +346,16 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
         None => None,
     };
 
-    // Roofline of decode: every weight byte is read once per token, plus the KV cache up to
-    // the average position of the decode test.
-    let weights = manifest["memory"]["weights_bytes"].as_u64().unwrap_or(0) as f64;
-    let hp = &manifest["model"]["hyperparameters"];
-    let kv_per_position = hp["n_layers"].as_f64().unwrap_or(0.0)
-        * 2.0
-        * hp["n_kv_heads"].as_f64().unwrap_or(0.0)
-        * hp["head_dim"].as_f64().unwrap_or(0.0)
-        * 4.0;
-    let bytes_per_token = weights + kv_per_position * (1.0 + o.decode as f64) / 2.0;
+    let bytes_per_token = decode_bytes_per_token(&manifest, o.decode);
     let bandwidth = read_bandwidth(max_threads);
 
-    // (engine, test, threads) -> samples, in first-seen order of tests.
+    // The (test, threads) pairs kiln measured, in first-seen order.
     let mut order: Vec<(String, usize)> = vec![];
-    let mut by: BTreeMap<(&str, String, usize), Vec<&Sample>> = BTreeMap::new();
-    for s in &samples {
-        if s.engine == "kiln" && !order.contains(&(s.test.clone(), s.threads)) {
+    for s in samples.iter().filter(|s| s.engine == "kiln") {
+        if !order.contains(&(s.test.clone(), s.threads)) {
             order.push((s.test.clone(), s.threads));
         }
-        by.entry((s.engine, s.test.clone(), s.threads)).or_default().push(s);
     }
-    let stats = |v: &[&Sample]| {
-        let mut r: Vec<f64> = v.iter().map(|s| s.tok_s).collect();
-        let (min, max) = r.iter().fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
-        (median(&mut r), min, max, v.iter().filter_map(|s| s.peak_rss_bytes).max())
-    };
     let mib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / (1 << 20) as f64));
     // A markdown table in llama-bench's shape (model, size, threads, test, t/s), kiln and
     // llama.cpp side by side.
@@ -307,29 +367,29 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
     println!("| ----- | ---: | ------: | ---: | -----------------: | ----------------------: | ---------------: | -------: | ------------: |");
     let mut results = vec![];
     for (test, t) in &order {
-        let k = stats(&by[&("kiln", test.clone(), *t)]);
-        let p = by.get(&("llama.cpp", test.clone(), *t)).map(|v| stats(v));
-        let span = |s: (f64, f64, f64, Option<u64>)| format!("{:.1} ({:.0}-{:.0})", s.0, s.1, s.2);
+        let k = Stats::find(&samples, "kiln", test, *t).expect("kiln measured every test in `order`");
+        let p = Stats::find(&samples, "llama.cpp", test, *t);
+        let span = |s: Stats| format!("{:.1} ({:.0}-{:.0})", s.median, s.min, s.max);
         println!(
             "| {model} | {size} | {t} | {test} | {} | {} | {} | {} | {} |",
             span(k),
             p.map_or("-".into(), span),
-            p.map_or("-".into(), |p| format!("{:.2}x", k.0 / p.0)),
-            mib(k.3),
-            mib(p.and_then(|p| p.3)),
+            p.map_or("-".into(), |p| format!("{:.2}x", k.median / p.median)),
+            mib(k.peak_rss_bytes),
+            mib(p.and_then(|p| p.peak_rss_bytes)),
         );
         for (engine, s) in [("kiln", Some(k)), ("llama.cpp", p)] {
             if let Some(s) = s {
                 results.push(json!({
                     "engine": engine, "test": test, "threads": t,
-                    "tokens_per_s": {"median": s.0, "min": s.1, "max": s.2},
-                    "runs": o.runs, "peak_rss_bytes": s.3,
+                    "tokens_per_s": {"median": s.median, "min": s.min, "max": s.max},
+                    "runs": o.runs, "peak_rss_bytes": s.peak_rss_bytes,
                 }));
             }
         }
     }
     let decode_test = format!("tg{}", o.decode);
-    let kiln_decode = by.get(&("kiln", decode_test.clone(), max_threads)).map(|v| stats(v).0);
+    let kiln_decode = Stats::find(&samples, "kiln", &decode_test, max_threads).map(|s| s.median);
     let roof = bandwidth / bytes_per_token;
     println!(
         "medians of {} interleaved rounds (each engine a fresh process per round); peak RSS of each engine's benchmark \
@@ -397,7 +457,7 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
 
 /// Peak resident memory of kiln and of llama-completion doing the same work at the bundle's
 /// context: a 512-token prompt, then `decode` generated tokens.
-fn same_context_memory(
+pub(crate) fn same_context_memory(
     runner: &crate::runner::App,
     bin: &Path,
     gguf: &Path,

@@ -1,7 +1,7 @@
 //! kiln's workflow over bundles, on the machine that builds them: the budgeted build
 //! `build-model` goes through, the calibration of `--prune-layers auto:N`, the evaluation of
 //! several bundles (footprint, energy, the report), offload evaluation, benchmarks against
-//! llama.cpp and load tests of a server. The commands of `cargo xtask` parse their arguments
+//! llama.cpp (of a bundle, and of a Llama-3.1-8B-shaped model) and load tests of a server. The commands of `cargo xtask` parse their arguments
 //! and call these.
 //!
 //! Programs that run a bundle elsewhere than in this process (the runner for aarch64 under
@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod bench;
+pub mod bench_large;
 pub mod calibrate;
 pub mod evaluate;
 pub mod offload_eval;

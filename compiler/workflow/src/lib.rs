@@ -8,7 +8,8 @@
 //! qemu-user, the apps with a bundle linked in) are built from the workspace by [`runner`];
 //! the Python peers live in kiln's own virtual environment (the `peers` crate).
 
-// One function needs `unsafe` (`bench::wait_with_rusage`: std has no wait4); it allows it.
+// Two functions need `unsafe`, and allow it: `bench::wait_with_rusage` (std has no wait4) and
+// `bench::sum_words` (a call of a function compiled for AVX2, once the CPU is known to have it).
 #![deny(unsafe_code)]
 
 use std::path::{Path, PathBuf};

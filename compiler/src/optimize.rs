@@ -72,7 +72,8 @@ pub fn optimize(opts: &OptimizeOptions) -> Result<OptimizeReport, BuildError> {
     let lowered = frontend::lower(&gguf, &name, 1).map_err(BuildError::Frontend)?;
     let hp = lowered.hyper.clone();
     let adapters = crate::bundle::read_adapters(&opts.lora, &hp)?;
-    let mut model = Model::borrowed(lowered.graph, &lowered.weights);
+    let release = |bytes: &[u8]| gguf.release(bytes);
+    let mut model = Model::borrowed(lowered.graph, &lowered.weights).with_release(&release);
     let before = model.stats();
     let pipeline =
         PipelineOptions { prune: opts.prune.clone(), quant: opts.quant.clone(), lora: adapters, ..Default::default() };
@@ -92,18 +93,35 @@ pub fn optimize(opts: &OptimizeOptions) -> Result<OptimizeReport, BuildError> {
     // Each tensor is written from where it is (the mapped source, or the passes' output) and
     // the source's pages released after it: no copy of the model is made.
     outdir::write_file_atomically(&opts.out, opts.force, |f| {
-        writer.write_streaming(f, &mut |i, out| {
-            out.write_all(data[i])?;
-            gguf.release(data[i]);
-            Ok(())
+        writer.write_streaming(f, &mut |i, out| match data[i] {
+            TensorData::Weight(w) => {
+                out.write_all(&model.weight_bytes(w))?;
+                model.release_weight(w);
+                Ok(())
+            }
+            TensorData::Source(bytes) => {
+                out.write_all(bytes)?;
+                gguf.release(bytes);
+                Ok(())
+            }
         })
     })?;
     let out_file_bytes = std::fs::metadata(&opts.out).map(|m| m.len()).unwrap_or(0);
     Ok(OptimizeReport { before, after, notes: report.notes, source_file_bytes: gguf.file_len(), out_file_bytes })
 }
 
-/// The GGUF of `model` (after the model passes) with the metadata of `source`: see the module
-/// doc. `map` is the block renumbering ([`PruneSpec::layer_map`]).
+/// Where the data of an optimized GGUF's tensor comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum TensorData<'a> {
+    /// A weight of the model (converted as it is written, when requantized).
+    Weight(ir::WeightId),
+    /// A tensor the frontend does not read, copied from the source.
+    Source(&'a [u8]),
+}
+
+/// The GGUF of `model` (after the model passes) with the metadata of `source`, its tensors'
+/// data to be written from `TensorData` ([`GgufWriter::write_streaming`]): see the module doc.
+/// `map` is the block renumbering ([`PruneSpec::layer_map`]).
 pub fn optimized_gguf<'a>(
     source: &'a GgufFile,
     model: &'a Model<'_>,
@@ -111,7 +129,7 @@ pub fn optimized_gguf<'a>(
     layers: u32,
     map: &[Option<u32>],
     file_type: Option<u32>,
-) -> Result<(GgufWriter, Vec<&'a [u8]>), BuildError> {
+) -> Result<(GgufWriter, Vec<TensorData<'a>>), BuildError> {
     let mut w = GgufWriter::new();
     let mut data = vec![];
     let block_count = format!("{architecture}.block_count");
@@ -139,15 +157,15 @@ pub fn optimized_gguf<'a>(
             Some(&i) => {
                 let weight = &model.graph.weights[i];
                 let ty = GgmlType::from_id(weight.format.ggml_type()).expect("every kiln format is a ggml type");
-                let bytes = model.weight_bytes(ir::WeightId(i as u32));
-                w.add_tensor_streamed(&name, &info.dims, ty, bytes.len() as u64);
-                data.push(bytes);
+                let id = ir::WeightId(i as u32);
+                w.add_tensor_streamed(&name, &info.dims, ty, model.weight_len(id) as u64);
+                data.push(TensorData::Weight(id));
                 written[i] = true;
             }
             None => {
                 let bytes = source.tensor_data(info);
                 w.add_tensor_streamed(&name, &info.dims, info.ggml_type, bytes.len() as u64);
-                data.push(bytes);
+                data.push(TensorData::Source(bytes));
             }
         }
     }

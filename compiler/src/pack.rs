@@ -622,14 +622,17 @@ fn pack_in_windows(
     window: usize,
 ) -> std::io::Result<Packed> {
     let graph = &model.graph;
-    let raw: Vec<&[u8]> = model.weights().collect();
+    let lens: Vec<usize> = (0..graph.weights.len()).map(|i| model.weight_len(WeightId(i as u32))).collect();
     let micro = match micro_rows {
         None => false,
         Some(r) if r as usize == MICRO_ROWS => true,
         Some(r) => unreachable!("no micro-kernel layout has {r} rows"),
     };
+    // A weight's bytes are read (converted, when it was requantized) as its window is packed.
     let pack_one = |i: usize| {
-        let (w, raw) = (&graph.weights[i], raw[i]);
+        let w = &graph.weights[i];
+        let raw = model.weight_bytes(WeightId(i as u32));
+        let raw = &raw[..];
         let decoded = decode(w.format, &w.shape, raw);
         let layout = layout_for(w.format, &w.shape, &decoded, micro, graph.act_dtype);
         let bytes = match layout {
@@ -643,14 +646,14 @@ fn pack_in_windows(
         (layout, bytes)
     };
     let mut weights = Vec::with_capacity(graph.weights.len());
-    let total: u64 = raw.iter().map(|r| r.len() as u64).sum();
+    let total: u64 = lens.iter().map(|&n| n as u64).sum();
     let mut done = 0u64;
     let mut start = 0;
-    while start < raw.len() {
+    while start < lens.len() {
         let mut end = start + 1;
-        let mut bytes = raw[start].len();
-        while end < raw.len() && bytes + raw[end].len() <= window {
-            bytes += raw[end].len();
+        let mut bytes = lens[start];
+        while end < lens.len() && bytes + lens[end] <= window {
+            bytes += lens[end];
             end += 1;
         }
         // One flat parallel iteration on rayon's pool: a unit is a weight, and a large matrix

@@ -234,7 +234,7 @@ impl Llama {
             let n: u64 = w.shape.iter().map(|&d| d as u64).product();
             ensure!(n == (rows * cols) as u64, "tensor {name} has shape {:?}, expected {rows}x{cols}", w.shape);
             let bytes = model.weight_bytes(ir::WeightId(i as u32));
-            Ok(Some(ir::quant::dequantize(w.format, bytes, rows, cols)))
+            Ok(Some(ir::quant::dequantize(w.format, &bytes, rows, cols)))
         })
     }
 

@@ -123,8 +123,7 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
     for v in &mut model.graph.outputs {
         *v = renumber[v.index()];
     }
-    let extra: usize =
-        attach.iter().flatten().map(|&(a, b, _)| model.weight_bytes(a).len() + model.weight_bytes(b).len()).sum();
+    let extra: usize = attach.iter().flatten().map(|&(a, b, _)| model.weight_len(a) + model.weight_len(b)).sum();
     cx.note(
         NAME,
         format!(

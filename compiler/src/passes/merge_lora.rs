@@ -36,7 +36,7 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
                 )));
             }
             let id = ir::WeightId(index as u32);
-            let mut values = dequantize(w.format, model.weight_bytes(id), rows as usize, cols as usize);
+            let mut values = dequantize(w.format, &model.weight_bytes(id), rows as usize, cols as usize);
             add_update(&mut values, update);
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                 return Err(bad(format!("merging into {name:?} gives {} at value {i}", values[i])));

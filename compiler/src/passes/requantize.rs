@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 
-use ir::quant::{dequantize_row, quantize_row};
 use ir::QuantFormat;
 
 use super::prune_layers::block_of;
@@ -434,19 +433,13 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
             unchanged += 1;
             continue;
         }
-        let (rows, cols) = (w.shape[0] as usize, w.shape[1] as usize);
-        let row_bytes = source.row_bytes(cols).expect("checked by check_weights");
-        let mut values = vec![0.0f32; cols];
-        let mut bytes = Vec::with_capacity(target.row_bytes(cols).expect("fallback checked") * rows);
-        for r in model.weight_bytes(ir::WeightId(i as u32)).chunks_exact(row_bytes) {
-            dequantize_row(source, r, &mut values);
-            bytes.extend(quantize_row(target, &values));
-        }
         *changes.entry((source.name(), target.name())).or_default() += 1;
         if source.is_block_quantized() {
             *lossy.entry(source.name()).or_default() += 1;
         }
-        model.set_weight(ir::WeightId(i as u32), target, bytes);
+        // Converted row by row (`dequantize_row`, `quantize_row`) when read: as a build packs
+        // it, or as optimize writes it.
+        model.convert_weight(ir::WeightId(i as u32), target);
     }
     let mut what = vec![];
     if let Some(d) = &opts.default {
@@ -494,7 +487,7 @@ mod tests {
     use super::*;
     use crate::passes::PipelineOptions;
     use ir::parse::parse_graph;
-    use ir::quant::dequantize;
+    use ir::quant::{dequantize, quantize_row};
 
     const GRAPH: &str = "graph \"t\" context=8\nw0 = weight q8_0[8, 64] \"token_embd.weight\"\nw1 = weight f32[64] \"blk.0.attn_norm.weight\"\nw2 = weight q4_1[64, 64] \"blk.0.attn_v.weight\"\nw3 = weight f16[96, 64] \"blk.0.ffn_down.weight\"\nw4 = weight f32[64] \"output_norm.weight\"\nv0 = input 0 : i32[seq]\nv1 = embed v0, w0 : f32[seq, 64]\nv2 = rms_norm v1, w1 eps=0.00001 : f32[seq, 64]\nv3 = matmul v2, w2 : f32[seq, 64]\nv4 = matmul v3, w3 : f32[seq, 96]\nv5 = rms_norm v1, w4 eps=0.00001 : f32[seq, 64]\nv6 = matmul v5, w0 : f32[seq, 8]\noutput v4\noutput v6\n";
 

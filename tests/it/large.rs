@@ -2,19 +2,11 @@
 //! model's), the weights go to `weights.bin` by default, and the bundle runs.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use compiler::bundle::{build_model, BuildOptions};
 use ir::QuantFormat;
 use runtime::session::Session;
-use tests::harness::{large_q4_0_llama_gguf, scratch_dir, TinyLlama};
-
-/// The peak resident memory of this process in bytes (`VmHWM`).
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/self/status");
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
+use tests::harness::{large_q4_0_llama_gguf, peak_rss, run_child_test, scratch_dir, TinyLlama};
 
 /// A 1.2 GB Q4_0 model (48 blocks of width 2048, feed-forward 5632) builds, in a process of
 /// its own, with a peak resident memory under half the file (a build that read the file whole
@@ -37,15 +29,11 @@ fn a_model_larger_than_a_library_embeds_builds_in_a_fraction_of_its_memory() {
     let gguf = dir.join("large.gguf");
     let size = large_q4_0_llama_gguf(&cfg, 7, &gguf);
     assert!(size > 1 << 30, "{size} bytes: more than a library embeds");
-    let run = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "large::large_build_child", "--nocapture", "--test-threads=1"])
-        .env("KILN_LARGE_GGUF", &gguf)
-        .env("KILN_LARGE_OUT", dir.join("bundle"))
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
-    assert!(run.status.success(), "the child failed ({}):\n{stdout}\n{stderr}", run.status);
-    assert!(stdout.contains("1 passed"), "the child did not run the test:\n{stdout}");
+    let out = dir.join("bundle");
+    let stdout = run_child_test(
+        "large::large_build_child",
+        &[("KILN_LARGE_GGUF", gguf.as_os_str()), ("KILN_LARGE_OUT", out.as_os_str())],
+    );
     for line in stdout.lines().filter(|l| l.contains("peak RSS")) {
         println!("{line}");
     }

@@ -20,7 +20,8 @@ use ir::QuantFormat;
 use runtime::session::Session;
 use serde_json::Value;
 use tests::harness::{
-    max_diff, peer_script, python, scratch_dir, tiny_llama_float_gguf, to_checkpoint, Rng, TinyLlama,
+    max_diff, peak_rss, peer_script, python, run_child_test, scratch_dir, tiny_llama_float_gguf, to_checkpoint, Rng,
+    TinyLlama,
 };
 use tests::reference::ReferenceModel;
 
@@ -615,13 +616,6 @@ fn onnx_external_data_linking_out_of_the_directory_is_refused() {
     build_model(&options(&onnx, &dir.join("out-inside"), 64), &mut |_| {}).expect("data in a subdirectory");
 }
 
-/// The peak resident memory of this process in bytes (`VmHWM`).
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/self/status");
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
 /// Makes `path` a sparse file of 1 TiB (failing, not passing, when the filesystem cannot).
 fn make_huge(path: &Path) {
     use std::os::unix::fs::MetadataExt;
@@ -675,15 +669,7 @@ fn a_sparse_one_tib_shard_is_refused_quickly() {
     to_onnx(&gguf, &hf, &dir.join("onnx"), &["--external-data"]);
     make_huge(&dir.join("onnx/model.onnx.data"));
 
-    let exe = std::env::current_exe().unwrap();
-    let run = Command::new(exe)
-        .args(["--ignored", "--exact", "sources::huge_shard_child", "--nocapture", "--test-threads=1"])
-        .env("KILN_HUGE_SHARD_DIR", &*dir)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
-    assert!(run.status.success(), "the child failed ({}):\n{stdout}\n{stderr}", run.status);
-    assert!(stdout.contains("1 passed"), "the child did not run the test:\n{stdout}");
+    let stdout = run_child_test("sources::huge_shard_child", &[("KILN_HUGE_SHARD_DIR", dir.as_os_str())]);
     for line in stdout.lines().filter(|l| l.contains("refused in")) {
         println!("{line}");
     }

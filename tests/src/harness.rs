@@ -126,6 +126,30 @@ pub fn compile_to_shared(graph: &Graph, weights: &[Vec<u8>], opts: &CompileOptio
     (compiled, so)
 }
 
+/// The peak resident memory of this process in bytes (`VmHWM`).
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/self/status");
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// Runs the ignored test `test` (its full path, e.g. `large::large_build_child`) alone in a
+/// fresh process of this test binary, with `env` set, for a measurement that must see that
+/// process only (its peak memory); fails unless the child ran and passed, and returns its
+/// standard output.
+pub fn run_child_test(test: &str, env: &[(&str, &std::ffi::OsStr)]) -> String {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--ignored", "--exact", test, "--nocapture", "--test-threads=1"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let run = cmd.output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "the child failed ({}):\n{stdout}\n{stderr}", run.status);
+    assert!(stdout.contains("1 passed"), "the child did not run the test:\n{stdout}");
+    stdout.into_owned()
+}
+
 /// Largest absolute difference, and the largest magnitude of the reference.
 pub fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
     assert_eq!(got.len(), want.len(), "length mismatch");

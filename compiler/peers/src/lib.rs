@@ -101,6 +101,25 @@ pub fn llama3_tokenizer_dir() -> PathBuf {
     cache_dir().join("llama3.1-tokenizer")
 }
 
+/// Downloads the sdist of [`LLAMA_CPP_PYTHON`] (which vendors llama.cpp) from PyPI into `dir`
+/// (created if needed) with `pip download`, and returns the archive's path.
+pub fn download_llama_cpp_sdist(python: &Path, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = Command::new(python)
+        .args(["-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps"])
+        .args(["--no-binary", "llama-cpp-python", LLAMA_CPP_PYTHON, "-d"])
+        .arg(dir)
+        .output()
+        .context("cannot run python -m pip")?;
+    if !out.status.success() {
+        bail!("pip download {LLAMA_CPP_PYTHON} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .context("the sdist download holds no .tar.gz")
+}
+
 /// Where [`ensure_llama31_template`] puts the Llama 3.1 Instruct chat template.
 pub fn llama31_template_path() -> PathBuf {
     llama3_tokenizer_dir().join("llama-3.1-instruct.jinja")
@@ -119,20 +138,7 @@ pub fn ensure_llama31_template(python: &Path) -> Result<PathBuf> {
     eprintln!("fetching the Llama 3.1 chat template ({LLAMA_CPP_PYTHON}'s sdist, pip download)");
     let work = cache_dir().join("llama3.1-template.partial");
     let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let out = Command::new(python)
-        .args(["-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps"])
-        .args(["--no-binary", "llama-cpp-python", LLAMA_CPP_PYTHON, "-d"])
-        .arg(&work)
-        .output()
-        .context("cannot run python -m pip")?;
-    if !out.status.success() {
-        bail!("pip download {LLAMA_CPP_PYTHON} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let archive = std::fs::read_dir(&work)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
-        .context("the sdist download holds no .tar.gz")?;
+    let archive = download_llama_cpp_sdist(python, &work)?;
     let member = "vendor/llama.cpp/models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja";
     let status = Command::new("tar")
         .arg("-xzf")

@@ -163,19 +163,7 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
         run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "cmake"]), "pip install cmake")?;
         python.with_file_name("cmake")
     };
-    let sdist = dir.join("sdist");
-    run(
-        Command::new(&python)
-            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "llama-cpp-python"])
-            .arg(peers::LLAMA_CPP_PYTHON)
-            .arg("-d")
-            .arg(&sdist),
-        "pip download of the llama-cpp-python sdist",
-    )?;
-    let archive = std::fs::read_dir(&sdist)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
-        .context("the sdist download holds no .tar.gz")?;
+    let archive = peers::download_llama_cpp_sdist(&python, &dir.join("sdist"))?;
     let src = dir.join("src");
     std::fs::create_dir_all(&src)?;
     run(Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(&src).arg("--strip-components=1"), "tar")?;

@@ -148,12 +148,18 @@ pub enum GgmlType {
     TQ1_0,
     TQ2_0,
     MXFP4,
+    /// kiln's own 2-bit format (`ir::quant`'s q2_g64), not ggml's: GGUF files holding it are
+    /// kiln's own.
+    KilnQ2G64,
+    /// kiln's own 3-bit format (q3_g64).
+    KilnQ3G64,
 }
 
 /// (type, ggml id, ggml name, values per block, bytes per block), from ggml / gguf-py
 /// (`GGML_QUANT_SIZES`). Ids 4, 5 (Q4_2, Q4_3), 31–33 and 36–38 (removed repacked formats)
-/// are retired and unknown here.
-const GGML_TYPES: [(GgmlType, u32, &str, usize, usize); 32] = [
+/// are retired and unknown here. The last rows are kiln's own formats, at ids far above
+/// ggml's (llama.cpp and gguf-py refuse files holding them).
+const GGML_TYPES: [(GgmlType, u32, &str, usize, usize); 34] = [
     (GgmlType::F32, 0, "f32", 1, 4),
     (GgmlType::F16, 1, "f16", 1, 2),
     (GgmlType::Q4_0, 2, "q4_0", 32, 18),
@@ -187,14 +193,16 @@ const GGML_TYPES: [(GgmlType, u32, &str, usize, usize); 32] = [
     (GgmlType::TQ1_0, 34, "tq1_0", 256, 54),
     (GgmlType::TQ2_0, 35, "tq2_0", 256, 66),
     (GgmlType::MXFP4, 39, "mxfp4", 32, 17),
+    (GgmlType::KilnQ2G64, ir::quant::KILN_Q2_G64, "q2_g64", 64, 20),
+    (GgmlType::KilnQ3G64, ir::quant::KILN_Q3_G64, "q3_g64", 64, 28),
 ];
 
 impl GgmlType {
     /// Every known type, in id order.
-    pub const ALL: [GgmlType; 32] = {
-        let mut all = [GgmlType::F32; 32];
+    pub const ALL: [GgmlType; 34] = {
+        let mut all = [GgmlType::F32; 34];
         let mut i = 0;
-        while i < 32 {
+        while i < 34 {
             all[i] = GGML_TYPES[i].0;
             i += 1;
         }

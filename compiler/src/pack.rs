@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use ir::quant::{
-    dequantize, dequantize_row, q4_blocks, q8_blocks, q8s16_blocks, KernelForm, Q4Block, Q8Block, Q8S16Block,
-    BLOCK_SIZE,
+    dequantize, dequantize_row, low_blocks, q4_blocks, q8_blocks, q8s16_blocks, KernelForm, LowBlock, Q4Block, Q8Block,
+    Q8S16Block, BLOCK_SIZE,
 };
 use ir::{ActDType, Op, QuantFormat, WeightId};
 use rayon::prelude::*;
@@ -67,6 +67,11 @@ pub const fn q8_group_block(half: bool) -> usize {
 pub const fn q8s16_group_block(mins: bool) -> usize {
     32 + if mins { 32 } else { 0 } + 4 * 32
 }
+/// Bytes of one 64-value block of a [`Layout::LowRows4`] group: `d[4]`, `m[4]` (f16 or f32),
+/// `qs[4][16]` crumbs, then with `high` `qh[4]` (u64 each).
+pub const fn low_group_block(half: bool, high: bool) -> usize {
+    2 * scales_bytes(half) + 4 * 16 + if high { 32 } else { 0 }
+}
 /// Bytes of one 4-column chunk of an f32 group: `x[4 rows][4 cols] f32`.
 pub const F32_GROUP_CHUNK: usize = 4 * 16;
 
@@ -101,6 +106,10 @@ pub enum Layout {
     /// Matrix of a format whose kernel form is Q8S16, groups of 4 rows interleaved per 32-value
     /// block; `mins` when some block has a nonzero offset (else the offsets are not stored).
     Q8S16Rows4 { rows: u32, cols: u32, mins: bool },
+    /// Matrix of a format whose kernel form is Q2, or Q3 (`high`: a plane of third bits), groups
+    /// of 4 rows interleaved per 64-value block ([`low_group_block`]); scales and offsets f16
+    /// when `half`. The same layout on every target (no micro-kernel reads it).
+    LowRows4 { rows: u32, cols: u32, half: bool, high: bool },
     /// Matrix of a format whose kernel form is Q8S16, for a target's micro-kernels: groups of
     /// 8 rows per 32-value block, `d[2][8]`, `m[2][8]` when `mins`, then the values in chunks
     /// as [`Layout::Q8Rows8`].
@@ -123,6 +132,7 @@ impl Layout {
             Layout::Q8Rows8 { cols, half, .. } => cols as u64 / 32 * q8x8_group_block(half) as u64,
             Layout::Q8S16Rows4 { cols, mins, .. } => cols as u64 / 32 * q8s16_group_block(mins) as u64,
             Layout::Q8S16Rows8 { cols, mins, .. } => cols as u64 / 32 * q8s16x8_group_block(mins) as u64,
+            Layout::LowRows4 { cols, half, high, .. } => cols as u64 / 64 * low_group_block(half, high) as u64,
         }
     }
 
@@ -144,7 +154,8 @@ impl Layout {
             | Layout::Q8Rows4 { rows, cols, .. }
             | Layout::Q8Rows8 { rows, cols, .. }
             | Layout::Q8S16Rows4 { rows, cols, .. }
-            | Layout::Q8S16Rows8 { rows, cols, .. } => Some((rows, cols)),
+            | Layout::Q8S16Rows8 { rows, cols, .. }
+            | Layout::LowRows4 { rows, cols, .. } => Some((rows, cols)),
         }
     }
 }
@@ -245,6 +256,7 @@ enum Blocks {
     Q4(Vec<Q4Block>),
     Q8(Vec<Q8Block>),
     Q8S16(Vec<Q8S16Block>),
+    Low(Vec<LowBlock>),
 }
 
 fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
@@ -270,6 +282,9 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
         }
         KernelForm::Q8S16(_) => {
             Blocks::Q8S16(join(in_parts(rows, raw.len(), |r| q8s16_blocks(format, rows_of(r)).expect("Q8S16 form"))))
+        }
+        KernelForm::Q2(_) | KernelForm::Q3(_) => {
+            Blocks::Low(join(in_parts(rows, raw.len(), |r| low_blocks(format, rows_of(r)).expect("low-bit form"))))
         }
         _ => Blocks::None,
     }
@@ -309,6 +324,9 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, 
         }
         (KernelForm::Q8(_), Blocks::Q8(blocks)) => (blocks.iter().all(|b| is_f16(b.d)), false),
         (KernelForm::Q8S16(_), Blocks::Q8S16(blocks)) => (false, blocks.iter().any(|b| b.m != [0.0; 2])),
+        (KernelForm::Q2(_) | KernelForm::Q3(_), Blocks::Low(blocks)) => {
+            (blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m)), true)
+        }
         _ => (false, false),
     };
     layout_with(format, shape, micro, act, half, mins)
@@ -335,6 +353,9 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
             } else {
                 Layout::Q8Rows4 { rows: *rows, cols: *cols, half }
             }
+        }
+        (kernel @ (KernelForm::Q2(_) | KernelForm::Q3(_)), [rows, cols]) => {
+            Layout::LowRows4 { rows: *rows, cols: *cols, half, high: matches!(kernel, KernelForm::Q3(_)) }
         }
         (KernelForm::Q8S16(_), [rows, cols]) => {
             if micro {
@@ -594,6 +615,21 @@ fn pack_groups(
                     push_values(blob, qs, if n == MICRO_ROWS { 2 } else { 0 });
                 }
             }
+            Layout::LowRows4 { half, high, .. } => {
+                let Blocks::Low(all) = decoded else { unreachable!() };
+                let n_groups = cols / LowBlock::VALUES;
+                let blocks = group_blocks(all, g, ROWS, rows, n_groups);
+                for b in 0..n_groups {
+                    let none = LowBlock { d: 0.0, m: 0.0, qs: [0; 16], qh: 0 };
+                    let blk: [LowBlock; ROWS] = std::array::from_fn(|i| blocks[i].get(b).copied().unwrap_or(none));
+                    push_scales(blob, &blk.map(|b| b.d), half);
+                    push_scales(blob, &blk.map(|b| b.m), half);
+                    blk.iter().for_each(|b| blob.extend_from_slice(&b.qs));
+                    if high {
+                        blk.iter().for_each(|b| blob.extend_from_slice(&b.qh.to_le_bytes()));
+                    }
+                }
+            }
             Layout::F32Vector { .. } => unreachable!(),
         }
     }
@@ -760,6 +796,8 @@ mod tests {
                 (QuantFormat::Q5_0, q5(true, false)),
                 (QuantFormat::Q5_1, q5(true, true)),
                 (QuantFormat::Q5_K, q5(false, true)),
+                (QuantFormat::Q2_G64, Layout::LowRows4 { rows, cols, half: true, high: false }),
+                (QuantFormat::Q3_G64, Layout::LowRows4 { rows, cols, half: true, high: true }),
             ] {
                 let raw = matrix(format, rows as usize, cols as usize);
                 let blocks = decode(format, &[rows, cols], &raw);
@@ -769,6 +807,9 @@ mod tests {
                 // same bytes reordered.
                 let q8 = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q8);
                 let dwords = micro && matches!(want, Layout::Q4Rows8 { .. });
+                if matches!(want, Layout::LowRows4 { .. }) {
+                    assert_eq!(q8, layout, "{}: one layout on every grid", format.name());
+                }
                 assert_eq!(matches!(q8, Layout::Q4Rows8 { dwords: true, .. }), dwords, "{}", format.name());
                 assert_eq!(q8.group_stride(), layout.group_stride());
                 if format != QuantFormat::Q4_K && format != QuantFormat::Q5_K {

@@ -153,11 +153,12 @@ fn check_graph_with(name: &str, text: &str, weights: Vec<Vec<u8>>, seqs: &[usize
 }
 
 /// One row length per format: odd for the float formats, 3 blocks for the 32-value block
-/// formats, one super-block for the K-quants.
+/// formats, one super-block for the K-quants, 3 groups for the 64-value formats.
 fn aarch64_cols(format: QuantFormat) -> u32 {
     match format.block_values() {
         1 => 67,
         256 => 256,
+        64 => 192,
         _ => 96,
     }
 }

@@ -8,6 +8,11 @@ only the `gguf` package (PyPI, the GGUF library of the llama.cpp project) and nu
       BLOCKS.bin holds whole blocks of TYPE (f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0,
       q2_k, q3_k, q4_k, q5_k, q6_k), back to back;
       OUT.npy receives their float32 dequantization (`gguf.quants.dequantize`), 1-D.
+      TYPE may also be one of kiln's own formats (q2_g64, q3_g64), which gguf-py does not
+      know: they are dequantized by `dequantize_kiln` here, written from the format's
+      description (64-value groups: f16 d, f16 m, 16 bytes of 2-bit values where byte j holds
+      values j, j+16, j+32, j+48 from the low bits up, then for q3_g64 a little-endian u64
+      whose bit i is value i's third bit; x = d * q + m in float32).
   gguf_quants.py quantize TYPE VALUES.f32 OUT.bin
       VALUES.f32 holds little-endian float32 values (whole blocks); OUT.bin receives
       `gguf.quants.quantize` of them as raw blocks (gguf-py 0.19 quantizes the float
@@ -54,8 +59,36 @@ def block_shape(t):
     return GGML_QUANT_SIZES[t]
 
 
+KILN_FORMATS = {"q2_g64": (20, False), "q3_g64": (28, True)}
+
+
+def dequantize_kiln(type_name, raw):
+    import numpy as np
+
+    size, third = KILN_FORMATS[type_name]
+    if raw.size % size != 0:
+        raise SystemExit(f"{raw.size} bytes is not a whole number of {size}-byte blocks")
+    blocks = raw.reshape((-1, size))
+    d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)
+    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+    crumbs = blocks[:, 4:20]
+    # q[:, 16 k + j] = bits 2k..2k+2 of byte j
+    q = np.concatenate([(crumbs >> (2 * k)) & 3 for k in range(4)], axis=1).astype(np.uint8)
+    if third:
+        bits = np.unpackbits(blocks[:, 20:28], axis=1, bitorder="little")
+        q = q | (bits << 2)
+    with np.errstate(invalid="ignore", over="ignore"):
+        values = d * q.astype(np.float32) + m
+    return values.astype(np.float32).reshape(-1)
+
+
 def dequantize(type_name, blocks_path, out_path):
     import numpy as np
+
+    if type_name in KILN_FORMATS:
+        raw = np.fromfile(blocks_path, dtype=np.uint8)
+        np.save(out_path, np.ascontiguousarray(dequantize_kiln(type_name, raw), dtype=np.float32))
+        return
     from gguf.quants import dequantize as dq
 
     t = qtype(type_name)

@@ -185,22 +185,7 @@ pub struct TinyLlama {
 }
 
 fn ggml_type(f: QuantFormat) -> compiler::gguf::GgmlType {
-    use compiler::gguf::GgmlType;
-    match f {
-        QuantFormat::F32 => GgmlType::F32,
-        QuantFormat::F16 => GgmlType::F16,
-        QuantFormat::Q4_0 => GgmlType::Q4_0,
-        QuantFormat::Q4_1 => GgmlType::Q4_1,
-        QuantFormat::Q8_0 => GgmlType::Q8_0,
-        QuantFormat::BF16 => GgmlType::BF16,
-        QuantFormat::Q5_0 => GgmlType::Q5_0,
-        QuantFormat::Q5_1 => GgmlType::Q5_1,
-        QuantFormat::Q2_K => GgmlType::Q2_K,
-        QuantFormat::Q3_K => GgmlType::Q3_K,
-        QuantFormat::Q4_K => GgmlType::Q4_K,
-        QuantFormat::Q5_K => GgmlType::Q5_K,
-        QuantFormat::Q6_K => GgmlType::Q6_K,
-    }
+    compiler::gguf::GgmlType::from_id(f.ggml_type()).expect("every kiln format has a GGUF type")
 }
 
 /// Row lengths that suit `format` in kernel tests: odd ones for the float formats, whole
@@ -209,6 +194,7 @@ pub fn kernel_test_cols(format: QuantFormat) -> &'static [u32] {
     match format.block_values() {
         1 => &[5, 36, 67],
         256 => &[256, 512],
+        64 => &[64, 192],
         _ => &[32, 96, 160],
     }
 }

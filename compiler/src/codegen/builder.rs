@@ -347,10 +347,11 @@ impl<'a> Kb<'a> {
         self.b.ins().vconst(I8X16, handle)
     }
 
-    /// `nibbles` (an `i8x16` of values `0..16`) with 16 added to lane `j` where bit `j` of
-    /// bytes `first_byte, first_byte + 1` of `qh` (an `i32`) is set: the fifth bits of the
-    /// kernel form Q5 (bytes 0-1 for a block's values 0..16, 2-3 for 16..32).
-    pub fn with_fifth_bits(&mut self, nibbles: Value, qh: Value, first_byte: u8) -> Value {
+    /// `values` (an `i8x16` of values below `weight`) with `weight` added to lane `j` where bit
+    /// `j` of bytes `first_byte, first_byte + 1` of `qh` (an `i32`) is set: the fifth bits of
+    /// the kernel form Q5 (weight 16; bytes 0-1 for a block's values 0..16, 2-3 for 16..32),
+    /// the third bits of the form Q3 (weight 4).
+    pub fn with_high_bits(&mut self, values: Value, qh: Value, first_byte: u8, weight: u8) -> Value {
         let v = self.b.ins().splat(I32X4, qh);
         let v = self.b.ins().bitcast(I8X16, le(), v);
         let index = self.vconst_bytes(std::array::from_fn(|j| first_byte + j as u8 / 8));
@@ -358,9 +359,9 @@ impl<'a> Kb<'a> {
         let bits = self.vconst_bytes(std::array::from_fn(|j| 1u8 << (j % 8)));
         let set = self.b.ins().band(bytes, bits);
         let set = self.b.ins().icmp(IntCC::Equal, set, bits);
-        let sixteen = self.vconst_bytes([16; 16]);
-        let add = self.b.ins().band(set, sixteen);
-        self.b.ins().bor(nibbles, add)
+        let add = self.vconst_bytes([weight; 16]);
+        let add = self.b.ins().band(set, add);
+        self.b.ins().bor(values, add)
     }
 
     /// Shuffles the f32 lanes of `a` (0..4) and `b` (4..8).

@@ -314,6 +314,9 @@ fn dot_quantized(
     if let Layout::Q8S16Rows4 { mins, .. } = layout {
         return dot_q8s16(kb, mins, wg, x_rows, n_blocks, x_block);
     }
+    if let Layout::LowRows4 { half, high, .. } = layout {
+        return dot_low(kb, half, high, wg, x_rows, n_blocks / 2, x_block);
+    }
     // Scales (f16 or f32), offsets when stored, then the values.
     let (q4, half, mins, high) = match layout {
         Layout::Q4Rows4 { half, mins, high, .. } => (true, half, mins, high),
@@ -345,7 +348,7 @@ fn dot_quantized(
                 let hi = kb.b.ins().band(hi, mask);
                 let (lo, hi) = if high {
                     let qh = kb.load(I32, wb, qs_at + 64 + 4 * r as i64);
-                    (kb.with_fifth_bits(lo, qh, 0), kb.with_fifth_bits(hi, qh, 2))
+                    (kb.with_high_bits(lo, qh, 0, 16), kb.with_high_bits(hi, qh, 2, 16))
                 } else {
                     (lo, hi)
                 };
@@ -471,6 +474,102 @@ fn dot_q8s16(kb: &mut Kb, mins: bool, wg: Value, x_rows: &[Value], n_blocks: i64
         }
         for &xb in xbs {
             next.push(kb.b.ins().iadd_imm_s(xb, x_block));
+        }
+        next.push(kb.b.ins().iadd_imm_s(wb, group_block));
+        next
+    });
+    out[..n].to_vec()
+}
+
+/// The four `i8x16` of 16 values each (values `0..16`, `16..32`, `32..48`, `48..64`) of one
+/// row's 64-value group of a [`Layout::LowRows4`]: crumbs from the 16 bytes at `qs`, with their
+/// third bits from the 64-bit word at `qh` when given.
+pub(super) fn low_values(kb: &mut Kb, qs: Value, qh: Option<Value>) -> [Value; 4] {
+    let w = kb.load(I8X16, qs, 0);
+    let three = kb.vconst_bytes([3; 16]);
+    let crumbs: [Value; 4] = std::array::from_fn(|k| {
+        let v = if k == 0 {
+            w
+        } else {
+            let v = kb.b.ins().bitcast(I16X8, le(), w);
+            let v = kb.b.ins().ushr_imm_s(v, 2 * k as i64);
+            kb.b.ins().bitcast(I8X16, le(), v)
+        };
+        kb.b.ins().band(v, three)
+    });
+    let Some(qh) = qh else { return crumbs };
+    let words = [kb.load(I32, qh, 0), kb.load(I32, qh, 4)];
+    std::array::from_fn(|k| kb.with_high_bits(crumbs[k], words[k / 2], 2 * (k % 2) as u8, 4))
+}
+
+/// [`dot_quantized`] for a [`Layout::LowRows4`] group of `n_groups` 64-value blocks: each block
+/// meets two q16 activation blocks, whose integer dot products are scaled by the block's `d`
+/// and its offset `m` by each activation block's sum, in the order of the Q4 kernels.
+fn dot_low(
+    kb: &mut Kb,
+    half: bool,
+    high: bool,
+    wg: Value,
+    x_rows: &[Value],
+    n_groups: i64,
+    x_block: i64,
+) -> Vec<Value> {
+    let group_block = crate::pack::low_group_block(half, high) as i64;
+    let sb = scales_bytes(half) as i64;
+    let qs_at = 2 * sb;
+    let n = x_rows.len();
+    let zero = kb.iconst(0);
+    let ng = kb.iconst(n_groups);
+    let mut init: Vec<Value> = (0..n).map(|_| kb.splat(0.0)).collect();
+    init.extend_from_slice(x_rows);
+    init.push(wg);
+    let out = kb.for_range(zero, ng, 1, &init, |kb, _, carried| {
+        let (accs, xbs, wb) = (&carried[..n], &carried[n..2 * n], carried[2 * n]);
+        // Per token, the two activation blocks of this group.
+        let acts: Vec<[(Value, Value, [Value; 4]); 2]> = xbs
+            .iter()
+            .map(|&xb| {
+                let second = kb.b.ins().iadd_imm_s(xb, x_block);
+                [load_q16(kb, xb), load_q16(kb, second)]
+            })
+            .collect();
+        // p[token][half][row]: i32x4 partial sums.
+        let mut p = vec![[[accs[0]; 4]; 2]; n];
+        for r in 0..4 {
+            let qs = kb.b.ins().iadd_imm_s(wb, qs_at + 16 * r as i64);
+            let qh = high.then(|| kb.b.ins().iadd_imm_s(wb, qs_at + 64 + 8 * r as i64));
+            let v = low_values(kb, qs, qh);
+            let wide: Vec<Value> =
+                v.iter().flat_map(|&v| [kb.b.ins().uwiden_low(v), kb.b.ins().uwiden_high(v)]).collect();
+            for (tok, blocks) in acts.iter().enumerate() {
+                for (h, (_, _, a)) in blocks.iter().enumerate() {
+                    let mut s = kb.dot_i16(wide[4 * h], a[0]);
+                    for k in 1..4 {
+                        let d = kb.dot_i16(wide[4 * h + k], a[k]);
+                        s = kb.b.ins().iadd(s, d);
+                    }
+                    p[tok][h][r] = s;
+                }
+            }
+        }
+        let d = kb.load_scales(wb, 0, half);
+        let m = kb.load_scales(wb, sb, half);
+        let mut next = Vec::with_capacity(2 * n + 1);
+        for (tok, blocks) in acts.iter().enumerate() {
+            let mut acc = accs[tok];
+            for (h, &(scale, sum, _)) in blocks.iter().enumerate() {
+                let sums = reduce4(kb, p[tok][h]);
+                let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
+                let scale = kb.b.ins().splat(F32X4, scale);
+                let ds = kb.b.ins().fmul(d, scale);
+                acc = kb.b.ins().fma(sums, ds, acc);
+                let sum = kb.b.ins().splat(F32X4, sum);
+                acc = kb.b.ins().fma(m, sum, acc);
+            }
+            next.push(acc);
+        }
+        for &xb in xbs {
+            next.push(kb.b.ins().iadd_imm_s(xb, 2 * x_block));
         }
         next.push(kb.b.ins().iadd_imm_s(wb, group_block));
         next

@@ -401,7 +401,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                             fifth_bits_of_8_row_chunks(kb, chunks)
                                         }
                                     };
-                                    (kb.with_fifth_bits(lo, qh, 0), kb.with_fifth_bits(hi, qh, 2))
+                                    (kb.with_high_bits(lo, qh, 0, 16), kb.with_high_bits(hi, qh, 2, 16))
                                 } else {
                                     (lo, hi)
                                 };
@@ -462,6 +462,44 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                             None => v,
                                         };
                                         kb.store(v, out, 64 * h + 32 * k as i64 + 16 * j as i64);
+                                    }
+                                }
+                            }
+                            vec![]
+                        });
+                    }
+                    Layout::LowRows4 { half, high, .. } => {
+                        // d[4], m[4], the rows' crumbs, then their third bits.
+                        let sb = 4 * if half { 2 } else { 4 };
+                        let ng = kb.iconst(cols / 64);
+                        kb.for_range(zero, ng, 1, &[], |kb, b, _| {
+                            let blk = kb.addr(base, b, stride / (cols / 64), 0);
+                            let lane_scale = |kb: &mut Kb, at: i64| {
+                                if half {
+                                    let p = kb.addr(blk, lane, 2, at);
+                                    let h = kb.load(I16, p, 0);
+                                    let h = kb.b.ins().sextend(I32, h);
+                                    let h = kb.b.ins().splat(I32X4, h);
+                                    kb.f16_bits_to_f32(h)
+                                } else {
+                                    let p = kb.addr(blk, lane, 4, at);
+                                    let v = kb.load(F32, p, 0);
+                                    kb.b.ins().splat(F32X4, v)
+                                }
+                            };
+                            let (d, m) = (lane_scale(kb, 0), lane_scale(kb, sb));
+                            let qs = kb.addr(blk, lane, 16, 2 * sb);
+                            let qh = high.then(|| kb.addr(blk, lane, 8, 2 * sb + 64));
+                            let values = super::matmul::low_values(kb, qs, qh);
+                            let out = kb.addr(yr, b, 256, 0);
+                            for (k, v) in values.into_iter().enumerate() {
+                                let wide = [kb.b.ins().uwiden_low(v), kb.b.ins().uwiden_high(v)];
+                                for (h, w16) in wide.into_iter().enumerate() {
+                                    let w32 = [kb.b.ins().uwiden_low(w16), kb.b.ins().uwiden_high(w16)];
+                                    for (j, wi) in w32.into_iter().enumerate() {
+                                        let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
+                                        let v = kb.b.ins().fma(f, d, m);
+                                        kb.store(v, out, 64 * k as i64 + 32 * h as i64 + 16 * j as i64);
                                     }
                                 }
                             }

@@ -155,6 +155,8 @@ pub enum Layers {
     Below(u32),
     /// Every layer, when the model has at least this many query heads per KV head.
     GqaAtLeast(u32),
+    /// The first and the last eighth: `i < n / 8` or `i >= 7 n / 8`.
+    Ends,
 }
 
 impl Layers {
@@ -166,6 +168,7 @@ impl Layers {
             Layers::FirstSixteenth => i < n / 16,
             Layers::Below(k) => i < k,
             Layers::GqaAtLeast(g) => gqa >= g,
+            Layers::Ends => i < n / 8 || i >= 7 * n / 8,
         }
     }
 }
@@ -178,12 +181,13 @@ pub struct MixRule {
     pub format: &'static str,
 }
 
-/// A llama-quantize mixture for Llama-architecture models (no experts): the first rule that
-/// holds gives a weight's format, else `base`.
+/// A llama-quantize mixture for Llama-architecture models (no experts), or one of kiln's own
+/// low-bit mixtures: the first rule that holds gives a weight's format, else `base`.
 #[derive(Clone, Copy, Debug)]
 pub struct Mixture {
     pub name: &'static str,
-    /// `general.file_type` (llama.cpp's `llama_ftype`).
+    /// `general.file_type` (llama.cpp's `llama_ftype`; for kiln's own mixtures, which llama.cpp
+    /// has no type for, the ggml id kiln gives their base format).
     pub file_type: u32,
     pub base: &'static str,
     pub rules: &'static [MixRule],
@@ -254,6 +258,30 @@ pub const MIXTURES: &[Mixture] = &[
             rule(Role::FfnDown, Layers::MoreBits, "q6_k"),
         ],
     },
+    // kiln's own low-bit mixtures, for rows the K-quants do not divide: the output head as
+    // llama.cpp's mixtures keep it (q6_k, or its fallback), `attn_v` one step up everywhere and
+    // `ffn_down` one step up in the first and last eighth of the layers, which keeps the block
+    // weights within 0.1 bit of the base (3.59 and 2.59 bits for SmolLM2 and an 8B Llama).
+    Mixture {
+        name: "q3_g64_m",
+        file_type: ir::quant::KILN_Q3_G64,
+        base: "q3_g64",
+        rules: &[
+            rule(Role::Output, Layers::All, "q6_k"),
+            rule(Role::AttnV, Layers::All, "q4_0"),
+            rule(Role::FfnDown, Layers::Ends, "q4_0"),
+        ],
+    },
+    Mixture {
+        name: "q2_g64_m",
+        file_type: ir::quant::KILN_Q2_G64,
+        base: "q2_g64",
+        rules: &[
+            rule(Role::Output, Layers::All, "q6_k"),
+            rule(Role::AttnV, Layers::All, "q3_g64"),
+            rule(Role::FfnDown, Layers::Ends, "q3_g64"),
+        ],
+    },
 ];
 
 impl Mixture {
@@ -294,6 +322,8 @@ pub fn file_type_of(format: &str) -> Option<u32> {
         "q5_k" => 16,
         "q6_k" => 18,
         "bf16" => 32,
+        "q2_g64" => ir::quant::KILN_Q2_G64,
+        "q3_g64" => ir::quant::KILN_Q3_G64,
         _ => Mixture::by_name(format)?.file_type,
     })
 }
@@ -301,7 +331,8 @@ pub fn file_type_of(format: &str) -> Option<u32> {
 /// llama.cpp's fallback for a format whose block does not divide the row length `cols`
 /// (`tensor_type_fallback`): q2_k and q3_k become q4_0, q4_k q5_0, q5_k q5_1, q6_k q8_0; when
 /// that still does not divide it (rows not a multiple of 32), f16. kiln also gives f16 to
-/// a 32-value format on such rows, where llama.cpp refuses.
+/// a 32-value format on such rows, where llama.cpp refuses; its own 64-value formats fall
+/// back to q4_0.
 pub fn fallback(format: QuantFormat, cols: usize) -> Option<&'static str> {
     if cols.is_multiple_of(format.block_values()) {
         return None;
@@ -311,6 +342,7 @@ pub fn fallback(format: QuantFormat, cols: usize) -> Option<&'static str> {
         "q4_k" => "q5_0",
         "q5_k" => "q5_1",
         "q6_k" => "q8_0",
+        "q2_g64" | "q3_g64" => "q4_0",
         _ => "f16",
     };
     let fits = match resolve(first) {

@@ -59,7 +59,7 @@ pub(super) fn make_qkx2_quants(
         l_out[i] = l as u8;
         best_error += weights[i] * err(scale * l as f32 + min - x[i]);
     }
-    let mut aux = [0u8; 32];
+    let mut aux = [0u8; QK_K];
     for is in 0..=search.nstep {
         iscale = (search.rmin + search.rdelta * is as f32 + nmax as f32) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);

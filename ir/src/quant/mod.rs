@@ -16,8 +16,13 @@ use half::f16;
 mod bf16;
 mod f16_format;
 mod f32_format;
+mod g64_common;
 mod k_common;
+mod q2_g64;
+pub use q2_g64::KILN_Q2_G64;
+pub use q3_g64::KILN_Q3_G64;
 mod q2_k;
+mod q3_g64;
 mod q3_k;
 mod q4_0;
 mod q4_1;
@@ -62,6 +67,10 @@ pub enum QuantFormat {
     Q5_K,
     /// 210-byte super-blocks of 256: 6-bit values, an 8-bit signed scale per 16 values.
     Q6_K,
+    /// kiln's own: 20-byte groups of 64: f16 scale and offset, 2-bit values (2.5 bits).
+    Q2_G64,
+    /// kiln's own: 28-byte groups of 64: f16 scale and offset, 3-bit values (3.5 bits).
+    Q3_G64,
 }
 
 /// One 32-value block as the Q4 kernels read it: `x[j] = d * q[j] + m`, `q` in `0..16`, byte
@@ -107,6 +116,27 @@ pub struct Q8S16Block {
     pub qs: [i8; 32],
 }
 
+/// One 64-value group as the low-bit kernels read it: `x[i] = d * q[i] + m`, the low two bits
+/// of `q[i]` in bits `2 (i / 16)` of byte `i % 16` of `qs`, and (kernel form Q3) its third bit
+/// in bit `i` of `qh` (zero for two bits).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LowBlock {
+    pub d: f32,
+    pub m: f32,
+    pub qs: [u8; 16],
+    pub qh: u64,
+}
+
+impl LowBlock {
+    /// Values per group.
+    pub const VALUES: usize = 64;
+
+    /// Value `i`'s integer `q`.
+    pub fn quant(&self, i: usize) -> u8 {
+        ((self.qs[i % 16] >> (2 * (i / 16))) & 3) | (((self.qh >> i) & 1) as u8) << 2
+    }
+}
+
 /// The form a format's blocks take for the kernels, each form one family of packed layout and
 /// kernels in the compiler. The conversion is exact: the kernel form's values are the
 /// format's dequantized values bit for bit (f16 scales widen to f32 exactly).
@@ -123,6 +153,11 @@ pub enum KernelForm {
     Q8(fn(block: &[u8], out: &mut Vec<Q8Block>)),
     /// Appends the [`Q8S16Block`]s of one format block; q16 activations.
     Q8S16(fn(block: &[u8], out: &mut Vec<Q8S16Block>)),
+    /// Appends the 2-bit [`LowBlock`]s (64 values each) of one format block; q16 activations.
+    Q2(fn(block: &[u8], out: &mut Vec<LowBlock>)),
+    /// Appends the 3-bit [`LowBlock`]s of one format block: the Q2 kernels with a plane of
+    /// third bits; q16 activations.
+    Q3(fn(block: &[u8], out: &mut Vec<LowBlock>)),
 }
 
 /// Everything about one weight format.
@@ -149,7 +184,7 @@ pub struct FormatSpec {
 }
 
 impl QuantFormat {
-    pub const ALL: [QuantFormat; 13] = [
+    pub const ALL: [QuantFormat; 15] = [
         Self::F32,
         Self::F16,
         Self::Q4_0,
@@ -163,6 +198,8 @@ impl QuantFormat {
         Self::Q4_K,
         Self::Q5_K,
         Self::Q6_K,
+        Self::Q2_G64,
+        Self::Q3_G64,
     ];
 
     /// The format's description: the one place that maps a format to its facts.
@@ -181,6 +218,8 @@ impl QuantFormat {
             Self::Q4_K => &q4_k::SPEC,
             Self::Q5_K => &q5_k::SPEC,
             Self::Q6_K => &q6_k::SPEC,
+            Self::Q2_G64 => &q2_g64::SPEC,
+            Self::Q3_G64 => &q3_g64::SPEC,
         }
     }
 
@@ -285,6 +324,14 @@ pub fn q8s16_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q8S16Block>
     Some(out)
 }
 
+/// The [`LowBlock`]s of one row of a format whose kernel form is Q2 or Q3 (`None` otherwise).
+pub fn low_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<LowBlock>> {
+    let (KernelForm::Q2(f) | KernelForm::Q3(f)) = format.spec().kernel else { return None };
+    let mut out = Vec::with_capacity(bytes.len() / format.block_bytes() * format.block_values() / LowBlock::VALUES);
+    bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
+    Some(out)
+}
+
 /// The [`Q8Block`]s of one row of a format whose kernel form is Q8 (`None` otherwise).
 pub fn q8_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q8Block>> {
     let KernelForm::Q8(f) = format.spec().kernel else { return None };
@@ -379,6 +426,11 @@ mod tests {
                     KernelForm::Q8(_) => {
                         q8_blocks(format, &bytes).unwrap().iter().flat_map(|b| b.qs.map(|q| b.d * q as f32)).collect()
                     }
+                    KernelForm::Q2(_) | KernelForm::Q3(_) => low_blocks(format, &bytes)
+                        .unwrap()
+                        .iter()
+                        .flat_map(|b| (0..64).map(move |i| b.d * b.quant(i) as f32 + b.m))
+                        .collect(),
                     KernelForm::Q8S16(_) => q8s16_blocks(format, &bytes)
                         .unwrap()
                         .iter()

@@ -74,6 +74,8 @@ pub const fn low_group_block(half: bool, high: bool) -> usize {
 }
 /// Bytes of one 4-column chunk of an f32 group: `x[4 rows][4 cols] f32`.
 pub const F32_GROUP_CHUNK: usize = 4 * 16;
+/// Bytes of one 8-column chunk of a 16-bit float group: `x[4 rows][8 cols]` f16 or bf16.
+pub const F16_GROUP_CHUNK: usize = 4 * 16;
 
 /// Alignment of every item in the blob.
 pub const ALIGN: usize = 64;
@@ -83,8 +85,12 @@ pub const ALIGN: usize = 64;
 pub enum Layout {
     /// A plain f32 vector of `n` values (norm weights, whatever their stored format).
     F32Vector { n: u32 },
-    /// F32/F16 matrix as f32, groups of 4 rows, 4-column chunks (columns padded with zeros).
+    /// Matrix of a format whose kernel form is F32 (or F16 holding infinities or NaNs) as f32,
+    /// groups of 4 rows, 4-column chunks (columns padded with zeros).
     F32Rows4 { rows: u32, cols: u32 },
+    /// Matrix of kernel form F16 (finite values) or BF16 (`brain`) as stored, 16 bits a value:
+    /// groups of 4 rows, 8-column chunks ([`F16_GROUP_CHUNK`], columns padded with zeros).
+    F16Rows4 { rows: u32, cols: u32, brain: bool },
     /// Matrix of a format whose kernel form is Q4, or Q5 (`high`: values have a fifth bit),
     /// groups of 4 rows interleaved per 32-value block; scales as f16 when `half`; offsets
     /// stored only when `mins` (else `m = -8 d`, or `-16 d` with `high`).
@@ -122,6 +128,7 @@ impl Layout {
         match self {
             Layout::F32Vector { .. } => 0,
             Layout::F32Rows4 { cols, .. } => (cols as u64).div_ceil(4) * F32_GROUP_CHUNK as u64,
+            Layout::F16Rows4 { cols, .. } => (cols as u64).div_ceil(8) * F16_GROUP_CHUNK as u64,
             Layout::Q4Rows4 { cols, half, mins, high, .. } => {
                 cols as u64 / 32 * q4_group_block(half, mins, high) as u64
             }
@@ -149,6 +156,7 @@ impl Layout {
         match self {
             Layout::F32Vector { .. } => None,
             Layout::F32Rows4 { rows, cols }
+            | Layout::F16Rows4 { rows, cols, .. }
             | Layout::Q4Rows4 { rows, cols, .. }
             | Layout::Q4Rows8 { rows, cols, .. }
             | Layout::Q8Rows4 { rows, cols, .. }
@@ -257,6 +265,10 @@ enum Blocks {
     Q8(Vec<Q8Block>),
     Q8S16(Vec<Q8S16Block>),
     Low(Vec<LowBlock>),
+    /// An f16 matrix: whether every value is finite (the kernels' exact widening).
+    F16 {
+        finite: bool,
+    },
 }
 
 fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
@@ -282,6 +294,9 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
         }
         KernelForm::Q8S16(_) => {
             Blocks::Q8S16(join(in_parts(rows, raw.len(), |r| q8s16_blocks(format, rows_of(r)).expect("Q8S16 form"))))
+        }
+        KernelForm::F16 => {
+            Blocks::F16 { finite: raw.par_chunks(PART_BYTES).all(|c| c.chunks_exact(2).all(|h| h[1] & 0x7c != 0x7c)) }
         }
         KernelForm::Q2(_) | KernelForm::Q3(_) => {
             Blocks::Low(join(in_parts(rows, raw.len(), |r| low_blocks(format, rows_of(r)).expect("low-bit form"))))
@@ -327,6 +342,7 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, 
         (KernelForm::Q2(_) | KernelForm::Q3(_), Blocks::Low(blocks)) => {
             (blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m)), true)
         }
+        (KernelForm::F16, &Blocks::F16 { finite }) => (finite, false),
         _ => (false, false),
     };
     layout_with(format, shape, micro, act, half, mins)
@@ -338,6 +354,10 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
     match (format.spec().kernel, shape) {
         (_, [n]) => Layout::F32Vector { n: *n },
         (KernelForm::F32, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
+        // `half`: every value finite (else widened at compile time).
+        (KernelForm::F16, [rows, cols]) if half => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: false },
+        (KernelForm::F16, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
+        (KernelForm::BF16, [rows, cols]) => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: true },
         (kernel @ (KernelForm::Q4(_) | KernelForm::Q5(_)), [rows, cols]) => {
             let high = matches!(kernel, KernelForm::Q5(_));
             if micro {
@@ -615,6 +635,19 @@ fn pack_groups(
                     push_values(blob, qs, if n == MICRO_ROWS { 2 } else { 0 });
                 }
             }
+            Layout::F16Rows4 { .. } => {
+                let chunks = cols.div_ceil(8);
+                for c in 0..chunks {
+                    for i in 0..ROWS {
+                        let n = (cols - 8 * c).min(8);
+                        match row(g * ROWS + i) {
+                            Some(bytes) => blob.extend_from_slice(&bytes[16 * c..16 * c + 2 * n]),
+                            None => blob.extend_from_slice(&[0; 16][..2 * n]),
+                        }
+                        blob.extend_from_slice(&[0; 16][..16 - 2 * n]);
+                    }
+                }
+            }
             Layout::LowRows4 { half, high, .. } => {
                 let Blocks::Low(all) = decoded else { unreachable!() };
                 let n_groups = cols / LowBlock::VALUES;
@@ -856,6 +889,24 @@ mod tests {
         assert_eq!((filed.checksum, memory.checksum), (abi::weights_checksum(&bytes), abi::weights_checksum(&bytes)));
         assert_eq!(filed.weights, memory.weights);
         assert!(packed_bytes_at_least(&model.graph, Some(MICRO_ROWS as u32)) <= memory.len);
+    }
+
+    /// f16 and bf16 matrices keep 16 bits a value (columns padded to 8), except an f16 matrix
+    /// holding an infinity or NaN, which the kernels' integer widening cannot give.
+    #[test]
+    fn sixteen_bit_floats_stay_sixteen_bits() {
+        let (rows, cols) = (5u32, 37u32);
+        for (format, brain) in [(QuantFormat::F16, false), (QuantFormat::BF16, true)] {
+            let mut raw = matrix(format, rows as usize, cols as usize);
+            let blocks = decode(format, &[rows, cols], &raw);
+            let layout = layout_for(format, &[rows, cols], &blocks, true, ActDType::Q16);
+            assert_eq!(layout, Layout::F16Rows4 { rows, cols, brain });
+            assert_eq!(layout.bytes(), 2 * (4 * 40 * 2), "two groups of 4 rows of 40 values");
+            raw[7] = 0x7c; // value 3 of row 0: an f16 infinity (0x7c00), a bf16 finite value
+            let blocks = decode(format, &[rows, cols], &raw);
+            let want = if brain { layout } else { Layout::F32Rows4 { rows, cols } };
+            assert_eq!(layout_for(format, &[rows, cols], &blocks, true, ActDType::Q16), want);
+        }
     }
 
     /// A matrix large enough to be decoded and packed in several parts gives the bytes of one

@@ -366,3 +366,55 @@ fn f16_scales_of_every_kind_are_widened_exactly() {
         assert!(diff <= REL_TOL * scale.max(1.0), "{f}: max diff {diff} (scale {scale})");
     }
 }
+
+/// f16 and bf16 matrices stay 16-bit in the library and are widened by the kernels (f16 by
+/// integer operations, bf16 by a shift): a table holding every finite f16 bit pattern
+/// (subnormals, zeros of both signs, the largest) and one holding every non-NaN bf16 pattern
+/// (infinities included) come out of the embedding lookup exactly as the interpreter
+/// dequantizes them, every row looked up. An f16 table holding infinities, which the integer
+/// widening cannot give, is widened at compile time instead, with the same result.
+#[test]
+fn sixteen_bit_tables_of_every_pattern_are_widened_exactly() {
+    let cols = 37u32;
+    let f16_finite = |h: u16| h & 0x7c00 != 0x7c00;
+    let f16_not_nan = |h: u16| h & 0x7fff <= 0x7c00;
+    let bf16_not_nan = |h: u16| h & 0x7fff <= 0x7f80;
+    let cases: [(QuantFormat, &dyn Fn(u16) -> bool, &str); 3] = [
+        (QuantFormat::F16, &f16_finite, "finite"),
+        (QuantFormat::F16, &f16_not_nan, "inf"),
+        (QuantFormat::BF16, &bf16_not_nan, "all"),
+    ];
+    for (format, keep, what) in cases {
+        let patterns: Vec<u16> = (0..=u16::MAX).filter(|&h| keep(h)).collect();
+        let rows = patterns.len().div_ceil(cols as usize) as u32;
+        let table: Vec<u8> =
+            (0..(rows * cols) as usize).flat_map(|i| patterns[i % patterns.len()].to_le_bytes()).collect();
+        let f = format.name();
+        let text = format!(
+            "graph \"embed\" context=2048\nw0 = weight {f}[{rows}, {cols}] \"table\"\nv0 = input 0 : i32[seq]\nv1 = embed v0, w0 : f32[seq, {cols}]\noutput v1\n"
+        );
+        let graph = parse_graph(&text).unwrap();
+        let dir = scratch_dir(&format!("embed_every_{f}_{what}"));
+        let opts = CompileOptions { batch: rows, ..Default::default() };
+        let ws = vec![table];
+        let (compiled, so) = compile_to_shared(&graph, &ws, &opts, &dir);
+        let final_graph: Graph = parse_graph(&compiled.final_ir).unwrap();
+        let mut program = Program::load_shared(&so, None, 2).unwrap();
+        let ids: Vec<i32> = (0..rows as i32).collect();
+        let mut got = vec![f32::NAN; (rows * cols) as usize];
+        program.run(&[Input::I32(&ids)], &mut [&mut got], rows as usize, 0, 0).unwrap();
+        let w: Vec<&[u8]> = ws.iter().map(|w| w.as_slice()).collect();
+        let want =
+            interp::run(&final_graph, &w, &[Tensor::I32(ids)], &mut KvCache::new(&final_graph), rows as usize, 0);
+        let bad: Vec<usize> = (0..got.len()).filter(|&i| got[i].to_bits() != want[0][i].to_bits()).collect();
+        assert!(
+            bad.is_empty(),
+            "{f} ({what}): {} of {} values differ, first at {}: kernel {:e} vs interpreter {:e}",
+            bad.len(),
+            got.len(),
+            bad[0],
+            got[bad[0]],
+            want[0][bad[0]]
+        );
+    }
+}

@@ -102,7 +102,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
     let group_rows = spec.weight.layout.group_rows();
     let groups = (rows as usize).div_ceil(group_rows) as i64;
     let x_row_bytes = match spec.weight.layout {
-        Layout::F32Rows4 { .. } => 4 * cols,
+        Layout::F32Rows4 { .. } | Layout::F16Rows4 { .. } => 4 * cols,
         _ => cols / 32 * spec.x_block_bytes,
     };
     let stride = spec.weight.layout.group_stride() as i64;
@@ -140,6 +140,14 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                     kb.for_range(tb0, tb1, 1, &[], |kb, t, _| {
                         let x_row = kb.addr(x_base, t, x_row_bytes, 0);
                         let acc = dot_f32(kb, wg, x_row, cols);
+                        out.store(kb, g, t, 0, acc);
+                        vec![]
+                    });
+                }
+                Layout::F16Rows4 { brain, .. } => {
+                    kb.for_range(tb0, tb1, 1, &[], |kb, t, _| {
+                        let x_row = kb.addr(x_base, t, x_row_bytes, 0);
+                        let acc = dot_f16(kb, wg, x_row, cols, brain);
                         out.store(kb, g, t, 0, acc);
                         vec![]
                     });
@@ -575,6 +583,62 @@ fn dot_low(
         next
     });
     out[..n].to_vec()
+}
+
+/// The eight f32 values of one row's 8-column chunk of an [`Layout::F16Rows4`] group (an
+/// `i16x8` of f16 or, with `brain`, bf16 bit patterns) as two `f32x4`: bf16 by a shift, f16 by
+/// the exact integer widening of finite values (the layout holds only finite f16).
+pub(super) fn widen_halves(kb: &mut Kb, h: Value, brain: bool) -> [Value; 2] {
+    if brain {
+        [kb.b.ins().uwiden_low(h), kb.b.ins().uwiden_high(h)].map(|w| {
+            let w = kb.b.ins().ishl_imm_s(w, 16);
+            kb.b.ins().bitcast(F32X4, le(), w)
+        })
+    } else {
+        [kb.b.ins().swiden_low(h), kb.b.ins().swiden_high(h)].map(|w| kb.f16_bits_to_f32(w))
+    }
+}
+
+/// Four row dot products of a 16-bit float group with one f32 activation row of `cols`
+/// values, 8 columns at a time (a partial last chunk reads its activations partially; the
+/// layout pads the weights with zeros).
+fn dot_f16(kb: &mut Kb, wg: Value, x_row: Value, cols: i64, brain: bool) -> Value {
+    let zero = kb.iconst(0);
+    let full = kb.iconst(cols / 8);
+    let init = [kb.splat(0.0); 4];
+    let chunk = |kb: &mut Kb, xv: [Option<Value>; 2], wc: Value, acc: &[Value]| -> Vec<Value> {
+        (0..4)
+            .map(|r| {
+                let h = kb.load(I16X8, wc, 16 * r as i64);
+                let w = widen_halves(kb, h, brain);
+                let mut a = acc[r];
+                for (w, x) in w.into_iter().zip(xv) {
+                    if let Some(x) = x {
+                        a = kb.b.ins().fma(w, x, a);
+                    }
+                }
+                a
+            })
+            .collect()
+    };
+    let mut acc = kb.for_range(zero, full, 1, &init, |kb, c, acc| {
+        let xc = kb.addr(x_row, c, 32, 0);
+        let xv = [Some(kb.load(F32X4, xc, 0)), Some(kb.load(F32X4, xc, 16))];
+        let wc = kb.addr(wg, c, crate::pack::F16_GROUP_CHUNK as i64, 0);
+        chunk(kb, xv, wc, acc)
+    });
+    let tail = (cols % 8) as usize;
+    if tail != 0 {
+        let at = 32 * (cols / 8);
+        let xv = if tail <= 4 {
+            [Some(if tail == 4 { kb.load(F32X4, x_row, at) } else { kb.load_partial(x_row, at, tail) }), None]
+        } else {
+            [Some(kb.load(F32X4, x_row, at)), Some(kb.load_partial(x_row, at + 16, tail - 4))]
+        };
+        let wc = kb.b.ins().iadd_imm_s(wg, crate::pack::F16_GROUP_CHUNK as i64 * (cols / 8));
+        acc = chunk(kb, xv, wc, &acc);
+    }
+    kb.hsum4(acc[0], acc[1], acc[2], acc[3])
 }
 
 /// Four row dot products of an f32 group with one f32 activation row of `cols` values.

@@ -506,6 +506,37 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             vec![]
                         });
                     }
+                    Layout::F16Rows4 { brain, .. } => {
+                        // Chunk c: 4 rows of 8 values; this row's at 16 lane.
+                        let lane_off = kb.b.ins().imul_imm_s(lane, 16);
+                        let src = kb.b.ins().iadd(base, lane_off);
+                        let chunk = crate::pack::F16_GROUP_CHUNK as i64;
+                        let chunks = kb.iconst(cols / 8);
+                        kb.for_range(zero, chunks, 1, &[], |kb, c, _| {
+                            let s = kb.addr(src, c, chunk, 0);
+                            let h = kb.load(I16X8, s, 0);
+                            let [lo, hi] = super::matmul::widen_halves(kb, h, brain);
+                            let d = kb.addr(yr, c, 32, 0);
+                            kb.store(lo, d, 0);
+                            kb.store(hi, d, 16);
+                            vec![]
+                        });
+                        let tail = cols % 8;
+                        if tail != 0 {
+                            let s = kb.b.ins().iadd_imm_s(src, chunk * (cols / 8));
+                            let h = kb.load(I16X8, s, 0);
+                            let [lo, hi] = super::matmul::widen_halves(kb, h, brain);
+                            let at = 32 * (cols / 8);
+                            if tail >= 4 {
+                                kb.store(lo, yr, at);
+                                if tail > 4 {
+                                    kb.store_partial(hi, yr, at + 16, (tail - 4) as usize);
+                                }
+                            } else {
+                                kb.store_partial(lo, yr, at, tail as usize);
+                            }
+                        }
+                    }
                     Layout::F32Rows4 { .. } => {
                         let lane_off = kb.b.ins().imul_imm_s(lane, 16);
                         let src = kb.b.ins().iadd(base, lane_off);

@@ -11,7 +11,7 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     block_bytes: 2,
     dequantize_block: |b, out| out[0] = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16),
     quantize_block,
-    kernel: KernelForm::F32,
+    kernel: KernelForm::BF16,
     // Half an ulp: 2^-8 relative (7 stored mantissa bits), half the smallest subnormal
     // (2^-134) below 2^-126.
     error_bound: Some(|x, _| (x.abs() as f64 * 2f64.powi(-8)).max(2f64.powi(-134))),

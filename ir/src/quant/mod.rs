@@ -144,6 +144,11 @@ impl LowBlock {
 pub enum KernelForm {
     /// Dequantized to f32 at compile time; f32 activations.
     F32,
+    /// IEEE half floats as stored, widened to f32 in the kernels; f32 activations.
+    F16,
+    /// bfloat16 as stored (the upper half of an f32), widened by a shift in the kernels; f32
+    /// activations.
+    BF16,
     /// Appends the [`Q4Block`]s of one format block; q16 activations.
     Q4(fn(block: &[u8], out: &mut Vec<Q4Block>)),
     /// Appends the [`Q4Block`]s, with fifth bits, of one format block: the Q4 kernels with a
@@ -261,7 +266,7 @@ impl QuantFormat {
     /// but the float ones): its row length must then be a whole number of 32-value blocks
     /// (and of the format's own blocks: 256 values for the K-quants).
     pub fn is_block_quantized(self) -> bool {
-        !matches!(self.spec().kernel, KernelForm::F32)
+        !matches!(self.spec().kernel, KernelForm::F32 | KernelForm::F16 | KernelForm::BF16)
     }
 
     /// Bits per weight of the stored format.
@@ -417,7 +422,7 @@ mod tests {
                 let mut want = vec![0.0; values.len()];
                 dequantize_row(format, &bytes, &mut want);
                 let got: Vec<f32> = match format.spec().kernel {
-                    KernelForm::F32 => continue,
+                    KernelForm::F32 | KernelForm::F16 | KernelForm::BF16 => continue,
                     KernelForm::Q4(_) | KernelForm::Q5(_) => q4_blocks(format, &bytes)
                         .unwrap()
                         .iter()

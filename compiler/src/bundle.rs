@@ -53,9 +53,10 @@ pub struct BuildOptions {
     pub quant: crate::passes::requantize::QuantOptions,
     /// `--lora`: LoRA adapters (PEFT directories or GGUF adapters) merged into the weights.
     pub lora: Vec<PathBuf>,
-    /// `--lora-mode low-rank`: keep the adapters as low-rank matmuls beside the compressed
-    /// weights (`attach_lora`) instead of merging them before requantization.
-    pub lora_low_rank: bool,
+    /// `--lora-mode`: keep the adapters as low-rank matmuls beside the compressed weights
+    /// (`attach_lora`) or merge them before requantization; by default low-rank for adapters
+    /// `heal` or `finetune` trained.
+    pub lora_mode: crate::lora::LoraMode,
     /// `--kv-cache`: element type of the KV cache.
     pub kv_cache: ir::KvDType,
     /// `--activations`: the grid quantized matmuls' activations are rounded to.
@@ -139,7 +140,7 @@ impl BuildOptions {
             prune: None,
             quant: Default::default(),
             lora: vec![],
-            lora_low_rank: false,
+            lora_mode: Default::default(),
             kv_cache: Default::default(),
             activations: Default::default(),
         }
@@ -311,6 +312,7 @@ pub fn fingerprint(
     target: &impl serde::Serialize,
     context: u32,
     adapter_sha256: &[&str],
+    lora_low_rank: bool,
 ) -> [u8; abi::FINGERPRINT_BYTES] {
     let mut text = format!(
         "kiln build fingerprint\ncompiler {}\nabi {}\nmodel sha256 {model_sha256}\ntarget {}\ndevice {}\n\
@@ -330,7 +332,7 @@ pub fn fingerprint(
     for digest in adapter_sha256 {
         text.push_str(&format!("lora sha256 {digest}\n"));
     }
-    if opts.lora_low_rank {
+    if lora_low_rank {
         text.push_str("lora mode low-rank\n");
     }
     Sha256::digest(text.as_bytes()).into()
@@ -391,6 +393,7 @@ pub fn build_model_checked(
     let context = frontend::choose_context(source, &hp, opts.context, DEFAULT_CONTEXT).map_err(BuildError::Frontend)?;
     let lowered = frontend::lower(source, &name, context).map_err(BuildError::Frontend)?;
     let adapters = read_adapters(&opts.lora, &hp)?;
+    let lora_low_rank = opts.lora_mode.low_rank(&adapters);
     stage_times.push((Stage::Lower.name().to_string(), t.elapsed()));
 
     // The tokenizer comes before code generation so that the model file can be freed first.
@@ -411,7 +414,7 @@ pub fn build_model_checked(
             prune: opts.prune.clone(),
             quant: opts.quant.clone(),
             lora: adapters.clone(),
-            lora_low_rank: opts.lora_low_rank,
+            lora_low_rank,
             ..Default::default()
         },
         fingerprint: [0; 32], // set below, once the file's digest is known
@@ -461,7 +464,7 @@ pub fn build_model_checked(
                     "sha256": a.sha256,
                     "tensors": a.updates.len(),
                 })).collect::<Vec<_>>(),
-                "lora_mode": if opts.lora_low_rank { "low-rank" } else { "merge" },
+                "lora_mode": if lora_low_rank { "low-rank" } else { "merge" },
             },
             "tokenizer": {
                 "bos_id": tokenizer.bos.0,
@@ -525,7 +528,8 @@ pub fn build_model_checked(
         staged = Some(file_staged);
     }
     copts.embed_weights = embed_weights;
-    let build_id = fingerprint(&sha256, opts, embed_weights, &target.summary(), context, &adapter_digests);
+    let build_id =
+        fingerprint(&sha256, opts, embed_weights, &target.summary(), context, &adapter_digests, lora_low_rank);
     copts.fingerprint = build_id;
     // The weights are packed: free the model file before code generation copies them again.
     drop(source_box);

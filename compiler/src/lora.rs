@@ -36,6 +36,34 @@ pub struct Adapter {
     /// SHA-256 of the adapter's files (config then tensors), for the build fingerprint.
     pub sha256: String,
     pub updates: BTreeMap<String, LoraUpdate>,
+    /// Whether the adapter's own metadata (`adapter_config.json`'s `kiln.command`, written by
+    /// `heal` and `finetune`) says kiln trained it against the compressed student, so that
+    /// merging it before requantization would lose most of what it learned.
+    pub trained_on_student: bool,
+}
+
+/// How `--lora` adapters are applied (`--lora-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoraMode {
+    /// Low-rank when every adapter was trained by kiln against the compressed student
+    /// ([`Adapter::trained_on_student`]), else merged.
+    #[default]
+    Auto,
+    /// Merged into the weights before pruning and requantization (`merge_lora`).
+    Merge,
+    /// Kept as low-rank matmuls beside the compressed weights (`attach_lora`).
+    LowRank,
+}
+
+impl LoraMode {
+    /// Whether `adapters` are kept low-rank.
+    pub fn low_rank(self, adapters: &[std::sync::Arc<Adapter>]) -> bool {
+        match self {
+            LoraMode::Merge => false,
+            LoraMode::LowRank => true,
+            LoraMode::Auto => !adapters.is_empty() && adapters.iter().all(|a| a.trained_on_student),
+        }
+    }
 }
 
 /// What the reader needs to know of the base model: head counts, for the rotary row order.
@@ -205,7 +233,12 @@ fn read_peft(dir: &Path, base: BaseShape) -> Result<Adapter, LoraError> {
     let mut digest = Sha256::new();
     digest.update(&config_text);
     digest.update(&bytes);
-    Ok(Adapter { path: dir.to_owned(), sha256: format!("{:x}", digest.finalize()), updates })
+    let trained_on_student = config
+        .get("kiln")
+        .and_then(|k| k.get("command"))
+        .and_then(|c| c.as_str())
+        .is_some_and(|c| c == "heal" || c == "finetune");
+    Ok(Adapter { path: dir.to_owned(), sha256: format!("{:x}", digest.finalize()), updates, trained_on_student })
 }
 
 /// Rows of a `[rows, cols]` matrix from Hugging Face's rotary order (per head: the first
@@ -331,7 +364,12 @@ fn read_gguf(path: &Path) -> Result<Adapter, LoraError> {
     if updates.is_empty() {
         return Err(err(path, "holds no LoRA tensors"));
     }
-    Ok(Adapter { path: path.to_owned(), sha256: format!("{:x}", Sha256::digest(gguf.bytes())), updates })
+    Ok(Adapter {
+        path: path.to_owned(),
+        sha256: format!("{:x}", Sha256::digest(gguf.bytes())),
+        updates,
+        trained_on_student: false,
+    })
 }
 
 /// Writers of adapter files, for tests (kiln's own and the integration tests).
@@ -455,6 +493,32 @@ mod tests {
             &[("model.layers.1.mlp.up_proj", &ua, &ub, 16, d)],
         );
         assert_eq!(read_adapter(&dir, BASE).unwrap().updates["blk.1.ffn_up.weight"].scale, 16.0 / 2f32.sqrt());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Adapters `heal` and `finetune` wrote (their config's `kiln.command`) are kept low-rank
+    /// by default; any other adapter, or a mix, is merged; an explicit mode wins.
+    #[test]
+    fn the_default_mode_follows_what_trained_the_adapter() {
+        let dir = scratch("mode");
+        let (r, d) = (2, 8);
+        let (a, b) = (seq(r * d, 0.1), seq(d * r, 0.2));
+        let module = [("model.layers.0.mlp.up_proj", &a[..], &b[..], d, d)];
+        let mut read = |name: &str, config: serde_json::Value| {
+            let at = dir.join(name);
+            write_peft(&at, &config, r, &module);
+            std::sync::Arc::new(read_adapter(&at, BASE).unwrap())
+        };
+        let healed = read("healed", json!({"r": r, "lora_alpha": 4, "kiln": {"command": "heal", "quant": "q3_g64"}}));
+        let tuned = read("tuned", json!({"r": r, "lora_alpha": 4, "kiln": {"command": "finetune"}}));
+        let plain = read("plain", json!({"r": r, "lora_alpha": 4}));
+        let other = read("other", json!({"r": r, "lora_alpha": 4, "kiln": {"command": "export"}}));
+        assert!(healed.trained_on_student && tuned.trained_on_student);
+        assert!(!plain.trained_on_student && !other.trained_on_student);
+        assert!(LoraMode::Auto.low_rank(&[healed.clone(), tuned.clone()]));
+        assert!(!LoraMode::Auto.low_rank(&[healed.clone(), plain.clone()]));
+        assert!(!LoraMode::Auto.low_rank(&[other]) && !LoraMode::Auto.low_rank(&[]));
+        assert!(!LoraMode::Merge.low_rank(&[healed]) && LoraMode::LowRank.low_rank(&[plain]));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -110,7 +110,7 @@ fn build(model: &Path, out: &Path, lora: Vec<PathBuf>, lora_low_rank: bool) -> S
         prune: Some(PruneSpec::Blocks(vec![1])),
         quant: q4_0(),
         lora,
-        lora_low_rank,
+        lora_mode: if lora_low_rank { compiler::lora::LoraMode::LowRank } else { compiler::lora::LoraMode::Merge },
         ..BuildOptions::new(
             model.to_path_buf(),
             targets::host_triple().expect("a supported host").to_string(),

@@ -34,9 +34,12 @@ enum ActivationsArg {
 /// `--lora-mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum LoraModeArg {
+    /// Low-rank for adapters that `heal` or `finetune` trained against the compressed model
+    /// (their adapter_config.json says so), merged otherwise.
+    Auto,
     /// Merged into the weights before pruning and requantization (as llama.cpp's export-lora).
     Merge,
-    /// Kept as two small f32 matmuls beside each compressed weight (what `heal` trains against).
+    /// Kept as two small f16 matmuls beside each compressed weight (what `heal` trains against).
     LowRank,
 }
 
@@ -237,9 +240,10 @@ struct BuildModelArgs {
     #[arg(long, value_enum, default_value_t = ActivationsArg::Q16)]
     activations: ActivationsArg,
     /// How --lora adapters are applied: merge (W + alpha/r B A, then pruned and requantized
-    /// with the rest), or low-rank (kept as matmuls beside the compressed weights: exact for
-    /// an adapter `heal` trained, at (in + out) * r f32 values per layer).
-    #[arg(long, value_enum, default_value_t = LoraModeArg::Merge)]
+    /// with the rest), or low-rank (kept as matmuls beside the compressed weights: what an
+    /// adapter `heal` trained saw, to f16's rounding, at (in + out) * r f16 values per layer);
+    /// auto: low-rank for adapters heal or finetune wrote, merge for others.
+    #[arg(long, value_enum, default_value_t = LoraModeArg::Auto)]
     lora_mode: LoraModeArg,
     /// Print the IR after a pass (or `all`).
     #[arg(long)]
@@ -507,7 +511,11 @@ fn build_model(a: BuildModelArgs) -> Result<()> {
         prune: prune_layers,
         quant,
         lora,
-        lora_low_rank: lora_mode == LoraModeArg::LowRank,
+        lora_mode: match lora_mode {
+            LoraModeArg::Auto => compiler::lora::LoraMode::Auto,
+            LoraModeArg::Merge => compiler::lora::LoraMode::Merge,
+            LoraModeArg::LowRank => compiler::lora::LoraMode::LowRank,
+        },
         kv_cache,
         activations,
     };

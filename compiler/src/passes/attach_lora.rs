@@ -1,8 +1,10 @@
-//! `--lora-mode low-rank`: keeps each LoRA update as two small f32 matmuls beside the layer it
-//! adapts, `y = W x + (scale B) (A x)`, instead of merging it into `W` (`merge_lora`). Runs
-//! after `requantize`, so `W` is exactly the compressed weight the adapter was trained against
-//! (`cargo xtask heal`), with nothing of the update lost to requantization; the price is two
-//! matmuls of `rank` rows per adapted layer (f32 weights, `(in + out) * rank` values each).
+//! `--lora-mode low-rank` (the default for adapters `heal` and `finetune` write): keeps each
+//! LoRA update as two small matmuls beside the layer it adapts, `y = W x + (scale B) (A x)`,
+//! instead of merging it into `W` (`merge_lora`). Runs after `requantize`, so `W` is exactly
+//! the compressed weight the adapter was trained against (`cargo xtask heal`), with nothing of
+//! the update lost to requantization; the price is two matmuls of `rank` rows per adapted
+//! layer, `(in + out) * rank` values each, stored f16 (half an ulp of f16, 2^-11 relative, is
+//! far below what training resolves), or f32 for a factor with values beyond f16's range.
 //!
 //! Adapters name layers as the source model numbers them (they are trained before pruning
 //! renumbers blocks); updates of pruned blocks are left out, as merging them into weights that
@@ -15,6 +17,15 @@ use super::{PassContext, PassError};
 use crate::model::Model;
 
 const NAME: &str = "attach_lora";
+
+/// A factor's values as f16 when every one is within f16's range, else as f32.
+fn factor_bytes(values: &[f32]) -> (QuantFormat, Vec<u8>) {
+    if values.iter().all(|x| x.abs() <= half::f16::MAX.to_f32()) {
+        (QuantFormat::F16, values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect())
+    } else {
+        (QuantFormat::F32, values.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
 
 pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
     if !cx.options.lora_low_rank || cx.options.lora.is_empty() {
@@ -64,23 +75,16 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
             if attach[index].is_some() {
                 return Err(bad(format!("{name:?} is updated by two adapters; low-rank mode keeps one per layer")));
             }
-            let a_bytes: Vec<u8> = u.a.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let b_bytes: Vec<u8> = u.b.iter().flat_map(|x| (x * u.scale).to_le_bytes()).collect();
             if u.a.iter().chain(&u.b).any(|x| !(x * u.scale).is_finite()) {
                 return Err(bad(format!("adapter {}: the update of {name:?} is not finite", adapter.path.display())));
             }
-            let a = model.add_weight(
-                format!("{current}.lora_a"),
-                QuantFormat::F32,
-                vec![u.rank as u32, u.cols as u32],
-                a_bytes,
-            );
-            let b = model.add_weight(
-                format!("{current}.lora_b"),
-                QuantFormat::F32,
-                vec![u.rows as u32, u.rank as u32],
-                b_bytes,
-            );
+            let b_scaled: Vec<f32> = u.b.iter().map(|x| x * u.scale).collect();
+            let (a_format, a_bytes) = factor_bytes(&u.a);
+            let (b_format, b_bytes) = factor_bytes(&b_scaled);
+            let a =
+                model.add_weight(format!("{current}.lora_a"), a_format, vec![u.rank as u32, u.cols as u32], a_bytes);
+            let b =
+                model.add_weight(format!("{current}.lora_b"), b_format, vec![u.rows as u32, u.rank as u32], b_bytes);
             attach[index] = Some((a, b, u.rank as u32));
             attached += 1;
         }

@@ -103,6 +103,7 @@ mod tests {
             path: "adapter".into(),
             sha256: String::new(),
             updates: updates.into_iter().map(|(n, u)| (n.to_owned(), u)).collect::<BTreeMap<_, _>>(),
+            trained_on_student: false,
         };
         let options = PipelineOptions { lora: vec![Arc::new(adapter)], ..Default::default() };
         run(&mut model, &PassContext::new(&options))?;

@@ -504,7 +504,7 @@ mod tests {
         let (r, d) = (2, 8);
         let (a, b) = (seq(r * d, 0.1), seq(d * r, 0.2));
         let module = [("model.layers.0.mlp.up_proj", &a[..], &b[..], d, d)];
-        let mut read = |name: &str, config: serde_json::Value| {
+        let read = |name: &str, config: serde_json::Value| {
             let at = dir.join(name);
             write_peft(&at, &config, r, &module);
             std::sync::Arc::new(read_adapter(&at, BASE).unwrap())

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use ir::quant::{
-    dequantize, dequantize_row, low_blocks, q4_blocks, q8_blocks, q8s16_blocks, KernelForm, LowBlock, Q4Block, Q8Block,
-    Q8S16Block, BLOCK_SIZE,
+    dequantize, dequantize_row, k6_blocks, low_blocks, q4_blocks, q8_blocks, q8s16_blocks, K6Block, KernelForm,
+    LowBlock, Q4Block, Q8Block, Q8S16Block, BLOCK_SIZE,
 };
 use ir::{ActDType, Op, QuantFormat, WeightId};
 use rayon::prelude::*;
@@ -72,6 +72,11 @@ pub const fn q8s16_group_block(mins: bool) -> usize {
 pub const fn low_group_block(half: bool, high: bool) -> usize {
     2 * scales_bytes(half) + 4 * 16 + if high { 32 } else { 0 }
 }
+/// Bytes of one 256-value super-block of a [`Layout::K6Rows4`] group: `d[4]` f16, `sc[16][4]`
+/// i8 (sub-block major), then for each 64-value unit `u` the rows' nibbles (`[4][32]`: the
+/// unit's two 32-value blocks as Q4 blocks store them) and the rows' high bit pairs (`[4][16]`,
+/// as a [`Layout::LowRows4`] stores crumbs): 210 bytes a row, the format's own.
+pub const K6_GROUP_BLOCK: usize = 8 + 64 + 4 * (4 * 32 + 4 * 16);
 /// Bytes of one 4-column chunk of an f32 group: `x[4 rows][4 cols] f32`.
 pub const F32_GROUP_CHUNK: usize = 4 * 16;
 /// Bytes of one 8-column chunk of a 16-bit float group: `x[4 rows][8 cols]` f16 or bf16.
@@ -116,6 +121,9 @@ pub enum Layout {
     /// of 4 rows interleaved per 64-value block ([`low_group_block`]); scales and offsets f16
     /// when `half`. The same layout on every target (no micro-kernel reads it).
     LowRows4 { rows: u32, cols: u32, half: bool, high: bool },
+    /// Matrix of a format whose kernel form is K6 (q6_k), groups of 4 rows interleaved per
+    /// 256-value super-block ([`K6_GROUP_BLOCK`]). The same layout on every target.
+    K6Rows4 { rows: u32, cols: u32 },
     /// Matrix of a format whose kernel form is Q8S16, for a target's micro-kernels: groups of
     /// 8 rows per 32-value block, `d[2][8]`, `m[2][8]` when `mins`, then the values in chunks
     /// as [`Layout::Q8Rows8`].
@@ -140,6 +148,7 @@ impl Layout {
             Layout::Q8S16Rows4 { cols, mins, .. } => cols as u64 / 32 * q8s16_group_block(mins) as u64,
             Layout::Q8S16Rows8 { cols, mins, .. } => cols as u64 / 32 * q8s16x8_group_block(mins) as u64,
             Layout::LowRows4 { cols, half, high, .. } => cols as u64 / 64 * low_group_block(half, high) as u64,
+            Layout::K6Rows4 { cols, .. } => cols as u64 / 256 * K6_GROUP_BLOCK as u64,
         }
     }
 
@@ -163,7 +172,8 @@ impl Layout {
             | Layout::Q8Rows8 { rows, cols, .. }
             | Layout::Q8S16Rows4 { rows, cols, .. }
             | Layout::Q8S16Rows8 { rows, cols, .. }
-            | Layout::LowRows4 { rows, cols, .. } => Some((rows, cols)),
+            | Layout::LowRows4 { rows, cols, .. }
+            | Layout::K6Rows4 { rows, cols } => Some((rows, cols)),
         }
     }
 }
@@ -265,6 +275,7 @@ enum Blocks {
     Q8(Vec<Q8Block>),
     Q8S16(Vec<Q8S16Block>),
     Low(Vec<LowBlock>),
+    K6(Vec<K6Block>),
     /// An f16 matrix: whether every value is finite (the kernels' exact widening).
     F16 {
         finite: bool,
@@ -297,6 +308,9 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
         }
         KernelForm::F16 => {
             Blocks::F16 { finite: raw.par_chunks(PART_BYTES).all(|c| c.chunks_exact(2).all(|h| h[1] & 0x7c != 0x7c)) }
+        }
+        KernelForm::K6(_) => {
+            Blocks::K6(join(in_parts(rows, raw.len(), |r| k6_blocks(format, rows_of(r)).expect("K6 form"))))
         }
         KernelForm::Q2(_) | KernelForm::Q3(_) => {
             Blocks::Low(join(in_parts(rows, raw.len(), |r| low_blocks(format, rows_of(r)).expect("low-bit form"))))
@@ -358,6 +372,7 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
         (KernelForm::F16, [rows, cols]) if half => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: false },
         (KernelForm::F16, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
         (KernelForm::BF16, [rows, cols]) => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: true },
+        (KernelForm::K6(_), [rows, cols]) => Layout::K6Rows4 { rows: *rows, cols: *cols },
         (kernel @ (KernelForm::Q4(_) | KernelForm::Q5(_)), [rows, cols]) => {
             let high = matches!(kernel, KernelForm::Q5(_));
             if micro {
@@ -648,6 +663,33 @@ fn pack_groups(
                     }
                 }
             }
+            Layout::K6Rows4 { .. } => {
+                let Blocks::K6(all) = decoded else { unreachable!() };
+                let n_super = cols / K6Block::VALUES;
+                let blocks = group_blocks(all, g, ROWS, rows, n_super);
+                let none = K6Block { d: 0.0, sc: [0; 16], q: [0; 256] };
+                for b in 0..n_super {
+                    let blk: [&K6Block; ROWS] = std::array::from_fn(|i| blocks[i].get(b).unwrap_or(&none));
+                    push_scales(blob, &blk.map(|b| b.d), true);
+                    for s in 0..16 {
+                        blk.iter().for_each(|b| blob.push(b.sc[s] as u8));
+                    }
+                    for u in 0..4 {
+                        for b in &blk {
+                            for half in 0..2 {
+                                let q = &b.q[64 * u + 32 * half..64 * u + 32 * half + 32];
+                                blob.extend((0..16).map(|j| (q[j] & 15) | (q[j + 16] & 15) << 4));
+                            }
+                        }
+                        for b in &blk {
+                            let q = &b.q[64 * u..64 * u + 64];
+                            blob.extend(
+                                (0..16).map(|j| (0..4).fold(0u8, |acc, k| acc | (q[j + 16 * k] >> 4) << (2 * k))),
+                            );
+                        }
+                    }
+                }
+            }
             Layout::LowRows4 { half, high, .. } => {
                 let Blocks::Low(all) = decoded else { unreachable!() };
                 let n_groups = cols / LowBlock::VALUES;
@@ -891,6 +933,40 @@ mod tests {
         assert!(packed_bytes_at_least(&model.graph, Some(MICRO_ROWS as u32)) <= memory.len);
     }
 
+    /// Formats whose packed layout is still larger than the format itself: the K-quants, whose
+    /// per-sub-block scales the layouts hold as f32 (Q4/Q5 forms) or whose values they widen
+    /// to bytes (Q8S16). Listed so that the test below fails when one of them is fixed and not
+    /// taken off, as it fails when another format grows.
+    const LARGER_THAN_STORED: [QuantFormat; 4] =
+        [QuantFormat::Q2_K, QuantFormat::Q3_K, QuantFormat::Q4_K, QuantFormat::Q5_K];
+
+    /// Every format packs into at most its own bytes (for rows a whole number of every block
+    /// size and of the 8-column chunks), on the targets with micro-kernels and without, on both
+    /// activation grids; except [`LARGER_THAN_STORED`], which are still larger.
+    #[test]
+    fn every_format_packs_into_at_most_its_own_bytes() {
+        let (rows, cols) = (16u32, 512u32);
+        for format in QuantFormat::ALL {
+            let raw = matrix(format, rows as usize, cols as usize);
+            let blocks = decode(format, &[rows, cols], &raw);
+            for micro in [false, true] {
+                for act in [ActDType::Q16, ActDType::Q8] {
+                    let packed = layout_for(format, &[rows, cols], &blocks, micro, act).bytes();
+                    let stored = raw.len() as u64;
+                    if LARGER_THAN_STORED.contains(&format) {
+                        assert!(packed > stored, "{} now packs into {packed} <= {stored} bytes", format.name());
+                    } else {
+                        assert!(
+                            packed <= stored,
+                            "{} packs into {packed} bytes, more than its {stored} (micro {micro}, {act:?})",
+                            format.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// f16 and bf16 matrices keep 16 bits a value (columns padded to 8), except an f16 matrix
     /// holding an infinity or NaN, which the kernels' integer widening cannot give.
     #[test]
@@ -921,6 +997,7 @@ mod tests {
             let whole = match format.spec().kernel {
                 KernelForm::Q8(_) => Blocks::Q8(q8_blocks(format, &raw).unwrap()),
                 KernelForm::Q8S16(_) => Blocks::Q8S16(q8s16_blocks(format, &raw).unwrap()),
+                KernelForm::K6(_) => Blocks::K6(k6_blocks(format, &raw).unwrap()),
                 _ => Blocks::Q4(q4_blocks(format, &raw).unwrap()),
             };
             for micro in [false, true] {

@@ -13,7 +13,7 @@
 //! the stack.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I64, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value};
 use targets::{MicroKernel, MicroValues};
 
@@ -322,6 +322,9 @@ fn dot_quantized(
     if let Layout::Q8S16Rows4 { mins, .. } = layout {
         return dot_q8s16(kb, mins, wg, x_rows, n_blocks, x_block);
     }
+    if let Layout::K6Rows4 { .. } = layout {
+        return dot_k6(kb, wg, x_rows, n_blocks / 8, x_block);
+    }
     if let Layout::LowRows4 { half, high, .. } = layout {
         return dot_low(kb, half, high, wg, x_rows, n_blocks / 2, x_block);
     }
@@ -508,6 +511,107 @@ pub(super) fn low_values(kb: &mut Kb, qs: Value, qh: Option<Value>) -> [Value; 4
     let Some(qh) = qh else { return crumbs };
     let words = [kb.load(I32, qh, 0), kb.load(I32, qh, 4)];
     std::array::from_fn(|k| kb.with_high_bits(crumbs[k], words[k / 2], 2 * (k % 2) as u8, 4))
+}
+
+/// The four `i8x16` of one row's 64-value unit of a [`Layout::K6Rows4`] group (values `0..16`,
+/// `16..32`, `32..48`, `48..64`) as the signed `q - 32`: low nibbles from the 32 bytes at `ql`
+/// (two Q4 blocks), high bit pairs from the 16 crumb bytes at `qh`.
+pub(super) fn k6_values(kb: &mut Kb, ql: Value, qh: Value) -> [Value; 4] {
+    let mask = kb.vconst_bytes([15; 16]);
+    let n = [kb.load(I8X16, ql, 0), kb.load(I8X16, ql, 16)];
+    let high = low_values(kb, qh, None);
+    let thirty_two = kb.vconst_bytes([32; 16]);
+    std::array::from_fn(|k| {
+        let w = n[k / 2];
+        let nib = if k % 2 == 0 {
+            kb.b.ins().band(w, mask)
+        } else {
+            let v = kb.b.ins().bitcast(I16X8, le(), w);
+            let v = kb.b.ins().ushr_imm_s(v, 4);
+            let v = kb.b.ins().bitcast(I8X16, le(), v);
+            kb.b.ins().band(v, mask)
+        };
+        // High pairs are 0..4 per byte: shifting the 16-bit lanes by 4 keeps them in their byte.
+        let h = kb.b.ins().bitcast(I16X8, le(), high[k]);
+        let h = kb.b.ins().ishl_imm_s(h, 4);
+        let h = kb.b.ins().bitcast(I8X16, le(), h);
+        let q = kb.b.ins().bor(nib, h);
+        kb.b.ins().isub(q, thirty_two)
+    })
+}
+
+/// The f32 `d * sc` of the four rows for sub-block `s` of a [`Layout::K6Rows4`] group at `wb`
+/// (`d` the rows' super-block scales, widened).
+pub(super) fn k6_scales(kb: &mut Kb, wb: Value, d: Value, s: usize) -> Value {
+    let sc = kb.load(I32, wb, 8 + 4 * s as i64);
+    let sc = kb.b.ins().scalar_to_vector(I32X4, sc);
+    let sc = kb.b.ins().bitcast(I8X16, le(), sc);
+    let sc = kb.b.ins().swiden_low(sc);
+    let sc = kb.b.ins().swiden_low(sc);
+    let sc = kb.b.ins().fcvt_from_sint(F32X4, sc);
+    kb.b.ins().fmul(d, sc)
+}
+
+/// [`dot_quantized`] for a [`Layout::K6Rows4`] group of `n_super` 256-value super-blocks: per
+/// 16-value sub-block the integer dot products of the signed values are scaled by the rows'
+/// `d * sc` and the activation block's scale, as the Q8S16 kernels scale theirs.
+fn dot_k6(kb: &mut Kb, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) -> Vec<Value> {
+    let n = x_rows.len();
+    let zero = kb.iconst(0);
+    let ns = kb.iconst(n_super);
+    let mut init: Vec<Value> = (0..n).map(|_| kb.splat(0.0)).collect();
+    init.extend_from_slice(x_rows);
+    init.push(wg);
+    let out = kb.for_range(zero, ns, 1, &init, |kb, _, carried| {
+        let (xbs, wb) = (&carried[n..2 * n], carried[2 * n]);
+        let mut accs = carried[..n].to_vec();
+        let d = kb.load_scales(wb, 0, true);
+        for u in 0..4i64 {
+            // Per token, the unit's two activation blocks.
+            let acts: Vec<[(Value, Value, [Value; 4]); 2]> = xbs
+                .iter()
+                .map(|&xb| {
+                    let first = kb.b.ins().iadd_imm_s(xb, 2 * u * x_block);
+                    let second = kb.b.ins().iadd_imm_s(xb, (2 * u + 1) * x_block);
+                    [load_q16(kb, first), load_q16(kb, second)]
+                })
+                .collect();
+            // p[token][sub-block][row]: i32x4 partial sums.
+            let mut p = vec![[[accs[0]; 4]; 4]; n];
+            for r in 0..4i64 {
+                let ql = kb.b.ins().iadd_imm_s(wb, 72 + 192 * u + 32 * r);
+                let qh = kb.b.ins().iadd_imm_s(wb, 72 + 192 * u + 128 + 16 * r);
+                let v = k6_values(kb, ql, qh);
+                for (k, &v) in v.iter().enumerate() {
+                    let w = [kb.b.ins().swiden_low(v), kb.b.ins().swiden_high(v)];
+                    for (tok, blocks) in acts.iter().enumerate() {
+                        let a = &blocks[k / 2].2;
+                        let h = 2 * (k % 2);
+                        let s0 = kb.dot_i16(w[0], a[h]);
+                        let s1 = kb.dot_i16(w[1], a[h + 1]);
+                        p[tok][k][r as usize] = kb.b.ins().iadd(s0, s1);
+                    }
+                }
+            }
+            for k in 0..4 {
+                let ds = k6_scales(kb, wb, d, 4 * u as usize + k);
+                for (tok, blocks) in acts.iter().enumerate() {
+                    let sums = reduce4(kb, p[tok][k]);
+                    let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
+                    let scale = kb.b.ins().splat(F32X4, blocks[k / 2].0);
+                    let ds = kb.b.ins().fmul(ds, scale);
+                    accs[tok] = kb.b.ins().fma(sums, ds, accs[tok]);
+                }
+            }
+        }
+        let mut next = accs;
+        for &xb in xbs {
+            next.push(kb.b.ins().iadd_imm_s(xb, 8 * x_block));
+        }
+        next.push(kb.b.ins().iadd_imm_s(wb, crate::pack::K6_GROUP_BLOCK as i64));
+        next
+    });
+    out[..n].to_vec()
 }
 
 /// [`dot_quantized`] for a [`Layout::LowRows4`] group of `n_groups` 64-value blocks: each block

@@ -137,6 +137,26 @@ impl LowBlock {
     }
 }
 
+/// One 256-value super-block as the six-bit kernels read it (ggml's Q6_K without its bit
+/// packing): `x[i] = (d * sc[i / 16]) * (q[i] - 32)`, the product `d * sc` in f32 first, as
+/// ggml computes it; `q` in `0..64`, `d` exactly an f16.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct K6Block {
+    pub d: f32,
+    pub sc: [i8; 16],
+    pub q: [u8; 256],
+}
+
+impl K6Block {
+    /// Values per super-block.
+    pub const VALUES: usize = 256;
+
+    /// Value `i`, as the dequantizer gives it.
+    pub fn value(&self, i: usize) -> f32 {
+        (self.d * self.sc[i / 16] as f32) * (self.q[i] as i32 - 32) as f32
+    }
+}
+
 /// The form a format's blocks take for the kernels, each form one family of packed layout and
 /// kernels in the compiler. The conversion is exact: the kernel form's values are the
 /// format's dequantized values bit for bit (f16 scales widen to f32 exactly).
@@ -163,6 +183,8 @@ pub enum KernelForm {
     /// Appends the 3-bit [`LowBlock`]s of one format block: the Q2 kernels with a plane of
     /// third bits; q16 activations.
     Q3(fn(block: &[u8], out: &mut Vec<LowBlock>)),
+    /// Appends the [`K6Block`] of one format block; q16 activations.
+    K6(fn(block: &[u8], out: &mut Vec<K6Block>)),
 }
 
 /// Everything about one weight format.
@@ -337,6 +359,14 @@ pub fn low_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<LowBlock>> {
     Some(out)
 }
 
+/// The [`K6Block`]s of one row of a format whose kernel form is K6 (`None` otherwise).
+pub fn k6_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<K6Block>> {
+    let KernelForm::K6(f) = format.spec().kernel else { return None };
+    let mut out = Vec::with_capacity(bytes.len() / format.block_bytes());
+    bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
+    Some(out)
+}
+
 /// The [`Q8Block`]s of one row of a format whose kernel form is Q8 (`None` otherwise).
 pub fn q8_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q8Block>> {
     let KernelForm::Q8(f) = format.spec().kernel else { return None };
@@ -431,6 +461,11 @@ mod tests {
                     KernelForm::Q8(_) => {
                         q8_blocks(format, &bytes).unwrap().iter().flat_map(|b| b.qs.map(|q| b.d * q as f32)).collect()
                     }
+                    KernelForm::K6(_) => k6_blocks(format, &bytes)
+                        .unwrap()
+                        .iter()
+                        .flat_map(|b| (0..256).map(move |i| b.value(i)))
+                        .collect(),
                     KernelForm::Q2(_) | KernelForm::Q3(_) => low_blocks(format, &bytes)
                         .unwrap()
                         .iter()

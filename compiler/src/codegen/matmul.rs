@@ -13,7 +13,7 @@
 //! the stack.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I8, I8X16};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value};
 use targets::{MicroKernel, MicroValues};
 
@@ -23,6 +23,7 @@ use crate::pack::{
     scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
 };
 use crate::passes::plan_memory::{q16_block_bytes, Location, Q8_VALUES_AT};
+use ir::quant::KKind;
 use ir::ActDType;
 
 /// The elementwise tail of a matmul, with its operand's location.
@@ -322,8 +323,8 @@ fn dot_quantized(
     if let Layout::Q8S16Rows4 { mins, .. } = layout {
         return dot_q8s16(kb, mins, wg, x_rows, n_blocks, x_block);
     }
-    if let Layout::K6Rows4 { .. } = layout {
-        return dot_k6(kb, wg, x_rows, n_blocks / 8, x_block);
+    if let Layout::K16Rows4 { kind, .. } = layout {
+        return dot_k16(kb, kind, wg, x_rows, n_blocks / 8, x_block);
     }
     if let Layout::LowRows4 { half, high, .. } = layout {
         return dot_low(kb, half, high, wg, x_rows, n_blocks / 2, x_block);
@@ -513,52 +514,143 @@ pub(super) fn low_values(kb: &mut Kb, qs: Value, qh: Option<Value>) -> [Value; 4
     std::array::from_fn(|k| kb.with_high_bits(crumbs[k], words[k / 2], 2 * (k % 2) as u8, 4))
 }
 
-/// The four `i8x16` of one row's 64-value unit of a [`Layout::K6Rows4`] group (values `0..16`,
-/// `16..32`, `32..48`, `48..64`) as the signed `q - 32`: low nibbles from the 32 bytes at `ql`
-/// (two Q4 blocks), high bit pairs from the 16 crumb bytes at `qh`.
-pub(super) fn k6_values(kb: &mut Kb, ql: Value, qh: Value) -> [Value; 4] {
-    let mask = kb.vconst_bytes([15; 16]);
-    let n = [kb.load(I8X16, ql, 0), kb.load(I8X16, ql, 16)];
-    let high = low_values(kb, qh, None);
-    let thirty_two = kb.vconst_bytes([32; 16]);
-    std::array::from_fn(|k| {
-        let w = n[k / 2];
-        let nib = if k % 2 == 0 {
-            kb.b.ins().band(w, mask)
-        } else {
-            let v = kb.b.ins().bitcast(I16X8, le(), w);
-            let v = kb.b.ins().ushr_imm_s(v, 4);
+/// The four `i8x16` of one row's 64-value unit of a [`Layout::K16Rows4`] group of `kind`
+/// (values `0..16`, `16..32`, `32..48`, `48..64`) as the signed `q - offset`: for Q6 the low
+/// nibbles from the 32 bytes at `vals` (two Q4 blocks) and the high bit pairs from the crumbs
+/// at `high`; for Q3 the crumbs at `vals` with the third bits of the u64 at `high`; for Q2 the
+/// crumbs at `vals`.
+pub(super) fn k16_values(kb: &mut Kb, kind: KKind, vals: Value, high: Option<Value>) -> [Value; 4] {
+    match kind {
+        KKind::Q2 => low_values(kb, vals, None),
+        KKind::Q3 => {
+            let v = low_values(kb, vals, high);
+            let four = kb.vconst_bytes([4; 16]);
+            v.map(|v| kb.b.ins().isub(v, four))
+        }
+        KKind::Q6 => {
+            let mask = kb.vconst_bytes([15; 16]);
+            let n = [kb.load(I8X16, vals, 0), kb.load(I8X16, vals, 16)];
+            let high = low_values(kb, high.expect("q6 high pairs"), None);
+            let thirty_two = kb.vconst_bytes([32; 16]);
+            std::array::from_fn(|k| {
+                let w = n[k / 2];
+                let nib = if k % 2 == 0 {
+                    kb.b.ins().band(w, mask)
+                } else {
+                    let v = kb.b.ins().bitcast(I16X8, le(), w);
+                    let v = kb.b.ins().ushr_imm_s(v, 4);
+                    let v = kb.b.ins().bitcast(I8X16, le(), v);
+                    kb.b.ins().band(v, mask)
+                };
+                // High pairs are 0..4 per byte: shifting the 16-bit lanes by 4 keeps them in
+                // their byte.
+                let h = kb.b.ins().bitcast(I16X8, le(), high[k]);
+                let h = kb.b.ins().ishl_imm_s(h, 4);
+                let h = kb.b.ins().bitcast(I8X16, le(), h);
+                let q = kb.b.ins().bor(nib, h);
+                kb.b.ins().isub(q, thirty_two)
+            })
+        }
+    }
+}
+
+/// Where row `r`'s values of unit `u` of a [`Layout::K16Rows4`] super-block at `wb` are (see
+/// [`k16_values`]), `r` a constant or a lane index.
+pub(super) fn k16_row_values(kb: &mut Kb, kind: KKind, wb: Value, u: i64, r: RowAt) -> (Value, Option<Value>) {
+    let unit = (crate::pack::k16_scales_at(kind) + crate::pack::k16_scale_bytes(kind)) as i64
+        + u * crate::pack::k16_unit_bytes(kind) as i64;
+    let mut at = |stride: i64, offset: i64| match r {
+        RowAt::Const(r) => kb.b.ins().iadd_imm_s(wb, unit + offset + stride * r),
+        RowAt::Lane(lane) => kb.addr(wb, lane, stride, unit + offset),
+    };
+    match kind {
+        KKind::Q6 => (at(32, 0), Some(at(16, 128))),
+        KKind::Q3 => (at(16, 0), Some(at(8, 64))),
+        KKind::Q2 => (at(16, 0), None),
+    }
+}
+
+/// A row of a weight group: a constant, or a lane index computed at run time.
+#[derive(Clone, Copy)]
+pub(super) enum RowAt {
+    Const(i64),
+    Lane(Value),
+}
+
+/// The integer sub-block scale (and for Q2 minimum) of sub-block `s` of a
+/// [`Layout::K16Rows4`] super-block at `wb`: of the four rows as `i32x4` (`RowAt::Const(0)`
+/// asks for all four), or of one lane as an `i32`.
+pub(super) fn k16_scale(kb: &mut Kb, kind: KKind, wb: Value, s: i64, r: RowAt) -> (Value, Option<Value>) {
+    let base = crate::pack::k16_scales_at(kind) as i64;
+    // Byte `i` of the scale bytes of the four rows (i32x4, unsigned) or of the lane (i32).
+    let byte = |kb: &mut Kb, i: i64, signed: bool| match r {
+        RowAt::Const(_) => {
+            let v = kb.load(I32, wb, base + 4 * i);
+            let v = kb.b.ins().scalar_to_vector(I32X4, v);
             let v = kb.b.ins().bitcast(I8X16, le(), v);
-            kb.b.ins().band(v, mask)
-        };
-        // High pairs are 0..4 per byte: shifting the 16-bit lanes by 4 keeps them in their byte.
-        let h = kb.b.ins().bitcast(I16X8, le(), high[k]);
-        let h = kb.b.ins().ishl_imm_s(h, 4);
-        let h = kb.b.ins().bitcast(I8X16, le(), h);
-        let q = kb.b.ins().bor(nib, h);
-        kb.b.ins().isub(q, thirty_two)
-    })
+            if signed {
+                let v = kb.b.ins().swiden_low(v);
+                kb.b.ins().swiden_low(v)
+            } else {
+                let v = kb.b.ins().uwiden_low(v);
+                kb.b.ins().uwiden_low(v)
+            }
+        }
+        RowAt::Lane(lane) => {
+            let p = kb.addr(wb, lane, 1, base + 4 * i);
+            let v = kb.load(I8, p, 0);
+            if signed {
+                kb.b.ins().sextend(I32, v)
+            } else {
+                kb.b.ins().uextend(I32, v)
+            }
+        }
+    };
+    let lanes = |kb: &mut Kb, c: i64| match r {
+        RowAt::Const(_) => {
+            let c = kb.b.ins().iconst(I32, c);
+            kb.b.ins().splat(I32X4, c)
+        }
+        RowAt::Lane(_) => kb.b.ins().iconst(I32, c),
+    };
+    match kind {
+        KKind::Q6 => (byte(kb, s, true), None),
+        KKind::Q2 => {
+            let b = byte(kb, s, false);
+            let fifteen = lanes(kb, 15);
+            let sc = kb.b.ins().band(b, fifteen);
+            let m = kb.b.ins().ushr_imm_s(b, 4);
+            (sc, Some(m))
+        }
+        KKind::Q3 => {
+            let lo = byte(kb, s % 8, false);
+            let lo = kb.b.ins().ushr_imm_s(lo, 4 * (s / 8));
+            let fifteen = lanes(kb, 15);
+            let lo = kb.b.ins().band(lo, fifteen);
+            let hi = byte(kb, 8 + s % 4, false);
+            let hi = kb.b.ins().ushr_imm_s(hi, 2 * (s / 4));
+            let three = lanes(kb, 3);
+            let hi = kb.b.ins().band(hi, three);
+            let hi = kb.b.ins().ishl_imm_s(hi, 4);
+            let sc = kb.b.ins().bor(lo, hi);
+            let thirty_two = lanes(kb, 32);
+            (kb.b.ins().isub(sc, thirty_two), None)
+        }
+    }
 }
 
-/// The f32 `d * sc` of the four rows for sub-block `s` of a [`Layout::K6Rows4`] group at `wb`
-/// (`d` the rows' super-block scales, widened).
-pub(super) fn k6_scales(kb: &mut Kb, wb: Value, d: Value, s: usize) -> Value {
-    let sc = kb.load(I32, wb, 8 + 4 * s as i64);
-    let sc = kb.b.ins().scalar_to_vector(I32X4, sc);
-    let sc = kb.b.ins().bitcast(I8X16, le(), sc);
-    let sc = kb.b.ins().swiden_low(sc);
-    let sc = kb.b.ins().swiden_low(sc);
-    let sc = kb.b.ins().fcvt_from_sint(F32X4, sc);
-    kb.b.ins().fmul(d, sc)
-}
-
-/// [`dot_quantized`] for a [`Layout::K6Rows4`] group of `n_super` 256-value super-blocks: per
-/// 16-value sub-block the integer dot products of the signed values are scaled by the rows'
-/// `d * sc` and the activation block's scale, as the Q8S16 kernels scale theirs.
-fn dot_k6(kb: &mut Kb, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) -> Vec<Value> {
+/// [`dot_quantized`] for a [`Layout::K16Rows4`] group of `n_super` 256-value super-blocks:
+/// per 16-value sub-block the integer dot products of the signed values are scaled by the
+/// rows' `d * sc` and the activation block's scale, and for Q2 the rows' `-(dmin * m)` by the
+/// sub-block's activation sum, as the Q8S16 kernels do per half block.
+fn dot_k16(kb: &mut Kb, kind: KKind, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) -> Vec<Value> {
     let n = x_rows.len();
     let zero = kb.iconst(0);
     let ns = kb.iconst(n_super);
+    let ones = {
+        let one = kb.b.ins().iconst(cranelift_codegen::ir::types::I16, 1);
+        kb.b.ins().splat(I16X8, one)
+    };
     let mut init: Vec<Value> = (0..n).map(|_| kb.splat(0.0)).collect();
     init.extend_from_slice(x_rows);
     init.push(wg);
@@ -566,6 +658,7 @@ fn dot_k6(kb: &mut Kb, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) 
         let (xbs, wb) = (&carried[n..2 * n], carried[2 * n]);
         let mut accs = carried[..n].to_vec();
         let d = kb.load_scales(wb, 0, true);
+        let dmin = (kind == KKind::Q2).then(|| kb.load_scales(wb, 8, true));
         for u in 0..4i64 {
             // Per token, the unit's two activation blocks.
             let acts: Vec<[(Value, Value, [Value; 4]); 2]> = xbs
@@ -579,9 +672,8 @@ fn dot_k6(kb: &mut Kb, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) 
             // p[token][sub-block][row]: i32x4 partial sums.
             let mut p = vec![[[accs[0]; 4]; 4]; n];
             for r in 0..4i64 {
-                let ql = kb.b.ins().iadd_imm_s(wb, 72 + 192 * u + 32 * r);
-                let qh = kb.b.ins().iadd_imm_s(wb, 72 + 192 * u + 128 + 16 * r);
-                let v = k6_values(kb, ql, qh);
+                let (vals, high) = k16_row_values(kb, kind, wb, u, RowAt::Const(r));
+                let v = k16_values(kb, kind, vals, high);
                 for (k, &v) in v.iter().enumerate() {
                     let w = [kb.b.ins().swiden_low(v), kb.b.ins().swiden_high(v)];
                     for (tok, blocks) in acts.iter().enumerate() {
@@ -594,13 +686,33 @@ fn dot_k6(kb: &mut Kb, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) 
                 }
             }
             for k in 0..4 {
-                let ds = k6_scales(kb, wb, d, 4 * u as usize + k);
+                let (sc, m) = k16_scale(kb, kind, wb, 4 * u + k as i64, RowAt::Const(0));
+                let sc = kb.b.ins().fcvt_from_sint(F32X4, sc);
+                let ds = kb.b.ins().fmul(d, sc);
+                let neg_ms = m.map(|m| {
+                    let m = kb.b.ins().fcvt_from_sint(F32X4, m);
+                    let ms = kb.b.ins().fmul(dmin.expect("q2 minimums"), m);
+                    kb.b.ins().fneg(ms)
+                });
                 for (tok, blocks) in acts.iter().enumerate() {
+                    let (scale, _, a) = blocks[k / 2];
                     let sums = reduce4(kb, p[tok][k]);
                     let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
-                    let scale = kb.b.ins().splat(F32X4, blocks[k / 2].0);
-                    let ds = kb.b.ins().fmul(ds, scale);
-                    accs[tok] = kb.b.ins().fma(sums, ds, accs[tok]);
+                    let scale = kb.b.ins().splat(F32X4, scale);
+                    let dss = kb.b.ins().fmul(ds, scale);
+                    accs[tok] = kb.b.ins().fma(sums, dss, accs[tok]);
+                    if let Some(neg_ms) = neg_ms {
+                        // The sub-block's activation sum in every lane: sum(a) * scale.
+                        let h = 2 * (k % 2);
+                        let s0 = kb.dot_i16(a[h], ones);
+                        let s1 = kb.dot_i16(a[h + 1], ones);
+                        let s = kb.b.ins().iadd(s0, s1);
+                        let s = kb.b.ins().iadd_pairwise(s, s);
+                        let s = kb.b.ins().iadd_pairwise(s, s);
+                        let s = kb.b.ins().fcvt_from_sint(F32X4, s);
+                        let s = kb.b.ins().fmul(s, scale);
+                        accs[tok] = kb.b.ins().fma(neg_ms, s, accs[tok]);
+                    }
                 }
             }
         }
@@ -608,7 +720,7 @@ fn dot_k6(kb: &mut Kb, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) 
         for &xb in xbs {
             next.push(kb.b.ins().iadd_imm_s(xb, 8 * x_block));
         }
-        next.push(kb.b.ins().iadd_imm_s(wb, crate::pack::K6_GROUP_BLOCK as i64));
+        next.push(kb.b.ins().iadd_imm_s(wb, crate::pack::k16_group_block(kind) as i64));
         next
     });
     out[..n].to_vec()

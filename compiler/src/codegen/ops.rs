@@ -468,34 +468,45 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             vec![]
                         });
                     }
-                    Layout::K6Rows4 { .. } => {
+                    Layout::K16Rows4 { kind, .. } => {
+                        use super::matmul::{k16_row_values, k16_scale, k16_values, RowAt};
                         let ns = kb.iconst(cols / 256);
                         kb.for_range(zero, ns, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, stride / (cols / 256), 0);
-                            let p = kb.addr(blk, lane, 2, 0);
-                            let h = kb.load(I16, p, 0);
-                            let h = kb.b.ins().sextend(I32, h);
-                            let h = kb.b.ins().splat(I32X4, h);
-                            let d = kb.f16_bits_to_f32(h);
+                            let lane_half = |kb: &mut Kb, at: i64| {
+                                let p = kb.addr(blk, lane, 2, at);
+                                let h = kb.load(I16, p, 0);
+                                let h = kb.b.ins().sextend(I32, h);
+                                let h = kb.b.ins().splat(I32X4, h);
+                                kb.f16_bits_to_f32(h)
+                            };
+                            let d = lane_half(kb, 0);
+                            let dmin = (kind == ir::quant::KKind::Q2).then(|| lane_half(kb, 8));
                             let out = kb.addr(yr, b, 1024, 0);
                             for u in 0..4i64 {
-                                let ql = kb.addr(blk, lane, 32, 72 + 192 * u);
-                                let qh = kb.addr(blk, lane, 16, 72 + 192 * u + 128);
-                                let values = super::matmul::k6_values(kb, ql, qh);
+                                let (vals, high) = k16_row_values(kb, kind, blk, u, RowAt::Lane(lane));
+                                let values = k16_values(kb, kind, vals, high);
                                 for (k, v) in values.into_iter().enumerate() {
-                                    // d * sc as the dequantizer rounds it, then times q - 32.
-                                    let sc_at = kb.addr(blk, lane, 1, 8 + 4 * (4 * u + k as i64));
-                                    let sc = kb.load(I8, sc_at, 0);
-                                    let sc = kb.b.ins().sextend(I32, sc);
+                                    // d * sc (and dmin * m) as the dequantizer rounds them.
+                                    let (sc, m) = k16_scale(kb, kind, blk, 4 * u + k as i64, RowAt::Lane(lane));
                                     let sc = kb.b.ins().fcvt_from_sint(F32, sc);
                                     let sc = kb.b.ins().splat(F32X4, sc);
                                     let dl = kb.b.ins().fmul(d, sc);
+                                    let ml = m.map(|m| {
+                                        let m = kb.b.ins().fcvt_from_sint(F32, m);
+                                        let m = kb.b.ins().splat(F32X4, m);
+                                        kb.b.ins().fmul(dmin.expect("q2 minimums"), m)
+                                    });
                                     let wide = [kb.b.ins().swiden_low(v), kb.b.ins().swiden_high(v)];
                                     for (h, w16) in wide.into_iter().enumerate() {
                                         let w32 = [kb.b.ins().swiden_low(w16), kb.b.ins().swiden_high(w16)];
                                         for (j, wi) in w32.into_iter().enumerate() {
                                             let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
                                             let v = kb.b.ins().fmul(f, dl);
+                                            let v = match ml {
+                                                Some(ml) => kb.b.ins().fsub(v, ml),
+                                                None => v,
+                                            };
                                             let at = 256 * u + 64 * k as i64 + 32 * h as i64 + 16 * j as i64;
                                             kb.store(v, out, at);
                                         }

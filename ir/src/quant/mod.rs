@@ -137,23 +137,54 @@ impl LowBlock {
     }
 }
 
-/// One 256-value super-block as the six-bit kernels read it (ggml's Q6_K without its bit
-/// packing): `x[i] = (d * sc[i / 16]) * (q[i] - 32)`, the product `d * sc` in f32 first, as
-/// ggml computes it; `q` in `0..64`, `d` exactly an f16.
+/// The K-quants whose sub-blocks are 16 values (kernel form K16), by how their values and
+/// sub-scales are stored in the library (the same bits as in the format, rearranged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KKind {
+    /// Q2_K: 2-bit values, a 4-bit scale and a 4-bit minimum per sub-block.
+    Q2,
+    /// Q3_K: 3-bit values less 4, a 6-bit signed scale per sub-block.
+    Q3,
+    /// Q6_K: 6-bit values less 32, an 8-bit signed scale per sub-block.
+    Q6,
+}
+
+impl KKind {
+    /// What the stored values are less.
+    pub fn offset(self) -> i32 {
+        match self {
+            KKind::Q2 => 0,
+            KKind::Q3 => 4,
+            KKind::Q6 => 32,
+        }
+    }
+}
+
+/// One 256-value super-block as the K16 kernels read it (a K-quant with 16-value sub-blocks,
+/// its scales unpacked): `x[i] = (d * sc[s]) * (q[i] - offset) - dmin * m[s]` for sub-block
+/// `s = i / 16`, the products in f32 as ggml computes them (no minimum term for Q3 and Q6,
+/// whose `dmin` and `m` are zero); `d` and `dmin` exactly f16.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct K6Block {
+pub struct K16Block {
     pub d: f32,
+    pub dmin: f32,
     pub sc: [i8; 16],
+    pub m: [u8; 16],
     pub q: [u8; 256],
 }
 
-impl K6Block {
+impl K16Block {
     /// Values per super-block.
     pub const VALUES: usize = 256;
 
-    /// Value `i`, as the dequantizer gives it.
-    pub fn value(&self, i: usize) -> f32 {
-        (self.d * self.sc[i / 16] as f32) * (self.q[i] as i32 - 32) as f32
+    /// Value `i` of a block of `kind`, as the format's dequantizer gives it.
+    pub fn value(&self, kind: KKind, i: usize) -> f32 {
+        let s = i / 16;
+        let v = (self.d * self.sc[s] as f32) * (self.q[i] as i32 - kind.offset()) as f32;
+        match kind {
+            KKind::Q2 => v - self.dmin * self.m[s] as f32,
+            _ => v,
+        }
     }
 }
 
@@ -183,8 +214,8 @@ pub enum KernelForm {
     /// Appends the 3-bit [`LowBlock`]s of one format block: the Q2 kernels with a plane of
     /// third bits; q16 activations.
     Q3(fn(block: &[u8], out: &mut Vec<LowBlock>)),
-    /// Appends the [`K6Block`] of one format block; q16 activations.
-    K6(fn(block: &[u8], out: &mut Vec<K6Block>)),
+    /// Appends the [`K16Block`] of one format block; q16 activations.
+    K16(KKind, fn(block: &[u8], out: &mut Vec<K16Block>)),
 }
 
 /// Everything about one weight format.
@@ -359,9 +390,9 @@ pub fn low_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<LowBlock>> {
     Some(out)
 }
 
-/// The [`K6Block`]s of one row of a format whose kernel form is K6 (`None` otherwise).
-pub fn k6_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<K6Block>> {
-    let KernelForm::K6(f) = format.spec().kernel else { return None };
+/// The [`K16Block`]s of one row of a format whose kernel form is K16 (`None` otherwise).
+pub fn k16_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<K16Block>> {
+    let KernelForm::K16(_, f) = format.spec().kernel else { return None };
     let mut out = Vec::with_capacity(bytes.len() / format.block_bytes());
     bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
     Some(out)
@@ -461,10 +492,10 @@ mod tests {
                     KernelForm::Q8(_) => {
                         q8_blocks(format, &bytes).unwrap().iter().flat_map(|b| b.qs.map(|q| b.d * q as f32)).collect()
                     }
-                    KernelForm::K6(_) => k6_blocks(format, &bytes)
+                    KernelForm::K16(kind, _) => k16_blocks(format, &bytes)
                         .unwrap()
                         .iter()
-                        .flat_map(|b| (0..256).map(move |i| b.value(i)))
+                        .flat_map(|b| (0..256).map(move |i| b.value(kind, i)))
                         .collect(),
                     KernelForm::Q2(_) | KernelForm::Q3(_) => low_blocks(format, &bytes)
                         .unwrap()

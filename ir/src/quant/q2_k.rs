@@ -1,13 +1,13 @@
 //! Q2_K: 84-byte super-blocks of 256 values (ggml `block_q2_K`): 16 scale bytes (per
 //! 16-value sub-block: a 4-bit scale in the low nibble, a 4-bit minimum in the high one), 64
 //! bytes of 2-bit values (see `k_common::pack_2bit`), f16 `d`, f16 `dmin`;
-//! `x = (d * sc) * q - (dmin * m)`. The kernels read it as Q8S16 blocks with
-//! `d = d * sc`, `m = -(dmin * m)`.
+//! `x = (d * sc) * q - (dmin * m)`. The kernels read it as it is (kernel form K16), at its
+//! own 2.625 bits per weight.
 
 use half::f16;
 
 use super::k_common::{make_qkx2_quants, nearest_int, pack_2bit, unpack_2bit, Qkx2Search, QK_K};
-use super::{f16_at, FormatSpec, KernelForm, Q8S16Block};
+use super::{f16_at, FormatSpec, K16Block, KKind, KernelForm};
 
 pub(super) const SPEC: FormatSpec = FormatSpec {
     name: "q2_k",
@@ -16,15 +16,15 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     block_bytes: 84,
     dequantize_block,
     quantize_block,
-    kernel: KernelForm::Q8S16(|b, out| {
-        let (dl, ml, q) = parts(b);
-        for k in 0..QK_K / 32 {
-            out.push(Q8S16Block {
-                d: [dl[2 * k], dl[2 * k + 1]],
-                m: [-ml[2 * k], -ml[2 * k + 1]],
-                qs: std::array::from_fn(|j| q[32 * k + j] as i8),
-            });
-        }
+    kernel: KernelForm::K16(KKind::Q2, |b, out| {
+        let (_, _, q) = parts(b);
+        out.push(K16Block {
+            d: f16_at(b, 80),
+            dmin: f16_at(b, 82),
+            sc: std::array::from_fn(|s| (b[s] & 0x0f) as i8),
+            m: std::array::from_fn(|s| b[s] >> 4),
+            q,
+        });
     }),
     error_bound: None,
 };

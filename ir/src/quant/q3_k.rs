@@ -4,12 +4,12 @@
 //! `s` in the low nibble for `s < 8` and the high one for `s >= 8`; high 2 bits in bytes 8-11,
 //! `s % 4` selects the byte and `s / 4` the bit pair), f16 `d`;
 //! `x = (d * (sc - 32)) * q` with `q = low - (high ? 0 : 4)` in -4..=3. The kernels read it as
-//! Q8S16 blocks with `d = d * (sc - 32)` and no offset.
+//! it is (kernel form K16), at its own 3.4375 bits per weight.
 
 use half::f16;
 
 use super::k_common::{make_q3_quants, nearest_int, pack_2bit, unpack_2bit, QK_K};
-use super::{f16_at, FormatSpec, KernelForm, Q8S16Block};
+use super::{f16_at, FormatSpec, K16Block, KKind, KernelForm};
 
 pub(super) const SPEC: FormatSpec = FormatSpec {
     name: "q3_k",
@@ -18,15 +18,16 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     block_bytes: 110,
     dequantize_block,
     quantize_block,
-    kernel: KernelForm::Q8S16(|b, out| {
-        let (dl, q) = parts(b);
-        for k in 0..QK_K / 32 {
-            out.push(Q8S16Block {
-                d: [dl[2 * k], dl[2 * k + 1]],
-                m: [0.0; 2],
-                qs: std::array::from_fn(|j| q[32 * k + j]),
-            });
-        }
+    kernel: KernelForm::K16(KKind::Q3, |b, out| {
+        let (_, q) = parts(b);
+        let sc = unpack_scales(&b[96..108]);
+        out.push(K16Block {
+            d: f16_at(b, 108),
+            dmin: 0.0,
+            sc: sc.map(|s| (s as i32 - 32) as i8),
+            m: [0; 16],
+            q: q.map(|q| (q + 4) as u8),
+        });
     }),
     error_bound: None,
 };

@@ -3,13 +3,13 @@
 //! `x = (d * sc) * (q - 32)` per 16-value sub-block. In each half of 128 values (`r` in
 //! 0..128), value `r` takes its low nibble from `ql[r % 64]` (low for `r < 64`, high
 //! otherwise) and its high bits from `qh[r % 32]`, bit pair `r / 32`. The kernels read it as
-//! it is (kernel form K6: the super-block scale, the sixteen 8-bit scales and the 6-bit
+//! it is (kernel form K16: the super-block scale, the sixteen 8-bit scales and the 6-bit
 //! values), at its own 6.5625 bits per weight.
 
 use half::f16;
 
 use super::k_common::{make_qx_quants, nearest_int, GROUP_MAX_EPS, QK_K};
-use super::{f16_at, FormatSpec, K6Block, KernelForm};
+use super::{f16_at, FormatSpec, K16Block, KKind, KernelForm};
 
 pub(super) const SPEC: FormatSpec = FormatSpec {
     name: "q6_k",
@@ -18,11 +18,13 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     block_bytes: 210,
     dequantize_block,
     quantize_block,
-    kernel: KernelForm::K6(|b, out| {
+    kernel: KernelForm::K16(KKind::Q6, |b, out| {
         let (_, q) = parts(b);
-        out.push(K6Block {
+        out.push(K16Block {
             d: f16_at(b, 208),
+            dmin: 0.0,
             sc: std::array::from_fn(|s| b[192 + s] as i8),
+            m: [0; 16],
             q: q.map(|q| (q + 32) as u8),
         });
     }),

@@ -6,19 +6,21 @@
 //! serves four output rows, and the weight stream is read once, in order). Scales stay float16
 //! when every scale of the matrix is exactly a float16 (q4_0, q4_1, q8_0 as GGUF stores them),
 //! so the library holds and decode reads no more bytes than the file; the kernels widen them
-//! with integer operations (Cranelift has no f16 conversion). Scales that are not (q4_k's
-//! products of a super-block scale and a 6-bit sub-scale) are stored as float32. A Q4 matrix
-//! whose every offset is `-8 d` (q4_0) stores no offsets: the kernel derives them.
+//! with integer operations (Cranelift has no f16 conversion). Scales that are not are stored
+//! as float32. A Q4 matrix whose every offset is `-8 d` (q4_0) stores no offsets: the kernel
+//! derives them. The K-quants keep their super-block f16 scales and their 4-, 6- or 8-bit
+//! sub-block scales (rearranged, never widened), kiln's 64-value formats their f16 scales and
+//! offsets, f16 and bf16 their 16 bits: every format packs into at most its own bytes.
 //! Which layout a weight gets follows its format's kernel form (`ir::quant::KernelForm`): the
-//! format's own file turns its blocks into the 32-value Q4 or Q8 blocks packed here, so this
-//! file names no format.
+//! format's own file turns its blocks into the blocks of a form packed here, so this file
+//! names no format.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
 use ir::quant::{
-    dequantize, dequantize_row, k16_blocks, low_blocks, q4_blocks, q8_blocks, q8s16_blocks, K16Block, KKind,
-    KernelForm, LowBlock, Q4Block, Q8Block, Q8S16Block, BLOCK_SIZE,
+    dequantize, dequantize_row, k16_blocks, k32_blocks, low_blocks, q4_blocks, q8_blocks, q8s16_blocks, K16Block,
+    K32Block, KKind, KernelForm, LowBlock, Q4Block, Q8Block, Q8S16Block, BLOCK_SIZE,
 };
 use ir::{ActDType, Op, QuantFormat, WeightId};
 use rayon::prelude::*;
@@ -72,6 +74,20 @@ pub const fn q8s16_group_block(mins: bool) -> usize {
 pub const fn low_group_block(half: bool, high: bool) -> usize {
     2 * scales_bytes(half) + 4 * 16 + if high { 32 } else { 0 }
 }
+/// Bytes of one 32-value block's values in a [`Layout::K32Rows4`] super-block: the rows'
+/// nibbles (`[4][16]`, as Q4 blocks) then with `high` their fifth bits (`[4]` u32).
+pub const fn k32_block_values(high: bool) -> usize {
+    4 * 16 + if high { 16 } else { 0 }
+}
+/// Bytes of one 256-value super-block of a [`Layout::K32Rows4`] group: `d[4]`, `dmin[4]` f16,
+/// the 6-bit scales and minimums of the 4 rows (`[12][4]`, byte-major; per row the 16 values
+/// `sc[0..8]`, `m[0..8]` as [`six_bits`] packs them), then the 8 blocks' values: four rows of
+/// the format's own bytes (576, 704).
+pub const fn k32_group_block(high: bool) -> usize {
+    K32_VALUES_AT + 8 * k32_block_values(high)
+}
+/// Where the values of a [`Layout::K32Rows4`] super-block start.
+pub const K32_VALUES_AT: usize = 16 + 48;
 /// Where the sub-block scales of a [`Layout::K16Rows4`] super-block start: after `d[4]` f16
 /// (and `dmin[4]` f16 for Q2).
 pub const fn k16_scales_at(kind: KKind) -> usize {
@@ -154,6 +170,10 @@ pub enum Layout {
     /// interleaved per 256-value super-block ([`k16_group_block`]). The same layout on every
     /// target.
     K16Rows4 { rows: u32, cols: u32, kind: KKind },
+    /// Matrix of a format whose kernel form is K32 (q4_k, or q5_k with `high`), groups of 4
+    /// rows interleaved per 256-value super-block ([`k32_group_block`]). The same layout on
+    /// every target.
+    K32Rows4 { rows: u32, cols: u32, high: bool },
     /// Matrix of a format whose kernel form is Q8S16, for a target's micro-kernels: groups of
     /// 8 rows per 32-value block, `d[2][8]`, `m[2][8]` when `mins`, then the values in chunks
     /// as [`Layout::Q8Rows8`].
@@ -179,6 +199,7 @@ impl Layout {
             Layout::Q8S16Rows8 { cols, mins, .. } => cols as u64 / 32 * q8s16x8_group_block(mins) as u64,
             Layout::LowRows4 { cols, half, high, .. } => cols as u64 / 64 * low_group_block(half, high) as u64,
             Layout::K16Rows4 { cols, kind, .. } => cols as u64 / 256 * k16_group_block(kind) as u64,
+            Layout::K32Rows4 { cols, high, .. } => cols as u64 / 256 * k32_group_block(high) as u64,
         }
     }
 
@@ -203,7 +224,8 @@ impl Layout {
             | Layout::Q8S16Rows4 { rows, cols, .. }
             | Layout::Q8S16Rows8 { rows, cols, .. }
             | Layout::LowRows4 { rows, cols, .. }
-            | Layout::K16Rows4 { rows, cols, .. } => Some((rows, cols)),
+            | Layout::K16Rows4 { rows, cols, .. }
+            | Layout::K32Rows4 { rows, cols, .. } => Some((rows, cols)),
         }
     }
 }
@@ -306,6 +328,7 @@ enum Blocks {
     Q8S16(Vec<Q8S16Block>),
     Low(Vec<LowBlock>),
     K16(Vec<K16Block>),
+    K32(Vec<K32Block>),
     /// An f16 matrix: whether every value is finite (the kernels' exact widening).
     F16 {
         finite: bool,
@@ -338,6 +361,9 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
         }
         KernelForm::F16 => {
             Blocks::F16 { finite: raw.par_chunks(PART_BYTES).all(|c| c.chunks_exact(2).all(|h| h[1] & 0x7c != 0x7c)) }
+        }
+        KernelForm::K32(..) => {
+            Blocks::K32(join(in_parts(rows, raw.len(), |r| k32_blocks(format, rows_of(r)).expect("K32 form"))))
         }
         KernelForm::K16(..) => {
             Blocks::K16(join(in_parts(rows, raw.len(), |r| k16_blocks(format, rows_of(r)).expect("K16 form"))))
@@ -403,6 +429,7 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
         (KernelForm::F16, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
         (KernelForm::BF16, [rows, cols]) => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: true },
         (KernelForm::K16(kind, _), [rows, cols]) => Layout::K16Rows4 { rows: *rows, cols: *cols, kind },
+        (KernelForm::K32(high, _), [rows, cols]) => Layout::K32Rows4 { rows: *rows, cols: *cols, high },
         (kernel @ (KernelForm::Q4(_) | KernelForm::Q5(_)), [rows, cols]) => {
             let high = matches!(kernel, KernelForm::Q5(_));
             if micro {
@@ -570,6 +597,16 @@ fn push_high_bits(blob: &mut Vec<u8>, qh: &[u32], interleave: usize) {
     }
 }
 
+/// Sixteen 6-bit values in 12 bytes, as the K16 (Q3) and K32 layouts store sub-block scales:
+/// bytes 0..8 the low nibbles (byte `j`: value `j` low, `j + 8` high), bytes 8..12 the high
+/// bit pairs (byte `j`, bits `2k`: value `j + 4k`).
+fn six_bits(v: &[u8; 16]) -> [u8; 12] {
+    std::array::from_fn(|i| match i {
+        0..8 => (v[i] & 15) | (v[i + 8] & 15) << 4,
+        _ => (0..4).fold(0u8, |acc, k| acc | (v[i - 8 + 4 * k] >> 4) << (2 * k)),
+    })
+}
+
 /// Packs one matrix (rows beyond `rows` in the last group are zero); large ones in parts of
 /// whole row groups (`in_parts`): the packed bytes are the parts in order.
 fn pack_matrix(format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) -> Vec<Vec<u8>> {
@@ -693,6 +730,28 @@ fn pack_groups(
                     }
                 }
             }
+            Layout::K32Rows4 { high, .. } => {
+                let Blocks::K32(all) = decoded else { unreachable!() };
+                let n_super = cols / K32Block::VALUES;
+                let blocks = group_blocks(all, g, ROWS, rows, n_super);
+                let none = K32Block { d: 0.0, dmin: 0.0, sc: [0; 8], m: [0; 8], qs: [[0; 16]; 8], qh: [0; 8] };
+                for b in 0..n_super {
+                    let blk: [&K32Block; ROWS] = std::array::from_fn(|i| blocks[i].get(b).unwrap_or(&none));
+                    push_scales(blob, &blk.map(|b| b.d), true);
+                    push_scales(blob, &blk.map(|b| b.dmin), true);
+                    let scales =
+                        blk.map(|b| six_bits(&std::array::from_fn(|t| if t < 8 { b.sc[t] } else { b.m[t - 8] })));
+                    for i in 0..12 {
+                        scales.iter().for_each(|s| blob.push(s[i]));
+                    }
+                    for s in 0..8 {
+                        blk.iter().for_each(|b| blob.extend_from_slice(&b.qs[s]));
+                        if high {
+                            blk.iter().for_each(|b| blob.extend_from_slice(&b.qh[s].to_le_bytes()));
+                        }
+                    }
+                }
+            }
             Layout::K16Rows4 { kind, .. } => {
                 let Blocks::K16(all) = decoded else { unreachable!() };
                 let n_super = cols / K16Block::VALUES;
@@ -712,12 +771,7 @@ fn pack_groups(
                     let scale_bytes: [Vec<u8>; ROWS] = blk.map(|b| match kind {
                         KKind::Q6 => b.sc.map(|s| s as u8).to_vec(),
                         KKind::Q2 => (0..16).map(|s| b.sc[s] as u8 | b.m[s] << 4).collect(),
-                        KKind::Q3 => {
-                            let v = b.sc.map(|s| (s as i32 + 32) as u8);
-                            let mut out: Vec<u8> = (0..8).map(|j| (v[j] & 15) | (v[j + 8] & 15) << 4).collect();
-                            out.extend((0..4).map(|j| (0..4).fold(0u8, |acc, k| acc | (v[j + 4 * k] >> 4) << (2 * k))));
-                            out
-                        }
+                        KKind::Q3 => six_bits(&b.sc.map(|s| (s as i32 + 32) as u8)).to_vec(),
                     });
                     for i in 0..scale_bytes[0].len() {
                         scale_bytes.iter().for_each(|s| blob.push(s[i]));
@@ -907,7 +961,7 @@ mod tests {
 
     /// Formats whose scales are f16 keep them (the library holds the file's bytes: a 4-row
     /// group of 32 values is 4 GGUF blocks, an 8-row group of the micro-kernel layouts 8), q4_0
-    /// stores no offsets, and q4_k's products of two scales stay f32.
+    /// stores no offsets, and the K-quants and kiln's 64-value formats keep their bytes.
     #[test]
     fn layouts_keep_the_formats_bytes() {
         let (rows, cols) = (8u32, 256u32);
@@ -928,10 +982,10 @@ mod tests {
                 (QuantFormat::Q4_0, q4(true, false)),
                 (QuantFormat::Q4_1, q4(true, true)),
                 (QuantFormat::Q8_0, q8),
-                (QuantFormat::Q4_K, q4(false, true)),
+                (QuantFormat::Q4_K, Layout::K32Rows4 { rows, cols, high: false }),
                 (QuantFormat::Q5_0, q5(true, false)),
                 (QuantFormat::Q5_1, q5(true, true)),
-                (QuantFormat::Q5_K, q5(false, true)),
+                (QuantFormat::Q5_K, Layout::K32Rows4 { rows, cols, high: true }),
                 (QuantFormat::Q2_G64, Layout::LowRows4 { rows, cols, half: true, high: false }),
                 (QuantFormat::Q3_G64, Layout::LowRows4 { rows, cols, half: true, high: true }),
             ] {
@@ -948,14 +1002,12 @@ mod tests {
                 }
                 assert_eq!(matches!(q8, Layout::Q4Rows8 { dwords: true, .. }), dwords, "{}", format.name());
                 assert_eq!(q8.group_stride(), layout.group_stride());
-                if format != QuantFormat::Q4_K && format != QuantFormat::Q5_K {
-                    assert_eq!(
-                        layout.group_stride(),
-                        layout.group_rows() as u64 * format.row_bytes(cols as usize).unwrap() as u64,
-                        "{}",
-                        format.name()
-                    );
-                }
+                assert_eq!(
+                    layout.group_stride(),
+                    layout.group_rows() as u64 * format.row_bytes(cols as usize).unwrap() as u64,
+                    "{}",
+                    format.name()
+                );
             }
         }
     }
@@ -994,15 +1046,9 @@ mod tests {
         assert!(packed_bytes_at_least(&model.graph, Some(MICRO_ROWS as u32)) <= memory.len);
     }
 
-    /// Formats whose packed layout is still larger than the format itself: the K-quants, whose
-    /// per-sub-block scales the layouts hold as f32 (Q4/Q5 forms) or whose values they widen
-    /// to bytes (Q8S16). Listed so that the test below fails when one of them is fixed and not
-    /// taken off, as it fails when another format grows.
-    const LARGER_THAN_STORED: [QuantFormat; 2] = [QuantFormat::Q4_K, QuantFormat::Q5_K];
-
     /// Every format packs into at most its own bytes (for rows a whole number of every block
     /// size and of the 8-column chunks), on the targets with micro-kernels and without, on both
-    /// activation grids; except [`LARGER_THAN_STORED`], which are still larger.
+    /// activation grids.
     #[test]
     fn every_format_packs_into_at_most_its_own_bytes() {
         let (rows, cols) = (16u32, 512u32);
@@ -1013,15 +1059,11 @@ mod tests {
                 for act in [ActDType::Q16, ActDType::Q8] {
                     let packed = layout_for(format, &[rows, cols], &blocks, micro, act).bytes();
                     let stored = raw.len() as u64;
-                    if LARGER_THAN_STORED.contains(&format) {
-                        assert!(packed > stored, "{} now packs into {packed} <= {stored} bytes", format.name());
-                    } else {
-                        assert!(
-                            packed <= stored,
-                            "{} packs into {packed} bytes, more than its {stored} (micro {micro}, {act:?})",
-                            format.name()
-                        );
-                    }
+                    assert!(
+                        packed <= stored,
+                        "{} packs into {packed} bytes, more than its {stored} (micro {micro}, {act:?})",
+                        format.name()
+                    );
                 }
             }
         }
@@ -1058,6 +1100,7 @@ mod tests {
                 KernelForm::Q8(_) => Blocks::Q8(q8_blocks(format, &raw).unwrap()),
                 KernelForm::Q8S16(_) => Blocks::Q8S16(q8s16_blocks(format, &raw).unwrap()),
                 KernelForm::K16(..) => Blocks::K16(k16_blocks(format, &raw).unwrap()),
+                KernelForm::K32(..) => Blocks::K32(k32_blocks(format, &raw).unwrap()),
                 _ => Blocks::Q4(q4_blocks(format, &raw).unwrap()),
             };
             for micro in [false, true] {

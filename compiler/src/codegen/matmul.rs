@@ -323,6 +323,9 @@ fn dot_quantized(
     if let Layout::Q8S16Rows4 { mins, .. } = layout {
         return dot_q8s16(kb, mins, wg, x_rows, n_blocks, x_block);
     }
+    if let Layout::K32Rows4 { high, .. } = layout {
+        return dot_k32(kb, high, wg, x_rows, n_blocks / 8, x_block);
+    }
     if let Layout::K16Rows4 { kind, .. } = layout {
         return dot_k16(kb, kind, wg, x_rows, n_blocks / 8, x_block);
     }
@@ -582,6 +585,11 @@ pub(super) enum RowAt {
 /// asks for all four), or of one lane as an `i32`.
 pub(super) fn k16_scale(kb: &mut Kb, kind: KKind, wb: Value, s: i64, r: RowAt) -> (Value, Option<Value>) {
     let base = crate::pack::k16_scales_at(kind) as i64;
+    if kind == KKind::Q3 {
+        let sc = six_bit_value(kb, wb, base, s, r);
+        let thirty_two = splat_i32(kb, r, 32);
+        return (kb.b.ins().isub(sc, thirty_two), None);
+    }
     // Byte `i` of the scale bytes of the four rows (i32x4, unsigned) or of the lane (i32).
     let byte = |kb: &mut Kb, i: i64, signed: bool| match r {
         RowAt::Const(_) => {
@@ -622,21 +630,148 @@ pub(super) fn k16_scale(kb: &mut Kb, kind: KKind, wb: Value, s: i64, r: RowAt) -
             let m = kb.b.ins().ushr_imm_s(b, 4);
             (sc, Some(m))
         }
-        KKind::Q3 => {
-            let lo = byte(kb, s % 8, false);
-            let lo = kb.b.ins().ushr_imm_s(lo, 4 * (s / 8));
-            let fifteen = lanes(kb, 15);
-            let lo = kb.b.ins().band(lo, fifteen);
-            let hi = byte(kb, 8 + s % 4, false);
-            let hi = kb.b.ins().ushr_imm_s(hi, 2 * (s / 4));
-            let three = lanes(kb, 3);
-            let hi = kb.b.ins().band(hi, three);
-            let hi = kb.b.ins().ishl_imm_s(hi, 4);
-            let sc = kb.b.ins().bor(lo, hi);
-            let thirty_two = lanes(kb, 32);
-            (kb.b.ins().isub(sc, thirty_two), None)
+        KKind::Q3 => unreachable!("above"),
+    }
+}
+
+/// `c` as an `i32x4` (four rows) or an `i32` (one lane).
+fn splat_i32(kb: &mut Kb, r: RowAt, c: i64) -> Value {
+    let c = kb.b.ins().iconst(I32, c);
+    match r {
+        RowAt::Const(_) => kb.b.ins().splat(I32X4, c),
+        RowAt::Lane(_) => c,
+    }
+}
+
+/// Byte `i` of the byte-major scale bytes at `wb + base` of the four rows (`i32x4`), or of
+/// one lane (`i32`), unsigned.
+fn scale_byte(kb: &mut Kb, wb: Value, base: i64, i: i64, r: RowAt) -> Value {
+    match r {
+        RowAt::Const(_) => {
+            let v = kb.load(I32, wb, base + 4 * i);
+            let v = kb.b.ins().scalar_to_vector(I32X4, v);
+            let v = kb.b.ins().bitcast(I8X16, le(), v);
+            let v = kb.b.ins().uwiden_low(v);
+            kb.b.ins().uwiden_low(v)
+        }
+        RowAt::Lane(lane) => {
+            let p = kb.addr(wb, lane, 1, base + 4 * i);
+            let v = kb.load(I8, p, 0);
+            kb.b.ins().uextend(I32, v)
         }
     }
+}
+
+/// Value `t` of the sixteen 6-bit values at `wb + base` (`pack::six_bits`, byte-major over
+/// the four rows): for the four rows (`i32x4`) or one lane (`i32`).
+fn six_bit_value(kb: &mut Kb, wb: Value, base: i64, t: i64, r: RowAt) -> Value {
+    let lo = scale_byte(kb, wb, base, t % 8, r);
+    let lo = kb.b.ins().ushr_imm_s(lo, 4 * (t / 8));
+    let fifteen = splat_i32(kb, r, 15);
+    let lo = kb.b.ins().band(lo, fifteen);
+    let hi = scale_byte(kb, wb, base, 8 + t % 4, r);
+    let hi = kb.b.ins().ushr_imm_s(hi, 2 * (t / 4));
+    let three = splat_i32(kb, r, 3);
+    let hi = kb.b.ins().band(hi, three);
+    let hi = kb.b.ins().ishl_imm_s(hi, 4);
+    kb.b.ins().bor(lo, hi)
+}
+
+/// The 6-bit scale and minimum of 32-value block `s` of a [`Layout::K32Rows4`] super-block at
+/// `wb`, of the four rows (`i32x4`) or one lane (`i32`).
+pub(super) fn k32_scale(kb: &mut Kb, wb: Value, s: i64, r: RowAt) -> (Value, Value) {
+    (six_bit_value(kb, wb, 16, s, r), six_bit_value(kb, wb, 16, 8 + s, r))
+}
+
+/// The two `i8x16` of values (`0..16`, `16..32`, each `0..32`) of one row's 32-value block in a
+/// [`Layout::K32Rows4`]: nibbles at `qs`, with the fifth bits of the `u32` at `qh` when given.
+pub(super) fn k32_values(kb: &mut Kb, qs: Value, qh: Option<Value>) -> [Value; 2] {
+    let mask = kb.vconst_bytes([15; 16]);
+    let w = kb.load(I8X16, qs, 0);
+    let lo = kb.b.ins().band(w, mask);
+    let hi = kb.b.ins().bitcast(I16X8, le(), w);
+    let hi = kb.b.ins().ushr_imm_s(hi, 4);
+    let hi = kb.b.ins().bitcast(I8X16, le(), hi);
+    let hi = kb.b.ins().band(hi, mask);
+    match qh {
+        None => [lo, hi],
+        Some(p) => {
+            let qh = kb.load(I32, p, 0);
+            [kb.with_high_bits(lo, qh, 0, 16), kb.with_high_bits(hi, qh, 2, 16)]
+        }
+    }
+}
+
+/// [`dot_quantized`] for a [`Layout::K32Rows4`] group of `n_super` 256-value super-blocks:
+/// each 32-value block's integer dot products are scaled by the rows' `d * sc` and the
+/// activation block's scale, and the rows' `-(dmin * m)` by the block's activation sum, in the
+/// order of the Q4 kernels.
+fn dot_k32(kb: &mut Kb, high: bool, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) -> Vec<Value> {
+    let n = x_rows.len();
+    let zero = kb.iconst(0);
+    let ns = kb.iconst(n_super);
+    let stride = crate::pack::k32_block_values(high) as i64;
+    let at = crate::pack::K32_VALUES_AT as i64;
+    let mut init: Vec<Value> = (0..n).map(|_| kb.splat(0.0)).collect();
+    init.extend_from_slice(x_rows);
+    init.push(wg);
+    let out = kb.for_range(zero, ns, 1, &init, |kb, _, carried| {
+        let (xbs, wb) = (&carried[n..2 * n], carried[2 * n]);
+        let mut accs = carried[..n].to_vec();
+        let d = kb.load_scales(wb, 0, true);
+        let dmin = kb.load_scales(wb, 8, true);
+        for s in 0..8i64 {
+            let acts: Vec<(Value, Value, [Value; 4])> = xbs
+                .iter()
+                .map(|&xb| {
+                    let xb = kb.b.ins().iadd_imm_s(xb, s * x_block);
+                    load_q16(kb, xb)
+                })
+                .collect();
+            let mut p = vec![[accs[0]; 4]; n];
+            for r in 0..4i64 {
+                let qs = kb.b.ins().iadd_imm_s(wb, at + stride * s + 16 * r);
+                let qh = high.then(|| kb.b.ins().iadd_imm_s(wb, at + stride * s + 64 + 4 * r));
+                let [lo, hi] = k32_values(kb, qs, qh);
+                let q = [
+                    kb.b.ins().uwiden_low(lo),
+                    kb.b.ins().uwiden_high(lo),
+                    kb.b.ins().uwiden_low(hi),
+                    kb.b.ins().uwiden_high(hi),
+                ];
+                for (tok, (_, _, a)) in acts.iter().enumerate() {
+                    let mut sum = kb.dot_i16(q[0], a[0]);
+                    for k in 1..4 {
+                        let t = kb.dot_i16(q[k], a[k]);
+                        sum = kb.b.ins().iadd(sum, t);
+                    }
+                    p[tok][r as usize] = sum;
+                }
+            }
+            let (sc, m) = k32_scale(kb, wb, s, RowAt::Const(0));
+            let sc = kb.b.ins().fcvt_from_sint(F32X4, sc);
+            let ds = kb.b.ins().fmul(d, sc);
+            let m = kb.b.ins().fcvt_from_sint(F32X4, m);
+            let ms = kb.b.ins().fmul(dmin, m);
+            let neg_ms = kb.b.ins().fneg(ms);
+            for (tok, &(scale, sum, _)) in acts.iter().enumerate() {
+                let sums = reduce4(kb, p[tok]);
+                let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
+                let scale = kb.b.ins().splat(F32X4, scale);
+                let dss = kb.b.ins().fmul(ds, scale);
+                accs[tok] = kb.b.ins().fma(sums, dss, accs[tok]);
+                let sum = kb.b.ins().splat(F32X4, sum);
+                accs[tok] = kb.b.ins().fma(neg_ms, sum, accs[tok]);
+            }
+        }
+        let mut next = accs;
+        for &xb in xbs {
+            next.push(kb.b.ins().iadd_imm_s(xb, 8 * x_block));
+        }
+        next.push(kb.b.ins().iadd_imm_s(wb, crate::pack::k32_group_block(high) as i64));
+        next
+    });
+    out[..n].to_vec()
 }
 
 /// [`dot_quantized`] for a [`Layout::K16Rows4`] group of `n_super` 256-value super-blocks:

@@ -468,6 +468,51 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             vec![]
                         });
                     }
+                    Layout::K32Rows4 { high, .. } => {
+                        use super::matmul::{k32_scale, k32_values, RowAt};
+                        let ns = kb.iconst(cols / 256);
+                        let bstride = crate::pack::k32_block_values(high) as i64;
+                        let at = crate::pack::K32_VALUES_AT as i64;
+                        kb.for_range(zero, ns, 1, &[], |kb, b, _| {
+                            let blk = kb.addr(base, b, stride / (cols / 256), 0);
+                            let lane_half = |kb: &mut Kb, at: i64| {
+                                let p = kb.addr(blk, lane, 2, at);
+                                let h = kb.load(I16, p, 0);
+                                let h = kb.b.ins().sextend(I32, h);
+                                let h = kb.b.ins().splat(I32X4, h);
+                                kb.f16_bits_to_f32(h)
+                            };
+                            let (d, dmin) = (lane_half(kb, 0), lane_half(kb, 8));
+                            let out = kb.addr(yr, b, 1024, 0);
+                            for s in 0..8i64 {
+                                let qs = kb.addr(blk, lane, 16, at + bstride * s);
+                                let qh = high.then(|| kb.addr(blk, lane, 4, at + bstride * s + 64));
+                                let halves = k32_values(kb, qs, qh);
+                                // d * sc and dmin * m as the dequantizer rounds them.
+                                let (sc, m) = k32_scale(kb, blk, s, RowAt::Lane(lane));
+                                let [sc, m] = [sc, m].map(|v| {
+                                    let v = kb.b.ins().fcvt_from_sint(F32, v);
+                                    kb.b.ins().splat(F32X4, v)
+                                });
+                                let dl = kb.b.ins().fmul(d, sc);
+                                let ml = kb.b.ins().fmul(dmin, m);
+                                for (h, half) in halves.into_iter().enumerate() {
+                                    let wide = [kb.b.ins().uwiden_low(half), kb.b.ins().uwiden_high(half)];
+                                    for (k, w16) in wide.into_iter().enumerate() {
+                                        let w32 = [kb.b.ins().uwiden_low(w16), kb.b.ins().uwiden_high(w16)];
+                                        for (j, wi) in w32.into_iter().enumerate() {
+                                            let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
+                                            let v = kb.b.ins().fmul(f, dl);
+                                            let v = kb.b.ins().fsub(v, ml);
+                                            let at = 128 * s + 64 * h as i64 + 32 * k as i64 + 16 * j as i64;
+                                            kb.store(v, out, at);
+                                        }
+                                    }
+                                }
+                            }
+                            vec![]
+                        });
+                    }
                     Layout::K16Rows4 { kind, .. } => {
                         use super::matmul::{k16_row_values, k16_scale, k16_values, RowAt};
                         let ns = kb.iconst(cols / 256);

@@ -188,6 +188,33 @@ impl K16Block {
     }
 }
 
+/// One 256-value super-block as the K32 kernels read it (Q4_K, Q5_K: 32-value sub-blocks,
+/// their scales and minimums unpacked): `x[i] = (d * sc[s]) * q[i] - dmin * m[s]` for
+/// sub-block `s = i / 32`, the products in f32 as ggml computes them; sub-block `s`'s values
+/// `q` as a [`Q4Block`] holds them (`qs[s]` nibbles, fifth bits in `qh[s]`, zero for Q4_K).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct K32Block {
+    pub d: f32,
+    pub dmin: f32,
+    pub sc: [u8; 8],
+    pub m: [u8; 8],
+    pub qs: [[u8; 16]; 8],
+    pub qh: [u32; 8],
+}
+
+impl K32Block {
+    /// Values per super-block.
+    pub const VALUES: usize = 256;
+
+    /// Value `i`, as the format's dequantizer gives it.
+    pub fn value(&self, i: usize) -> f32 {
+        let (s, j) = (i / 32, i % 32);
+        let low = if j < 16 { self.qs[s][j] & 15 } else { self.qs[s][j - 16] >> 4 };
+        let q = low | (((self.qh[s] >> j) & 1) as u8) << 4;
+        (self.d * self.sc[s] as f32) * q as f32 - self.dmin * self.m[s] as f32
+    }
+}
+
 /// The form a format's blocks take for the kernels, each form one family of packed layout and
 /// kernels in the compiler. The conversion is exact: the kernel form's values are the
 /// format's dequantized values bit for bit (f16 scales widen to f32 exactly).
@@ -214,6 +241,8 @@ pub enum KernelForm {
     /// Appends the 3-bit [`LowBlock`]s of one format block: the Q2 kernels with a plane of
     /// third bits; q16 activations.
     Q3(fn(block: &[u8], out: &mut Vec<LowBlock>)),
+    /// Appends the [`K32Block`] of one format block (with fifth bits: `true`); q16 activations.
+    K32(bool, fn(block: &[u8], out: &mut Vec<K32Block>)),
     /// Appends the [`K16Block`] of one format block; q16 activations.
     K16(KKind, fn(block: &[u8], out: &mut Vec<K16Block>)),
 }
@@ -390,6 +419,14 @@ pub fn low_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<LowBlock>> {
     Some(out)
 }
 
+/// The [`K32Block`]s of one row of a format whose kernel form is K32 (`None` otherwise).
+pub fn k32_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<K32Block>> {
+    let KernelForm::K32(_, f) = format.spec().kernel else { return None };
+    let mut out = Vec::with_capacity(bytes.len() / format.block_bytes());
+    bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
+    Some(out)
+}
+
 /// The [`K16Block`]s of one row of a format whose kernel form is K16 (`None` otherwise).
 pub fn k16_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<K16Block>> {
     let KernelForm::K16(_, f) = format.spec().kernel else { return None };
@@ -492,6 +529,11 @@ mod tests {
                     KernelForm::Q8(_) => {
                         q8_blocks(format, &bytes).unwrap().iter().flat_map(|b| b.qs.map(|q| b.d * q as f32)).collect()
                     }
+                    KernelForm::K32(..) => k32_blocks(format, &bytes)
+                        .unwrap()
+                        .iter()
+                        .flat_map(|b| (0..256).map(move |i| b.value(i)))
+                        .collect(),
                     KernelForm::K16(kind, _) => k16_blocks(format, &bytes)
                         .unwrap()
                         .iter()

@@ -1,13 +1,13 @@
 //! Q4_K: 144-byte super-blocks of 256 values (ggml `block_q4_K`): f16 `d`, f16 `dmin`, 12
 //! bytes of eight 6-bit scales and minimums (see `k_common::scale_min_k4`), 128 bytes of
 //! nibbles (in each 64 values, byte `l` holds value `l` low and `l + 32` high);
-//! `x = (d * sc) * q - (dmin * m)` per 32-value sub-block. The kernels read each sub-block as
-//! a Q4 block with `d = d * sc`, `m = -(dmin * m)`: the same values bit for bit.
+//! `x = (d * sc) * q - (dmin * m)` per 32-value sub-block. The kernels read it as it is
+//! (kernel form K32), at its own 4.5 bits per weight.
 
 use half::f16;
 
 use super::k_common::{make_qkx2_quants, nearest_int, pack_scale_min_k4, scale_min_k4, Qkx2Search, QK_K};
-use super::{f16_at, FormatSpec, KernelForm, Q4Block};
+use super::{f16_at, FormatSpec, K32Block, KernelForm};
 
 pub(super) const SPEC: FormatSpec = FormatSpec {
     name: "q4_k",
@@ -16,15 +16,22 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     block_bytes: 144,
     dequantize_block,
     quantize_block,
-    kernel: KernelForm::Q4(|b, out| {
-        let (dl, ml) = sub_block_scales(b);
-        for s in 0..8 {
-            let q = |j: usize| nibble(b, s, j);
-            out.push(Q4Block { d: dl[s], m: -ml[s], qs: std::array::from_fn(|j| q(j) | q(j + 16) << 4), qh: 0 });
-        }
+    kernel: KernelForm::K32(false, |b, out| {
+        out.push(k32_header(
+            b,
+            std::array::from_fn(|s| std::array::from_fn(|j| nibble(b, s, j) | nibble(b, s, j + 16) << 4)),
+            [0; 8],
+        ))
     }),
     error_bound: None,
 };
+
+/// The [`K32Block`] of a Q4_K or Q5_K super-block (their headers are the same) with values
+/// `qs` and fifth bits `qh`.
+pub(super) fn k32_header(block: &[u8], qs: [[u8; 16]; 8], qh: [u32; 8]) -> K32Block {
+    let sm: [(u8, u8); 8] = std::array::from_fn(|s| scale_min_k4(s, &block[4..16]));
+    K32Block { d: f16_at(block, 0), dmin: f16_at(block, 2), sc: sm.map(|p| p.0), m: sm.map(|p| p.1), qs, qh }
+}
 
 /// Per 32-value sub-block the scale `d * sc` and the minimum `dmin * m`, f32 products as
 /// ggml computes them. Shared with Q5_K, whose header is the same.

@@ -1,12 +1,11 @@
 //! Q5_K: 176-byte super-blocks of 256 values (ggml `block_q5_K`): Q4_K's header (f16 `d`,
 //! f16 `dmin`, 12 bytes of 6-bit scales and minimums), 32 bytes of high bits (bit `s` of byte
 //! `l` for value `l` of sub-block `s`), 128 bytes of low nibbles as Q4_K;
-//! `x = (d * sc) * q - (dmin * m)` with `q` in 0..32. The kernels read each 32-value
-//! sub-block as a Q4 block with its fifth bits (kernel form Q5), `d = d * sc`,
-//! `m = -(dmin * m)`.
+//! `x = (d * sc) * q - (dmin * m)` with `q` in 0..32. The kernels read it as it is (kernel
+//! form K32 with fifth bits), at its own 5.5 bits per weight.
 
 use super::k_common::{Qkx2Search, QK_K};
-use super::q4_k::{quantize_header, sub_block_scales};
+use super::q4_k::{k32_header, quantize_header, sub_block_scales};
 use super::{FormatSpec, KernelForm, Q4Block};
 
 pub(super) const SPEC: FormatSpec = FormatSpec {
@@ -16,11 +15,10 @@ pub(super) const SPEC: FormatSpec = FormatSpec {
     block_bytes: 176,
     dequantize_block,
     quantize_block,
-    kernel: KernelForm::Q5(|b, out| {
-        let (dl, ml) = sub_block_scales(b);
-        for s in 0..8 {
-            out.push(Q4Block::from_quants(dl[s], -ml[s], &std::array::from_fn(|j| quant(b, s, j))));
-        }
+    kernel: KernelForm::K32(true, |b, out| {
+        let blocks: [Q4Block; 8] =
+            std::array::from_fn(|s| Q4Block::from_quants(0.0, 0.0, &std::array::from_fn(|j| quant(b, s, j))));
+        out.push(k32_header(b, blocks.map(|q| q.qs), blocks.map(|q| q.qh)))
     }),
     error_bound: None,
 };

@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use ir::quant::{
-    dequantize, dequantize_row, k16_blocks, k32_blocks, low_blocks, q4_blocks, q8_blocks, q8s16_blocks, K16Block,
-    K32Block, KKind, KernelForm, LowBlock, Q4Block, Q8Block, Q8S16Block, BLOCK_SIZE,
+    dequantize, dequantize_row, k16_blocks, k32_blocks, low_blocks, q4_blocks, q8_blocks, K16Block, K32Block, KKind,
+    KernelForm, LowBlock, Q4Block, Q8Block, BLOCK_SIZE,
 };
 use ir::{ActDType, Op, QuantFormat, WeightId};
 use rayon::prelude::*;
@@ -55,19 +55,9 @@ pub const fn q4x8_group_block(half: bool, mins: bool, high: bool) -> usize {
 pub const fn q8x8_group_block(half: bool) -> usize {
     2 * scales_bytes(half) + 8 * 32
 }
-/// Bytes of one block of a [`Layout::Q8S16Rows8`] group: `d[2][8] f32`, `m[2][8] f32` only
-/// when `mins`, then sixteen 16-byte chunks.
-pub const fn q8s16x8_group_block(mins: bool) -> usize {
-    64 + if mins { 64 } else { 0 } + 8 * 32
-}
 /// Bytes of one block of a Q8 group: `d[4]`, then `qs[4][32] i8`.
 pub const fn q8_group_block(half: bool) -> usize {
     scales_bytes(half) + 4 * 32
-}
-/// Bytes of one block of a Q8S16 group: `d[2][4] f32` (per 16-value half, per row), then
-/// `m[2][4] f32` only when the matrix has offsets, then `qs[4][32] i8`.
-pub const fn q8s16_group_block(mins: bool) -> usize {
-    32 + if mins { 32 } else { 0 } + 4 * 32
 }
 /// Bytes of one 64-value block of a [`Layout::LowRows4`] group: `d[4]`, `m[4]` (f16 or f32),
 /// `qs[4][16]` crumbs, then with `high` `qh[4]` (u64 each).
@@ -159,9 +149,6 @@ pub enum Layout {
     /// rows per 32-value block, `d[8]`, then chunk `u` of 16 bytes holding values `2u, 2u+1` of
     /// each row.
     Q8Rows8 { rows: u32, cols: u32, half: bool },
-    /// Matrix of a format whose kernel form is Q8S16, groups of 4 rows interleaved per 32-value
-    /// block; `mins` when some block has a nonzero offset (else the offsets are not stored).
-    Q8S16Rows4 { rows: u32, cols: u32, mins: bool },
     /// Matrix of a format whose kernel form is Q2, or Q3 (`high`: a plane of third bits), groups
     /// of 4 rows interleaved per 64-value block ([`low_group_block`]); scales and offsets f16
     /// when `half`. The same layout on every target (no micro-kernel reads it).
@@ -174,10 +161,6 @@ pub enum Layout {
     /// rows interleaved per 256-value super-block ([`k32_group_block`]). The same layout on
     /// every target.
     K32Rows4 { rows: u32, cols: u32, high: bool },
-    /// Matrix of a format whose kernel form is Q8S16, for a target's micro-kernels: groups of
-    /// 8 rows per 32-value block, `d[2][8]`, `m[2][8]` when `mins`, then the values in chunks
-    /// as [`Layout::Q8Rows8`].
-    Q8S16Rows8 { rows: u32, cols: u32, mins: bool },
 }
 
 impl Layout {
@@ -195,8 +178,6 @@ impl Layout {
             }
             Layout::Q8Rows4 { cols, half, .. } => cols as u64 / 32 * q8_group_block(half) as u64,
             Layout::Q8Rows8 { cols, half, .. } => cols as u64 / 32 * q8x8_group_block(half) as u64,
-            Layout::Q8S16Rows4 { cols, mins, .. } => cols as u64 / 32 * q8s16_group_block(mins) as u64,
-            Layout::Q8S16Rows8 { cols, mins, .. } => cols as u64 / 32 * q8s16x8_group_block(mins) as u64,
             Layout::LowRows4 { cols, half, high, .. } => cols as u64 / 64 * low_group_block(half, high) as u64,
             Layout::K16Rows4 { cols, kind, .. } => cols as u64 / 256 * k16_group_block(kind) as u64,
             Layout::K32Rows4 { cols, high, .. } => cols as u64 / 256 * k32_group_block(high) as u64,
@@ -206,7 +187,7 @@ impl Layout {
     /// Rows per group of a matrix layout.
     pub fn group_rows(self) -> usize {
         match self {
-            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::Q8S16Rows8 { .. } => MICRO_ROWS,
+            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } => MICRO_ROWS,
             _ => ROWS,
         }
     }
@@ -221,8 +202,6 @@ impl Layout {
             | Layout::Q4Rows8 { rows, cols, .. }
             | Layout::Q8Rows4 { rows, cols, .. }
             | Layout::Q8Rows8 { rows, cols, .. }
-            | Layout::Q8S16Rows4 { rows, cols, .. }
-            | Layout::Q8S16Rows8 { rows, cols, .. }
             | Layout::LowRows4 { rows, cols, .. }
             | Layout::K16Rows4 { rows, cols, .. }
             | Layout::K32Rows4 { rows, cols, .. } => Some((rows, cols)),
@@ -325,7 +304,6 @@ enum Blocks {
     None,
     Q4(Vec<Q4Block>),
     Q8(Vec<Q8Block>),
-    Q8S16(Vec<Q8S16Block>),
     Low(Vec<LowBlock>),
     K16(Vec<K16Block>),
     K32(Vec<K32Block>),
@@ -355,9 +333,6 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
         }
         KernelForm::Q8(_) => {
             Blocks::Q8(join(in_parts(rows, raw.len(), |r| q8_blocks(format, rows_of(r)).expect("Q8 form"))))
-        }
-        KernelForm::Q8S16(_) => {
-            Blocks::Q8S16(join(in_parts(rows, raw.len(), |r| q8s16_blocks(format, rows_of(r)).expect("Q8S16 form"))))
         }
         KernelForm::F16 => {
             Blocks::F16 { finite: raw.par_chunks(PART_BYTES).all(|c| c.chunks_exact(2).all(|h| h[1] & 0x7c != 0x7c)) }
@@ -408,7 +383,6 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, 
             (half, blocks.iter().any(|b| b.m != implied * b.d))
         }
         (KernelForm::Q8(_), Blocks::Q8(blocks)) => (blocks.iter().all(|b| is_f16(b.d)), false),
-        (KernelForm::Q8S16(_), Blocks::Q8S16(blocks)) => (false, blocks.iter().any(|b| b.m != [0.0; 2])),
         (KernelForm::Q2(_) | KernelForm::Q3(_), Blocks::Low(blocks)) => {
             (blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m)), true)
         }
@@ -448,13 +422,6 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
         }
         (kernel @ (KernelForm::Q2(_) | KernelForm::Q3(_)), [rows, cols]) => {
             Layout::LowRows4 { rows: *rows, cols: *cols, half, high: matches!(kernel, KernelForm::Q3(_)) }
-        }
-        (KernelForm::Q8S16(_), [rows, cols]) => {
-            if micro {
-                Layout::Q8S16Rows8 { rows: *rows, cols: *cols, mins }
-            } else {
-                Layout::Q8S16Rows4 { rows: *rows, cols: *cols, mins }
-            }
         }
         _ => unreachable!("the verifier allows 1-D and 2-D weights only"),
     }
@@ -695,28 +662,6 @@ fn pack_groups(
                     push_values(blob, qs, if n == MICRO_ROWS { 2 } else { 0 });
                 }
             }
-            Layout::Q8S16Rows4 { mins, .. } | Layout::Q8S16Rows8 { mins, .. } => {
-                let Blocks::Q8S16(all) = decoded else { unreachable!() };
-                let n = layout.group_rows();
-                let blocks = group_blocks(all, g, n, rows, n_blocks);
-                for b in 0..n_blocks {
-                    // Per 16-value half, then per row.
-                    let (mut ds, mut ms, mut qs) =
-                        ([0f32; 2 * MAX_GROUP], [0f32; 2 * MAX_GROUP], [[0u8; 32]; MAX_GROUP]);
-                    let (ds, ms, qs) = (&mut ds[..2 * n], &mut ms[..2 * n], &mut qs[..n]);
-                    for (i, r) in blocks.iter().enumerate() {
-                        if let Some(blk) = r.get(b) {
-                            (ds[i], ds[n + i], ms[i], ms[n + i], qs[i]) =
-                                (blk.d[0], blk.d[1], blk.m[0], blk.m[1], blk.qs.map(|v| v as u8));
-                        }
-                    }
-                    ds.iter().for_each(|&x| push_f32(blob, x));
-                    if mins {
-                        ms.iter().for_each(|&x| push_f32(blob, x));
-                    }
-                    push_values(blob, qs, if n == MICRO_ROWS { 2 } else { 0 });
-                }
-            }
             Layout::F16Rows4 { .. } => {
                 let chunks = cols.div_ceil(8);
                 for c in 0..chunks {
@@ -831,7 +776,7 @@ const WINDOW_BYTES: usize = 64 << 20;
 
 /// Packs every weight of `model` and the constant tables its ops need into `sink`, in
 /// weight-id order so that the blob is deterministic. With `micro_rows` (the target's
-/// schedule), Q4 and Q8 matrices take the micro-kernels' 8-row layouts (Q4, Q8 and Q8S16
+/// schedule), Q4 and Q8 matrices take the micro-kernels' 8-row layouts (Q4 and Q8
 /// kernel forms). Weights go through in windows of about [`WINDOW_BYTES`]: each window's
 /// weights are packed on rayon's pool, written, and released to the model's source
 /// ([`Model::release_weight`]), so the memory packing needs follows the largest tensor, not
@@ -1098,7 +1043,6 @@ mod tests {
             assert!(raw.len() > 4 * PART_BYTES, "{}: several parts", format.name());
             let whole = match format.spec().kernel {
                 KernelForm::Q8(_) => Blocks::Q8(q8_blocks(format, &raw).unwrap()),
-                KernelForm::Q8S16(_) => Blocks::Q8S16(q8s16_blocks(format, &raw).unwrap()),
                 KernelForm::K16(..) => Blocks::K16(k16_blocks(format, &raw).unwrap()),
                 KernelForm::K32(..) => Blocks::K32(k32_blocks(format, &raw).unwrap()),
                 _ => Blocks::Q4(q4_blocks(format, &raw).unwrap()),

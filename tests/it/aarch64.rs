@@ -167,7 +167,6 @@ fn aarch64_cols(format: QuantFormat) -> u32 {
 fn aarch64_kernels_match_the_interpreter_under_qemu() {
     let mut worst = 0.0f32;
     for device in ["generic-armv8.0", "snapdragon-865"] {
-        // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
         for (i, format) in QuantFormat::ALL.into_iter().enumerate() {
             let cols = aarch64_cols(format);
             for (rows, epilogue) in [(13u32, "silu"), (64, "add"), (7, "none")] {

@@ -85,7 +85,6 @@ fn matmul_graph(format: QuantFormat, rows: u32, cols: u32, epilogue: &str) -> St
 #[test]
 fn matmul_kernels_match_the_interpreter() {
     let mut seed = 1;
-    // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
     for format in QuantFormat::ALL {
         for &cols in kernel_test_cols(format) {
             for rows in [1, 4, 7, 13, 64] {
@@ -309,7 +308,6 @@ fn embed_kernels_match_the_interpreter_exactly() {
     // of zero: Q4_0 runs on the Q4 kernels with m = -8 d, so a zero weight (q = 8) with a negative
     // scale comes out as +0, where the interpreter (like ggml) gives (8 - 8) * d = -0.
     let mut seed = 100;
-    // Formats of kernel form Q8S16 are left out until their kernels land (see the helper).
     for format in QuantFormat::ALL {
         for &cols in kernel_test_cols(format) {
             for rows in [1u32, 6, 13] {

@@ -7,7 +7,7 @@
 //! products come from the target's int16 dot (`pmaddwd` on x86-64), are reduced to one
 //! `i32x4` of four row sums by two pairwise adds, and are scaled in float.
 //! Where the target has micro-kernels (x86-64: 256-bit AVX2, see `targets::MicroKernel`),
-//! Q4, Q8 and Q8S16 matrices come in groups of 8 rows and the kernel here only
+//! Q4 and Q8 matrices come in groups of 8 rows and the kernel here only
 //! walks groups and tiles of up to 4 token rows, calls the micro-kernel for each tile (one
 //! function per tile height) and applies the epilogue to the 8 × tokens results it leaves on
 //! the stack.
@@ -19,8 +19,8 @@ use targets::{MicroKernel, MicroValues};
 
 use super::builder::{le, Kb};
 use crate::pack::{
-    q4_group_block, q4x8_group_block, q8_group_block, q8s16_group_block, q8s16x8_group_block, q8x8_group_block,
-    scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
+    q4_group_block, q4x8_group_block, q8_group_block, q8x8_group_block, scales_bytes, Layout, PackedWeight,
+    F32_GROUP_CHUNK, MICRO_ROWS,
 };
 use crate::passes::plan_memory::{q16_block_bytes, Location, Q8_VALUES_AT};
 use ir::quant::KKind;
@@ -64,19 +64,16 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
             (values, half, mins, q4x8_group_block(half, mins, high))
         }
         Layout::Q8Rows8 { half, .. } => (MicroValues::Bytes, half, false, q8x8_group_block(half)),
-        Layout::Q8S16Rows8 { mins, .. } => (MicroValues::Bytes, false, mins, q8s16x8_group_block(mins)),
         _ => return None,
     };
-    let halves = matches!(layout, Layout::Q8S16Rows8 { .. });
-    // d (and m): 8 scales each, twice with halves.
-    let scales = 2 * scales_bytes(half) as u32 * if halves { 2 } else { 1 };
+    // d (and m): 8 scales each.
+    let scales = 2 * scales_bytes(half) as u32;
     let qs_at = if mins { 2 * scales } else { scales };
     let high = matches!(layout, Layout::Q4Rows8 { high: true, .. });
     Some(MicroKernel {
         tokens: tokens as u32,
         values,
         half,
-        halves,
         mins_at: mins.then_some(scales),
         qs_at,
         high_at: high.then_some(qs_at + 128),
@@ -153,7 +150,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                         vec![]
                     });
                 }
-                Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::Q8S16Rows8 { .. } => {
+                Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } => {
                     let (micro, tile_out) =
                         (spec.micro.expect("8-row layouts come with micro-kernels"), tile_out.unwrap());
                     let tile = Tile { micro, out: tile_out, wg, x_base, x_row_bytes, n_blocks: cols / 32 };
@@ -309,7 +306,7 @@ fn reduce4(kb: &mut Kb, p: [Value; 4]) -> Value {
     kb.b.ins().iadd_pairwise(ab, cd)
 }
 
-/// Four row dot products of a Q4, Q8 or Q8S16 group with each of the q16 activation rows
+/// Four row dot products of a Q4, Q8, low-bit or K-quant group with each of the q16 activation rows
 /// `x_rows` (one or two), as one `f32x4` per row.
 fn dot_quantized(
     kb: &mut Kb,
@@ -320,9 +317,6 @@ fn dot_quantized(
     mask: Value,
     x_block: i64,
 ) -> Vec<Value> {
-    if let Layout::Q8S16Rows4 { mins, .. } = layout {
-        return dot_q8s16(kb, mins, wg, x_rows, n_blocks, x_block);
-    }
     if let Layout::K32Rows4 { high, .. } = layout {
         return dot_k32(kb, high, wg, x_rows, n_blocks / 8, x_block);
     }
@@ -412,78 +406,6 @@ fn dot_quantized(
             if let Some(m) = m {
                 let sum = kb.b.ins().splat(F32X4, sum);
                 acc = kb.b.ins().fma(m, sum, acc);
-            }
-            next.push(acc);
-        }
-        for &xb in xbs {
-            next.push(kb.b.ins().iadd_imm_s(xb, x_block));
-        }
-        next.push(kb.b.ins().iadd_imm_s(wb, group_block));
-        next
-    });
-    out[..n].to_vec()
-}
-
-/// [`dot_quantized`] for a Q8S16 group: per 32-value block, the integer dot products of each
-/// 16-value half are scaled by that half's `d` (and, with `mins`, its offset `m` times the
-/// half's activation sum, counted from the q16 integers).
-fn dot_q8s16(kb: &mut Kb, mins: bool, wg: Value, x_rows: &[Value], n_blocks: i64, x_block: i64) -> Vec<Value> {
-    let group_block = q8s16_group_block(mins) as i64;
-    let qs_at = if mins { 64 } else { 32 };
-    let n = x_rows.len();
-    let zero = kb.iconst(0);
-    let nb = kb.iconst(n_blocks);
-    let ones = {
-        let one = kb.b.ins().iconst(cranelift_codegen::ir::types::I16, 1);
-        kb.b.ins().splat(I16X8, one)
-    };
-    let mut init: Vec<Value> = (0..n).map(|_| kb.splat(0.0)).collect();
-    init.extend_from_slice(x_rows);
-    init.push(wg);
-    let out = kb.for_range(zero, nb, 1, &init, |kb, _, carried| {
-        let (accs, xbs, wb) = (&carried[..n], &carried[n..2 * n], carried[2 * n]);
-        let acts: Vec<(Value, Value, [Value; 4])> = xbs.iter().map(|&xb| load_q16(kb, xb)).collect();
-        // p[half][token][row]: i32x4 partial sums.
-        let mut p = vec![vec![[accs[0]; 4]; n]; 2];
-        for r in 0..4 {
-            let w0 = kb.load(I8X16, wb, qs_at + 32 * r as i64);
-            let w1 = kb.load(I8X16, wb, qs_at + 32 * r as i64 + 16);
-            let q = [
-                kb.b.ins().swiden_low(w0),
-                kb.b.ins().swiden_high(w0),
-                kb.b.ins().swiden_low(w1),
-                kb.b.ins().swiden_high(w1),
-            ];
-            for (tok, (_, _, a)) in acts.iter().enumerate() {
-                for h in 0..2 {
-                    let s0 = kb.dot_i16(q[2 * h], a[2 * h]);
-                    let s1 = kb.dot_i16(q[2 * h + 1], a[2 * h + 1]);
-                    p[h][tok][r] = kb.b.ins().iadd(s0, s1);
-                }
-            }
-        }
-        let d = [kb.load(F32X4, wb, 0), kb.load(F32X4, wb, 16)];
-        let m = if mins { Some([kb.load(F32X4, wb, 32), kb.load(F32X4, wb, 48)]) } else { None };
-        let mut next = Vec::with_capacity(2 * n + 1);
-        for (tok, &(scale, _, a)) in acts.iter().enumerate() {
-            let scale = kb.b.ins().splat(F32X4, scale);
-            let mut acc = accs[tok];
-            for h in 0..2 {
-                let sums = reduce4(kb, p[h][tok]);
-                let sums = kb.b.ins().fcvt_from_sint(F32X4, sums);
-                let ds = kb.b.ins().fmul(d[h], scale);
-                acc = kb.b.ins().fma(sums, ds, acc);
-                if let Some(m) = m {
-                    // The half's activation sum in every lane: sum(a) * scale.
-                    let s0 = kb.dot_i16(a[2 * h], ones);
-                    let s1 = kb.dot_i16(a[2 * h + 1], ones);
-                    let s = kb.b.ins().iadd(s0, s1);
-                    let s = kb.b.ins().iadd_pairwise(s, s);
-                    let s = kb.b.ins().iadd_pairwise(s, s);
-                    let s = kb.b.ins().fcvt_from_sint(F32X4, s);
-                    let s = kb.b.ins().fmul(s, scale);
-                    acc = kb.b.ins().fma(m[h], s, acc);
-                }
             }
             next.push(acc);
         }
@@ -777,7 +699,7 @@ fn dot_k32(kb: &mut Kb, high: bool, wg: Value, x_rows: &[Value], n_super: i64, x
 /// [`dot_quantized`] for a [`Layout::K16Rows4`] group of `n_super` 256-value super-blocks:
 /// per 16-value sub-block the integer dot products of the signed values are scaled by the
 /// rows' `d * sc` and the activation block's scale, and for Q2 the rows' `-(dmin * m)` by the
-/// sub-block's activation sum, as the Q8S16 kernels do per half block.
+/// sub-block's activation sum.
 fn dot_k16(kb: &mut Kb, kind: KKind, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) -> Vec<Value> {
     let n = x_rows.len();
     let zero = kb.iconst(0);

@@ -106,16 +106,6 @@ pub struct Q8Block {
     pub qs: [i8; 32],
 }
 
-/// One 32-value block as the general 8-bit kernels read it: `x[j] = d[j / 16] * q[j] +
-/// m[j / 16]`, a scale and an offset per 16 values. Every ggml block format converts to it
-/// exactly (K-quants with 16-value sub-blocks included), at 12 bits per weight once packed.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Q8S16Block {
-    pub d: [f32; 2],
-    pub m: [f32; 2],
-    pub qs: [i8; 32],
-}
-
 /// One 64-value group as the low-bit kernels read it: `x[i] = d * q[i] + m`, the low two bits
 /// of `q[i]` in bits `2 (i / 16)` of byte `i % 16` of `qs`, and (kernel form Q3) its third bit
 /// in bit `i` of `qh` (zero for two bits).
@@ -230,12 +220,10 @@ pub enum KernelForm {
     /// Appends the [`Q4Block`]s of one format block; q16 activations.
     Q4(fn(block: &[u8], out: &mut Vec<Q4Block>)),
     /// Appends the [`Q4Block`]s, with fifth bits, of one format block: the Q4 kernels with a
-    /// plane of high bits (5.5 bits per weight packed, not Q8S16's 10); q16 activations.
+    /// plane of high bits (5.5 bits per weight packed); q16 activations.
     Q5(fn(block: &[u8], out: &mut Vec<Q4Block>)),
     /// Appends the [`Q8Block`]s of one format block; q16 activations.
     Q8(fn(block: &[u8], out: &mut Vec<Q8Block>)),
-    /// Appends the [`Q8S16Block`]s of one format block; q16 activations.
-    Q8S16(fn(block: &[u8], out: &mut Vec<Q8S16Block>)),
     /// Appends the 2-bit [`LowBlock`]s (64 values each) of one format block; q16 activations.
     Q2(fn(block: &[u8], out: &mut Vec<LowBlock>)),
     /// Appends the 3-bit [`LowBlock`]s of one format block: the Q2 kernels with a plane of
@@ -403,14 +391,6 @@ pub fn q4_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q4Block>> {
     Some(out)
 }
 
-/// The [`Q8S16Block`]s of one row of a format whose kernel form is Q8S16 (`None` otherwise).
-pub fn q8s16_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<Q8S16Block>> {
-    let KernelForm::Q8S16(f) = format.spec().kernel else { return None };
-    let mut out = Vec::with_capacity(bytes.len() / format.block_bytes() * format.block_values() / BLOCK_SIZE);
-    bytes.chunks_exact(format.block_bytes()).for_each(|b| f(b, &mut out));
-    Some(out)
-}
-
 /// The [`LowBlock`]s of one row of a format whose kernel form is Q2 or Q3 (`None` otherwise).
 pub fn low_blocks(format: QuantFormat, bytes: &[u8]) -> Option<Vec<LowBlock>> {
     let (KernelForm::Q2(f) | KernelForm::Q3(f)) = format.spec().kernel else { return None };
@@ -544,14 +524,9 @@ mod tests {
                         .iter()
                         .flat_map(|b| (0..64).map(move |i| b.d * b.quant(i) as f32 + b.m))
                         .collect(),
-                    KernelForm::Q8S16(_) => q8s16_blocks(format, &bytes)
-                        .unwrap()
-                        .iter()
-                        .flat_map(|b| (0..32).map(move |j| b.d[j / 16] * b.qs[j] as f32 + b.m[j / 16]))
-                        .collect(),
                 };
                 assert_eq!(got.len(), want.len());
-                // Equal values (Q4_0 as d q + m, and the Q8S16 forms with m = 0, may turn -0
+                // Equal values (Q4_0 as d q + m may turn -0
                 // into +0, as the kernels do).
                 for (j, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(g == w, "{format:?} value {j}: kernel form {g} vs dequantized {w}");

@@ -85,6 +85,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     a.vmovd(xmm15, eax)?;
     a.vpbroadcastd(mask, xmm15)?;
     if dwords {
+        assert!(!k.halves, "4-byte chunks: nibbles");
         // ymm6 (or [rsp]): int16 ones, to widen the 8 rows' int16 pair sums to int32.
         a.mov(eax, 0x0001_0001)?;
         a.vmovd(xmm6, eax)?;
@@ -112,15 +113,23 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     a.jle(done)?;
     a.set_label(&mut top)?;
     let qs = k.qs_at as i32;
+    if k.halves {
+        assert!(k.values == MicroValues::Bytes && !k.half, "Q8S16 blocks: bytes with f32 scales");
+        // ymm6: int16 ones, for the halves' activation sums.
+        a.mov(eax, 0x0001_0001)?;
+        a.vmovd(xmm6, eax)?;
+        a.vpbroadcastd(ymm6, xmm6)?;
+    }
     let chunks = match k.values {
         MicroValues::Nibbles => 8,
         MicroValues::NibbleDwords => 4,
         MicroValues::Bytes => 16,
     };
-    // All the block's chunks, then folded into f32 together.
-    {
+    // The chunks folded into f32 together: all of them, or each 16-value half.
+    let folds: Vec<std::ops::Range<i32>> = if k.halves { vec![0..8, 8..16] } else { vec![0..chunks] };
+    for (h, fold) in folds.into_iter().enumerate() {
         let mut first = true;
-        for u in 0..chunks {
+        for u in fold {
             if dwords {
                 // Chunk u: 4 bytes of each row; low nibbles are values 4u..4u+4, high nibbles
                 // 16+4u..20+4u, against the int8 activations broadcast 4 at a time.
@@ -213,14 +222,15 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
         // The block's int32 sums per token.
         let isum = if spill { facc } else { iacc };
         // d (ymm12) and m (ymm13) for the 8 rows (of half h).
+        let scales_at = 32 * h as i32;
         if k.half {
             a.vcvtph2ps(lo, xmmword_ptr(rdi))?;
         } else {
-            a.vmovups(lo, ymmword_ptr(rdi))?;
+            a.vmovups(lo, ymmword_ptr(rdi + scales_at))?;
         }
         let offsets = match k.mins_at {
             Some(at) if k.half => a.vcvtph2ps(hi, xmmword_ptr(rdi + at as i32)).map(|_| true)?,
-            Some(at) => a.vmovups(hi, ymmword_ptr(rdi + at as i32)).map(|_| true)?,
+            Some(at) => a.vmovups(hi, ymmword_ptr(rdi + (at as i32 + scales_at))).map(|_| true)?,
             None if minus_8d => a.vmulps(hi, lo, minus8).map(|_| true)?,
             None => false,
         };
@@ -239,7 +249,20 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                 continue;
             }
             a.vfmadd231ps(facc[t], iacc[t], tmp)?;
-            if offsets {
+            if offsets && k.halves {
+                // f32(sum of the half's 16 activation integers) * scale, in every lane.
+                a.vpmaddwd(tmp, ymm6, ymmword_ptr(x(t, X_VALUES_AT + 32 * h as i32)))?;
+                a.vextracti128(xmm5, tmp, 1)?;
+                a.vpaddd(xmm14, xmm14, xmm5)?;
+                a.vpshufd(xmm5, xmm14, 0x4e)?;
+                a.vpaddd(xmm14, xmm14, xmm5)?;
+                a.vpshufd(xmm5, xmm14, 0xb1)?;
+                a.vpaddd(xmm14, xmm14, xmm5)?;
+                a.vcvtdq2ps(xmm14, xmm14)?;
+                a.vmulss(xmm14, xmm14, dword_ptr(x(t, 0)))?;
+                a.vbroadcastss(tmp, xmm14)?;
+                a.vfmadd231ps(facc[t], hi, tmp)?;
+            } else if offsets {
                 a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
                 a.vfmadd231ps(facc[t], hi, tmp)?;
             }
@@ -283,6 +306,7 @@ mod tests {
                             tokens,
                             values,
                             half,
+                            halves: false,
                             mins_at: mins.then_some(scales),
                             qs_at: if mins { 2 * scales } else { scales },
                             high_at: None,
@@ -290,6 +314,7 @@ mod tests {
                             x_block_bytes: 72,
                             x_i8_at: None,
                         };
+                        let halves = MicroKernel { halves: true, half: false, ..k };
                         let high = MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..k };
                         let dwords = MicroKernel {
                             values: MicroValues::NibbleDwords,
@@ -299,8 +324,9 @@ mod tests {
                         };
                         let dwords_high =
                             MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..dwords };
-                        for k in [k, high, dwords, dwords_high] {
-                            if k.high_at.is_some() && values == MicroValues::Bytes
+                        for k in [k, halves, high, dwords, dwords_high] {
+                            if k.halves && (values == MicroValues::Nibbles || half)
+                                || k.high_at.is_some() && values == MicroValues::Bytes
                                 || k.values == MicroValues::NibbleDwords && values == MicroValues::Bytes
                             {
                                 continue;

@@ -65,7 +65,7 @@ pub const fn q8_group_block(half: bool) -> usize {
     scales_bytes(half) + 4 * 32
 }
 /// Bytes of one 64-value block of a [`Layout::LowRows4`] group: `d[4]`, `m[4]` (f16 or f32),
-/// `qs[4][16]` crumbs, then with `high` `qh[4]` (u64 each).
+/// `qs[4][16]` crumbs, then with `high` the rows' third bits (`[4][8]`, [`third_bits`]).
 pub const fn low_group_block(half: bool, high: bool) -> usize {
     2 * scales_bytes(half) + 4 * 16 + if high { 32 } else { 0 }
 }
@@ -104,7 +104,7 @@ pub const fn k16_scale_bytes(kind: KKind) -> usize {
 /// Bytes of one 64-value unit of a [`Layout::K16Rows4`] super-block: Q6 the rows' nibbles
 /// (`[4][32]`, the unit's two 32-value blocks as Q4 blocks store them) then high bit pairs
 /// (`[4][16]` crumbs as [`Layout::LowRows4`] stores them); Q3 the rows' crumbs (`[4][16]`) then
-/// third bits (`[4]` u64); Q2 the rows' crumbs.
+/// third bits (`[4][8]`, [`third_bits`]); Q2 the rows' crumbs.
 pub const fn k16_unit_bytes(kind: KKind) -> usize {
     match kind {
         KKind::Q6 => 4 * 32 + 4 * 16,
@@ -626,6 +626,13 @@ fn push_high_bits(blob: &mut Vec<u8>, qh: &[u32], interleave: usize) {
     }
 }
 
+/// The third bits of 64 values (bit `i` of `qh` value `i`'s) as the kernels read them: byte
+/// `j` holds in bit `k` value `j + 8k`'s, so that the 8 bytes loaded twice side by side give
+/// every lane of a 16-value vector its bit under a constant mask.
+fn third_bits(qh: u64) -> [u8; 8] {
+    std::array::from_fn(|j| (0..8).fold(0u8, |acc, k| acc | (((qh >> (j + 8 * k)) & 1) as u8) << k))
+}
+
 /// Sixteen 6-bit values in 12 bytes, as the K16 (Q3) and K32 layouts store sub-block scales:
 /// bytes 0..8 the low nibbles (byte `j`: value `j` low, `j + 8` high), bytes 8..12 the high
 /// bit pairs (byte `j`, bits `2k`: value `j + 4k`).
@@ -826,7 +833,7 @@ fn pack_groups(
                                         .iter()
                                         .enumerate()
                                         .fold(0u64, |h, (i, &q)| h | (((q >> 2) & 1) as u64) << i);
-                                    blob.extend_from_slice(&qh.to_le_bytes());
+                                    blob.extend_from_slice(&third_bits(qh));
                                 }
                             }
                             KKind::Q2 => blk.iter().for_each(|b| blob.extend(crumbs(unit(b, u), 0))),
@@ -845,7 +852,7 @@ fn pack_groups(
                     push_scales(blob, &blk.map(|b| b.m), half);
                     blk.iter().for_each(|b| blob.extend_from_slice(&b.qs));
                     if high {
-                        blk.iter().for_each(|b| blob.extend_from_slice(&b.qh.to_le_bytes()));
+                        blk.iter().for_each(|b| blob.extend_from_slice(&third_bits(b.qh)));
                     }
                 }
             }

@@ -13,7 +13,7 @@
 //! the stack.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I8, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I16X8, I32, I32X4, I64, I64X2, I8, I8X16};
 use cranelift_codegen::ir::{FuncRef, InstBuilder, StackSlotData, StackSlotKind, Value};
 use targets::{MicroKernel, MicroValues};
 
@@ -438,8 +438,19 @@ pub(super) fn low_values(kb: &mut Kb, qs: Value, qh: Option<Value>) -> [Value; 4
         kb.b.ins().band(v, three)
     });
     let Some(qh) = qh else { return crumbs };
-    let words = [kb.load(I32, qh, 0), kb.load(I32, qh, 4)];
-    std::array::from_fn(|k| kb.with_high_bits(crumbs[k], words[k / 2], 2 * (k % 2) as u8, 4))
+    // The 8 bytes of third bits (`pack::third_bits`) in both halves: lane `l` of vector `k`
+    // (value `16k + l`) finds its bit in byte `l % 8`, bit `2k + l / 8`.
+    let bits = kb.load(I64, qh, 0);
+    let bits = kb.b.ins().splat(I64X2, bits);
+    let bits = kb.b.ins().bitcast(I8X16, le(), bits);
+    let four = kb.vconst_bytes([4; 16]);
+    std::array::from_fn(|k| {
+        let mask = kb.vconst_bytes(std::array::from_fn(|l| 1u8 << (2 * k + l / 8)));
+        let set = kb.b.ins().band(bits, mask);
+        let set = kb.b.ins().icmp(IntCC::Equal, set, mask);
+        let add = kb.b.ins().band(set, four);
+        kb.b.ins().bor(crumbs[k], add)
+    })
 }
 
 /// The four `i8x16` of one row's 64-value unit of a [`Layout::K16Rows4`] group of `kind`

@@ -349,8 +349,7 @@ impl<'a> Kb<'a> {
 
     /// `values` (an `i8x16` of values below `weight`) with `weight` added to lane `j` where bit
     /// `j` of bytes `first_byte, first_byte + 1` of `qh` (an `i32`) is set: the fifth bits of
-    /// the kernel form Q5 (weight 16; bytes 0-1 for a block's values 0..16, 2-3 for 16..32),
-    /// the third bits of the form Q3 (weight 4).
+    /// the kernel form Q5 (weight 16; bytes 0-1 for a block's values 0..16, 2-3 for 16..32).
     pub fn with_high_bits(&mut self, values: Value, qh: Value, first_byte: u8, weight: u8) -> Value {
         let v = self.b.ins().splat(I32X4, qh);
         let v = self.b.ins().bitcast(I8X16, le(), v);

@@ -353,11 +353,7 @@ fn dot_quantized(
         for r in 0..4 {
             let q = if q4 {
                 let w = kb.load(I8X16, wb, qs_at + 16 * r as i64);
-                let lo = kb.b.ins().band(w, mask);
-                let hi = kb.b.ins().bitcast(I16X8, le(), w);
-                let hi = kb.b.ins().ushr_imm_s(hi, 4);
-                let hi = kb.b.ins().bitcast(I8X16, le(), hi);
-                let hi = kb.b.ins().band(hi, mask);
+                let [lo, hi] = nibbles(kb, w, mask);
                 let (lo, hi) = if high {
                     let qh = kb.load(I32, wb, qs_at + 64 + 4 * r as i64);
                     (kb.with_high_bits(lo, qh, 0, 16), kb.with_high_bits(hi, qh, 2, 16))
@@ -471,16 +467,9 @@ pub(super) fn k16_values(kb: &mut Kb, kind: KKind, vals: Value, high: Option<Val
             let n = [kb.load(I8X16, vals, 0), kb.load(I8X16, vals, 16)];
             let high = low_values(kb, high.expect("q6 high pairs"), None);
             let thirty_two = kb.vconst_bytes([32; 16]);
+            let n = n.map(|w| nibbles(kb, w, mask));
             std::array::from_fn(|k| {
-                let w = n[k / 2];
-                let nib = if k % 2 == 0 {
-                    kb.b.ins().band(w, mask)
-                } else {
-                    let v = kb.b.ins().bitcast(I16X8, le(), w);
-                    let v = kb.b.ins().ushr_imm_s(v, 4);
-                    let v = kb.b.ins().bitcast(I8X16, le(), v);
-                    kb.b.ins().band(v, mask)
-                };
+                let nib = n[k / 2][k % 2];
                 // High pairs are 0..4 per byte: shifting the 16-bit lanes by 4 keeps them in
                 // their byte.
                 let h = kb.b.ins().bitcast(I16X8, le(), high[k]);
@@ -619,16 +608,21 @@ pub(super) fn k32_scale(kb: &mut Kb, wb: Value, s: i64, r: RowAt) -> (Value, Val
     (six_bit_value(kb, wb, 16, s, r), six_bit_value(kb, wb, 16, 8 + s, r))
 }
 
+/// The low and the high nibbles of the 16 bytes `w` (`mask`: 15 in every byte), as `i8x16`.
+pub(super) fn nibbles(kb: &mut Kb, w: Value, mask: Value) -> [Value; 2] {
+    let lo = kb.b.ins().band(w, mask);
+    let hi = kb.b.ins().bitcast(I16X8, le(), w);
+    let hi = kb.b.ins().ushr_imm_s(hi, 4);
+    let hi = kb.b.ins().bitcast(I8X16, le(), hi);
+    [lo, kb.b.ins().band(hi, mask)]
+}
+
 /// The two `i8x16` of values (`0..16`, `16..32`, each `0..32`) of one row's 32-value block in a
 /// [`Layout::K32Rows4`]: nibbles at `qs`, with the fifth bits of the `u32` at `qh` when given.
 pub(super) fn k32_values(kb: &mut Kb, qs: Value, qh: Option<Value>) -> [Value; 2] {
     let mask = kb.vconst_bytes([15; 16]);
     let w = kb.load(I8X16, qs, 0);
-    let lo = kb.b.ins().band(w, mask);
-    let hi = kb.b.ins().bitcast(I16X8, le(), w);
-    let hi = kb.b.ins().ushr_imm_s(hi, 4);
-    let hi = kb.b.ins().bitcast(I8X16, le(), hi);
-    let hi = kb.b.ins().band(hi, mask);
+    let [lo, hi] = nibbles(kb, w, mask);
     match qh {
         None => [lo, hi],
         Some(p) => {

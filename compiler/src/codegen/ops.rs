@@ -7,7 +7,7 @@ use cranelift_codegen::ir::types::{F32, F32X4, I16, I16X8, I32, I32X4, I64, I8, 
 use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 
 use super::abi;
-use super::builder::{le, Kb};
+use super::builder::Kb;
 use crate::pack::{Layout, PackedWeight, F32_GROUP_CHUNK};
 use crate::passes::plan_memory::{q16_block_bytes, Location};
 use ir::ActDType;
@@ -293,6 +293,22 @@ fn fifth_bits_of_dword_chunk(kb: &mut Kb, word: Value) -> Value {
     qh
 }
 
+/// Row `lane`'s scale (or offset) among a group's, f16 (`half`) or f32 each, at byte `at` of
+/// the group block `blk`, widened and splatted.
+fn lane_scale(kb: &mut Kb, blk: Value, lane: Value, at: i64, half: bool) -> Value {
+    if half {
+        let p = kb.addr(blk, lane, 2, at);
+        let h = kb.load(I16, p, 0);
+        let h = kb.b.ins().sextend(I32, h);
+        let h = kb.b.ins().splat(I32X4, h);
+        kb.f16_bits_to_f32(h)
+    } else {
+        let p = kb.addr(blk, lane, 4, at);
+        let v = kb.load(F32, p, 0);
+        kb.b.ins().splat(F32X4, v)
+    }
+}
+
 /// Embedding lookup from a packed table; ids outside `0..rows` give a zero row.
 pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, skip_rows: bool) {
     let (rows, cols) = table.layout.matrix().map(|(r, c)| (r as i64, c as i64)).expect("tables are matrices");
@@ -344,19 +360,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                         kb.for_range(zero, nb, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, block, 0);
                             // This row's scale (or offset) at byte `at` of the block, splatted.
-                            let lane_scale = |kb: &mut Kb, at: i64| {
-                                if f16 {
-                                    let p = kb.addr(blk, lane, 2, at);
-                                    let h = kb.load(I16, p, 0);
-                                    let h = kb.b.ins().sextend(I32, h);
-                                    let h = kb.b.ins().splat(I32X4, h);
-                                    kb.f16_bits_to_f32(h)
-                                } else {
-                                    let p = kb.addr(blk, lane, 4, at);
-                                    let v = kb.load(F32, p, 0);
-                                    kb.b.ins().splat(F32X4, v)
-                                }
-                            };
+                            let lane_scale = |kb: &mut Kb, at: i64| lane_scale(kb, blk, lane, at, f16);
                             let d = lane_scale(kb, 0);
                             let out = kb.addr(yr, b, 128, 0);
                             // Sixteen-value halves as i8x16, elements 0..16 and 16..32.
@@ -377,11 +381,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                     if matches!(table.layout, Layout::Q4Rows8 { dwords: true, .. }) { 4 } else { 2 };
                                 let qs = row_values_by(kb, row_buf, blk, lane, qs_at, 16, by);
                                 let w = kb.load(I8X16, qs, 0);
-                                let lo = kb.b.ins().band(w, mask);
-                                let hi = kb.b.ins().bitcast(I16X8, le(), w);
-                                let hi = kb.b.ins().ushr_imm_s(hi, 4);
-                                let hi = kb.b.ins().bitcast(I8X16, le(), hi);
-                                let hi = kb.b.ins().band(hi, mask);
+                                let [lo, hi] = super::matmul::nibbles(kb, w, mask);
                                 let (lo, hi) = if high {
                                     // This row's fifth bits after the group's nibbles.
                                     let at = qs_at + 16 * group_rows;
@@ -475,13 +475,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                         let at = crate::pack::K32_VALUES_AT as i64;
                         kb.for_range(zero, ns, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, stride / (cols / 256), 0);
-                            let lane_half = |kb: &mut Kb, at: i64| {
-                                let p = kb.addr(blk, lane, 2, at);
-                                let h = kb.load(I16, p, 0);
-                                let h = kb.b.ins().sextend(I32, h);
-                                let h = kb.b.ins().splat(I32X4, h);
-                                kb.f16_bits_to_f32(h)
-                            };
+                            let lane_half = |kb: &mut Kb, at: i64| lane_scale(kb, blk, lane, at, true);
                             let (d, dmin) = (lane_half(kb, 0), lane_half(kb, 8));
                             let out = kb.addr(yr, b, 1024, 0);
                             for s in 0..8i64 {
@@ -518,13 +512,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                         let ns = kb.iconst(cols / 256);
                         kb.for_range(zero, ns, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, stride / (cols / 256), 0);
-                            let lane_half = |kb: &mut Kb, at: i64| {
-                                let p = kb.addr(blk, lane, 2, at);
-                                let h = kb.load(I16, p, 0);
-                                let h = kb.b.ins().sextend(I32, h);
-                                let h = kb.b.ins().splat(I32X4, h);
-                                kb.f16_bits_to_f32(h)
-                            };
+                            let lane_half = |kb: &mut Kb, at: i64| lane_scale(kb, blk, lane, at, true);
                             let d = lane_half(kb, 0);
                             let dmin = (kind == ir::quant::KKind::Q2).then(|| lane_half(kb, 8));
                             let out = kb.addr(yr, b, 1024, 0);
@@ -567,19 +555,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                         let ng = kb.iconst(cols / 64);
                         kb.for_range(zero, ng, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, stride / (cols / 64), 0);
-                            let lane_scale = |kb: &mut Kb, at: i64| {
-                                if half {
-                                    let p = kb.addr(blk, lane, 2, at);
-                                    let h = kb.load(I16, p, 0);
-                                    let h = kb.b.ins().sextend(I32, h);
-                                    let h = kb.b.ins().splat(I32X4, h);
-                                    kb.f16_bits_to_f32(h)
-                                } else {
-                                    let p = kb.addr(blk, lane, 4, at);
-                                    let v = kb.load(F32, p, 0);
-                                    kb.b.ins().splat(F32X4, v)
-                                }
-                            };
+                            let lane_scale = |kb: &mut Kb, at: i64| lane_scale(kb, blk, lane, at, half);
                             let (d, m) = (lane_scale(kb, 0), lane_scale(kb, sb));
                             let qs = kb.addr(blk, lane, 16, 2 * sb);
                             let qh = high.then(|| kb.addr(blk, lane, 8, 2 * sb + 64));

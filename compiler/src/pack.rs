@@ -83,6 +83,17 @@ pub const fn k32_group_block(high: bool) -> usize {
 }
 /// Where the values of a [`Layout::K32Rows4`] super-block start.
 pub const K32_VALUES_AT: usize = 16 + 48;
+/// Bytes of one 32-value block's values in a [`Layout::K32Rows8`] super-block: the nibble
+/// chunks of the 8 rows as [`Layout::Q4Rows8`] has them, then with `high` their fifth bits.
+pub const fn k32x8_block_values(high: bool) -> usize {
+    8 * 16 + if high { 32 } else { 0 }
+}
+/// Bytes of one 256-value super-block of a [`Layout::K32Rows8`] group: the header
+/// (`targets::K32_HEADER`: `d[8]`, `dmin[8]` f16, the rows' [`six_bits`] byte-major), then the
+/// 8 blocks' values: eight rows of the format's own bytes (1152, 1408).
+pub const fn k32x8_group_block(high: bool) -> usize {
+    targets::K32_HEADER as usize + 8 * k32x8_block_values(high)
+}
 /// Where the sub-block scales of a [`Layout::K16Rows4`] super-block start: after `d[4]` f16
 /// (and `dmin[4]` f16 for Q2).
 pub const fn k16_scales_at(kind: KKind) -> usize {
@@ -166,8 +177,13 @@ pub enum Layout {
     /// rows interleaved per 256-value super-block ([`k32_group_block`]). The same layout on
     /// every target.
     K32Rows4 { rows: u32, cols: u32, high: bool },
+    /// Matrix of a format whose kernel form is K32, for a target's micro-kernels
+    /// (`targets::MicroKernel::k32`): groups of 8 rows per 256-value super-block
+    /// ([`k32x8_group_block`]), each 32-value block's nibbles (and fifth bits) in the chunks
+    /// of [`Layout::Q4Rows8`], 4-byte ones with `dwords`.
+    K32Rows8 { rows: u32, cols: u32, high: bool, dwords: bool },
     /// Matrix of a K16 format widened to Q8S16 blocks for a target's micro-kernels
-    /// ([`widens_k_quants`]): groups of 8 rows per 32-value block, `d[2][8]`, `m[2][8]` when `mins`, then the values in chunks
+    /// ([`widens_k16`]): groups of 8 rows per 32-value block, `d[2][8]`, `m[2][8]` when `mins`, then the values in chunks
     /// as [`Layout::Q8Rows8`].
     Q8S16Rows8 { rows: u32, cols: u32, mins: bool },
 }
@@ -191,13 +207,16 @@ impl Layout {
             Layout::LowRows4 { cols, half, high, .. } => cols as u64 / 64 * low_group_block(half, high) as u64,
             Layout::K16Rows4 { cols, kind, .. } => cols as u64 / 256 * k16_group_block(kind) as u64,
             Layout::K32Rows4 { cols, high, .. } => cols as u64 / 256 * k32_group_block(high) as u64,
+            Layout::K32Rows8 { cols, high, .. } => cols as u64 / 256 * k32x8_group_block(high) as u64,
         }
     }
 
     /// Rows per group of a matrix layout.
     pub fn group_rows(self) -> usize {
         match self {
-            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::Q8S16Rows8 { .. } => MICRO_ROWS,
+            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::Q8S16Rows8 { .. } | Layout::K32Rows8 { .. } => {
+                MICRO_ROWS
+            }
             _ => ROWS,
         }
     }
@@ -215,7 +234,8 @@ impl Layout {
             | Layout::Q8S16Rows8 { rows, cols, .. }
             | Layout::LowRows4 { rows, cols, .. }
             | Layout::K16Rows4 { rows, cols, .. }
-            | Layout::K32Rows4 { rows, cols, .. } => Some((rows, cols)),
+            | Layout::K32Rows4 { rows, cols, .. }
+            | Layout::K32Rows8 { rows, cols, .. } => Some((rows, cols)),
         }
     }
 }
@@ -326,8 +346,8 @@ enum Blocks {
 }
 
 /// A matrix's blocks in its kernel form; with `widen` (a target whose micro-kernels do not
-/// read the K-quants' own layouts yet, see [`widens_k_quants`]) the K32 form's blocks as Q4
-/// blocks and the K16 form's as Q8S16 blocks, exactly.
+/// read the K16 layouts yet, see [`widens_k16`]) the K16 form's blocks as Q8S16 blocks,
+/// exactly.
 fn decode(format: QuantFormat, shape: &[u32], raw: &[u8], widen: bool) -> Blocks {
     let [rows, cols] = shape else { return Blocks::None };
     let row_bytes = format.row_bytes(*cols as usize).expect("verified");
@@ -352,9 +372,6 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8], widen: bool) -> Blocks
         KernelForm::F16 => {
             Blocks::F16 { finite: raw.par_chunks(PART_BYTES).all(|c| c.chunks_exact(2).all(|h| h[1] & 0x7c != 0x7c)) }
         }
-        KernelForm::K32(..) if widen => Blocks::Q4(join(in_parts(rows, raw.len(), |r| {
-            k32_blocks(format, rows_of(r)).expect("K32 form").iter().flat_map(k32_as_q4).collect()
-        }))),
         KernelForm::K32(..) => {
             Blocks::K32(join(in_parts(rows, raw.len(), |r| k32_blocks(format, rows_of(r)).expect("K32 form"))))
         }
@@ -393,20 +410,15 @@ fn in_parts<T: Send>(rows: usize, bytes: usize, f: impl Fn(Range<usize>) -> T + 
     (0..parts).into_par_iter().map(|i| f(i * per..((i + 1) * per).min(rows))).collect()
 }
 
-/// Whether a target with micro-kernels (`micro`) packs the K-quants widened, into the Q4 and
-/// Q8S16 layouts its AVX2 micro-kernels read, rather than in their own layouts (`K32Rows4`,
-/// `K16Rows4`), which only the portable 128-bit kernels read so far: measured on SmolLM2 at 2
+/// Whether a target with micro-kernels (`micro`) packs the K16 formats (q2_k, q3_k, q6_k)
+/// widened, into the Q8S16 layout its AVX2 micro-kernels read, rather than in their own layout
+/// (`K16Rows4`), which only the portable 128-bit kernels read so far: measured on SmolLM2 at 2
 /// threads on Zen 5, the portable kernels on the native layouts decode 15-26 % slower and
-/// prefill 30-47 % slower than the micro-kernels on the widened ones, which are 1.33x (q4_k)
-/// to 3.5x (q3_k) larger.
-pub const fn widens_k_quants(micro: bool) -> bool {
+/// prefill 30-47 % slower than the micro-kernels on the widened ones, which are 1.3x (q6_k)
+/// to 3.5x (q3_k) larger. The K32 formats have micro-kernels of their own
+/// ([`Layout::K32Rows8`]).
+pub const fn widens_k16(micro: bool) -> bool {
     micro
-}
-
-/// The eight Q4 blocks of a K32 super-block: `d = d * sc`, `m = -(dmin * m)` per sub-block,
-/// the same values bit for bit.
-fn k32_as_q4(b: &K32Block) -> [Q4Block; 8] {
-    std::array::from_fn(|s| Q4Block { d: b.d * b.sc[s] as f32, m: -(b.dmin * b.m[s] as f32), qs: b.qs[s], qh: b.qh[s] })
 }
 
 /// The eight Q8S16 blocks of a K16 super-block of `kind`: `d = d * sc`, `m = -(dmin * m)`
@@ -432,11 +444,6 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, 
             (half, blocks.iter().any(|b| b.m != implied * b.d))
         }
         (KernelForm::Q8(_), Blocks::Q8(blocks)) => (blocks.iter().all(|b| is_f16(b.d)), false),
-        (KernelForm::K32(high, _), Blocks::Q4(blocks)) => {
-            let implied = if high { -16.0 } else { -8.0 };
-            let half = blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m));
-            (half, blocks.iter().any(|b| b.m != implied * b.d))
-        }
         (KernelForm::K16(..), Blocks::Q8S16(blocks)) => (false, blocks.iter().any(|b| b.m != [0.0; 2])),
         (KernelForm::Q2(_) | KernelForm::Q3(_), Blocks::Low(blocks)) => {
             (blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m)), true)
@@ -457,13 +464,12 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
         (KernelForm::F16, [rows, cols]) if half => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: false },
         (KernelForm::F16, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
         (KernelForm::BF16, [rows, cols]) => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: true },
-        (KernelForm::K16(..), [rows, cols]) if widens_k_quants(micro) => {
+        (KernelForm::K16(..), [rows, cols]) if widens_k16(micro) => {
             Layout::Q8S16Rows8 { rows: *rows, cols: *cols, mins }
         }
         (KernelForm::K16(kind, _), [rows, cols]) => Layout::K16Rows4 { rows: *rows, cols: *cols, kind },
-        (KernelForm::K32(high, _), [rows, cols]) if widens_k_quants(micro) => {
-            let dwords = act == ActDType::Q8;
-            Layout::Q4Rows8 { rows: *rows, cols: *cols, half, mins, high, dwords }
+        (KernelForm::K32(high, _), [rows, cols]) if micro => {
+            Layout::K32Rows8 { rows: *rows, cols: *cols, high, dwords: act == ActDType::Q8 }
         }
         (KernelForm::K32(high, _), [rows, cols]) => Layout::K32Rows4 { rows: *rows, cols: *cols, high },
         (kernel @ (KernelForm::Q4(_) | KernelForm::Q5(_)), [rows, cols]) => {
@@ -788,6 +794,29 @@ fn pack_groups(
                     }
                 }
             }
+            Layout::K32Rows8 { high, dwords, .. } => {
+                let Blocks::K32(all) = decoded else { unreachable!() };
+                let n_super = cols / K32Block::VALUES;
+                let blocks = group_blocks(all, g, MICRO_ROWS, rows, n_super);
+                let none = K32Block { d: 0.0, dmin: 0.0, sc: [0; 8], m: [0; 8], qs: [[0; 16]; 8], qh: [0; 8] };
+                let interleave = if dwords { 4 } else { 2 };
+                for b in 0..n_super {
+                    let blk: [&K32Block; MICRO_ROWS] = std::array::from_fn(|i| blocks[i].get(b).unwrap_or(&none));
+                    push_scales(blob, &blk.map(|b| b.d), true);
+                    push_scales(blob, &blk.map(|b| b.dmin), true);
+                    let scales =
+                        blk.map(|b| six_bits(&std::array::from_fn(|t| if t < 8 { b.sc[t] } else { b.m[t - 8] })));
+                    for i in 0..12 {
+                        scales.iter().for_each(|s| blob.push(s[i]));
+                    }
+                    for s in 0..8 {
+                        push_values(blob, &blk.map(|b| b.qs[s]), interleave);
+                        if high {
+                            push_high_bits(blob, &blk.map(|b| b.qh[s]), interleave);
+                        }
+                    }
+                }
+            }
             Layout::K16Rows4 { kind, .. } => {
                 let Blocks::K16(all) = decoded else { unreachable!() };
                 let n_super = cols / K16Block::VALUES;
@@ -895,7 +924,7 @@ fn pack_in_windows(
         let w = &graph.weights[i];
         let raw = model.weight_bytes(WeightId(i as u32));
         let raw = &raw[..];
-        let decoded = decode(w.format, &w.shape, raw, widens_k_quants(micro));
+        let decoded = decode(w.format, &w.shape, raw, widens_k16(micro));
         let layout = layout_for(w.format, &w.shape, &decoded, micro, graph.act_dtype);
         let bytes = match layout {
             Layout::F32Vector { n } => {
@@ -1014,10 +1043,12 @@ mod tests {
                 false => Layout::Q8Rows4 { rows, cols, half: true },
                 true => Layout::Q8Rows8 { rows, cols, half: true },
             };
-            // Targets with micro-kernels widen the K-quants (`widens_k_quants`).
             let (q4_k, q5_k) = match micro {
                 false => (Layout::K32Rows4 { rows, cols, high: false }, Layout::K32Rows4 { rows, cols, high: true }),
-                true => (q4(false, true), q5(false, true)),
+                true => (
+                    Layout::K32Rows8 { rows, cols, high: false, dwords: false },
+                    Layout::K32Rows8 { rows, cols, high: true, dwords: false },
+                ),
             };
             for (format, want) in [
                 (QuantFormat::Q4_0, q4(true, false)),
@@ -1031,21 +1062,23 @@ mod tests {
                 (QuantFormat::Q3_G64, Layout::LowRows4 { rows, cols, half: true, high: true }),
             ] {
                 let raw = matrix(format, rows as usize, cols as usize);
-                let blocks = decode(format, &[rows, cols], &raw, widens_k_quants(micro));
+                let blocks = decode(format, &[rows, cols], &raw, widens_k16(micro));
                 let layout = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q16);
                 assert_eq!(layout, want, "{}", format.name());
                 // On the q8 grid, Q4 and Q5 micro-kernel groups take 4-byte chunks, the
                 // same bytes reordered.
                 let q8 = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q8);
-                let dwords = micro && matches!(want, Layout::Q4Rows8 { .. });
+                let dwords = micro && matches!(want, Layout::Q4Rows8 { .. } | Layout::K32Rows8 { .. });
                 if matches!(want, Layout::LowRows4 { .. }) {
                     assert_eq!(q8, layout, "{}: one layout on every grid", format.name());
                 }
-                assert_eq!(matches!(q8, Layout::Q4Rows8 { dwords: true, .. }), dwords, "{}", format.name());
+                assert_eq!(
+                    matches!(q8, Layout::Q4Rows8 { dwords: true, .. } | Layout::K32Rows8 { dwords: true, .. }),
+                    dwords,
+                    "{}",
+                    format.name()
+                );
                 assert_eq!(q8.group_stride(), layout.group_stride());
-                if micro && matches!(format, QuantFormat::Q4_K | QuantFormat::Q5_K) {
-                    continue; // f32 scales and offsets per 32 values
-                }
                 assert_eq!(
                     layout.group_stride(),
                     layout.group_rows() as u64 * format.row_bytes(cols as usize).unwrap() as u64,
@@ -1092,17 +1125,16 @@ mod tests {
 
     /// Every format packs into at most its own bytes (for rows a whole number of every block
     /// size and of the 8-column chunks) on both activation grids, on targets without
-    /// micro-kernels and with them, except that the latter widen the K-quants
-    /// (`widens_k_quants`), which are then larger: the test fails when that changes, too.
+    /// micro-kernels and with them, except that the latter widen the K16 formats
+    /// (`widens_k16`), which are then larger: the test fails when that changes, too.
     #[test]
     fn every_format_packs_into_at_most_its_own_bytes() {
         let (rows, cols) = (16u32, 512u32);
         for format in QuantFormat::ALL {
             let raw = matrix(format, rows as usize, cols as usize);
             for micro in [false, true] {
-                let blocks = decode(format, &[rows, cols], &raw, widens_k_quants(micro));
-                let widened =
-                    widens_k_quants(micro) && matches!(format.spec().kernel, KernelForm::K16(..) | KernelForm::K32(..));
+                let blocks = decode(format, &[rows, cols], &raw, widens_k16(micro));
+                let widened = widens_k16(micro) && matches!(format.spec().kernel, KernelForm::K16(..));
                 for act in [ActDType::Q16, ActDType::Q8] {
                     let packed = layout_for(format, &[rows, cols], &blocks, micro, act).bytes();
                     let stored = raw.len() as u64;
@@ -1147,7 +1179,7 @@ mod tests {
             for micro in [false, true] {
                 let whole = match format.spec().kernel {
                     KernelForm::Q8(_) => Blocks::Q8(q8_blocks(format, &raw).unwrap()),
-                    KernelForm::K16(kind, _) if widens_k_quants(micro) => Blocks::Q8S16(
+                    KernelForm::K16(kind, _) if widens_k16(micro) => Blocks::Q8S16(
                         k16_blocks(format, &raw).unwrap().iter().flat_map(|b| k16_as_q8s16(b, kind)).collect(),
                     ),
                     KernelForm::K16(..) => Blocks::K16(k16_blocks(format, &raw).unwrap()),
@@ -1160,7 +1192,7 @@ mod tests {
                 for threads in [1, 3] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     let (got_layout, parts) = pool.install(|| {
-                        let decoded = decode(format, &[rows, cols], &raw, widens_k_quants(micro));
+                        let decoded = decode(format, &[rows, cols], &raw, widens_k16(micro));
                         let layout = layout_for(format, &[rows, cols], &decoded, micro, ActDType::Q16);
                         (layout, pack_matrix(format, layout, &raw, &decoded))
                     });

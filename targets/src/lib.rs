@@ -109,7 +109,19 @@ pub struct MicroKernel {
     pub x_block_bytes: u32,
     /// `NibbleDwords`: byte offset of the block's values as int8 within an activation block.
     pub x_i8_at: Option<u32>,
+    /// Blocks come in 256-value super-blocks (kernel form K32: q4_k, q5_k): a
+    /// [`K32_HEADER`]-byte header, `d[8]` f16, `dmin[8]` f16, then the rows' sixteen 6-bit
+    /// scales and minimums byte-major (byte `i` of row `r` at `32 + 8 i + r`; of a row's 12
+    /// bytes, byte `j < 8` holds scale `j`'s low nibble and minimum `j`'s in its high nibble,
+    /// byte `8 + j` in bits `2k` the high bit pairs of value `j + 4k`, scales 0..8 then
+    /// minimums), then 8 blocks of `block_bytes` laid out as above (no scales of their own).
+    /// Block `s` has `d = d * sc_s` and `m = -(dmin * m_s)`, rounded as f32 products, and
+    /// `n_blocks` counts super-blocks.
+    pub k32: bool,
 }
+
+/// Bytes of the header of a [`MicroKernel::k32`] super-block.
+pub const K32_HEADER: u32 = 128;
 
 /// An attention micro-kernel: one step of causal attention for the `heads` query heads of one
 /// KV head and one token row (the heads adjacent in memory, `head_dim` f32 each), over a tile

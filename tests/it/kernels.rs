@@ -141,7 +141,7 @@ fn quantized_norm_feeds_a_matmul() {
     }
 }
 
-/// On the q8 activation grid (`act=q8`) the Q4 and Q5 forms take the 8-bit micro-kernels
+/// On the q8 activation grid (`act=q8`) the Q4, Q5 and K32 forms take the 8-bit micro-kernels
 /// (4-byte chunks, `vpmaddubsw` on x86-64) and every other form reads the wider activation blocks:
 /// each against the interpreter, every tile height, partial row groups, epilogues.
 #[test]
@@ -152,6 +152,7 @@ fn matmul_kernels_on_the_q8_grid_match_the_interpreter() {
         QuantFormat::Q4_1,
         QuantFormat::Q4_K,
         QuantFormat::Q5_0,
+        QuantFormat::Q5_K,
         QuantFormat::Q8_0,
         QuantFormat::Q6_K,
         QuantFormat::F16,

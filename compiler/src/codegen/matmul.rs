@@ -19,8 +19,8 @@ use targets::{MicroKernel, MicroValues};
 
 use super::builder::{le, Kb};
 use crate::pack::{
-    q4_group_block, q4x8_group_block, q8_group_block, q8s16x8_group_block, q8x8_group_block, scales_bytes, Layout,
-    PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
+    k32x8_block_values, q4_group_block, q4x8_group_block, q8_group_block, q8s16x8_group_block, q8x8_group_block,
+    scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
 };
 use crate::passes::plan_memory::{q16_block_bytes, Location, Q8_VALUES_AT};
 use ir::quant::KKind;
@@ -65,6 +65,25 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
         }
         Layout::Q8Rows8 { half, .. } => (MicroValues::Bytes, half, false, q8x8_group_block(half)),
         Layout::Q8S16Rows8 { mins, .. } => (MicroValues::Bytes, false, mins, q8s16x8_group_block(mins)),
+        Layout::K32Rows8 { high, dwords, .. } => {
+            let values = if dwords { MicroValues::NibbleDwords } else { MicroValues::Nibbles };
+            return Some(MicroKernel {
+                tokens: tokens as u32,
+                values,
+                half: false,
+                halves: false,
+                mins_at: Some(0),
+                qs_at: 0,
+                high_at: high.then_some(128),
+                block_bytes: k32x8_block_values(high) as u32,
+                x_block_bytes: q16_block_bytes(act) as u32,
+                x_i8_at: dwords.then(|| {
+                    assert_eq!(act, ActDType::Q8, "4-byte chunks are for the q8 grid");
+                    Q8_VALUES_AT as u32
+                }),
+                k32: true,
+            });
+        }
         _ => return None,
     };
     let halves = matches!(layout, Layout::Q8S16Rows8 { .. });
@@ -86,6 +105,7 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
             assert_eq!(act, ActDType::Q8, "4-byte chunks are for the q8 grid");
             Q8_VALUES_AT as u32
         }),
+        k32: false,
     })
 }
 
@@ -153,10 +173,15 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                         vec![]
                     });
                 }
-                Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::Q8S16Rows8 { .. } => {
+                Layout::Q4Rows8 { .. }
+                | Layout::Q8Rows8 { .. }
+                | Layout::Q8S16Rows8 { .. }
+                | Layout::K32Rows8 { .. } => {
                     let (micro, tile_out) =
                         (spec.micro.expect("8-row layouts come with micro-kernels"), tile_out.unwrap());
-                    let tile = Tile { micro, out: tile_out, wg, x_base, x_row_bytes, n_blocks: cols / 32 };
+                    // Blocks per row: 256-value super-blocks for K32.
+                    let block = if matches!(spec.weight.layout, Layout::K32Rows8 { .. }) { 256 } else { 32 };
+                    let tile = Tile { micro, out: tile_out, wg, x_base, x_row_bytes, n_blocks: cols / block };
                     // Tiles of 4 token rows, then one tile of the 1-3 rows left.
                     let len = kb.b.ins().isub(tb1, tb0);
                     let left = kb.b.ins().band_imm_s(len, MICRO_TOKENS as i64 - 1);
@@ -511,41 +536,12 @@ pub(super) enum RowAt {
 pub(super) fn k16_scale(kb: &mut Kb, kind: KKind, wb: Value, s: i64, r: RowAt) -> (Value, Option<Value>) {
     let base = crate::pack::k16_scales_at(kind) as i64;
     if kind == KKind::Q3 {
-        let sc = six_bit_value(kb, wb, base, s, r);
+        let sc = six_bit_value(kb, wb, base, s, r, 4);
         let thirty_two = splat_i32(kb, r, 32);
         return (kb.b.ins().isub(sc, thirty_two), None);
     }
-    // Byte `i` of the scale bytes of the four rows (i32x4, unsigned) or of the lane (i32).
-    let byte = |kb: &mut Kb, i: i64, signed: bool| match r {
-        RowAt::Const(_) => {
-            let v = kb.load(I32, wb, base + 4 * i);
-            let v = kb.b.ins().scalar_to_vector(I32X4, v);
-            let v = kb.b.ins().bitcast(I8X16, le(), v);
-            if signed {
-                let v = kb.b.ins().swiden_low(v);
-                kb.b.ins().swiden_low(v)
-            } else {
-                let v = kb.b.ins().uwiden_low(v);
-                kb.b.ins().uwiden_low(v)
-            }
-        }
-        RowAt::Lane(lane) => {
-            let p = kb.addr(wb, lane, 1, base + 4 * i);
-            let v = kb.load(I8, p, 0);
-            if signed {
-                kb.b.ins().sextend(I32, v)
-            } else {
-                kb.b.ins().uextend(I32, v)
-            }
-        }
-    };
-    let lanes = |kb: &mut Kb, c: i64| match r {
-        RowAt::Const(_) => {
-            let c = kb.b.ins().iconst(I32, c);
-            kb.b.ins().splat(I32X4, c)
-        }
-        RowAt::Lane(_) => kb.b.ins().iconst(I32, c),
-    };
+    let byte = |kb: &mut Kb, i: i64, signed: bool| scale_byte(kb, wb, base, i, r, 4, signed);
+    let lanes = |kb: &mut Kb, c: i64| splat_i32(kb, r, c);
     match kind {
         KKind::Q6 => (byte(kb, s, true), None),
         KKind::Q2 => {
@@ -568,33 +564,43 @@ fn splat_i32(kb: &mut Kb, r: RowAt, c: i64) -> Value {
     }
 }
 
-/// Byte `i` of the byte-major scale bytes at `wb + base` of the four rows (`i32x4`), or of
-/// one lane (`i32`), unsigned.
-fn scale_byte(kb: &mut Kb, wb: Value, base: i64, i: i64, r: RowAt) -> Value {
+/// Byte `i` of the byte-major scale bytes at `wb + base` of a group of `rows` rows: of the
+/// four rows (`i32x4`), or of one lane (`i32`), `signed` or not.
+fn scale_byte(kb: &mut Kb, wb: Value, base: i64, i: i64, r: RowAt, rows: i64, signed: bool) -> Value {
     match r {
         RowAt::Const(_) => {
+            assert_eq!(rows, 4, "four rows at a time from 4-row groups");
             let v = kb.load(I32, wb, base + 4 * i);
             let v = kb.b.ins().scalar_to_vector(I32X4, v);
             let v = kb.b.ins().bitcast(I8X16, le(), v);
-            let v = kb.b.ins().uwiden_low(v);
-            kb.b.ins().uwiden_low(v)
+            if signed {
+                let v = kb.b.ins().swiden_low(v);
+                kb.b.ins().swiden_low(v)
+            } else {
+                let v = kb.b.ins().uwiden_low(v);
+                kb.b.ins().uwiden_low(v)
+            }
         }
         RowAt::Lane(lane) => {
-            let p = kb.addr(wb, lane, 1, base + 4 * i);
+            let p = kb.addr(wb, lane, 1, base + rows * i);
             let v = kb.load(I8, p, 0);
-            kb.b.ins().uextend(I32, v)
+            if signed {
+                kb.b.ins().sextend(I32, v)
+            } else {
+                kb.b.ins().uextend(I32, v)
+            }
         }
     }
 }
 
 /// Value `t` of the sixteen 6-bit values at `wb + base` (`pack::six_bits`, byte-major over
-/// the four rows): for the four rows (`i32x4`) or one lane (`i32`).
-fn six_bit_value(kb: &mut Kb, wb: Value, base: i64, t: i64, r: RowAt) -> Value {
-    let lo = scale_byte(kb, wb, base, t % 8, r);
+/// a group of `rows` rows): for the four rows (`i32x4`) or one lane (`i32`).
+fn six_bit_value(kb: &mut Kb, wb: Value, base: i64, t: i64, r: RowAt, rows: i64) -> Value {
+    let lo = scale_byte(kb, wb, base, t % 8, r, rows, false);
     let lo = kb.b.ins().ushr_imm_s(lo, 4 * (t / 8));
     let fifteen = splat_i32(kb, r, 15);
     let lo = kb.b.ins().band(lo, fifteen);
-    let hi = scale_byte(kb, wb, base, 8 + t % 4, r);
+    let hi = scale_byte(kb, wb, base, 8 + t % 4, r, rows, false);
     let hi = kb.b.ins().ushr_imm_s(hi, 2 * (t / 4));
     let three = splat_i32(kb, r, 3);
     let hi = kb.b.ins().band(hi, three);
@@ -602,10 +608,11 @@ fn six_bit_value(kb: &mut Kb, wb: Value, base: i64, t: i64, r: RowAt) -> Value {
     kb.b.ins().bor(lo, hi)
 }
 
-/// The 6-bit scale and minimum of 32-value block `s` of a [`Layout::K32Rows4`] super-block at
-/// `wb`, of the four rows (`i32x4`) or one lane (`i32`).
-pub(super) fn k32_scale(kb: &mut Kb, wb: Value, s: i64, r: RowAt) -> (Value, Value) {
-    (six_bit_value(kb, wb, 16, s, r), six_bit_value(kb, wb, 16, 8 + s, r))
+/// The 6-bit scale and minimum of 32-value block `s` of a [`Layout::K32Rows4`] (`rows` 4) or
+/// [`Layout::K32Rows8`] (`rows` 8) super-block at `wb`, after the rows' `d` and `dmin`: of the
+/// four rows (`i32x4`) or one lane (`i32`).
+pub(super) fn k32_scale(kb: &mut Kb, wb: Value, s: i64, r: RowAt, rows: i64) -> (Value, Value) {
+    (six_bit_value(kb, wb, 4 * rows, s, r, rows), six_bit_value(kb, wb, 4 * rows, 8 + s, r, rows))
 }
 
 /// The low and the high nibbles of the 16 bytes `w` (`mask`: 15 in every byte), as `i8x16`.
@@ -678,7 +685,7 @@ fn dot_k32(kb: &mut Kb, high: bool, wg: Value, x_rows: &[Value], n_super: i64, x
                     p[tok][r as usize] = sum;
                 }
             }
-            let (sc, m) = k32_scale(kb, wb, s, RowAt::Const(0));
+            let (sc, m) = k32_scale(kb, wb, s, RowAt::Const(0), 4);
             let sc = kb.b.ins().fcvt_from_sint(F32X4, sc);
             let ds = kb.b.ins().fmul(d, sc);
             let m = kb.b.ins().fcvt_from_sint(F32X4, m);

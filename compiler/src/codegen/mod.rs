@@ -413,7 +413,8 @@ fn define_micro_kernels(
                 .micro_kernel(&spec)
                 .ok_or_else(|| CodegenError::Unsupported(format!("target {} has no micro-kernels", target.triple())))?;
             let name = format!(
-                "kiln_micro_{}x8_{}_{}_t{tokens}",
+                "kiln_micro_{}{}x8_{}_{}_t{tokens}",
+                if spec.k32 { "k" } else { "" },
                 match (spec.values, spec.halves, spec.high_at.is_some()) {
                     (targets::MicroValues::Nibbles, _, false) => "q4",
                     (targets::MicroValues::NibbleDwords, _, false) => "q4i8",

@@ -7,7 +7,7 @@ use cranelift_codegen::ir::types::{F32, F32X4, I16, I16X8, I32, I32X4, I64, I8, 
 use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 
 use super::abi;
-use super::builder::Kb;
+use super::builder::{rw, Kb};
 use crate::pack::{Layout, PackedWeight, F32_GROUP_CHUNK};
 use crate::passes::plan_memory::{q16_block_bytes, Location};
 use ir::ActDType;
@@ -223,15 +223,17 @@ pub fn emit_rope(kb: &mut Kb, x: Location, y: Location, n: u32, head_dim: u32, t
     });
 }
 
-/// The address of row `lane`'s `row_bytes` values in the group block at `blk` (values at
-/// `qs_at`): in place for the 4-row layouts, gathered into `row_buf` from the 8-row layouts'
-/// two-byte chunks.
-fn row_values(kb: &mut Kb, row_buf: Option<Value>, blk: Value, lane: Value, qs_at: i64, row_bytes: i64) -> Value {
+/// Row `lane`'s `row_bytes` values (16 or 32) in the group block at `blk` (values at
+/// `qs_at`), as `i8x16` vectors: in place for the 4-row layouts, gathered into `row_buf` from
+/// the 8-row layouts' two-byte chunks.
+fn row_values(kb: &mut Kb, row_buf: Option<Value>, blk: Value, lane: Value, qs_at: i64, row_bytes: i64) -> Vec<Value> {
     row_values_by(kb, row_buf, blk, lane, qs_at, row_bytes, 2)
 }
 
 /// [`row_values`] from an 8-row layout interleaving `by` bytes of each row at a time (2, or 4
-/// for `Layout::Q4Rows8 { dwords }`).
+/// for `Layout::Q4Rows8 { dwords }` and `Layout::K32Rows8 { dwords }`). The gathered bytes
+/// are read back as written memory (`rw`), not as weights: a read-only load of the buffer
+/// could be merged with another one of the same address.
 fn row_values_by(
     kb: &mut Kb,
     row_buf: Option<Value>,
@@ -240,9 +242,12 @@ fn row_values_by(
     qs_at: i64,
     row_bytes: i64,
     by: i64,
-) -> Value {
+) -> Vec<Value> {
     match row_buf {
-        None => kb.addr(blk, lane, row_bytes, qs_at),
+        None => {
+            let p = kb.addr(blk, lane, row_bytes, qs_at);
+            (0..row_bytes / 16).map(|i| kb.load(I8X16, p, 16 * i)).collect()
+        }
         Some(buf) => {
             let src = kb.addr(blk, lane, by, qs_at);
             let ty = if by == 4 { I32 } else { I16 };
@@ -250,7 +255,7 @@ fn row_values_by(
                 let v = kb.load(ty, src, 8 * by * u);
                 kb.store(v, buf, by * u);
             }
-            buf
+            (0..row_bytes / 16).map(|i| kb.b.ins().load(I8X16, rw(), buf, (16 * i) as i32)).collect()
         }
     }
 }
@@ -366,8 +371,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             // Sixteen-value halves as i8x16, elements 0..16 and 16..32.
                             let qs_at = if mins { 2 * sb } else { sb };
                             let (halves, m) = if q8 {
-                                let qs = row_values(kb, row_buf, blk, lane, qs_at, 32);
-                                (vec![kb.load(I8X16, qs, 0), kb.load(I8X16, qs, 16)], None)
+                                (row_values(kb, row_buf, blk, lane, qs_at, 32), None)
                             } else {
                                 let m = if mins {
                                     lane_scale(kb, sb)
@@ -379,8 +383,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                 };
                                 let by =
                                     if matches!(table.layout, Layout::Q4Rows8 { dwords: true, .. }) { 4 } else { 2 };
-                                let qs = row_values_by(kb, row_buf, blk, lane, qs_at, 16, by);
-                                let w = kb.load(I8X16, qs, 0);
+                                let w = row_values_by(kb, row_buf, blk, lane, qs_at, 16, by)[0];
                                 let [lo, hi] = super::matmul::nibbles(kb, w, mask);
                                 let (lo, hi) = if high {
                                     // This row's fifth bits after the group's nibbles.
@@ -437,7 +440,8 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             let blk = kb.addr(base, b, block, 0);
                             let out = kb.addr(yr, b, 128, 0);
                             let qs = row_values(kb, row_buf, blk, lane, qs_at, 32);
-                            for h in 0..2i64 {
+                            for (h, &half) in qs.iter().enumerate() {
+                                let h = h as i64;
                                 let d_ptr = kb.addr(blk, lane, 4, half_scales * h);
                                 let d = kb.load(F32, d_ptr, 0);
                                 let d = kb.b.ins().splat(F32X4, d);
@@ -448,7 +452,6 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                 } else {
                                     None
                                 };
-                                let half = kb.load(I8X16, qs, 16 * h);
                                 let wide = [kb.b.ins().swiden_low(half), kb.b.ins().swiden_high(half)];
                                 for (k, w16) in wide.into_iter().enumerate() {
                                     let w32 = [kb.b.ins().swiden_low(w16), kb.b.ins().swiden_high(w16)];
@@ -468,22 +471,51 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             vec![]
                         });
                     }
-                    Layout::K32Rows4 { high, .. } => {
+                    Layout::K32Rows4 { high, .. } | Layout::K32Rows8 { high, .. } => {
                         use super::matmul::{k32_scale, k32_values, RowAt};
                         let ns = kb.iconst(cols / 256);
-                        let bstride = crate::pack::k32_block_values(high) as i64;
-                        let at = crate::pack::K32_VALUES_AT as i64;
+                        // The blocks' values, and with 8 rows the interleave of their chunks.
+                        let (bstride, at, by) = match table.layout {
+                            Layout::K32Rows8 { dwords, .. } => (
+                                crate::pack::k32x8_block_values(high) as i64,
+                                targets::K32_HEADER as i64,
+                                if dwords { 4 } else { 2 },
+                            ),
+                            _ => (crate::pack::k32_block_values(high) as i64, crate::pack::K32_VALUES_AT as i64, 0),
+                        };
                         kb.for_range(zero, ns, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, stride / (cols / 256), 0);
                             let lane_half = |kb: &mut Kb, at: i64| lane_scale(kb, blk, lane, at, true);
-                            let (d, dmin) = (lane_half(kb, 0), lane_half(kb, 8));
+                            let (d, dmin) = (lane_half(kb, 0), lane_half(kb, 2 * group_rows));
                             let out = kb.addr(yr, b, 1024, 0);
                             for s in 0..8i64 {
-                                let qs = kb.addr(blk, lane, 16, at + bstride * s);
-                                let qh = high.then(|| kb.addr(blk, lane, 4, at + bstride * s + 64));
-                                let halves = k32_values(kb, qs, qh);
+                                let halves = if by == 0 {
+                                    let qs = kb.addr(blk, lane, 16, at + bstride * s);
+                                    let qh = high.then(|| kb.addr(blk, lane, 4, at + bstride * s + 64));
+                                    k32_values(kb, qs, qh)
+                                } else {
+                                    // Gathered from the chunks, with the fifth bits after them.
+                                    let w = row_values_by(kb, row_buf, blk, lane, at + bstride * s, 16, by)[0];
+                                    let mask = kb.vconst_bytes([15; 16]);
+                                    let [lo, hi] = super::matmul::nibbles(kb, w, mask);
+                                    if high {
+                                        let qh_at = at + bstride * s + 128;
+                                        let qh = if by == 4 {
+                                            let p = kb.addr(blk, lane, 4, qh_at);
+                                            let word = kb.load(I32, p, 0);
+                                            fifth_bits_of_dword_chunk(kb, word)
+                                        } else {
+                                            let p = kb.addr(blk, lane, 2, qh_at);
+                                            let chunks = [kb.load(I16, p, 0), kb.load(I16, p, 16)];
+                                            fifth_bits_of_8_row_chunks(kb, chunks)
+                                        };
+                                        [kb.with_high_bits(lo, qh, 0, 16), kb.with_high_bits(hi, qh, 2, 16)]
+                                    } else {
+                                        [lo, hi]
+                                    }
+                                };
                                 // d * sc and dmin * m as the dequantizer rounds them.
-                                let (sc, m) = k32_scale(kb, blk, s, RowAt::Lane(lane));
+                                let (sc, m) = k32_scale(kb, blk, s, RowAt::Lane(lane), group_rows);
                                 let [sc, m] = [sc, m].map(|v| {
                                     let v = kb.b.ins().fcvt_from_sint(F32, v);
                                     kb.b.ins().splat(F32X4, v)

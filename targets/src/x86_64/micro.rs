@@ -21,7 +21,7 @@
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
-use crate::{MicroKernel, MicroValues};
+use crate::{MicroKernel, MicroValues, K32_HEADER};
 
 /// Bytes of a q16 activation block before its values: scale f32, sum f32.
 const X_VALUES_AT: i32 = 8;
@@ -43,6 +43,33 @@ fn merge_fifth_bit(a: &mut CodeAssembler, values: AsmRegisterYmm, from: i32) -> 
     a.vpor(values, values, ymm5)
 }
 
+/// Block `s`'s scales of a K32 super-block at `rdi` for the 8 rows: ymm12 = `d * sc_s`, ymm13
+/// = `-(dmin * m_s)` (f32). Uses ymm5 and ymm14; ymm7 holds the sign bit.
+fn k32_scales(a: &mut CodeAssembler, s: i32) -> Result<(), IcedError> {
+    let (sc, m, t, bits) = (ymm12, ymm13, ymm14, ymm5);
+    let byte = |i: i32| qword_ptr(rdi + (32 + 8 * i));
+    // Byte s: scale s's low nibble and minimum s's high nibble, zero-extended per row.
+    a.vpmovzxbd(sc, byte(s))?;
+    a.vpsrld(m, sc, 4)?;
+    a.vpslld(sc, sc, 28)?;
+    a.vpsrld(sc, sc, 28)?;
+    // Byte 8 + s % 4: the high bit pairs of values s (bits 2(s/4)) and 8 + s (2(s/4) + 4).
+    a.vpmovzxbd(t, byte(8 + s % 4))?;
+    for (v, pair) in [(sc, 2 * (s / 4)), (m, 2 * (s / 4) + 4)] {
+        a.vpslld(bits, t, (30 - pair) as u32)?;
+        a.vpsrld(bits, bits, 30)?;
+        a.vpslld(bits, bits, 4)?;
+        a.vpor(v, v, bits)?;
+    }
+    a.vcvtdq2ps(sc, sc)?;
+    a.vcvtdq2ps(m, m)?;
+    a.vcvtph2ps(bits, xmmword_ptr(rdi))?;
+    a.vmulps(sc, sc, bits)?;
+    a.vcvtph2ps(bits, xmmword_ptr(rdi + 16))?;
+    a.vmulps(m, m, bits)?;
+    a.vxorps(m, m, ymm7)
+}
+
 pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     assert!((1..=4).contains(&k.tokens), "1 to 4 tokens per call");
     let tokens = k.tokens as usize;
@@ -51,7 +78,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     let (lo, hi, tmp, mask, minus8) = (ymm12, ymm13, ymm14, ymm15, ymm7);
     // Arguments (System V): rdi = w, rsi = x, rdx = x_stride, rcx = out, r8 = n_blocks.
     // Token t's block is at rsi + t * rdx: t = 3 is r9 + 2 * rdx with r9 = rsi + rdx.
-    let x = |t: usize, disp: i32| -> AsmMemoryOperand {
+    let x_at = |t: usize, disp: i32| -> AsmMemoryOperand {
         match t {
             0 => rsi + disp,
             1 => rsi + rdx + disp,
@@ -102,6 +129,13 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
         a.vmovd(xmm7, eax)?;
         a.vbroadcastss(minus8, xmm7)?;
     }
+    if k.k32 {
+        assert!(k.mins_at.is_some() && !k.half && !k.halves, "K32 super-blocks: scales from the header");
+        // ymm7: the f32 sign bit, to negate the minimums' products exactly.
+        a.mov(eax, i32::MIN)?;
+        a.vmovd(xmm7, eax)?;
+        a.vpbroadcastd(ymm7, xmm7)?;
+    }
     if k.high_at.is_some() {
         assert!(k.values != MicroValues::Bytes, "fifth bits come with nibbles");
         // ymm4: 16 in every int16 lane (or byte), the weight of a fifth bit.
@@ -112,165 +146,177 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     a.test(r8, r8)?;
     a.jle(done)?;
     a.set_label(&mut top)?;
-    let qs = k.qs_at as i32;
-    if k.halves {
-        assert!(k.values == MicroValues::Bytes && !k.half, "Q8S16 blocks: bytes with f32 scales");
-        // ymm6: int16 ones, for the halves' activation sums.
-        a.mov(eax, 0x0001_0001)?;
-        a.vmovd(xmm6, eax)?;
-        a.vpbroadcastd(ymm6, xmm6)?;
-    }
-    let chunks = match k.values {
-        MicroValues::Nibbles => 8,
-        MicroValues::NibbleDwords => 4,
-        MicroValues::Bytes => 16,
-    };
-    // The chunks folded into f32 together: all of them, or each 16-value half.
-    let folds: Vec<std::ops::Range<i32>> = if k.halves { vec![0..8, 8..16] } else { vec![0..chunks] };
-    for (h, fold) in folds.into_iter().enumerate() {
-        let mut first = true;
-        for u in fold {
-            if dwords {
-                // Chunk u: 4 bytes of each row; low nibbles are values 4u..4u+4, high nibbles
-                // 16+4u..20+4u, against the int8 activations broadcast 4 at a time.
-                // `vpmaddubsw` (unsigned nibbles by signed bytes) leaves per row two int16
-                // pair sums of at most 2 * 15 * 127; 8 of them per block fit int16.
-                let x_i8 = k.x_i8_at.expect("int8 activations") as i32;
-                a.vmovdqu(hi, ymmword_ptr(rdi + (qs + 32 * u)))?;
-                a.vpand(lo, hi, mask)?;
-                a.vpsrlw(hi, hi, 4)?;
-                a.vpand(hi, hi, mask)?;
-                if let Some(at) = k.high_at {
-                    // ymm6: the block's fifth bits, bits 2u and 2u + 1 of each byte for this
-                    // chunk's low and high nibbles; moved to bit 4 (word shifts: the 0x10 mask
-                    // keeps only bits that stayed in their byte).
-                    if u == 0 {
-                        a.vmovdqu(ymm6, ymmword_ptr(rdi + at as i32))?;
+    // K32 super-blocks: 8 blocks after the header, each with its scales unpacked from it.
+    let subs = if k.k32 { 8 } else { 1 };
+    for s in 0..subs {
+        let base = if k.k32 { (K32_HEADER + s * k.block_bytes) as i32 } else { 0 };
+        let xo = (s * k.x_block_bytes) as i32;
+        let x = |t: usize, disp: i32| x_at(t, disp + xo);
+        let high_at = k.high_at.map(|at| at as i32 + base);
+        let qs = k.qs_at as i32 + base;
+        if k.halves {
+            assert!(k.values == MicroValues::Bytes && !k.half, "Q8S16 blocks: bytes with f32 scales");
+            // ymm6: int16 ones, for the halves' activation sums.
+            a.mov(eax, 0x0001_0001)?;
+            a.vmovd(xmm6, eax)?;
+            a.vpbroadcastd(ymm6, xmm6)?;
+        }
+        let chunks = match k.values {
+            MicroValues::Nibbles => 8,
+            MicroValues::NibbleDwords => 4,
+            MicroValues::Bytes => 16,
+        };
+        // The chunks folded into f32 together: all of them, or each 16-value half.
+        let folds: Vec<std::ops::Range<i32>> = if k.halves { vec![0..8, 8..16] } else { vec![0..chunks] };
+        for (h, fold) in folds.into_iter().enumerate() {
+            let mut first = true;
+            for u in fold {
+                if dwords {
+                    // Chunk u: 4 bytes of each row; low nibbles are values 4u..4u+4, high nibbles
+                    // 16+4u..20+4u, against the int8 activations broadcast 4 at a time.
+                    // `vpmaddubsw` (unsigned nibbles by signed bytes) leaves per row two int16
+                    // pair sums of at most 2 * 15 * 127; 8 of them per block fit int16.
+                    let x_i8 = k.x_i8_at.expect("int8 activations") as i32;
+                    a.vmovdqu(hi, ymmword_ptr(rdi + (qs + 32 * u)))?;
+                    a.vpand(lo, hi, mask)?;
+                    a.vpsrlw(hi, hi, 4)?;
+                    a.vpand(hi, hi, mask)?;
+                    if let Some(at) = high_at {
+                        // ymm6: the block's fifth bits, bits 2u and 2u + 1 of each byte for this
+                        // chunk's low and high nibbles; moved to bit 4 (word shifts: the 0x10 mask
+                        // keeps only bits that stayed in their byte).
+                        if u == 0 {
+                            a.vmovdqu(ymm6, ymmword_ptr(rdi + at))?;
+                        }
+                        merge_fifth_bit(&mut a, lo, 2 * u)?;
+                        merge_fifth_bit(&mut a, hi, 2 * u + 1)?;
                     }
-                    merge_fifth_bit(&mut a, lo, 2 * u)?;
-                    merge_fifth_bit(&mut a, hi, 2 * u + 1)?;
+                    for (values, value) in [(lo, 4 * u), (hi, 16 + 4 * u)] {
+                        for t in 0..tokens {
+                            a.vpbroadcastd(tmp, dword_ptr(x(t, x_i8 + value)))?;
+                            if first {
+                                a.vpmaddubsw(iacc[t], values, tmp)?;
+                            } else {
+                                a.vpmaddubsw(tmp, values, tmp)?;
+                                a.vpaddw(iacc[t], iacc[t], tmp)?;
+                            }
+                        }
+                        first = false;
+                    }
+                    if spill && u % 2 == 1 {
+                        // Half a block of 5-bit products: widen into the int32 sums.
+                        for t in 0..tokens {
+                            if u == 1 {
+                                a.vpmaddwd(facc[t], iacc[t], ymmword_ptr(rsp))?;
+                            } else {
+                                a.vpmaddwd(iacc[t], iacc[t], ymmword_ptr(rsp))?;
+                                a.vpaddd(facc[t], facc[t], iacc[t])?;
+                            }
+                        }
+                        first = true;
+                    }
+                    continue;
                 }
-                for (values, value) in [(lo, 4 * u), (hi, 16 + 4 * u)] {
+                let pairs = match k.values {
+                    MicroValues::Nibbles => {
+                        a.vpmovzxbw(hi, xmmword_ptr(rdi + (qs + 16 * u)))?;
+                        a.vpand(lo, hi, mask)?;
+                        a.vpsrlw(hi, hi, 4)?;
+                        if let Some(at) = high_at {
+                            // ymm6: the fifth bits of chunks 4c..4c+4, lanes as the nibbles'.
+                            if u % 4 == 0 {
+                                a.vpmovzxbw(ymm6, xmmword_ptr(rdi + (at + 16 * (u / 4))))?;
+                            }
+                            let j = u % 4;
+                            // Bit 2j (low nibble's value) and 2j + 1 (high's) to bit 4, then add.
+                            merge_fifth_bit(&mut a, lo, 2 * j)?;
+                            merge_fifth_bit(&mut a, hi, 2 * j + 1)?;
+                        }
+                        // Low nibbles are values 2u, 2u+1; high nibbles 16+2u, 17+2u.
+                        vec![(lo, 2 * u), (hi, 16 + 2 * u)]
+                    }
+                    MicroValues::Bytes => {
+                        a.vpmovsxbw(lo, xmmword_ptr(rdi + (qs + 16 * u)))?;
+                        vec![(lo, 2 * u)]
+                    }
+                    MicroValues::NibbleDwords => unreachable!("handled above"),
+                };
+                for (values, value) in pairs {
                     for t in 0..tokens {
-                        a.vpbroadcastd(tmp, dword_ptr(x(t, x_i8 + value)))?;
+                        a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 2 * value)))?;
                         if first {
-                            a.vpmaddubsw(iacc[t], values, tmp)?;
+                            a.vpmaddwd(iacc[t], values, tmp)?;
                         } else {
-                            a.vpmaddubsw(tmp, values, tmp)?;
-                            a.vpaddw(iacc[t], iacc[t], tmp)?;
+                            a.vpmaddwd(tmp, values, tmp)?;
+                            a.vpaddd(iacc[t], iacc[t], tmp)?;
                         }
                     }
                     first = false;
                 }
-                if spill && u % 2 == 1 {
-                    // Half a block of 5-bit products: widen into the int32 sums.
-                    for t in 0..tokens {
-                        if u == 1 {
-                            a.vpmaddwd(facc[t], iacc[t], ymmword_ptr(rsp))?;
-                        } else {
-                            a.vpmaddwd(iacc[t], iacc[t], ymmword_ptr(rsp))?;
-                            a.vpaddd(facc[t], facc[t], iacc[t])?;
-                        }
-                    }
-                    first = true;
-                }
-                continue;
             }
-            let pairs = match k.values {
-                MicroValues::Nibbles => {
-                    a.vpmovzxbw(hi, xmmword_ptr(rdi + (qs + 16 * u)))?;
-                    a.vpand(lo, hi, mask)?;
-                    a.vpsrlw(hi, hi, 4)?;
-                    if let Some(at) = k.high_at {
-                        // ymm6: the fifth bits of chunks 4c..4c+4, lanes as the nibbles'.
-                        if u % 4 == 0 {
-                            a.vpmovzxbw(ymm6, xmmword_ptr(rdi + (at as i32 + 16 * (u / 4))))?;
-                        }
-                        let j = u % 4;
-                        // Bit 2j (low nibble's value) and 2j + 1 (high's) to bit 4, then add.
-                        merge_fifth_bit(&mut a, lo, 2 * j)?;
-                        merge_fifth_bit(&mut a, hi, 2 * j + 1)?;
-                    }
-                    // Low nibbles are values 2u, 2u+1; high nibbles 16+2u, 17+2u.
-                    vec![(lo, 2 * u), (hi, 16 + 2 * u)]
+            if dwords && !spill {
+                // Each row's two int16 pair sums (adjacent lanes) to one int32.
+                for &acc in &iacc[..tokens] {
+                    a.vpmaddwd(acc, acc, ymm6)?;
                 }
-                MicroValues::Bytes => {
-                    a.vpmovsxbw(lo, xmmword_ptr(rdi + (qs + 16 * u)))?;
-                    vec![(lo, 2 * u)]
-                }
-                MicroValues::NibbleDwords => unreachable!("handled above"),
+            }
+            // The block's int32 sums per token.
+            let isum = if spill { facc } else { iacc };
+            // d (ymm12) and m (ymm13) for the 8 rows (of half h).
+            let scales_at = 32 * h as i32;
+            if k.k32 {
+                k32_scales(&mut a, s as i32)?;
+            } else if k.half {
+                a.vcvtph2ps(lo, xmmword_ptr(rdi))?;
+            } else {
+                a.vmovups(lo, ymmword_ptr(rdi + scales_at))?;
+            }
+            let offsets = match k.mins_at {
+                _ if k.k32 => true,
+                Some(at) if k.half => a.vcvtph2ps(hi, xmmword_ptr(rdi + at as i32)).map(|_| true)?,
+                Some(at) => a.vmovups(hi, ymmword_ptr(rdi + (at as i32 + scales_at))).map(|_| true)?,
+                None if minus_8d => a.vmulps(hi, lo, minus8).map(|_| true)?,
+                None => false,
             };
-            for (values, value) in pairs {
-                for t in 0..tokens {
-                    a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 2 * value)))?;
-                    if first {
-                        a.vpmaddwd(iacc[t], values, tmp)?;
-                    } else {
-                        a.vpmaddwd(tmp, values, tmp)?;
-                        a.vpaddd(iacc[t], iacc[t], tmp)?;
+            for t in 0..tokens {
+                a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
+                a.vmulps(tmp, lo, tmp)?;
+                a.vcvtdq2ps(isum[t], isum[t])?;
+                if spill {
+                    // acc = fma(isum, d * scale, acc), then fma(m, sum, acc), with acc in memory.
+                    a.vfmadd213ps(isum[t], tmp, facc_at(t))?;
+                    if offsets {
+                        a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
+                        a.vfmadd231ps(isum[t], hi, tmp)?;
                     }
+                    a.vmovups(facc_at(t), isum[t])?;
+                    continue;
                 }
-                first = false;
-            }
-        }
-        if dwords && !spill {
-            // Each row's two int16 pair sums (adjacent lanes) to one int32.
-            for &acc in &iacc[..tokens] {
-                a.vpmaddwd(acc, acc, ymm6)?;
-            }
-        }
-        // The block's int32 sums per token.
-        let isum = if spill { facc } else { iacc };
-        // d (ymm12) and m (ymm13) for the 8 rows (of half h).
-        let scales_at = 32 * h as i32;
-        if k.half {
-            a.vcvtph2ps(lo, xmmword_ptr(rdi))?;
-        } else {
-            a.vmovups(lo, ymmword_ptr(rdi + scales_at))?;
-        }
-        let offsets = match k.mins_at {
-            Some(at) if k.half => a.vcvtph2ps(hi, xmmword_ptr(rdi + at as i32)).map(|_| true)?,
-            Some(at) => a.vmovups(hi, ymmword_ptr(rdi + (at as i32 + scales_at))).map(|_| true)?,
-            None if minus_8d => a.vmulps(hi, lo, minus8).map(|_| true)?,
-            None => false,
-        };
-        for t in 0..tokens {
-            a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
-            a.vmulps(tmp, lo, tmp)?;
-            a.vcvtdq2ps(isum[t], isum[t])?;
-            if spill {
-                // acc = fma(isum, d * scale, acc), then fma(m, sum, acc), with acc in memory.
-                a.vfmadd213ps(isum[t], tmp, facc_at(t))?;
-                if offsets {
+                a.vfmadd231ps(facc[t], iacc[t], tmp)?;
+                if offsets && k.halves {
+                    // f32(sum of the half's 16 activation integers) * scale, in every lane.
+                    a.vpmaddwd(tmp, ymm6, ymmword_ptr(x(t, X_VALUES_AT + 32 * h as i32)))?;
+                    a.vextracti128(xmm5, tmp, 1)?;
+                    a.vpaddd(xmm14, xmm14, xmm5)?;
+                    a.vpshufd(xmm5, xmm14, 0x4e)?;
+                    a.vpaddd(xmm14, xmm14, xmm5)?;
+                    a.vpshufd(xmm5, xmm14, 0xb1)?;
+                    a.vpaddd(xmm14, xmm14, xmm5)?;
+                    a.vcvtdq2ps(xmm14, xmm14)?;
+                    a.vmulss(xmm14, xmm14, dword_ptr(x(t, 0)))?;
+                    a.vbroadcastss(tmp, xmm14)?;
+                    a.vfmadd231ps(facc[t], hi, tmp)?;
+                } else if offsets {
                     a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
-                    a.vfmadd231ps(isum[t], hi, tmp)?;
+                    a.vfmadd231ps(facc[t], hi, tmp)?;
                 }
-                a.vmovups(facc_at(t), isum[t])?;
-                continue;
-            }
-            a.vfmadd231ps(facc[t], iacc[t], tmp)?;
-            if offsets && k.halves {
-                // f32(sum of the half's 16 activation integers) * scale, in every lane.
-                a.vpmaddwd(tmp, ymm6, ymmword_ptr(x(t, X_VALUES_AT + 32 * h as i32)))?;
-                a.vextracti128(xmm5, tmp, 1)?;
-                a.vpaddd(xmm14, xmm14, xmm5)?;
-                a.vpshufd(xmm5, xmm14, 0x4e)?;
-                a.vpaddd(xmm14, xmm14, xmm5)?;
-                a.vpshufd(xmm5, xmm14, 0xb1)?;
-                a.vpaddd(xmm14, xmm14, xmm5)?;
-                a.vcvtdq2ps(xmm14, xmm14)?;
-                a.vmulss(xmm14, xmm14, dword_ptr(x(t, 0)))?;
-                a.vbroadcastss(tmp, xmm14)?;
-                a.vfmadd231ps(facc[t], hi, tmp)?;
-            } else if offsets {
-                a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
-                a.vfmadd231ps(facc[t], hi, tmp)?;
             }
         }
     }
-    a.add(rdi, k.block_bytes as i32)?;
-    a.add(rsi, k.x_block_bytes as i32)?;
-    a.add(r9, k.x_block_bytes as i32)?;
+    let block_bytes = if k.k32 { K32_HEADER + 8 * k.block_bytes } else { k.block_bytes };
+    a.add(rdi, block_bytes as i32)?;
+    a.add(rsi, (subs * k.x_block_bytes) as i32)?;
+    a.add(r9, (subs * k.x_block_bytes) as i32)?;
     a.dec(r8)?;
     a.jnz(top)?;
     a.set_label(&mut done)?;
@@ -313,6 +359,7 @@ mod tests {
                             block_bytes: 2 * scales + 256,
                             x_block_bytes: 72,
                             x_i8_at: None,
+                            k32: false,
                         };
                         let halves = MicroKernel { halves: true, half: false, ..k };
                         let high = MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..k };
@@ -332,6 +379,19 @@ mod tests {
                                 continue;
                             }
                             super::super::assert_assembles_deterministically(&k, || kernel(&k).unwrap());
+                            if k.values != MicroValues::Bytes && !k.halves && !half && mins {
+                                // The same blocks in K32 super-blocks, scales from the header.
+                                let b = 128 + if k.high_at.is_some() { 32 } else { 0 };
+                                let k = MicroKernel {
+                                    k32: true,
+                                    mins_at: Some(0),
+                                    qs_at: 0,
+                                    high_at: k.high_at.map(|_| 128),
+                                    block_bytes: b,
+                                    ..k
+                                };
+                                super::super::assert_assembles_deterministically(&k, || kernel(&k).unwrap());
+                            }
                         }
                     }
                 }

@@ -94,6 +94,37 @@ pub const fn k32x8_block_values(high: bool) -> usize {
 pub const fn k32x8_group_block(high: bool) -> usize {
     targets::K32_HEADER as usize + 8 * k32x8_block_values(high)
 }
+/// Where the sub-block scales of a [`Layout::K16Rows8`] super-block start: after `d[8]` f16
+/// (and `dmin[8]` f16 for Q2).
+pub const fn k16x8_scales_at(kind: KKind) -> usize {
+    match kind {
+        KKind::Q2 => 32,
+        _ => 16,
+    }
+}
+/// Where the values of a [`Layout::K16Rows8`] super-block start: after the scales, one byte
+/// per sub-block and row (Q3: the 12 bytes of [`six_bits`] per row).
+pub const fn k16x8_values_at(kind: KKind) -> usize {
+    k16x8_scales_at(kind)
+        + match kind {
+            KKind::Q3 => 96,
+            _ => 128,
+        }
+}
+/// Bytes of one 16-value sub-block's values in a [`Layout::K16Rows8`] super-block: the 8
+/// rows' value planes (`targets::MicroKernel::k16`).
+pub const fn k16x8_sub_bytes(kind: KKind) -> usize {
+    match kind {
+        KKind::Q6 => 96,
+        KKind::Q3 => 48,
+        KKind::Q2 => 32,
+    }
+}
+/// Bytes of one 256-value super-block of a [`Layout::K16Rows8`] group: eight rows of the
+/// format's own bytes (672, 880, 1680).
+pub const fn k16x8_group_block(kind: KKind) -> usize {
+    k16x8_values_at(kind) + 16 * k16x8_sub_bytes(kind)
+}
 /// Where the sub-block scales of a [`Layout::K16Rows4`] super-block start: after `d[4]` f16
 /// (and `dmin[4]` f16 for Q2).
 pub const fn k16_scales_at(kind: KKind) -> usize {
@@ -182,6 +213,10 @@ pub enum Layout {
     /// ([`k32x8_group_block`]), each 32-value block's nibbles (and fifth bits) in the chunks
     /// of [`Layout::Q4Rows8`], 4-byte ones with `dwords`.
     K32Rows8 { rows: u32, cols: u32, high: bool, dwords: bool },
+    /// Matrix of a format whose kernel form is K16, for a target's micro-kernels
+    /// (`targets::MicroKernel::k16`): groups of 8 rows per 256-value super-block
+    /// ([`k16x8_group_block`]), each 16-value sub-block's values in planes of 16-byte chunks.
+    K16Rows8 { rows: u32, cols: u32, kind: KKind },
     /// Matrix of a K16 format widened to Q8S16 blocks for a target's micro-kernels
     /// ([`widens_k16`]): groups of 8 rows per 32-value block, `d[2][8]`, `m[2][8]` when `mins`, then the values in chunks
     /// as [`Layout::Q8Rows8`].
@@ -208,15 +243,18 @@ impl Layout {
             Layout::K16Rows4 { cols, kind, .. } => cols as u64 / 256 * k16_group_block(kind) as u64,
             Layout::K32Rows4 { cols, high, .. } => cols as u64 / 256 * k32_group_block(high) as u64,
             Layout::K32Rows8 { cols, high, .. } => cols as u64 / 256 * k32x8_group_block(high) as u64,
+            Layout::K16Rows8 { cols, kind, .. } => cols as u64 / 256 * k16x8_group_block(kind) as u64,
         }
     }
 
     /// Rows per group of a matrix layout.
     pub fn group_rows(self) -> usize {
         match self {
-            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::Q8S16Rows8 { .. } | Layout::K32Rows8 { .. } => {
-                MICRO_ROWS
-            }
+            Layout::Q4Rows8 { .. }
+            | Layout::Q8Rows8 { .. }
+            | Layout::Q8S16Rows8 { .. }
+            | Layout::K32Rows8 { .. }
+            | Layout::K16Rows8 { .. } => MICRO_ROWS,
             _ => ROWS,
         }
     }
@@ -235,7 +273,8 @@ impl Layout {
             | Layout::LowRows4 { rows, cols, .. }
             | Layout::K16Rows4 { rows, cols, .. }
             | Layout::K32Rows4 { rows, cols, .. }
-            | Layout::K32Rows8 { rows, cols, .. } => Some((rows, cols)),
+            | Layout::K32Rows8 { rows, cols, .. }
+            | Layout::K16Rows8 { rows, cols, .. } => Some((rows, cols)),
         }
     }
 }
@@ -418,7 +457,8 @@ fn in_parts<T: Send>(rows: usize, bytes: usize, f: impl Fn(Range<usize>) -> T + 
 /// to 3.5x (q3_k) larger. The K32 formats have micro-kernels of their own
 /// ([`Layout::K32Rows8`]).
 pub const fn widens_k16(micro: bool) -> bool {
-    micro
+    let _ = micro;
+    false
 }
 
 /// The eight Q8S16 blocks of a K16 super-block of `kind`: `d = d * sc`, `m = -(dmin * m)`
@@ -467,6 +507,7 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
         (KernelForm::K16(..), [rows, cols]) if widens_k16(micro) => {
             Layout::Q8S16Rows8 { rows: *rows, cols: *cols, mins }
         }
+        (KernelForm::K16(kind, _), [rows, cols]) if micro => Layout::K16Rows8 { rows: *rows, cols: *cols, kind },
         (KernelForm::K16(kind, _), [rows, cols]) => Layout::K16Rows4 { rows: *rows, cols: *cols, kind },
         (KernelForm::K32(high, _), [rows, cols]) if micro => {
             Layout::K32Rows8 { rows: *rows, cols: *cols, high, dwords: act == ActDType::Q8 }
@@ -649,6 +690,41 @@ fn six_bits(v: &[u8; 16]) -> [u8; 12] {
     })
 }
 
+/// Appends the value planes of one 16-value sub-block of 8 rows (`q`: each row's values) of a
+/// [`Layout::K16Rows8`] group, as `targets::MicroKernel::k16` reads them: chunk `u` of values
+/// `2u + k` of row `r` at byte `2r + k`; Q6 four chunks of low nibbles (chunk `i` holds
+/// `u = i` low and `u = i + 4` high) then two of bits 4-5 in pairs (chunk `i`, bits `2j`:
+/// `u = 4i + j`); Q3 and Q2 two chunks of bits 0-1 in pairs, then for Q3 one of bit 2 (bit
+/// `u`).
+fn push_k16_planes(blob: &mut Vec<u8>, q: &[&[u8]; MICRO_ROWS], kind: KKind) {
+    // Byte `2r + k` of a chunk from `f(value of row r at 2u + k, u)` over the chunk's u.
+    let chunk = |blob: &mut Vec<u8>, us: &[usize], f: &dyn Fn(u8, usize) -> u8| {
+        for row in q {
+            for k in 0..2 {
+                blob.push(us.iter().enumerate().fold(0u8, |acc, (j, &u)| acc | f(row[2 * u + k], j)));
+            }
+        }
+    };
+    let pairs = |blob: &mut Vec<u8>, shift: u32| {
+        for i in 0..2 {
+            chunk(blob, &[4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3], &|v, j| ((v >> shift) & 3) << (2 * j));
+        }
+    };
+    match kind {
+        KKind::Q6 => {
+            for i in 0..4 {
+                chunk(blob, &[i, i + 4], &|v, j| (v & 15) << (4 * j));
+            }
+            pairs(blob, 4);
+        }
+        KKind::Q3 => {
+            pairs(blob, 0);
+            chunk(blob, &[0, 1, 2, 3, 4, 5, 6, 7], &|v, j| ((v >> 2) & 1) << j);
+        }
+        KKind::Q2 => pairs(blob, 0),
+    }
+}
+
 /// Packs one matrix (rows beyond `rows` in the last group are zero); large ones in parts of
 /// whole row groups (`in_parts`): the packed bytes are the parts in order.
 fn pack_matrix(format: QuantFormat, layout: Layout, raw: &[u8], decoded: &Blocks) -> Vec<Vec<u8>> {
@@ -814,6 +890,30 @@ fn pack_groups(
                         if high {
                             push_high_bits(blob, &blk.map(|b| b.qh[s]), interleave);
                         }
+                    }
+                }
+            }
+            Layout::K16Rows8 { kind, .. } => {
+                let Blocks::K16(all) = decoded else { unreachable!() };
+                let n_super = cols / K16Block::VALUES;
+                let blocks = group_blocks(all, g, MICRO_ROWS, rows, n_super);
+                let none = K16Block { d: 0.0, dmin: 0.0, sc: [0; 16], m: [0; 16], q: [0; 256] };
+                for b in 0..n_super {
+                    let blk: [&K16Block; MICRO_ROWS] = std::array::from_fn(|i| blocks[i].get(b).unwrap_or(&none));
+                    push_scales(blob, &blk.map(|b| b.d), true);
+                    if kind == KKind::Q2 {
+                        push_scales(blob, &blk.map(|b| b.dmin), true);
+                    }
+                    let scale_bytes: [Vec<u8>; MICRO_ROWS] = blk.map(|b| match kind {
+                        KKind::Q6 => b.sc.map(|s| s as u8).to_vec(),
+                        KKind::Q2 => (0..16).map(|s| b.sc[s] as u8 | b.m[s] << 4).collect(),
+                        KKind::Q3 => six_bits(&b.sc.map(|s| (s as i32 + 32) as u8)).to_vec(),
+                    });
+                    for i in 0..scale_bytes[0].len() {
+                        scale_bytes.iter().for_each(|s| blob.push(s[i]));
+                    }
+                    for s in 0..16 {
+                        push_k16_planes(blob, &blk.map(|b| &b.q[16 * s..16 * s + 16]), kind);
                     }
                 }
             }

@@ -12,6 +12,7 @@ use std::fmt;
 use cranelift_codegen::ir::Value;
 use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_frontend::FunctionBuilder;
+use ir::quant::KKind;
 use serde::Serialize;
 
 pub mod aarch64;
@@ -118,6 +119,19 @@ pub struct MicroKernel {
     /// Block `s` has `d = d * sc_s` and `m = -(dmin * m_s)`, rounded as f32 products, and
     /// `n_blocks` counts super-blocks.
     pub k32: bool,
+    /// Blocks come in 256-value super-blocks of kernel form K16 of this kind (q2_k, q3_k,
+    /// q6_k): `d[8]` f16, with Q2 `dmin[8]` f16, then the rows' sub-block scales byte-major
+    /// (byte `i` of row `r` at `8 i + r`: Q6 the int8 scales, Q2 `sc | m << 4`, Q3 the
+    /// sixteen 6-bit `sc + 32` as [`MicroKernel::k32`]'s header has them), then at `qs_at` the
+    /// 16 sub-blocks' values, `block_bytes` each, in planes of 16-byte chunks whose byte
+    /// `2r + k` belongs to row `r` and holds, for the sub-block's value chunk `u` (values
+    /// `2u + k`): Q6 four chunks of low nibbles (chunk `i`: `u = i` low, `u = i + 4` high) then
+    /// two of high bit pairs (chunk `i`, bits `2j`: `u = 4i + j`); Q3 and Q2 two chunks of low
+    /// bit pairs (as Q6's high ones), then for Q3 one chunk of third bits (bit `u`). A value
+    /// is the low bits, plus the high ones above them, less [`KKind::offset`]. Sub-block `s`
+    /// (the half `s % 2` of activation block `s / 2`) has `d = d * sc_s` and with Q2
+    /// `m = -(dmin * m_s)`, folded as with `halves`; `n_blocks` counts super-blocks.
+    pub k16: Option<KKind>,
 }
 
 /// Bytes of the header of a [`MicroKernel::k32`] super-block.

@@ -65,6 +65,22 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
         }
         Layout::Q8Rows8 { half, .. } => (MicroValues::Bytes, half, false, q8x8_group_block(half)),
         Layout::Q8S16Rows8 { mins, .. } => (MicroValues::Bytes, false, mins, q8s16x8_group_block(mins)),
+        Layout::K16Rows8 { kind, .. } => {
+            return Some(MicroKernel {
+                tokens: tokens as u32,
+                values: MicroValues::Bytes,
+                half: false,
+                halves: false,
+                mins_at: (kind == KKind::Q2).then_some(16),
+                qs_at: crate::pack::k16x8_values_at(kind) as u32,
+                high_at: None,
+                block_bytes: crate::pack::k16x8_sub_bytes(kind) as u32,
+                x_block_bytes: q16_block_bytes(act) as u32,
+                x_i8_at: None,
+                k32: false,
+                k16: Some(kind),
+            });
+        }
         Layout::K32Rows8 { high, dwords, .. } => {
             let values = if dwords { MicroValues::NibbleDwords } else { MicroValues::Nibbles };
             return Some(MicroKernel {
@@ -82,6 +98,7 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
                     Q8_VALUES_AT as u32
                 }),
                 k32: true,
+                k16: None,
             });
         }
         _ => return None,
@@ -106,6 +123,7 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
             Q8_VALUES_AT as u32
         }),
         k32: false,
+        k16: None,
     })
 }
 
@@ -176,11 +194,16 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                 Layout::Q4Rows8 { .. }
                 | Layout::Q8Rows8 { .. }
                 | Layout::Q8S16Rows8 { .. }
-                | Layout::K32Rows8 { .. } => {
+                | Layout::K32Rows8 { .. }
+                | Layout::K16Rows8 { .. } => {
                     let (micro, tile_out) =
                         (spec.micro.expect("8-row layouts come with micro-kernels"), tile_out.unwrap());
                     // Blocks per row: 256-value super-blocks for K32.
-                    let block = if matches!(spec.weight.layout, Layout::K32Rows8 { .. }) { 256 } else { 32 };
+                    let block = if matches!(spec.weight.layout, Layout::K32Rows8 { .. } | Layout::K16Rows8 { .. }) {
+                        256
+                    } else {
+                        32
+                    };
                     let tile = Tile { micro, out: tile_out, wg, x_base, x_row_bytes, n_blocks: cols / block };
                     // Tiles of 4 token rows, then one tile of the 1-3 rows left.
                     let len = kb.b.ins().isub(tb1, tb0);
@@ -534,13 +557,19 @@ pub(super) enum RowAt {
 /// [`Layout::K16Rows4`] super-block at `wb`: of the four rows as `i32x4` (`RowAt::Const(0)`
 /// asks for all four), or of one lane as an `i32`.
 pub(super) fn k16_scale(kb: &mut Kb, kind: KKind, wb: Value, s: i64, r: RowAt) -> (Value, Option<Value>) {
-    let base = crate::pack::k16_scales_at(kind) as i64;
+    k16_scale_of(kb, kind, wb, s, r, 4)
+}
+
+/// [`k16_scale`] of a [`Layout::K16Rows4`] (`rows` 4) or [`Layout::K16Rows8`] (`rows` 8)
+/// super-block.
+pub(super) fn k16_scale_of(kb: &mut Kb, kind: KKind, wb: Value, s: i64, r: RowAt, rows: i64) -> (Value, Option<Value>) {
+    let base = if rows == 8 { crate::pack::k16x8_scales_at(kind) } else { crate::pack::k16_scales_at(kind) } as i64;
     if kind == KKind::Q3 {
-        let sc = six_bit_value(kb, wb, base, s, r, 4);
+        let sc = six_bit_value(kb, wb, base, s, r, rows);
         let thirty_two = splat_i32(kb, r, 32);
         return (kb.b.ins().isub(sc, thirty_two), None);
     }
-    let byte = |kb: &mut Kb, i: i64, signed: bool| scale_byte(kb, wb, base, i, r, 4, signed);
+    let byte = |kb: &mut Kb, i: i64, signed: bool| scale_byte(kb, wb, base, i, r, rows, signed);
     let lanes = |kb: &mut Kb, c: i64| splat_i32(kb, r, c);
     match kind {
         KKind::Q6 => (byte(kb, s, true), None),

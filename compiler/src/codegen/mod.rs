@@ -414,7 +414,13 @@ fn define_micro_kernels(
                 .ok_or_else(|| CodegenError::Unsupported(format!("target {} has no micro-kernels", target.triple())))?;
             let name = format!(
                 "kiln_micro_{}{}x8_{}_{}_t{tokens}",
-                if spec.k32 { "k" } else { "" },
+                match (spec.k32, spec.k16) {
+                    (true, _) => "k",
+                    (_, Some(ir::quant::KKind::Q2)) => "k2",
+                    (_, Some(ir::quant::KKind::Q3)) => "k3",
+                    (_, Some(ir::quant::KKind::Q6)) => "k6",
+                    _ => "",
+                },
                 match (spec.values, spec.halves, spec.high_at.is_some()) {
                     (targets::MicroValues::Nibbles, _, false) => "q4",
                     (targets::MicroValues::NibbleDwords, _, false) => "q4i8",

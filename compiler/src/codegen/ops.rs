@@ -539,6 +539,86 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             vec![]
                         });
                     }
+                    Layout::K16Rows8 { kind, .. } => {
+                        use super::matmul::{k16_scale_of, RowAt};
+                        use ir::quant::KKind;
+                        let ns = kb.iconst(cols / 256);
+                        let (values_at, sub_bytes) =
+                            (crate::pack::k16x8_values_at(kind) as i64, crate::pack::k16x8_sub_bytes(kind) as i64);
+                        kb.for_range(zero, ns, 1, &[], |kb, b, _| {
+                            let blk = kb.addr(base, b, stride / (cols / 256), 0);
+                            let lane_half = |kb: &mut Kb, at: i64| lane_scale(kb, blk, lane, at, true);
+                            let d = lane_half(kb, 0);
+                            let dmin = (kind == KKind::Q2).then(|| lane_half(kb, 16));
+                            let out = kb.addr(yr, b, 1024, 0);
+                            for s in 0..16i64 {
+                                // This row's two bytes of each 16-byte chunk of the planes.
+                                let row = kb.addr(blk, lane, 2, values_at + sub_bytes * s);
+                                let bytes: Vec<[Value; 2]> = (0..sub_bytes / 16)
+                                    .map(|c| {
+                                        [0, 1].map(|k| {
+                                            let v = kb.load(I8, row, 16 * c + k);
+                                            kb.b.ins().uextend(I32, v)
+                                        })
+                                    })
+                                    .collect();
+                                // Bits `shift..shift + width` of byte `k` of chunk `c`.
+                                let field = |kb: &mut Kb, c: usize, k: usize, shift: i64, width: i64| {
+                                    let v = kb.b.ins().ushr_imm_s(bytes[c][k], shift);
+                                    kb.b.ins().band_imm_s(v, (1 << width) - 1)
+                                };
+                                // Value v = 2u + k: low bits, high bits above them, less the offset.
+                                let q: Vec<Value> = (0..16usize)
+                                    .map(|v| {
+                                        let (u, k) = (v / 2, v % 2);
+                                        let (low, high, at) = match kind {
+                                            KKind::Q6 => {
+                                                let low = field(kb, u % 4, k, 4 * (u / 4) as i64, 4);
+                                                (low, Some(field(kb, 4 + u / 4, k, 2 * (u % 4) as i64, 2)), 4)
+                                            }
+                                            KKind::Q3 => {
+                                                let low = field(kb, u / 4, k, 2 * (u % 4) as i64, 2);
+                                                (low, Some(field(kb, 2, k, u as i64, 1)), 2)
+                                            }
+                                            KKind::Q2 => (field(kb, u / 4, k, 2 * (u % 4) as i64, 2), None, 0),
+                                        };
+                                        let q = match high {
+                                            Some(h) => {
+                                                let h = kb.b.ins().ishl_imm_s(h, at);
+                                                kb.b.ins().bor(low, h)
+                                            }
+                                            None => low,
+                                        };
+                                        kb.b.ins().iadd_imm_s(q, -(kind.offset() as i64))
+                                    })
+                                    .collect();
+                                // d * sc (and dmin * m) as the dequantizer rounds them.
+                                let (sc, m) = k16_scale_of(kb, kind, blk, s, RowAt::Lane(lane), 8);
+                                let sc = kb.b.ins().fcvt_from_sint(F32, sc);
+                                let sc = kb.b.ins().splat(F32X4, sc);
+                                let dl = kb.b.ins().fmul(d, sc);
+                                let ml = m.map(|m| {
+                                    let m = kb.b.ins().fcvt_from_sint(F32, m);
+                                    let m = kb.b.ins().splat(F32X4, m);
+                                    kb.b.ins().fmul(dmin.expect("q2 minimums"), m)
+                                });
+                                for j in 0..4 {
+                                    let mut wi = kb.b.ins().scalar_to_vector(I32X4, q[4 * j]);
+                                    for l in 1..4 {
+                                        wi = kb.b.ins().insertlane(wi, q[4 * j + l], l as u8);
+                                    }
+                                    let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
+                                    let v = kb.b.ins().fmul(f, dl);
+                                    let v = match ml {
+                                        Some(ml) => kb.b.ins().fsub(v, ml),
+                                        None => v,
+                                    };
+                                    kb.store(v, out, 64 * s + 16 * j as i64);
+                                }
+                            }
+                            vec![]
+                        });
+                    }
                     Layout::K16Rows4 { kind, .. } => {
                         use super::matmul::{k16_row_values, k16_scale, k16_values, RowAt};
                         let ns = kb.iconst(cols / 256);

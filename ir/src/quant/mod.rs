@@ -140,7 +140,7 @@ impl LowBlock {
 
 /// The K-quants whose sub-blocks are 16 values (kernel form K16), by how their values and
 /// sub-scales are stored in the library (the same bits as in the format, rearranged).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KKind {
     /// Q2_K: 2-bit values, a 4-bit scale and a 4-bit minimum per sub-block.
     Q2,

@@ -21,6 +21,8 @@
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
+use ir::quant::KKind;
+
 use crate::{MicroKernel, MicroValues, K32_HEADER};
 
 /// Bytes of a q16 activation block before its values: scale f32, sum f32.
@@ -70,7 +72,196 @@ fn k32_scales(a: &mut CodeAssembler, s: i32) -> Result<(), IcedError> {
     a.vxorps(m, m, ymm7)
 }
 
+/// ymm14 = f32(sum of the 16 int16 activation values at `values`) * the f32 at `scale`, in
+/// every lane (ymm6: int16 ones; xmm5 is a temporary).
+fn half_sum_times_scale(
+    a: &mut CodeAssembler,
+    values: AsmMemoryOperand,
+    scale: AsmMemoryOperand,
+) -> Result<(), IcedError> {
+    a.vpmaddwd(ymm14, ymm6, ymmword_ptr(values))?;
+    a.vextracti128(xmm5, ymm14, 1)?;
+    a.vpaddd(xmm14, xmm14, xmm5)?;
+    a.vpshufd(xmm5, xmm14, 0x4e)?;
+    a.vpaddd(xmm14, xmm14, xmm5)?;
+    a.vpshufd(xmm5, xmm14, 0xb1)?;
+    a.vpaddd(xmm14, xmm14, xmm5)?;
+    a.vcvtdq2ps(xmm14, xmm14)?;
+    a.vmulss(xmm14, xmm14, dword_ptr(scale))?;
+    a.vbroadcastss(ymm14, xmm14)
+}
+
+/// Broadcasts `bits` into every dword of `y` (`x` its low half), through eax.
+fn broadcast_dword(a: &mut CodeAssembler, y: AsmRegisterYmm, x: AsmRegisterXmm, bits: u32) -> Result<(), IcedError> {
+    a.mov(eax, bits as i32)?;
+    a.vmovd(x, eax)?;
+    a.vpbroadcastd(y, x)
+}
+
+/// Moves the bit field at bit `from` of every byte of `r` to bit `to` (word shifts: the
+/// caller's mask keeps only the bits that stayed in their byte).
+fn move_field(a: &mut CodeAssembler, r: AsmRegisterXmm, from: i32, to: i32) -> Result<(), IcedError> {
+    match from.cmp(&to) {
+        std::cmp::Ordering::Greater => a.vpsrlw(r, r, (from - to) as u32),
+        std::cmp::Ordering::Less => a.vpsllw(r, r, (to - from) as u32),
+        std::cmp::Ordering::Equal => Ok(()),
+    }
+}
+
+/// The K16 kernel ([`MicroKernel::k16`]): per super-block and sub-block, each 16-byte chunk of
+/// values (values `2u, 2u + 1` of the 8 rows) is put together from its planes in xmm12 (low
+/// bits; xmm13 the high bits), less the offset (xmm7, bytes), widened to int16 and multiplied
+/// with `vpmaddwd` as the Q8 kernels do; the sub-block's int32 sums fold into f32 with its
+/// scales as the `halves` kernels fold theirs. ymm15: the low bits' mask, ymm6: the high
+/// bits' (Q2: int16 ones), ymm4: Q3's 32 (dwords), Q2's f32 sign bit.
+fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
+    let tokens = k.tokens as usize;
+    let iacc = [ymm0, ymm1, ymm2, ymm3];
+    let facc = [ymm8, ymm9, ymm10, ymm11];
+    let (vals, high, tmp) = (ymm12, ymm13, ymm14);
+    let x_at = |t: usize, disp: i32| -> AsmMemoryOperand {
+        match t {
+            0 => rsi + disp,
+            1 => rsi + rdx + disp,
+            2 => rsi + rdx * 2 + disp,
+            _ => r9 + rdx * 2 + disp,
+        }
+    };
+    let mut a = CodeAssembler::new(64)?;
+    let mut done = a.create_label();
+    let mut top = a.create_label();
+    a.lea(r9, rsi + rdx)?;
+    for &f in &facc[..tokens] {
+        a.vxorps(f, f, f)?;
+    }
+    let (low_mask, high_mask) = match kind {
+        KKind::Q6 => (0x0f0f_0f0f, 0x3030_3030),
+        KKind::Q3 => (0x0303_0303, 0x0404_0404),
+        KKind::Q2 => (0x0303_0303, 0x0001_0001),
+    };
+    broadcast_dword(&mut a, ymm15, xmm15, low_mask)?;
+    broadcast_dword(&mut a, ymm6, xmm6, high_mask)?;
+    if kind != KKind::Q2 {
+        broadcast_dword(&mut a, ymm7, xmm7, u32::from_ne_bytes([kind.offset() as u8; 4]))?;
+    }
+    match kind {
+        KKind::Q3 => broadcast_dword(&mut a, ymm4, xmm4, 32)?,
+        KKind::Q2 => broadcast_dword(&mut a, ymm4, xmm4, 0x8000_0000)?,
+        KKind::Q6 => {}
+    }
+    let scales_at: i32 = if kind == KKind::Q2 { 32 } else { 16 };
+    let scale_byte = |i: i32| qword_ptr(rdi + (scales_at + 8 * i));
+    a.test(r8, r8)?;
+    a.jle(done)?;
+    a.set_label(&mut top)?;
+    for s in 0..16i32 {
+        let h = s % 2;
+        let xo = s / 2 * k.x_block_bytes as i32;
+        let x = |t: usize, disp: i32| x_at(t, disp + xo);
+        let at = k.qs_at as i32 + s * k.block_bytes as i32;
+        for u in 0..8i32 {
+            let chunk = |i: i32| xmmword_ptr(rdi + (at + 16 * i));
+            match kind {
+                KKind::Q6 => {
+                    if u < 4 {
+                        a.vpand(xmm12, xmm15, chunk(u))?;
+                    } else {
+                        a.vmovdqu(xmm12, chunk(u - 4))?;
+                        a.vpsrlw(xmm12, xmm12, 4)?;
+                        a.vpand(xmm12, xmm12, xmm15)?;
+                    }
+                    a.vmovdqu(xmm13, chunk(4 + u / 4))?;
+                    move_field(&mut a, xmm13, 2 * (u % 4), 4)?;
+                }
+                KKind::Q3 | KKind::Q2 => {
+                    a.vmovdqu(xmm12, chunk(u / 4))?;
+                    move_field(&mut a, xmm12, 2 * (u % 4), 0)?;
+                    a.vpand(xmm12, xmm12, xmm15)?;
+                    if kind == KKind::Q3 {
+                        a.vmovdqu(xmm13, chunk(2))?;
+                        move_field(&mut a, xmm13, u, 2)?;
+                    }
+                }
+            }
+            if kind != KKind::Q2 {
+                a.vpand(xmm13, xmm13, xmm6)?;
+                a.vpor(xmm12, xmm12, xmm13)?;
+                a.vpsubb(xmm12, xmm12, xmm7)?;
+            }
+            a.vpmovsxbw(vals, xmm12)?;
+            for t in 0..tokens {
+                a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 32 * h + 4 * u)))?;
+                if u == 0 {
+                    a.vpmaddwd(iacc[t], vals, tmp)?;
+                } else {
+                    a.vpmaddwd(tmp, vals, tmp)?;
+                    a.vpaddd(iacc[t], iacc[t], tmp)?;
+                }
+            }
+        }
+        // d * sc_s in ymm12 and, for Q2, -(dmin * m_s) in ymm13.
+        match kind {
+            KKind::Q6 => a.vpmovsxbd(vals, scale_byte(s))?,
+            KKind::Q2 => {
+                a.vpmovzxbd(high, scale_byte(s))?;
+                a.vpslld(vals, high, 28)?;
+                a.vpsrld(vals, vals, 28)?;
+                a.vpsrld(high, high, 4)?;
+                a.vcvtdq2ps(high, high)?;
+                a.vcvtph2ps(tmp, xmmword_ptr(rdi + 16))?;
+                a.vmulps(high, high, tmp)?;
+                a.vxorps(high, high, ymm4)?;
+            }
+            KKind::Q3 => {
+                // The sixteen 6-bit values as the K32 header has them, less 32.
+                a.vpmovzxbd(vals, scale_byte(s % 8))?;
+                if s < 8 {
+                    a.vpslld(vals, vals, 28)?;
+                    a.vpsrld(vals, vals, 28)?;
+                } else {
+                    a.vpsrld(vals, vals, 4)?;
+                }
+                a.vpmovzxbd(tmp, scale_byte(8 + s % 4))?;
+                a.vpslld(tmp, tmp, (30 - 2 * (s / 4)) as u32)?;
+                a.vpsrld(tmp, tmp, 30)?;
+                a.vpslld(tmp, tmp, 4)?;
+                a.vpor(vals, vals, tmp)?;
+                a.vpsubd(vals, vals, ymm4)?;
+            }
+        }
+        a.vcvtdq2ps(vals, vals)?;
+        a.vcvtph2ps(tmp, xmmword_ptr(rdi))?;
+        a.vmulps(vals, vals, tmp)?;
+        for t in 0..tokens {
+            a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
+            a.vmulps(tmp, vals, tmp)?;
+            a.vcvtdq2ps(iacc[t], iacc[t])?;
+            a.vfmadd231ps(facc[t], iacc[t], tmp)?;
+            if kind == KKind::Q2 {
+                half_sum_times_scale(&mut a, x(t, X_VALUES_AT + 32 * h), x(t, 0))?;
+                a.vfmadd231ps(facc[t], high, tmp)?;
+            }
+        }
+    }
+    a.add(rdi, (k.qs_at + 16 * k.block_bytes) as i32)?;
+    a.add(rsi, (8 * k.x_block_bytes) as i32)?;
+    a.add(r9, (8 * k.x_block_bytes) as i32)?;
+    a.dec(r8)?;
+    a.jnz(top)?;
+    a.set_label(&mut done)?;
+    for (t, &f) in facc[..tokens].iter().enumerate() {
+        a.vmovups(ymmword_ptr(rcx + 32 * t as i32), f)?;
+    }
+    a.vzeroupper()?;
+    a.ret()?;
+    a.assemble(0)
+}
+
 pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
+    if let Some(kind) = k.k16 {
+        assert!(!k.k32 && !k.halves && !k.half && k.x_i8_at.is_none(), "K16 super-blocks: int16 activations");
+        return kernel_k16(k, kind);
+    }
     assert!((1..=4).contains(&k.tokens), "1 to 4 tokens per call");
     let tokens = k.tokens as usize;
     let iacc = [ymm0, ymm1, ymm2, ymm3];
@@ -294,17 +485,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                 }
                 a.vfmadd231ps(facc[t], iacc[t], tmp)?;
                 if offsets && k.halves {
-                    // f32(sum of the half's 16 activation integers) * scale, in every lane.
-                    a.vpmaddwd(tmp, ymm6, ymmword_ptr(x(t, X_VALUES_AT + 32 * h as i32)))?;
-                    a.vextracti128(xmm5, tmp, 1)?;
-                    a.vpaddd(xmm14, xmm14, xmm5)?;
-                    a.vpshufd(xmm5, xmm14, 0x4e)?;
-                    a.vpaddd(xmm14, xmm14, xmm5)?;
-                    a.vpshufd(xmm5, xmm14, 0xb1)?;
-                    a.vpaddd(xmm14, xmm14, xmm5)?;
-                    a.vcvtdq2ps(xmm14, xmm14)?;
-                    a.vmulss(xmm14, xmm14, dword_ptr(x(t, 0)))?;
-                    a.vbroadcastss(tmp, xmm14)?;
+                    half_sum_times_scale(&mut a, x(t, X_VALUES_AT + 32 * h as i32), x(t, 0))?;
                     a.vfmadd231ps(facc[t], hi, tmp)?;
                 } else if offsets {
                     a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
@@ -360,6 +541,7 @@ mod tests {
                             x_block_bytes: 72,
                             x_i8_at: None,
                             k32: false,
+                            k16: None,
                         };
                         let halves = MicroKernel { halves: true, half: false, ..k };
                         let high = MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..k };
@@ -379,6 +561,21 @@ mod tests {
                                 continue;
                             }
                             super::super::assert_assembles_deterministically(&k, || kernel(&k).unwrap());
+                            if k.values == MicroValues::Bytes && !k.halves && !half && mins {
+                                // K16 super-blocks of every kind.
+                                for (kind, qs_at, block_bytes) in
+                                    [(KKind::Q2, 160, 32), (KKind::Q3, 112, 48), (KKind::Q6, 144, 96)]
+                                {
+                                    let k = MicroKernel {
+                                        k16: Some(kind),
+                                        mins_at: (kind == KKind::Q2).then_some(16),
+                                        qs_at,
+                                        block_bytes,
+                                        ..k
+                                    };
+                                    super::super::assert_assembles_deterministically(&k, || kernel(&k).unwrap());
+                                }
+                            }
                             if k.values != MicroValues::Bytes && !k.halves && !half && mins {
                                 // The same blocks in K32 super-blocks, scales from the header.
                                 let b = 128 + if k.high_at.is_some() { 32 } else { 0 };

@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use ir::quant::{
     dequantize, dequantize_row, k16_blocks, k32_blocks, low_blocks, q4_blocks, q8_blocks, K16Block, K32Block, KKind,
-    KernelForm, LowBlock, Q4Block, Q8Block, Q8S16Block, BLOCK_SIZE,
+    KernelForm, LowBlock, Q4Block, Q8Block, BLOCK_SIZE,
 };
 use ir::{ActDType, Op, QuantFormat, WeightId};
 use rayon::prelude::*;
@@ -54,11 +54,6 @@ pub const fn q4x8_group_block(half: bool, mins: bool, high: bool) -> usize {
 /// Bytes of one block of a [`Layout::Q8Rows8`] group: `d[8]`, then sixteen 16-byte chunks.
 pub const fn q8x8_group_block(half: bool) -> usize {
     2 * scales_bytes(half) + 8 * 32
-}
-/// Bytes of one block of a [`Layout::Q8S16Rows8`] group: `d[2][8] f32`, `m[2][8] f32` only
-/// when `mins`, then sixteen 16-byte chunks.
-pub const fn q8s16x8_group_block(mins: bool) -> usize {
-    64 + if mins { 64 } else { 0 } + 8 * 32
 }
 /// Bytes of one block of a Q8 group: `d[4]`, then `qs[4][32] i8`.
 pub const fn q8_group_block(half: bool) -> usize {
@@ -217,10 +212,6 @@ pub enum Layout {
     /// (`targets::MicroKernel::k16`): groups of 8 rows per 256-value super-block
     /// ([`k16x8_group_block`]), each 16-value sub-block's values in planes of 16-byte chunks.
     K16Rows8 { rows: u32, cols: u32, kind: KKind },
-    /// Matrix of a K16 format widened to Q8S16 blocks for a target's micro-kernels
-    /// ([`widens_k16`]): groups of 8 rows per 32-value block, `d[2][8]`, `m[2][8]` when `mins`, then the values in chunks
-    /// as [`Layout::Q8Rows8`].
-    Q8S16Rows8 { rows: u32, cols: u32, mins: bool },
 }
 
 impl Layout {
@@ -238,7 +229,6 @@ impl Layout {
             }
             Layout::Q8Rows4 { cols, half, .. } => cols as u64 / 32 * q8_group_block(half) as u64,
             Layout::Q8Rows8 { cols, half, .. } => cols as u64 / 32 * q8x8_group_block(half) as u64,
-            Layout::Q8S16Rows8 { cols, mins, .. } => cols as u64 / 32 * q8s16x8_group_block(mins) as u64,
             Layout::LowRows4 { cols, half, high, .. } => cols as u64 / 64 * low_group_block(half, high) as u64,
             Layout::K16Rows4 { cols, kind, .. } => cols as u64 / 256 * k16_group_block(kind) as u64,
             Layout::K32Rows4 { cols, high, .. } => cols as u64 / 256 * k32_group_block(high) as u64,
@@ -250,11 +240,9 @@ impl Layout {
     /// Rows per group of a matrix layout.
     pub fn group_rows(self) -> usize {
         match self {
-            Layout::Q4Rows8 { .. }
-            | Layout::Q8Rows8 { .. }
-            | Layout::Q8S16Rows8 { .. }
-            | Layout::K32Rows8 { .. }
-            | Layout::K16Rows8 { .. } => MICRO_ROWS,
+            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::K32Rows8 { .. } | Layout::K16Rows8 { .. } => {
+                MICRO_ROWS
+            }
             _ => ROWS,
         }
     }
@@ -269,7 +257,6 @@ impl Layout {
             | Layout::Q4Rows8 { rows, cols, .. }
             | Layout::Q8Rows4 { rows, cols, .. }
             | Layout::Q8Rows8 { rows, cols, .. }
-            | Layout::Q8S16Rows8 { rows, cols, .. }
             | Layout::LowRows4 { rows, cols, .. }
             | Layout::K16Rows4 { rows, cols, .. }
             | Layout::K32Rows4 { rows, cols, .. }
@@ -374,7 +361,6 @@ enum Blocks {
     None,
     Q4(Vec<Q4Block>),
     Q8(Vec<Q8Block>),
-    Q8S16(Vec<Q8S16Block>),
     Low(Vec<LowBlock>),
     K16(Vec<K16Block>),
     K32(Vec<K32Block>),
@@ -384,10 +370,8 @@ enum Blocks {
     },
 }
 
-/// A matrix's blocks in its kernel form; with `widen` (a target whose micro-kernels do not
-/// read the K16 layouts yet, see [`widens_k16`]) the K16 form's blocks as Q8S16 blocks,
-/// exactly.
-fn decode(format: QuantFormat, shape: &[u32], raw: &[u8], widen: bool) -> Blocks {
+/// A matrix's blocks in its kernel form.
+fn decode(format: QuantFormat, shape: &[u32], raw: &[u8]) -> Blocks {
     let [rows, cols] = shape else { return Blocks::None };
     let row_bytes = format.row_bytes(*cols as usize).expect("verified");
     // Rows decode independently: large matrices in parts (`in_parts`), joined in order.
@@ -414,9 +398,6 @@ fn decode(format: QuantFormat, shape: &[u32], raw: &[u8], widen: bool) -> Blocks
         KernelForm::K32(..) => {
             Blocks::K32(join(in_parts(rows, raw.len(), |r| k32_blocks(format, rows_of(r)).expect("K32 form"))))
         }
-        KernelForm::K16(kind, _) if widen => Blocks::Q8S16(join(in_parts(rows, raw.len(), |r| {
-            k16_blocks(format, rows_of(r)).expect("K16 form").iter().flat_map(|b| k16_as_q8s16(b, kind)).collect()
-        }))),
         KernelForm::K16(..) => {
             Blocks::K16(join(in_parts(rows, raw.len(), |r| k16_blocks(format, rows_of(r)).expect("K16 form"))))
         }
@@ -449,30 +430,6 @@ fn in_parts<T: Send>(rows: usize, bytes: usize, f: impl Fn(Range<usize>) -> T + 
     (0..parts).into_par_iter().map(|i| f(i * per..((i + 1) * per).min(rows))).collect()
 }
 
-/// Whether a target with micro-kernels (`micro`) packs the K16 formats (q2_k, q3_k, q6_k)
-/// widened, into the Q8S16 layout its AVX2 micro-kernels read, rather than in their own layout
-/// (`K16Rows4`), which only the portable 128-bit kernels read so far: measured on SmolLM2 at 2
-/// threads on Zen 5, the portable kernels on the native layouts decode 15-26 % slower and
-/// prefill 30-47 % slower than the micro-kernels on the widened ones, which are 1.3x (q6_k)
-/// to 3.5x (q3_k) larger. The K32 formats have micro-kernels of their own
-/// ([`Layout::K32Rows8`]).
-pub const fn widens_k16(micro: bool) -> bool {
-    let _ = micro;
-    false
-}
-
-/// The eight Q8S16 blocks of a K16 super-block of `kind`: `d = d * sc`, `m = -(dmin * m)`
-/// (zero without minimums) per 16 values, `q - offset`, the same values bit for bit.
-fn k16_as_q8s16(b: &K16Block, kind: KKind) -> [Q8S16Block; 8] {
-    let d = |s: usize| b.d * b.sc[s] as f32;
-    let m = |s: usize| if kind == KKind::Q2 { -(b.dmin * b.m[s] as f32) } else { 0.0 };
-    std::array::from_fn(|k| Q8S16Block {
-        d: [d(2 * k), d(2 * k + 1)],
-        m: [m(2 * k), m(2 * k + 1)],
-        qs: std::array::from_fn(|j| (b.q[32 * k + j] as i32 - kind.offset()) as i8),
-    })
-}
-
 /// The layout of a weight; `micro`: Q4 and Q8 matrices take the micro-kernels' layouts, Q4
 /// in 4-byte chunks (`dwords`) for the q8 activation grid (`act`). Whether scales stay f16
 /// (`half`) and offsets are stored (`mins`) depends on the blocks.
@@ -484,7 +441,6 @@ fn layout_for(format: QuantFormat, shape: &[u32], blocks: &Blocks, micro: bool, 
             (half, blocks.iter().any(|b| b.m != implied * b.d))
         }
         (KernelForm::Q8(_), Blocks::Q8(blocks)) => (blocks.iter().all(|b| is_f16(b.d)), false),
-        (KernelForm::K16(..), Blocks::Q8S16(blocks)) => (false, blocks.iter().any(|b| b.m != [0.0; 2])),
         (KernelForm::Q2(_) | KernelForm::Q3(_), Blocks::Low(blocks)) => {
             (blocks.iter().all(|b| is_f16(b.d) && is_f16(b.m)), true)
         }
@@ -504,9 +460,6 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
         (KernelForm::F16, [rows, cols]) if half => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: false },
         (KernelForm::F16, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
         (KernelForm::BF16, [rows, cols]) => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: true },
-        (KernelForm::K16(..), [rows, cols]) if widens_k16(micro) => {
-            Layout::Q8S16Rows8 { rows: *rows, cols: *cols, mins }
-        }
         (KernelForm::K16(kind, _), [rows, cols]) if micro => Layout::K16Rows8 { rows: *rows, cols: *cols, kind },
         (KernelForm::K16(kind, _), [rows, cols]) => Layout::K16Rows4 { rows: *rows, cols: *cols, kind },
         (KernelForm::K32(high, _), [rows, cols]) if micro => {
@@ -813,28 +766,6 @@ fn pack_groups(
                     push_values(blob, qs, if n == MICRO_ROWS { 2 } else { 0 });
                 }
             }
-            Layout::Q8S16Rows8 { mins, .. } => {
-                let Blocks::Q8S16(all) = decoded else { unreachable!() };
-                let n = layout.group_rows();
-                let blocks = group_blocks(all, g, n, rows, n_blocks);
-                for b in 0..n_blocks {
-                    // Per 16-value half, then per row.
-                    let (mut ds, mut ms, mut qs) =
-                        ([0f32; 2 * MAX_GROUP], [0f32; 2 * MAX_GROUP], [[0u8; 32]; MAX_GROUP]);
-                    let (ds, ms, qs) = (&mut ds[..2 * n], &mut ms[..2 * n], &mut qs[..n]);
-                    for (i, r) in blocks.iter().enumerate() {
-                        if let Some(blk) = r.get(b) {
-                            (ds[i], ds[n + i], ms[i], ms[n + i], qs[i]) =
-                                (blk.d[0], blk.d[1], blk.m[0], blk.m[1], blk.qs.map(|v| v as u8));
-                        }
-                    }
-                    ds.iter().for_each(|&x| push_f32(blob, x));
-                    if mins {
-                        ms.iter().for_each(|&x| push_f32(blob, x));
-                    }
-                    push_values(blob, qs, if n == MICRO_ROWS { 2 } else { 0 });
-                }
-            }
             Layout::F16Rows4 { .. } => {
                 let chunks = cols.div_ceil(8);
                 for c in 0..chunks {
@@ -996,8 +927,8 @@ const WINDOW_BYTES: usize = 64 << 20;
 
 /// Packs every weight of `model` and the constant tables its ops need into `sink`, in
 /// weight-id order so that the blob is deterministic. With `micro_rows` (the target's
-/// schedule), Q4 and Q8 matrices take the micro-kernels' 8-row layouts (Q4, Q8 and Q8S16
-/// kernel forms). Weights go through in windows of about [`WINDOW_BYTES`]: each window's
+/// schedule), the matrices of the Q4, Q5, Q8, K32 and K16 kernel forms take the
+/// micro-kernels' 8-row layouts. Weights go through in windows of about [`WINDOW_BYTES`]: each window's
 /// weights are packed on rayon's pool, written, and released to the model's source
 /// ([`Model::release_weight`]), so the memory packing needs follows the largest tensor, not
 /// the model. Errors are the sink's (a full disk).
@@ -1024,7 +955,7 @@ fn pack_in_windows(
         let w = &graph.weights[i];
         let raw = model.weight_bytes(WeightId(i as u32));
         let raw = &raw[..];
-        let decoded = decode(w.format, &w.shape, raw, widens_k16(micro));
+        let decoded = decode(w.format, &w.shape, raw);
         let layout = layout_for(w.format, &w.shape, &decoded, micro, graph.act_dtype);
         let bytes = match layout {
             Layout::F32Vector { n } => {
@@ -1162,7 +1093,7 @@ mod tests {
                 (QuantFormat::Q3_G64, Layout::LowRows4 { rows, cols, half: true, high: true }),
             ] {
                 let raw = matrix(format, rows as usize, cols as usize);
-                let blocks = decode(format, &[rows, cols], &raw, widens_k16(micro));
+                let blocks = decode(format, &[rows, cols], &raw);
                 let layout = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q16);
                 assert_eq!(layout, want, "{}", format.name());
                 // On the q8 grid, Q4 and Q5 micro-kernel groups take 4-byte chunks, the
@@ -1225,22 +1156,19 @@ mod tests {
 
     /// Every format packs into at most its own bytes (for rows a whole number of every block
     /// size and of the 8-column chunks) on both activation grids, on targets without
-    /// micro-kernels and with them, except that the latter widen the K16 formats
-    /// (`widens_k16`), which are then larger: the test fails when that changes, too.
+    /// micro-kernels and with them.
     #[test]
     fn every_format_packs_into_at_most_its_own_bytes() {
         let (rows, cols) = (16u32, 512u32);
         for format in QuantFormat::ALL {
             let raw = matrix(format, rows as usize, cols as usize);
             for micro in [false, true] {
-                let blocks = decode(format, &[rows, cols], &raw, widens_k16(micro));
-                let widened = widens_k16(micro) && matches!(format.spec().kernel, KernelForm::K16(..));
+                let blocks = decode(format, &[rows, cols], &raw);
                 for act in [ActDType::Q16, ActDType::Q8] {
                     let packed = layout_for(format, &[rows, cols], &blocks, micro, act).bytes();
                     let stored = raw.len() as u64;
-                    assert_eq!(
+                    assert!(
                         packed <= stored,
-                        !widened,
                         "{} packs into {packed} bytes against its {stored} (micro {micro}, {act:?})",
                         format.name()
                     );
@@ -1256,12 +1184,12 @@ mod tests {
         let (rows, cols) = (5u32, 37u32);
         for (format, brain) in [(QuantFormat::F16, false), (QuantFormat::BF16, true)] {
             let mut raw = matrix(format, rows as usize, cols as usize);
-            let blocks = decode(format, &[rows, cols], &raw, true);
+            let blocks = decode(format, &[rows, cols], &raw);
             let layout = layout_for(format, &[rows, cols], &blocks, true, ActDType::Q16);
             assert_eq!(layout, Layout::F16Rows4 { rows, cols, brain });
             assert_eq!(layout.bytes(), 2 * (4 * 40 * 2), "two groups of 4 rows of 40 values");
             raw[7] = 0x7c; // value 3 of row 0: an f16 infinity (0x7c00), a bf16 finite value
-            let blocks = decode(format, &[rows, cols], &raw, true);
+            let blocks = decode(format, &[rows, cols], &raw);
             let want = if brain { layout } else { Layout::F32Rows4 { rows, cols } };
             assert_eq!(layout_for(format, &[rows, cols], &blocks, true, ActDType::Q16), want);
         }
@@ -1279,9 +1207,6 @@ mod tests {
             for micro in [false, true] {
                 let whole = match format.spec().kernel {
                     KernelForm::Q8(_) => Blocks::Q8(q8_blocks(format, &raw).unwrap()),
-                    KernelForm::K16(kind, _) if widens_k16(micro) => Blocks::Q8S16(
-                        k16_blocks(format, &raw).unwrap().iter().flat_map(|b| k16_as_q8s16(b, kind)).collect(),
-                    ),
                     KernelForm::K16(..) => Blocks::K16(k16_blocks(format, &raw).unwrap()),
                     KernelForm::K32(..) => Blocks::K32(k32_blocks(format, &raw).unwrap()),
                     _ => Blocks::Q4(q4_blocks(format, &raw).unwrap()),
@@ -1292,7 +1217,7 @@ mod tests {
                 for threads in [1, 3] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     let (got_layout, parts) = pool.install(|| {
-                        let decoded = decode(format, &[rows, cols], &raw, widens_k16(micro));
+                        let decoded = decode(format, &[rows, cols], &raw);
                         let layout = layout_for(format, &[rows, cols], &decoded, micro, ActDType::Q16);
                         (layout, pack_matrix(format, layout, &raw, &decoded))
                     });

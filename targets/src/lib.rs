@@ -71,10 +71,7 @@ pub enum MicroValues {
 /// `r` at bytes `2r, 2r+1`: low nibbles are values `2u, 2u+1`, high nibbles `16+2u, 17+2u`)
 /// and a Q4 block without stored offsets has `m = -8 d`; for `Bytes`, chunk `u` (of 16) holds
 /// values `2u, 2u+1` of each row (row `r` at bytes `2r, 2r+1`) and there is no offset unless
-/// stored. With `halves` (kernel form Q8S16: `Bytes`, f32 scales), every 16-value half of a
-/// block has its own 8 scales (`d[2][8]`) and offsets (`m[2][8]` at `mins_at`), and the
-/// offset term uses the half's activation sum, counted from the int16 values. For
-/// `NibbleDwords`, chunk `j` (of 4, 32 bytes) holds bytes `4j..4j+4` of each row's 16 nibble
+/// stored. For `NibbleDwords`, chunk `j` (of 4, 32 bytes) holds bytes `4j..4j+4` of each row's 16 nibble
 /// bytes (row `r` at bytes `4r..4r+4`: low nibbles are values `4j..4j+4`, high nibbles
 /// `16+4j..20+4j`), offsets as `Nibbles`, and the activations are read as the int8 copy at
 /// `x_i8_at` of each activation block (values in -127..=127, so that 8 pair sums of
@@ -82,18 +79,16 @@ pub enum MicroValues {
 /// `x` is the first of `tokens` q16 activation rows `x_stride` bytes apart (per block: scale
 /// f32, sum f32, 32 int16 values). For every token `t` and row `r` the kernel folds, block by
 /// block from 0.0, `acc = fma(isum, d * scale, acc)` then, with an offset,
-/// `acc = fma(m, sum, acc)` (isum the exact integer dot product of the block; with `halves`,
-/// for each half `h`: `acc = fma(isum_h, d_h * scale, acc)`, then with offsets
-/// `acc = fma(m_h, f32(half sum) * scale, acc)`): the same f32 operations as the 128-bit
-/// Cranelift kernels. It writes `out[8 t + r]`.
+/// `acc = fma(m, sum, acc)` (isum the exact integer dot product of the block; for the
+/// 16-value sub-blocks of [`MicroKernel::k16`]: `acc = fma(isum_s, d_s * scale, acc)`, then
+/// with offsets `acc = fma(m_s, f32(half sum) * scale, acc)`, the half sum counted from the
+/// int16 values): the same f32 operations as the 128-bit Cranelift kernels. It writes `out[8 t + r]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MicroKernel {
     /// Token rows per call, 1..=4.
     pub tokens: u32,
     pub values: MicroValues,
     pub half: bool,
-    /// Scales and offsets per 16-value half (kernel form Q8S16).
-    pub halves: bool,
     /// Byte offset of the offsets within a block, when stored.
     pub mins_at: Option<u32>,
     /// Byte offset of the value chunks within a block.
@@ -130,7 +125,7 @@ pub struct MicroKernel {
     /// bit pairs (as Q6's high ones), then for Q3 one chunk of third bits (bit `u`). A value
     /// is the low bits, plus the high ones above them, less [`KKind::offset`]. Sub-block `s`
     /// (the half `s % 2` of activation block `s / 2`) has `d = d * sc_s` and with Q2
-    /// `m = -(dmin * m_s)`, folded as with `halves`; `n_blocks` counts super-blocks.
+    /// `m = -(dmin * m_s)`; `n_blocks` counts super-blocks.
     pub k16: Option<KKind>,
 }
 

@@ -7,7 +7,7 @@
 //! products come from the target's int16 dot (`pmaddwd` on x86-64), are reduced to one
 //! `i32x4` of four row sums by two pairwise adds, and are scaled in float.
 //! Where the target has micro-kernels (x86-64: 256-bit AVX2, see `targets::MicroKernel`),
-//! Q4, Q8 and Q8S16 matrices come in groups of 8 rows and the kernel here only
+//! Q4, Q5, Q8, K32 and K16 matrices come in groups of 8 rows and the kernel here only
 //! walks groups and tiles of up to 4 token rows, calls the micro-kernel for each tile (one
 //! function per tile height) and applies the epilogue to the 8 × tokens results it leaves on
 //! the stack.
@@ -19,8 +19,8 @@ use targets::{MicroKernel, MicroValues};
 
 use super::builder::{le, Kb};
 use crate::pack::{
-    k32x8_block_values, q4_group_block, q4x8_group_block, q8_group_block, q8s16x8_group_block, q8x8_group_block,
-    scales_bytes, Layout, PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
+    k32x8_block_values, q4_group_block, q4x8_group_block, q8_group_block, q8x8_group_block, scales_bytes, Layout,
+    PackedWeight, F32_GROUP_CHUNK, MICRO_ROWS,
 };
 use crate::passes::plan_memory::{q16_block_bytes, Location, Q8_VALUES_AT};
 use ir::quant::KKind;
@@ -64,13 +64,11 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
             (values, half, mins, q4x8_group_block(half, mins, high))
         }
         Layout::Q8Rows8 { half, .. } => (MicroValues::Bytes, half, false, q8x8_group_block(half)),
-        Layout::Q8S16Rows8 { mins, .. } => (MicroValues::Bytes, false, mins, q8s16x8_group_block(mins)),
         Layout::K16Rows8 { kind, .. } => {
             return Some(MicroKernel {
                 tokens: tokens as u32,
                 values: MicroValues::Bytes,
                 half: false,
-                halves: false,
                 mins_at: (kind == KKind::Q2).then_some(16),
                 qs_at: crate::pack::k16x8_values_at(kind) as u32,
                 high_at: None,
@@ -87,7 +85,6 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
                 tokens: tokens as u32,
                 values,
                 half: false,
-                halves: false,
                 mins_at: Some(0),
                 qs_at: 0,
                 high_at: high.then_some(128),
@@ -103,16 +100,14 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
         }
         _ => return None,
     };
-    let halves = matches!(layout, Layout::Q8S16Rows8 { .. });
-    // d (and m): 8 scales each, twice with halves.
-    let scales = 2 * scales_bytes(half) as u32 * if halves { 2 } else { 1 };
+    // d (and m): 8 scales each.
+    let scales = 2 * scales_bytes(half) as u32;
     let qs_at = if mins { 2 * scales } else { scales };
     let high = matches!(layout, Layout::Q4Rows8 { high: true, .. });
     Some(MicroKernel {
         tokens: tokens as u32,
         values,
         half,
-        halves,
         mins_at: mins.then_some(scales),
         qs_at,
         high_at: high.then_some(qs_at + 128),
@@ -191,11 +186,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                         vec![]
                     });
                 }
-                Layout::Q4Rows8 { .. }
-                | Layout::Q8Rows8 { .. }
-                | Layout::Q8S16Rows8 { .. }
-                | Layout::K32Rows8 { .. }
-                | Layout::K16Rows8 { .. } => {
+                Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::K32Rows8 { .. } | Layout::K16Rows8 { .. } => {
                     let (micro, tile_out) =
                         (spec.micro.expect("8-row layouts come with micro-kernels"), tile_out.unwrap());
                     // Blocks per row: 256-value super-blocks for K32.
@@ -357,7 +348,7 @@ fn reduce4(kb: &mut Kb, p: [Value; 4]) -> Value {
     kb.b.ins().iadd_pairwise(ab, cd)
 }
 
-/// Four row dot products of a Q4, Q8 or Q8S16 group with each of the q16 activation rows
+/// Four row dot products of a Q4, Q5 or Q8 group with each of the q16 activation rows
 /// `x_rows` (one or two), as one `f32x4` per row.
 fn dot_quantized(
     kb: &mut Kb,
@@ -743,7 +734,7 @@ fn dot_k32(kb: &mut Kb, high: bool, wg: Value, x_rows: &[Value], n_super: i64, x
 /// [`dot_quantized`] for a [`Layout::K16Rows4`] group of `n_super` 256-value super-blocks:
 /// per 16-value sub-block the integer dot products of the signed values are scaled by the
 /// rows' `d * sc` and the activation block's scale, and for Q2 the rows' `-(dmin * m)` by the
-/// sub-block's activation sum, as the Q8S16 kernels do per half block.
+/// sub-block's activation sum, as the x86-64 K16 micro-kernels do.
 fn dot_k16(kb: &mut Kb, kind: KKind, wg: Value, x_rows: &[Value], n_super: i64, x_block: i64) -> Vec<Value> {
     let n = x_rows.len();
     let zero = kb.iconst(0);

@@ -421,13 +421,12 @@ fn define_micro_kernels(
                     (_, Some(ir::quant::KKind::Q6)) => "k6",
                     _ => "",
                 },
-                match (spec.values, spec.halves, spec.high_at.is_some()) {
-                    (targets::MicroValues::Nibbles, _, false) => "q4",
-                    (targets::MicroValues::NibbleDwords, _, false) => "q4i8",
-                    (targets::MicroValues::NibbleDwords, _, true) => "q5i8",
-                    (targets::MicroValues::Nibbles, _, true) => "q5",
-                    (targets::MicroValues::Bytes, false, _) => "q8",
-                    (targets::MicroValues::Bytes, true, _) => "q8s16",
+                match (spec.values, spec.high_at.is_some()) {
+                    (targets::MicroValues::Nibbles, false) => "q4",
+                    (targets::MicroValues::NibbleDwords, false) => "q4i8",
+                    (targets::MicroValues::NibbleDwords, true) => "q5i8",
+                    (targets::MicroValues::Nibbles, true) => "q5",
+                    (targets::MicroValues::Bytes, _) => "q8",
                 },
                 if spec.half { "f16" } else { "f32" },
                 if spec.mins_at.is_some() { "min" } else { "nomin" }

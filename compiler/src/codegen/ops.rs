@@ -431,46 +431,6 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             vec![]
                         });
                     }
-                    Layout::Q8S16Rows8 { mins, .. } => {
-                        let nb = kb.iconst(cols / 32);
-                        // d[2][rows], then m[2][rows] when stored, then the values.
-                        let half_scales = 4 * group_rows;
-                        let qs_at = if mins { 4 * half_scales } else { 2 * half_scales };
-                        kb.for_range(zero, nb, 1, &[], |kb, b, _| {
-                            let blk = kb.addr(base, b, block, 0);
-                            let out = kb.addr(yr, b, 128, 0);
-                            let qs = row_values(kb, row_buf, blk, lane, qs_at, 32);
-                            for (h, &half) in qs.iter().enumerate() {
-                                let h = h as i64;
-                                let d_ptr = kb.addr(blk, lane, 4, half_scales * h);
-                                let d = kb.load(F32, d_ptr, 0);
-                                let d = kb.b.ins().splat(F32X4, d);
-                                let m = if mins {
-                                    let m_ptr = kb.addr(blk, lane, 4, 2 * half_scales + half_scales * h);
-                                    let m = kb.load(F32, m_ptr, 0);
-                                    Some(kb.b.ins().splat(F32X4, m))
-                                } else {
-                                    None
-                                };
-                                let wide = [kb.b.ins().swiden_low(half), kb.b.ins().swiden_high(half)];
-                                for (k, w16) in wide.into_iter().enumerate() {
-                                    let w32 = [kb.b.ins().swiden_low(w16), kb.b.ins().swiden_high(w16)];
-                                    for (j, wi) in w32.into_iter().enumerate() {
-                                        // d * q, then + m: rounded as the dequantizers
-                                        // round it (d * q need not be exact in f32 here).
-                                        let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
-                                        let v = kb.b.ins().fmul(f, d);
-                                        let v = match m {
-                                            Some(m) => kb.b.ins().fadd(v, m),
-                                            None => v,
-                                        };
-                                        kb.store(v, out, 64 * h + 32 * k as i64 + 16 * j as i64);
-                                    }
-                                }
-                            }
-                            vec![]
-                        });
-                    }
                     Layout::K32Rows4 { high, .. } | Layout::K32Rows8 { high, .. } => {
                         use super::matmul::{k32_scale, k32_values, RowAt};
                         let ns = kb.iconst(cols / 256);

@@ -106,17 +106,6 @@ pub struct Q8Block {
     pub qs: [i8; 32],
 }
 
-/// One 32-value block as the general 8-bit kernels read it: `x[j] = d[j / 16] * q[j] +
-/// m[j / 16]`, a scale and an offset per 16 values. The K16 form's blocks widen to it exactly
-/// (`d = d * sc`, `m = -(dmin * m)`, `q - offset`), at 10 or 12 bits per weight once packed:
-/// the layout of targets whose micro-kernels do not read the K16 layout yet.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Q8S16Block {
-    pub d: [f32; 2],
-    pub m: [f32; 2],
-    pub qs: [i8; 32],
-}
-
 /// One 64-value group as the low-bit kernels read it: `x[i] = d * q[i] + m`, the low two bits
 /// of `q[i]` in bits `2 (i / 16)` of byte `i % 16` of `qs`, and (kernel form Q3) its third bit
 /// in bit `i` of `qh` (zero for two bits).
@@ -231,7 +220,7 @@ pub enum KernelForm {
     /// Appends the [`Q4Block`]s of one format block; q16 activations.
     Q4(fn(block: &[u8], out: &mut Vec<Q4Block>)),
     /// Appends the [`Q4Block`]s, with fifth bits, of one format block: the Q4 kernels with a
-    /// plane of high bits (5.5 bits per weight packed, not Q8S16's 10); q16 activations.
+    /// plane of high bits (5.5 bits per weight packed); q16 activations.
     Q5(fn(block: &[u8], out: &mut Vec<Q4Block>)),
     /// Appends the [`Q8Block`]s of one format block; q16 activations.
     Q8(fn(block: &[u8], out: &mut Vec<Q8Block>)),
@@ -537,7 +526,7 @@ mod tests {
                         .collect(),
                 };
                 assert_eq!(got.len(), want.len());
-                // Equal values (Q4_0 as d q + m, and the Q8S16 forms with m = 0, may turn -0
+                // Equal values (Q4_0 as d q + m, and forms with m = 0, may turn -0
                 // into +0, as the kernels do).
                 for (j, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(g == w, "{format:?} value {j}: kernel form {g} vs dequantized {w}");

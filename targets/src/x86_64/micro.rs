@@ -98,13 +98,20 @@ fn broadcast_dword(a: &mut CodeAssembler, y: AsmRegisterYmm, x: AsmRegisterXmm, 
     a.vpbroadcastd(y, x)
 }
 
-/// Moves the bit field at bit `from` of every byte of `r` to bit `to` (word shifts: the
-/// caller's mask keeps only the bits that stayed in their byte).
-fn move_field(a: &mut CodeAssembler, r: AsmRegisterXmm, from: i32, to: i32) -> Result<(), IcedError> {
+/// Moves the bit field at bit `from` of every byte of `src` to bit `to` in `dst` (word
+/// shifts: the caller's mask keeps only the bits that stayed in their byte).
+fn move_field_y(
+    a: &mut CodeAssembler,
+    dst: AsmRegisterYmm,
+    src: AsmRegisterYmm,
+    from: i32,
+    to: i32,
+) -> Result<(), IcedError> {
     match from.cmp(&to) {
-        std::cmp::Ordering::Greater => a.vpsrlw(r, r, (from - to) as u32),
-        std::cmp::Ordering::Less => a.vpsllw(r, r, (to - from) as u32),
-        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => a.vpsrlw(dst, src, (from - to) as u32),
+        std::cmp::Ordering::Less => a.vpsllw(dst, src, (to - from) as u32),
+        std::cmp::Ordering::Equal if dst == src => Ok(()),
+        std::cmp::Ordering::Equal => a.vmovdqa(dst, src),
     }
 }
 
@@ -112,8 +119,9 @@ fn move_field(a: &mut CodeAssembler, r: AsmRegisterXmm, from: i32, to: i32) -> R
 /// values (values `2u, 2u + 1` of the 8 rows) is put together from its planes in xmm12 (low
 /// bits; xmm13 the high bits), less the offset (xmm7, bytes), widened to int16 and multiplied
 /// with `vpmaddwd` as the Q8 kernels do; the sub-block's int32 sums fold into f32 with its
-/// scales as the `halves` kernels fold theirs. ymm15: the low bits' mask, ymm6: the high
-/// bits' (Q2: int16 ones), ymm4: Q3's 32 (dwords), Q2's f32 sign bit.
+/// scales and, for Q2, minimums times the sub-block's activation sum. ymm15: the low bits' mask, ymm6: the high
+/// bits' (Q2: int16 ones), ymm4: Q3's 32 (dwords), Q2's `-dmin`; the super-block's `d` in
+/// ymm5 (Q6) or ymm7 (Q2).
 fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
     let tokens = k.tokens as usize;
     let iacc = [ymm0, ymm1, ymm2, ymm3];
@@ -144,58 +152,78 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
     if kind != KKind::Q2 {
         broadcast_dword(&mut a, ymm7, xmm7, u32::from_ne_bytes([kind.offset() as u8; 4]))?;
     }
-    match kind {
-        KKind::Q3 => broadcast_dword(&mut a, ymm4, xmm4, 32)?,
-        KKind::Q2 => broadcast_dword(&mut a, ymm4, xmm4, 0x8000_0000)?,
-        KKind::Q6 => {}
+    if kind == KKind::Q3 {
+        broadcast_dword(&mut a, ymm4, xmm4, 32)?;
     }
     let scales_at: i32 = if kind == KKind::Q2 { 32 } else { 16 };
     let scale_byte = |i: i32| qword_ptr(rdi + (scales_at + 8 * i));
     a.test(r8, r8)?;
     a.jle(done)?;
     a.set_label(&mut top)?;
+    // The super-block's d (Q6: ymm5, Q2: ymm7) and Q2's -dmin (ymm4).
+    match kind {
+        KKind::Q6 => a.vcvtph2ps(ymm5, xmmword_ptr(rdi))?,
+        KKind::Q2 => {
+            broadcast_dword(&mut a, tmp, xmm14, 0x8000_0000)?;
+            a.vcvtph2ps(ymm4, xmmword_ptr(rdi + 16))?;
+            a.vxorps(ymm4, ymm4, tmp)?;
+            a.vcvtph2ps(ymm7, xmmword_ptr(rdi))?;
+        }
+        KKind::Q3 => {}
+    }
     for s in 0..16i32 {
         let h = s % 2;
         let xo = s / 2 * k.x_block_bytes as i32;
         let x = |t: usize, disp: i32| x_at(t, disp + xo);
         let at = k.qs_at as i32 + s * k.block_bytes as i32;
-        for u in 0..8i32 {
-            let chunk = |i: i32| xmmword_ptr(rdi + (at + 16 * i));
+        let chunk = |i: i32| xmmword_ptr(rdi + (at + 16 * i));
+        let chunks = |i: i32| ymmword_ptr(rdi + (at + 16 * i));
+        if kind == KKind::Q3 {
+            // ymm5: the third bits, bit j of a byte chunk j's in the low lane, chunk j + 4's
+            // in the high lane.
+            a.vbroadcasti128(ymm5, chunk(2))?;
+            a.vpsrlw(high, ymm5, 4)?;
+            a.vpblendd(ymm5, ymm5, high, 0xf0)?;
+        }
+        // Chunks u and u + 4 at once, in the two 128-bit lanes of ymm12.
+        for u in 0..4i32 {
             match kind {
                 KKind::Q6 => {
-                    if u < 4 {
-                        a.vpand(xmm12, xmm15, chunk(u))?;
-                    } else {
-                        a.vmovdqu(xmm12, chunk(u - 4))?;
-                        a.vpsrlw(xmm12, xmm12, 4)?;
-                        a.vpand(xmm12, xmm12, xmm15)?;
-                    }
-                    a.vmovdqu(xmm13, chunk(4 + u / 4))?;
-                    move_field(&mut a, xmm13, 2 * (u % 4), 4)?;
+                    // Low nibbles of chunk u's bytes are its values, high nibbles chunk u + 4's.
+                    a.vbroadcasti128(vals, chunk(u))?;
+                    a.vpsrlw(high, vals, 4)?;
+                    a.vpblendd(vals, vals, high, 0xf0)?;
+                    a.vpand(vals, vals, ymm15)?;
+                    // Bit pairs u of the two high chunks (u and u + 4), moved to bits 4-5.
+                    a.vmovdqu(high, chunks(4))?;
+                    move_field_y(&mut a, high, high, 2 * u, 4)?;
                 }
                 KKind::Q3 | KKind::Q2 => {
-                    a.vmovdqu(xmm12, chunk(u / 4))?;
-                    move_field(&mut a, xmm12, 2 * (u % 4), 0)?;
-                    a.vpand(xmm12, xmm12, xmm15)?;
+                    a.vmovdqu(vals, chunks(0))?;
+                    move_field_y(&mut a, vals, vals, 2 * u, 0)?;
+                    a.vpand(vals, vals, ymm15)?;
                     if kind == KKind::Q3 {
-                        a.vmovdqu(xmm13, chunk(2))?;
-                        move_field(&mut a, xmm13, u, 2)?;
+                        move_field_y(&mut a, high, ymm5, u, 2)?;
                     }
                 }
             }
             if kind != KKind::Q2 {
-                a.vpand(xmm13, xmm13, xmm6)?;
-                a.vpor(xmm12, xmm12, xmm13)?;
-                a.vpsubb(xmm12, xmm12, xmm7)?;
+                a.vpand(high, high, ymm6)?;
+                a.vpor(vals, vals, high)?;
+                a.vpsubb(vals, vals, ymm7)?;
             }
+            a.vpmovsxbw(high, xmm12)?;
+            a.vextracti128(xmm12, vals, 1)?;
             a.vpmovsxbw(vals, xmm12)?;
-            for t in 0..tokens {
-                a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 32 * h + 4 * u)))?;
-                if u == 0 {
-                    a.vpmaddwd(iacc[t], vals, tmp)?;
-                } else {
-                    a.vpmaddwd(tmp, vals, tmp)?;
-                    a.vpaddd(iacc[t], iacc[t], tmp)?;
+            for (values, c) in [(high, u), (vals, u + 4)] {
+                for t in 0..tokens {
+                    a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 32 * h + 4 * c)))?;
+                    if c == 0 {
+                        a.vpmaddwd(iacc[t], values, tmp)?;
+                    } else {
+                        a.vpmaddwd(tmp, values, tmp)?;
+                        a.vpaddd(iacc[t], iacc[t], tmp)?;
+                    }
                 }
             }
         }
@@ -208,9 +236,7 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
                 a.vpsrld(vals, vals, 28)?;
                 a.vpsrld(high, high, 4)?;
                 a.vcvtdq2ps(high, high)?;
-                a.vcvtph2ps(tmp, xmmword_ptr(rdi + 16))?;
-                a.vmulps(high, high, tmp)?;
-                a.vxorps(high, high, ymm4)?;
+                a.vmulps(high, high, ymm4)?;
             }
             KKind::Q3 => {
                 // The sixteen 6-bit values as the K32 header has them, less 32.
@@ -230,8 +256,14 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
             }
         }
         a.vcvtdq2ps(vals, vals)?;
-        a.vcvtph2ps(tmp, xmmword_ptr(rdi))?;
-        a.vmulps(vals, vals, tmp)?;
+        match kind {
+            KKind::Q6 => a.vmulps(vals, vals, ymm5)?,
+            KKind::Q2 => a.vmulps(vals, vals, ymm7)?,
+            KKind::Q3 => {
+                a.vcvtph2ps(tmp, xmmword_ptr(rdi))?;
+                a.vmulps(vals, vals, tmp)?;
+            }
+        }
         for t in 0..tokens {
             a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
             a.vmulps(tmp, vals, tmp)?;
@@ -259,7 +291,7 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
 
 pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     if let Some(kind) = k.k16 {
-        assert!(!k.k32 && !k.halves && !k.half && k.x_i8_at.is_none(), "K16 super-blocks: int16 activations");
+        assert!(!k.k32 && !k.half && k.x_i8_at.is_none(), "K16 super-blocks: int16 activations");
         return kernel_k16(k, kind);
     }
     assert!((1..=4).contains(&k.tokens), "1 to 4 tokens per call");
@@ -303,7 +335,6 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     a.vmovd(xmm15, eax)?;
     a.vpbroadcastd(mask, xmm15)?;
     if dwords {
-        assert!(!k.halves, "4-byte chunks: nibbles");
         // ymm6 (or [rsp]): int16 ones, to widen the 8 rows' int16 pair sums to int32.
         a.mov(eax, 0x0001_0001)?;
         a.vmovd(xmm6, eax)?;
@@ -321,7 +352,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
         a.vbroadcastss(minus8, xmm7)?;
     }
     if k.k32 {
-        assert!(k.mins_at.is_some() && !k.half && !k.halves, "K32 super-blocks: scales from the header");
+        assert!(k.mins_at.is_some() && !k.half, "K32 super-blocks: scales from the header");
         // ymm7: the f32 sign bit, to negate the minimums' products exactly.
         a.mov(eax, i32::MIN)?;
         a.vmovd(xmm7, eax)?;
@@ -345,23 +376,14 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
         let x = |t: usize, disp: i32| x_at(t, disp + xo);
         let high_at = k.high_at.map(|at| at as i32 + base);
         let qs = k.qs_at as i32 + base;
-        if k.halves {
-            assert!(k.values == MicroValues::Bytes && !k.half, "Q8S16 blocks: bytes with f32 scales");
-            // ymm6: int16 ones, for the halves' activation sums.
-            a.mov(eax, 0x0001_0001)?;
-            a.vmovd(xmm6, eax)?;
-            a.vpbroadcastd(ymm6, xmm6)?;
-        }
         let chunks = match k.values {
             MicroValues::Nibbles => 8,
             MicroValues::NibbleDwords => 4,
             MicroValues::Bytes => 16,
         };
-        // The chunks folded into f32 together: all of them, or each 16-value half.
-        let folds: Vec<std::ops::Range<i32>> = if k.halves { vec![0..8, 8..16] } else { vec![0..chunks] };
-        for (h, fold) in folds.into_iter().enumerate() {
+        {
             let mut first = true;
-            for u in fold {
+            for u in 0..chunks {
                 if dwords {
                     // Chunk u: 4 bytes of each row; low nibbles are values 4u..4u+4, high nibbles
                     // 16+4u..20+4u, against the int8 activations broadcast 4 at a time.
@@ -453,19 +475,18 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
             }
             // The block's int32 sums per token.
             let isum = if spill { facc } else { iacc };
-            // d (ymm12) and m (ymm13) for the 8 rows (of half h).
-            let scales_at = 32 * h as i32;
+            // d (ymm12) and m (ymm13) for the 8 rows.
             if k.k32 {
                 k32_scales(&mut a, s as i32)?;
             } else if k.half {
                 a.vcvtph2ps(lo, xmmword_ptr(rdi))?;
             } else {
-                a.vmovups(lo, ymmword_ptr(rdi + scales_at))?;
+                a.vmovups(lo, ymmword_ptr(rdi))?;
             }
             let offsets = match k.mins_at {
                 _ if k.k32 => true,
                 Some(at) if k.half => a.vcvtph2ps(hi, xmmword_ptr(rdi + at as i32)).map(|_| true)?,
-                Some(at) => a.vmovups(hi, ymmword_ptr(rdi + (at as i32 + scales_at))).map(|_| true)?,
+                Some(at) => a.vmovups(hi, ymmword_ptr(rdi + at as i32)).map(|_| true)?,
                 None if minus_8d => a.vmulps(hi, lo, minus8).map(|_| true)?,
                 None => false,
             };
@@ -484,10 +505,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                     continue;
                 }
                 a.vfmadd231ps(facc[t], iacc[t], tmp)?;
-                if offsets && k.halves {
-                    half_sum_times_scale(&mut a, x(t, X_VALUES_AT + 32 * h as i32), x(t, 0))?;
-                    a.vfmadd231ps(facc[t], hi, tmp)?;
-                } else if offsets {
+                if offsets {
                     a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
                     a.vfmadd231ps(facc[t], hi, tmp)?;
                 }
@@ -533,7 +551,6 @@ mod tests {
                             tokens,
                             values,
                             half,
-                            halves: false,
                             mins_at: mins.then_some(scales),
                             qs_at: if mins { 2 * scales } else { scales },
                             high_at: None,
@@ -543,7 +560,6 @@ mod tests {
                             k32: false,
                             k16: None,
                         };
-                        let halves = MicroKernel { halves: true, half: false, ..k };
                         let high = MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..k };
                         let dwords = MicroKernel {
                             values: MicroValues::NibbleDwords,
@@ -553,15 +569,14 @@ mod tests {
                         };
                         let dwords_high =
                             MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..dwords };
-                        for k in [k, halves, high, dwords, dwords_high] {
-                            if k.halves && (values == MicroValues::Nibbles || half)
-                                || k.high_at.is_some() && values == MicroValues::Bytes
+                        for k in [k, high, dwords, dwords_high] {
+                            if k.high_at.is_some() && values == MicroValues::Bytes
                                 || k.values == MicroValues::NibbleDwords && values == MicroValues::Bytes
                             {
                                 continue;
                             }
                             super::super::assert_assembles_deterministically(&k, || kernel(&k).unwrap());
-                            if k.values == MicroValues::Bytes && !k.halves && !half && mins {
+                            if k.values == MicroValues::Bytes && !half && mins {
                                 // K16 super-blocks of every kind.
                                 for (kind, qs_at, block_bytes) in
                                     [(KKind::Q2, 160, 32), (KKind::Q3, 112, 48), (KKind::Q6, 144, 96)]
@@ -576,7 +591,7 @@ mod tests {
                                     super::super::assert_assembles_deterministically(&k, || kernel(&k).unwrap());
                                 }
                             }
-                            if k.values != MicroValues::Bytes && !k.halves && !half && mins {
+                            if k.values != MicroValues::Bytes && !half && mins {
                                 // The same blocks in K32 super-blocks, scales from the header.
                                 let b = 128 + if k.high_at.is_some() { 32 } else { 0 };
                                 let k = MicroKernel {

@@ -173,6 +173,9 @@ pub enum Layout {
     /// Matrix of kernel form F16 (finite values) or BF16 (`brain`) as stored, 16 bits a value:
     /// groups of 4 rows, 8-column chunks ([`F16_GROUP_CHUNK`], columns padded with zeros).
     F16Rows4 { rows: u32, cols: u32, brain: bool },
+    /// Matrix of kernel form F16 (finite values) or BF16 (`brain`) for a target's micro-kernels
+    /// (`targets::MicroValues::F16`): groups of 8 rows, per column the 8 rows' 16-bit values.
+    F16Rows8 { rows: u32, cols: u32, brain: bool },
     /// Matrix of a format whose kernel form is Q4, or Q5 (`high`: values have a fifth bit),
     /// groups of 4 rows interleaved per 32-value block; scales as f16 when `half`; offsets
     /// stored only when `mins` (else `m = -8 d`, or `-16 d` with `high`).
@@ -221,6 +224,7 @@ impl Layout {
             Layout::F32Vector { .. } => 0,
             Layout::F32Rows4 { cols, .. } => (cols as u64).div_ceil(4) * F32_GROUP_CHUNK as u64,
             Layout::F16Rows4 { cols, .. } => (cols as u64).div_ceil(8) * F16_GROUP_CHUNK as u64,
+            Layout::F16Rows8 { cols, .. } => cols as u64 * 2 * MICRO_ROWS as u64,
             Layout::Q4Rows4 { cols, half, mins, high, .. } => {
                 cols as u64 / 32 * q4_group_block(half, mins, high) as u64
             }
@@ -240,9 +244,11 @@ impl Layout {
     /// Rows per group of a matrix layout.
     pub fn group_rows(self) -> usize {
         match self {
-            Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::K32Rows8 { .. } | Layout::K16Rows8 { .. } => {
-                MICRO_ROWS
-            }
+            Layout::Q4Rows8 { .. }
+            | Layout::Q8Rows8 { .. }
+            | Layout::K32Rows8 { .. }
+            | Layout::K16Rows8 { .. }
+            | Layout::F16Rows8 { .. } => MICRO_ROWS,
             _ => ROWS,
         }
     }
@@ -253,6 +259,7 @@ impl Layout {
             Layout::F32Vector { .. } => None,
             Layout::F32Rows4 { rows, cols }
             | Layout::F16Rows4 { rows, cols, .. }
+            | Layout::F16Rows8 { rows, cols, .. }
             | Layout::Q4Rows4 { rows, cols, .. }
             | Layout::Q4Rows8 { rows, cols, .. }
             | Layout::Q8Rows4 { rows, cols, .. }
@@ -457,8 +464,10 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
         (_, [n]) => Layout::F32Vector { n: *n },
         (KernelForm::F32, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
         // `half`: every value finite (else widened at compile time).
+        (KernelForm::F16, [rows, cols]) if half && micro => Layout::F16Rows8 { rows: *rows, cols: *cols, brain: false },
         (KernelForm::F16, [rows, cols]) if half => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: false },
         (KernelForm::F16, [rows, cols]) => Layout::F32Rows4 { rows: *rows, cols: *cols },
+        (KernelForm::BF16, [rows, cols]) if micro => Layout::F16Rows8 { rows: *rows, cols: *cols, brain: true },
         (KernelForm::BF16, [rows, cols]) => Layout::F16Rows4 { rows: *rows, cols: *cols, brain: true },
         (KernelForm::K16(kind, _), [rows, cols]) if micro => Layout::K16Rows8 { rows: *rows, cols: *cols, kind },
         (KernelForm::K16(kind, _), [rows, cols]) => Layout::K16Rows4 { rows: *rows, cols: *cols, kind },
@@ -764,6 +773,14 @@ fn pack_groups(
                     }
                     push_scales(blob, ds, half);
                     push_values(blob, qs, if n == MICRO_ROWS { 2 } else { 0 });
+                }
+            }
+            Layout::F16Rows8 { .. } => {
+                let rows: [Option<&[u8]>; MICRO_ROWS] = std::array::from_fn(|i| row(g * MICRO_ROWS + i));
+                for c in 0..cols {
+                    for r in &rows {
+                        blob.extend_from_slice(r.map_or(&[0, 0], |bytes| &bytes[2 * c..2 * c + 2]));
+                    }
                 }
             }
             Layout::F16Rows4 { .. } => {
@@ -1177,21 +1194,29 @@ mod tests {
         }
     }
 
-    /// f16 and bf16 matrices keep 16 bits a value (columns padded to 8), except an f16 matrix
-    /// holding an infinity or NaN, which the kernels' integer widening cannot give.
+    /// f16 and bf16 matrices keep 16 bits a value (columns padded to 8 in the 4-row layout,
+    /// rows to 8 in the micro-kernels' one), except an f16 matrix holding an infinity or NaN,
+    /// which the kernels' widening (integer, or `vcvtph2ps` for finite values only by the
+    /// contract) does not cover.
     #[test]
     fn sixteen_bit_floats_stay_sixteen_bits() {
         let (rows, cols) = (5u32, 37u32);
-        for (format, brain) in [(QuantFormat::F16, false), (QuantFormat::BF16, true)] {
-            let mut raw = matrix(format, rows as usize, cols as usize);
-            let blocks = decode(format, &[rows, cols], &raw);
-            let layout = layout_for(format, &[rows, cols], &blocks, true, ActDType::Q16);
-            assert_eq!(layout, Layout::F16Rows4 { rows, cols, brain });
-            assert_eq!(layout.bytes(), 2 * (4 * 40 * 2), "two groups of 4 rows of 40 values");
-            raw[7] = 0x7c; // value 3 of row 0: an f16 infinity (0x7c00), a bf16 finite value
-            let blocks = decode(format, &[rows, cols], &raw);
-            let want = if brain { layout } else { Layout::F32Rows4 { rows, cols } };
-            assert_eq!(layout_for(format, &[rows, cols], &blocks, true, ActDType::Q16), want);
+        for micro in [false, true] {
+            for (format, brain) in [(QuantFormat::F16, false), (QuantFormat::BF16, true)] {
+                let mut raw = matrix(format, rows as usize, cols as usize);
+                let blocks = decode(format, &[rows, cols], &raw);
+                let layout = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q16);
+                let (want, bytes) = match micro {
+                    false => (Layout::F16Rows4 { rows, cols, brain }, 2 * (4 * 40 * 2)),
+                    true => (Layout::F16Rows8 { rows, cols, brain }, 8 * 37 * 2),
+                };
+                assert_eq!(layout, want);
+                assert_eq!(layout.bytes(), bytes);
+                raw[7] = 0x7c; // value 3 of row 0: an f16 infinity (0x7c00), a bf16 finite value
+                let blocks = decode(format, &[rows, cols], &raw);
+                let want = if brain { layout } else { Layout::F32Rows4 { rows, cols } };
+                assert_eq!(layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q16), want);
+            }
         }
     }
 

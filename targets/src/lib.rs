@@ -59,6 +59,12 @@ pub enum MicroValues {
     /// Unsigned nibbles (kernel form Q4) in 32-byte chunks of four bytes per row, multiplied
     /// by 8-bit activations (the q8 grid).
     NibbleDwords,
+    /// IEEE half floats (kernel form F16, finite values), against f32 activations: `w` holds per
+    /// column the 8 rows' values (16 bytes), `x` f32 rows, `n_blocks` counts whole quads of
+    /// columns, [`MicroKernel::tail`] the columns after them.
+    F16,
+    /// bfloat16 values (kernel form BF16), laid out as `F16`.
+    BF16,
 }
 
 /// One micro-kernel: machine code kiln encodes itself where Cranelift cannot express the
@@ -127,6 +133,8 @@ pub struct MicroKernel {
     /// (the half `s % 2` of activation block `s / 2`) has `d = d * sc_s` and with Q2
     /// `m = -(dmin * m_s)`; `n_blocks` counts super-blocks.
     pub k16: Option<KKind>,
+    /// `F16` and `BF16`: columns after the last whole quad (0..4).
+    pub tail: u32,
 }
 
 /// Bytes of the header of a [`MicroKernel::k32`] super-block.

@@ -64,6 +64,22 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
             (values, half, mins, q4x8_group_block(half, mins, high))
         }
         Layout::Q8Rows8 { half, .. } => (MicroValues::Bytes, half, false, q8x8_group_block(half)),
+        Layout::F16Rows8 { cols, brain, .. } => {
+            return Some(MicroKernel {
+                tokens: tokens as u32,
+                values: if brain { MicroValues::BF16 } else { MicroValues::F16 },
+                half: false,
+                mins_at: None,
+                qs_at: 0,
+                high_at: None,
+                block_bytes: 64,
+                x_block_bytes: 16,
+                x_i8_at: None,
+                k32: false,
+                k16: None,
+                tail: cols % 4,
+            });
+        }
         Layout::K16Rows8 { kind, .. } => {
             return Some(MicroKernel {
                 tokens: tokens as u32,
@@ -77,6 +93,7 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
                 x_i8_at: None,
                 k32: false,
                 k16: Some(kind),
+                tail: 0,
             });
         }
         Layout::K32Rows8 { high, dwords, .. } => {
@@ -96,6 +113,7 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
                 }),
                 k32: true,
                 k16: None,
+                tail: 0,
             });
         }
         _ => return None,
@@ -119,6 +137,7 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
         }),
         k32: false,
         k16: None,
+        tail: 0,
     })
 }
 
@@ -136,7 +155,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
     let group_rows = spec.weight.layout.group_rows();
     let groups = (rows as usize).div_ceil(group_rows) as i64;
     let x_row_bytes = match spec.weight.layout {
-        Layout::F32Rows4 { .. } | Layout::F16Rows4 { .. } => 4 * cols,
+        Layout::F32Rows4 { .. } | Layout::F16Rows4 { .. } | Layout::F16Rows8 { .. } => 4 * cols,
         _ => cols / 32 * spec.x_block_bytes,
     };
     let stride = spec.weight.layout.group_stride() as i64;
@@ -186,14 +205,19 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                         vec![]
                     });
                 }
-                Layout::Q4Rows8 { .. } | Layout::Q8Rows8 { .. } | Layout::K32Rows8 { .. } | Layout::K16Rows8 { .. } => {
+                Layout::Q4Rows8 { .. }
+                | Layout::Q8Rows8 { .. }
+                | Layout::K32Rows8 { .. }
+                | Layout::K16Rows8 { .. }
+                | Layout::F16Rows8 { .. } => {
                     let (micro, tile_out) =
                         (spec.micro.expect("8-row layouts come with micro-kernels"), tile_out.unwrap());
                     // Blocks per row: 256-value super-blocks for K32.
-                    let block = if matches!(spec.weight.layout, Layout::K32Rows8 { .. } | Layout::K16Rows8 { .. }) {
-                        256
-                    } else {
-                        32
+                    // (whole quads of columns for 16-bit floats).
+                    let block = match spec.weight.layout {
+                        Layout::K32Rows8 { .. } | Layout::K16Rows8 { .. } => 256,
+                        Layout::F16Rows8 { .. } => 4,
+                        _ => 32,
                     };
                     let tile = Tile { micro, out: tile_out, wg, x_base, x_row_bytes, n_blocks: cols / block };
                     // Tiles of 4 token rows, then one tile of the 1-3 rows left.

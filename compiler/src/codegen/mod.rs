@@ -427,6 +427,8 @@ fn define_micro_kernels(
                     (targets::MicroValues::NibbleDwords, true) => "q5i8",
                     (targets::MicroValues::Nibbles, true) => "q5",
                     (targets::MicroValues::Bytes, _) => "q8",
+                    (targets::MicroValues::F16, _) => ["f16w", "f16w1", "f16w2", "f16w3"][spec.tail as usize],
+                    (targets::MicroValues::BF16, _) => ["bf16w", "bf16w1", "bf16w2", "bf16w3"][spec.tail as usize],
                 },
                 if spec.half { "f16" } else { "f32" },
                 if spec.mins_at.is_some() { "min" } else { "nomin" }

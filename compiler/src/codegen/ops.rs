@@ -647,6 +647,44 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             vec![]
                         });
                     }
+                    Layout::F16Rows8 { brain, .. } => {
+                        // Column c: the 8 rows' values at 16 c; this row's at 2 lane. Four
+                        // columns at a time, widened as the 4-row layout's.
+                        let lane_off = kb.b.ins().ishl_imm_s(lane, 1);
+                        let src = kb.b.ins().iadd(base, lane_off);
+                        let quad = |kb: &mut Kb, s: Value, n: i64| -> Value {
+                            let mut v = None;
+                            for j in 0..n {
+                                let h = kb.load(I16, s, 16 * j);
+                                let h = if brain { kb.b.ins().uextend(I32, h) } else { kb.b.ins().sextend(I32, h) };
+                                v = Some(match v {
+                                    None => kb.b.ins().scalar_to_vector(I32X4, h),
+                                    Some(v) => kb.b.ins().insertlane(v, h, j as u8),
+                                });
+                            }
+                            let v = v.expect("a column at least");
+                            if brain {
+                                let v = kb.b.ins().ishl_imm_s(v, 16);
+                                kb.b.ins().bitcast(F32X4, super::builder::le(), v)
+                            } else {
+                                kb.f16_bits_to_f32(v)
+                            }
+                        };
+                        let quads = kb.iconst(cols / 4);
+                        kb.for_range(zero, quads, 1, &[], |kb, q, _| {
+                            let s = kb.addr(src, q, 64, 0);
+                            let v = quad(kb, s, 4);
+                            let d = kb.addr(yr, q, 16, 0);
+                            kb.store(v, d, 0);
+                            vec![]
+                        });
+                        let tail = cols % 4;
+                        if tail != 0 {
+                            let s = kb.b.ins().iadd_imm_s(src, 64 * (cols / 4));
+                            let v = quad(kb, s, tail);
+                            kb.store_partial(v, yr, 16 * (cols / 4), tail as usize);
+                        }
+                    }
                     Layout::F16Rows4 { brain, .. } => {
                         // Chunk c: 4 rows of 8 values; this row's at 16 lane.
                         let lane_off = kb.b.ins().imul_imm_s(lane, 16);

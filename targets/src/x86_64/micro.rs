@@ -289,7 +289,94 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
     a.assemble(0)
 }
 
+/// The 16-bit float kernel (`MicroValues::F16`, `BF16`, [`MicroKernel::tail`]): the 8 rows'
+/// values of one column widen to f32 in one register (`vcvtph2ps`; bf16 by `vpmovzxwd` and a
+/// shift), and each token's activation of that column, broadcast, meets them in one
+/// `vfmadd231ps`. Per token, four accumulators take the columns by their residue mod 4, in
+/// column order, and end as `(acc0 + acc2) + (acc1 + acc3)`: the order of the 128-bit
+/// Cranelift kernel's lanes, so both give the same bits. Up to 3 tokens per pass over the
+/// columns (4 accumulators each, ymm0..12); 4 tokens take two passes of 2.
+fn kernel_halfs(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
+    let brain = k.values == MicroValues::BF16;
+    let (w, xb) = (ymm12, ymm13);
+    let acc = [ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11];
+    let x = |t: usize, disp: i32| -> AsmMemoryOperand {
+        match t {
+            0 => rsi + disp,
+            1 => rsi + rdx + disp,
+            2 => rsi + rdx * 2 + disp,
+            _ => r9 + rdx * 2 + disp,
+        }
+    };
+    let mut a = CodeAssembler::new(64)?;
+    // The weights, activations and quad count, restored before each pass.
+    a.mov(r10, rdi)?;
+    a.mov(r11, rsi)?;
+    a.mov(rax, r8)?;
+    let passes: Vec<Vec<usize>> = match k.tokens {
+        4 => vec![vec![0, 1], vec![2, 3]],
+        t => vec![(0..t as usize).collect()],
+    };
+    // Column `l` of the current quad (or tail) at `at` bytes of weights and `4 l` of x.
+    let column = |a: &mut CodeAssembler, ts: &[usize], l: usize, at: i32| -> Result<(), IcedError> {
+        if brain {
+            a.vpmovzxwd(w, xmmword_ptr(rdi + at))?;
+            a.vpslld(w, w, 16)?;
+        } else {
+            a.vcvtph2ps(w, xmmword_ptr(rdi + at))?;
+        }
+        for (i, &t) in ts.iter().enumerate() {
+            a.vbroadcastss(xb, dword_ptr(x(t, 4 * l as i32)))?;
+            a.vfmadd231ps(acc[4 * i + l], w, xb)?;
+        }
+        Ok(())
+    };
+    for (p, ts) in passes.iter().enumerate() {
+        if p > 0 {
+            a.mov(rdi, r10)?;
+            a.mov(rsi, r11)?;
+            a.mov(r8, rax)?;
+        }
+        a.lea(r9, rsi + rdx)?;
+        for &r in &acc[..4 * ts.len()] {
+            a.vxorps(r, r, r)?;
+        }
+        let mut top = a.create_label();
+        let mut tail = a.create_label();
+        a.test(r8, r8)?;
+        a.jle(tail)?;
+        a.set_label(&mut top)?;
+        for l in 0..4 {
+            column(&mut a, ts, l, 16 * l as i32)?;
+        }
+        a.add(rdi, 64)?;
+        a.add(rsi, 16)?;
+        a.add(r9, 16)?;
+        a.dec(r8)?;
+        a.jnz(top)?;
+        a.set_label(&mut tail)?;
+        // The columns after the last whole quad.
+        for l in 0..k.tail as usize {
+            column(&mut a, ts, l, 16 * l as i32)?;
+        }
+        for (i, &t) in ts.iter().enumerate() {
+            let q = &acc[4 * i..4 * i + 4];
+            a.vaddps(q[0], q[0], q[2])?;
+            a.vaddps(q[1], q[1], q[3])?;
+            a.vaddps(q[0], q[0], q[1])?;
+            a.vmovups(ymmword_ptr(rcx + 32 * t as i32), q[0])?;
+        }
+    }
+    a.vzeroupper()?;
+    a.ret()?;
+    a.assemble(0)
+}
+
 pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
+    if matches!(k.values, MicroValues::F16 | MicroValues::BF16) {
+        assert!(k.k16.is_none() && !k.k32 && k.tail < 4, "16-bit floats: quads of columns and a tail");
+        return kernel_halfs(k);
+    }
     if let Some(kind) = k.k16 {
         assert!(!k.k32 && !k.half && k.x_i8_at.is_none(), "K16 super-blocks: int16 activations");
         return kernel_k16(k, kind);
@@ -380,6 +467,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
             MicroValues::Nibbles => 8,
             MicroValues::NibbleDwords => 4,
             MicroValues::Bytes => 16,
+            MicroValues::F16 | MicroValues::BF16 => unreachable!("kernel_halfs"),
         };
         {
             let mut first = true;
@@ -453,6 +541,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
                         vec![(lo, 2 * u)]
                     }
                     MicroValues::NibbleDwords => unreachable!("handled above"),
+                    MicroValues::F16 | MicroValues::BF16 => unreachable!("kernel_halfs"),
                 };
                 for (values, value) in pairs {
                     for t in 0..tokens {
@@ -559,6 +648,7 @@ mod tests {
                             x_i8_at: None,
                             k32: false,
                             k16: None,
+                            tail: 0,
                         };
                         let high = MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..k };
                         let dwords = MicroKernel {
@@ -569,6 +659,15 @@ mod tests {
                         };
                         let dwords_high =
                             MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..dwords };
+                        if !half && !mins {
+                            // 16-bit floats, every tail.
+                            for (values, tail) in [MicroValues::F16, MicroValues::BF16].into_iter().zip([0, 1, 2, 3]) {
+                                let k = MicroKernel { values, tail, x_block_bytes: 16, ..k };
+                                super::super::assert_assembles_deterministically(&k, || kernel(&k).unwrap());
+                                let k = MicroKernel { tail: 3 - tail, ..k };
+                                super::super::assert_assembles_deterministically(&k, || kernel(&k).unwrap());
+                            }
+                        }
                         for k in [k, high, dwords, dwords_high] {
                             if k.high_at.is_some() && values == MicroValues::Bytes
                                 || k.values == MicroValues::NibbleDwords && values == MicroValues::Bytes

@@ -59,6 +59,20 @@ pub const fn q8x8_group_block(half: bool) -> usize {
 pub const fn q8_group_block(half: bool) -> usize {
     scales_bytes(half) + 4 * 32
 }
+/// Bytes of one 16-value sub-block's values in a [`Layout::LowRows8`] group: the 8 rows'
+/// crumbs (and third bits) as [`push_k16_planes`] lays out Q3 and Q2.
+pub const fn low8_sub_bytes(high: bool) -> usize {
+    if high {
+        48
+    } else {
+        32
+    }
+}
+/// Bytes of one 64-value block of a [`Layout::LowRows8`] group: `d[8]`, `m[8]` (f16 or f32),
+/// then the four sub-blocks' planes: eight rows of the format's own bytes (160, 224) with f16.
+pub const fn low8_group_block(half: bool, high: bool) -> usize {
+    4 * scales_bytes(half) + 4 * low8_sub_bytes(high)
+}
 /// Bytes of one 64-value block of a [`Layout::LowRows4`] group: `d[4]`, `m[4]` (f16 or f32),
 /// `qs[4][16]` crumbs, then with `high` the rows' third bits (`[4][8]`, [`third_bits`]).
 pub const fn low_group_block(half: bool, high: bool) -> usize {
@@ -198,6 +212,10 @@ pub enum Layout {
     /// of 4 rows interleaved per 64-value block ([`low_group_block`]); scales and offsets f16
     /// when `half`. The same layout on every target (no micro-kernel reads it).
     LowRows4 { rows: u32, cols: u32, half: bool, high: bool },
+    /// Matrix of kernel form Q2 or Q3 (`high`) for a target's micro-kernels
+    /// (`targets::MicroKernel::low`): groups of 8 rows per 64-value block
+    /// ([`low8_group_block`]), the values in the planes of [`Layout::K16Rows8`]'s Q2 and Q3.
+    LowRows8 { rows: u32, cols: u32, half: bool, high: bool },
     /// Matrix of a format whose kernel form is K16 (q2_k, q3_k, q6_k), groups of 4 rows
     /// interleaved per 256-value super-block ([`k16_group_block`]). The same layout on every
     /// target.
@@ -234,6 +252,7 @@ impl Layout {
             Layout::Q8Rows4 { cols, half, .. } => cols as u64 / 32 * q8_group_block(half) as u64,
             Layout::Q8Rows8 { cols, half, .. } => cols as u64 / 32 * q8x8_group_block(half) as u64,
             Layout::LowRows4 { cols, half, high, .. } => cols as u64 / 64 * low_group_block(half, high) as u64,
+            Layout::LowRows8 { cols, half, high, .. } => cols as u64 / 64 * low8_group_block(half, high) as u64,
             Layout::K16Rows4 { cols, kind, .. } => cols as u64 / 256 * k16_group_block(kind) as u64,
             Layout::K32Rows4 { cols, high, .. } => cols as u64 / 256 * k32_group_block(high) as u64,
             Layout::K32Rows8 { cols, high, .. } => cols as u64 / 256 * k32x8_group_block(high) as u64,
@@ -248,7 +267,8 @@ impl Layout {
             | Layout::Q8Rows8 { .. }
             | Layout::K32Rows8 { .. }
             | Layout::K16Rows8 { .. }
-            | Layout::F16Rows8 { .. } => MICRO_ROWS,
+            | Layout::F16Rows8 { .. }
+            | Layout::LowRows8 { .. } => MICRO_ROWS,
             _ => ROWS,
         }
     }
@@ -265,6 +285,7 @@ impl Layout {
             | Layout::Q8Rows4 { rows, cols, .. }
             | Layout::Q8Rows8 { rows, cols, .. }
             | Layout::LowRows4 { rows, cols, .. }
+            | Layout::LowRows8 { rows, cols, .. }
             | Layout::K16Rows4 { rows, cols, .. }
             | Layout::K32Rows4 { rows, cols, .. }
             | Layout::K32Rows8 { rows, cols, .. }
@@ -492,7 +513,12 @@ fn layout_with(format: QuantFormat, shape: &[u32], micro: bool, act: ActDType, h
             }
         }
         (kernel @ (KernelForm::Q2(_) | KernelForm::Q3(_)), [rows, cols]) => {
-            Layout::LowRows4 { rows: *rows, cols: *cols, half, high: matches!(kernel, KernelForm::Q3(_)) }
+            let high = matches!(kernel, KernelForm::Q3(_));
+            if micro {
+                Layout::LowRows8 { rows: *rows, cols: *cols, half, high }
+            } else {
+                Layout::LowRows4 { rows: *rows, cols: *cols, half, high }
+            }
         }
         _ => unreachable!("the verifier allows 1-D and 2-D weights only"),
     }
@@ -918,6 +944,26 @@ fn pack_groups(
                     }
                 }
             }
+            Layout::LowRows8 { half, high, .. } => {
+                let Blocks::Low(all) = decoded else { unreachable!() };
+                let n_groups = cols / LowBlock::VALUES;
+                let blocks = group_blocks(all, g, MICRO_ROWS, rows, n_groups);
+                let kind = if high { KKind::Q3 } else { KKind::Q2 };
+                for b in 0..n_groups {
+                    let none = LowBlock { d: 0.0, m: 0.0, qs: [0; 16], qh: 0 };
+                    let blk: [LowBlock; MICRO_ROWS] =
+                        std::array::from_fn(|i| blocks[i].get(b).copied().unwrap_or(none));
+                    push_scales(blob, &blk.map(|b| b.d), half);
+                    push_scales(blob, &blk.map(|b| b.m), half);
+                    // Each row's 64 values, crumbs and third bit together.
+                    let q: [[u8; 64]; MICRO_ROWS] = blk.map(|b| {
+                        std::array::from_fn(|i| (b.qs[i % 16] >> (2 * (i / 16))) & 3 | (((b.qh >> i) & 1) as u8) << 2)
+                    });
+                    for s in 0..4 {
+                        push_k16_planes(blob, &std::array::from_fn(|r| &q[r][16 * s..16 * s + 16]), kind);
+                    }
+                }
+            }
             Layout::LowRows4 { half, high, .. } => {
                 let Blocks::Low(all) = decoded else { unreachable!() };
                 let n_groups = cols / LowBlock::VALUES;
@@ -1098,6 +1144,10 @@ mod tests {
                     Layout::K32Rows8 { rows, cols, high: true, dwords: false },
                 ),
             };
+            let low = |high| match micro {
+                false => Layout::LowRows4 { rows, cols, half: true, high },
+                true => Layout::LowRows8 { rows, cols, half: true, high },
+            };
             for (format, want) in [
                 (QuantFormat::Q4_0, q4(true, false)),
                 (QuantFormat::Q4_1, q4(true, true)),
@@ -1106,8 +1156,8 @@ mod tests {
                 (QuantFormat::Q5_0, q5(true, false)),
                 (QuantFormat::Q5_1, q5(true, true)),
                 (QuantFormat::Q5_K, q5_k),
-                (QuantFormat::Q2_G64, Layout::LowRows4 { rows, cols, half: true, high: false }),
-                (QuantFormat::Q3_G64, Layout::LowRows4 { rows, cols, half: true, high: true }),
+                (QuantFormat::Q2_G64, low(false)),
+                (QuantFormat::Q3_G64, low(true)),
             ] {
                 let raw = matrix(format, rows as usize, cols as usize);
                 let blocks = decode(format, &[rows, cols], &raw);
@@ -1117,7 +1167,7 @@ mod tests {
                 // same bytes reordered.
                 let q8 = layout_for(format, &[rows, cols], &blocks, micro, ActDType::Q8);
                 let dwords = micro && matches!(want, Layout::Q4Rows8 { .. } | Layout::K32Rows8 { .. });
-                if matches!(want, Layout::LowRows4 { .. }) {
+                if matches!(want, Layout::LowRows4 { .. } | Layout::LowRows8 { .. }) {
                     assert_eq!(q8, layout, "{}: one layout on every grid", format.name());
                 }
                 assert_eq!(

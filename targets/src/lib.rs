@@ -135,6 +135,13 @@ pub struct MicroKernel {
     pub k16: Option<KKind>,
     /// `F16` and `BF16`: columns after the last whole quad (0..4).
     pub tail: u32,
+    /// With [`MicroKernel::k16`] naming the value planes (Q3: crumbs and third bits, Q2:
+    /// crumbs), blocks are 64-value groups of kernel form Q3 or Q2 (q3_g64, q2_g64): `d[8]` and
+    /// `m[8]` at `mins_at` (f16 when `half`, else f32), then at `qs_at` four 16-value
+    /// sub-blocks' planes of `block_bytes` each, values unsigned (no offset); each 32-value
+    /// activation block's sums fold as a Q4 block's with stored offsets, and `n_blocks`
+    /// counts groups.
+    pub low: bool,
 }
 
 /// Bytes of the header of a [`MicroKernel::k32`] super-block.

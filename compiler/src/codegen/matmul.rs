@@ -78,6 +78,25 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
                 k32: false,
                 k16: None,
                 tail: cols % 4,
+                low: false,
+            });
+        }
+        Layout::LowRows8 { half, high, .. } => {
+            let scales = 2 * scales_bytes(half) as u32;
+            return Some(MicroKernel {
+                tokens: tokens as u32,
+                values: MicroValues::Bytes,
+                half,
+                mins_at: Some(scales),
+                qs_at: 2 * scales,
+                high_at: None,
+                block_bytes: crate::pack::low8_sub_bytes(high) as u32,
+                x_block_bytes: q16_block_bytes(act) as u32,
+                x_i8_at: None,
+                k32: false,
+                k16: Some(if high { KKind::Q3 } else { KKind::Q2 }),
+                tail: 0,
+                low: true,
             });
         }
         Layout::K16Rows8 { kind, .. } => {
@@ -94,6 +113,7 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
                 k32: false,
                 k16: Some(kind),
                 tail: 0,
+                low: false,
             });
         }
         Layout::K32Rows8 { high, dwords, .. } => {
@@ -114,6 +134,7 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
                 k32: true,
                 k16: None,
                 tail: 0,
+                low: false,
             });
         }
         _ => return None,
@@ -138,6 +159,7 @@ pub fn micro_kernel(layout: Layout, tokens: usize, act: ActDType) -> Option<Micr
         k32: false,
         k16: None,
         tail: 0,
+        low: false,
     })
 }
 
@@ -209,7 +231,8 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                 | Layout::Q8Rows8 { .. }
                 | Layout::K32Rows8 { .. }
                 | Layout::K16Rows8 { .. }
-                | Layout::F16Rows8 { .. } => {
+                | Layout::F16Rows8 { .. }
+                | Layout::LowRows8 { .. } => {
                     let (micro, tile_out) =
                         (spec.micro.expect("8-row layouts come with micro-kernels"), tile_out.unwrap());
                     // Blocks per row: 256-value super-blocks for K32.
@@ -217,6 +240,7 @@ pub fn emit(kb: &mut Kb, spec: &MatmulSpec) {
                     let block = match spec.weight.layout {
                         Layout::K32Rows8 { .. } | Layout::K16Rows8 { .. } => 256,
                         Layout::F16Rows8 { .. } => 4,
+                        Layout::LowRows8 { .. } => 64,
                         _ => 32,
                     };
                     let tile = Tile { micro, out: tile_out, wg, x_base, x_row_bytes, n_blocks: cols / block };

@@ -415,6 +415,8 @@ fn define_micro_kernels(
             let name = format!(
                 "kiln_micro_{}{}x8_{}_{}_t{tokens}",
                 match (spec.k32, spec.k16) {
+                    (_, Some(ir::quant::KKind::Q3)) if spec.low => "g3",
+                    _ if spec.low => "g2",
                     (true, _) => "k",
                     (_, Some(ir::quant::KKind::Q2)) => "k2",
                     (_, Some(ir::quant::KKind::Q3)) => "k3",

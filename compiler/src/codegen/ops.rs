@@ -314,6 +314,62 @@ fn lane_scale(kb: &mut Kb, blk: Value, lane: Value, at: i64, half: bool) -> Valu
     }
 }
 
+/// Row `lane`'s 16 values (`i32`, unsigned: low bits and high bits above them) of one
+/// 16-value sub-block whose planes (`pack::push_k16_planes`, Q6, Q3 or Q2) start at `at` of the
+/// 8-row group block `blk`.
+fn plane_values(kb: &mut Kb, kind: ir::quant::KKind, blk: Value, lane: Value, at: i64) -> Vec<Value> {
+    use ir::quant::KKind;
+    let sub_bytes = crate::pack::k16x8_sub_bytes(kind) as i64;
+    // This row's two bytes of each 16-byte chunk of the planes.
+    let row = kb.addr(blk, lane, 2, at);
+    let bytes: Vec<[Value; 2]> = (0..sub_bytes / 16)
+        .map(|c| {
+            [0, 1].map(|k| {
+                let v = kb.load(I8, row, 16 * c + k);
+                kb.b.ins().uextend(I32, v)
+            })
+        })
+        .collect();
+    // Bits `shift..shift + width` of byte `k` of chunk `c`.
+    let field = |kb: &mut Kb, c: usize, k: usize, shift: i64, width: i64| {
+        let v = kb.b.ins().ushr_imm_s(bytes[c][k], shift);
+        kb.b.ins().band_imm_s(v, (1 << width) - 1)
+    };
+    // Value v = 2u + k.
+    (0..16usize)
+        .map(|v| {
+            let (u, k) = (v / 2, v % 2);
+            let (low, high, at) = match kind {
+                KKind::Q6 => {
+                    let low = field(kb, u % 4, k, 4 * (u / 4) as i64, 4);
+                    (low, Some(field(kb, 4 + u / 4, k, 2 * (u % 4) as i64, 2)), 4)
+                }
+                KKind::Q3 => {
+                    let low = field(kb, u / 4, k, 2 * (u % 4) as i64, 2);
+                    (low, Some(field(kb, 2, k, u as i64, 1)), 2)
+                }
+                KKind::Q2 => (field(kb, u / 4, k, 2 * (u % 4) as i64, 2), None, 0),
+            };
+            match high {
+                Some(h) => {
+                    let h = kb.b.ins().ishl_imm_s(h, at);
+                    kb.b.ins().bor(low, h)
+                }
+                None => low,
+            }
+        })
+        .collect()
+}
+
+/// Four `i32` values as an `i32x4`.
+fn lanes4(kb: &mut Kb, v: &[Value]) -> Value {
+    let mut wi = kb.b.ins().scalar_to_vector(I32X4, v[0]);
+    for (l, &x) in v.iter().enumerate().skip(1) {
+        wi = kb.b.ins().insertlane(wi, x, l as u8);
+    }
+    wi
+}
+
 /// Embedding lookup from a packed table; ids outside `0..rows` give a zero row.
 pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, skip_rows: bool) {
     let (rows, cols) = table.layout.matrix().map(|(r, c)| (r as i64, c as i64)).expect("tables are matrices");
@@ -512,46 +568,9 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                             let dmin = (kind == KKind::Q2).then(|| lane_half(kb, 16));
                             let out = kb.addr(yr, b, 1024, 0);
                             for s in 0..16i64 {
-                                // This row's two bytes of each 16-byte chunk of the planes.
-                                let row = kb.addr(blk, lane, 2, values_at + sub_bytes * s);
-                                let bytes: Vec<[Value; 2]> = (0..sub_bytes / 16)
-                                    .map(|c| {
-                                        [0, 1].map(|k| {
-                                            let v = kb.load(I8, row, 16 * c + k);
-                                            kb.b.ins().uextend(I32, v)
-                                        })
-                                    })
-                                    .collect();
-                                // Bits `shift..shift + width` of byte `k` of chunk `c`.
-                                let field = |kb: &mut Kb, c: usize, k: usize, shift: i64, width: i64| {
-                                    let v = kb.b.ins().ushr_imm_s(bytes[c][k], shift);
-                                    kb.b.ins().band_imm_s(v, (1 << width) - 1)
-                                };
-                                // Value v = 2u + k: low bits, high bits above them, less the offset.
-                                let q: Vec<Value> = (0..16usize)
-                                    .map(|v| {
-                                        let (u, k) = (v / 2, v % 2);
-                                        let (low, high, at) = match kind {
-                                            KKind::Q6 => {
-                                                let low = field(kb, u % 4, k, 4 * (u / 4) as i64, 4);
-                                                (low, Some(field(kb, 4 + u / 4, k, 2 * (u % 4) as i64, 2)), 4)
-                                            }
-                                            KKind::Q3 => {
-                                                let low = field(kb, u / 4, k, 2 * (u % 4) as i64, 2);
-                                                (low, Some(field(kb, 2, k, u as i64, 1)), 2)
-                                            }
-                                            KKind::Q2 => (field(kb, u / 4, k, 2 * (u % 4) as i64, 2), None, 0),
-                                        };
-                                        let q = match high {
-                                            Some(h) => {
-                                                let h = kb.b.ins().ishl_imm_s(h, at);
-                                                kb.b.ins().bor(low, h)
-                                            }
-                                            None => low,
-                                        };
-                                        kb.b.ins().iadd_imm_s(q, -(kind.offset() as i64))
-                                    })
-                                    .collect();
+                                let q = plane_values(kb, kind, blk, lane, values_at + sub_bytes * s);
+                                let q: Vec<Value> =
+                                    q.into_iter().map(|q| kb.b.ins().iadd_imm_s(q, -(kind.offset() as i64))).collect();
                                 // d * sc (and dmin * m) as the dequantizer rounds them.
                                 let (sc, m) = k16_scale_of(kb, kind, blk, s, RowAt::Lane(lane), 8);
                                 let sc = kb.b.ins().fcvt_from_sint(F32, sc);
@@ -563,10 +582,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                     kb.b.ins().fmul(dmin.expect("q2 minimums"), m)
                                 });
                                 for j in 0..4 {
-                                    let mut wi = kb.b.ins().scalar_to_vector(I32X4, q[4 * j]);
-                                    for l in 1..4 {
-                                        wi = kb.b.ins().insertlane(wi, q[4 * j + l], l as u8);
-                                    }
+                                    let wi = lanes4(kb, &q[4 * j..4 * j + 4]);
                                     let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
                                     let v = kb.b.ins().fmul(f, dl);
                                     let v = match ml {
@@ -616,6 +632,28 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                             kb.store(v, out, at);
                                         }
                                     }
+                                }
+                            }
+                            vec![]
+                        });
+                    }
+                    Layout::LowRows8 { half, high, .. } => {
+                        // d[8], m[8], then four sub-blocks' planes of the 8 rows.
+                        let kind = if high { ir::quant::KKind::Q3 } else { ir::quant::KKind::Q2 };
+                        let sb = 8 * if half { 2 } else { 4 };
+                        let sub_bytes = crate::pack::low8_sub_bytes(high) as i64;
+                        let ng = kb.iconst(cols / 64);
+                        kb.for_range(zero, ng, 1, &[], |kb, b, _| {
+                            let blk = kb.addr(base, b, stride / (cols / 64), 0);
+                            let (d, m) = (lane_scale(kb, blk, lane, 0, half), lane_scale(kb, blk, lane, sb, half));
+                            let out = kb.addr(yr, b, 256, 0);
+                            for s in 0..4i64 {
+                                let q = plane_values(kb, kind, blk, lane, 2 * sb + sub_bytes * s);
+                                for j in 0..4 {
+                                    let wi = lanes4(kb, &q[4 * j..4 * j + 4]);
+                                    let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
+                                    let v = kb.b.ins().fma(f, d, m);
+                                    kb.store(v, out, 64 * s + 16 * j as i64);
                                 }
                             }
                             vec![]

@@ -149,10 +149,11 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
     };
     broadcast_dword(&mut a, ymm15, xmm15, low_mask)?;
     broadcast_dword(&mut a, ymm6, xmm6, high_mask)?;
-    if kind != KKind::Q2 {
+    let low = k.low;
+    if kind != KKind::Q2 && !low {
         broadcast_dword(&mut a, ymm7, xmm7, u32::from_ne_bytes([kind.offset() as u8; 4]))?;
     }
-    if kind == KKind::Q3 {
+    if kind == KKind::Q3 && !low {
         broadcast_dword(&mut a, ymm4, xmm4, 32)?;
     }
     let scales_at: i32 = if kind == KKind::Q2 { 32 } else { 16 };
@@ -162,6 +163,7 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
     a.set_label(&mut top)?;
     // The super-block's d (Q6: ymm5, Q2: ymm7) and Q2's -dmin (ymm4).
     match kind {
+        _ if low => {}
         KKind::Q6 => a.vcvtph2ps(ymm5, xmmword_ptr(rdi))?,
         KKind::Q2 => {
             broadcast_dword(&mut a, tmp, xmm14, 0x8000_0000)?;
@@ -171,7 +173,9 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
         }
         KKind::Q3 => {}
     }
-    for s in 0..16i32 {
+    // 16-value sub-blocks: 16 per K16 super-block, 4 per 64-value group.
+    let subs = if low { 4 } else { 16 };
+    for s in 0..subs {
         let h = s % 2;
         let xo = s / 2 * k.x_block_bytes as i32;
         let x = |t: usize, disp: i32| x_at(t, disp + xo);
@@ -210,7 +214,9 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
             if kind != KKind::Q2 {
                 a.vpand(high, high, ymm6)?;
                 a.vpor(vals, vals, high)?;
-                a.vpsubb(vals, vals, ymm7)?;
+                if !low {
+                    a.vpsubb(vals, vals, ymm7)?;
+                }
             }
             a.vpmovsxbw(high, xmm12)?;
             a.vextracti128(xmm12, vals, 1)?;
@@ -218,7 +224,9 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
             for (values, c) in [(high, u), (vals, u + 4)] {
                 for t in 0..tokens {
                     a.vpbroadcastd(tmp, dword_ptr(x(t, X_VALUES_AT + 32 * h + 4 * c)))?;
-                    if c == 0 {
+                    // The first product of a sum: per sub-block, or per activation block when
+                    // both halves share its scales (`low`).
+                    if c == 0 && (!low || h == 0) {
                         a.vpmaddwd(iacc[t], values, tmp)?;
                     } else {
                         a.vpmaddwd(tmp, values, tmp)?;
@@ -226,6 +234,29 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
                     }
                 }
             }
+        }
+        if low {
+            if h == 1 {
+                // The activation block's sums, folded as the Q4 kernels fold theirs with the
+                // group's d (ymm4) and m (ymm7).
+                let m_at = k.mins_at.expect("64-value groups store offsets") as i32;
+                if k.half {
+                    a.vcvtph2ps(ymm4, xmmword_ptr(rdi))?;
+                    a.vcvtph2ps(ymm7, xmmword_ptr(rdi + m_at))?;
+                } else {
+                    a.vmovups(ymm4, ymmword_ptr(rdi))?;
+                    a.vmovups(ymm7, ymmword_ptr(rdi + m_at))?;
+                }
+                for t in 0..tokens {
+                    a.vbroadcastss(tmp, dword_ptr(x(t, 0)))?;
+                    a.vmulps(tmp, ymm4, tmp)?;
+                    a.vcvtdq2ps(iacc[t], iacc[t])?;
+                    a.vfmadd231ps(facc[t], iacc[t], tmp)?;
+                    a.vbroadcastss(tmp, dword_ptr(x(t, 4)))?;
+                    a.vfmadd231ps(facc[t], ymm7, tmp)?;
+                }
+            }
+            continue;
         }
         // d * sc_s in ymm12 and, for Q2, -(dmin * m_s) in ymm13.
         match kind {
@@ -275,9 +306,9 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
             }
         }
     }
-    a.add(rdi, (k.qs_at + 16 * k.block_bytes) as i32)?;
-    a.add(rsi, (8 * k.x_block_bytes) as i32)?;
-    a.add(r9, (8 * k.x_block_bytes) as i32)?;
+    a.add(rdi, (k.qs_at + subs as u32 * k.block_bytes) as i32)?;
+    a.add(rsi, (subs as u32 / 2 * k.x_block_bytes) as i32)?;
+    a.add(r9, (subs as u32 / 2 * k.x_block_bytes) as i32)?;
     a.dec(r8)?;
     a.jnz(top)?;
     a.set_label(&mut done)?;
@@ -378,7 +409,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
         return kernel_halfs(k);
     }
     if let Some(kind) = k.k16 {
-        assert!(!k.k32 && !k.half && k.x_i8_at.is_none(), "K16 super-blocks: int16 activations");
+        assert!(!k.k32 && (k.low || !k.half) && k.x_i8_at.is_none(), "K16 planes: int16 activations");
         return kernel_k16(k, kind);
     }
     assert!((1..=4).contains(&k.tokens), "1 to 4 tokens per call");
@@ -649,6 +680,7 @@ mod tests {
                             k32: false,
                             k16: None,
                             tail: 0,
+                            low: false,
                         };
                         let high = MicroKernel { high_at: Some(k.qs_at + 128), block_bytes: k.block_bytes + 32, ..k };
                         let dwords = MicroKernel {
@@ -680,6 +712,24 @@ mod tests {
                                 for (kind, qs_at, block_bytes) in
                                     [(KKind::Q2, 160, 32), (KKind::Q3, 112, 48), (KKind::Q6, 144, 96)]
                                 {
+                                    if kind != KKind::Q6 {
+                                        // The same planes in kiln's 64-value groups, scales f16 or f32.
+                                        for half in [false, true] {
+                                            let scales = if half { 16 } else { 32 };
+                                            let k = MicroKernel {
+                                                k16: Some(kind),
+                                                low: true,
+                                                half,
+                                                mins_at: Some(scales),
+                                                qs_at: 2 * scales,
+                                                block_bytes: if kind == KKind::Q3 { 48 } else { 32 },
+                                                ..k
+                                            };
+                                            super::super::assert_assembles_deterministically(&k, || {
+                                                kernel(&k).unwrap()
+                                            });
+                                        }
+                                    }
                                     let k = MicroKernel {
                                         k16: Some(kind),
                                         mins_at: (kind == KKind::Q2).then_some(16),

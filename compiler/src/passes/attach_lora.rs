@@ -131,7 +131,7 @@ pub fn run(model: &mut Model<'_>, cx: &PassContext) -> Result<(), PassError> {
     cx.note(
         NAME,
         format!(
-            "{attached} updates kept as low-rank matmuls ({:.2} MiB of f32 factors){}",
+            "{attached} updates kept as low-rank matmuls ({:.2} MiB of factors, f16 where in range){}",
             extra as f64 / (1 << 20) as f64,
             if skipped > 0 { format!("; {skipped} updates of pruned blocks left out") } else { String::new() }
         ),

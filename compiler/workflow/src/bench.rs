@@ -77,7 +77,10 @@ pub(crate) struct Rounds<'a> {
 }
 
 impl Rounds<'_> {
-    /// Runs the rounds: in each, every engine once per thread count, each in a fresh process.
+    /// Runs the rounds: in each, every engine once per thread count, each in a fresh process,
+    /// then the machine's read bandwidth at the most threads ([`read_bandwidth`], a sample of
+    /// engine [`BANDWIDTH`] whose rate is bytes/s): on a shared machine it moves between
+    /// rounds, and the roofline takes the median of the figures measured beside the engines.
     pub fn run(&self) -> Result<Vec<Sample>> {
         let prefill = self.prefill.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
         let mut samples: Vec<Sample> = vec![];
@@ -127,11 +130,22 @@ impl Rounds<'_> {
                     }
                 }
             }
+            let t = self.threads.iter().copied().max().unwrap_or(1);
+            samples.push(Sample {
+                engine: BANDWIDTH,
+                test: BANDWIDTH.into(),
+                threads: t,
+                tok_s: read_bandwidth(t),
+                peak_rss_bytes: None,
+            });
         }
         bar.finish_and_clear();
         Ok(samples)
     }
 }
+
+/// The engine (and test) name of the read-bandwidth samples [`Rounds::run`] takes.
+pub(crate) const BANDWIDTH: &str = "read bandwidth";
 
 /// `llama-bench` (and `llama-completion`) from the pinned llama.cpp, built on first use.
 pub fn ensure_llama_tools() -> Result<PathBuf> {
@@ -357,7 +371,7 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
     };
 
     let bytes_per_token = decode_bytes_per_token(&manifest, o.decode);
-    let bandwidth = read_bandwidth(max_threads);
+    let bandwidth = Stats::find(&samples, BANDWIDTH, BANDWIDTH, max_threads).expect("a bandwidth sample per round");
 
     // The (test, threads) pairs kiln measured, in first-seen order.
     let mut order: Vec<(String, usize)> = vec![];
@@ -400,15 +414,18 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
     }
     let decode_test = format!("tg{}", o.decode);
     let kiln_decode = Stats::find(&samples, "kiln", &decode_test, max_threads).map(|s| s.median);
-    let roof = bandwidth / bytes_per_token;
+    let roof = bandwidth.median / bytes_per_token;
     println!(
         "medians of {} interleaved rounds (each engine a fresh process per round); peak RSS of each engine's benchmark \
          process (kiln at the bundle's context {}, llama-bench at prompt + generated tokens)",
         o.runs, manifest["model"]["context"]
     );
     println!(
-        "roofline: read bandwidth {:.1} GB/s ({max_threads} threads), {:.1} MB read per decoded token: {:.0} tok/s{}",
-        bandwidth / 1e9,
+        "roofline: read bandwidth {:.1} GB/s ({max_threads} threads; median of one per round, {:.1}-{:.1}), {:.1} MB \
+         read per decoded token: {:.0} tok/s{}",
+        bandwidth.median / 1e9,
+        bandwidth.min / 1e9,
+        bandwidth.max / 1e9,
         bytes_per_token / 1e6,
         roof,
         kiln_decode.map_or(String::new(), |k| format!("; kiln {decode_test} at {:.0}% of it", 100.0 * k / roof))
@@ -451,7 +468,8 @@ pub fn bench(o: &BenchOptions) -> Result<()> {
             })),
             "results": results,
             "roofline": {
-                "read_bandwidth_bytes_per_s": bandwidth,
+                "read_bandwidth_bytes_per_s": bandwidth.median,
+                "read_bandwidth_range": [bandwidth.min, bandwidth.max],
                 "bytes_per_token": bytes_per_token,
                 "decode_fraction": kiln_decode.map(|k| k / roof),
             },

@@ -383,7 +383,9 @@ pub fn bench_large(o: &BenchLargeOptions) -> Result<Figures> {
         llama_decode: rate("llama.cpp", format!("tg{DECODE}"))?,
         kiln_run_rss_bytes: kiln_rss.context("no peak RSS of kiln's run")?,
         llama_run_rss_bytes: llama_rss.context("no peak RSS of llama-completion")?,
-        read_bandwidth: bench::read_bandwidth(o.threads),
+        read_bandwidth: Stats::find(&samples, bench::BANDWIDTH, bench::BANDWIDTH, o.threads)
+            .expect("a bandwidth sample per round")
+            .median,
         bytes_per_token: bench::decode_bytes_per_token(&manifest, DECODE),
     };
     std::fs::remove_dir_all(&bundle).with_context(|| format!("removing {}", bundle.display()))?;

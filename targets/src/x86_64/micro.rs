@@ -25,6 +25,17 @@ use ir::quant::KKind;
 
 use crate::{MicroKernel, MicroValues, K32_HEADER};
 
+/// Byte `disp` of token `t`'s activations (of 0..4): token t is at rsi + t * rdx, token 3 at
+/// r9 + 2 * rdx with r9 = rsi + rdx (the kernels' argument registers, System V).
+fn x_token(t: usize, disp: i32) -> AsmMemoryOperand {
+    match t {
+        0 => rsi + disp,
+        1 => rsi + rdx + disp,
+        2 => rsi + rdx * 2 + disp,
+        _ => r9 + rdx * 2 + disp,
+    }
+}
+
 /// Bytes of a q16 activation block before its values: scale f32, sum f32.
 const X_VALUES_AT: i32 = 8;
 
@@ -127,14 +138,7 @@ fn kernel_k16(k: &MicroKernel, kind: KKind) -> Result<Vec<u8>, IcedError> {
     let iacc = [ymm0, ymm1, ymm2, ymm3];
     let facc = [ymm8, ymm9, ymm10, ymm11];
     let (vals, high, tmp) = (ymm12, ymm13, ymm14);
-    let x_at = |t: usize, disp: i32| -> AsmMemoryOperand {
-        match t {
-            0 => rsi + disp,
-            1 => rsi + rdx + disp,
-            2 => rsi + rdx * 2 + disp,
-            _ => r9 + rdx * 2 + disp,
-        }
-    };
+    let x_at = x_token;
     let mut a = CodeAssembler::new(64)?;
     let mut done = a.create_label();
     let mut top = a.create_label();
@@ -331,14 +335,7 @@ fn kernel_halfs(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     let brain = k.values == MicroValues::BF16;
     let (w, xb) = (ymm12, ymm13);
     let acc = [ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11];
-    let x = |t: usize, disp: i32| -> AsmMemoryOperand {
-        match t {
-            0 => rsi + disp,
-            1 => rsi + rdx + disp,
-            2 => rsi + rdx * 2 + disp,
-            _ => r9 + rdx * 2 + disp,
-        }
-    };
+    let x = x_token;
     let mut a = CodeAssembler::new(64)?;
     // The weights, activations and quad count, restored before each pass.
     a.mov(r10, rdi)?;
@@ -419,14 +416,7 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     let (lo, hi, tmp, mask, minus8) = (ymm12, ymm13, ymm14, ymm15, ymm7);
     // Arguments (System V): rdi = w, rsi = x, rdx = x_stride, rcx = out, r8 = n_blocks.
     // Token t's block is at rsi + t * rdx: t = 3 is r9 + 2 * rdx with r9 = rsi + rdx.
-    let x_at = |t: usize, disp: i32| -> AsmMemoryOperand {
-        match t {
-            0 => rsi + disp,
-            1 => rsi + rdx + disp,
-            2 => rsi + rdx * 2 + disp,
-            _ => r9 + rdx * 2 + disp,
-        }
-    };
+    let x_at = x_token;
     let mut a = CodeAssembler::new(64)?;
     let mut done = a.create_label();
     let mut top = a.create_label();

@@ -144,6 +144,16 @@ impl Rounds<'_> {
     }
 }
 
+/// Resets this process's peak resident set to its current one (`/proc/self/clear_refs`, 5).
+/// A child started later inherits the peak in its own: Rust spawns children with `vfork`
+/// semantics, and at `exec` Linux folds the parent's memory map's peak into the child's
+/// `ru_maxrss`. Without the reset, an engine measured after a bandwidth sample (a 512 MiB
+/// buffer) or after this process compiled a bundle would show that peak as its own.
+fn reset_peak_rss() -> Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+        .context("cannot reset this process's peak RSS (/proc/self/clear_refs) before measuring a child's")
+}
+
 /// The engine (and test) name of the read-bandwidth samples [`Rounds::run`] takes.
 pub(crate) const BANDWIDTH: &str = "read bandwidth";
 
@@ -206,9 +216,11 @@ pub fn ensure_llama_tools() -> Result<PathBuf> {
 }
 
 /// Runs `cmd` to its end, returning its stdout and the peak resident memory of the process
-/// (the kernel's count, from `wait4`'s `ru_maxrss`: no GNU time needed).
+/// (the kernel's count, from `wait4`'s `ru_maxrss`: no GNU time needed). This process's own
+/// peak is reset first ([`reset_peak_rss`]), or the child's count would start from it.
 pub(crate) fn run_measured(mut cmd: Command, what: &str) -> Result<(String, Option<u64>)> {
     use std::io::Read;
+    reset_peak_rss()?;
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

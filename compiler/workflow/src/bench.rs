@@ -533,6 +533,18 @@ pub(crate) fn same_context_memory(
 mod tests {
     use super::*;
 
+    /// A child's peak RSS is its own even when this process was much larger before it
+    /// started (a bandwidth buffer, a compiled reference): `true` needs a few MiB.
+    #[test]
+    fn a_childs_peak_rss_is_its_own() {
+        let big = vec![1u8; 400 << 20];
+        std::hint::black_box(&big);
+        drop(big);
+        let (_, rss) = run_measured(Command::new("true"), "true").unwrap();
+        let rss = rss.expect("a peak RSS");
+        assert!(rss < 100 << 20, "`true` measured at {} MiB", rss >> 20);
+    }
+
     #[test]
     fn medians_of_odd_and_even_counts() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);

@@ -439,14 +439,10 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
         }
     }
     // Nibble mask: per int16 lane after widening, or per byte for 4-byte chunks.
-    a.mov(eax, if dwords { 0x0f0f_0f0f } else { 0x000f_000f })?;
-    a.vmovd(xmm15, eax)?;
-    a.vpbroadcastd(mask, xmm15)?;
+    broadcast_dword(&mut a, mask, xmm15, if dwords { 0x0f0f_0f0f } else { 0x000f_000f })?;
     if dwords {
         // ymm6 (or [rsp]): int16 ones, to widen the 8 rows' int16 pair sums to int32.
-        a.mov(eax, 0x0001_0001)?;
-        a.vmovd(xmm6, eax)?;
-        a.vpbroadcastd(ymm6, xmm6)?;
+        broadcast_dword(&mut a, ymm6, xmm6, 0x0001_0001)?;
         if spill {
             a.vmovdqu(ymmword_ptr(rsp), ymm6)?;
         }
@@ -455,23 +451,17 @@ pub fn kernel(k: &MicroKernel) -> Result<Vec<u8>, IcedError> {
     if minus_8d {
         // m = -8 d (q4_0), or -16 d with fifth bits (q5_0).
         let implied: f32 = if k.high_at.is_some() { -16.0 } else { -8.0 };
-        a.mov(eax, implied.to_bits() as i32)?;
-        a.vmovd(xmm7, eax)?;
-        a.vbroadcastss(minus8, xmm7)?;
+        broadcast_dword(&mut a, minus8, xmm7, implied.to_bits())?;
     }
     if k.k32 {
         assert!(k.mins_at.is_some() && !k.half, "K32 super-blocks: scales from the header");
         // ymm7: the f32 sign bit, to negate the minimums' products exactly.
-        a.mov(eax, i32::MIN)?;
-        a.vmovd(xmm7, eax)?;
-        a.vpbroadcastd(ymm7, xmm7)?;
+        broadcast_dword(&mut a, ymm7, xmm7, 0x8000_0000)?;
     }
     if k.high_at.is_some() {
         assert!(k.values != MicroValues::Bytes, "fifth bits come with nibbles");
         // ymm4: 16 in every int16 lane (or byte), the weight of a fifth bit.
-        a.mov(eax, if dwords { 0x1010_1010 } else { 0x0010_0010 })?;
-        a.vmovd(xmm4, eax)?;
-        a.vpbroadcastd(ymm4, xmm4)?;
+        broadcast_dword(&mut a, ymm4, xmm4, if dwords { 0x1010_1010 } else { 0x0010_0010 })?;
     }
     a.test(r8, r8)?;
     a.jle(done)?;

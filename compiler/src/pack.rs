@@ -678,6 +678,43 @@ fn six_bits(v: &[u8; 16]) -> [u8; 12] {
     })
 }
 
+/// Appends the header of one K32 super-block of a row group (`blk`: each row's block):
+/// `d[n]`, `dmin[n]` f16, then each row's sixteen 6-bit scales and minimums ([`six_bits`])
+/// byte-major across the rows.
+fn push_k32_header(blob: &mut Vec<u8>, blk: &[&K32Block]) {
+    blk.iter().for_each(|b| push_scales(blob, &[b.d], true));
+    blk.iter().for_each(|b| push_scales(blob, &[b.dmin], true));
+    let mut scales = [[0u8; 12]; MAX_GROUP];
+    for (s, b) in scales.iter_mut().zip(blk) {
+        *s = six_bits(&std::array::from_fn(|t| if t < 8 { b.sc[t] } else { b.m[t - 8] }));
+    }
+    for i in 0..12 {
+        scales[..blk.len()].iter().for_each(|s| blob.push(s[i]));
+    }
+}
+
+/// Appends the header of one K16 super-block of `kind` of a row group: `d[n]` (and for Q2
+/// `dmin[n]`) f16, then the rows' sub-block scale bytes byte-major (Q6 the int8 scales, Q2
+/// `sc | m << 4`, Q3 the sixteen 6-bit `sc + 32` as [`six_bits`] packs them).
+fn push_k16_header(blob: &mut Vec<u8>, blk: &[&K16Block], kind: KKind) {
+    blk.iter().for_each(|b| push_scales(blob, &[b.d], true));
+    if kind == KKind::Q2 {
+        blk.iter().for_each(|b| push_scales(blob, &[b.dmin], true));
+    }
+    let mut bytes = [[0u8; 16]; MAX_GROUP];
+    for (out, b) in bytes.iter_mut().zip(blk) {
+        match kind {
+            KKind::Q6 => *out = b.sc.map(|s| s as u8),
+            KKind::Q2 => *out = std::array::from_fn(|s| b.sc[s] as u8 | b.m[s] << 4),
+            KKind::Q3 => out[..12].copy_from_slice(&six_bits(&b.sc.map(|s| (s as i32 + 32) as u8))),
+        }
+    }
+    let n = if kind == KKind::Q3 { 12 } else { 16 };
+    for i in 0..n {
+        bytes[..blk.len()].iter().for_each(|s| blob.push(s[i]));
+    }
+}
+
 /// Appends the value planes of one 16-value sub-block of 8 rows (`q`: each row's values) of a
 /// [`Layout::K16Rows8`] group, as `targets::MicroKernel::k16` reads them: chunk `u` of values
 /// `2u + k` of row `r` at byte `2r + k`; Q6 four chunks of low nibbles (chunk `i` holds
@@ -829,13 +866,7 @@ fn pack_groups(
                 let none = K32Block { d: 0.0, dmin: 0.0, sc: [0; 8], m: [0; 8], qs: [[0; 16]; 8], qh: [0; 8] };
                 for b in 0..n_super {
                     let blk: [&K32Block; ROWS] = std::array::from_fn(|i| blocks[i].get(b).unwrap_or(&none));
-                    push_scales(blob, &blk.map(|b| b.d), true);
-                    push_scales(blob, &blk.map(|b| b.dmin), true);
-                    let scales =
-                        blk.map(|b| six_bits(&std::array::from_fn(|t| if t < 8 { b.sc[t] } else { b.m[t - 8] })));
-                    for i in 0..12 {
-                        scales.iter().for_each(|s| blob.push(s[i]));
-                    }
+                    push_k32_header(blob, &blk);
                     for s in 0..8 {
                         blk.iter().for_each(|b| blob.extend_from_slice(&b.qs[s]));
                         if high {
@@ -852,13 +883,7 @@ fn pack_groups(
                 let interleave = if dwords { 4 } else { 2 };
                 for b in 0..n_super {
                     let blk: [&K32Block; MICRO_ROWS] = std::array::from_fn(|i| blocks[i].get(b).unwrap_or(&none));
-                    push_scales(blob, &blk.map(|b| b.d), true);
-                    push_scales(blob, &blk.map(|b| b.dmin), true);
-                    let scales =
-                        blk.map(|b| six_bits(&std::array::from_fn(|t| if t < 8 { b.sc[t] } else { b.m[t - 8] })));
-                    for i in 0..12 {
-                        scales.iter().for_each(|s| blob.push(s[i]));
-                    }
+                    push_k32_header(blob, &blk);
                     for s in 0..8 {
                         push_values(blob, &blk.map(|b| b.qs[s]), interleave);
                         if high {
@@ -874,18 +899,7 @@ fn pack_groups(
                 let none = K16Block { d: 0.0, dmin: 0.0, sc: [0; 16], m: [0; 16], q: [0; 256] };
                 for b in 0..n_super {
                     let blk: [&K16Block; MICRO_ROWS] = std::array::from_fn(|i| blocks[i].get(b).unwrap_or(&none));
-                    push_scales(blob, &blk.map(|b| b.d), true);
-                    if kind == KKind::Q2 {
-                        push_scales(blob, &blk.map(|b| b.dmin), true);
-                    }
-                    let scale_bytes: [Vec<u8>; MICRO_ROWS] = blk.map(|b| match kind {
-                        KKind::Q6 => b.sc.map(|s| s as u8).to_vec(),
-                        KKind::Q2 => (0..16).map(|s| b.sc[s] as u8 | b.m[s] << 4).collect(),
-                        KKind::Q3 => six_bits(&b.sc.map(|s| (s as i32 + 32) as u8)).to_vec(),
-                    });
-                    for i in 0..scale_bytes[0].len() {
-                        scale_bytes.iter().for_each(|s| blob.push(s[i]));
-                    }
+                    push_k16_header(blob, &blk, kind);
                     for s in 0..16 {
                         push_k16_planes(blob, &blk.map(|b| &b.q[16 * s..16 * s + 16]), kind);
                     }
@@ -903,18 +917,7 @@ fn pack_groups(
                 };
                 for b in 0..n_super {
                     let blk: [&K16Block; ROWS] = std::array::from_fn(|i| blocks[i].get(b).unwrap_or(&none));
-                    push_scales(blob, &blk.map(|b| b.d), true);
-                    if kind == KKind::Q2 {
-                        push_scales(blob, &blk.map(|b| b.dmin), true);
-                    }
-                    let scale_bytes: [Vec<u8>; ROWS] = blk.map(|b| match kind {
-                        KKind::Q6 => b.sc.map(|s| s as u8).to_vec(),
-                        KKind::Q2 => (0..16).map(|s| b.sc[s] as u8 | b.m[s] << 4).collect(),
-                        KKind::Q3 => six_bits(&b.sc.map(|s| (s as i32 + 32) as u8)).to_vec(),
-                    });
-                    for i in 0..scale_bytes[0].len() {
-                        scale_bytes.iter().for_each(|s| blob.push(s[i]));
-                    }
+                    push_k16_header(blob, &blk, kind);
                     for u in 0..4 {
                         fn unit(b: &K16Block, u: usize) -> &[u8] {
                             &b.q[64 * u..64 * u + 64]

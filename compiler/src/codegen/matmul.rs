@@ -593,15 +593,9 @@ pub(super) enum RowAt {
 }
 
 /// The integer sub-block scale (and for Q2 minimum) of sub-block `s` of a
-/// [`Layout::K16Rows4`] super-block at `wb`: of the four rows as `i32x4` (`RowAt::Const(0)`
-/// asks for all four), or of one lane as an `i32`.
-pub(super) fn k16_scale(kb: &mut Kb, kind: KKind, wb: Value, s: i64, r: RowAt) -> (Value, Option<Value>) {
-    k16_scale_of(kb, kind, wb, s, r, 4)
-}
-
-/// [`k16_scale`] of a [`Layout::K16Rows4`] (`rows` 4) or [`Layout::K16Rows8`] (`rows` 8)
-/// super-block.
-pub(super) fn k16_scale_of(kb: &mut Kb, kind: KKind, wb: Value, s: i64, r: RowAt, rows: i64) -> (Value, Option<Value>) {
+/// [`Layout::K16Rows4`] (`rows` 4) or [`Layout::K16Rows8`] (`rows` 8) super-block at `wb`: of
+/// the four rows as `i32x4` (`RowAt::Const(0)` asks for all four), or of one lane as an `i32`.
+pub(super) fn k16_scale(kb: &mut Kb, kind: KKind, wb: Value, s: i64, r: RowAt, rows: i64) -> (Value, Option<Value>) {
     let base = if rows == 8 { crate::pack::k16x8_scales_at(kind) } else { crate::pack::k16_scales_at(kind) } as i64;
     if kind == KKind::Q3 {
         let sc = six_bit_value(kb, wb, base, s, r, rows);
@@ -826,7 +820,7 @@ fn dot_k16(kb: &mut Kb, kind: KKind, wg: Value, x_rows: &[Value], n_super: i64, 
                 }
             }
             for k in 0..4 {
-                let (sc, m) = k16_scale(kb, kind, wb, 4 * u + k as i64, RowAt::Const(0));
+                let (sc, m) = k16_scale(kb, kind, wb, 4 * u + k as i64, RowAt::Const(0), 4);
                 let sc = kb.b.ins().fcvt_from_sint(F32X4, sc);
                 let ds = kb.b.ins().fmul(d, sc);
                 let neg_ms = m.map(|m| {

@@ -361,6 +361,32 @@ fn plane_values(kb: &mut Kb, kind: ir::quant::KKind, blk: Value, lane: Value, at
         .collect()
 }
 
+/// Row `lane`'s `d * sc` (and for Q2 `dmin * m`) of sub-block `s` of a K16 super-block at
+/// `blk` in a group of `rows` rows, splatted, as the dequantizer rounds them (`d`, `dmin`: the
+/// row's super-block scales, splatted).
+#[allow(clippy::too_many_arguments)]
+fn k16_lane_scales(
+    kb: &mut Kb,
+    kind: ir::quant::KKind,
+    blk: Value,
+    s: i64,
+    lane: Value,
+    rows: i64,
+    d: Value,
+    dmin: Option<Value>,
+) -> (Value, Option<Value>) {
+    let (sc, m) = super::matmul::k16_scale(kb, kind, blk, s, super::matmul::RowAt::Lane(lane), rows);
+    let sc = kb.b.ins().fcvt_from_sint(F32, sc);
+    let sc = kb.b.ins().splat(F32X4, sc);
+    let dl = kb.b.ins().fmul(d, sc);
+    let ml = m.map(|m| {
+        let m = kb.b.ins().fcvt_from_sint(F32, m);
+        let m = kb.b.ins().splat(F32X4, m);
+        kb.b.ins().fmul(dmin.expect("q2 minimums"), m)
+    });
+    (dl, ml)
+}
+
 /// Four `i32` values as an `i32x4`.
 fn lanes4(kb: &mut Kb, v: &[Value]) -> Value {
     let mut wi = kb.b.ins().scalar_to_vector(I32X4, v[0]);
@@ -556,7 +582,6 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                         });
                     }
                     Layout::K16Rows8 { kind, .. } => {
-                        use super::matmul::{k16_scale_of, RowAt};
                         use ir::quant::KKind;
                         let ns = kb.iconst(cols / 256);
                         let (values_at, sub_bytes) =
@@ -571,16 +596,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                 let q = plane_values(kb, kind, blk, lane, values_at + sub_bytes * s);
                                 let q: Vec<Value> =
                                     q.into_iter().map(|q| kb.b.ins().iadd_imm_s(q, -(kind.offset() as i64))).collect();
-                                // d * sc (and dmin * m) as the dequantizer rounds them.
-                                let (sc, m) = k16_scale_of(kb, kind, blk, s, RowAt::Lane(lane), 8);
-                                let sc = kb.b.ins().fcvt_from_sint(F32, sc);
-                                let sc = kb.b.ins().splat(F32X4, sc);
-                                let dl = kb.b.ins().fmul(d, sc);
-                                let ml = m.map(|m| {
-                                    let m = kb.b.ins().fcvt_from_sint(F32, m);
-                                    let m = kb.b.ins().splat(F32X4, m);
-                                    kb.b.ins().fmul(dmin.expect("q2 minimums"), m)
-                                });
+                                let (dl, ml) = k16_lane_scales(kb, kind, blk, s, lane, 8, d, dmin);
                                 for j in 0..4 {
                                     let wi = lanes4(kb, &q[4 * j..4 * j + 4]);
                                     let f = kb.b.ins().fcvt_from_sint(F32X4, wi);
@@ -596,7 +612,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                         });
                     }
                     Layout::K16Rows4 { kind, .. } => {
-                        use super::matmul::{k16_row_values, k16_scale, k16_values, RowAt};
+                        use super::matmul::{k16_row_values, k16_values, RowAt};
                         let ns = kb.iconst(cols / 256);
                         kb.for_range(zero, ns, 1, &[], |kb, b, _| {
                             let blk = kb.addr(base, b, stride / (cols / 256), 0);
@@ -608,16 +624,7 @@ pub fn emit_embed(kb: &mut Kb, ids: Location, table: PackedWeight, y: Location, 
                                 let (vals, high) = k16_row_values(kb, kind, blk, u, RowAt::Lane(lane));
                                 let values = k16_values(kb, kind, vals, high);
                                 for (k, v) in values.into_iter().enumerate() {
-                                    // d * sc (and dmin * m) as the dequantizer rounds them.
-                                    let (sc, m) = k16_scale(kb, kind, blk, 4 * u + k as i64, RowAt::Lane(lane));
-                                    let sc = kb.b.ins().fcvt_from_sint(F32, sc);
-                                    let sc = kb.b.ins().splat(F32X4, sc);
-                                    let dl = kb.b.ins().fmul(d, sc);
-                                    let ml = m.map(|m| {
-                                        let m = kb.b.ins().fcvt_from_sint(F32, m);
-                                        let m = kb.b.ins().splat(F32X4, m);
-                                        kb.b.ins().fmul(dmin.expect("q2 minimums"), m)
-                                    });
+                                    let (dl, ml) = k16_lane_scales(kb, kind, blk, 4 * u + k as i64, lane, 4, d, dmin);
                                     let wide = [kb.b.ins().swiden_low(v), kb.b.ins().swiden_high(v)];
                                     for (h, w16) in wide.into_iter().enumerate() {
                                         let w32 = [kb.b.ins().swiden_low(w16), kb.b.ins().swiden_high(w16)];
